@@ -1,0 +1,39 @@
+# ReliAPI — `make run` starts the gateway on its built-in defaults, `make test` runs the tests.
+# Both create the virtualenv (.venv) on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test bench lint check docker clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m gateway $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check gateway providers policies tests bench
+	$(PY) -m gateway --check --config config/gateway.yaml
+
+check: $(STAMP)
+	$(PY) -m gateway --check $(ARGS)
+
+docker:
+	docker build -t reliapi .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,206 @@
+"""``python -m gateway`` / ``reliapi``: flags, environment, config discovery, lifecycle (SPEC §1).
+
+Precedence: flags beat environment variables, which beat the config file.
+Without any config file the built-in default (``config/gateway.yaml``) is used.
+
+Lifecycle: SIGTERM/SIGINT stop accepting connections, let in-flight requests and
+streams finish for up to ``server.shutdown_grace_s``, then exit 0. ``--workers N``
+runs N processes sharing one port through SO_REUSEPORT; the parent forwards
+signals and restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+from aiohttp import web
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, load_config
+
+log = logging.getLogger("reliapi")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_DISCOVERED = ("config.yaml",)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reliapi", description="ReliAPI reliability gateway for HTTP and LLM APIs.")
+    p.add_argument("--config", help="YAML config file (env RELIAPI_CONFIG; default ./config.yaml, else built-in)")
+    p.add_argument("--host", help="listen address (env RELIAPI_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (env RELIAPI_PORT; default 8000)")
+    p.add_argument("--redis-url", help="store URL, e.g. redis://127.0.0.1:6379/0 (env REDIS_URL; default memory://)")
+    p.add_argument("--workers", type=int, default=None, help="processes sharing the port (env RELIAPI_WORKERS; default 1)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 2 invalid)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="env LOG_LEVEL; default info")
+    p.add_argument("--version", action="version", version=f"reliapi {__version__}")
+    return p
+
+
+def _config_path(flag: str | None) -> str | None:
+    path = flag or os.environ.get("RELIAPI_CONFIG")
+    if path:
+        return path
+    return next((p for p in _DISCOVERED if Path(p).is_file()), None)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """Load the config and apply environment variables and flags on top of it."""
+    path = _config_path(args.config)
+    config = load_config(path)
+    server, store = config.server, config.store
+    host = args.host or os.environ.get("RELIAPI_HOST") or server.host
+    port = args.port if args.port is not None else _env_int("RELIAPI_PORT", server.port)
+    url = args.redis_url or os.environ.get("REDIS_URL") or store.url
+    config = msgspec.structs.replace(
+        config,
+        server=msgspec.structs.replace(server, host=host, port=port),
+        store=msgspec.structs.replace(store, url=url),
+    )
+    return config, path or "<built-in default>"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError([f"{name}: expected an integer, got {value!r}"], source="environment") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = args.log_level or os.environ.get("LOG_LEVEL", "info").lower()
+    if level not in LOG_LEVELS:
+        print(f"LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {level!r}", file=sys.stderr)
+        return 2
+    try:
+        config, source = resolve_config(args)
+    except ConfigError as e:
+        print(f"invalid config ({e.source}):", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"config OK: {source} ({len(config.targets)} targets: {', '.join(config.targets) or 'none'})")
+        return 0
+    workers = args.workers if args.workers is not None else _env_int_safe("RELIAPI_WORKERS", 1)
+    if workers < 1:
+        print("--workers: must be at least 1", file=sys.stderr)
+        return 2
+
+    from gateway.logs import Scrubber, setup_logging
+
+    setup_logging(level)
+    if workers > 1:
+        if config.store.url.startswith("memory://"):
+            log.warning("--workers %d with the memory store: cache, limits and circuits are per process; "
+                        "use redis:// to share them", workers)
+        return _run_workers(config, source, workers, level)
+    return serve(config, source, reuse_port=False)
+
+
+def _env_int_safe(name: str, default: int) -> int:
+    try:
+        return _env_int(name, default)
+    except ConfigError:
+        return default
+
+
+def serve(config: Config, source: str, *, reuse_port: bool) -> int:
+    try:
+        import uvloop
+    except ImportError:  # optional: the gateway runs on the default loop too
+        uvloop = None
+    runner = uvloop.run if uvloop is not None else asyncio.run
+    runner(_serve(config, source, reuse_port=reuse_port))
+    return 0
+
+
+async def _serve(config: Config, source: str, *, reuse_port: bool) -> None:
+    from gateway.app import create_app
+    from gateway.keys import RUNTIME
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None,
+                       backlog=1024)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, e.strerror)
+        await runner.cleanup()
+        raise SystemExit(1) from None
+    log.info(
+        "reliapi %s listening on http://%s:%d (config: %s; targets: %s; store: %s)", __version__,
+        config.server.host, config.server.port, source, ", ".join(config.targets), app[RUNTIME].store.url_for_display,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests for up to %gs", config.server.shutdown_grace_s)
+    await runner.cleanup()
+    log.info("stopped")
+    sys.stdout.flush()
+
+
+def _run_workers(config: Config, source: str, workers: int, level: str) -> int:
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child: a plain single-process server on the shared port
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = serve(config, source, reuse_port=True)
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for slot in range(workers):
+        spawn(slot)
+    log.info("started %d workers (pids %s)", workers, ", ".join(map(str, children)))
+    last_restart = 0.0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, None)
+        if slot is None or stopping:
+            continue
+        log.error("worker %d exited (status %d); restarting it", pid, os.waitstatus_to_exitcode(status))
+        if time.monotonic() - last_restart < 1:
+            time.sleep(1)  # a worker that dies at once must not turn into a fork loop
+        last_restart = time.monotonic()
+        spawn(slot)
+    return 0

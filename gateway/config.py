@@ -1,0 +1,476 @@
+"""Configuration: YAML → frozen msgspec Structs, decoded once at startup (SPEC §4).
+
+Loading runs in four steps, each collecting every error with its path instead of
+stopping at the first (``targets.my_api.circuit.error_threshold: expected int, got str``):
+
+1. parse YAML (all mapping keys become strings: ``429:`` and ``"429":`` are one key);
+2. expand ``${VAR}`` / ``${VAR:-default}`` in string values (a value that is exactly
+   one reference is re-read as a YAML scalar, so ``port: ${PORT:-8000}`` is an int);
+3. fold the seed documents' alternative spellings into the canonical shape
+   (``gateway.config_compat``);
+4. check types field by field against the Structs (unknown keys are errors), then
+   check cross-references (fallback targets exist, auth is complete, …).
+
+The Structs below are the documentation of every option; ``config/gateway.yaml``
+is the built-in default written out with comments.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+from gateway import config_compat
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+
+
+class _Base(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# ---------------------------------------------------------------- server / store
+
+
+class ServerConfig(_Base):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    default_target: str | None = None  # /v1/* requests no header or model glob routes
+    max_body_mb: PositiveFloat = 10  # request bodies over this get 413, enforced while reading
+    admin_key_env: str | None = None  # env var holding the /admin bearer key; unset = loopback only
+    shutdown_grace_s: NonNegFloat = 30  # SIGTERM: how long in-flight requests and streams may finish
+    trust_forwarded_for: bool = False  # take the client IP from X-Forwarded-For
+    rate_limit_per_ip_rpm: PositiveInt | None = None  # per-IP limit when no tenants are configured
+
+
+class StoreConfig(_Base):
+    url: str = "memory://"  # or redis://host:6379/0 (REDIS_URL / --redis-url override)
+    key_prefix: str = "reliapi"
+    fail_open: bool = False  # idempotency and budgets keep serving when the store is down
+
+
+# ---------------------------------------------------------------- targets
+
+Provider = Literal["openai", "anthropic", "mistral", "http"]
+AuthType = Literal["bearer_env", "bearer_static", "header_env", "passthrough", "none"]
+
+
+class AuthConfig(_Base):
+    type: AuthType
+    env_var: str | None = None  # bearer_env / header_env: the variable holding the key
+    env_vars: list[str] | None = None  # bearer_env key pool: several variables, round-robin
+    qps_per_key: PositiveFloat | None = None
+    token: str | None = None  # bearer_static
+    header: str | None = None  # header_env: the header carrying the key (e.g. x-api-key)
+    prefix: str | None = None  # header_env: text before the key, e.g. "Bearer "
+
+
+class RetryRule(_Base):
+    attempts: NonNegInt = 0  # retries after the first try
+    backoff: Literal["exp-jitter", "exp", "linear", "constant"] = "exp-jitter"
+    base_s: NonNegFloat = 1.0
+    max_s: NonNegFloat = 60.0
+
+
+RetryClass = Literal["429", "5xx", "net", "timeout"]
+
+
+def _default_retry_matrix() -> dict[str, RetryRule]:
+    return {
+        "429": RetryRule(attempts=3, base_s=1.0, max_s=60.0),
+        "5xx": RetryRule(attempts=2, base_s=1.0),
+        "net": RetryRule(attempts=2, base_s=1.0),
+        "timeout": RetryRule(attempts=0),
+    }
+
+
+class CircuitConfig(_Base):
+    error_threshold: PositiveInt = 5  # consecutive failures (5xx, timeout, net) that open it
+    cooldown_s: NonNegFloat = 60
+    half_open_max_calls: PositiveInt = 1
+
+
+class CacheConfig(_Base):
+    enabled: bool = True
+    ttl_s: NonNegFloat = 3600
+    max_entry_mb: PositiveFloat = 1
+
+
+class IdempotencyConfig(_Base):
+    ttl_s: NonNegFloat = 3600
+    wait_s: NonNegFloat = 30
+
+
+class FallbackEntry(_Base):
+    target: str
+    model: str | None = None
+
+
+FallbackOn = Literal[
+    "retryable", "circuit_open", "timeout", "context_length_exceeded",
+    "content_policy_violation", "rate_limited", "server_error", "network",
+]
+DEFAULT_FALLBACK_ON: tuple[str, ...] = ("retryable", "circuit_open", "timeout", "context_length_exceeded")
+
+
+class LLMConfig(_Base):
+    provider: Provider | None = None
+    default_model: str | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    soft_cost_cap_usd: NonNegFloat | None = None
+    hard_cost_cap_usd: NonNegFloat | None = None
+
+
+class TargetConfig(_Base):
+    base_url: str
+    provider: Provider | None = None  # default: llm.provider, else guessed from the host, else http
+    models: list[str] = []  # globs routing /v1/* requests by their "model"
+    timeout_ms: PositiveInt = 20000  # per attempt
+    total_timeout_ms: PositiveInt | None = None  # all attempts and backoff together
+    connect_timeout_ms: PositiveInt = 5000
+    auth: AuthConfig | None = None
+    retry_matrix: dict[RetryClass, RetryRule] = msgspec.field(default_factory=_default_retry_matrix)
+    retry_non_idempotent: bool = False
+    ttft_timeout_ms: PositiveInt = 15000
+    stream_idle_timeout_ms: PositiveInt = 30000
+    stream_recovery: Literal["none", "continue"] = "none"
+    circuit: CircuitConfig = CircuitConfig()
+    cache: CacheConfig | None = None  # no block = no caching for this target
+    idempotency: IdempotencyConfig = IdempotencyConfig()
+    fallback_targets: list[FallbackEntry] = []
+    fallback_on: list[FallbackOn] = msgspec.field(default_factory=lambda: list(DEFAULT_FALLBACK_ON))
+    max_concurrency: PositiveInt | None = None  # bulkhead; none = unbounded
+    llm: LLMConfig | None = None
+
+    @property
+    def kind(self) -> str:
+        return "http" if self.provider == "http" else "llm"
+
+
+# ---------------------------------------------------------------- tenants
+
+
+class BudgetCaps(_Base):
+    soft_cost_cap_usd: NonNegFloat | None = None
+    hard_cost_cap_usd: NonNegFloat | None = None
+
+
+class SpendBudget(_Base):
+    daily_usd: NonNegFloat | None = None
+    monthly_usd: NonNegFloat | None = None
+
+
+class TenantRateLimit(_Base):
+    rpm: PositiveInt | None = None
+    burst: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+
+
+class TenantConfig(_Base):
+    name: str
+    api_key_env: str | None = None
+    api_key: str | None = None
+    api_key_sha256: str | None = None
+    # Per-target maps; the key "*" holds the wiki's flat form that applies to every target.
+    budget_caps: dict[str, BudgetCaps] = {}
+    budget: SpendBudget | None = None
+    rate_limit: TenantRateLimit | None = None
+    fallback_targets: dict[str, list[FallbackEntry]] = {}
+    cache_ttl_override: dict[str, NonNegFloat] = {}
+    allowed_targets: list[str] | None = None
+    allowed_models: list[str] | None = None
+    profile: str | None = None
+
+
+# ---------------------------------------------------------------- seed extras
+
+
+class PoolKey(_Base):
+    id: str
+    api_key: str  # "env:VAR" reads the variable
+    qps_limit: PositiveFloat | None = None
+
+
+class KeyPool(_Base):
+    keys: list[PoolKey]
+
+
+class ClientProfile(_Base):
+    max_parallel_requests: PositiveInt = 10
+    max_qps_per_tenant: PositiveFloat | None = None
+    max_qps_per_provider_key: PositiveFloat | None = None
+    burst_size: PositiveInt = 5
+    default_timeout_s: PositiveFloat | None = None
+
+
+class Price(_Base):
+    input: NonNegFloat  # USD per 1M prompt tokens
+    output: NonNegFloat  # USD per 1M completion tokens
+
+
+class Config(_Base):
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    tenants: list[TenantConfig] = []
+    targets: dict[str, TargetConfig] = {}
+    pricing: dict[str, Price] = {}
+    provider_key_pools: dict[str, KeyPool] = {}
+    client_profiles: dict[str, ClientProfile] = {}
+
+
+# ---------------------------------------------------------------- loading
+
+
+class ConfigError(Exception):
+    """Every problem found in one config, each line prefixed with its path."""
+
+    def __init__(self, errors: list[str], source: str = "config") -> None:
+        self.errors = errors
+        self.source = source
+        super().__init__("\n".join(errors))
+
+
+DEFAULT_CONFIG_TEXT = (Path(__file__).with_name("default_config.yaml")).read_text()
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, env: typing.Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (None: the built-in default) or raise ConfigError listing every problem."""
+    if path is None:
+        return parse_config(DEFAULT_CONFIG_TEXT, source="<built-in default>", env=env)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError([f"cannot read {path}: {e.strerror}"], source=str(path)) from None
+    return parse_config(text, source=str(path), env=env)
+
+
+def parse_config(text: str, *, source: str = "config", env: typing.Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    try:
+        raw = yaml.load(text, Loader=_StrKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"invalid YAML: {e}"], source=source) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"(top level): expected a mapping, got {_kind(raw)}"], source=source)
+    errors: list[str] = []
+    raw = _expand_env(raw, "", env, errors)
+    raw = config_compat.normalize(raw, errors)
+    if not errors:
+        _check(raw, Config, "", errors)
+    if errors:
+        raise ConfigError(errors, source=source)
+    config = msgspec.convert(raw, Config, strict=True)
+    config = _resolve(config)
+    errors = _cross_check(config)
+    if errors:
+        raise ConfigError(errors, source=source)
+    return config
+
+
+class _StrKeyLoader(yaml.SafeLoader):
+    """SafeLoader whose mapping keys are always strings (``429:`` == ``"429":``)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    loader.flatten_mapping(node)
+    out: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        out["" if key is None else str(key).lower() if isinstance(key, bool) else str(key)] = (
+            loader.construct_object(value_node, deep=True)
+        )
+    return out
+
+
+_StrKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _expand_env(value: Any, path: str, env: typing.Mapping[str, str], errors: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, _join(path, k), env, errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", env, errors) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        errors.append(f"{path or '(top level)'}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+        return ""
+
+    expanded = _ENV_REF.sub(sub, value)
+    if _ENV_REF.fullmatch(value):
+        try:
+            scalar = yaml.safe_load(expanded) if expanded else ""
+        except yaml.YAMLError:
+            return expanded
+        if isinstance(scalar, (str, int, float, bool)):
+            return scalar
+    return expanded
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "str", int: "int", float: "float", bool: "bool", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check(value: Any, typ: Any, path: str, errors: list[str]) -> None:
+    """Type-check ``value`` against ``typ`` recursively, appending every error with its path."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if isinstance(typ, type) and issubclass(typ, Struct):
+        if not isinstance(value, dict):
+            errors.append(f"{path or '(top level)'}: expected a mapping, got {_kind(value)}")
+            return
+        hints = typing.get_type_hints(typ, include_extras=True)
+        fields = {f.encode_name: f for f in msgspec.structs.fields(typ)}
+        for key in value:
+            if key not in fields:
+                errors.append(f"{_join(path, key)}: unknown key (allowed: {', '.join(sorted(fields))})")
+        for name, f in fields.items():
+            if name in value:
+                _check(value[name], hints[f.name], _join(path, name), errors)
+            elif f.required:
+                errors.append(f"{_join(path, name)}: required")
+        return
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if value is None:
+            return
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            _check(value, rest[0], path, errors)
+            return
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {_kind(value)}")
+            return
+        key_type, value_type = args
+        for k, v in value.items():
+            if typing.get_origin(key_type) is Literal and k not in typing.get_args(key_type):
+                allowed = ", ".join(repr(a) for a in typing.get_args(key_type))
+                errors.append(f"{_join(path, k)}: unknown key (allowed: {allowed})")
+                continue
+            _check(v, value_type, _join(path, k), errors)
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list, got {_kind(value)}")
+            return
+        for i, item in enumerate(value):
+            _check(item, args[0], f"{path}[{i}]", errors)
+        return
+    try:
+        msgspec.convert(value, typ, strict=True)
+    except msgspec.ValidationError as e:
+        errors.append(f"{path}: {_msgspec_message(e)}")
+
+
+def _msgspec_message(e: msgspec.ValidationError) -> str:
+    msg = str(e).split(" - at `$")[0].replace("`", "")
+    return msg[:1].lower() + msg[1:]
+
+
+_PROVIDER_HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic", "api.mistral.ai": "mistral"}
+
+
+def _resolve(config: Config) -> Config:
+    """Fill in derived defaults: each target's effective provider."""
+    targets = {}
+    for name, t in config.targets.items():
+        provider = t.provider or (t.llm.provider if t.llm else None)
+        if provider is None:
+            host = re.sub(r"^[a-z]+://", "", t.base_url).split("/")[0].split(":")[0].lower()
+            provider = _PROVIDER_HOSTS.get(host, "openai" if t.llm else "http")
+        targets[name] = msgspec.structs.replace(t, provider=provider)
+    return msgspec.structs.replace(config, targets=targets)
+
+
+def _cross_check(config: Config) -> list[str]:
+    errors: list[str] = []
+    names = set(config.targets)
+    s = config.server
+    if s.default_target is not None and s.default_target not in names:
+        errors.append(f"server.default_target: no target named {s.default_target!r}")
+    if not config.store.url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+        errors.append("store.url: expected memory://, redis://, rediss:// or unix://")
+    for name, t in config.targets.items():
+        p = f"targets.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            errors.append(f"{p}: target names may use letters, digits, '_', '-' and '.' only")
+        errors.extend(_check_base_url(t.base_url, f"{p}.base_url"))
+        for i, fb in enumerate(t.fallback_targets):
+            if fb.target not in names:
+                errors.append(f"{p}.fallback_targets[{i}]: no target named {fb.target!r}")
+        if t.auth is not None:
+            errors.extend(_check_auth(t.auth, f"{p}.auth"))
+        if t.llm and t.llm.soft_cost_cap_usd is not None and t.llm.hard_cost_cap_usd is not None:
+            if t.llm.hard_cost_cap_usd < t.llm.soft_cost_cap_usd:
+                errors.append(f"{p}.llm.hard_cost_cap_usd: must be >= soft_cost_cap_usd")
+    seen: set[str] = set()
+    for i, tenant in enumerate(config.tenants):
+        p = f"tenants[{i}]"
+        if tenant.name in seen:
+            errors.append(f"{p}.name: duplicate tenant {tenant.name!r}")
+        seen.add(tenant.name)
+        sources = [k for k in ("api_key_env", "api_key", "api_key_sha256") if getattr(tenant, k)]
+        if len(sources) != 1:
+            errors.append(f"{p}: set exactly one of api_key_env, api_key, api_key_sha256")
+        if tenant.api_key_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", tenant.api_key_sha256):
+            errors.append(f"{p}.api_key_sha256: expected 64 hex characters")
+        for scope in list(tenant.budget_caps) + list(tenant.fallback_targets) + list(tenant.cache_ttl_override):
+            if scope != "*" and scope not in names:
+                errors.append(f"{p}: no target named {scope!r}")
+        for scope, entries in tenant.fallback_targets.items():
+            for j, fb in enumerate(entries):
+                if fb.target not in names:
+                    where = "" if scope == "*" else f".{scope}"
+                    errors.append(f"{p}.fallback_targets{where}[{j}]: no target named {fb.target!r}")
+        for j, t in enumerate(tenant.allowed_targets or []):
+            if t not in names:
+                errors.append(f"{p}.allowed_targets[{j}]: no target named {t!r}")
+    for provider in config.provider_key_pools:
+        if provider not in names:
+            errors.append(f"provider_key_pools.{provider}: no target named {provider!r}")
+    return errors
+
+
+def _check_base_url(url: str, path: str) -> list[str]:
+    m = re.fullmatch(r"(https?)://([^/?#@\s]+)(/[^?#\s]*)?", url)
+    if not m:
+        return [f"{path}: expected an absolute http(s) URL without query, fragment or credentials, got {url!r}"]
+    return []
+
+
+def _check_auth(auth: AuthConfig, path: str) -> list[str]:
+    needs = {
+        "bearer_env": ("env_var or env_vars", auth.env_var or auth.env_vars),
+        "bearer_static": ("token", auth.token),
+        "header_env": ("header and env_var", auth.header and (auth.env_var or auth.env_vars)),
+    }
+    if auth.type in needs and not needs[auth.type][1]:
+        return [f"{path}: type {auth.type} needs {needs[auth.type][0]}"]
+    return []

@@ -1,0 +1,128 @@
+"""Fold the seed documents' alternative config spellings into the canonical shape.
+
+The seed README, wiki and architecture notes show several forms for the same
+setting; each must load verbatim (SPEC §4). This module rewrites the raw YAML
+tree before type checking, so the Structs in ``gateway.config`` have one shape:
+
+- ``retry: {"429": {retries, backoff}, network: …}`` and ``retry: {max_attempts, backoff_ms}``
+  → ``retry_matrix``; the class ``network`` → ``net``
+- ``circuit_breaker: {failure_threshold, recovery_timeout[_s]}`` → ``circuit``
+- ``auth: {type: api_key, header, env_var}`` → ``header_env``
+- ``llm.model`` → ``llm.default_model``; ``llm.fallback_targets`` → the target's list
+- ``fallback_targets: [name | {target, model}]`` → a list of ``{target, model}``
+- tenants as a mapping ``{name: {...}}`` → a list; ``rate_limit_rpm`` → ``rate_limit.rpm``;
+  flat ``budget_caps`` / list ``fallback_targets`` / number ``cache_ttl_override``
+  → per-target maps under the key ``"*"`` (applies to every target)
+
+Anything of an unexpected type is left alone for the type checker to report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CAPS_KEYS = {"soft_cost_cap_usd", "hard_cost_cap_usd"}
+
+
+def normalize(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    raw = dict(raw)
+    targets = raw.get("targets")
+    if isinstance(targets, dict):
+        raw["targets"] = {
+            name: _target(t, f"targets.{name}", errors) if isinstance(t, dict) else t for name, t in targets.items()
+        }
+    tenants = raw.get("tenants")
+    if isinstance(tenants, dict):
+        tenants = [{"name": name, **t} if isinstance(t, dict) else t for name, t in tenants.items()]
+    if isinstance(tenants, list):
+        raw["tenants"] = [_tenant(t) if isinstance(t, dict) else t for t in tenants]
+    return raw
+
+
+def _target(t: dict[str, Any], path: str, errors: list[str]) -> dict[str, Any]:
+    t = dict(t)
+    if "circuit_breaker" in t:
+        if "circuit" in t:
+            errors.append(f"{path}.circuit_breaker: give either circuit or circuit_breaker, not both")
+        cb = t.pop("circuit_breaker")
+        if isinstance(cb, dict):
+            cb = dict(cb)
+            if "failure_threshold" in cb:
+                cb["error_threshold"] = cb.pop("failure_threshold")
+            for old in ("recovery_timeout", "recovery_timeout_s"):
+                if old in cb:
+                    cb["cooldown_s"] = cb.pop(old)
+        t["circuit"] = cb
+    if "retry" in t:
+        if "retry_matrix" in t:
+            errors.append(f"{path}.retry: give either retry_matrix or retry, not both")
+        t["retry_matrix"] = _seed_retry(t.pop("retry"))
+    if isinstance(t.get("retry_matrix"), dict):
+        t["retry_matrix"] = {("net" if k == "network" else k): v for k, v in t["retry_matrix"].items()}
+    auth = t.get("auth")
+    if isinstance(auth, dict) and auth.get("type") == "api_key":
+        t["auth"] = {**auth, "type": "header_env"}
+    llm = t.get("llm")
+    if isinstance(llm, dict):
+        llm = dict(llm)
+        if "model" in llm:
+            if "default_model" in llm:
+                errors.append(f"{path}.llm.model: give either model or default_model, not both")
+            llm["default_model"] = llm.pop("model")
+        if "fallback_targets" in llm:
+            moved = llm.pop("fallback_targets")
+            if "fallback_targets" in t:
+                errors.append(f"{path}.llm.fallback_targets: already set on the target")
+            else:
+                t["fallback_targets"] = moved
+        t["llm"] = llm
+    if isinstance(t.get("fallback_targets"), list):
+        t["fallback_targets"] = _fallbacks(t["fallback_targets"])
+    return t
+
+
+def _seed_retry(retry: Any) -> Any:
+    """``{max_attempts, backoff_ms}`` or ``{class: {retries, backoff}}`` → retry_matrix."""
+    if not isinstance(retry, dict):
+        return retry
+    if "max_attempts" in retry or "backoff_ms" in retry:
+        rule: dict[str, Any] = {}
+        if isinstance(retry.get("max_attempts"), int):
+            rule["attempts"] = max(0, retry["max_attempts"] - 1)
+        if isinstance(retry.get("backoff_ms"), (int, float)):
+            rule["base_s"] = retry["backoff_ms"] / 1000
+        extra = {k: v for k, v in retry.items() if k not in ("max_attempts", "backoff_ms")}
+        return {cls: {**rule, **extra} for cls in ("429", "5xx", "net")}
+    out = {}
+    for cls, rule in retry.items():
+        if isinstance(rule, dict):
+            rule = dict(rule)
+            if "retries" in rule:
+                rule["attempts"] = rule.pop("retries")
+            if isinstance(rule.get("backoff"), (int, float)) and not isinstance(rule.get("backoff"), bool):
+                rule["base_s"] = rule.pop("backoff")
+        out[cls] = rule
+    return out
+
+
+def _fallbacks(entries: list[Any]) -> list[Any]:
+    return [{"target": e} if isinstance(e, str) else e for e in entries]
+
+
+def _tenant(t: dict[str, Any]) -> dict[str, Any]:
+    t = dict(t)
+    if "rate_limit_rpm" in t:
+        rl = t.get("rate_limit") if isinstance(t.get("rate_limit"), dict) else {}
+        t["rate_limit"] = {**rl, "rpm": t.pop("rate_limit_rpm")}
+    caps = t.get("budget_caps")
+    if isinstance(caps, dict) and (not caps or set(caps) <= _CAPS_KEYS):
+        t["budget_caps"] = {"*": caps} if caps else {}
+    fbs = t.get("fallback_targets")
+    if isinstance(fbs, list):
+        t["fallback_targets"] = {"*": _fallbacks(fbs)}
+    elif isinstance(fbs, dict):
+        t["fallback_targets"] = {k: _fallbacks(v) if isinstance(v, list) else v for k, v in fbs.items()}
+    ttl = t.get("cache_ttl_override")
+    if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+        t["cache_ttl_override"] = {"*": ttl}
+    return t

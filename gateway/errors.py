@@ -1,0 +1,138 @@
+"""Errors the gateway itself produces (SPEC §3).
+
+Every failure a policy, the router or a backend can raise is a ``GatewayError``;
+foreign exceptions (aiohttp, redis, msgspec) are translated at the boundary that
+meets them. Exactly one place — ``gateway.writer.render_error`` — turns one into
+a response, in the dialect of the surface the client called.
+
+    GatewayError                      status code
+    ├── InvalidRequest                400    invalid_request
+    ├── Unauthorized                  401    unauthorized
+    ├── Forbidden                     403    forbidden
+    ├── UnknownTarget                 404    unknown_target
+    ├── MethodNotAllowed              405    method_not_allowed
+    ├── PayloadTooLarge               413    payload_too_large
+    ├── IdempotencyKeyReused          422    idempotency_key_reused
+    ├── IdempotencyInProgress         409    idempotency_in_progress
+    ├── BudgetExceeded                400    budget_exceeded
+    ├── BudgetExhausted               402    budget_exhausted
+    ├── RateLimited                   429    rate_limited          (+ Retry-After)
+    ├── CircuitOpen                   503    circuit_open          (+ Retry-After)
+    ├── Overloaded                    503    overloaded            (bulkhead full)
+    ├── UpstreamError                 502    upstream_error        (base of the two below)
+    │   ├── UpstreamTimeout           504    upstream_timeout
+    │   ├── UpstreamUnavailable       502    upstream_unavailable
+    │   └── StreamBroken              —      stream_interrupted    (after the first byte:
+    │                                                               only ever an in-band event)
+    ├── StoreUnavailable              503    store_unavailable
+    └── InternalError                 500    internal_error
+
+``type`` is the seed envelope's coarse class (client_error, upstream_error,
+budget_error, internal_error); ``retryable`` tells a client whether sending the
+same request again later may succeed.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    type: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        target: str | None = None,
+        upstream_status: int | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.target = target
+        self.upstream_status = upstream_status
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidRequest(GatewayError):
+    status, code, type = 400, "invalid_request", "client_error"
+
+
+class Unauthorized(GatewayError):
+    status, code, type = 401, "unauthorized", "client_error"
+
+
+class Forbidden(GatewayError):
+    status, code, type = 403, "forbidden", "client_error"
+
+
+class UnknownTarget(GatewayError):
+    status, code, type = 404, "unknown_target", "client_error"
+
+
+class MethodNotAllowed(GatewayError):
+    status, code, type = 405, "method_not_allowed", "client_error"
+
+
+class PayloadTooLarge(GatewayError):
+    status, code, type = 413, "payload_too_large", "client_error"
+
+
+class IdempotencyKeyReused(GatewayError):
+    status, code, type = 422, "idempotency_key_reused", "client_error"
+
+
+class IdempotencyInProgress(GatewayError):
+    status, code, type, retryable = 409, "idempotency_in_progress", "client_error", True
+
+
+class BudgetExceeded(GatewayError):
+    status, code, type = 400, "budget_exceeded", "budget_error"
+
+
+class BudgetExhausted(GatewayError):
+    status, code, type = 402, "budget_exhausted", "budget_error"
+
+
+class RateLimited(GatewayError):
+    status, code, type, retryable = 429, "rate_limited", "client_error", True
+
+
+class CircuitOpen(GatewayError):
+    status, code, type, retryable = 503, "circuit_open", "upstream_error", True
+
+
+class Overloaded(GatewayError):
+    status, code, type, retryable = 503, "overloaded", "upstream_error", True
+
+
+class UpstreamError(GatewayError):
+    status, code, type, retryable = 502, "upstream_error", "upstream_error", True
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code = 504, "upstream_timeout"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status, code = 502, "upstream_unavailable"
+
+
+class StreamBroken(UpstreamError):
+    """The upstream cut or stalled a stream after bytes reached the client."""
+
+    code = "stream_interrupted"
+
+
+class StoreUnavailable(GatewayError):
+    status, code, type, retryable = 503, "store_unavailable", "internal_error", True
+
+
+class InternalError(GatewayError):
+    status, code, type = 500, "internal_error", "internal_error"

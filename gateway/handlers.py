@@ -1,0 +1,218 @@
+"""HTTP surfaces: the proxy routes (SPEC §2) and the health probes.
+
+A proxy handler only turns an aiohttp request into an ``Exchange`` (validated
+path, bounded body, chosen target), runs the pipeline, and hands the ``Reply``
+to ``gateway.writer``. Every ``GatewayError`` raised anywhere on the way is
+rendered in the surface's dialect with the request id; anything else is a bug,
+logged with its stack and answered as ``internal_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gateway import __version__
+from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
+from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
+from gateway.keys import RUNTIME
+from gateway.paths import validate_path
+from gateway.runtime import Runtime
+from gateway.store import StoreError
+from gateway.writer import StreamOutcome, error_response, write_reply
+
+log = logging.getLogger("reliapi")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+class _Peek(msgspec.Struct):
+    """The only body fields routing needs; everything else is skipped, not decoded."""
+
+    model: str | None = None
+    stream: bool | None = None
+
+
+_peek = msgspec.json.Decoder(_Peek).decode
+
+
+def _request_id(request: web.Request) -> str:
+    rid = request.headers.get("X-Request-Id")
+    if rid and _REQUEST_ID.fullmatch(rid):
+        return rid
+    return "req_" + os.urandom(12).hex()
+
+
+def _is_json(request: web.Request, *, by_default: bool) -> bool:
+    """/v1 bodies are JSON unless they are uploads; elsewhere only when labelled JSON."""
+    ctype = request.headers.get("Content-Type", "")
+    if by_default:
+        return not ctype.startswith(("multipart/", "application/octet-stream", "audio/"))
+    return "json" in ctype
+
+
+def _peek_body(body: bytes) -> _Peek:
+    try:
+        return _peek(body)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
+        raise InvalidRequest(f"invalid request body: {msg.replace('`', '')}", param=param) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+
+
+async def _read_body(request: web.Request, rt: Runtime) -> bytes:
+    if "Transfer-Encoding" in request.headers and "Content-Length" in request.headers:
+        raise InvalidRequest("request has both Content-Length and Transfer-Encoding")
+    length = request.content_length
+    if length is not None and length > rt.max_body:
+        raise PayloadTooLarge(f"request body is larger than {rt.config.server.max_body_mb:g} MB")
+    if not request.body_exists:
+        return b""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body is larger than {rt.config.server.max_body_mb:g} MB") from None
+
+
+def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:
+    path, _, query = raw.partition("?")
+    return path[prefix_len:], query
+
+
+async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str) -> Exchange:
+    rel, query = _split_raw(request.raw_path, 4)  # after "/v1/"
+    validate_path(rel)
+    dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
+    body = await _read_body(request, rt)
+    model, stream = None, False
+    if body and _is_json(request, by_default=True):
+        peek = _peek_body(body)
+        model, stream = peek.model, bool(peek.stream)
+    target = rt.router.for_v1(request.headers.get("X-ReliAPI-Target"), model)
+    return Exchange(
+        request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
+        query=query, headers=request.headers, body=body, target=target, model=model, stream=stream,
+        client_ip=request.remote,
+    )
+
+
+async def _exchange_t(request: web.Request, rt: Runtime, request_id: str) -> Exchange:
+    path, _, query = request.raw_path.partition("?")
+    _, _, rest = path.partition("/t/")
+    name, _, rel = rest.partition("/")
+    target = rt.router.by_name(name)
+    validate_path(rel)
+    body = await _read_body(request, rt)
+    model, stream = None, False
+    if target.kind == "llm" and body and _is_json(request, by_default=False):
+        peek = _peek_body(body)
+        model, stream = peek.model, bool(peek.stream)
+    return Exchange(
+        request_id=request_id, method=request.method, route="t", dialect=ENVELOPE, rel_path=rel, v1=False,
+        query=query, headers=request.headers, body=body, target=target, model=model, stream=stream,
+        client_ip=request.remote,
+    )
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Every path that is not a fixed gateway endpoint lands here."""
+    raw = request.raw_path
+    if raw.startswith("/v1/"):
+        dialect = ANTHROPIC if raw.startswith("/v1/messages") else OPENAI
+        return await _proxy(request, _exchange_v1, dialect)
+    if raw.startswith("/t/"):
+        return await _proxy(request, _exchange_t, ENVELOPE)
+    return error_response(UnknownTarget(f"no route for {request.method} {request.path}"), ENVELOPE, _request_id(request))
+
+
+async def _proxy(request: web.Request, make_exchange: Any, dialect: str) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    request_id = _request_id(request)
+    started = time.monotonic()
+    ex: Exchange | None = None
+    outcome = StreamOutcome()
+    status, error, reply = 0, None, None
+    try:
+        try:
+            ex = await make_exchange(request, rt, request_id)
+            reply = await rt.pipeline(ex)
+        except GatewayError as e:
+            error = e
+        except Exception:
+            log.exception("internal error", extra={"fields": {"request_id": request_id}})
+            error = InternalError("internal error")
+        if error is not None:
+            status = error.status
+            target = ex.target.name if ex is not None else None
+            return error_response(
+                error, dialect, request_id, target=target, attempts=ex.attempts if ex else 0,
+                duration_ms=(time.monotonic() - started) * 1000,
+            )
+        assert ex is not None and reply is not None
+        status = reply.status
+        headers = reply.headers
+        headers["X-Request-Id"] = request_id
+        headers["X-ReliAPI-Target"] = ex.target.name
+        headers["X-ReliAPI-Attempts"] = str(ex.attempts)
+        headers.setdefault("X-Cache", "BYPASS")
+        headers.setdefault("X-Cached", "false")
+        return await write_reply(request, ex, reply, outcome)
+    finally:
+        if rt.access_log.enabled:
+            rt.access_log(_access_fields(request, request_id, ex, reply, status, error, outcome, started))
+
+
+def _access_fields(
+    request: web.Request, request_id: str, ex: Exchange | None, reply: Any, status: int,
+    error: GatewayError | None, outcome: StreamOutcome, started: float,
+) -> dict[str, Any]:
+    if error is not None:
+        result, code = "error", error.code
+    elif outcome.client_gone:
+        result, code = "client_closed", None
+    elif outcome.error is not None:
+        result, code = "stream_error", outcome.error.code
+    elif not outcome.ok:
+        result, code = "cancelled", None
+    else:
+        result, code = ("ok" if status < 400 else "upstream_error"), None
+    fields: dict[str, Any] = {
+        "level": "info", "request_id": request_id, "tenant": ex.tenant if ex else None,
+        "target": ex.target.name if ex else None, "kind": ex.target.kind if ex else None,
+        "route": ex.route if ex else None, "method": request.method, "status": status,
+        "stream": ex.stream if ex else False, "model": ex.model if ex else None,
+        "outcome": result, "error_code": code,
+        "upstream_status": reply.upstream_status if reply is not None else (error.upstream_status if error else None),
+        "attempts": ex.attempts if ex else 0,
+        "latency_ms": round((time.monotonic() - started) * 1000, 2),
+        "ttft_ms": round(reply.ttft_ms, 2) if reply is not None and reply.ttft_ms is not None else None,
+    }
+    if ex is not None and ex.log:
+        fields.update(ex.log)
+    return fields
+
+
+# ---------------------------------------------------------------- health
+
+
+async def liveness(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def readiness(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    try:
+        await rt.store.ping()
+    except StoreError as e:
+        return web.json_response(
+            {"status": "not_ready", "reason": f"store unavailable: {e}", "store": rt.store.backend}, status=503
+        )
+    return web.json_response({"status": "ready", "store": rt.store.backend, "targets": sorted(rt.targets)})

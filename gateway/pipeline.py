@@ -1,0 +1,71 @@
+"""The policy pipeline: the whole request flow, outermost first, in one place (SPEC §5).
+
+    request id → auth/tenant → rate limit → budget → idempotency → cache
+    → fallback chain → per target: circuit breaker → bulkhead → key pool → retry
+    → (per attempt) timeout → provider adapter → upstream
+
+A policy is ``async def __call__(ex, call_next) -> Reply``: it may answer early,
+change the exchange, or wrap what comes back. Request ids are assigned before
+the pipeline runs (errors need one even when the request never gets this far).
+The per-target part runs once for each target a fallback chain tries, so the
+fallback policy is the last request policy and its ``call_next`` is the
+per-target chain.
+
+Policies are added to ``request_policies`` / ``target_policies`` below — never to
+the handlers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
+
+from gateway.exchange import Exchange, Reply
+from gateway.headers import upstream_request_headers
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+Handler = Callable[[Exchange], Awaitable[Reply]]
+
+
+class Policy(Protocol):
+    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply: ...
+
+
+def request_policies(rt: Runtime) -> list[Policy]:
+    """Run once per client request, outermost first."""
+    return []
+
+
+def target_policies(rt: Runtime) -> list[Policy]:
+    """Run for each target tried, outermost first."""
+    return []
+
+
+def build_pipeline(rt: Runtime) -> Handler:
+    per_target = compose(target_policies(rt), send_upstream)
+    return compose(request_policies(rt), per_target)
+
+
+def compose(policies: Sequence[Policy], innermost: Handler) -> Handler:
+    handler = innermost
+    for policy in reversed(policies):
+        handler = partial(policy, call_next=handler)
+    return handler
+
+
+async def send_upstream(ex: Exchange) -> Reply:
+    """One attempt against ``ex.target``: credentials, tracing headers, the transport."""
+    target = ex.target
+    ex.attempts += 1
+    headers = upstream_request_headers(ex.headers, drop_credentials=target.credential.drops_client_credentials)
+    target.credential.apply(headers)
+    headers["X-Request-Id"] = ex.request_id
+    headers["X-ReliAPI-Attempt"] = str(ex.attempts)
+    return await target.transport.send(
+        ex.method, ex.url(), headers, ex.body,
+        timeout_s=target.ttft_timeout_s if ex.stream else target.timeout_s,
+        idle_timeout_s=target.idle_timeout_s,
+    )

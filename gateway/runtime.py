@@ -1,0 +1,50 @@
+"""Everything a loaded config turns into: targets, router, pipeline, store, logs.
+
+Built once per config (at startup, and again on reload); the request path only
+reads it. Resources with a lifetime (the store, each target's connection pool)
+are opened by ``start`` and closed by ``close``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gateway.config import Config
+from gateway.logs import AccessLog, Scrubber
+from gateway.pipeline import Handler, build_pipeline
+from gateway.store import Store, open_store
+from gateway.targets import Router, Target
+
+log = logging.getLogger("reliapi")
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        env: Mapping[str, str] = os.environ,
+        access_log_write: Callable[[str], Any] | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.config = config
+        self.targets = {name: Target(name, t, env) for name, t in config.targets.items()}
+        self.router = Router(config, self.targets)
+        self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
+        self.scrub = Scrubber(s for t in self.targets.values() for s in t.credential.secrets)
+        self.access_log = AccessLog(access_log_write)
+        self.access_log_to_stdout = access_log_write is None
+        self.max_body = int(config.server.max_body_mb * 1024 * 1024)
+        self.pipeline: Handler = build_pipeline(self)
+
+    async def start(self) -> None:
+        for target in self.targets.values():
+            await target.transport.start()
+
+    async def close(self) -> None:
+        for target in self.targets.values():
+            await target.transport.close()
+        await self.store.close()

@@ -1,0 +1,154 @@
+"""The single seam to upstream HTTP: ``Transport.send(...) -> Reply``.
+
+One ``Transport`` per target owns that target's ``aiohttp.ClientSession`` and
+connection pool, opened at startup and closed at shutdown. aiohttp's exceptions
+stop here and become the gateway's own (``UpstreamTimeout``, ``UpstreamUnavailable``,
+``StreamBroken``).
+
+Honest streams (SPEC §5): for a streaming response, ``send`` returns only after
+the upstream's first body byte arrived, so until then a slow first token or an
+early failure can still be retried or fall back — the client has seen nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.errors import StreamBroken, UpstreamTimeout, UpstreamUnavailable
+from gateway.exchange import Reply
+from gateway.headers import client_response_headers
+
+# Complete responses larger than this are relayed as streams instead of buffered.
+MAX_BUFFERED_BYTES = 1 << 20
+
+
+def is_streaming(headers: CIMultiDictProxy[str], method: str) -> bool:
+    """Relay chunk by chunk (never buffer, never compress): SSE, ndjson, unknown or large length."""
+    if method == "HEAD":
+        return False
+    ctype = headers.get("Content-Type", "")
+    if ctype.startswith(("text/event-stream", "application/x-ndjson")):
+        return True
+    length = headers.get("Content-Length")
+    if length is None:
+        return "chunked" in headers.get("Transfer-Encoding", "") or "Content-Length" not in headers
+    return not length.isdigit() or int(length) > MAX_BUFFERED_BYTES
+
+
+class Transport:
+    def __init__(self, target: str, *, connect_timeout_s: float, limit: int | None = None) -> None:
+        self.target = target
+        self._connect_timeout_s = connect_timeout_s
+        self._limit = limit or 0
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bodies pass through byte for byte, Content-Encoding and all
+            cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
+            trust_env=False,
+            requote_redirect_url=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        *,
+        timeout_s: float,
+        idle_timeout_s: float,
+    ) -> Reply:
+        """One attempt. Within ``timeout_s`` a complete response must arrive whole, or a
+        streaming one its first body byte; after that a stream may never be silent longer
+        than ``idle_timeout_s``."""
+        assert self._session is not None, "transport not started"
+        started = time.monotonic()
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                resp = await self._session.request(
+                    method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
+                )
+                if is_streaming(resp.headers, method):
+                    first = await resp.content.readany()
+                    reply = Reply(
+                        resp.status, client_response_headers(resp.headers),
+                        chunks=_relay(resp, first, idle_timeout_s), upstream_status=resp.status,
+                    )
+                    reply.ttft_ms = (time.monotonic() - started) * 1000
+                    return reply
+                data = await resp.read()
+        except TimeoutError:
+            _discard(resp)
+            raise UpstreamTimeout(f"target {self.target} did not answer in time", target=self.target) from None
+        except (aiohttp.ClientError, OSError) as e:
+            _discard(resp)
+            raise UpstreamUnavailable(
+                f"target {self.target} is unreachable ({_describe(e)})", target=self.target
+            ) from None
+        except BaseException:
+            _discard(resp)  # cancelled (client gone): drop the upstream connection at once
+            raise
+        resp.release()
+        return Reply(resp.status, client_response_headers(resp.headers), body=data, upstream_status=resp.status)
+
+
+async def _relay(resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        if first:
+            yield first
+        while True:
+            try:
+                async with asyncio.timeout(idle_timeout_s):
+                    chunk = await resp.content.readany()
+            except TimeoutError:
+                raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s") from None
+            except (aiohttp.ClientError, OSError) as e:
+                raise StreamBroken(f"upstream stream was cut ({_describe(e)})") from None
+            if not chunk:
+                finished = True
+                return
+            yield chunk
+    finally:
+        if finished:
+            resp.release()
+        else:
+            resp.close()
+
+
+def _discard(resp: aiohttp.ClientResponse | None) -> None:
+    if resp is not None:
+        resp.close()
+
+
+def _describe(e: BaseException) -> str:
+    """A short reason without URLs or addresses (those stay in the debug log only)."""
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return "connection failed"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "server disconnected"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "incomplete response body"
+    if isinstance(e, (aiohttp.ClientOSError, ConnectionResetError)):
+        return "connection reset"
+    if isinstance(e, aiohttp.ClientResponseError):
+        return "malformed response"
+    return type(e).__name__

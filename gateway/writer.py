@@ -1,0 +1,136 @@
+"""The one place that turns the gateway's results into aiohttp responses.
+
+``error_response`` renders a ``GatewayError`` in the client's dialect (SPEC §3).
+``write_reply`` sends a complete ``Reply`` at once, or relays a streaming one chunk
+by chunk as it arrives. Once the first byte is out there is no envelope any more:
+an upstream cut or stall becomes an in-band error event in the client's dialect
+(SSE), or an aborted connection (other bodies) — never a truncated stream that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.errors import GatewayError, StreamBroken
+from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange, Reply
+
+log = logging.getLogger("reliapi")
+_encode = msgspec.json.encode
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota", 403: "permission_error",
+    404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+    422: "invalid_request_error", 429: "rate_limit_error",
+}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+    404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+    429: "rate_limit_error", 503: "overloaded_error",
+}
+
+
+def error_body(err: GatewayError, dialect: str, request_id: str, *, target: str | None, attempts: int, duration_ms: float) -> dict[str, Any]:
+    if dialect == OPENAI:
+        return {"error": {
+            "message": err.message, "type": _OPENAI_TYPES.get(err.status, "server_error"),
+            "code": err.code, "param": err.param,
+        }}
+    if dialect == ANTHROPIC:
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(err.status, "api_error"), "message": err.message}}
+    target = err.target or target
+    return {
+        "success": False,
+        "error": {
+            "type": err.type, "code": err.code, "message": err.message, "retryable": err.retryable,
+            "target": target, "status_code": err.upstream_status or err.status,
+        },
+        "meta": {"request_id": request_id, "target": target, "retries": max(0, attempts - 1),
+                 "duration_ms": round(duration_ms, 1)},
+    }
+
+
+def error_response(
+    err: GatewayError, dialect: str, request_id: str, *, target: str | None = None, attempts: int = 0,
+    duration_ms: float = 0.0,
+) -> web.Response:
+    headers = CIMultiDict(err.headers)
+    headers["X-Request-Id"] = request_id
+    if target:
+        headers["X-ReliAPI-Target"] = target
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(err.retry_after + 0.999)))
+    body = error_body(err, dialect, request_id, target=target, attempts=attempts, duration_ms=duration_ms)
+    return web.Response(status=err.status, body=_encode(body), headers=headers, content_type="application/json")
+
+
+def stream_error_event(err: GatewayError, dialect: str, request_id: str) -> bytes:
+    """The in-band SSE event that ends a broken stream, in the client's dialect."""
+    if dialect == ANTHROPIC:
+        body = {"type": "error", "error": {"type": "api_error", "message": err.message}}
+        return b"event: error\ndata: " + _encode(body) + b"\n\n"
+    if dialect == OPENAI:
+        body = {"error": {"message": err.message, "type": "server_error", "code": err.code, "param": None}}
+        return b"data: " + _encode(body) + b"\n\n"
+    body = error_body(err, ENVELOPE, request_id, target=err.target, attempts=0, duration_ms=0.0)
+    return b"event: error\ndata: " + _encode(body) + b"\n\n"
+
+
+class StreamOutcome:
+    """How a relayed stream ended, for the access log."""
+
+    __slots__ = ("ok", "error", "client_gone")
+
+    def __init__(self) -> None:
+        self.ok = False
+        self.error: GatewayError | None = None
+        self.client_gone = False
+
+
+async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome: StreamOutcome) -> web.StreamResponse:
+    if reply.chunks is None:
+        outcome.ok = True
+        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+    resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+    is_sse = reply.headers.get("Content-Type", "").startswith("text/event-stream")
+    try:
+        await resp.prepare(request)
+        async for chunk in reply.chunks:
+            await resp.write(chunk)
+    except StreamBroken as e:
+        outcome.error = e
+        if not is_sse:
+            _abort(request)  # the client sees an incomplete body, not a complete-looking one
+            return resp
+        try:
+            await resp.write(stream_error_event(e, ex.dialect, ex.request_id))
+        except (ConnectionError, RuntimeError):
+            outcome.client_gone = True
+            return resp
+    except asyncio.CancelledError:
+        outcome.client_gone = True  # the upstream side is closed below, at once
+        raise
+    except (ConnectionError, RuntimeError):
+        outcome.client_gone = True
+        return resp
+    finally:
+        await reply.aclose()
+    try:
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        outcome.client_gone = True
+        return resp
+    outcome.ok = outcome.error is None
+    return resp
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

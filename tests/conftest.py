@@ -1,0 +1,70 @@
+"""Shared fixtures: a real fake upstream on loopback and a gateway app in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.config import parse_config
+from tests.fakes import FakeUpstream
+
+
+class Logs(list):
+    """Access-log lines captured from a gateway under test."""
+
+    def write(self, line: str) -> None:
+        self.append(msgspec.json.decode(line))
+
+
+@pytest.fixture
+async def fake(aiohttp_server: Any) -> FakeUpstream:
+    upstream = FakeUpstream()
+    server: TestServer = await aiohttp_server(upstream.app())
+    upstream.url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    upstream.server = server  # type: ignore[attr-defined]
+    return upstream
+
+
+GatewayFactory = Callable[..., Awaitable[tuple[TestClient, Logs]]]
+
+
+@pytest.fixture
+def gateway(aiohttp_client: Any) -> GatewayFactory:
+    """``await gateway(yaml_text, env={...})`` → (client, access log lines)."""
+
+    async def make(config_yaml: str, *, env: dict[str, str] | None = None) -> tuple[TestClient, Logs]:
+        env = env or {}
+        config = parse_config(config_yaml, env=env)
+        logs = Logs()
+        app = create_app(config, env=env, access_log_write=logs.write)
+        client = await aiohttp_client(app)
+        return client, logs
+
+    return make
+
+
+def llm_config(fake_url: str, *, extra_target: str = "", server: str = "default_target: up") -> str:
+    """One OpenAI-style target ``up`` at the fake, plus an Anthropic-style ``claude``."""
+    return f"""
+server: {{{server}}}
+targets:
+  up:
+    base_url: {fake_url}/v1
+    provider: openai
+    models: ["gpt-*"]
+    auth: {{type: bearer_env, env_var: UP_KEY}}
+{extra_target}
+  claude:
+    base_url: {fake_url}
+    provider: anthropic
+    models: ["claude-*"]
+    auth: {{type: header_env, header: x-api-key, env_var: CLAUDE_KEY}}
+  rest:
+    base_url: {fake_url}/api
+    auth: {{type: passthrough}}
+"""
