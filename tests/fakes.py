@@ -44,7 +44,7 @@ class FakeUpstream:
     client_gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, handler_args={"auto_decompress": False})
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
         app.router.add_post("/v1/messages", self.messages)

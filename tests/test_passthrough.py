@@ -1,0 +1,221 @@
+"""/t/{target}/{path} and /v1/* forwarding rules: methods, queries, bodies, headers, errors (SPEC §2)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from tests.conftest import llm_config
+
+ENV = {"UP_KEY": "sk-upstream-openai-123456", "CLAUDE_KEY": "sk-ant-upstream-654321"}
+
+
+@pytest.fixture
+async def gw(fake, gateway):
+    return await gateway(llm_config(fake.url), env=ENV)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_methods_paths_and_queries_pass_through(gw, fake, method):
+    client, logs = gw
+    body = b'{"a": 1,  "b":[2]}' if method in ("POST", "PUT", "PATCH") else b""
+    resp = await client.request(method, "/t/rest/users/42/items?b=2&a=1&a=0&q=x%20y", data=body)
+    assert resp.status == 200
+    echoed = await resp.json()
+    assert echoed["method"] == method
+    assert echoed["path_qs"] == "/api/users/42/items?b=2&a=1&a=0&q=x%20y"  # query order and encoding unchanged
+    assert base64.b64decode(echoed["body_b64"]) == body  # byte for byte
+    assert resp.headers["X-ReliAPI-Target"] == "rest"
+    assert logs[-1]["route"] == "t" and logs[-1]["kind"] == "http"
+
+
+async def test_head_request(gw, fake):
+    client, _ = gw
+    resp = await client.head("/t/rest/thing")
+    assert resp.status == 200
+    assert fake.requests[0].method == "HEAD"
+
+
+async def test_upstream_4xx_5xx_returned_as_sent(gw):
+    client, _ = gw
+    for status in (400, 404, 409, 503):
+        resp = await client.get("/t/rest/x", headers={"X-Fake-Status": str(status)})
+        assert resp.status == status
+        assert (await resp.json())["method"] == "GET"  # the upstream's own body, not a gateway envelope
+        assert resp.headers["X-Upstream"] == "echo"
+
+
+async def test_redirects_are_not_followed(gw, fake):
+    client, _ = gw
+    # the fake serves /redirect at its root; reach it through a target whose base is the root
+    resp = await client.get("/t/claude/redirect", allow_redirects=False)
+    assert resp.status == 302
+    assert resp.headers["Location"] == "http://169.254.169.254/latest/meta-data"
+    assert [r.path_qs for r in fake.requests] == ["/redirect"]  # the gateway did not go there
+
+
+async def test_hop_by_hop_headers_stripped_both_ways(gw, fake):
+    client, _ = gw
+    resp = await client.get(
+        "/t/rest/h",
+        headers={
+            "Connection": "keep-alive, X-Foo", "X-Foo": "1", "Keep-Alive": "timeout=5", "TE": "trailers",
+            "Upgrade": "h2c", "Proxy-Authorization": "Basic abc", "Proxy-Connection": "keep-alive",
+            "X-Kept": "yes", "X-ReliAPI-Internal": "no",
+        },
+    )
+    assert resp.status == 200
+    seen = fake.requests[0].headers
+    for name in ("X-Foo", "Keep-Alive", "TE", "Upgrade", "Proxy-Authorization", "Proxy-Connection",
+                 "X-ReliAPI-Internal"):
+        assert name not in seen, name
+    assert seen["X-Kept"] == "yes"
+    assert seen["Host"] == fake.url.split("//")[1]  # Host comes from the target
+    # response side: the fake named X-Secret-Hop in Connection and sent Keep-Alive
+    assert "X-Secret-Hop" not in resp.headers
+    assert "Keep-Alive" not in resp.headers
+    assert resp.headers["X-Upstream"] == "echo"
+
+
+async def test_client_host_header_does_not_choose_target(gw, fake):
+    client, _ = gw
+    await client.get("/t/rest/h", headers={"Host": "169.254.169.254"})
+    assert fake.requests[0].headers["Host"] == fake.url.split("//")[1]
+
+
+async def test_configured_key_replaces_client_credentials(gw, fake):
+    client, _ = gw
+    await client.post(
+        "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []},
+        headers={"Authorization": "Bearer client-key", "x-api-key": "client-x", "api-key": "client-azure",
+                 "Cookie": "session=abc"},
+    )
+    seen = fake.requests[0].headers
+    assert seen["Authorization"] == "Bearer sk-upstream-openai-123456"
+    assert "x-api-key" not in seen and "api-key" not in seen and "Cookie" not in seen
+
+
+async def test_passthrough_target_forwards_client_credentials(gw, fake):
+    client, _ = gw
+    await client.get("/t/rest/x", headers={"Authorization": "Bearer client-key", "Cookie": "a=b"})
+    seen = fake.requests[0].headers
+    assert seen["Authorization"] == "Bearer client-key" and seen["Cookie"] == "a=b"
+
+
+async def test_compressed_bodies_pass_through_untouched(gw, fake):
+    import gzip
+
+    client, _ = gw
+    raw = gzip.compress(b'{"hello": "world"}')
+    resp = await client.post("/t/rest/gz", data=raw, headers={"Content-Encoding": "gzip",
+                                                              "Content-Type": "application/json"})
+    echoed = await resp.json()
+    assert base64.b64decode(echoed["body_b64"]) == raw
+    assert fake.requests[0].headers["Content-Encoding"] == "gzip"
+
+
+async def test_routing_by_header_model_and_default(fake, gateway):
+    client, logs = await gateway(llm_config(fake.url), env=ENV)
+    # model glob
+    await client.post("/v1/messages", json={"model": "claude-test-1", "max_tokens": 5, "messages": []})
+    assert logs[-1]["target"] == "claude"
+    # header beats model
+    await client.post("/v1/chat/completions", json={"model": "claude-test-1", "messages": []},
+                      headers={"X-ReliAPI-Target": "up"})
+    assert logs[-1]["target"] == "up"
+    # unknown model → default target
+    await client.post("/v1/chat/completions", json={"model": "llama-3", "messages": []})
+    assert logs[-1]["target"] == "up"
+    # GET without a body → default target
+    await client.get("/v1/models")
+    assert fake.requests[-1].path_qs == "/v1/models"
+
+
+async def test_no_route_for_model_without_default(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url, server="port: 0"), env=ENV)
+    resp = await client.post("/v1/chat/completions", json={"model": "llama-3", "messages": []})
+    assert resp.status == 404
+    body = await resp.json()
+    assert body["error"]["code"] == "unknown_target" and "llama-3" in body["error"]["message"]
+    assert resp.headers["X-Request-Id"]
+    assert fake.requests == []
+
+
+async def test_unknown_target_404_in_envelope(gw, fake):
+    client, _ = gw
+    resp = await client.get("/t/nope/x", headers={"X-Request-Id": "my-req-1"})
+    assert resp.status == 404
+    body = await resp.json()
+    assert body["success"] is False
+    assert body["error"]["code"] == "unknown_target" and body["error"]["type"] == "client_error"
+    assert body["meta"]["request_id"] == "my-req-1"
+    assert resp.headers["X-Request-Id"] == "my-req-1"
+    assert fake.requests == []
+
+
+async def test_malformed_json_on_llm_path_is_400_naming_the_problem(gw, fake):
+    client, logs = gw
+    resp = await client.post("/v1/chat/completions", data=b'{"model": "gpt-4o-mini", "messages": [',
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"]["code"] == "invalid_request"
+    assert "not valid JSON" in body["error"]["message"]
+    resp = await client.post("/v1/chat/completions", json={"model": 5, "messages": []})
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["param"] == "model" and "model" in body["error"]["message"]
+    resp = await client.post("/v1/chat/completions", json=["not", "an", "object"])
+    assert resp.status == 400
+    assert fake.requests == []
+    assert logs[-1]["outcome"] == "error" and logs[-1]["error_code"] == "invalid_request"
+
+
+async def test_body_over_limit_is_413(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url, server="default_target: up, max_body_mb: 0.001"), env=ENV)
+    resp = await client.post("/t/rest/upload", data=b"x" * 5000)
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "payload_too_large"
+
+    async def chunked():  # no Content-Length: the limit is enforced while reading
+        for _ in range(10):
+            yield b"y" * 1000
+
+    resp = await client.post("/t/rest/upload", data=chunked())
+    assert resp.status == 413
+    resp = await client.post("/v1/chat/completions", data=b"{" + b" " * 5000 + b"}")
+    assert resp.status == 413 and (await resp.json())["error"]["code"] == "payload_too_large"
+    assert fake.requests == []
+
+
+async def test_unreachable_upstream_is_502_in_dialect(gateway):
+    cfg = """
+server: {default_target: dead}
+targets:
+  dead: {base_url: "http://127.0.0.1:1/v1", provider: openai}
+"""
+    client, logs = await gateway(cfg)
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []})
+    assert resp.status == 502
+    body = await resp.json()
+    assert body["error"]["code"] == "upstream_unavailable"
+    assert "127.0.0.1" not in body["error"]["message"]  # no internal addresses in errors
+    resp = await client.get("/t/dead/x")
+    body = await resp.json()
+    assert resp.status == 502 and body["error"]["type"] == "upstream_error" and body["error"]["retryable"] is True
+
+
+async def test_unknown_gateway_path_is_404_json(gw):
+    client, _ = gw
+    resp = await client.get("/nothing/here")
+    assert resp.status == 404
+    assert (await resp.json())["error"]["code"] == "unknown_target"
+
+
+async def test_health_endpoints(gw):
+    client, _ = gw
+    for path in ("/healthz", "/livez", "/health"):
+        resp = await client.get(path)
+        assert resp.status == 200 and (await resp.json())["status"] == "ok"
+    resp = await client.get("/readyz")
+    assert resp.status == 200 and (await resp.json())["store"] == "memory"

@@ -1,0 +1,76 @@
+"""The policy pipeline: policies run outermost first, may answer early, change the request
+or wrap the reply — and are added without touching the handlers."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict
+
+from gateway import pipeline
+from gateway.errors import RateLimited
+from gateway.exchange import Reply
+from tests.conftest import llm_config
+
+
+async def test_compose_runs_policies_outermost_first():
+    order: list[str] = []
+
+    def named(name):
+        async def policy(ex, call_next):
+            order.append(f"{name}>")
+            reply = await call_next(ex)
+            order.append(f"<{name}")
+            return reply
+        return policy
+
+    async def innermost(ex):
+        order.append("upstream")
+        return Reply(200, CIMultiDict(), body=b"ok")
+
+    handler = pipeline.compose([named("a"), named("b"), named("c")], innermost)
+    reply = await handler(object())
+    assert reply.body == b"ok"
+    assert order == ["a>", "b>", "c>", "upstream", "<c", "<b", "<a"]
+
+
+async def test_policies_plug_into_the_real_app(fake, gateway, monkeypatch):
+    async def tag_request(ex, call_next):  # changes the request on the way in
+        ex.log["tagged"] = True
+        return await call_next(ex)
+
+    async def add_header(ex, call_next):  # wraps what comes back
+        reply = await call_next(ex)
+        reply.headers["X-Policy"] = "seen"
+        return reply
+
+    async def reject_secret(ex, call_next):  # answers early, upstream never called
+        if ex.rel_path.startswith("secret"):
+            raise RateLimited("slow down", retry_after=7)
+        return await call_next(ex)
+
+    monkeypatch.setattr(pipeline, "request_policies", lambda rt: [tag_request, add_header])
+    monkeypatch.setattr(pipeline, "target_policies", lambda rt: [reject_secret])
+    client, logs = await gateway(llm_config(fake.url))
+
+    resp = await client.get("/t/rest/ok")
+    assert resp.status == 200 and resp.headers["X-Policy"] == "seen"
+    assert logs[-1]["tagged"] is True
+
+    resp = await client.get("/t/rest/secret")
+    assert resp.status == 429 and resp.headers["Retry-After"] == "7"
+    body = await resp.json()
+    assert body["error"]["code"] == "rate_limited" and body["error"]["retryable"] is True
+    assert [r.path_qs for r in fake.requests] == ["/api/ok"]
+
+
+async def test_internal_errors_never_leak_a_stack(fake, gateway, monkeypatch):
+    async def boom(ex, call_next):
+        raise ZeroDivisionError("secret internals")
+
+    monkeypatch.setattr(pipeline, "request_policies", lambda rt: [boom])
+    client, logs = await gateway(llm_config(fake.url))
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []})
+    assert resp.status == 500
+    text = await resp.text()
+    assert "Traceback" not in text and "secret internals" not in text and "ZeroDivision" not in text
+    assert (await resp.json())["error"]["code"] == "internal_error"
+    assert resp.headers["X-Request-Id"] == logs[-1]["request_id"]

@@ -1,0 +1,164 @@
+"""Streams are relayed as they arrive, held until the first byte, cancelled with the client,
+and never silently truncated (SPEC §2 Streaming, §5 Honest streams)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import llm_config
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def _events(resp) -> list[bytes]:
+    body = await resp.read()
+    return [e for e in body.split(b"\n\n") if e]
+
+
+async def test_stream_is_incremental(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url))
+    resp = await client.post("/v1/chat/completions", json=CHAT,
+                             headers={"X-Fake-Chunks": "5", "X-Fake-Interval-Ms": "200"})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    first = await resp.content.readuntil(b"\n\n")
+    assert b"tok0" in first
+    # the client holds chunk 1 while the upstream is still producing the rest
+    assert fake.streams_finished == 0
+    rest = await resp.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert fake.streams_finished == 1
+
+
+async def test_client_disconnect_cancels_upstream(fake, gateway):
+    client, logs = await gateway(llm_config(fake.url))
+    resp = await client.post("/v1/chat/completions", json=CHAT,
+                             headers={"X-Fake-Chunks": "50", "X-Fake-Interval-Ms": "100"})
+    await resp.content.readuntil(b"\n\n")
+    resp.close()  # the client goes away mid-stream
+    await asyncio.wait_for(fake.client_gone.wait(), timeout=5)
+    assert fake.disconnects == 1 and fake.streams_finished == 0
+    for _ in range(50):  # the access log line is written as the handler unwinds
+        if logs:
+            break
+        await asyncio.sleep(0.02)
+    assert logs[-1]["outcome"] == "client_closed"
+
+
+async def test_client_disconnect_before_first_byte_cancels_upstream(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url))
+    task = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT,
+                                           headers={"X-Fake-First-Delay-Ms": "5000"}))
+    await asyncio.wait_for(fake.stream_started.wait(), timeout=5)
+    task.cancel()  # the client gives up while the gateway is still waiting for the first token
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(fake.client_gone.wait(), timeout=5)
+    assert fake.disconnects == 1
+
+
+async def test_headers_held_until_first_byte(fake, gateway):
+    cfg = llm_config(fake.url, extra_target="    ttft_timeout_ms: 300")
+    client, logs = await gateway(cfg)
+    # upstream sends 200 + headers at once but the first token only after 3 s
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Fake-First-Delay-Ms": "3000"})
+    # the client never saw the slow upstream's 200: it gets a clean, retryable error instead
+    assert resp.status == 504
+    body = await resp.json()
+    assert body["error"]["code"] == "upstream_timeout"
+    assert logs[-1]["error_code"] == "upstream_timeout"
+
+
+async def test_cut_stream_ends_with_inband_error_openai(fake, gateway):
+    client, logs = await gateway(llm_config(fake.url))
+    resp = await client.post("/v1/chat/completions", json=CHAT,
+                             headers={"X-Fake-Chunks": "6", "X-Fake-Cut-After": "2"})
+    assert resp.status == 200
+    events = await _events(resp)
+    assert [b"tok0" in events[0], b"tok1" in events[1]] == [True, True]
+    assert events[-1].startswith(b'data: {"error"')
+    assert b"stream_interrupted" in events[-1]
+    assert not any(e == b"data: [DONE]" for e in events)
+    assert logs[-1]["outcome"] == "stream_error"
+
+
+async def test_cut_stream_raises_in_openai_sdk(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url))
+    async with openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[], stream=True,
+            extra_headers={"X-Fake-Chunks": "6", "X-Fake-Cut-After": "3"},
+        )
+        got = []
+        with pytest.raises(openai.APIError):
+            async for chunk in stream:
+                got.append(chunk)
+        assert len(got) == 3
+
+
+async def test_cut_stream_ends_with_inband_error_anthropic(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url))
+    resp = await client.post("/v1/messages", json={"model": "claude-test-1", "max_tokens": 5, "messages": [],
+                                                   "stream": True},
+                             headers={"X-Fake-Cut-After": "3"})
+    events = await _events(resp)
+    assert events[-1].startswith(b"event: error\ndata: ")
+    assert b'"type":"error"' in events[-1]
+    assert not any(b"message_stop" in e for e in events)
+
+
+async def test_stalled_stream_ends_with_inband_error(fake, gateway):
+    cfg = llm_config(fake.url, extra_target="    stream_idle_timeout_ms: 200")
+    client, logs = await gateway(cfg)
+    resp = await client.post("/v1/chat/completions", json=CHAT,
+                             headers={"X-Fake-Chunks": "3", "X-Fake-Interval-Ms": "3000"})
+    events = await _events(resp)
+    assert b"tok0" in events[0]
+    assert b"stalled" in events[-1] and events[-1].startswith(b'data: {"error"')
+    # the gateway stays healthy for the next call
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []})
+    assert resp.status == 200
+
+
+async def test_envelope_dialect_inband_error_on_t_route(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url))
+    resp = await client.post("/t/up/chat/completions", json=CHAT, headers={"X-Fake-Cut-After": "1"})
+    events = await _events(resp)
+    assert events[-1].startswith(b"event: error\ndata: ")
+    assert b'"success":false' in events[-1]
+
+
+async def test_stream_without_done_but_complete_is_relayed_whole(fake, gateway):
+    # the Anthropic stream has no [DONE]: it ends with message_stop and a clean close
+    client, logs = await gateway(llm_config(fake.url))
+    resp = await client.post("/v1/messages", json={"model": "claude-test-1", "max_tokens": 5, "messages": [],
+                                                   "stream": True})
+    events = await _events(resp)
+    assert b"message_stop" in events[-1]
+    assert logs[-1]["outcome"] == "ok"
+
+
+async def test_non_sse_chunked_cut_is_not_made_to_look_complete(aiohttp_server, gateway):
+    from aiohttp import web
+
+    async def download(request):
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"part-1;")
+        await asyncio.sleep(0.05)
+        request.transport.abort()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/files/big", download)
+    server = await aiohttp_server(app)
+    client, logs = await gateway(f"targets:\n  files: {{base_url: '{server.make_url('')}'}}\n")
+    resp = await client.get("/t/files/files/big")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
