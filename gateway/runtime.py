@@ -15,7 +15,7 @@ from typing import Any
 from gateway.config import Config
 from gateway.logs import AccessLog, Scrubber
 from gateway.pipeline import Handler, build_pipeline
-from gateway.store import Store, open_store
+from gateway.store import Store, StoreError, open_store
 from gateway.targets import Router, Target
 
 log = logging.getLogger("reliapi")
@@ -43,6 +43,10 @@ class Runtime:
     async def start(self) -> None:
         for target in self.targets.values():
             await target.transport.start()
+        try:
+            await self.store.ping()
+        except StoreError as e:  # serve anyway: /readyz reports it, policies degrade per SPEC §8
+            log.warning("store %s is not answering: %s", self.store.url_for_display, e)
 
     async def close(self) -> None:
         for target in self.targets.values():

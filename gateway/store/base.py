@@ -1,0 +1,216 @@
+"""The store seam: the one async interface every piece of shared state goes through.
+
+Cache, idempotency (claim, fenced result write, coalescing), rate limit, circuit
+state, budgets and usage all talk to a ``Store``; ``open_store(url)`` picks the
+backend (``memory://`` for one process, ``redis://`` for many instances acting as
+one). The contract lives here and in ``tests/test_store_contract.py``, which runs
+against every backend; a policy never imports a backend.
+
+Keys and channels are passed un-prefixed; a backend namespaces them
+(``key_prefix + ":"`` on Redis). Failures of the backend surface as ``StoreError``
+only — a ``StoreUnavailable`` (503, retryable) — so policies can decide whether to
+degrade (cache, usage) or fail closed (idempotency, budgets) without knowing redis.
+
+Time is wall-clock seconds (``time.time()`` / Redis ``TIME``) wherever a ``now`` is
+accepted, so an injected clock and the Redis server clock mean the same thing.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import ClassVar
+
+import msgspec
+
+from gateway.errors import StoreUnavailable
+
+
+class StoreError(StoreUnavailable):
+    """The backend failed or is unreachable. The message never carries credentials."""
+
+
+class TakeResult(msgspec.Struct, frozen=True):
+    """Outcome of one GCRA ``Store.take`` (the redis-cell ``CL.THROTTLE`` reply).
+
+    - ``limit``: requests that fit in an empty bucket at once (``burst + 1``).
+    - ``remaining``: further requests of quantity 1 that would be allowed right now.
+    - ``retry_after_s``: 0.0 when allowed; when limited, seconds until the same request
+      would be allowed; ``math.inf`` when it never can be (quantity > limit).
+    - ``reset_after_s``: seconds until the bucket is completely full again.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_s: float
+    reset_after_s: float
+
+
+def gcra_params(rate_per_s: float, burst: int, quantity: int) -> tuple[float, float, float]:
+    """Validate a take and return (emission interval, delay tolerance, increment).
+
+    The same arithmetic runs in Python (memory) and Lua (Redis); only these
+    derived numbers cross into the backend.
+    """
+    if not rate_per_s > 0 or burst < 0 or quantity < 0:
+        raise ValueError(f"take needs rate_per_s > 0, burst >= 0, quantity >= 0; got {rate_per_s}, {burst}, {quantity}")
+    interval = 1.0 / rate_per_s
+    return interval, interval * (burst + 1), interval * quantity
+
+
+def gcra_result(allowed: bool, retry_after_s: float, ttl_s: float, interval: float, burst: int) -> TakeResult:
+    """Build the reply from the backend's raw (allowed, retry_after, ttl) triple.
+
+    ``retry_after_s < 0`` is the backend's "never satisfiable" marker (as in
+    redis-cell) and becomes ``math.inf``. The epsilon keeps float noise such as
+    3.9999999 from costing a whole request in ``remaining``.
+    """
+    limit = burst + 1
+    remaining = math.floor((interval * limit - ttl_s) / interval + 1e-9)
+    return TakeResult(
+        allowed=allowed,
+        limit=limit,
+        remaining=max(0, min(limit, remaining)),
+        retry_after_s=math.inf if retry_after_s < 0 else retry_after_s,
+        reset_after_s=max(0.0, ttl_s),
+    )
+
+
+class Subscription:
+    """Messages published on one channel after ``Store.subscribe`` returned.
+
+    Besides messages, a backend may deliver a ``StoreError`` (the connection carrying
+    the subscription broke) or ``None`` (it was re-established, messages may have been
+    lost), so a waiter reacts at once rather than at its timeout.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[bytes | StoreError | None] = asyncio.Queue()
+
+    def deliver(self, item: bytes | StoreError | None) -> None:
+        self._queue.put_nowait(item)
+
+    async def get(self, timeout_s: float) -> bytes | None:
+        """The next message; None after ``timeout_s``, or earlier when one may have been lost."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                item = await self._queue.get()
+        except TimeoutError:
+            return None
+        if isinstance(item, StoreError):
+            raise item
+        return item
+
+
+class Store(abc.ABC):
+    """A small async key-value store with the few atomic operations the policies need.
+
+    Every method may raise ``StoreError``. Values are bytes; counters are stored as
+    their decimal text (``get`` after ``incr`` returns e.g. ``b"3"``).
+    """
+
+    backend: ClassVar[str]  # "memory" or "redis", for /readyz and the status page
+
+    @property
+    @abc.abstractmethod
+    def url_for_display(self) -> str:
+        """The store URL with any password masked — safe for logs and pages."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        """Store ``value``; ``ttl_s=None`` means no expiry."""
+
+    @abc.abstractmethod
+    async def set_nx(self, key: str, value: bytes, ttl_s: float) -> bool:
+        """Atomic claim: True if the key was absent and now holds ``value``."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+        """Delete only if the current value is ``expected`` (lock release by its token holder)."""
+
+    @abc.abstractmethod
+    async def compare_and_set(self, key: str, expected: bytes, value: bytes, ttl_s: float | None) -> bool:
+        """Replace only if the current value is ``expected`` (a fenced write by the
+        token holder); ``ttl_s`` applies to the new value as in ``set``."""
+
+    @abc.abstractmethod
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        """Add to an integer counter; ``ttl_s`` is set when the counter has no expiry
+        yet (normally at its first increment), so a window counts from its first use."""
+
+    @abc.abstractmethod
+    async def incr_float(self, key: str, amount: float, ttl_s: float | None = None) -> float:
+        """As ``incr`` for a float counter (spend in USD)."""
+
+    @abc.abstractmethod
+    async def hincr(self, key: str, field: str, amount: float, ttl_s: float | None = None) -> float:
+        """Add to one float field of a hash (usage rows); ``ttl_s`` as in ``incr``."""
+
+    @abc.abstractmethod
+    async def hgetall(self, key: str) -> dict[str, float]:
+        """All fields of a ``hincr`` hash; empty when the key is absent."""
+
+    @abc.abstractmethod
+    async def take(
+        self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None
+    ) -> TakeResult:
+        """GCRA rate limit, exactly redis-cell's ``CL.THROTTLE key burst rate 1 quantity``.
+
+        ``burst`` is redis-cell's ``max_burst`` (nginx ``limit_req burst=``): how many
+        requests beyond the steady one may arrive at once, so an idle key admits
+        ``burst + 1`` requests immediately and then one every ``1 / rate_per_s`` s.
+        With ``burst=4, rate_per_s=1``: five requests at t0 are allowed with remaining
+        4..0, the sixth waits 1 s, and a quantity of 6 is never allowed
+        (``retry_after_s == math.inf``). ``quantity=0`` only peeks and writes nothing.
+
+        ``now`` (wall-clock seconds) is for tests; by default the backend's own clock
+        decides — the Redis server's, so every instance agrees. Do not mix injected
+        and real time on one key.
+        """
+
+    @abc.abstractmethod
+    def scan_prefix(self, prefix: str) -> AsyncIterator[str]:
+        """Un-prefixed keys starting with ``prefix``, in no particular order."""
+
+    @abc.abstractmethod
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key starting with ``prefix``; returns how many were deleted."""
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, message: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
+        """Listen on ``channel``. Messages published after entry are delivered, so
+
+            async with store.subscribe(ch) as sub:
+                if (done := await store.get(key)) is None:
+                    done = await sub.get(timeout_s)
+
+        cannot miss a publish that lands between the check and the wait. ``None`` means
+        "nothing seen — re-check the key", like a condition variable's wakeup: it comes
+        at the timeout, or early when a reconnect may have lost messages. So waiters
+        loop (check key, wait for the rest of their deadline) until their own deadline.
+        """
+
+    async def wait(self, channel: str, timeout_s: float) -> bytes | None:
+        """Subscribe, wait for one message, unsubscribe; None on timeout."""
+        async with self.subscribe(channel) as sub:
+            return await sub.get(timeout_s)
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return when the backend answers; raise ``StoreError`` otherwise."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...

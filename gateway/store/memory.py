@@ -1,0 +1,202 @@
+"""In-process store (``memory://``): the default for a single gateway process.
+
+Every operation runs to completion without awaiting, so each is atomic with respect
+to other tasks — the property the Redis backend buys with Lua scripts. State is
+per process: with ``--workers N`` each worker limits, caches and counts on its own.
+
+Expiry is lazy (an expired entry vanishes when touched) plus a bounded sweep: every
+write pops at most ``_SWEEP_BATCH`` due deadlines from a heap, so keys nobody reads
+again (old cache entries, idle rate-limit buckets) are still freed at O(log n) cost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from gateway.store.base import Store, StoreError, Subscription, TakeResult, gcra_params, gcra_result
+
+_SWEEP_BATCH = 64
+
+Value = bytes | dict[str, float]
+
+
+class MemoryStore(Store):
+    """A dict with deadlines. ``clock`` is wall time (``time.time``) so that TTLs and
+    ``take(now=...)`` mean what they mean on Redis; tests pass a fake clock."""
+
+    backend = "memory"
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._data: dict[str, tuple[Value, float | None]] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._channels: dict[str, set[Subscription]] = {}
+
+    @property
+    def url_for_display(self) -> str:
+        return "memory://"
+
+    # -- internals -------------------------------------------------------------
+
+    def _live(self, key: str) -> tuple[Value, float | None] | None:
+        entry = self._data.get(key)
+        if entry is not None and entry[1] is not None and entry[1] <= self._clock():
+            del self._data[key]
+            return None
+        return entry
+
+    def _typed(self, key: str, kind: type) -> tuple[Value, float | None] | None:
+        entry = self._live(key)
+        if entry is not None and not isinstance(entry[0], kind):
+            raise StoreError(f"WRONGTYPE: key {key!r} holds another kind of value")
+        return entry
+
+    def _deadline(self, ttl_s: float | None) -> float | None:
+        return None if ttl_s is None else self._clock() + ttl_s
+
+    def _put(self, key: str, value: Value, expires_at: float | None) -> None:
+        old = self._data.get(key)
+        self._data[key] = (value, expires_at)
+        if expires_at is not None and (old is None or old[1] != expires_at):
+            heapq.heappush(self._deadlines, (expires_at, key))
+        self._sweep()
+
+    def _sweep(self) -> None:
+        now, heap = self._clock(), self._deadlines
+        for _ in range(_SWEEP_BATCH):
+            if not heap or heap[0][0] > now:
+                break
+            at, key = heapq.heappop(heap)
+            entry = self._data.get(key)
+            if entry is not None and entry[1] == at:  # not re-set with a later deadline since
+                del self._data[key]
+        # Rewritten keys leave superseded deadlines behind; rebuild before they dominate.
+        if len(heap) > 2 * len(self._data) + 1024:
+            self._deadlines = [(e[1], k) for k, e in self._data.items() if e[1] is not None]
+            heapq.heapify(self._deadlines)
+
+    def _add(self, key: str, amount: int | float, ttl_s: float | None, parse: type) -> int | float:
+        entry = self._typed(key, bytes)
+        current, expires_at = (b"0", None) if entry is None else entry
+        try:
+            total = parse(current) + amount
+        except ValueError as exc:
+            raise StoreError(f"value at {key!r} is not a number") from exc
+        if expires_at is None and ttl_s is not None:
+            expires_at = self._deadline(ttl_s)
+        self._put(key, str(total).encode(), expires_at)
+        return total
+
+    # -- key/value -------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._typed(key, bytes)
+        return None if entry is None else entry[0]
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self._put(key, value, self._deadline(ttl_s))
+
+    async def set_nx(self, key: str, value: bytes, ttl_s: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        self._put(key, value, self._deadline(ttl_s))
+        return True
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+        entry = self._typed(key, bytes)
+        if entry is None or entry[0] != expected:
+            return False
+        del self._data[key]
+        return True
+
+    async def compare_and_set(self, key: str, expected: bytes, value: bytes, ttl_s: float | None) -> bool:
+        entry = self._typed(key, bytes)
+        if entry is None or entry[0] != expected:
+            return False
+        self._put(key, value, self._deadline(ttl_s))
+        return True
+
+    # -- counters --------------------------------------------------------------
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        return int(self._add(key, amount, ttl_s, int))
+
+    async def incr_float(self, key: str, amount: float, ttl_s: float | None = None) -> float:
+        return float(self._add(key, amount, ttl_s, float))
+
+    async def hincr(self, key: str, field: str, amount: float, ttl_s: float | None = None) -> float:
+        entry = self._typed(key, dict)
+        fields, expires_at = ({}, None) if entry is None else entry
+        fields[field] = fields.get(field, 0.0) + amount  # type: ignore[union-attr,index]
+        if expires_at is None and ttl_s is not None:
+            expires_at = self._deadline(ttl_s)
+        self._put(key, fields, expires_at)
+        return fields[field]
+
+    async def hgetall(self, key: str) -> dict[str, float]:
+        entry = self._typed(key, dict)
+        return {} if entry is None else dict(entry[0])  # type: ignore[arg-type]
+
+    async def take(
+        self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None
+    ) -> TakeResult:
+        interval, tolerance, increment = gcra_params(rate_per_s, burst, quantity)
+        now = self._clock() if now is None else now
+        entry = self._typed(key, bytes)
+        tat = max(float(entry[0]) if entry else now, now)  # type: ignore[arg-type]
+        new_tat = tat + increment
+        allow_at = new_tat - tolerance
+        if now < allow_at:
+            retry_after = allow_at - now if increment <= tolerance else -1.0
+            return gcra_result(False, retry_after, tat - now, interval, burst)
+        if quantity:
+            # The deadline is relative to the store clock, like PX on the Redis server,
+            # so an injected ``now`` in another timebase still expires correctly.
+            self._put(key, repr(new_tat).encode(), self._deadline(new_tat - now))
+        return gcra_result(True, 0.0, new_tat - now, interval, burst)
+
+    # -- prefixes --------------------------------------------------------------
+
+    async def scan_prefix(self, prefix: str) -> AsyncIterator[str]:
+        for key in [k for k in self._data if k.startswith(prefix)]:
+            if self._live(key) is not None:
+                yield key
+
+    async def delete_prefix(self, prefix: str) -> int:
+        candidates = [k for k in self._data if k.startswith(prefix)]
+        doomed = [k for k in candidates if self._live(k) is not None]  # _live drops the expired
+        for key in doomed:
+            del self._data[key]
+        return len(doomed)
+
+    # -- notification ----------------------------------------------------------
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        for sub in self._channels.get(channel, ()):
+            sub.deliver(message)
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[Subscription]:
+        sub = Subscription()
+        subs = self._channels.setdefault(channel, set())
+        subs.add(sub)
+        try:
+            yield sub
+        finally:
+            subs.discard(sub)
+            if not subs:
+                del self._channels[channel]
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Always reachable."""
+
+    async def close(self) -> None:
+        """Nothing to release: the dict dies with the store."""

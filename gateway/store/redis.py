@@ -1,0 +1,247 @@
+"""Redis store (``redis://``, ``rediss://``, ``unix://``): state shared by many gateway instances.
+
+Every compound operation is one Lua script (registered once, sent by SHA), so it is
+atomic across instances; GCRA reads the server clock (``TIME``) so instances with
+skewed clocks still agree. Every redis/socket exception is translated to
+``StoreError`` in ``_wrap_errors`` — policies never see redis types — and messages
+are scrubbed of the URL's password.
+
+Timeouts are short on purpose: a request must not hang on a dead Redis. One connect
+attempt plus one retry gives a quick ``StoreError`` (SPEC §8 "Redis down").
+
+Pub/sub (completion notifications for coalescing) lives in ``redis_pubsub.ChannelHub``:
+one connection per store, however many waiters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager, suppress
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from gateway.store.base import Store, StoreError, Subscription, TakeResult, gcra_params, gcra_result
+from gateway.store.redis_pubsub import ChannelHub
+
+_CONNECT_TIMEOUT_S = 1.0
+_SOCKET_TIMEOUT_S = 2.0
+_HEALTH_CHECK_S = 15  # PING an idle pooled/pub-sub connection before trusting it again
+
+_COMPARE_AND_DELETE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_COMPARE_AND_SET = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
+else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
+
+# ARGV: command (INCRBY | INCRBYFLOAT | HINCRBYFLOAT), ttl ms or '', command arguments.
+# The TTL goes on when the key has none yet, i.e. at the first increment of a window.
+_COUNTER = """
+local v = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3))
+if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return v
+"""
+
+# GCRA as in redis-cell. ARGV: delay tolerance, increment (seconds), now or '' for TIME.
+# Returns {allowed, retry_after (-1 = never), ttl}; floats as %.17g strings because a
+# Lua number returned to Redis is truncated to an integer.
+_GCRA = """
+local tolerance, increment = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local tat = math.max(tonumber(redis.call('GET', KEYS[1])) or now, now)
+local new_tat = tat + increment
+local allow_at = new_tat - tolerance
+local function f(x) return string.format('%.17g', x) end
+if now < allow_at then
+  local retry = -1
+  if increment <= tolerance then retry = allow_at - now end
+  return {0, f(retry), f(tat - now)}
+end
+if increment > 0 then
+  redis.call('SET', KEYS[1], f(new_tat), 'PX', math.ceil((new_tat - now) * 1000))
+end
+return {1, '0', f(new_tat - now)}
+"""
+
+
+def _ms(ttl_s: float) -> int:
+    return max(1, math.ceil(ttl_s * 1000))
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+def _url_secrets(url: str) -> tuple[str, list[str]]:
+    """The URL with passwords (userinfo and ``?password=``) masked, and the secrets themselves."""
+    parts = urlsplit(url)
+    secrets = [p for p in (parts.password, *(v for k, v in parse_qsl(parts.query) if k == "password")) if p]
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="*")
+    shown = parts._replace(netloc=netloc, query=query).geturl()
+    return shown, [s for secret in secrets for s in {secret, unquote(secret)}]
+
+
+class RedisStore(Store):
+    """``Store`` on a redis.asyncio connection pool. Keys and channels are namespaced
+    ``key_prefix:``; construction does not connect — ``ping()`` does."""
+
+    backend = "redis"
+
+    def __init__(self, url: str, *, key_prefix: str) -> None:
+        self._display, self._secrets = _url_secrets(url)
+        self._prefix = key_prefix + ":"
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=_CONNECT_TIMEOUT_S,
+            socket_timeout=_SOCKET_TIMEOUT_S,
+            health_check_interval=_HEALTH_CHECK_S,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1),
+        )
+        self._cad = self._client.register_script(_COMPARE_AND_DELETE)
+        self._cas = self._client.register_script(_COMPARE_AND_SET)
+        self._counter = self._client.register_script(_COUNTER)
+        self._gcra = self._client.register_script(_GCRA)
+        self._hub = ChannelHub(self._client, anchor=self._prefix + "__store_anchor__", error=self._error)
+
+    @property
+    def url_for_display(self) -> str:
+        return self._display
+
+    def _k(self, key: str) -> str:
+        return self._prefix + key
+
+    def _error(self, op: str, exc: BaseException) -> StoreError:
+        text = f"redis {op} failed: {type(exc).__name__}: {exc}"
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return StoreError(text)
+
+    @contextmanager
+    def _wrap_errors(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:  # OSError covers socket errors and TimeoutError
+            raise self._error(op, exc) from exc
+
+    # -- key/value -------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        with self._wrap_errors("get"):
+            return await self._client.get(self._k(key))
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        with self._wrap_errors("set"):
+            await self._client.set(self._k(key), value, px=None if ttl_s is None else _ms(ttl_s))
+
+    async def set_nx(self, key: str, value: bytes, ttl_s: float) -> bool:
+        with self._wrap_errors("set_nx"):
+            return bool(await self._client.set(self._k(key), value, px=_ms(ttl_s), nx=True))
+
+    async def delete(self, key: str) -> None:
+        with self._wrap_errors("delete"):
+            await self._client.delete(self._k(key))
+
+    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+        with self._wrap_errors("compare_and_delete"):
+            return bool(await self._cad(keys=[self._k(key)], args=[expected]))
+
+    async def compare_and_set(self, key: str, expected: bytes, value: bytes, ttl_s: float | None) -> bool:
+        ttl = "" if ttl_s is None else _ms(ttl_s)
+        with self._wrap_errors("compare_and_set"):
+            return bool(await self._cas(keys=[self._k(key)], args=[expected, value, ttl]))
+
+    # -- counters --------------------------------------------------------------
+
+    async def _count(self, key: str, command: str, ttl_s: float | None, *args: str | float) -> bytes | int:
+        ttl = "" if ttl_s is None else _ms(ttl_s)
+        with self._wrap_errors(command.lower()):
+            return await self._counter(keys=[self._k(key)], args=[command, ttl, *args])
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        return int(await self._count(key, "INCRBY", ttl_s, amount))
+
+    async def incr_float(self, key: str, amount: float, ttl_s: float | None = None) -> float:
+        return float(await self._count(key, "INCRBYFLOAT", ttl_s, amount))
+
+    async def hincr(self, key: str, field: str, amount: float, ttl_s: float | None = None) -> float:
+        return float(await self._count(key, "HINCRBYFLOAT", ttl_s, field, amount))
+
+    async def hgetall(self, key: str) -> dict[str, float]:
+        with self._wrap_errors("hgetall"):
+            raw = await self._client.hgetall(self._k(key))
+        return {field.decode(): float(value) for field, value in raw.items()}
+
+    async def take(
+        self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None
+    ) -> TakeResult:
+        interval, tolerance, increment = gcra_params(rate_per_s, burst, quantity)
+        with self._wrap_errors("take"):
+            allowed, retry, ttl = await self._gcra(
+                keys=[self._k(key)], args=[tolerance, increment, "" if now is None else now]
+            )
+        return gcra_result(bool(allowed), float(retry), float(ttl), interval, burst)
+
+    # -- prefixes --------------------------------------------------------------
+
+    async def _scan_pages(self, prefix: str) -> AsyncIterator[list[bytes]]:
+        pattern, cursor = _glob_escape(self._k(prefix)) + "*", 0
+        while True:
+            with self._wrap_errors("scan"):
+                cursor, keys = await self._client.scan(cursor, match=pattern, count=500)
+            yield keys
+            if cursor == 0:
+                return
+
+    async def scan_prefix(self, prefix: str) -> AsyncIterator[str]:
+        async for page in self._scan_pages(prefix):
+            for key in page:
+                yield key.decode()[len(self._prefix) :]
+
+    async def delete_prefix(self, prefix: str) -> int:
+        deleted = 0
+        async for page in self._scan_pages(prefix):
+            if page:
+                with self._wrap_errors("delete_prefix"):
+                    deleted += await self._client.unlink(*page)
+        return deleted
+
+    # -- notification ----------------------------------------------------------
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        with self._wrap_errors("publish"):
+            await self._client.publish(self._k(channel), message)
+
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
+        return self._hub.subscribe(self._k(channel))
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def ping(self) -> None:
+        with self._wrap_errors("ping"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        await self._hub.close()
+        with suppress(RedisError, OSError):
+            await self._client.aclose()

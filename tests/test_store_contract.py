@@ -1,0 +1,406 @@
+"""The store contract: one suite, run against every backend (memory and Redis).
+
+Expects ``asyncio_mode = auto`` (setup.cfg); run alone with
+``pytest -o asyncio_mode=auto tests/test_store_contract.py``.
+
+Redis comes from ``REDIS_URL`` (default redis://127.0.0.1:6379/0). When it does not
+answer, the Redis cases skip with the reason — or fail when ``RELIAPI_REQUIRE_REDIS=1``
+(CI). Each test works under its own random key prefix and deletes it afterwards.
+Time: the memory store runs on a fake clock; Redis expires keys on its own clock,
+so TTL cases sleep a few hundred ms there, and GCRA cases inject ``now``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+import uuid
+
+import pytest
+import pytest_asyncio
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from gateway.errors import StoreUnavailable
+from gateway.store import Store, StoreError, TakeResult, open_store
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+_redis_down: dict[str, str] = {}  # url -> reason, so an absent Redis is probed once
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("RELIAPI_REQUIRE_REDIS") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+async def _redis_store(prefix: str) -> RedisStore:
+    if REDIS_URL in _redis_down:
+        _unavailable(_redis_down[REDIS_URL])
+    store = RedisStore(REDIS_URL, key_prefix=prefix)
+    try:
+        await store.ping()
+    except StoreError as exc:
+        await store.close()
+        _redis_down[REDIS_URL] = f"Redis not reachable at {store.url_for_display}: {exc}"
+        _unavailable(_redis_down[REDIS_URL])
+    return store
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "test:" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest_asyncio.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, prefix: str, clock: FakeClock):
+    s: Store = MemoryStore(clock=clock) if request.param == "memory" else await _redis_store(prefix)
+    yield s
+    await s.delete_prefix("")
+    await s.close()
+
+
+@pytest.fixture
+def advance(store: Store, clock: FakeClock):
+    """Let ``seconds`` pass for the store: move the fake clock, or really wait for Redis."""
+
+    async def advance(seconds: float) -> None:
+        if store.backend == "memory":
+            clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
+
+    return advance
+
+
+async def keys(store: Store, prefix: str = "") -> list[str]:
+    return sorted([k async for k in store.scan_prefix(prefix)])
+
+
+# -- key/value -----------------------------------------------------------------
+
+
+async def test_get_set_delete(store: Store) -> None:
+    assert await store.get("missing") is None
+    await store.set("k", b"\x00binary\xff")
+    assert await store.get("k") == b"\x00binary\xff"
+    await store.set("k", b"v2")
+    assert await store.get("k") == b"v2"
+    await store.delete("k")
+    await store.delete("k")  # deleting an absent key is fine
+    assert await store.get("k") is None
+
+
+async def test_ttl_expires_and_none_means_forever(store: Store, advance) -> None:
+    await store.set("short", b"x", ttl_s=0.2)
+    await store.set("forever", b"y")
+    assert await store.get("short") == b"x"
+    await advance(0.35)
+    assert await store.get("short") is None
+    assert await store.get("forever") == b"y"
+    assert await keys(store) == ["forever"]
+
+
+async def test_set_nx_one_winner_among_100_concurrent_claims(store: Store) -> None:
+    results = await asyncio.gather(*(store.set_nx("lock", f"t{i}".encode(), ttl_s=5) for i in range(100)))
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert await store.get("lock") == f"t{winner}".encode()
+
+
+async def test_set_nx_claim_frees_after_its_ttl(store: Store, advance) -> None:
+    assert await store.set_nx("lock", b"old", ttl_s=0.2)
+    assert not await store.set_nx("lock", b"new", ttl_s=0.2)
+    await advance(0.35)
+    assert await store.set_nx("lock", b"new", ttl_s=5)  # takeover of a dead holder's lock
+
+
+async def test_compare_and_delete_only_with_the_right_token(store: Store) -> None:
+    await store.set("lock", b"mine")
+    assert not await store.compare_and_delete("lock", b"theirs")
+    assert await store.get("lock") == b"mine"
+    assert await store.compare_and_delete("lock", b"mine")
+    assert await store.get("lock") is None
+    assert not await store.compare_and_delete("lock", b"mine")
+
+
+async def test_compare_and_set_is_a_fenced_write(store: Store, advance) -> None:
+    await store.set("idem", b"token-1", ttl_s=5)
+    assert not await store.compare_and_set("idem", b"token-0", b"stale result", ttl_s=60)
+    assert await store.get("idem") == b"token-1"
+    assert await store.compare_and_set("idem", b"token-1", b"result", ttl_s=0.2)
+    assert await store.get("idem") == b"result"
+    assert not await store.compare_and_set("absent", b"token-1", b"x", ttl_s=None)
+    assert await store.get("absent") is None
+    await advance(0.35)
+    assert await store.get("idem") is None  # the new value got the new TTL
+
+
+# -- counters ------------------------------------------------------------------
+
+
+async def test_incr_counts_atomically(store: Store) -> None:
+    assert await store.incr("n") == 1
+    assert await store.incr("n", 5) == 6
+    assert await store.incr("n", -2) == 4
+    assert await store.get("n") == b"4"
+    await asyncio.gather(*(store.incr("c") for _ in range(50)))
+    assert await store.incr("c", 0) == 50
+
+
+async def test_counter_ttl_counts_from_first_increment(store: Store, advance) -> None:
+    await store.incr("window", ttl_s=0.3)
+    await store.incr_float("spend", 0.5, ttl_s=0.3)
+    await store.hincr("usage", "requests", 1, ttl_s=0.3)
+    await advance(0.2)
+    assert await store.incr("window", ttl_s=0.3) == 2  # must not extend the window
+    await store.incr_float("spend", 0.5, ttl_s=0.3)
+    await store.hincr("usage", "requests", 1, ttl_s=0.3)
+    await advance(0.2)
+    assert await store.get("window") is None
+    assert await store.get("spend") is None
+    assert await store.hgetall("usage") == {}
+    assert await store.incr("window") == 1
+
+
+async def test_incr_float_and_usage_hashes(store: Store) -> None:
+    assert await store.incr_float("spend", 0.25) == pytest.approx(0.25)
+    assert await store.incr_float("spend", 1.5) == pytest.approx(1.75)
+    assert await store.hgetall("usage") == {}
+    await asyncio.gather(*(store.hincr("usage", "requests", 1) for _ in range(20)))
+    assert await store.hincr("usage", "cost_usd", 0.001) == pytest.approx(0.001)
+    assert await store.hincr("usage", "cost_usd", 0.002) == pytest.approx(0.003)
+    assert await store.hgetall("usage") == pytest.approx({"requests": 20.0, "cost_usd": 0.003})
+
+
+# -- GCRA ----------------------------------------------------------------------
+
+
+async def test_gcra_redis_cell_table(store: Store) -> None:
+    """TC31: burst 4, rate 1/s — five at t0 (remaining 4..0), the sixth waits 1 s,
+    t0+3 s is allowed with remaining 2, a quantity of 6 never fits."""
+    t0 = 1_700_000_000.0
+
+    async def take(at: float, quantity: int = 1) -> TakeResult:
+        return await store.take("tenant:t1", rate_per_s=1, burst=4, quantity=quantity, now=at)
+
+    for expected in [4, 3, 2, 1, 0]:
+        result = await take(t0)
+        assert (result.allowed, result.limit, result.remaining, result.retry_after_s) == (True, 5, expected, 0.0)
+    sixth = await take(t0)
+    assert not sixth.allowed and sixth.remaining == 0
+    assert sixth.retry_after_s == pytest.approx(1.0) and math.ceil(sixth.retry_after_s) == 1
+    assert sixth.reset_after_s == pytest.approx(5.0)
+    later = await take(t0 + 3)
+    assert later.allowed and later.remaining == 2 and later.reset_after_s == pytest.approx(3.0)
+    too_big = await take(t0 + 3, quantity=6)
+    assert not too_big.allowed and too_big.retry_after_s == math.inf
+    assert not (await store.take("fresh", rate_per_s=1, burst=4, quantity=6, now=t0)).allowed
+
+
+async def test_gcra_refills_at_the_rate_and_peeks(store: Store) -> None:
+    t0 = 1_700_000_000.0
+    rpm = dict(rate_per_s=60 / 60, burst=0)  # 60 rpm without burst: one per second
+    assert (await store.take("k", **rpm, now=t0)).allowed
+    denied = await store.take("k", **rpm, now=t0 + 0.25)
+    assert not denied.allowed and denied.retry_after_s == pytest.approx(0.75)
+    peek = await store.take("k", **rpm, quantity=0, now=t0 + 1)
+    assert peek.allowed and peek.remaining == 1
+    assert (await store.take("k", **rpm, now=t0 + 1)).allowed
+    assert (await store.take("other", **rpm, now=t0 + 1)).allowed  # keys are independent
+
+
+async def test_gcra_is_atomic_under_concurrency(store: Store) -> None:
+    results = await asyncio.gather(
+        *(store.take("k", rate_per_s=1, burst=4, now=1_700_000_000.0) for _ in range(30))
+    )
+    assert sum(r.allowed for r in results) == 5
+
+
+async def test_gcra_on_the_store_clock(store: Store) -> None:
+    first = await store.take("k", rate_per_s=0.5, burst=1)
+    second = await store.take("k", rate_per_s=0.5, burst=1)
+    third = await store.take("k", rate_per_s=0.5, burst=1)
+    assert (first.allowed, second.allowed, third.allowed) == (True, True, False)
+    assert 1.5 < third.retry_after_s <= 2.0
+
+
+async def test_gcra_rejects_nonsense_parameters(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.take("k", rate_per_s=0, burst=1)
+    with pytest.raises(ValueError):
+        await store.take("k", rate_per_s=1, burst=-1)
+
+
+# -- notification --------------------------------------------------------------
+
+
+async def test_subscriber_gets_a_publish_made_right_after_subscribing(store: Store) -> None:
+    async with store.subscribe("done:a") as sub:
+        await store.publish("done:a", b"result-key")
+        assert await sub.get(timeout_s=2) == b"result-key"
+
+
+async def test_wait_times_out_with_none(store: Store) -> None:
+    started = time.monotonic()
+    assert await store.wait("done:never", timeout_s=0.1) is None
+    assert time.monotonic() - started < 1
+
+
+async def test_every_waiter_gets_the_message_and_only_its_channel(store: Store) -> None:
+    async with store.subscribe("done:a") as one, store.subscribe("done:a") as two:
+        async with store.subscribe("done:b") as other:
+            await store.publish("done:a", b"A")
+            assert await one.get(2) == b"A"
+            assert await two.get(2) == b"A"
+            assert await other.get(0.1) is None
+
+
+async def test_wait_is_woken_by_a_later_publish(store: Store) -> None:
+    waiter = asyncio.create_task(store.wait("done:x", timeout_s=2))
+    for _ in range(50):  # publish only once the waiter is subscribed, or it is lost
+        await store.publish("done:x", b"hello")
+        await asyncio.sleep(0.02)
+        if waiter.done():
+            break
+    assert await waiter == b"hello"
+
+
+async def test_resubscribing_after_unsubscribe_still_receives(store: Store) -> None:
+    for i in range(3):
+        async with store.subscribe("done:again") as sub:
+            await store.publish("done:again", f"m{i}".encode())
+            assert await sub.get(2) == f"m{i}".encode()
+
+
+# -- prefixes and health -------------------------------------------------------
+
+
+async def test_scan_and_delete_by_prefix(store: Store) -> None:
+    for key in ["cache:t1:a", "cache:t1:b", "cache:t2:a", "idem:x", "cache*weird"]:
+        await store.set(key, b"v")
+    assert await keys(store, "cache:t1:") == ["cache:t1:a", "cache:t1:b"]
+    assert await keys(store, "cache*") == ["cache*weird"]  # glob characters are literal
+    assert await store.delete_prefix("cache:") == 3
+    assert await keys(store) == ["cache*weird", "idem:x"]
+    assert await store.delete_prefix("nothing:") == 0
+
+
+async def test_ping_and_identity(store: Store) -> None:
+    await store.ping()
+    assert store.backend in ("memory", "redis")
+    assert store.url_for_display.startswith(("memory://", "redis://", "rediss://", "unix://"))
+
+
+# -- URL dispatch and failures ---------------------------------------------------
+
+
+async def test_open_store_picks_the_backend_by_scheme() -> None:
+    memory = open_store("memory://")
+    assert isinstance(memory, MemoryStore) and memory.backend == "memory"
+    for url in ["redis://localhost:6379/0", "rediss://h:6380/1", "unix:///tmp/redis.sock"]:
+        redis_store = open_store(url, key_prefix="x")
+        assert isinstance(redis_store, RedisStore) and redis_store.backend == "redis"
+        await redis_store.close()
+    with pytest.raises(ValueError, match="memory://, redis://"):
+        open_store("http://localhost:6379")
+
+
+async def test_display_url_masks_passwords() -> None:
+    store = RedisStore("redis://user:s3cr%40t@db.example:6379/0?password=other", key_prefix="x")
+    assert store.url_for_display == "redis://user:***@db.example:6379/0?password=***"
+    await store.close()
+
+
+async def test_unreachable_redis_raises_store_error_fast_without_password() -> None:
+    store = open_store("redis://:secret@127.0.0.1:1/0", key_prefix="x")
+    for operation in (store.ping, lambda: store.get("k"), lambda: store.wait("ch", 1)):
+        started = time.monotonic()
+        with pytest.raises(StoreError) as info:
+            await operation()
+        assert time.monotonic() - started < 2.5
+        assert isinstance(info.value, StoreUnavailable) and info.value.status == 503
+        assert "secret" not in str(info.value)
+    await store.close()
+
+
+async def test_redis_errors_are_translated_and_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = RedisStore("redis://:hunter2@127.0.0.1:6379/0", key_prefix="x")
+
+    async def failing_get(key: str) -> None:
+        raise AuthenticationError("server said: hunter2 is wrong")
+
+    monkeypatch.setattr(store._client, "get", failing_get)
+    with pytest.raises(StoreError, match=r"redis get failed: AuthenticationError: server said: \*\*\* is wrong"):
+        await store.get("k")
+    await store.close()
+
+
+# -- Redis only: many instances, a broken pub/sub connection ----------------------
+
+
+@pytest_asyncio.fixture
+async def two_instances(prefix: str):
+    a, b = await _redis_store(prefix), await _redis_store(prefix)
+    yield a, b
+    await a.delete_prefix("")
+    await a.close()
+    await b.close()
+
+
+async def test_two_instances_share_state_and_notifications(two_instances) -> None:
+    a, b = two_instances
+    await a.set("k", b"from a")
+    assert await b.get("k") == b"from a"
+    claims = await asyncio.gather(*(s.set_nx("lock", b"token", ttl_s=5) for s in (a, b) * 10))
+    assert claims.count(True) == 1
+    allowed = [await s.take("rl", rate_per_s=1, burst=1, now=1_700_000_000.0) for s in (a, b, a)]
+    assert [r.allowed for r in allowed] == [True, True, False]
+    async with a.subscribe("done:k") as sub:
+        await b.publish("done:k", b"ready")
+        assert await sub.get(2) == b"ready"
+
+
+async def test_waiter_is_woken_when_pubsub_reconnects(two_instances) -> None:
+    a, admin = two_instances
+    async with a.subscribe("done:k") as sub:
+        host, port = a._hub._pubsub.connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
+        await admin._client.client_kill(f"{host}:{port}")
+        started = time.monotonic()
+        assert await sub.get(5) is None  # re-check the key: a publish may have been lost
+        assert time.monotonic() - started < 2
+        await admin.publish("done:k", b"again")  # and the subscription survived the reconnect
+        assert await sub.get(2) == b"again"
+
+
+async def test_waiter_fails_fast_when_pubsub_connection_breaks(two_instances, monkeypatch) -> None:
+    a, admin = two_instances
+    async with a.subscribe("done:k") as sub:
+        pubsub, read = a._hub._pubsub, a._hub._pubsub.get_message  # type: ignore[union-attr]
+
+        async def broken(**kwargs):
+            monkeypatch.setattr(pubsub, "get_message", read)
+            raise RedisConnectionError("Connection reset by peer")
+
+        monkeypatch.setattr(pubsub, "get_message", broken)
+        await admin.publish("done:k", b"wake the reader")  # its next read is the broken one
+        assert await sub.get(2) == b"wake the reader"
+        with pytest.raises(StoreError, match="pub/sub"):
+            await sub.get(3)
