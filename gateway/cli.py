@@ -59,6 +59,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
     server, store = config.server, config.store
     host = args.host or os.environ.get("RELIAPI_HOST") or server.host
     port = args.port if args.port is not None else _env_int("RELIAPI_PORT", server.port)
+    if not 0 <= port <= 65535:  # the file's port is range-checked by the Struct; flags and env are not
+        name, origin = ("--port", "command line") if args.port is not None else ("RELIAPI_PORT", "environment")
+        raise ConfigError([f"{name}: expected a port number 0-65535, got {port}"], source=origin)
     url = args.redis_url or os.environ.get("REDIS_URL") or store.url
     config = msgspec.structs.replace(
         config,

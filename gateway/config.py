@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -260,19 +261,27 @@ def parse_config(text: str, *, source: str = "config", env: typing.Mapping[str, 
     try:
         raw = yaml.load(text, Loader=_StrKeyLoader)
     except yaml.YAMLError as e:
-        raise ConfigError([f"invalid YAML: {e}"], source=source) from None
+        raise ConfigError([_yaml_message(e)], source=source) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"(top level): expected a mapping, got {_kind(raw)}"], source=source)
     errors: list[str] = []
-    raw = _expand_env(raw, "", env, errors)
+    env_text: dict[str, str] = {}  # path → expanded text of a ${VAR} value re-read as a number/bool
+    unset: set[str] = set()  # paths whose ${VAR} is unset (already reported; don't also report "got str")
+    raw = _expand_env(raw, "", env, errors, env_text, unset)
     raw = config_compat.normalize(raw, errors)
-    if not errors:
-        _check(raw, Config, "", errors)
+    _fill_retry_defaults(raw)
+    check_errors: list[str] = []
+    raw = _check(raw, Config, "", check_errors, env_text)
+    errors.extend(e for e in check_errors if e.split(": ", 1)[0] not in unset)
     if errors:
         raise ConfigError(errors, source=source)
-    config = msgspec.convert(raw, Config, strict=True)
+    try:
+        config = msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as e:  # a safety net: _check should have caught it with a better message
+        where = str(e).partition(" - at `$")[2].rstrip("`").lstrip(".")
+        raise ConfigError([f"{where or '(top level)'}: {_msgspec_message(e)}"], source=source) from None
     config = _resolve(config)
     errors = _cross_check(config)
     if errors:
@@ -280,19 +289,47 @@ def parse_config(text: str, *, source: str = "config", env: typing.Mapping[str, 
     return config
 
 
+def _yaml_message(e: yaml.YAMLError) -> str:
+    """One line: where the YAML broke and why (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return f"invalid YAML: {' '.join(str(e).split())}"
+    text = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at line {context_mark.line + 1}" if context_mark is not None else "") + ")"
+    return text
+
+
 class _StrKeyLoader(yaml.SafeLoader):
     """SafeLoader whose mapping keys are always strings (``429:`` == ``"429":``)."""
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    # A key written twice in one mapping (e.g. two `targets:` blocks) would silently drop the
+    # first one; YAML forbids it, so it is an error. Keys pulled in by a `<<:` merge may be
+    # overridden, so only the mapping's own keys are compared.
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = _key_str(loader.construct_object(key_node, deep=True))
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
     loader.flatten_mapping(node)
     out: dict[str, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        out["" if key is None else str(key).lower() if isinstance(key, bool) else str(key)] = (
-            loader.construct_object(value_node, deep=True)
-        )
+        out[_key_str(key)] = loader.construct_object(value_node, deep=True)
     return out
+
+
+def _key_str(key: Any) -> str:
+    return "" if key is None else str(key).lower() if isinstance(key, bool) else str(key)
 
 
 _StrKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -300,11 +337,14 @@ _StrKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
-def _expand_env(value: Any, path: str, env: typing.Mapping[str, str], errors: list[str]) -> Any:
+def _expand_env(
+    value: Any, path: str, env: typing.Mapping[str, str], errors: list[str],
+    env_text: dict[str, str], unset: set[str],
+) -> Any:
     if isinstance(value, dict):
-        return {k: _expand_env(v, _join(path, k), env, errors) for k, v in value.items()}
+        return {k: _expand_env(v, _join(path, k), env, errors, env_text, unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, f"{path}[{i}]", env, errors) for i, v in enumerate(value)]
+        return [_expand_env(v, f"{path}[{i}]", env, errors, env_text, unset) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -314,7 +354,9 @@ def _expand_env(value: Any, path: str, env: typing.Mapping[str, str], errors: li
             return env[name]
         if default is not None:
             return default
-        errors.append(f"{path or '(top level)'}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+        where = path or "(top level)"
+        errors.append(f"{where}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+        unset.add(where)
         return ""
 
     expanded = _ENV_REF.sub(sub, value)
@@ -323,9 +365,31 @@ def _expand_env(value: Any, path: str, env: typing.Mapping[str, str], errors: li
             scalar = yaml.safe_load(expanded) if expanded else ""
         except yaml.YAMLError:
             return expanded
-        if isinstance(scalar, (str, int, float, bool)):
+        if isinstance(scalar, (int, float, bool)):
+            # Kept as text too: a str field (a numeric API key, say) gets the text back in _check.
+            env_text[path] = expanded
             return scalar
     return expanded
+
+
+def _fill_retry_defaults(raw: dict[str, Any]) -> None:
+    """A target's ``retry_matrix`` overrides the defaults class by class and field by field.
+
+    Classes the user leaves out keep their defaults (``timeout`` stays at 0 retries when
+    only ``"429"``/``"5xx"``/``"net"`` are given), and so do the fields left out of a class.
+    """
+    targets = raw.get("targets")
+    if not isinstance(targets, dict):
+        return
+    defaults = msgspec.to_builtins(_default_retry_matrix())
+    for t in targets.values():
+        if not isinstance(t, dict) or not isinstance(t.get("retry_matrix"), dict):
+            continue
+        given = t["retry_matrix"]
+        merged: dict[str, Any] = {cls: dict(rule) for cls, rule in defaults.items()}
+        for cls, rule in given.items():
+            merged[cls] = {**merged[cls], **rule} if cls in merged and isinstance(rule, dict) else rule
+        t["retry_matrix"] = merged
 
 
 def _join(path: str, key: str) -> str:
@@ -338,55 +402,78 @@ def _kind(value: Any) -> str:
     )
 
 
-def _check(value: Any, typ: Any, path: str, errors: list[str]) -> None:
-    """Type-check ``value`` against ``typ`` recursively, appending every error with its path."""
+def _check(value: Any, typ: Any, path: str, errors: list[str], env_text: typing.Mapping[str, str]) -> Any:
+    """Type-check ``value`` against ``typ`` recursively, appending every error with its path.
+
+    Returns the value, where a ``${VAR}`` that was re-read as a number or bool but sits in a
+    str field is given back as the text (``api_key: ${KEY}`` with ``KEY=12345``).
+    """
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if isinstance(typ, type) and issubclass(typ, Struct):
         if not isinstance(value, dict):
             errors.append(f"{path or '(top level)'}: expected a mapping, got {_kind(value)}")
-            return
+            return value
         hints = typing.get_type_hints(typ, include_extras=True)
         fields = {f.encode_name: f for f in msgspec.structs.fields(typ)}
+        out = dict(value)
         for key in value:
             if key not in fields:
                 errors.append(f"{_join(path, key)}: unknown key (allowed: {', '.join(sorted(fields))})")
         for name, f in fields.items():
             if name in value:
-                _check(value[name], hints[f.name], _join(path, name), errors)
+                out[name] = _check(value[name], hints[f.name], _join(path, name), errors, env_text)
             elif f.required:
                 errors.append(f"{_join(path, name)}: required")
-        return
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        return out
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None:
-            return
+            return value
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1:
-            _check(value, rest[0], path, errors)
-            return
+            return _check(value, rest[0], path, errors, env_text)
     if origin is dict:
         if not isinstance(value, dict):
             errors.append(f"{path}: expected a mapping, got {_kind(value)}")
-            return
+            return value
         key_type, value_type = args
+        out = {}
         for k, v in value.items():
             if typing.get_origin(key_type) is Literal and k not in typing.get_args(key_type):
                 allowed = ", ".join(repr(a) for a in typing.get_args(key_type))
                 errors.append(f"{_join(path, k)}: unknown key (allowed: {allowed})")
                 continue
-            _check(v, value_type, _join(path, k), errors)
-        return
+            out[k] = _check(v, value_type, _join(path, k), errors, env_text)
+        return out
     if origin is list:
         if not isinstance(value, list):
             errors.append(f"{path}: expected a list, got {_kind(value)}")
-            return
-        for i, item in enumerate(value):
-            _check(item, args[0], f"{path}[{i}]", errors)
-        return
+            return value
+        return [_check(item, args[0], f"{path}[{i}]", errors, env_text) for i, item in enumerate(value)]
     try:
         msgspec.convert(value, typ, strict=True)
+        return value
     except msgspec.ValidationError as e:
-        errors.append(f"{path}: {_msgspec_message(e)}")
+        if path in env_text:
+            try:
+                msgspec.convert(env_text[path], typ, strict=True)
+                return env_text[path]
+            except msgspec.ValidationError:
+                pass
+        errors.append(f"{path}: {_leaf_message(e, value, typ)}")
+        return value
+
+
+def _leaf_message(e: msgspec.ValidationError, value: Any, typ: Any) -> str:
+    base = typ
+    while typing.get_origin(base) is Annotated:
+        base = typing.get_args(base)[0]
+    if typing.get_origin(base) is Literal and isinstance(value, str):
+        return f"expected one of {', '.join(map(str, typing.get_args(base)))}, got {value!r}"
+    msg = _msgspec_message(e)
+    if ", got " not in msg:  # a Meta constraint: "expected int >= 1" → "expected int >= 1, got -5"
+        msg += f", got {value!r}"
+    return msg
 
 
 def _msgspec_message(e: msgspec.ValidationError) -> str:
@@ -427,9 +514,10 @@ def _cross_check(config: Config) -> list[str]:
                 errors.append(f"{p}.fallback_targets[{i}]: no target named {fb.target!r}")
         if t.auth is not None:
             errors.extend(_check_auth(t.auth, f"{p}.auth"))
-        if t.llm and t.llm.soft_cost_cap_usd is not None and t.llm.hard_cost_cap_usd is not None:
-            if t.llm.hard_cost_cap_usd < t.llm.soft_cost_cap_usd:
-                errors.append(f"{p}.llm.hard_cost_cap_usd: must be >= soft_cost_cap_usd")
+        if t.llm and t.llm.provider and t.provider != t.llm.provider:
+            errors.append(f"{p}.llm.provider: {t.llm.provider!r} contradicts the target's provider {t.provider!r}")
+        if t.llm:
+            errors.extend(_check_caps(t.llm.soft_cost_cap_usd, t.llm.hard_cost_cap_usd, f"{p}.llm"))
     seen: set[str] = set()
     for i, tenant in enumerate(config.tenants):
         p = f"tenants[{i}]"
@@ -438,12 +526,17 @@ def _cross_check(config: Config) -> list[str]:
         seen.add(tenant.name)
         sources = [k for k in ("api_key_env", "api_key", "api_key_sha256") if getattr(tenant, k)]
         if len(sources) != 1:
-            errors.append(f"{p}: set exactly one of api_key_env, api_key, api_key_sha256")
+            given = f" (got {', '.join(sources)})" if sources else ""
+            errors.append(f"{p}: set exactly one of api_key_env, api_key, api_key_sha256{given}")
         if tenant.api_key_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", tenant.api_key_sha256):
             errors.append(f"{p}.api_key_sha256: expected 64 hex characters")
-        for scope in list(tenant.budget_caps) + list(tenant.fallback_targets) + list(tenant.cache_ttl_override):
-            if scope != "*" and scope not in names:
-                errors.append(f"{p}: no target named {scope!r}")
+        for field in ("budget_caps", "fallback_targets", "cache_ttl_override"):
+            for scope in getattr(tenant, field):
+                if scope != "*" and scope not in names:
+                    errors.append(f"{p}.{field}.{scope}: no target named {scope!r}")
+        for scope, caps in tenant.budget_caps.items():
+            where = "" if scope == "*" else f".{scope}"
+            errors.extend(_check_caps(caps.soft_cost_cap_usd, caps.hard_cost_cap_usd, f"{p}.budget_caps{where}"))
         for scope, entries in tenant.fallback_targets.items():
             for j, fb in enumerate(entries):
                 if fb.target not in names:
@@ -452,10 +545,23 @@ def _cross_check(config: Config) -> list[str]:
         for j, t in enumerate(tenant.allowed_targets or []):
             if t not in names:
                 errors.append(f"{p}.allowed_targets[{j}]: no target named {t!r}")
-    for provider in config.provider_key_pools:
-        if provider not in names:
-            errors.append(f"provider_key_pools.{provider}: no target named {provider!r}")
+        if tenant.profile is not None and tenant.profile not in config.client_profiles:
+            errors.append(f"{p}.profile: no client profile named {tenant.profile!r}")
+    # Pools are keyed by provider in the seed wiki (`provider_key_pools: {openai: …}`) or by target name.
+    providers = set(typing.get_args(Provider))
+    for key in config.provider_key_pools:
+        if key not in names and key not in providers:
+            errors.append(
+                f"provider_key_pools.{key}: no target or provider named {key!r} "
+                f"(providers: {', '.join(sorted(providers))})"
+            )
     return errors
+
+
+def _check_caps(soft: float | None, hard: float | None, path: str) -> list[str]:
+    if soft is not None and hard is not None and hard < soft:
+        return [f"{path}.hard_cost_cap_usd: must be >= soft_cost_cap_usd ({hard:g} < {soft:g})"]
+    return []
 
 
 def _check_base_url(url: str, path: str) -> list[str]:

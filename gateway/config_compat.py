@@ -86,11 +86,16 @@ def _seed_retry(retry: Any) -> Any:
     if not isinstance(retry, dict):
         return retry
     if "max_attempts" in retry or "backoff_ms" in retry:
+        # max_attempts counts the first try; attempts counts retries after it. A value of the
+        # wrong type is passed on unchanged so the type checker reports it (instead of an
+        # "unknown key max_attempts").
         rule: dict[str, Any] = {}
-        if isinstance(retry.get("max_attempts"), int):
-            rule["attempts"] = max(0, retry["max_attempts"] - 1)
-        if isinstance(retry.get("backoff_ms"), (int, float)):
-            rule["base_s"] = retry["backoff_ms"] / 1000
+        if "max_attempts" in retry:
+            n = retry["max_attempts"]
+            rule["attempts"] = max(0, n - 1) if _is_number(n) and not isinstance(n, float) else n
+        if "backoff_ms" in retry:
+            ms = retry["backoff_ms"]
+            rule["base_s"] = ms / 1000 if _is_number(ms) else ms
         extra = {k: v for k, v in retry.items() if k not in ("max_attempts", "backoff_ms")}
         return {cls: {**rule, **extra} for cls in ("429", "5xx", "net")}
     out = {}
@@ -99,10 +104,14 @@ def _seed_retry(retry: Any) -> Any:
             rule = dict(rule)
             if "retries" in rule:
                 rule["attempts"] = rule.pop("retries")
-            if isinstance(rule.get("backoff"), (int, float)) and not isinstance(rule.get("backoff"), bool):
+            if _is_number(rule.get("backoff")):
                 rule["base_s"] = rule.pop("backoff")
         out[cls] = rule
     return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _fallbacks(entries: list[Any]) -> list[Any]:
@@ -123,6 +132,6 @@ def _tenant(t: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(fbs, dict):
         t["fallback_targets"] = {k: _fallbacks(v) if isinstance(v, list) else v for k, v in fbs.items()}
     ttl = t.get("cache_ttl_override")
-    if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+    if _is_number(ttl):
         t["cache_ttl_override"] = {"*": ttl}
     return t

@@ -36,6 +36,13 @@ class Scrubber:
                 text = text.replace(s, "***")
         return text
 
+    def bytes(self, data: bytes) -> bytes:
+        for s in self.secrets:
+            secret = s.encode()
+            if secret in data:
+                data = data.replace(secret, b"***")
+        return data
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, scrub: Scrubber | None = None) -> None:

@@ -45,7 +45,7 @@ def target_policies(rt: Runtime) -> list[Policy]:
 
 
 def build_pipeline(rt: Runtime) -> Handler:
-    per_target = compose(target_policies(rt), send_upstream)
+    per_target = compose(target_policies(rt), upstream_sender(rt))
     return compose(request_policies(rt), per_target)
 
 
@@ -56,16 +56,24 @@ def compose(policies: Sequence[Policy], innermost: Handler) -> Handler:
     return handler
 
 
-async def send_upstream(ex: Exchange) -> Reply:
-    """One attempt against ``ex.target``: credentials, tracing headers, the transport."""
-    target = ex.target
-    ex.attempts += 1
-    headers = upstream_request_headers(ex.headers, drop_credentials=target.credential.drops_client_credentials)
-    target.credential.apply(headers)
-    headers["X-Request-Id"] = ex.request_id
-    headers["X-ReliAPI-Attempt"] = str(ex.attempts)
-    return await target.transport.send(
-        ex.method, ex.url(), headers, ex.body,
-        timeout_s=target.ttft_timeout_s if ex.stream else target.timeout_s,
-        idle_timeout_s=target.idle_timeout_s,
-    )
+def upstream_sender(rt: Runtime) -> Handler:
+    """The innermost step: one attempt against ``ex.target``."""
+    scrub = rt.scrub
+
+    async def send_upstream(ex: Exchange) -> Reply:
+        target = ex.target
+        ex.attempts += 1
+        headers = upstream_request_headers(ex.headers, drop_credentials=target.credential.drops_client_credentials)
+        target.credential.apply(headers)
+        headers["X-Request-Id"] = ex.request_id
+        headers["X-ReliAPI-Attempt"] = str(ex.attempts)
+        reply = await target.transport.send(
+            ex.method, ex.url(), headers, ex.body,
+            timeout_s=target.ttft_timeout_s if ex.stream else target.timeout_s,
+            idle_timeout_s=target.idle_timeout_s,
+        )
+        if reply.status >= 400 and reply.body and scrub.secrets:
+            reply.body = scrub.bytes(reply.body)  # an upstream error that echoes a configured key
+        return reply
+
+    return send_upstream

@@ -66,8 +66,11 @@ class FakeUpstream:
         body = msgspec.json.decode(await self._record(request))
         status = int(request.headers.get("X-Fake-Status", "200"))
         if status != 200:
+            message = f"fake error {status}"
+            if "X-Fake-Echo-Auth" in request.headers:  # a careless upstream that quotes the key back
+                message += f": bad key {request.headers.get('Authorization', '')}"
             return web.json_response(
-                {"error": {"message": f"fake error {status}", "type": "server_error", "code": None, "param": None}},
+                {"error": {"message": message, "type": "server_error", "code": None, "param": None}},
                 status=status,
             )
         model = body.get("model", "gpt-4o-mini")

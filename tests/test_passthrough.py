@@ -219,3 +219,28 @@ async def test_health_endpoints(gw):
         assert resp.status == 200 and (await resp.json())["status"] == "ok"
     resp = await client.get("/readyz")
     assert resp.status == 200 and (await resp.json())["store"] == "memory"
+
+
+async def test_upstream_error_echoing_the_key_is_scrubbed(gw, fake):
+    client, logs = gw
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []},
+                             headers={"X-Fake-Status": "401", "X-Fake-Echo-Auth": "1"})
+    assert resp.status == 401
+    text = await resp.text()
+    assert "sk-upstream-openai-123456" not in text
+    assert "bad key Bearer ***" in text
+    assert "sk-upstream-openai-123456" not in str(logs)
+
+
+async def test_content_length_with_transfer_encoding_is_400(gw, fake):
+    import asyncio
+
+    client, _ = gw
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /t/rest/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+                 b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    assert data.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")  # rejected by the HTTP parser itself
+    assert fake.requests == []
