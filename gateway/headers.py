@@ -8,23 +8,21 @@ body we actually send.
 
 from __future__ import annotations
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 
 # Classic hop-by-hop list (RFC 2616 §13.5.1, RFC 9110 §7.6.1) plus Proxy-Connection.
-HOP_BY_HOP: frozenset[istr] = frozenset(
-    istr(h)
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization",
-        "TE", "Trailer", "Transfer-Encoding", "Upgrade",
-    )
-)
+# Lower case: header names are compared case-insensitively (SDKs send "connection").
+HOP_BY_HOP: frozenset[str] = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
 
-# Never forwarded upstream: framing/routing the gateway owns, and its own control headers.
-_REQUEST_DROP: frozenset[istr] = HOP_BY_HOP | {istr("Host"), istr("Content-Length")}
-_RESPONSE_DROP: frozenset[istr] = HOP_BY_HOP | {istr("Content-Length")}
+# Never forwarded upstream: framing/routing the gateway owns.
+_REQUEST_DROP: frozenset[str] = HOP_BY_HOP | {"host", "content-length"}
+_RESPONSE_DROP: frozenset[str] = HOP_BY_HOP | {"content-length"}
 
 # Client credentials, removed when the gateway injects the target's own key.
-CREDENTIAL_HEADERS: frozenset[istr] = frozenset(istr(h) for h in ("Authorization", "x-api-key", "api-key", "Cookie"))
+CREDENTIAL_HEADERS: frozenset[str] = frozenset({"authorization", "x-api-key", "api-key", "cookie"})
 
 _GATEWAY_PREFIX = "x-reliapi-"
 
@@ -43,11 +41,10 @@ def upstream_request_headers(
     named = _connection_tokens(headers) if "Connection" in headers else ()
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
-        if key in _REQUEST_DROP or (named and key.lower() in named):
+        name = key.lower()
+        if name in _REQUEST_DROP or name in named or name.startswith(_GATEWAY_PREFIX):
             continue
-        if key.lower().startswith(_GATEWAY_PREFIX):
-            continue
-        if drop_credentials and key in CREDENTIAL_HEADERS:
+        if drop_credentials and name in CREDENTIAL_HEADERS:
             continue
         out.add(key, value)
     return out
@@ -58,7 +55,8 @@ def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     named = _connection_tokens(headers) if "Connection" in headers else ()
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
-        if key in _RESPONSE_DROP or (named and key.lower() in named):
+        name = key.lower()
+        if name in _RESPONSE_DROP or name in named:
             continue
         out.add(key, value)
     return out

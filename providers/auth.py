@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from multidict import CIMultiDict
 
 from gateway.config import AuthConfig
-from gateway.headers import CREDENTIAL_HEADERS
 from providers.base import Provider
 
 log = logging.getLogger("reliapi")
@@ -77,4 +76,4 @@ def _inject(provider: Provider, header: str | None, prefix: str | None, keys: li
     return Credential("inject", header, [prefix + k for k in keys], keys)
 
 
-__all__ = ["Credential", "resolve", "CREDENTIAL_HEADERS"]
+__all__ = ["Credential", "resolve"]

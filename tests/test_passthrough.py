@@ -78,6 +78,15 @@ async def test_hop_by_hop_headers_stripped_both_ways(gw, fake):
     assert resp.headers["X-Upstream"] == "echo"
 
 
+async def test_hop_by_hop_matching_ignores_case(gw, fake):
+    client, _ = gw
+    await client.get("/t/rest/h", headers={"connection": "keep-alive, x-foo", "x-foo": "1", "te": "trailers",
+                                           "upgrade": "h2c", "x-reliapi-target": "up", "x-kept": "yes"})
+    seen = fake.requests[0].headers
+    assert "x-foo" not in seen and "te" not in seen and "upgrade" not in seen and "x-reliapi-target" not in seen
+    assert seen["x-kept"] == "yes"
+
+
 async def test_client_host_header_does_not_choose_target(gw, fake):
     client, _ = gw
     await client.get("/t/rest/h", headers={"Host": "169.254.169.254"})
@@ -244,3 +253,21 @@ async def test_content_length_with_transfer_encoding_is_400(gw, fake):
     writer.close()
     assert data.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")  # rejected by the HTTP parser itself
     assert fake.requests == []
+
+
+async def test_lower_case_hop_headers_on_the_wire_are_dropped(gw, fake):
+    import asyncio
+
+    client, _ = gw
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /t/rest/h HTTP/1.1\r\nhost: 169.254.169.254\r\nconnection: close, x-foo\r\nx-foo: 1\r\n"
+                 b"te: trailers\r\nproxy-authorization: Basic x\r\nx-kept: yes\r\n\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    assert b" 200 OK" in data.split(b"\r\n", 1)[0]
+    seen = fake.requests[0].headers
+    assert seen["Host"] == fake.url.split("//")[1]
+    for name in ("x-foo", "te", "proxy-authorization"):
+        assert name not in seen, name
+    assert seen["x-kept"] == "yes"

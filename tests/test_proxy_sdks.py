@@ -52,6 +52,8 @@ async def test_openai_sdk_chat_non_stream(gw, fake, sdk):
     # the target's key replaced the client's
     assert seen.headers["Authorization"] == "Bearer sk-upstream-openai-123456"
     assert seen.headers["X-ReliAPI-Attempt"] == "1"
+    assert seen.headers["Host"] == fake.url.split("//")[1]  # httpx sends lower-case "host": still replaced
+    assert "x-stainless-retry-count" in seen.headers  # the SDK's own headers pass through
     assert logs[-1]["outcome"] == "ok" and logs[-1]["model"] == "gpt-4o-mini" and logs[-1]["target"] == "up"
 
 
