@@ -5,11 +5,14 @@ stopping at the first (``targets.my_api.circuit.error_threshold: expected int, g
 
 1. parse YAML (all mapping keys become strings: ``429:`` and ``"429":`` are one key);
 2. expand ``${VAR}`` / ``${VAR:-default}`` in string values (a value that is exactly
-   one reference is re-read as a YAML scalar, so ``port: ${PORT:-8000}`` is an int);
+   one reference is re-read as a YAML scalar, so ``port: ${PORT:-8000}`` is an int,
+   while a str field keeps the text: ``api_key: ${KEY}`` with ``KEY=12345`` is "12345");
 3. fold the seed documents' alternative spellings into the canonical shape
-   (``gateway.config_compat``);
-4. check types field by field against the Structs (unknown keys are errors), then
-   check cross-references (fallback targets exist, auth is complete, …).
+   (``gateway.config_compat``), and merge each ``retry_matrix`` over the defaults
+   (classes and fields left out keep their default values);
+4. check types field by field against the Structs (unknown keys are errors), then,
+   once every value has the right type, check cross-references (fallback targets
+   exist, auth is complete, …).
 
 The Structs below are the documentation of every option; ``config/gateway.yaml``
 is the built-in default written out with comments.
@@ -512,6 +515,8 @@ def _cross_check(config: Config) -> list[str]:
         for i, fb in enumerate(t.fallback_targets):
             if fb.target not in names:
                 errors.append(f"{p}.fallback_targets[{i}]: no target named {fb.target!r}")
+            elif fb.target == name and fb.model is None:
+                errors.append(f"{p}.fallback_targets[{i}]: falling back to the same target needs another model")
         if t.auth is not None:
             errors.extend(_check_auth(t.auth, f"{p}.auth"))
         if t.llm and t.llm.provider and t.provider != t.llm.provider:

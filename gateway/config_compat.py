@@ -35,7 +35,7 @@ def normalize(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
     if isinstance(tenants, dict):
         tenants = [{"name": name, **t} if isinstance(t, dict) else t for name, t in tenants.items()]
     if isinstance(tenants, list):
-        raw["tenants"] = [_tenant(t) if isinstance(t, dict) else t for t in tenants]
+        raw["tenants"] = [_tenant(t, f"tenants[{i}]", errors) if isinstance(t, dict) else t for i, t in enumerate(tenants)]
     return raw
 
 
@@ -58,7 +58,10 @@ def _target(t: dict[str, Any], path: str, errors: list[str]) -> dict[str, Any]:
             errors.append(f"{path}.retry: give either retry_matrix or retry, not both")
         t["retry_matrix"] = _seed_retry(t.pop("retry"))
     if isinstance(t.get("retry_matrix"), dict):
-        t["retry_matrix"] = {("net" if k == "network" else k): v for k, v in t["retry_matrix"].items()}
+        matrix = t["retry_matrix"]
+        if "network" in matrix and "net" in matrix:
+            errors.append(f"{path}.retry_matrix.network: give either net or network, not both")
+        t["retry_matrix"] = {("net" if k == "network" else k): v for k, v in matrix.items()}
     auth = t.get("auth")
     if isinstance(auth, dict) and auth.get("type") == "api_key":
         t["auth"] = {**auth, "type": "header_env"}
@@ -118,13 +121,19 @@ def _fallbacks(entries: list[Any]) -> list[Any]:
     return [{"target": e} if isinstance(e, str) else e for e in entries]
 
 
-def _tenant(t: dict[str, Any]) -> dict[str, Any]:
+def _tenant(t: dict[str, Any], path: str, errors: list[str]) -> dict[str, Any]:
     t = dict(t)
     if "rate_limit_rpm" in t:
         rl = t.get("rate_limit") if isinstance(t.get("rate_limit"), dict) else {}
+        if "rpm" in rl:
+            errors.append(f"{path}.rate_limit_rpm: give either rate_limit_rpm or rate_limit.rpm, not both")
         t["rate_limit"] = {**rl, "rpm": t.pop("rate_limit_rpm")}
     caps = t.get("budget_caps")
-    if isinstance(caps, dict) and (not caps or set(caps) <= _CAPS_KEYS):
+    # The wiki's flat form: a caps key (or any non-mapping value) at the top. Anything else is
+    # the per-target form. A typo inside the flat form is then reported as an unknown caps key.
+    if isinstance(caps, dict) and (
+        not caps or set(caps) & _CAPS_KEYS or not any(isinstance(v, dict) for v in caps.values())
+    ):
         t["budget_caps"] = {"*": caps} if caps else {}
     fbs = t.get("fallback_targets")
     if isinstance(fbs, list):
