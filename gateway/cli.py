@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"config OK: {source} ({len(config.targets)} targets: {', '.join(config.targets) or 'none'})")
         return 0
-    workers = args.workers if args.workers is not None else _env_int_safe("RELIAPI_WORKERS", 1)
+    try:
+        workers = args.workers if args.workers is not None else _env_int("RELIAPI_WORKERS", 1)
+    except ConfigError as e:
+        print(e.errors[0], file=sys.stderr)
+        return 2
     if workers < 1:
         print("--workers: must be at least 1", file=sys.stderr)
         return 2
@@ -111,13 +115,6 @@ def main(argv: list[str] | None = None) -> int:
                         "use redis:// to share them", workers)
         return _run_workers(config, source, workers, level)
     return serve(config, source, reuse_port=False)
-
-
-def _env_int_safe(name: str, default: int) -> int:
-    try:
-        return _env_int(name, default)
-    except ConfigError:
-        return default
 
 
 def serve(config: Config, source: str, *, reuse_port: bool) -> int:
@@ -135,7 +132,9 @@ async def _serve(config: Config, source: str, *, reuse_port: bool) -> None:
     from gateway.keys import RUNTIME
 
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.server.shutdown_grace_s)
+    # aiohttp reads a shutdown timeout of 0 as "no limit"; a grace of 0 means "do not wait".
+    grace = max(config.server.shutdown_grace_s, 0.001)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None,
                        backlog=1024)
@@ -172,6 +171,9 @@ def _run_workers(config: Config, source: str, workers: int, level: str) -> int:
             code = 1
             try:
                 code = serve(config, source, reuse_port=True)
+            except BaseException:
+                log.exception("worker %d crashed", os.getpid())
+                sys.stdout.flush()
             finally:
                 os._exit(code)
         children[pid] = slot
