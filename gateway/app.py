@@ -19,7 +19,7 @@ from gateway import handlers
 from gateway.config import Config
 from gateway.keys import RUNTIME
 from gateway.logs import flush_stdout_periodically
-from gateway.runtime import Runtime
+from gateway.runtime import Runtime, RuntimeSlot
 from gateway.store import Store
 
 log = logging.getLogger("reliapi")
@@ -41,7 +41,7 @@ def create_app(
 ) -> web.Application:
     runtime = Runtime(config, env=env, access_log_write=access_log_write, store=store)
     app = web.Application(client_max_size=runtime.max_body, handler_args=HANDLER_ARGS)
-    app[RUNTIME] = runtime
+    app[RUNTIME] = RuntimeSlot(runtime)
     app.cleanup_ctx.append(_runtime_lifetime)
     for path in ("/healthz", "/livez", "/health"):
         app.router.add_get(path, handlers.liveness)
@@ -51,7 +51,7 @@ def create_app(
 
 
 async def _runtime_lifetime(app: web.Application) -> AsyncIterator[None]:
-    runtime = app[RUNTIME]
+    runtime = app[RUNTIME].current
     await runtime.start()
     flusher = asyncio.create_task(flush_stdout_periodically()) if runtime.access_log_to_stdout else None
     try:

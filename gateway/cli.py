@@ -4,9 +4,11 @@ Precedence: flags beat environment variables, which beat the config file.
 Without any config file the built-in default (``config/gateway.yaml``) is used.
 
 Lifecycle: SIGTERM/SIGINT stop accepting connections, let in-flight requests and
-streams finish for up to ``server.shutdown_grace_s``, then exit 0. ``--workers N``
-runs N processes sharing one port through SO_REUSEPORT; the parent forwards
-signals and restarts a worker that dies.
+streams finish for up to ``server.shutdown_grace_s``, then exit 0. SIGHUP reloads
+the config (file, environment and flags read again); a bad config is rejected with
+its errors logged and the old one keeps serving. ``--workers N`` runs N processes
+sharing one port through SO_REUSEPORT; the parent forwards signals and restarts a
+worker that dies.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -113,21 +116,24 @@ def main(argv: list[str] | None = None) -> int:
         if config.store.url.startswith("memory://"):
             log.warning("--workers %d with the memory store: cache, limits and circuits are per process; "
                         "use redis:// to share them", workers)
-        return _run_workers(config, source, workers, level)
-    return serve(config, source, reuse_port=False)
+        return _run_workers(config, source, workers, lambda: resolve_config(args))
+    return serve(config, source, reuse_port=False, reload=lambda: resolve_config(args))
 
 
-def serve(config: Config, source: str, *, reuse_port: bool) -> int:
+Reloader = Callable[[], tuple[Config, str]]
+
+
+def serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) -> int:
     try:
         import uvloop
     except ImportError:  # optional: the gateway runs on the default loop too
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
-    runner(_serve(config, source, reuse_port=reuse_port))
+    runner(_serve(config, source, reuse_port=reuse_port, reload=reload))
     return 0
 
 
-async def _serve(config: Config, source: str, *, reuse_port: bool) -> None:
+async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) -> None:
     from gateway.app import create_app
     from gateway.keys import RUNTIME
 
@@ -146,31 +152,56 @@ async def _serve(config: Config, source: str, *, reuse_port: bool) -> None:
         raise SystemExit(1) from None
     log.info(
         "reliapi %s listening on http://%s:%d (config: %s; targets: %s; store: %s)", __version__,
-        config.server.host, config.server.port, source, ", ".join(config.targets), app[RUNTIME].store.url_for_display,
+        config.server.host, config.server.port, source, ", ".join(config.targets),
+        app[RUNTIME].current.store.url_for_display,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(_reload(app, config, reload))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
     log.info("shutting down: draining in-flight requests for up to %gs", config.server.shutdown_grace_s)
     await runner.cleanup()
     log.info("stopped")
     sys.stdout.flush()
 
 
-def _run_workers(config: Config, source: str, workers: int, level: str) -> int:
+async def _reload(app: web.Application, started: Config, reload: Reloader) -> None:
+    from gateway.keys import RUNTIME
+
+    try:
+        config, source = reload()
+    except ConfigError as e:
+        log.error("reload rejected, the running config stays: %s", "; ".join(e.errors),
+                  extra={"fields": {"errors": e.errors}})
+        return
+    if (config.server.host, config.server.port) != (started.server.host, started.server.port):
+        log.warning("reload: a new listen address takes effect only after a restart")
+    await app[RUNTIME].reload(config)
+    log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
+
+
+def _run_workers(config: Config, source: str, workers: int, reload: Reloader) -> int:
     children: dict[int, int] = {}
     stopping = False
 
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # child: a plain single-process server on the shared port
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = serve(config, source, reuse_port=True)
+                code = serve(config, source, reuse_port=True, reload=reload)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
                 sys.stdout.flush()
@@ -187,8 +218,16 @@ def _run_workers(config: Config, source: str, workers: int, level: str) -> int:
             except ProcessLookupError:
                 pass
 
+    def forward_hup(signum: int, _frame: object) -> None:
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward_hup)
     for slot in range(workers):
         spawn(slot)
     log.info("started %d workers (pids %s)", workers, ", ".join(map(str, children)))

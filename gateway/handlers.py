@@ -134,7 +134,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 
 async def _proxy(request: web.Request, make_exchange: Any, dialect: str) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     request_id = _request_id(request)
     started = time.monotonic()
     ex: Exchange | None = None
@@ -208,7 +208,7 @@ async def liveness(request: web.Request) -> web.Response:
 
 
 async def readiness(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].current
     try:
         await rt.store.ping()
     except StoreError as e:

@@ -7,6 +7,6 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.runtime import RuntimeSlot
 
-RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+RUNTIME: web.AppKey[RuntimeSlot] = web.AppKey("runtime")

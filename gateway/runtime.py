@@ -2,11 +2,15 @@
 
 Built once per config (at startup, and again on reload); the request path only
 reads it. Resources with a lifetime (the store, each target's connection pool)
-are opened by ``start`` and closed by ``close``.
+are opened by ``start`` and closed by ``close``. A reload builds a new Runtime,
+swaps it into the ``RuntimeSlot`` between requests, and retires the old one once
+the requests it is still serving had their grace period; an unchanged store is
+handed over, so state kept in it survives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -31,6 +35,8 @@ class Runtime:
         store: Store | None = None,
     ) -> None:
         self.config = config
+        self.env = env
+        self.access_log_write = access_log_write
         self.targets = {name: Target(name, t, env) for name, t in config.targets.items()}
         self.router = Router(config, self.targets)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
@@ -48,7 +54,42 @@ class Runtime:
         except StoreError as e:  # serve anyway: /readyz reports it, policies degrade per SPEC §8
             log.warning("store %s is not answering: %s", self.store.url_for_display, e)
 
-    async def close(self) -> None:
+    async def close(self, *, close_store: bool = True) -> None:
         for target in self.targets.values():
             await target.transport.close()
-        await self.store.close()
+        if close_store:
+            await self.store.close()
+
+
+class RuntimeSlot:
+    """Holds the live Runtime; requests read ``slot.current`` once, when they start."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def reload(self, config: Config) -> Runtime:
+        old = self.current
+        same_store = config.store == old.config.store
+        new = Runtime(config, env=old.env, access_log_write=old.access_log_write,
+                      store=old.store if same_store else None)
+        await new.start()
+        self.current = new
+        task = asyncio.create_task(self._retire(old, close_store=not same_store))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return new
+
+    async def _retire(self, old: Runtime, *, close_store: bool) -> None:
+        await asyncio.sleep(old.config.server.shutdown_grace_s)  # in-flight requests keep the old pools
+        await old.close(close_store=close_store)
+
+    async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        for task in list(self._retiring):
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self.current.close()

@@ -553,3 +553,35 @@ def test_port_in_use_exits_1_with_clear_message(cli: CLI) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stdout
     assert_no_traceback(result.stderr)
+
+
+async def test_sighup_reloads_config_and_rejects_a_bad_one(cli: CLI, fake: FakeUpstream) -> None:
+    gw = start_behind_fake(cli, fake, grace_s=1)
+    await asyncio.to_thread(gw.wait_healthy)
+    port = gw.port
+    assert get_json(port, "/readyz")[1]["targets"] == ["up"]
+
+    # a valid new config: a second target appears without a restart
+    cli.write("up.yaml", f"""\
+server: {{port: {port}, default_target: up, shutdown_grace_s: 1}}
+targets:
+  up: {{base_url: "{fake.url}/v1", provider: openai}}
+  two: {{base_url: "{fake.url}/api"}}
+""")
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_for, lambda: get_json(port, "/readyz")[1]["targets"] == ["two", "up"], 10,
+                            "the reloaded targets")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/t/two/ping") as resp:
+            assert resp.status == 200 and (await resp.json())["path_qs"] == "/api/ping"
+
+    # a broken config is rejected, logged with its errors, and the running one keeps serving
+    cli.write("up.yaml", INVALID_YAML)
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_for, lambda: any("reload rejected" in m for m in gw.messages()), 10,
+                            "the rejection log line")
+    assert any("targets.a.circuit.error_threshold: expected int, got str" in m for m in gw.messages()), gw.output
+    assert get_json(port, "/readyz")[1]["targets"] == ["two", "up"]
+    assert gw.proc.poll() is None
+    assert await asyncio.to_thread(gw.terminate) == 0, gw.output
+    assert_no_traceback(gw.stderr)
