@@ -18,7 +18,6 @@ from aiohttp import web
 from gateway import handlers
 from gateway.config import Config
 from gateway.keys import RUNTIME
-from gateway.logs import flush_stdout_periodically
 from gateway.runtime import Runtime, RuntimeSlot
 from gateway.store import Store
 
@@ -53,12 +52,11 @@ def create_app(
 async def _runtime_lifetime(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME].current
     await runtime.start()
-    flusher = asyncio.create_task(flush_stdout_periodically()) if runtime.access_log_to_stdout else None
+    flusher = asyncio.create_task(runtime.access_log.flush_periodically())
     try:
         yield
     finally:
-        if flusher is not None:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
         await app[RUNTIME].close()

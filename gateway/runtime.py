@@ -33,16 +33,15 @@ class Runtime:
         env: Mapping[str, str] = os.environ,
         access_log_write: Callable[[str], Any] | None = None,
         store: Store | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
         self.env = env
-        self.access_log_write = access_log_write
         self.targets = {name: Target(name, t, env) for name, t in config.targets.items()}
         self.router = Router(config, self.targets)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(s for t in self.targets.values() for s in t.credential.secrets)
-        self.access_log = AccessLog(access_log_write)
-        self.access_log_to_stdout = access_log_write is None
+        self.access_log = access_log or AccessLog(access_log_write)
         self.max_body = int(config.server.max_body_mb * 1024 * 1024)
         self.pipeline: Handler = build_pipeline(self)
 
@@ -54,11 +53,13 @@ class Runtime:
         except StoreError as e:  # serve anyway: /readyz reports it, policies degrade per SPEC §8
             log.warning("store %s is not answering: %s", self.store.url_for_display, e)
 
-    async def close(self, *, close_store: bool = True) -> None:
+    async def close(self, *, close_store: bool = True, close_log: bool = True) -> None:
         for target in self.targets.values():
             await target.transport.close()
         if close_store:
             await self.store.close()
+        if close_log:
+            self.access_log.close()
 
 
 class RuntimeSlot:
@@ -71,8 +72,7 @@ class RuntimeSlot:
     async def reload(self, config: Config) -> Runtime:
         old = self.current
         same_store = config.store == old.config.store
-        new = Runtime(config, env=old.env, access_log_write=old.access_log_write,
-                      store=old.store if same_store else None)
+        new = Runtime(config, env=old.env, store=old.store if same_store else None, access_log=old.access_log)
         await new.start()
         self.current = new
         task = asyncio.create_task(self._retire(old, close_store=not same_store))
@@ -82,7 +82,7 @@ class RuntimeSlot:
 
     async def _retire(self, old: Runtime, *, close_store: bool) -> None:
         await asyncio.sleep(old.config.server.shutdown_grace_s)  # in-flight requests keep the old pools
-        await old.close(close_store=close_store)
+        await old.close(close_store=close_store, close_log=False)
 
     async def close(self) -> None:
         for task in list(self._retiring):
