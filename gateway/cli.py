@@ -138,6 +138,9 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
     from gateway.keys import RUNTIME
 
     app = create_app(config)
+    import gc
+    gc.collect()
+    gc.freeze()  # everything built at startup is permanent: keep it out of every future collection
     # aiohttp reads a shutdown timeout of 0 as "no limit"; a grace of 0 means "do not wait".
     grace = max(config.server.shutdown_grace_s, 0.001)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace)

@@ -9,6 +9,7 @@ logged with its stack and answered as ``internal_error``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -42,11 +43,24 @@ class _Peek(msgspec.Struct):
 _peek = msgspec.json.Decoder(_Peek).decode
 
 
+# Request ids: a random per-process prefix and a counter — unique without a syscall per request.
+_ids = itertools.count(1)
+_id_prefix = "req_" + os.urandom(6).hex()
+
+
+def _new_id_prefix() -> None:  # forked workers must not repeat each other's ids
+    global _id_prefix
+    _id_prefix = "req_" + os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def _request_id(request: web.Request) -> str:
     rid = request.headers.get("X-Request-Id")
     if rid and _REQUEST_ID.fullmatch(rid):
         return rid
-    return "req_" + os.urandom(12).hex()
+    return f"{_id_prefix}{next(_ids):010x}"
 
 
 def _is_json(request: web.Request, *, by_default: bool) -> bool:

@@ -24,6 +24,9 @@ _RESPONSE_DROP: frozenset[str] = HOP_BY_HOP | {"content-length"}
 # Client credentials, removed when the gateway injects the target's own key.
 CREDENTIAL_HEADERS: frozenset[str] = frozenset({"authorization", "x-api-key", "api-key", "cookie"})
 
+_REQUEST_DROP_WITH_CREDENTIALS: frozenset[str] = _REQUEST_DROP | CREDENTIAL_HEADERS
+
+# The gateway's own control headers (X-ReliAPI-Target, …) stop here.
 _GATEWAY_PREFIX = "x-reliapi-"
 
 
@@ -38,25 +41,18 @@ def upstream_request_headers(
     headers: CIMultiDictProxy[str], *, drop_credentials: bool
 ) -> CIMultiDict[str]:
     """The client's headers as they may go upstream (credentials are added by the provider)."""
-    named = _connection_tokens(headers) if "Connection" in headers else ()
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        name = key.lower()
-        if name in _REQUEST_DROP or name in named or name.startswith(_GATEWAY_PREFIX):
-            continue
-        if drop_credentials and name in CREDENTIAL_HEADERS:
-            continue
-        out.add(key, value)
-    return out
+    drop = _REQUEST_DROP_WITH_CREDENTIALS if drop_credentials else _REQUEST_DROP
+    if "Connection" in headers:
+        drop = drop | _connection_tokens(headers)
+    return CIMultiDict([
+        (k, v) for k, v in headers.items()
+        if (n := k.lower()) not in drop and not n.startswith(_GATEWAY_PREFIX)
+    ])
 
 
 def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers as they may go to the client."""
-    named = _connection_tokens(headers) if "Connection" in headers else ()
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        name = key.lower()
-        if name in _RESPONSE_DROP or name in named:
-            continue
-        out.add(key, value)
-    return out
+    drop = _RESPONSE_DROP
+    if "Connection" in headers:
+        drop = drop | _connection_tokens(headers)
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])

@@ -22,8 +22,15 @@ import msgspec
 _encode = msgspec.json.encode
 
 
+_second: list = [-1, ""]  # the last whole second formatted, reused within that second
+
+
 def _ts(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    """RFC 3339 UTC with milliseconds; strftime runs once per second, not once per line."""
+    sec = int(t)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int((t - sec) * 1000):03d}Z"
 
 
 class Scrubber:
@@ -83,16 +90,12 @@ class AccessLog:
 
     def __init__(self, write: Callable[[str], Any] | None = None) -> None:
         self._write_text = write
-        self._logger = None if write else logging.getLogger("reliapi.access")
         self._sink: io.BufferedWriter | None = None
-        if write is None:
+        # An injected writer always gets the lines; stdout follows the log level set at startup.
+        self.enabled = write is not None or logging.getLogger("reliapi.access").isEnabledFor(logging.INFO)
+        if write is None and self.enabled:
             raw = io.FileIO(os.dup(sys.stdout.fileno()), "wb")
             self._sink = io.BufferedWriter(raw, buffer_size=1 << 16)
-
-    @property
-    def enabled(self) -> bool:
-        """An injected writer always gets the lines; stdout follows the log level."""
-        return self._logger is None or self._logger.isEnabledFor(logging.INFO)
 
     def __call__(self, fields: dict[str, Any]) -> None:
         fields["ts"] = _ts(time.time())
