@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--workers: must be at least 1", file=sys.stderr)
         return 2
 
-    from gateway.logs import Scrubber, setup_logging
+    from gateway.logs import setup_logging
 
     setup_logging(level)
     if workers > 1:
