@@ -63,6 +63,11 @@ def _request_id(request: web.Request) -> str:
     return f"{_id_prefix}{next(_ids):010x}"
 
 
+def _accepts_sse(request: web.Request) -> bool:
+    """An SSE client says so in Accept: its response is a stream, timed by first byte and idle gaps."""
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
 def _is_json(request: web.Request, *, by_default: bool) -> bool:
     """/v1 bodies are JSON unless they are uploads; elsewhere only when labelled JSON."""
     ctype = request.headers.get("Content-Type", "")
@@ -106,10 +111,10 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str) -> Ex
     validate_path(rel)
     dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
     body = await _read_body(request, rt)
-    model, stream = None, False
+    model, stream = None, _accepts_sse(request)
     if body and _is_json(request, by_default=True):
         peek = _peek_body(body)
-        model, stream = peek.model, bool(peek.stream)
+        model, stream = peek.model, bool(peek.stream) or stream
     target = rt.router.for_v1(request.headers.get("X-ReliAPI-Target"), model)
     return Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
@@ -125,10 +130,10 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str) -> Exc
     target = rt.router.by_name(name)
     validate_path(rel)
     body = await _read_body(request, rt)
-    model, stream = None, False
+    model, stream = None, _accepts_sse(request)
     if target.kind == "llm" and body and _is_json(request, by_default=False):
         peek = _peek_body(body)
-        model, stream = peek.model, bool(peek.stream)
+        model, stream = peek.model, bool(peek.stream) or stream
     return Exchange(
         request_id=request_id, method=request.method, route="t", dialect=ENVELOPE, rel_path=rel, v1=False,
         query=query, headers=request.headers, body=body, target=target, model=model, stream=stream,

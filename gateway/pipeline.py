@@ -70,7 +70,7 @@ def upstream_sender(rt: Runtime) -> Handler:
         reply = await target.transport.send(
             ex.method, ex.url(), headers, ex.body,
             timeout_s=target.ttft_timeout_s if ex.stream else target.timeout_s,
-            idle_timeout_s=target.idle_timeout_s,
+            idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
         )
         if reply.status >= 400 and reply.body and scrub.secrets:
             reply.body = scrub.bytes(reply.body)  # an upstream error that echoes a configured key

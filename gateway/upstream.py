@@ -47,6 +47,7 @@ class Transport:
         self._connect_timeout_s = connect_timeout_s
         self._limit = limit or 0
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -74,27 +75,46 @@ class Transport:
         *,
         timeout_s: float,
         idle_timeout_s: float,
+        stream: bool = False,
     ) -> Reply:
         """One attempt. Within ``timeout_s`` a complete response must arrive whole, or a
         streaming one its first body byte; after that a stream may never be silent longer
-        than ``idle_timeout_s``."""
+        than ``idle_timeout_s``. ``stream`` says the client asked for a stream."""
         assert self._session is not None, "transport not started"
         started = time.monotonic()
         resp: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(timeout_s):
+            if not stream:
+                # aiohttp's own deadline covers connect, headers and the whole body at no extra cost
                 resp = await self._session.request(
                     method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
+                    timeout=self._timeouts.get(timeout_s) or self._timeout(timeout_s),
                 )
-                if is_streaming(resp.headers, method):
-                    first = await resp.content.readany()
-                    reply = Reply(
-                        resp.status, client_response_headers(resp.headers),
-                        chunks=_relay(resp, first, idle_timeout_s), upstream_status=resp.status,
+                if not is_streaming(resp.headers, method):
+                    data = await resp.read()
+                    resp.release()
+                    return Reply(resp.status, client_response_headers(resp.headers), body=data,
+                                 upstream_status=resp.status)
+                # a stream the client did not ask for (a chunked or large download): the attempt's
+                # deadline bounds the whole body
+                first = await resp.content.readany()
+            else:
+                async with asyncio.timeout(timeout_s):
+                    resp = await self._session.request(
+                        method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
                     )
-                    reply.ttft_ms = (time.monotonic() - started) * 1000
-                    return reply
-                data = await resp.read()
+                    if not is_streaming(resp.headers, method):
+                        data = await resp.read()
+                        resp.release()
+                        return Reply(resp.status, client_response_headers(resp.headers), body=data,
+                                     upstream_status=resp.status)
+                    first = await resp.content.readany()
+            reply = Reply(
+                resp.status, client_response_headers(resp.headers),
+                chunks=_relay(resp, first, idle_timeout_s, self.target), upstream_status=resp.status,
+            )
+            reply.ttft_ms = (time.monotonic() - started) * 1000
+            return reply
         except TimeoutError:
             _discard(resp)
             raise UpstreamTimeout(f"target {self.target} did not answer in time", target=self.target) from None
@@ -106,23 +126,32 @@ class Transport:
         except BaseException:
             _discard(resp)  # cancelled (client gone): drop the upstream connection at once
             raise
-        resp.release()
-        return Reply(resp.status, client_response_headers(resp.headers), body=data, upstream_status=resp.status)
+
+    def _timeout(self, total_s: float) -> aiohttp.ClientTimeout:
+        timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=self._connect_timeout_s)
+        if len(self._timeouts) < 64:  # a target has one or two distinct per-attempt timeouts
+            self._timeouts[total_s] = timeout
+        return timeout
 
 
-async def _relay(resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float) -> AsyncIterator[bytes]:
+async def _relay(
+    resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float, target: str
+) -> AsyncIterator[bytes]:
     finished = False
     try:
         if first:
             yield first
         while True:
+            waited_from = time.monotonic()
             try:
                 async with asyncio.timeout(idle_timeout_s):
                     chunk = await resp.content.readany()
             except TimeoutError:
-                raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s") from None
+                if time.monotonic() - waited_from < idle_timeout_s:  # the deadline of an unasked-for stream
+                    raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
+                raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target) from None
             except (aiohttp.ClientError, OSError) as e:
-                raise StreamBroken(f"upstream stream was cut ({_describe(e)})") from None
+                raise StreamBroken(f"upstream stream was cut ({_describe(e)})", target=target) from None
             if not chunk:
                 finished = True
                 return

@@ -162,3 +162,41 @@ async def test_non_sse_chunked_cut_is_not_made_to_look_complete(aiohttp_server, 
     assert resp.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
+
+
+async def _sse_server(aiohttp_server, events: int, interval_s: float):
+    from aiohttp import web
+
+    async def events_handler(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(events):
+            await resp.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(interval_s)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/events", events_handler)
+    return await aiohttp_server(app)
+
+
+async def test_sse_client_stream_outlives_the_attempt_timeout(aiohttp_server, gateway):
+    server = await _sse_server(aiohttp_server, events=6, interval_s=0.15)  # ~0.9 s in all
+    client, logs = await gateway(f"targets:\n  feed: {{base_url: '{server.make_url('')}', timeout_ms: 400}}\n")
+    resp = await client.get("/t/feed/events", headers={"Accept": "text/event-stream"})
+    events = await _events(resp)
+    assert events == [f"data: {i}".encode() for i in range(6)]  # timed by idle gaps, not the 400 ms budget
+    assert logs[-1]["stream"] is True and logs[-1]["outcome"] == "ok"
+
+
+async def test_unasked_for_stream_is_bounded_by_the_attempt_timeout(aiohttp_server, gateway):
+    server = await _sse_server(aiohttp_server, events=20, interval_s=0.15)  # ~3 s in all
+    client, logs = await gateway(f"targets:\n  feed: {{base_url: '{server.make_url('')}', timeout_ms: 400}}\n")
+    resp = await client.get("/t/feed/events")  # no Accept: text/event-stream
+    events = await _events(resp)
+    assert events[0] == b"data: 0"
+    assert events[-1].startswith(b"event: error\ndata: ")  # cut in-band at the attempt deadline
+    assert b"exceeded the attempt timeout" in events[-1]
+    assert len(events) < 10
+    assert logs[-1]["outcome"] == "stream_error"
