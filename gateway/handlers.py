@@ -146,13 +146,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     raw = request.raw_path
     if raw.startswith("/v1/"):
         dialect = ANTHROPIC if raw.startswith("/v1/messages") else OPENAI
-        return await _proxy(request, _exchange_v1, dialect)
+        return await _proxy(request, _exchange_v1, dialect, "v1")
     if raw.startswith("/t/"):
-        return await _proxy(request, _exchange_t, ENVELOPE)
+        return await _proxy(request, _exchange_t, ENVELOPE, "t")
     return error_response(UnknownTarget(f"no route for {request.method} {request.path}"), ENVELOPE, _request_id(request))
 
 
-async def _proxy(request: web.Request, make_exchange: Any, dialect: str) -> web.StreamResponse:
+async def _proxy(request: web.Request, make_exchange: Any, dialect: str, route: str) -> web.StreamResponse:
     rt = request.app[RUNTIME].current
     request_id = _request_id(request)
     started = time.monotonic()
@@ -186,11 +186,11 @@ async def _proxy(request: web.Request, make_exchange: Any, dialect: str) -> web.
         return await write_reply(request, ex, reply, outcome)
     finally:
         if rt.access_log.enabled:
-            rt.access_log(_access_fields(request, request_id, ex, reply, status, error, outcome, started))
+            rt.access_log(_access_fields(request, request_id, route, ex, reply, status, error, outcome, started))
 
 
 def _access_fields(
-    request: web.Request, request_id: str, ex: Exchange | None, reply: Any, status: int,
+    request: web.Request, request_id: str, route: str, ex: Exchange | None, reply: Any, status: int,
     error: GatewayError | None, outcome: StreamOutcome, started: float,
 ) -> dict[str, Any]:
     if error is not None:
@@ -204,9 +204,9 @@ def _access_fields(
     else:
         result, code = ("ok" if status < 400 else "upstream_error"), None
     fields: dict[str, Any] = {
-        "level": "info", "request_id": request_id, "tenant": ex.tenant if ex else None,
+        "ts": None, "level": "info", "request_id": request_id, "tenant": ex.tenant if ex else None,
         "target": ex.target.name if ex else None, "kind": ex.target.kind if ex else None,
-        "route": ex.route if ex else None, "method": request.method, "status": status,
+        "route": route, "method": request.method, "status": status,
         "stream": ex.stream if ex else False, "model": ex.model if ex else None,
         "outcome": result, "error_code": code,
         "upstream_status": reply.upstream_status if reply is not None else (error.upstream_status if error else None),
