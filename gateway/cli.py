@@ -136,6 +136,7 @@ def serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) ->
 async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) -> None:
     from gateway.app import create_app
     from gateway.keys import RUNTIME
+    from gateway.server import GatewayRunner
 
     app = create_app(config)
     import gc
@@ -143,7 +144,7 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
     gc.freeze()  # everything built at startup is permanent: keep it out of every future collection
     # aiohttp reads a shutdown timeout of 0 as "no limit"; a grace of 0 means "do not wait".
     grace = max(config.server.shutdown_grace_s, 0.001)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace)
+    runner = GatewayRunner(app, handle_signals=False, shutdown_timeout=grace)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None,
                        backlog=1024)

@@ -11,7 +11,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.config import parse_config
+from gateway.server import GatewayRunner
 from tests.fakes import FakeUpstream
+
+
+class GatewayTestServer(TestServer):
+    """A TestServer running the app with the gateway's own runner, as the CLI does."""
+
+    async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
+        return GatewayRunner(self.app, **kwargs)
 
 
 class Logs(list):
@@ -42,7 +50,7 @@ def gateway(aiohttp_client: Any) -> GatewayFactory:
         config = parse_config(config_yaml, env=env)
         logs = Logs()
         app = create_app(config, env=env, access_log_write=logs.write)
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(GatewayTestServer(app))
         return client, logs
 
     return make

@@ -251,7 +251,9 @@ async def test_content_length_with_transfer_encoding_is_400(gw, fake):
     await writer.drain()
     data = await reader.read()
     writer.close()
-    assert data.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")  # rejected by the HTTP parser itself
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line.endswith(b" 400 Bad Request")  # rejected by the HTTP parser, answered in the envelope
+    assert b'"code":"invalid_request"' in rest
     assert fake.requests == []
 
 
@@ -271,3 +273,18 @@ async def test_lower_case_hop_headers_on_the_wire_are_dropped(gw, fake):
     for name in ("x-foo", "te", "proxy-authorization"):
         assert name not in seen, name
     assert seen["x-kept"] == "yes"
+
+
+async def test_over_long_header_is_431_in_gateway_format(gw, fake):
+    import asyncio
+
+    client, _ = gw
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /t/rest/x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].endswith(b" 431 Request Header Fields Too Large")
+    assert b'"code":"headers_too_large"' in body and b"Traceback" not in data
+    assert fake.requests == []
