@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import StreamBroken, UpstreamTimeout, UpstreamUnavailable
@@ -28,17 +28,24 @@ from gateway.headers import client_response_headers
 MAX_BUFFERED_BYTES = 1 << 20
 
 
-def is_streaming(headers: CIMultiDictProxy[str], method: str) -> bool:
+def is_streaming(resp: aiohttp.ClientResponse, method: str) -> bool:
     """Relay chunk by chunk (never buffer, never compress): SSE, ndjson, unknown or large length."""
-    if method == "HEAD":
+    if method == "HEAD" or resp.status in (204, 304):
         return False
-    ctype = headers.get("Content-Type", "")
+    ctype = resp.headers.get("Content-Type", "")
     if ctype.startswith(("text/event-stream", "application/x-ndjson")):
         return True
-    length = headers.get("Content-Length")
-    if length is None:
-        return "chunked" in headers.get("Transfer-Encoding", "") or "Content-Length" not in headers
-    return not length.isdigit() or int(length) > MAX_BUFFERED_BYTES
+    length = resp.headers.get("Content-Length")
+    return length is None or not length.isdigit() or int(length) > MAX_BUFFERED_BYTES
+
+
+async def _read_first(resp: aiohttp.ClientResponse, method: str) -> tuple[bytes | None, bytes]:
+    """A complete body (released to the pool), or ``(None, first chunk)`` of a stream."""
+    if not is_streaming(resp, method):
+        data = await resp.read()
+        resp.release()
+        return data, b""
+    return None, await resp.content.readany()
 
 
 class Transport:
@@ -84,34 +91,24 @@ class Transport:
         started = time.monotonic()
         resp: aiohttp.ClientResponse | None = None
         try:
-            if not stream:
-                # aiohttp's own deadline covers connect, headers and the whole body at no extra cost
-                resp = await self._session.request(
-                    method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
-                    timeout=self._timeouts.get(timeout_s) or self._timeout(timeout_s),
-                )
-                if not is_streaming(resp.headers, method):
-                    data = await resp.read()
-                    resp.release()
-                    return Reply(resp.status, client_response_headers(resp.headers), body=data,
-                                 upstream_status=resp.status)
-                # a stream the client did not ask for (a chunked or large download): the attempt's
-                # deadline bounds the whole body
-                first = await resp.content.readany()
-            else:
+            if stream:  # the deadline covers the first body byte; after it, idle gaps are timed
                 async with asyncio.timeout(timeout_s):
                     resp = await self._session.request(
                         method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
                     )
-                    if not is_streaming(resp.headers, method):
-                        data = await resp.read()
-                        resp.release()
-                        return Reply(resp.status, client_response_headers(resp.headers), body=data,
-                                     upstream_status=resp.status)
-                    first = await resp.content.readany()
+                    data, first = await _read_first(resp, method)
+            else:  # aiohttp's own deadline covers connect, headers and the whole body, at no extra cost
+                resp = await self._session.request(
+                    method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
+                    timeout=self._timeouts.get(timeout_s) or self._timeout(timeout_s),
+                )
+                data, first = await _read_first(resp, method)
+            headers_out = client_response_headers(resp.headers)
+            if data is not None:
+                return Reply(resp.status, headers_out, body=data, upstream_status=resp.status)
             reply = Reply(
-                resp.status, client_response_headers(resp.headers),
-                chunks=_relay(resp, first, idle_timeout_s, self.target), upstream_status=resp.status,
+                resp.status, headers_out, chunks=_relay(resp, first, idle_timeout_s, self.target),
+                upstream_status=resp.status,
             )
             reply.ttft_ms = (time.monotonic() - started) * 1000
             return reply

@@ -288,3 +288,11 @@ async def test_over_long_header_is_431_in_gateway_format(gw, fake):
     assert head.split(b"\r\n", 1)[0].endswith(b" 431 Request Header Fields Too Large")
     assert b'"code":"headers_too_large"' in body and b"Traceback" not in data
     assert fake.requests == []
+
+
+async def test_no_content_response_passes_through(gw, fake):
+    client, _ = gw
+    resp = await client.delete("/t/rest/items/1", headers={"X-Fake-Status": "204"})
+    assert resp.status == 204
+    assert await resp.read() == b""
+    assert "Transfer-Encoding" not in resp.headers
