@@ -63,6 +63,15 @@ def _request_id(request: web.Request) -> str:
     return f"{_id_prefix}{next(_ids):010x}"
 
 
+def _model_and_stream(request: web.Request, body: bytes, *, json_by_default: bool) -> tuple[str | None, bool]:
+    """The request's ``model`` and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
+    stream = _accepts_sse(request)
+    if not body or "Content-Encoding" in request.headers or not _is_json(request, by_default=json_by_default):
+        return None, stream  # an upload or a compressed body: routed by header or default, never decoded
+    peek = _peek_body(body)
+    return peek.model, bool(peek.stream) or stream
+
+
 def _accepts_sse(request: web.Request) -> bool:
     """An SSE client says so in Accept: its response is a stream, timed by first byte and idle gaps."""
     return "text/event-stream" in request.headers.get("Accept", "")
@@ -111,10 +120,7 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str) -> Ex
     validate_path(rel)
     dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
     body = await _read_body(request, rt)
-    model, stream = None, _accepts_sse(request)
-    if body and _is_json(request, by_default=True):
-        peek = _peek_body(body)
-        model, stream = peek.model, bool(peek.stream) or stream
+    model, stream = _model_and_stream(request, body, json_by_default=True)
     target = rt.router.for_v1(request.headers.get("X-ReliAPI-Target"), model)
     return Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
@@ -130,10 +136,10 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str) -> Exc
     target = rt.router.by_name(name)
     validate_path(rel)
     body = await _read_body(request, rt)
-    model, stream = None, _accepts_sse(request)
-    if target.kind == "llm" and body and _is_json(request, by_default=False):
-        peek = _peek_body(body)
-        model, stream = peek.model, bool(peek.stream) or stream
+    if target.kind == "llm":
+        model, stream = _model_and_stream(request, body, json_by_default=False)
+    else:
+        model, stream = None, _accepts_sse(request)
     return Exchange(
         request_id=request_id, method=request.method, route="t", dialect=ENVELOPE, rel_path=rel, v1=False,
         query=query, headers=request.headers, body=body, target=target, model=model, stream=stream,
