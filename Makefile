@@ -23,6 +23,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null 2>&1)); } || \
+	  echo "wrk not available: bench falls back to its Python load generator"
 	$(PY) bench/run.py $(ARGS)
 
 lint: $(STAMP)
