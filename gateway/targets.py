@@ -29,9 +29,8 @@ class Target:
         self.provider: Provider = get_provider(config.provider or "http")
         self.base = UpstreamBase(config.base_url)
         self.credential: Credential = resolve(config.auth, self.provider, name, env)
-        self.transport = Transport(
-            name, connect_timeout_s=config.connect_timeout_ms / 1000, limit=config.max_concurrency
-        )
+        # The pool is unbounded: max_concurrency is a bulkhead that answers 503 at once, not a queue.
+        self.transport = Transport(name, connect_timeout_s=config.connect_timeout_ms / 1000)
         self.timeout_s = config.timeout_ms / 1000
         self.ttft_timeout_s = min(config.ttft_timeout_ms, config.timeout_ms) / 1000
         self.idle_timeout_s = config.stream_idle_timeout_ms / 1000

@@ -49,15 +49,14 @@ async def _read_first(resp: aiohttp.ClientResponse, method: str) -> tuple[bytes 
 
 
 class Transport:
-    def __init__(self, target: str, *, connect_timeout_s: float, limit: int | None = None) -> None:
+    def __init__(self, target: str, *, connect_timeout_s: float) -> None:
         self.target = target
         self._connect_timeout_s = connect_timeout_s
-        self._limit = limit or 0
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,  # bodies pass through byte for byte, Content-Encoding and all
