@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -54,6 +55,16 @@ def gateway(aiohttp_client: Any) -> GatewayFactory:
         return client, logs
 
     return make
+
+
+async def raw_http(client: TestClient, request: bytes) -> bytes:
+    """Send bytes exactly as written (no client-side normalisation) and read until the server closes."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(request)
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    return data
 
 
 def llm_config(fake_url: str, *, extra_target: str = "", server: str = "default_target: up") -> str:

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from tests.conftest import llm_config
+from tests.conftest import llm_config, raw_http
 
 ENV = {"UP_KEY": "sk-upstream-openai-123456", "CLAUDE_KEY": "sk-ant-upstream-654321"}
 
@@ -242,15 +242,9 @@ async def test_upstream_error_echoing_the_key_is_scrubbed(gw, fake):
 
 
 async def test_content_length_with_transfer_encoding_is_400(gw, fake):
-    import asyncio
-
     client, _ = gw
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"POST /t/rest/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+    data = await raw_http(client, b"POST /t/rest/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
                  b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
     status_line, _, rest = data.partition(b"\r\n")
     assert status_line.endswith(b" 400 Bad Request")  # rejected by the HTTP parser, answered in the envelope
     assert b'"code":"invalid_request"' in rest
@@ -258,15 +252,9 @@ async def test_content_length_with_transfer_encoding_is_400(gw, fake):
 
 
 async def test_lower_case_hop_headers_on_the_wire_are_dropped(gw, fake):
-    import asyncio
-
     client, _ = gw
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"GET /t/rest/h HTTP/1.1\r\nhost: 169.254.169.254\r\nconnection: close, x-foo\r\nx-foo: 1\r\n"
+    data = await raw_http(client, b"GET /t/rest/h HTTP/1.1\r\nhost: 169.254.169.254\r\nconnection: close, x-foo\r\nx-foo: 1\r\n"
                  b"te: trailers\r\nproxy-authorization: Basic x\r\nx-kept: yes\r\n\r\n")
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
     assert b" 200 OK" in data.split(b"\r\n", 1)[0]
     seen = fake.requests[0].headers
     assert seen["Host"] == fake.url.split("//")[1]
@@ -276,14 +264,8 @@ async def test_lower_case_hop_headers_on_the_wire_are_dropped(gw, fake):
 
 
 async def test_over_long_header_is_431_in_gateway_format(gw, fake):
-    import asyncio
-
     client, _ = gw
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"GET /t/rest/x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
+    data = await raw_http(client, b"GET /t/rest/x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.split(b"\r\n", 1)[0].endswith(b" 431 Request Header Fields Too Large")
     assert b'"code":"headers_too_large"' in body and b"Traceback" not in data

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from gateway.errors import InvalidRequest
 from gateway.paths import UpstreamBase, validate_path
-from tests.conftest import llm_config
+from tests.conftest import llm_config, raw_http
 
 BAD_PATHS = [
     "//evil.example/x",
@@ -58,11 +56,7 @@ def test_upstream_base_keeps_origin_and_base_path():
 
 async def _raw(client, target: str) -> tuple[int, bytes]:
     """Send a request line exactly as written (no client-side normalisation)."""
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
+    data = await raw_http(client, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     status = int(data.split(b" ", 2)[1])
     return status, data
 
