@@ -44,10 +44,15 @@ def upstream_request_headers(
     drop = _REQUEST_DROP_WITH_CREDENTIALS if drop_credentials else _REQUEST_DROP
     if "Connection" in headers:
         drop = drop | _connection_tokens(headers)
-    return CIMultiDict([
+    out = CIMultiDict([
         (k, v) for k, v in headers.items()
         if (n := k.lower()) not in drop and not n.startswith(_GATEWAY_PREFIX)
     ])
+    if "Accept-Encoding" not in out:
+        # aiohttp would ask for gzip on the client's behalf; bodies pass through undecoded, so a
+        # client that did not ask for compression must not receive it
+        out["Accept-Encoding"] = "identity"
+    return out
 
 
 def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -61,7 +61,6 @@ class Transport:
             connector=connector,
             auto_decompress=False,  # bodies pass through byte for byte, Content-Encoding and all
             cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
             trust_env=False,
             requote_redirect_url=False,

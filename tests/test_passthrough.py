@@ -278,3 +278,11 @@ async def test_no_content_response_passes_through(gw, fake):
     assert resp.status == 204
     assert await resp.read() == b""
     assert "Transfer-Encoding" not in resp.headers
+
+
+async def test_no_compression_unless_the_client_asked(gw, fake):
+    client, _ = gw
+    await raw_http(client, b"GET /t/rest/plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert fake.requests[0].headers["Accept-Encoding"] == "identity"  # not aiohttp's "gzip, deflate"
+    await client.get("/t/rest/gz", headers={"Accept-Encoding": "br"})
+    assert fake.requests[1].headers["Accept-Encoding"] == "br"
