@@ -199,28 +199,34 @@ def _access_fields(
     request: web.Request, request_id: str, route: str, ex: Exchange | None, reply: Any, status: int,
     error: GatewayError | None, outcome: StreamOutcome, started: float,
 ) -> dict[str, Any]:
+    latency_ms = round((time.monotonic() - started) * 1000, 2)
+    if ex is None:  # rejected before a target was chosen
+        return {
+            "ts": None, "level": "info", "request_id": request_id, "tenant": None, "target": None, "kind": None,
+            "route": route, "method": request.method, "status": status, "stream": False, "model": None,
+            "outcome": "error", "error_code": error.code if error else None, "upstream_status": None,
+            "attempts": 0, "latency_ms": latency_ms, "ttft_ms": None,
+        }
     if error is not None:
         result, code = "error", error.code
+    elif outcome.ok:
+        result, code = ("ok" if status < 400 else "upstream_error"), None
     elif outcome.client_gone:
         result, code = "client_closed", None
     elif outcome.error is not None:
         result, code = "stream_error", outcome.error.code
-    elif not outcome.ok:
-        result, code = "cancelled", None
     else:
-        result, code = ("ok" if status < 400 else "upstream_error"), None
-    fields: dict[str, Any] = {
-        "ts": None, "level": "info", "request_id": request_id, "tenant": ex.tenant if ex else None,
-        "target": ex.target.name if ex else None, "kind": ex.target.kind if ex else None,
-        "route": route, "method": request.method, "status": status,
-        "stream": ex.stream if ex else False, "model": ex.model if ex else None,
-        "outcome": result, "error_code": code,
-        "upstream_status": reply.upstream_status if reply is not None else (error.upstream_status if error else None),
-        "attempts": ex.attempts if ex else 0,
-        "latency_ms": round((time.monotonic() - started) * 1000, 2),
-        "ttft_ms": round(reply.ttft_ms, 2) if reply is not None and reply.ttft_ms is not None else None,
+        result, code = "cancelled", None
+    ttft = reply.ttft_ms if reply is not None else None
+    target = ex.target
+    fields = {
+        "ts": None, "level": "info", "request_id": request_id, "tenant": ex.tenant, "target": target.name,
+        "kind": target.kind, "route": route, "method": ex.method, "status": status, "stream": ex.stream,
+        "model": ex.model, "outcome": result, "error_code": code,
+        "upstream_status": reply.upstream_status if reply is not None else error.upstream_status if error else None,
+        "attempts": ex.attempts, "latency_ms": latency_ms, "ttft_ms": round(ttft, 2) if ttft is not None else None,
     }
-    if ex is not None and ex.log:
+    if ex.log:
         fields.update(ex.log)
     return fields
 
