@@ -17,11 +17,12 @@ import time
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway import __version__
 from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
+from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
 from gateway.keys import RUNTIME
 from gateway.paths import validate_path
 from gateway.runtime import Runtime
@@ -57,7 +58,7 @@ os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 def _request_id(request: web.Request) -> str:
-    rid = request.headers.get("X-Request-Id")
+    rid = request.headers.get(X_REQUEST_ID)
     if rid and _REQUEST_ID.fullmatch(rid):
         return rid
     return f"{_id_prefix}{next(_ids):010x}"
@@ -66,7 +67,7 @@ def _request_id(request: web.Request) -> str:
 def _model_and_stream(request: web.Request, body: bytes, *, json_by_default: bool) -> tuple[str | None, bool]:
     """The request's ``model`` and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
     stream = _accepts_sse(request)
-    if not body or "Content-Encoding" in request.headers or not _is_json(request, by_default=json_by_default):
+    if not body or hdrs.CONTENT_ENCODING in request.headers or not _is_json(request, by_default=json_by_default):
         return None, stream  # an upload or a compressed body: routed by header or default, never decoded
     peek = _peek_body(body)
     return peek.model, bool(peek.stream) or stream
@@ -74,12 +75,12 @@ def _model_and_stream(request: web.Request, body: bytes, *, json_by_default: boo
 
 def _accepts_sse(request: web.Request) -> bool:
     """An SSE client says so in Accept: its response is a stream, timed by first byte and idle gaps."""
-    return "text/event-stream" in request.headers.get("Accept", "")
+    return "text/event-stream" in request.headers.get(hdrs.ACCEPT, "")
 
 
 def _is_json(request: web.Request, *, by_default: bool) -> bool:
     """/v1 bodies are JSON unless they are uploads; elsewhere only when labelled JSON."""
-    ctype = request.headers.get("Content-Type", "")
+    ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
     if by_default:
         return not ctype.startswith(("multipart/", "application/octet-stream", "audio/"))
     return "json" in ctype
@@ -97,7 +98,7 @@ def _peek_body(body: bytes) -> _Peek:
 
 
 async def _read_body(request: web.Request, rt: Runtime) -> bytes:
-    if "Transfer-Encoding" in request.headers and "Content-Length" in request.headers:
+    if hdrs.TRANSFER_ENCODING in request.headers and hdrs.CONTENT_LENGTH in request.headers:
         raise InvalidRequest("request has both Content-Length and Transfer-Encoding")
     length = request.content_length
     if length is not None and length > rt.max_body:
@@ -121,7 +122,7 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str) -> Ex
     dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
     body = await _read_body(request, rt)
     model, stream = _model_and_stream(request, body, json_by_default=True)
-    target = rt.router.for_v1(request.headers.get("X-ReliAPI-Target"), model)
+    target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), model)
     return Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
         query=query, headers=request.headers, body=body, target=target, model=model, stream=stream,
@@ -184,11 +185,11 @@ async def _proxy(request: web.Request, make_exchange: Any, dialect: str, route: 
         assert ex is not None and reply is not None
         status = reply.status
         headers = reply.headers
-        headers["X-Request-Id"] = request_id
-        headers["X-ReliAPI-Target"] = ex.target.name
-        headers["X-ReliAPI-Attempts"] = str(ex.attempts)
-        headers.setdefault("X-Cache", "BYPASS")
-        headers.setdefault("X-Cached", "false")
+        headers[X_REQUEST_ID] = request_id
+        headers[X_RELIAPI_TARGET] = ex.target.name
+        headers[X_RELIAPI_ATTEMPTS] = str(ex.attempts)
+        headers.setdefault(X_CACHE, "BYPASS")
+        headers.setdefault(X_CACHED, "false")
         return await write_reply(request, ex, reply, outcome)
     finally:
         if rt.access_log.enabled:

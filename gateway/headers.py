@@ -8,7 +8,16 @@ body we actually send.
 
 from __future__ import annotations
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+# The gateway's own header names, as istr: multidict then skips case-folding them on every use.
+X_REQUEST_ID = istr("X-Request-Id")
+X_RELIAPI_TARGET = istr("X-ReliAPI-Target")
+X_RELIAPI_ATTEMPT = istr("X-ReliAPI-Attempt")  # to upstream: which attempt this is
+X_RELIAPI_ATTEMPTS = istr("X-ReliAPI-Attempts")  # to the client: how many were made
+X_CACHE = istr("X-Cache")
+X_CACHED = istr("X-Cached")
 
 # Classic hop-by-hop list (RFC 2616 §13.5.1, RFC 9110 §7.6.1) plus Proxy-Connection.
 # Lower case: header names are compared case-insensitively (SDKs send "connection").
@@ -32,7 +41,7 @@ _GATEWAY_PREFIX = "x-reliapi-"
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    for value in headers.getall(hdrs.CONNECTION, ()):
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
 
@@ -42,22 +51,22 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """The client's headers as they may go upstream (credentials are added by the provider)."""
     drop = _REQUEST_DROP_WITH_CREDENTIALS if drop_credentials else _REQUEST_DROP
-    if "Connection" in headers:
+    if hdrs.CONNECTION in headers:
         drop = drop | _connection_tokens(headers)
     out = CIMultiDict([
         (k, v) for k, v in headers.items()
         if (n := k.lower()) not in drop and not n.startswith(_GATEWAY_PREFIX)
     ])
-    if "Accept-Encoding" not in out:
+    if hdrs.ACCEPT_ENCODING not in out:
         # aiohttp would ask for gzip on the client's behalf; bodies pass through undecoded, so a
         # client that did not ask for compression must not receive it
-        out["Accept-Encoding"] = "identity"
+        out[hdrs.ACCEPT_ENCODING] = "identity"
     return out
 
 
 def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers as they may go to the client."""
     drop = _RESPONSE_DROP
-    if "Connection" in headers:
+    if hdrs.CONNECTION in headers:
         drop = drop | _connection_tokens(headers)
     return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])

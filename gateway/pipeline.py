@@ -22,7 +22,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.exchange import Exchange, Reply
-from gateway.headers import upstream_request_headers
+from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -65,8 +65,8 @@ def upstream_sender(rt: Runtime) -> Handler:
         ex.attempts += 1
         headers = upstream_request_headers(ex.headers, drop_credentials=target.credential.drops_client_credentials)
         target.credential.apply(headers)
-        headers["X-Request-Id"] = ex.request_id
-        headers["X-ReliAPI-Attempt"] = str(ex.attempts)
+        headers[X_REQUEST_ID] = ex.request_id
+        headers[X_RELIAPI_ATTEMPT] = str(ex.attempts)
         reply = await target.transport.send(
             ex.method, ex.url(), headers, ex.body,
             timeout_s=target.ttft_timeout_s if ex.stream else target.timeout_s,

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -32,10 +33,10 @@ def is_streaming(resp: aiohttp.ClientResponse, method: str) -> bool:
     """Relay chunk by chunk (never buffer, never compress): SSE, ndjson, unknown or large length."""
     if method == "HEAD" or resp.status in (204, 304):
         return False
-    ctype = resp.headers.get("Content-Type", "")
+    ctype = resp.headers.get(hdrs.CONTENT_TYPE, "")
     if ctype.startswith(("text/event-stream", "application/x-ndjson")):
         return True
-    length = resp.headers.get("Content-Length")
+    length = resp.headers.get(hdrs.CONTENT_LENGTH)
     return length is None or not length.isdigit() or int(length) > MAX_BUFFERED_BYTES
 
 

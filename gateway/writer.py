@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, StreamBroken
@@ -98,7 +98,7 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
         outcome.ok = True
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
     resp = web.StreamResponse(status=reply.status, headers=reply.headers)
-    is_sse = reply.headers.get("Content-Type", "").startswith("text/event-stream")
+    is_sse = reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
     try:
         await resp.prepare(request)
         async for chunk in reply.chunks:
