@@ -20,20 +20,18 @@ X_CACHE = istr("X-Cache")
 X_CACHED = istr("X-Cached")
 
 # Classic hop-by-hop list (RFC 2616 §13.5.1, RFC 9110 §7.6.1) plus Proxy-Connection.
-# Lower case: header names are compared case-insensitively (SDKs send "connection").
-HOP_BY_HOP: frozenset[str] = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-    "te", "trailer", "transfer-encoding", "upgrade",
-})
+HOP_BY_HOP: tuple[istr, ...] = tuple(istr(h) for h in (
+    "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization",
+    "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+))
 
 # Never forwarded upstream: framing/routing the gateway owns.
-_REQUEST_DROP: frozenset[str] = HOP_BY_HOP | {"host", "content-length"}
-_RESPONSE_DROP: frozenset[str] = HOP_BY_HOP | {"content-length"}
+_REQUEST_DROP = HOP_BY_HOP + (hdrs.HOST, hdrs.CONTENT_LENGTH)
+_RESPONSE_DROP = HOP_BY_HOP + (hdrs.CONTENT_LENGTH,)
 
 # Client credentials, removed when the gateway injects the target's own key.
-CREDENTIAL_HEADERS: frozenset[str] = frozenset({"authorization", "x-api-key", "api-key", "cookie"})
-
-_REQUEST_DROP_WITH_CREDENTIALS: frozenset[str] = _REQUEST_DROP | CREDENTIAL_HEADERS
+CREDENTIAL_HEADERS: tuple[istr, ...] = (hdrs.AUTHORIZATION, istr("x-api-key"), istr("api-key"), hdrs.COOKIE)
+_REQUEST_DROP_WITH_CREDENTIALS = _REQUEST_DROP + CREDENTIAL_HEADERS
 
 # The gateway's own control headers (X-ReliAPI-Target, …) stop here.
 _GATEWAY_PREFIX = "x-reliapi-"
@@ -42,21 +40,34 @@ _GATEWAY_PREFIX = "x-reliapi-"
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     tokens: set[str] = set()
     for value in headers.getall(hdrs.CONNECTION, ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+        tokens.update(t.strip() for t in value.split(",") if t.strip())
     return tokens
+
+
+def _without(headers: CIMultiDictProxy[str], drop: tuple[istr, ...]) -> CIMultiDict[str]:
+    """A copy minus ``drop`` and minus whatever ``Connection`` names.
+
+    One C-level copy and a few deletions: far cheaper than rebuilding the mapping
+    header by header, and this runs twice per request.
+    """
+    out = CIMultiDict(headers)
+    for name in drop:
+        if name in out:
+            del out[name]
+    if hdrs.CONNECTION in headers:
+        for name in _connection_tokens(headers):
+            out.popall(name, None)
+    return out
 
 
 def upstream_request_headers(
     headers: CIMultiDictProxy[str], *, drop_credentials: bool
 ) -> CIMultiDict[str]:
     """The client's headers as they may go upstream (credentials are added by the provider)."""
-    drop = _REQUEST_DROP_WITH_CREDENTIALS if drop_credentials else _REQUEST_DROP
-    if hdrs.CONNECTION in headers:
-        drop = drop | _connection_tokens(headers)
-    out = CIMultiDict([
-        (k, v) for k, v in headers.items()
-        if (n := k.lower()) not in drop and not n.startswith(_GATEWAY_PREFIX)
-    ])
+    out = _without(headers, _REQUEST_DROP_WITH_CREDENTIALS if drop_credentials else _REQUEST_DROP)
+    control = [k for k in out if k[0] in "xX" and k[:10].lower() == _GATEWAY_PREFIX]
+    for name in control:
+        out.popall(name, None)
     if hdrs.ACCEPT_ENCODING not in out:
         # aiohttp would ask for gzip on the client's behalf; bodies pass through undecoded, so a
         # client that did not ask for compression must not receive it
@@ -66,7 +77,4 @@ def upstream_request_headers(
 
 def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers as they may go to the client."""
-    drop = _RESPONSE_DROP
-    if hdrs.CONNECTION in headers:
-        drop = drop | _connection_tokens(headers)
-    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
+    return _without(headers, _RESPONSE_DROP)
