@@ -98,8 +98,7 @@ def _peek_body(body: bytes) -> _Peek:
 
 
 async def _read_body(request: web.Request, rt: Runtime) -> bytes:
-    if hdrs.TRANSFER_ENCODING in request.headers and hdrs.CONTENT_LENGTH in request.headers:
-        raise InvalidRequest("request has both Content-Length and Transfer-Encoding")
+    # (Content-Length together with Transfer-Encoding never gets here: the HTTP parser rejects it.)
     length = request.content_length
     if length is not None and length > rt.max_body:
         raise PayloadTooLarge(f"request body is larger than {rt.config.server.max_body_mb:g} MB")

@@ -63,8 +63,9 @@ def upstream_sender(rt: Runtime) -> Handler:
     async def send_upstream(ex: Exchange) -> Reply:
         target = ex.target
         ex.attempts += 1
-        headers = upstream_request_headers(ex.headers, drop_credentials=target.credential.drops_client_credentials)
-        target.credential.apply(headers)
+        credential = target.credential
+        headers = upstream_request_headers(ex.headers, drop_credentials=credential.drops_client_credentials)
+        credential.apply(headers)
         headers[X_REQUEST_ID] = ex.request_id
         headers[X_RELIAPI_ATTEMPT] = str(ex.attempts)
         reply = await target.transport.send(

@@ -22,20 +22,17 @@ log = logging.getLogger("reliapi")
 
 
 class Credential:
-    __slots__ = ("mode", "header", "_values", "_keys", "_cycle")
+    __slots__ = ("mode", "drops_client_credentials", "header", "_values", "_keys", "_cycle")
 
     def __init__(
         self, mode: str, header: str | None = None, values: list[str] | None = None, keys: list[str] | None = None
     ) -> None:
         self.mode = mode  # "inject" | "passthrough" | "none"
+        self.drops_client_credentials = mode != "passthrough"
         self.header = header
         self._values = values or []  # header values, prefix included
         self._keys = keys or []
         self._cycle = itertools.cycle(self._values) if len(self._values) > 1 else None
-
-    @property
-    def drops_client_credentials(self) -> bool:
-        return self.mode != "passthrough"
 
     @property
     def secrets(self) -> list[str]:
