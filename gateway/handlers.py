@@ -27,7 +27,7 @@ from gateway.keys import RUNTIME
 from gateway.paths import validate_path
 from gateway.runtime import Runtime
 from gateway.store import StoreError
-from gateway.writer import StreamOutcome, error_response, write_reply
+from gateway.writer import StreamOutcome, complete_response, error_response, write_reply
 
 log = logging.getLogger("reliapi")
 
@@ -148,17 +148,17 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str) -> Exc
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    """Every path that is not a fixed gateway endpoint lands here."""
+    """Every path that is not a fixed gateway endpoint lands here: /v1/* and /t/* are proxied."""
     raw = request.raw_path
     if raw.startswith("/v1/"):
+        make_exchange, route = _exchange_v1, "v1"
         dialect = ANTHROPIC if raw.startswith("/v1/messages") else OPENAI
-        return await _proxy(request, _exchange_v1, dialect, "v1")
-    if raw.startswith("/t/"):
-        return await _proxy(request, _exchange_t, ENVELOPE, "t")
-    return error_response(UnknownTarget(f"no route for {request.method} {request.path}"), ENVELOPE, _request_id(request))
-
-
-async def _proxy(request: web.Request, make_exchange: Any, dialect: str, route: str) -> web.StreamResponse:
+    elif raw.startswith("/t/"):
+        make_exchange, route, dialect = _exchange_t, "t", ENVELOPE
+    else:
+        return error_response(
+            UnknownTarget(f"no route for {request.method} {request.path}"), ENVELOPE, _request_id(request)
+        )
     rt = request.app[RUNTIME].current
     request_id = _request_id(request)
     started = time.monotonic()
@@ -189,6 +189,8 @@ async def _proxy(request: web.Request, make_exchange: Any, dialect: str, route: 
         headers[X_RELIAPI_ATTEMPTS] = str(ex.attempts)
         headers.setdefault(X_CACHE, "BYPASS")
         headers.setdefault(X_CACHED, "false")
+        if reply.chunks is None:
+            return complete_response(reply, outcome)
         return await write_reply(request, ex, reply, outcome)
     finally:
         if rt.access_log.enabled:

@@ -55,6 +55,7 @@ class Transport:
         self._connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._urls: dict[str, URL] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -89,16 +90,21 @@ class Transport:
         assert self._session is not None, "transport not started"
         started = time.monotonic()
         resp: aiohttp.ClientResponse | None = None
+        target_url = self._urls.get(url)
+        if target_url is None:
+            target_url = URL(url, encoded=True)
+            if len(self._urls) < 1024:  # LLM traffic reuses a handful of URLs; build each once
+                self._urls[url] = target_url
         try:
             if stream:  # the deadline covers the first body byte; after it, idle gaps are timed
                 async with asyncio.timeout(timeout_s):
                     resp = await self._session.request(
-                        method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
+                        method, target_url, headers=headers, data=body or None, allow_redirects=False,
                     )
                     data, first = await _read_first(resp, method)
             else:  # aiohttp's own deadline covers connect, headers and the whole body, at no extra cost
                 resp = await self._session.request(
-                    method, URL(url, encoded=True), headers=headers, data=body or None, allow_redirects=False,
+                    method, target_url, headers=headers, data=body or None, allow_redirects=False,
                     timeout=self._timeouts.get(timeout_s) or self._timeout(timeout_s),
                 )
                 data, first = await _read_first(resp, method)

@@ -93,10 +93,15 @@ class StreamOutcome:
         self.client_gone = False
 
 
+def complete_response(reply: Reply, outcome: StreamOutcome) -> web.Response:
+    """A complete Reply as one response (no coroutine: this is most requests)."""
+    outcome.ok = True
+    return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+
+
 async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome: StreamOutcome) -> web.StreamResponse:
     if reply.chunks is None:
-        outcome.ok = True
-        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        return complete_response(reply, outcome)
     resp = web.StreamResponse(status=reply.status, headers=reply.headers)
     is_sse = reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
     try:
