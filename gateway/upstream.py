@@ -54,7 +54,7 @@ class Transport:
         self.target = target
         self._connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}
 
     async def start(self) -> None:
@@ -96,16 +96,19 @@ class Transport:
             if len(self._urls) < 1024:  # LLM traffic reuses a handful of URLs; build each once
                 self._urls[url] = target_url
         try:
-            if stream:  # the deadline covers the first body byte; after it, idle gaps are timed
+            if stream:
+                # our deadline covers the first body byte; aiohttp's read timeout then times every
+                # silence between chunks (re-armed on each read, no timer object per chunk)
                 async with asyncio.timeout(timeout_s):
                     resp = await self._session.request(
                         method, target_url, headers=headers, data=body or None, allow_redirects=False,
+                        timeout=self._timeout(None, idle_timeout_s),
                     )
                     data, first = await _read_first(resp, method)
             else:  # aiohttp's own deadline covers connect, headers and the whole body, at no extra cost
                 resp = await self._session.request(
                     method, target_url, headers=headers, data=body or None, allow_redirects=False,
-                    timeout=self._timeouts.get(timeout_s) or self._timeout(timeout_s),
+                    timeout=self._timeout(timeout_s, None),
                 )
                 data, first = await _read_first(resp, method)
             headers_out = client_response_headers(resp.headers)
@@ -129,10 +132,12 @@ class Transport:
             _discard(resp)  # cancelled (client gone): drop the upstream connection at once
             raise
 
-    def _timeout(self, total_s: float) -> aiohttp.ClientTimeout:
-        timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=self._connect_timeout_s)
-        if len(self._timeouts) < 64:  # a target has one or two distinct per-attempt timeouts
-            self._timeouts[total_s] = timeout
+    def _timeout(self, total_s: float | None, read_s: float | None) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get((total_s, read_s))
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=self._connect_timeout_s, sock_read=read_s)
+            if len(self._timeouts) < 64:  # a target has two or three distinct ones
+                self._timeouts[(total_s, read_s)] = timeout
         return timeout
 
 
@@ -146,8 +151,7 @@ async def _relay(
         while True:
             waited_from = time.monotonic()
             try:
-                async with asyncio.timeout(idle_timeout_s):
-                    chunk = await resp.content.readany()
+                chunk = await resp.content.readany()  # silence is timed by the request's read timeout
             except TimeoutError:
                 if time.monotonic() - waited_from < idle_timeout_s:  # the deadline of an unasked-for stream
                     raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
