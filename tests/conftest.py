@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -13,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.config import parse_config
 from gateway.server import GatewayRunner
+from tests.cli_harness import CLI
 from tests.fakes import FakeUpstream
 
 
@@ -87,3 +89,13 @@ targets:
     base_url: {fake_url}/api
     auth: {{type: passthrough}}
 """
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[CLI]:
+    """The real CLI in a fresh working directory; every gateway it started is killed at teardown."""
+    runner = CLI(tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.close()

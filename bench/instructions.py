@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""CPU instructions per proxied request, gateway vs bare proxy, under valgrind's callgrind.
+
+Requests per second on a shared VM drift by ±20 % between identical runs; instruction
+counts do not. Each proxy runs twice under callgrind, serving N1 and then N2 sequential
+non-streaming requests over one keep-alive connection; (total(N2) - total(N1)) / (N2 - N1)
+cancels start-up and shutdown and leaves the cost of one request. Takes 2-4 minutes.
+
+    python bench/instructions.py [--n1 100] [--n2 400]
+
+Needs valgrind (Debian package `valgrind`). 127.0.0.1 only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Authorization: Bearer sk-bench\r\nContent-Length: %d\r\n\r\n" % len(BODY)) + BODY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect(port: int, timeout: float = 120) -> socket.socket:
+    deadline = time.monotonic() + timeout  # valgrind makes start-up slow
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=60)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"nothing listening on {port} after {timeout}s") from None
+            time.sleep(0.2)
+
+
+def send_sequential(port: int, n: int) -> None:
+    sock = connect(port)
+    with sock:
+        for i in range(n):
+            sock.sendall(REQUEST)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = sock.recv(65536)
+                if not data:
+                    raise SystemExit(f"connection closed after {i} requests")
+                buf += data
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            while len(rest) < length:
+                rest += sock.recv(65536)
+
+
+def instructions(cmd: list[str], port: int, n: int, out: Path) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    try:
+        send_sequential(port, n)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    match = re.search(r"^summary:\s+(\d+)", out.read_text(), re.M)
+    if match is None:
+        raise SystemExit(f"no callgrind summary in {out}")
+    return int(match.group(1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n1", type=int, default=100)
+    ap.add_argument("--n2", type=int, default=400)
+    a = ap.parse_args()
+    if shutil.which("valgrind") is None:
+        print("valgrind not found (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    up_port = free_port()
+    upstream = subprocess.Popen([PY, str(BENCH / "fake_upstream.py"), "--port", str(up_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = Path(tempfile.mkdtemp(prefix="reliapi-instr-"))
+    try:
+        connect(up_port, timeout=15).close()
+        cfg = tmp / "gateway.yaml"
+        results = {}
+        for name in ("bare", "gateway"):
+            port = free_port()
+            cfg.write_text(f"server: {{default_target: up, port: {port}}}\ntargets:\n"
+                           f"  up: {{base_url: 'http://127.0.0.1:{up_port}/v1', provider: openai, "
+                           f"auth: {{type: passthrough}}}}\n")
+            cmd = ([PY, str(BENCH / "bare_proxy.py"), "--port", str(port), "--upstream", f"http://127.0.0.1:{up_port}"]
+                   if name == "bare" else [PY, "-m", "gateway", "--config", str(cfg), "--log-level", "info"])
+            totals = [instructions(cmd, port, n, tmp / f"{name}.{n}.out") for n in (a.n1, a.n2)]
+            results[name] = (totals[1] - totals[0]) / (a.n2 - a.n1)
+            print(f"{name:8s} {results[name] / 1000:8.1f} k instructions / request", flush=True)
+        print(f"gateway/bare {results['gateway'] / results['bare']:.3f}x")
+    finally:
+        upstream.terminate()
+        upstream.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Lifecycle of a running gateway process (SPEC §1): SIGTERM drain and grace period, SIGHUP reload, workers.
+
+Each test starts ``python -m gateway`` through the harness in tests/cli_harness.py; streams go
+to the in-process fake upstream (tests/fakes.py), worker processes are inspected through /proc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.cli_harness import (
+    CLI,
+    INVALID_YAML,
+    STARTUP_S,
+    Gateway,
+    assert_no_traceback,
+    free_port,
+    get_json,
+    refuses,
+)
+from tests.fakes import FakeUpstream
+
+
+def child_pids(pid: int) -> set[int]:
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return children
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on ``port`` (IPv4 and IPv6), from /proc/net/tcp*."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A = LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def start_behind_fake(cli: CLI, fake: FakeUpstream, grace_s: float) -> Gateway:
+    """A gateway whose default target ``up`` is the in-process fake upstream."""
+    port = free_port()
+    cli.write("up.yaml", f"""\
+server: {{port: {port}, default_target: up, shutdown_grace_s: {grace_s}}}
+targets:
+  up: {{base_url: "{fake.url}/v1", provider: openai}}
+""")
+    return cli.start("--config", "up.yaml", port=port)
+
+
+async def stream_and_sigterm(gw: Gateway, chunks: int, interval_ms: int) -> tuple[list[bytes], bool]:
+    """Open a slow stream, SIGTERM the gateway after its first chunk and read until the stream ends.
+
+    Returns the non-empty lines received and whether new connections were refused while the
+    gateway was still running (i.e. it stopped accepting before it finished draining).
+    """
+    port = gw.port
+
+    async def refused_soon() -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+            except ConnectionRefusedError:
+                return gw.proc.poll() is None
+            else:
+                writer.close()
+            await asyncio.sleep(0.02)
+        pytest.fail(f"new connections still accepted 5s after SIGTERM\n{gw.output}")
+
+    lines: list[bytes] = []
+    refused: asyncio.Task[bool] | None = None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"X-Fake-Chunks": str(chunks), "X-Fake-Interval-Ms": str(interval_ms)},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            try:
+                async for line in resp.content:
+                    if line.strip():
+                        lines.append(line.strip())
+                    if refused is None and b"tok0" in line:
+                        gw.proc.send_signal(signal.SIGTERM)
+                        refused = asyncio.create_task(refused_soon())
+            except aiohttp.ClientPayloadError:
+                pass  # a stream cut by the gateway at the end of its grace period
+    assert refused is not None, lines
+    return lines, await refused
+
+
+# ---------------------------------------------------------------- SIGTERM and workers
+
+
+async def test_sigterm_drains_in_flight_stream_then_exits_0(cli: CLI, fake: FakeUpstream) -> None:
+    gw = start_behind_fake(cli, fake, grace_s=10)
+    await asyncio.to_thread(gw.wait_healthy)
+
+    lines, refused_while_draining = await stream_and_sigterm(gw, chunks=10, interval_ms=200)
+
+    assert refused_while_draining, "the gateway exited before it stopped accepting connections"
+    payload = b"\n".join(lines)
+    for i in range(10):
+        assert f"tok{i} ".encode() in payload, payload
+    assert lines[-1] == b"data: [DONE]", payload
+    assert fake.streams_finished == 1
+    assert await gw.wait_exit_async(timeout=10 + 5) == 0, gw.output
+    assert any("shutting down" in m for m in gw.messages()), gw.output
+    assert_no_traceback(gw.stderr)
+
+
+@pytest.mark.parametrize("grace_s", [0, 0.5])
+async def test_sigterm_cuts_streams_outliving_the_grace_period(cli: CLI, fake: FakeUpstream, grace_s: float) -> None:
+    """A stream far longer than shutdown_grace_s (0 = no grace) is cut; the gateway still exits 0."""
+    gw = start_behind_fake(cli, fake, grace_s=grace_s)
+    await asyncio.to_thread(gw.wait_healthy)
+
+    lines, _ = await stream_and_sigterm(gw, chunks=100, interval_ms=200)  # 20 s if left to finish
+
+    assert b"data: [DONE]" not in lines
+    assert fake.streams_finished == 0
+    assert await gw.wait_exit_async(timeout=10) == 0, gw.output
+    assert_no_traceback(gw.stderr)
+
+
+def test_workers_share_one_port_and_stop_on_sigterm(cli: CLI) -> None:
+    port = free_port()
+    gw = cli.start("--workers", "2", "--port", str(port), port=port)
+    gw.wait_healthy()
+
+    def both_listening() -> bool:
+        listeners = listening_inodes(port)
+        kids = child_pids(gw.pid)
+        return len(kids) == 2 and all(socket_inodes(k) & listeners for k in kids)
+
+    wait_for(both_listening, STARTUP_S, f"two workers listening on port {port}\n{gw.output}")
+    workers = child_pids(gw.pid)
+    assert not socket_inodes(gw.pid) & listening_inodes(port)  # the parent only supervises
+    assert get_json(port, "/healthz")[0] == 200
+    assert "memory store" in gw.output and "per process" in gw.output
+
+    # a worker that dies is replaced
+    dead = min(workers)
+    os.kill(dead, signal.SIGKILL)
+    wait_for(lambda: dead not in child_pids(gw.pid) and both_listening(), STARTUP_S,
+             f"a replacement worker\n{gw.output}")
+    workers = child_pids(gw.pid)
+    gw.wait_healthy()
+
+    assert gw.terminate() == 0, gw.output
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert refuses(port)
+    assert_no_traceback(gw.stderr)
+
+
+# ---------------------------------------------------------------- SIGHUP
+
+
+async def test_sighup_reloads_config_and_rejects_a_bad_one(cli: CLI, fake: FakeUpstream) -> None:
+    gw = start_behind_fake(cli, fake, grace_s=1)
+    await asyncio.to_thread(gw.wait_healthy)
+    port = gw.port
+    assert get_json(port, "/readyz")[1]["targets"] == ["up"]
+
+    # a valid new config: a second target appears without a restart
+    cli.write("up.yaml", f"""\
+server: {{port: {port}, default_target: up, shutdown_grace_s: 1}}
+targets:
+  up: {{base_url: "{fake.url}/v1", provider: openai}}
+  two: {{base_url: "{fake.url}/api"}}
+""")
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_for, lambda: get_json(port, "/readyz")[1]["targets"] == ["two", "up"], 10,
+                            "the reloaded targets")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/t/two/ping") as resp:
+            assert resp.status == 200 and (await resp.json())["path_qs"] == "/api/ping"
+
+    # a broken config is rejected, logged with its errors, and the running one keeps serving
+    cli.write("up.yaml", INVALID_YAML)
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_for, lambda: any("reload rejected" in m for m in gw.messages()), 10,
+                            "the rejection log line")
+    assert any("targets.a.circuit.error_threshold: expected int, got str" in m for m in gw.messages()), gw.output
+    assert get_json(port, "/readyz")[1]["targets"] == ["two", "up"]
+    assert gw.proc.poll() is None
+    assert await asyncio.to_thread(gw.terminate) == 0, gw.output
+    assert_no_traceback(gw.stderr)
