@@ -11,7 +11,6 @@ usage) but never write to aiohttp: ``gateway.writer`` is the only place that doe
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ OPENAI, ANTHROPIC, ENVELOPE = "openai", "anthropic", "envelope"
 class Exchange:
     __slots__ = (
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
-        "target", "model", "stream", "tenant", "client_ip", "started", "attempts", "log",
+        "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
     )
 
     def __init__(
@@ -61,7 +60,6 @@ class Exchange:
         self.stream = stream
         self.tenant: str | None = None
         self.client_ip = client_ip
-        self.started = time.monotonic()
         self.attempts = 0
         self.log: dict[str, Any] = {}  # extra access-log fields set by policies
 
