@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import handlers
+from gateway.clock import Clock
 from gateway.config import Config
 from gateway.keys import RUNTIME
 from gateway.runtime import Runtime, RuntimeSlot
@@ -37,8 +38,9 @@ def create_app(
     env: Mapping[str, str] = os.environ,
     access_log_write: Callable[[str], Any] | None = None,
     store: Store | None = None,
+    clock: Clock | None = None,
 ) -> web.Application:
-    runtime = Runtime(config, env=env, access_log_write=access_log_write, store=store)
+    runtime = Runtime(config, env=env, access_log_write=access_log_write, store=store, clock=clock)
     app = web.Application(client_max_size=runtime.max_body, handler_args=HANDLER_ARGS)
     app[RUNTIME] = RuntimeSlot(runtime)
     app.cleanup_ctx.append(_runtime_lifetime)

@@ -27,7 +27,7 @@ import msgspec
 from aiohttp import web
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, config_warnings, load_config
 
 log = logging.getLogger("reliapi")
 
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     if args.check:
+        for line in config_warnings(config):
+            print(f"warning: {line}", file=sys.stderr)
         print(f"config OK: {source} ({len(config.targets)} targets: {', '.join(config.targets) or 'none'})")
         return 0
     try:
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.logs import setup_logging
 
     setup_logging(level)
+    for line in config_warnings(config):
+        log.warning("config: %s", line)
     if workers > 1:
         if config.store.url.startswith("memory://"):
             log.warning("--workers %d with the memory store: cache, limits and circuits are per process; "
@@ -190,6 +194,8 @@ async def _reload(app: web.Application, started: Config, reload: Reloader) -> No
         return
     if (config.server.host, config.server.port) != (started.server.host, started.server.port):
         log.warning("reload: a new listen address takes effect only after a restart")
+    for line in config_warnings(config):
+        log.warning("config: %s", line)
     await app[RUNTIME].reload(config)
     log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
 

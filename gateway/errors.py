@@ -17,6 +17,7 @@ a response, in the dialect of the surface the client called.
     ├── BudgetExceeded                400    budget_exceeded
     ├── BudgetExhausted               402    budget_exhausted
     ├── RateLimited                   429    rate_limited          (+ Retry-After)
+    │   └── KeysExhausted             429    rate_limited          (every pool key cooling down)
     ├── CircuitOpen                   503    circuit_open          (+ Retry-After)
     ├── Overloaded                    503    overloaded            (bulkhead full)
     ├── UpstreamError                 502    upstream_error        (base of the two below)
@@ -29,7 +30,10 @@ a response, in the dialect of the surface the client called.
 
 ``type`` is the seed envelope's coarse class (client_error, upstream_error,
 budget_error, internal_error); ``retryable`` tells a client whether sending the
-same request again later may succeed.
+same request again later may succeed. ``reason``, ``retry_class`` and
+``trips_breaker`` say how the policies treat the error when a target raises it
+(see ``gateway.failures``): only a timeout or a failed connection counts against a
+circuit; the gateway's own rejections never do.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class GatewayError(Exception):
     code: str = "internal_error"
     type: str = "internal_error"
     retryable: bool = False
+    reason: str = "client_error"  # see gateway.failures
+    retry_class: str | None = None
+    trips_breaker: bool = False
 
     def __init__(
         self,
@@ -104,12 +111,20 @@ class RateLimited(GatewayError):
     status, code, type, retryable = 429, "rate_limited", "client_error", True
 
 
+class KeysExhausted(RateLimited):
+    """Every key of a target's pool is cooling down after a 429 (or at its QPS limit)."""
+
+    reason, retry_class = "rate_limited", "429"
+
+
 class CircuitOpen(GatewayError):
     status, code, type, retryable = 503, "circuit_open", "upstream_error", True
+    reason = "circuit_open"
 
 
 class Overloaded(GatewayError):
     status, code, type, retryable = 503, "overloaded", "upstream_error", True
+    reason = "overloaded"
 
 
 class UpstreamError(GatewayError):
@@ -118,16 +133,31 @@ class UpstreamError(GatewayError):
 
 class UpstreamTimeout(UpstreamError):
     status, code = 504, "upstream_timeout"
+    reason, retry_class, trips_breaker = "timeout", "timeout", True
 
 
 class UpstreamUnavailable(UpstreamError):
     status, code = 502, "upstream_unavailable"
+    reason, retry_class, trips_breaker = "network", "net", True
+
+    def __init__(self, message: str, *, sent: bool = True, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.sent = sent  # False: the connection failed, so the request never left the gateway
 
 
 class StreamBroken(UpstreamError):
-    """The upstream cut or stalled a stream after bytes reached the client."""
+    """The upstream cut or stalled a stream after bytes reached the client.
+
+    ``reported``: the upstream already sent its own in-band error event, relayed as is,
+    so the gateway must not add a second one.
+    """
 
     code = "stream_interrupted"
+    reason, trips_breaker = "network", True
+
+    def __init__(self, message: str, *, reported: bool = False, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.reported = reported
 
 
 class StoreUnavailable(GatewayError):

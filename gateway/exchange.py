@@ -11,13 +11,16 @@ usage) but never write to aiohttp: ``gateway.writer`` is the only place that doe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
 if TYPE_CHECKING:
+    from gateway.failures import Failure
     from gateway.targets import Target
+    from providers.auth import PoolKey
+    from providers.base import StreamReader
 
 # Which error/event dialect the client speaks (SPEC §3).
 OPENAI, ANTHROPIC, ENVELOPE = "openai", "anthropic", "envelope"
@@ -27,6 +30,7 @@ class Exchange:
     __slots__ = (
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
+        "choices", "include_usage", "deadline", "key",
     )
 
     def __init__(
@@ -45,6 +49,8 @@ class Exchange:
         model: str | None = None,
         stream: bool = False,
         client_ip: str | None = None,
+        choices: int = 1,
+        include_usage: bool = False,
     ) -> None:
         self.request_id = request_id
         self.method = method
@@ -62,15 +68,40 @@ class Exchange:
         self.client_ip = client_ip
         self.attempts = 0
         self.log: dict[str, Any] = {}  # extra access-log fields set by policies
+        self.choices = choices  # the body's "n": a stream is complete when this many choices finished
+        self.include_usage = include_usage  # stream_options.include_usage: a usage chunk ends the stream
+        self.deadline: float | None = None  # monotonic: the current target's total_timeout_ms (retry policy)
+        self.key: PoolKey | None = None  # the pool key for the current attempt (key pool policy)
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)
 
+    def derive(self, **changes: Any) -> Exchange:
+        """A copy for another try of the same client request (a stream continuation)."""
+        twin = object.__new__(Exchange)
+        for name in Exchange.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin.log = {}
+        for name, value in changes.items():
+            setattr(twin, name, value)
+        return twin
+
+
+CloseCallback = Callable[[BaseException | None], None]
+
 
 class Reply:
-    """A complete response (``body``) or a stream (``chunks``); never both."""
+    """A complete response (``body``) or a stream (``chunks``); never both.
 
-    __slots__ = ("status", "headers", "body", "chunks", "upstream_status", "ttft_ms")
+    ``failure`` is the provider's classification of an error answer (None for a good
+    one); ``head`` is the first chunk of a stream, already received, which ``chunks``
+    yields first — a policy may look at it (an error in the first SSE event) without
+    consuming the stream. ``reader`` is the stream's format reader (what the client has
+    been sent so far, for ``stream_recovery: continue``).
+    """
+
+    __slots__ = ("status", "headers", "body", "chunks", "upstream_status", "ttft_ms", "failure", "head", "reader",
+                 "_closers")
 
     def __init__(
         self,
@@ -87,13 +118,72 @@ class Reply:
         self.chunks = chunks
         self.upstream_status = upstream_status
         self.ttft_ms: float | None = None
+        self.failure: Failure | None = None
+        self.head = b""
+        self.reader: StreamReader | None = None  # set when the stream's format is known (gateway.streams)
+        self._closers: list[CloseCallback] | None = None
 
     @property
     def is_stream(self) -> bool:
         return self.chunks is not None
+
+    def on_close(self, callback: CloseCallback) -> None:
+        """Run ``callback(error)`` exactly once when a stream is done with: read to its end,
+        broken (``error`` is the exception), or closed early (``aclose``: error None).
+        For a complete reply it runs at once."""
+        if self.chunks is None:
+            callback(None)
+            return
+        if self._closers is None:
+            self._closers = [callback]
+            self.chunks = _Guarded(self.chunks, self._closers)
+        else:
+            self._closers.append(callback)
 
     async def aclose(self) -> None:
         """Release the upstream side of a stream the client will not read to the end."""
         close = getattr(self.chunks, "aclose", None)
         if close is not None:
             await close()
+
+
+class _Guarded:
+    """Wraps a stream so its close callbacks run once, however the stream ends."""
+
+    __slots__ = ("_it", "_closers", "_done")
+
+    def __init__(self, it: AsyncIterator[bytes], closers: list[CloseCallback]) -> None:
+        self._it = it
+        self._closers = closers
+        self._done = False
+
+    def __aiter__(self) -> _Guarded:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            self._finish(None)
+            raise
+        except Exception as e:
+            self._finish(e)
+            raise
+        except BaseException:  # cancelled: the client went away
+            self._finish(None)
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            close = getattr(self._it, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            self._finish(None)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        for callback in self._closers:
+            callback(error)

@@ -34,11 +34,19 @@ log = logging.getLogger("reliapi")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
 class _Peek(msgspec.Struct):
-    """The only body fields routing needs; everything else is skipped, not decoded."""
+    """The only body fields the gateway needs; everything else is skipped, not decoded.
+
+    ``n`` and ``stream_options.include_usage`` tell when a stream is complete."""
 
     model: str | None = None
     stream: bool | None = None
+    n: int | None = None
+    stream_options: _StreamOptions | None = None
 
 
 _peek = msgspec.json.Decoder(_Peek).decode
@@ -64,13 +72,22 @@ def _request_id(request: web.Request) -> str:
     return f"{_id_prefix}{next(_ids):010x}"
 
 
-def _model_and_stream(request: web.Request, body: bytes, *, json_by_default: bool) -> tuple[str | None, bool]:
-    """The request's ``model`` and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
+_NO_PEEK = _Peek()
+
+
+def _peek_request(request: web.Request, body: bytes, *, json_by_default: bool) -> tuple[_Peek, bool]:
+    """What the body says, and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
     stream = _accepts_sse(request)
     if not body or hdrs.CONTENT_ENCODING in request.headers or not _is_json(request, by_default=json_by_default):
-        return None, stream  # an upload or a compressed body: routed by header or default, never decoded
+        return _NO_PEEK, stream  # an upload or a compressed body: routed by header or default, never decoded
     peek = _peek_body(body)
-    return peek.model, bool(peek.stream) or stream
+    return peek, bool(peek.stream) or stream
+
+
+def _stream_shape(peek: _Peek) -> tuple[int, bool]:
+    """(choices, include_usage) of a streamed answer."""
+    choices = peek.n if peek.n is not None and peek.n > 1 else 1
+    return choices, bool(peek.stream_options is not None and peek.stream_options.include_usage)
 
 
 def _accepts_sse(request: web.Request) -> bool:
@@ -120,12 +137,13 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str) -> Ex
     validate_path(rel)
     dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
     body = await _read_body(request, rt)
-    model, stream = _model_and_stream(request, body, json_by_default=True)
-    target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), model)
+    peek, stream = _peek_request(request, body, json_by_default=True)
+    target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
+    choices, include_usage = _stream_shape(peek) if stream else (1, False)
     return Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
-        query=query, headers=request.headers, body=body, target=target, model=model, stream=stream,
-        client_ip=request.remote,
+        query=query, headers=request.headers, body=body, target=target, model=peek.model, stream=stream,
+        client_ip=request.remote, choices=choices, include_usage=include_usage,
     )
 
 
@@ -137,13 +155,14 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str) -> Exc
     validate_path(rel)
     body = await _read_body(request, rt)
     if target.kind == "llm":
-        model, stream = _model_and_stream(request, body, json_by_default=False)
+        peek, stream = _peek_request(request, body, json_by_default=False)
     else:
-        model, stream = None, _accepts_sse(request)
+        peek, stream = _NO_PEEK, _accepts_sse(request)
+    choices, include_usage = _stream_shape(peek) if stream else (1, False)
     return Exchange(
         request_id=request_id, method=request.method, route="t", dialect=ENVELOPE, rel_path=rel, v1=False,
-        query=query, headers=request.headers, body=body, target=target, model=model, stream=stream,
-        client_ip=request.remote,
+        query=query, headers=request.headers, body=body, target=target, model=peek.model, stream=stream,
+        client_ip=request.remote, choices=choices, include_usage=include_usage,
     )
 
 

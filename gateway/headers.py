@@ -8,6 +8,10 @@ body we actually send.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -16,8 +20,13 @@ X_REQUEST_ID = istr("X-Request-Id")
 X_RELIAPI_TARGET = istr("X-ReliAPI-Target")
 X_RELIAPI_ATTEMPT = istr("X-ReliAPI-Attempt")  # to upstream: which attempt this is
 X_RELIAPI_ATTEMPTS = istr("X-ReliAPI-Attempts")  # to the client: how many were made
+X_RELIAPI_FALLBACK = istr("X-ReliAPI-Fallback")  # to the client: the fallback target that answered
 X_CACHE = istr("X-Cache")
 X_CACHED = istr("X-Cached")
+RETRY_AFTER = istr("Retry-After")
+RETRY_AFTER_MS = istr("retry-after-ms")  # OpenAI's finer-grained variant
+X_SHOULD_RETRY = istr("x-should-retry")  # OpenAI/Anthropic: the upstream's own verdict
+IDEMPOTENCY_KEYS = (istr("Idempotency-Key"), istr("X-Idempotency-Key"))
 
 # Classic hop-by-hop list (RFC 2616 §13.5.1, RFC 9110 §7.6.1) plus Proxy-Connection.
 HOP_BY_HOP: tuple[istr, ...] = tuple(istr(h) for h in (
@@ -78,3 +87,44 @@ def upstream_request_headers(
 def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers as they may go to the client."""
     return _without(headers, _RESPONSE_DROP)
+
+
+def retry_after_s(headers: CIMultiDict[str] | CIMultiDictProxy[str], now: float) -> float | None:
+    """How long the upstream asks us to wait, in seconds, or None.
+
+    ``retry-after-ms`` first (OpenAI), then ``Retry-After`` as delay-seconds or an HTTP-date
+    (RFC 9110 §10.2.3); ``now`` is wall time for the date form. A date in the past is 0;
+    a value that parses as neither is ignored (the caller's backoff applies).
+    """
+    ms = headers.get(RETRY_AFTER_MS)
+    if ms:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = -1.0
+        if 0 <= value < math.inf:
+            return value
+    text = headers.get(RETRY_AFTER)
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # HTTP-dates are always GMT
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - now)
+    return value if 0 <= value < math.inf else None
+
+
+def should_retry(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> bool | None:
+    """The upstream's ``x-should-retry: true|false`` verdict, which wins over status rules."""
+    value = headers.get(X_SHOULD_RETRY)
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return True if value == "true" else False if value == "false" else None

@@ -1,15 +1,24 @@
 """The policy pipeline: the whole request flow, outermost first, in one place (SPEC §5).
 
     request id → auth/tenant → rate limit → budget → idempotency → cache
-    → fallback chain → per target: circuit breaker → bulkhead → key pool → retry
-    → (per attempt) timeout → provider adapter → upstream
+    → fallback chain
+    → per target: bulkhead → total deadline + retry
+      → per attempt: circuit breaker → key pool → timeout → provider adapter → upstream
 
 A policy is ``async def __call__(ex, call_next) -> Reply``: it may answer early,
 change the exchange, or wrap what comes back. Request ids are assigned before
 the pipeline runs (errors need one even when the request never gets this far).
-The per-target part runs once for each target a fallback chain tries, so the
-fallback policy is the last request policy and its ``call_next`` is the
-per-target chain.
+
+Each target gets its own chain, built once: a policy that does nothing for a target
+(no ``max_concurrency``, a single key) is simply not in that target's chain. The
+fallback policy is the last request policy; its ``call_next`` runs the chain of
+whichever target the exchange points at, so it can try several in turn. ``retry``
+calls its ``call_next`` once per attempt, so every policy after it acts per attempt:
+the circuit breaker gates and counts each attempt (an open circuit stops the retries
+too) and the key pool picks a key for each. This is the order of .NET's standard
+resilience pipeline (bulkhead → total timeout → retry → circuit breaker → attempt
+timeout) and how Envoy counts outlier failures — per upstream answer, not per
+client request.
 
 Policies are added to ``request_policies`` / ``target_policies`` below — never to
 the handlers.
@@ -21,11 +30,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
+from aiohttp import hdrs
+
+from gateway.errors import UpstreamTimeout
 from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
+from gateway.sse import Aligner
+from gateway.streams import read_head, watch
+from policies import bulkhead, circuit_breaker, fallback, key_pool, retry
+from providers import stream_format
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
+    from gateway.targets import Target
 
 Handler = Callable[[Exchange], Awaitable[Reply]]
 
@@ -34,47 +51,95 @@ class Policy(Protocol):
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply: ...
 
 
-def request_policies(rt: Runtime) -> list[Policy]:
-    """Run once per client request, outermost first."""
-    return []
+def request_policies(rt: Runtime) -> list[Policy | None]:
+    """Run once per client request, outermost first; the fallback chain is always last."""
+    return [fallback.policy(rt)]
 
 
-def target_policies(rt: Runtime) -> list[Policy]:
-    """Run for each target tried, outermost first."""
-    return []
+def target_policies(rt: Runtime, target: Target) -> list[Policy | None]:
+    """Run for each target tried, outermost first; everything after ``retry`` runs per attempt.
+    A factory returns None when it has nothing to do for this target."""
+    return [
+        bulkhead.policy(rt, target),
+        retry.policy(rt, target),
+        circuit_breaker.policy(rt, target),
+        key_pool.policy(rt, target),
+    ]
 
 
 def build_pipeline(rt: Runtime) -> Handler:
-    per_target = compose(target_policies(rt), upstream_sender(rt))
-    return compose(request_policies(rt), per_target)
+    send = upstream_sender(rt)
+    chains = {name: compose(target_policies(rt, t), send) for name, t in rt.targets.items()}
+
+    async def to_target(ex: Exchange) -> Reply:
+        return await chains[ex.target.name](ex)
+
+    return compose(request_policies(rt), to_target)
 
 
-def compose(policies: Sequence[Policy], innermost: Handler) -> Handler:
+def compose(policies: Sequence[Policy | None], innermost: Handler) -> Handler:
     handler = innermost
     for policy in reversed(policies):
-        handler = partial(policy, call_next=handler)
+        if policy is not None:
+            handler = partial(policy, call_next=handler)
     return handler
 
 
 def upstream_sender(rt: Runtime) -> Handler:
-    """The innermost step: one attempt against ``ex.target``."""
+    """The innermost step: one attempt against ``ex.target``, its answer classified."""
     scrub = rt.scrub
+    clock = rt.clock
 
     async def send_upstream(ex: Exchange) -> Reply:
         target = ex.target
         ex.attempts += 1
         credential = target.credential
         headers = upstream_request_headers(ex.headers, drop_credentials=credential.drops_client_credentials)
-        credential.apply(headers)
+        key = ex.key
+        if key is not None:
+            headers[key.header] = key.value
+        else:
+            credential.apply(headers)
         headers[X_REQUEST_ID] = ex.request_id
         headers[X_RELIAPI_ATTEMPT] = str(ex.attempts)
+        timeout = target.ttft_timeout_s if ex.stream else target.timeout_s
+        if ex.deadline is not None:  # total_timeout_ms: this attempt gets what is left of it
+            left = ex.deadline - clock.monotonic()
+            if left <= 0:
+                raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
+            timeout = min(timeout, left)
         reply = await target.transport.send(
             ex.method, ex.url(), headers, ex.body,
-            timeout_s=target.ttft_timeout_s if ex.stream else target.timeout_s,
-            idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
+            timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
         )
-        if reply.status >= 400 and reply.body and scrub.secrets:
-            reply.body = scrub.bytes(reply.body)  # an upstream error that echoes a configured key
+        if reply.status >= 400 and reply.body is not None:
+            if scrub.secrets and reply.body:
+                reply.body = scrub.bytes(reply.body)  # an upstream error that echoes a configured key
+            reply.failure = target.provider.classify(reply.status, reply.headers, reply.body, clock.time())
+        elif reply.chunks is not None:
+            _watch_stream(ex, reply, target)
+            if reply.failure is None and reply.status >= 400:
+                reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
         return reply
 
     return send_upstream
+
+
+def _watch_stream(ex: Exchange, reply: Reply, target: Target) -> None:
+    """Put an SSE stream of a known format under ``gateway.streams.watch``; an error event in
+    its head makes the reply a failure the policies can still retry or fall back from."""
+    if not reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+        return
+    fmt = stream_format(ex.rel_path)
+    if fmt is None:
+        return
+    reader = fmt(choices=ex.choices, include_usage=ex.include_usage)
+    aligner = Aligner()
+    first = read_head(reader, aligner, reply.head)
+    if reader.error_failure is not None:
+        reply.failure = reader.error_failure
+    reply.chunks = watch(
+        reply.chunks, reader, aligner, first, skip_head=bool(reply.head), ex=ex, target=target.name,  # type: ignore[arg-type]
+        hold_errors=target.config.stream_recovery == "continue",
+    )
+    reply.reader = reader

@@ -16,9 +16,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gateway.clock import Clock
 from gateway.config import Config
+from gateway.events import Events
 from gateway.logs import AccessLog, Scrubber
 from gateway.pipeline import Handler, build_pipeline
+from gateway.shared import SharedState
 from gateway.store import Store, StoreError, open_store
 from gateway.targets import Router, Target
 
@@ -34,15 +37,27 @@ class Runtime:
         access_log_write: Callable[[str], Any] | None = None,
         store: Store | None = None,
         access_log: AccessLog | None = None,
+        clock: Clock | None = None,
+        events: Events | None = None,
     ) -> None:
         self.config = config
         self.env = env
-        self.targets = {name: Target(name, t, env) for name, t in config.targets.items()}
+        self.clock = clock or Clock()
+        self.events = events or Events()
+        pools = config.provider_key_pools  # by target name, else by provider (the seed's form)
+        self.targets = {
+            name: Target(name, t, env, pools.get(name) or pools.get(t.provider or "http"))
+            for name, t in config.targets.items()
+        }
         self.router = Router(config, self.targets)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(s for t in self.targets.values() for s in t.credential.secrets)
         self.access_log = access_log or AccessLog(access_log_write)
         self.max_body = int(config.server.max_body_mb * 1024 * 1024)
+        self.shared = SharedState(self.store)
+        # Per-target policy state, filled in by the policy factories (status page, admin API, tests).
+        self.circuits: dict[str, Any] = {}
+        self.key_pools: dict[str, Any] = {}
         self.pipeline: Handler = build_pipeline(self)
 
     async def start(self) -> None:
@@ -52,8 +67,10 @@ class Runtime:
             await self.store.ping()
         except StoreError as e:  # serve anyway: /readyz reports it, policies degrade per SPEC §8
             log.warning("store %s is not answering: %s", self.store.url_for_display, e)
+        await self.shared.start()
 
     async def close(self, *, close_store: bool = True, close_log: bool = True) -> None:
+        await self.shared.close()
         for target in self.targets.values():
             await target.transport.close()
         if close_store:
@@ -72,7 +89,10 @@ class RuntimeSlot:
     async def reload(self, config: Config) -> Runtime:
         old = self.current
         same_store = config.store == old.config.store
-        new = Runtime(config, env=old.env, store=old.store if same_store else None, access_log=old.access_log)
+        new = Runtime(
+            config, env=old.env, store=old.store if same_store else None, access_log=old.access_log,
+            clock=old.clock, events=old.events,
+        )
         await new.start()
         self.current = new
         task = asyncio.create_task(self._retire(old, close_store=not same_store))

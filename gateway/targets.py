@@ -10,7 +10,7 @@ import fnmatch
 import re
 from collections.abc import Mapping
 
-from gateway.config import Config, TargetConfig
+from gateway.config import Config, KeyPool, TargetConfig
 from gateway.errors import UnknownTarget
 from gateway.paths import UpstreamBase
 from gateway.upstream import Transport
@@ -22,13 +22,15 @@ class Target:
     __slots__ = ("name", "config", "kind", "provider", "base", "credential", "transport",
                  "timeout_s", "ttft_timeout_s", "idle_timeout_s")
 
-    def __init__(self, name: str, config: TargetConfig, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, name: str, config: TargetConfig, env: Mapping[str, str], pool: KeyPool | None = None
+    ) -> None:
         self.name = name
         self.config = config
         self.kind = config.kind
         self.provider: Provider = get_provider(config.provider or "http")
         self.base = UpstreamBase(config.base_url)
-        self.credential: Credential = resolve(config.auth, self.provider, name, env)
+        self.credential: Credential = resolve(config.auth, self.provider, name, env, pool)
         # The pool is unbounded: max_concurrency is a bulkhead that answers 503 at once, not a queue.
         self.transport = Transport(name, connect_timeout_s=config.connect_timeout_ms / 1000)
         self.timeout_s = config.timeout_ms / 1000

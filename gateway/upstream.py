@@ -46,6 +46,16 @@ async def _read_first(resp: aiohttp.ClientResponse, method: str) -> tuple[bytes 
         data = await resp.read()
         resp.release()
         return data, b""
+    if resp.status >= 400 and not resp.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+        # an error body of unknown length: read it whole (bounded) so it can be classified and retried
+        buf = bytearray()
+        while len(buf) <= MAX_BUFFERED_BYTES:
+            chunk = await resp.content.readany()
+            if not chunk:
+                resp.release()
+                return bytes(buf), b""
+            buf += chunk
+        return None, bytes(buf)
     return None, await resp.content.readany()
 
 
@@ -118,15 +128,22 @@ class Transport:
                 resp.status, headers_out, chunks=_relay(resp, first, idle_timeout_s, self.target),
                 upstream_status=resp.status,
             )
+            reply.head = first
             reply.ttft_ms = (time.monotonic() - started) * 1000
             return reply
+        except aiohttp.ConnectionTimeoutError:
+            _discard(resp)  # the TCP connection never came up: nothing was sent
+            raise UpstreamUnavailable(
+                f"target {self.target} is unreachable (connection timed out)", target=self.target, sent=False
+            ) from None
         except TimeoutError:
             _discard(resp)
             raise UpstreamTimeout(f"target {self.target} did not answer in time", target=self.target) from None
         except (aiohttp.ClientError, OSError) as e:
             _discard(resp)
             raise UpstreamUnavailable(
-                f"target {self.target} is unreachable ({_describe(e)})", target=self.target
+                f"target {self.target} is unreachable ({_describe(e)})", target=self.target,
+                sent=not isinstance(e, aiohttp.ClientConnectorError),
             ) from None
         except BaseException:
             _discard(resp)  # cancelled (client gone): drop the upstream connection at once

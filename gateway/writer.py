@@ -114,7 +114,8 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
             _abort(request)  # the client sees an incomplete body, not a complete-looking one
             return resp
         try:
-            await resp.write(stream_error_event(e, ex.dialect, ex.request_id))
+            if not e.reported:  # else the upstream's own error event, relayed, already ends it
+                await resp.write(stream_error_event(e, ex.dialect, ex.request_id))
         except (ConnectionError, RuntimeError):
             outcome.client_gone = True
             return resp

@@ -1,11 +1,202 @@
-"""Anthropic Messages API: keys travel in ``x-api-key``, not ``Authorization``."""
+"""Anthropic Messages API: keys travel in ``x-api-key``, not ``Authorization``.
+
+Errors: ``{"type": "error", "error": {"type", "message"}}``; 529 ``overloaded_error`` is a
+server error (retried, counts against the circuit), a prompt over the context window is
+an ``invalid_request_error`` saying "prompt is too long".
+
+Streams: named events ``message_start``, ``content_block_start``/``_delta``/``_stop``,
+``message_delta`` (stop reason, output usage), ``message_stop``; ``ping`` and ``error``
+may come at any time.
+"""
 
 from __future__ import annotations
 
-from providers.base import Provider
+import msgspec
+
+from gateway.failures import Failure
+from providers.base import Headers, Provider, Splicer, StreamReader
+from providers.openai import classify_body
 
 
 class AnthropicProvider(Provider):
     name = "anthropic"
     key_header = "x-api-key"
     key_prefix = ""
+
+    def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
+        if status < 400:
+            return None
+        return classify_body(status, headers, body, now) or super().classify(status, headers, body, now)
+
+
+# ------------------------------------------------------------------ streams
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class _Message(msgspec.Struct):
+    id: str | None = None
+    usage: _Usage | None = None
+
+
+class _Block(msgspec.Struct):
+    type: str = ""
+
+
+class _Delta(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    stop_reason: str | None = None
+
+
+class _Error(msgspec.Struct):
+    type: str = ""
+    message: str = ""
+
+
+class _Event(msgspec.Struct):
+    type: str = ""
+    index: int = 0
+    message: _Message | None = None
+    content_block: _Block | None = None
+    delta: _Delta | None = None
+    usage: _Usage | None = None
+    error: _Error | None = None
+
+
+_decode_event = msgspec.json.Decoder(_Event).decode
+_decode_any = msgspec.json.Decoder().decode
+_encode = msgspec.json.encode
+
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+_ERROR_FAILURES = {
+    "overloaded_error": ("server_error", "5xx", True),
+    "api_error": ("server_error", "5xx", True),
+    "rate_limit_error": ("rate_limited", "429", False),
+}
+
+
+class MessagesStream(StreamReader):
+    terminator = MESSAGE_STOP
+
+    def __init__(self, *, choices: int = 1, include_usage: bool = False) -> None:
+        super().__init__(choices=1, include_usage=False)
+        self.open_block: int | None = None  # index of a content block started and not yet stopped
+        self.last_block = -1
+
+    def feed(self, name: bytes, data: bytes) -> None:
+        try:
+            ev = _decode_event(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.malformed += 1
+            return
+        kind = ev.type
+        if kind == "content_block_delta":
+            d = ev.delta
+            if d is not None and d.type == "text_delta" and d.text:
+                self.parts.append(d.text)
+            elif d is None or d.type != "text_delta":
+                self.recoverable = False  # tool input, thinking: not something a prefill can resume
+        elif kind == "content_block_start":
+            self.open_block = self.last_block = ev.index
+            if ev.content_block is None or ev.content_block.type != "text":
+                self.recoverable = False
+        elif kind == "content_block_stop":
+            self.open_block = None
+        elif kind == "message_start":
+            usage = ev.message.usage if ev.message else None
+            if usage is not None:
+                self.prompt_tokens = usage.input_tokens
+                self.completion_tokens = usage.output_tokens
+        elif kind == "message_delta":
+            if ev.delta is not None and ev.delta.stop_reason is not None:
+                self.finished = True
+            if ev.usage is not None:
+                self.usage_seen = True
+                if ev.usage.output_tokens is not None:
+                    self.completion_tokens = ev.usage.output_tokens
+                if ev.usage.input_tokens is not None:
+                    self.prompt_tokens = ev.usage.input_tokens
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            err = ev.error or _Error()
+            self.error = err.message or err.type or "upstream stream error"
+            reason, cls, trips = _ERROR_FAILURES.get(err.type, ("client_error", None, False))
+            self.error_failure = Failure(reason, cls, trips_breaker=trips)
+
+    @staticmethod
+    def continuation_body(body: bytes, partial: str, provider: str, model: str | None) -> bytes | None:
+        try:
+            req = _decode_any(body)
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
+            return None
+        # Anthropic refuses a final assistant turn that ends in whitespace; the splicer drops
+        # the same whitespace from the front of the continuation, so the client sees it once.
+        prefill = partial.rstrip()
+        messages = list(req["messages"])
+        if prefill:
+            last = messages[-1] if messages else None
+            if isinstance(last, dict) and last.get("role") == "assistant":  # the client's own prefill
+                content = last.get("content")
+                if isinstance(content, str):
+                    messages[-1] = {**last, "content": (content + prefill).rstrip()}
+                elif isinstance(content, list):
+                    messages[-1] = {**last, "content": [*content, {"type": "text", "text": prefill}]}
+                else:
+                    return None
+            else:
+                messages.append({"role": "assistant", "content": prefill})
+        req["messages"] = messages
+        if model:
+            req["model"] = model
+        return _encode(req)
+
+    def splicer(self) -> Splicer:
+        return MessagesSplicer(self)
+
+
+class MessagesSplicer(Splicer):
+    """Continuation events renumbered into the original message: its ``message_start`` and the
+    start of its first text block are dropped when the client's text block is still open."""
+
+    original: MessagesStream
+
+    def __init__(self, original: MessagesStream) -> None:
+        super().__init__(original)
+        self.joined = original.open_block is not None  # continue inside the open block
+        self.offset = original.open_block if self.joined else original.last_block + 1
+        text = original.text
+        self.skip = text[len(text.rstrip()):]  # whitespace the prefill had to leave out
+
+    def event(self, name: bytes, data: bytes, raw: bytes) -> bytes:
+        try:
+            ev = _decode_any(data)
+        except msgspec.DecodeError:
+            return raw
+        if not isinstance(ev, dict):
+            return raw
+        kind = ev.get("type")
+        if kind == "message_start":
+            return b""
+        if kind in ("content_block_start", "content_block_delta", "content_block_stop"):
+            index = ev.get("index", 0)
+            if kind == "content_block_start" and index == 0 and self.joined:
+                return b""
+            ev["index"] = index + self.offset
+            if kind == "content_block_delta" and self.skip:
+                delta = ev.get("delta") or {}
+                text = delta.get("text")
+                if isinstance(text, str):
+                    n = len(text) - len(text.lstrip())
+                    cut = min(n, len(self.skip))
+                    delta["text"], self.skip = text[cut:], ""
+                    if not delta["text"]:
+                        return b""
+        return b"event: " + str(kind).encode() + b"\ndata: " + _encode(ev) + b"\n\n"

@@ -1,6 +1,24 @@
-"""The fixed shape every provider adapter has."""
+"""The fixed shape every provider adapter has.
+
+- credentials: ``key_header`` / ``key_prefix`` (how a configured key is attached);
+- ``classify``: an upstream error answer → a ``Failure`` the policies decide on;
+- stream readers (``StreamReader`` subclasses, one per wire format, chosen by the path
+  rather than the provider — Anthropic also serves an OpenAI-compatible endpoint):
+  they read each SSE event of a relayed stream for what the gateway must know about
+  it (is it complete, what did it cost, what text has the client seen) and know how
+  to continue a broken one (``stream_recovery: continue``).
+
+Translation between dialects and prices come with the LLM layer.
+"""
 
 from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.failures import Failure, for_status
+from gateway.headers import retry_after_s, should_retry
+
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
 class Provider:
@@ -8,3 +26,72 @@ class Provider:
     # How a configured key is attached when the auth block does not name a header.
     key_header: str = "Authorization"
     key_prefix: str = "Bearer "
+
+    def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
+        """What an answer with this status means for retry, circuit and fallback (None: success)."""
+        if status < 400:
+            return None
+        return for_status(status, retry_after_s=retry_after_s(headers, now), should_retry=should_retry(headers))
+
+
+class StreamReader:
+    """Watches one relayed SSE stream, event by event (see ``gateway.streams``).
+
+    State a reader keeps up to date in ``feed``:
+
+    - ``done``: the format's end marker arrived (``[DONE]``, ``message_stop``);
+    - ``finished``: the answer itself is complete (every choice has its finish reason),
+      so a stream that then ends without the marker can be finalised with ``terminator``;
+    - ``settled``: finished and nothing else is expected (the usage chunk, if asked for);
+    - ``error``: the upstream's own in-band error event (message), relayed as it came;
+    - ``prompt_tokens`` / ``completion_tokens``: usage as reported;
+    - ``parts`` / ``recoverable``: the text the client has received, and whether the
+      stream is plain text a continuation could extend (no tools, one choice).
+    """
+
+    terminator = b""
+
+    def __init__(self, *, choices: int = 1, include_usage: bool = False) -> None:
+        self.choices = choices
+        self.include_usage = include_usage
+        self.done = False
+        self.finished = False
+        self.usage_seen = False
+        self.error: str | None = None
+        self.error_failure: Failure | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.parts: list[str] = []
+        self.recoverable = choices == 1
+        self.malformed = 0  # events whose data could not be read (relayed anyway)
+
+    @property
+    def settled(self) -> bool:
+        return self.finished and (self.usage_seen or not self.include_usage)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def feed(self, name: bytes, data: bytes) -> None:
+        raise NotImplementedError
+
+    # -- continuation (stream_recovery: continue) --------------------------------
+
+    @staticmethod
+    def continuation_body(body: bytes, partial: str, provider: str, model: str | None) -> bytes | None:
+        """The original request asking the model to continue ``partial`` (None: not possible)."""
+        return None
+
+    def splicer(self) -> Splicer:
+        """Rewrites a continuation's events so they extend this stream as one answer."""
+        raise NotImplementedError
+
+
+class Splicer:
+    def __init__(self, original: StreamReader) -> None:
+        self.original = original
+
+    def event(self, name: bytes, data: bytes, raw: bytes) -> bytes:
+        """The bytes to send the client for one continuation event (b"" to drop it)."""
+        raise NotImplementedError

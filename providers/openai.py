@@ -1,9 +1,201 @@
-"""OpenAI and every OpenAI-compatible server (vLLM, Ollama, Groq, OpenRouter, …)."""
+"""OpenAI and every OpenAI-compatible server (vLLM, Ollama, Groq, OpenRouter, …).
+
+Errors: ``{"error": {"message", "type", "code", "param"}}``. A 429 whose code says the
+account's quota or spend limit is used up is not retried (it will not recover in
+seconds); ``context_length_exceeded`` and content-policy refusals get their own
+reasons so ``fallback_on`` can tell them apart.
+
+Streams: ``data: {chat.completion.chunk}`` events, ended by ``data: [DONE]``.
+"""
 
 from __future__ import annotations
 
-from providers.base import Provider
+import msgspec
+
+from gateway.failures import Failure
+from gateway.headers import retry_after_s, should_retry
+from providers.base import Headers, Provider, Splicer, StreamReader
+
+# Substrings of an error body (any OpenAI-compatible server's wording) → reason.
+_QUOTA = (b"insufficient_quota", b"billing_hard_limit_reached", b"enforced_spend_limit_reached",
+          b"exceeded your current quota")
+_CONTEXT = (b"context_length_exceeded", b"maximum context length", b"string_above_max_length",
+            b"prompt is too long", b"context window")
+_CONTENT_POLICY = (b"content_policy_violation", b"content_filter", b"content_management_policy",
+                   b"responsible_ai_policy")
+
+
+def classify_body(status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
+    """The OpenAI-family reading of an error answer (Anthropic reuses it for the shared cases)."""
+    if status < 400:
+        return None
+    ra, sr = retry_after_s(headers, now), should_retry(headers)
+    if status == 429 and any(s in body for s in _QUOTA):
+        return Failure("quota_exhausted", None, retry_after_s=ra, should_retry=False if sr is None else sr)
+    if status in (400, 413, 422):
+        if any(s in body for s in _CONTEXT):
+            return Failure("context_length_exceeded", should_retry=sr)
+        if any(s in body for s in _CONTENT_POLICY):
+            return Failure("content_policy_violation", should_retry=sr)
+    return None
 
 
 class OpenAIProvider(Provider):
     name = "openai"
+
+    def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
+        if status < 400:
+            return None
+        return classify_body(status, headers, body, now) or super().classify(status, headers, body, now)
+
+
+# ------------------------------------------------------------------ streams
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: msgspec.Raw | None = None
+    function_call: msgspec.Raw | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    text: str | None = None  # legacy /completions
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Error(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    id: str | None = None
+    model: str | None = None
+    created: int | None = None
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: _Error | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_any = msgspec.json.Decoder().decode
+_encode = msgspec.json.encode
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _stream_error_failure(err: _Error) -> Failure:
+    """An error event inside a 200 stream, read like the status it stands for."""
+    kind = f"{err.type or ''} {err.code or ''}".lower()
+    if "context_length" in kind:
+        return Failure("context_length_exceeded")
+    if "content_filter" in kind or "content_policy" in kind:
+        return Failure("content_policy_violation")
+    if "rate_limit" in kind or "429" in kind:
+        return Failure("rate_limited", "429")
+    if "invalid_request" in kind or "authentication" in kind or "permission" in kind:
+        return Failure("client_error")
+    return Failure("server_error", "5xx", trips_breaker=True)
+
+
+class ChatStream(StreamReader):
+    terminator = DONE
+
+    def __init__(self, *, choices: int = 1, include_usage: bool = False) -> None:
+        super().__init__(choices=choices, include_usage=include_usage)
+        self._finished: set[int] = set()
+        self.id: str | None = None
+        self.model: str | None = None
+        self.created: int | None = None
+
+    def feed(self, name: bytes, data: bytes) -> None:
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = _decode_chunk(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.malformed += 1
+            return
+        if chunk.error is not None:
+            self.error = chunk.error.message or "upstream stream error"
+            self.error_failure = _stream_error_failure(chunk.error)
+            return
+        if self.id is None and chunk.id:
+            self.id, self.model, self.created = chunk.id, chunk.model, chunk.created
+        for c in chunk.choices:
+            if c.index != 0 or c.text is not None:
+                self.recoverable = False
+            delta = c.delta
+            if delta is not None:
+                if delta.content:
+                    self.parts.append(delta.content)
+                if delta.tool_calls is not None or delta.function_call is not None:
+                    self.recoverable = False
+            if c.finish_reason is not None:
+                self._finished.add(c.index)
+                self.finished = len(self._finished) >= self.choices
+        if chunk.usage is not None:
+            self.usage_seen = True
+            self.prompt_tokens = chunk.usage.prompt_tokens
+            self.completion_tokens = chunk.usage.completion_tokens
+
+    @staticmethod
+    def continuation_body(body: bytes, partial: str, provider: str, model: str | None) -> bytes | None:
+        try:
+            req = _decode_any(body)
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
+            return None
+        prefill: dict = {"role": "assistant", "content": partial}
+        if provider == "mistral":
+            prefill["prefix"] = True  # Mistral continues a final assistant message only when asked
+        req["messages"] = [*req["messages"], prefill] if partial else req["messages"]
+        req.pop("n", None)
+        if model:
+            req["model"] = model
+        return _encode(req)
+
+    def splicer(self) -> Splicer:
+        return ChatSplicer(self)
+
+
+class ChatSplicer(Splicer):
+    """A continuation's chunks under the original's id, model and created; no second role chunk."""
+
+    original: ChatStream
+
+    def event(self, name: bytes, data: bytes, raw: bytes) -> bytes:
+        if data == b"[DONE]":
+            return DONE
+        try:
+            chunk = _decode_any(data)
+        except msgspec.DecodeError:
+            return raw
+        if not isinstance(chunk, dict) or "error" in chunk:
+            return raw
+        o = self.original
+        for field, value in (("id", o.id), ("model", o.model), ("created", o.created)):
+            if value is not None and field in chunk:
+                chunk[field] = value
+        keep = bool(chunk.get("usage"))
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                delta.pop("role", None)
+                if any(delta.values()):
+                    keep = True
+            if choice.get("finish_reason") is not None:
+                keep = True
+        if not keep:
+            return b""
+        return b"data: " + _encode(chunk) + b"\n\n"

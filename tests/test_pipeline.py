@@ -48,7 +48,7 @@ async def test_policies_plug_into_the_real_app(fake, gateway, monkeypatch):
         return await call_next(ex)
 
     monkeypatch.setattr(pipeline, "request_policies", lambda rt: [tag_request, add_header])
-    monkeypatch.setattr(pipeline, "target_policies", lambda rt: [reject_secret])
+    monkeypatch.setattr(pipeline, "target_policies", lambda rt, target: [reject_secret])
     client, logs = await gateway(llm_config(fake.url))
 
     resp = await client.get("/t/rest/ok")

@@ -1,0 +1,104 @@
+"""Small event objects the policies emit, and the bus that hands them to whoever listens.
+
+Policies never call a metrics library or format a log line for their state changes:
+they ``emit`` one of these, and sinks subscribe (the JSON log below; Prometheus series
+in ``gateway.metrics`` when it lands; tests that assert a transition happened). Emitting
+with nobody listening costs one attribute check. (stamina's instrumentation hooks,
+pybreaker's listeners.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+log = logging.getLogger("reliapi")
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+class Event(msgspec.Struct, frozen=True, tag_field="event", tag=lambda name: _snake(name)):
+    target: str
+
+
+class CircuitTransition(Event, frozen=True):
+    """A target's circuit changed state (``closed``, ``open``, ``half_open``)."""
+
+    from_state: str
+    to_state: str
+    reason: str  # why: "5 consecutive failures", "probe succeeded", "shared by another instance", …
+
+
+class RetryScheduled(Event, frozen=True):
+    reason: str  # the retry class: "429", "5xx", "net", "timeout", or "key" (another pool key at once)
+    attempt: int  # the attempt about to be made (2 = first retry)
+    delay_s: float
+
+
+class RetryBudgetExhausted(Event, frozen=True):
+    """A retry was skipped because too many of the target's active requests are already retries."""
+
+    reason: str
+
+
+class FallbackUsed(Event, frozen=True):
+    to_target: str
+    reason: str  # the failure of ``target`` that sent the request on: "server_error", "circuit_open", …
+
+
+class StreamRecovered(Event, frozen=True):
+    """A cut or stalled stream was continued (``stream_recovery: continue``)."""
+
+    to_target: str
+    reason: str
+
+
+class KeyCooldown(Event, frozen=True):
+    key_id: str  # the key's configured id or env var name — never the key
+    cooldown_s: float
+
+
+class KeyDisabled(Event, frozen=True):
+    key_id: str
+    reason: str
+
+
+class BulkheadRejected(Event, frozen=True):
+    limit: int
+
+
+Listener = Callable[[Event], None]
+
+# Events worth a line in the gateway's own log (the rest are counted, not logged).
+_LOGGED = {
+    CircuitTransition: logging.WARNING, KeyDisabled: logging.ERROR, KeyCooldown: logging.INFO,
+    FallbackUsed: logging.INFO, StreamRecovered: logging.WARNING, RetryBudgetExhausted: logging.WARNING,
+}
+
+
+class Events:
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = [log_event]
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Add a listener; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def emit(self, event: Event) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken sink must never break a request
+                log.exception("event listener failed")
+
+
+def log_event(event: Event) -> None:
+    level = _LOGGED.get(type(event))
+    if level is not None and log.isEnabledFor(level):
+        fields = msgspec.to_builtins(event)
+        log.log(level, fields["event"].replace("_", " "), extra={"fields": fields})

@@ -1,0 +1,89 @@
+"""Server-sent events framing: where events end, and what one event says.
+
+The relay forwards only whole events (``Aligner``): upstream chunks are usually
+event-aligned already, so this costs a ``rfind`` per chunk and never delays a byte a
+client could use. It matters when a stream breaks mid-event — the partial event is
+dropped, so the in-band error (or a spliced continuation) that follows is not glued
+onto half a JSON object, which an SDK would report as a parse error instead.
+
+Events are separated by a blank line; lines end in ``\\n`` or ``\\r\\n`` (a lone ``\\r``
+line ending is not seen in practice and is treated as text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+# Past this much data without an event boundary the upstream is not speaking SSE as we
+# know it: forward what we have rather than hold it.
+MAX_PENDING = 256 * 1024
+
+
+def _boundary(buf: bytes) -> int:
+    """Index just past the last complete event in ``buf`` (0 when there is none)."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+class Aligner:
+    """Turns arbitrary chunks into chunks of whole events."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole events now available (possibly b""); the rest waits for more data."""
+        buf = self.pending + chunk if self.pending else chunk
+        end = _boundary(buf)
+        if end == len(buf):
+            self.pending = b""
+            return buf
+        if end == 0 and len(buf) > MAX_PENDING:
+            self.pending = b""
+            return buf
+        self.pending = buf[end:]
+        return buf[:end]
+
+
+def events(block: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """``(event name, data)`` for each event in a block of whole events.
+
+    Multi-line data is joined with ``\\n`` as the SSE spec says; comments and events
+    without data (keep-alives) are skipped. The name is b"" when the event has none.
+    """
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n")
+    for raw in block.split(b"\n\n"):
+        if not raw:
+            continue
+        if raw.startswith(b"data: ") and b"\n" not in raw:  # the common one-line OpenAI event
+            yield b"", raw[6:]
+            continue
+        name, data = b"", []
+        for line in raw.split(b"\n"):
+            field, _, value = line.partition(b":")
+            if value.startswith(b" "):
+                value = value[1:]
+            if field == b"data":
+                data.append(value)
+            elif field == b"event":
+                name = value
+        if data:
+            yield name, b"\n".join(data)
+
+
+def split_events(block: bytes) -> list[bytes]:
+    """The raw bytes of each event in a block of whole events, separator included."""
+    out: list[bytes] = []
+    start = 0
+    while start < len(block):
+        lf = block.find(b"\n\n", start)
+        crlf = block.find(b"\r\n\r\n", start)
+        candidates = [i + 2 for i in (lf,) if i >= 0] + [i + 4 for i in (crlf,) if i >= 0]
+        end = min(candidates) if candidates else len(block)
+        out.append(block[start:end])
+        start = end
+    return out

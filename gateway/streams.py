@@ -1,0 +1,123 @@
+"""Honest streams: a relayed SSE stream is complete, finalised, or reported broken — never cut quietly.
+
+``watch`` sits between the upstream relay and everything downstream of it. It forwards
+whole events only (``gateway.sse.Aligner``), lets the format's ``StreamReader`` read each
+one, and decides how the stream ends:
+
+- the format's end marker arrived (``[DONE]``, ``message_stop``): the stream ends as sent;
+- the answer is complete but the marker is missing — the upstream closed, was cut, or went
+  quiet after the last choice finished (and the usage chunk, if asked for, came): the
+  marker is added and the stream ends at once, not after ``stream_idle_timeout_ms``;
+- the upstream sent its own in-band error event: it was relayed as sent, and the stream
+  ends there (``StreamBroken(reported=True)``: nothing is added to it);
+- anything else — EOF, a cut or a stall before the answer was complete — is
+  ``StreamBroken``: the writer ends the client's stream with an in-band error event in
+  its dialect, or ``stream_recovery: continue`` picks it up.
+
+An event whose data cannot be parsed is relayed untouched; reading it is best effort and
+never breaks the stream. Usage seen on the way goes into the access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from gateway.errors import StreamBroken
+from gateway.exchange import Exchange
+from gateway.sse import Aligner, events, split_events
+from providers.base import StreamReader
+
+# How long a settled answer may wait for its end marker before the gateway adds it.
+SETTLE_GRACE_S = 0.5
+
+
+def read_head(reader: StreamReader, aligner: Aligner, head: bytes) -> bytes:
+    """Feed the first chunk (already received) to the reader; returns the whole events in it."""
+    out = aligner.feed(head)
+    if out:
+        for name, data in events(out):
+            reader.feed(name, data)
+    return out
+
+
+async def watch(
+    chunks: AsyncIterator[bytes], reader: StreamReader, aligner: Aligner, first: bytes, *,
+    skip_head: bool, ex: Exchange, target: str, hold_errors: bool = False,
+) -> AsyncIterator[bytes]:
+    """Relay ``chunks`` (whose first item, the head, was read by ``read_head`` and gave ``first``).
+
+    ``hold_errors``: an upstream in-band error event is not relayed but raised as
+    ``StreamBroken``, so a continuation can take over (``stream_recovery: continue``).
+    """
+    it = chunks.__aiter__()
+    head_error = reader.error is not None  # an error in the head was relayed: it is the client's answer
+    hold_errors = hold_errors and not head_error
+    try:
+        if skip_head:
+            await it.__anext__()  # the head itself; read_head already produced ``first`` from it
+        if first:
+            yield first
+        while True:
+            try:
+                if reader.settled and not reader.done:
+                    async with asyncio.timeout(SETTLE_GRACE_S):
+                        chunk = await it.__anext__()
+                else:
+                    chunk = await it.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:  # settled and quiet: the end marker is all that is missing
+                yield reader.terminator
+                return
+            except StreamBroken as e:
+                if reader.finished and not reader.done and reader.error is None:
+                    yield reader.terminator  # cut or stalled after the answer was complete
+                    return
+                raise StreamBroken(e.message, target=target) from None
+            out = aligner.feed(chunk)
+            if not out:
+                continue
+            if hold_errors:
+                out = _until_error(reader, out)
+                if reader.error is not None:
+                    if out:
+                        yield out
+                    raise StreamBroken(f"upstream stream failed: {reader.error}", target=target)
+            else:
+                for name, data in events(out):
+                    reader.feed(name, data)
+            yield out
+        tail = aligner.pending
+        if tail:  # a last event without its blank line: relayed as sent
+            for name, data in events(tail + b"\n\n"):
+                reader.feed(name, data)
+            yield tail
+        if reader.done:
+            return
+        if reader.error is not None:  # relayed as the upstream sent it: nothing to add
+            raise StreamBroken(f"upstream stream failed: {reader.error}", target=target, reported=True)
+        if reader.finished:
+            yield reader.terminator
+            return
+        raise StreamBroken("upstream stream ended before the answer was complete", target=target)
+    finally:
+        if reader.prompt_tokens is not None:
+            ex.log["prompt_tokens"] = reader.prompt_tokens
+        if reader.completion_tokens is not None:
+            ex.log["completion_tokens"] = reader.completion_tokens
+        close = getattr(it, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def _until_error(reader: StreamReader, out: bytes) -> bytes:
+    """Feed events one by one; return the bytes before the first error event (all if none)."""
+    kept = 0
+    for raw in split_events(out):
+        for name, data in events(raw):
+            reader.feed(name, data)
+        if reader.error is not None:
+            return out[:kept]
+        kept += len(raw)
+    return out

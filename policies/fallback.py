@@ -1,0 +1,169 @@
+"""Fallback chain (SPEC §5): when a target fails after its retries, or its circuit is open, try the next.
+
+The chain is the target's ``fallback_targets`` — or, for a tenant with its own list for
+this target (or for every target, ``"*"``), the tenant's. Each entry is a target and
+optionally a model; the same target with another model is allowed. Moving on needs a
+failure named in the primary's ``fallback_on`` (default: retryable failures, an open
+circuit, timeouts, and a prompt over the context window — never a content-policy
+refusal, which another model should not be asked to get round).
+
+The answer that reaches the client is the first success; otherwise the last target's
+answer as it sent it — unless that last one is only the gateway's own refusal (an open
+circuit, a full bulkhead) and an earlier target did answer, in which case the earlier
+answer stands. ``X-ReliAPI-Fallback`` names the fallback target whose answer it is.
+
+A fallback entry's ``model`` (else the target's ``llm.default_model``) replaces the
+request's ``model``; requests are otherwise sent as the client wrote them, so every
+target in a chain speaks the primary's dialect (checked at load time until the LLM
+layer brings translation). This is also where a broken stream is continued when its
+target has ``stream_recovery: continue`` (``policies.stream_recovery``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from gateway.config import dialect
+from gateway.errors import GatewayError, UpstreamError
+from gateway.events import FallbackUsed
+from gateway.exchange import Exchange, Reply
+from gateway.failures import Failure, failure_of
+from gateway.headers import X_RELIAPI_FALLBACK
+from policies import stream_recovery
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Handler, Policy
+    from gateway.runtime import Runtime
+    from gateway.targets import Target
+
+Entry = tuple["Target", str | None]  # a target and the model to ask it for (None: the client's)
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.encode
+
+
+def with_model(body: bytes, model: str | None) -> bytes:
+    """The JSON request body asking for ``model`` instead (unchanged when there is nothing to change)."""
+    if model is None or not body:
+        return body
+    try:
+        req = _decode(body)
+    except msgspec.DecodeError:
+        return body
+    if not isinstance(req, dict) or req.get("model") == model:
+        return body
+    req["model"] = model
+    return _encode(req)
+
+
+class _Outcome:
+    """One target's answer: a reply, or the error it raised."""
+
+    __slots__ = ("entry", "body", "model", "reply", "error")
+
+    def __init__(self, entry: Entry, body: bytes, model: str | None, reply: Reply | None, error: GatewayError | None):
+        self.entry, self.body, self.model, self.reply, self.error = entry, body, model, reply, error
+
+    @property
+    def from_upstream(self) -> bool:
+        return self.reply is not None or isinstance(self.error, UpstreamError)
+
+
+def policy(rt: Runtime) -> Policy:
+    targets = rt.targets
+
+    def entries(raw: list, primary: Target) -> list[Entry]:
+        # another dialect would need translation (the LLM layer): skipped, as --check warns
+        speaks = dialect(primary.config.provider)
+        return [(targets[e.target], e.model) for e in raw if dialect(targets[e.target].config.provider) == speaks]
+
+    chains = {name: entries(t.config.fallback_targets, t) for name, t in targets.items()}
+    fallback_on = {name: frozenset(t.config.fallback_on) for name, t in targets.items()}
+    # A tenant's chains by primary target; its "*" chain applies to every target.
+    tenant_chains: dict[str, dict[str, list[Entry]]] = {}
+    for tenant in rt.config.tenants:
+        if not tenant.fallback_targets:
+            continue
+        every = tenant.fallback_targets.get("*")
+        tenant_chains[tenant.name] = {
+            name: entries(tenant.fallback_targets.get(name, every or []), t)
+            for name, t in targets.items() if name in tenant.fallback_targets or every is not None
+        }
+    recovering = {name for name, t in targets.items() if t.config.stream_recovery == "continue"}
+    events = rt.events
+
+    def chain_for(ex: Exchange, primary: Target) -> list[Entry]:
+        if ex.tenant is not None:
+            own = tenant_chains.get(ex.tenant)
+            if own is not None and primary.name in own:
+                return own[primary.name]
+        return chains[primary.name]
+
+    async def fallback(ex: Exchange, call_next: Handler) -> Reply:
+        primary = ex.target
+        chain = chain_for(ex, primary)
+        if not chain and primary.name not in recovering:
+            return await call_next(ex)  # the common case: one target, nothing to add
+        candidates: list[Entry] = [(primary, None), *chain]
+        client_body, client_model = ex.body, ex.model
+        allowed = fallback_on[primary.name]
+        answered: _Outcome | None = None  # the latest answer a target gave (a reply or an upstream error)
+        refused: _Outcome | None = None  # the first of the gateway's own refusals (open circuit, full bulkhead)
+        failure: Failure | None = None
+        for i, entry in enumerate(candidates):
+            target, model = entry
+            if i:
+                model = model or (target.config.llm.default_model if target.config.llm else None)
+                ex.target, ex.model = target, model or client_model
+                ex.body = with_model(client_body, model)
+                events.emit(FallbackUsed(target=candidates[i - 1][0].name, to_target=target.name,
+                                         reason=failure.reason if failure else "unknown"))
+            try:
+                reply = await call_next(ex)
+                error = None
+                failure = reply.failure
+            except GatewayError as e:
+                if e.reason == "client_error":
+                    raise  # not the target's failure: nothing another target would do better
+                reply, error, failure = None, e, failure_of(e)
+            if failure is None:
+                assert reply is not None
+                if answered is not None and answered.reply is not None:
+                    await answered.reply.aclose()
+                _mark(ex, reply, primary, target)
+                if reply.chunks is not None and reply.reader is not None and target.name in recovering:
+                    reply.chunks = stream_recovery.recovering(
+                        ex, reply, candidates[i:], client_body, client_model, call_next, events,
+                    )
+                return reply
+            outcome = _Outcome(entry, ex.body, ex.model, reply, error)
+            if outcome.from_upstream:
+                if answered is not None and answered.reply is not None:
+                    await answered.reply.aclose()
+                answered = outcome
+            elif refused is None:
+                refused = outcome
+            if not failure.falls_back_on(allowed):
+                break
+        final = answered or refused
+        assert final is not None
+        target = final.entry[0]
+        ex.target, ex.body, ex.model = target, final.body, final.model
+        if final.reply is not None:
+            _mark(ex, final.reply, primary, target)
+            return final.reply
+        assert final.error is not None
+        if target is not primary:
+            final.error.headers[X_RELIAPI_FALLBACK] = target.name
+            ex.log["fallback_target"] = target.name
+        raise final.error
+
+    return fallback
+
+
+def _mark(ex: Exchange, reply: Reply, primary: Target, target: Target) -> None:
+    if target is not primary:
+        reply.headers[X_RELIAPI_FALLBACK] = target.name
+        ex.log["fallback_target"] = target.name

@@ -1,0 +1,106 @@
+"""``stream_recovery: continue`` (SPEC §5): a stream cut or stalled mid-answer is finished elsewhere.
+
+When the upstream's stream breaks after the client has received part of the answer, the
+gateway asks the same target again — else the next in the fallback chain — for the same
+request with the text received so far as an assistant prefill, and splices that answer's
+events into the client's stream: one complete stream, as if nothing had happened (the
+provider's ``StreamReader.splicer`` renumbers ids and content blocks and drops the
+duplicate start events).
+
+Continuing needs a prefill the model will extend: Anthropic continues a final assistant
+turn natively, Mistral with ``prefix: true`` (which is sent), vLLM-style servers do; the
+OpenAI API accepts the request but may answer it as a new turn. Only a plain text answer
+with one choice is continued (no tool calls, no thinking blocks). A stream is continued
+once; a candidate that refuses the prefill (any non-2xx answer) or fails is skipped, and
+when none can continue, the client's stream ends with an in-band error naming the
+original failure — not the refusal of the attempt to repair it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from gateway.errors import GatewayError, StreamBroken
+from gateway.events import Events, StreamRecovered
+from gateway.exchange import Exchange, Reply
+from gateway.sse import events as sse_events
+from gateway.sse import split_events
+from providers.base import Splicer, StreamReader
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Handler
+    from gateway.targets import Target
+
+Entry = tuple["Target", "str | None"]
+
+
+async def recovering(
+    ex: Exchange, reply: Reply, candidates: list[Entry], client_body: bytes, client_model: str | None,
+    call_next: Handler, events: Events,
+) -> AsyncIterator[bytes]:
+    """Relay ``reply``; if it breaks, continue it on ``candidates`` (the answering target first)."""
+    chunks = reply.chunks
+    reader = reply.reader
+    assert chunks is not None and reader is not None
+    try:
+        async for chunk in chunks:
+            yield chunk
+        return
+    except StreamBroken as e:
+        if e.reported or not reader.recoverable:
+            raise
+        broken = e
+    finally:
+        await reply.aclose()
+    continuation = await _continue(ex, reader, broken, candidates, client_body, client_model, call_next, events)
+    if continuation is None:
+        raise StreamBroken(f"{broken.message} (stream_recovery could not continue it)", target=broken.target)
+    splicer = reader.splicer()
+    try:
+        async for chunk in continuation.chunks:  # type: ignore[union-attr]
+            out = _splice(splicer, chunk)
+            if out:
+                yield out
+    except StreamBroken as e:
+        raise StreamBroken(f"{broken.message}; its continuation failed too ({e.message})", target=broken.target) from None
+    finally:
+        await continuation.aclose()
+
+
+def _splice(splicer: Splicer, chunk: bytes) -> bytes:
+    parts = []
+    for raw in split_events(chunk):
+        for name, data in sse_events(raw):
+            parts.append(splicer.event(name, data, raw))
+    return b"".join(parts)
+
+
+async def _continue(
+    ex: Exchange, reader: StreamReader, broken: StreamBroken, candidates: list[Entry], client_body: bytes,
+    client_model: str | None, call_next: Handler, events: Events,
+) -> Reply | None:
+    partial = reader.text
+    first = ex.target
+    for i, (target, model) in enumerate(candidates):
+        if i:
+            model = model or (target.config.llm.default_model if target.config.llm else None)
+        else:
+            model = ex.model if ex.model != client_model else None
+        body = type(reader).continuation_body(client_body, partial, target.provider.name, model)
+        if body is None:
+            return None
+        attempt = ex.derive(target=target, body=body, model=model or client_model, deadline=None, key=None)
+        try:
+            reply = await call_next(attempt)
+        except GatewayError:
+            continue
+        finally:
+            ex.attempts = attempt.attempts
+        if reply.failure is not None or reply.status >= 300 or reply.chunks is None or reply.reader is None:
+            await reply.aclose()  # e.g. a 400: this target will not take a prefill
+            continue
+        events.emit(StreamRecovered(target=first.name, to_target=target.name, reason=broken.message))
+        ex.log["recovered_on"] = target.name
+        return reply
+    return None
