@@ -12,7 +12,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
+from gateway.clock import Clock
 from gateway.config import parse_config
+from gateway.store import Store
 from gateway.server import GatewayRunner
 from tests.cli_harness import CLI
 from tests.fakes import FakeUpstream
@@ -33,12 +35,22 @@ class Logs(list):
 
 
 @pytest.fixture
-async def fake(aiohttp_server: Any) -> FakeUpstream:
-    upstream = FakeUpstream()
-    server: TestServer = await aiohttp_server(upstream.app())
-    upstream.url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
-    upstream.server = server  # type: ignore[attr-defined]
-    return upstream
+def upstreams(aiohttp_server: Any) -> Callable[[], Awaitable[FakeUpstream]]:
+    """``await upstreams()`` → another fake upstream on its own port (a primary, a fallback, …)."""
+
+    async def make() -> FakeUpstream:
+        upstream = FakeUpstream()
+        server: TestServer = await aiohttp_server(upstream.app())
+        upstream.url = str(server.make_url("")).rstrip("/")
+        upstream.server = server  # type: ignore[attr-defined]
+        return upstream
+
+    return make
+
+
+@pytest.fixture
+async def fake(upstreams: Callable[[], Awaitable[FakeUpstream]]) -> FakeUpstream:
+    return await upstreams()
 
 
 GatewayFactory = Callable[..., Awaitable[tuple[TestClient, Logs]]]
@@ -46,13 +58,15 @@ GatewayFactory = Callable[..., Awaitable[tuple[TestClient, Logs]]]
 
 @pytest.fixture
 def gateway(aiohttp_client: Any) -> GatewayFactory:
-    """``await gateway(yaml_text, env={...})`` → (client, access log lines)."""
+    """``await gateway(yaml_text, env={...}, clock=..., store=...)`` → (client, access log lines)."""
 
-    async def make(config_yaml: str, *, env: dict[str, str] | None = None) -> tuple[TestClient, Logs]:
+    async def make(
+        config_yaml: str, *, env: dict[str, str] | None = None, clock: Clock | None = None, store: Store | None = None,
+    ) -> tuple[TestClient, Logs]:
         env = env or {}
         config = parse_config(config_yaml, env=env)
         logs = Logs()
-        app = create_app(config, env=env, access_log_write=logs.write)
+        app = create_app(config, env=env, access_log_write=logs.write, clock=clock, store=store)
         client = await aiohttp_client(GatewayTestServer(app))
         return client, logs
 

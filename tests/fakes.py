@@ -1,23 +1,30 @@
-"""A scriptable fake OpenAI / Anthropic / plain-HTTP upstream, served on a real loopback socket.
+"""A scriptable, fault-injecting fake OpenAI / Anthropic / plain-HTTP upstream on a real loopback socket.
 
-Behaviour is chosen per request by ``X-Fake-*`` headers, which the gateway
-forwards like any other header:
+What each request gets is a ``Fault`` (the name of the thing a test wants to go wrong;
+``Fault()`` is a healthy answer). In order of precedence:
 
-- ``X-Fake-Status: 503``          answer with this status (an error body in the dialect)
-- ``X-Fake-Chunks: 5``            stream this many content chunks (default 3)
-- ``X-Fake-Interval-Ms: 50``      pause between chunks
-- ``X-Fake-Delay-Ms: 100``        pause before the response headers
-- ``X-Fake-First-Delay-Ms: 100``  pause after the headers, before the first chunk
-- ``X-Fake-Cut-After: 2``         drop the connection after this many chunks (no terminator)
+1. ``fake.plan(Fault(status=503), Fault(reset=True))`` — consumed one per request;
+2. ``fake.script = lambda n, seen: Fault(...)`` — decides from the request number (1-based)
+   and the request (e.g. "503 while the test clock says t < 60");
+3. ``X-Fake-*`` request headers, which the gateway forwards like any other:
+   ``X-Fake-Status: 503``, ``X-Fake-Chunks: 5``, ``X-Fake-Interval-Ms: 50``,
+   ``X-Fake-Delay-Ms: 100`` (before the headers), ``X-Fake-First-Delay-Ms: 100`` (after the
+   headers, before the first chunk), ``X-Fake-Cut-After: 2`` (drop the connection after
+   that many events), ``X-Fake-Echo-Auth`` (quote the caller's key in an error).
 
-Every request is recorded (method, raw path with query, headers, body), and the
-fake notes when a client went away in the middle of a stream.
+Streams are deterministic: content chunk i is ``"tok{i} "``. A request whose last message is
+an assistant prefill of k such tokens is continued from ``tok{k}``, so a spliced recovery
+can be checked word for word. Every request is recorded with the fake's clock reading.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import socket
+import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -28,11 +35,71 @@ _json = msgspec.json.encode
 
 
 @dataclass
+class Fault:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (Retry-After, …)
+    error_code: str | None = None  # OpenAI error code / Anthropic error type in an error body
+    error_message: str | None = None
+    delay_ms: int = 0  # before the response headers
+    hang: bool = False  # accept the request and never answer
+    reset: bool = False  # TCP reset before any response byte
+    chunks: int = 3  # content chunks of a stream
+    interval_ms: int = 0  # between events
+    first_delay_ms: int = 0  # after the headers, before the first event
+    cut_after: int | None = None  # drop the connection after this many events, no terminator
+    stall_after: int | None = None  # stop after this many events, connection kept open
+    malformed_at: int | None = None  # an event whose data is not JSON, before event i
+    no_done: bool = False  # complete answer, but no [DONE] / message_stop
+    hold_ms: int = 0  # with no_done: keep the connection open this long before closing
+    first_event_error: str | None = None  # a 200 stream whose first event is an error of this type
+    model: str | None = None  # answer as this model (default: the one asked for)
+    echo_auth: bool = False
+
+
+@dataclass
 class Seen:
     method: str
     path_qs: str
     headers: CIMultiDict[str]
     body: bytes
+    at: float = 0.0  # the fake's clock when the request arrived
+
+    def json(self) -> dict:
+        return msgspec.json.decode(self.body)
+
+
+def _fault_from_headers(headers) -> Fault:
+    cut = headers.get("X-Fake-Cut-After")
+    return Fault(
+        status=int(headers.get("X-Fake-Status", "200")),
+        chunks=int(headers.get("X-Fake-Chunks", "3")),
+        interval_ms=int(headers.get("X-Fake-Interval-Ms", "0")),
+        delay_ms=int(headers.get("X-Fake-Delay-Ms", "0")),
+        first_delay_ms=int(headers.get("X-Fake-First-Delay-Ms", "0")),
+        cut_after=int(cut) if cut is not None else None,
+        echo_auth="X-Fake-Echo-Auth" in headers,
+    )
+
+
+def _prefill_tokens(body: dict) -> int:
+    """How many ``tokN`` words the request's final assistant prefill already holds."""
+    messages = body.get("messages") or []
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        return 0
+    content = messages[-1].get("content")
+    if isinstance(content, list):
+        content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return len([w for w in str(content or "").split() if w.startswith("tok")])
+
+
+def _reset(request: web.Request) -> None:
+    """Close with a TCP RST (SO_LINGER 0), as a crashed or overloaded server would."""
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 @dataclass
@@ -42,6 +109,13 @@ class FakeUpstream:
     streams_finished: int = 0
     stream_started: asyncio.Event = field(default_factory=asyncio.Event)
     client_gone: asyncio.Event = field(default_factory=asyncio.Event)
+    planned: list[Fault] = field(default_factory=list)
+    script: Callable[[int, Seen], Fault | None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    url: str = ""
+
+    def plan(self, *faults: Fault) -> None:
+        self.planned.extend(faults)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, handler_args={"auto_decompress": False})
@@ -52,107 +126,149 @@ class FakeUpstream:
         app.router.add_route("*", "/{tail:.*}", self.echo)
         return app
 
-    async def _record(self, request: web.Request) -> bytes:
+    async def _record(self, request: web.Request) -> tuple[bytes, Fault | None]:
+        """Record the request and play the fault's pre-response part; None: the fault already answered."""
         body = await request.read()
-        self.requests.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers), body))
-        delay = int(request.headers.get("X-Fake-Delay-Ms", "0"))
-        if delay:
-            await asyncio.sleep(delay / 1000)
-        return body
+        seen = Seen(request.method, request.raw_path, CIMultiDict(request.headers), body, self.clock())
+        self.requests.append(seen)
+        fault = None
+        if self.planned:
+            fault = self.planned.pop(0)
+        elif self.script is not None:
+            fault = self.script(len(self.requests), seen)
+        if fault is None:
+            fault = _fault_from_headers(request.headers)
+        if fault.delay_ms:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        if fault.hang:
+            await asyncio.sleep(3600)
+        if fault.reset:
+            _reset(request)
+            return body, None
+        return body, fault
 
     # ------------------------------------------------------------ OpenAI
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = msgspec.json.decode(await self._record(request))
-        status = int(request.headers.get("X-Fake-Status", "200"))
-        if status != 200:
-            message = f"fake error {status}"
-            if "X-Fake-Echo-Auth" in request.headers:  # a careless upstream that quotes the key back
+        raw, fault = await self._record(request)
+        if fault is None:
+            return web.Response()  # never sent: the connection is gone
+        body = msgspec.json.decode(raw)
+        if fault.status != 200:
+            message = fault.error_message or f"fake error {fault.status}"
+            if fault.echo_auth:  # a careless upstream that quotes the key back
                 message += f": bad key {request.headers.get('Authorization', '')}"
             return web.json_response(
-                {"error": {"message": message, "type": "server_error", "code": None, "param": None}},
-                status=status,
+                {"error": {"message": message, "type": "server_error" if fault.status >= 500 else "invalid_request_error",
+                           "code": fault.error_code, "param": None}},
+                status=fault.status, headers=fault.headers,
             )
-        model = body.get("model", "gpt-4o-mini")
+        model = fault.model or body.get("model", "gpt-4o-mini")
+        start = _prefill_tokens(body)
         if not body.get("stream"):
             return web.json_response({
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake."},
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
-            })
-        events = [
-            b"data: " + _json({
-                "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-                "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
+            }, headers=fault.headers)
+
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            return b"data: " + _json({
+                "id": f"chatcmpl-fake{len(self.requests)}", "object": "chat.completion.chunk",
+                "created": 1700000000 + len(self.requests), "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }) + b"\n\n"
-            for i in range(int(request.headers.get("X-Fake-Chunks", "3")))
-        ]
-        events.append(b"data: " + _json({
-            "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-        }) + b"\n\n")
-        events.append(b"data: [DONE]\n\n")
-        return await self._stream(request, events)
+
+        events = []
+        if fault.first_event_error:
+            events.append(b"data: " + _json({"error": {"message": "fake stream error", "type": fault.first_event_error,
+                                                      "code": None, "param": None}}) + b"\n\n")
+        events.append(chunk({"role": "assistant", "content": ""}))
+        events += [chunk({"content": f"tok{i} "}) for i in range(start, fault.chunks)]
+        events.append(chunk({}, "stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(b"data: " + _json({
+                "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+                "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": fault.chunks - start,
+                                         "total_tokens": 5 + fault.chunks - start},
+            }) + b"\n\n")
+        if not fault.no_done:
+            events.append(b"data: [DONE]\n\n")
+        return await self._stream(request, events, fault)
 
     # ------------------------------------------------------------ Anthropic
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        body = msgspec.json.decode(await self._record(request))
-        status = int(request.headers.get("X-Fake-Status", "200"))
-        if status != 200:
+        raw, fault = await self._record(request)
+        if fault is None:
+            return web.Response()
+        body = msgspec.json.decode(raw)
+        if fault.status != 200:
             return web.json_response(
-                {"type": "error", "error": {"type": "overloaded_error", "message": f"fake error {status}"}},
-                status=status,
+                {"type": "error", "error": {"type": fault.error_code or "overloaded_error",
+                                            "message": fault.error_message or f"fake error {fault.status}"}},
+                status=fault.status, headers=fault.headers,
             )
-        model = body.get("model", "claude-test-1")
+        model = fault.model or body.get("model", "claude-test-1")
+        start = _prefill_tokens(body)
         if not body.get("stream"):
             return web.json_response({
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": "Hello from the fake."}],
                 "stop_reason": "end_turn", "stop_sequence": None,
                 "usage": {"input_tokens": 5, "output_tokens": 4},
-            })
+            }, headers=fault.headers)
 
         def ev(name: str, data: dict) -> bytes:
             return b"event: " + name.encode() + b"\ndata: " + _json(data) + b"\n\n"
 
-        events = [ev("message_start", {"type": "message_start", "message": {
-            "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+        events = []
+        if fault.first_event_error:
+            events.append(ev("error", {"type": "error", "error": {"type": fault.first_event_error,
+                                                                   "message": "fake stream error"}}))
+        events += [ev("message_start", {"type": "message_start", "message": {
+            "id": f"msg_fake{len(self.requests)}", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 1}}}),
             ev("content_block_start", {"type": "content_block_start", "index": 0,
                                        "content_block": {"type": "text", "text": ""}})]
-        for i in range(int(request.headers.get("X-Fake-Chunks", "3"))):
+        for i in range(start, fault.chunks):
             events.append(ev("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                      "delta": {"type": "text_delta", "text": f"tok{i} "}}))
         events += [
             ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
             ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                 "usage": {"output_tokens": 4}}),
-            ev("message_stop", {"type": "message_stop"}),
+                                 "usage": {"output_tokens": fault.chunks - start}}),
         ]
-        return await self._stream(request, events)
+        if not fault.no_done:
+            events.append(ev("message_stop", {"type": "message_stop"}))
+        return await self._stream(request, events, fault)
 
     # ------------------------------------------------------------ streaming core
 
-    async def _stream(self, request: web.Request, events: list[bytes]) -> web.StreamResponse:
-        interval = int(request.headers.get("X-Fake-Interval-Ms", "0")) / 1000
-        first_delay = int(request.headers.get("X-Fake-First-Delay-Ms", "0")) / 1000
-        cut_after = request.headers.get("X-Fake-Cut-After")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    async def _stream(self, request: web.Request, events: list[bytes], fault: Fault) -> web.StreamResponse:
+        if fault.malformed_at is not None:
+            events.insert(fault.malformed_at, b'data: {"choices": [{"delta": {"content": "tok\n\n')
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **fault.headers})
         await resp.prepare(request)
         self.stream_started.set()
         try:
-            if first_delay:
-                await asyncio.sleep(first_delay)
+            if fault.first_delay_ms:
+                await asyncio.sleep(fault.first_delay_ms / 1000)
             for i, event in enumerate(events):
-                if cut_after is not None and i == int(cut_after):
+                if fault.cut_after is not None and i == fault.cut_after:
                     assert request.transport is not None
                     request.transport.abort()  # a cut with no terminator
                     return resp
-                if i and interval:
-                    await asyncio.sleep(interval)
+                if fault.stall_after is not None and i == fault.stall_after:
+                    await asyncio.sleep(3600)  # silent, connection open, until the client gives up
+                if i and fault.interval_ms:
+                    await asyncio.sleep(fault.interval_ms / 1000)
                 await resp.write(event)
+            if fault.hold_ms:
+                await asyncio.sleep(fault.hold_ms / 1000)
             await resp.write_eof()
             self.streams_finished += 1
         except (asyncio.CancelledError, ConnectionError):
@@ -168,14 +284,16 @@ class FakeUpstream:
         return web.Response(status=302, headers={"Location": "http://169.254.169.254/latest/meta-data"})
 
     async def echo(self, request: web.Request) -> web.Response:
-        body = await self._record(request)
-        status = int(request.headers.get("X-Fake-Status", "200"))
+        body, fault = await self._record(request)
+        if fault is None:
+            return web.Response()
         return web.Response(
-            status=status,
+            status=fault.status,
             body=_json({
                 "method": request.method, "path_qs": request.raw_path, "headers": dict(request.headers),
                 "body_b64": base64.b64encode(body).decode(),
             }),
             headers={"Content-Type": "application/json", "X-Upstream": "echo",
-                     "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5"},
+                     "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
+                     **fault.headers},
         )

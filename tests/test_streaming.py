@@ -25,6 +25,7 @@ async def test_stream_is_incremental(fake, gateway):
                              headers={"X-Fake-Chunks": "5", "X-Fake-Interval-Ms": "200"})
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert b'"role":"assistant"' in await resp.content.readuntil(b"\n\n")
     first = await resp.content.readuntil(b"\n\n")
     assert b"tok0" in first
     # the client holds chunk 1 while the upstream is still producing the rest
@@ -76,10 +77,11 @@ async def test_headers_held_until_first_byte(fake, gateway):
 async def test_cut_stream_ends_with_inband_error_openai(fake, gateway):
     client, logs = await gateway(llm_config(fake.url))
     resp = await client.post("/v1/chat/completions", json=CHAT,
-                             headers={"X-Fake-Chunks": "6", "X-Fake-Cut-After": "2"})
+                             headers={"X-Fake-Chunks": "6", "X-Fake-Cut-After": "3"})
     assert resp.status == 200
     events = await _events(resp)
-    assert [b"tok0" in events[0], b"tok1" in events[1]] == [True, True]
+    assert [b"tok0" in events[1], b"tok1" in events[2]] == [True, True]
+    assert len(events) == 4  # role, tok0, tok1, then the gateway's error event
     assert events[-1].startswith(b'data: {"error"')
     assert b"stream_interrupted" in events[-1]
     assert not any(e == b"data: [DONE]" for e in events)
@@ -117,7 +119,7 @@ async def test_stalled_stream_ends_with_inband_error(fake, gateway):
     resp = await client.post("/v1/chat/completions", json=CHAT,
                              headers={"X-Fake-Chunks": "3", "X-Fake-Interval-Ms": "3000"})
     events = await _events(resp)
-    assert b"tok0" in events[0]
+    assert len(events) == 2 and b'"role":"assistant"' in events[0]  # then 3 s of silence
     assert b"stalled" in events[-1] and events[-1].startswith(b'data: {"error"')
     # the gateway stays healthy for the next call
     resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []})
