@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.clock import Clock
 from gateway.config import parse_config
-from gateway.store import Store
 from gateway.server import GatewayRunner
+from gateway.store import Store
 from tests.cli_harness import CLI
 from tests.fakes import FakeUpstream
 

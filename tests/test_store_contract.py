@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
-import uuid
 
 import pytest
 import pytest_asyncio
@@ -27,9 +25,8 @@ from gateway.errors import StoreUnavailable
 from gateway.store import Store, StoreError, TakeResult, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
-
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-_redis_down: dict[str, str] = {}  # url -> reason, so an absent Redis is probed once
+from tests.stores import new_prefix
+from tests.stores import redis_store as _redis_store
 
 
 class FakeClock:
@@ -40,28 +37,9 @@ class FakeClock:
         return self.now
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("RELIAPI_REQUIRE_REDIS") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-async def _redis_store(prefix: str) -> RedisStore:
-    if REDIS_URL in _redis_down:
-        _unavailable(_redis_down[REDIS_URL])
-    store = RedisStore(REDIS_URL, key_prefix=prefix)
-    try:
-        await store.ping()
-    except StoreError as exc:
-        await store.close()
-        _redis_down[REDIS_URL] = f"Redis not reachable at {store.url_for_display}: {exc}"
-        _unavailable(_redis_down[REDIS_URL])
-    return store
-
-
 @pytest.fixture
 def prefix() -> str:
-    return "test:" + uuid.uuid4().hex
+    return new_prefix()
 
 
 @pytest.fixture
