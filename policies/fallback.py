@@ -13,10 +13,11 @@ circuit, a full bulkhead) and an earlier target did answer, in which case the ea
 answer stands. ``X-ReliAPI-Fallback`` names the fallback target whose answer it is.
 
 A fallback entry's ``model`` (else the target's ``llm.default_model``) replaces the
-request's ``model``; requests are otherwise sent as the client wrote them, so every
-target in a chain speaks the primary's dialect (checked at load time until the LLM
-layer brings translation). This is also where a broken stream is continued when its
-target has ``stream_recovery: continue`` (``policies.stream_recovery``).
+request's ``model``; requests are otherwise sent as the client wrote them, so a chain only
+holds targets that speak the primary's dialect: an entry of another dialect is skipped
+(``--check`` and the startup log say so) until the LLM layer brings translation. This is
+also where a broken stream is continued when its target has ``stream_recovery: continue``
+(``policies.stream_recovery``).
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def with_model(body: bytes, model: str | None) -> bytes:
 class _Outcome:
     """One target's answer: a reply, or the error it raised."""
 
-    __slots__ = ("entry", "body", "model", "reply", "error")
+    __slots__ = ("index", "entry", "body", "model", "reply", "error")
 
-    def __init__(self, entry: Entry, body: bytes, model: str | None, reply: Reply | None, error: GatewayError | None):
-        self.entry, self.body, self.model, self.reply, self.error = entry, body, model, reply, error
+    def __init__(
+        self, index: int, entry: Entry, body: bytes, model: str | None, reply: Reply | None, error: GatewayError | None
+    ) -> None:
+        self.index, self.entry, self.body, self.model = index, entry, body, model
+        self.reply, self.error = reply, error
 
     @property
     def from_upstream(self) -> bool:
@@ -132,13 +136,13 @@ def policy(rt: Runtime) -> Policy:
                 assert reply is not None
                 if answered is not None and answered.reply is not None:
                     await answered.reply.aclose()
-                _mark(ex, reply, primary, target)
+                _mark(ex, reply, i, target)
                 if reply.chunks is not None and reply.reader is not None and target.name in recovering:
                     reply.chunks = stream_recovery.recovering(
                         ex, reply, candidates[i:], client_body, client_model, call_next, events,
                     )
                 return reply
-            outcome = _Outcome(entry, ex.body, ex.model, reply, error)
+            outcome = _Outcome(i, entry, ex.body, ex.model, reply, error)
             if outcome.from_upstream:
                 if answered is not None and answered.reply is not None:
                     await answered.reply.aclose()
@@ -152,10 +156,10 @@ def policy(rt: Runtime) -> Policy:
         target = final.entry[0]
         ex.target, ex.body, ex.model = target, final.body, final.model
         if final.reply is not None:
-            _mark(ex, final.reply, primary, target)
+            _mark(ex, final.reply, final.index, target)
             return final.reply
         assert final.error is not None
-        if target is not primary:
+        if final.index:
             final.error.headers[X_RELIAPI_FALLBACK] = target.name
             ex.log["fallback_target"] = target.name
         raise final.error
@@ -163,7 +167,7 @@ def policy(rt: Runtime) -> Policy:
     return fallback
 
 
-def _mark(ex: Exchange, reply: Reply, primary: Target, target: Target) -> None:
-    if target is not primary:
+def _mark(ex: Exchange, reply: Reply, index: int, target: Target) -> None:
+    if index:  # a fallback entry answered (possibly the same target with another model)
         reply.headers[X_RELIAPI_FALLBACK] = target.name
         ex.log["fallback_target"] = target.name

@@ -35,14 +35,22 @@ if TYPE_CHECKING:
 Entry = tuple["Target", "str | None"]
 
 
-async def recovering(
+def recovering(
     ex: Exchange, reply: Reply, candidates: list[Entry], client_body: bytes, client_model: str | None,
     call_next: Handler, events: Events,
 ) -> AsyncIterator[bytes]:
-    """Relay ``reply``; if it breaks, continue it on ``candidates`` (the answering target first)."""
-    chunks = reply.chunks
-    reader = reply.reader
+    """Relay ``reply``'s chunks; if they break, continue on ``candidates`` (the answering target first).
+
+    The reply's stream and reader are taken now: the caller replaces ``reply.chunks`` with the result."""
+    chunks, reader = reply.chunks, reply.reader
     assert chunks is not None and reader is not None
+    return _recovering(ex, chunks, reader, candidates, client_body, client_model, call_next, events)
+
+
+async def _recovering(
+    ex: Exchange, chunks: AsyncIterator[bytes], reader: StreamReader, candidates: list[Entry], client_body: bytes,
+    client_model: str | None, call_next: Handler, events: Events,
+) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield chunk
@@ -52,7 +60,9 @@ async def recovering(
             raise
         broken = e
     finally:
-        await reply.aclose()
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
     continuation = await _continue(ex, reader, broken, candidates, client_body, client_model, call_next, events)
     if continuation is None:
         raise StreamBroken(f"{broken.message} (stream_recovery could not continue it)", target=broken.target)

@@ -52,10 +52,14 @@ class OpenAIProvider(Provider):
 # ------------------------------------------------------------------ streams
 
 
+_ABSENT = msgspec.Raw(b"")
+_NULL = msgspec.Raw(b"null")
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
-    tool_calls: msgspec.Raw | None = None
-    function_call: msgspec.Raw | None = None
+    tool_calls: msgspec.Raw = _ABSENT  # only whether there are any matters (Raw | None does not decode arrays)
+    function_call: msgspec.Raw = _ABSENT
 
 
 class _Choice(msgspec.Struct):
@@ -138,7 +142,7 @@ class ChatStream(StreamReader):
             if delta is not None:
                 if delta.content:
                     self.parts.append(delta.content)
-                if delta.tool_calls is not None or delta.function_call is not None:
+                if (delta.tool_calls and delta.tool_calls != _NULL) or (delta.function_call and delta.function_call != _NULL):
                     self.recoverable = False
             if c.finish_reason is not None:
                 self._finished.add(c.index)

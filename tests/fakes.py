@@ -52,6 +52,8 @@ class Fault:
     no_done: bool = False  # complete answer, but no [DONE] / message_stop
     hold_ms: int = 0  # with no_done: keep the connection open this long before closing
     first_event_error: str | None = None  # a 200 stream whose first event is an error of this type
+    error_after: int | None = None  # after this many events, an in-band error event (overloaded), then close
+    tool_calls: bool = False  # stream tool-call deltas instead of text
     model: str | None = None  # answer as this model (default: the one asked for)
     echo_auth: bool = False
 
@@ -185,8 +187,14 @@ class FakeUpstream:
             events.append(b"data: " + _json({"error": {"message": "fake stream error", "type": fault.first_event_error,
                                                       "code": None, "param": None}}) + b"\n\n")
         events.append(chunk({"role": "assistant", "content": ""}))
-        events += [chunk({"content": f"tok{i} "}) for i in range(start, fault.chunks)]
-        events.append(chunk({}, "stop"))
+        if fault.tool_calls:
+            events.append(chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                 "function": {"name": "lookup", "arguments": ""}}]}))
+            events += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": f'{{"n{i}":{i}'}}]})
+                       for i in range(start, fault.chunks)]
+        else:
+            events += [chunk({"content": f"tok{i} "}) for i in range(start, fault.chunks)]
+        events.append(chunk({}, "tool_calls" if fault.tool_calls else "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append(b"data: " + _json({
                 "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
@@ -248,6 +256,12 @@ class FakeUpstream:
     # ------------------------------------------------------------ streaming core
 
     async def _stream(self, request: web.Request, events: list[bytes], fault: Fault) -> web.StreamResponse:
+        if fault.error_after is not None:
+            overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            error = (b"event: error\ndata: " + _json(overloaded) if request.path.endswith("/messages")
+                     else b"data: " + _json({"error": {"message": "Overloaded", "type": "server_error",
+                                                       "code": None, "param": None}})) + b"\n\n"
+            events = [*events[:fault.error_after], error]
         if fault.malformed_at is not None:
             events.insert(fault.malformed_at, b'data: {"choices": [{"delta": {"content": "tok\n\n')
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

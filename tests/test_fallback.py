@@ -1,0 +1,221 @@
+"""The fallback chain: order, models, ``fallback_on``, tenant lists, which answer the client gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import pipeline
+from gateway.events import FallbackUsed
+from gateway.keys import RUNTIME
+from policies import fallback as fallback_policy
+from tests.clock import FakeClock
+from tests.fakes import Fault
+
+CHAT = {"model": "gpt-big", "messages": [{"role": "user", "content": "hi"}]}
+DOWN = Fault(status=503)
+
+
+@pytest.fixture
+async def three(upstreams):
+    return await upstreams(), await upstreams(), await upstreams()
+
+
+def chain_config(a: str, b: str, c: str, *, up_extra: str = "") -> str:
+    return f"""
+server: {{default_target: up}}
+targets:
+  up:
+    base_url: {a}/v1
+    provider: openai
+    fallback_targets: [fb1, {{target: fb2, model: gpt-two}}]
+{up_extra}
+  fb1:
+    base_url: {b}/v1
+    provider: openai
+    llm: {{default_model: gpt-one}}
+  fb2:
+    base_url: {c}/v1
+    provider: openai
+  claude:
+    base_url: {c}
+    provider: anthropic
+"""
+
+
+async def test_chain_is_tried_in_order_each_with_its_model(three, gateway):
+    up, fb1, fb2 = three
+    client, logs = await gateway(chain_config(up.url, fb1.url, fb2.url), clock=FakeClock())
+    up.script = fb1.script = lambda n, seen: DOWN
+    events = []
+    client.app[RUNTIME].current.events.subscribe(lambda e: events.append(e) if isinstance(e, FallbackUsed) else None)
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 200
+    assert resp.headers["X-ReliAPI-Target"] == "fb2" and resp.headers["X-ReliAPI-Fallback"] == "fb2"
+    assert (await resp.json())["model"] == "gpt-two"
+    assert [len(up.requests), len(fb1.requests), len(fb2.requests)] == [3, 3, 1]  # each with its own retries
+    assert fb1.requests[0].json()["model"] == "gpt-one"  # the target's llm.default_model
+    assert fb2.requests[0].json()["model"] == "gpt-two"  # the entry's model
+    assert fb2.requests[0].json()["messages"] == CHAT["messages"]  # nothing else changed
+    assert [(e.target, e.to_target, e.reason) for e in events] == [
+        ("up", "fb1", "server_error"), ("fb1", "fb2", "server_error")]
+    assert logs[-1]["fallback_target"] == "fb2" and logs[-1]["target"] == "fb2" and logs[-1]["model"] == "gpt-two"
+    assert resp.headers["X-ReliAPI-Attempts"] == "7"
+
+
+async def test_same_target_with_another_model(fake, gateway):
+    client, _ = await gateway(f"""
+targets:
+  up:
+    base_url: {fake.url}/v1
+    provider: openai
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+    fallback_targets: [{{target: up, model: gpt-small}}]
+""")
+    fake.script = lambda n, seen: DOWN if seen.json()["model"] == "gpt-big" else None
+    resp = await client.post("/t/up/chat/completions", json=CHAT)
+    assert resp.status == 200 and (await resp.json())["model"] == "gpt-small"
+    assert resp.headers["X-ReliAPI-Target"] == "up" and resp.headers["X-ReliAPI-Fallback"] == "up"
+    assert [r.json()["model"] for r in fake.requests] == ["gpt-big", "gpt-small"]
+
+
+async def test_fallback_on_decides_which_failures_move_on(three, gateway):
+    up, fb1, fb2 = three
+    cfg = chain_config(up.url, fb1.url, fb2.url, up_extra="    fallback_on: [server_error]\n"
+                       "    retry_matrix: {'429': {attempts: 0}, '5xx': {attempts: 0}}")
+    client, _ = await gateway(cfg, clock=FakeClock())
+    up.plan(Fault(status=429, error_message="slow down"))
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 429 and (await resp.json())["error"]["message"] == "slow down"  # as the upstream sent it
+    assert "X-ReliAPI-Fallback" not in resp.headers and fb1.requests == []
+    up.plan(Fault(status=500))
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "fb1"
+
+
+async def test_when_everything_fails_the_last_answer_is_returned(three, gateway):
+    up, fb1, fb2 = three
+    client, _ = await gateway(chain_config(up.url, fb1.url, fb2.url), clock=FakeClock())
+    up.script = fb1.script = lambda n, seen: DOWN
+    fb2.script = lambda n, seen: Fault(status=500, error_message="fb2 broke")
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 500 and (await resp.json())["error"]["message"] == "fb2 broke"
+    assert resp.headers["X-ReliAPI-Target"] == "fb2" and resp.headers["X-ReliAPI-Fallback"] == "fb2"
+
+
+async def test_an_upstream_answer_beats_a_later_open_circuit(three, gateway):
+    up, fb1, fb2 = three
+    cfg = chain_config(up.url, fb1.url, fb2.url).replace(
+        "    llm: {default_model: gpt-one}", "    llm: {default_model: gpt-one}\n    circuit: {error_threshold: 1}"
+    ).replace("fallback_targets: [fb1, {target: fb2, model: gpt-two}]", "fallback_targets: [fb1]")
+    client, _ = await gateway(cfg, clock=FakeClock())
+    fb1.plan(Fault(status=500), DOWN)  # opens fb1's circuit (threshold 1)
+    up.script = lambda n, seen: Fault(status=503, error_message="primary down")
+    first = await client.post("/v1/chat/completions", json=CHAT)
+    assert first.status == 500 and first.headers["X-ReliAPI-Target"] == "fb1"
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 503 and (await resp.json())["error"]["message"] == "primary down"
+    assert resp.headers["X-ReliAPI-Target"] == "up" and "X-ReliAPI-Fallback" not in resp.headers
+    assert len(fb1.requests) == 1  # its open circuit refused without calling it
+
+
+async def test_every_circuit_open_gives_circuit_open_with_retry_after(three, gateway):
+    up, fb1, fb2 = three
+    cfg = f"""
+targets:
+  up:
+    base_url: {up.url}/v1
+    provider: openai
+    circuit: {{error_threshold: 1, cooldown_s: 30}}
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+    fallback_targets: [fb1]
+  fb1:
+    base_url: {fb1.url}/v1
+    provider: openai
+    circuit: {{error_threshold: 1, cooldown_s: 30}}
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+"""
+    client, _ = await gateway(cfg, clock=FakeClock())
+    up.plan(DOWN)
+    fb1.plan(DOWN)
+    await client.post("/t/up/chat/completions", json=CHAT)  # opens both circuits
+    resp = await client.post("/t/up/chat/completions", json=CHAT)
+    body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "circuit_open" and body["error"]["target"] == "up"
+    assert 25 <= int(resp.headers["Retry-After"]) <= 30
+    assert len(up.requests) == len(fb1.requests) == 1
+
+
+async def test_plain_http_targets_fall_back_with_path_and_body_unchanged(three, gateway):
+    up, fb1, _ = three
+    client, _ = await gateway(f"""
+targets:
+  api: {{base_url: "{up.url}/api", fallback_targets: [mirror], retry_matrix: {{"5xx": {{attempts: 0}}}}}}
+  mirror: {{base_url: "{fb1.url}/mirror"}}
+""")
+    up.plan(DOWN)
+    resp = await client.put("/t/api/users/42?x=1", data=b"\x00raw bytes", headers={"Content-Type": "application/octet-stream"})
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "mirror"
+    assert fb1.requests[0].path_qs == "/mirror/users/42?x=1" and fb1.requests[0].body == b"\x00raw bytes"
+
+
+async def test_a_tenant_list_overrides_the_targets(three, gateway, monkeypatch):
+    up, fb1, fb2 = three
+
+    async def as_tenant(ex, call_next):  # stands in for the auth policy (issue #4)
+        ex.tenant = ex.headers.get("X-Test-Tenant")
+        return await call_next(ex)
+
+    monkeypatch.setattr(pipeline, "request_policies", lambda rt: [as_tenant, fallback_policy.policy(rt)])
+    cfg = chain_config(up.url, fb1.url, fb2.url) + """
+tenants:
+  - name: acme
+    api_key: acme-key-123456
+    fallback_targets: [fb2]
+  - name: other
+    api_key: other-key-123456
+"""
+    client, _ = await gateway(cfg, clock=FakeClock())
+    up.script = lambda n, seen: DOWN
+    acme = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Test-Tenant": "acme"})
+    assert acme.headers["X-ReliAPI-Fallback"] == "fb2" and fb1.requests == []  # the tenant's own list
+    other = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Test-Tenant": "other"})
+    assert other.headers["X-ReliAPI-Fallback"] == "fb1" and len(fb1.requests) == 1  # no own list: the target's
+
+
+async def test_a_fallback_of_another_dialect_is_skipped_and_reported(three, gateway, caplog):
+    up, _, fb2 = three
+    cfg = f"""
+targets:
+  up: {{base_url: "{up.url}/v1", provider: openai, fallback_targets: [claude], retry_matrix: {{"5xx": {{attempts: 0}}}}}}
+  claude: {{base_url: "{fb2.url}", provider: anthropic}}
+"""
+    from gateway.config import config_warnings, parse_config
+
+    (warning,) = config_warnings(parse_config(cfg))
+    assert warning.startswith("targets.up.fallback_targets[0]: target 'claude' speaks the anthropic dialect")
+    assert "skipped" in warning
+    client, _ = await gateway(cfg)
+    up.plan(DOWN)
+    resp = await client.post("/t/up/chat/completions", json=CHAT)
+    assert resp.status == 503 and fb2.requests == []  # never an OpenAI body sent to Anthropic
+
+
+def test_check_prints_the_dialect_warning_and_passes(cli, tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text("""
+targets:
+  openai: {base_url: "https://api.openai.com/v1", fallback_targets: [anthropic]}
+  anthropic: {base_url: "https://api.anthropic.com"}
+""")
+    result = cli.run("--check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "warning: targets.openai.fallback_targets[0]: target 'anthropic' speaks the anthropic dialect" in result.stderr
+    assert "config OK" in result.stdout
+
+
+async def test_client_errors_do_not_fall_back(three, gateway):
+    up, fb1, fb2 = three
+    client, _ = await gateway(chain_config(up.url, fb1.url, fb2.url))
+    up.plan(Fault(status=404, error_message="no such model"))
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 404 and fb1.requests == [] and len(up.requests) == 1

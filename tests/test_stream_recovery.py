@@ -1,0 +1,230 @@
+"""``stream_recovery: continue``: a cut or stalled stream is continued and spliced into one answer.
+
+The fake continues a request whose final assistant message holds ``tok0 … tok{k-1}`` from
+``tok{k}``, so the client's text can be checked word for word.
+"""
+
+from __future__ import annotations
+
+import anthropic
+import msgspec
+import openai
+import pytest
+
+from tests.clock import FakeClock
+from tests.fakes import Fault
+
+CHAT = [{"role": "user", "content": "count"}]
+SIXTY = "".join(f"tok{i} " for i in range(60))
+
+
+def config(up: str, backup: str, *, extra: str = "", fallback: str = "[{target: backup, model: gpt-backup}]") -> str:
+    return f"""
+server: {{default_target: up}}
+targets:
+  up:
+    base_url: {up}/v1
+    provider: openai
+    models: ["gpt-*"]
+    stream_recovery: continue
+    stream_idle_timeout_ms: 300
+    fallback_targets: {fallback}
+{extra}
+  backup:
+    base_url: {backup}/v1
+    provider: openai
+  claude:
+    base_url: {up}
+    provider: anthropic
+    models: ["claude-*"]
+    stream_recovery: continue
+    stream_idle_timeout_ms: 300
+    fallback_targets: [claude_backup]
+  claude_backup:
+    base_url: {backup}
+    provider: anthropic
+"""
+
+
+@pytest.fixture
+async def setup(upstreams, gateway):
+    up, backup = await upstreams(), await upstreams()
+    clock = FakeClock()
+    clients = []
+
+    async def make(**options):
+        client, logs = await gateway(config(up.url, backup.url, **options), clock=clock)
+        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="sk-client", max_retries=0)
+        clients.append(sdk)
+        return client, logs, sdk
+
+    yield up, backup, make
+    for sdk in clients:
+        await sdk.close()
+
+
+def _events(body: bytes) -> list[bytes]:
+    return [e for e in body.split(b"\n\n") if e]
+
+
+def _chat_chunks(body: bytes) -> list[dict]:
+    return [msgspec.json.decode(e[6:]) for e in _events(body) if e.startswith(b"data: {")]
+
+
+async def test_cut_stream_is_continued_on_the_same_target(setup):
+    up, backup, make = setup
+    client, logs, sdk = await make()
+    up.plan(Fault(chunks=60, cut_after=41), Fault(chunks=60))  # role + 40 tokens, a reset; then a healthy continuation
+    raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=CHAT, stream=True)
+    chunks = [c async for c in raw.parse()]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == SIXTY  # every word once, in order
+    assert {c.id for c in chunks} == {chunks[0].id}  # one answer, one id
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    second = up.requests[1].json()
+    assert second["messages"][-1] == {"role": "assistant", "content": "".join(f"tok{i} " for i in range(40))}
+    assert backup.requests == []
+    assert logs[-1]["outcome"] == "ok" and logs[-1]["recovered_on"] == "up"
+
+
+async def test_spliced_stream_has_one_role_chunk_and_one_done(setup):
+    up, backup, make = setup
+    client, _, _ = await make()
+    up.plan(Fault(chunks=10, cut_after=6), Fault(chunks=10))
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": CHAT, "stream": True})
+    body = await resp.read()
+    assert body.count(b"data: [DONE]") == 1 and body.endswith(b"data: [DONE]\n\n")
+    chunks = _chat_chunks(body)
+    assert sum(1 for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]) == 1
+    assert {c["model"] for c in chunks} == {"gpt-4o-mini"}
+
+
+async def test_stalled_stream_is_continued_on_the_fallback_when_the_same_target_fails(setup):
+    up, backup, make = setup
+    client, logs, sdk = await make(extra="    retry_matrix: {'5xx': {attempts: 0}}")
+    up.plan(Fault(chunks=60, stall_after=21), Fault(status=503))  # stalls, then refuses the continuation
+    backup.plan(Fault(chunks=60))
+    stream = await sdk.chat.completions.create(model="gpt-4o-mini", messages=CHAT, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == SIXTY
+    cont = backup.requests[0].json()
+    assert cont["model"] == "gpt-backup"  # the fallback entry's model
+    assert cont["messages"][-1]["content"] == "".join(f"tok{i} " for i in range(20))
+    assert logs[-1]["recovered_on"] == "backup" and logs[-1]["outcome"] == "ok"
+
+
+async def test_a_rejected_prefill_ends_with_the_original_failure(setup):
+    up, backup, make = setup
+    client, logs, sdk = await make(extra="    retry_matrix: {'5xx': {attempts: 0}}")
+    rejection = Fault(status=400, error_message="prefill is not supported by this model")
+    up.plan(Fault(chunks=60, cut_after=11), rejection)
+    backup.plan(rejection)
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": CHAT, "stream": True})
+    events = _events(await resp.read())
+    assert sum(b"tok" in e for e in events) == 10
+    last = msgspec.json.decode(events[-1][6:])["error"]
+    assert "cut" in last["message"] and "prefill" not in last["message"] and "400" not in last["message"]
+    assert last["code"] == "stream_interrupted"
+    assert b"data: [DONE]" not in events
+    assert logs[-1]["outcome"] == "stream_error"
+
+
+async def test_recovery_is_off_by_default(setup, upstreams, gateway):
+    up, backup, _ = setup
+    client, _ = await gateway(f"""
+targets:
+  up: {{base_url: "{up.url}/v1", provider: openai, fallback_targets: [backup]}}
+  backup: {{base_url: "{backup.url}/v1", provider: openai}}
+""")
+    up.plan(Fault(chunks=10, cut_after=5))
+    resp = await client.post("/v1/chat/completions", headers={"X-ReliAPI-Target": "up"},
+                             json={"model": "m", "messages": CHAT, "stream": True})
+    events = _events(await resp.read())
+    assert b'"error"' in events[-1] and len(up.requests) == 1 and backup.requests == []
+
+
+async def test_tool_call_streams_are_not_continued(setup):
+    """A prefill cannot resume a half-written tool call: the stream ends with the in-band error."""
+    up, backup, make = setup
+    client, logs, _ = await make()
+    up.plan(Fault(chunks=10, tool_calls=True, cut_after=4))
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": CHAT, "stream": True})
+    events = _events(await resp.read())
+    assert b"tool_calls" in events[1] and events[-1].startswith(b'data: {"error"')
+    assert len(up.requests) == 1 and backup.requests == []
+    assert logs[-1]["outcome"] == "stream_error"
+
+
+async def test_anthropic_stream_is_continued_inside_the_open_text_block(setup):
+    up, backup, make = setup
+    client, logs, _ = await make()
+    up.plan(Fault(chunks=30, cut_after=12), Fault(chunks=30))  # message_start, block start, 10 deltas, a reset
+    async with anthropic.AsyncAnthropic(base_url=str(client.make_url("")), api_key="sk-client", max_retries=0) as sdk:
+        async with sdk.messages.stream(model="claude-test-1", max_tokens=100, messages=CHAT) as stream:
+            text = "".join([t async for t in stream.text_stream])
+            final = await stream.get_final_message()
+    assert text == "".join(f"tok{i} " for i in range(30))
+    assert final.stop_reason == "end_turn" and len(final.content) == 1
+    prefill = up.requests[1].json()["messages"][-1]
+    assert prefill == {"role": "assistant", "content": "".join(f"tok{i} " for i in range(10)).rstrip()}
+    assert logs[-1]["recovered_on"] == "claude"
+
+
+async def test_anthropic_splice_has_one_message_start_and_consistent_indices(setup):
+    up, backup, make = setup
+    client, _, _ = await make()
+    overloaded = Fault(status=529, error_code="overloaded_error")
+    up.plan(Fault(chunks=8, cut_after=5), overloaded, overloaded, overloaded)  # the continuation and its 2 retries
+    backup.plan(Fault(chunks=8))
+    resp = await client.post("/v1/messages", json={"model": "claude-test-1", "max_tokens": 50, "messages": CHAT,
+                                                   "stream": True})
+    events = _events(await resp.read())
+    names = [e.split(b"\n")[0] for e in events]
+    assert names.count(b"event: message_start") == 1 and names.count(b"event: message_stop") == 1
+    assert names.count(b"event: content_block_start") == 1 and names.count(b"event: content_block_stop") == 1
+    deltas = [msgspec.json.decode(e.split(b"data: ", 1)[1]) for e in events if e.startswith(b"event: content_block_delta")]
+    assert {d["index"] for d in deltas} == {0}
+    assert "".join(d["delta"]["text"] for d in deltas) == "".join(f"tok{i} " for i in range(8))
+    assert len(backup.requests) == 1  # the same target answered 529: its fallback continued
+
+
+async def test_upstream_error_event_mid_stream_is_recovered_not_relayed(setup):
+    """An upstream that reports an error in-band after some text (overloaded mid-answer) is continued
+    too, and the client never sees that error event."""
+    up, backup, make = setup
+    client, logs, _ = await make()
+    # message_start, block start, tok0, tok1, then the error — after the first bytes reached the client
+    up.plan(Fault(chunks=6, error_after=4, interval_ms=30), Fault(chunks=6))
+    resp = await client.post("/v1/messages", json={"model": "claude-test-1", "max_tokens": 50, "messages": CHAT,
+                                                   "stream": True})
+    body = await resp.read()
+    assert b"Overloaded" not in body and b"event: error" not in body
+    assert body.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    text = "".join(msgspec.json.decode(e.split(b"data: ", 1)[1])["delta"]["text"]
+                   for e in _events(body) if e.startswith(b"event: content_block_delta"))
+    assert text == "".join(f"tok{i} " for i in range(6))
+    assert logs[-1]["outcome"] == "ok" and logs[-1]["recovered_on"] == "claude" and len(up.requests) == 2
+
+
+async def test_an_error_in_the_first_chunk_is_retried_before_anything_is_sent(setup):
+    """The whole failed stream arrived before the client saw a byte: a plain retry, no splice."""
+    up, backup, make = setup
+    client, logs, _ = await make()
+    up.plan(Fault(chunks=6, error_after=4), Fault(chunks=6))
+    resp = await client.post("/v1/messages", json={"model": "claude-test-1", "max_tokens": 50, "messages": CHAT,
+                                                   "stream": True})
+    body = await resp.read()
+    assert b"Overloaded" not in body and body.count(b"event: message_start") == 1
+    assert resp.headers["X-ReliAPI-Attempts"] == "2" and "recovered_on" not in logs[-1]
+    assert "messages" in up.requests[1].json() and up.requests[1].json()["messages"] == CHAT  # no prefill
+
+
+async def test_without_recovery_an_upstream_error_event_is_relayed_once(upstreams, gateway):
+    up = await upstreams()
+    client, logs = await gateway(f"targets:\n  claude: {{base_url: '{up.url}', provider: anthropic}}\n")
+    up.plan(Fault(chunks=6, error_after=4, interval_ms=30))
+    resp = await client.post("/t/claude/v1/messages", json={"model": "claude-test-1", "max_tokens": 50,
+                                                           "messages": CHAT, "stream": True})
+    events = _events(await resp.read())
+    assert events[-1].startswith(b"event: error") and b"Overloaded" in events[-1]
+    assert sum(e.startswith(b"event: error") for e in events) == 1  # the upstream's own, not a second one
+    assert logs[-1]["outcome"] == "stream_error"
