@@ -21,6 +21,7 @@ from gateway.config import (
     Price,
     SpendBudget,
     TenantRateLimit,
+    config_warnings,
     load_config,
 )
 from tests.config_helpers import DEFAULT_RETRY, REPO, load
@@ -174,7 +175,9 @@ def test_builtin_default_commented_options_are_valid() -> None:
     cfg = load(text)
     o = cfg.targets["openai"]
     assert o.retry_matrix == DEFAULT_RETRY  # "(these are the defaults)"
-    assert o.fallback_targets == [FallbackEntry(target="anthropic", model="claude-3-5-haiku-latest")]
+    assert o.fallback_targets == [FallbackEntry(target="mistral", model="mistral-small-latest")]
+    assert o.stream_recovery == "continue" and o.max_concurrency == 256 and o.total_timeout_ms == 300000
+    assert config_warnings(cfg) == []  # every example shown works as it is
     assert o.cache == CacheConfig(ttl_s=3600)
     assert cfg.tenants[0].name == "client-a" and cfg.tenants[0].budget == SpendBudget(daily_usd=20, monthly_usd=300)
     assert cfg.pricing["gpt-4o-mini"] == Price(input=0.15, output=0.60)
