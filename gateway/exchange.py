@@ -146,6 +146,16 @@ class Reply:
         if close is not None:
             await close()
 
+    async def settled(self) -> Reply:
+        """A failed answer set aside while another attempt runs: a stream becomes the complete
+        reply of what it had sent (its head: the error event), and its connection is let go."""
+        if self.chunks is None:
+            return self
+        await self.aclose()
+        done = Reply(self.status, self.headers, body=self.head, upstream_status=self.upstream_status)
+        done.failure, done.ttft_ms = self.failure, self.ttft_ms
+        return done
+
 
 class _Guarded:
     """Wraps a stream so its close callbacks run once, however the stream ends."""

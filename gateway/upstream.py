@@ -77,6 +77,11 @@ class Transport:
             trust_env=False,
             requote_redirect_url=False,
         )
+        # aiohttp re-sends an idempotent request once, silently, when its connection drops. Every
+        # attempt must be the retry policy's to decide and count (budget, circuit, X-ReliAPI-Attempt),
+        # so that is off; there is no public switch (aiohttp's own TestClient does the same).
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._session is not None:

@@ -142,6 +142,8 @@ def policy(rt: Runtime) -> Policy:
                         ex, reply, candidates[i:], client_body, client_model, call_next, events,
                     )
                 return reply
+            if reply is not None:
+                reply = await reply.settled()  # let a failed stream's connection go while others are tried
             outcome = _Outcome(i, entry, ex.body, ex.model, reply, error)
             if outcome.from_upstream:
                 if answered is not None and answered.reply is not None:

@@ -8,6 +8,8 @@ never retried. Nothing is retried once a response byte reached the client: this 
 only ever sees an attempt up to its first body byte.
 
 When:
+- the first retry after a broken connection is immediate (a pooled keep-alive connection the
+  upstream had just closed is the usual cause); later ones back off;
 - ``Retry-After`` (seconds, HTTP-date, or ``retry-after-ms``) is honoured as given; one
   longer than the rule's ``max_s`` or than what is left of ``total_timeout_ms`` ends the
   retries (the caller falls back, or the client gets the answer with its Retry-After);
@@ -130,7 +132,10 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
                 cls, rule = chosen
                 wait = failure.retry_after_s
                 if wait is None:
-                    wait = backoff_s(rule, used.get(cls, 0), clock.random)
+                    # the first retry after a broken connection is immediate: usually the upstream had
+                    # just closed a pooled keep-alive connection; later ones back off
+                    n = used.get(cls, 0)
+                    wait = 0.0 if cls == "net" and n == 0 else backoff_s(rule, n - (cls == "net"), clock.random)
                 elif wait > rule.max_s:
                     return _last(reply, error)  # the upstream wants longer than we may wait
                 if ex.deadline is not None and clock.monotonic() + wait >= ex.deadline:
@@ -143,7 +148,7 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
                 used[cls] = used.get(cls, 0) + 1
                 retries += 1
                 if reply is not None:
-                    await reply.aclose()
+                    reply = await reply.settled()  # kept whole: it is the answer if no later attempt gives one
                 events.emit(RetryScheduled(target=name, reason=cls, attempt=ex.attempts + 1, delay_s=wait))
                 if wait > 0:
                     await clock.sleep(wait)
