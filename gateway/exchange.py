@@ -11,6 +11,7 @@ usage) but never write to aiohttp: ``gateway.writer`` is the only place that doe
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -128,9 +129,10 @@ class Reply:
         return self.chunks is not None
 
     def on_close(self, callback: CloseCallback) -> None:
-        """Run ``callback(error)`` exactly once when a stream is done with: read to its end,
-        broken (``error`` is the exception), or closed early (``aclose``: error None).
-        For a complete reply it runs at once."""
+        """Run ``callback(error)`` exactly once when a stream is done with: read to its end
+        (``error`` None), broken (the exception), or abandoned before its end — the client
+        went away, or a policy let it go (an ``asyncio.CancelledError``). For a complete
+        reply it runs at once, with None."""
         if self.chunks is None:
             callback(None)
             return
@@ -180,7 +182,7 @@ class _Guarded:
             self._finish(e)
             raise
         except BaseException:  # cancelled: the client went away
-            self._finish(None)
+            self._finish(asyncio.CancelledError())
             raise
 
     async def aclose(self) -> None:
@@ -189,7 +191,7 @@ class _Guarded:
             if close is not None:
                 await close()
         finally:
-            self._finish(None)
+            self._finish(asyncio.CancelledError())  # a no-op when the stream already ended
 
     def _finish(self, error: BaseException | None) -> None:
         if self._done:

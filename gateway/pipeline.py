@@ -11,8 +11,9 @@ the pipeline runs (errors need one even when the request never gets this far).
 
 Each target gets its own chain, built once: a policy that does nothing for a target
 (no ``max_concurrency``, a single key) is simply not in that target's chain. The
-fallback policy is the last request policy; its ``call_next`` runs the chain of
-whichever target the exchange points at, so it can try several in turn. ``retry``
+fallback policy is the last request policy: it runs the chain of whichever target the
+exchange points at (``rt.target_chains``; its ``call_next`` would do the same, one call
+deeper), so it can try several in turn. ``retry``
 calls its ``call_next`` once per attempt, so every policy after it acts per attempt:
 the circuit breaker gates and counts each attempt (an open circuit stops the retries
 too) and the key pool picks a key for each. This is the order of .NET's standard
@@ -69,7 +70,8 @@ def target_policies(rt: Runtime, target: Target) -> list[Policy | None]:
 
 def build_pipeline(rt: Runtime) -> Handler:
     send = upstream_sender(rt)
-    chains = {name: compose(target_policies(rt, t), send) for name, t in rt.targets.items()}
+    rt.target_chains = {name: compose(target_policies(rt, t), send) for name, t in rt.targets.items()}
+    chains = rt.target_chains
 
     async def to_target(ex: Exchange) -> Reply:
         return await chains[ex.target.name](ex)

@@ -58,6 +58,7 @@ class Runtime:
         # Per-target policy state, filled in by the policy factories (status page, admin API, tests).
         self.circuits: dict[str, Any] = {}
         self.key_pools: dict[str, Any] = {}
+        self.target_chains: dict[str, Handler] = {}  # each target's policies + upstream (build_pipeline)
         self.pipeline: Handler = build_pipeline(self)
 
     async def start(self) -> None:

@@ -4,8 +4,9 @@ One ``Breaker`` per target, an explicit state machine behind two calls — ``all
 before an attempt, ``record(ok)`` after it — on a monotonic clock:
 
 - CLOSED: everything goes through; ``error_threshold`` consecutive failed attempts
-  (5xx, timeout, connection failure, a stream cut mid-way) open it. Any other answer —
-  2xx, 4xx, 429 — resets the count. The gateway's own rejections count as nothing.
+  (5xx, timeout, connection failure, a stream cut or stalled mid-way) open it. Any other
+  answer — 2xx, 4xx, 429 — resets the count; a stream counts when it ends. The gateway's
+  own rejections, and streams the client abandons, count as nothing.
 - OPEN: every attempt is refused at once with ``circuit_open`` and a ``Retry-After`` of
   the time left, for ``cooldown_s``; the fallback chain takes the request if it can.
 - HALF_OPEN: after the cooldown, ``half_open_max_calls`` probe attempts go through and
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -255,15 +257,24 @@ def policy(rt: Runtime, target: Target) -> Policy:
             circuit.release(probe)
             raise
         failure = reply.failure
+        if failure is None and reply.chunks is not None:
+            if not probe:  # a stream is judged when it ends: one cut mid-way is a failure
+                reply.on_close(partial(_stream_ended, circuit))
+                return reply
+            reply.on_close(partial(_stream_cut, circuit))  # a probe decides at its first byte
         circuit.record(failure is None or not failure.trips_breaker, probe)
-        if reply.chunks is not None and failure is None:
-            # a stream that breaks after its first byte is a failure too
-            reply.on_close(lambda error: _stream_closed(circuit, error))
         return reply
 
     return circuit_breaker
 
 
-def _stream_closed(circuit: SharedCircuit, error: BaseException | None) -> None:
+def _stream_ended(circuit: SharedCircuit, error: BaseException | None) -> None:
+    if error is None:
+        circuit.record(True, False)
+    else:
+        _stream_cut(circuit, error)  # abandoned by the client: it tells nothing about the upstream
+
+
+def _stream_cut(circuit: SharedCircuit, error: BaseException | None) -> None:
     if isinstance(error, GatewayError) and error.trips_breaker:
         circuit.record(False, False)

@@ -22,6 +22,7 @@ also where a broken stream is continued when its target has ``stream_recovery: c
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -97,6 +98,10 @@ def policy(rt: Runtime) -> Policy:
         }
     recovering = {name for name, t in targets.items() if t.config.stream_recovery == "continue"}
     events = rt.events
+    target_chains = rt.target_chains  # filled in before request policies are built
+
+    def run(ex: Exchange) -> Awaitable[Reply]:  # the chain of the target the exchange points at
+        return target_chains[ex.target.name](ex)
 
     def chain_for(ex: Exchange, primary: Target) -> list[Entry]:
         if ex.tenant is not None:
@@ -109,7 +114,7 @@ def policy(rt: Runtime) -> Policy:
         primary = ex.target
         chain = chain_for(ex, primary)
         if not chain and primary.name not in recovering:
-            return await call_next(ex)  # the common case: one target, nothing to add
+            return await target_chains[primary.name](ex)  # the common case: one target, nothing to add
         candidates: list[Entry] = [(primary, None), *chain]
         client_body, client_model = ex.body, ex.model
         allowed = fallback_on[primary.name]
@@ -125,7 +130,7 @@ def policy(rt: Runtime) -> Policy:
                 events.emit(FallbackUsed(target=candidates[i - 1][0].name, to_target=target.name,
                                          reason=failure.reason if failure else "unknown"))
             try:
-                reply = await call_next(ex)
+                reply = await run(ex)
                 error = None
                 failure = reply.failure
             except GatewayError as e:
@@ -139,7 +144,7 @@ def policy(rt: Runtime) -> Policy:
                 _mark(ex, reply, i, target)
                 if reply.chunks is not None and reply.reader is not None and target.name in recovering:
                     reply.chunks = stream_recovery.recovering(
-                        ex, reply, candidates[i:], client_body, client_model, call_next, events,
+                        ex, reply, candidates[i:], client_body, client_model, run, events,
                     )
                 return reply
             if reply is not None:

@@ -106,6 +106,12 @@ class KeyPool:
         self._next = (self._next + 1) % n
         return health.key
 
+    def soonest_s(self) -> float | None:
+        """Seconds until the first cooling (not disabled) key is usable again; None if none cools."""
+        now = self.clock.monotonic()
+        waits = [h.cool_until - now for h in self.keys if h.cool_until > now and now >= h.disabled_until]
+        return min(waits) if waits else None
+
     def usable(self, tried: set[str]) -> bool:
         now = self.clock.monotonic()
         return any(h.key.id not in tried and now >= h.cool_until and now >= h.disabled_until for h in self.keys)
@@ -193,6 +199,9 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
                 return reply
             tried.add(key.id)
             if not pool.usable(tried):
+                soonest = pool.soonest_s()
+                if soonest is not None and failure.reason in ("rate_limited", "quota_exhausted"):
+                    failure.retry_after_s = soonest  # the retry policy waits for the first key back, not this one
                 return reply  # no other key to try now: the retry policy decides what comes next
             await reply.aclose()
             events.emit(RetryScheduled(target=name, reason="key", attempt=ex.attempts + 1, delay_s=0.0))

@@ -105,27 +105,32 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
     async def retry(ex: Exchange, call_next: Handler) -> Reply:
         outer_deadline = ex.deadline
         ex.deadline = clock.monotonic() + total_s if total_s is not None else None
-        unsafe = guard_unsafe and ex.method in _NON_IDEMPOTENT and not any(k in ex.headers for k in IDEMPOTENCY_KEYS)
-        used: dict[str, int] = {}
-        retries = 0
         reply: Reply | None = None
         error: GatewayError | None = None
         budget.active += 1
         try:
-            while True:
-                try:
-                    reply, error = await call_next(ex), None
-                    failure = reply.failure
-                    if failure is None:
-                        return reply
-                except CircuitOpen:
-                    if retries and (reply is not None or error is not None):
-                        return _last(reply, error)  # opened during our retries: the last real answer stands
+            try:
+                reply = await call_next(ex)  # the first attempt: the common case ends here
+                if reply.failure is None:
+                    return reply
+            except GatewayError as e:
+                if e.retry_class is None:  # the gateway's own refusal (open circuit, bulkhead): not retried
                     raise
-                except GatewayError as e:
-                    if e.retry_class is None:  # the gateway's own rejection (bulkhead, keys): not retried here
-                        raise
-                    reply, error, failure = None, e, failure_of(e)
+                error = e
+            return await retrying(ex, call_next, reply, error)
+        finally:
+            budget.active -= 1
+            ex.deadline = outer_deadline
+
+    async def retrying(ex: Exchange, call_next: Handler, reply: Reply | None, error: GatewayError | None) -> Reply:
+        """After a failed first attempt: retry while the rules, the deadline and the budget allow."""
+        unsafe = guard_unsafe and ex.method in _NON_IDEMPOTENT and not any(k in ex.headers for k in IDEMPOTENCY_KEYS)
+        used: dict[str, int] = {}
+        retries = 0
+        try:
+            while True:
+                failure = reply.failure if reply is not None else failure_of(error)  # type: ignore[arg-type]
+                assert failure is not None
                 chosen = rule_for(failure, used, retries, unsafe)
                 if chosen is None:
                     return _last(reply, error)
@@ -152,11 +157,20 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
                 events.emit(RetryScheduled(target=name, reason=cls, attempt=ex.attempts + 1, delay_s=wait))
                 if wait > 0:
                     await clock.sleep(wait)
+                try:
+                    reply, error = await call_next(ex), None
+                except CircuitOpen:
+                    return _last(reply, error)  # opened during our retries: the last real answer stands
+                except GatewayError as e:
+                    if e.retry_class is None:
+                        raise
+                    reply, error = None, e
+                    continue
+                if reply.failure is None:
+                    return reply
         finally:
-            budget.active -= 1
             if retries:
                 budget.retrying -= 1
-            ex.deadline = outer_deadline
 
     retry.budget = budget  # type: ignore[attr-defined]
     return retry
