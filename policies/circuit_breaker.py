@@ -257,10 +257,13 @@ def policy(rt: Runtime, target: Target) -> Policy:
             circuit.release(probe)
             raise
         failure = reply.failure
-        if failure is None and reply.chunks is not None:
-            if not probe:  # a stream is judged when it ends: one cut mid-way is a failure
+        if failure is None and not probe:
+            if reply.chunks is not None:  # a stream is judged when it ends: one cut mid-way is a failure
                 reply.on_close(partial(_stream_ended, circuit))
-                return reply
+            elif breaker.failures:
+                breaker.record(True, False)
+            return reply  # the common case: a good answer on a closed circuit, nothing to write down
+        if failure is None and reply.chunks is not None:
             reply.on_close(partial(_stream_cut, circuit))  # a probe decides at its first byte
         circuit.record(failure is None or not failure.trips_breaker, probe)
         return reply
