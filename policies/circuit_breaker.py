@@ -173,9 +173,6 @@ class SharedCircuit:
             raise self.breaker._refusal(1.0)
         return True
 
-    def record(self, ok: bool, probe: bool) -> None:
-        self.breaker.record(ok, probe)
-
     def release(self, probe: bool) -> None:
         self.breaker.release(probe)
         if probe:
@@ -249,7 +246,7 @@ def policy(rt: Runtime, target: Target) -> Policy:
             reply = await call_next(ex)
         except GatewayError as e:
             if e.trips_breaker:
-                circuit.record(False, probe)
+                breaker.record(False, probe)
             else:
                 circuit.release(probe)
             raise
@@ -259,25 +256,25 @@ def policy(rt: Runtime, target: Target) -> Policy:
         failure = reply.failure
         if failure is None and not probe:
             if reply.chunks is not None:  # a stream is judged when it ends: one cut mid-way is a failure
-                reply.on_close(partial(_stream_ended, circuit))
+                reply.on_close(partial(_stream_ended, breaker))
             elif breaker.failures:
                 breaker.record(True, False)
             return reply  # the common case: a good answer on a closed circuit, nothing to write down
         if failure is None and reply.chunks is not None:
-            reply.on_close(partial(_stream_cut, circuit))  # a probe decides at its first byte
-        circuit.record(failure is None or not failure.trips_breaker, probe)
+            reply.on_close(partial(_stream_cut, breaker))  # a probe decides at its first byte
+        breaker.record(failure is None or not failure.trips_breaker, probe)
         return reply
 
     return circuit_breaker
 
 
-def _stream_ended(circuit: SharedCircuit, error: BaseException | None) -> None:
+def _stream_ended(breaker: Breaker, error: BaseException | None) -> None:
     if error is None:
-        circuit.record(True, False)
+        breaker.record(True, False)
     else:
-        _stream_cut(circuit, error)  # abandoned by the client: it tells nothing about the upstream
+        _stream_cut(breaker, error)  # abandoned by the client: it tells nothing about the upstream
 
 
-def _stream_cut(circuit: SharedCircuit, error: BaseException | None) -> None:
+def _stream_cut(breaker: Breaker, error: BaseException | None) -> None:
     if isinstance(error, GatewayError) and error.trips_breaker:
-        circuit.record(False, False)
+        breaker.record(False, False)

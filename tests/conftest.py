@@ -17,6 +17,7 @@ from gateway.config import parse_config
 from gateway.server import GatewayRunner
 from gateway.store import Store
 from tests.cli_harness import CLI
+from tests.clock import FakeClock
 from tests.fakes import FakeUpstream
 
 
@@ -35,11 +36,17 @@ class Logs(list):
 
 
 @pytest.fixture
-def upstreams(aiohttp_server: Any) -> Callable[[], Awaitable[FakeUpstream]]:
+def clock() -> FakeClock:
+    """The test's clock: pass it to ``gateway(..., clock=clock)``; every fake stamps requests with it."""
+    return FakeClock()
+
+
+@pytest.fixture
+def upstreams(aiohttp_server: Any, clock: FakeClock) -> Callable[[], Awaitable[FakeUpstream]]:
     """``await upstreams()`` → another fake upstream on its own port (a primary, a fallback, …)."""
 
     async def make() -> FakeUpstream:
-        upstream = FakeUpstream()
+        upstream = FakeUpstream(clock=clock.monotonic)
         server: TestServer = await aiohttp_server(upstream.app())
         upstream.url = str(server.make_url("")).rstrip("/")
         upstream.server = server  # type: ignore[attr-defined]

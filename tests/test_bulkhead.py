@@ -15,7 +15,6 @@ import pytest
 
 from gateway.events import BulkheadRejected, CircuitTransition, FallbackUsed
 from gateway.keys import RUNTIME
-from tests.clock import FakeClock
 from tests.fakes import Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -43,13 +42,6 @@ targets:
     max_concurrency: {limit}
 {extra_targets}
 """
-
-
-@pytest.fixture
-async def clock(fake):
-    c = FakeClock()
-    fake.clock = c.monotonic
-    return c
 
 
 @pytest.fixture

@@ -314,13 +314,6 @@ def test_every_transition_is_reported_with_from_to_and_reason():
 # =============================================================== through the gateway
 
 
-@pytest.fixture
-def clock(fake) -> FakeClock:
-    c = FakeClock()
-    fake.clock = c.monotonic
-    return c
-
-
 async def open_circuit(client, fake, path: str = "/v1/chat/completions", body: dict | None = None) -> None:
     """Two upstream 503s (threshold 2) — each passed through to the client as sent."""
     fake.plan(Fault(status=503), Fault(status=503))
@@ -569,7 +562,6 @@ async def test_transitions_are_emitted_as_events_and_logged(fake, gateway, clock
 
 async def test_an_open_circuit_sends_requests_straight_to_the_fallback(fake, upstreams, gateway, clock):
     backup = await upstreams()
-    backup.clock = clock.monotonic
     client, logs = await gateway(config(fake.url, backup=backup.url), clock=clock)
     seen = watch(client)
     used: list[FallbackUsed] = []

@@ -14,7 +14,6 @@ import openai
 import pytest
 
 from gateway.keys import RUNTIME
-from tests.clock import FakeClock
 from tests.fakes import Fault
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -39,11 +38,9 @@ targets:
 
 
 @pytest.fixture
-async def pair(upstreams, gateway):
-    """(primary fake, backup fake, gateway client, access log, clock, make(...) to rebuild with options)."""
+async def pair(upstreams, gateway, clock):
+    """(primary fake, backup fake, clock, make(...) → gateway client, access log, openai SDK)."""
     up, backup = await upstreams(), await upstreams()
-    clock = FakeClock()
-    up.clock = backup.clock = clock.monotonic
 
     async def make(**options):
         client, logs = await gateway(config(up.url, backup.url, **options), clock=clock)

@@ -21,7 +21,6 @@ import pytest
 from gateway.events import KeyCooldown, KeyDisabled, RetryScheduled
 from gateway.keys import RUNTIME
 from gateway.store.memory import MemoryStore
-from tests.clock import FakeClock
 from tests.fakes import Fault
 from tests.stores import drop, new_prefix, redis_store
 
@@ -43,13 +42,6 @@ targets:
 {up_extra}
 {top}
 """
-
-
-@pytest.fixture
-async def clock(fake):
-    c = FakeClock()
-    fake.clock = c.monotonic
-    return c
 
 
 @pytest.fixture

@@ -128,13 +128,6 @@ async def chat(client, **extra) -> aiohttp.ClientResponse:
 
 
 @pytest.fixture
-def clock(fake) -> FakeClock:
-    clock = FakeClock()
-    fake.clock = clock.monotonic
-    return clock
-
-
-@pytest.fixture
 async def sdk_for():
     """``sdk_for(client)`` → an openai SDK pointed at the gateway that never retries by itself."""
     made: list[openai.AsyncOpenAI] = []
