@@ -14,19 +14,13 @@ from __future__ import annotations
 import msgspec
 
 from gateway.failures import Failure
-from providers.base import Headers, Provider, Splicer, StreamReader
-from providers.openai import classify_body
+from providers.base import LLMProvider, Splicer, StreamReader
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(LLMProvider):
     name = "anthropic"
     key_header = "x-api-key"
     key_prefix = ""
-
-    def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
-        if status < 400:
-            return None
-        return classify_body(status, headers, body, now) or super().classify(status, headers, body, now)
 
 
 # ------------------------------------------------------------------ streams

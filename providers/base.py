@@ -34,6 +34,35 @@ class Provider:
         return for_status(status, retry_after_s=retry_after_s(headers, now), should_retry=should_retry(headers))
 
 
+class LLMProvider(Provider):
+    """LLM APIs: beyond the status, the error body says whether a 429 is a spent quota (not
+    retried: it will not recover in seconds), or a 400 a prompt over the context window or a
+    content-policy refusal (their own reasons, so ``fallback_on`` can tell them apart). The
+    wordings of OpenAI, Anthropic and the OpenAI-compatible servers are all looked for."""
+
+    def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
+        if status < 400:
+            return None
+        ra, sr = retry_after_s(headers, now), should_retry(headers)
+        if status == 429 and any(s in body for s in _QUOTA):
+            return Failure("quota_exhausted", None, retry_after_s=ra, should_retry=False if sr is None else sr)
+        if status in (400, 413, 422):
+            if any(s in body for s in _CONTEXT):
+                return Failure("context_length_exceeded", should_retry=sr)
+            if any(s in body for s in _CONTENT_POLICY):
+                return Failure("content_policy_violation", should_retry=sr)
+        return for_status(status, retry_after_s=ra, should_retry=sr)
+
+
+# Substrings of an error body → reason.
+_QUOTA = (b"insufficient_quota", b"billing_hard_limit_reached", b"enforced_spend_limit_reached",
+          b"exceeded your current quota")
+_CONTEXT = (b"context_length_exceeded", b"maximum context length", b"string_above_max_length",
+            b"prompt is too long", b"context window")
+_CONTENT_POLICY = (b"content_policy_violation", b"content_filter", b"content_management_policy",
+                   b"responsible_ai_policy")
+
+
 class StreamReader:
     """Watches one relayed SSE stream, event by event (see ``gateway.streams``).
 

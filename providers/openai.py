@@ -1,9 +1,6 @@
 """OpenAI and every OpenAI-compatible server (vLLM, Ollama, Groq, OpenRouter, …).
 
-Errors: ``{"error": {"message", "type", "code", "param"}}``. A 429 whose code says the
-account's quota or spend limit is used up is not retried (it will not recover in
-seconds); ``context_length_exceeded`` and content-policy refusals get their own
-reasons so ``fallback_on`` can tell them apart.
+Errors: ``{"error": {"message", "type", "code", "param"}}``, read by ``LLMProvider.classify``.
 
 Streams: ``data: {chat.completion.chunk}`` events, ended by ``data: [DONE]``.
 """
@@ -13,40 +10,11 @@ from __future__ import annotations
 import msgspec
 
 from gateway.failures import Failure
-from gateway.headers import retry_after_s, should_retry
-from providers.base import Headers, Provider, Splicer, StreamReader
-
-# Substrings of an error body (any OpenAI-compatible server's wording) → reason.
-_QUOTA = (b"insufficient_quota", b"billing_hard_limit_reached", b"enforced_spend_limit_reached",
-          b"exceeded your current quota")
-_CONTEXT = (b"context_length_exceeded", b"maximum context length", b"string_above_max_length",
-            b"prompt is too long", b"context window")
-_CONTENT_POLICY = (b"content_policy_violation", b"content_filter", b"content_management_policy",
-                   b"responsible_ai_policy")
+from providers.base import LLMProvider, Splicer, StreamReader
 
 
-def classify_body(status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
-    """The OpenAI-family reading of an error answer (Anthropic reuses it for the shared cases)."""
-    if status < 400:
-        return None
-    ra, sr = retry_after_s(headers, now), should_retry(headers)
-    if status == 429 and any(s in body for s in _QUOTA):
-        return Failure("quota_exhausted", None, retry_after_s=ra, should_retry=False if sr is None else sr)
-    if status in (400, 413, 422):
-        if any(s in body for s in _CONTEXT):
-            return Failure("context_length_exceeded", should_retry=sr)
-        if any(s in body for s in _CONTENT_POLICY):
-            return Failure("content_policy_violation", should_retry=sr)
-    return None
-
-
-class OpenAIProvider(Provider):
+class OpenAIProvider(LLMProvider):
     name = "openai"
-
-    def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
-        if status < 400:
-            return None
-        return classify_body(status, headers, body, now) or super().classify(status, headers, body, now)
 
 
 # ------------------------------------------------------------------ streams
