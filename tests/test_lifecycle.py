@@ -98,7 +98,7 @@ async def stream_and_sigterm(gw: Gateway, chunks: int, interval_ms: int) -> tupl
         while time.monotonic() < deadline:
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, ConnectionResetError):  # reset: queued as the listener closed
                 return gw.proc.poll() is None
             else:
                 writer.close()
