@@ -270,3 +270,27 @@ async def test_outage_opens_the_circuit_fallback_serves_and_traffic_returns_afte
     # while open, the primary saw probes only, not the traffic
     during = [r for r in up.requests if r.at - start < 60]
     assert len(during) < 2 * 3 + 60 / 20 * 3 + 3
+
+
+async def test_the_seed_spellings_drive_the_policies(upstreams, gateway, clock):
+    """The architecture doc's ``retry: {5xx: {retries, backoff}}`` and ``circuit_breaker:
+    {failure_threshold, recovery_timeout}`` are not only accepted: they are what runs."""
+    up = await upstreams()
+    client, _ = await gateway(f"""
+targets:
+  my_api:
+    base_url: {up.url}/api
+    retry:
+      5xx: {{retries: 1, backoff: 0.5}}
+    circuit_breaker:
+      failure_threshold: 4
+      recovery_timeout: 30
+""", clock=clock)
+    up.script = lambda n, seen: Fault(status=503)
+    first = await client.get("/t/my_api/users/1")
+    assert first.status == 503 and first.headers["X-ReliAPI-Attempts"] == "2"  # retries: 1
+    assert len(clock.sleeps) == 1 and 0 <= clock.sleeps[0] < 0.5  # backoff: 0.5 is the base
+    await client.get("/t/my_api/users/1")  # the 4th consecutive failure opens the circuit
+    refused = await client.get("/t/my_api/users/1")
+    assert refused.status == 503 and (await refused.json())["error"]["code"] == "circuit_open"
+    assert 25 <= int(refused.headers["Retry-After"]) <= 30 and len(up.requests) == 4
