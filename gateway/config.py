@@ -61,6 +61,9 @@ class StoreConfig(_Base):
     url: str = "memory://"  # or redis://host:6379/0 (REDIS_URL / --redis-url override)
     key_prefix: str = "reliapi"
     fail_open: bool = False  # idempotency and budgets keep serving when the store is down
+    # rate limits while the store is down: each instance limits on its own (local), or every
+    # request passes (allow), or every limited request gets 503 (deny)
+    rate_limit_on_error: Literal["local", "allow", "deny"] = "local"
 
 
 # ---------------------------------------------------------------- targets
@@ -118,8 +121,10 @@ class CacheConfig(_Base):
 
 
 class IdempotencyConfig(_Base):
-    ttl_s: NonNegFloat = 3600
-    wait_s: NonNegFloat = 30
+    ttl_s: PositiveFloat = 3600  # how long a finished answer is replayed, counted from the first request
+    wait_s: NonNegFloat = 30  # how long a concurrent duplicate waits for the first before 409
+    lock_ttl_s: PositiveFloat = 30  # a running request's claim, renewed while it runs: a dead holder frees the key this soon
+    max_entry_mb: PositiveFloat = 10  # larger answers are returned but not stored
 
 
 class FallbackEntry(_Base):

@@ -31,7 +31,7 @@ class Exchange:
     __slots__ = (
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
-        "choices", "include_usage", "deadline", "key",
+        "choices", "include_usage", "deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
     )
 
     def __init__(
@@ -52,6 +52,9 @@ class Exchange:
         client_ip: str | None = None,
         choices: int = 1,
         include_usage: bool = False,
+        tenant: str | None = None,
+        max_tokens: int | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.method = method
@@ -65,7 +68,7 @@ class Exchange:
         self.target = target
         self.model = model
         self.stream = stream
-        self.tenant: str | None = None
+        self.tenant = tenant  # the authenticated tenant's name; None when the gateway is open
         self.client_ip = client_ip
         self.attempts = 0
         self.log: dict[str, Any] = {}  # extra access-log fields set by policies
@@ -73,6 +76,9 @@ class Exchange:
         self.include_usage = include_usage  # stream_options.include_usage: a usage chunk ends the stream
         self.deadline: float | None = None  # monotonic: the current target's total_timeout_ms (retry policy)
         self.key: PoolKey | None = None  # the pool key for the current attempt (key pool policy)
+        self.max_tokens = max_tokens  # the body's max_tokens / max_completion_tokens
+        self.idempotency_key = idempotency_key  # the body's idempotency_key field (headers are read by the policy)
+        self.cache_ttl: float | None = None  # an envelope's "cache" TTL override
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

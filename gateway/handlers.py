@@ -47,6 +47,9 @@ class _Peek(msgspec.Struct):
     stream: bool | None = None
     n: int | None = None
     stream_options: _StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    idempotency_key: str | None = None
 
 
 _peek = msgspec.json.Decoder(_Peek).decode
@@ -84,10 +87,26 @@ def _peek_request(request: web.Request, body: bytes, *, json_by_default: bool) -
     return peek, bool(peek.stream) or stream
 
 
-def _stream_shape(peek: _Peek) -> tuple[int, bool]:
-    """(choices, include_usage) of a streamed answer."""
-    choices = peek.n if peek.n is not None and peek.n > 1 else 1
-    return choices, bool(peek.stream_options is not None and peek.stream_options.include_usage)
+def _shape(peek: _Peek, stream: bool) -> dict[str, Any]:
+    """What the body tells the policies: choices (``n``), usage in a stream, max tokens, idempotency key."""
+    return {
+        "choices": peek.n if peek.n is not None and peek.n > 1 else 1,
+        "include_usage": stream and bool(peek.stream_options is not None and peek.stream_options.include_usage),
+        "max_tokens": peek.max_completion_tokens if peek.max_tokens is None else peek.max_tokens,
+        "idempotency_key": peek.idempotency_key,
+    }
+
+
+def _client_ip(request: web.Request, rt: Runtime) -> str | None:
+    """The peer, or behind a trusted proxy (``trust_forwarded_for``) the hop it saw: the last
+    ``X-Forwarded-For`` entry — the one a client cannot forge past that proxy."""
+    if rt.config.server.trust_forwarded_for:
+        forwarded = request.headers.get(hdrs.X_FORWARDED_FOR)
+        if forwarded:
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last:
+                return last
+    return request.remote
 
 
 def _accepts_sse(request: web.Request) -> bool:
@@ -132,22 +151,21 @@ def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:
     return path[prefix_len:], query
 
 
-async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str) -> Exchange:
+async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str, tenant: str | None) -> Exchange:
     rel, query = _split_raw(request.raw_path, 4)  # after "/v1/"
     validate_path(rel)
     dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
     body = await _read_body(request, rt)
     peek, stream = _peek_request(request, body, json_by_default=True)
     target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
-    choices, include_usage = _stream_shape(peek) if stream else (1, False)
     return Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
         query=query, headers=request.headers, body=body, target=target, model=peek.model, stream=stream,
-        client_ip=request.remote, choices=choices, include_usage=include_usage,
+        client_ip=_client_ip(request, rt), tenant=tenant, **_shape(peek, stream),
     )
 
 
-async def _exchange_t(request: web.Request, rt: Runtime, request_id: str) -> Exchange:
+async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant: str | None) -> Exchange:
     path, _, query = request.raw_path.partition("?")
     _, _, rest = path.partition("/t/")
     name, _, rel = rest.partition("/")
@@ -158,11 +176,10 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str) -> Exc
         peek, stream = _peek_request(request, body, json_by_default=False)
     else:
         peek, stream = _NO_PEEK, _accepts_sse(request)
-    choices, include_usage = _stream_shape(peek) if stream else (1, False)
     return Exchange(
         request_id=request_id, method=request.method, route="t", dialect=ENVELOPE, rel_path=rel, v1=False,
         query=query, headers=request.headers, body=body, target=target, model=peek.model, stream=stream,
-        client_ip=request.remote, choices=choices, include_usage=include_usage,
+        client_ip=_client_ip(request, rt), tenant=tenant, **_shape(peek, stream),
     )
 
 
@@ -186,7 +203,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     status, error, reply = 0, None, None
     try:
         try:
-            ex = await make_exchange(request, rt, request_id)
+            tenant = rt.tenants.authenticate(request.headers)  # before the body: an unknown caller costs no upload
+            ex = await make_exchange(request, rt, request_id, tenant.name if tenant is not None else None)
             reply = await rt.pipeline(ex)
         except GatewayError as e:
             error = e
@@ -246,6 +264,7 @@ def _access_fields(
         "model": ex.model, "outcome": result, "error_code": code,
         "upstream_status": reply.upstream_status if reply is not None else error.upstream_status if error else None,
         "attempts": ex.attempts, "latency_ms": latency_ms, "ttft_ms": round(ttft, 2) if ttft is not None else None,
+        "cache_hit": False, "idempotent_hit": False,
     }
     if ex.log:
         fields.update(ex.log)

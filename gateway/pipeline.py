@@ -38,7 +38,7 @@ from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
 from gateway.sse import Aligner
 from gateway.streams import read_head, watch
-from policies import bulkhead, circuit_breaker, fallback, key_pool, retry
+from policies import bulkhead, cache, circuit_breaker, fallback, idempotency, key_pool, rate_limit, retry, tenants
 from providers import stream_format
 
 if TYPE_CHECKING:
@@ -54,7 +54,13 @@ class Policy(Protocol):
 
 def request_policies(rt: Runtime) -> list[Policy | None]:
     """Run once per client request, outermost first; the fallback chain is always last."""
-    return [fallback.policy(rt)]
+    return [
+        tenants.policy(rt),
+        rate_limit.policy(rt),
+        idempotency.policy(rt),
+        cache.policy(rt),
+        fallback.policy(rt),
+    ]
 
 
 def target_policies(rt: Runtime, target: Target) -> list[Policy | None]:
@@ -91,12 +97,15 @@ def upstream_sender(rt: Runtime) -> Handler:
     """The innermost step: one attempt against ``ex.target``, its answer classified."""
     scrub = rt.scrub
     clock = rt.clock
+    tenant_keys = rt.tenants.enabled  # a tenant's own key never goes upstream
 
     async def send_upstream(ex: Exchange) -> Reply:
         target = ex.target
         ex.attempts += 1
         credential = target.credential
-        headers = upstream_request_headers(ex.headers, drop_credentials=credential.drops_client_credentials)
+        headers = upstream_request_headers(
+            ex.headers, drop_credentials=credential.drops_client_credentials or tenant_keys,
+        )
         key = ex.key
         if key is not None:
             headers[key.header] = key.value

@@ -24,6 +24,7 @@ from gateway.pipeline import Handler, build_pipeline
 from gateway.shared import SharedState
 from gateway.store import Store, StoreError, open_store
 from gateway.targets import Router, Target
+from policies.tenants import Tenants
 
 log = logging.getLogger("reliapi")
 
@@ -50,6 +51,8 @@ class Runtime:
             for name, t in config.targets.items()
         }
         self.router = Router(config, self.targets)
+        self.tenants = Tenants(config, env)
+        self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(s for t in self.targets.values() for s in t.credential.secrets)
         self.access_log = access_log or AccessLog(access_log_write)
@@ -71,6 +74,8 @@ class Runtime:
         await self.shared.start()
 
     async def close(self, *, close_store: bool = True, close_log: bool = True) -> None:
+        if self.background:  # answers others wait for (idempotency, cache) finish, within the grace period
+            await asyncio.wait(list(self.background), timeout=max(self.config.server.shutdown_grace_s, 0.1))
         await self.shared.close()
         for target in self.targets.values():
             await target.transport.close()

@@ -227,6 +227,35 @@ async def test_gcra_rejects_nonsense_parameters(store: Store) -> None:
         await store.take("k", rate_per_s=1, burst=-1)
 
 
+# -- lists -----------------------------------------------------------------------
+
+
+async def test_append_and_range_read_a_log_from_any_index(store: Store) -> None:
+    assert await store.range("log") == []
+    assert await store.append("log", [b"head", b"c1"], ttl_s=60) == 2
+    assert await store.append("log", [b"c2"], ttl_s=60) == 3
+    assert await store.range("log") == [b"head", b"c1", b"c2"]
+    assert await store.range("log", 2) == [b"c2"]
+    assert await store.range("log", 5) == []
+
+
+async def test_append_refreshes_the_expiry(store: Store, advance) -> None:
+    await store.append("log", [b"a"], ttl_s=0.4)
+    await advance(0.3)
+    await store.append("log", [b"b"], ttl_s=0.4)
+    await advance(0.3)
+    assert await store.range("log") == [b"a", b"b"]
+    await advance(0.2)
+    assert await store.range("log") == []
+
+
+async def test_append_announces_the_new_length_atomically(store: Store) -> None:
+    async with store.subscribe("log-ch") as sub:
+        await store.append("log", [b"a", b"b"], ttl_s=60, notify="log-ch")
+        assert await sub.get(2) == b"2"
+        assert await store.range("log") == [b"a", b"b"]
+
+
 # -- notification --------------------------------------------------------------
 
 

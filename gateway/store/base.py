@@ -161,6 +161,16 @@ class Store(abc.ABC):
         """All fields of a ``hincr`` hash; empty when the key is absent."""
 
     @abc.abstractmethod
+    async def append(self, key: str, items: list[bytes], ttl_s: float, *, notify: str | None = None) -> int:
+        """Add ``items`` to the end of the list at ``key`` and (re)set its expiry; returns the
+        new length. With ``notify``, publish that length on the channel ``notify`` in the same
+        atomic step, so a reader woken by it always finds the items (a stream's fan-out log)."""
+
+    @abc.abstractmethod
+    async def range(self, key: str, start: int = 0) -> list[bytes]:
+        """The items of the list at ``key`` from index ``start`` on; empty when absent."""
+
+    @abc.abstractmethod
     async def take(
         self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None
     ) -> TakeResult:

@@ -20,7 +20,7 @@ from gateway.store.base import Store, StoreError, Subscription, TakeResult, gcra
 
 _SWEEP_BATCH = 64
 
-Value = bytes | dict[str, float]
+Value = bytes | dict[str, float] | list[bytes]
 
 
 class MemoryStore(Store):
@@ -142,6 +142,21 @@ class MemoryStore(Store):
     async def hgetall(self, key: str) -> dict[str, float]:
         entry = self._typed(key, dict)
         return {} if entry is None else dict(entry[0])  # type: ignore[arg-type]
+
+    # -- lists ---------------------------------------------------------------------
+
+    async def append(self, key: str, items: list[bytes], ttl_s: float, *, notify: str | None = None) -> int:
+        entry = self._typed(key, list)
+        values: list[bytes] = [] if entry is None else entry[0]  # type: ignore[assignment]
+        values.extend(items)
+        self._put(key, values, self._deadline(ttl_s))
+        if notify is not None:
+            await self.publish(notify, str(len(values)).encode())
+        return len(values)
+
+    async def range(self, key: str, start: int = 0) -> list[bytes]:
+        entry = self._typed(key, list)
+        return [] if entry is None else list(entry[0][start:])  # type: ignore[index]
 
     async def take(
         self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None

@@ -55,6 +55,14 @@ end
 return v
 """
 
+# ARGV: ttl ms, channel or '', items. One round trip: push, expire, announce the new length.
+_APPEND = """
+local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], n) end
+return n
+"""
+
 # GCRA as in redis-cell. ARGV: delay tolerance, increment (seconds), now or '' for TIME.
 # Returns {allowed, retry_after (-1 = never), ttl}; floats as %.17g strings because a
 # Lua number returned to Redis is truncated to an integer.
@@ -122,6 +130,7 @@ class RedisStore(Store):
         self._cas = self._client.register_script(_COMPARE_AND_SET)
         self._counter = self._client.register_script(_COUNTER)
         self._gcra = self._client.register_script(_GCRA)
+        self._append = self._client.register_script(_APPEND)
         self._hub = ChannelHub(self._client, anchor=self._prefix + "__store_anchor__", error=self._error)
 
     @property
@@ -191,6 +200,17 @@ class RedisStore(Store):
         with self._wrap_errors("hgetall"):
             raw = await self._client.hgetall(self._k(key))
         return {field.decode(): float(value) for field, value in raw.items()}
+
+    # -- lists ---------------------------------------------------------------------
+
+    async def append(self, key: str, items: list[bytes], ttl_s: float, *, notify: str | None = None) -> int:
+        channel = "" if notify is None else self._k(notify)
+        with self._wrap_errors("append"):
+            return int(await self._append(keys=[self._k(key)], args=[_ms(ttl_s), channel, *items]))
+
+    async def range(self, key: str, start: int = 0) -> list[bytes]:
+        with self._wrap_errors("range"):
+            return await self._client.lrange(self._k(key), start, -1)
 
     async def take(
         self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None

@@ -1,0 +1,459 @@
+"""One upstream call for many identical requests: claim, record, fan out, replay.
+
+Idempotency and the cache's single flight share this. A *flight* is keyed in the
+store; the key holds either a lock (a flight in progress) or the finished entry:
+
+    key  = b"L" + token + b" " + fingerprint        while the leader runs
+         = b"D" + msgpack(Entry)                     once a storable answer is done
+    key:log:<token>  the running answer as a list: head, chunks…, end  (fan-out)
+    channel key      "a new log item" / "done" notifications
+
+``join`` decides, in one atomic ``SET NX``, who leads. The leader runs the request in a
+task of its own (a client that goes away must not cancel the answer others wait for),
+relays it to its own client from memory, mirrors it to the log so waiters on *any*
+instance receive the same bytes while it is still running, and finally writes the
+entry with a compare-and-set on its lock (a fenced write: a leader whose lock expired
+and was taken over cannot overwrite the new holder's answer). A lock is kept alive by
+a heartbeat, so a leader that dies releases the key within ``lock_ttl_s``.
+
+Followers on the same instance read the leader's recording directly; followers
+elsewhere read the log. An answer that may not be stored (a 5xx, a cut stream, a
+gateway error) is still shared with the followers that were waiting for it — one
+upstream call for all — but the key is released, so a later retry runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from multidict import CIMultiDict
+
+from gateway import errors
+from gateway.errors import GatewayError, StreamBroken
+from gateway.exchange import Reply
+from gateway.store import Store, StoreError
+
+log = logging.getLogger("reliapi")
+
+_LOG_TTL_S = 60.0  # a finished run's log outlives it briefly, for followers still reading
+_FLUSH_MAX = 256  # log items per store round trip
+
+
+class Entry(msgspec.Struct, array_like=True):
+    """A finished answer, as stored for replay."""
+
+    fp: str
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes | None
+    chunks: list[bytes] | None
+    created: float  # wall time of the run's start (TTLs count from the first request)
+
+
+_encode = msgspec.msgpack.encode
+_decode_entry = msgspec.msgpack.Decoder(Entry).decode
+_decode_item = msgspec.msgpack.Decoder(list).decode
+
+# Log items (msgpack arrays): ["h", status, headers, stream] · ["b", body] · ["c", chunk]
+# · ["e"] clean end · ["x", code, message, reported] broken stream · ["g", code, message, retry_after, target, upstream_status]
+
+
+class KeyMismatch(Exception):
+    """The key is in use (or was used) for a request with another fingerprint."""
+
+
+class StillRunning(Exception):
+    """The leader did not finish within the follower's wait."""
+
+
+_BY_CODE: dict[str, type[GatewayError]] = {}
+
+
+def _error_classes(cls: type[GatewayError]) -> None:
+    for sub in cls.__subclasses__():
+        _BY_CODE.setdefault(sub.code, sub)
+        _error_classes(sub)
+
+
+_error_classes(errors.GatewayError)
+
+
+def _rebuild_error(item: list[Any]) -> GatewayError:
+    _, code, message, retry_after, target, upstream_status = item
+    cls = _BY_CODE.get(code, errors.UpstreamError)
+    err = object.__new__(cls)
+    GatewayError.__init__(err, message, retry_after=retry_after, target=target, upstream_status=upstream_status)
+    if isinstance(err, errors.UpstreamUnavailable):
+        err.sent = True
+    if isinstance(err, StreamBroken):
+        err.reported = False
+    return err
+
+
+def _headers(pairs: list[tuple[str, str]] | list[list[str]]) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in pairs)
+
+
+async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+def replay(entry: Entry) -> Reply:
+    """A stored answer as a fresh Reply (a stream is replayed as the same chunks)."""
+    headers = _headers(entry.headers)
+    if entry.chunks is not None:
+        return Reply(entry.status, headers, chunks=_iterate(entry.chunks), upstream_status=entry.status)
+    return Reply(entry.status, headers, body=entry.body or b"", upstream_status=entry.status)
+
+
+class Recording:
+    """A leader's answer as it arrives, readable from the start by any number of readers."""
+
+    __slots__ = ("status", "headers", "stream", "body", "chunks", "size", "ended", "error", "_changed")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], stream: bool) -> None:
+        self.status = status
+        self.headers = headers
+        self.stream = stream
+        self.body: bytes | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.ended = False
+        self.error: GatewayError | None = None
+        self._changed = asyncio.Event()
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        self._wake()
+
+    def end(self, error: GatewayError | None = None) -> None:
+        self.ended, self.error = True, error
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def reply(self) -> Reply:
+        if not self.stream:
+            return Reply(self.status, _headers(self.headers), body=self.body or b"", upstream_status=self.status)
+        return Reply(self.status, _headers(self.headers), chunks=self._read(), upstream_status=self.status)
+
+    async def _read(self) -> AsyncIterator[bytes]:
+        i = 0
+        while True:
+            while i < len(self.chunks):
+                i += 1
+                yield self.chunks[i - 1]
+            if self.ended:
+                if self.error is not None:
+                    raise self.error
+                return
+            await self._changed.wait()
+
+
+class Flights:
+    """Flights of one kind (``namespace``) in one store; ``tasks`` collects leader work for
+    a graceful shutdown."""
+
+    def __init__(
+        self, store: Store, namespace: str, tasks: set[asyncio.Task[Any]], now: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.now = now
+        self.namespace = namespace
+        self.tasks = tasks
+        self.local: dict[str, list[Any]] = {}  # key → [lock, Recording | GatewayError | None, started Event]
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    # ---------------------------------------------------------------- lookup / claim
+
+    async def lookup(self, key: str) -> Entry | bytes | None:
+        """The stored entry, the lock of a running flight, or None."""
+        raw = await self.store.get(key)
+        if raw is None:
+            return None
+        if raw[:1] == b"D":
+            try:
+                return _decode_entry(raw[1:])
+            except msgspec.DecodeError:
+                return None
+        return raw
+
+    async def claim(self, key: str, fp: str, lock_ttl_s: float, *, force: bool = False) -> Lead | None:
+        """Become the leader for ``key``; None when another flight or an entry holds it.
+        ``force`` takes it regardless (a cache refresh: the old entry is replaced)."""
+        token = os.urandom(8).hex()
+        lock = b"L" + token.encode() + b" " + fp.encode()
+        if force:
+            await self.store.set(key, lock, lock_ttl_s)
+        elif not await self.store.set_nx(key, lock, lock_ttl_s):
+            return None
+        return Lead(self, key, lock, token, fp, lock_ttl_s)
+
+    async def follow(self, key: str, lock: bytes, fp: str, *, wait_s: float, idle_s: float) -> Reply | None:
+        """Wait for the flight holding ``lock`` and return its answer; None when it ended
+        without one to share (the caller may claim and run itself). Raises ``KeyMismatch``
+        or ``StillRunning``."""
+        if _fingerprint(lock) != fp:
+            raise KeyMismatch()
+        local = self.local.get(key)
+        if local is not None and local[0] == lock:
+            return await self._follow_local(local, wait_s)
+        return await self._follow_store(key, lock, wait_s=wait_s, idle_s=idle_s)
+
+    async def _follow_local(self, slot: list[Any], wait_s: float) -> Reply:
+        started: asyncio.Event = slot[2]
+        try:
+            async with asyncio.timeout(wait_s):
+                await started.wait()
+        except TimeoutError:
+            raise StillRunning() from None
+        outcome = slot[1]
+        if isinstance(outcome, GatewayError):
+            raise outcome
+        return outcome.reply()
+
+    async def _follow_store(self, key: str, lock: bytes, *, wait_s: float, idle_s: float) -> Reply | None:
+        token = lock[1:].split(b" ", 1)[0].decode()
+        log_key = f"{key}:log:{token}"
+        deadline = time.monotonic() + wait_s
+        async with self.store.subscribe(key) as sub:
+            while True:
+                items = await self.store.range(log_key)
+                if items and (len(items) > 1 or _decode_item(items[0])[0] == "g" or _decode_item(items[0])[3]):
+                    return self._from_log(key, log_key, lock, items, idle_s)
+                now = await self.lookup(key)
+                if isinstance(now, Entry):
+                    return replay(now)
+                if now != lock:
+                    return None  # released without an answer to share, or taken over
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StillRunning()
+                await sub.get(left)
+
+    def _from_log(self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float) -> Reply:
+        head = _decode_item(items[0])
+        if head[0] == "g":
+            raise _rebuild_error(head)
+        _, status, headers, stream = head
+        if not stream:
+            body = _decode_item(items[1])[1]
+            return Reply(status, _headers(headers), body=body, upstream_status=status)
+        return Reply(status, _headers(headers), chunks=self._tail(key, log_key, lock, items, idle_s),
+                     upstream_status=status)
+
+    async def _tail(self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float) -> AsyncIterator[bytes]:
+        """A running stream's chunks from its log: what is there, then each item as it lands."""
+        seen = 1
+        async with self.store.subscribe(key) as sub:
+            pending = items[1:]
+            while True:
+                for raw in pending:
+                    seen += 1
+                    item = _decode_item(raw)
+                    kind = item[0]
+                    if kind == "c":
+                        yield item[1]
+                    elif kind == "e":
+                        return
+                    elif kind == "x":
+                        raise StreamBroken(item[2], reported=item[3])
+                    elif kind == "g":
+                        raise _rebuild_error(item)
+                pending = await self.store.range(log_key, seen)
+                if pending:
+                    continue
+                if await sub.get(idle_s) is None:
+                    pending = await self.store.range(log_key, seen)
+                    if not pending and await self.store.get(key) != lock:
+                        raise StreamBroken("the request this one was coalesced with stopped before its stream ended")
+
+
+def _fingerprint(lock: bytes) -> str:
+    return lock[1:].split(b" ", 1)[1].decode() if b" " in lock else ""
+
+
+StoreEntry = Callable[[Reply], bool]
+
+
+class Lead:
+    """The claim of the one request that runs; ``run`` does the work and shares it."""
+
+    def __init__(self, flights: Flights, key: str, lock: bytes, token: str, fp: str, lock_ttl_s: float) -> None:
+        self.flights = flights
+        self.key = key
+        self.lock = lock
+        self.token = token
+        self.fp = fp
+        self.lock_ttl_s = lock_ttl_s
+        self.started = flights.now()
+        self.log_key = f"{key}:log:{token}"
+        self._slot: list[Any] = [lock, None, asyncio.Event()]
+        self._pending: list[bytes] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._mirror = True
+
+    async def run(
+        self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
+    ) -> Reply:
+        """Run ``work`` in its own task (shielded from this client's disconnect) and return
+        the answer for this client; followers get the same."""
+        flights = self.flights
+        flights.local[self.key] = self._slot
+        task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
+        flights.tasks.add(task)
+        task.add_done_callback(flights.tasks.discard)
+        started: asyncio.Event = self._slot[2]
+        await asyncio.shield(started.wait())
+        outcome = self._slot[1]
+        if isinstance(outcome, GatewayError):
+            raise outcome
+        assert isinstance(outcome, Recording)
+        return outcome.reply()
+
+    async def _run(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
+        beat = asyncio.ensure_future(self._heartbeat())
+        try:
+            await self._lead(work, storable, ttl_s, max_bytes)
+        finally:
+            beat.cancel()
+            if self.flights.local.get(self.key) is self._slot:
+                del self.flights.local[self.key]
+            if not self._slot[2].is_set():  # a bug or a cancellation: never leave followers hanging
+                self._slot[1] = errors.InternalError("internal error")
+                self._slot[2].set()
+
+    async def _lead(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
+        try:
+            reply = await work()
+        except GatewayError as e:
+            self._publish(e)
+            self._log(["g", e.code, e.message, e.retry_after, e.target, e.upstream_status])
+            await self._release()
+            return
+        except Exception:
+            log.exception("internal error")
+            err = errors.InternalError("internal error")
+            self._publish(err)
+            self._log(["g", err.code, err.message, None, None, None])
+            await self._release()
+            return
+        headers = list(reply.headers.items())
+        rec = Recording(reply.status, headers, reply.chunks is not None)
+        head = ["h", reply.status, headers, rec.stream]
+        if not rec.stream:
+            rec.body = reply.body or b""
+            rec.ended = True
+            self._publish(rec)
+            if storable(reply) and len(rec.body) <= max_bytes:
+                await self._store(rec, ttl_s)  # the stored entry is what followers read
+            else:
+                self._log(head)
+                self._log(["b", rec.body])
+                await self._release()
+            return
+        self._log(head)
+        self._publish(rec)
+        error: GatewayError | None = None
+        try:
+            assert reply.chunks is not None
+            async for chunk in reply.chunks:
+                rec.add(chunk)
+                self._log(["c", chunk])
+        except GatewayError as e:
+            error = e if isinstance(e, StreamBroken) else StreamBroken(e.message)
+        except Exception:
+            log.exception("stream recording failed")
+            error = StreamBroken("the upstream stream failed")
+        finally:
+            await reply.aclose()
+        rec.end(error)
+        if error is not None:
+            self._log(["x", error.code, error.message, getattr(error, "reported", False)])
+            await self._release()
+        elif storable(reply) and rec.size <= max_bytes:
+            self._log(["e"])
+            await self._store(rec, ttl_s)
+        else:
+            self._log(["e"])
+            await self._release()
+
+    def _publish(self, outcome: Recording | GatewayError) -> None:
+        self._slot[1] = outcome
+        self._slot[2].set()
+
+    # ---------------------------------------------------------------- store side
+
+    def _log(self, item: list[Any]) -> None:
+        """Mirror one item to the store log, batched in the background: the relay to this
+        client never waits for the store."""
+        if not self._mirror:
+            return
+        self._pending.append(_encode(item))
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:_FLUSH_MAX], self._pending[_FLUSH_MAX:]
+                await self.flights.store.append(self.log_key, batch, _LOG_TTL_S, notify=self.key)
+        except StoreError as e:
+            self._mirror = False
+            self._pending.clear()
+            log.warning("%s: cannot share a running answer through the store: %s", self.flights.namespace, e)
+        finally:
+            self._flushing = None
+
+    async def _drain(self) -> None:
+        while self._flushing is not None:
+            await asyncio.shield(self._flushing)
+
+    async def _store(self, rec: Recording, ttl_s: float) -> None:
+        await self._drain()
+        entry = Entry(self.fp, rec.status, rec.headers, rec.body if not rec.stream else None,
+                      rec.chunks if rec.stream else None, self.started)
+        left = ttl_s - (self.flights.now() - self.started)
+        store = self.flights.store
+        try:
+            if left > 0 and await store.compare_and_set(self.key, self.lock, b"D" + _encode(entry), left):
+                await store.publish(self.key, b"done")
+                return
+            if left > 0:
+                log.warning("%s: lock expired before the answer was stored (not stored)", self.flights.namespace)
+            await store.compare_and_delete(self.key, self.lock)
+            await store.publish(self.key, b"released")
+        except StoreError as e:
+            log.warning("%s: answer not stored: %s", self.flights.namespace, e)
+
+    async def _release(self) -> None:
+        await self._drain()
+        store = self.flights.store
+        try:
+            await store.compare_and_delete(self.key, self.lock)
+            await store.publish(self.key, b"released")
+        except StoreError as e:  # the lock expires by itself
+            log.warning("%s: release failed: %s", self.flights.namespace, e)
+
+    async def _heartbeat(self) -> None:
+        every = self.lock_ttl_s / 3
+        store = self.flights.store
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if not await store.compare_and_set(self.key, self.lock, self.lock, self.lock_ttl_s):
+                    return  # taken over (we were presumed dead): the fenced write will refuse us
+            except StoreError:
+                pass

@@ -1,0 +1,168 @@
+"""Response cache (SPEC §5, RELIABILITY-NOTES §5): off unless a target has a ``cache:`` block.
+
+What is cached: plain-HTTP targets' GET/HEAD; LLM targets' chat/completions,
+completions, embeddings and messages POSTs — never with ``n > 1`` (several samples are
+not one answer). Only 2xx answers, never one whose upstream ``Cache-Control`` says
+``no-store`` or ``private``, never a stream that did not end cleanly, nothing larger
+than ``cache.max_entry_mb``. A stream is stored as its chunks and replayed as a stream.
+
+The key starts with the server-derived tenant (a body can never forge another
+tenant's entry), then the target, whether the answer streams (stream and non-stream
+never share an entry), and a hash of method, path, sorted query, ``Accept`` and the
+body as canonical JSON.
+
+Request ``Cache-Control``: ``no-cache`` skips the lookup and stores the fresh answer;
+``no-store`` skips lookup and store; ``only-if-cached`` answers 504 on a miss. The
+answer says ``X-Cache: HIT|MISS|BYPASS`` (``X-Cached: true`` and ``Age`` on a hit).
+
+Concurrent identical misses are computed once (single flight, through the store, so
+across instances too). TTL: the envelope's ``cache`` field (``ex.cache_ttl``), else the
+tenant's ``cache_ttl_override``, else ``cache.ttl_s``. A store that is down turns the
+cache into a pass-through (``X-Cache: BYPASS``), logged — it never fails a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import hdrs
+
+from gateway.errors import GatewayError
+from gateway.flights import Entry, Flights, KeyMismatch, StillRunning, replay
+from gateway.headers import X_CACHE, X_CACHED
+from gateway.store import StoreError
+from policies.idempotency import canonical_body
+
+if TYPE_CHECKING:
+    from gateway.config import CacheConfig
+    from gateway.exchange import Exchange, Reply
+    from gateway.pipeline import Handler, Policy
+    from gateway.runtime import Runtime
+
+log = logging.getLogger("reliapi")
+
+LLM_PATHS = frozenset(("chat/completions", "completions", "embeddings", "messages"))
+_LOG_EVERY_S = 30.0
+_LOCK_TTL_S = 30.0
+_WAIT_S = 30.0
+
+
+class NotCached(GatewayError):
+    """``Cache-Control: only-if-cached`` and nothing stored (RFC 9111 §5.2.1.7)."""
+
+    status, code, type = 504, "not_cached", "client_error"
+
+
+def _directives(headers: object) -> set[str]:
+    values = headers.getall(hdrs.CACHE_CONTROL, ())  # type: ignore[attr-defined]
+    return {d.strip().split("=", 1)[0].lower() for v in values for d in v.split(",") if d.strip()}
+
+
+def cacheable(ex: Exchange) -> bool:
+    if ex.target.kind == "llm":
+        return ex.method == "POST" and ex.rel_path.removeprefix("v1/") in LLM_PATHS and ex.choices == 1
+    return ex.method in ("GET", "HEAD")
+
+
+def storable(reply: Reply) -> bool:
+    if not 200 <= reply.status < 300:
+        return False
+    directives = _directives(reply.headers)
+    return "no-store" not in directives and "private" not in directives
+
+
+def cache_key(flights: Flights, ex: Exchange) -> str:
+    h = hashlib.sha256()
+    query = "&".join(sorted(ex.query.split("&"))) if ex.query else ""
+    for part in (ex.method, ex.rel_path, query, ex.headers.get(hdrs.ACCEPT, "")):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(canonical_body(ex))
+    return flights.key(ex.tenant or "-", ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
+
+
+def policy(rt: Runtime) -> Policy | None:
+    if not any(t.config.cache is not None and t.config.cache.enabled for t in rt.targets.values()):
+        return None
+    flights = Flights(rt.store, "cache", rt.background, rt.clock.time)
+    tenants = rt.tenants.by_name
+    clock = rt.clock
+    logged_at = [-_LOG_EVERY_S]
+
+    def ttl_for(ex: Exchange, cfg: CacheConfig) -> float:
+        if ex.cache_ttl is not None:
+            return ex.cache_ttl
+        if ex.tenant is not None:
+            overrides = tenants[ex.tenant].config.cache_ttl_override
+            ttl = overrides.get(ex.target.name, overrides.get("*"))
+            if ttl is not None:
+                return ttl
+        return cfg.ttl_s
+
+    def degraded(e: StoreError) -> None:
+        now = time.monotonic()
+        if now - logged_at[0] >= _LOG_EVERY_S:
+            logged_at[0] = now
+            log.warning("cache: store unavailable, passing requests through: %s", e)
+
+    async def cache(ex: Exchange, call_next: Handler) -> Reply:
+        cfg = ex.target.config.cache
+        if cfg is None or not cfg.enabled or not cacheable(ex):
+            return await call_next(ex)
+        directives = _directives(ex.headers) if hdrs.CACHE_CONTROL in ex.headers else ()
+        if "no-store" in directives:
+            return _mark(await call_next(ex), "BYPASS")
+        ttl = ttl_for(ex, cfg)
+        if ttl <= 0:
+            return _mark(await call_next(ex), "BYPASS")
+        key = cache_key(flights, ex)
+        lead = None
+        try:
+            if "no-cache" in directives:  # revalidate: run, and replace the entry
+                lead = await flights.claim(key, "", _LOCK_TTL_S, force=True)
+            else:
+                for _ in range(3):
+                    found = await flights.lookup(key)
+                    if isinstance(found, Entry):
+                        return _hit(ex, replay(found), clock.time() - found.created)
+                    if "only-if-cached" in directives:
+                        raise NotCached("not in the cache (Cache-Control: only-if-cached)", target=ex.target.name)
+                    if found is None:
+                        lead = await flights.claim(key, "", _LOCK_TTL_S)
+                        if lead is not None:
+                            break
+                        continue
+                    try:
+                        reply = await flights.follow(key, found, "", wait_s=_WAIT_S, idle_s=ex.target.idle_timeout_s)
+                    except (KeyMismatch, StillRunning):
+                        break  # run it ourselves, uncached
+                    if reply is not None:
+                        return _mark(reply, "MISS")
+        except StoreError as e:
+            degraded(e)
+            return _mark(await call_next(ex), "BYPASS")
+        if lead is None:
+            return _mark(await call_next(ex), "MISS")
+        reply = await lead.run(
+            lambda: call_next(ex), storable=storable, ttl_s=ttl, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
+        )
+        return _mark(reply, "MISS")
+
+    return cache
+
+
+def _mark(reply: Reply, status: str) -> Reply:
+    reply.headers[X_CACHE] = status
+    return reply
+
+
+def _hit(ex: Exchange, reply: Reply, age_s: float) -> Reply:
+    ex.log["cache_hit"] = True
+    headers = reply.headers
+    headers[X_CACHE] = "HIT"
+    headers[X_CACHED] = "true"
+    headers[hdrs.AGE] = str(max(0, int(age_s)))
+    return reply

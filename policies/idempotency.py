@@ -1,0 +1,198 @@
+"""Idempotency keys with request coalescing (SPEC §5, RELIABILITY-NOTES §1).
+
+The key comes from ``Idempotency-Key`` or ``X-Idempotency-Key`` (a bare token or the
+IETF draft's quoted Structured-Field string — ``"abc"`` and ``abc`` are the same key),
+else from an ``idempotency_key`` body field (removed before the body goes upstream:
+providers reject unknown fields). It is scoped to the tenant, and recorded with a
+fingerprint of the request: method, target, route, path, sorted query and the body
+as canonical JSON (reordered keys and whitespace are the same request).
+
+- first request: runs (``gateway.flights`` — an atomic claim with a random token);
+- concurrent duplicates, on this instance or any other sharing the store: wait and get
+  the same answer; a stream's chunks from its first byte while it still runs;
+- later duplicates within ``idempotency.ttl_s`` (from the first request): the stored
+  answer, with ``Idempotent-Replayed: true`` and no upstream call;
+- the same key with another fingerprint: 422 ``idempotency_key_reused``;
+- still running after ``idempotency.wait_s``: 409 ``idempotency_in_progress``.
+
+Stored: final 2xx and 4xx answers except 408/409/429. Not stored: 5xx, transport
+failures, cut streams and the gateway's own rejections — the key is released so a
+retry with the same key can succeed. Keys are ignored on GET/HEAD/OPTIONS. When the
+store is down the request gets a 503 ``store_unavailable`` (``store.fail_open: true``
+lets it run without idempotency instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import TYPE_CHECKING
+
+import msgspec
+from multidict import CIMultiDict
+
+from gateway.errors import IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
+from gateway.flights import Entry, Flights, KeyMismatch, StillRunning, replay
+from gateway.headers import IDEMPOTENCY_KEYS, X_CACHED
+from gateway.store import StoreError
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange, Reply
+    from gateway.pipeline import Handler, Policy
+    from gateway.runtime import Runtime
+
+log = logging.getLogger("reliapi")
+
+IDEMPOTENT_REPLAYED = "Idempotent-Replayed"
+MAX_KEY_LENGTH = 255
+_SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
+_NOT_STORED = frozenset((408, 409, 429))
+_FOLLOW_ROUNDS = 3  # a flight that ends without an answer to share lets a follower claim the key
+
+
+def parse_key(value: str) -> str:
+    """The key from a header value: a bare token or an SF string; 400 when empty or too long."""
+    text = value.strip()
+    if text.startswith('"'):
+        if len(text) < 2 or not text.endswith('"'):
+            raise InvalidRequest("Idempotency-Key: malformed quoted string", param="Idempotency-Key")
+        inner, out, escaped = text[1:-1], [], False
+        for ch in inner:
+            if escaped:
+                if ch not in '"\\':
+                    raise InvalidRequest("Idempotency-Key: malformed quoted string", param="Idempotency-Key")
+                out.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                raise InvalidRequest("Idempotency-Key: malformed quoted string", param="Idempotency-Key")
+            else:
+                out.append(ch)
+        if escaped:
+            raise InvalidRequest("Idempotency-Key: malformed quoted string", param="Idempotency-Key")
+        text = "".join(out)
+    return check_key(text, "Idempotency-Key")
+
+
+def check_key(key: str, where: str) -> str:
+    if not key:
+        raise InvalidRequest(f"{where} must not be empty", param=where)
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidRequest(f"{where} is longer than {MAX_KEY_LENGTH} characters", param=where)
+    if not key.isprintable() or not key.isascii():
+        raise InvalidRequest(f"{where} must be printable ASCII", param=where)
+    return key
+
+
+def request_key(ex: Exchange) -> str | None:
+    for name in IDEMPOTENCY_KEYS:
+        value = ex.headers.get(name)
+        if value is not None:
+            return parse_key(value)
+    if ex.idempotency_key is not None:
+        key = check_key(ex.idempotency_key, "idempotency_key")
+        ex.body = _without_key_field(ex.body)
+        return key
+    return None
+
+
+def _without_key_field(body: bytes) -> bytes:
+    doc = msgspec.json.decode(body)
+    doc.pop("idempotency_key", None)
+    return msgspec.json.encode(doc)
+
+
+def canonical_body(ex: Exchange) -> bytes:
+    """JSON bodies as canonical JSON (sorted keys, no whitespace); anything else as sent."""
+    if not ex.body:
+        return b""
+    json_body = ex.target.kind == "llm" or "json" in ex.headers.get("Content-Type", "")
+    if not json_body:
+        return ex.body
+    try:
+        return msgspec.json.encode(msgspec.json.decode(ex.body), order="sorted")
+    except msgspec.DecodeError:
+        raise InvalidRequest(
+            "request body is not valid JSON; a request with an idempotency key must have a JSON body on this path",
+            param="Idempotency-Key",
+        ) from None
+
+
+def fingerprint(ex: Exchange) -> str:
+    h = hashlib.sha256()
+    query = "&".join(sorted(ex.query.split("&"))) if ex.query else ""
+    for part in (ex.method, ex.target.name, ex.route, ex.rel_path, query, "stream" if ex.stream else ""):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(canonical_body(ex))
+    return h.hexdigest()
+
+
+def storable(reply: Reply) -> bool:
+    return reply.status < 500 and reply.status not in _NOT_STORED
+
+
+def policy(rt: Runtime) -> Policy | None:
+    flights = Flights(rt.store, "idem", rt.background, rt.clock.time)
+    fail_open = rt.config.store.fail_open
+
+    async def idempotency(ex: Exchange, call_next: Handler) -> Reply:
+        if ex.method in _SAFE_METHODS:
+            return await call_next(ex)
+        key = request_key(ex)
+        if key is None:
+            return await call_next(ex)
+        fp = fingerprint(ex)
+        cfg = ex.target.config.idempotency
+        store_key = flights.key(ex.tenant or "-", hashlib.sha256(key.encode()).hexdigest()[:40])
+        lead = None
+        try:
+            for _ in range(_FOLLOW_ROUNDS):
+                found = await flights.lookup(store_key)
+                if isinstance(found, Entry):
+                    if found.fp != fp:
+                        raise KeyMismatch()
+                    return _replayed(ex, replay(found))
+                if found is None:
+                    lead = await flights.claim(store_key, fp, cfg.lock_ttl_s)
+                    if lead is not None:
+                        break
+                    continue  # someone else claimed it first: follow them
+                reply = await flights.follow(store_key, found, fp, wait_s=cfg.wait_s, idle_s=ex.target.idle_timeout_s)
+                if reply is not None:
+                    return _replayed(ex, reply)
+            else:
+                raise StillRunning()
+        except KeyMismatch:
+            raise IdempotencyKeyReused(
+                "this idempotency key was already used for a different request; use a new key for a new request",
+                param="Idempotency-Key",
+            ) from None
+        except StillRunning:
+            raise IdempotencyInProgress(
+                "a request with this idempotency key is still in progress; retry shortly", retry_after=1.0,
+            ) from None
+        except StoreError as e:
+            if fail_open:
+                log.warning("idempotency: store unavailable, running without it (store.fail_open): %s", e)
+                return await call_next(ex)
+            raise StoreUnavailable(
+                "idempotency store unavailable: cannot guarantee this request runs once; retry shortly, "
+                "or send it without an idempotency key", retry_after=1.0,
+            ) from None
+        # outside the try: an error of the request itself is not the store failing
+        assert lead is not None
+        return await lead.run(
+            lambda: call_next(ex), storable=storable, ttl_s=cfg.ttl_s, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
+        )
+
+    return idempotency
+
+
+def _replayed(ex: Exchange, reply: Reply) -> Reply:
+    headers: CIMultiDict[str] = reply.headers
+    headers[IDEMPOTENT_REPLAYED] = "true"
+    headers[X_CACHED] = "true"
+    ex.log["idempotent_hit"] = True
+    return reply
