@@ -327,6 +327,9 @@ class Lead:
         beat = asyncio.ensure_future(self._heartbeat())
         try:
             await self._lead(work, storable, ttl_s, max_bytes)
+        except Exception:
+            log.exception("%s: leader failed", self.flights.namespace)
+            await self._release()
         finally:
             beat.cancel()
             if self.flights.local.get(self.key) is self._slot:
@@ -350,7 +353,7 @@ class Lead:
             self._log(["g", err.code, err.message, None, None, None])
             await self._release()
             return
-        headers = list(reply.headers.items())
+        headers = [(str(k), v) for k, v in reply.headers.items()]  # istr keys do not encode
         rec = Recording(reply.status, headers, reply.chunks is not None)
         head = ["h", reply.status, headers, rec.stream]
         if not rec.stream:

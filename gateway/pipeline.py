@@ -1,6 +1,6 @@
 """The policy pipeline: the whole request flow, outermost first, in one place (SPEC §5).
 
-    request id → auth/tenant → rate limit → budget → idempotency → cache
+    request id → authentication → rate limit → tenant access → budget → idempotency → cache
     → fallback chain
     → per target: bulkhead → total deadline + retry
       → per attempt: circuit breaker → key pool → timeout → provider adapter → upstream
@@ -55,8 +55,8 @@ class Policy(Protocol):
 def request_policies(rt: Runtime) -> list[Policy | None]:
     """Run once per client request, outermost first; the fallback chain is always last."""
     return [
-        tenants.policy(rt),
         rate_limit.policy(rt),
+        tenants.policy(rt),  # inside rate_limit: it drops the provider's x-ratelimit-*, not ours
         idempotency.policy(rt),
         cache.policy(rt),
         fallback.policy(rt),
