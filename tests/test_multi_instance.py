@@ -1,0 +1,243 @@
+"""Two real gateway processes on one real Redis (issue #4 §5), and Redis stopped mid-run (SPEC §8).
+
+Each gateway is ``python -m gateway`` in its own process (tests/cli_harness.py), in front of
+the in-process fake upstream; the test talks to them over HTTP like any client would.
+The shared-state tests use the machine's Redis under a fresh key prefix; the fault test
+starts a private ``redis-server`` on a free port so it can stop and restart it without
+touching anyone else's Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+
+import aiohttp
+import pytest
+
+from tests.cli_harness import CLI, Gateway, assert_no_traceback, free_port
+from tests.fakes import Fault, FakeUpstream
+from tests.stores import REDIS_URL, drop, new_prefix, redis_store, unavailable
+
+TENANT = {"Authorization": "Bearer acme-key-123456"}
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def config(fake_url: str, store_url: str, prefix: str, *, extra_store: str = "") -> str:
+    return f"""
+server: {{default_target: up}}
+store: {{url: "{store_url}", key_prefix: "{prefix}"{extra_store}}}
+tenants:
+  - name: acme
+    api_key: acme-key-123456
+    rate_limit: {{rpm: 600, burst: 5}}
+targets:
+  up:
+    base_url: {fake_url}/v1
+    provider: openai
+    models: ["gpt-*"]
+    auth: {{type: none}}
+    cache: {{ttl_s: 60}}
+    idempotency: {{wait_s: 10}}
+  rest:
+    base_url: {fake_url}/api
+    auth: {{type: none}}
+    cache: {{ttl_s: 60}}
+"""
+
+
+async def start(cli: CLI, name: str, text: str) -> Gateway:
+    cli.write(name, text)
+    port = free_port()
+    gw = cli.start("--config", name, "--port", str(port), port=port)
+    await asyncio.to_thread(gw.wait_healthy)
+    return gw
+
+
+def url(gw: Gateway, path: str) -> str:
+    return f"http://127.0.0.1:{gw.port}{path}"
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def redis_prefix():
+    store = await redis_store(new_prefix())  # skips (or fails in CI) when Redis is down
+    prefix = store._prefix.rstrip(":")
+    yield prefix
+    await drop(store)
+
+
+async def test_a_rate_limit_is_global_across_two_instances(cli, fake: FakeUpstream, http, redis_prefix):
+    text = config(fake.url, REDIS_URL, redis_prefix)
+    one, two = await start(cli, "one.yaml", text), await start(cli, "two.yaml", text)
+    statuses = []
+    for gw in (one, two, one, two, one, two):  # burst 5 shared: the sixth is refused, on whichever instance
+        async with http.get(url(gw, "/t/rest/ping"), headers={**TENANT, "Cache-Control": "no-store"}) as resp:
+            statuses.append(resp.status)
+            last = resp
+    assert statuses == [200, 200, 200, 200, 200, 429]
+    assert int(last.headers["Retry-After"]) >= 1 and last.headers["X-RateLimit-Remaining"] == "0"
+    assert len(fake.requests) == 5
+
+
+async def test_ten_duplicates_across_two_instances_make_one_upstream_call(cli, fake: FakeUpstream, http, redis_prefix):
+    text = config(fake.url, REDIS_URL, redis_prefix).replace("burst: 5", "burst: 100")
+    one, two = await start(cli, "one.yaml", text), await start(cli, "two.yaml", text)
+    fake.plan(Fault(delay_ms=400))
+    headers = {**TENANT, "Idempotency-Key": "order-42", "Cache-Control": "no-store"}
+
+    async def call(gw: Gateway) -> tuple[int, bytes]:
+        async with http.post(url(gw, "/v1/chat/completions"), json=CHAT, headers=headers) as resp:
+            return resp.status, await resp.read()
+
+    results = await asyncio.gather(*(call(one if i % 2 else two) for i in range(10)))
+    assert [status for status, _ in results] == [200] * 10
+    assert len({body for _, body in results}) == 1
+    assert len(fake.requests) == 1
+    status, body = await call(two)  # and later: a replay, still one call
+    assert (status, body) == results[0] and len(fake.requests) == 1
+
+
+async def test_a_stream_duplicated_on_another_instance_receives_the_same_bytes(cli, fake, http, redis_prefix):
+    text = config(fake.url, REDIS_URL, redis_prefix)
+    one, two = await start(cli, "one.yaml", text), await start(cli, "two.yaml", text)
+    fake.plan(Fault(chunks=6, interval_ms=80))
+    headers = {**TENANT, "Idempotency-Key": "stream-7", "Cache-Control": "no-store"}
+    body = {**CHAT, "stream": True}
+
+    async def call(gw: Gateway, delay: float) -> bytes:
+        await asyncio.sleep(delay)
+        async with http.post(url(gw, "/v1/chat/completions"), json=body, headers=headers) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+            return await resp.read()
+
+    first, second = await asyncio.gather(call(one, 0), call(two, 0.15))  # joins while the first streams
+    assert first == second and first.rstrip().endswith(b"data: [DONE]")
+    assert len(fake.requests) == 1
+
+
+async def test_a_cache_entry_written_by_one_instance_is_a_hit_on_the_other(cli, fake, http, redis_prefix):
+    text = config(fake.url, REDIS_URL, redis_prefix)
+    one, two = await start(cli, "one.yaml", text), await start(cli, "two.yaml", text)
+    async with http.get(url(one, "/t/rest/users/1"), headers=TENANT) as resp:
+        assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
+        written = await resp.read()
+    async with http.get(url(two, "/t/rest/users/1"), headers=TENANT) as resp:
+        assert resp.status == 200 and resp.headers["X-Cache"] == "HIT" and resp.headers["X-Cached"] == "true"
+        assert await resp.read() == written
+    assert len(fake.requests) == 1
+
+
+# ---------------------------------------------------------------- Redis stopped mid-run
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port, to stop and start at will."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip() != b"PONG":
+            assert time.monotonic() < deadline, "private redis-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def private_redis():
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        unavailable("redis-server is not installed: cannot stop and restart a Redis of our own")
+    redis = PrivateRedis()
+    redis.start()
+    yield redis
+    redis.stop()
+
+
+async def poll(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.1)
+
+
+async def test_redis_down_degrades_as_specified_and_everything_recovers(cli, fake, http, private_redis):
+    prefix = new_prefix()
+    strict = await start(cli, "strict.yaml", config(fake.url, private_redis.url, prefix))  # defaults: fail closed, local limits
+    lenient = await start(cli, "lenient.yaml", config(
+        fake.url, private_redis.url, prefix, extra_store=", fail_open: true, rate_limit_on_error: deny"))
+
+    async def get(gw: Gateway, path: str, **kw) -> tuple[int, dict, dict]:
+        async with http.get(url(gw, path), **kw) as resp:
+            return resp.status, dict(resp.headers), await resp.json(content_type=None)
+
+    async def post(gw: Gateway, key: str | None) -> tuple[int, dict, dict]:
+        headers = {**TENANT, "Cache-Control": "no-store", **({"Idempotency-Key": key} if key else {})}
+        async with http.post(url(gw, "/v1/chat/completions"), json=CHAT, headers=headers) as resp:
+            return resp.status, dict(resp.headers), await resp.json()
+
+    # healthy: cache and idempotency work through Redis
+    assert (await get(strict, "/readyz"))[0] == 200
+    assert (await get(strict, "/t/rest/a", headers=TENANT))[1]["X-Cache"] == "MISS"
+    assert (await get(strict, "/t/rest/a", headers=TENANT))[1]["X-Cache"] == "HIT"
+    assert (await post(strict, "before"))[0] == 200
+    calls = len(fake.requests)
+
+    private_redis.stop()
+
+    status, _, body = await get(strict, "/readyz")
+    assert status == 503 and body["status"] == "not_ready" and "store unavailable" in body["reason"]
+    # cache: pass-through
+    status, headers, _ = await get(strict, "/t/rest/a", headers=TENANT)
+    assert status == 200 and headers["X-Cache"] == "BYPASS" and len(fake.requests) == calls + 1
+    # idempotency: fails closed with a clear 503 by default …
+    status, headers, body = await post(strict, "during")
+    assert status == 503 and body["error"]["code"] == "store_unavailable"
+    assert "idempotency" in body["error"]["message"] and headers["Retry-After"] == "1"
+    # … requests without a key are served, and the rate limit keeps limiting per instance (local)
+    status, headers, _ = await post(strict, None)
+    assert status == 200 and "RateLimit" in headers
+    # store.fail_open: the keyed request runs; rate_limit_on_error: deny refuses limited requests
+    status, _, body = await post(lenient, "during")
+    assert status == 503 and body["error"]["code"] == "store_unavailable" and "rate limit" in body["error"]["message"]
+    lenient_no_limit = config(fake.url, private_redis.url, prefix, extra_store=", fail_open: true").replace(
+        "    rate_limit: {rpm: 600, burst: 5}\n", "")
+    open_gw = await start(cli, "open.yaml", lenient_no_limit)
+    assert (await post(open_gw, "during"))[0] == 200
+    assert (await get(open_gw, "/readyz"))[0] == 503
+
+    private_redis.start()  # same port: every gateway reconnects by itself
+
+    async def ready() -> bool:
+        return (await get(strict, "/readyz"))[0] == 200
+
+    await poll(ready)
+    status, headers, _ = await get(strict, "/t/rest/b", headers=TENANT)
+    assert status == 200 and headers["X-Cache"] == "MISS"
+    assert (await get(lenient, "/t/rest/b", headers=TENANT))[1]["X-Cache"] == "HIT"
+    first = await post(strict, "after")
+    again = await post(lenient, "after")
+    assert first[0] == again[0] == 200 and again[1].get("Idempotent-Replayed") == "true" and first[2] == again[2]
+
+    for gw in (strict, lenient, open_gw):
+        assert gw.proc.poll() is None, gw.output  # nothing crashed
+        assert_no_traceback(gw.stderr + gw.stdout)
+    assert any("store" in m and "unavailable" in m for m in strict.messages())  # the degradation was logged
