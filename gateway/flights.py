@@ -190,6 +190,21 @@ class Flights:
                 return None
         return raw
 
+    async def join(self, key: str, fp: str, lock_ttl_s: float) -> Lead | Entry | bytes:
+        """In one round trip: the lead (the key was free and is now ours), the stored entry,
+        or the lock of the flight that runs (to ``follow``)."""
+        token = os.urandom(8).hex()
+        lock = b"L" + token.encode() + b" " + fp.encode()
+        held = await self.store.claim(key, lock, lock_ttl_s)
+        if held is None:
+            return Lead(self, key, lock, token, fp, lock_ttl_s)
+        if held[:1] == b"D":
+            try:
+                return _decode_entry(held[1:])
+            except msgspec.DecodeError:  # not ours to read (another version): treat as running
+                return held
+        return held
+
     async def claim(self, key: str, fp: str, lock_ttl_s: float, *, force: bool = False) -> Lead | None:
         """Become the leader for ``key``; None when another flight or an entry holds it.
         ``force`` takes it regardless (a cache refresh: the old entry is replaced)."""
@@ -431,13 +446,13 @@ class Lead:
         left = ttl_s - (self.flights.now() - self.started)
         store = self.flights.store
         try:
-            if left > 0 and await store.compare_and_set(self.key, self.lock, b"D" + _encode(entry), left):
-                await store.publish(self.key, b"done")
+            if left > 0 and await store.compare_and_set(
+                self.key, self.lock, b"D" + _encode(entry), left, notify=self.key,
+            ):
                 return
             if left > 0:
                 log.warning("%s: lock expired before the answer was stored (not stored)", self.flights.namespace)
-            await store.compare_and_delete(self.key, self.lock)
-            await store.publish(self.key, b"released")
+            await store.compare_and_delete(self.key, self.lock, notify=self.key)
         except StoreError as e:
             log.warning("%s: answer not stored: %s", self.flights.namespace, e)
 
@@ -445,8 +460,7 @@ class Lead:
         await self._drain()
         store = self.flights.store
         try:
-            await store.compare_and_delete(self.key, self.lock)
-            await store.publish(self.key, b"released")
+            await store.compare_and_delete(self.key, self.lock, notify=self.key)
         except StoreError as e:  # the lock expires by itself
             log.warning("%s: release failed: %s", self.flights.namespace, e)
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from aiohttp import hdrs
 
 from gateway.errors import GatewayError
-from gateway.flights import Entry, Flights, KeyMismatch, StillRunning, replay
+from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.headers import X_CACHE, X_CACHED
 from gateway.store import StoreError
 from policies.idempotency import canonical_body
@@ -125,16 +125,17 @@ def policy(rt: Runtime) -> Policy | None:
                 lead = await flights.claim(key, "", _LOCK_TTL_S, force=True)
             else:
                 for _ in range(3):
-                    found = await flights.lookup(key)
+                    if "only-if-cached" in directives:
+                        found = await flights.lookup(key)  # a read, never a claim
+                        if not isinstance(found, Entry):
+                            raise NotCached("not in the cache (Cache-Control: only-if-cached)", target=ex.target.name)
+                    else:
+                        found = await flights.join(key, "", _LOCK_TTL_S)
+                    if isinstance(found, Lead):
+                        lead = found
+                        break
                     if isinstance(found, Entry):
                         return _hit(ex, replay(found), clock.time() - found.created)
-                    if "only-if-cached" in directives:
-                        raise NotCached("not in the cache (Cache-Control: only-if-cached)", target=ex.target.name)
-                    if found is None:
-                        lead = await flights.claim(key, "", _LOCK_TTL_S)
-                        if lead is not None:
-                            break
-                        continue
                     try:
                         reply = await flights.follow(key, found, "", wait_s=_WAIT_S, idle_s=ex.target.idle_timeout_s)
                     except (KeyMismatch, StillRunning):

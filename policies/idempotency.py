@@ -32,7 +32,7 @@ import msgspec
 from multidict import CIMultiDict
 
 from gateway.errors import IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
-from gateway.flights import Entry, Flights, KeyMismatch, StillRunning, replay
+from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.headers import IDEMPOTENCY_KEYS, X_CACHED
 from gateway.store import StoreError
 
@@ -149,16 +149,14 @@ def policy(rt: Runtime) -> Policy | None:
         lead = None
         try:
             for _ in range(_FOLLOW_ROUNDS):
-                found = await flights.lookup(store_key)
+                found = await flights.join(store_key, fp, cfg.lock_ttl_s)
+                if isinstance(found, Lead):
+                    lead = found
+                    break
                 if isinstance(found, Entry):
                     if found.fp != fp:
                         raise KeyMismatch()
                     return _replayed(ex, replay(found))
-                if found is None:
-                    lead = await flights.claim(store_key, fp, cfg.lock_ttl_s)
-                    if lead is not None:
-                        break
-                    continue  # someone else claimed it first: follow them
                 reply = await flights.follow(store_key, found, fp, wait_s=cfg.wait_s, idle_s=ex.target.idle_timeout_s)
                 if reply is not None:
                     return _replayed(ex, reply)

@@ -110,6 +110,35 @@ async def test_set_nx_claim_frees_after_its_ttl(store: Store, advance) -> None:
     assert await store.set_nx("lock", b"new", ttl_s=5)  # takeover of a dead holder's lock
 
 
+async def test_claim_takes_a_free_key_or_returns_what_holds_it(store: Store, advance) -> None:
+    assert await store.claim("k", b"mine", ttl_s=0.4) is None
+    assert await store.get("k") == b"mine"
+    assert await store.claim("k", b"theirs", ttl_s=0.4) == b"mine"
+    await advance(0.5)
+    assert await store.claim("k", b"theirs", ttl_s=10) is None
+    assert await store.get("k") == b"theirs"
+
+
+async def test_claim_one_winner_among_50_concurrent(store: Store) -> None:
+    results = await asyncio.gather(*(store.claim("k", str(i).encode(), ttl_s=10) for i in range(50)))
+    winners = [i for i, r in enumerate(results) if r is None]
+    assert len(winners) == 1
+    assert all(r == str(winners[0]).encode() for r in results if r is not None)
+
+
+async def test_fenced_writes_announce_themselves_only_when_they_happen(store: Store) -> None:
+    await store.set("k", b"lock-a", ttl_s=10)
+    async with store.subscribe("k-ch") as sub:
+        assert not await store.compare_and_set("k", b"lock-b", b"x", 10, notify="k-ch")
+        assert not await store.compare_and_delete("k", b"lock-b", notify="k-ch")
+        assert await sub.get(0.1) is None
+        assert await store.compare_and_set("k", b"lock-a", b"lock-a2", 10, notify="k-ch")
+        assert await sub.get(2) == b"done"
+        assert await store.compare_and_delete("k", b"lock-a2", notify="k-ch")
+        assert await sub.get(2) == b"released"
+    assert await store.get("k") is None
+
+
 async def test_compare_and_delete_only_with_the_right_token(store: Store) -> None:
     await store.set("lock", b"mine")
     assert not await store.compare_and_delete("lock", b"theirs")

@@ -132,16 +132,25 @@ class Store(abc.ABC):
         """Atomic claim: True if the key was absent and now holds ``value``."""
 
     @abc.abstractmethod
+    async def claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        """``set_nx`` and, when the key is taken, its current value — in one atomic step
+        (one round trip): None means the key is now ours."""
+
+    @abc.abstractmethod
     async def delete(self, key: str) -> None: ...
 
     @abc.abstractmethod
-    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
-        """Delete only if the current value is ``expected`` (lock release by its token holder)."""
+    async def compare_and_delete(self, key: str, expected: bytes, *, notify: str | None = None) -> bool:
+        """Delete only if the current value is ``expected`` (lock release by its token holder).
+        With ``notify``, a successful delete also publishes ``b"released"`` there, atomically."""
 
     @abc.abstractmethod
-    async def compare_and_set(self, key: str, expected: bytes, value: bytes, ttl_s: float | None) -> bool:
+    async def compare_and_set(
+        self, key: str, expected: bytes, value: bytes, ttl_s: float | None, *, notify: str | None = None,
+    ) -> bool:
         """Replace only if the current value is ``expected`` (a fenced write by the
-        token holder); ``ttl_s`` applies to the new value as in ``set``."""
+        token holder); ``ttl_s`` applies to the new value as in ``set``. With ``notify``, a
+        successful write also publishes ``b"done"`` there, atomically."""
 
     @abc.abstractmethod
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:

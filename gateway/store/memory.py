@@ -105,21 +105,34 @@ class MemoryStore(Store):
         self._put(key, value, self._deadline(ttl_s))
         return True
 
+    async def claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        entry = self._typed(key, bytes)
+        if entry is not None:
+            return entry[0]  # type: ignore[return-value]
+        self._put(key, value, self._deadline(ttl_s))
+        return None
+
     async def delete(self, key: str) -> None:
         self._data.pop(key, None)
 
-    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+    async def compare_and_delete(self, key: str, expected: bytes, *, notify: str | None = None) -> bool:
         entry = self._typed(key, bytes)
         if entry is None or entry[0] != expected:
             return False
         del self._data[key]
+        if notify is not None:
+            await self.publish(notify, b"released")
         return True
 
-    async def compare_and_set(self, key: str, expected: bytes, value: bytes, ttl_s: float | None) -> bool:
+    async def compare_and_set(
+        self, key: str, expected: bytes, value: bytes, ttl_s: float | None, *, notify: str | None = None,
+    ) -> bool:
         entry = self._typed(key, bytes)
         if entry is None or entry[0] != expected:
             return False
         self._put(key, value, self._deadline(ttl_s))
+        if notify is not None:
+            await self.publish(notify, b"done")
         return True
 
     # -- counters --------------------------------------------------------------

@@ -33,16 +33,27 @@ _CONNECT_TIMEOUT_S = 1.0
 _SOCKET_TIMEOUT_S = 2.0
 _HEALTH_CHECK_S = 15  # PING an idle pooled/pub-sub connection before trusting it again
 
+# ARGV: expected, channel or ''.
 _COMPARE_AND_DELETE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], 'released') end
+return 1
 """
 
+# ARGV: expected, value, ttl ms or '', channel or ''.
 _COMPARE_AND_SET = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
 else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], 'done') end
 return 1
+"""
+
+# ARGV: value, ttl ms. Nil when claimed, else the value that holds the key.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return false end
+return redis.call('GET', KEYS[1])
 """
 
 # ARGV: command (INCRBY | INCRBYFLOAT | HINCRBYFLOAT), ttl ms or '', command arguments.
@@ -131,6 +142,7 @@ class RedisStore(Store):
         self._counter = self._client.register_script(_COUNTER)
         self._gcra = self._client.register_script(_GCRA)
         self._append = self._client.register_script(_APPEND)
+        self._claim = self._client.register_script(_CLAIM)
         self._hub = ChannelHub(self._client, anchor=self._prefix + "__store_anchor__", error=self._error)
 
     @property
@@ -167,18 +179,26 @@ class RedisStore(Store):
         with self._wrap_errors("set_nx"):
             return bool(await self._client.set(self._k(key), value, px=_ms(ttl_s), nx=True))
 
+    async def claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        with self._wrap_errors("claim"):
+            return await self._claim(keys=[self._k(key)], args=[value, _ms(ttl_s)])
+
     async def delete(self, key: str) -> None:
         with self._wrap_errors("delete"):
             await self._client.delete(self._k(key))
 
-    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+    async def compare_and_delete(self, key: str, expected: bytes, *, notify: str | None = None) -> bool:
+        channel = "" if notify is None else self._k(notify)
         with self._wrap_errors("compare_and_delete"):
-            return bool(await self._cad(keys=[self._k(key)], args=[expected]))
+            return bool(await self._cad(keys=[self._k(key)], args=[expected, channel]))
 
-    async def compare_and_set(self, key: str, expected: bytes, value: bytes, ttl_s: float | None) -> bool:
+    async def compare_and_set(
+        self, key: str, expected: bytes, value: bytes, ttl_s: float | None, *, notify: str | None = None,
+    ) -> bool:
         ttl = "" if ttl_s is None else _ms(ttl_s)
+        channel = "" if notify is None else self._k(notify)
         with self._wrap_errors("compare_and_set"):
-            return bool(await self._cas(keys=[self._k(key)], args=[expected, value, ttl]))
+            return bool(await self._cas(keys=[self._k(key)], args=[expected, value, ttl, channel]))
 
     # -- counters --------------------------------------------------------------
 
