@@ -57,6 +57,21 @@ async def run_rps(a) -> dict:
     status_err = 0
     n_ok = 0
     max_requests = a.max_requests
+    headers = dict(HEADERS)
+    if a.tenant_key:
+        headers["Authorization"] = f"Bearer {a.tenant_key}"
+    seq = iter(range(10**12))
+    tag = f"{time.time_ns():x}"
+
+    def request() -> tuple[bytes, dict]:
+        """Every request the same (cacheable), or each one new: its own idempotency key and
+        body, so every policy misses and writes (the stateful pipeline's worst case)."""
+        if not a.unique:
+            return BODY, headers
+        n = next(seq)
+        body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi %s-%d"}]}' % (tag.encode(), n)
+        return body, {**headers, "Idempotency-Key": f"{tag}-{n}"}
+
     async with session(a.concurrency) as s:
         t_start = time.perf_counter()
         deadline = t_start + a.duration
@@ -68,8 +83,9 @@ async def run_rps(a) -> dict:
                 t0 = pc()
                 if t0 >= deadline or len(lat_us) + status_err >= max_requests:
                     return
+                body, hdrs = request()
                 try:
-                    async with s.post(a.url, data=BODY, headers=HEADERS) as r:
+                    async with s.post(a.url, data=body, headers=hdrs) as r:
                         await r.read()
                         ok = r.status == 200
                 except Exception as e:  # noqa: BLE001 - counted and reported
@@ -233,6 +249,8 @@ def main() -> None:
     r.add_argument("--duration", type=float, default=10)
     r.add_argument("--max-requests", type=int, default=5_000_000)
     r.add_argument("--raw", action="store_true", help="include raw latencies (us)")
+    r.add_argument("--tenant-key", default=None, help="send this tenant key as the bearer token")
+    r.add_argument("--unique", action="store_true", help="a new idempotency key and body per request")
     t = sub.add_parser("ttfb")
     t.add_argument("--url", required=True, action="append", help="repeat to interleave targets")
     t.add_argument("--concurrency", type=int, default=8)

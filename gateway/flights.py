@@ -171,7 +171,7 @@ class Flights:
         self.now = now
         self.namespace = namespace
         self.tasks = tasks
-        self.local: dict[str, list[Any]] = {}  # key → [lock, Recording | GatewayError | None, started Event]
+        self.local: dict[str, list[Any]] = {}  # key → [lock, Future of the outcome: Recording | GatewayError]
 
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
@@ -228,13 +228,11 @@ class Flights:
         return await self._follow_store(key, lock, wait_s=wait_s, idle_s=idle_s)
 
     async def _follow_local(self, slot: list[Any], wait_s: float) -> Reply:
-        started: asyncio.Event = slot[2]
         try:
             async with asyncio.timeout(wait_s):
-                await started.wait()
+                outcome = await asyncio.shield(slot[1])
         except TimeoutError:
             raise StillRunning() from None
-        outcome = slot[1]
         if isinstance(outcome, GatewayError):
             raise outcome
         return outcome.reply()
@@ -315,10 +313,13 @@ class Lead:
         self.lock_ttl_s = lock_ttl_s
         self.started = flights.now()
         self.log_key = f"{key}:log:{token}"
-        self._slot: list[Any] = [lock, None, asyncio.Event()]
+        self._outcome: asyncio.Future[Recording | GatewayError] = asyncio.get_running_loop().create_future()
+        self._slot: list[Any] = [lock, self._outcome]
+        self._beat: asyncio.TimerHandle | None = None
         self._pending: list[bytes] = []
         self._flushing: asyncio.Task[None] | None = None
         self._mirror = True
+        self._finished = False  # finished: no more lock renewals
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
@@ -330,28 +331,27 @@ class Lead:
         task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
         flights.tasks.add(task)
         task.add_done_callback(flights.tasks.discard)
-        started: asyncio.Event = self._slot[2]
-        await asyncio.shield(started.wait())
-        outcome = self._slot[1]
+        outcome = await asyncio.shield(self._outcome)  # a disconnect cancels this wait, not the work
         if isinstance(outcome, GatewayError):
             raise outcome
         assert isinstance(outcome, Recording)
         return outcome.reply()
 
     async def _run(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
-        beat = asyncio.ensure_future(self._heartbeat())
+        self._schedule_beat()
         try:
             await self._lead(work, storable, ttl_s, max_bytes)
         except Exception:
             log.exception("%s: leader failed", self.flights.namespace)
             await self._release()
         finally:
-            beat.cancel()
+            self._finished = True
+            if self._beat is not None:
+                self._beat.cancel()
             if self.flights.local.get(self.key) is self._slot:
                 del self.flights.local[self.key]
-            if not self._slot[2].is_set():  # a bug or a cancellation: never leave followers hanging
-                self._slot[1] = errors.InternalError("internal error")
-                self._slot[2].set()
+            if not self._outcome.done():  # a bug or a cancellation: never leave followers hanging
+                self._outcome.set_result(errors.InternalError("internal error"))
 
     async def _lead(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
         try:
@@ -409,8 +409,8 @@ class Lead:
             await self._release()
 
     def _publish(self, outcome: Recording | GatewayError) -> None:
-        self._slot[1] = outcome
-        self._slot[2].set()
+        if not self._outcome.done():
+            self._outcome.set_result(outcome)
 
     # ---------------------------------------------------------------- store side
 
@@ -464,13 +464,21 @@ class Lead:
         except StoreError as e:  # the lock expires by itself
             log.warning("%s: release failed: %s", self.flights.namespace, e)
 
-    async def _heartbeat(self) -> None:
-        every = self.lock_ttl_s / 3
-        store = self.flights.store
-        while True:
-            await asyncio.sleep(every)
-            try:
-                if not await store.compare_and_set(self.key, self.lock, self.lock, self.lock_ttl_s):
-                    return  # taken over (we were presumed dead): the fenced write will refuse us
-            except StoreError:
-                pass
+    def _schedule_beat(self) -> None:
+        """Renew the lock every third of its TTL while the work runs: a timer, not a task, since
+        almost every request is done long before the first renewal is due."""
+        self._beat = asyncio.get_running_loop().call_later(self.lock_ttl_s / 3, self._beat_now)
+
+    def _beat_now(self) -> None:
+        task = asyncio.ensure_future(self._renew())
+        self.flights.tasks.add(task)
+        task.add_done_callback(self.flights.tasks.discard)
+
+    async def _renew(self) -> None:
+        try:
+            if not await self.flights.store.compare_and_set(self.key, self.lock, self.lock, self.lock_ttl_s):
+                return  # taken over (we were presumed dead): the fenced write will refuse us
+        except StoreError:
+            pass
+        if self._beat is not None and not self._finished:
+            self._schedule_beat()
