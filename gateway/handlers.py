@@ -244,7 +244,7 @@ def _access_fields(
             "ts": None, "level": "info", "request_id": request_id, "tenant": None, "target": None, "kind": None,
             "route": route, "method": request.method, "status": status, "stream": False, "model": None,
             "outcome": "error", "error_code": error.code if error else None, "upstream_status": None,
-            "attempts": 0, "latency_ms": latency_ms, "ttft_ms": None,
+            "attempts": 0, "latency_ms": latency_ms, "ttft_ms": None, "cache_hit": False, "idempotent_hit": False,
         }
     if error is not None:
         result, code = "error", error.code
