@@ -122,7 +122,7 @@ class Limiter:
         self.store = store
         self.now = now
         self.on_error = on_error
-        self.local = MemoryStore()  # per-instance limits while the shared store is down
+        self.local = MemoryStore(clock=now)  # per-instance limits while the shared store is down
         self._logged_at = -_LOG_EVERY_S
 
     async def check(self, ex: Exchange, limits: Limits, who: str) -> dict[str, str]:
@@ -138,7 +138,9 @@ class Limiter:
             quantity = estimate_tokens(ex)
             result = await self._take("rlt:" + who, limits.tokens, quantity)
             if result is not None:
-                if shown is None or not result.allowed or result.remaining < shown[1].remaining:
+                # show whichever limit is nearer exhaustion (as a share: the units differ)
+                if shown is None or not result.allowed or \
+                        result.remaining / result.limit < shown[1].remaining / shown[1].limit:
                     shown = (limits.tokens, result)
                 if not result.allowed:
                     raise self._refusal(limits, shown, f"tokens ({quantity} estimated)")

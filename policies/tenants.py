@@ -5,10 +5,10 @@ proxied request carries a tenant key — ``Authorization: Bearer <key>`` (the Op
 SDK's ``api_key``) or ``X-API-Key: <key>`` (the Anthropic SDK, the seed) — and the key
 never goes further: the upstream only ever sees the target's own credential.
 
-Keys are configured literally, from an environment variable, or as SHA-256 only; in
-memory the gateway keeps nothing but the digests. A presented key is hashed and the
-digest compared with ``hmac.compare_digest``, so how long a check takes says nothing
-about how close a wrong key was.
+Keys are configured literally, from an environment variable, or as SHA-256 only; the
+lookup table holds nothing but digests. A presented key is hashed and the digest
+compared with ``hmac.compare_digest``, so how long a check takes says nothing about how
+close a wrong key was.
 
 ``authenticate`` runs in the handler before the body is read (an unknown caller costs
 no upload); the request policy here checks ``allowed_targets`` / ``allowed_models``
@@ -63,7 +63,8 @@ class Tenant:
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    # aiohttp decodes header bytes with surrogateescape: a key that is not UTF-8 hashes as its bytes
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 class Tenants:
