@@ -205,16 +205,21 @@ class Flights:
                 return held
         return held
 
-    async def claim(self, key: str, fp: str, lock_ttl_s: float, *, force: bool = False) -> Lead | None:
+    async def claim(
+        self, key: str, fp: str, lock_ttl_s: float, *, force: bool = False, entry_key: str | None = None,
+    ) -> Lead | None:
         """Become the leader for ``key``; None when another flight or an entry holds it.
-        ``force`` takes it regardless (a cache refresh: the old entry is replaced)."""
+        ``force`` takes it regardless. ``entry_key``: store the answer there rather than under
+        the lock (a cache refresh: the old entry serves until a good new one replaces it)."""
         token = os.urandom(8).hex()
         lock = b"L" + token.encode() + b" " + fp.encode()
         if force:
             await self.store.set(key, lock, lock_ttl_s)
         elif not await self.store.set_nx(key, lock, lock_ttl_s):
             return None
-        return Lead(self, key, lock, token, fp, lock_ttl_s)
+        lead = Lead(self, key, lock, token, fp, lock_ttl_s)
+        lead.entry_key = entry_key
+        return lead
 
     async def follow(self, key: str, lock: bytes, fp: str, *, wait_s: float, idle_s: float) -> Reply | None:
         """Wait for the flight holding ``lock`` and return its answer; None when it ended
@@ -320,6 +325,7 @@ class Lead:
         self._flushing: asyncio.Task[None] | None = None
         self._mirror = True
         self._finished = False  # finished: no more lock renewals
+        self.entry_key: str | None = None  # store the answer here, not under the lock (claim)
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
@@ -446,6 +452,11 @@ class Lead:
         left = ttl_s - (self.flights.now() - self.started)
         store = self.flights.store
         try:
+            if self.entry_key is not None:
+                if left > 0:
+                    await store.set(self.entry_key, b"D" + _encode(entry), left)
+                await store.compare_and_delete(self.key, self.lock, notify=self.key)
+                return
             if left > 0 and await store.compare_and_set(
                 self.key, self.lock, b"D" + _encode(entry), left, notify=self.key,
             ):

@@ -32,7 +32,7 @@ from aiohttp import hdrs
 
 from gateway.errors import GatewayError
 from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
-from gateway.headers import X_CACHE, X_CACHED
+from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED
 from gateway.store import StoreError
 from policies.idempotency import canonical_body
 
@@ -68,7 +68,7 @@ def cacheable(ex: Exchange) -> bool:
 
 
 def storable(reply: Reply) -> bool:
-    if not 200 <= reply.status < 300:
+    if not 200 <= reply.status < 300 or reply.failure is not None:  # (a 200 stream led by an error event)
         return False
     directives = _directives(reply.headers)
     return "no-store" not in directives and "private" not in directives
@@ -77,11 +77,33 @@ def storable(reply: Reply) -> bool:
 def cache_key(flights: Flights, ex: Exchange) -> str:
     h = hashlib.sha256()
     query = "&".join(sorted(ex.query.split("&"))) if ex.query else ""
-    for part in (ex.method, ex.rel_path, query, ex.headers.get(hdrs.ACCEPT, "")):
+    headers = ex.headers
+    # Accept-Encoding too: bodies are stored as the upstream encoded them, and a client that did
+    # not ask for gzip must never be served gzip
+    encoding = headers.get(hdrs.ACCEPT_ENCODING, "identity").replace(" ", "").lower()
+    for part in (ex.method, ex.rel_path, query, headers.get(hdrs.ACCEPT, ""), encoding):
         h.update(part.encode())
         h.update(b"\0")
-    h.update(canonical_body(ex))
-    return flights.key(ex.tenant or "-", ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
+    h.update(canonical_body(ex, strict=False))
+    return flights.key(_scope(ex), ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
+
+
+def _scope(ex: Exchange) -> str:
+    """Whose entry: the authenticated tenant; without tenants, on a target that forwards the
+    client's own credential, that credential (hashed) — two API keys never share an answer."""
+    if ex.tenant is not None:
+        return "t." + ex.tenant
+    if ex.target.credential.drops_client_credentials:
+        return "-"
+    h = hashlib.sha256()
+    for name in CREDENTIAL_HEADERS:
+        h.update(headers_value(ex, name))
+        h.update(b"\0")
+    return "c." + h.hexdigest()[:24]
+
+
+def headers_value(ex: Exchange, name: str) -> bytes:
+    return ex.headers.get(name, "").encode("utf-8", "surrogateescape")
 
 
 def policy(rt: Runtime) -> Policy | None:
@@ -121,8 +143,8 @@ def policy(rt: Runtime) -> Policy | None:
         key = cache_key(flights, ex)
         lead = None
         try:
-            if "no-cache" in directives:  # revalidate: run, and replace the entry
-                lead = await flights.claim(key, "", _LOCK_TTL_S, force=True)
+            if "no-cache" in directives:  # revalidate: run, and replace the entry only with a good answer
+                lead = await flights.claim(key + ":refresh", "", _LOCK_TTL_S, force=True, entry_key=key)
             else:
                 for _ in range(3):
                     if "only-if-cached" in directives:

@@ -103,8 +103,9 @@ def _without_key_field(body: bytes) -> bytes:
     return msgspec.json.encode(doc)
 
 
-def canonical_body(ex: Exchange) -> bytes:
-    """JSON bodies as canonical JSON (sorted keys, no whitespace); anything else as sent."""
+def canonical_body(ex: Exchange, *, strict: bool = True) -> bytes:
+    """JSON bodies as canonical JSON (sorted keys, no whitespace); anything else as sent.
+    ``strict``: a body that should be JSON (an LLM target's) and is not is a 400."""
     if not ex.body:
         return b""
     json_body = ex.target.kind == "llm" or "json" in ex.headers.get("Content-Type", "")
@@ -113,6 +114,8 @@ def canonical_body(ex: Exchange) -> bytes:
     try:
         return msgspec.json.encode(msgspec.json.decode(ex.body), order="sorted")
     except msgspec.DecodeError:
+        if not strict:
+            return ex.body
         raise InvalidRequest(
             "request body is not valid JSON; a request with an idempotency key must have a JSON body on this path",
             param="Idempotency-Key",
@@ -130,7 +133,7 @@ def fingerprint(ex: Exchange) -> str:
 
 
 def storable(reply: Reply) -> bool:
-    return reply.status < 500 and reply.status not in _NOT_STORED
+    return reply.status < 500 and reply.status not in _NOT_STORED and reply.failure is None
 
 
 def policy(rt: Runtime) -> Policy | None:
