@@ -43,6 +43,7 @@ log = logging.getLogger("reliapi")
 
 _LOG_TTL_S = 60.0  # a finished run's log outlives it briefly, for followers still reading
 _FLUSH_MAX = 256  # log items per store round trip
+_RECHECK_S = 1.0  # a follower re-reads the key at least this often
 
 
 class Entry(msgspec.Struct, array_like=True):
@@ -259,7 +260,7 @@ class Flights:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise StillRunning()
-                await sub.get(left)
+                await sub.get(min(left, _RECHECK_S))  # re-check now and then: a dead holder's lock expires silently
 
     def _from_log(self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float) -> Reply:
         head = _decode_item(items[0])

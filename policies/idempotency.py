@@ -86,15 +86,17 @@ def check_key(key: str, where: str) -> str:
 
 
 def request_key(ex: Exchange) -> str | None:
+    key = None
     for name in IDEMPOTENCY_KEYS:
         value = ex.headers.get(name)
         if value is not None:
-            return parse_key(value)
-    if ex.idempotency_key is not None:
-        key = check_key(ex.idempotency_key, "idempotency_key")
+            key = parse_key(value)
+            break
+    if ex.idempotency_key is not None:  # the field never goes upstream, whichever key wins
+        field = check_key(ex.idempotency_key, "idempotency_key")
         ex.body = _without_key_field(ex.body)
-        return key
-    return None
+        key = key or field
+    return key
 
 
 def _without_key_field(body: bytes) -> bytes:
@@ -133,7 +135,10 @@ def fingerprint(ex: Exchange) -> str:
 
 
 def storable(reply: Reply) -> bool:
-    return reply.status < 500 and reply.status not in _NOT_STORED and reply.failure is None
+    """Final answers: 2xx and 4xx but 408/409/429; not a 200 stream whose first event was an error."""
+    if reply.status >= 500 or reply.status in _NOT_STORED:
+        return False
+    return reply.status >= 400 or reply.failure is None
 
 
 def policy(rt: Runtime) -> Policy | None:

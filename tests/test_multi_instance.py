@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.cli_harness import CLI, Gateway, assert_no_traceback, free_port
-from tests.fakes import Fault, FakeUpstream
+from tests.fakes import FakeUpstream, Fault
 from tests.stores import REDIS_URL, drop, new_prefix, redis_store, unavailable
 
 TENANT = {"Authorization": "Bearer acme-key-123456"}
