@@ -18,14 +18,14 @@ import time
 
 import pytest
 import pytest_asyncio
-from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, StoreError, TakeResult, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
-from tests.stores import new_prefix
+from gateway.store.resp import ReplyError
+from tests.stores import drop, new_prefix
 from tests.stores import redis_store as _redis_store
 
 
@@ -380,12 +380,21 @@ async def test_unreachable_redis_raises_store_error_fast_without_password() -> N
 async def test_redis_errors_are_translated_and_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     store = RedisStore("redis://:hunter2@127.0.0.1:6379/0", key_prefix="x")
 
-    async def failing_get(key: str) -> None:
-        raise AuthenticationError("server said: hunter2 is wrong")
+    async def failing(*args: object) -> None:
+        raise ReplyError("WRONGPASS server said: hunter2 is wrong")
 
-    monkeypatch.setattr(store._client, "get", failing_get)
-    with pytest.raises(StoreError, match=r"redis get failed: AuthenticationError: server said: \*\*\* is wrong"):
+    monkeypatch.setattr(store, "_run", failing)
+    with pytest.raises(StoreError, match=r"redis get failed: ReplyError: WRONGPASS server said: \*\*\* is wrong"):
         await store.get("k")
+    await store.close()
+
+
+async def test_a_redis_that_refuses_the_password_is_a_store_error_without_it() -> None:
+    await drop(await _redis_store(new_prefix()))  # skips (fails in CI) without Redis
+    store = RedisStore("redis://:hunter2@127.0.0.1:6379/0", key_prefix="x")
+    with pytest.raises(StoreError) as info:
+        await store.get("k")
+    assert "hunter2" not in str(info.value) and "AUTH" in str(info.value)
     await store.close()
 
 

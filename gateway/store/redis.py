@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from gateway.store.base import Store, StoreError, Subscription, TakeResult, gcra_params, gcra_result
 from gateway.store.redis_pubsub import ChannelHub
+from gateway.store.resp import ReplyError, RespClient, Script
 
 _CONNECT_TIMEOUT_S = 1.0
 _SOCKET_TIMEOUT_S = 2.0
@@ -137,12 +138,16 @@ class RedisStore(Store):
             health_check_interval=_HEALTH_CHECK_S,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1),
         )
-        self._cad = self._client.register_script(_COMPARE_AND_DELETE)
-        self._cas = self._client.register_script(_COMPARE_AND_SET)
-        self._counter = self._client.register_script(_COUNTER)
-        self._gcra = self._client.register_script(_GCRA)
-        self._append = self._client.register_script(_APPEND)
-        self._claim = self._client.register_script(_CLAIM)
+        # commands go over one pipelined connection of our own (gateway.store.resp); redis-py
+        # carries only the pub/sub connection
+        self._resp = RespClient(url, connect_timeout_s=_CONNECT_TIMEOUT_S, timeout_s=_SOCKET_TIMEOUT_S)
+        self._run = self._resp.execute
+        self._cad = Script(self._resp, _COMPARE_AND_DELETE)
+        self._cas = Script(self._resp, _COMPARE_AND_SET)
+        self._counter = Script(self._resp, _COUNTER)
+        self._gcra = Script(self._resp, _GCRA)
+        self._append = Script(self._resp, _APPEND)
+        self._claim = Script(self._resp, _CLAIM)
         self._hub = ChannelHub(self._client, anchor=self._prefix + "__store_anchor__", error=self._error)
 
     @property
@@ -162,22 +167,25 @@ class RedisStore(Store):
     def _wrap_errors(self, op: str) -> Iterator[None]:
         try:
             yield
-        except (RedisError, OSError) as exc:  # OSError covers socket errors and TimeoutError
+        except (RedisError, ReplyError, OSError) as exc:  # OSError: socket errors, ConnectionError, TimeoutError
             raise self._error(op, exc) from exc
 
     # -- key/value -------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
         with self._wrap_errors("get"):
-            return await self._client.get(self._k(key))
+            return await self._run("GET", self._k(key))
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         with self._wrap_errors("set"):
-            await self._client.set(self._k(key), value, px=None if ttl_s is None else _ms(ttl_s))
+            if ttl_s is None:
+                await self._run("SET", self._k(key), value)
+            else:
+                await self._run("SET", self._k(key), value, "PX", _ms(ttl_s))
 
     async def set_nx(self, key: str, value: bytes, ttl_s: float) -> bool:
         with self._wrap_errors("set_nx"):
-            return bool(await self._client.set(self._k(key), value, px=_ms(ttl_s), nx=True))
+            return await self._run("SET", self._k(key), value, "PX", _ms(ttl_s), "NX") is not None
 
     async def claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
         with self._wrap_errors("claim"):
@@ -185,7 +193,7 @@ class RedisStore(Store):
 
     async def delete(self, key: str) -> None:
         with self._wrap_errors("delete"):
-            await self._client.delete(self._k(key))
+            await self._run("DEL", self._k(key))
 
     async def compare_and_delete(self, key: str, expected: bytes, *, notify: str | None = None) -> bool:
         channel = "" if notify is None else self._k(notify)
@@ -218,8 +226,8 @@ class RedisStore(Store):
 
     async def hgetall(self, key: str) -> dict[str, float]:
         with self._wrap_errors("hgetall"):
-            raw = await self._client.hgetall(self._k(key))
-        return {field.decode(): float(value) for field, value in raw.items()}
+            raw = await self._run("HGETALL", self._k(key))
+        return {raw[i].decode(): float(raw[i + 1]) for i in range(0, len(raw), 2)}
 
     # -- lists ---------------------------------------------------------------------
 
@@ -230,7 +238,7 @@ class RedisStore(Store):
 
     async def range(self, key: str, start: int = 0) -> list[bytes]:
         with self._wrap_errors("range"):
-            return await self._client.lrange(self._k(key), start, -1)
+            return await self._run("LRANGE", self._k(key), start, -1)
 
     async def take(
         self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None
@@ -248,7 +256,8 @@ class RedisStore(Store):
         pattern, cursor = _glob_escape(self._k(prefix)) + "*", 0
         while True:
             with self._wrap_errors("scan"):
-                cursor, keys = await self._client.scan(cursor, match=pattern, count=500)
+                raw_cursor, keys = await self._run("SCAN", cursor, "MATCH", pattern, "COUNT", 500)
+            cursor = int(raw_cursor)
             yield keys
             if cursor == 0:
                 return
@@ -263,14 +272,14 @@ class RedisStore(Store):
         async for page in self._scan_pages(prefix):
             if page:
                 with self._wrap_errors("delete_prefix"):
-                    deleted += await self._client.unlink(*page)
+                    deleted += await self._run("UNLINK", *page)
         return deleted
 
     # -- notification ----------------------------------------------------------
 
     async def publish(self, channel: str, message: bytes) -> None:
         with self._wrap_errors("publish"):
-            await self._client.publish(self._k(channel), message)
+            await self._run("PUBLISH", self._k(channel), message)
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
         return self._hub.subscribe(self._k(channel))
@@ -279,9 +288,10 @@ class RedisStore(Store):
 
     async def ping(self) -> None:
         with self._wrap_errors("ping"):
-            await self._client.ping()
+            await self._run("PING")
 
     async def close(self) -> None:
         await self._hub.close()
+        await self._resp.close()
         with suppress(RedisError, OSError):
             await self._client.aclose()

@@ -1,0 +1,151 @@
+"""The store's own pipelined Redis client (gateway/store/resp.py): framing, order, failures.
+
+Most cases talk to a scripted fake Redis on loopback that answers with exactly the bytes a
+test gives it — split anywhere, late, or not at all — and the last ones to the real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.store.resp import ReplyError, RespClient, Script, encode, parse
+from tests.stores import REDIS_URL, drop, new_prefix, redis_store
+
+
+class FakeRedis:
+    """Reads commands; for each, sends the next scripted answer (bytes, or None: stay silent)."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:
+        self.answers = answers
+        self.commands: list[bytes] = []
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                header = await reader.readline()
+                if not header:
+                    return
+                n = int(header[1:])
+                parts = []
+                for _ in range(n):
+                    size = int((await reader.readline())[1:])
+                    parts.append((await reader.readexactly(size + 2))[:-2])
+                self.commands.append(b" ".join(parts))
+                answer = self.answers.pop(0) if self.answers else b"+OK\r\n"
+                if answer is None:
+                    continue
+                for i in range(len(answer)):  # one byte at a time: every split point is exercised
+                    writer.write(answer[i:i + 1])
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+
+    async def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.fixture
+async def fake_redis():
+    servers: list[FakeRedis] = []
+
+    async def make(answers: list[bytes | None]) -> tuple[FakeRedis, RespClient]:
+        server = FakeRedis(answers)
+        url = await server.start()
+        servers.append(server)
+        return server, RespClient(url, connect_timeout_s=1, timeout_s=0.5)
+
+    yield make
+    for server in servers:
+        await server.close()
+
+
+def test_encode_and_parse_every_reply_type() -> None:
+    assert encode(("SET", "k", b"v\r\n", 5, 0.5)) == b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$1\r\n5\r\n$3\r\n0.5\r\n"
+    wire = bytearray(b"+OK\r\n:42\r\n$3\r\nab\n\r\n$-1\r\n*2\r\n$1\r\nx\r\n*1\r\n:-7\r\n*-1\r\n-ERR nope\r\n")
+    values, pos = [], 0
+    while pos < len(wire):
+        value, pos = parse(wire, pos)
+        values.append(value)
+    assert values[:6] == [b"OK", 42, b"ab\n", None, [b"x", [-7]], None]
+    assert isinstance(values[6], ReplyError) and str(values[6]) == "ERR nope"
+
+
+async def test_replies_split_byte_by_byte_reach_the_right_callers_in_order(fake_redis) -> None:
+    server, client = await fake_redis([b"$5\r\nfirst\r\n", b":2\r\n", b"*2\r\n$1\r\na\r\n$-1\r\n"])
+    results = await asyncio.gather(client.execute("GET", "a"), client.execute("INCR", "b"), client.execute("X"))
+    assert results == [b"first", 2, [b"a", None]]
+    assert server.connections == 1  # pipelined on one connection
+    await client.close()
+
+
+async def test_an_error_reply_raises_for_its_caller_only(fake_redis) -> None:
+    _, client = await fake_redis([b"-WRONGTYPE no\r\n", b"+OK\r\n"])
+    bad, good = await asyncio.gather(client.execute("GET", "x"), client.execute("SET", "y", "1"), return_exceptions=True)
+    assert isinstance(bad, ReplyError) and str(bad) == "WRONGTYPE no" and good == b"OK"
+    await client.close()
+
+
+async def test_a_silent_server_fails_the_command_in_time_and_the_next_one_reconnects(fake_redis) -> None:
+    server, client = await fake_redis([None, b"+PONG\r\n"])
+    with pytest.raises(ConnectionError, match="did not answer"):
+        await client.execute("GET", "x")
+    assert await client.execute("PING") == b"PONG"
+    assert server.connections == 2  # the stuck connection was dropped, not reused
+    await client.close()
+
+
+async def test_a_connection_lost_mid_command_fails_every_command_in_flight(fake_redis) -> None:
+    server, client = await fake_redis([None, None])
+    pending = [asyncio.ensure_future(client.execute("GET", str(i))) for i in range(2)]
+    while len(server.commands) < 2:
+        await asyncio.sleep(0.01)
+    server.writers[0].transport.abort()
+    for fut in pending:
+        with pytest.raises(ConnectionError, match="lost"):
+            await fut
+    await client.close()
+
+
+async def test_nothing_listening_is_a_connection_error_at_once() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    client = RespClient(f"redis://127.0.0.1:{port}/0", connect_timeout_s=1, timeout_s=1)
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        await client.execute("PING")
+    await client.close()
+
+
+async def test_password_and_database_are_sent_on_connect(fake_redis) -> None:
+    server, _ = await fake_redis([b"+OK\r\n", b"+OK\r\n", b"+PONG\r\n"])
+    url = f"redis://:s3cret@127.0.0.1:{server.server.sockets[0].getsockname()[1]}/3"
+    client = RespClient(url, connect_timeout_s=1, timeout_s=1)
+    assert await client.execute("PING") == b"PONG"
+    assert server.commands == [b"AUTH s3cret", b"SELECT 3", b"PING"]
+    await client.close()
+
+
+async def test_a_script_redis_does_not_know_yet_is_loaded_then_run_by_sha() -> None:
+    store = await redis_store(new_prefix())  # the real Redis (skips, or fails in CI, without it)
+    await drop(store)
+    client = RespClient(REDIS_URL, connect_timeout_s=1, timeout_s=2)
+    script = Script(client, f"-- {new_prefix()}\nreturn {{KEYS[1], ARGV[1]}}")  # never seen: NOSCRIPT first
+    assert await client.execute("SCRIPT", "EXISTS", script.sha) == [0]
+    assert await script(["k"], [7]) == [b"k", b"7"]
+    assert await client.execute("SCRIPT", "EXISTS", script.sha) == [1]  # EVAL cached it
+    assert await script(["k"], ["again"]) == [b"k", b"again"]
+    await client.close()
