@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench lint check docker clean
+.PHONY: install run test bench bench-stateful lint check docker clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ bench: $(STAMP)
 	  (apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null 2>&1)); } || \
 	  echo "wrk not available: bench falls back to its Python load generator"
 	$(PY) bench/run.py $(ARGS)
+
+bench-stateful: $(STAMP)
+	$(PY) bench/stateful.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gateway providers policies tests bench

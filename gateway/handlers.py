@@ -28,6 +28,7 @@ from gateway.paths import validate_path
 from gateway.runtime import Runtime
 from gateway.store import StoreError
 from gateway.writer import StreamOutcome, complete_response, error_response, write_reply
+from policies.idempotency import keyed
 
 log = logging.getLogger("reliapi")
 
@@ -87,14 +88,17 @@ def _peek_request(request: web.Request, body: bytes, *, json_by_default: bool) -
     return peek, bool(peek.stream) or stream
 
 
-def _shape(peek: _Peek, stream: bool) -> dict[str, Any]:
+def _shape(ex: Exchange, peek: _Peek) -> Exchange:
     """What the body tells the policies: choices (``n``), usage in a stream, max tokens, idempotency key."""
-    return {
-        "choices": peek.n if peek.n is not None and peek.n > 1 else 1,
-        "include_usage": stream and bool(peek.stream_options is not None and peek.stream_options.include_usage),
-        "max_tokens": peek.max_completion_tokens if peek.max_tokens is None else peek.max_tokens,
-        "idempotency_key": peek.idempotency_key,
-    }
+    if peek is _NO_PEEK:
+        return ex
+    if peek.n is not None and peek.n > 1:
+        ex.choices = peek.n
+    if ex.stream and peek.stream_options is not None and peek.stream_options.include_usage:
+        ex.include_usage = True
+    ex.max_tokens = peek.max_completion_tokens if peek.max_tokens is None else peek.max_tokens
+    ex.idempotency_key = peek.idempotency_key
+    return ex
 
 
 def _client_ip(request: web.Request, rt: Runtime) -> str | None:
@@ -158,11 +162,11 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str, tenan
     body = await _read_body(request, rt)
     peek, stream = _peek_request(request, body, json_by_default=True)
     target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
-    return Exchange(
+    return _shape(Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
         query=query, headers=request.headers, body=body, target=target, model=peek.model, stream=stream,
-        client_ip=_client_ip(request, rt), tenant=tenant, **_shape(peek, stream),
-    )
+        client_ip=_client_ip(request, rt), tenant=tenant,
+    ), peek)
 
 
 async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant: str | None) -> Exchange:
@@ -176,11 +180,11 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant
         peek, stream = _peek_request(request, body, json_by_default=False)
     else:
         peek, stream = _NO_PEEK, _accepts_sse(request)
-    return Exchange(
+    return _shape(Exchange(
         request_id=request_id, method=request.method, route="t", dialect=ENVELOPE, rel_path=rel, v1=False,
         query=query, headers=request.headers, body=body, target=target, model=peek.model, stream=stream,
-        client_ip=_client_ip(request, rt), tenant=tenant, **_shape(peek, stream),
-    )
+        client_ip=_client_ip(request, rt), tenant=tenant,
+    ), peek)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -205,7 +209,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         try:
             tenant = rt.tenants.authenticate(request.headers)  # before the body: an unknown caller costs no upload
             ex = await make_exchange(request, rt, request_id, tenant.name if tenant is not None else None)
-            reply = await rt.pipeline(ex)
+            reply = await (rt.keyed_pipeline if keyed(ex) else rt.pipeline)(ex)
         except GatewayError as e:
             error = e
         except Exception:

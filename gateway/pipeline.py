@@ -52,12 +52,14 @@ class Policy(Protocol):
     async def __call__(self, ex: Exchange, call_next: Handler) -> Reply: ...
 
 
-def request_policies(rt: Runtime) -> list[Policy | None]:
-    """Run once per client request, outermost first; the fallback chain is always last."""
+def request_policies(rt: Runtime, *, keyed: bool = False) -> list[Policy | None]:
+    """Run once per client request, outermost first; the fallback chain is always last.
+    ``keyed``: the chain for requests that carry an idempotency key (``Runtime.keyed_pipeline``)
+    — the only ones the idempotency policy has anything to do for, so the others skip it."""
     return [
         rate_limit.policy(rt),
         tenants.policy(rt),  # inside rate_limit: it drops the provider's x-ratelimit-*, not ours
-        idempotency.policy(rt),
+        idempotency.policy(rt) if keyed else None,
         cache.policy(rt),
         fallback.policy(rt),
     ]
@@ -82,6 +84,7 @@ def build_pipeline(rt: Runtime) -> Handler:
     async def to_target(ex: Exchange) -> Reply:
         return await chains[ex.target.name](ex)
 
+    rt.keyed_pipeline = compose(request_policies(rt, keyed=True), to_target)
     return compose(request_policies(rt), to_target)
 
 

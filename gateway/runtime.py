@@ -62,6 +62,7 @@ class Runtime:
         self.circuits: dict[str, Any] = {}
         self.key_pools: dict[str, Any] = {}
         self.target_chains: dict[str, Handler] = {}  # each target's policies + upstream (build_pipeline)
+        self.keyed_pipeline: Handler  # requests with an idempotency key (set by build_pipeline)
         self.pipeline: Handler = build_pipeline(self)
 
     async def start(self) -> None:

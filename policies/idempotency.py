@@ -50,6 +50,14 @@ _NOT_STORED = frozenset((408, 409, 429))
 _FOLLOW_ROUNDS = 3  # a flight that ends without an answer to share lets a follower claim the key
 
 
+def keyed(ex: Exchange) -> bool:
+    """Does this request carry an idempotency key the policy must look at (cheap: no parsing)?"""
+    if ex.method in _SAFE_METHODS:
+        return False
+    headers = ex.headers
+    return ex.idempotency_key is not None or IDEMPOTENCY_KEYS[0] in headers or IDEMPOTENCY_KEYS[1] in headers
+
+
 def parse_key(value: str) -> str:
     """The key from a header value: a bare token or an SF string; 400 when empty or too long."""
     text = value.strip()

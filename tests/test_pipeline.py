@@ -47,7 +47,7 @@ async def test_policies_plug_into_the_real_app(fake, gateway, monkeypatch):
             raise RateLimited("slow down", retry_after=7)
         return await call_next(ex)
 
-    monkeypatch.setattr(pipeline, "request_policies", lambda rt: [tag_request, add_header])
+    monkeypatch.setattr(pipeline, "request_policies", lambda rt, keyed=False: [tag_request, add_header])
     monkeypatch.setattr(pipeline, "target_policies", lambda rt, target: [reject_secret])
     client, logs = await gateway(llm_config(fake.url))
 
@@ -66,7 +66,7 @@ async def test_internal_errors_never_leak_a_stack(fake, gateway, monkeypatch):
     async def boom(ex, call_next):
         raise ZeroDivisionError("secret internals")
 
-    monkeypatch.setattr(pipeline, "request_policies", lambda rt: [boom])
+    monkeypatch.setattr(pipeline, "request_policies", lambda rt, keyed=False: [boom])
     client, logs = await gateway(llm_config(fake.url))
     resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []})
     assert resp.status == 500
