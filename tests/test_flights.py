@@ -1,0 +1,99 @@
+"""gateway/flights.py on its own: a shared stream's memory stays bounded past its size limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway import flights
+from gateway.errors import StreamBroken
+from gateway.flights import Recording
+
+
+async def drain(reader, into: list[bytes], pause_s: float = 0.0) -> None:
+    async for chunk in reader:
+        into.append(chunk)
+        if pause_s:
+            await asyncio.sleep(pause_s)
+
+
+async def test_under_its_limit_a_recording_keeps_every_chunk_for_late_readers() -> None:
+    rec = Recording(200, [], True, limit=100)
+    first = rec.reply().chunks
+    for i in range(5):
+        rec.add(b"%d" % i)
+    late = rec.reply().chunks  # joins after five chunks: still starts at the first byte
+    rec.end()
+    got_first, got_late = [], []
+    await asyncio.gather(drain(first, got_first), drain(late, got_late))
+    assert got_first == got_late == [b"0", b"1", b"2", b"3", b"4"]
+    assert rec.keep and rec.joinable
+
+
+async def test_past_its_limit_read_chunks_are_let_go_and_late_readers_cannot_join(monkeypatch) -> None:
+    monkeypatch.setattr(flights, "_WINDOW", 10)
+    rec = Recording(200, [], True, limit=20)
+    reader = rec.reply().chunks
+    got: list[bytes] = []
+    consumer = asyncio.ensure_future(drain(reader, got))
+    held = []
+    for _ in range(50):
+        rec.add(b"x" * 5)
+        await rec.backpressure()  # the leader waits for its slowest reader
+        held.append(rec.unread)
+        await asyncio.sleep(0)
+    rec.end()
+    await consumer
+    assert b"".join(got) == b"x" * 250  # the reader got everything, in order
+    assert not rec.keep and not rec.joinable
+    assert max(held) <= 20  # up to the limit everything is kept …
+    assert max(held[5:]) <= 10 + 5  # … past it never more than the window (plus the chunk just added)
+    assert len(rec.chunks) <= 3
+
+
+async def test_a_slow_reader_holds_the_leader_back_instead_of_memory_growing(monkeypatch) -> None:
+    monkeypatch.setattr(flights, "_WINDOW", 8)
+    rec = Recording(200, [], True, limit=0)
+    reader = rec.reply().chunks
+    produced = 0
+
+    async def produce() -> None:
+        nonlocal produced
+        for _ in range(20):
+            rec.add(b"abcd")
+            produced += 1
+            await rec.backpressure()
+        rec.end()
+
+    producer = asyncio.ensure_future(produce())
+    await asyncio.sleep(0.05)
+    assert produced <= 3  # nobody read yet: the leader stopped at the window
+    got: list[bytes] = []
+    await drain(reader, got)
+    await producer
+    assert len(got) == 20
+
+
+async def test_a_reader_stuck_past_the_limit_is_let_go_with_an_error(monkeypatch) -> None:
+    monkeypatch.setattr(flights, "_WINDOW", 4)
+    monkeypatch.setattr(flights, "_STUCK_S", 0.05)
+    rec = Recording(200, [], True, limit=0)
+    stuck = rec.reply().chunks
+    for _ in range(5):
+        rec.add(b"abcd")
+        await rec.backpressure()  # returns once the stuck reader is evicted
+    rec.end()
+    with pytest.raises(StreamBroken, match="too far behind"):
+        await stuck.__anext__()
+
+
+async def test_a_closed_reader_never_holds_the_stream_back(monkeypatch) -> None:
+    monkeypatch.setattr(flights, "_WINDOW", 4)
+    rec = Recording(200, [], True, limit=0)
+    gone = rec.reply().chunks
+    await gone.aclose()  # a client that left before reading
+    for _ in range(100):
+        rec.add(b"abcd")
+        await asyncio.wait_for(rec.backpressure(), 1)
+    assert rec.readers == {} and len(rec.chunks) == 0
