@@ -14,7 +14,7 @@ relays it to its own client from memory, mirrors it to the log so waiters on *an
 instance receive the same bytes while it is still running, and finally writes the
 entry with a compare-and-set on its lock (a fenced write: a leader whose lock expired
 and was taken over cannot overwrite the new holder's answer). A lock is kept alive by
-a heartbeat, so a leader that dies releases the key within ``lock_ttl_s``.
+a renewal timer, so a leader that dies releases the key within ``lock_ttl_s``.
 
 Followers on the same instance read the leader's recording directly; followers
 elsewhere read the log. An answer that may not be stored (a 5xx, a cut stream, a
@@ -32,11 +32,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
-from multidict import CIMultiDict
 
 from gateway import errors
 from gateway.errors import GatewayError, StreamBroken
 from gateway.exchange import Reply
+from gateway.recording import Reader, Recording, headers_of
 from gateway.store import Store, StoreError
 
 log = logging.getLogger("reliapi")
@@ -44,8 +44,6 @@ log = logging.getLogger("reliapi")
 _LOG_TTL_S = 60.0  # a finished run's log outlives it briefly, for followers still reading
 _FLUSH_MAX = 256  # log items per store round trip
 _RECHECK_S = 1.0  # a follower re-reads the key at least this often
-_STUCK_S = 60.0  # a reader of a shared stream that does not move this long is let go
-_WINDOW = 1 << 20  # past its size limit, a shared stream runs at most this far ahead of its slowest reader
 
 
 class Entry(msgspec.Struct, array_like=True):
@@ -99,10 +97,6 @@ def _rebuild_error(item: list[Any]) -> GatewayError:
     return err
 
 
-def _headers(pairs: list[tuple[str, str]] | list[list[str]]) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in pairs)
-
-
 async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
@@ -110,136 +104,10 @@ async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
 
 def replay(entry: Entry) -> Reply:
     """A stored answer as a fresh Reply (a stream is replayed as the same chunks)."""
-    headers = _headers(entry.headers)
+    headers = headers_of(entry.headers)
     if entry.chunks is not None:
         return Reply(entry.status, headers, chunks=_iterate(entry.chunks), upstream_status=entry.status)
     return Reply(entry.status, headers, body=entry.body or b"", upstream_status=entry.status)
-
-
-class Recording:
-    """A leader's answer as it arrives, readable from the start by any number of readers.
-
-    Up to ``limit`` bytes every chunk is kept (the answer may be stored, and a follower that
-    joins late still starts at the first byte). Past it the answer will not be stored: chunks
-    every reader has passed are let go, new readers can no longer join (``joinable``), and the
-    leader waits for the slowest reader whenever more than ``_WINDOW`` bytes are unread — the
-    back-pressure a plain relay has — so memory stays bounded however large the stream.
-    """
-
-    __slots__ = ("status", "headers", "stream", "body", "chunks", "size", "ended", "error", "limit", "keep",
-                 "base", "unread", "readers", "_evicted", "_changed", "_next_reader")
-
-    def __init__(self, status: int, headers: list[tuple[str, str]], stream: bool, limit: int = 1 << 62) -> None:
-        self.status = status
-        self.headers = headers
-        self.stream = stream
-        self.body: bytes | None = None
-        self.chunks: list[bytes] = []  # chunks[0] is chunk number ``base`` of the stream
-        self.size = 0  # bytes so far
-        self.ended = False
-        self.error: GatewayError | None = None
-        self.limit = limit
-        self.keep = True  # every chunk still held (the answer is under ``limit``)
-        self.base = 0
-        self.unread = 0  # bytes held in ``chunks``
-        self.readers: dict[int, int] = {}  # reader id → the next chunk number it reads
-        self._evicted: set[int] = set()
-        self._changed = asyncio.Event()
-        self._next_reader = 0
-
-    @property
-    def joinable(self) -> bool:
-        return self.keep or not self.stream
-
-    def add(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-        self.size += len(chunk)
-        self.unread += len(chunk)
-        if self.keep and self.size > self.limit:
-            self.keep = False
-        if not self.keep:
-            self._trim()
-        self._wake()
-
-    def _trim(self) -> None:
-        slowest = min(self.readers.values(), default=self.base + len(self.chunks))
-        drop = slowest - self.base
-        if drop > 0:
-            self.unread -= sum(len(c) for c in self.chunks[:drop])
-            del self.chunks[:drop]
-            self.base = slowest
-
-    async def backpressure(self) -> None:
-        """Past the limit: wait while the slowest reader is more than ``_WINDOW`` bytes behind.
-        A reader that does not move for ``_STUCK_S`` is let go (its client gets an error)."""
-        while not self.keep and self.readers and self.unread > _WINDOW:
-            try:
-                async with asyncio.timeout(_STUCK_S):
-                    await self._changed.wait()
-            except TimeoutError:
-                slowest = min(self.readers.values())
-                for rid in [r for r, i in self.readers.items() if i == slowest]:
-                    del self.readers[rid]
-                    self._evicted.add(rid)
-            self._trim()
-
-    def end(self, error: GatewayError | None = None) -> None:
-        self.ended, self.error = True, error
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def reply(self) -> Reply:
-        if not self.stream:
-            return Reply(self.status, _headers(self.headers), body=self.body or b"", upstream_status=self.status)
-        return Reply(self.status, _headers(self.headers), chunks=_Reader(self), upstream_status=self.status)
-
-
-class _Reader:
-    """One reader of a Recording, registered from its creation (so the chunks it has not read
-    yet are kept) until it is read to the end or closed."""
-
-    __slots__ = ("rec", "rid", "i")
-
-    def __init__(self, rec: Recording) -> None:
-        self.rec = rec
-        self.rid = rec._next_reader
-        rec._next_reader += 1
-        self.i = rec.base
-        rec.readers[self.rid] = self.i
-
-    def __aiter__(self) -> _Reader:
-        return self
-
-    async def __anext__(self) -> bytes:
-        rec = self.rec
-        while True:
-            if self.rid not in rec.readers:
-                if self.rid in rec._evicted:
-                    raise StreamBroken("this client fell too far behind the shared stream")
-                raise StopAsyncIteration  # closed
-            offset = self.i - rec.base
-            if offset < len(rec.chunks):
-                self.i += 1
-                rec.readers[self.rid] = self.i
-                if not rec.keep:
-                    rec._wake()  # the leader may be waiting for us to catch up
-                return rec.chunks[offset]
-            if rec.ended:
-                self._leave()
-                if rec.error is not None:
-                    raise rec.error
-                raise StopAsyncIteration
-            await rec._changed.wait()
-
-    def _leave(self) -> None:
-        if self.rec.readers.pop(self.rid, None) is not None:
-            self.rec._wake()
-
-    async def aclose(self) -> None:
-        self._leave()
 
 
 class Flights:
@@ -352,8 +220,8 @@ class Flights:
         _, status, headers, stream = head
         if not stream:
             body = _decode_item(items[1])[1]
-            return Reply(status, _headers(headers), body=body, upstream_status=status)
-        return Reply(status, _headers(headers), chunks=self._tail(key, log_key, lock, items, idle_s),
+            return Reply(status, headers_of(headers), body=body, upstream_status=status)
+        return Reply(status, headers_of(headers), chunks=self._tail(key, log_key, lock, items, idle_s),
                      upstream_status=status)
 
     async def _tail(self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float) -> AsyncIterator[bytes]:
@@ -410,7 +278,7 @@ class Lead:
         self._mirror = True
         self._finished = False  # finished: no more lock renewals
         self.entry_key: str | None = None  # store the answer here, not under the lock (claim)
-        self._own: _Reader | None = None  # the leader's client's reader of a stream
+        self._own: Reader | None = None  # the leader's client's reader of a stream
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
@@ -431,7 +299,7 @@ class Lead:
         if isinstance(outcome, GatewayError):
             raise outcome
         if self._own is not None:  # this client's reader, registered before the first chunk
-            return Reply(outcome.status, _headers(outcome.headers), chunks=self._own, upstream_status=outcome.status)
+            return Reply(outcome.status, headers_of(outcome.headers), chunks=self._own, upstream_status=outcome.status)
         return outcome.reply()
 
     async def _run(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
@@ -468,7 +336,7 @@ class Lead:
         headers = [(str(k), v) for k, v in reply.headers.items()]  # istr keys do not encode
         rec = Recording(reply.status, headers, reply.chunks is not None, max_bytes)
         if rec.stream:
-            self._own = _Reader(rec)
+            self._own = Reader(rec)
         head = ["h", reply.status, headers, rec.stream]
         if not rec.stream:
             rec.body = reply.body or b""

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from gateway import flights
+from gateway import recording as flights
 from gateway.errors import StreamBroken
-from gateway.flights import Recording
+from gateway.recording import Recording
 
 
 async def drain(reader, into: list[bytes], pause_s: float = 0.0) -> None:
