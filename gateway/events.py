@@ -71,6 +71,39 @@ class BulkheadRejected(Event, frozen=True):
     limit: int
 
 
+class RateLimitRefused(Event, frozen=True):
+    """A request over a gateway rate limit got 429 (``target`` is where it was going)."""
+
+    tenant: str | None
+    limit: str  # the policy's name: "default" (requests) or "tokens"
+
+
+class CacheHit(Event, frozen=True):
+    pass
+
+
+class CacheMiss(Event, frozen=True):
+    pass
+
+
+class IdempotentReplay(Event, frozen=True):
+    """A duplicate got the stored answer of its idempotency key."""
+
+
+class Coalesced(Event, frozen=True):
+    """A duplicate got the answer of a request still running (idempotency or the cache's single flight)."""
+
+    policy: str  # "idempotency" | "cache"
+
+
+class StoreDegraded(Event, frozen=True):
+    """A policy met a store that failed and degraded (cache: pass-through; rate limit: its on-error mode;
+    idempotency: 503, or pass-through with ``fail_open``)."""
+
+    policy: str
+    error: str
+
+
 Listener = Callable[[Event], None]
 
 # Events worth a line in the gateway's own log (the rest are counted, not logged).

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from aiohttp import hdrs
 
 from gateway.errors import GatewayError
+from gateway.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
 from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED
 from gateway.store import StoreError
@@ -124,7 +125,10 @@ def policy(rt: Runtime) -> Policy | None:
                 return ttl
         return cfg.ttl_s
 
-    def degraded(e: StoreError) -> None:
+    events = rt.events
+
+    def degraded(ex: Exchange, e: StoreError) -> None:
+        events.emit(StoreDegraded(target=ex.target.name, policy="cache", error=str(e)))
         now = time.monotonic()
         if now - logged_at[0] >= _LOG_EVERY_S:
             logged_at[0] = now
@@ -157,16 +161,19 @@ def policy(rt: Runtime) -> Policy | None:
                         lead = found
                         break
                     if isinstance(found, Entry):
+                        events.emit(CacheHit(target=ex.target.name))
                         return _hit(ex, replay(found), clock.time() - found.created)
                     try:
                         reply = await flights.follow(key, found, "", wait_s=_WAIT_S, idle_s=ex.target.idle_timeout_s)
                     except (KeyMismatch, StillRunning):
                         break  # run it ourselves, uncached
                     if reply is not None:
+                        events.emit(Coalesced(target=ex.target.name, policy="cache"))
                         return _mark(reply, "MISS")
         except StoreError as e:
-            degraded(e)
+            degraded(ex, e)
             return _mark(await call_next(ex), "BYPASS")
+        events.emit(CacheMiss(target=ex.target.name))
         if lead is None:
             return _mark(await call_next(ex), "MISS")
         reply = await lead.run(

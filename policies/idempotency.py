@@ -32,6 +32,7 @@ import msgspec
 from multidict import CIMultiDict
 
 from gateway.errors import IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
+from gateway.events import Coalesced, IdempotentReplay, StoreDegraded
 from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.headers import IDEMPOTENCY_KEYS, X_CACHED
 from gateway.store import StoreError
@@ -152,6 +153,7 @@ def storable(reply: Reply) -> bool:
 def policy(rt: Runtime) -> Policy | None:
     flights = Flights(rt.store, "idem", rt.background, rt.clock.time)
     fail_open = rt.config.store.fail_open
+    events = rt.events
 
     async def idempotency(ex: Exchange, call_next: Handler) -> Reply:
         if ex.method in _SAFE_METHODS:
@@ -172,9 +174,11 @@ def policy(rt: Runtime) -> Policy | None:
                 if isinstance(found, Entry):
                     if found.fp != fp:
                         raise KeyMismatch()
+                    events.emit(IdempotentReplay(target=ex.target.name))
                     return _replayed(ex, replay(found))
                 reply = await flights.follow(store_key, found, fp, wait_s=cfg.wait_s, idle_s=ex.target.idle_timeout_s)
                 if reply is not None:
+                    events.emit(Coalesced(target=ex.target.name, policy="idempotency"))
                     return _replayed(ex, reply)
             else:
                 raise StillRunning()
@@ -188,6 +192,7 @@ def policy(rt: Runtime) -> Policy | None:
                 "a request with this idempotency key is still in progress; retry shortly", retry_after=1.0,
             ) from None
         except StoreError as e:
+            events.emit(StoreDegraded(target=ex.target.name, policy="idempotency", error=str(e)))
             if fail_open:
                 log.warning("idempotency: store unavailable, running without it (store.fail_open): %s", e)
                 return await call_next(ex)

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
+from gateway.events import RateLimitRefused, StoreDegraded
 from gateway.store import StoreError, TakeResult
 from gateway.store.memory import MemoryStore
 
@@ -96,6 +97,7 @@ def policy(rt: Runtime) -> Policy | None:
     if not per_tenant and per_ip is None:
         return None
     limiter = Limiter(rt.store, rt.config.store.rate_limit_on_error, rt.clock.time)
+    events = rt.events
 
     async def rate_limit(ex: Exchange, call_next: Handler) -> Reply:
         if per_ip is not None:
@@ -105,7 +107,14 @@ def policy(rt: Runtime) -> Policy | None:
             if limits is None:
                 return await call_next(ex)
             who = "tenant:" + ex.tenant  # type: ignore[operator]
-        headers = await limiter.check(ex, limits, who)
+        try:
+            headers = await limiter.check(ex, limits, who)
+        except RateLimited as refused:
+            events.emit(RateLimitRefused(target=ex.target.name, tenant=ex.tenant, limit=getattr(refused, "limit_name", "default")))
+            raise
+        if limiter.failed is not None:
+            events.emit(StoreDegraded(target=ex.target.name, policy="rate_limit", error=limiter.failed))
+            limiter.failed = None
         try:
             reply = await call_next(ex)
         except GatewayError as e:
@@ -124,6 +133,7 @@ class Limiter:
         self.on_error = on_error
         self.local = MemoryStore(clock=now)  # per-instance limits while the shared store is down
         self._logged_at = -_LOG_EVERY_S
+        self.failed: str | None = None  # the last store error, for the policy to report once
 
     async def check(self, ex: Exchange, limits: Limits, who: str) -> dict[str, str]:
         """Take from each limit; the headers describing the tightest, or raise ``RateLimited``."""
@@ -150,6 +160,7 @@ class Limiter:
         try:
             return await self.store.take(key, rate_per_s=limit.rate_per_s, burst=limit.burst, quantity=quantity)
         except StoreError as e:
+            self.failed = str(e)
             now = time.monotonic()
             if now - self._logged_at >= _LOG_EVERY_S:
                 self._logged_at = now
@@ -165,12 +176,15 @@ class Limiter:
         limit, result = shown
         headers = _headers(limits, limit, result, self.now())
         if math.isinf(result.retry_after_s):
-            return RateLimited(
+            refused = RateLimited(
                 f"rate limit exceeded: this request's {what} is larger than the limit of {limit.capacity} "
                 f"{limit.unit} and can never be allowed", headers=headers)
-        return RateLimited(
-            f"rate limit exceeded ({limit.quota} {limit.unit} per minute); retry after "
-            f"{math.ceil(result.retry_after_s)}s", retry_after=result.retry_after_s, headers=headers)
+        else:
+            refused = RateLimited(
+                f"rate limit exceeded ({limit.quota} {limit.unit} per minute); retry after "
+                f"{math.ceil(result.retry_after_s)}s", retry_after=result.retry_after_s, headers=headers)
+        refused.limit_name = limit.name  # type: ignore[attr-defined]
+        return refused
 
 
 def _headers(limits: Limits, limit: Limit, result: TakeResult, now: float) -> dict[str, str]:
