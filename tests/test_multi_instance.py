@@ -17,6 +17,7 @@ import time
 import aiohttp
 import pytest
 
+from gateway.store.redis import RedisStore
 from tests.cli_harness import CLI, Gateway, assert_no_traceback, free_port
 from tests.fakes import FakeUpstream, Fault
 from tests.stores import REDIS_URL, drop, new_prefix, redis_store, unavailable
@@ -46,6 +47,25 @@ targets:
     auth: {{type: none}}
     cache: {{ttl_s: 60}}
 """
+
+
+async def cache_entries(store_url: str, prefix: str, *, at_least: int, timeout_s: float = 5.0) -> None:
+    """Wait until the store holds ``at_least`` finished cache entries: a leader answers its client
+    first and writes the entry just after, so an immediate duplicate may still be following it."""
+    store = RedisStore(store_url, key_prefix=prefix)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            done = 0
+            async for key in store.scan_prefix("cache:"):
+                if ((await store.get(key)) or b"")[:1] == b"D":
+                    done += 1
+            if done >= at_least:
+                return
+            assert time.monotonic() < deadline, f"only {done} cache entries written"
+            await asyncio.sleep(0.02)
+    finally:
+        await store.close()
 
 
 async def start(cli: CLI, name: str, text: str) -> Gateway:
@@ -129,6 +149,7 @@ async def test_a_cache_entry_written_by_one_instance_is_a_hit_on_the_other(cli, 
     async with http.get(url(one, "/t/rest/users/1"), headers=TENANT) as resp:
         assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
         written = await resp.read()
+    await cache_entries(REDIS_URL, redis_prefix, at_least=1)
     async with http.get(url(two, "/t/rest/users/1"), headers=TENANT) as resp:
         assert resp.status == 200 and resp.headers["X-Cache"] == "HIT" and resp.headers["X-Cached"] == "true"
         assert await resp.read() == written
@@ -197,6 +218,7 @@ async def test_redis_down_degrades_as_specified_and_everything_recovers(cli, fak
     # healthy: cache and idempotency work through Redis
     assert (await get(strict, "/readyz"))[0] == 200
     assert (await get(strict, "/t/rest/a", headers=TENANT))[1]["X-Cache"] == "MISS"
+    await cache_entries(private_redis.url, prefix, at_least=1)
     assert (await get(strict, "/t/rest/a", headers=TENANT))[1]["X-Cache"] == "HIT"
     assert (await post(strict, "before"))[0] == 200
     calls = len(fake.requests)
@@ -232,6 +254,7 @@ async def test_redis_down_degrades_as_specified_and_everything_recovers(cli, fak
     await poll(ready)
     status, headers, _ = await get(strict, "/t/rest/b", headers=TENANT)
     assert status == 200 and headers["X-Cache"] == "MISS"
+    await cache_entries(private_redis.url, prefix, at_least=1)  # the restarted Redis started empty
     assert (await get(lenient, "/t/rest/b", headers=TENANT))[1]["X-Cache"] == "HIT"
     first = await post(strict, "after")
     again = await post(lenient, "after")
