@@ -125,6 +125,7 @@ class IdempotencyConfig(_Base):
     wait_s: NonNegFloat = 30  # how long a concurrent duplicate waits for the first before 409
     lock_ttl_s: PositiveFloat = 30  # a running request's claim, renewed while it runs: a dead holder frees the key this soon
     max_entry_mb: PositiveFloat = 10  # larger answers are returned but not stored
+    store_5xx: bool = False  # also store (and replay) upstream 5xx answers, as Stripe does
 
 
 class FallbackEntry(_Base):

@@ -15,11 +15,14 @@ as canonical JSON (reordered keys and whitespace are the same request).
 - the same key with another fingerprint: 422 ``idempotency_key_reused``;
 - still running after ``idempotency.wait_s``: 409 ``idempotency_in_progress``.
 
-Stored: final 2xx and 4xx answers except 408/409/429. Not stored: 5xx, transport
-failures, cut streams and the gateway's own rejections — the key is released so a
-retry with the same key can succeed. Keys are ignored on GET/HEAD/OPTIONS. When the
-store is down the request gets a 503 ``store_unavailable`` (``store.fail_open: true``
-lets it run without idempotency instead).
+Stored: final 2xx and 4xx answers except 408/409/429 (with ``store_5xx: true`` upstream
+5xx answers too, as Stripe does). Not stored: 5xx, transport failures, cut streams and
+the gateway's own rejections — the key is released so a retry with the same key can
+succeed. A holder that dies keeps the key for what is left of ``lock_ttl_s``: set it as
+long as ``ttl_s`` to never run twice after a crash (WHOP's lock-until-expiry).
+
+Keys are ignored on GET/HEAD/OPTIONS. When the store is down the request gets a 503
+``store_unavailable`` (``store.fail_open: true`` lets it run without idempotency instead).
 """
 
 from __future__ import annotations
@@ -150,6 +153,11 @@ def storable(reply: Reply) -> bool:
     return reply.status >= 400 or reply.failure is None
 
 
+def storable_with_5xx(reply: Reply) -> bool:
+    """``store_5xx: true`` (Stripe's rule): an upstream 5xx is an answer too, replayed like the rest."""
+    return reply.status >= 500 or storable(reply)
+
+
 def policy(rt: Runtime) -> Policy | None:
     flights = Flights(rt.store, "idem", rt.background, rt.clock.time)
     fail_open = rt.config.store.fail_open
@@ -203,7 +211,8 @@ def policy(rt: Runtime) -> Policy | None:
         # outside the try: an error of the request itself is not the store failing
         assert lead is not None
         return await lead.run(
-            lambda: call_next(ex), storable=storable, ttl_s=cfg.ttl_s, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
+            lambda: call_next(ex), storable=storable_with_5xx if cfg.store_5xx else storable, ttl_s=cfg.ttl_s,
+            max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
         )
 
     return idempotency

@@ -426,6 +426,16 @@ async def test_an_upstream_5xx_is_not_stored_and_the_retry_runs(fake, start, ups
     assert len(fake.requests) == 2
 
 
+async def test_with_store_5xx_an_upstream_5xx_is_replayed_like_any_answer(fake, start):
+    client = await start(idem="store_5xx: true")
+    fake.plan(Fault(status=503, error_message="upstream busy"))
+    numbered(fake)
+    status1, _, body1 = await call(client, key="k-stripe")
+    status2, headers2, body2 = await call(client, key="k-stripe")
+    assert status1 == status2 == 503 and body2 == body1 and headers2[REPLAYED] == "true"
+    assert len(fake.requests) == 1  # Stripe's rule: the retry gets the recorded 5xx, nothing runs again
+
+
 async def test_duplicates_of_a_failing_run_share_its_503_and_the_key_is_released(fake, start):
     client = await start()
     fake.plan(Fault(status=503, delay_ms=300, error_message="upstream busy"))
