@@ -104,6 +104,12 @@ class StoreDegraded(Event, frozen=True):
     error: str
 
 
+class BudgetEvent(Event, frozen=True):
+    """A budget rule acted (metrics: ``budget_events_total{target,event}``)."""
+
+    rule: str  # soft_cap (max_tokens lowered), hard_cap (refused), exhausted (tenant spend)
+
+
 Listener = Callable[[Event], None]
 
 # Events worth a line in the gateway's own log (the rest are counted, not logged).

@@ -38,7 +38,18 @@ from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
 from gateway.sse import Aligner
 from gateway.streams import read_head, watch
-from policies import bulkhead, cache, circuit_breaker, fallback, idempotency, key_pool, rate_limit, retry, tenants
+from policies import (
+    budget,
+    bulkhead,
+    cache,
+    circuit_breaker,
+    fallback,
+    idempotency,
+    key_pool,
+    rate_limit,
+    retry,
+    tenants,
+)
 from providers import stream_format
 
 if TYPE_CHECKING:
@@ -59,6 +70,7 @@ def request_policies(rt: Runtime, *, keyed: bool = False) -> list[Policy | None]
     return [
         rate_limit.policy(rt),
         tenants.policy(rt),  # inside rate_limit: it drops the provider's x-ratelimit-*, not ours
+        budget.policy(rt),
         idempotency.policy(rt) if keyed else None,
         cache.policy(rt),
         fallback.policy(rt),

@@ -1,0 +1,124 @@
+"""Prices (USD per 1M tokens) and the prompt-token estimate (SPEC §5 Budget, §4 ``pricing``).
+
+The built-in table holds the providers' published list prices for text input and output
+(standard tier, no batch or cache discounts) as of late 2025; ``pricing:`` in the config
+extends or overrides it. A model is priced by its exact name, else by the longest table
+entry it starts with, so dated snapshots (``gpt-4o-mini-2024-07-18``,
+``claude-3-5-haiku-20241022``) and ``-latest`` aliases find their family. A model the
+table does not know is served and counted as unpriced (no estimate, no cap applies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# model prefix: (input, output) USD per 1M tokens
+BUILT_IN: dict[str, tuple[float, float]] = {
+    # OpenAI
+    "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0), "gpt-5-nano": (0.05, 0.40),
+    "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4o": (2.50, 10.0), "gpt-4o-mini": (0.15, 0.60), "chatgpt-4o-latest": (5.0, 15.0),
+    "gpt-4-turbo": (10.0, 30.0), "gpt-4": (30.0, 60.0), "gpt-3.5-turbo": (0.50, 1.50),
+    "o1": (15.0, 60.0), "o1-mini": (1.10, 4.40), "o1-pro": (150.0, 600.0),
+    "o3": (2.0, 8.0), "o3-mini": (1.10, 4.40), "o3-pro": (20.0, 80.0), "o4-mini": (1.10, 4.40),
+    "text-embedding-3-small": (0.02, 0.0), "text-embedding-3-large": (0.13, 0.0), "text-embedding-ada-002": (0.10, 0.0),
+    # Anthropic
+    "claude-opus-4": (15.0, 75.0), "claude-opus-4-1": (15.0, 75.0), "claude-sonnet-4": (3.0, 15.0),
+    "claude-sonnet-4-5": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0),
+    "claude-3-7-sonnet": (3.0, 15.0), "claude-3-5-sonnet": (3.0, 15.0), "claude-3-5-haiku": (0.80, 4.0),
+    "claude-3-opus": (15.0, 75.0), "claude-3-sonnet": (3.0, 15.0), "claude-3-haiku": (0.25, 1.25),
+    # Mistral
+    "mistral-large": (2.0, 6.0), "mistral-medium": (0.40, 2.0), "mistral-small": (0.10, 0.30),
+    "magistral-medium": (2.0, 5.0), "magistral-small": (0.50, 1.50), "codestral": (0.30, 0.90),
+    "devstral-small": (0.10, 0.30), "devstral-medium": (0.40, 2.0), "ministral-8b": (0.10, 0.10),
+    "ministral-3b": (0.04, 0.04), "open-mistral-nemo": (0.15, 0.15), "pixtral-large": (2.0, 6.0),
+    "pixtral-12b": (0.15, 0.15), "mistral-embed": (0.10, 0.0),
+}
+
+MESSAGE_OVERHEAD = 4  # tokens per message for role and framing (OpenAI's rule of thumb)
+REPLY_PRIMER = 3  # every reply is primed with a few tokens
+
+
+class Price:
+    __slots__ = ("input", "output")
+
+    def __init__(self, input_per_m: float, output_per_m: float) -> None:
+        self.input = input_per_m / 1e6  # USD per token
+        self.output = output_per_m / 1e6
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens * self.input + completion_tokens * self.output
+
+
+class PriceTable:
+    """The built-in prices plus the config's ``pricing:`` (which wins), looked up by model."""
+
+    def __init__(self, overrides: Mapping[str, Any] | None = None) -> None:
+        table = {name: Price(i, o) for name, (i, o) in BUILT_IN.items()}
+        for name, price in (overrides or {}).items():
+            table[name] = Price(price.input, price.output)
+        self._table = table
+        self._by_length = sorted(table, key=len, reverse=True)
+        self._memo: dict[str, Price | None] = {}
+
+    def price(self, model: str | None) -> Price | None:
+        if not model:
+            return None
+        try:
+            return self._memo[model]
+        except KeyError:
+            pass
+        found = self._table.get(model)
+        if found is None:
+            name = model.split("/")[-1]  # "openai/gpt-4o" on OpenAI-compatible routers
+            found = self._table.get(name) or next(
+                (self._table[p] for p in self._by_length if name.startswith(p + "-") or name == p), None,
+            )
+        if len(self._memo) < 4096:
+            self._memo[model] = found
+        return found
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of text in a message's content: a string, or content blocks (text parts count;
+    an image counts as a fixed ~1,000 characters, about what a small image costs in tokens)."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        total = 0
+        for block in content:
+            if isinstance(block, dict):
+                kind = block.get("type")
+                if kind in ("image", "image_url", "input_image"):
+                    total += 1000
+                else:
+                    for key in ("text", "content", "input", "arguments"):
+                        value = block.get(key)
+                        if value is not None:
+                            total += _text_chars(value) if not isinstance(value, dict) else len(str(value))
+            elif isinstance(block, str):
+                total += len(block)
+        return total
+    if content is None:
+        return 0
+    return len(str(content))
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """About chars/4 plus per-message overhead, for OpenAI chat, Anthropic messages and
+    completions bodies (tools and the system prompt count as text)."""
+    chars, messages = 0, 0
+    for message in body.get("messages") or ():
+        if isinstance(message, dict):
+            messages += 1
+            chars += _text_chars(message.get("content"))
+            for call in message.get("tool_calls") or ():
+                chars += len(str(call))
+    chars += _text_chars(body.get("system"))
+    prompt = body.get("prompt")
+    if prompt is not None:
+        chars += _text_chars(prompt if not isinstance(prompt, list) else " ".join(map(str, prompt)))
+    if body.get("tools"):
+        chars += len(str(body["tools"]))
+    return -(-chars // 4) + messages * MESSAGE_OVERHEAD + REPLY_PRIMER

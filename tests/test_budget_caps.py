@@ -1,0 +1,169 @@
+"""Per-request budget caps (issue #5 point 3, SPEC §5 Budget): the price table, the estimate,
+the hard cap (400, no upstream call), the soft cap (max_tokens lowered, never below 16) and
+the llm.max_tokens clamp — as a client of the gateway sees them."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.events import BudgetEvent
+from gateway.keys import RUNTIME
+from providers.pricing import PriceTable, estimate_prompt_tokens
+
+# gpt-4o-mini: $0.15 in / $0.60 out per 1M tokens. A 4,000-character prompt ≈ 1,000 + 4 + 3 tokens.
+PROMPT = "x" * 4000
+PROMPT_TOKENS = 1000 + 4 + 3
+
+
+def chat(max_tokens: int | None = None, *, model: str = "gpt-4o-mini", field: str = "max_tokens") -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}]}
+    if max_tokens is not None:
+        body[field] = max_tokens
+    return body
+
+
+def config(url: str, llm: str, *, tenants: str = "", pricing: str = "") -> str:
+    return f"""
+server: {{default_target: up}}
+{tenants}
+{pricing}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*", "o*", "mystery-*"]
+    llm: {{{llm}}}
+  claude:
+    base_url: {url}
+    provider: anthropic
+    models: ["claude-*"]
+    llm: {{{llm}}}
+"""
+
+
+def cost(prompt: int, completion: int, price_in: float = 0.15, price_out: float = 0.60) -> float:
+    return (prompt * price_in + completion * price_out) / 1e6
+
+
+async def test_the_price_table_knows_snapshots_and_aliases_and_takes_overrides() -> None:
+    class P:
+        def __init__(self, i: float, o: float) -> None:
+            self.input, self.output = i, o
+
+    table = PriceTable({"gpt-4o-mini": P(1.0, 2.0), "house-model": P(3.0, 4.0)})
+    assert table.price("gpt-4o-mini-2024-07-18").output == pytest.approx(2.0 / 1e6)  # override wins
+    assert table.price("gpt-4o-2024-08-06").input == pytest.approx(2.5 / 1e6)  # not gpt-4o-mini's
+    assert table.price("claude-3-5-haiku-20241022").output == pytest.approx(4.0 / 1e6)
+    assert table.price("mistral-small-latest").input == pytest.approx(0.10 / 1e6)
+    assert table.price("openai/gpt-4.1-mini").input == pytest.approx(0.40 / 1e6)
+    assert table.price("house-model").input == pytest.approx(3.0 / 1e6)
+    assert table.price("gpt-4omni") is None and table.price("llama-3") is None and table.price(None) is None
+
+
+def test_the_prompt_estimate_is_chars_over_four_plus_message_overhead() -> None:
+    assert estimate_prompt_tokens(chat()) == PROMPT_TOKENS
+    anthropic = {"system": "y" * 400, "messages": [{"role": "user", "content": [{"type": "text", "text": "z" * 400}]}]}
+    assert estimate_prompt_tokens(anthropic) == 200 + 4 + 3
+
+
+async def test_over_the_hard_cap_is_400_budget_exceeded_and_never_sent(fake, gateway) -> None:
+    client, logs = await gateway(config(fake.url, "hard_cost_cap_usd: 0.001"))
+    seen: list = []
+    client.app[RUNTIME].current.events.subscribe(seen.append)
+    over = cost(PROMPT_TOKENS, 2000)  # ≈ $0.00135 > $0.001
+    assert over > 0.001
+    resp = await client.post("/v1/chat/completions", json=chat(2000))
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "budget_exceeded"
+    assert "hard cap" in body["error"]["message"] and body["error"]["param"] == "max_tokens"
+    assert fake.requests == []
+    assert [e.rule for e in seen if isinstance(e, BudgetEvent)] == ["hard_cap"]
+    ok = await client.post("/v1/chat/completions", json=chat(100))  # ≈ $0.00021: under the cap
+    assert ok.status == 200 and len(fake.requests) == 1
+
+
+async def test_the_hard_cap_answers_in_the_anthropic_dialect_too(fake, gateway) -> None:
+    client, _ = await gateway(config(fake.url, "hard_cost_cap_usd: 0.0001"))
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}]}
+    resp = await client.post("/v1/messages", json=body)
+    answer = await resp.json()
+    assert resp.status == 400 and answer["type"] == "error" and "hard cap" in answer["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_over_the_soft_cap_max_tokens_is_lowered_to_fit(fake, gateway) -> None:
+    soft = 0.0008
+    client, logs = await gateway(config(fake.url, f"soft_cost_cap_usd: {soft}"))
+    resp = await client.post("/v1/chat/completions", json=chat(2000))
+    assert resp.status == 200
+    sent = fake.requests[0].json()["max_tokens"]
+    assert sent == int((soft - cost(PROMPT_TOKENS, 0)) / (0.60 / 1e6))  # the most that fits
+    assert cost(PROMPT_TOKENS, sent) <= soft < cost(PROMPT_TOKENS, sent + 1)
+    assert resp.headers["X-ReliAPI-Max-Tokens"] == f"2000->{sent}"
+    line = logs[-1]
+    assert line["cost_policy_applied"] == "soft_cap_reduced" and line["original_max_tokens"] == 2000
+    assert line["cost_estimate_usd"] == pytest.approx(cost(PROMPT_TOKENS, sent), abs=1e-8)
+
+
+async def test_the_soft_cap_never_goes_below_16_and_keeps_the_clients_field(fake, gateway) -> None:
+    client, _ = await gateway(config(fake.url, "soft_cost_cap_usd: 0.000001"))  # less than the prompt alone
+    resp = await client.post("/v1/chat/completions", json=chat(500, field="max_completion_tokens"))
+    sent = fake.requests[0].json()
+    assert resp.status == 200 and sent["max_completion_tokens"] == 16 and "max_tokens" not in sent
+    assert resp.headers["X-ReliAPI-Max-Tokens"] == "500->16"
+
+
+async def test_under_the_caps_the_body_is_sent_byte_for_byte(fake, gateway) -> None:
+    client, _ = await gateway(config(fake.url, "soft_cost_cap_usd: 1, hard_cost_cap_usd: 2, max_tokens: 4096"))
+    raw = b'{"messages": [{"role": "user", "content": "hi"}],   "model": "gpt-4o-mini", "max_tokens": 50}'
+    resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 200 and fake.requests[0].body == raw
+    assert "X-ReliAPI-Max-Tokens" not in resp.headers
+
+
+async def test_max_tokens_above_the_targets_limit_is_clamped(fake, gateway) -> None:
+    client, _ = await gateway(config(fake.url, "max_tokens: 256"))
+    await client.post("/v1/chat/completions", json=chat(10_000))
+    await client.post("/v1/chat/completions", json=chat(100))
+    assert [r.json()["max_tokens"] for r in fake.requests] == [256, 100]
+
+
+async def test_without_max_tokens_the_estimate_uses_the_targets_limit(fake, gateway) -> None:
+    client, _ = await gateway(config(fake.url, "max_tokens: 4000, hard_cost_cap_usd: 0.002"))
+    resp = await client.post("/v1/chat/completions", json=chat())  # ≈ $0.00255 with 4,000 output tokens
+    assert resp.status == 400 and fake.requests == []
+
+
+async def test_a_tenants_caps_override_the_targets(fake, gateway) -> None:
+    tenants = """
+tenants:
+  - name: frugal
+    api_key: frugal-key-0001
+    budget_caps: {up: {hard_cost_cap_usd: 0.0003}}
+  - name: roomy
+    api_key: roomy-key-0002
+    budget_caps: {hard_cost_cap_usd: 1.0}
+  - name: plain
+    api_key: plain-key-0003
+"""
+    client, _ = await gateway(config(fake.url, "hard_cost_cap_usd: 0.001", tenants=tenants))
+    statuses = []
+    for key in ("frugal-key-0001", "roomy-key-0002", "plain-key-0003"):
+        resp = await client.post("/v1/chat/completions", json=chat(1000), headers={"Authorization": f"Bearer {key}"})
+        statuses.append(resp.status)
+    assert cost(PROMPT_TOKENS, 1000) == pytest.approx(0.00075, rel=0.01)
+    assert statuses == [400, 200, 200]  # 0.00075 > 0.0003 (own cap); < 1.0 (own "*"); < 0.001 (the target's)
+
+
+async def test_an_unpriced_model_is_served_uncapped(fake, gateway) -> None:
+    client, logs = await gateway(config(fake.url, "hard_cost_cap_usd: 0.000001, max_tokens: 64"))
+    resp = await client.post("/v1/chat/completions", json=chat(500, model="mystery-7b"))
+    assert resp.status == 200 and fake.requests[0].json()["max_tokens"] == 64  # still clamped
+    assert "cost_estimate_usd" not in logs[-1]
+
+
+async def test_pricing_from_the_config_changes_the_estimate(fake, gateway) -> None:
+    pricing = "pricing: {mystery-7b: {input: 1000, output: 1000}}"
+    client, _ = await gateway(config(fake.url, "hard_cost_cap_usd: 0.01", pricing=pricing))
+    resp = await client.post("/v1/chat/completions", json=chat(10, model="mystery-7b"))
+    assert resp.status == 400 and fake.requests == []
