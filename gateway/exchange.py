@@ -32,6 +32,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
+        "user", "settlement",
     )
 
     def __init__(
@@ -79,6 +80,8 @@ class Exchange:
         self.max_tokens = max_tokens  # the body's max_tokens / max_completion_tokens
         self.idempotency_key = idempotency_key  # the body's idempotency_key field (headers are read by the policy)
         self.cache_ttl: float | None = None  # an envelope's "cache" TTL override
+        self.user: str | None = None  # the body's user / user_id (usage accounting)
+        self.settlement: Any = None  # a tenant spend reservation to settle (policies.budget)
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

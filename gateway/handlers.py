@@ -51,6 +51,8 @@ class _Peek(msgspec.Struct):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     idempotency_key: str | None = None
+    user: str | None = None
+    user_id: str | int | None = None
 
 
 _peek = msgspec.json.Decoder(_Peek).decode
@@ -98,6 +100,9 @@ def _shape(ex: Exchange, peek: _Peek) -> Exchange:
         ex.include_usage = True
     ex.max_tokens = peek.max_completion_tokens if peek.max_tokens is None else peek.max_tokens
     ex.idempotency_key = peek.idempotency_key
+    user = peek.user if peek.user is not None else peek.user_id
+    if user is not None:
+        ex.user = str(user)[:128]
     return ex
 
 

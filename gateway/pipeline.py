@@ -49,6 +49,7 @@ from policies import (
     rate_limit,
     retry,
     tenants,
+    usage,
 )
 from providers import stream_format
 
@@ -73,6 +74,7 @@ def request_policies(rt: Runtime, *, keyed: bool = False) -> list[Policy | None]
         budget.policy(rt),
         idempotency.policy(rt) if keyed else None,
         cache.policy(rt),
+        usage.policy(rt),  # inside the cache: a hit or a replay is not usage
         fallback.policy(rt),
     ]
 

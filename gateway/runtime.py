@@ -25,6 +25,7 @@ from gateway.shared import SharedState
 from gateway.store import Store, StoreError, open_store
 from gateway.targets import Router, Target
 from policies.tenants import Tenants
+from providers.pricing import PriceTable
 
 log = logging.getLogger("reliapi")
 
@@ -52,6 +53,7 @@ class Runtime:
         }
         self.router = Router(config, self.targets)
         self.tenants = Tenants(config, env)
+        self.prices = PriceTable(config.pricing)
         self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(s for t in self.targets.values() for s in t.credential.secrets)

@@ -256,6 +256,30 @@ async def test_gcra_rejects_nonsense_parameters(store: Store) -> None:
         await store.take("k", rate_per_s=1, burst=-1)
 
 
+async def test_hincr_many_adds_a_whole_row_at_once(store: Store) -> None:
+    await store.hincr_many("row", {"requests": 1, "cost_usd": 0.25}, ttl_s=60)
+    await store.hincr_many("row", {"requests": 1, "cost_usd": 0.5, "prompt_tokens": 7}, ttl_s=60)
+    assert await store.hgetall("row") == {"requests": 2.0, "cost_usd": 0.75, "prompt_tokens": 7.0}
+
+
+async def test_reserve_holds_every_window_or_none(store: Store) -> None:
+    keys, limits, ttls = ["day", "month"], [1.0, 1.5], [60.0, 600.0]
+    assert await store.reserve(keys, 0.6, limits, ttls) == -1
+    assert await store.reserve(keys, 0.6, limits, ttls) == 0  # the day would overrun: nothing added
+    assert float(await store.get("month") or 0) == pytest.approx(0.6)
+    await store.incr_float("day", -0.6)  # a settlement refunds the day
+    assert await store.reserve(keys, 0.6, limits, ttls) == -1
+    assert await store.reserve(keys, 0.6, limits, ttls) == 0
+    await store.incr_float("day", -1.2)
+    assert await store.reserve(keys, 0.6, limits, ttls) == 1  # now the month is what overruns
+
+
+async def test_reserve_is_atomic_under_concurrency(store: Store) -> None:
+    results = await asyncio.gather(*(store.reserve(["spend"], 1.0, [10.0], [60.0]) for _ in range(50)))
+    assert results.count(-1) == 10
+    assert float(await store.get("spend") or 0) == pytest.approx(10.0)
+
+
 # -- lists -----------------------------------------------------------------------
 
 

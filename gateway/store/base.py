@@ -166,6 +166,17 @@ class Store(abc.ABC):
         """Add to one float field of a hash (usage rows); ``ttl_s`` as in ``incr``."""
 
     @abc.abstractmethod
+    async def hincr_many(self, key: str, amounts: dict[str, float], ttl_s: float | None = None) -> None:
+        """``hincr`` of several fields at once, atomically (one usage row per request)."""
+
+    @abc.abstractmethod
+    async def reserve(self, keys: list[str], amount: float, limits: list[float], ttl_s: list[float]) -> int:
+        """Add ``amount`` to every float counter in ``keys`` only if each stays within its
+        limit, atomically (a spend reservation across day and month windows). Returns -1 when
+        reserved, else the index of the first counter it would overrun (nothing is added).
+        A counter's ``ttl_s`` is set at its first use, as in ``incr``."""
+
+    @abc.abstractmethod
     async def hgetall(self, key: str) -> dict[str, float]:
         """All fields of a ``hincr`` hash; empty when the key is absent."""
 

@@ -152,6 +152,20 @@ class MemoryStore(Store):
         self._put(key, fields, expires_at)
         return fields[field]
 
+    async def hincr_many(self, key: str, amounts: dict[str, float], ttl_s: float | None = None) -> None:
+        for field, amount in amounts.items():
+            await self.hincr(key, field, amount, ttl_s)
+
+    async def reserve(self, keys: list[str], amount: float, limits: list[float], ttl_s: list[float]) -> int:
+        for i, key in enumerate(keys):
+            entry = self._typed(key, bytes)
+            current = float(entry[0]) if entry is not None else 0.0  # type: ignore[arg-type]
+            if current + amount > limits[i] + 1e-12:
+                return i
+        for key, ttl in zip(keys, ttl_s, strict=True):
+            self._add(key, amount, ttl, float)
+        return -1
+
     async def hgetall(self, key: str) -> dict[str, float]:
         entry = self._typed(key, dict)
         return {} if entry is None else dict(entry[0])  # type: ignore[arg-type]

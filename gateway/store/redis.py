@@ -51,6 +51,28 @@ if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], 'done') end
 return 1
 """
 
+# ARGV: ttl ms or '', then field, amount pairs.
+_HINCR_MANY = """
+for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[1] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# KEYS: counters; ARGV: amount, then limit and ttl ms per key. -1 when reserved, else the
+# 0-based index of the first counter the amount would overrun.
+_RESERVE = """
+local amount = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if current + amount > tonumber(ARGV[2 * i]) + 1e-12 then return i - 1 end
+end
+for i = 1, #KEYS do
+  redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
+  if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[2 * i + 1]) end
+end
+return -1
+"""
+
 # ARGV: value, ttl ms. Nil when claimed, else the value that holds the key.
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return false end
@@ -148,6 +170,8 @@ class RedisStore(Store):
         self._gcra = Script(self._resp, _GCRA)
         self._append = Script(self._resp, _APPEND)
         self._claim = Script(self._resp, _CLAIM)
+        self._hincr_many = Script(self._resp, _HINCR_MANY)
+        self._reserve = Script(self._resp, _RESERVE)
         self._hub = ChannelHub(self._client, anchor=self._prefix + "__store_anchor__", error=self._error)
 
     @property
@@ -223,6 +247,20 @@ class RedisStore(Store):
 
     async def hincr(self, key: str, field: str, amount: float, ttl_s: float | None = None) -> float:
         return float(await self._count(key, "HINCRBYFLOAT", ttl_s, field, amount))
+
+    async def hincr_many(self, key: str, amounts: dict[str, float], ttl_s: float | None = None) -> None:
+        args: list[str | float | int] = ["" if ttl_s is None else _ms(ttl_s)]
+        for field, amount in amounts.items():
+            args += [field, amount]
+        with self._wrap_errors("hincr_many"):
+            await self._hincr_many(keys=[self._k(key)], args=args)
+
+    async def reserve(self, keys: list[str], amount: float, limits: list[float], ttl_s: list[float]) -> int:
+        args: list[float | int] = [amount]
+        for limit, ttl in zip(limits, ttl_s, strict=True):
+            args += [limit, _ms(ttl)]
+        with self._wrap_errors("reserve"):
+            return int(await self._reserve(keys=[self._k(k) for k in keys], args=args))
 
     async def hgetall(self, key: str) -> dict[str, float]:
         with self._wrap_errors("hgetall"):

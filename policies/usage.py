@@ -1,0 +1,172 @@
+"""Usage and cost accounting (SPEC §5 Usage; issue #5 point 5).
+
+For every answer an LLM target actually produced (not a cache hit, not an idempotent
+replay — those policies sit outside this one), the tokens come from the upstream's own
+report: a complete answer's ``usage`` (OpenAI ``prompt_tokens``/``completion_tokens``,
+Anthropic ``input_tokens`` (+ cache reads and writes)/``output_tokens``), or a stream's
+usage chunk or ``message_delta``, read by the stream watcher when the stream ends. A
+stream that ended without a report (a client that left, a cut) is counted from what was
+sent: the prompt estimate, and the text the client received at about 4 characters a token.
+Failed answers (4xx/5xx) cost nothing.
+
+The cost is the model's price (``providers.pricing``; unknown models are counted as
+unpriced). Each answer adds one row per tenant / user / target / model / UTC day to the
+store — ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` — written in
+the background: a store that is down loses the row (logged), never the request. The user
+is ``X-ReliAPI-User``, else the body's ``user`` or ``user_id``. The access log gets
+``prompt_tokens``, ``completion_tokens`` and ``cost_usd``; a tenant's spend reservation
+(``policies.budget``) is settled with the cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from providers.pricing import estimate_prompt_tokens
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange, Reply
+    from gateway.pipeline import Handler, Policy
+    from gateway.runtime import Runtime
+
+log = logging.getLogger("reliapi")
+
+X_RELIAPI_USER = "X-ReliAPI-User"
+USAGE_TTL_S = 400 * 86400  # a day's rows are kept for about 13 months
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class _Body(msgspec.Struct):
+    usage: _Usage | None = None
+    model: str | None = None
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+
+
+def read_usage(body: bytes) -> tuple[int, int, str | None] | None:
+    """(prompt, completion, model) from a complete answer of either dialect; None without usage."""
+    try:
+        doc = _decode_body(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    u = doc.usage
+    if u is None:
+        return None
+    if u.prompt_tokens is not None or u.completion_tokens is not None:
+        return u.prompt_tokens or 0, u.completion_tokens or 0, doc.model
+    if u.input_tokens is not None or u.output_tokens is not None:
+        prompt = (u.input_tokens or 0) + (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
+        return prompt, u.output_tokens or 0, doc.model
+    return None
+
+
+def day_of(now: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(now))
+
+
+def usage_key(day: str, tenant: str | None, user: str | None, target: str, model: str | None) -> str:
+    return f"usage:{day}:{tenant or '-'}:{user or '-'}:{target}:{model or '-'}"
+
+
+def user_of(ex: Exchange) -> str | None:
+    user = ex.headers.get(X_RELIAPI_USER)
+    if user:
+        return user[:128]
+    return ex.user
+
+
+def policy(rt: Runtime) -> Policy | None:
+    if not any(t.kind == "llm" for t in rt.targets.values()):
+        return None
+    prices = rt.prices
+    clock = rt.clock
+    store = rt.store
+    shared = rt.shared
+
+    def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> None:
+        model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
+        price = prices.price(model)
+        cost = price.cost(prompt, completion) if price is not None else None
+        log = ex.log
+        log["prompt_tokens"], log["completion_tokens"] = prompt, completion
+        if cost is not None:
+            log["cost_usd"] = round(cost, 8)
+        if ex.settlement is not None:
+            ex.settlement.settle(cost or 0.0)
+        target = log.get("fallback_target") or ex.target.name
+        row: dict[str, float] = {"requests": 1, "prompt_tokens": prompt, "completion_tokens": completion}
+        if cost is not None:
+            row["cost_usd"] = cost
+        else:
+            row["unpriced_requests"] = 1
+        key = usage_key(day_of(clock.time()), ex.tenant, user_of(ex), target, model)
+        shared.spawn(store.hincr_many(key, row, USAGE_TTL_S), "usage row")
+
+    def unbilled(ex: Exchange) -> None:
+        if ex.settlement is not None:
+            ex.settlement.settle(0.0)
+
+    def stream_ended(ex: Exchange, reply: Reply) -> None:
+        prompt, completion = ex.log.get("prompt_tokens"), ex.log.get("completion_tokens")
+        if reply.status >= 400:
+            unbilled(ex)
+            return
+        if completion is None:  # no usage report: count what was sent
+            reader = reply.reader
+            sent = len(reader.text) if reader is not None else 0
+            completion = math.ceil(sent / 4)
+        if prompt is None:
+            prompt = _prompt_estimate(ex)
+        record(ex, prompt, completion, None)
+
+    async def usage(ex: Exchange, call_next: Handler) -> Reply:
+        if ex.target.kind != "llm":
+            return await call_next(ex)
+        try:
+            reply = await call_next(ex)
+        except BaseException:
+            unbilled(ex)
+            raise
+        if reply.chunks is not None:
+            if ex.settlement is not None:
+                ex.settlement.expected = True  # settled when the stream ends, however it ends
+            reply.on_close(lambda error: _guarded(stream_ended, ex, reply))
+            return reply
+        found = read_usage(reply.body) if 200 <= reply.status < 300 and reply.body else None
+        if found is None:
+            unbilled(ex)
+        else:
+            record(ex, *found)
+        return reply
+
+    return usage
+
+
+def _guarded(fn: Any, *args: Any) -> None:
+    """Accounting runs as a stream closes: a bug in it must never break the client's stream."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("usage accounting failed")
+
+
+def _prompt_estimate(ex: Exchange) -> int:
+    try:
+        body: Any = msgspec.json.decode(ex.body)
+    except msgspec.DecodeError:
+        return 0
+    return estimate_prompt_tokens(body) if isinstance(body, dict) else 0

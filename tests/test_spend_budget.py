@@ -1,0 +1,207 @@
+"""Tenant spend budgets that hold under concurrency and across instances, and usage accounting
+(issue #5 points 4 and 5): reserve the estimate atomically, settle to the real cost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.store import StoreError
+from gateway.store.memory import MemoryStore
+from policies.usage import day_of, usage_key
+from tests.fakes import Fault
+from tests.stores import drop, new_prefix, redis_store
+
+PROMPT = "x" * 4000  # ≈ 1,007 prompt tokens by the gateway's estimate
+ESTIMATE = (1007 * 0.15 + 1000 * 0.60) / 1e6  # gpt-4o-mini with max_tokens 1000 ≈ $0.00075
+ACTUAL = (5 * 0.15 + 4 * 0.60) / 1e6  # what the fake reports: 5 prompt + 4 completion tokens
+KEY = {"Authorization": "Bearer acme-key-123456"}
+
+
+def chat(**extra) -> dict:
+    return {"model": "gpt-4o-mini", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}], **extra}
+
+
+def config(url: str, *, daily: float, store: str = "") -> str:
+    return f"""
+server: {{default_target: up}}
+{store}
+tenants:
+  - name: acme
+    api_key: acme-key-123456
+    budget: {{daily_usd: {daily}, monthly_usd: 100}}
+  - name: free
+    api_key: free-key-123456
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*"]
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+"""
+
+
+def spend_key(now: float) -> str:
+    return f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime(now))}"
+
+
+async def spent(store, now: float | None = None) -> float:
+    return float(await store.get(spend_key(now or time.time())) or 0)
+
+
+async def settled(store, expected: float) -> None:
+    for _ in range(200):  # settlements are written in the background
+        if await spent(store) == pytest.approx(expected, abs=1e-9):
+            return
+        await asyncio.sleep(0.01)
+    assert await spent(store) == pytest.approx(expected, abs=1e-9)
+
+
+async def burst(clients, n: int) -> list[int]:
+    async def one(i: int) -> int:
+        async with clients[i % len(clients)].post("/v1/chat/completions", json=chat(), headers=KEY) as resp:
+            await resp.read()
+            return resp.status
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_fifty_concurrent_requests_against_a_budget_for_ten_send_ten(fake, gateway):
+    store = MemoryStore()
+    client, _ = await gateway(config(fake.url, daily=ESTIMATE * 10.5), store=store)
+    fake.script = lambda n, seen: Fault(delay_ms=300)  # all fifty in flight together
+    statuses = await burst([client], 50)
+    assert statuses.count(200) == 10 and statuses.count(402) == 40
+    assert len(fake.requests) == 10
+    await settled(store, 10 * ACTUAL)  # each reservation settled to the real cost
+    assert (await burst([client], 1)) == [200]  # the refunds made room again
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_two_gateways_sharing_a_store_hold_one_budget(fake, gateway, backend):
+    if backend == "memory":
+        shared = MemoryStore()
+        stores = [shared, shared]
+    else:
+        prefix = new_prefix()
+        stores = [await redis_store(prefix), await redis_store(prefix)]
+    try:
+        clients = [(await gateway(config(fake.url, daily=ESTIMATE * 10.5), store=s))[0] for s in stores]
+        fake.script = lambda n, seen: Fault(delay_ms=300)
+        statuses = await burst(clients, 50)
+        assert statuses.count(200) == 10 and len(fake.requests) == 10
+        await settled(stores[0], 10 * ACTUAL)
+    finally:
+        if backend == "redis":
+            await drop(stores[0])
+            await stores[1].close()
+
+
+async def test_an_exhausted_budget_is_402_with_the_reset_time(fake, gateway):
+    client, _ = await gateway(config(fake.url, daily=ESTIMATE * 0.5))
+    resp = await client.post("/v1/chat/completions", json=chat(), headers=KEY)
+    body = await resp.json()
+    assert resp.status == 402 and body["error"]["code"] == "budget_exhausted"
+    assert "daily budget" in body["error"]["message"] and "resets at" in body["error"]["message"]
+    assert body["error"]["message"].rstrip("Z").endswith("T00:00:00")
+    assert 1 <= int(resp.headers["Retry-After"]) <= 86400
+    assert fake.requests == []
+    free = await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer free-key-123456"})
+    assert free.status == 200  # a tenant without a budget is not metered
+
+
+async def test_failed_answers_are_not_charged(fake, gateway):
+    store = MemoryStore()
+    client, _ = await gateway(config(fake.url, daily=1.0), store=store)
+    fake.plan(Fault(status=503))
+    resp = await client.post("/v1/chat/completions", json=chat(), headers=KEY)
+    assert resp.status == 503
+    await settled(store, 0.0)
+
+
+async def test_a_stream_is_settled_with_its_reported_usage(fake, gateway):
+    store = MemoryStore()
+    client, logs = await gateway(config(fake.url, daily=1.0), store=store)
+    fake.plan(Fault(chunks=6))
+    body = chat(stream=True, stream_options={"include_usage": True})
+    async with client.post("/v1/chat/completions", json=body, headers=KEY) as resp:
+        assert resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
+    await settled(store, (5 * 0.15 + 6 * 0.60) / 1e6)
+    assert logs[-1]["completion_tokens"] == 6 and logs[-1]["cost_usd"] == pytest.approx((5 * 0.15 + 6 * 0.60) / 1e6)
+
+
+async def test_an_abandoned_stream_is_settled_from_what_was_sent(fake, gateway):
+    store = MemoryStore()
+    client, _ = await gateway(config(fake.url, daily=1.0), store=store)
+    fake.plan(Fault(chunks=50, interval_ms=50))
+    async with client.post("/v1/chat/completions", json=chat(stream=True), headers=KEY) as resp:
+        await resp.content.readline()  # the first event, then the client leaves
+    charged = 0.0
+    for _ in range(200):
+        charged = await spent(store)
+        if 0 < charged < ESTIMATE:
+            break
+        await asyncio.sleep(0.01)
+    assert 0 < charged < ESTIMATE  # the prompt and the text sent so far, not the whole reservation
+
+
+async def test_usage_rows_per_tenant_user_target_model_and_day(fake, gateway):
+    store = MemoryStore()
+    client, logs = await gateway(config(fake.url, daily=1.0), store=store)
+    await client.post("/v1/chat/completions", json=chat(user="alice"), headers=KEY)
+    await client.post("/v1/chat/completions", json=chat(), headers={**KEY, "X-ReliAPI-User": "bob"})
+    await client.post("/v1/chat/completions", json=chat(user="alice"), headers=KEY)
+    line = logs[-1]
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (5, 4) and line["cost_usd"] == pytest.approx(ACTUAL)
+    day = day_of(time.time())
+    for _ in range(100):
+        alice = await store.hgetall(usage_key(day, "acme", "alice", "up", "gpt-4o-mini"))
+        if alice.get("requests") == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert alice["requests"] == 2 and alice["prompt_tokens"] == 10 and alice["completion_tokens"] == 8
+    assert alice["cost_usd"] == pytest.approx(2 * ACTUAL)
+    bob = await store.hgetall(usage_key(day, "acme", "bob", "up", "gpt-4o-mini"))
+    assert bob["requests"] == 1
+
+
+async def test_an_unknown_model_is_served_and_counted_unpriced(fake, gateway):
+    store = MemoryStore()
+    cfg = config(fake.url, daily=1.0).replace('models: ["gpt-*"]', 'models: ["gpt-*", "house-*"]')
+    client, logs = await gateway(cfg, store=store)
+    resp = await client.post("/v1/chat/completions", json=chat(model="house-7b"), headers=KEY)
+    assert resp.status == 200 and "cost_usd" not in logs[-1]
+    for _ in range(100):
+        row = await store.hgetall(usage_key(day_of(time.time()), "acme", None, "up", "house-7b"))
+        if row:
+            break
+        await asyncio.sleep(0.01)
+    assert row == {"requests": 1.0, "prompt_tokens": 5.0, "completion_tokens": 4.0, "unpriced_requests": 1.0}
+
+
+class DownStore(MemoryStore):
+    async def reserve(self, *args, **kwargs):
+        raise StoreError("redis reserve failed: ConnectionError: refused")
+
+
+async def test_a_store_that_is_down_fails_budgeted_requests_closed_unless_fail_open(fake, gateway):
+    client, _ = await gateway(config(fake.url, daily=1.0), store=DownStore())
+    resp = await client.post("/v1/chat/completions", json=chat(), headers=KEY)
+    body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "store_unavailable" and "budget" in body["error"]["message"]
+    assert fake.requests == []
+    open_client, _ = await gateway(config(fake.url, daily=1.0, store="store: {fail_open: true}"), store=DownStore())
+    assert (await open_client.post("/v1/chat/completions", json=chat(), headers=KEY)).status == 200
+
+
+async def test_a_cache_hit_is_neither_usage_nor_spend(fake, gateway):
+    store = MemoryStore()
+    cfg = config(fake.url, daily=1.0).replace('retry_matrix:', 'cache: {ttl_s: 60}\n    retry_matrix:')
+    client, _ = await gateway(cfg, store=store)
+    await client.post("/v1/chat/completions", json=chat(), headers=KEY)
+    await settled(store, ACTUAL)
+    hit = await client.post("/v1/chat/completions", json=chat(), headers=KEY)
+    assert hit.headers["X-Cache"] == "HIT"
+    await settled(store, ACTUAL)  # the hit's reservation was refunded in full
