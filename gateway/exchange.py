@@ -32,7 +32,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
-        "user", "settlement",
+        "user", "settlement", "usage_body",
     )
 
     def __init__(
@@ -82,6 +82,9 @@ class Exchange:
         self.cache_ttl: float | None = None  # an envelope's "cache" TTL override
         self.user: str | None = None  # the body's user / user_id (usage accounting)
         self.settlement: Any = None  # a tenant spend reservation to settle (policies.budget)
+        # ask OpenAI targets for the stream's usage chunk (policies.usage): the cost becomes exact,
+        # and the chunk the client did not ask for is dropped; (body, body with include_usage)
+        self.usage_body: tuple[bytes, bytes | None] | None = None
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

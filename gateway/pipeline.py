@@ -37,7 +37,7 @@ from gateway.errors import UpstreamTimeout
 from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
 from gateway.sse import Aligner
-from gateway.streams import read_head, watch
+from gateway.streams import read_head, strip_usage_chunks, watch
 from policies import (
     budget,
     bulkhead,
@@ -136,8 +136,13 @@ def upstream_sender(rt: Runtime) -> Handler:
             if left <= 0:
                 raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
             timeout = min(timeout, left)
+        body, strip_usage = ex.body, False
+        if ex.usage_body is not None and target.provider.name == "openai":
+            asked = usage.asking_usage(ex)  # per attempt: a fallback may have changed the body
+            if asked is not None:
+                body, strip_usage = asked, True
         reply = await target.transport.send(
-            ex.method, ex.url(), headers, ex.body,
+            ex.method, ex.url(), headers, body,
             timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
         )
         if reply.status >= 400 and reply.body is not None:
@@ -145,7 +150,7 @@ def upstream_sender(rt: Runtime) -> Handler:
                 reply.body = scrub.bytes(reply.body)  # an upstream error that echoes a configured key
             reply.failure = target.provider.classify(reply.status, reply.headers, reply.body, clock.time())
         elif reply.chunks is not None:
-            _watch_stream(ex, reply, target)
+            _watch_stream(ex, reply, target, strip_usage=strip_usage)
             if reply.failure is None and reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
         return reply
@@ -153,7 +158,7 @@ def upstream_sender(rt: Runtime) -> Handler:
     return send_upstream
 
 
-def _watch_stream(ex: Exchange, reply: Reply, target: Target) -> None:
+def _watch_stream(ex: Exchange, reply: Reply, target: Target, *, strip_usage: bool = False) -> None:
     """Put an SSE stream of a known format under ``gateway.streams.watch``; an error event in
     its head makes the reply a failure the policies can still retry or fall back from."""
     if not reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
@@ -161,13 +166,15 @@ def _watch_stream(ex: Exchange, reply: Reply, target: Target) -> None:
     fmt = stream_format(ex.rel_path)
     if fmt is None:
         return
-    reader = fmt(choices=ex.choices, include_usage=ex.include_usage)
+    reader = fmt(choices=ex.choices, include_usage=ex.include_usage or strip_usage)
     aligner = Aligner()
     first = read_head(reader, aligner, reply.head)
+    if strip_usage:
+        first = strip_usage_chunks(first)
     if reader.error_failure is not None:
         reply.failure = reader.error_failure
     reply.chunks = watch(
         reply.chunks, reader, aligner, first, skip_head=bool(reply.head), ex=ex, target=target.name,  # type: ignore[arg-type]
-        hold_errors=target.config.stream_recovery == "continue",
+        hold_errors=target.config.stream_recovery == "continue", strip_usage=strip_usage,
     )
     reply.reader = reader

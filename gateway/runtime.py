@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from gateway.clock import Clock
@@ -55,6 +55,7 @@ class Runtime:
         self.tenants = Tenants(config, env)
         self.prices = PriceTable(config.pricing)
         self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
+        self.closers: list[Callable[[], Awaitable[None]]] = []  # policies' own last writes (usage counts)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(s for t in self.targets.values() for s in t.credential.secrets)
         self.access_log = access_log or AccessLog(access_log_write)
@@ -79,6 +80,11 @@ class Runtime:
     async def close(self, *, close_store: bool = True, close_log: bool = True) -> None:
         if self.background:  # answers others wait for (idempotency, cache) finish, within the grace period
             await asyncio.wait(list(self.background), timeout=max(self.config.server.shutdown_grace_s, 0.1))
+        for closer in self.closers:
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing a policy failed")
         await self.shared.close()
         for target in self.targets.values():
             await target.transport.close()

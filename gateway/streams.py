@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import msgspec
+
 from gateway.errors import StreamBroken
 from gateway.exchange import Exchange
 from gateway.sse import Aligner, events, split_events
@@ -43,12 +45,14 @@ def read_head(reader: StreamReader, aligner: Aligner, head: bytes) -> bytes:
 
 async def watch(
     chunks: AsyncIterator[bytes], reader: StreamReader, aligner: Aligner, first: bytes, *,
-    skip_head: bool, ex: Exchange, target: str, hold_errors: bool = False,
+    skip_head: bool, ex: Exchange, target: str, hold_errors: bool = False, strip_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     """Relay ``chunks`` (whose first item, the head, was read by ``read_head`` and gave ``first``).
 
     ``hold_errors``: an upstream in-band error event is not relayed but raised as
     ``StreamBroken``, so a continuation can take over (``stream_recovery: continue``).
+    ``strip_usage``: the gateway asked for the usage chunk, the client did not: it is read,
+    not relayed.
     """
     it = chunks.__aiter__()
     head_error = reader.error is not None  # an error in the head was relayed: it is the client's answer
@@ -87,6 +91,10 @@ async def watch(
             else:
                 for name, data in events(out):
                     reader.feed(name, data)
+            if strip_usage and b'"usage"' in out:
+                out = strip_usage_chunks(out)
+                if not out:
+                    continue
             yield out
         tail = aligner.pending
         if tail:  # a last event without its blank line: relayed as sent
@@ -109,6 +117,27 @@ async def watch(
         close = getattr(it, "aclose", None)
         if close is not None:
             await close()
+
+
+def strip_usage_chunks(out: bytes) -> bytes:
+    """``out`` without OpenAI's usage-only chunk (``"choices": []`` and a ``usage``)."""
+    if b'"usage"' not in out:
+        return out
+    kept = []
+    for raw in split_events(out):
+        if not any(_usage_only(data) for _, data in events(raw)):
+            kept.append(raw)
+    return b"".join(kept)
+
+
+def _usage_only(data: bytes) -> bool:
+    if b'"usage"' not in data:
+        return False
+    try:
+        chunk = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(chunk, dict) and not chunk.get("choices") and bool(chunk.get("usage"))
 
 
 def _until_error(reader: StreamReader, out: bytes) -> bytes:

@@ -20,6 +20,7 @@ is ``X-ReliAPI-User``, else the body's ``user`` or ``user_id``. The access log g
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from gateway.exchange import OPENAI
+from gateway.store import StoreError
 from providers.pricing import estimate_prompt_tokens
 
 if TYPE_CHECKING:
@@ -94,8 +97,8 @@ def policy(rt: Runtime) -> Policy | None:
         return None
     prices = rt.prices
     clock = rt.clock
-    store = rt.store
-    shared = rt.shared
+    book = UsageBook(rt.store)
+    rt.closers.append(book.close)
 
     def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> None:
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
@@ -113,8 +116,7 @@ def policy(rt: Runtime) -> Policy | None:
             row["cost_usd"] = cost
         else:
             row["unpriced_requests"] = 1
-        key = usage_key(day_of(clock.time()), ex.tenant, user_of(ex), target, model)
-        shared.spawn(store.hincr_many(key, row, USAGE_TTL_S), "usage row")
+        book.add(usage_key(day_of(clock.time()), ex.tenant, user_of(ex), target, model), row)
 
     def unbilled(ex: Exchange) -> None:
         if ex.settlement is not None:
@@ -136,6 +138,9 @@ def policy(rt: Runtime) -> Policy | None:
     async def usage(ex: Exchange, call_next: Handler) -> Reply:
         if ex.target.kind != "llm":
             return await call_next(ex)
+        if ex.stream and not ex.include_usage and ex.dialect == OPENAI and \
+                ex.rel_path.removeprefix("v1/") in _CHAT_PATHS:
+            ex.usage_body = (b"", None)  # computed per attempt (asking_usage)
         try:
             reply = await call_next(ex)
         except BaseException:
@@ -154,6 +159,86 @@ def policy(rt: Runtime) -> Policy | None:
         return reply
 
     return usage
+
+
+_CHAT_PATHS = frozenset(("chat/completions", "completions"))
+FLUSH_EVERY_S = 1.0
+
+
+class UsageBook:
+    """Usage rows summed in memory and written to the store once a second, one ``hincr_many``
+    per row key: no store call and no task per request. A crash loses at most the last
+    second of counts; a store that is down keeps them until it is back (bounded)."""
+
+    MAX_KEYS = 100_000
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.rows: dict[str, dict[str, float]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self._logged_at = -30.0
+
+    def add(self, key: str, row: dict[str, float]) -> None:
+        if key not in self.rows and len(self.rows) >= self.MAX_KEYS:
+            return
+        self.add_quietly(key, row)
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while self.rows:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            await self.flush()
+        self.task = None
+
+    async def flush(self) -> None:
+        rows, self.rows = self.rows, {}
+        pending = list(rows.items())
+        while pending:
+            key, row = pending[-1]
+            try:
+                await self.store.hincr_many(key, row, USAGE_TTL_S)
+            except StoreError as e:
+                for key, row in pending:  # keep what is not written for the next flush
+                    self.add_quietly(key, row)
+                now = time.monotonic()
+                if now - self._logged_at >= 30:
+                    self._logged_at = now
+                    log.warning("usage: store unavailable, keeping counts in memory: %s", e)
+                return
+            pending.pop()
+
+    def add_quietly(self, key: str, row: dict[str, float]) -> None:
+        into = self.rows.setdefault(key, {})
+        for field, amount in row.items():
+            into[field] = into.get(field, 0.0) + amount
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if self.rows:
+            await self.flush()
+
+
+def asking_usage(ex: Exchange) -> bytes | None:
+    """``ex.body`` with ``stream_options.include_usage: true`` (None when it is not a JSON
+    object); remembered for the body it was made from, so retries reuse it."""
+    made = ex.usage_body
+    body = ex.body
+    if made is not None and made[0] is body:
+        return made[1]
+    try:
+        doc: Any = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        doc = None
+    out = None
+    if isinstance(doc, dict):
+        options = doc.get("stream_options")
+        doc["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        out = msgspec.json.encode(doc)
+    ex.usage_body = (body, out)
+    return out
 
 
 def _guarded(fn: Any, *args: Any) -> None:

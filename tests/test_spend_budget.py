@@ -205,3 +205,29 @@ async def test_a_cache_hit_is_neither_usage_nor_spend(fake, gateway):
     hit = await client.post("/v1/chat/completions", json=chat(), headers=KEY)
     assert hit.headers["X-Cache"] == "HIT"
     await settled(store, ACTUAL)  # the hit's reservation was refunded in full
+
+
+class FlakyUsageStore(MemoryStore):
+    down = True
+
+    async def hincr_many(self, *args, **kwargs):
+        if self.down:
+            raise StoreError("redis hincr_many failed: ConnectionError: refused")
+        return await super().hincr_many(*args, **kwargs)
+
+
+async def test_usage_counts_survive_a_store_outage_and_are_written_once_it_is_back(fake, gateway):
+    store = FlakyUsageStore()
+    client, _ = await gateway(config(fake.url, daily=1.0).replace("budget: {daily_usd: 1.0, monthly_usd: 100}", ""),
+                              store=store)
+    for _ in range(3):
+        assert (await client.post("/v1/chat/completions", json=chat(user="carol"), headers=KEY)).status == 200
+    await asyncio.sleep(1.2)  # one flush fails: the counts are kept
+    store.down = False
+    key = usage_key(day_of(time.time()), "acme", "carol", "up", "gpt-4o-mini")
+    for _ in range(300):
+        row = await store.hgetall(key)
+        if row:
+            break
+        await asyncio.sleep(0.01)
+    assert row["requests"] == 3 and row["completion_tokens"] == 12

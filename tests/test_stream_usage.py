@@ -1,0 +1,61 @@
+"""OpenAI streams are asked for their usage chunk (SPEC §5 Budget): the cost of a stream is
+exact, and a client that did not ask for the usage chunk does not get it."""
+
+from __future__ import annotations
+
+import msgspec
+
+from tests.fakes import Fault
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def config(url: str) -> str:
+    return f"""
+server: {{default_target: up}}
+targets:
+  up: {{base_url: "{url}/v1", provider: openai, models: ["gpt-*"]}}
+  mistral: {{base_url: "{url}/v1", provider: mistral, models: ["mistral-*"]}}
+"""
+
+
+def data_events(raw: bytes) -> list[dict | str]:
+    out: list[dict | str] = []
+    for block in raw.split(b"\n\n"):
+        if block.startswith(b"data: "):
+            data = block[6:]
+            out.append("[DONE]" if data == b"[DONE]" else msgspec.json.decode(data))
+    return out
+
+
+async def test_the_usage_chunk_is_asked_for_read_and_not_relayed(fake, gateway):
+    client, logs = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=4))
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    events = data_events(await resp.read())
+    sent = fake.requests[0].json()
+    assert sent["stream_options"] == {"include_usage": True}  # asked upstream …
+    assert events[-1] == "[DONE]"
+    assert not any(isinstance(e, dict) and "usage" in e and not e.get("choices") for e in events)  # … not relayed
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == "tok0 tok1 tok2 tok3 "
+    assert (logs[-1]["prompt_tokens"], logs[-1]["completion_tokens"]) == (5, 4)  # … but counted
+    assert logs[-1]["cost_usd"] > 0
+
+
+async def test_a_client_that_asked_for_usage_gets_it_and_its_body_unchanged(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=3))
+    raw = msgspec.json.encode({**CHAT, "stream_options": {"include_usage": True}})
+    resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
+    events = data_events(await resp.read())
+    assert fake.requests[0].body == raw
+    usage = [e for e in events if isinstance(e, dict) and e.get("usage") and not e.get("choices")]
+    assert usage and usage[0]["usage"]["completion_tokens"] == 3
+
+
+async def test_other_stream_options_are_kept_and_other_providers_are_not_asked(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    await (await client.post("/v1/chat/completions", json={**CHAT, "stream_options": {"x": 1}})).read()
+    assert fake.requests[0].json()["stream_options"] == {"x": 1, "include_usage": True}
+    await (await client.post("/v1/chat/completions", json={**CHAT, "model": "mistral-small-latest"})).read()
+    assert "stream_options" not in fake.requests[1].json()
