@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import hdrs, web
@@ -39,6 +39,9 @@ class _StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
 
 
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
 class _Peek(msgspec.Struct):
     """The only body fields the gateway needs; everything else is skipped, not decoded.
 
@@ -46,16 +49,38 @@ class _Peek(msgspec.Struct):
 
     model: str | None = None
     stream: bool | None = None
-    n: int | None = None
+    n: Count | None = None
     stream_options: _StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     idempotency_key: str | None = None
     user: str | None = None
     user_id: str | int | None = None
 
 
+class _ChatMessage(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class _AnthropicMessage(msgspec.Struct):
+    role: Literal["user", "assistant"]
+
+
+class _ChatPeek(_Peek):
+    """A chat completion: its messages must be a list of messages with a known role."""
+
+    messages: list[_ChatMessage] | None = None
+
+
+class _MessagesPeek(_Peek):
+    messages: list[_AnthropicMessage] | None = None
+
+
 _peek = msgspec.json.Decoder(_Peek).decode
+_PEEKS = {
+    "chat/completions": msgspec.json.Decoder(_ChatPeek).decode,
+    "messages": msgspec.json.Decoder(_MessagesPeek).decode,
+}
 
 
 # Request ids: a random per-process prefix and a counter — unique without a syscall per request.
@@ -81,12 +106,12 @@ def _request_id(request: web.Request) -> str:
 _NO_PEEK = _Peek()
 
 
-def _peek_request(request: web.Request, body: bytes, *, json_by_default: bool) -> tuple[_Peek, bool]:
+def _peek_request(request: web.Request, body: bytes, *, json_by_default: bool, rel: str = "") -> tuple[_Peek, bool]:
     """What the body says, and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
     stream = _accepts_sse(request)
     if not body or hdrs.CONTENT_ENCODING in request.headers or not _is_json(request, by_default=json_by_default):
         return _NO_PEEK, stream  # an upload or a compressed body: routed by header or default, never decoded
-    peek = _peek_body(body)
+    peek = _peek_body(body, _PEEKS.get(rel.removeprefix("v1/"), _peek))
     return peek, bool(peek.stream) or stream
 
 
@@ -131,9 +156,9 @@ def _is_json(request: web.Request, *, by_default: bool) -> bool:
     return "json" in ctype
 
 
-def _peek_body(body: bytes) -> _Peek:
+def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
     try:
-        return _peek(body)
+        return decode(body)
     except msgspec.ValidationError as e:
         msg = str(e)
         param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
@@ -165,7 +190,7 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str, tenan
     validate_path(rel)
     dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
     body = await _read_body(request, rt)
-    peek, stream = _peek_request(request, body, json_by_default=True)
+    peek, stream = _peek_request(request, body, json_by_default=True, rel=rel)
     target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
     return _shape(Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
@@ -182,7 +207,7 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant
     validate_path(rel)
     body = await _read_body(request, rt)
     if target.kind == "llm":
-        peek, stream = _peek_request(request, body, json_by_default=False)
+        peek, stream = _peek_request(request, body, json_by_default=False, rel=rel)
     else:
         peek, stream = _NO_PEEK, _accepts_sse(request)
     return _shape(Exchange(

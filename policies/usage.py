@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from gateway.errors import UpstreamError
 from gateway.exchange import OPENAI
 from gateway.store import StoreError
 from providers.pricing import estimate_prompt_tokens
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("reliapi")
 
 X_RELIAPI_USER = "X-ReliAPI-User"
+X_RELIAPI_COST = "X-ReliAPI-Cost-USD"
 USAGE_TTL_S = 400 * 86400  # a day's rows are kept for about 13 months
 
 
@@ -60,12 +62,19 @@ class _Body(msgspec.Struct):
 _decode_body = msgspec.json.Decoder(_Body).decode
 
 
+class NotJSON(Exception):
+    """A provider's complete answer that says it is JSON and is not."""
+
+
 def read_usage(body: bytes) -> tuple[int, int, str | None] | None:
-    """(prompt, completion, model) from a complete answer of either dialect; None without usage."""
+    """(prompt, completion, model) from a complete answer of either dialect; None without usage.
+    Raises ``NotJSON`` for a body that does not parse."""
     try:
         doc = _decode_body(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except msgspec.ValidationError:
         return None
+    except msgspec.DecodeError:
+        raise NotJSON() from None
     u = doc.usage
     if u is None:
         return None
@@ -100,7 +109,7 @@ def policy(rt: Runtime) -> Policy | None:
     book = UsageBook(rt.store)
     rt.closers.append(book.close)
 
-    def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> None:
+    def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> float | None:
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
         price = prices.price(model)
         cost = price.cost(prompt, completion) if price is not None else None
@@ -117,6 +126,7 @@ def policy(rt: Runtime) -> Policy | None:
         else:
             row["unpriced_requests"] = 1
         book.add(usage_key(day_of(clock.time()), ex.tenant, user_of(ex), target, model), row)
+        return cost
 
     def unbilled(ex: Exchange) -> None:
         if ex.settlement is not None:
@@ -151,11 +161,24 @@ def policy(rt: Runtime) -> Policy | None:
                 ex.settlement.expected = True  # settled when the stream ends, however it ends
             reply.on_close(lambda error: _guarded(stream_ended, ex, reply))
             return reply
-        found = read_usage(reply.body) if 200 <= reply.status < 300 and reply.body else None
+        found = None
+        if 200 <= reply.status < 300 and reply.body:
+            try:
+                found = read_usage(reply.body)
+            except NotJSON:
+                if reply.headers.get("Content-Type", "").startswith("application/json"):
+                    unbilled(ex)
+                    log.warning("upstream answered with invalid JSON", extra={"fields": {
+                        "request_id": ex.request_id, "target": ex.target.name, "upstream_status": reply.status}})
+                    raise UpstreamError(
+                        "the upstream's answer is not valid JSON", target=ex.target.name, upstream_status=reply.status,
+                    ) from None
         if found is None:
             unbilled(ex)
         else:
-            record(ex, *found)
+            cost = record(ex, *found)
+            if cost is not None:
+                reply.headers[X_RELIAPI_COST] = f"{cost:.8f}"
         return reply
 
     return usage

@@ -1,0 +1,73 @@
+"""Bad input on the LLM paths (issue #5): a clear 400 naming the field, before anything is sent;
+a provider answer that is not JSON is a 502 in the client's dialect, never a crash."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from aiohttp import web
+
+from tests.fakes import Fault
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+MESSAGES = {"model": "claude-3-5-haiku-latest", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def config(url: str) -> str:
+    return f"""
+server: {{default_target: up}}
+targets:
+  up: {{base_url: "{url}/v1", provider: openai, models: ["gpt-*"]}}
+  claude: {{base_url: "{url}", provider: anthropic, models: ["claude-*"]}}
+"""
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"content": "no role"}]}, "messages[0]"),
+    ({"max_tokens": -5}, "max_tokens"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"n": 0}, "n"),
+])
+async def test_a_malformed_chat_request_is_400_naming_the_field(fake, gateway, change, param):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/v1/chat/completions", json={**CHAT, **change})
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "invalid_request"
+    assert body["error"]["param"] == param and param.split("[")[0] in body["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_an_anthropic_message_with_a_system_role_is_400_in_its_dialect(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/v1/messages", json={**MESSAGES, "messages": [{"role": "system", "content": "x"}]})
+    body = await resp.json()
+    assert resp.status == 400 and body["type"] == "error" and "messages[0].role" in body["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_a_provider_answer_that_is_not_json_is_a_502(aiohttp_server, gateway, caplog):
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"id": "chatcmpl-1", "choices": [', content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", broken)
+    server = await aiohttp_server(app)
+    client, logs = await gateway(config(str(server.make_url("")).rstrip("/")))
+    with caplog.at_level(logging.WARNING, logger="reliapi"):
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "req-broken-1"})
+    body = await resp.json()
+    assert resp.status == 502 and body["error"]["code"] == "upstream_error" and "not valid JSON" in body["error"]["message"]
+    assert any(getattr(r, "fields", {}).get("request_id") == "req-broken-1" for r in caplog.records)
+    assert logs[-1]["request_id"] == "req-broken-1" and logs[-1]["error_code"] == "upstream_error"
+
+
+async def test_a_priced_answer_says_what_it_cost(fake, gateway):
+    client, logs = await gateway(config(fake.url))
+    fake.plan(Fault())
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert float(resp.headers["X-ReliAPI-Cost-USD"]) == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6)
+    assert logs[-1]["cost_usd"] == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6)
