@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import hdrs, web
 
-from gateway import __version__
+from gateway import __version__, catalog
 from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
@@ -303,6 +303,24 @@ def _access_fields(
     if ex.log:
         fields.update(ex.log)
     return fields
+
+
+# ---------------------------------------------------------------- catalog
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models: the gateway's own catalog (``gateway.catalog``), in the OpenAI dialect."""
+    rt = request.app[RUNTIME].current
+    request_id = _request_id(request)
+    try:
+        tenant = rt.tenants.authenticate(request.headers)
+    except GatewayError as e:
+        return error_response(e, OPENAI, request_id)
+    if rt.catalog is None:
+        rt.catalog = catalog.build(rt)
+    body = {"object": "list", "data": catalog.visible(rt.catalog, tenant)}
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+                        headers={X_REQUEST_ID: request_id})
 
 
 # ---------------------------------------------------------------- health

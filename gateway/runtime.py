@@ -54,6 +54,7 @@ class Runtime:
         self.router = Router(config, self.targets)
         self.tenants = Tenants(config, env)
         self.prices = PriceTable(config.pricing)
+        self.catalog: list[dict[str, Any]] | None = None  # GET /v1/models, built on first use
         self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
         self.closers: list[Callable[[], Awaitable[None]]] = []  # policies' own last writes (usage counts)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)

@@ -59,6 +59,7 @@ class PriceTable:
         for name, price in (overrides or {}).items():
             table[name] = Price(price.input, price.output)
         self._table = table
+        self.per_million = {name: (p.input * 1e6, p.output * 1e6) for name, p in table.items()}
         self._by_length = sorted(table, key=len, reverse=True)
         self._memo: dict[str, Price | None] = {}
 

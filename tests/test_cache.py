@@ -299,7 +299,7 @@ async def test_anthropic_messages_are_cached(fake, start):
 async def test_other_llm_paths_are_not_cached(fake, start):
     client, _ = await start()
     answers = [await send(client, "POST", "/v1/files", json={"purpose": "x"}) for _ in range(2)]
-    answers += [await send(client, "GET", "/v1/models") for _ in range(2)]
+    answers += [await send(client, "GET", "/v1/models/gpt-4o-mini") for _ in range(2)]
     assert [a.cache for a in answers] == ["BYPASS"] * 4
     assert len(fake.requests) == 4
 

@@ -137,8 +137,8 @@ async def test_routing_by_header_model_and_default(fake, gateway):
     await client.post("/v1/chat/completions", json={"model": "llama-3", "messages": []})
     assert logs[-1]["target"] == "up"
     # GET without a body → default target
-    await client.get("/v1/models")
-    assert fake.requests[-1].path_qs == "/v1/models"
+    await client.get("/v1/models/gpt-4o-mini")  # (GET /v1/models itself is the gateway's catalog)
+    assert fake.requests[-1].path_qs == "/v1/models/gpt-4o-mini"
 
 
 async def test_no_route_for_model_without_default(fake, gateway):
