@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import hdrs, web
 
-from gateway import __version__, catalog
+from gateway import __version__, catalog, generate
 from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
@@ -217,10 +217,16 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant
     ), peek)
 
 
+async def _exchange_generate(request: web.Request, rt: Runtime, request_id: str, tenant: str | None) -> Exchange:
+    return await generate.exchange(request, rt, request_id, tenant, await _read_body(request, rt))
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not a fixed gateway endpoint lands here: /v1/* and /t/* are proxied."""
     raw = request.raw_path
-    if raw.startswith("/v1/"):
+    if raw.startswith("/v1/generate") and raw.partition("?")[0] == "/v1/generate" and request.method == "POST":
+        make_exchange, route, dialect = _exchange_generate, "generate", OPENAI
+    elif raw.startswith("/v1/"):
         make_exchange, route = _exchange_v1, "v1"
         dialect = ANTHROPIC if raw.startswith("/v1/messages") else OPENAI
     elif raw.startswith("/t/"):
@@ -240,6 +246,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             tenant = rt.tenants.authenticate(request.headers)  # before the body: an unknown caller costs no upload
             ex = await make_exchange(request, rt, request_id, tenant.name if tenant is not None else None)
             reply = await (rt.keyed_pipeline if keyed(ex) else rt.pipeline)(ex)
+            if route == "generate":
+                reply = generate.reply(rt, ex, reply, (time.monotonic() - started) * 1000)
         except GatewayError as e:
             error = e
         except Exception:

@@ -1,0 +1,136 @@
+"""``POST /v1/generate``: the "LLM Gateway API" seed's convenience surface (SPEC §2).
+
+    {prompt, model?, temperature?, max_tokens?, user_id?}
+      → {completion, model, prompt_tokens, completion_tokens, total_tokens, cost_usd,
+         request_id, cached, latency_ms}
+
+The model routes like any /v1 request (``models`` globs, else the default target, whose
+``llm.default_model`` is used when no model is given). The gateway writes the provider's
+own request — a chat completion for OpenAI-dialect targets, a Messages request for
+Anthropic — and the whole pipeline applies to it (tenants, rate limit, budget,
+idempotency, cache, retries, fallback, usage). Errors are in the OpenAI dialect; an
+upstream refusal keeps its status and message.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.exchange import OPENAI, Exchange, Reply
+from gateway.headers import X_CACHE, X_CACHED
+from policies.usage import read_usage
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.runtime import Runtime
+
+Count = Annotated[int, msgspec.Meta(ge=1)]
+DEFAULT_MAX_TOKENS = 1024  # Anthropic requires one; used when neither the request nor llm.max_tokens gives it
+
+
+class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    prompt: Annotated[str, msgspec.Meta(min_length=1)]
+    model: str | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    max_tokens: Count | None = None
+    user_id: str | int | None = None
+    idempotency_key: str | None = None
+
+
+_decode = msgspec.json.Decoder(GenerateRequest).decode
+
+
+def parse(body: bytes) -> GenerateRequest:
+    try:
+        return _decode(body)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
+        if "missing required field" in msg:
+            param = msg.split("`")[1] if "`" in msg else param
+        raise InvalidRequest(f"invalid request body: {msg.replace('`', '')}", param=param) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+
+
+async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: str | None, body: bytes) -> Exchange:
+    req = parse(body)
+    target = rt.router.for_v1(request.headers.get("X-ReliAPI-Target"), req.model)
+    llm = target.config.llm
+    model = req.model or (llm.default_model if llm is not None else None)
+    if target.kind != "llm" or model is None:
+        raise InvalidRequest("model: no model given and the target has no llm.default_model", param="model")
+    anthropic = target.provider.name == "anthropic"
+    upstream: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": req.prompt}]}
+    if req.temperature is not None:
+        upstream["temperature"] = req.temperature
+    if req.max_tokens is not None or anthropic:
+        upstream["max_tokens"] = req.max_tokens or (llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
+    if req.user_id is not None and not anthropic:
+        upstream["user"] = str(req.user_id)
+    ex = Exchange(
+        request_id=request_id, method="POST", route="generate", dialect=OPENAI,
+        rel_path="messages" if anthropic else "chat/completions", v1=True, query="", headers=request.headers,
+        body=msgspec.json.encode(upstream), target=target, model=model, tenant=tenant, client_ip=request.remote,
+    )
+    ex.max_tokens = upstream.get("max_tokens")
+    ex.user = str(req.user_id)[:128] if req.user_id is not None else None
+    ex.idempotency_key = req.idempotency_key
+    return ex
+
+
+class _Answer(msgspec.Struct):
+    choices: list[dict[str, Any]] | None = None
+    content: list[dict[str, Any]] | None = None
+    model: str | None = None
+
+
+def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Reply:
+    """The provider's answer as the seed's response."""
+    body = upstream.body or b""
+    if upstream.status >= 400:
+        raise _upstream_error(ex, upstream.status, body)
+    try:
+        answer = msgspec.json.decode(body, type=_Answer)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
+    if answer.content is not None:
+        text = "".join(b.get("text", "") for b in answer.content if isinstance(b, dict) and b.get("type") == "text")
+    else:
+        message = (answer.choices or [{}])[0].get("message") or {}
+        text = message.get("content") or ""
+    usage = read_usage(body) or (0, 0, None)
+    prompt, completion = usage[0], usage[1]
+    price = rt.prices.price(ex.model)
+    cached = upstream.headers.get(X_CACHE) == "HIT" or upstream.headers.get(X_CACHED) == "true"
+    out = {
+        "completion": text, "model": ex.model, "prompt_tokens": prompt, "completion_tokens": completion,
+        "total_tokens": prompt + completion, "cost_usd": round(price.cost(prompt, completion), 8) if price else None,
+        "request_id": ex.request_id, "cached": cached, "latency_ms": round(latency_ms, 1),
+    }
+    headers = upstream.headers
+    headers["Content-Type"] = "application/json"
+    headers.pop("Content-Encoding", None)
+    return Reply(200, headers, body=msgspec.json.encode(out), upstream_status=upstream.status)
+
+
+def _upstream_error(ex: Exchange, status: int, body: bytes) -> GatewayError:
+    message = ""
+    try:
+        doc = msgspec.json.decode(body)
+        error = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get("message") or "")
+    except msgspec.DecodeError:
+        pass
+    err = UpstreamError(f"upstream answered {status}" + (f": {message}" if message else ""),
+                        target=ex.target.name, upstream_status=status)
+    if 400 <= status < 500:
+        err.status = status  # the caller's mistake, as the provider saw it: same status
+        err.code = "upstream_client_error"
+        err.type = "client_error"
+    return err
