@@ -106,7 +106,8 @@ def request_key(ex: Exchange) -> str | None:
             break
     if ex.idempotency_key is not None:  # the field never goes upstream, whichever key wins
         field = check_key(ex.idempotency_key, "idempotency_key")
-        ex.body = _without_key_field(ex.body)
+        if ex.route in ("v1", "t"):  # an envelope's key is not in the body it sends upstream
+            ex.body = _without_key_field(ex.body)
         key = key or field
     return key
 

@@ -19,7 +19,7 @@ When:
 
 Whether:
 - plain-HTTP targets retry POST and PATCH only when the request provably never left
-  (the connection failed), when it carries an ``Idempotency-Key``, or with
+  (the connection failed), when it carries an idempotency key (header, or the envelope's field), or with
   ``retry_non_idempotent: true`` (RFC 9110 §9.2.2); LLM targets retry POST;
 - a retry budget per target (Envoy's): requests in their retry phase may be at most
   ``retry_budget.percent`` of the target's active requests (never fewer than
@@ -124,7 +124,8 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
 
     async def retrying(ex: Exchange, call_next: Handler, reply: Reply | None, error: GatewayError | None) -> Reply:
         """After a failed first attempt: retry while the rules, the deadline and the budget allow."""
-        unsafe = guard_unsafe and ex.method in _NON_IDEMPOTENT and not any(k in ex.headers for k in IDEMPOTENCY_KEYS)
+        unsafe = guard_unsafe and ex.method in _NON_IDEMPOTENT and ex.idempotency_key is None \
+            and not any(k in ex.headers for k in IDEMPOTENCY_KEYS)
         used: dict[str, int] = {}
         retries = 0
         try:

@@ -1,0 +1,122 @@
+"""``POST /proxy/http``: the ReliAPI seed's envelope for any configured HTTP API (SPEC §2).
+
+    {target, method?, path?, headers?, query?, body?, idempotency_key?, cache?}
+      → {success, data: {status_code, headers, body}, meta: {request_id, target, retries,
+         duration_ms, cache_hit, idempotent_hit, fallback_used, fallback_target}}
+
+The envelope is checked (the path like any client path: no escaping the target's base),
+turned into an upstream request for the named target, and run through the same pipeline
+as every surface. The upstream's answer comes back inside ``data`` (its body as JSON when
+it is JSON, else as text); ``success`` is false for a 4xx/5xx answer, which then also
+carries an ``error`` and keeps its status. The gateway's own errors are the envelope
+errors of SPEC §3.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import msgspec
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import InvalidRequest
+from gateway.exchange import ENVELOPE, Exchange, Reply
+from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
+from gateway.paths import validate_path
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.runtime import Runtime
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+class HttpEnvelope(msgspec.Struct, forbid_unknown_fields=True):
+    target: str
+    method: str = "GET"
+    path: str = ""
+    headers: dict[str, str] = {}
+    query: dict[str, str | int | float | bool | list[str]] | str | None = None
+    body: Any = None
+    idempotency_key: str | None = None
+    cache: int | float | None = None  # TTL seconds for this answer
+
+
+def parse(raw: bytes) -> HttpEnvelope:
+    try:
+        env = msgspec.json.decode(raw, type=HttpEnvelope)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
+        if param is None and "`" in msg:
+            param = msg.split("`")[1]
+        raise InvalidRequest(f"invalid envelope: {msg.replace('`', '')}", param=param) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if env.method.upper() not in _METHODS:
+        raise InvalidRequest(f"method: {env.method!r} is not one of {', '.join(_METHODS)}", param="method")
+    if env.cache is not None and env.cache < 0:
+        raise InvalidRequest("cache: a TTL in seconds, 0 or more", param="cache")
+    return env
+
+
+async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: str | None, raw: bytes) -> Exchange:
+    env = parse(raw)
+    target = rt.router.by_name(env.target)
+    rel = validate_path(env.path[1:] if env.path.startswith("/") else env.path)  # "/users/1" or "users/1"
+    if isinstance(env.query, str):
+        query = env.query.lstrip("?")
+    elif env.query:
+        query = urlencode(env.query, doseq=True)
+    else:
+        query = ""
+    headers: CIMultiDict[str] = CIMultiDict(env.headers)
+    body = env.body
+    if body is None:
+        data = b""
+    elif isinstance(body, str):
+        data = body.encode()
+    else:
+        data = msgspec.json.encode(body)
+        headers.setdefault("Content-Type", "application/json")
+    ex = Exchange(
+        request_id=request_id, method=env.method.upper(), route="proxy", dialect=ENVELOPE, rel_path=rel, v1=False,
+        query=query, headers=CIMultiDictProxy(headers), body=data, target=target, tenant=tenant,
+        client_ip=request.remote,
+    )
+    ex.idempotency_key = env.idempotency_key
+    ex.cache_ttl = float(env.cache) if env.cache is not None else None
+    return ex
+
+
+def reply(ex: Exchange, upstream: Reply, duration_ms: float) -> Reply:
+    body = upstream.body or b""
+    try:
+        data: Any = msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError:
+        data = body.decode(errors="replace")
+    status = upstream.status
+    headers = upstream.headers
+    fallback = headers.get(X_RELIAPI_FALLBACK)
+    out: dict[str, Any] = {
+        "success": status < 400,
+        "data": {"status_code": status, "headers": {k: v for k, v in headers.items() if not k.lower().startswith(
+            ("x-reliapi-", "x-cache", "x-request-id", "idempotent-"))}, "body": data},
+        "meta": {
+            "request_id": ex.request_id, "target": ex.target.name, "retries": max(0, ex.attempts - 1),
+            "duration_ms": round(duration_ms, 1), "cache_hit": headers.get(X_CACHE) == "HIT",
+            "idempotent_hit": bool(ex.log.get("idempotent_hit")), "fallback_used": fallback is not None,
+            "fallback_target": fallback,
+        },
+    }
+    if status >= 400:
+        out["error"] = {
+            "type": "upstream_error" if status >= 500 else "client_error", "code": "upstream_error",
+            "message": f"upstream answered {status}", "retryable": status >= 500 or status == 429,
+            "target": ex.target.name, "status_code": status,
+        }
+    keep = CIMultiDict((k, v) for k, v in headers.items() if k.lower().startswith(("x-", "idempotent-", "ratelimit")))
+    keep["Content-Type"] = "application/json"
+    return Reply(status if status >= 400 else 200, keep, body=msgspec.json.encode(out), upstream_status=status)

@@ -1,0 +1,109 @@
+"""POST /proxy/http, the ReliAPI seed's envelope for any HTTP API (SPEC §2): the seed's README
+example, the policies applied through it, and bad envelopes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.keys import RUNTIME
+from tests.fakes import Fault
+
+
+def config(url: str) -> str:
+    return f"""
+tenants:
+  - {{name: acme, api_key: acme-key-0001}}
+targets:
+  my_api:
+    base_url: {url}/api
+    auth: {{type: bearer_static, token: sk-upstream-123}}
+    cache: {{ttl_s: 60}}
+    retry_matrix: {{"5xx": {{attempts: 1, base_s: 0}}}}
+"""
+
+
+KEY = {"X-API-Key": "acme-key-0001"}
+
+
+async def settle(client) -> None:
+    """The cache entry is written just after the answer: wait for it."""
+    background = client.app[RUNTIME].current.background
+    for _ in range(200):
+        if not background:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_the_seed_example(fake, gateway):
+    client, logs = await gateway(config(fake.url))
+    resp = await client.post("/proxy/http", headers=KEY, json={
+        "target": "my_api", "method": "GET", "path": "/users/123", "idempotency_key": "req-123"})
+    body = await resp.json()
+    assert resp.status == 200 and body["success"] is True
+    assert body["data"]["status_code"] == 200 and body["data"]["body"]["path_qs"] == "/api/users/123"
+    assert body["meta"]["target"] == "my_api" and body["meta"]["retries"] == 0
+    assert body["meta"]["request_id"] == resp.headers["X-Request-Id"]
+    seen = fake.requests[0]
+    assert seen.method == "GET" and seen.headers["Authorization"] == "Bearer sk-upstream-123"
+    assert "acme-key-0001" not in str(seen.headers)
+    assert logs[-1]["route"] == "proxy" and logs[-1]["tenant"] == "acme"
+
+
+async def test_method_headers_query_and_json_body_reach_the_upstream(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    await client.post("/proxy/http", headers=KEY, json={
+        "target": "my_api", "method": "post", "path": "orders", "query": {"expand": "items", "n": 2},
+        "headers": {"X-Trace": "t-1"}, "body": {"sku": "A1", "qty": 3}})
+    seen = fake.requests[0]
+    assert seen.method == "POST" and seen.path_qs == "/api/orders?expand=items&n=2"
+    assert seen.headers["X-Trace"] == "t-1" and seen.json() == {"sku": "A1", "qty": 3}
+
+
+async def test_the_pipeline_applies_cache_retries_and_idempotency(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    envelope = {"target": "my_api", "path": "/report"}
+    first = await (await client.post("/proxy/http", headers=KEY, json=envelope)).json()
+    await settle(client)
+    second = await (await client.post("/proxy/http", headers=KEY, json=envelope)).json()
+    assert first["meta"]["cache_hit"] is False and second["meta"]["cache_hit"] is True and len(fake.requests) == 1
+    fake.plan(Fault(status=503), Fault())
+    retried = await (await client.post("/proxy/http", headers=KEY, json={
+        "target": "my_api", "method": "POST", "path": "/pay", "idempotency_key": "pay-1"})).json()
+    assert retried["success"] is True and retried["meta"]["retries"] == 1
+    replay = await client.post("/proxy/http", headers=KEY, json={
+        "target": "my_api", "method": "POST", "path": "/pay", "idempotency_key": "pay-1"})
+    assert (await replay.json())["meta"]["idempotent_hit"] is True and len(fake.requests) == 3
+
+
+async def test_an_upstream_error_is_unsuccessful_and_keeps_its_status(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(status=404, error_message="no such user"))
+    resp = await client.post("/proxy/http", headers=KEY, json={"target": "my_api", "method": "DELETE", "path": "/u/9"})
+    body = await resp.json()
+    assert resp.status == 404 and body["success"] is False and body["data"]["status_code"] == 404
+    assert body["error"]["type"] == "client_error" and body["error"]["status_code"] == 404
+
+
+@pytest.mark.parametrize(("envelope", "status", "code"), [
+    ({"method": "GET", "path": "/x"}, 400, "invalid_request"),
+    ({"target": "nope", "path": "/x"}, 404, "unknown_target"),
+    ({"target": "my_api", "path": "/../admin"}, 400, "invalid_request"),
+    ({"target": "my_api", "path": "//evil.example/x"}, 400, "invalid_request"),
+    ({"target": "my_api", "method": "BREW"}, 400, "invalid_request"),
+    ({"target": "my_api", "cache": -1}, 400, "invalid_request"),
+    ({"target": "my_api", "bogus": 1}, 400, "invalid_request"),
+])
+async def test_bad_envelopes_never_reach_an_upstream(fake, gateway, envelope, status, code):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/proxy/http", headers=KEY, json=envelope)
+    body = await resp.json()
+    assert resp.status == status and body["success"] is False and body["error"]["code"] == code
+    assert fake.requests == []
+
+
+async def test_the_envelope_needs_the_tenant_key(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/proxy/http", json={"target": "my_api"})
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
