@@ -93,7 +93,7 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Repl
     """The provider's answer as the seed's response."""
     body = upstream.body or b""
     if upstream.status >= 400:
-        raise _upstream_error(ex, upstream.status, body)
+        raise upstream_error(ex, upstream.status, body)
     try:
         answer = msgspec.json.decode(body, type=_Answer)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -118,7 +118,8 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Repl
     return Reply(200, headers, body=msgspec.json.encode(out), upstream_status=upstream.status)
 
 
-def _upstream_error(ex: Exchange, status: int, body: bytes) -> GatewayError:
+def upstream_error(ex: Exchange, status: int, body: bytes) -> GatewayError:
+    """A provider's refusal on a gateway-written request: its message, and for a 4xx its status."""
     message = ""
     try:
         doc = msgspec.json.decode(body)
@@ -129,8 +130,6 @@ def _upstream_error(ex: Exchange, status: int, body: bytes) -> GatewayError:
         pass
     err = UpstreamError(f"upstream answered {status}" + (f": {message}" if message else ""),
                         target=ex.target.name, upstream_status=status)
-    if 400 <= status < 500:
-        err.status = status  # the caller's mistake, as the provider saw it: same status
-        err.code = "upstream_client_error"
-        err.type = "client_error"
+    if 400 <= status < 500:  # the caller's mistake, as the provider saw it: same status
+        err.status, err.code, err.type, err.retryable = status, "upstream_client_error", "client_error", status == 429
     return err

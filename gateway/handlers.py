@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import hdrs, web
 
-from gateway import __version__, catalog, envelope, generate
+from gateway import __version__, catalog, envelope, envelope_llm, generate
 from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
@@ -225,6 +225,10 @@ async def _exchange_proxy_http(request: web.Request, rt: Runtime, request_id: st
     return await envelope.exchange(request, rt, request_id, tenant, await _read_body(request, rt))
 
 
+async def _exchange_proxy_llm(request: web.Request, rt: Runtime, request_id: str, tenant: str | None) -> Exchange:
+    return await envelope_llm.exchange(request, rt, request_id, tenant, await _read_body(request, rt))
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not a fixed gateway endpoint lands here: /v1/* and /t/* are proxied."""
     raw = request.raw_path
@@ -232,6 +236,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         make_exchange, route, dialect = _exchange_generate, "generate", OPENAI
     elif raw.partition("?")[0] == "/proxy/http" and request.method == "POST":
         make_exchange, route, dialect = _exchange_proxy_http, "proxy", ENVELOPE
+    elif raw.partition("?")[0] == "/proxy/llm" and request.method == "POST":
+        make_exchange, route, dialect = _exchange_proxy_llm, "proxy_llm", ENVELOPE
     elif raw.startswith("/v1/"):
         make_exchange, route = _exchange_v1, "v1"
         dialect = ANTHROPIC if raw.startswith("/v1/messages") else OPENAI
@@ -256,6 +262,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
                 reply = generate.reply(rt, ex, reply, (time.monotonic() - started) * 1000)
             elif route == "proxy":
                 reply = envelope.reply(ex, reply, (time.monotonic() - started) * 1000)
+            elif route == "proxy_llm":
+                reply = envelope_llm.reply(rt, ex, reply, (time.monotonic() - started) * 1000)
         except GatewayError as e:
             error = e
         except Exception:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway.errors import UpstreamError
-from gateway.exchange import OPENAI
+from gateway.exchange import ANTHROPIC
 from gateway.store import StoreError
 from providers.pricing import estimate_prompt_tokens
 
@@ -148,7 +148,7 @@ def policy(rt: Runtime) -> Policy | None:
     async def usage(ex: Exchange, call_next: Handler) -> Reply:
         if ex.target.kind != "llm":
             return await call_next(ex)
-        if ex.stream and not ex.include_usage and ex.dialect == OPENAI and \
+        if ex.stream and not ex.include_usage and ex.dialect != ANTHROPIC and \
                 ex.rel_path.removeprefix("v1/") in _CHAT_PATHS:
             ex.usage_body = (b"", None)  # computed per attempt (asking_usage)
         try:

@@ -1,0 +1,274 @@
+"""``POST /proxy/llm``: the ReliAPI seed's envelope for LLM calls (SPEC §2).
+
+    {target, messages, model?, max_tokens?, temperature?, top_p?, stop?, stream?,
+     idempotency_key?, cache?}
+
+The gateway writes the provider's own request for the named target — a chat completion
+for OpenAI-dialect targets; a Messages request for Anthropic (system messages become its
+``system``, ``max_tokens`` defaults to ``llm.max_tokens`` or 1,024, ``stop`` becomes
+``stop_sequences``) — and runs it through the whole pipeline (budget caps included).
+
+Complete answer:
+
+    {success: true, data: {id, model, role, content, finish_reason, usage},
+     meta: {request_id, target, provider, model, retries, duration_ms, cost_usd,
+            cost_estimate_usd, cost_policy_applied, original_max_tokens, idempotent_hit,
+            cache_hit, fallback_used, fallback_target}}
+
+``stream: true`` answers SSE: one ``meta`` event, a ``chunk`` event per piece of text
+(``{"delta": …}``), then ``done`` (``{finish_reason, usage, cost_usd}``) — or ``error``
+(the envelope error) if the stream breaks; never a stream that just stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.exchange import ENVELOPE, Exchange, Reply
+from gateway.generate import upstream_error as _upstream_error
+from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
+from gateway.sse import Aligner, events
+from gateway.writer import error_body
+from policies.usage import read_usage
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.runtime import Runtime
+
+Count = Annotated[int, msgspec.Meta(ge=1)]
+DEFAULT_MAX_TOKENS = 1024
+
+
+class Message(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+
+
+class LLMEnvelope(msgspec.Struct, forbid_unknown_fields=True):
+    target: str
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    model: str | None = None
+    max_tokens: Count | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    idempotency_key: str | None = None
+    cache: int | float | None = None
+    user: str | None = None
+
+
+def parse(raw: bytes) -> LLMEnvelope:
+    try:
+        env = msgspec.json.decode(raw, type=LLMEnvelope)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
+        if param is None and "`" in msg:
+            param = msg.split("`")[1]
+        raise InvalidRequest(f"invalid envelope: {msg.replace('`', '')}", param=param) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if env.cache is not None and env.cache < 0:
+        raise InvalidRequest("cache: a TTL in seconds, 0 or more", param="cache")
+    return env
+
+
+async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: str | None, raw: bytes) -> Exchange:
+    env = parse(raw)
+    target = rt.router.by_name(env.target)
+    llm = target.config.llm
+    model = env.model or (llm.default_model if llm is not None else None)
+    if target.kind != "llm":
+        raise InvalidRequest(f"target: {env.target!r} is not an LLM target; use /proxy/http", param="target")
+    if model is None:
+        raise InvalidRequest("model: no model given and the target has no llm.default_model", param="model")
+    anthropic = target.provider.name == "anthropic"
+    messages = [msgspec.structs.asdict(m) for m in env.messages]
+    body: dict[str, Any] = {"model": model}
+    if anthropic:
+        system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
+        body["messages"] = [m for m in messages if m["role"] not in ("system", "developer")]
+        if system:
+            body["system"] = "\n\n".join(s if isinstance(s, str) else msgspec.json.encode(s).decode() for s in system)
+        body["max_tokens"] = env.max_tokens or (llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
+        if env.stop is not None:
+            body["stop_sequences"] = [env.stop] if isinstance(env.stop, str) else env.stop
+    else:
+        body["messages"] = messages
+        if env.max_tokens is not None:
+            body["max_tokens"] = env.max_tokens
+        if env.stop is not None:
+            body["stop"] = env.stop
+        if env.user is not None:
+            body["user"] = env.user
+    for field in ("temperature", "top_p"):
+        value = getattr(env, field)
+        if value is not None:
+            body[field] = value
+    if env.stream:
+        body["stream"] = True
+    headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+    if env.stream:
+        headers["Accept"] = "text/event-stream"
+    ex = Exchange(
+        request_id=request_id, method="POST", route="proxy_llm", dialect=ENVELOPE,
+        rel_path="messages" if anthropic else "chat/completions", v1=True, query="",
+        headers=CIMultiDictProxy(headers), body=msgspec.json.encode(body), target=target, model=model,
+        stream=env.stream, tenant=tenant, client_ip=request.remote,
+    )
+    ex.max_tokens = body.get("max_tokens")
+    ex.idempotency_key = env.idempotency_key
+    ex.cache_ttl = float(env.cache) if env.cache is not None else None
+    ex.user = env.user
+    return ex
+
+
+def _meta(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> dict[str, Any]:
+    fallback = upstream.headers.get(X_RELIAPI_FALLBACK)
+    log = ex.log
+    return {
+        "request_id": ex.request_id, "target": ex.target.name, "provider": ex.target.provider.name, "model": ex.model,
+        "retries": max(0, ex.attempts - 1), "duration_ms": round(duration_ms, 1),
+        "cost_usd": log.get("cost_usd"), "cost_estimate_usd": log.get("cost_estimate_usd"),
+        "cost_policy_applied": log.get("cost_policy_applied"), "original_max_tokens": log.get("original_max_tokens"),
+        "idempotent_hit": bool(log.get("idempotent_hit")), "cache_hit": upstream.headers.get(X_CACHE) == "HIT",
+        "fallback_used": fallback is not None, "fallback_target": fallback,
+    }
+
+
+class _Answer(msgspec.Struct):
+    id: str | None = None
+    model: str | None = None
+    choices: list[dict[str, Any]] | None = None
+    content: list[dict[str, Any]] | None = None
+    stop_reason: str | None = None
+
+
+def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Reply:
+    if upstream.chunks is not None:
+        return _stream_reply(rt, ex, upstream, duration_ms)
+    body = upstream.body or b""
+    status = upstream.status
+    if status >= 400:
+        raise _upstream_error(ex, status, body)
+    try:
+        answer = msgspec.json.decode(body, type=_Answer)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
+    if answer.content is not None:  # Anthropic
+        text = "".join(b.get("text", "") for b in answer.content if isinstance(b, dict) and b.get("type") == "text")
+        finish = _STOP_REASONS.get(answer.stop_reason or "", answer.stop_reason)
+    else:
+        choice = (answer.choices or [{}])[0]
+        text = (choice.get("message") or {}).get("content") or ""
+        finish = choice.get("finish_reason")
+    usage = read_usage(body)
+    meta = _meta(rt, ex, upstream, duration_ms)
+    if meta["cost_usd"] is None and usage is not None:  # a cache hit or a replay: priced from its usage
+        price = rt.prices.price(ex.model)
+        meta["cost_usd"] = round(price.cost(usage[0], usage[1]), 8) if price else None
+    out = {
+        "success": True,
+        "data": {"id": answer.id, "model": answer.model or ex.model, "role": "assistant", "content": text,
+                 "finish_reason": finish, "usage": _usage(usage)},
+        "meta": meta,
+    }
+    headers = _headers(upstream)
+    headers["Content-Type"] = "application/json"
+    return Reply(200, headers, body=msgspec.json.encode(out), upstream_status=status)
+
+
+_STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+
+
+def _usage(usage: tuple[int, int, str | None] | None) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    return {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": usage[0] + usage[1]}
+
+
+def _headers(upstream: Reply) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in upstream.headers.items()
+                       if k.lower().startswith(("x-", "idempotent-", "ratelimit")))
+
+
+def _event(name: str, data: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def _stream_reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Reply:
+    if upstream.status >= 400:
+        raise _upstream_error(ex, upstream.status, upstream.head)
+    headers = _headers(upstream)
+    headers["Content-Type"] = "text/event-stream"
+    headers["Cache-Control"] = "no-cache"
+    out = Reply(200, headers, chunks=_translate(rt, ex, upstream, _meta(rt, ex, upstream, duration_ms)),
+                upstream_status=upstream.status)
+    return out
+
+
+async def _translate(rt: Runtime, ex: Exchange, upstream: Reply, meta: dict[str, Any]) -> AsyncIterator[bytes]:
+    """The provider's SSE as the envelope's events: meta, chunk…, done — or error."""
+    yield _event("meta", meta)
+    aligner = Aligner()
+    finish: str | None = None
+    prompt = completion = None
+    assert upstream.chunks is not None
+    try:
+        async for raw in upstream.chunks:
+            for name, data in events(aligner.feed(raw)):
+                if data == b"[DONE]" or not data.startswith(b"{"):
+                    continue
+                doc = msgspec.json.decode(data)
+                if not isinstance(doc, dict):
+                    continue
+                if "error" in doc and name in (b"", b"error"):
+                    raise UpstreamError(str((doc.get("error") or {}).get("message") or "upstream stream error"),
+                                        target=ex.target.name)
+                kind = doc.get("type")
+                if kind == "content_block_delta":  # Anthropic
+                    delta = doc.get("delta") or {}
+                    if delta.get("type") == "text_delta" and delta.get("text"):
+                        yield _event("chunk", {"delta": delta["text"]})
+                elif kind == "message_delta":
+                    reason = (doc.get("delta") or {}).get("stop_reason")
+                    finish = _STOP_REASONS.get(reason or "", reason) or finish
+                    completion = (doc.get("usage") or {}).get("output_tokens", completion)
+                elif kind == "message_start":
+                    prompt = ((doc.get("message") or {}).get("usage") or {}).get("input_tokens")
+                elif kind is None:  # OpenAI chunk
+                    for choice in doc.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            yield _event("chunk", {"delta": text})
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                    usage = doc.get("usage")
+                    if usage:
+                        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    except GatewayError as e:
+        yield _event("error", error_body(e, ENVELOPE, ex.request_id, target=ex.target.name, attempts=ex.attempts,
+                                         duration_ms=0.0))
+        return
+    finally:
+        await upstream.aclose()
+    if prompt is None:  # an OpenAI usage chunk the gateway asked for is read, not relayed (policies.usage)
+        prompt = ex.log.get("prompt_tokens")
+    if completion is None:
+        completion = ex.log.get("completion_tokens")
+    usage = None
+    if prompt is not None or completion is not None:
+        usage = {"prompt_tokens": prompt or 0, "completion_tokens": completion or 0,
+                 "total_tokens": (prompt or 0) + (completion or 0)}
+    price = rt.prices.price(ex.model)
+    cost = ex.log.get("cost_usd")
+    if cost is None and usage is not None and price is not None:
+        cost = round(price.cost(usage["prompt_tokens"], usage["completion_tokens"]), 8)
+    yield _event("done", {"finish_reason": finish, "usage": usage, "cost_usd": cost})

@@ -1,0 +1,127 @@
+"""POST /proxy/llm, the ReliAPI seed's LLM envelope (SPEC §2): the provider's own request for
+OpenAI and Anthropic targets, the envelope answer with its meta, and SSE meta/chunk/done/error."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from tests.fakes import Fault
+
+
+def config(url: str) -> str:
+    return f"""
+targets:
+  openai:
+    base_url: {url}/v1
+    provider: openai
+    llm: {{default_model: gpt-4o-mini, soft_cost_cap_usd: 0.0001}}
+    cache: {{ttl_s: 60}}
+  claude:
+    base_url: {url}
+    provider: anthropic
+    llm: {{default_model: claude-3-5-haiku-latest, max_tokens: 200}}
+  rest: {{base_url: "{url}/api"}}
+"""
+
+
+def sse(raw: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for block in raw.strip().split(b"\n\n"):
+        lines = dict(line.split(b": ", 1) for line in block.split(b"\n"))
+        out.append((lines[b"event"].decode(), msgspec.json.decode(lines[b"data"])))
+    return out
+
+
+async def test_the_seed_example_on_an_openai_target(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/proxy/llm", json={
+        "target": "openai", "messages": [{"role": "user", "content": "Hello"}], "model": "gpt-4o-mini",
+        "idempotency_key": "chat-123"})
+    body = await resp.json()
+    assert resp.status == 200 and body["success"] is True
+    data, meta = body["data"], body["meta"]
+    assert data["content"] == "Hello from the fake." and data["role"] == "assistant" and data["finish_reason"] == "stop"
+    assert data["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    assert meta["target"] == "openai" and meta["retries"] == 0 and meta["fallback_used"] is False
+    assert meta["cost_usd"] == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6) and meta["cost_estimate_usd"] > 0
+    assert meta["idempotent_hit"] is False and meta["cache_hit"] is False
+    sent = fake.requests[0]
+    assert sent.path_qs == "/v1/chat/completions" and sent.json()["messages"] == [{"role": "user", "content": "Hello"}]
+    again = await (await client.post("/proxy/llm", json={
+        "target": "openai", "messages": [{"role": "user", "content": "Hello"}], "model": "gpt-4o-mini",
+        "idempotency_key": "chat-123"})).json()
+    assert again["meta"]["idempotent_hit"] is True and again["data"] == data and len(fake.requests) == 1
+
+
+async def test_the_soft_cap_is_reported_in_meta(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    body = await (await client.post("/proxy/llm", json={
+        "target": "openai", "messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 4000})).json()
+    assert body["meta"]["cost_policy_applied"] == "soft_cap_reduced" and body["meta"]["original_max_tokens"] == 4000
+    assert fake.requests[0].json()["max_tokens"] < 4000
+
+
+async def test_an_anthropic_target_gets_a_messages_request(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    body = await (await client.post("/proxy/llm", json={
+        "target": "claude", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        "stop": "END", "temperature": 0.2})).json()
+    assert body["success"] is True and body["data"]["content"] == "Hello from the fake."
+    assert body["data"]["finish_reason"] == "stop"
+    sent = fake.requests[0]
+    assert sent.path_qs == "/v1/messages"
+    assert sent.json() == {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "hi"}],
+                           "system": "be brief", "max_tokens": 200, "stop_sequences": ["END"], "temperature": 0.2}
+
+
+@pytest.mark.parametrize("target", ["openai", "claude"])
+async def test_streaming_answers_meta_chunks_and_done(fake, gateway, target):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=3))
+    resp = await client.post("/proxy/llm", json={"target": target, "messages": [{"role": "user", "content": "hi"}],
+                                                 "stream": True})
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    events = sse(await resp.read())
+    assert events[0][0] == "meta" and events[0][1]["target"] == target
+    assert [e for e, _ in events[1:-1]] == ["chunk"] * 3
+    assert "".join(d["delta"] for _, d in events[1:-1]) == "tok0 tok1 tok2 "
+    name, done = events[-1]
+    assert name == "done" and done["finish_reason"] == "stop" and done["usage"]["completion_tokens"] == 3
+    assert done["cost_usd"] > 0
+
+
+async def test_a_cut_stream_ends_with_an_error_event(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=10, cut_after=3))
+    resp = await client.post("/proxy/llm", json={"target": "openai", "messages": [{"role": "user", "content": "hi"}],
+                                                 "stream": True})
+    events = sse(await resp.read())
+    assert events[0][0] == "meta" and events[-1][0] == "error"
+    assert events[-1][1]["success"] is False and events[-1][1]["error"]["type"] == "upstream_error"
+    assert "done" not in [e for e, _ in events]
+
+
+@pytest.mark.parametrize(("envelope", "status", "param"), [
+    ({"target": "openai"}, 400, "messages"),
+    ({"target": "openai", "messages": []}, 400, "messages"),
+    ({"target": "openai", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"target": "openai", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"target": "rest", "messages": [{"role": "user", "content": "x"}]}, 400, "target"),
+    ({"target": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, None),
+])
+async def test_bad_llm_envelopes_are_refused_before_any_upstream(fake, gateway, envelope, status, param):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/proxy/llm", json=envelope)
+    body = await resp.json()
+    assert resp.status == status and body["success"] is False and fake.requests == []
+    if param:
+        assert body["error"]["message"] and param.split("[")[0] in body["error"]["message"]
+
+
+async def test_an_upstream_refusal_is_an_envelope_error_with_its_status(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(status=400, error_message="bad temperature"))
+    resp = await client.post("/proxy/llm", json={"target": "openai", "messages": [{"role": "user", "content": "x"}]})
+    body = await resp.json()
+    assert resp.status == 400 and body["success"] is False and "bad temperature" in body["error"]["message"]
