@@ -211,6 +211,7 @@ def _stream_reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float
     headers["Cache-Control"] = "no-cache"
     out = Reply(200, headers, chunks=_translate(rt, ex, upstream, _meta(rt, ex, upstream, duration_ms)),
                 upstream_status=upstream.status)
+    out.ttft_ms = upstream.ttft_ms
     return out
 
 
