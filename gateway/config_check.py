@@ -92,9 +92,9 @@ def dialect(provider: str | None) -> str:
 
 
 def config_warnings(config: Config) -> list[str]:
-    """Things a valid config asks for that this version cannot do yet; ``--check`` prints them and
-    the server logs them at start. Today: fallbacks to a target of another dialect, which need the
-    request translation of the LLM layer — such entries are skipped until then."""
+    """Things a valid config asks for that cannot work; ``--check`` prints them and the server logs
+    them at start. Today: a fallback between a plain-HTTP target and an LLM one (OpenAI and
+    Anthropic targets are translated into each other; an HTTP API is not) — such entries are skipped."""
     warnings: list[str] = []
     for name, t in config.targets.items():
         for i, fb in enumerate(t.fallback_targets):
@@ -110,11 +110,10 @@ def config_warnings(config: Config) -> list[str]:
 
 def _dialect_warning(config: Config, source: str, to: str, path: str) -> list[str]:
     a, b = config.targets[source].provider, config.targets[to].provider
-    if dialect(a) == dialect(b):
+    if (dialect(a) == "http") == (dialect(b) == "http"):
         return []
     return [f"{path}: target {to!r} speaks the {dialect(b)} dialect and {source!r} the {dialect(a)} one; "
-            f"falling back across dialects needs request translation, which is not available yet: "
-            f"this entry is skipped"]
+            f"a plain-HTTP target and an LLM target cannot stand in for each other: this entry is skipped"]
 
 
 def _check_caps(soft: float | None, hard: float | None, path: str) -> list[str]:

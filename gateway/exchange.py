@@ -32,7 +32,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
-        "user", "settlement", "usage_body",
+        "user", "settlement", "usage_body", "crossed",
     )
 
     def __init__(
@@ -85,6 +85,7 @@ class Exchange:
         # ask OpenAI targets for the stream's usage chunk (policies.usage): the cost becomes exact,
         # and the chunk the client did not ask for is dropped; (body, body with include_usage)
         self.usage_body: tuple[bytes, bytes | None] | None = None
+        self.crossed: tuple[bytes, str, bytes | None] | None = None  # the body translated for another dialect
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

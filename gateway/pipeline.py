@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import hdrs
 
+from gateway.crossing import Crossing, crossing
 from gateway.errors import UpstreamTimeout
 from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
@@ -136,13 +137,21 @@ def upstream_sender(rt: Runtime) -> Handler:
             if left <= 0:
                 raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
             timeout = min(timeout, left)
-        body, strip_usage = ex.body, False
-        if ex.usage_body is not None and target.provider.name == "openai":
+        body, strip_usage, url = ex.body, False, None
+        cross = crossing(ex, target)  # the other LLM dialect: translated both ways
+        if cross is not None:
+            translated = cross.body(ex, target)
+            if translated is None:
+                cross = None
+            else:
+                body, url = translated, target.base.url(cross.rel, ex.query, v1=True)
+                cross.headers(headers)
+        elif ex.usage_body is not None and target.provider.name == "openai":
             asked = usage.asking_usage(ex)  # per attempt: a fallback may have changed the body
             if asked is not None:
                 body, strip_usage = asked, True
         reply = await target.transport.send(
-            ex.method, ex.url(), headers, body,
+            ex.method, url or ex.url(), headers, body,
             timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
         )
         if reply.status >= 400 and reply.body is not None:
@@ -150,23 +159,31 @@ def upstream_sender(rt: Runtime) -> Handler:
                 reply.body = scrub.bytes(reply.body)  # an upstream error that echoes a configured key
             reply.failure = target.provider.classify(reply.status, reply.headers, reply.body, clock.time())
         elif reply.chunks is not None:
-            _watch_stream(ex, reply, target, strip_usage=strip_usage)
+            _watch_stream(ex, reply, target, strip_usage=strip_usage, cross=cross)
             if reply.failure is None and reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
+        if cross is not None:
+            if reply.chunks is None:
+                cross.answer(reply)
+            elif reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+                reply.chunks = cross.stream(ex, reply.chunks)
         return reply
 
     return send_upstream
 
 
-def _watch_stream(ex: Exchange, reply: Reply, target: Target, *, strip_usage: bool = False) -> None:
+def _watch_stream(
+    ex: Exchange, reply: Reply, target: Target, *, strip_usage: bool = False, cross: Crossing | None = None,
+) -> None:
     """Put an SSE stream of a known format under ``gateway.streams.watch``; an error event in
     its head makes the reply a failure the policies can still retry or fall back from."""
     if not reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
         return
-    fmt = stream_format(ex.rel_path)
+    fmt = stream_format(cross.rel if cross is not None else ex.rel_path)  # what the target sends
     if fmt is None:
         return
-    reader = fmt(choices=ex.choices, include_usage=ex.include_usage or strip_usage)
+    asked_usage = cross is not None and cross.to == "openai"  # the translated request asks for it
+    reader = fmt(choices=ex.choices, include_usage=ex.include_usage or strip_usage or asked_usage)
     aligner = Aligner()
     first = read_head(reader, aligner, reply.head)
     if strip_usage:

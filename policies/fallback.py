@@ -80,9 +80,10 @@ def policy(rt: Runtime) -> Policy:
     targets = rt.targets
 
     def entries(raw: list, primary: Target) -> list[Entry]:
-        # another dialect would need translation (the LLM layer): skipped, as --check warns
-        speaks = dialect(primary.config.provider)
-        return [(targets[e.target], e.model) for e in raw if dialect(targets[e.target].config.provider) == speaks]
+        # OpenAI and Anthropic targets stand in for each other (gateway.crossing translates); a plain-HTTP
+        # target and an LLM one cannot: skipped, as --check warns
+        plain = dialect(primary.config.provider) == "http"
+        return [(targets[e.target], e.model) for e in raw if (dialect(targets[e.target].config.provider) == "http") == plain]
 
     chains = {name: entries(t.config.fallback_targets, t) for name, t in targets.items()}
     fallback_on = {name: frozenset(t.config.fallback_on) for name, t in targets.items()}

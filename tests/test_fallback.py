@@ -174,34 +174,41 @@ tenants:
     assert other.headers["X-ReliAPI-Fallback"] == "fb1" and len(fb1.requests) == 1  # no own list: the target's
 
 
-async def test_a_fallback_of_another_dialect_is_skipped_and_reported(three, gateway, caplog):
+async def test_a_fallback_to_the_other_dialect_is_translated(three, gateway):
     up, _, fb2 = three
     cfg = f"""
 targets:
-  up: {{base_url: "{up.url}/v1", provider: openai, fallback_targets: [claude], retry_matrix: {{"5xx": {{attempts: 0}}}}}}
+  up: {{base_url: "{up.url}/v1", provider: openai, fallback_targets: [{{target: claude, model: claude-3-5-haiku-latest}}],
+        retry_matrix: {{"5xx": {{attempts: 0}}}}}}
   claude: {{base_url: "{fb2.url}", provider: anthropic}}
 """
     from gateway.config import config_warnings, parse_config
 
-    (warning,) = config_warnings(parse_config(cfg))
-    assert warning.startswith("targets.up.fallback_targets[0]: target 'claude' speaks the anthropic dialect")
-    assert "skipped" in warning
+    assert config_warnings(parse_config(cfg)) == []
     client, _ = await gateway(cfg)
     up.plan(DOWN)
     resp = await client.post("/t/up/chat/completions", json=CHAT)
-    assert resp.status == 503 and fb2.requests == []  # never an OpenAI body sent to Anthropic
+    body = await resp.json()
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "claude"
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == "Hello from the fake."
+    sent = fb2.requests[0]
+    assert sent.path_qs == "/v1/messages" and sent.headers["anthropic-version"] == "2023-06-01"
+    assert sent.json() == {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}]}], "max_tokens": 4096}
 
 
-def test_check_prints_the_dialect_warning_and_passes(cli, tmp_path):
+def test_check_warns_about_a_fallback_between_an_llm_and_a_plain_http_target(cli, tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text("""
 targets:
-  openai: {base_url: "https://api.openai.com/v1", fallback_targets: [anthropic]}
+  openai: {base_url: "https://api.openai.com/v1", fallback_targets: [anthropic, files]}
   anthropic: {base_url: "https://api.anthropic.com"}
+  files: {base_url: "https://files.example.com", provider: http}
 """)
     result = cli.run("--check", "--config", str(path))
     assert result.returncode == 0, result.stderr
-    assert "warning: targets.openai.fallback_targets[0]: target 'anthropic' speaks the anthropic dialect" in result.stderr
+    assert "warning: targets.openai.fallback_targets[1]: target 'files' speaks the http dialect" in result.stderr
+    assert "fallback_targets[0]" not in result.stderr  # OpenAI ⇄ Anthropic is translated
     assert "config OK" in result.stdout
 
 

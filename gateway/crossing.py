@@ -1,0 +1,108 @@
+"""A request in one LLM dialect sent to a target of the other (``providers.translate``).
+
+``crossing(ex, target)`` says whether this attempt crosses: the client's format is the
+path it called (``chat/completions`` → OpenAI, ``messages`` → Anthropic), the target's is
+its provider's. When it does, ``Crossing`` gives the target's path, the translated body
+(made once per body, so retries reuse it) and the headers the target needs, and turns
+the answer back — a complete body, an error body, or the stream event by event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from multidict import CIMultiDict
+
+from gateway.sse import Aligner, events
+from providers import translate
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange, Reply
+    from gateway.targets import Target
+
+ANTHROPIC_VERSION = "2023-06-01"
+_FORMATS = {"chat/completions": "openai", "messages": "anthropic"}
+
+
+class Crossing:
+    __slots__ = ("to", "rel")
+
+    def __init__(self, to: str) -> None:
+        self.to = to  # the target's dialect
+        self.rel = "messages" if to == "anthropic" else "chat/completions"
+
+    def body(self, ex: Exchange, target: Target) -> bytes | None:
+        made = ex.crossed
+        if made is not None and made[0] is ex.body and made[1] == self.to:
+            return made[2]
+        try:
+            doc: Any = msgspec.json.decode(ex.body)
+        except msgspec.DecodeError:
+            doc = None
+        out = None
+        if isinstance(doc, dict):
+            if self.to == "anthropic":
+                llm = target.config.llm
+                out = msgspec.json.encode(translate.openai_to_anthropic_request(
+                    doc, default_max_tokens=llm.max_tokens if llm is not None else None))
+            else:
+                out = msgspec.json.encode(translate.anthropic_to_openai_request(doc))
+        ex.crossed = (ex.body, self.to, out)
+        return out
+
+    def headers(self, headers: CIMultiDict[str]) -> None:
+        if self.to == "anthropic":
+            headers.setdefault("anthropic-version", ANTHROPIC_VERSION)
+        else:
+            for name in ("anthropic-version", "anthropic-beta"):
+                headers.popall(name, None)
+
+    def answer(self, reply: Reply) -> None:
+        """Turn a complete answer (success or error) into the client's dialect, in place."""
+        if not reply.body:
+            return
+        try:
+            doc = msgspec.json.decode(reply.body)
+        except msgspec.DecodeError:
+            return  # not JSON: passed on as it is (the usage policy reports a broken success)
+        if not isinstance(doc, dict):
+            return
+        if reply.status >= 400:
+            out = translate.openai_error_from_anthropic(doc) if self.to == "anthropic" \
+                else translate.anthropic_error_from_openai(doc)
+        elif self.to == "anthropic":
+            out = translate.anthropic_to_openai_response(doc)
+        else:
+            out = translate.openai_to_anthropic_response(doc)
+        reply.body = msgspec.json.encode(out)
+        reply.headers["Content-Type"] = "application/json"
+
+    def stream(self, ex: Exchange, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if self.to == "anthropic":
+            return _translated(chunks, translate.AnthropicToOpenAIStream(include_usage=ex.include_usage))
+        return _translated(chunks, translate.OpenAIToAnthropicStream())
+
+
+async def _translated(chunks: AsyncIterator[bytes], translator: Any) -> AsyncIterator[bytes]:
+    aligner = Aligner()
+    try:
+        async for chunk in chunks:
+            out = b"".join(translator.feed(name, data) for name, data in events(aligner.feed(chunk)))
+            if out:
+                yield out
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def crossing(ex: Exchange, target: Target) -> Crossing | None:
+    if target.kind != "llm":
+        return None
+    asked = _FORMATS.get(ex.rel_path.removeprefix("v1/"))
+    if asked is None:
+        return None
+    speaks = "anthropic" if target.provider.name == "anthropic" else "openai"
+    return Crossing(speaks) if asked != speaks else None

@@ -1,0 +1,432 @@
+"""OpenAI Chat Completions ⇄ Anthropic Messages, both directions, complete and streamed (SPEC §6).
+
+Used when a request in one dialect reaches a target of the other — routed there by its
+model, or by a fallback. The request is rewritten for the target; the answer (body, or
+SSE stream event by event) is rewritten back, so the client's SDK parses what it expects.
+
+Mapped: system prompts (OpenAI system/developer messages ⇄ Anthropic ``system``), text and
+image content (data URLs ⇄ base64 sources, http URLs ⇄ url sources), tools and tool choice,
+assistant tool calls ⇄ ``tool_use`` blocks, tool results ⇄ ``tool_result`` blocks,
+``stop`` ⇄ ``stop_sequences``, ``max_tokens``/``max_completion_tokens`` (Anthropic requires
+one: ``llm.max_tokens`` or 4,096), ``temperature``, ``top_p``, ``user`` ⇄
+``metadata.user_id``; answers: ids, roles, text, tool calls (arguments as a JSON string),
+stop reasons ⇄ finish reasons, usage. Anything without an equivalent is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+_encode = msgspec.json.encode
+DEFAULT_MAX_TOKENS = 4096
+
+FINISH_OF_STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+                  "pause_turn": "stop", "refusal": "content_filter"}
+STOP_OF_FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+                  "content_filter": "refusal"}
+
+
+# ---------------------------------------------------------------- OpenAI request → Anthropic
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") in ("text", None))
+    return "" if content is None else str(content)
+
+
+def _image_block(url: str) -> dict[str, Any]:
+    if url.startswith("data:") and ";base64," in url:
+        media, _, data = url[5:].partition(";base64,")
+        return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    out: list[dict[str, Any]] = []
+    for part in content or ():
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text":
+            out.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if isinstance(url, str):
+                out.append(_image_block(url))
+    return out
+
+
+def _loads(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text if text is not None else {}
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return {"_raw": text}
+
+
+def openai_to_anthropic_request(body: dict[str, Any], *, default_max_tokens: int | None = None) -> dict[str, Any]:
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+
+    def push(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if messages and messages[-1]["role"] == role:  # Anthropic wants turns to alternate
+            messages[-1]["content"].extend(blocks)
+        else:
+            messages.append({"role": role, "content": blocks})
+
+    for m in body.get("messages") or ():
+        if not isinstance(m, dict):
+            continue
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_of(m.get("content")))
+        elif role == "user":
+            push("user", _blocks(m.get("content")))
+        elif role == "assistant":
+            blocks = _blocks(m.get("content"))
+            for call in m.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                               "input": _loads(fn.get("arguments"))})
+            push("assistant", blocks)
+        elif role in ("tool", "function"):
+            push("user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id") or m.get("name"),
+                           "content": _text_of(m.get("content"))}])
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages}
+    if system:
+        out["system"] = "\n\n".join(s for s in system if s)
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    out["max_tokens"] = limit or default_max_tokens or DEFAULT_MAX_TOKENS
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    for field in ("temperature", "top_p", "stream"):
+        if body.get(field) is not None:
+            out[field] = body[field]
+    if isinstance(out.get("temperature"), (int, float)):
+        out["temperature"] = min(out["temperature"], 1.0)  # OpenAI allows up to 2
+    if body.get("user"):
+        out["metadata"] = {"user_id": str(body["user"])}
+    tools = [t.get("function") for t in body.get("tools") or () if isinstance(t, dict) and t.get("type") == "function"]
+    if tools:
+        out["tools"] = [{"name": f.get("name"), "description": f.get("description", ""),
+                         "input_schema": f.get("parameters") or {"type": "object", "properties": {}}}
+                        for f in tools if isinstance(f, dict)]
+        choice = body.get("tool_choice")
+        if choice == "required":
+            out["tool_choice"] = {"type": "any"}
+        elif choice == "none":
+            out["tool_choice"] = {"type": "none"}
+        elif isinstance(choice, dict) and choice.get("type") == "function":
+            out["tool_choice"] = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+    return out
+
+
+# ---------------------------------------------------------------- Anthropic answer → OpenAI
+
+
+def anthropic_to_openai_response(body: dict[str, Any]) -> dict[str, Any]:
+    text, calls = [], []
+    for block in body.get("content") or ():
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            text.append(block.get("text", ""))
+        elif block.get("type") == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block.get("name"), "arguments": _encode(block.get("input", {})).decode()}})
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    usage = body.get("usage") or {}
+    prompt = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0) \
+        + (usage.get("cache_read_input_tokens") or 0)
+    completion = usage.get("output_tokens") or 0
+    return {
+        "id": "chatcmpl-" + str(body.get("id") or "").removeprefix("msg_"), "object": "chat.completion",
+        "created": int(time.time()), "model": body.get("model"),
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": FINISH_OF_STOP.get(body.get("stop_reason") or "", "stop")}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
+
+
+class AnthropicToOpenAIStream:
+    """Anthropic Messages SSE events in, OpenAI ``chat.completion.chunk`` events out."""
+
+    def __init__(self, *, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.id = "chatcmpl-"
+        self.model: str | None = None
+        self.created = int(time.time())
+        self.prompt = 0
+        self.completion = 0
+        self.tool_index: dict[int, int] = {}  # Anthropic block index → OpenAI tool call index
+        self.done = False
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+        chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                 "model": self.model,
+                                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if usage is not None:
+            chunk["choices"] = []
+            chunk["usage"] = usage
+        return b"data: " + _encode(chunk) + b"\n\n"
+
+    def feed(self, name: bytes, data: bytes) -> bytes:
+        try:
+            ev = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return b""
+        if not isinstance(ev, dict):
+            return b""
+        kind = ev.get("type")
+        if kind == "message_start":
+            msg = ev.get("message") or {}
+            self.id = "chatcmpl-" + str(msg.get("id") or "").removeprefix("msg_")
+            self.model = msg.get("model")
+            usage = msg.get("usage") or {}
+            self.prompt = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0) \
+                + (usage.get("cache_read_input_tokens") or 0)
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_start":
+            block = ev.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                n = self.tool_index.setdefault(ev.get("index", 0), len(self.tool_index))
+                return self._chunk({"tool_calls": [{"index": n, "id": block.get("id"), "type": "function",
+                                                    "function": {"name": block.get("name"), "arguments": ""}}]})
+            return b""
+        if kind == "content_block_delta":
+            delta = ev.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return self._chunk({"content": delta.get("text", "")})
+            if delta.get("type") == "input_json_delta":
+                n = self.tool_index.get(ev.get("index", 0), 0)
+                return self._chunk({"tool_calls": [{"index": n, "function": {"arguments": delta.get("partial_json", "")}}]})
+            return b""
+        if kind == "message_delta":
+            usage = ev.get("usage") or {}
+            if usage.get("output_tokens") is not None:
+                self.completion = usage["output_tokens"]
+            if usage.get("input_tokens"):
+                self.prompt = usage["input_tokens"]
+            reason = (ev.get("delta") or {}).get("stop_reason")
+            out = self._chunk({}, FINISH_OF_STOP.get(reason or "", "stop"))
+            if self.include_usage:
+                out += self._chunk({}, usage={"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                                              "total_tokens": self.prompt + self.completion})
+            return out
+        if kind == "message_stop":
+            self.done = True
+            return b"data: [DONE]\n\n"
+        if kind == "error":
+            error = ev.get("error") or {}
+            body = {"error": {"message": error.get("message", "upstream error"), "type": error.get("type", "api_error"),
+                              "code": None, "param": None}}
+            return b"data: " + _encode(body) + b"\n\n"
+        return b""  # ping, content_block_stop, thinking deltas
+
+
+# ---------------------------------------------------------------- Anthropic request → OpenAI
+
+
+def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+    system = body.get("system")
+    if system:
+        messages.append({"role": "system", "content": _text_of(system)})
+    for m in body.get("messages") or ():
+        if not isinstance(m, dict):
+            continue
+        role, content = m.get("role"), m.get("content")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            continue
+        parts: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = []
+        for block in content or ():
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": block.get("text", "")})
+            elif kind == "image":
+                src = block.get("source") or {}
+                url = src.get("url") if src.get("type") == "url" else \
+                    f"data:{src.get('media_type')};base64,{src.get('data')}"
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            elif kind == "tool_use":
+                calls.append({"id": block.get("id"), "type": "function",
+                              "function": {"name": block.get("name"), "arguments": _encode(block.get("input", {})).decode()}})
+            elif kind == "tool_result":
+                messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                                 "content": _text_of(block.get("content"))})
+        if role == "assistant":
+            message: dict[str, Any] = {"role": "assistant", "content": _text_of(parts) or None}
+            if calls:
+                message["tool_calls"] = calls
+            messages.append(message)
+        elif parts:
+            only_text = all(p["type"] == "text" for p in parts)
+            messages.append({"role": role, "content": _text_of(parts) if only_text else parts})
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages}
+    if body.get("max_tokens") is not None:
+        out["max_tokens"] = body["max_tokens"]
+    if body.get("stop_sequences"):
+        out["stop"] = body["stop_sequences"]
+    for field in ("temperature", "top_p", "stream"):
+        if body.get(field) is not None:
+            out[field] = body[field]
+    if body.get("stream"):
+        out["stream_options"] = {"include_usage": True}
+    user = (body.get("metadata") or {}).get("user_id")
+    if user:
+        out["user"] = user
+    tools = body.get("tools")
+    if tools:
+        out["tools"] = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
+                                                          "parameters": t.get("input_schema") or {}}}
+                        for t in tools if isinstance(t, dict) and t.get("name")]
+        choice = body.get("tool_choice") or {}
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        if kind == "any":
+            out["tool_choice"] = "required"
+        elif kind == "none":
+            out["tool_choice"] = "none"
+        elif kind == "tool":
+            out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    return out
+
+
+# ---------------------------------------------------------------- OpenAI answer → Anthropic
+
+
+def openai_to_anthropic_response(body: dict[str, Any]) -> dict[str, Any]:
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if message.get("content"):
+        content.append({"type": "text", "text": _text_of(message["content"])})
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                        "input": _loads(fn.get("arguments"))})
+    usage = body.get("usage") or {}
+    return {
+        "id": "msg_" + str(body.get("id") or "").removeprefix("chatcmpl-"), "type": "message", "role": "assistant",
+        "model": body.get("model"), "content": content,
+        "stop_reason": STOP_OF_FINISH.get(choice.get("finish_reason") or "", "end_turn"), "stop_sequence": None,
+        "usage": {"input_tokens": usage.get("prompt_tokens") or 0, "output_tokens": usage.get("completion_tokens") or 0},
+    }
+
+
+class OpenAIToAnthropicStream:
+    """OpenAI ``chat.completion.chunk`` events in, Anthropic Messages SSE events out."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.block: int = -1
+        self.block_kind: str | None = None
+        self.tools: dict[int, int] = {}  # OpenAI tool call index → Anthropic block index
+        self.finish: str | None = None
+        self.prompt = 0
+        self.completion = 0
+        self.done = False
+
+    @staticmethod
+    def _event(name: str, data: dict[str, Any]) -> bytes:
+        return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
+
+    def _close_block(self) -> bytes:
+        if self.block_kind is None:
+            return b""
+        self.block_kind = None
+        return self._event("content_block_stop", {"type": "content_block_stop", "index": self.block})
+
+    def _open_block(self, kind: str, block: dict[str, Any]) -> bytes:
+        out = self._close_block()
+        self.block += 1
+        self.block_kind = kind
+        return out + self._event("content_block_start", {"type": "content_block_start", "index": self.block,
+                                                         "content_block": block})
+
+    def feed(self, name: bytes, data: bytes) -> bytes:
+        if data == b"[DONE]":
+            return self._finish()
+        try:
+            chunk = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return b""
+        if not isinstance(chunk, dict):
+            return b""
+        if "error" in chunk:
+            error = chunk.get("error") or {}
+            return self._event("error", {"type": "error", "error": {"type": "api_error",
+                                                                    "message": error.get("message", "upstream error")}})
+        out = b""
+        if not self.started:
+            self.started = True
+            out += self._event("message_start", {"type": "message_start", "message": {
+                "id": "msg_" + str(chunk.get("id") or "").removeprefix("chatcmpl-"), "type": "message",
+                "role": "assistant", "model": chunk.get("model"), "content": [], "stop_reason": None,
+                "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
+        usage = chunk.get("usage")
+        if usage:
+            self.prompt = usage.get("prompt_tokens") or self.prompt
+            self.completion = usage.get("completion_tokens") or self.completion
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if self.block_kind != "text":
+                    out += self._open_block("text", {"type": "text", "text": ""})
+                out += self._event("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                           "delta": {"type": "text_delta", "text": delta["content"]}})
+            for call in delta.get("tool_calls") or ():
+                i = call.get("index", 0)
+                fn = call.get("function") or {}
+                if i not in self.tools:
+                    out += self._open_block("tool", {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                                                     "input": {}})
+                    self.tools[i] = self.block
+                if fn.get("arguments"):
+                    out += self._event("content_block_delta", {
+                        "type": "content_block_delta", "index": self.tools[i],
+                        "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+        return out
+
+    def _finish(self) -> bytes:
+        if self.done:
+            return b""
+        self.done = True
+        out = self._close_block()
+        out += self._event("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": STOP_OF_FINISH.get(self.finish or "", "end_turn"), "stop_sequence": None},
+            "usage": {"input_tokens": self.prompt, "output_tokens": self.completion}})
+        return out + self._event("message_stop", {"type": "message_stop"})
+
+
+def openai_error_from_anthropic(body: dict[str, Any]) -> dict[str, Any]:
+    error = body.get("error") or {}
+    return {"error": {"message": error.get("message", ""), "type": error.get("type", "api_error"), "code": None,
+                      "param": None}}
+
+
+def anthropic_error_from_openai(body: dict[str, Any]) -> dict[str, Any]:
+    error = body.get("error") or {}
+    kind = error.get("type") or "api_error"
+    return {"type": "error", "error": {"type": kind, "message": error.get("message", "")}}
