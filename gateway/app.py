@@ -48,6 +48,7 @@ def create_app(
         app.router.add_get(path, handlers.liveness)
     app.router.add_get("/readyz", handlers.readiness)
     app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/v1/usage/{user_id}", handlers.user_usage)
     app.router.add_route("*", r"/{tail:[\s\S]*}", handlers.dispatch)  # any path, even with decoded CR/LF
     return app
 

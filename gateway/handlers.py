@@ -29,6 +29,7 @@ from gateway.runtime import Runtime
 from gateway.store import StoreError
 from gateway.writer import StreamOutcome, complete_response, error_response, write_reply
 from policies.idempotency import keyed
+from policies.usage import summary as usage_summary
 
 log = logging.getLogger("reliapi")
 
@@ -343,6 +344,26 @@ async def models(request: web.Request) -> web.StreamResponse:
     if rt.catalog is None:
         rt.catalog = catalog.build(rt)
     body = {"object": "list", "data": catalog.visible(rt.catalog, tenant)}
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+                        headers={X_REQUEST_ID: request_id})
+
+
+async def user_usage(request: web.Request) -> web.StreamResponse:
+    """GET /v1/usage/{user_id} (the "LLM Gateway API" seed): a user's usage by day and in total.
+    With tenants, a tenant sees only its own users."""
+    rt = request.app[RUNTIME].current
+    request_id = _request_id(request)
+    try:
+        tenant = rt.tenants.authenticate(request.headers)
+        since = request.query.get("since")
+        if since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
+            raise InvalidRequest("since: a date, YYYY-MM-DD", param="since")
+        await rt.usage_book_flush()
+        found = await usage_summary(rt.store, tenant=tenant.name if tenant else None,
+                                    user=request.match_info["user_id"], since_day=since.replace("-", "") if since else None)
+    except GatewayError as e:
+        return error_response(e, OPENAI, request_id)
+    body = {"user_id": request.match_info["user_id"], **found}
     return web.Response(body=msgspec.json.encode(body), content_type="application/json",
                         headers={X_REQUEST_ID: request_id})
 

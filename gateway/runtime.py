@@ -30,6 +30,10 @@ from providers.pricing import PriceTable
 log = logging.getLogger("reliapi")
 
 
+async def _nothing() -> None:
+    return None
+
+
 class Runtime:
     def __init__(
         self,
@@ -57,6 +61,7 @@ class Runtime:
         self.catalog: list[dict[str, Any]] | None = None  # GET /v1/models, built on first use
         self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
         self.closers: list[Callable[[], Awaitable[None]]] = []  # policies' own last writes (usage counts)
+        self.usage_book_flush: Callable[[], Awaitable[None]] = _nothing  # write the usage counts now (reports)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(s for t in self.targets.values() for s in t.credential.secrets)
         self.access_log = access_log or AccessLog(access_log_write)

@@ -91,7 +91,34 @@ def day_of(now: float) -> str:
 
 
 def usage_key(day: str, tenant: str | None, user: str | None, target: str, model: str | None) -> str:
-    return f"usage:{day}:{tenant or '-'}:{user or '-'}:{target}:{model or '-'}"
+    user = user.replace(":", "_") if user else "-"  # the key's own separator
+    return f"usage:{day}:{tenant or '-'}:{user}:{target}:{model or '-'}"
+
+
+async def summary(store: Any, *, tenant: str | None = None, user: str | None = None,
+                  since_day: str | None = None) -> dict[str, Any]:
+    """Usage rows summed by day (and in total) for a tenant and/or user, from ``since_day``
+    (YYYYMMDD) on — for ``GET /v1/usage/{user}`` and the admin API."""
+    days: dict[str, dict[str, float]] = {}
+    async for key in store.scan_prefix("usage:"):
+        _, day, row_tenant, row_user, *_ = key.split(":", 5) + [""] * 2
+        if (tenant is not None and row_tenant != tenant) or (user is not None and row_user != user.replace(":", "_")):
+            continue
+        if since_day is not None and day < since_day:
+            continue
+        into = days.setdefault(day, {})
+        for field, value in (await store.hgetall(key)).items():
+            into[field] = into.get(field, 0.0) + value
+    total: dict[str, float] = {}
+    for row in days.values():
+        for field, value in row.items():
+            total[field] = total.get(field, 0.0) + value
+    return {"days": [{"date": f"{d[:4]}-{d[4:6]}-{d[6:]}", **_ints(days[d])} for d in sorted(days)],
+            "total": _ints(total)}
+
+
+def _ints(row: dict[str, float]) -> dict[str, float | int]:
+    return {k: (round(v, 8) if k == "cost_usd" else int(v)) for k, v in sorted(row.items())}
 
 
 def user_of(ex: Exchange) -> str | None:
@@ -108,6 +135,7 @@ def policy(rt: Runtime) -> Policy | None:
     clock = rt.clock
     book = UsageBook(rt.store)
     rt.closers.append(book.close)
+    rt.usage_book_flush = book.flush
 
     def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> float | None:
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
@@ -120,13 +148,16 @@ def policy(rt: Runtime) -> Policy | None:
         if ex.settlement is not None:
             ex.settlement.settle(cost or 0.0)
         target = log.get("fallback_target") or ex.target.name
-        row: dict[str, float] = {"requests": 1, "prompt_tokens": prompt, "completion_tokens": completion}
-        if cost is not None:
-            row["cost_usd"] = cost
-        else:
-            row["unpriced_requests"] = 1
-        book.add(usage_key(day_of(clock.time()), ex.tenant, user_of(ex), target, model), row)
+        book.count(usage_key(today(), ex.tenant, user_of(ex), target, model), prompt, completion, cost)
         return cost
+
+    day = [-1, ""]
+
+    def today() -> str:
+        now = clock.time()
+        if int(now // 86400) != day[0]:  # formatted once a day, not per request
+            day[0], day[1] = int(now // 86400), day_of(now)
+        return day[1]
 
     def unbilled(ex: Exchange) -> None:
         if ex.settlement is not None:
@@ -194,27 +225,45 @@ class UsageBook:
     second of counts; a store that is down keeps them until it is back (bounded)."""
 
     MAX_KEYS = 100_000
+    FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_usd", "unpriced_requests")
 
     def __init__(self, store: Any) -> None:
         self.store = store
         self.rows: dict[str, dict[str, float]] = {}
+        self.counts: dict[str, list[float]] = {}  # key → FIELDS, the hot path's cheap form
         self.task: asyncio.Task[None] | None = None
         self._logged_at = -30.0
 
-    def add(self, key: str, row: dict[str, float]) -> None:
-        if key not in self.rows and len(self.rows) >= self.MAX_KEYS:
-            return
-        self.add_quietly(key, row)
+    def count(self, key: str, prompt: int, completion: int, cost: float | None) -> None:
+        row = self.counts.get(key)
+        if row is None:
+            if len(self.counts) >= self.MAX_KEYS:
+                return
+            row = self.counts[key] = [0.0, 0.0, 0.0, 0.0, 0.0]
+        row[0] += 1
+        row[1] += prompt
+        row[2] += completion
+        if cost is None:
+            row[4] += 1
+        else:
+            row[3] += cost
         if self.task is None:
             self.task = asyncio.ensure_future(self._run())
 
+    def _fold(self) -> None:
+        counts, self.counts = self.counts, {}
+        for key, row in counts.items():
+            self.add_quietly(key, {f: v for f, v in zip(self.FIELDS, row, strict=True)
+                                   if v or f in ("requests", "prompt_tokens", "completion_tokens")})
+
     async def _run(self) -> None:
-        while self.rows:
+        while self.rows or self.counts:
             await asyncio.sleep(FLUSH_EVERY_S)
             await self.flush()
         self.task = None
 
     async def flush(self) -> None:
+        self._fold()
         rows, self.rows = self.rows, {}
         pending = list(rows.items())
         while pending:
@@ -240,7 +289,7 @@ class UsageBook:
         if self.task is not None:
             self.task.cancel()
             self.task = None
-        if self.rows:
+        if self.rows or self.counts:
             await self.flush()
 
 

@@ -231,3 +231,21 @@ async def test_usage_counts_survive_a_store_outage_and_are_written_once_it_is_ba
             break
         await asyncio.sleep(0.01)
     assert row["requests"] == 3 and row["completion_tokens"] == 12
+
+
+async def test_a_users_usage_by_day_and_in_total(fake, gateway):
+    cfg = config(fake.url, daily=1.0).replace("  - name: free\n", "  - name: other\n    api_key: other-key-123456\n  - name: free\n")
+    client, _ = await gateway(cfg, store=MemoryStore())
+    for _ in range(2):
+        await client.post("/v1/chat/completions", json=chat(user="dana"), headers=KEY)
+    await client.post("/v1/chat/completions", json=chat(user="dana"), headers={"Authorization": "Bearer other-key-123456"})
+    resp = await client.get("/v1/usage/dana", headers=KEY)
+    body = await resp.json()
+    assert resp.status == 200 and body["user_id"] == "dana"
+    assert body["total"] == {"completion_tokens": 8, "cost_usd": pytest.approx(2 * ACTUAL), "prompt_tokens": 10,
+                             "requests": 2}  # acme's two requests only: the other tenant's dana is not acme's
+    assert len(body["days"]) == 1 and body["days"][0]["date"] == time.strftime("%Y-%m-%d", time.gmtime())
+    assert (await client.get("/v1/usage/dana")).status == 401
+    future = await (await client.get("/v1/usage/dana?since=2999-01-01", headers=KEY)).json()
+    assert future["total"] == {} and future["days"] == []
+    assert (await client.get("/v1/usage/dana?since=yesterday", headers=KEY)).status == 400

@@ -229,3 +229,30 @@ async def test_a_provider_error_reaches_the_sdk_in_its_own_dialect(fake, gateway
     with pytest.raises(openai.BadRequestError, match="too large"):
         await sdk.chat.completions.create(model="claude-3-5-haiku-latest", messages=[{"role": "user", "content": "x"}])
     await sdk.close()
+
+
+async def test_native_messages_to_an_anthropic_target_stay_byte_exact(aiohttp_server, gateway):
+    from aiohttp import web
+
+    answer = (b'{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":['
+              b'{"type":"thinking","thinking":"hmm","signature":"EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"},'
+              b'{"type":"text","text":"Hi","citations":null}],"stop_reason":"end_turn","future_field":{"x":1},'
+              b'"usage":{"input_tokens":5,"output_tokens":4}}')
+    seen: list[bytes] = []
+
+    async def messages(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    server = await aiohttp_server(app)
+    client, _ = await gateway(f"""
+targets:
+  claude: {{base_url: "{str(server.make_url('')).rstrip('/')}", provider: anthropic, models: ["claude-*"]}}
+""")
+    raw = (b'{"model": "claude-sonnet-4-5", "max_tokens": 64, "thinking": {"type": "enabled", "budget_tokens": 32},'
+           b' "messages": [{"role": "user", "content": "hi"}], "unknown_beta_field": [1, 2]}')
+    resp = await client.post("/v1/messages", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 200 and await resp.read() == answer  # the signature and unknown fields intact
+    assert seen == [raw]
