@@ -230,18 +230,21 @@ async def _exchange_proxy_llm(request: web.Request, rt: Runtime, request_id: str
     return await envelope_llm.exchange(request, rt, request_id, tenant, await _read_body(request, rt))
 
 
+_ENVELOPES = {"/proxy/http": (_exchange_proxy_http, "proxy"), "/proxy/llm": (_exchange_proxy_llm, "proxy_llm")}
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not a fixed gateway endpoint lands here: /v1/* and /t/* are proxied."""
     raw = request.raw_path
-    if raw.startswith("/v1/generate") and raw.partition("?")[0] == "/v1/generate" and request.method == "POST":
-        make_exchange, route, dialect = _exchange_generate, "generate", OPENAI
-    elif raw.partition("?")[0] == "/proxy/http" and request.method == "POST":
-        make_exchange, route, dialect = _exchange_proxy_http, "proxy", ENVELOPE
-    elif raw.partition("?")[0] == "/proxy/llm" and request.method == "POST":
-        make_exchange, route, dialect = _exchange_proxy_llm, "proxy_llm", ENVELOPE
-    elif raw.startswith("/v1/"):
-        make_exchange, route = _exchange_v1, "v1"
-        dialect = ANTHROPIC if raw.startswith("/v1/messages") else OPENAI
+    if raw.startswith("/v1/"):
+        if raw.startswith("/v1/generate") and raw.partition("?")[0] == "/v1/generate" and request.method == "POST":
+            make_exchange, route, dialect = _exchange_generate, "generate", OPENAI
+        else:
+            make_exchange, route = _exchange_v1, "v1"
+            dialect = ANTHROPIC if raw.startswith("/v1/messages") else OPENAI
+    elif raw.startswith("/proxy/") and raw.partition("?")[0] in _ENVELOPES and request.method == "POST":
+        make_exchange, route = _ENVELOPES[raw.partition("?")[0]]
+        dialect = ENVELOPE
     elif raw.startswith("/t/"):
         make_exchange, route, dialect = _exchange_t, "t", ENVELOPE
     else:

@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from multidict import istr
 
 from gateway.errors import UpstreamError
 from gateway.exchange import ANTHROPIC
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("reliapi")
 
-X_RELIAPI_USER = "X-ReliAPI-User"
-X_RELIAPI_COST = "X-ReliAPI-Cost-USD"
+X_RELIAPI_USER = istr("X-ReliAPI-User")
+X_RELIAPI_COST = istr("X-ReliAPI-Cost-USD")
 USAGE_TTL_S = 400 * 86400  # a day's rows are kept for about 13 months
 
 
@@ -137,18 +138,24 @@ def policy(rt: Runtime) -> Policy | None:
     rt.closers.append(book.close)
     rt.usage_book_flush = book.flush
 
+    price_of = prices.price
+
     def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> float | None:
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
-        price = prices.price(model)
-        cost = price.cost(prompt, completion) if price is not None else None
+        price = price_of(model)
         log = ex.log
-        log["prompt_tokens"], log["completion_tokens"] = prompt, completion
-        if cost is not None:
-            log["cost_usd"] = round(cost, 8)
+        log["prompt_tokens"] = prompt
+        log["completion_tokens"] = completion
+        cost = None
+        if price is not None:
+            cost = prompt * price.input + completion * price.output
+            log["cost_usd"] = cost
         if ex.settlement is not None:
             ex.settlement.settle(cost or 0.0)
-        target = log.get("fallback_target") or ex.target.name
-        book.count(usage_key(today(), ex.tenant, user_of(ex), target, model), prompt, completion, cost)
+        # the row's key is built when the counts are folded, once a second, not here
+        book.pending.append((today(), ex.tenant, ex.headers.get(X_RELIAPI_USER) or ex.user,
+                             log.get("fallback_target") or ex.target.name, model, prompt, completion, cost))
+        book.wake()
         return cost
 
     day = [-1, ""]
@@ -182,11 +189,7 @@ def policy(rt: Runtime) -> Policy | None:
         if ex.stream and not ex.include_usage and ex.dialect != ANTHROPIC and \
                 ex.rel_path.removeprefix("v1/") in _CHAT_PATHS:
             ex.usage_body = (b"", None)  # computed per attempt (asking_usage)
-        try:
-            reply = await call_next(ex)
-        except BaseException:
-            unbilled(ex)
-            raise
+        reply = await call_next(ex)  # (an exception: the budget policy refunds the reservation)
         if reply.chunks is not None:
             if ex.settlement is not None:
                 ex.settlement.expected = True  # settled when the stream ends, however it ends
@@ -209,7 +212,7 @@ def policy(rt: Runtime) -> Policy | None:
         else:
             cost = record(ex, *found)
             if cost is not None:
-                reply.headers[X_RELIAPI_COST] = f"{cost:.8f}"
+                reply.headers[X_RELIAPI_COST] = repr(round(cost, 10))
         return reply
 
     return usage
@@ -230,7 +233,8 @@ class UsageBook:
     def __init__(self, store: Any) -> None:
         self.store = store
         self.rows: dict[str, dict[str, float]] = {}
-        self.counts: dict[str, list[float]] = {}  # key → FIELDS, the hot path's cheap form
+        self.counts: dict[str, list[float]] = {}  # key → FIELDS
+        self.pending: list[tuple[Any, ...]] = []  # the hot path's cheap form: one tuple per answer
         self.task: asyncio.Task[None] | None = None
         self._logged_at = -30.0
 
@@ -250,14 +254,21 @@ class UsageBook:
         if self.task is None:
             self.task = asyncio.ensure_future(self._run())
 
+    def wake(self) -> None:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+
     def _fold(self) -> None:
+        pending, self.pending = self.pending, []
+        for day, tenant, user, target, model, prompt, completion, cost in pending:
+            self.count(usage_key(day, tenant, user[:128] if user else None, target, model), prompt, completion, cost)
         counts, self.counts = self.counts, {}
         for key, row in counts.items():
             self.add_quietly(key, {f: v for f, v in zip(self.FIELDS, row, strict=True)
                                    if v or f in ("requests", "prompt_tokens", "completion_tokens")})
 
     async def _run(self) -> None:
-        while self.rows or self.counts:
+        while self.rows or self.counts or self.pending:
             await asyncio.sleep(FLUSH_EVERY_S)
             await self.flush()
         self.task = None
@@ -289,7 +300,7 @@ class UsageBook:
         if self.task is not None:
             self.task.cancel()
             self.task = None
-        if self.rows or self.counts:
+        if self.rows or self.counts or self.pending:
             await self.flush()
 
 
