@@ -57,7 +57,6 @@ class _Usage(msgspec.Struct):
 
 class _Body(msgspec.Struct):
     usage: _Usage | None = None
-    model: str | None = None
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
@@ -68,7 +67,8 @@ class NotJSON(Exception):
 
 
 def read_usage(body: bytes) -> tuple[int, int, str | None] | None:
-    """(prompt, completion, model) from a complete answer of either dialect; None without usage.
+    """(prompt, completion, None) from a complete answer of either dialect; None without usage
+    (the model is the one the client asked for: ``Exchange.model``).
     Raises ``NotJSON`` for a body that does not parse."""
     try:
         doc = _decode_body(body)
@@ -80,10 +80,10 @@ def read_usage(body: bytes) -> tuple[int, int, str | None] | None:
     if u is None:
         return None
     if u.prompt_tokens is not None or u.completion_tokens is not None:
-        return u.prompt_tokens or 0, u.completion_tokens or 0, doc.model
+        return u.prompt_tokens or 0, u.completion_tokens or 0, None
     if u.input_tokens is not None or u.output_tokens is not None:
         prompt = (u.input_tokens or 0) + (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
-        return prompt, u.output_tokens or 0, doc.model
+        return prompt, u.output_tokens or 0, None
     return None
 
 
@@ -211,7 +211,7 @@ def policy(rt: Runtime) -> Policy | None:
             unbilled(ex)
         else:
             cost = record(ex, *found)
-            if cost is not None:
+            if cost is not None and "cost_estimate_usd" in ex.log:  # a request under cost control says it
                 reply.headers[X_RELIAPI_COST] = repr(round(cost, 10))
         return reply
 

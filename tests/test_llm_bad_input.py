@@ -8,8 +8,6 @@ import logging
 import pytest
 from aiohttp import web
 
-from tests.fakes import Fault
-
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": "claude-3-5-haiku-latest", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -65,9 +63,12 @@ async def test_a_provider_answer_that_is_not_json_is_a_502(aiohttp_server, gatew
     assert logs[-1]["request_id"] == "req-broken-1" and logs[-1]["error_code"] == "upstream_error"
 
 
-async def test_a_priced_answer_says_what_it_cost(fake, gateway):
-    client, logs = await gateway(config(fake.url))
-    fake.plan(Fault())
+async def test_a_priced_answer_under_cost_control_says_what_it_cost(fake, gateway):
+    capped = config(fake.url).replace('models: ["gpt-*"]}', 'models: ["gpt-*"], llm: {hard_cost_cap_usd: 1}}')
+    client, logs = await gateway(capped)
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert float(resp.headers["X-ReliAPI-Cost-USD"]) == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6)
     assert logs[-1]["cost_usd"] == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6)
+    plain, logs = await gateway(config(fake.url))  # no caps, no budget: the log has it, no header is spent on it
+    resp = await plain.post("/v1/chat/completions", json=CHAT)
+    assert "X-ReliAPI-Cost-USD" not in resp.headers and logs[-1]["cost_usd"] > 0
