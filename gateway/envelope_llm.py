@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.envelope import decode_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.exchange import ENVELOPE, Exchange, Reply
 from gateway.generate import upstream_error as _upstream_error
@@ -65,16 +66,7 @@ class LLMEnvelope(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def parse(raw: bytes) -> LLMEnvelope:
-    try:
-        env = msgspec.json.decode(raw, type=LLMEnvelope)
-    except msgspec.ValidationError as e:
-        msg = str(e)
-        param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
-        if param is None and "`" in msg:
-            param = msg.split("`")[1]
-        raise InvalidRequest(f"invalid envelope: {msg.replace('`', '')}", param=param) from None
-    except msgspec.DecodeError as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    env = decode_body(raw, LLMEnvelope)
     if env.cache is not None and env.cache < 0:
         raise InvalidRequest("cache: a TTL in seconds, 0 or more", param="cache")
     return env

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
+from gateway.envelope import decode_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.exchange import OPENAI, Exchange, Reply
 from gateway.headers import X_CACHE, X_CACHED
@@ -41,20 +42,8 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     idempotency_key: str | None = None
 
 
-_decode = msgspec.json.Decoder(GenerateRequest).decode
-
-
 def parse(body: bytes) -> GenerateRequest:
-    try:
-        return _decode(body)
-    except msgspec.ValidationError as e:
-        msg = str(e)
-        param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
-        if "missing required field" in msg:
-            param = msg.split("`")[1] if "`" in msg else param
-        raise InvalidRequest(f"invalid request body: {msg.replace('`', '')}", param=param) from None
-    except msgspec.DecodeError as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    return decode_body(body, GenerateRequest, "request body")
 
 
 async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: str | None, body: bytes) -> Exchange:
