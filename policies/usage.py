@@ -134,7 +134,8 @@ def policy(rt: Runtime) -> Policy | None:
         return None
     prices = rt.prices
     clock = rt.clock
-    book = UsageBook(rt.store)
+    book = UsageBook(rt.store, clock.time)
+    live = book.live
     rt.closers.append(book.close)
     rt.usage_book_flush = book.flush
 
@@ -152,19 +153,22 @@ def policy(rt: Runtime) -> Policy | None:
             log["cost_usd"] = cost
         if ex.settlement is not None:
             ex.settlement.settle(cost or 0.0)
-        # the row's key is built when the counts are folded, once a second, not here
-        book.pending.append((today(), ex.tenant, ex.headers.get(X_RELIAPI_USER) or ex.user,
-                             log.get("fallback_target") or ex.target.name, model, prompt, completion, cost))
-        book.wake()
+        # summed here under a tuple key; the store key (with the day) is made once a second, when folded
+        key = (ex.tenant, ex.user or ex.headers.get(X_RELIAPI_USER), log.get("fallback_target") or ex.target.name, model)
+        row = live.get(key)
+        if row is None:
+            if len(live) >= book.MAX_KEYS:
+                return cost
+            row = live[key] = [0, 0, 0, 0.0, 0]
+            book.wake()
+        row[0] += 1
+        row[1] += prompt
+        row[2] += completion
+        if cost is None:
+            row[4] += 1
+        else:
+            row[3] += cost
         return cost
-
-    day = [-1, ""]
-
-    def today() -> str:
-        now = clock.time()
-        if int(now // 86400) != day[0]:  # formatted once a day, not per request
-            day[0], day[1] = int(now // 86400), day_of(now)
-        return day[1]
 
     def unbilled(ex: Exchange) -> None:
         if ex.settlement is not None:
@@ -224,17 +228,21 @@ FLUSH_EVERY_S = 1.0
 
 class UsageBook:
     """Usage rows summed in memory and written to the store once a second, one ``hincr_many``
-    per row key: no store call and no task per request. A crash loses at most the last
-    second of counts; a store that is down keeps them until it is back (bounded)."""
+    per row key: no store call, no task and no string per request. A row is dated when it is
+    folded (so an answer in the last second of a UTC day may count on the next). A crash
+    loses at most the last second of counts; a store that is down keeps them until it is
+    back (bounded)."""
 
     MAX_KEYS = 100_000
     FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_usd", "unpriced_requests")
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, now: Any = time.time) -> None:
         self.store = store
+        self.now = now
         self.rows: dict[str, dict[str, float]] = {}
         self.counts: dict[str, list[float]] = {}  # key → FIELDS
-        self.pending: list[tuple[Any, ...]] = []  # the hot path's cheap form: one tuple per answer
+        # the hot path's form: (tenant, user, target, model) → FIELDS, dated when folded
+        self.live: dict[tuple[Any, ...], list[Any]] = {}
         self.task: asyncio.Task[None] | None = None
         self._logged_at = -30.0
 
@@ -259,16 +267,21 @@ class UsageBook:
             self.task = asyncio.ensure_future(self._run())
 
     def _fold(self) -> None:
-        pending, self.pending = self.pending, []
-        for day, tenant, user, target, model, prompt, completion, cost in pending:
-            self.count(usage_key(day, tenant, user[:128] if user else None, target, model), prompt, completion, cost)
+        day = day_of(self.now())
+        live = self.live
+        for (tenant, user, target, model), row in live.items():
+            into = self.counts.setdefault(usage_key(day, tenant, user[:128] if user else None, target, model),
+                                          [0.0, 0.0, 0.0, 0.0, 0.0])
+            for i, value in enumerate(row):
+                into[i] += value
+        live.clear()  # the same dict: the hot path holds it
         counts, self.counts = self.counts, {}
         for key, row in counts.items():
             self.add_quietly(key, {f: v for f, v in zip(self.FIELDS, row, strict=True)
                                    if v or f in ("requests", "prompt_tokens", "completion_tokens")})
 
     async def _run(self) -> None:
-        while self.rows or self.counts or self.pending:
+        while self.rows or self.counts or self.live:
             await asyncio.sleep(FLUSH_EVERY_S)
             await self.flush()
         self.task = None
@@ -300,7 +313,7 @@ class UsageBook:
         if self.task is not None:
             self.task.cancel()
             self.task = None
-        if self.rows or self.counts or self.pending:
+        if self.rows or self.counts or self.live:
             await self.flush()
 
 
