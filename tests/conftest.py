@@ -19,6 +19,7 @@ from gateway.store import Store
 from tests.cli_harness import CLI
 from tests.clock import FakeClock
 from tests.fakes import FakeUpstream
+from tests.stores import CREATED_PREFIXES, sweep
 
 
 class GatewayTestServer(TestServer):
@@ -33,6 +34,14 @@ class Logs(list):
 
     def write(self, line: str) -> None:
         self.append(msgspec.json.decode(line))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_redis_prefixes():
+    """Every key a test wrote to Redis is gone when the session ends."""
+    yield
+    if CREATED_PREFIXES:
+        asyncio.run(sweep(CREATED_PREFIXES))
 
 
 @pytest.fixture

@@ -30,8 +30,12 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+CREATED_PREFIXES: set[str] = set()  # swept again at the end of the session (tests/conftest.py)
+
+
 async def redis_store(prefix: str) -> RedisStore:
     """A RedisStore under ``prefix``, or skip/fail the test when Redis does not answer."""
+    CREATED_PREFIXES.add(prefix)
     if REDIS_URL in _redis_down:
         unavailable(_redis_down[REDIS_URL])
     store = RedisStore(REDIS_URL, key_prefix=prefix)
@@ -42,6 +46,19 @@ async def redis_store(prefix: str) -> RedisStore:
         _redis_down[REDIS_URL] = f"Redis not reachable at {store.url_for_display}: {exc}"
         unavailable(_redis_down[REDIS_URL])
     return store
+
+
+async def sweep(prefixes: set[str]) -> None:
+    """Delete what gateways wrote under the tests' prefixes after the tests' own cleanup — the
+    usage counts a gateway flushes when its app closes, after the test body ended."""
+    for prefix in prefixes:
+        store = RedisStore(REDIS_URL, key_prefix=prefix)
+        try:
+            await store.delete_prefix("")
+        except StoreError:
+            pass
+        finally:
+            await store.close()
 
 
 async def drop(store: RedisStore) -> None:
