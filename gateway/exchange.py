@@ -32,7 +32,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
-        "user", "settlement", "usage_body", "crossed",
+        "user", "settlement", "usage_body", "crossed", "canonical",
     )
 
     def __init__(
@@ -86,6 +86,7 @@ class Exchange:
         # and the chunk the client did not ask for is dropped; (body, body with include_usage)
         self.usage_body: tuple[bytes, bytes | None] | None = None
         self.crossed: tuple[bytes, str, bytes | None] | None = None  # the body translated for another dialect
+        self.canonical: tuple[bytes, bytes] | None = None  # (body, its canonical JSON) for fingerprints and cache keys
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

@@ -126,8 +126,11 @@ def canonical_body(ex: Exchange, *, strict: bool = True) -> bytes:
     json_body = ex.target.kind == "llm" or "json" in ex.headers.get("Content-Type", "")
     if not json_body:
         return ex.body
+    made = ex.canonical  # idempotency and the cache both key on it: made once per body
+    if made is not None and made[0] is ex.body:
+        return made[1]
     try:
-        return msgspec.json.encode(msgspec.json.decode(ex.body), order="sorted")
+        out = msgspec.json.encode(msgspec.json.decode(ex.body), order="sorted")
     except msgspec.DecodeError:
         if not strict:
             return ex.body
@@ -135,6 +138,8 @@ def canonical_body(ex: Exchange, *, strict: bool = True) -> bytes:
             "request body is not valid JSON; a request with an idempotency key must have a JSON body on this path",
             param="Idempotency-Key",
         ) from None
+    ex.canonical = (ex.body, out)
+    return out
 
 
 def fingerprint(ex: Exchange) -> str:
