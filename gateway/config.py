@@ -135,7 +135,7 @@ class FallbackEntry(_Base):
 
 FallbackOn = Literal[
     "retryable", "circuit_open", "timeout", "context_length_exceeded",
-    "content_policy_violation", "rate_limited", "server_error", "network",
+    "content_policy_violation", "rate_limited", "server_error", "network", "overloaded",
 ]
 DEFAULT_FALLBACK_ON: tuple[str, ...] = ("retryable", "circuit_open", "timeout", "context_length_exceeded")
 

@@ -15,6 +15,7 @@ SSE event) into a ``Failure``; a transport or policy exception maps to one throu
     rate_limited               429           no        retryable, rate_limited
     quota_exhausted            —             no        retryable, rate_limited
     server_error               5xx           yes       retryable, server_error
+    upstream_overloaded        5xx           yes       retryable, server_error, overloaded
     network                    net           yes       retryable, network
     timeout                    timeout       yes       retryable, timeout
     overloaded (bulkhead)      —             no        retryable
@@ -35,6 +36,7 @@ _TAGS: dict[str, frozenset[str]] = {
     "rate_limited": frozenset({"retryable", "rate_limited"}),
     "quota_exhausted": frozenset({"retryable", "rate_limited"}),
     "server_error": frozenset({"retryable", "server_error"}),
+    "upstream_overloaded": frozenset({"retryable", "server_error", "overloaded"}),  # 529, overloaded_error
     "network": frozenset({"retryable", "network"}),
     "timeout": frozenset({"retryable", "timeout"}),
     "overloaded": frozenset({"retryable"}),

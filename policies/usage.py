@@ -32,6 +32,7 @@ from multidict import istr
 from gateway.errors import UpstreamError
 from gateway.exchange import ANTHROPIC
 from gateway.store import StoreError
+from providers import anthropic, openai
 from providers.pricing import estimate_prompt_tokens
 
 if TYPE_CHECKING:
@@ -46,45 +47,21 @@ X_RELIAPI_COST = istr("X-ReliAPI-Cost-USD")
 USAGE_TTL_S = 400 * 86400  # a day's rows are kept for about 13 months
 
 
-class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cache_creation_input_tokens: int | None = None
-    cache_read_input_tokens: int | None = None
-
-
-class _Body(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-_decode_body = msgspec.json.Decoder(_Body).decode
-
-
 class NotJSON(Exception):
     """A provider's complete answer that says it is JSON and is not."""
 
 
-def read_usage(body: bytes) -> tuple[int, int, str | None] | None:
-    """(prompt, completion, None) from a complete answer of either dialect; None without usage
-    (the model is the one the client asked for: ``Exchange.model``).
-    Raises ``NotJSON`` for a body that does not parse."""
+def read_usage(body: bytes, rel_path: str = "chat/completions") -> tuple[int, int, str | None] | None:
+    """(prompt, completion, None) from a complete answer to a request for ``rel_path``, read
+    by the adapter of that path's dialect (a translated answer is read after it was
+    translated back); None without usage (the model is the one the client asked for:
+    ``Exchange.model``). Raises ``NotJSON`` for a body that does not parse."""
+    reader = anthropic.read_usage if rel_path.rstrip("/").endswith("messages") else openai.read_usage
     try:
-        doc = _decode_body(body)
-    except msgspec.ValidationError:
-        return None
+        found = reader(body)
     except msgspec.DecodeError:
         raise NotJSON() from None
-    u = doc.usage
-    if u is None:
-        return None
-    if u.prompt_tokens is not None or u.completion_tokens is not None:
-        return u.prompt_tokens or 0, u.completion_tokens or 0, None
-    if u.input_tokens is not None or u.output_tokens is not None:
-        prompt = (u.input_tokens or 0) + (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
-        return prompt, u.output_tokens or 0, None
-    return None
+    return None if found is None else (found[0], found[1], None)
 
 
 def day_of(now: float) -> str:
@@ -202,7 +179,7 @@ def policy(rt: Runtime) -> Policy | None:
         found = None
         if 200 <= reply.status < 300 and reply.body:
             try:
-                found = read_usage(reply.body)
+                found = read_usage(reply.body, ex.rel_path)
             except NotJSON:
                 if reply.headers.get("Content-Type", "").startswith("application/json"):
                     unbilled(ex)
@@ -324,6 +301,13 @@ def asking_usage(ex: Exchange) -> bytes | None:
     body = ex.body
     if made is not None and made[0] is body:
         return made[1]
+    end = body.rfind(b"}")
+    if end > 0 and b'"stream_options"' not in body and b'"stream"' in body and not body[end + 1:].strip():
+        # A streaming request is a JSON object with at least "stream" in it (the exchange was
+        # read from it): the option is spliced in before its closing brace, not re-encoded.
+        out = body[:end] + b',"stream_options":{"include_usage":true}}'
+        ex.usage_body = (body, out)
+        return out
     try:
         doc: Any = msgspec.json.decode(body)
     except msgspec.DecodeError:

@@ -16,11 +16,29 @@ import msgspec
 from gateway.failures import Failure
 from providers.base import LLMProvider, Splicer, StreamReader
 
+# List prices, USD per 1M tokens (input, output), standard tier, text, late 2025; the key is a model
+# name or the prefix of a family (``providers.pricing`` matches dated snapshots to it).
+PRICES: dict[str, tuple[float, float]] = {
+    "claude-opus-4": (15.0, 75.0), "claude-opus-4-1": (15.0, 75.0), "claude-sonnet-4": (3.0, 15.0),
+    "claude-sonnet-4-5": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0),
+    "claude-3-7-sonnet": (3.0, 15.0), "claude-3-5-sonnet": (3.0, 15.0), "claude-3-5-haiku": (0.80, 4.0),
+    "claude-3-opus": (15.0, 75.0), "claude-3-sonnet": (3.0, 15.0), "claude-3-haiku": (0.25, 1.25),
+}
+
 
 class AnthropicProvider(LLMProvider):
     name = "anthropic"
     key_header = "x-api-key"
     key_prefix = ""
+    prices = PRICES
+
+    @staticmethod
+    def read_usage(body: bytes) -> tuple[int, int] | None:
+        return read_usage(body)
+
+    @property
+    def stream_reader(self) -> type[StreamReader]:
+        return MessagesStream
 
 
 # ------------------------------------------------------------------ streams
@@ -29,6 +47,34 @@ class AnthropicProvider(LLMProvider):
 class _Usage(msgspec.Struct):
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None  # prompt tokens written to / read from the prompt cache
+    cache_read_input_tokens: int | None = None
+
+    @property
+    def prompt(self) -> int | None:
+        """Every input token of the request: uncached, written to and read from the cache."""
+        if self.input_tokens is None and self.cache_creation_input_tokens is None and self.cache_read_input_tokens is None:
+            return None
+        return (self.input_tokens or 0) + (self.cache_creation_input_tokens or 0) + (self.cache_read_input_tokens or 0)
+
+
+class _Answer(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
+def read_usage(body: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a complete Messages answer; None without usage.
+    Raises ``msgspec.DecodeError`` for a body that is not JSON."""
+    try:
+        u = _decode_answer(body).usage
+    except msgspec.ValidationError:
+        return None
+    if u is None or (u.prompt is None and u.output_tokens is None):
+        return None
+    return u.prompt or 0, u.output_tokens or 0
 
 
 class _Message(msgspec.Struct):
@@ -68,7 +114,7 @@ _encode = msgspec.json.encode
 MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 _ERROR_FAILURES = {
-    "overloaded_error": ("server_error", "5xx", True),
+    "overloaded_error": ("upstream_overloaded", "5xx", True),
     "api_error": ("server_error", "5xx", True),
     "rate_limit_error": ("rate_limited", "429", False),
 }
@@ -104,7 +150,7 @@ class MessagesStream(StreamReader):
         elif kind == "message_start":
             usage = ev.message.usage if ev.message else None
             if usage is not None:
-                self.prompt_tokens = usage.input_tokens
+                self.prompt_tokens = usage.prompt
                 self.completion_tokens = usage.output_tokens
         elif kind == "message_delta":
             if ev.delta is not None and ev.delta.stop_reason is not None:
@@ -113,8 +159,8 @@ class MessagesStream(StreamReader):
                 self.usage_seen = True
                 if ev.usage.output_tokens is not None:
                     self.completion_tokens = ev.usage.output_tokens
-                if ev.usage.input_tokens is not None:
-                    self.prompt_tokens = ev.usage.input_tokens
+                if ev.usage.prompt is not None:
+                    self.prompt_tokens = ev.usage.prompt
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":

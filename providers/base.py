@@ -1,17 +1,23 @@
 """The fixed shape every provider adapter has.
 
 - credentials: ``key_header`` / ``key_prefix`` (how a configured key is attached);
-- ``classify``: an upstream error answer → a ``Failure`` the policies decide on;
-- stream readers (``StreamReader`` subclasses, one per wire format, chosen by the path
-  rather than the provider — Anthropic also serves an OpenAI-compatible endpoint):
-  they read each SSE event of a relayed stream for what the gateway must know about
-  it (is it complete, what did it cost, what text has the client seen) and know how
-  to continue a broken one (``stream_recovery: continue``).
+- ``classify``: an upstream error answer → a ``Failure`` the policies decide on (rate
+  limit, overloaded, spent quota, context length, content policy, auth);
+- ``read_usage``: (prompt, completion) tokens of a complete answer in its dialect;
+- ``stream_reader``: the ``StreamReader`` of its native SSE format, which reads each
+  event of a relayed stream for what the gateway must know about it (is it complete,
+  what did it cost — usage from a stream —, what text has the client seen) and knows how
+  to continue a broken one (``stream_recovery: continue``). A relayed stream is read by
+  the format of its path rather than by the provider (``providers.stream_format``:
+  Anthropic also serves an OpenAI-compatible endpoint);
+- ``prices``: its models' list prices, USD per 1M tokens (``providers.pricing``).
 
-Translation between dialects and prices come with the LLM layer.
+Translation between the two LLM dialects is ``providers.translate``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -26,6 +32,17 @@ class Provider:
     # How a configured key is attached when the auth block does not name a header.
     key_header: str = "Authorization"
     key_prefix: str = "Bearer "
+    prices: Mapping[str, tuple[float, float]] = {}  # model (or family prefix): (input, output) USD per 1M tokens
+
+    @staticmethod
+    def read_usage(body: bytes) -> tuple[int, int] | None:
+        """(prompt, completion) tokens of a complete answer; None: the answer has no usage."""
+        return None
+
+    @property
+    def stream_reader(self) -> type[StreamReader] | None:
+        """The reader of the provider's own SSE format (None: streams are relayed unread)."""
+        return None
 
     def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
         """What an answer with this status means for retry, circuit and fallback (None: success)."""
@@ -44,6 +61,8 @@ class LLMProvider(Provider):
         if status < 400:
             return None
         ra, sr = retry_after_s(headers, now), should_retry(headers)
+        if status == 529 or (status >= 500 and b"overloaded_error" in body):
+            return Failure("upstream_overloaded", "5xx", trips_breaker=True, retry_after_s=ra, should_retry=sr)
         if status == 429 and any(s in body for s in _QUOTA):
             return Failure("quota_exhausted", None, retry_after_s=ra, should_retry=False if sr is None else sr)
         if status in (400, 413, 422):

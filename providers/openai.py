@@ -12,9 +12,51 @@ import msgspec
 from gateway.failures import Failure
 from providers.base import LLMProvider, Splicer, StreamReader
 
+# List prices, USD per 1M tokens (input, output), standard tier, text, late 2025; the key is a model
+# name or the prefix of a family (``providers.pricing`` matches dated snapshots to it).
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0), "gpt-5-nano": (0.05, 0.40),
+    "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4o": (2.50, 10.0), "gpt-4o-mini": (0.15, 0.60), "chatgpt-4o-latest": (5.0, 15.0),
+    "gpt-4-turbo": (10.0, 30.0), "gpt-4": (30.0, 60.0), "gpt-3.5-turbo": (0.50, 1.50),
+    "o1": (15.0, 60.0), "o1-mini": (1.10, 4.40), "o1-pro": (150.0, 600.0),
+    "o3": (2.0, 8.0), "o3-mini": (1.10, 4.40), "o3-pro": (20.0, 80.0), "o4-mini": (1.10, 4.40),
+    "text-embedding-3-small": (0.02, 0.0), "text-embedding-3-large": (0.13, 0.0), "text-embedding-ada-002": (0.10, 0.0),
+}
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Answer(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
+def read_usage(body: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a complete answer (chat completion, completion,
+    embeddings); None without usage. Raises ``msgspec.DecodeError`` for a body that is not JSON."""
+    try:
+        u = _decode_answer(body).usage
+    except msgspec.ValidationError:
+        return None
+    if u is None or (u.prompt_tokens is None and u.completion_tokens is None):
+        return None
+    return u.prompt_tokens or 0, u.completion_tokens or 0
+
 
 class OpenAIProvider(LLMProvider):
     name = "openai"
+    prices = PRICES
+    read_usage = staticmethod(read_usage)
+
+    @property
+    def stream_reader(self) -> type[StreamReader]:
+        return ChatStream
 
 
 # ------------------------------------------------------------------ streams
@@ -35,11 +77,6 @@ class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     text: str | None = None  # legacy /completions
     finish_reason: str | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
 
 
 class _Error(msgspec.Struct):

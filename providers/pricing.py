@@ -13,28 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# model prefix: (input, output) USD per 1M tokens
-BUILT_IN: dict[str, tuple[float, float]] = {
-    # OpenAI
-    "gpt-5": (1.25, 10.0), "gpt-5-mini": (0.25, 2.0), "gpt-5-nano": (0.05, 0.40),
-    "gpt-4.1": (2.0, 8.0), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-4o": (2.50, 10.0), "gpt-4o-mini": (0.15, 0.60), "chatgpt-4o-latest": (5.0, 15.0),
-    "gpt-4-turbo": (10.0, 30.0), "gpt-4": (30.0, 60.0), "gpt-3.5-turbo": (0.50, 1.50),
-    "o1": (15.0, 60.0), "o1-mini": (1.10, 4.40), "o1-pro": (150.0, 600.0),
-    "o3": (2.0, 8.0), "o3-mini": (1.10, 4.40), "o3-pro": (20.0, 80.0), "o4-mini": (1.10, 4.40),
-    "text-embedding-3-small": (0.02, 0.0), "text-embedding-3-large": (0.13, 0.0), "text-embedding-ada-002": (0.10, 0.0),
-    # Anthropic
-    "claude-opus-4": (15.0, 75.0), "claude-opus-4-1": (15.0, 75.0), "claude-sonnet-4": (3.0, 15.0),
-    "claude-sonnet-4-5": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0),
-    "claude-3-7-sonnet": (3.0, 15.0), "claude-3-5-sonnet": (3.0, 15.0), "claude-3-5-haiku": (0.80, 4.0),
-    "claude-3-opus": (15.0, 75.0), "claude-3-sonnet": (3.0, 15.0), "claude-3-haiku": (0.25, 1.25),
-    # Mistral
-    "mistral-large": (2.0, 6.0), "mistral-medium": (0.40, 2.0), "mistral-small": (0.10, 0.30),
-    "magistral-medium": (2.0, 5.0), "magistral-small": (0.50, 1.50), "codestral": (0.30, 0.90),
-    "devstral-small": (0.10, 0.30), "devstral-medium": (0.40, 2.0), "ministral-8b": (0.10, 0.10),
-    "ministral-3b": (0.04, 0.04), "open-mistral-nemo": (0.15, 0.15), "pixtral-large": (2.0, 6.0),
-    "pixtral-12b": (0.15, 0.15), "mistral-embed": (0.10, 0.0),
-}
+from providers import anthropic, mistral, openai
+
+# model prefix: (input, output) USD per 1M tokens — each adapter knows its own provider's prices
+BUILT_IN: dict[str, tuple[float, float]] = {**openai.PRICES, **anthropic.PRICES, **mistral.PRICES}
 
 MESSAGE_OVERHEAD = 4  # tokens per message for role and framing (OpenAI's rule of thumb)
 REPLY_PRIMER = 3  # every reply is primed with a few tokens
