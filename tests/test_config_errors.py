@@ -112,7 +112,7 @@ targets:
         "targets.a.circuit.error_threshold: expected int, got str",
         "targets.a.cache.enabled: expected bool, got str",
         "targets.a.fallback_on[1]: expected one of retryable, circuit_open, timeout, context_length_exceeded, "
-        "content_policy_violation, rate_limited, server_error, network, got 'sometimes'",
+        "content_policy_violation, rate_limited, server_error, network, overloaded, got 'sometimes'",
         "targets.b.base_url: required",
         "targets.c: expected a mapping, got str",
     ]

@@ -149,10 +149,11 @@ def test_openai_5xx_is_a_server_error(status):
     assert f.reason == "server_error" and f.retry_class == "5xx" and f.trips_breaker
 
 
-def test_anthropic_529_overloaded_is_a_server_error():
+def test_anthropic_529_overloaded_is_a_server_error_of_its_own_kind():
     body = b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}'
     f = _classify(AnthropicProvider(), 529, body)
-    assert f.reason == "server_error" and f.retry_class == "5xx" and f.trips_breaker
+    assert f.reason == "upstream_overloaded" and f.retry_class == "5xx" and f.trips_breaker
+    assert f.falls_back_on(frozenset({"server_error"}))
 
 
 def test_anthropic_enforced_spend_limit_429_is_not_retryable():
