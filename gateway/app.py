@@ -10,17 +10,22 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from gateway import handlers
+from gateway import admin, handlers, observe, status_page
 from gateway.clock import Clock
 from gateway.config import Config
-from gateway.keys import RUNTIME
+from gateway.events import Events
+from gateway.keys import OBSERVATORY, RELOADER, RUNTIME
+from gateway.observe import Observatory
 from gateway.runtime import Runtime, RuntimeSlot
 from gateway.store import Store
+
+Reloader = Callable[[], tuple[Config, str]]  # reads the config again: (config, where from)
 
 log = logging.getLogger("reliapi")
 
@@ -39,14 +44,25 @@ def create_app(
     access_log_write: Callable[[str], Any] | None = None,
     store: Store | None = None,
     clock: Clock | None = None,
+    reload: Reloader | None = None,
 ) -> web.Application:
-    runtime = Runtime(config, env=env, access_log_write=access_log_write, store=store, clock=clock)
+    """``reload`` reads the config again (``cli.resolve_config``): SIGHUP and ``POST /admin/reload``."""
+    events = Events()
+    observatory = Observatory(clock.time if clock is not None else time.time)
+    events.subscribe(observatory.on_event)
+    runtime = Runtime(config, env=env, access_log_write=access_log_write, store=store, clock=clock,
+                      events=events, observatory=observatory)
     app = web.Application(client_max_size=runtime.max_body, handler_args=HANDLER_ARGS)
     app[RUNTIME] = RuntimeSlot(runtime)
+    app[OBSERVATORY] = observatory
+    app[RELOADER] = reload
     app.cleanup_ctx.append(_runtime_lifetime)
     for path in ("/healthz", "/livez", "/health"):
         app.router.add_get(path, handlers.liveness)
     app.router.add_get("/readyz", handlers.readiness)
+    app.router.add_get("/metrics", observe.metrics)
+    status_page.add_routes(app)
+    admin.add_routes(app)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/v1/usage/{user_id}", handlers.user_usage)
     app.router.add_route("*", r"/{tail:[\s\S]*}", handlers.dispatch)  # any path, even with decoded CR/LF
@@ -64,3 +80,33 @@ async def _runtime_lifetime(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
         await app[RUNTIME].close()
+
+
+async def reload_config(app: web.Application) -> dict[str, Any]:
+    """Read the config again and swap it in. A config that does not validate is rejected with
+    its errors and the running one stays. State in the store (circuits, budgets, cache, usage)
+    and the observatory's counters survive; a new listen address needs a restart.
+    Returns ``{"reloaded": bool, "errors": [...], "warnings": [...], "source": ..., "targets": [...]}``."""
+    from gateway.config import ConfigError, config_warnings
+
+    reload = app[RELOADER]
+    if reload is None:
+        return {"reloaded": False, "errors": ["this gateway was not started from a config it can read again"],
+                "warnings": [], "source": None, "targets": []}
+    slot = app[RUNTIME]
+    started = slot.current.config
+    try:
+        config, source = reload()
+    except ConfigError as e:
+        log.error("reload rejected, the running config stays: %s", "; ".join(e.errors),
+                  extra={"fields": {"errors": e.errors}})
+        return {"reloaded": False, "errors": list(e.errors), "warnings": [], "source": None,
+                "targets": sorted(started.targets)}
+    warnings = list(config_warnings(config))
+    if (config.server.host, config.server.port) != (started.server.host, started.server.port):
+        warnings.append("a new listen address takes effect only after a restart")
+    for line in warnings:
+        log.warning("config: %s", line)
+    await slot.reload(config)
+    log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
+    return {"reloaded": True, "errors": [], "warnings": warnings, "source": source, "targets": list(config.targets)}

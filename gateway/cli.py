@@ -142,7 +142,7 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
     from gateway.keys import RUNTIME
     from gateway.server import GatewayRunner
 
-    app = create_app(config)
+    app = create_app(config, reload=reload)
     import gc
     gc.collect()
     gc.freeze()  # everything built at startup is permanent: keep it out of every future collection
@@ -184,20 +184,9 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
 
 
 async def _reload(app: web.Application, started: Config, reload: Reloader) -> None:
-    from gateway.keys import RUNTIME
+    from gateway.app import reload_config
 
-    try:
-        config, source = reload()
-    except ConfigError as e:
-        log.error("reload rejected, the running config stays: %s", "; ".join(e.errors),
-                  extra={"fields": {"errors": e.errors}})
-        return
-    if (config.server.host, config.server.port) != (started.server.host, started.server.port):
-        log.warning("reload: a new listen address takes effect only after a restart")
-    for line in config_warnings(config):
-        log.warning("config: %s", line)
-    await app[RUNTIME].reload(config)
-    log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
+    await reload_config(app)
 
 
 def _run_workers(config: Config, source: str, workers: int, reload: Reloader) -> int:

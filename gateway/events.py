@@ -2,7 +2,7 @@
 
 Policies never call a metrics library or format a log line for their state changes:
 they ``emit`` one of these, and sinks subscribe (the JSON log below; Prometheus series
-in ``gateway.metrics`` when it lands; tests that assert a transition happened). Emitting
+in ``gateway.observe``; tests that assert a transition happened). Emitting
 with nobody listening costs one attribute check. (stamina's instrumentation hooks,
 pybreaker's listeners.)
 """
@@ -102,6 +102,13 @@ class StoreDegraded(Event, frozen=True):
 
     policy: str
     error: str
+
+
+class UpstreamAnswered(Event, frozen=True):
+    """One attempt got its answer from the upstream (the whole body, or a stream's first byte)."""
+
+    seconds: float
+    status: int
 
 
 class BudgetEvent(Event, frozen=True):

@@ -255,12 +255,15 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     request_id = _request_id(request)
     started = time.monotonic()
     ex: Exchange | None = None
+    inflight: str | None = None
     outcome = StreamOutcome()
     status, error, reply = 0, None, None
     try:
         try:
             tenant = rt.tenants.authenticate(request.headers)  # before the body: an unknown caller costs no upload
             ex = await make_exchange(request, rt, request_id, tenant.name if tenant is not None else None)
+            inflight = ex.target.name
+            rt.observatory.enter(inflight)
             reply = await (rt.keyed_pipeline if keyed(ex) else rt.pipeline)(ex)
             if route == "generate":
                 reply = generate.reply(rt, ex, reply, (time.monotonic() - started) * 1000)
@@ -292,8 +295,15 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             return complete_response(reply, outcome)
         return await write_reply(request, ex, reply, outcome)
     finally:
+        if inflight is not None:
+            rt.observatory.leave(inflight)
+        fields = _access_fields(request, request_id, route, ex, reply, status, error, outcome, started)
+        failed = error or outcome.error
+        if failed is not None:
+            fields["error_message"] = rt.scrub(failed.message)
         if rt.access_log.enabled:
-            rt.access_log(_access_fields(request, request_id, route, ex, reply, status, error, outcome, started))
+            rt.access_log(fields)  # sets "ts"
+        rt.observatory.record(fields)
 
 
 def _access_fields(
@@ -306,7 +316,8 @@ def _access_fields(
             "ts": None, "level": "info", "request_id": request_id, "tenant": None, "target": None, "kind": None,
             "route": route, "method": request.method, "status": status, "stream": False, "model": None,
             "outcome": "error", "error_code": error.code if error else None, "upstream_status": None,
-            "attempts": 0, "latency_ms": latency_ms, "ttft_ms": None, "cache_hit": False, "idempotent_hit": False,
+            "attempts": 0, "latency_ms": latency_ms, "ttft_ms": None, "cost_usd": None, "prompt_tokens": None,
+            "completion_tokens": None, "cache_hit": False, "idempotent_hit": False, "fallback_target": None,
         }
     if error is not None:
         result, code = "error", error.code
@@ -326,7 +337,8 @@ def _access_fields(
         "model": ex.model, "outcome": result, "error_code": code,
         "upstream_status": reply.upstream_status if reply is not None else error.upstream_status if error else None,
         "attempts": ex.attempts, "latency_ms": latency_ms, "ttft_ms": round(ttft, 2) if ttft is not None else None,
-        "cache_hit": False, "idempotent_hit": False,
+        "cost_usd": None, "prompt_tokens": None, "completion_tokens": None,
+        "cache_hit": False, "idempotent_hit": False, "fallback_target": None,
     }
     if ex.log:
         fields.update(ex.log)

@@ -7,6 +7,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from gateway.app import Reloader
+    from gateway.observe import Observatory
     from gateway.runtime import RuntimeSlot
 
 RUNTIME: web.AppKey[RuntimeSlot] = web.AppKey("runtime")
+OBSERVATORY: web.AppKey[Observatory] = web.AppKey("observatory")
+RELOADER: web.AppKey[Reloader | None] = web.AppKey("reloader")  # reads the config again (None: cannot)

@@ -35,6 +35,7 @@ from aiohttp import hdrs
 
 from gateway.crossing import Crossing, crossing
 from gateway.errors import UpstreamTimeout
+from gateway.events import UpstreamAnswered
 from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
 from gateway.sse import Aligner
@@ -115,6 +116,7 @@ def upstream_sender(rt: Runtime) -> Handler:
     """The innermost step: one attempt against ``ex.target``, its answer classified."""
     scrub = rt.scrub
     clock = rt.clock
+    events = rt.events
     tenant_keys = rt.tenants.enabled  # a tenant's own key never goes upstream
 
     async def send_upstream(ex: Exchange) -> Reply:
@@ -150,10 +152,12 @@ def upstream_sender(rt: Runtime) -> Handler:
             asked = usage.asking_usage(ex)  # per attempt: a fallback may have changed the body
             if asked is not None:
                 body, strip_usage = asked, True
+        sent_at = clock.monotonic()
         reply = await target.transport.send(
             ex.method, url or ex.url(), headers, body,
             timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
         )
+        events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=reply.status))
         if reply.status >= 400 and reply.body is not None:
             if scrub.secrets and reply.body:
                 reply.body = scrub.bytes(reply.body)  # an upstream error that echoes a configured key

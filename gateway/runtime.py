@@ -20,6 +20,7 @@ from gateway.clock import Clock
 from gateway.config import Config
 from gateway.events import Events
 from gateway.logs import AccessLog, Scrubber
+from gateway.observe import Observatory
 from gateway.pipeline import Handler, build_pipeline
 from gateway.shared import SharedState
 from gateway.store import Store, StoreError, open_store
@@ -45,11 +46,16 @@ class Runtime:
         access_log: AccessLog | None = None,
         clock: Clock | None = None,
         events: Events | None = None,
+        observatory: Observatory | None = None,
     ) -> None:
         self.config = config
         self.env = env
         self.clock = clock or Clock()
         self.events = events or Events()
+        if observatory is None:  # a Runtime of its own (tests); the app passes the one it keeps
+            observatory = Observatory()
+            self.events.subscribe(observatory.on_event)
+        self.observatory = observatory
         pools = config.provider_key_pools  # by target name, else by provider (the seed's form)
         self.targets = {
             name: Target(name, t, env, pools.get(name) or pools.get(t.provider or "http"))
@@ -112,7 +118,7 @@ class RuntimeSlot:
         same_store = config.store == old.config.store
         new = Runtime(
             config, env=old.env, store=old.store if same_store else None, access_log=old.access_log,
-            clock=old.clock, events=old.events,
+            clock=old.clock, events=old.events, observatory=old.observatory,
         )
         await new.start()
         self.current = new

@@ -75,7 +75,7 @@ class Settlement:
             self.spawn(self.store.reserve(self.keys, delta, [_UNBOUNDED] * len(self.keys), self.ttls), "spend settle")
 
 
-def _windows(tenant: str, budget: Any, now: float) -> tuple[list[str], list[float], list[float], list[tuple[str, float]]]:
+def windows(tenant: str, budget: Any, now: float) -> tuple[list[str], list[float], list[float], list[tuple[str, float]]]:
     """Store keys, limits and TTLs of the tenant's day/month windows, and (name, reset time)."""
     t = time.gmtime(now)
     keys, limits, ttls, resets = [], [], [], []
@@ -123,7 +123,7 @@ def policy(rt: Runtime) -> Policy | None:
     spawn = rt.shared.spawn
 
     async def spend(ex: Exchange, call_next: Handler, amount: float) -> Reply:
-        keys, limits, ttls, resets = _windows(ex.tenant, budgets[ex.tenant], clock.time())  # type: ignore[arg-type,index]
+        keys, limits, ttls, resets = windows(ex.tenant, budgets[ex.tenant], clock.time())  # type: ignore[arg-type,index]
         try:
             over = await store.reserve(keys, amount, limits, ttls)
         except StoreError as e:

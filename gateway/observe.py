@@ -1,0 +1,454 @@
+"""What the gateway has seen: the numbers behind ``/metrics``, ``/status.json`` and ``/``.
+
+Two feeds, both cheap on the hot path:
+
+- ``record(fields)``: the request's access-log record (``handlers._access_fields``), once per
+  request, whether or not the access log is written;
+- ``on_event(event)``: the small event objects the policies emit (``gateway.events``).
+
+Both only add to plain dicts keyed by label tuples. The Prometheus collectors
+(aioprometheus, on this observatory's own ``Registry`` — tests build many apps) are
+filled from those dicts when ``/metrics`` is scraped, so a request never pays for
+label hashing or a metrics library; state that already lives elsewhere (circuits, key
+pools, in-flight counts) is read at scrape time rather than mirrored.
+
+The observatory outlives config reloads (it belongs to the app, like the event bus), so
+counters never go backwards while the process runs. Everything here is per process;
+spend against tenant budgets is read from the store, where it is fleet-wide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aioprometheus import Counter, Gauge, Histogram, Registry
+from aioprometheus import histogram as prom_histogram
+from aioprometheus.renderer import render
+
+from gateway import __version__
+from gateway.events import (
+    BudgetEvent,
+    CacheHit,
+    CacheMiss,
+    CircuitTransition,
+    Coalesced,
+    Event,
+    FallbackUsed,
+    IdempotentReplay,
+    RateLimitRefused,
+    RetryScheduled,
+    UpstreamAnswered,
+)
+from gateway.keys import OBSERVATORY, RUNTIME
+from gateway.store import StoreError
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+# Request latency in seconds: from 5 ms (a cache hit) to two minutes (a long generation).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
+RECENT = 512  # latencies kept per target for the status page's p50/p99
+LAST_ERRORS = 50
+
+
+class Hist:
+    """Bucket counts of one label set (turned into an aioprometheus histogram at scrape)."""
+
+    __slots__ = ("bounds", "counts", "sum", "n")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.n += 1
+
+    def export(self) -> prom_histogram.Histogram:
+        h = prom_histogram.Histogram(*self.bounds)
+        running = 0
+        for bound, count in zip((*self.bounds, prom_histogram.POS_INF), self.counts, strict=True):
+            running += count
+            h.buckets[bound] = running
+        h.observations, h.sum = self.n, self.sum
+        return h
+
+
+class TargetView:
+    """Per-target numbers for the status page (this process, since it started)."""
+
+    __slots__ = ("requests", "errors", "recent", "cache_hits", "cache_misses", "spend_day", "spend_usd")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.recent: deque[float] = deque(maxlen=RECENT)
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.spend_day = ""
+        self.spend_usd = 0.0
+
+
+class TenantView:
+    __slots__ = ("requests", "rate_limited", "spend_day", "spend_usd")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.rate_limited = 0
+        self.spend_day = ""
+        self.spend_usd = 0.0
+
+
+def _inc(d: dict[Any, float], key: Any, by: float = 1) -> None:
+    d[key] = d.get(key, 0) + by
+
+
+class Observatory:
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+        self.wall = wall
+        self.started = wall()
+        self.requests: dict[tuple[str, str, str, str, str], int] = {}  # target, kind, route, status, tenant
+        self.durations: dict[tuple[str, str], Hist] = {}  # target, kind
+        self.upstream: dict[str, Hist] = {}
+        self.ttft: dict[str, Hist] = {}
+        self.errors: dict[tuple[str, str], int] = {}  # target, code
+        self.retries: dict[tuple[str, str], int] = {}  # target, reason
+        self.cache_hits: dict[str, int] = {}
+        self.cache_misses: dict[str, int] = {}
+        self.idempotent_hits: dict[str, int] = {}
+        self.coalesced: dict[str, int] = {}
+        self.transitions: dict[tuple[str, str], int] = {}  # target, to
+        self.fallbacks: dict[tuple[str, str], int] = {}  # from, to
+        self.rate_limited: dict[str, int] = {}  # tenant
+        self.budget_events: dict[tuple[str, str], int] = {}  # target, event
+        self.tokens: dict[tuple[str, str, str], int] = {}  # target, model, kind
+        self.cost: dict[tuple[str, str, str], float] = {}  # target, model, tenant
+        self.inflight: dict[str, int] = {}
+        self.targets: dict[str, TargetView] = {}
+        self.tenants: dict[str, TenantView] = {}
+        self.last_errors: deque[dict[str, Any]] = deque(maxlen=LAST_ERRORS)
+        self._day = ("", -1.0)  # (YYYY-MM-DD, the second it was computed for)
+        self._handlers: dict[type[Event], Callable[[Any], None]] = {
+            RetryScheduled: self._retry, CacheHit: self._cache_hit, CacheMiss: self._cache_miss,
+            IdempotentReplay: self._idempotent, Coalesced: self._coalesced, CircuitTransition: self._transition,
+            FallbackUsed: self._fallback, RateLimitRefused: self._rate_limited, BudgetEvent: self._budget,
+            UpstreamAnswered: self._upstream,
+        }
+        self.registry, self._collectors = _collectors()
+
+    # -- feeds -----------------------------------------------------------------------
+
+    def record(self, f: dict[str, Any]) -> None:
+        """One finished request, from its access-log record."""
+        target = f["target"] or ""  # "": refused before a target was chosen
+        tenant = f["tenant"] or ""
+        kind = f["kind"] or ""
+        status = f["status"]
+        key = (target, kind, f["route"], str(status), tenant)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        seconds = f["latency_ms"] / 1000
+        hist = self.durations.get((target, kind))
+        if hist is None:
+            hist = self.durations[(target, kind)] = Hist(DURATION_BUCKETS)
+        hist.observe(seconds)
+        ttft = f["ttft_ms"]
+        if ttft is not None:
+            h = self.ttft.get(target)
+            if h is None:
+                h = self.ttft[target] = Hist(TTFT_BUCKETS)
+            h.observe(ttft / 1000)
+        view = self.targets.get(target)
+        if view is None:
+            view = self.targets[target] = TargetView()
+        view.requests += 1
+        view.recent.append(f["latency_ms"])
+        outcome = f["outcome"]
+        if outcome != "ok":
+            code = f["error_code"] or (f"upstream_{status}" if outcome == "upstream_error" else outcome)
+            _inc(self.errors, (target, code))
+            if status >= 500 or outcome in ("error", "stream_error"):
+                view.errors += 1
+            if outcome != "client_closed":
+                self._error(f, code)
+        if tenant:
+            tv = self.tenants.get(tenant)
+            if tv is None:
+                tv = self.tenants[tenant] = TenantView()
+            tv.requests += 1
+        prompt = f.get("prompt_tokens")
+        if prompt is not None:
+            model = f["model"] or ""
+            _inc(self.tokens, (target, model, "prompt"), prompt)
+            _inc(self.tokens, (target, model, "completion"), f.get("completion_tokens") or 0)
+            cost = f.get("cost_usd")
+            if cost:
+                _inc(self.cost, (target, model, tenant), cost)
+                day = self.today()
+                if view.spend_day != day:
+                    view.spend_day, view.spend_usd = day, 0.0
+                view.spend_usd += cost
+                if tenant:
+                    tv = self.tenants[tenant]
+                    if tv.spend_day != day:
+                        tv.spend_day, tv.spend_usd = day, 0.0
+                    tv.spend_usd += cost
+
+    def _error(self, f: dict[str, Any], code: str) -> None:
+        self.last_errors.appendleft({
+            "ts": f["ts"] or _iso(self.wall()), "request_id": f["request_id"], "target": f["target"],
+            "tenant": f["tenant"], "route": f["route"], "method": f["method"], "status": f["status"],
+            "code": code, "message": f.get("error_message"), "upstream_status": f["upstream_status"],
+        })
+
+    def on_event(self, event: Event) -> None:
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    def _retry(self, e: RetryScheduled) -> None:
+        _inc(self.retries, (e.target, e.reason))
+
+    def _cache_hit(self, e: CacheHit) -> None:
+        _inc(self.cache_hits, e.target)
+        self._view(e.target).cache_hits += 1
+
+    def _cache_miss(self, e: CacheMiss) -> None:
+        _inc(self.cache_misses, e.target)
+        self._view(e.target).cache_misses += 1
+
+    def _idempotent(self, e: IdempotentReplay) -> None:
+        _inc(self.idempotent_hits, e.target)
+
+    def _coalesced(self, e: Coalesced) -> None:
+        _inc(self.coalesced, e.target)
+
+    def _transition(self, e: CircuitTransition) -> None:
+        _inc(self.transitions, (e.target, e.to_state))
+
+    def _fallback(self, e: FallbackUsed) -> None:
+        _inc(self.fallbacks, (e.target, e.to_target))
+
+    def _rate_limited(self, e: RateLimitRefused) -> None:
+        tenant = e.tenant or ""
+        _inc(self.rate_limited, tenant)
+        if tenant:
+            view = self.tenants.get(tenant)
+            if view is None:
+                view = self.tenants[tenant] = TenantView()
+            view.rate_limited += 1
+
+    def _budget(self, e: BudgetEvent) -> None:
+        _inc(self.budget_events, (e.target, e.rule))
+
+    def _upstream(self, e: UpstreamAnswered) -> None:
+        h = self.upstream.get(e.target)
+        if h is None:
+            h = self.upstream[e.target] = Hist(DURATION_BUCKETS)
+        h.observe(e.seconds)
+
+    def _view(self, target: str) -> TargetView:
+        view = self.targets.get(target)
+        if view is None:
+            view = self.targets[target] = TargetView()
+        return view
+
+    def today(self) -> str:
+        now = self.wall()
+        if int(now) != self._day[1]:
+            self._day = (time.strftime("%Y-%m-%d", time.gmtime(now)), int(now))
+        return self._day[0]
+
+    # -- in flight --------------------------------------------------------------------
+
+    def enter(self, target: str) -> None:
+        self.inflight[target] = self.inflight.get(target, 0) + 1
+
+    def leave(self, target: str) -> None:
+        self.inflight[target] -= 1
+
+    # -- Prometheus ------------------------------------------------------------------
+
+    def exposition(self, rt: Runtime, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        """Fill the collectors from the counts and render them (text format)."""
+        c = self._collectors
+        for (target, kind, route, status, tenant), n in self.requests.items():
+            c["requests"].set({"target": target, "kind": kind, "route": route, "status": status, "tenant": tenant}, n)
+        for (target, kind), h in self.durations.items():
+            c["duration"].set_value({"target": target, "kind": kind}, h.export())
+        for target, h in self.upstream.items():
+            c["upstream"].set_value({"target": target}, h.export())
+        for target, h in self.ttft.items():
+            c["ttft"].set_value({"target": target}, h.export())
+        for (target, code), n in self.errors.items():
+            c["errors"].set({"target": target, "code": code}, n)
+        for (target, reason), n in self.retries.items():
+            c["retries"].set({"target": target, "reason": reason}, n)
+        for name, counts in (("cache_hits", self.cache_hits), ("cache_misses", self.cache_misses),
+                             ("idempotent_hits", self.idempotent_hits), ("coalesced", self.coalesced)):
+            for target, n in counts.items():
+                c[name].set({"target": target}, n)
+        for (target, to), n in self.transitions.items():
+            c["transitions"].set({"target": target, "to": to}, n)
+        for (src, dst), n in self.fallbacks.items():
+            c["fallbacks"].set({"from": src, "to": dst}, n)
+        for tenant, n in self.rate_limited.items():
+            c["rate_limited"].set({"tenant": tenant}, n)
+        for (target, event), n in self.budget_events.items():
+            c["budget"].set({"target": target, "event": event}, n)
+        for (target, model, kind), n in self.tokens.items():
+            c["tokens"].set({"target": target, "model": model, "kind": kind}, n)
+        for (target, model, tenant), usd in self.cost.items():
+            c["cost"].set({"target": target, "model": model, "tenant": tenant}, usd)
+        for name in rt.targets:
+            c["inflight"].set({"target": name}, self.inflight.get(name, 0))
+        for name, circuit in rt.circuits.items():
+            c["circuit"].set({"target": name}, CIRCUIT_STATES.get(circuit.state, 0))
+        for name, pool in rt.key_pools.items():
+            states = pool.states().values()
+            for state in ("active", "cooling", "disabled"):
+                c["keys"].set({"target": name, "state": state}, sum(1 for s in states if s == state))
+        return render(self.registry, accept)
+
+    # -- the status page's data ------------------------------------------------------
+
+    async def snapshot(self, rt: Runtime) -> dict[str, Any]:
+        """Everything ``/status.json`` serves (and ``/`` renders). Never a secret: targets show
+        only their origin, key pools only key ids and states."""
+        now = self.wall()
+        try:
+            async with asyncio.timeout(1.0):
+                await rt.store.ping()
+            store = {"backend": rt.store.backend, "healthy": True, "error": None}
+        except (StoreError, TimeoutError) as e:
+            store = {"backend": rt.store.backend, "healthy": False,
+                     "error": rt.scrub(str(e)) if str(e) else "store did not answer within 1 s"}
+        today = self.today()
+        targets = []
+        for name, target in rt.targets.items():
+            view = self.targets.get(name) or TargetView()
+            recent = sorted(view.recent)
+            hits, misses = view.cache_hits, view.cache_misses
+            circuit = rt.circuits.get(name)
+            pool = rt.key_pools.get(name)
+            keys = None
+            if pool is not None:
+                states = pool.states()
+                keys = {"total": len(states), **{s: sum(1 for v in states.values() if v == s)
+                                                 for s in ("active", "cooling", "disabled")}}
+            targets.append({
+                "name": name, "kind": target.kind, "provider": target.provider.name,
+                "origin": _USERINFO.sub("//", target.base.origin),
+                "circuit": circuit.state if circuit is not None else "closed",
+                "requests": view.requests, "errors": view.errors,
+                "error_rate": round(view.errors / view.requests, 4) if view.requests else 0.0,
+                "latency_ms": {"p50": _quantile(recent, 0.50), "p99": _quantile(recent, 0.99)},
+                "cache": {"hits": hits, "misses": misses,
+                          "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None},
+                "key_pool": keys,
+                "inflight": self.inflight.get(name, 0),
+                "spend_today_usd": round(view.spend_usd, 6) if view.spend_day == today else 0.0,
+            })
+        tenants = []
+        budgets = await _tenant_spend(rt, now) if store["healthy"] else {}
+        for tenant in rt.config.tenants:
+            name = tenant.name
+            view = self.tenants.get(name) or TenantView()
+            budget = tenant.budget
+            spent = budgets.get(name, {})
+            tenants.append({
+                "name": name, "requests": view.requests, "rate_limited": view.rate_limited,
+                "spend_today_usd": round(spent.get("daily", view.spend_usd if view.spend_day == today else 0.0), 6),
+                "spend_month_usd": round(spent["monthly"], 6) if "monthly" in spent else None,
+                "budget": None if budget is None else {"daily_usd": budget.daily_usd, "monthly_usd": budget.monthly_usd},
+            })
+        return {
+            "version": __version__, "started_at": _iso(self.started), "now": _iso(now),
+            "uptime_s": round(now - self.started, 1), "store": store,
+            "targets": targets, "tenants": tenants, "errors": list(self.last_errors),
+        }
+
+
+async def _tenant_spend(rt: Runtime, now: float) -> dict[str, dict[str, float]]:
+    """Each budgeted tenant's spend in its current day and month windows, from the store
+    (reserved and settled: what the budget policy checks against)."""
+    from policies.budget import windows
+
+    out: dict[str, dict[str, float]] = {}
+    for tenant in rt.config.tenants:
+        name = tenant.name
+        if tenant.budget is None:
+            continue
+        keys, _, _, resets = windows(name, tenant.budget, now)
+        spent: dict[str, float] = {}
+        for key, (window, _) in zip(keys, resets, strict=True):
+            try:
+                raw = await rt.store.get(key)
+            except StoreError:
+                continue
+            spent[window] = float(raw) if raw else 0.0
+        out[name] = spent
+    return out
+
+
+_USERINFO = re.compile(r"//[^/@]*@")  # a base_url's user:password is never shown
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _collectors() -> tuple[Registry, dict[str, Any]]:
+    r = Registry()
+    p = "reliapi_"
+    c: dict[str, Any] = {
+        "requests": Counter(p + "requests_total", "Requests answered, by target, kind, route, status and tenant.", registry=r),
+        "duration": Histogram(p + "request_duration_seconds", "Time from request to the end of the answer.",
+                              registry=r, buckets=DURATION_BUCKETS),
+        "upstream": Histogram(p + "upstream_duration_seconds",
+                              "Upstream answer time per attempt (to the whole body, or a stream's first byte).",
+                              registry=r, buckets=DURATION_BUCKETS),
+        "ttft": Histogram(p + "ttft_seconds", "Time to the first streamed byte.", registry=r, buckets=TTFT_BUCKETS),
+        "errors": Counter(p + "errors_total", "Requests that did not end well, by error code.", registry=r),
+        "retries": Counter(p + "retries_total", "Retries scheduled, by reason (429, 5xx, net, timeout, key).", registry=r),
+        "cache_hits": Counter(p + "cache_hits_total", "Answers served from the cache.", registry=r),
+        "cache_misses": Counter(p + "cache_misses_total", "Cacheable requests not in the cache.", registry=r),
+        "idempotent_hits": Counter(p + "idempotent_hits_total", "Duplicates answered from a stored answer.", registry=r),
+        "coalesced": Counter(p + "coalesced_total", "Duplicates that joined a request in flight.", registry=r),
+        "circuit": Gauge(p + "circuit_breaker_state", "Circuit state: 0 closed, 1 open, 2 half-open.", registry=r),
+        "transitions": Counter(p + "circuit_breaker_transitions_total", "Circuit state changes, by new state.",
+                               registry=r),
+        "fallbacks": Counter(p + "fallbacks_total", "Requests sent on to a fallback target.", registry=r),
+        "rate_limited": Counter(p + "rate_limited_total", "Requests refused by a gateway rate limit.", registry=r),
+        "budget": Counter(p + "budget_events_total", "Budget rules that acted (soft_cap, hard_cap, exhausted).",
+                          registry=r),
+        "tokens": Counter(p + "llm_tokens_total", "LLM tokens, by kind (prompt, completion).", registry=r),
+        "cost": Counter(p + "llm_cost_usd_total", "LLM spend in USD at list prices.", registry=r),
+        "inflight": Gauge(p + "inflight_requests", "Requests being answered now.", registry=r),
+        "keys": Gauge(p + "key_pool_keys", "Pool keys by state (active, cooling, disabled).", registry=r),
+    }
+    return r, c
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text exposition."""
+    rt = request.app[RUNTIME].current
+    body, headers = request.app[OBSERVATORY].exposition(rt, request.headers.getall("Accept", []))
+    return web.Response(body=body, headers=headers)
