@@ -125,7 +125,8 @@ def _check_caps(soft: float | None, hard: float | None, path: str) -> list[str]:
 def _check_base_url(url: str, path: str) -> list[str]:
     m = re.fullmatch(r"(https?)://([^/?#@\s]+)(/[^?#\s]*)?", url)
     if not m:
-        return [f"{path}: expected an absolute http(s) URL without query, fragment or credentials, got {url!r}"]
+        shown = re.sub(r"//[^/@\s]*@", "//***@", url)  # a password in the URL is never echoed
+        return [f"{path}: expected an absolute http(s) URL without query, fragment or credentials, got {shown!r}"]
     return []
 
 

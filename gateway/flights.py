@@ -299,7 +299,9 @@ class Lead:
         if isinstance(outcome, GatewayError):
             raise outcome
         if self._own is not None:  # this client's reader, registered before the first chunk
-            return Reply(outcome.status, headers_of(outcome.headers), chunks=self._own, upstream_status=outcome.status)
+            reply = Reply(outcome.status, headers_of(outcome.headers), chunks=self._own, upstream_status=outcome.status)
+            reply.ttft_ms = outcome.ttft_ms
+            return reply
         return outcome.reply()
 
     async def _run(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
@@ -336,6 +338,7 @@ class Lead:
         headers = [(str(k), v) for k, v in reply.headers.items()]  # istr keys do not encode
         rec = Recording(reply.status, headers, reply.chunks is not None, max_bytes)
         if rec.stream:
+            rec.ttft_ms = reply.ttft_ms
             self._own = Reader(rec)
         head = ["h", reply.status, headers, rec.stream]
         if not rec.stream:

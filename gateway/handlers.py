@@ -9,6 +9,7 @@ logged with its stack and answered as ``internal_error``.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -233,6 +234,10 @@ async def _exchange_proxy_llm(request: web.Request, rt: Runtime, request_id: str
 _ENVELOPES = {"/proxy/http": (_exchange_proxy_http, "proxy"), "/proxy/llm": (_exchange_proxy_llm, "proxy_llm")}
 
 
+async def _no_route(request: web.Request, rt: Runtime, request_id: str, tenant: str | None) -> Exchange:
+    raise UnknownTarget(f"no route for {request.method} {request.path}")
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every path that is not a fixed gateway endpoint lands here: /v1/* and /t/* are proxied."""
     raw = request.raw_path
@@ -248,9 +253,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     elif raw.startswith("/t/"):
         make_exchange, route, dialect = _exchange_t, "t", ENVELOPE
     else:
-        return error_response(
-            UnknownTarget(f"no route for {request.method} {request.path}"), ENVELOPE, _request_id(request)
-        )
+        make_exchange, route, dialect = _no_route, "none", ENVELOPE
     rt = request.app[RUNTIME].current
     request_id = _request_id(request)
     started = time.monotonic()
@@ -260,6 +263,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     status, error, reply = 0, None, None
     try:
         try:
+            if make_exchange is _no_route:  # counted and logged like any refused request
+                await _no_route(request, rt, request_id, None)
             tenant = rt.tenants.authenticate(request.headers)  # before the body: an unknown caller costs no upload
             ex = await make_exchange(request, rt, request_id, tenant.name if tenant is not None else None)
             inflight = ex.target.name
@@ -390,12 +395,20 @@ async def liveness(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+READY_STORE_TIMEOUT_S = 1.0  # a store that hangs makes /readyz say so, not hang with it
+
+
 async def readiness(request: web.Request) -> web.Response:
+    """GET /readyz (SPEC §2): 200 when a config is loaded (it is, once the app serves) and the
+    store answers within ``READY_STORE_TIMEOUT_S``; 503 naming the store and the reason otherwise."""
     rt = request.app[RUNTIME].current
+    store = rt.store
+    body: dict[str, Any] = {"config": "loaded", "store": store.backend, "targets": sorted(rt.targets)}
     try:
-        await rt.store.ping()
-    except StoreError as e:
-        return web.json_response(
-            {"status": "not_ready", "reason": f"store unavailable: {e}", "store": rt.store.backend}, status=503
-        )
-    return web.json_response({"status": "ready", "store": rt.store.backend, "targets": sorted(rt.targets)})
+        async with asyncio.timeout(READY_STORE_TIMEOUT_S):
+            await store.ping()
+    except (StoreError, TimeoutError) as e:
+        why = rt.scrub(str(e)) if isinstance(e, StoreError) else f"no answer within {READY_STORE_TIMEOUT_S:g} s"
+        reason = f"store unavailable ({store.url_for_display}): {why}"
+        return web.json_response({"status": "not_ready", "reason": reason, **body}, status=503)
+    return web.json_response({"status": "ready", **body})

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aioprometheus import Counter, Gauge, Histogram, Registry
 from aioprometheus import histogram as prom_histogram
+from aioprometheus.metricdict import MetricDict
 from aioprometheus.renderer import render
 
 from gateway import __version__
@@ -44,6 +45,7 @@ from gateway.events import (
     IdempotentReplay,
     RateLimitRefused,
     RetryScheduled,
+    StoreDegraded,
     UpstreamAnswered,
 )
 from gateway.keys import OBSERVATORY, RUNTIME
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
+KEY_STATES = {"healthy": "active"}  # policies.key_pool's word → the metric's (cooling, disabled: the same)
 RECENT = 512  # latencies kept per target for the status page's p50/p99
 LAST_ERRORS = 50
 
@@ -133,6 +136,7 @@ class Observatory:
         self.fallbacks: dict[tuple[str, str], int] = {}  # from, to
         self.rate_limited: dict[str, int] = {}  # tenant
         self.budget_events: dict[tuple[str, str], int] = {}  # target, event
+        self.store_degraded: dict[tuple[str, str], int] = {}  # target, policy
         self.tokens: dict[tuple[str, str, str], int] = {}  # target, model, kind
         self.cost: dict[tuple[str, str, str], float] = {}  # target, model, tenant
         self.inflight: dict[str, int] = {}
@@ -144,7 +148,7 @@ class Observatory:
             RetryScheduled: self._retry, CacheHit: self._cache_hit, CacheMiss: self._cache_miss,
             IdempotentReplay: self._idempotent, Coalesced: self._coalesced, CircuitTransition: self._transition,
             FallbackUsed: self._fallback, RateLimitRefused: self._rate_limited, BudgetEvent: self._budget,
-            UpstreamAnswered: self._upstream,
+            UpstreamAnswered: self._upstream, StoreDegraded: self._store_degraded,
         }
         self.registry, self._collectors = _collectors()
 
@@ -252,6 +256,9 @@ class Observatory:
     def _budget(self, e: BudgetEvent) -> None:
         _inc(self.budget_events, (e.target, e.rule))
 
+    def _store_degraded(self, e: StoreDegraded) -> None:
+        _inc(self.store_degraded, (e.target, e.policy))
+
     def _upstream(self, e: UpstreamAnswered) -> None:
         h = self.upstream.get(e.target)
         if h is None:
@@ -281,44 +288,52 @@ class Observatory:
     # -- Prometheus ------------------------------------------------------------------
 
     def exposition(self, rt: Runtime, accept: list[str]) -> tuple[bytes, dict[str, str]]:
-        """Fill the collectors from the counts and render them (text format)."""
+        """Fill the collectors from the counts and render them (text format).
+
+        Label values are escaped here (aioprometheus writes them as given): ``model`` comes
+        from the client's request body and must not be able to break or forge a line.
+        Gauges are rebuilt on every scrape, so a target a reload removed disappears."""
         c = self._collectors
         for (target, kind, route, status, tenant), n in self.requests.items():
-            c["requests"].set({"target": target, "kind": kind, "route": route, "status": status, "tenant": tenant}, n)
+            c["requests"].set({"target": _esc(target), "kind": kind, "route": route, "status": status,
+                               "tenant": _esc(tenant)}, n)
         for (target, kind), h in self.durations.items():
-            c["duration"].set_value({"target": target, "kind": kind}, h.export())
+            c["duration"].set_value({"target": _esc(target), "kind": kind}, h.export())
         for target, h in self.upstream.items():
-            c["upstream"].set_value({"target": target}, h.export())
+            c["upstream"].set_value({"target": _esc(target)}, h.export())
         for target, h in self.ttft.items():
-            c["ttft"].set_value({"target": target}, h.export())
+            c["ttft"].set_value({"target": _esc(target)}, h.export())
         for (target, code), n in self.errors.items():
-            c["errors"].set({"target": target, "code": code}, n)
+            c["errors"].set({"target": _esc(target), "code": _esc(code)}, n)
         for (target, reason), n in self.retries.items():
-            c["retries"].set({"target": target, "reason": reason}, n)
+            c["retries"].set({"target": _esc(target), "reason": _esc(reason)}, n)
         for name, counts in (("cache_hits", self.cache_hits), ("cache_misses", self.cache_misses),
                              ("idempotent_hits", self.idempotent_hits), ("coalesced", self.coalesced)):
             for target, n in counts.items():
-                c[name].set({"target": target}, n)
+                c[name].set({"target": _esc(target)}, n)
         for (target, to), n in self.transitions.items():
-            c["transitions"].set({"target": target, "to": to}, n)
+            c["transitions"].set({"target": _esc(target), "to": to}, n)
         for (src, dst), n in self.fallbacks.items():
-            c["fallbacks"].set({"from": src, "to": dst}, n)
+            c["fallbacks"].set({"from": _esc(src), "to": _esc(dst)}, n)
         for tenant, n in self.rate_limited.items():
-            c["rate_limited"].set({"tenant": tenant}, n)
+            c["rate_limited"].set({"tenant": _esc(tenant)}, n)
         for (target, event), n in self.budget_events.items():
-            c["budget"].set({"target": target, "event": event}, n)
+            c["budget"].set({"target": _esc(target), "event": event}, n)
+        for (target, policy), n in self.store_degraded.items():
+            c["store_degraded"].set({"target": _esc(target), "policy": policy}, n)
         for (target, model, kind), n in self.tokens.items():
-            c["tokens"].set({"target": target, "model": model, "kind": kind}, n)
+            c["tokens"].set({"target": _esc(target), "model": _esc(model), "kind": kind}, n)
         for (target, model, tenant), usd in self.cost.items():
-            c["cost"].set({"target": target, "model": model, "tenant": tenant}, usd)
+            c["cost"].set({"target": _esc(target), "model": _esc(model), "tenant": _esc(tenant)}, usd)
+        for name in ("inflight", "circuit", "keys"):
+            c[name].values = MetricDict()
         for name in rt.targets:
-            c["inflight"].set({"target": name}, self.inflight.get(name, 0))
+            c["inflight"].set({"target": _esc(name)}, self.inflight.get(name, 0))
         for name, circuit in rt.circuits.items():
-            c["circuit"].set({"target": name}, CIRCUIT_STATES.get(circuit.state, 0))
+            c["circuit"].set({"target": _esc(name)}, CIRCUIT_STATES.get(circuit.state, 0))
         for name, pool in rt.key_pools.items():
-            states = pool.states().values()
-            for state in ("active", "cooling", "disabled"):
-                c["keys"].set({"target": name, "state": state}, sum(1 for s in states if s == state))
+            for state, n in _key_states(pool).items():
+                c["keys"].set({"target": _esc(name), "state": state}, n)
         return render(self.registry, accept)
 
     # -- the status page's data ------------------------------------------------------
@@ -344,9 +359,8 @@ class Observatory:
             pool = rt.key_pools.get(name)
             keys = None
             if pool is not None:
-                states = pool.states()
-                keys = {"total": len(states), **{s: sum(1 for v in states.values() if v == s)
-                                                 for s in ("active", "cooling", "disabled")}}
+                counts = _key_states(pool)
+                keys = {"total": sum(counts.values()), **counts}
             targets.append({
                 "name": name, "kind": target.kind, "provider": target.provider.name,
                 "origin": _USERINFO.sub("//", target.base.origin),
@@ -405,6 +419,25 @@ async def _tenant_spend(rt: Runtime, now: float) -> dict[str, dict[str, float]]:
 _USERINFO = re.compile(r"//[^/@]*@")  # a base_url's user:password is never shown
 
 
+def _key_states(pool: Any) -> dict[str, int]:
+    """A key pool's keys by state, in the words of ``key_pool_keys``: a healthy key is ``active``."""
+    counts = {"active": 0, "cooling": 0, "disabled": 0}
+    for state in pool.states().values():
+        state = KEY_STATES.get(state, state)
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+_LABEL_SPECIAL = re.compile(r'[\\"\n]')
+
+
+def _esc(value: str) -> str:
+    """A label value as the Prometheus text format wants it: backslash, quote and newline escaped."""
+    if _LABEL_SPECIAL.search(value) is None:
+        return value
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _quantile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
@@ -439,6 +472,9 @@ def _collectors() -> tuple[Registry, dict[str, Any]]:
         "rate_limited": Counter(p + "rate_limited_total", "Requests refused by a gateway rate limit.", registry=r),
         "budget": Counter(p + "budget_events_total", "Budget rules that acted (soft_cap, hard_cap, exhausted).",
                           registry=r),
+        "store_degraded": Counter(p + "store_degraded_total",  # SPEC §8: a store that fails is "logged, metric"
+                                  "Requests a policy served degraded because the store failed (cache, "
+                                  "idempotency, rate_limit).", registry=r),
         "tokens": Counter(p + "llm_tokens_total", "LLM tokens, by kind (prompt, completion).", registry=r),
         "cost": Counter(p + "llm_cost_usd_total", "LLM spend in USD at list prices.", registry=r),
         "inflight": Gauge(p + "inflight_requests", "Requests being answered now.", registry=r),

@@ -33,12 +33,13 @@ class Recording:
     """
 
     __slots__ = ("status", "headers", "stream", "body", "chunks", "size", "ended", "error", "limit", "keep",
-                 "base", "unread", "readers", "_evicted", "_changed", "_next_reader")
+                 "base", "unread", "readers", "ttft_ms", "_evicted", "_changed", "_next_reader")
 
     def __init__(self, status: int, headers: list[tuple[str, str]], stream: bool, limit: int = 1 << 62) -> None:
         self.status = status
         self.headers = headers
         self.stream = stream
+        self.ttft_ms: float | None = None  # the upstream's time to its first byte, when it streamed
         self.body: bytes | None = None
         self.chunks: list[bytes] = []  # chunks[0] is chunk number ``base`` of the stream
         self.size = 0  # bytes so far
@@ -100,7 +101,9 @@ class Recording:
     def reply(self) -> Reply:
         if not self.stream:
             return Reply(self.status, headers_of(self.headers), body=self.body or b"", upstream_status=self.status)
-        return Reply(self.status, headers_of(self.headers), chunks=Reader(self), upstream_status=self.status)
+        reply = Reply(self.status, headers_of(self.headers), chunks=Reader(self), upstream_status=self.status)
+        reply.ttft_ms = self.ttft_ms
+        return reply
 
 
 class Reader:

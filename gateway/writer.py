@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from gateway.errors import GatewayError, StreamBroken
+from gateway.errors import GatewayError, InternalError, StreamBroken
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange, Reply
 
 log = logging.getLogger("reliapi")
@@ -125,6 +125,20 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
     except (ConnectionError, RuntimeError):
         outcome.client_gone = True
         return resp
+    except Exception:  # a bug while relaying: logged once, and the client told in-band, never a silent cut
+        if not resp.prepared:
+            raise  # nothing sent yet: the handler answers with a 500 error (and logs it)
+        log.exception("internal error while streaming", extra={"fields": {"request_id": ex.request_id}})
+        err = InternalError("internal error while streaming the answer")
+        outcome.error = err
+        if not is_sse:
+            _abort(request)
+            return resp
+        try:
+            await resp.write(stream_error_event(err, ex.dialect, ex.request_id))
+        except (ConnectionError, RuntimeError):
+            outcome.client_gone = True
+            return resp
     finally:
         await reply.aclose()
     try:

@@ -149,7 +149,7 @@ provider_key_pools:
         "targets.t.fallback_targets[0]: no target named 'missing'",
         "targets.t.fallback_targets[1]: falling back to the same target needs another model",
         "targets.u.base_url: expected an absolute http(s) URL without query, fragment or credentials, "
-        "got 'https://user:pw@host'",
+        "got 'https://***@host'",
         "targets.v.base_url: expected an absolute http(s) URL without query, fragment or credentials, "
         "got 'https://v.example/v1?x=1'",
         "targets.w.auth: type header_env needs header and env_var",

@@ -1,0 +1,247 @@
+"""JSON logs (SPEC §7): one access line per request with every field, errors logged once.
+
+The access log is captured through ``create_app(access_log_write=...)`` (the ``gateway``
+fixture's ``logs``); the gateway's own ``reliapi`` log through a handler with the production
+formatter, ``gateway.logs.JsonFormatter``, so what is asserted is the JSON a user would read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import msgspec
+import pytest
+
+from gateway import pipeline
+from gateway.logs import JsonFormatter
+from tests.circuits import NO_RETRY
+from tests.fakes import Fault
+
+# SPEC §7, in its order
+FIELDS = (
+    "ts", "level", "request_id", "tenant", "target", "kind", "route", "method", "stream", "model", "outcome",
+    "error_code", "upstream_status", "attempts", "latency_ms", "ttft_ms", "cost_usd", "prompt_tokens",
+    "completion_tokens", "cache_hit", "idempotent_hit", "fallback_target",
+)
+TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+class JsonLines(logging.Handler):
+    """The ``reliapi`` logger's records as the production formatter writes them, decoded."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.text: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text.append(self.format(record))
+
+    @property
+    def lines(self) -> list[dict]:
+        return [msgspec.json.decode(t) for t in self.text]
+
+
+@pytest.fixture
+def gateway_log():
+    logger = logging.getLogger("reliapi")
+    handler, level = JsonLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def config(url: str, down: str = "http://127.0.0.1:9") -> str:
+    """``up`` (retries a 5xx once, idempotency), ``cached``, ``flaky`` → ``backup``, plain-HTTP ``rest``,
+    ``gone`` (nothing listens: connection refused)."""
+    return f"""
+server: {{default_target: up}}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*"]
+    retry_matrix: {{"5xx": {{attempts: 1}}, "429": {{attempts: 0}}, "net": {{attempts: 0}}, "timeout": {{attempts: 0}}}}
+  cached:
+    base_url: {url}/v1
+    provider: openai
+    cache: {{ttl_s: 60}}
+  flaky:
+    base_url: {url}/v1
+    provider: openai
+    retry_matrix: {NO_RETRY}
+    fallback_targets: [backup]
+  backup:
+    base_url: {url}/v1
+    provider: openai
+  rest:
+    base_url: {url}/api
+  gone:
+    base_url: {down}/v1
+    provider: openai
+    retry_matrix: {NO_RETRY}
+"""
+
+
+def chat(text: str = "hi", **extra) -> dict:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+async def call(client, method: str, path: str, **kwargs) -> tuple[int, str]:
+    """One request; returns (status, X-Request-Id) after reading the whole answer."""
+    resp = await client.request(method, path, **kwargs)
+    await resp.read()
+    return resp.status, resp.headers["X-Request-Id"]
+
+
+async def test_every_request_writes_one_line_with_every_field(fake, gateway, clock):
+    client, logs = await gateway(config(fake.url), clock=clock)
+    sent: list[tuple[int, str]] = []
+    v1 = "/v1/chat/completions"
+
+    fake.plan(Fault(status=503), Fault())
+    sent.append(await call(client, "POST", v1, json=chat("retried")))
+    sent.append(await call(client, "POST", v1, json=chat("streamed", stream=True)))
+    sent.append(await call(client, "POST", v1, json=chat("cache me"), headers={"X-ReliAPI-Target": "cached"}))
+    sent.append(await call(client, "POST", v1, json=chat("cache me"), headers={"X-ReliAPI-Target": "cached"}))
+    for _ in range(2):
+        sent.append(await call(client, "POST", v1, json=chat("once"), headers={"Idempotency-Key": "log-k1"}))
+    fake.plan(Fault(status=500))
+    sent.append(await call(client, "POST", v1, json=chat("fall back"), headers={"X-ReliAPI-Target": "flaky"}))
+    fake.plan(Fault(status=400, error_message="no such thing"))
+    sent.append(await call(client, "POST", v1, json=chat("refused upstream")))
+    sent.append(await call(client, "GET", "/t/rest/things?x=1", headers={"X-Request-Id": "client-chosen-id-1"}))
+    sent.append(await call(client, "POST", "/proxy/http", json={"target": "rest", "path": "/env"}))
+    sent.append(await call(client, "POST", v1, data=b"{not json", headers={"Content-Type": "application/json"}))
+    sent.append(await call(client, "GET", "/t/nowhere/x"))
+    sent.append(await call(client, "POST", v1, json=chat(), headers={"X-ReliAPI-Target": "gone"}))
+
+    assert [line["request_id"] for line in logs] == [rid for _, rid in sent]  # one line each, in order
+    assert [line["status"] for line in logs] == [status for status, _ in sent]
+    for line in logs:
+        missing = [f for f in FIELDS if f not in line]
+        assert not missing, (missing, line)
+        assert TS.fullmatch(line["ts"]) and line["level"] == "info"
+        assert isinstance(line["latency_ms"], float | int) and line["latency_ms"] >= 0
+    (retried, streamed, miss, hit, first, replay, fell_back, refused, rest, envelope, bad_json, unknown,
+     unavailable) = logs
+
+    assert (retried["outcome"], retried["attempts"], retried["upstream_status"]) == ("ok", 2, 200)
+    assert (retried["target"], retried["kind"], retried["route"], retried["method"]) == ("up", "llm", "v1", "POST")
+    assert (retried["model"], retried["prompt_tokens"], retried["completion_tokens"]) == ("gpt-4o-mini", 5, 4)
+    assert retried["cost_usd"] == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6)
+    assert retried["stream"] is False and retried["ttft_ms"] is None and retried["error_code"] is None
+
+    assert streamed["stream"] is True and streamed["ttft_ms"] >= 0 and streamed["completion_tokens"] == 3
+    assert (miss["cache_hit"], hit["cache_hit"]) == (False, True)
+    assert hit["prompt_tokens"] is None and hit["cost_usd"] is None  # a hit is not usage
+    assert (first["idempotent_hit"], replay["idempotent_hit"]) == (False, True)
+    assert fell_back["fallback_target"] == "backup" and fell_back["target"] == "backup"
+    assert all(line["fallback_target"] is None for line in logs if line is not fell_back)
+    assert (refused["outcome"], refused["upstream_status"], refused["error_code"]) == ("upstream_error", 400, None)
+    assert (rest["request_id"], rest["kind"], rest["route"], rest["method"], rest["model"]) == (
+        "client-chosen-id-1", "http", "t", "GET", None)
+    assert (envelope["route"], envelope["target"], envelope["outcome"]) == ("proxy", "rest", "ok")
+    assert (bad_json["error_code"], bad_json["outcome"], bad_json["attempts"]) == ("invalid_request", "error", 0)
+    assert (unknown["error_code"], unknown["target"], unknown["kind"]) == ("unknown_target", None, None)
+    assert (unavailable["error_code"], unavailable["status"], unavailable["target"]) == ("upstream_unavailable", 502, "gone")
+
+
+async def test_a_gateway_error_is_one_access_line_and_no_stack(fake, gateway, clock, gateway_log):
+    client, logs = await gateway(config(fake.url), clock=clock)
+    errors = [
+        await call(client, "POST", "/v1/chat/completions", json=chat(), headers={"X-ReliAPI-Target": "gone"}),
+        await call(client, "POST", "/v1/chat/completions", data=b"[", headers={"Content-Type": "application/json"}),
+        await call(client, "GET", "/t/nowhere/x"),
+        await call(client, "GET", "/t/rest/user@elsewhere"),
+    ]
+    assert [status for status, _ in errors] == [502, 400, 404, 400]
+    assert [line["error_code"] for line in logs] == [
+        "upstream_unavailable", "invalid_request", "unknown_target", "invalid_request"]
+    for (_, rid), line in zip(errors, logs, strict=True):
+        assert line["request_id"] == rid and line["outcome"] == "error"
+    own = gateway_log.lines
+    assert not [line for line in own if "stack" in line or line["level"] == "error"], own
+    for _, rid in errors:  # the access line is the one place it is logged
+        assert not [t for t in gateway_log.text if rid in t]
+
+
+async def test_an_internal_error_is_logged_once_with_its_stack_and_request_id(fake, gateway, gateway_log,
+                                                                                monkeypatch):
+    async def buggy(ex, call_next):
+        raise ZeroDivisionError("a bug in a policy")
+
+    real = pipeline.request_policies
+    monkeypatch.setattr(pipeline, "request_policies", lambda rt, keyed=False: [buggy, *real(rt, keyed=keyed)])
+    client, logs = await gateway(config(fake.url))
+    resp = await client.post("/v1/chat/completions", json=chat(), headers={"X-Request-Id": "bug-report-7"})
+    assert resp.status == 500
+    body = await resp.text()
+    assert "ZeroDivisionError" not in body and "Traceback" not in body and "a bug in a policy" not in body
+    assert (await resp.json())["error"]["code"] == "internal_error"
+
+    (line,) = logs
+    assert (line["request_id"], line["error_code"], line["status"], line["outcome"]) == (
+        "bug-report-7", "internal_error", 500, "error")
+    assert "stack" not in line
+    stacked = [rec for rec in gateway_log.lines if "stack" in rec]
+    assert len(stacked) == 1
+    (rec,) = stacked
+    assert rec["level"] == "error" and rec["request_id"] == "bug-report-7"
+    assert "ZeroDivisionError: a bug in a policy" in rec["stack"] and "Traceback" in rec["stack"]
+    assert len([t for t in gateway_log.text if "bug-report-7" in t]) == 1
+    assert not fake.requests
+
+
+async def test_a_bug_after_the_first_byte_is_logged_once_and_ends_the_stream_in_band(fake, gateway, gateway_log,
+                                                                                     monkeypatch):
+    async def buggy(ex, call_next):
+        reply = await call_next(ex)
+        if reply.chunks is not None:
+            upstream = reply.chunks
+
+            async def chunks():
+                async for chunk in upstream:
+                    yield chunk
+                    raise ValueError("a bug mid-stream")
+
+            reply.chunks = chunks()
+        return reply
+
+    real = pipeline.request_policies
+    monkeypatch.setattr(pipeline, "request_policies", lambda rt, keyed=False: [buggy, *real(rt, keyed=keyed)])
+    client, logs = await gateway(config(fake.url))
+    fake.plan(Fault(interval_ms=20))
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True), headers={"X-Request-Id": "bug-8"})
+    text = (await resp.read()).decode()
+    assert '"error"' in text and "[DONE]" not in text and "a bug mid-stream" not in text
+    (line,) = logs
+    assert (line["request_id"], line["error_code"]) == ("bug-8", "internal_error")
+    (rec,) = [rec for rec in gateway_log.lines if "stack" in rec]
+    assert rec["request_id"] == "bug-8"
+
+
+async def test_a_request_for_no_route_is_logged_too(fake, gateway):
+    client, logs = await gateway(config(fake.url))
+    status, rid = await call(client, "GET", "/no/such/thing")
+    assert status == 404
+    assert [(line["request_id"], line["error_code"]) for line in logs] == [(rid, "unknown_target")]
+
+
+async def test_a_client_that_leaves_mid_stream_is_logged_as_such(fake, gateway, clock):
+    client, logs = await gateway(config(fake.url), clock=clock)
+    fake.plan(Fault(chunks=5, stall_after=2))
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True))
+    await resp.content.readuntil(b"\n\n")
+    resp.close()
+    for _ in range(200):  # bounded: the handler notices the disconnect and writes its line
+        if logs:
+            break
+        await asyncio.sleep(0.01)
+    (line,) = logs
+    assert (line["outcome"], line["status"], line["stream"], line["error_code"]) == ("client_closed", 200, True, None)
+    assert line["ttft_ms"] is not None

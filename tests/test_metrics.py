@@ -1,0 +1,421 @@
+"""``GET /metrics`` (SPEC §7): every series with exactly its labels, and exact counts after scripted traffic.
+
+The exposition is parsed the way Prometheus reads it (``parse``: ``name{labels} value``), and
+what a scrape shows is compared with what the traffic must have produced: a retry, a cache
+miss and hit, an idempotent duplicate coalesced and one replayed, a circuit opening while a
+fallback takes the traffic, the three budget rules, a rate-limit refusal, a stream, a key pool
+that cooled one of its two keys, a plain-HTTP call and an unknown tenant key. Fake upstreams
+are real servers on loopback; every backoff runs on the test's FakeClock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.keys import RUNTIME
+from gateway.store import StoreError
+from gateway.store.memory import MemoryStore
+from tests.circuits import NO_RETRY, eventually
+from tests.fakes import Fault
+
+# SPEC §7: each series and the label names it carries (histograms: plus ``le`` on buckets).
+SPEC_SERIES = {
+    "reliapi_requests_total": {"target", "kind", "route", "status", "tenant"},
+    "reliapi_request_duration_seconds": {"target", "kind"},
+    "reliapi_upstream_duration_seconds": {"target"},
+    "reliapi_ttft_seconds": {"target"},
+    "reliapi_errors_total": {"target", "code"},
+    "reliapi_retries_total": {"target", "reason"},
+    "reliapi_cache_hits_total": {"target"},
+    "reliapi_cache_misses_total": {"target"},
+    "reliapi_idempotent_hits_total": {"target"},
+    "reliapi_coalesced_total": {"target"},
+    "reliapi_circuit_breaker_state": {"target"},
+    "reliapi_circuit_breaker_transitions_total": {"target", "to"},
+    "reliapi_fallbacks_total": {"from", "to"},
+    "reliapi_rate_limited_total": {"tenant"},
+    "reliapi_budget_events_total": {"target", "event"},
+    "reliapi_llm_tokens_total": {"target", "model", "kind"},
+    "reliapi_llm_cost_usd_total": {"target", "model", "tenant"},
+    "reliapi_inflight_requests": {"target"},
+    "reliapi_key_pool_keys": {"target", "state"},
+}
+# SPEC §8: "Redis down: cache and usage degrade to pass-through (logged, metric, …)" — the metric.
+EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"}}
+HISTOGRAMS = {"reliapi_request_duration_seconds", "reliapi_upstream_duration_seconds", "reliapi_ttft_seconds"}
+
+Labels = frozenset[tuple[str, str]]
+
+# ---------------------------------------------------------------- the exposition, parsed
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(,|$)')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def parse(text: str) -> dict[str, dict[Labels, float]]:
+    """``name{a="x",b="y"} 1`` lines → {name: {frozenset({(a, x), (b, y)}): 1.0}}; a line that is
+    not a comment and does not parse fails the test (a scraper would reject the whole scrape)."""
+    out: dict[str, dict[Labels, float]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        name, raw, value = m.groups()
+        labels: list[tuple[str, str]] = []
+        pos = 0
+        while raw and pos < len(raw):
+            lm = _LABEL.match(raw, pos)
+            assert lm, f"bad labels in {line!r}"
+            labels.append((lm[1], re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e[0]], lm[2])))
+            pos = lm.end()
+        key = frozenset(labels)
+        assert key not in out.get(name, {}), f"duplicate sample {line!r}"
+        out.setdefault(name, {})[key] = float(value)
+    return out
+
+
+def L(**labels: str) -> Labels:  # noqa: N802 - reads like the exposition: L(target="up", to="open")
+    return frozenset((k.removesuffix("_"), v) for k, v in labels.items())
+
+
+async def scrape(client) -> dict[str, dict[Labels, float]]:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    return parse(await resp.text())
+
+
+def count(m: dict, name: str) -> dict[Labels, float]:
+    """A histogram's ``_count`` samples by their labels."""
+    return m.get(name + "_count", {})
+
+
+# ---------------------------------------------------------------- the gateway under test
+
+ACME, TIGHT, BROKE = "acme-tenant-key-0001", "tight-tenant-key-0002", "broke-tenant-key-0003"
+ENV = {"ACME_KEY": ACME, "TIGHT_KEY": TIGHT, "BROKE_KEY": BROKE, "UP_KEY": "sk-up-metrics-key",
+       "K1": "sk-pool-one-1111", "K2": "sk-pool-two-2222"}
+RETRY_5XX_ONCE = '{"429": {attempts: 0}, "5xx": {attempts: 1, base_s: 0.5}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
+
+
+def config(url: str, down: str) -> str:
+    """``up`` (retry once on 5xx, soft and hard caps), ``cached``, ``flaky`` (its own fake, circuit
+    opens after 2 failures, falls back to ``backup``), ``pooled`` (two keys), plain-HTTP ``rest``;
+    tenants ``acme`` (no limits), ``tight`` (1 request a minute), ``broke`` (a budget already spent)."""
+    return f"""
+server: {{default_target: up}}
+tenants:
+  - {{name: acme, api_key_env: ACME_KEY}}
+  - {{name: tight, api_key_env: TIGHT_KEY, rate_limit: {{rpm: 1}}}}
+  - {{name: broke, api_key_env: BROKE_KEY, budget: {{daily_usd: 0.0000001}}}}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*"]
+    auth: {{type: bearer_env, env_var: UP_KEY}}
+    retry_matrix: {RETRY_5XX_ONCE}
+    llm: {{soft_cost_cap_usd: 0.001, hard_cost_cap_usd: 0.01}}
+  cached:
+    base_url: {url}/v1
+    provider: openai
+    cache: {{ttl_s: 60}}
+  flaky:
+    base_url: {down}/v1
+    provider: openai
+    retry_matrix: {NO_RETRY}
+    circuit: {{error_threshold: 2, cooldown_s: 30}}
+    fallback_targets: [backup]
+  backup:
+    base_url: {url}/v1
+    provider: openai
+  pooled:
+    base_url: {url}/v1
+    provider: openai
+    retry_matrix: {NO_RETRY}
+    auth: {{type: bearer_env, env_vars: [K1, K2]}}
+  rest:
+    base_url: {url}/api
+"""
+
+
+def chat(text: str = "hi", **extra) -> dict:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def as_(tenant_key: str, target: str | None = None, **headers: str) -> dict[str, str]:
+    h = {"Authorization": f"Bearer {tenant_key}", **headers}
+    if target:
+        h["X-ReliAPI-Target"] = target
+    return h
+
+
+async def post(client, body: dict, headers: dict[str, str], expect: int) -> str:
+    resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+    text = await resp.text()
+    assert resp.status == expect, text
+    return text
+
+
+@pytest.fixture
+async def toured(fake, upstreams, gateway, clock):
+    """The gateway after the whole script; returns (client, fake, down)."""
+    down = await upstreams()
+    client, _ = await gateway(config(fake.url, down.url), env=ENV, clock=clock)
+    acme = as_(ACME)
+
+    fake.plan(Fault(status=503), Fault())  # a retry: 503, then 200
+    await post(client, chat("retry me"), acme, 200)
+
+    await post(client, chat("cache me"), as_(ACME, "cached"), 200)  # a miss
+    await post(client, chat("cache me"), as_(ACME, "cached"), 200)  # a hit
+
+    fake.plan(Fault(delay_ms=200))  # an idempotent duplicate joins the first while it runs, a third replays
+    keyed = as_(ACME, **{"Idempotency-Key": "metrics-k1"})
+    await asyncio.gather(*(post(client, chat("once"), keyed, 200) for _ in range(2)))
+    await post(client, chat("once"), keyed, 200)
+
+    down.plan(Fault(status=503), Fault(status=503))  # two failures open flaky's circuit; backup answers all three
+    for _ in range(3):
+        await post(client, chat("fall back"), as_(ACME, "flaky"), 200)
+    assert len(down.requests) == 2
+
+    await post(client, chat("too dear", max_tokens=100_000), acme, 400)  # hard cap: no upstream call
+    await post(client, chat("lowered", max_tokens=10_000), acme, 200)  # soft cap: max_tokens lowered
+    await post(client, chat("spent"), as_(BROKE), 402)  # tenant budget exhausted
+
+    await post(client, chat("first"), as_(TIGHT), 200)  # a rate limit of 1 a minute: the second is refused
+    await post(client, chat("second"), as_(TIGHT), 429)
+
+    await post(client, chat("stream me", stream=True), acme, 200)
+
+    fake.plan(Fault(status=429))  # K1 cools, K2 answers at once
+    await post(client, chat("pool"), as_(ACME, "pooled"), 200)
+
+    resp = await client.get("/t/rest/things", headers=acme)
+    assert resp.status == 200
+    await post(client, chat("who?"), as_("not-a-tenant-key"), 401)
+    return client, fake, down
+
+
+def cost(prompt: int, completion: int) -> float:  # gpt-4o-mini: $0.15 in, $0.60 out per 1M tokens
+    return (prompt * 0.15 + completion * 0.60) / 1e6
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_every_spec_series_is_there_with_exactly_its_labels(toured):
+    client, _, _ = toured
+    m = await scrape(client)
+    for name, labels in SPEC_SERIES.items():
+        if name in HISTOGRAMS:
+            for suffix in ("_count", "_sum"):
+                assert m.get(name + suffix), f"{name}{suffix} has no sample"
+                assert all(dict(k).keys() == labels for k in m[name + suffix]), (name, list(m[name + suffix]))
+            assert all(dict(k).keys() == labels | {"le"} for k in m[name + "_bucket"])
+        else:
+            assert m.get(name), f"{name} has no sample"
+            assert all(dict(k).keys() == labels for k in m[name]), (name, list(m[name]))
+    extra = {n for n in m if n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") not in SPEC_SERIES}
+    assert extra <= set(EXTRA_SERIES)
+
+
+async def test_counters_after_the_script_are_exact(toured):
+    client, _, _ = toured
+    m = await scrape(client)
+    v1 = {"kind": "llm", "route": "v1"}
+    assert m["reliapi_requests_total"] == {
+        L(target="up", status="200", tenant="acme", **v1): 6,  # retried, 3 idempotent, soft cap, stream
+        L(target="up", status="400", tenant="acme", **v1): 1,
+        L(target="up", status="402", tenant="broke", **v1): 1,
+        L(target="up", status="200", tenant="tight", **v1): 1,
+        L(target="up", status="429", tenant="tight", **v1): 1,
+        L(target="cached", status="200", tenant="acme", **v1): 2,
+        L(target="backup", status="200", tenant="acme", **v1): 3,  # the target that answered
+        L(target="pooled", status="200", tenant="acme", **v1): 1,
+        L(target="rest", kind="http", route="t", status="200", tenant="acme"): 1,
+        L(target="", kind="", route="v1", status="401", tenant=""): 1,  # refused before a target was chosen
+    }
+    assert m["reliapi_errors_total"] == {
+        L(target="up", code="budget_exceeded"): 1, L(target="up", code="budget_exhausted"): 1,
+        L(target="up", code="rate_limited"): 1, L(target="", code="unauthorized"): 1,
+    }
+    assert m["reliapi_retries_total"] == {L(target="up", reason="5xx"): 1, L(target="pooled", reason="key"): 1}
+    assert m["reliapi_cache_misses_total"] == {L(target="cached"): 1}
+    assert m["reliapi_cache_hits_total"] == {L(target="cached"): 1}
+    assert m["reliapi_coalesced_total"] == {L(target="up"): 1}
+    assert m["reliapi_idempotent_hits_total"] == {L(target="up"): 1}
+    assert m["reliapi_circuit_breaker_transitions_total"] == {L(target="flaky", to="open"): 1}
+    assert m["reliapi_fallbacks_total"] == {L(from_="flaky", to="backup"): 3}
+    assert m["reliapi_rate_limited_total"] == {L(tenant="tight"): 1}
+    assert m["reliapi_budget_events_total"] == {
+        L(target="up", event="hard_cap"): 1, L(target="up", event="soft_cap"): 1, L(target="up", event="exhausted"): 1,
+    }
+    model = "gpt-4o-mini"  # every fake answer reports 5 prompt tokens and 4 completion tokens (a stream: 3)
+    assert m["reliapi_llm_tokens_total"] == {
+        L(target="up", model=model, kind="prompt"): 25, L(target="up", model=model, kind="completion"): 19,
+        L(target="cached", model=model, kind="prompt"): 5, L(target="cached", model=model, kind="completion"): 4,
+        L(target="backup", model=model, kind="prompt"): 15, L(target="backup", model=model, kind="completion"): 12,
+        L(target="pooled", model=model, kind="prompt"): 5, L(target="pooled", model=model, kind="completion"): 4,
+    }
+    spent = m["reliapi_llm_cost_usd_total"]
+    assert set(spent) == {L(target=t, model=model, tenant=n) for t, n in
+                          [("up", "acme"), ("up", "tight"), ("cached", "acme"), ("backup", "acme"), ("pooled", "acme")]}
+    assert spent[L(target="up", model=model, tenant="acme")] == pytest.approx(cost(20, 15))
+    assert spent[L(target="up", model=model, tenant="tight")] == pytest.approx(cost(5, 4))
+    assert spent[L(target="backup", model=model, tenant="acme")] == pytest.approx(cost(15, 12))
+
+
+async def test_histograms_count_requests_attempts_and_first_tokens(toured):
+    client, _, _ = toured
+    m = await scrape(client)
+    assert count(m, "reliapi_request_duration_seconds") == {
+        L(target="up", kind="llm"): 10, L(target="cached", kind="llm"): 2, L(target="backup", kind="llm"): 3,
+        L(target="pooled", kind="llm"): 1, L(target="rest", kind="http"): 1, L(target="", kind=""): 1,
+    }
+    # one per upstream answer: up 2 (retried) + 1 (idempotent) + soft cap + tight + stream; flaky's two 503s
+    assert count(m, "reliapi_upstream_duration_seconds") == {
+        L(target="up"): 6, L(target="cached"): 1, L(target="flaky"): 2, L(target="backup"): 3,
+        L(target="pooled"): 2, L(target="rest"): 1,
+    }
+    assert count(m, "reliapi_ttft_seconds") == {L(target="up"): 1}  # the stream only
+    buckets = {dict(k)["le"]: v for k, v in m["reliapi_ttft_seconds_bucket"].items()}
+    assert buckets["+Inf"] == 1 and list(buckets.values()) == sorted(buckets.values())  # cumulative
+
+
+async def test_gauges_after_the_script(toured):
+    client, _, down = toured
+    m = await scrape(client)
+    targets = ("up", "cached", "flaky", "backup", "pooled", "rest")
+    assert m["reliapi_inflight_requests"] == {L(target=t): 0 for t in targets}
+    assert m["reliapi_circuit_breaker_state"] == {L(target=t): 1 if t == "flaky" else 0 for t in targets}
+    assert m["reliapi_key_pool_keys"] == {
+        L(target="pooled", state="active"): 1, L(target="pooled", state="cooling"): 1,
+        L(target="pooled", state="disabled"): 0,
+    }
+
+
+async def test_a_half_open_circuit_shows_2(fake, gateway, clock):
+    from tests.circuits import config as circuit_config
+    from tests.circuits import open_circuit
+
+    client, _ = await gateway(circuit_config(fake.url), clock=clock)
+    await open_circuit(client, fake)
+    assert (await scrape(client))["reliapi_circuit_breaker_state"][L(target="up")] == 1
+    clock.advance(31)  # past the cooldown: the next attempt is a probe
+    fake.plan(Fault(delay_ms=1000))  # the probe is held at the upstream while the gateway is scraped
+    probe = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat()))
+    assert await eventually(lambda: len(fake.requests) == 3)
+    m = await scrape(client)
+    assert m["reliapi_circuit_breaker_state"][L(target="up")] == 2
+    assert m["reliapi_inflight_requests"][L(target="up")] == 1
+    assert (await probe).status == 200
+    m = await scrape(client)
+    assert m["reliapi_circuit_breaker_state"][L(target="up")] == 0
+    assert m["reliapi_inflight_requests"][L(target="up")] == 0
+    assert m["reliapi_circuit_breaker_transitions_total"] == {
+        L(target="up", to="open"): 1, L(target="up", to="half_open"): 1, L(target="up", to="closed"): 1,
+    }
+
+
+async def test_a_stream_in_flight_is_counted_until_the_client_leaves(fake, gateway, clock):
+    from tests.conftest import llm_config
+
+    client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
+    fake.plan(Fault(chunks=5, stall_after=2))
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True))
+    assert resp.status == 200
+    await resp.content.readuntil(b"\n\n")  # the first event is here: the stream is under way
+    assert (await scrape(client))["reliapi_inflight_requests"][L(target="up")] == 1
+    resp.close()  # the client goes away mid-stream
+    assert await eventually(lambda: client.app[RUNTIME].current.observatory.inflight["up"] == 0)
+    m = await scrape(client)
+    assert m["reliapi_inflight_requests"][L(target="up")] == 0
+    assert m["reliapi_requests_total"] == {L(target="up", kind="llm", route="v1", status="200", tenant=""): 1}
+    assert m["reliapi_errors_total"] == {L(target="up", code="client_closed"): 1}
+    assert count(m, "reliapi_ttft_seconds") == {L(target="up"): 1}
+
+
+async def test_a_label_value_a_client_chose_cannot_break_the_exposition(fake, gateway, clock):
+    """The model label comes from the request body: quotes, backslashes and newlines are escaped."""
+    from tests.conftest import llm_config
+
+    client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
+    model = 'gpt-x"} 99\nreliapi_forged_total 1 \\'
+    resp = await client.post("/v1/chat/completions", json={**chat(), "model": model})
+    assert resp.status == 200
+    m = await scrape(client)  # every line parses
+    assert "reliapi_forged_total" not in m
+    assert m["reliapi_llm_tokens_total"] == {
+        L(target="up", model=model, kind="prompt"): 5, L(target="up", model=model, kind="completion"): 4,
+    }
+
+
+async def test_counters_survive_a_reload_and_a_removed_targets_gauges_go(fake, gateway, clock):
+    # no grace: the old runtime closes its connection pools at once (see RuntimeSlot.close)
+    first = config(fake.url, fake.url).replace("default_target: up}", "default_target: up, shutdown_grace_s: 0}")
+    client, _ = await gateway(first, env=ENV, clock=clock)
+    await post(client, chat(), as_(ACME), 200)
+    before = await scrape(client)
+    assert L(target="pooled", state="active") in before["reliapi_key_pool_keys"]
+    only_up = f"""
+server: {{default_target: up}}
+tenants: [{{name: acme, api_key_env: ACME_KEY}}]
+targets:
+  up: {{base_url: "{fake.url}/v1", provider: openai, models: ["gpt-*"]}}
+"""
+    await client.app[RUNTIME].reload(parse_config(only_up, env=ENV))
+    await post(client, chat(), as_(ACME), 200)
+    m = await scrape(client)
+    assert m["reliapi_requests_total"] == {L(target="up", kind="llm", route="v1", status="200", tenant="acme"): 2}
+    assert m["reliapi_inflight_requests"] == {L(target="up"): 0}
+    assert m["reliapi_circuit_breaker_state"] == {L(target="up"): 0}
+    assert "reliapi_key_pool_keys" not in m
+
+
+async def test_a_fresh_gateway_shows_only_its_targets_gauges(fake, gateway):
+    """Every app has its own registry: nothing from the other tests' gateways leaks in."""
+    from tests.conftest import llm_config
+
+    client, _ = await gateway(llm_config(fake.url))
+    m = await scrape(client)
+    assert set(m) == {"reliapi_inflight_requests", "reliapi_circuit_breaker_state"}
+    assert m["reliapi_inflight_requests"] == {L(target=t): 0 for t in ("up", "claude", "rest")}
+
+
+class DownStore(MemoryStore):
+    """A store whose atomic claims fail, as Redis does when it goes away."""
+
+    async def claim(self, *args, **kwargs):
+        raise StoreError("redis claim failed: ConnectionError: refused")
+
+
+async def test_a_failing_store_is_counted_per_policy(fake, gateway, clock):
+    client, _ = await gateway(config(fake.url, fake.url), env=ENV, clock=clock, store=DownStore(clock=clock.time))
+    for _ in range(2):
+        await post(client, chat("cache me"), as_(ACME, "cached"), 200)  # served, uncached
+    m = await scrape(client)
+    assert m["reliapi_store_degraded_total"] == {L(target="cached", policy="cache"): 2}
+    assert dict(next(iter(m["reliapi_store_degraded_total"]))).keys() == EXTRA_SERIES["reliapi_store_degraded_total"]
+    assert "reliapi_cache_hits_total" not in m and "reliapi_cache_misses_total" not in m
+
+
+async def test_a_stream_through_the_cache_keeps_its_time_to_first_token(fake, gateway, clock):
+    """A cached target's stream is relayed through a recording (single flight): its TTFT is still measured."""
+    from tests.conftest import llm_config
+
+    cfg = llm_config(fake.url).replace("    models:", "    cache: {ttl_s: 60}\n    models:", 1)
+    client, logs = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True))
+    assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
+    await resp.read()
+    assert await eventually(lambda: bool(logs))
+    assert logs[-1]["ttft_ms"] is not None
+    assert count(await scrape(client), "reliapi_ttft_seconds") == {L(target="up"): 1}

@@ -1,0 +1,196 @@
+"""Secrets never show (SPEC §7, §8): no configured key, tenant key, admin key, client Authorization,
+x-api-key or cookie value appears in the access log, the gateway's own log, an error answer,
+``/metrics``, ``/status.json`` or the status page.
+
+Every secret is recognisable (``…SECRET…``); the traffic is made to put them where a careless
+gateway would: an upstream that quotes the key back in its errors, a key pool whose keys cool and
+get disabled, wrong tenant and admin keys, client headers full of credentials, a store URL with a
+password. The gateway's own log is read through the production formatter with no scrubber
+(``setup_logging`` installs none), so nothing is hidden at the last moment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from gateway.config import ConfigError, parse_config
+from gateway.keys import RUNTIME
+from tests.fakes import Fault
+from tests.test_logs import JsonLines
+
+SECRETS = {
+    "UP_KEY": "sk-up-SECRET-0a1b2c3d",
+    "CLAUDE_KEY": "sk-ant-SECRET-4e5f6a7b",
+    "REST_KEY": "rest-SECRET-8c9d0e1f",
+    "K1": "sk-pool-SECRET-one-1111",
+    "K2": "sk-pool-SECRET-two-2222",
+    "ACME_KEY": "tenant-SECRET-acme-3333",
+    "ADMIN_KEY": "admin-SECRET-4444",
+}
+STATIC = "static-SECRET-5555"  # bearer_static token, written in the config itself
+LITERAL_TENANT = "tenant-SECRET-literal-6666"  # a tenant api_key written in the config
+CLIENT = {  # what clients send along that must not be repeated anywhere
+    "x-api-key": "client-xapikey-SECRET-8888",
+    "Cookie": "session=cookie-SECRET-9999; theme=dark",
+}
+WRONG = ["wrong-tenant-SECRET-aaaa", "wrong-admin-SECRET-bbbb"]
+ALL = [*SECRETS.values(), STATIC, LITERAL_TENANT, "cookie-SECRET-9999", CLIENT["x-api-key"], *WRONG]
+
+
+def config(url: str) -> str:
+    return f"""
+server: {{default_target: up, admin_key_env: ADMIN_KEY}}
+tenants:
+  - {{name: acme, api_key_env: ACME_KEY}}
+  - {{name: literal, api_key: {LITERAL_TENANT}}}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*"]
+    auth: {{type: bearer_env, env_var: UP_KEY}}
+    retry_matrix: {{"5xx": {{attempts: 1}}, "429": {{attempts: 0}}}}
+    circuit: {{error_threshold: 2, cooldown_s: 60}}
+  claude:
+    base_url: {url}
+    provider: anthropic
+    models: ["claude-*"]
+    auth: {{type: header_env, header: x-api-key, env_var: CLAUDE_KEY}}
+  pooled:
+    base_url: {url}/v1
+    provider: openai
+    auth: {{type: bearer_env, env_vars: [K1, K2]}}
+    retry_matrix: {{"429": {{attempts: 0}}, "5xx": {{attempts: 0}}}}
+  static:
+    base_url: {url}/v1
+    provider: openai
+    auth: {{type: bearer_static, token: {STATIC}}}
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+  rest:
+    base_url: {url}/api
+    auth: {{type: bearer_env, env_var: REST_KEY}}
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+"""
+
+
+def chat(**extra) -> dict:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def leaks(where: str, text: str, secrets: list[str] = ALL) -> list[str]:
+    return [f"{s} in {where}" for s in secrets if s in text]
+
+
+@pytest.fixture
+def gateway_log():
+    logger = logging.getLogger("reliapi")
+    handler, level = JsonLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+async def test_no_secret_shows_anywhere(fake, gateway, clock, gateway_log):
+    client, logs = await gateway(config(fake.url), env=SECRETS, clock=clock)
+    tenant = {"Authorization": f"Bearer {SECRETS['ACME_KEY']}", **CLIENT}
+    answers: list[tuple[int, str]] = []  # (status, body) of every answer that was an error
+
+    async def ask(method: str, path: str, expect: int, **kwargs) -> str:
+        resp = await client.request(method, path, **kwargs)
+        body = await resp.text()
+        assert resp.status == expect, body
+        if resp.status >= 400:
+            answers.append((resp.status, body))
+        return body
+
+    v1 = "/v1/chat/completions"
+    # upstreams that quote the configured key back in their errors
+    fake.plan(Fault(status=401, echo_auth=True))
+    body = await ask("POST", v1, 401, json=chat(), headers=tenant)
+    assert "bad key Bearer ***" in body  # the fake did quote it: the gateway scrubbed it
+    fake.plan(Fault(status=503, echo_auth=True), Fault(status=503, echo_auth=True))
+    await ask("POST", v1, 503, json=chat(), headers=tenant)  # retried, then passed on; the circuit opens
+    await ask("POST", v1, 503, json=chat(), headers=tenant)  # circuit_open, the gateway's own error
+    fake.plan(Fault(status=500, echo_auth=True))
+    await ask("POST", v1, 500, json=chat(stream=True), headers={**tenant, "X-ReliAPI-Target": "static"})
+    await ask("GET", "/t/rest/things", 500, headers={**tenant, "X-Fake-Status": "500"})  # echoes every header
+    await ask("POST", "/v1/messages", 200, headers=tenant,
+              json={"model": "claude-3-5-haiku-latest", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+    # a key pool: K1 cools on a 429, K2 is disabled on a 401 — both quoted back
+    fake.plan(Fault(status=429, echo_auth=True), Fault(status=401, echo_auth=True))
+    await ask("POST", v1, 401, json=chat(), headers={**tenant, "X-ReliAPI-Target": "pooled"})
+    # wrong keys, and credentials in odd places
+    await ask("POST", v1, 401, json=chat(), headers={"Authorization": f"Bearer {WRONG[0]}", **CLIENT})
+    await ask("POST", v1, 401, json=chat(), headers={"x-api-key": WRONG[0]})
+    await ask("POST", "/proxy/http", 400, headers=tenant, json={
+        "target": "rest", "path": "/x", "headers": {"Authorization": f"Bearer {SECRETS['REST_KEY']}"}, "nope": 1})
+    await ask("POST", v1, 400, headers=tenant, data=json.dumps({"model": SECRETS["ACME_KEY"], "messages": "x"}))
+    await ask("GET", "/admin/summary", 401, headers={"Authorization": f"Bearer {WRONG[1]}", **CLIENT})
+    await ask("GET", "/admin/summary", 200, headers={"Authorization": f"Bearer {SECRETS['ADMIN_KEY']}"})
+    await ask("GET", "/admin/circuits", 200, headers={"Authorization": f"Bearer {SECRETS['ADMIN_KEY']}"})
+
+    assert [r.headers.get("Authorization") for r in fake.requests if r.path_qs.startswith("/v1/chat")][:1] == [
+        f"Bearer {SECRETS['UP_KEY']}"]  # the upstream did get the key: it is only never shown
+    assert not [r for r in fake.requests
+                if any(s in json.dumps(dict(r.headers)) for s in (SECRETS["ACME_KEY"], *CLIENT.values()))]
+
+    shown = {
+        "error answers": json.dumps(answers),
+        "access log": json.dumps(list(logs)),
+        "gateway log": "\n".join(gateway_log.text),
+        "/metrics": await (await client.get("/metrics")).text(),
+        "/status.json": await (await client.get("/status.json")).text(),
+        "/": await (await client.get("/")).text(),
+        "/readyz": await (await client.get("/readyz")).text(),
+        "/v1/models": await (await client.get("/v1/models", headers=tenant)).text(),
+    }
+    assert len(answers) == 11 and len(logs) == 11  # every proxied call has its line
+    assert any("key disabled" in line for line in gateway_log.text)  # the pool's story was logged…
+    found = [leak for where, text in shown.items() for leak in leaks(where, text)]
+    assert sum("Bearer ***" in body for _, body in answers) == 5  # the upstreams did quote the keys back
+    assert not found  # …and no secret anywhere
+
+
+async def test_a_store_password_never_shows(fake, gateway, gateway_log):
+    password = "redis-SECRET-cccc"
+    yaml = f"""
+server: {{default_target: up}}
+store: {{url: "redis://:{password}@127.0.0.1:1/0"}}
+targets:
+  up: {{base_url: "{fake.url}/v1", provider: openai, models: ["gpt-*"], cache: {{ttl_s: 60}}}}
+"""
+    client, logs = await gateway(yaml)
+    resp = await client.post("/v1/chat/completions", json=chat())
+    assert resp.status == 200 and resp.headers["X-Cache"] == "BYPASS"  # the cache degraded to pass-through
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    status = await (await client.get("/status.json")).json()
+    assert status["store"]["healthy"] is False
+    shown = {
+        "/readyz": await ready.text(), "/status.json": json.dumps(status), "/": await (await client.get("/")).text(),
+        "/metrics": await (await client.get("/metrics")).text(), "access log": json.dumps(list(logs)),
+        "gateway log": "\n".join(gateway_log.text),
+    }
+    assert gateway_log.text  # the store trouble was logged
+    assert not [leak for where, text in shown.items() for leak in leaks(where, text, [password])]
+
+
+async def test_the_circuit_and_key_pool_views_name_keys_by_id_only(fake, gateway, clock):
+    client, _ = await gateway(config(fake.url), env=SECRETS, clock=clock)
+    pool = client.app[RUNTIME].current.key_pools["pooled"]
+    assert set(pool.states()) == {"K1", "K2"}
+    data = await (await client.get("/status.json")).json()
+    (pooled,) = [t for t in data["targets"] if t["name"] == "pooled"]
+    assert pooled["key_pool"] == {"total": 2, "active": 2, "cooling": 0, "disabled": 0}
+
+
+def test_a_config_error_does_not_quote_a_base_url_password():
+    password = "userinfo-SECRET-7777"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"targets: {{t: {{base_url: 'http://svc:{password}@127.0.0.1:9/api'}}}}")
+    assert "base_url" in str(caught.value) and password not in str(caught.value)
