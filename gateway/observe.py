@@ -61,6 +61,8 @@ CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
 KEY_STATES = {"healthy": "active"}  # policies.key_pool's word → the metric's (cooling, disabled: the same)
 RECENT = 512  # latencies kept per target for the status page's p50/p99
 LAST_ERRORS = 50
+MAX_MODELS = 200  # distinct ``model`` label values; later new ones are counted as OTHER_MODEL
+OTHER_MODEL = "(other)"
 
 
 class Hist:
@@ -140,6 +142,7 @@ class Observatory:
         self.tokens: dict[tuple[str, str, str], int] = {}  # target, model, kind
         self.cost: dict[tuple[str, str, str], float] = {}  # target, model, tenant
         self.inflight: dict[str, int] = {}
+        self.models: set[str] = set()
         self.targets: dict[str, TargetView] = {}
         self.tenants: dict[str, TenantView] = {}
         self.last_errors: deque[dict[str, Any]] = deque(maxlen=LAST_ERRORS)
@@ -194,6 +197,11 @@ class Observatory:
         prompt = f.get("prompt_tokens")
         if prompt is not None:
             model = f["model"] or ""
+            if model not in self.models:  # the client names the model: its label values are bounded
+                if len(self.models) >= MAX_MODELS:
+                    model = OTHER_MODEL
+                else:
+                    self.models.add(model)
             _inc(self.tokens, (target, model, "prompt"), prompt)
             _inc(self.tokens, (target, model, "completion"), f.get("completion_tokens") or 0)
             cost = f.get("cost_usd")

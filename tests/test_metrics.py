@@ -419,3 +419,18 @@ async def test_a_stream_through_the_cache_keeps_its_time_to_first_token(fake, ga
     assert await eventually(lambda: bool(logs))
     assert logs[-1]["ttft_ms"] is not None
     assert count(await scrape(client), "reliapi_ttft_seconds") == {L(target="up"): 1}
+
+
+async def test_model_label_values_are_bounded(fake, gateway, clock, monkeypatch):
+    """Clients choose the model name: past a bound, new names are counted under one label value."""
+    from gateway import observe
+    from tests.conftest import llm_config
+
+    monkeypatch.setattr(observe, "MAX_MODELS", 2)
+    client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
+    for model in ("gpt-a", "gpt-b", "gpt-c", "gpt-d", "gpt-a"):
+        assert (await client.post("/v1/chat/completions", json={**chat(), "model": model})).status == 200
+    prompt = {labels: v for labels, v in (await scrape(client))["reliapi_llm_tokens_total"].items()
+              if dict(labels)["kind"] == "prompt"}
+    assert prompt == {L(target="up", model="gpt-a", kind="prompt"): 10, L(target="up", model="gpt-b", kind="prompt"): 5,
+                      L(target="up", model=observe.OTHER_MODEL, kind="prompt"): 10}
