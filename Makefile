@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench bench-stateful lint check docker clean
+.PHONY: install run test bench bench-stateful lint check screenshot docker clean
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ lint: $(STAMP)
 
 check: $(STAMP)
 	$(PY) -m gateway --check $(ARGS)
+
+# The status page in headless Chromium, desktop and phone width: `make screenshot URL=http://host:port/`.
+URL      ?= http://127.0.0.1:8000/
+SHOT_DIR ?= build/screenshots
+screenshot: $(STAMP)
+	$(PY) -m tests.browser --screenshot $(SHOT_DIR)/status-1280.png --width 1280 $(URL)
+	$(PY) -m tests.browser --screenshot $(SHOT_DIR)/status-375.png --width 375 $(URL)
 
 docker:
 	docker build -t reliapi .

@@ -306,6 +306,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         failed = error or outcome.error
         if failed is not None:
             fields["error_message"] = rt.scrub(failed.message)
+        if failed is not None or status >= 400:
+            fields["path"] = rt.scrub(request.path)[:256]  # the last errors on the status page say where
         if rt.access_log.enabled:
             rt.access_log(fields)  # sets "ts"
         rt.observatory.record(fields)

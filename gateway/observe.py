@@ -185,7 +185,7 @@ class Observatory:
         if outcome != "ok":
             code = f["error_code"] or (f"upstream_{status}" if outcome == "upstream_error" else outcome)
             _inc(self.errors, (target, code))
-            if status >= 500 or outcome in ("error", "stream_error"):
+            if status >= 500 or outcome == "stream_error":  # the gateway's own 4xx refusals are not the target's
                 view.errors += 1
             if outcome != "client_closed":
                 self._error(f, code)
@@ -221,7 +221,9 @@ class Observatory:
         self.last_errors.appendleft({
             "ts": f["ts"] or _iso(self.wall()), "request_id": f["request_id"], "target": f["target"],
             "tenant": f["tenant"], "route": f["route"], "method": f["method"], "status": f["status"],
-            "code": code, "message": f.get("error_message"), "upstream_status": f["upstream_status"],
+            "path": f.get("path"), "code": code, "upstream_status": f["upstream_status"],
+            "message": f.get("error_message") or (f"the upstream answered {f['upstream_status']}"
+                                                  if f["upstream_status"] else None),
         })
 
     def on_event(self, event: Event) -> None:

@@ -434,3 +434,25 @@ async def test_model_label_values_are_bounded(fake, gateway, clock, monkeypatch)
               if dict(labels)["kind"] == "prompt"}
     assert prompt == {L(target="up", model="gpt-a", kind="prompt"): 10, L(target="up", model="gpt-b", kind="prompt"): 5,
                       L(target="up", model=observe.OTHER_MODEL, kind="prompt"): 10}
+
+
+def _record(status: int, outcome: str, code: str | None = None, upstream: int | None = None) -> dict:
+    return {"ts": None, "request_id": "r", "tenant": "acme", "target": "up", "kind": "llm", "route": "v1",
+            "method": "POST", "status": status, "model": "gpt-4o-mini", "outcome": outcome, "error_code": code,
+            "upstream_status": upstream, "latency_ms": 1.0, "ttft_ms": None, "path": "/v1/chat/completions"}
+
+
+def test_a_targets_error_rate_counts_its_failures_not_the_gateways_refusals():
+    from gateway.observe import Observatory
+
+    obs = Observatory(wall=lambda: 1_700_000_000.0)
+    obs.record(_record(429, "error", "rate_limited"))  # a tenant over its rate limit
+    obs.record(_record(402, "error", "budget_exhausted"))
+    obs.record(_record(200, "ok", upstream=200))
+    assert (obs.targets["up"].requests, obs.targets["up"].errors) == (3, 0)
+    obs.record(_record(502, "upstream_error", upstream=502))  # the upstream's own 5xx, passed through
+    obs.record(_record(504, "error", "upstream_timeout"))
+    assert obs.targets["up"].errors == 2
+    latest = obs.last_errors[0]
+    assert (latest["code"], latest["path"]) == ("upstream_timeout", "/v1/chat/completions")
+    assert obs.last_errors[1]["message"] == "the upstream answered 502"

@@ -1,0 +1,339 @@
+"""The status page ``/`` and ``/status.json`` (SPEC §7): what an operator sees, in plain HTTP
+and in a real headless Chromium (tests/browser.py) that must follow a circuit opening by
+itself, without a reload.
+
+The browser cases skip with the reason when no Chromium is installed — or fail when
+``RELIAPI_REQUIRE_BROWSER=1`` (``.ci/run`` sets it). ``RELIAPI_SCREENSHOT_DIR=dir`` keeps
+a screenshot of the page at 1280 and 375 px from the browser test, to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import __version__
+from gateway.config import parse_config
+from gateway.keys import RUNTIME
+from tests.browser import Browser, find_chromium
+from tests.fakes import Fault
+
+NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
+TENANT_KEY = "tenant-acme-Secret-7f3a9c"
+LAB_KEY = "tenant-lab-Secret-51be02"
+POOL_KEY_1 = "sk-pool-Secret-one-0a1b2c3d"
+POOL_KEY_2 = "sk-pool-Secret-two-4e5f6a7b"
+REST_KEY = "rest-api-Secret-c0ffee11"
+SECRETS = (TENANT_KEY, LAB_KEY, POOL_KEY_1, POOL_KEY_2, REST_KEY)
+ENV = {"POOL_KEY_2": POOL_KEY_2, "REST_KEY": REST_KEY}
+ACME = {"Authorization": f"Bearer {TENANT_KEY}"}
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "temperature": 0}
+
+
+def config(url: str) -> str:
+    """``up`` (OpenAI, cached, a two-key pool) and ``rest`` (plain HTTP, its own key); two tenants."""
+    return f"""
+server: {{default_target: up}}
+tenants:
+  - name: acme
+    api_key: {TENANT_KEY}
+    budget: {{daily_usd: 5, monthly_usd: 50}}
+  - name: lab
+    api_key: {LAB_KEY}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*"]
+    cache: {{ttl_s: 60}}
+    retry_matrix: {NO_RETRY}
+  rest:
+    base_url: {url}/api
+    auth: {{type: header_env, header: x-api-key, env_var: REST_KEY}}
+    retry_matrix: {NO_RETRY}
+provider_key_pools:
+  up:
+    keys:
+      - {{id: up-one, api_key: {POOL_KEY_1}}}
+      - {{id: up-two, api_key: "env:POOL_KEY_2"}}
+"""
+
+
+class Page(HTMLParser):
+    """What the page shows, read the way the script reads it: rows by ``data-target`` /
+    ``data-tenant`` / ``data-error``, their ``data-field`` texts and states, and elements by id."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.targets: dict[str, dict[str, str]] = {}
+        self.tenants: dict[str, dict[str, str]] = {}
+        self.errors: list[dict[str, str]] = []
+        self.ids: dict[str, str] = {}
+        self.states: dict[tuple[str, str], str] = {}  # (row, field) -> data-state / data-level
+        self.sections: dict[str, str] = {}  # section id -> data-empty
+        self._row: dict[str, str] | None = None
+        self._row_name = ""
+        self._open: list[tuple[str, dict[str, str] | None, str]] = []  # (tag, where its text goes, key)
+        self._in_template = 0
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "template":
+            self._in_template += 1
+        if self._in_template or tag in ("meta", "link", "br", "img", "input"):
+            return
+        if tag == "section" and "id" in a:
+            self.sections[a["id"]] = a.get("data-empty", "")
+        if tag == "tr":
+            if "data-target" in a:
+                self._row, self._row_name = self.targets.setdefault(a["data-target"], {}), a["data-target"]
+            elif "data-tenant" in a:
+                self._row, self._row_name = self.tenants.setdefault(a["data-tenant"], {}), a["data-tenant"]
+            elif "data-error" in a:
+                self._row = {}
+                self._row_name = f"error{len(self.errors)}"
+                self.errors.append(self._row)
+        sink, key = None, ""
+        if "data-field" in a and self._row is not None:
+            sink, key = self._row, a["data-field"]
+            self.states[(self._row_name, key)] = a.get("data-state", a.get("data-level", ""))
+        elif "id" in a:
+            sink, key = self.ids, a["id"]
+            self.states[("#", key)] = a.get("data-state", a.get("data-level", ""))
+        if sink is not None:
+            sink[key] = ""
+        self._open.append((tag, sink, key))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "template":
+            self._in_template -= 1
+            return
+        if self._in_template:
+            return
+        while self._open:
+            open_tag, _, _ = self._open.pop()
+            if open_tag == tag:
+                break
+        if tag == "tr":
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in_template:
+            return
+        for _, sink, key in self._open:
+            if sink is not None:
+                sink[key] += data
+
+
+def assert_no_secrets(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+        assert "Secret" not in text  # not even a piece of one
+
+
+# ---------------------------------------------------------------- plain HTTP
+
+
+@pytest.fixture
+async def started(gateway, fake, clock):
+    client, _ = await gateway(config(fake.url), env=ENV, clock=clock)
+    return client
+
+
+async def get_page(client) -> tuple[Any, str]:
+    resp = await client.get("/")
+    return resp, await resp.text()
+
+
+async def test_the_page_and_the_json_show_the_same_numbers_after_real_traffic(started, fake, clock):
+    client = started
+    for _ in range(2):  # a miss, then a hit
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers=ACME)
+        assert resp.status == 200
+    fake.plan(Fault(status=503))
+    failed = await client.post("/v1/chat/completions", json={**CHAT, "temperature": 1}, headers=ACME)
+    assert failed.status == 503
+    resp = await client.get("/t/rest/items", headers=ACME)
+    assert resp.status == 200
+    clock.advance(3725)
+
+    resp = await client.get("/status.json")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    assert resp.headers["Cache-Control"] == "no-store"
+    data = await resp.json()
+    assert data["version"] == __version__ and data["store"] == {"backend": "memory", "healthy": True, "error": None}
+    up, rest = (next(t for t in data["targets"] if t["name"] == n) for n in ("up", "rest"))
+    assert (up["requests"], up["errors"], up["error_rate"]) == (3, 1, 0.3333)
+    assert up["cache"] == {"hits": 1, "misses": 2, "hit_ratio": 0.3333}
+    assert up["key_pool"]["total"] == 2 and up["circuit"] == "closed" and up["spend_today_usd"] > 0
+    assert (rest["requests"], rest["errors"], rest["key_pool"], rest["cache"]["hit_ratio"]) == (1, 0, None, None)
+    acme = next(t for t in data["tenants"] if t["name"] == "acme")
+    assert acme["requests"] == 4 and acme["budget"] == {"daily_usd": 5, "monthly_usd": 50}
+    assert acme["spend_today_usd"] > 0
+    [error] = data["errors"]
+    assert error["request_id"] == failed.headers["X-Request-Id"]
+    assert (error["target"], error["tenant"], error["status"], error["code"]) == ("up", "acme", 503, "upstream_503")
+
+    resp, html = await get_page(client)
+    assert resp.status == 200 and resp.content_type == "text/html"
+    assert resp.headers["Cache-Control"] == "no-store"
+    page = Page(html)
+    assert page.ids["version"] == __version__
+    assert page.ids["store-backend"] == "memory" and page.ids["store-health"] == "healthy"
+    assert page.ids["uptime"] == "1h 2m"
+    assert page.ids["total-requests"] == "4" and page.ids["circuits"] == "all closed"
+    assert set(page.targets) == {"up", "rest"}
+    for name in ("up", "rest"):
+        assert page.targets[name]["circuit"] == "closed" and page.states[(name, "circuit")] == "closed"
+    shown = page.targets["up"]
+    assert (shown["requests"], shown["error_rate"], shown["cache"], shown["cache_detail"]) == ("3", "33.3%", "33.3%", "1 of 3")
+    assert (shown["keys"], shown["keys_detail"]) == ("2/2", "healthy")
+    assert shown["spend"] == f"${up['spend_today_usd']:.4f}"
+    assert re.fullmatch(r"\d+\.\d ms", shown["p50"]) and re.fullmatch(r"\d+\.\d ms", shown["p99"])
+    assert (page.targets["rest"]["cache"], page.targets["rest"]["keys"]) == ("—", "—")
+    assert page.tenants["acme"]["requests"] == "4"
+    assert page.tenants["acme"]["day"] == f"${acme['spend_today_usd']:.4f} of $5.00"
+    assert page.tenants["acme"]["month"].endswith(" of $50.00")
+    assert page.tenants["lab"]["day"] == "$0.00" and page.tenants["lab"]["month"] == "—"
+    [row] = page.errors
+    assert (row["status"], row["code"], row["target"], row["tenant"]) == ("503", "upstream_503", "up", "acme")
+    assert row["request_id"] == failed.headers["X-Request-Id"]
+    assert_no_secrets(html, await (await client.get("/status.json")).text())
+
+
+async def test_an_open_circuit_shows_without_javascript(started):
+    client = started
+    client.app[RUNTIME].current.circuits["rest"].breaker.open("test")
+    page = Page((await get_page(client))[1])
+    assert page.targets["rest"]["circuit"] == "open" and page.states[("rest", "circuit")] == "open"
+    assert page.targets["up"]["circuit"] == "closed"
+    assert page.ids["circuits"] == "1 open" and page.states[("#", "circuits")] == "bad"
+    data = await (await client.get("/status.json")).json()
+    assert {t["name"]: t["circuit"] for t in data["targets"]} == {"up": "closed", "rest": "open"}
+
+
+async def test_what_a_client_sent_is_escaped_not_run(started):
+    client = started
+    evil = "<script>alert('pwned')</script>"
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={**ACME, "X-ReliAPI-Target": evil})
+    assert resp.status == 404
+    resp, html = await get_page(client)
+    assert evil in Page(html).errors[0]["message"]  # shown as text
+    assert "<script>alert" not in html and "&lt;script&gt;alert" in html
+    # The page's own script is the only one it runs, and nothing is fetched from anywhere else.
+    csp = resp.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'nonce-" in csp and "connect-src 'self'" in csp
+    nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
+    assert re.findall(r"<script\b[^>]*>", html) == [f'<script nonce="{nonce}">']
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html)
+
+
+async def test_a_key_cooling_down_shows_in_the_pool_health(started, fake):
+    client = started
+    fake.plan(Fault(status=429, headers={"Retry-After": "30"}))
+    await client.post("/v1/chat/completions", json=CHAT, headers=ACME)
+    data = await (await client.get("/status.json")).json()
+    assert data["targets"][0]["key_pool"] == {"total": 2, "active": 1, "cooling": 1, "disabled": 0}
+    page = Page((await get_page(client))[1])
+    assert (page.targets["up"]["keys"], page.targets["up"]["keys_detail"]) == ("1/2", "1 cooling")
+    assert page.states[("up", "keys")] == "warn"
+
+
+async def test_a_gateway_without_tenants_or_errors_says_so(gateway, fake):
+    client, _ = await gateway(f"targets:\n  only:\n    base_url: {fake.url}/api\n")
+    page = Page((await get_page(client))[1])
+    assert set(page.targets) == {"only"} and not page.tenants and not page.errors
+    assert page.sections == {"targets": "no", "tenants": "yes", "errors": "yes"}
+    assert page.targets["only"]["error_rate"] == "—" and page.targets["only"]["p50"] == "—"
+
+
+# ---------------------------------------------------------------- a real browser
+
+CHROMIUM = find_chromium()
+
+
+def need_browser() -> None:
+    if CHROMIUM is not None:
+        return
+    reason = "no Chromium to drive (apt-get install chromium, or set RELIAPI_CHROMIUM)"
+    if os.environ.get("RELIAPI_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def two_targets(alpha: str, beta: str) -> str:
+    return f"""
+targets:
+  alpha:
+    base_url: {alpha}/api
+    retry_matrix: {NO_RETRY}
+  beta:
+    base_url: {beta}/api
+    retry_matrix: {NO_RETRY}
+    circuit: {{error_threshold: 2, cooldown_s: 600}}
+"""
+
+
+CIRCUITS_JS = """Object.fromEntries([...document.querySelectorAll('#targets tr[data-target]')].map(
+  r => [r.dataset.target, r.querySelector('[data-field="circuit"]').textContent]))"""
+FIELD_JS = """document.querySelector('tr[data-target="{target}"] [data-field="{field}"]').textContent"""
+# Every URL the page refers to or loaded that is not this origin (data: URIs are part of the page).
+EXTERNAL_JS = """[...[...document.querySelectorAll('[src],[href]')].map(e => e.src || e.href),
+  ...performance.getEntriesByType('resource').map(e => e.name)]
+  .filter(u => !u.startsWith('data:') && new URL(u, location.href).origin !== location.origin)"""
+
+
+async def test_a_real_browser_shows_each_circuit_and_follows_it_opening_without_a_reload(gateway, upstreams):
+    need_browser()
+    alpha, beta = await upstreams(), await upstreams()
+    client, _ = await gateway(two_targets(alpha.url, beta.url))
+    async with Browser.launch(CHROMIUM) as browser:
+        await browser.navigate(str(client.make_url("/")))
+        assert await browser.evaluate(CIRCUITS_JS) == {"alpha": "closed", "beta": "closed"}
+        await browser.evaluate("window.sameDocument = true")  # gone if the page were loaded again
+
+        beta.plan(Fault(status=503), Fault(status=503))
+        for _ in range(2):
+            assert (await client.get("/t/beta/charges")).status == 503
+        assert client.app[RUNTIME].current.circuits["beta"].state == "open"
+
+        # The page's own refresh (every ~2 s) must bring it; look for up to 10 s.
+        await browser.wait_for(FIELD_JS.format(target="beta", field="circuit") + " === 'open'", timeout_s=10)
+        assert await browser.evaluate(CIRCUITS_JS) == {"alpha": "closed", "beta": "open"}
+        assert await browser.evaluate("window.sameDocument === true")
+        badge = "getComputedStyle(document.querySelector('tr[data-target=\"{}\"] [data-field=\"circuit\"]')).color"
+        assert await browser.evaluate(badge.format("beta")) != await browser.evaluate(badge.format("alpha"))
+        assert await browser.evaluate(FIELD_JS.format(target="beta", field="requests")) == "2"
+        assert await browser.evaluate(FIELD_JS.format(target="beta", field="error_rate")) == "100.0%"
+        assert await browser.evaluate("document.getElementById('circuits').textContent") == "1 open"
+        assert await browser.evaluate("document.querySelectorAll('#errors tbody tr').length") == 2
+        assert await browser.evaluate("document.getElementById('live').dataset.live") == "on"
+        assert await browser.evaluate(EXTERNAL_JS) == []
+
+        # A reload that adds a target: its row appears in config order, still without navigating.
+        config = parse_config(two_targets(alpha.url, beta.url) + f"  gamma:\n    base_url: {alpha.url}/api\n")
+        await client.app[RUNTIME].reload(config)
+        await browser.wait_for("document.querySelector('tr[data-target=\"gamma\"]') !== null", timeout_s=10)
+        rows = await browser.evaluate(CIRCUITS_JS)
+        assert list(rows) == ["alpha", "beta", "gamma"] and rows["gamma"] == "closed"
+        assert await browser.evaluate(FIELD_JS.format(target="gamma", field="requests")) == "0"
+        assert await browser.evaluate("window.sameDocument === true")
+
+        shots = os.environ.get("RELIAPI_SCREENSHOT_DIR")
+        if shots:
+            await browser.screenshot(Path(shots) / "status-1280.png")
+        # A phone: nothing sticks out sideways, every target is still there.
+        await browser.viewport(375, 812)
+        assert await browser.evaluate("document.documentElement.scrollWidth") <= 375
+        assert list(await browser.evaluate(CIRCUITS_JS)) == ["alpha", "beta", "gamma"]
+        if shots:
+            await browser.screenshot(Path(shots) / "status-375.png")
+        assert browser.console_errors == []
