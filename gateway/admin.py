@@ -1,9 +1,292 @@
-"""The admin API under ``/admin/`` (SPEC §2) — being built."""
+"""The admin API under ``/admin/`` (SPEC §2): look at the gateway and act on it.
+
+    GET    /admin/summary                   version, uptime, store, per-target and total counts
+    GET    /admin/usage?tenant=&user=&since= usage rows summed by day and in total
+    GET    /admin/cache/stats               per target: enabled, hits, misses, entries stored
+    DELETE /admin/cache[?target=]           drop stored answers (all, or one target's)
+    GET    /admin/circuits                  every target's circuit as this instance sees it
+    POST   /admin/circuits/{target}/reset   close a circuit, on every instance
+    POST   /admin/reload                    read the config again (as SIGHUP does)
+
+Who may call it: with ``server.admin_key_env`` naming a variable that holds a key, a caller
+with ``Authorization: Bearer <key>`` (compared in constant time); otherwise loopback peers
+only — never decided by ``X-Forwarded-For``, which any client can write. Answers are
+``{"success": true, "data": …}``; errors are in the envelope dialect (SPEC §3).
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+import datetime
+import functools
+import hmac
+import ipaddress
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import hdrs, web
+
+from gateway import cli
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    Unauthorized,
+    UnknownTarget,
+)
+from gateway.exchange import ENVELOPE
+from gateway.handlers import _request_id
+from gateway.keys import OBSERVATORY, RELOADER, RUNTIME
+from gateway.runtime import Runtime
+from gateway.store import StoreError
+from gateway.writer import error_body, error_response
+from policies import cache as cache_policy
+from policies.usage import summary as usage_summary
+
+log = logging.getLogger("reliapi")
+
+AdminHandler = Callable[[web.Request, Runtime], Awaitable[Any]]
+
+
+class ReloadUnavailable(GatewayError):
+    """This gateway was built from a config it cannot read again (not started from the CLI)."""
+
+    status, code, type = 409, "reload_unavailable", "client_error"
+
+
+class InvalidConfig(GatewayError):
+    """The config read for a reload does not validate; the running one stays."""
+
+    status, code, type = 422, "invalid_config", "client_error"
+
+    def __init__(self, message: str, errors: list[str]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+# ---------------------------------------------------------------- who may call
+
+
+def _loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        ip = ipaddress.ip_address(remote.split("%", 1)[0])  # an IPv6 zone id is not part of the address
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_access(request: web.Request, rt: Runtime) -> None:
+    """Raise ``Unauthorized`` / ``Forbidden`` unless this caller may use the admin API. The peer
+    address is the socket's (``request.remote``): ``trust_forwarded_for`` does not apply here."""
+    name = rt.config.server.admin_key_env
+    key = rt.env.get(name) if name else None
+    if key:
+        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape")
+        ):
+            raise Unauthorized("the admin API needs Authorization: Bearer <admin key>")
+        return
+    if not _loopback(request.remote):
+        why = f"{name} is empty" if name else "server.admin_key_env is not set"
+        raise Forbidden(f"the admin API answers loopback clients only ({why})")
+
+
+def _admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Access check, the ``{"success": true, "data": …}`` answer, errors in the envelope dialect."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        rt = request.app[RUNTIME].current
+        request_id = _request_id(request)
+        try:
+            check_access(request, rt)
+            data = await handler(request, rt)
+        except GatewayError as e:
+            return _error(e, request_id, rt)
+        except Exception:
+            log.exception("admin API: internal error", extra={"fields": {"request_id": request_id}})
+            return error_response(InternalError("internal error"), ENVELOPE, request_id)
+        body = {"success": True, "data": data, "meta": {"request_id": request_id}}
+        return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+                            headers={"X-Request-Id": request_id, "Cache-Control": "no-store"})
+
+    return wrapped
+
+
+_USERINFO = re.compile(r"//[^/@\s'\"]*@")  # a URL's user:password, as a config error may quote it
+
+
+def _clean(rt: Runtime, text: str) -> str:
+    return _USERINFO.sub("//***@", rt.scrub(text))
+
+
+def _error(err: GatewayError, request_id: str, rt: Runtime) -> web.Response:
+    err.message = _clean(rt, err.message)
+    if not isinstance(err, InvalidConfig):
+        return error_response(err, ENVELOPE, request_id)
+    body = error_body(err, ENVELOPE, request_id, target=None, attempts=0, duration_ms=0.0)
+    body["error"]["errors"] = [_clean(rt, line) for line in err.errors]
+    return web.Response(status=err.status, body=msgspec.json.encode(body), content_type="application/json",
+                        headers={"X-Request-Id": request_id})
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+async def summary(request: web.Request, rt: Runtime) -> dict[str, Any]:
+    observatory = request.app[OBSERVATORY]
+    snap = await observatory.snapshot(rt)
+    targets = [
+        {k: t[k] for k in ("name", "kind", "provider", "circuit", "requests", "errors", "error_rate",
+                           "latency_ms", "inflight", "spend_today_usd")}
+        for t in snap["targets"]
+    ]
+    totals = {
+        "requests": sum(observatory.requests.values()),  # refusals before a target was chosen too
+        "errors": sum(view.errors for view in observatory.targets.values()),
+        "inflight": sum(observatory.inflight.values()),
+        "spend_today_usd": round(sum(t["spend_today_usd"] for t in targets), 6),
+        "targets": len(targets),
+        "open_circuits": sum(1 for t in targets if t["circuit"] != "closed"),
+    }
+    return {
+        "version": snap["version"], "started_at": snap["started_at"], "uptime_s": snap["uptime_s"],
+        "store": snap["store"], "totals": totals, "targets": targets, "tenants": snap["tenants"],
+    }
+
+
+async def usage(request: web.Request, rt: Runtime) -> dict[str, Any]:
+    tenant = request.query.get("tenant") or None
+    user = request.query.get("user") or None
+    since = request.query.get("since") or None
+    if since is not None:
+        try:
+            day = datetime.date.fromisoformat(since)
+        except ValueError:
+            raise InvalidRequest("since: expected a date, YYYY-MM-DD", param="since") from None
+        if len(since) != 10:  # fromisoformat also takes 20240102
+            raise InvalidRequest("since: expected a date, YYYY-MM-DD", param="since")
+        since = day.isoformat()
+    await rt.usage_book_flush()  # the counts of the last moments are written first
+    found = await usage_summary(rt.store, tenant=tenant, user=user,
+                                since_day=since.replace("-", "") if since else None)
+    return {"tenant": tenant, "user": user, "since": since, **found}
+
+
+async def cache_stats(request: web.Request, rt: Runtime) -> dict[str, Any]:
+    observatory = request.app[OBSERVATORY]
+    store_error = None
+    try:
+        entries, truncated = await cache_policy.count_entries(rt.store)
+    except StoreError as e:
+        entries, truncated, store_error = {}, False, rt.scrub(str(e))
+    targets = []
+    for name, target in rt.targets.items():
+        cfg = target.config.cache
+        hits, misses = observatory.cache_hits.get(name, 0), observatory.cache_misses.get(name, 0)
+        targets.append({
+            "target": name, "enabled": cfg is not None and cfg.enabled,
+            "ttl_s": cfg.ttl_s if cfg is not None else None,
+            "hits": hits, "misses": misses,
+            "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+            "entries": entries.get(name, 0) if store_error is None else None,
+        })
+    return {"targets": targets, "entries_total": sum(entries.values()) if store_error is None else None,
+            "entries_truncated": truncated, "store_error": store_error}
+
+
+async def cache_clear(request: web.Request, rt: Runtime) -> dict[str, Any]:
+    target = request.query.get("target")
+    if target is not None:
+        if not target:
+            raise InvalidRequest("target: name a target, or leave the parameter out to clear every target",
+                                 param="target")
+        if target not in rt.targets:
+            raise UnknownTarget(f"no target named {target!r}", target=None)
+    deleted = await cache_policy.clear_entries(rt.store, target)
+    log.info("admin: cache cleared (%s): %d entries", target or "all targets", deleted)
+    return {"target": target, "deleted": deleted}
+
+
+def _circuit_view(name: str, circuit: Any, rt: Runtime) -> dict[str, Any]:
+    breaker = circuit.breaker
+    view: dict[str, Any] = {
+        "target": name, "state": breaker.state, "failures": breaker.failures,
+        "error_threshold": breaker.threshold, "cooldown_s": breaker.cooldown_s,
+        "half_open_max_calls": breaker.half_open_max, "probes_in_flight": breaker.probes,
+        "retry_after_s": None, "reopens_at": None,
+    }
+    if breaker.state == "open":
+        left = breaker.retry_after_s()
+        view["retry_after_s"] = round(left, 3)
+        view["reopens_at"] = datetime.datetime.fromtimestamp(
+            rt.clock.time() + left, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return view
+
+
+async def circuits(request: web.Request, rt: Runtime) -> dict[str, Any]:
+    return {"circuits": [_circuit_view(name, circuit, rt) for name, circuit in rt.circuits.items()]}
+
+
+async def circuit_reset(request: web.Request, rt: Runtime) -> dict[str, Any]:
+    name = request.match_info["target"]
+    circuit = rt.circuits.get(name)
+    if circuit is None:
+        raise UnknownTarget(f"no target named {name!r}")
+    was = circuit.state
+    shared = await circuit.reset()
+    log.info("admin: circuit for target %s reset (was %s)", name, was)
+    return {"was": was, "shared": shared, **_circuit_view(name, circuit, rt)}
+
+
+async def reload(request: web.Request, rt: Runtime) -> dict[str, Any]:
+    from gateway.app import reload_config  # app imports this module
+
+    if request.app[RELOADER] is None:
+        raise ReloadUnavailable("this gateway was not started from a config it can read again; restart it instead")
+    result = await reload_config(request.app)
+    if not result["reloaded"]:
+        raise InvalidConfig("the new config is invalid, the running one stays: " + "; ".join(result["errors"]),
+                            result["errors"])
+    # Under --workers N this process is one of N: its parent sends SIGHUP to every worker.
+    result["all_workers"] = cli.reload_all_workers()
+    return result
+
+
+async def _unknown(request: web.Request, rt: Runtime) -> None:
+    raise UnknownTarget(f"no admin endpoint {request.method} {request.path}")
+
+
+def _wrong_method(allowed: str) -> AdminHandler:
+    async def refuse(request: web.Request, rt: Runtime) -> None:
+        raise MethodNotAllowed(f"{request.path} answers {allowed} only", headers={"Allow": allowed})
+
+    return refuse
+
+
+ROUTES: tuple[tuple[str, str, AdminHandler], ...] = (
+    ("GET", "/admin/summary", summary),
+    ("GET", "/admin/usage", usage),
+    ("GET", "/admin/cache/stats", cache_stats),
+    ("DELETE", "/admin/cache", cache_clear),
+    ("GET", "/admin/circuits", circuits),
+    ("POST", "/admin/circuits/{target}/reset", circuit_reset),
+    ("POST", "/admin/reload", reload),
+)
 
 
 def add_routes(app: web.Application) -> None:
-    return None
+    """Before the proxy's catch-all route: every ``/admin`` path is answered here."""
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, _admin(handler))
+        app.router.add_route("*", path, _admin(_wrong_method(method)))  # same resource: other methods
+    app.router.add_route("*", r"/admin{tail:(/.*)?}", _admin(_unknown))

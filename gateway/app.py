@@ -88,6 +88,7 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
     and the observatory's counters survive; a new listen address needs a restart.
     Returns ``{"reloaded": bool, "errors": [...], "warnings": [...], "source": ..., "targets": [...]}``."""
     from gateway.config import ConfigError, config_warnings
+    from gateway.logs import use_scrubber
 
     reload = app[RELOADER]
     if reload is None:
@@ -107,6 +108,7 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
         warnings.append("a new listen address takes effect only after a restart")
     for line in warnings:
         log.warning("config: %s", line)
-    await slot.reload(config)
+    new = await slot.reload(config)
+    use_scrubber(new.scrub)  # the new config's keys
     log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
     return {"reloaded": True, "errors": [], "warnings": warnings, "source": source, "targets": list(config.targets)}

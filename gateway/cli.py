@@ -140,9 +140,11 @@ def serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) ->
 async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) -> None:
     from gateway.app import create_app
     from gateway.keys import RUNTIME
+    from gateway.logs import use_scrubber
     from gateway.server import GatewayRunner
 
     app = create_app(config, reload=reload)
+    use_scrubber(app[RUNTIME].current.scrub)  # the gateway's own log lines never carry a configured key
     import gc
     gc.collect()
     gc.freeze()  # everything built at startup is permanent: keep it out of every future collection
@@ -189,13 +191,28 @@ async def _reload(app: web.Application, started: Config, reload: Reloader) -> No
     await reload_config(app)
 
 
+_supervisor: int | None = None  # in a worker of --workers N: the parent, which forwards SIGHUP to all
+
+
+def reload_all_workers() -> bool:
+    """In a worker: have the parent send SIGHUP to every worker, so that a reload one of them
+    was asked for (``POST /admin/reload``) reaches all. False when this process is no worker."""
+    if _supervisor is None or os.getppid() != _supervisor:  # (an orphan has a new parent)
+        return False
+    os.kill(_supervisor, signal.SIGHUP)
+    return True
+
+
 def _run_workers(config: Config, source: str, workers: int, reload: Reloader) -> int:
     children: dict[int, int] = {}
     stopping = False
+    parent = os.getpid()
 
     def spawn(slot: int) -> None:
+        global _supervisor
         pid = os.fork()
         if pid == 0:  # child: a plain single-process server on the shared port
+            _supervisor = parent
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             code = 1

@@ -79,6 +79,13 @@ def setup_logging(level: str = "info", scrub: Scrubber | None = None) -> None:
     logging.getLogger("aiohttp.access").disabled = True
 
 
+def use_scrubber(scrub: Scrubber) -> None:
+    """Scrub the JSON log handler's lines of the running config's secrets."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.scrub = scrub
+
+
 class AccessLog:
     """Writes one JSON line per request when the log level lets INFO through.
 

@@ -69,7 +69,7 @@ class Runtime:
         self.closers: list[Callable[[], Awaitable[None]]] = []  # policies' own last writes (usage counts)
         self.usage_book_flush: Callable[[], Awaitable[None]] = _nothing  # write the usage counts now (reports)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
-        self.scrub = Scrubber(s for t in self.targets.values() for s in t.credential.secrets)
+        self.scrub = Scrubber(_secrets(config, env, self.targets.values()))
         self.access_log = access_log or AccessLog(access_log_write)
         self.max_body = int(config.server.max_body_mb * 1024 * 1024)
         self.shared = SharedState(self.store)
@@ -106,6 +106,18 @@ class Runtime:
             self.access_log.close()
 
 
+def _secrets(config: Config, env: Mapping[str, str], targets: Any) -> list[str]:
+    """Every configured secret value: upstream keys, tenant keys, the admin key."""
+    found = [s for t in targets for s in t.credential.secrets]
+    for tenant in config.tenants:
+        found.append(tenant.api_key or "")
+        if tenant.api_key_env:
+            found.append(env.get(tenant.api_key_env, ""))
+    if config.server.admin_key_env:
+        found.append(env.get(config.server.admin_key_env, ""))
+    return [s for s in found if s]
+
+
 class RuntimeSlot:
     """Holds the live Runtime; requests read ``slot.current`` once, when they start."""
 
@@ -128,8 +140,10 @@ class RuntimeSlot:
         return new
 
     async def _retire(self, old: Runtime, *, close_store: bool) -> None:
-        await asyncio.sleep(old.config.server.shutdown_grace_s)  # in-flight requests keep the old pools
-        await old.close(close_store=close_store, close_log=False)
+        try:
+            await asyncio.sleep(old.config.server.shutdown_grace_s)  # in-flight requests keep the old pools
+        finally:  # also when shutdown cuts the wait short: pools closed, last usage counts written
+            await old.close(close_store=close_store, close_log=False)
 
     async def close(self) -> None:
         for task in list(self._retiring):

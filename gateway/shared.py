@@ -76,6 +76,12 @@ class SharedState:
 
     async def start(self) -> None:
         if self._handlers and self._task is None:
+            try:  # before the first request: a reloaded runtime must not start with its circuits closed
+                await self._resync()
+            except StoreError as e:
+                self._log_store_error("resync", e)
+            except Exception:  # as in _run: a bug here must not stop the gateway from starting
+                log.exception("shared state resync failed")
             self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:

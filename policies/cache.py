@@ -23,8 +23,10 @@ cache into a pass-through (``X-Cache: BYPASS``), logged — it never fails a req
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -34,7 +36,7 @@ from gateway.errors import GatewayError
 from gateway.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
 from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED
-from gateway.store import StoreError
+from gateway.store import Store, StoreError
 from policies.idempotency import canonical_body
 
 if TYPE_CHECKING:
@@ -87,6 +89,52 @@ def cache_key(flights: Flights, ex: Exchange) -> str:
         h.update(b"\0")
     h.update(canonical_body(ex, strict=False))
     return flights.key(_scope(ex), ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
+
+
+# ---------------------------------------------------------------- the admin API's view of the entries
+
+# ``cache:{scope}:{target}:{s|n}:{hash}`` (``cache_key``). A scope may hold ':' (a tenant's name), a
+# target never does, so the target is the segment before ``:s|n:hash``. Keys with a suffix
+# (``:refresh`` locks, ``:log:<token>`` fan-out logs) belong to flights in progress and expire alone.
+_ENTRY_KEY = re.compile(r"cache:.+:([A-Za-z0-9_.\-]+):[sn]:[0-9a-f]{48}")
+SCAN_LIMIT = 100_000  # keys an admin count looks at; more than that is reported as a lower bound
+
+
+def entry_target(key: str) -> str | None:
+    """The target a cache key belongs to; None for a key that is not an entry's."""
+    found = _ENTRY_KEY.fullmatch(key)
+    return found.group(1) if found is not None else None
+
+
+async def count_entries(store: Store, *, limit: int = SCAN_LIMIT) -> tuple[dict[str, int], bool]:
+    """Entries per target (an answer stored, or a first request still running for it), and
+    whether the scan stopped at ``limit`` keys (the counts are then lower bounds)."""
+    counts: dict[str, int] = {}
+    seen = 0
+    async for key in store.scan_prefix("cache:"):
+        seen += 1
+        if seen > limit:
+            return counts, True
+        target = entry_target(key)
+        if target is not None:
+            counts[target] = counts.get(target, 0) + 1
+    return counts, False
+
+
+async def clear_entries(store: Store, target: str | None = None) -> int:
+    """Delete every stored answer (of one target, or all); returns how many. The next request
+    for one is a miss. A first request still running keeps its claim and stores its answer."""
+    keys = [key async for key in store.scan_prefix("cache:")
+            if (owner := entry_target(key)) is not None and (target is None or owner == target)]
+
+    async def drop(key: str) -> bool:
+        raw = await store.get(key)  # an answer ("D…"), not a running flight's lock
+        return raw is not None and raw[:1] == b"D" and await store.compare_and_delete(key, raw)
+
+    deleted = 0
+    for start in range(0, len(keys), 100):  # a bounded number of store calls in flight at once
+        deleted += sum(await asyncio.gather(*(drop(key) for key in keys[start:start + 100])))
+    return deleted
 
 
 def _scope(ex: Exchange) -> str:

@@ -151,6 +151,8 @@ class SharedCircuit:
         self.probe_key = f"circuit:{target}:probes"
         self.probe_ttl_s = probe_ttl_s
         self._remote = False  # the transition under way was announced by another instance
+        self._adopting = False  # the first resync: the state found in the store is taken over silently
+        self._synced = False
         self.breaker = Breaker(target, cfg, clock, self._transitioned)
         shared.on(f"circuit:{target}", self._on_message, self.resync)
 
@@ -178,7 +180,25 @@ class SharedCircuit:
         if probe:
             self.shared.spawn(self.store.incr(self.probe_key, -1), "probe release")
 
+    async def reset(self, reason: str = "reset by the admin API") -> bool:
+        """Close the circuit now, here and — as any closing is — on every other instance; the
+        closed record is written before this returns (a reload right after must not reopen it
+        from the store). False when the store did not take it (this instance is closed anyway)."""
+        self._remote = True  # the write and the announcement are done below, not in the background
+        try:
+            self.breaker.close(reason)
+        finally:
+            self._remote = False
+        try:
+            await self._write_closed()
+        except StoreError:
+            return False
+        self.shared.publish(f"circuit:{self.target}", {"state": CLOSED})
+        return True
+
     def _transitioned(self, was: str, to: str, reason: str) -> None:
+        if self._adopting:  # taking over the shared state at start (or on reload) is not a transition
+            return
         self.events.emit(CircuitTransition(target=self.target, from_state=was, to_state=to, reason=reason))
         if self._remote or to == HALF_OPEN:  # half-open is each instance's own reading of the clock
             return
@@ -223,6 +243,7 @@ class SharedCircuit:
             self._remote = False
 
     async def resync(self) -> None:
+        first, self._synced = not self._synced, True
         raw = await self.store.get(self.key)
         if raw is None:
             return
@@ -230,7 +251,11 @@ class SharedCircuit:
             record = msgspec.json.decode(raw, type=_Record)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        self._apply_open(record.until, "open in the shared store")
+        self._adopting = first
+        try:
+            self._apply_open(record.until, "open in the shared store")
+        finally:
+            self._adopting = False
 
 
 def policy(rt: Runtime, target: Target) -> Policy:

@@ -194,3 +194,30 @@ def test_a_config_error_does_not_quote_a_base_url_password():
     with pytest.raises(ConfigError) as caught:
         parse_config(f"targets: {{t: {{base_url: 'http://svc:{password}@127.0.0.1:9/api'}}}}")
     assert "base_url" in str(caught.value) and password not in str(caught.value)
+
+
+def test_the_gateways_own_log_lines_are_scrubbed_of_the_running_configs_keys(capsys):
+    """``python -m gateway`` hands the runtime's scrubber (upstream, tenant and admin keys) to the JSON log handler."""
+    import logging
+
+    from gateway.config import parse_config
+    from gateway.logs import setup_logging, use_scrubber
+    from gateway.runtime import Runtime
+
+    cfg = parse_config(
+        "server: {admin_key_env: ADMIN_K}\n"
+        "targets:\n  up: {base_url: 'http://127.0.0.1:9/v1', auth: {type: bearer_env, env_var: UP_K}}\n"
+        "tenants:\n  - {name: acme, api_key_env: ACME_K}\n"
+    )
+    env = {"UP_K": "sk-upstream-LOGLEAK-1", "ACME_K": "tenant-LOGLEAK-2", "ADMIN_K": "admin-LOGLEAK-3"}
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("info")
+        use_scrubber(Runtime(cfg, env=env).scrub)
+        logging.getLogger("reliapi").warning("keys: %s %s %s", *env.values())
+        out = capsys.readouterr().out
+    finally:
+        root.handlers[:], root.level = saved
+    assert "keys: *** *** ***" in out
+    assert "LOGLEAK" not in out

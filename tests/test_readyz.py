@@ -1,0 +1,95 @@
+"""``GET /readyz`` (SPEC §2, §8): 200 only when the config is loaded and the store answers;
+otherwise 503 with a reason naming the store — also when the store hangs rather than
+refuses, within the probe's bound (a load balancer's probe must never hang with it)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from gateway.handlers import READY_STORE_TIMEOUT_S
+from gateway.store.memory import MemoryStore
+from tests.cli_harness import free_port
+from tests.stores import REDIS_URL, drop, new_prefix, redis_store
+
+CONFIG = """
+targets:
+  b: {base_url: "http://127.0.0.1:9/b"}
+  a: {base_url: "http://127.0.0.1:9/a"}
+"""
+PROBE = aiohttp.ClientTimeout(total=10 * READY_STORE_TIMEOUT_S + 5)  # far past the bound: a hang fails the test
+
+
+def with_store(url: str) -> str:
+    return f'store: {{url: "{url}", key_prefix: "{new_prefix()}"}}\n{CONFIG}'
+
+
+async def readyz(client) -> tuple[int, dict]:
+    async with client.get("/readyz", timeout=PROBE) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_ready_with_the_memory_store_and_a_loaded_config(gateway):
+    client, _ = await gateway(CONFIG)
+    status, body = await readyz(client)
+    assert status == 200
+    assert body == {"status": "ready", "config": "loaded", "store": "memory", "targets": ["a", "b"]}
+
+
+async def test_ready_with_a_redis_store_that_answers(gateway):
+    store = await redis_store(new_prefix())  # skips (fails in CI) without Redis
+    try:
+        client, _ = await gateway(with_store(REDIS_URL), store=store)
+        status, body = await readyz(client)
+        assert status == 200 and body["store"] == "redis"
+    finally:
+        await drop(store)
+
+
+async def test_a_redis_store_nobody_listens_on_is_503_naming_the_store(gateway):
+    port = free_port()  # nothing listens there: connections are refused
+    client, _ = await gateway(with_store(f"redis://:hunter2-password@127.0.0.1:{port}/0"))
+    status, body = await readyz(client)
+    assert status == 503 and body["status"] == "not_ready"
+    assert body["reason"].startswith("store unavailable") and f"127.0.0.1:{port}" in body["reason"]
+    assert body["store"] == "redis" and body["config"] == "loaded"
+    assert "hunter2-password" not in str(body)  # the URL is shown with its password masked
+    assert (await client.get("/healthz")).status == 200  # alive, just not ready
+
+
+async def test_a_redis_that_accepts_and_never_answers_is_503_not_a_hang(gateway):
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # hold the connection, answer nothing, until the client leaves
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client, _ = await gateway(with_store(f"redis://127.0.0.1:{port}/0"))
+        status, body = await readyz(client)
+        assert status == 503 and f"127.0.0.1:{port}" in body["reason"], body
+    finally:
+        server.close()
+
+
+class HangingStore(MemoryStore):
+    """A store whose ping, once ``hang`` is set, never returns (no timeout of its own)."""
+
+    hang = False
+
+    async def ping(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+
+
+async def test_a_store_that_hangs_is_cut_off_by_the_probe_bound(gateway):
+    store = HangingStore()
+    client, _ = await gateway(CONFIG, store=store)
+    assert (await readyz(client))[0] == 200
+    store.hang = True
+    status, body = await readyz(client)
+    assert status == 503 and body["status"] == "not_ready"
+    assert body["reason"] == f"store unavailable (memory://): no answer within {READY_STORE_TIMEOUT_S:g} s"
+    store.hang = False
+    assert (await readyz(client))[0] == 200  # and ready again once it answers

@@ -1,0 +1,350 @@
+"""Config reload (SPEC §1 SIGHUP, §2 ``POST /admin/reload``).
+
+A valid new config is swapped in without a restart; an invalid one is rejected with its
+errors (logged on SIGHUP, in the answer on POST) and the running one keeps serving. State
+survives a reload: an open circuit stays open, a tenant's spend still counts against its
+budget, the Prometheus counters keep counting. First in-process (an app built with a
+reloader reading a file, as the CLI builds it), then the real ``python -m gateway``, one
+process and ``--workers 2`` (a reload asked of one worker reaches every worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.app import create_app
+from gateway.config import parse_config
+from gateway.keys import RUNTIME
+from gateway.store.memory import MemoryStore
+from policies.usage import day_of, usage_key
+from tests.circuits import COOLDOWN, assert_circuit_open_openai, chat, open_circuit
+from tests.circuits import config as circuit_config
+from tests.cli_harness import CLI, INVALID_ERRORS, INVALID_YAML, Gateway, assert_no_traceback, free_port
+from tests.conftest import GatewayTestServer
+from tests.fakes import FakeUpstream
+from tests.stores import drop, new_prefix, redis_store
+
+TWO = "  two:\n    base_url: {url}/two\n"
+
+
+def rest_config(url: str, *, extra: str = "") -> str:
+    return f"""
+server: {{shutdown_grace_s: 0}}
+targets:
+  rest:
+    base_url: {url}/api
+{extra}"""
+
+
+@pytest.fixture
+def reloadable(aiohttp_client: Any, tmp_path: Path):
+    """``await reloadable(yaml)`` → (client, path): a gateway whose reload reads ``path`` again."""
+
+    async def make(text: str, *, env: dict[str, str] | None = None, **kwargs: Any) -> tuple[Any, Path]:
+        env = env or {}
+        path = tmp_path / "gateway.yaml"
+        path.write_text(text)
+
+        def reload() -> tuple[Any, str]:
+            return parse_config(path.read_text(), source=str(path), env=env), str(path)
+
+        app = create_app(parse_config(text, env=env), env=env, reload=reload, **kwargs)
+        return await aiohttp_client(GatewayTestServer(app)), path
+
+    return make
+
+
+def assert_every_error(errors: list[str]) -> None:
+    for line in INVALID_ERRORS:
+        assert any(line in e for e in errors), errors
+
+
+async def post_reload(client: Any) -> tuple[int, dict]:
+    async with client.post("/admin/reload") as resp:
+        return resp.status, await resp.json()
+
+
+async def status_of(client: Any, path: str) -> int:
+    async with client.get(path) as resp:
+        await resp.read()
+        return resp.status
+
+
+# =============================================================== POST /admin/reload
+
+
+async def test_post_reload_swaps_in_a_valid_config_and_rejects_an_invalid_one(fake, reloadable):
+    client, path = await reloadable(rest_config(fake.url))
+    assert await status_of(client, "/t/two/x") == 404
+
+    path.write_text(rest_config(fake.url, extra=TWO.format(url=fake.url)))
+    status, body = await post_reload(client)
+    assert status == 200 and body["success"] is True
+    assert body["data"]["reloaded"] is True and body["data"]["errors"] == []
+    assert body["data"]["targets"] == ["rest", "two"] and body["data"]["source"] == str(path)
+    assert body["data"]["all_workers"] is False  # a single process: nobody else to tell
+    assert await status_of(client, "/t/two/x") == 200 and fake.requests[-1].path_qs == "/two/x"
+
+    path.write_text(INVALID_YAML)
+    status, body = await post_reload(client)
+    assert status == 422 and body["success"] is False
+    assert body["error"]["code"] == "invalid_config" and body["error"]["type"] == "client_error"
+    assert_every_error(body["error"]["errors"])
+    for line in INVALID_ERRORS:
+        assert line in body["error"]["message"]
+    assert await status_of(client, "/t/two/x") == 200  # the running config stays
+    async with client.get("/readyz") as resp:
+        assert (await resp.json())["targets"] == ["rest", "two"]
+
+    password = "userinfo-SECRET-7777"  # an error quoting a URL must not show its password
+    path.write_text(f"targets: {{t: {{base_url: 'http://svc:{password}@127.0.0.1:9/api', bogus: 1}}}}")
+    status, body = await post_reload(client)
+    assert status == 422 and any("targets.t.bogus" in e for e in body["error"]["errors"])
+    assert password not in str(body)
+
+    path.write_text("targets: [")  # not even YAML
+    status, body = await post_reload(client)
+    assert status == 422 and body["error"]["errors"] and await status_of(client, "/t/rest/x") == 200
+
+
+# =============================================================== state survives
+
+
+async def open_transitions(client: Any) -> float:
+    text = await (await client.get("/metrics")).text()
+    found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("reliapi_circuit_breaker_transitions_total{") and 'to="open"' in line]
+    return sum(found)
+
+
+async def test_an_open_circuit_stays_open_across_a_reload(fake, reloadable, clock):
+    text = circuit_config(fake.url)
+    client, path = await reloadable(text, clock=clock, store=MemoryStore(clock=clock.time))
+    await open_circuit(client, fake)
+    old = client.app[RUNTIME].current
+
+    path.write_text(text + TWO.format(url=fake.url))
+    assert (await post_reload(client))[0] == 200
+    assert client.app[RUNTIME].current is not old  # a new runtime, new breakers
+
+    assert await open_transitions(client) == 1  # adopting the shared state on reload is not a transition
+    calls = len(fake.requests)
+    assert_circuit_open_openai(*await chat(client))  # the same cooldown, not a fresh one
+    assert len(fake.requests) == calls
+    clock.advance(COOLDOWN + 1)
+    assert (await chat(client))[0] == 200 and len(fake.requests) == calls + 1  # the probe closes it
+
+
+async def test_an_open_circuit_stays_open_across_a_reload_on_redis(fake, reloadable):
+    store = await redis_store(new_prefix())
+    try:
+        text = circuit_config(fake.url)
+        client, path = await reloadable(text, store=store)
+        await open_circuit(client, fake)
+        path.write_text(text + TWO.format(url=fake.url))
+        for _ in range(3):  # at once after each reload, not once the new runtime caught up
+            assert (await post_reload(client))[0] == 200
+            status, headers, data = await chat(client)
+            assert_circuit_open_openai(status, headers, data, retry_after=(COOLDOWN - 5, COOLDOWN))
+        assert len(fake.requests) == 2
+        assert await open_transitions(client) == 1  # adopting the shared state on reload is not a transition
+    finally:
+        await drop(store)
+
+
+PROMPT = "x" * 4000  # ≈ 1,007 prompt tokens by the gateway's estimate
+ESTIMATE = (1007 * 0.15 + 1000 * 0.60) / 1e6  # what a request reserves (gpt-4o-mini, max_tokens 1000)
+ACTUAL = (5 * 0.15 + 4 * 0.60) / 1e6  # what it costs once the fake's usage (5 + 4 tokens) is read
+ACME = {"Authorization": "Bearer acme-key-123456"}
+
+
+def budget_config(url: str, extra: str = "") -> str:
+    # room for two requests: each reserves ESTIMATE and settles to ACTUAL; a third does not fit
+    return f"""
+server: {{default_target: up, shutdown_grace_s: 0}}
+tenants:
+  - name: acme
+    api_key: acme-key-123456
+    budget: {{daily_usd: {ESTIMATE + 1.5 * ACTUAL}}}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*"]
+{extra}"""
+
+
+async def test_a_tenants_spend_still_counts_against_its_budget_after_a_reload(fake, reloadable):
+    store = MemoryStore()
+    client, path = await reloadable(budget_config(fake.url), store=store)
+    body = {"model": "gpt-4o-mini", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}]}
+    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    for _ in range(2):
+        async with client.post("/v1/chat/completions", json=body, headers=ACME) as resp:
+            assert resp.status == 200
+    for _ in range(300):  # settled in the background
+        if float(await store.get(key) or 0) == pytest.approx(2 * ACTUAL, abs=1e-12):
+            break
+        await asyncio.sleep(0.01)
+    assert float(await store.get(key) or 0) == pytest.approx(2 * ACTUAL, abs=1e-12)
+
+    path.write_text(budget_config(fake.url, TWO.format(url=fake.url)))
+    assert (await post_reload(client))[0] == 200
+
+    async with client.post("/v1/chat/completions", json=body, headers=ACME) as resp:
+        assert resp.status == 402 and (await resp.json())["error"]["code"] == "budget_exhausted"
+    assert len(fake.requests) == 2
+
+
+async def test_usage_counted_before_a_reload_is_written_when_the_gateway_stops_soon_after(fake, reloadable):
+    """The runtime a reload retires still holds the last second's usage counts: a shutdown
+    inside its grace period closes it (writing them) rather than dropping it."""
+    store = MemoryStore()
+    def text(extra: str = "") -> str:
+        no_budget = budget_config(fake.url, extra).replace(f"    budget: {{daily_usd: {ESTIMATE + 1.5 * ACTUAL}}}\n", "")
+        return no_budget.replace("shutdown_grace_s: 0", "shutdown_grace_s: 30")
+
+    client, path = await reloadable(text(), store=store)
+    for _ in range(2):
+        async with client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []},
+                               headers={**ACME, "X-ReliAPI-User": "dana"}) as resp:
+            assert resp.status == 200
+    path.write_text(text(TWO.format(url=fake.url)))
+    assert (await post_reload(client))[0] == 200
+    await client.close()
+    row = await store.hgetall(usage_key(day_of(time.time()), "acme", "dana", "up", "gpt-4o-mini"))
+    assert row.get("requests") == 2
+
+
+def requests_total(metrics: str, target: str) -> float:
+    found = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+             if line.startswith("reliapi_requests_total{") and f'target="{target}"' in line]
+    return sum(found)
+
+
+async def test_metrics_counters_keep_counting_across_a_reload(fake, reloadable):
+    client, path = await reloadable(rest_config(fake.url))
+    for _ in range(3):
+        assert await status_of(client, "/t/rest/x") == 200
+    async with client.get("/metrics") as resp:
+        assert requests_total(await resp.text(), "rest") == 3
+
+    path.write_text(rest_config(fake.url, extra=TWO.format(url=fake.url)))
+    assert (await post_reload(client))[0] == 200
+    assert await status_of(client, "/t/rest/x") == 200
+    async with client.get("/metrics") as resp:
+        assert requests_total(await resp.text(), "rest") == 4  # not reset to 1
+
+
+# =============================================================== the real process
+
+
+def process_config(port: int, url: str, *targets: str) -> str:
+    lines = "".join(f"  {name}: {{base_url: \"{url}/{name}\"}}\n" for name in targets)
+    return f"server: {{port: {port}, shutdown_grace_s: 0}}\ntargets:\n{lines}"
+
+
+async def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def fresh_get(port: int, path: str) -> int:
+    """One request on a new connection (under --workers, any worker may take it)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
+            await resp.read()
+            return resp.status
+
+
+async def post(port: int, path: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        async with session.post(f"http://127.0.0.1:{port}{path}") as resp:
+            return resp.status, await resp.json()
+
+
+async def start(cli: CLI, text: str, *args: str) -> tuple[Gateway, int]:
+    port = int(re.search(r"port: (\d+)", text).group(1))
+    cli.write("gateway.yaml", text)
+    gw = cli.start("--config", "gateway.yaml", *args, port=port)
+    await asyncio.to_thread(gw.wait_healthy)
+    return gw, port
+
+
+async def test_sighup_and_post_reload_in_a_running_gateway(cli: CLI, fake: FakeUpstream):
+    port = free_port()
+    gw, _ = await start(cli, process_config(port, fake.url, "one"))
+    assert await fresh_get(port, "/t/two/x") == 404
+
+    # SIGHUP: a new target answers without a restart
+    cli.write("gateway.yaml", process_config(port, fake.url, "one", "two"))
+    gw.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: _answers(port, "/t/two/x"), what=f"target two after SIGHUP\n{gw.output}")
+    assert fake.requests[-1].path_qs == "/two/x"
+
+    # SIGHUP with a broken file: the log has every error, the running config keeps serving
+    cli.write("gateway.yaml", INVALID_YAML)
+    gw.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: _logged(gw, "reload rejected"), what="the rejection in the log")
+    rejected = next(m for m in gw.messages() if "reload rejected" in m)
+    for line in INVALID_ERRORS:
+        assert line in rejected, gw.output
+    assert await fresh_get(port, "/t/two/x") == 200 and gw.proc.poll() is None
+
+    # POST /admin/reload: the errors come back in the answer …
+    status, body = await post(port, "/admin/reload")
+    assert status == 422
+    assert_every_error(body["error"]["errors"])
+    assert await fresh_get(port, "/t/two/x") == 200
+    # … and a fixed file is in service when the answer arrives
+    cli.write("gateway.yaml", process_config(port, fake.url, "one", "three"))
+    status, body = await post(port, "/admin/reload")
+    assert status == 200 and body["data"]["targets"] == ["one", "three"], body
+    assert await fresh_get(port, "/t/three/x") == 200 and await fresh_get(port, "/t/two/x") == 404
+
+    assert await asyncio.to_thread(gw.terminate) == 0, gw.output
+    assert_no_traceback(gw.stderr)
+
+
+async def _answers(port: int, path: str) -> bool:
+    return await fresh_get(port, path) == 200
+
+
+async def _logged(gw: Gateway, text: str) -> bool:
+    return any(text in m for m in gw.messages())
+
+
+async def test_post_reload_to_one_worker_reloads_every_worker(cli: CLI, fake: FakeUpstream):
+    port = free_port()
+    gw, _ = await start(cli, process_config(port, fake.url, "one"), "--workers", "2")
+
+    cli.write("gateway.yaml", process_config(port, fake.url, "one", "two"))
+    status, body = await post(port, "/admin/reload")
+    assert status == 200 and body["data"]["all_workers"] is True, body
+
+    async def every_worker_has_it() -> bool:
+        # 24 new connections spread over both workers by SO_REUSEPORT: all must know "two"
+        statuses = await asyncio.gather(*(fresh_get(port, "/t/two/x") for _ in range(24)))
+        return all(s == 200 for s in statuses)
+
+    await wait_until(every_worker_has_it, what=f"both workers serving target two\n{gw.output}")
+    reloads = [m for m in gw.messages() if m.startswith("config reloaded")]
+    assert len(reloads) >= 2, gw.output  # not only the worker that was asked
+
+    cli.write("gateway.yaml", INVALID_YAML)  # a bad file: rejected, and nobody else is told
+    status, body = await post(port, "/admin/reload")
+    assert status == 422
+    assert_every_error(body["error"]["errors"])
+    assert all(s == 200 for s in await asyncio.gather(*(fresh_get(port, "/t/two/x") for _ in range(8))))
+    assert await asyncio.to_thread(gw.terminate) == 0, gw.output
+    assert_no_traceback(gw.stderr)
