@@ -107,6 +107,8 @@ def fmt_usd(usd: float | None) -> str:
         return DASH
     if usd == 0:
         return "$0.00"
+    if abs(usd) < 0.01:  # LLM calls cost fractions of a cent: show them, not $0.0000
+        return f"${usd:.6f}"
     return f"${usd:.4f}" if abs(usd) < 1 else f"${usd:,.2f}"
 
 

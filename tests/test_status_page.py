@@ -196,11 +196,11 @@ async def test_the_page_and_the_json_show_the_same_numbers_after_real_traffic(st
     shown = page.targets["up"]
     assert (shown["requests"], shown["error_rate"], shown["cache"], shown["cache_detail"]) == ("3", "33.3%", "33.3%", "1 of 3")
     assert (shown["keys"], shown["keys_detail"]) == ("2/2", "healthy")
-    assert shown["spend"] == f"${up['spend_today_usd']:.4f}"
+    assert shown["spend"] == f"${up['spend_today_usd']:.6f}"  # under a cent: six places
     assert re.fullmatch(r"\d+\.\d ms", shown["p50"]) and re.fullmatch(r"\d+\.\d ms", shown["p99"])
     assert (page.targets["rest"]["cache"], page.targets["rest"]["keys"]) == ("—", "—")
     assert page.tenants["acme"]["requests"] == "4"
-    assert page.tenants["acme"]["day"] == f"${acme['spend_today_usd']:.4f} of $5.00"
+    assert page.tenants["acme"]["day"] == f"${acme['spend_today_usd']:.6f} of $5.00"
     assert page.tenants["acme"]["month"].endswith(" of $50.00")
     assert page.tenants["lab"]["day"] == "$0.00" and page.tenants["lab"]["month"] == "—"
     [row] = page.errors
