@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.clock import Clock
 from gateway.config import parse_config
+from gateway.logs import JsonFormatter
 from gateway.server import GatewayRunner
 from gateway.store import Store
 from tests.cli_harness import CLI
@@ -129,3 +131,30 @@ def cli(tmp_path: Path) -> Iterator[CLI]:
         yield runner
     finally:
         runner.close()
+
+
+class JsonLines(logging.Handler):
+    """The ``reliapi`` logger's records as the production formatter writes them, decoded."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.text: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text.append(self.format(record))
+
+    @property
+    def lines(self) -> list[dict]:
+        return [msgspec.json.decode(t) for t in self.text]
+
+
+@pytest.fixture
+def gateway_log():
+    logger = logging.getLogger("reliapi")
+    handler, level = JsonLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)

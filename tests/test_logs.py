@@ -8,14 +8,11 @@ formatter, ``gateway.logs.JsonFormatter``, so what is asserted is the JSON a use
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 
-import msgspec
 import pytest
 
 from gateway import pipeline
-from gateway.logs import JsonFormatter
 from tests.circuits import NO_RETRY
 from tests.fakes import Fault
 
@@ -26,33 +23,6 @@ FIELDS = (
     "completion_tokens", "cache_hit", "idempotent_hit", "fallback_target",
 )
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-
-
-class JsonLines(logging.Handler):
-    """The ``reliapi`` logger's records as the production formatter writes them, decoded."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.setFormatter(JsonFormatter())
-        self.text: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.text.append(self.format(record))
-
-    @property
-    def lines(self) -> list[dict]:
-        return [msgspec.json.decode(t) for t in self.text]
-
-
-@pytest.fixture
-def gateway_log():
-    logger = logging.getLogger("reliapi")
-    handler, level = JsonLines(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def config(url: str, down: str = "http://127.0.0.1:9") -> str:

@@ -21,29 +21,8 @@ from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from tests.circuits import NO_RETRY, eventually
 from tests.fakes import Fault
+from tests.metrics_spec import SPEC_SERIES
 
-# SPEC §7: each series and the label names it carries (histograms: plus ``le`` on buckets).
-SPEC_SERIES = {
-    "reliapi_requests_total": {"target", "kind", "route", "status", "tenant"},
-    "reliapi_request_duration_seconds": {"target", "kind"},
-    "reliapi_upstream_duration_seconds": {"target"},
-    "reliapi_ttft_seconds": {"target"},
-    "reliapi_errors_total": {"target", "code"},
-    "reliapi_retries_total": {"target", "reason"},
-    "reliapi_cache_hits_total": {"target"},
-    "reliapi_cache_misses_total": {"target"},
-    "reliapi_idempotent_hits_total": {"target"},
-    "reliapi_coalesced_total": {"target"},
-    "reliapi_circuit_breaker_state": {"target"},
-    "reliapi_circuit_breaker_transitions_total": {"target", "to"},
-    "reliapi_fallbacks_total": {"from", "to"},
-    "reliapi_rate_limited_total": {"tenant"},
-    "reliapi_budget_events_total": {"target", "event"},
-    "reliapi_llm_tokens_total": {"target", "model", "kind"},
-    "reliapi_llm_cost_usd_total": {"target", "model", "tenant"},
-    "reliapi_inflight_requests": {"target"},
-    "reliapi_key_pool_keys": {"target", "state"},
-}
 # SPEC §8: "Redis down: cache and usage degrade to pass-through (logged, metric, …)" — the metric.
 EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"}}
 HISTOGRAMS = {"reliapi_request_duration_seconds", "reliapi_upstream_duration_seconds", "reliapi_ttft_seconds"}

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.fakes import Fault
+from tests.metrics_spec import SPEC_SERIES
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "config" / "grafana-dashboard.json"
@@ -25,28 +26,6 @@ HAPROXY = REPO / "deploy" / "haproxy.cfg"
 PROMETHEUS = REPO / "deploy" / "prometheus.yml"
 DOCKERFILE = REPO / "Dockerfile"
 
-# SPEC §7: each series and its label names (histograms add ``le`` on ``_bucket``).
-SPEC_SERIES = {
-    "reliapi_requests_total": {"target", "kind", "route", "status", "tenant"},
-    "reliapi_request_duration_seconds": {"target", "kind"},
-    "reliapi_upstream_duration_seconds": {"target"},
-    "reliapi_ttft_seconds": {"target"},
-    "reliapi_errors_total": {"target", "code"},
-    "reliapi_retries_total": {"target", "reason"},
-    "reliapi_cache_hits_total": {"target"},
-    "reliapi_cache_misses_total": {"target"},
-    "reliapi_idempotent_hits_total": {"target"},
-    "reliapi_coalesced_total": {"target"},
-    "reliapi_circuit_breaker_state": {"target"},
-    "reliapi_circuit_breaker_transitions_total": {"target", "to"},
-    "reliapi_fallbacks_total": {"from", "to"},
-    "reliapi_rate_limited_total": {"tenant"},
-    "reliapi_budget_events_total": {"target", "event"},
-    "reliapi_llm_tokens_total": {"target", "model", "kind"},
-    "reliapi_llm_cost_usd_total": {"target", "model", "tenant"},
-    "reliapi_inflight_requests": {"target"},
-    "reliapi_key_pool_keys": {"target", "state"},
-}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus when it scrapes
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range"}

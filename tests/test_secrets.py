@@ -19,7 +19,6 @@ import pytest
 from gateway.config import ConfigError, parse_config
 from gateway.keys import RUNTIME
 from tests.fakes import Fault
-from tests.test_logs import JsonLines
 
 SECRETS = {
     "UP_KEY": "sk-up-SECRET-0a1b2c3d",
@@ -82,17 +81,6 @@ def chat(**extra) -> dict:
 
 def leaks(where: str, text: str, secrets: list[str] = ALL) -> list[str]:
     return [f"{s} in {where}" for s in secrets if s in text]
-
-
-@pytest.fixture
-def gateway_log():
-    logger = logging.getLogger("reliapi")
-    handler, level = JsonLines(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 async def test_no_secret_shows_anywhere(fake, gateway, clock, gateway_log):
@@ -198,7 +186,6 @@ def test_a_config_error_does_not_quote_a_base_url_password():
 
 def test_the_gateways_own_log_lines_are_scrubbed_of_the_running_configs_keys(capsys):
     """``python -m gateway`` hands the runtime's scrubber (upstream, tenant and admin keys) to the JSON log handler."""
-    import logging
 
     from gateway.config import parse_config
     from gateway.logs import setup_logging, use_scrubber
