@@ -16,11 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import admin, handlers, observe, status_page
+from gateway import admin, handlers, metrics, status_page
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.events import Events
-from gateway.keys import OBSERVATORY, RELOADER, RUNTIME
+from gateway.keys import EXPOSITION, OBSERVATORY, RELOADER, RUNTIME
 from gateway.observe import Observatory
 from gateway.runtime import Runtime, RuntimeSlot
 from gateway.store import Store
@@ -55,12 +55,13 @@ def create_app(
     app = web.Application(client_max_size=runtime.max_body, handler_args=HANDLER_ARGS)
     app[RUNTIME] = RuntimeSlot(runtime)
     app[OBSERVATORY] = observatory
+    app[EXPOSITION] = metrics.Exposition()
     app[RELOADER] = reload
     app.cleanup_ctx.append(_runtime_lifetime)
     for path in ("/healthz", "/livez", "/health"):
         app.router.add_get(path, handlers.liveness)
     app.router.add_get("/readyz", handlers.readiness)
-    app.router.add_get("/metrics", observe.metrics)
+    app.router.add_get("/metrics", metrics.metrics)
     status_page.add_routes(app)
     admin.add_routes(app)
     app.router.add_get("/v1/models", handlers.models)

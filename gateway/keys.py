@@ -8,9 +8,11 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.app import Reloader
+    from gateway.metrics import Exposition
     from gateway.observe import Observatory
     from gateway.runtime import RuntimeSlot
 
 RUNTIME: web.AppKey[RuntimeSlot] = web.AppKey("runtime")
 OBSERVATORY: web.AppKey[Observatory] = web.AppKey("observatory")
 RELOADER: web.AppKey[Reloader | None] = web.AppKey("reloader")  # reads the config again (None: cannot)
+EXPOSITION: web.AppKey[Exposition] = web.AppKey("exposition")  # the app's own Prometheus registry

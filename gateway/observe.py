@@ -6,11 +6,9 @@ Two feeds, both cheap on the hot path:
   request, whether or not the access log is written;
 - ``on_event(event)``: the small event objects the policies emit (``gateway.events``).
 
-Both only add to plain dicts keyed by label tuples. The Prometheus collectors
-(aioprometheus, on this observatory's own ``Registry`` — tests build many apps) are
-filled from those dicts when ``/metrics`` is scraped, so a request never pays for
-label hashing or a metrics library; state that already lives elsewhere (circuits, key
-pools, in-flight counts) is read at scrape time rather than mirrored.
+Both only add to plain dicts keyed by label tuples; ``gateway.metrics`` turns them into
+Prometheus series when ``/metrics`` is scraped, so a request never pays for label hashing
+or a metrics library. ``snapshot`` is the status page's data (``/status.json``).
 
 The observatory outlives config reloads (it belongs to the app, like the event bus), so
 counters never go backwards while the process runs. Everything here is per process;
@@ -27,12 +25,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-from aioprometheus import Counter, Gauge, Histogram, Registry
-from aioprometheus import histogram as prom_histogram
-from aioprometheus.metricdict import MetricDict
-from aioprometheus.renderer import render
-
 from gateway import __version__
 from gateway.events import (
     BudgetEvent,
@@ -48,7 +40,6 @@ from gateway.events import (
     StoreDegraded,
     UpstreamAnswered,
 )
-from gateway.keys import OBSERVATORY, RUNTIME
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
@@ -80,15 +71,6 @@ class Hist:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.n += 1
-
-    def export(self) -> prom_histogram.Histogram:
-        h = prom_histogram.Histogram(*self.bounds)
-        running = 0
-        for bound, count in zip((*self.bounds, prom_histogram.POS_INF), self.counts, strict=True):
-            running += count
-            h.buckets[bound] = running
-        h.observations, h.sum = self.n, self.sum
-        return h
 
 
 class TargetView:
@@ -153,7 +135,6 @@ class Observatory:
             FallbackUsed: self._fallback, RateLimitRefused: self._rate_limited, BudgetEvent: self._budget,
             UpstreamAnswered: self._upstream, StoreDegraded: self._store_degraded,
         }
-        self.registry, self._collectors = _collectors()
 
     # -- feeds -----------------------------------------------------------------------
 
@@ -295,57 +276,6 @@ class Observatory:
     def leave(self, target: str) -> None:
         self.inflight[target] -= 1
 
-    # -- Prometheus ------------------------------------------------------------------
-
-    def exposition(self, rt: Runtime, accept: list[str]) -> tuple[bytes, dict[str, str]]:
-        """Fill the collectors from the counts and render them (text format).
-
-        Label values are escaped here (aioprometheus writes them as given): ``model`` comes
-        from the client's request body and must not be able to break or forge a line.
-        Gauges are rebuilt on every scrape, so a target a reload removed disappears."""
-        c = self._collectors
-        for (target, kind, route, status, tenant), n in self.requests.items():
-            c["requests"].set({"target": _esc(target), "kind": kind, "route": route, "status": status,
-                               "tenant": _esc(tenant)}, n)
-        for (target, kind), h in self.durations.items():
-            c["duration"].set_value({"target": _esc(target), "kind": kind}, h.export())
-        for target, h in self.upstream.items():
-            c["upstream"].set_value({"target": _esc(target)}, h.export())
-        for target, h in self.ttft.items():
-            c["ttft"].set_value({"target": _esc(target)}, h.export())
-        for (target, code), n in self.errors.items():
-            c["errors"].set({"target": _esc(target), "code": _esc(code)}, n)
-        for (target, reason), n in self.retries.items():
-            c["retries"].set({"target": _esc(target), "reason": _esc(reason)}, n)
-        for name, counts in (("cache_hits", self.cache_hits), ("cache_misses", self.cache_misses),
-                             ("idempotent_hits", self.idempotent_hits), ("coalesced", self.coalesced)):
-            for target, n in counts.items():
-                c[name].set({"target": _esc(target)}, n)
-        for (target, to), n in self.transitions.items():
-            c["transitions"].set({"target": _esc(target), "to": to}, n)
-        for (src, dst), n in self.fallbacks.items():
-            c["fallbacks"].set({"from": _esc(src), "to": _esc(dst)}, n)
-        for tenant, n in self.rate_limited.items():
-            c["rate_limited"].set({"tenant": _esc(tenant)}, n)
-        for (target, event), n in self.budget_events.items():
-            c["budget"].set({"target": _esc(target), "event": event}, n)
-        for (target, policy), n in self.store_degraded.items():
-            c["store_degraded"].set({"target": _esc(target), "policy": policy}, n)
-        for (target, model, kind), n in self.tokens.items():
-            c["tokens"].set({"target": _esc(target), "model": _esc(model), "kind": kind}, n)
-        for (target, model, tenant), usd in self.cost.items():
-            c["cost"].set({"target": _esc(target), "model": _esc(model), "tenant": _esc(tenant)}, usd)
-        for name in ("inflight", "circuit", "keys"):
-            c[name].values = MetricDict()
-        for name in rt.targets:
-            c["inflight"].set({"target": _esc(name)}, self.inflight.get(name, 0))
-        for name, circuit in rt.circuits.items():
-            c["circuit"].set({"target": _esc(name)}, CIRCUIT_STATES.get(circuit.state, 0))
-        for name, pool in rt.key_pools.items():
-            for state, n in _key_states(pool).items():
-                c["keys"].set({"target": _esc(name), "state": state}, n)
-        return render(self.registry, accept)
-
     # -- the status page's data ------------------------------------------------------
 
     async def snapshot(self, rt: Runtime) -> dict[str, Any]:
@@ -369,7 +299,7 @@ class Observatory:
             pool = rt.key_pools.get(name)
             keys = None
             if pool is not None:
-                counts = _key_states(pool)
+                counts = key_states(pool)
                 keys = {"total": sum(counts.values()), **counts}
             targets.append({
                 "name": name, "kind": target.kind, "provider": target.provider.name,
@@ -429,23 +359,13 @@ async def _tenant_spend(rt: Runtime, now: float) -> dict[str, dict[str, float]]:
 _USERINFO = re.compile(r"//[^/@]*@")  # a base_url's user:password is never shown
 
 
-def _key_states(pool: Any) -> dict[str, int]:
+def key_states(pool: Any) -> dict[str, int]:
     """A key pool's keys by state, in the words of ``key_pool_keys``: a healthy key is ``active``."""
     counts = {"active": 0, "cooling": 0, "disabled": 0}
     for state in pool.states().values():
         state = KEY_STATES.get(state, state)
         counts[state] = counts.get(state, 0) + 1
     return counts
-
-
-_LABEL_SPECIAL = re.compile(r'[\\"\n]')
-
-
-def _esc(value: str) -> str:
-    """A label value as the Prometheus text format wants it: backslash, quote and newline escaped."""
-    if _LABEL_SPECIAL.search(value) is None:
-        return value
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _quantile(ordered: list[float], q: float) -> float | None:
@@ -456,45 +376,3 @@ def _quantile(ordered: list[float], q: float) -> float | None:
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _collectors() -> tuple[Registry, dict[str, Any]]:
-    r = Registry()
-    p = "reliapi_"
-    c: dict[str, Any] = {
-        "requests": Counter(p + "requests_total", "Requests answered, by target, kind, route, status and tenant.", registry=r),
-        "duration": Histogram(p + "request_duration_seconds", "Time from request to the end of the answer.",
-                              registry=r, buckets=DURATION_BUCKETS),
-        "upstream": Histogram(p + "upstream_duration_seconds",
-                              "Upstream answer time per attempt (to the whole body, or a stream's first byte).",
-                              registry=r, buckets=DURATION_BUCKETS),
-        "ttft": Histogram(p + "ttft_seconds", "Time to the first streamed byte.", registry=r, buckets=TTFT_BUCKETS),
-        "errors": Counter(p + "errors_total", "Requests that did not end well, by error code.", registry=r),
-        "retries": Counter(p + "retries_total", "Retries scheduled, by reason (429, 5xx, net, timeout, key).", registry=r),
-        "cache_hits": Counter(p + "cache_hits_total", "Answers served from the cache.", registry=r),
-        "cache_misses": Counter(p + "cache_misses_total", "Cacheable requests not in the cache.", registry=r),
-        "idempotent_hits": Counter(p + "idempotent_hits_total", "Duplicates answered from a stored answer.", registry=r),
-        "coalesced": Counter(p + "coalesced_total", "Duplicates that joined a request in flight.", registry=r),
-        "circuit": Gauge(p + "circuit_breaker_state", "Circuit state: 0 closed, 1 open, 2 half-open.", registry=r),
-        "transitions": Counter(p + "circuit_breaker_transitions_total", "Circuit state changes, by new state.",
-                               registry=r),
-        "fallbacks": Counter(p + "fallbacks_total", "Requests sent on to a fallback target.", registry=r),
-        "rate_limited": Counter(p + "rate_limited_total", "Requests refused by a gateway rate limit.", registry=r),
-        "budget": Counter(p + "budget_events_total", "Budget rules that acted (soft_cap, hard_cap, exhausted).",
-                          registry=r),
-        "store_degraded": Counter(p + "store_degraded_total",  # SPEC §8: a store that fails is "logged, metric"
-                                  "Requests a policy served degraded because the store failed (cache, "
-                                  "idempotency, rate_limit).", registry=r),
-        "tokens": Counter(p + "llm_tokens_total", "LLM tokens, by kind (prompt, completion).", registry=r),
-        "cost": Counter(p + "llm_cost_usd_total", "LLM spend in USD at list prices.", registry=r),
-        "inflight": Gauge(p + "inflight_requests", "Requests being answered now.", registry=r),
-        "keys": Gauge(p + "key_pool_keys", "Pool keys by state (active, cooling, disabled).", registry=r),
-    }
-    return r, c
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text exposition."""
-    rt = request.app[RUNTIME].current
-    body, headers = request.app[OBSERVATORY].exposition(rt, request.headers.getall("Accept", []))
-    return web.Response(body=body, headers=headers)

@@ -223,22 +223,6 @@ class UsageBook:
         self.task: asyncio.Task[None] | None = None
         self._logged_at = -30.0
 
-    def count(self, key: str, prompt: int, completion: int, cost: float | None) -> None:
-        row = self.counts.get(key)
-        if row is None:
-            if len(self.counts) >= self.MAX_KEYS:
-                return
-            row = self.counts[key] = [0.0, 0.0, 0.0, 0.0, 0.0]
-        row[0] += 1
-        row[1] += prompt
-        row[2] += completion
-        if cost is None:
-            row[4] += 1
-        else:
-            row[3] += cost
-        if self.task is None:
-            self.task = asyncio.ensure_future(self._run())
-
     def wake(self) -> None:
         if self.task is None:
             self.task = asyncio.ensure_future(self._run())
