@@ -279,12 +279,16 @@ class Lead:
         self._finished = False  # finished: no more lock renewals
         self.entry_key: str | None = None  # store the answer here, not under the lock (claim)
         self._own: Reader | None = None  # the leader's client's reader of a stream
+        self.request_id: str | None = None
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
+        request_id: str | None = None,
     ) -> Reply:
         """Run ``work`` in its own task (shielded from this client's disconnect) and return
-        the answer for this client; followers get the same."""
+        the answer for this client; followers get the same. ``request_id``: the leading
+        request's, for the log line of a failure."""
+        self.request_id = request_id
         flights = self.flights
         flights.local[self.key] = self._slot
         task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
@@ -329,7 +333,7 @@ class Lead:
             await self._release()
             return
         except Exception:
-            log.exception("internal error")
+            log.exception("internal error", extra={"fields": {"request_id": self.request_id}})
             err = errors.InternalError("internal error")
             self._publish(err)
             self._log(["g", err.code, err.message, None, None, None])

@@ -226,6 +226,7 @@ def policy(rt: Runtime) -> Policy | None:
             return _mark(await call_next(ex), "MISS")
         reply = await lead.run(
             lambda: call_next(ex), storable=storable, ttl_s=ttl, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
+            request_id=ex.request_id,
         )
         return _mark(reply, "MISS")
 

@@ -218,7 +218,7 @@ def policy(rt: Runtime) -> Policy | None:
         assert lead is not None
         return await lead.run(
             lambda: call_next(ex), storable=storable_with_5xx if cfg.store_5xx else storable, ttl_s=cfg.ttl_s,
-            max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
+            max_bytes=int(cfg.max_entry_mb * 1024 * 1024), request_id=ex.request_id,
         )
 
     return idempotency

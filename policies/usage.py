@@ -182,9 +182,7 @@ def policy(rt: Runtime) -> Policy | None:
                 found = read_usage(reply.body, ex.rel_path)
             except NotJSON:
                 if reply.headers.get("Content-Type", "").startswith("application/json"):
-                    unbilled(ex)
-                    log.warning("upstream answered with invalid JSON", extra={"fields": {
-                        "request_id": ex.request_id, "target": ex.target.name, "upstream_status": reply.status}})
+                    unbilled(ex)  # logged once, by the access line (error_code upstream_error, its message)
                     raise UpstreamError(
                         "the upstream's answer is not valid JSON", target=ex.target.name, upstream_status=reply.status,
                     ) from None

@@ -59,8 +59,10 @@ async def test_a_provider_answer_that_is_not_json_is_a_502(aiohttp_server, gatew
         resp = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "req-broken-1"})
     body = await resp.json()
     assert resp.status == 502 and body["error"]["code"] == "upstream_error" and "not valid JSON" in body["error"]["message"]
-    assert any(getattr(r, "fields", {}).get("request_id") == "req-broken-1" for r in caplog.records)
+    # logged once: the access line, with the request id, the code and what went wrong; no second line, no stack
     assert logs[-1]["request_id"] == "req-broken-1" and logs[-1]["error_code"] == "upstream_error"
+    assert "not valid JSON" in logs[-1]["error_message"] and logs[-1]["upstream_status"] == 200
+    assert not [r for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "req-broken-1"]
 
 
 async def test_a_priced_answer_under_cost_control_says_what_it_cost(fake, gateway):

@@ -215,3 +215,24 @@ async def test_a_client_that_leaves_mid_stream_is_logged_as_such(fake, gateway, 
     (line,) = logs
     assert (line["outcome"], line["status"], line["stream"], line["error_code"]) == ("client_closed", 200, True, None)
     assert line["ttft_ms"] is not None
+
+
+async def test_a_bug_under_a_shared_answer_is_logged_once_with_the_leaders_request_id(fake, gateway, gateway_log,
+                                                                                     monkeypatch):
+    """An idempotent (or cached) request runs in a task of its own that followers share: its bug is still
+    logged once, with the request id of the request that ran it."""
+    def buggy_sender(rt):
+        async def send(ex):
+            raise ZeroDivisionError("a bug under a lead")
+        return send
+
+    monkeypatch.setattr(pipeline, "upstream_sender", buggy_sender)
+    client, logs = await gateway(config(fake.url))
+    resp = await client.post("/v1/chat/completions", json=chat(),
+                             headers={"X-Request-Id": "lead-bug-3", "Idempotency-Key": "k-lead-bug-3"})
+    assert resp.status == 500 and (await resp.json())["error"]["code"] == "internal_error"
+    (line,) = logs
+    assert (line["request_id"], line["error_code"]) == ("lead-bug-3", "internal_error")
+    stacked = [rec for rec in gateway_log.lines if "stack" in rec]
+    assert len(stacked) == 1 and stacked[0]["request_id"] == "lead-bug-3"
+    assert "ZeroDivisionError: a bug under a lead" in stacked[0]["stack"]
