@@ -17,12 +17,13 @@ from multidict import CIMultiDict
 
 from gateway.sse import Aligner, events
 from providers import translate
+from providers.anthropic import API_VERSION
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange, Reply
     from gateway.targets import Target
 
-ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_VERSION = API_VERSION
 _FORMATS = {"chat/completions": "openai", "messages": "anthropic"}
 
 

@@ -36,6 +36,7 @@ from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
 from gateway.sse import Aligner, events
 from gateway.writer import error_body
 from policies.usage import read_usage
+from providers.anthropic import API_VERSION as ANTHROPIC_VERSION
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -109,6 +110,8 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
     if env.stream:
         headers["Accept"] = "text/event-stream"
+    if anthropic:
+        headers["anthropic-version"] = ANTHROPIC_VERSION  # the Messages API refuses a request without it
     ex = Exchange(
         request_id=request_id, method="POST", route="proxy_llm", dialect=ENVELOPE,
         rel_path="messages" if anthropic else "chat/completions", v1=True, query="",

@@ -17,12 +17,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.envelope import decode_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.exchange import OPENAI, Exchange, Reply
 from gateway.headers import X_CACHE, X_CACHED
 from policies.usage import read_usage
+from providers.anthropic import API_VERSION as ANTHROPIC_VERSION
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -63,13 +65,24 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
         upstream["user"] = str(req.user_id)
     ex = Exchange(
         request_id=request_id, method="POST", route="generate", dialect=OPENAI,
-        rel_path="messages" if anthropic else "chat/completions", v1=True, query="", headers=request.headers,
+        rel_path="messages" if anthropic else "chat/completions", v1=True, query="",
+        headers=_with_version(request.headers) if anthropic else request.headers,
         body=msgspec.json.encode(upstream), target=target, model=model, tenant=tenant, client_ip=request.remote,
     )
     ex.max_tokens = upstream.get("max_tokens")
     ex.user = str(req.user_id)[:128] if req.user_id is not None else None
     ex.idempotency_key = req.idempotency_key
     return ex
+
+
+def _with_version(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
+    """The client's headers, plus the ``anthropic-version`` the Messages API requires (the client spoke
+    the seed's dialect, not Anthropic's, so it need not have sent one)."""
+    if "anthropic-version" in headers:
+        return headers
+    out = CIMultiDict(headers)
+    out["anthropic-version"] = ANTHROPIC_VERSION
+    return CIMultiDictProxy(out)
 
 
 class _Answer(msgspec.Struct):

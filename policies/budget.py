@@ -178,6 +178,13 @@ def policy(rt: Runtime) -> Policy | None:
         price = prices.price(body.get("model") or (llm.default_model if llm else None))
         if price is not None:
             prompt = estimate_prompt_tokens(body)
+            if max_tokens is None and (soft is not None or hard is not None) and price.output > 0:
+                # Caps need a bound on the answer: one that asks for none gets the largest that fits
+                # the hard cap (at most DEFAULT_RESERVE_TOKENS), written into the request.
+                bound = DEFAULT_RESERVE_TOKENS
+                if hard is not None:
+                    bound = min(bound, max(MIN_MAX_TOKENS, int((hard - price.cost(prompt, 0)) / price.output)))
+                max_tokens, changed = bound, True
             estimate = price.cost(prompt, max_tokens or 0)
             if hard is not None and estimate > hard:
                 events.emit(BudgetEvent(target=target.name, rule="hard_cap"))
@@ -190,9 +197,9 @@ def policy(rt: Runtime) -> Policy | None:
                 lowered = max(MIN_MAX_TOKENS, fits)
                 if max_tokens is None or lowered < max_tokens:
                     events.emit(BudgetEvent(target=target.name, rule="soft_cap"))
-                    header = f"{max_tokens if max_tokens is not None else 'none'}->{lowered}"
+                    header = f"{asked if asked is not None else 'none'}->{lowered}"  # what the client asked for
                     ex.log["cost_policy_applied"] = "soft_cap_reduced"
-                    ex.log["original_max_tokens"] = max_tokens
+                    ex.log["original_max_tokens"] = asked
                     max_tokens, changed = lowered, True
                     estimate = price.cost(prompt, lowered)
             ex.log["cost_estimate_usd"] = round(estimate, 8)

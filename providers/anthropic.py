@@ -26,6 +26,9 @@ PRICES: dict[str, tuple[float, float]] = {
 }
 
 
+API_VERSION = "2023-06-01"  # ``anthropic-version`` for requests the gateway writes itself (translated, envelopes)
+
+
 class AnthropicProvider(LLMProvider):
     name = "anthropic"
     key_header = "x-api-key"

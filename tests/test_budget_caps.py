@@ -167,3 +167,32 @@ async def test_pricing_from_the_config_changes_the_estimate(fake, gateway) -> No
     client, _ = await gateway(config(fake.url, "hard_cost_cap_usd: 0.01", pricing=pricing))
     resp = await client.post("/v1/chat/completions", json=chat(10, model="mystery-7b"))
     assert resp.status == 400 and fake.requests == []
+
+
+async def test_without_max_tokens_the_hard_cap_still_holds_the_answer_is_bounded_to_fit(fake, gateway) -> None:
+    """An answer with no max_tokens is not free: the gateway sets the largest size that fits the hard cap."""
+    hard = 0.001
+    client, logs = await gateway(config(fake.url, f"hard_cost_cap_usd: {hard}"))
+    resp = await client.post("/v1/chat/completions", json=chat())
+    assert resp.status == 200
+    sent = fake.requests[0].json()["max_tokens"]
+    assert sent == int((hard - cost(PROMPT_TOKENS, 0)) / (0.60 / 1e6))
+    assert cost(PROMPT_TOKENS, sent) <= hard
+    assert logs[-1]["cost_estimate_usd"] <= hard
+
+
+async def test_without_max_tokens_a_translated_claude_request_is_bounded_by_the_caps_too(fake, gateway) -> None:
+    """/v1/chat/completions for a Claude model, no max_tokens: not the translation's 4,096 over the caps."""
+    client, _ = await gateway(config(fake.url, "soft_cost_cap_usd: 0.005, hard_cost_cap_usd: 0.01"))
+    resp = await client.post("/v1/chat/completions", json=chat(model="claude-3-5-sonnet-latest"))
+    assert resp.status == 200
+    sent = fake.requests[0].json()["max_tokens"]  # claude-3-5-sonnet: $3 in, $15 out per 1M tokens
+    assert sent == int((0.005 - PROMPT_TOKENS * 3.0 / 1e6) / (15.0 / 1e6))
+    assert resp.headers["X-ReliAPI-Max-Tokens"] == f"none->{sent}"
+
+
+async def test_the_soft_cap_header_names_what_the_client_asked_for_even_when_clamped_first(fake, gateway) -> None:
+    client, logs = await gateway(config(fake.url, "soft_cost_cap_usd: 0.0008, max_tokens: 2000"))
+    resp = await client.post("/v1/chat/completions", json=chat(5000))
+    sent = fake.requests[0].json()["max_tokens"]
+    assert resp.headers["X-ReliAPI-Max-Tokens"] == f"5000->{sent}" and logs[-1]["original_max_tokens"] == 5000

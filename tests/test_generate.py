@@ -55,6 +55,7 @@ async def test_generate_on_an_anthropic_target_writes_a_messages_request(fake, g
     assert sent.path_qs == "/v1/messages"
     assert sent.json() == {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "hi"}],
                            "max_tokens": 300}
+    assert sent.headers["anthropic-version"] == "2023-06-01"  # the Messages API refuses a request without it
     assert body["cost_usd"] == pytest.approx((5 * 0.80 + 4 * 4.0) / 1e6)
 
 

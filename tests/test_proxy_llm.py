@@ -73,6 +73,7 @@ async def test_an_anthropic_target_gets_a_messages_request(fake, gateway):
     assert sent.path_qs == "/v1/messages"
     assert sent.json() == {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "hi"}],
                            "system": "be brief", "max_tokens": 200, "stop_sequences": ["END"], "temperature": 0.2}
+    assert sent.headers["anthropic-version"] == "2023-06-01"  # the Messages API refuses a request without it
 
 
 @pytest.mark.parametrize("target", ["openai", "claude"])
