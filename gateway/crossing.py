@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from multidict import CIMultiDict
 
+from gateway.errors import InvalidRequest
 from gateway.sse import Aligner, events
 from providers import translate
 from providers.anthropic import API_VERSION
@@ -44,12 +45,20 @@ class Crossing:
             doc = None
         out = None
         if isinstance(doc, dict):
-            if self.to == "anthropic":
-                llm = target.config.llm
-                out = msgspec.json.encode(translate.openai_to_anthropic_request(
-                    doc, default_max_tokens=llm.max_tokens if llm is not None else None))
-            else:
-                out = msgspec.json.encode(translate.anthropic_to_openai_request(doc))
+            try:
+                if self.to == "anthropic":
+                    llm = target.config.llm
+                    out = msgspec.json.encode(translate.openai_to_anthropic_request(
+                        doc, default_max_tokens=llm.max_tokens if llm is not None else None))
+                else:
+                    out = msgspec.json.encode(translate.anthropic_to_openai_request(doc))
+            except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+                # JSON the client's own API would refuse (a number where text belongs, a tool call that is
+                # not an object, …): the client's error, said as one — never a 500 from the translator
+                raise InvalidRequest(
+                    f"the request cannot be translated for target {target.name} ({self.to}): a field has the "
+                    f"wrong type or shape ({type(e).__name__}: {e})", target=target.name,
+                ) from None
         ex.crossed = (ex.body, self.to, out)
         return out
 

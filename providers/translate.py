@@ -242,11 +242,20 @@ class AnthropicToOpenAIStream:
 # ---------------------------------------------------------------- Anthropic request → OpenAI
 
 
+def _text_parts(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """One text block becomes a plain string; several stay separate parts (OpenAI takes content
+    arrays for system, user and assistant messages), never run together into one string."""
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return parts[0]["text"]
+    return parts
+
+
 def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
-        messages.append({"role": "system", "content": _text_of(system)})
+        messages.append({"role": "system", "content": system if isinstance(system, str) else _text_parts(
+            [{"type": "text", "text": b.get("text", "")} for b in system if isinstance(b, dict)])})
     for m in body.get("messages") or ():
         if not isinstance(m, dict):
             continue
@@ -274,13 +283,13 @@ def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
                 messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
                                  "content": _text_of(block.get("content"))})
         if role == "assistant":
-            message: dict[str, Any] = {"role": "assistant", "content": _text_of(parts) or None}
+            said = [p for p in parts if p["type"] == "text"]  # an assistant turn carries no images in OpenAI's shape
+            message: dict[str, Any] = {"role": "assistant", "content": _text_parts(said) if said else None}
             if calls:
                 message["tool_calls"] = calls
             messages.append(message)
         elif parts:
-            only_text = all(p["type"] == "text" for p in parts)
-            messages.append({"role": role, "content": _text_of(parts) if only_text else parts})
+            messages.append({"role": role, "content": _text_parts(parts)})
     out: dict[str, Any] = {"model": body.get("model"), "messages": messages}
     if body.get("max_tokens") is not None:
         out["max_tokens"] = body["max_tokens"]

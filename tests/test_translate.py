@@ -256,3 +256,45 @@ targets:
     resp = await client.post("/v1/messages", data=raw, headers={"Content-Type": "application/json"})
     assert resp.status == 200 and await resp.read() == answer  # the signature and unknown fields intact
     assert seen == [raw]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": 5}]}),
+    ("/v1/chat/completions", {"model": "claude-3-5-haiku-latest", "stop": 5,
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "claude-3-5-haiku-latest", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": ["x"]}]}),
+    ("/v1/messages", {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": 5}]}),
+    ("/v1/messages", {"model": "gpt-4o-mini", "max_tokens": 10, "metadata": "x",
+                      "messages": [{"role": "user", "content": "hi"}]}),
+])
+async def test_a_request_the_translator_cannot_read_is_the_clients_400_in_its_dialect(fake, gateway, path, body):
+    client, logs = await gateway(config(fake.url))
+    resp = await client.post(path, json=body)
+    answer = await resp.json()
+    assert resp.status == 400, answer
+    message = answer["error"]["message"]
+    assert "cannot be translated" in message and "Traceback" not in message
+    assert (answer.get("type") == "error") is (path == "/v1/messages")  # Anthropic's error shape for /v1/messages
+    assert fake.requests == [] and logs[-1]["error_code"] == "invalid_request"
+
+
+def test_separate_anthropic_text_blocks_stay_separate_parts_for_openai() -> None:
+    out = translate.anthropic_to_openai_request({
+        "model": "gpt-4o-mini", "max_tokens": 10,
+        "system": [{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Answer in French."}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "First paragraph."},
+                                         {"type": "text", "text": "Second paragraph."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Un."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Encore."}]},
+        ],
+    })
+    assert out["messages"] == [
+        {"role": "system", "content": [{"type": "text", "text": "You are terse."},
+                                       {"type": "text", "text": "Answer in French."}]},
+        {"role": "user", "content": [{"type": "text", "text": "First paragraph."},
+                                     {"type": "text", "text": "Second paragraph."}]},
+        {"role": "assistant", "content": "Un."},
+        {"role": "user", "content": "Encore."},
+    ]
