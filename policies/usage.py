@@ -190,8 +190,8 @@ def policy(rt: Runtime) -> Policy | None:
             unbilled(ex)
         else:
             cost = record(ex, *found)
-            if cost is not None and "cost_estimate_usd" in ex.log:  # a request under cost control says it
-                reply.headers[X_RELIAPI_COST] = repr(round(cost, 10))
+            if cost is not None:  # SPEC §2: said whenever it is known before the body is sent
+                reply.headers[X_RELIAPI_COST] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
         return reply
 
     return usage

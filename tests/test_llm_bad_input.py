@@ -65,12 +65,16 @@ async def test_a_provider_answer_that_is_not_json_is_a_502(aiohttp_server, gatew
     assert not [r for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "req-broken-1"]
 
 
-async def test_a_priced_answer_under_cost_control_says_what_it_cost(fake, gateway):
+async def test_a_priced_complete_answer_says_what_it_cost(fake, gateway):
     capped = config(fake.url).replace('models: ["gpt-*"]}', 'models: ["gpt-*"], llm: {hard_cost_cap_usd: 1}}')
     client, logs = await gateway(capped)
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert float(resp.headers["X-ReliAPI-Cost-USD"]) == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6)
     assert logs[-1]["cost_usd"] == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6)
-    plain, logs = await gateway(config(fake.url))  # no caps, no budget: the log has it, no header is spent on it
+    assert resp.headers["X-ReliAPI-Cost-USD"] == "0.00000315"  # plain decimal, not 3.15e-06
+    plain, logs = await gateway(config(fake.url))  # no caps, no budget: known before the body is sent, so said
     resp = await plain.post("/v1/chat/completions", json=CHAT)
-    assert "X-ReliAPI-Cost-USD" not in resp.headers and logs[-1]["cost_usd"] > 0
+    assert float(resp.headers["X-ReliAPI-Cost-USD"]) == pytest.approx(logs[-1]["cost_usd"])
+    stream = await plain.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    await stream.read()
+    assert "X-ReliAPI-Cost-USD" not in stream.headers  # a stream's cost is known only after its headers
