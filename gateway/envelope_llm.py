@@ -36,6 +36,7 @@ from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
 from gateway.sse import Aligner, events
 from gateway.writer import error_body
 from policies.usage import read_usage
+from providers import translate
 from providers.anthropic import API_VERSION as ANTHROPIC_VERSION
 
 if TYPE_CHECKING:
@@ -47,9 +48,12 @@ Count = Annotated[int, msgspec.Meta(ge=1)]
 DEFAULT_MAX_TOKENS = 1024
 
 
-class Message(msgspec.Struct):
+class Message(msgspec.Struct, omit_defaults=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
+    tool_calls: list[Any] | None = None  # an assistant turn that called tools (OpenAI's shape)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
 
 
 class LLMEnvelope(msgspec.Struct, forbid_unknown_fields=True):
@@ -83,30 +87,27 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
     if model is None:
         raise InvalidRequest("model: no model given and the target has no llm.default_model", param="model")
     anthropic = target.provider.name == "anthropic"
-    messages = [msgspec.structs.asdict(m) for m in env.messages]
-    body: dict[str, Any] = {"model": model}
-    if anthropic:
-        system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
-        body["messages"] = [m for m in messages if m["role"] not in ("system", "developer")]
-        if system:
-            body["system"] = "\n\n".join(s if isinstance(s, str) else msgspec.json.encode(s).decode() for s in system)
-        body["max_tokens"] = env.max_tokens or (llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
-        if env.stop is not None:
-            body["stop_sequences"] = [env.stop] if isinstance(env.stop, str) else env.stop
-    else:
-        body["messages"] = messages
-        if env.max_tokens is not None:
-            body["max_tokens"] = env.max_tokens
-        if env.stop is not None:
-            body["stop"] = env.stop
-        if env.user is not None:
-            body["user"] = env.user
+    messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None or k == "content"}
+                for m in env.messages]
+    body: dict[str, Any] = {"model": model, "messages": messages}  # the OpenAI shape, translated for Anthropic
+    if env.max_tokens is not None:
+        body["max_tokens"] = env.max_tokens
+    if env.stop is not None:
+        body["stop"] = env.stop
+    if env.user is not None:
+        body["user"] = env.user
     for field in ("temperature", "top_p"):
         value = getattr(env, field)
         if value is not None:
             body[field] = value
     if env.stream:
         body["stream"] = True
+    if anthropic:  # system prompt, content blocks, images, tool calls and results: as for /v1/chat/completions
+        try:
+            body = translate.openai_to_anthropic_request(
+                body, default_max_tokens=llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+            raise InvalidRequest(f"messages: cannot be written as an Anthropic request ({e})", param="messages") from None
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
     if env.stream:
         headers["Accept"] = "text/event-stream"

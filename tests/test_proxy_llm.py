@@ -71,7 +71,8 @@ async def test_an_anthropic_target_gets_a_messages_request(fake, gateway):
     assert body["data"]["finish_reason"] == "stop"
     sent = fake.requests[0]
     assert sent.path_qs == "/v1/messages"
-    assert sent.json() == {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "hi"}],
+    assert sent.json() == {"model": "claude-3-5-haiku-latest",
+                           "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                            "system": "be brief", "max_tokens": 200, "stop_sequences": ["END"], "temperature": 0.2}
     assert sent.headers["anthropic-version"] == "2023-06-01"  # the Messages API refuses a request without it
 
@@ -126,3 +127,22 @@ async def test_an_upstream_refusal_is_an_envelope_error_with_its_status(fake, ga
     resp = await client.post("/proxy/llm", json={"target": "openai", "messages": [{"role": "user", "content": "x"}]})
     body = await resp.json()
     assert resp.status == 400 and body["success"] is False and "bad temperature" in body["error"]["message"]
+
+
+async def test_an_anthropic_target_gets_tool_results_and_images_as_content_blocks(fake, gateway):
+    """The envelope's messages are OpenAI-shaped: for Anthropic they are translated like /v1/chat/completions."""
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/proxy/llm", json={"target": "claude", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{\"zoom\": 2}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
+    ]})
+    assert resp.status == 200
+    sent = fake.requests[0].json()["messages"]
+    assert sent[0]["content"][1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                 "data": "iVBORw0KGgo="}}
+    assert sent[1] == {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "look",
+                                                         "input": {"zoom": 2}}]}
+    assert sent[2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "a cat"}]}
