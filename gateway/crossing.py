@@ -47,6 +47,10 @@ class Crossing:
         if isinstance(doc, dict):
             try:
                 if self.to == "anthropic":
+                    n = doc.get("n")
+                    if isinstance(n, int) and n > 1:  # one answer, not n: said, not silently dropped
+                        raise InvalidRequest(f"n: target {target.name} (Anthropic) answers one choice per request; "
+                                             "send n=1 or leave it out", param="n", target=target.name)
                     llm = target.config.llm
                     out = msgspec.json.encode(translate.openai_to_anthropic_request(
                         doc, default_max_tokens=llm.max_tokens if llm is not None else None))
@@ -80,8 +84,8 @@ class Crossing:
         if not isinstance(doc, dict):
             return
         if reply.status >= 400:
-            out = translate.openai_error_from_anthropic(doc) if self.to == "anthropic" \
-                else translate.anthropic_error_from_openai(doc)
+            out = translate.openai_error_from_anthropic(doc, reply.status) if self.to == "anthropic" \
+                else translate.anthropic_error_from_openai(doc, reply.status)
         elif self.to == "anthropic":
             out = translate.anthropic_to_openai_response(doc)
         else:

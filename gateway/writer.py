@@ -20,20 +20,13 @@ from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, InternalError, StreamBroken
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange, Reply
+from providers import anthropic, openai
 
 log = logging.getLogger("reliapi")
 _encode = msgspec.json.encode
 
-_OPENAI_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota", 403: "permission_error",
-    404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-    422: "invalid_request_error", 429: "rate_limit_error",
-}
-_ANTHROPIC_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
-    404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
-    429: "rate_limit_error", 503: "overloaded_error",
-}
+_OPENAI_TYPES = openai.ERROR_TYPES
+_ANTHROPIC_TYPES = anthropic.ERROR_TYPES
 
 
 def error_body(err: GatewayError, dialect: str, request_id: str, *, target: str | None, attempts: int, duration_ms: float) -> dict[str, Any]:

@@ -26,6 +26,12 @@ PRICES: dict[str, tuple[float, float]] = {
 }
 
 
+# The ``error.type`` an Anthropic error of each status carries (else "api_error").
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
+    404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error",
+}
 API_VERSION = "2023-06-01"  # ``anthropic-version`` for requests the gateway writes itself (translated, envelopes)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import msgspec
 
+from providers import anthropic, openai
+
 _encode = msgspec.json.encode
 DEFAULT_MAX_TOKENS = 4096
 
@@ -429,13 +431,17 @@ class OpenAIToAnthropicStream:
         return out + self._event("message_stop", {"type": "message_stop"})
 
 
-def openai_error_from_anthropic(body: dict[str, Any]) -> dict[str, Any]:
+def openai_error_from_anthropic(body: dict[str, Any], status: int) -> dict[str, Any]:
+    """An Anthropic error answer as OpenAI's, its type the one OpenAI gives that status."""
     error = body.get("error") or {}
-    return {"error": {"message": error.get("message", ""), "type": error.get("type", "api_error"), "code": None,
-                      "param": None}}
+    error = error if isinstance(error, dict) else {}
+    return {"error": {"message": error.get("message", ""), "type": openai.ERROR_TYPES.get(status, "server_error"),
+                      "code": error.get("type"), "param": None}}
 
 
-def anthropic_error_from_openai(body: dict[str, Any]) -> dict[str, Any]:
+def anthropic_error_from_openai(body: dict[str, Any], status: int) -> dict[str, Any]:
+    """An OpenAI error answer as Anthropic's, its type the one Anthropic gives that status."""
     error = body.get("error") or {}
-    kind = error.get("type") or "api_error"
-    return {"type": "error", "error": {"type": kind, "message": error.get("message", "")}}
+    error = error if isinstance(error, dict) else {}
+    return {"type": "error", "error": {"type": anthropic.ERROR_TYPES.get(status, "api_error"),
+                                       "message": error.get("message", "")}}

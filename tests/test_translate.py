@@ -298,3 +298,28 @@ def test_separate_anthropic_text_blocks_stay_separate_parts_for_openai() -> None
         {"role": "assistant", "content": "Un."},
         {"role": "user", "content": "Encore."},
     ]
+
+
+@pytest.mark.parametrize(("status", "anthropic_type", "openai_type"), [
+    (400, "invalid_request_error", "invalid_request_error"), (401, "authentication_error", "authentication_error"),
+    (429, "rate_limit_error", "rate_limit_error"), (500, "api_error", "server_error"),
+    (529, "overloaded_error", "server_error"),
+])
+def test_a_translated_error_takes_the_type_the_clients_api_gives_its_status(status, anthropic_type, openai_type):
+    from_openai = translate.anthropic_error_from_openai(
+        {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}, status)
+    assert from_openai == {"type": "error", "error": {"type": anthropic_type, "message": "Rate limit reached"}}
+    from_anthropic = translate.openai_error_from_anthropic(
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, status)
+    assert from_anthropic["error"]["type"] == openai_type and from_anthropic["error"]["message"] == "Overloaded"
+
+
+async def test_asking_an_anthropic_target_for_several_choices_is_a_400_not_one_choice(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/v1/chat/completions", json={
+        "model": "claude-3-5-haiku-latest", "n": 2, "messages": [{"role": "user", "content": "hi"}]})
+    answer = await resp.json()
+    assert resp.status == 400 and answer["error"]["param"] == "n" and fake.requests == []
+    ok = await client.post("/v1/chat/completions", json={
+        "model": "claude-3-5-haiku-latest", "n": 1, "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status == 200
