@@ -43,6 +43,9 @@ class Crossing:
             doc: Any = msgspec.json.decode(ex.body)
         except msgspec.DecodeError:
             doc = None
+        if not isinstance(doc, dict):  # nothing to translate: never sent on untranslated to the other dialect
+            raise InvalidRequest(f"the request body must be a JSON object to be sent to target {target.name} "
+                                 f"({self.to})", target=target.name)
         out = None
         if isinstance(doc, dict):
             try:
@@ -113,7 +116,7 @@ async def _translated(chunks: AsyncIterator[bytes], translator: Any) -> AsyncIte
 
 
 def crossing(ex: Exchange, target: Target) -> Crossing | None:
-    if target.kind != "llm":
+    if target.kind != "llm" or ex.method != "POST":  # only a POSTed request is a chat/messages call
         return None
     asked = _FORMATS.get(ex.rel_path.removeprefix("v1/"))
     if asked is None:

@@ -323,3 +323,11 @@ async def test_asking_an_anthropic_target_for_several_choices_is_a_400_not_one_c
     ok = await client.post("/v1/chat/completions", json={
         "model": "claude-3-5-haiku-latest", "n": 1, "messages": [{"role": "user", "content": "hi"}]})
     assert ok.status == 200
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b'"hi"'])
+async def test_a_body_that_is_no_json_object_is_never_sent_on_untranslated(fake, gateway, raw):
+    client, _ = await gateway(config(fake.url))  # /v1/messages with no model goes to the default (OpenAI) target
+    resp = await client.post("/v1/messages", data=raw, headers={"Content-Type": "application/json"})
+    answer = await resp.json()
+    assert resp.status == 400 and answer["type"] == "error" and fake.requests == []
