@@ -14,6 +14,7 @@ errors of SPEC §3.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
@@ -59,6 +60,10 @@ def decode_body(raw: bytes, kind: type[T], what: str = "envelope") -> T:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field name
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HTAB: never in a header value
+
+
 def parse(raw: bytes) -> HttpEnvelope:
     env = decode_body(raw, HttpEnvelope)
     if env.method.upper() not in _METHODS:
@@ -78,6 +83,14 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
         query = urlencode(env.query, doseq=True)
     else:
         query = ""
+    for name, value in env.headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise InvalidRequest(f"headers: {name[:64]!r} is not a valid header name", param="headers")
+        if _CTL.search(value):
+            raise InvalidRequest(f"headers.{name}: control characters (CR, LF, NUL, …) are not allowed in a value",
+                                 param=f"headers.{name}")
+    if _CTL.search(query) or " " in query or "#" in query:
+        raise InvalidRequest("query: spaces, '#' and control characters must be percent-encoded", param="query")
     headers: CIMultiDict[str] = CIMultiDict(env.headers)
     body = env.body
     if body is None:

@@ -94,6 +94,9 @@ async def test_an_upstream_error_is_unsuccessful_and_keeps_its_status(fake, gate
     ({"target": "my_api", "method": "BREW"}, 400, "invalid_request"),
     ({"target": "my_api", "cache": -1}, 400, "invalid_request"),
     ({"target": "my_api", "bogus": 1}, 400, "invalid_request"),
+    ({"target": "my_api", "path": "/x", "headers": {"X-A": "v\r\nInjected: 1"}}, 400, "invalid_request"),
+    ({"target": "my_api", "path": "/x", "headers": {"Bad Name": "v"}}, 400, "invalid_request"),
+    ({"target": "my_api", "path": "/x", "query": "a=1 HTTP/1.1\r\nX: y"}, 400, "invalid_request"),
 ])
 async def test_bad_envelopes_never_reach_an_upstream(fake, gateway, envelope, status, code):
     client, _ = await gateway(config(fake.url))
