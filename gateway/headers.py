@@ -23,6 +23,7 @@ X_RELIAPI_ATTEMPTS = istr("X-ReliAPI-Attempts")  # to the client: how many were 
 X_RELIAPI_FALLBACK = istr("X-ReliAPI-Fallback")  # to the client: the fallback target that answered
 X_CACHE = istr("X-Cache")
 X_CACHED = istr("X-Cached")
+X_RELIAPI_COST = istr("X-ReliAPI-Cost-USD")  # to the client: what a complete answer cost (not on replays)
 RETRY_AFTER = istr("Retry-After")
 RETRY_AFTER_MS = istr("retry-after-ms")  # OpenAI's finer-grained variant
 X_SHOULD_RETRY = istr("x-should-retry")  # OpenAI/Anthropic: the upstream's own verdict

@@ -35,7 +35,7 @@ from aiohttp import hdrs
 from gateway.errors import GatewayError
 from gateway.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
 from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
-from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED
+from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED, X_RELIAPI_COST
 from gateway.store import Store, StoreError
 from policies.idempotency import canonical_body
 
@@ -215,8 +215,12 @@ def policy(rt: Runtime) -> Policy | None:
                         reply = await flights.follow(key, found, "", wait_s=_WAIT_S, idle_s=ex.target.idle_timeout_s)
                     except (KeyMismatch, StillRunning):
                         break  # run it ourselves, uncached
+                    except GatewayError:  # the leader's own failure, shared: this duplicate still joined it
+                        events.emit(Coalesced(target=ex.target.name, policy="cache"))
+                        raise
                     if reply is not None:
                         events.emit(Coalesced(target=ex.target.name, policy="cache"))
+                        reply.headers.popall(X_RELIAPI_COST, None)  # the leader's request paid for it
                         return _mark(reply, "MISS")
         except StoreError as e:
             degraded(ex, e)
@@ -243,5 +247,6 @@ def _hit(ex: Exchange, reply: Reply, age_s: float) -> Reply:
     headers = reply.headers
     headers[X_CACHE] = "HIT"
     headers[X_CACHED] = "true"
+    headers.popall(X_RELIAPI_COST, None)  # a hit costs nothing: the stored answer's cost is not said again
     headers[hdrs.AGE] = str(max(0, int(age_s)))
     return reply

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 import msgspec
 from multidict import CIMultiDict
 
-from gateway.errors import IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
+from gateway.errors import GatewayError, IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
 from gateway.events import Coalesced, IdempotentReplay, StoreDegraded
 from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
-from gateway.headers import IDEMPOTENCY_KEYS, X_CACHED
+from gateway.headers import IDEMPOTENCY_KEYS, X_CACHED, X_RELIAPI_COST
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
@@ -190,7 +190,12 @@ def policy(rt: Runtime) -> Policy | None:
                         raise KeyMismatch()
                     events.emit(IdempotentReplay(target=ex.target.name))
                     return _replayed(ex, replay(found))
-                reply = await flights.follow(store_key, found, fp, wait_s=cfg.wait_s, idle_s=ex.target.idle_timeout_s)
+                try:
+                    reply = await flights.follow(store_key, found, fp, wait_s=cfg.wait_s,
+                                                 idle_s=ex.target.idle_timeout_s)
+                except GatewayError:  # the leader's own failure, shared: this duplicate still joined it
+                    events.emit(Coalesced(target=ex.target.name, policy="idempotency"))
+                    raise
                 if reply is not None:
                     events.emit(Coalesced(target=ex.target.name, policy="idempotency"))
                     return _replayed(ex, reply)
@@ -228,5 +233,6 @@ def _replayed(ex: Exchange, reply: Reply) -> Reply:
     headers: CIMultiDict[str] = reply.headers
     headers[IDEMPOTENT_REPLAYED] = "true"
     headers[X_CACHED] = "true"
+    headers.popall(X_RELIAPI_COST, None)  # a replay costs nothing: the first answer's cost is not said twice
     ex.log["idempotent_hit"] = True
     return reply

@@ -31,6 +31,7 @@ from multidict import istr
 
 from gateway.errors import UpstreamError
 from gateway.exchange import ANTHROPIC
+from gateway.headers import X_RELIAPI_COST
 from gateway.store import StoreError
 from providers import anthropic, openai
 from providers.pricing import estimate_prompt_tokens
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("reliapi")
 
 X_RELIAPI_USER = istr("X-ReliAPI-User")
-X_RELIAPI_COST = istr("X-ReliAPI-Cost-USD")
 USAGE_TTL_S = 400 * 86400  # a day's rows are kept for about 13 months
 
 

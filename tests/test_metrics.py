@@ -438,3 +438,31 @@ def test_a_targets_error_rate_counts_its_failures_not_the_gateways_refusals():
     latest = obs.last_errors[0]
     assert (latest["code"], latest["path"]) == ("upstream_timeout", "/v1/chat/completions")
     assert obs.last_errors[1]["message"] == "the upstream answered 502"
+
+
+async def test_duplicates_that_join_a_failing_request_are_counted_as_coalesced(fake, gateway, clock):
+    from tests.conftest import llm_config
+
+    cfg = llm_config(fake.url).replace('models: ["gpt-*"]', f'models: ["gpt-*"]\n    retry_matrix: {NO_RETRY}', 1)
+    client, _ = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
+    fake.plan(Fault(reset=True, delay_ms=200))  # the one request that runs fails (not retried); duplicates share it
+    keyed = {"Idempotency-Key": "fails-once"}
+    replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat(), headers=keyed) for _ in range(3)))
+    assert [r.status for r in replies] == [502, 502, 502] and len(fake.requests) == 1
+    assert (await scrape(client))["reliapi_coalesced_total"] == {L(target="up"): 2}
+
+
+async def test_a_replayed_or_cached_answer_does_not_repeat_its_cost(fake, gateway, clock):
+    from tests.conftest import llm_config
+
+    cfg = llm_config(fake.url).replace("    models:", "    cache: {ttl_s: 60}\n    models:", 1)
+    client, logs = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
+    first = await client.post("/v1/chat/completions", json=chat("priced"))
+    assert float(first.headers["X-ReliAPI-Cost-USD"]) == pytest.approx(logs[-1]["cost_usd"])
+    hit = await client.post("/v1/chat/completions", json=chat("priced"))
+    assert hit.headers["X-Cache"] == "HIT" and "X-ReliAPI-Cost-USD" not in hit.headers
+    keyed = {"Idempotency-Key": "cost-once"}
+    once = await client.post("/v1/chat/completions", json=chat("keyed"), headers={**keyed, "Cache-Control": "no-store"})
+    again = await client.post("/v1/chat/completions", json=chat("keyed"), headers={**keyed, "Cache-Control": "no-store"})
+    assert "X-ReliAPI-Cost-USD" in once.headers
+    assert again.headers["Idempotent-Replayed"] == "true" and "X-ReliAPI-Cost-USD" not in again.headers
