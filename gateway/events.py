@@ -105,7 +105,8 @@ class StoreDegraded(Event, frozen=True):
 
 
 class UpstreamAnswered(Event, frozen=True):
-    """One attempt got its answer from the upstream (the whole body, or a stream's first byte)."""
+    """One attempt ended: its answer came (the whole body, or a stream's first byte; ``status``), or it
+    timed out or could not connect (``status`` 0)."""
 
     seconds: float
     status: int

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import hdrs
 
 from gateway.crossing import Crossing, crossing
-from gateway.errors import UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.events import UpstreamAnswered
 from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
@@ -153,10 +153,14 @@ def upstream_sender(rt: Runtime) -> Handler:
             if asked is not None:
                 body, strip_usage = asked, True
         sent_at = clock.monotonic()
-        reply = await target.transport.send(
-            ex.method, url or ex.url(), headers, body,
-            timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
-        )
+        try:
+            reply = await target.transport.send(
+                ex.method, url or ex.url(), headers, body,
+                timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
+            )
+        except GatewayError:  # a timeout or a refused connection is an attempt too (status 0): p99 must show it
+            events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=0))
+            raise
         events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=reply.status))
         if reply.status >= 400 and reply.body is not None:
             if scrub.secrets and reply.body:

@@ -466,3 +466,17 @@ async def test_a_replayed_or_cached_answer_does_not_repeat_its_cost(fake, gatewa
     again = await client.post("/v1/chat/completions", json=chat("keyed"), headers={**keyed, "Cache-Control": "no-store"})
     assert "X-ReliAPI-Cost-USD" in once.headers
     assert again.headers["Idempotent-Replayed"] == "true" and "X-ReliAPI-Cost-USD" not in again.headers
+
+
+async def test_an_attempt_that_never_got_an_answer_is_timed_too(fake, gateway, clock):
+    """upstream_duration_seconds counts every attempt: a refused connection (or a timeout) as well."""
+    cfg = f"""
+targets:
+  gone:
+    base_url: http://127.0.0.1:9/api
+    retry_matrix: {NO_RETRY}
+"""
+    client, _ = await gateway(cfg, clock=clock)
+    resp = await client.get("/t/gone/things")
+    assert resp.status == 502
+    assert count(await scrape(client), "reliapi_upstream_duration_seconds") == {L(target="gone"): 1}
