@@ -123,7 +123,8 @@ Listener = Callable[[Event], None]
 # Events worth a line in the gateway's own log (the rest are counted, not logged).
 _LOGGED = {
     CircuitTransition: logging.WARNING, KeyDisabled: logging.ERROR, KeyCooldown: logging.INFO,
-    FallbackUsed: logging.INFO, StreamRecovered: logging.WARNING, RetryBudgetExhausted: logging.WARNING,
+    StreamRecovered: logging.WARNING, RetryBudgetExhausted: logging.WARNING,
+    FallbackUsed: logging.DEBUG,  # each is in its request's access line (primary_target, fallback_target)
 }
 
 

@@ -143,6 +143,8 @@ def policy(rt: Runtime) -> Policy:
                 if answered is not None and answered.reply is not None:
                     await answered.reply.aclose()
                 _mark(ex, reply, i, target)
+                if i:
+                    ex.log["primary_target"] = primary.name  # the access line's target is the one that answered
                 if reply.chunks is not None and reply.reader is not None and target.name in recovering:
                     reply.chunks = stream_recovery.recovering(
                         ex, reply, candidates[i:], client_body, client_model, run, events,
@@ -170,6 +172,7 @@ def policy(rt: Runtime) -> Policy:
         if final.index:
             final.error.headers[X_RELIAPI_FALLBACK] = target.name
             ex.log["fallback_target"] = target.name
+            ex.log["primary_target"] = primary.name
         raise final.error
 
     return fallback

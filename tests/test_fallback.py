@@ -56,7 +56,7 @@ async def test_chain_is_tried_in_order_each_with_its_model(three, gateway):
     assert fb2.requests[0].json()["messages"] == CHAT["messages"]  # nothing else changed
     assert [(e.target, e.to_target, e.reason) for e in events] == [
         ("up", "fb1", "server_error"), ("fb1", "fb2", "server_error")]
-    assert logs[-1]["fallback_target"] == "fb2" and logs[-1]["target"] == "fb2" and logs[-1]["model"] == "gpt-two"
+    assert logs[-1]["fallback_target"] == "fb2" and logs[-1]["target"] == "fb2" and logs[-1]["primary_target"] == "up" and logs[-1]["model"] == "gpt-two"
     assert resp.headers["X-ReliAPI-Attempts"] == "7"
 
 
