@@ -259,6 +259,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     ex: Exchange | None = None
     inflight: str | None = None
+    tenant_name: str | None = None
     outcome = StreamOutcome()
     status, error, reply = 0, None, None
     try:
@@ -266,7 +267,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             if make_exchange is _no_route:  # counted and logged like any refused request
                 await _no_route(request, rt, request_id, None)
             tenant = rt.tenants.authenticate(request.headers)  # before the body: an unknown caller costs no upload
-            ex = await make_exchange(request, rt, request_id, tenant.name if tenant is not None else None)
+            tenant_name = tenant.name if tenant is not None else None
+            ex = await make_exchange(request, rt, request_id, tenant_name)
             inflight = ex.target.name
             rt.observatory.enter(inflight)
             reply = await (rt.keyed_pipeline if keyed(ex) else rt.pipeline)(ex)
@@ -303,6 +305,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         if inflight is not None:
             rt.observatory.leave(inflight)
         fields = _access_fields(request, request_id, route, ex, reply, status, error, outcome, started)
+        if ex is None:
+            fields["tenant"] = tenant_name  # a known caller whose request was refused before it had a target
         failed = error or outcome.error
         if failed is not None:
             fields["error_message"] = rt.scrub(failed.message)

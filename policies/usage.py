@@ -87,7 +87,7 @@ async def summary(store: Any, *, tenant: str | None = None, user: str | None = N
         into = days.setdefault(day, {})
         for field, value in (await store.hgetall(key)).items():
             into[field] = into.get(field, 0.0) + value
-    total: dict[str, float] = {}
+    total: dict[str, float] = {"requests": 0.0, "prompt_tokens": 0.0, "completion_tokens": 0.0, "cost_usd": 0.0}
     for row in days.values():
         for field, value in row.items():
             total[field] = total.get(field, 0.0) + value

@@ -34,6 +34,8 @@ LLM_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi
 ACME = {"Authorization": "Bearer acme-key-123456"}
 OTHER = {"Authorization": "Bearer other-key-123456"}
 
+ZERO_TOTAL = {"completion_tokens": 0, "cost_usd": 0.0, "prompt_tokens": 0, "requests": 0}  # no rows: zeros, not {}
+
 
 def config(url: str, *, server: str = "", tenants: bool = False) -> str:
     """``up`` (OpenAI), ``rest`` and ``rest2`` (plain HTTP, both cached), ``plain`` (not cached)."""
@@ -146,7 +148,7 @@ async def test_usage_sums_rows_by_tenant_user_and_since(fake, gateway):
     assert [d["date"] for d in acme_dana["days"]] == [today] and acme_dana["days"][0]["requests"] == 2
     assert (await data(client, "GET", f"/admin/usage?since={today}"))["total"]["requests"] == 4
     future = await data(client, "GET", "/admin/usage?since=2999-01-01")
-    assert future["since"] == "2999-01-01" and future["days"] == [] and future["total"] == {}
+    assert future["since"] == "2999-01-01" and future["days"] == [] and future["total"] == ZERO_TOTAL
 
     for bad in ("yesterday", "2024-13-01", "20240101"):
         status, headers, body = await admin(client, "GET", f"/admin/usage?since={bad}")

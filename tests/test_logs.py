@@ -236,3 +236,18 @@ async def test_a_bug_under_a_shared_answer_is_logged_once_with_the_leaders_reque
     stacked = [rec for rec in gateway_log.lines if "stack" in rec]
     assert len(stacked) == 1 and stacked[0]["request_id"] == "lead-bug-3"
     assert "ZeroDivisionError: a bug under a lead" in stacked[0]["stack"]
+
+
+async def test_a_known_callers_refused_request_is_logged_with_its_tenant(fake, gateway):
+    cfg = f"""
+server: {{default_target: up}}
+tenants:
+  - {{name: acme, api_key: acme-log-key-123456}}
+targets:
+  up: {{base_url: "{fake.url}/v1", provider: openai}}
+"""
+    client, logs = await gateway(cfg)
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": "not a list"},
+                             headers={"Authorization": "Bearer acme-log-key-123456"})
+    assert resp.status == 400 and fake.requests == []
+    assert (logs[-1]["tenant"], logs[-1]["error_code"], logs[-1]["target"]) == ("acme", "invalid_request", None)

@@ -247,5 +247,5 @@ async def test_a_users_usage_by_day_and_in_total(fake, gateway):
     assert len(body["days"]) == 1 and body["days"][0]["date"] == time.strftime("%Y-%m-%d", time.gmtime())
     assert (await client.get("/v1/usage/dana")).status == 401
     future = await (await client.get("/v1/usage/dana?since=2999-01-01", headers=KEY)).json()
-    assert future["total"] == {} and future["days"] == []
+    assert future["total"] == {"completion_tokens": 0, "cost_usd": 0.0, "prompt_tokens": 0, "requests": 0} and future["days"] == []
     assert (await client.get("/v1/usage/dana?since=yesterday", headers=KEY)).status == 400
