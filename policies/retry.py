@@ -84,6 +84,7 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
     if max_retries == 0 and total_s is None:
         return None
     name, clock, events = target.name, rt.clock, rt.events
+    circuits = rt.circuits  # the target's breaker is built after this policy; read when a retry is due
     guard_unsafe = target.kind == "http" and not cfg.retry_non_idempotent
     budget = RetryBudget(cfg.retry_budget.percent, cfg.retry_budget.min_concurrent)
 
@@ -146,6 +147,9 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
                     return _last(reply, error)  # the upstream wants longer than we may wait
                 if ex.deadline is not None and clock.monotonic() + wait >= ex.deadline:
                     return _last(reply, error)
+                circuit = circuits.get(name)
+                if circuit is not None and circuit.state == "open":
+                    return _last(reply, error)  # opened by this failure or a concurrent one: a retry would be refused
                 if not retries:
                     if not budget.allows_another():
                         events.emit(RetryBudgetExhausted(target=name, reason=cls))

@@ -480,3 +480,20 @@ targets:
     resp = await client.get("/t/gone/things")
     assert resp.status == 502
     assert count(await scrape(client), "reliapi_upstream_duration_seconds") == {L(target="gone"): 1}
+
+
+async def test_a_retry_the_open_circuit_would_refuse_is_neither_made_nor_counted(fake, gateway, clock):
+    cfg = f"""
+targets:
+  brittle:
+    base_url: {fake.url}/api
+    retry_matrix: {{"5xx": {{attempts: 2}}, "429": {{attempts: 0}}, "net": {{attempts: 0}}, "timeout": {{attempts: 0}}}}
+    circuit: {{error_threshold: 1, cooldown_s: 30}}
+"""
+    client, _ = await gateway(cfg, clock=clock)
+    fake.plan(Fault(status=500), Fault(status=500), Fault(status=500))
+    resp = await client.get("/t/brittle/things")
+    assert resp.status == 500 and len(fake.requests) == 1  # the first failure opened the circuit: no retry waits
+    m = await scrape(client)
+    assert m.get("reliapi_retries_total", {}) == {}
+    assert m["reliapi_circuit_breaker_transitions_total"] == {L(target="brittle", to="open"): 1}
