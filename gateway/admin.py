@@ -22,6 +22,7 @@ import hmac
 import ipaddress
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,11 +40,11 @@ from gateway.errors import (
     UnknownTarget,
 )
 from gateway.exchange import ENVELOPE
-from gateway.handlers import _request_id
+from gateway.handlers import _access_fields, _request_id
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME
 from gateway.runtime import Runtime
 from gateway.store import StoreError
-from gateway.writer import error_body, error_response
+from gateway.writer import StreamOutcome, error_body, error_response
 from policies import cache as cache_policy
 from policies.usage import summary as usage_summary
 
@@ -107,17 +108,31 @@ def _admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Strea
     async def wrapped(request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME].current
         request_id = _request_id(request)
+        started = time.monotonic()
+        error: GatewayError | None = None
         try:
             check_access(request, rt)
             data = await handler(request, rt)
         except GatewayError as e:
-            return _error(e, request_id, rt)
+            error = e
+            resp = _error(e, request_id, rt)
         except Exception:
             log.exception("admin API: internal error", extra={"fields": {"request_id": request_id}})
-            return error_response(InternalError("internal error"), ENVELOPE, request_id)
-        body = {"success": True, "data": data, "meta": {"request_id": request_id}}
-        return web.Response(body=msgspec.json.encode(body), content_type="application/json",
-                            headers={"X-Request-Id": request_id, "Cache-Control": "no-store"})
+            error = InternalError("internal error")
+            resp = error_response(error, ENVELOPE, request_id)
+        else:
+            body = {"success": True, "data": data, "meta": {"request_id": request_id}}
+            resp = web.Response(body=msgspec.json.encode(body), content_type="application/json",
+                                headers={"X-Request-Id": request_id, "Cache-Control": "no-store"})
+        if rt.access_log.enabled:  # who used the admin API, and who was refused, is on record
+            fields = _access_fields(request, request_id, "admin", None, None, resp.status, error, StreamOutcome(),
+                                    started)
+            fields["outcome"] = "ok" if error is None else "error"
+            fields["path"] = request.path
+            if error is not None:
+                fields["error_message"] = error.message
+            rt.access_log(fields)
+        return resp
 
     return wrapped
 

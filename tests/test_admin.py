@@ -378,3 +378,19 @@ async def test_admin_calls_are_not_counted_as_traffic(fake, gateway):
         await data(client, "GET", "/admin/summary")
     summary = await data(client, "GET", "/admin/summary")
     assert summary["totals"]["requests"] == 1
+
+
+async def test_admin_calls_and_refusals_leave_an_access_line(fake, gateway):
+    cfg = f"""
+server: {{admin_key_env: ADMIN_LOG_KEY}}
+targets:
+  up: {{base_url: "{fake.url}/v1", provider: openai}}
+"""
+    client, logs = await gateway(cfg, env={"ADMIN_LOG_KEY": "adm-log-key-123456"})
+    assert (await client.get("/admin/circuits", headers={"Authorization": "Bearer wrong"})).status == 401
+    assert (await client.get("/admin/circuits", headers={"Authorization": "Bearer adm-log-key-123456"})).status == 200
+    refused, served = logs[-2], logs[-1]
+    assert (refused["route"], refused["path"], refused["status"], refused["error_code"]) == (
+        "admin", "/admin/circuits", 401, "unauthorized")
+    assert (served["route"], served["status"], served["outcome"]) == ("admin", 200, "ok")
+    assert not any("adm-log-key-123456" in str(line) or "wrong" in str(line.get("error_message")) for line in logs)
