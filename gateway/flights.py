@@ -145,7 +145,11 @@ class Flights:
         or the lock of the flight that runs (to ``follow``)."""
         token = os.urandom(8).hex()
         lock = b"L" + token.encode() + b" " + fp.encode()
-        held = await self.store.claim(key, lock, lock_ttl_s)
+        try:
+            held = await self.store.claim(key, lock, lock_ttl_s)
+        except StoreError:
+            self._unclaim(key, lock, lock_ttl_s)
+            raise
         if held is None:
             return Lead(self, key, lock, token, fp, lock_ttl_s)
         if held[:1] == b"D":
@@ -163,13 +167,36 @@ class Flights:
         the lock (a cache refresh: the old entry serves until a good new one replaces it)."""
         token = os.urandom(8).hex()
         lock = b"L" + token.encode() + b" " + fp.encode()
-        if force:
-            await self.store.set(key, lock, lock_ttl_s)
-        elif not await self.store.set_nx(key, lock, lock_ttl_s):
-            return None
+        try:
+            if force:
+                await self.store.set(key, lock, lock_ttl_s)
+            elif not await self.store.set_nx(key, lock, lock_ttl_s):
+                return None
+        except StoreError:
+            self._unclaim(key, lock, lock_ttl_s)
+            raise
         lead = Lead(self, key, lock, token, fp, lock_ttl_s)
         lead.entry_key = entry_key
         return lead
+
+    def _unclaim(self, key: str, lock: bytes, lock_ttl_s: float) -> None:
+        """A claim whose answer never came (the store timed out) may still have been applied: a lock
+        nobody runs under would hold every duplicate back until it expires. Take it back, if it is
+        there and ours, as soon as the store answers again."""
+        async def take_back() -> None:
+            deadline = time.monotonic() + lock_ttl_s
+            pause = 0.5
+            while time.monotonic() < deadline:
+                try:
+                    await self.store.compare_and_delete(key, lock)
+                    return
+                except StoreError:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+
+        task = asyncio.ensure_future(take_back())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def follow(self, key: str, lock: bytes, fp: str, *, wait_s: float, idle_s: float) -> Reply | None:
         """Wait for the flight holding ``lock`` and return its answer; None when it ended

@@ -963,3 +963,29 @@ async def test_two_gateways_on_redis_coalesce_a_running_stream(fake, gateway, cl
         for client in clients:
             await client.close()
         await drop(await redis_store(prefix))
+
+
+class _LateClaimStore(MemoryStore):
+    """A store that, once, applies a claim but answers too late (the client timed out): the lock is there,
+    nobody holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stall_next_claim = True
+
+    async def claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        held = await super().claim(key, value, ttl_s)
+        if self.stall_next_claim:
+            self.stall_next_claim = False
+            raise StoreError("timed out")
+        return held
+
+
+async def test_a_claim_the_store_applied_too_late_does_not_hold_the_next_request_back(fake, gateway):
+    store = _LateClaimStore()
+    client, _ = await gateway(config(fake.url), store=store)
+    first = await client.post("/v1/chat/completions", json=CHAT)
+    assert first.status == 200 and first.headers["X-Cache"] == "BYPASS"  # the store failed: passed through
+    # the orphaned lock is taken back at once; without that, this request would wait on it for 30 s
+    second = await asyncio.wait_for(client.post("/v1/chat/completions", json=CHAT), timeout=10)
+    assert second.status == 200 and second.headers["X-Cache"] == "MISS"
