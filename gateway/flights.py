@@ -25,6 +25,7 @@ upstream call for all — but the key is released, so a later retry runs again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -122,6 +123,7 @@ class Flights:
         self.namespace = namespace
         self.tasks = tasks
         self.local: dict[str, list[Any]] = {}  # key → [lock, Future of the outcome: Recording | GatewayError]
+        self.cleanups: set[asyncio.Task[None]] = set()  # locks to take back once the store answers (``_unclaim``)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
@@ -195,8 +197,15 @@ class Flights:
                     pause = min(pause * 2, 5.0)
 
         task = asyncio.ensure_future(take_back())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.cleanups.add(task)  # not awaited at shutdown: a store that stays down must not hold it up
+        task.add_done_callback(self.cleanups.discard)
+
+    async def close(self) -> None:
+        for task in list(self.cleanups):
+            task.cancel()
+        for task in list(self.cleanups):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def follow(self, key: str, lock: bytes, fp: str, *, wait_s: float, idle_s: float) -> Reply | None:
         """Wait for the flight holding ``lock`` and return its answer; None when it ended

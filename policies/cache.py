@@ -159,6 +159,7 @@ def policy(rt: Runtime) -> Policy | None:
     if not any(t.config.cache is not None and t.config.cache.enabled for t in rt.targets.values()):
         return None
     flights = Flights(rt.store, "cache", rt.background, rt.clock.time)
+    rt.closers.append(flights.close)
     tenants = rt.tenants.by_name
     clock = rt.clock
     logged_at = [-_LOG_EVERY_S]

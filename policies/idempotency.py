@@ -166,6 +166,7 @@ def storable_with_5xx(reply: Reply) -> bool:
 
 def policy(rt: Runtime) -> Policy | None:
     flights = Flights(rt.store, "idem", rt.background, rt.clock.time)
+    rt.closers.append(flights.close)
     fail_open = rt.config.store.fail_open
     events = rt.events
 
