@@ -149,3 +149,27 @@ async def test_a_script_redis_does_not_know_yet_is_loaded_then_run_by_sha() -> N
     assert await client.execute("SCRIPT", "EXISTS", script.sha) == [1]  # EVAL cached it
     assert await script(["k"], ["again"]) == [b"k", b"again"]
     await client.close()
+
+
+async def test_after_a_command_timed_out_others_fail_at_once_and_ping_still_probes():
+    """A Redis that stalls must not cost every request the whole timeout (issue #6 review)."""
+    from gateway.store import StoreError
+    from gateway.store.redis import RedisStore
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 20)  # accepts, reads, never answers
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", key_prefix="stall-test")
+    try:
+        with pytest.raises(StoreError, match="did not answer"):
+            await store.get("k")  # waits out the command timeout once
+        with pytest.raises(StoreError, match="skipped"):
+            await store.get("k")  # then fails at once
+        with pytest.raises(StoreError, match="did not answer"):
+            await store.ping()  # readiness and resync still find out whether it is back
+    finally:
+        await store.close()
+        server.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -25,14 +26,16 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.store.base import Store, StoreError, Subscription, TakeResult, gcra_params, gcra_result
 from gateway.store.redis_pubsub import ChannelHub
-from gateway.store.resp import ReplyError, RespClient, Script
+from gateway.store.resp import ReplyError, RespClient, Script, Stalled
 
 _CONNECT_TIMEOUT_S = 1.0
 _SOCKET_TIMEOUT_S = 2.0
 _HEALTH_CHECK_S = 15  # PING an idle pooled/pub-sub connection before trusting it again
+_STALL_PAUSE_S = 1.0  # after a command timed out, others fail at once for this long (``_wrap_errors``)
 
 # ARGV: expected, channel or ''.
 _COMPARE_AND_DELETE = """
@@ -153,6 +156,7 @@ class RedisStore(Store):
     def __init__(self, url: str, *, key_prefix: str) -> None:
         self._display, self._secrets = _url_secrets(url)
         self._prefix = key_prefix + ":"
+        self._stalled_until = 0.0
         self._client = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=_CONNECT_TIMEOUT_S,
@@ -189,10 +193,17 @@ class RedisStore(Store):
 
     @contextmanager
     def _wrap_errors(self, op: str) -> Iterator[None]:
+        if self._stalled_until and op != "ping" and time.monotonic() < self._stalled_until:
+            # a Redis that stalls (rather than refuses) would cost every request the whole timeout: for a
+            # moment after one timed out, calls fail at once; PING (readiness, resync) still probes
+            raise StoreError(f"redis {op} skipped: the store did not answer within {_SOCKET_TIMEOUT_S:g} s just now")
         try:
             yield
         except (RedisError, ReplyError, OSError) as exc:  # OSError: socket errors, ConnectionError, TimeoutError
+            if isinstance(exc, (Stalled, TimeoutError, RedisTimeoutError)):
+                self._stalled_until = time.monotonic() + _STALL_PAUSE_S
             raise self._error(op, exc) from exc
+        self._stalled_until = 0.0
 
     # -- key/value -------------------------------------------------------------
 

@@ -23,6 +23,10 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 
+class Stalled(ConnectionError):
+    """Redis took the whole timeout without answering (or accepting): it may be stalled, not gone."""
+
+
 class ReplyError(Exception):
     """Redis answered with an error (``-ERR …``)."""
 
@@ -181,7 +185,7 @@ class RespClient:
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            raise ConnectionError(f"Redis did not accept a connection within {self.connect_timeout_s:g}s") from None
+            raise Stalled(f"Redis did not accept a connection within {self.connect_timeout_s:g}s") from None
         except OSError as e:
             raise ConnectionError(f"cannot connect to Redis: {e}") from None
         finally:
@@ -207,7 +211,7 @@ class RespClient:
 
     def _expire(self, proto: _Protocol, fut: asyncio.Future[Any]) -> None:
         if not fut.done():  # its reply never came: the connection's state is unknown
-            proto.fail(ConnectionError(f"Redis did not answer within {self.timeout_s:g}s"))
+            proto.fail(Stalled(f"Redis did not answer within {self.timeout_s:g}s"))
 
     async def execute(self, *args: Any) -> Any:
         return await self._send(await self._protocol(), args)
