@@ -129,10 +129,11 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
 def _meta(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> dict[str, Any]:
     fallback = upstream.headers.get(X_RELIAPI_FALLBACK)
     log = ex.log
+    cost = log.get("cost_usd")
     return {
         "request_id": ex.request_id, "target": ex.target.name, "provider": ex.target.provider.name, "model": ex.model,
         "retries": max(0, ex.attempts - 1), "duration_ms": round(duration_ms, 1),
-        "cost_usd": log.get("cost_usd"), "cost_estimate_usd": log.get("cost_estimate_usd"),
+        "cost_usd": round(cost, 10) if cost is not None else None, "cost_estimate_usd": log.get("cost_estimate_usd"),
         "cost_policy_applied": log.get("cost_policy_applied"), "original_max_tokens": log.get("original_max_tokens"),
         "idempotent_hit": bool(log.get("idempotent_hit")), "cache_hit": upstream.headers.get(X_CACHE) == "HIT",
         "fallback_used": fallback is not None, "fallback_target": fallback,
