@@ -169,7 +169,7 @@ async def summary(request: web.Request, rt: Runtime) -> dict[str, Any]:
         "requests": sum(observatory.requests.values()),  # refusals before a target was chosen too
         "errors": sum(view.errors for view in observatory.targets.values()),
         "inflight": sum(observatory.inflight.values()),
-        "spend_today_usd": round(sum(t["spend_today_usd"] for t in targets), 6),
+        "spend_today_usd": round(sum(t["spend_today_usd"] for t in targets), 8),
         "targets": len(targets),
         "open_circuits": sum(1 for t in targets if t["circuit"] != "closed"),
     }

@@ -312,7 +312,7 @@ class Observatory:
                           "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None},
                 "key_pool": keys,
                 "inflight": self.inflight.get(name, 0),
-                "spend_today_usd": round(view.spend_usd, 6) if view.spend_day == today else 0.0,
+                "spend_today_usd": round(view.spend_usd, 8) if view.spend_day == today else 0.0,
             })
         tenants = []
         budgets = await _tenant_spend(rt, now) if store["healthy"] else {}
@@ -323,8 +323,8 @@ class Observatory:
             spent = budgets.get(name, {})
             tenants.append({
                 "name": name, "requests": view.requests, "rate_limited": view.rate_limited,
-                "spend_today_usd": round(spent.get("daily", view.spend_usd if view.spend_day == today else 0.0), 6),
-                "spend_month_usd": round(spent["monthly"], 6) if "monthly" in spent else None,
+                "spend_today_usd": round(spent.get("daily", view.spend_usd if view.spend_day == today else 0.0), 8),
+                "spend_month_usd": round(spent["monthly"], 8) if "monthly" in spent else None,
                 "budget": None if budget is None else {"daily_usd": budget.daily_usd, "monthly_usd": budget.monthly_usd},
             })
         return {
