@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway.errors import BudgetExceeded, BudgetExhausted, GatewayError, StoreUnavailable
-from gateway.events import BudgetEvent
+from gateway.events import BudgetEvent, StoreDegraded
 from gateway.store import StoreError
 from providers.pricing import estimate_prompt_tokens
 
@@ -127,6 +127,7 @@ def policy(rt: Runtime) -> Policy | None:
         try:
             over = await store.reserve(keys, amount, limits, ttls)
         except StoreError as e:
+            events.emit(StoreDegraded(target=ex.target.name, policy="budget", error=str(e)))
             if fail_open:
                 log.warning("budget: store unavailable, not enforcing budgets (store.fail_open): %s", e)
                 return await call_next(ex)

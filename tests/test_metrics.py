@@ -373,18 +373,23 @@ async def test_a_fresh_gateway_shows_only_its_targets_gauges(fake, gateway):
 
 
 class DownStore(MemoryStore):
-    """A store whose atomic claims fail, as Redis does when it goes away."""
+    """A store whose atomic claims and reservations fail, as Redis does when it goes away."""
 
     async def claim(self, *args, **kwargs):
         raise StoreError("redis claim failed: ConnectionError: refused")
+
+    async def reserve(self, *args, **kwargs):
+        raise StoreError("redis reserve failed: ConnectionError: refused")
 
 
 async def test_a_failing_store_is_counted_per_policy(fake, gateway, clock):
     client, _ = await gateway(config(fake.url, fake.url), env=ENV, clock=clock, store=DownStore(clock=clock.time))
     for _ in range(2):
         await post(client, chat("cache me"), as_(ACME, "cached"), 200)  # served, uncached
+    await post(client, chat("spend?"), as_(BROKE), 503)  # a budgeted tenant: its spend cannot be checked
     m = await scrape(client)
-    assert m["reliapi_store_degraded_total"] == {L(target="cached", policy="cache"): 2}
+    assert m["reliapi_store_degraded_total"] == {L(target="cached", policy="cache"): 2,
+                                                  L(target="up", policy="budget"): 1}
     assert dict(next(iter(m["reliapi_store_degraded_total"]))).keys() == EXTRA_SERIES["reliapi_store_degraded_total"]
     assert "reliapi_cache_hits_total" not in m and "reliapi_cache_misses_total" not in m
 
