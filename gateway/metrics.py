@@ -124,7 +124,7 @@ def _collectors() -> tuple[Registry, dict[str, Any]]:
                           registry=r),
         "store_degraded": Counter(p + "store_degraded_total",  # SPEC §8: a store that fails is "logged, metric"
                                   "Requests a policy served degraded because the store failed (cache, "
-                                  "idempotency, rate_limit).", registry=r),
+                                  "idempotency, rate_limit, budget).", registry=r),
         "tokens": Counter(p + "llm_tokens_total", "LLM tokens, by kind (prompt, completion).", registry=r),
         "cost": Counter(p + "llm_cost_usd_total", "LLM spend in USD at list prices.", registry=r),
         "inflight": Gauge(p + "inflight_requests", "Requests being answered now.", registry=r),
