@@ -167,6 +167,8 @@ def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
         raise InvalidRequest(f"invalid request body: {msg.replace('`', '')}", param=param) from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
 
 
 async def _read_body(request: web.Request, rt: Runtime) -> bytes:

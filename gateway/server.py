@@ -10,12 +10,16 @@ the envelope error every other rejection uses, with 431 for over-long headers
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import msgspec
 from aiohttp import web, web_protocol, web_server
 from aiohttp.http_exceptions import LineTooLong
 
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.exchange import ENVELOPE
+from gateway.handlers import _request_id
+from gateway.headers import X_REQUEST_ID
 from gateway.writer import error_body
 
 log = logging.getLogger("reliapi")
@@ -36,11 +40,25 @@ class _RequestHandler(web_protocol.RequestHandler):
             HeadersTooLarge("request header line too long") if isinstance(exc, LineTooLong)
             else InvalidRequest(f"malformed HTTP request: {_first_line(message)}")
         )
-        log.info("rejected malformed request from %s: %s", request.remote, err.message)
-        body = error_body(err, "envelope", "", target=None, attempts=0, duration_ms=0.0)
-        resp = web.Response(status=err.status, body=msgspec.json.encode(body), content_type="application/json")
+        try:
+            request_id = _request_id(request)  # the client's, when its headers got that far and it is sane
+        except Exception:
+            request_id = _request_id(_NO_HEADERS)
+        log.info("rejected malformed request from %s: %s", request.remote, err.message,
+                 extra={"fields": {"request_id": request_id}})
+        # aiohttp hands a request its parser refused over without its path: the gateway's own dialect
+        body = error_body(err, ENVELOPE, request_id, target=None, attempts=0, duration_ms=0.0)
+        resp = web.Response(status=err.status, body=msgspec.json.encode(body), content_type="application/json",
+                            headers={X_REQUEST_ID: request_id})
         resp.force_close()
         return resp
+
+
+class _NoHeaders:
+    headers: dict[str, str] = {}
+
+
+_NO_HEADERS: Any = _NoHeaders()
 
 
 def _first_line(message: str | None) -> str:

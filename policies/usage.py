@@ -61,6 +61,8 @@ def read_usage(body: bytes, rel_path: str = "chat/completions") -> tuple[int, in
         found = reader(body)
     except msgspec.DecodeError:
         raise NotJSON() from None
+    except RecursionError:  # valid, but nested past what can be read: no usage to count
+        return None
     return None if found is None else (found[0], found[1], None)
 
 

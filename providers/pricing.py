@@ -92,12 +92,14 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
     """About chars/4 plus per-message overhead, for OpenAI chat, Anthropic messages and
     completions bodies (tools and the system prompt count as text)."""
     chars, messages = 0, 0
-    for message in body.get("messages") or ():
+    listed = body.get("messages")
+    for message in listed if isinstance(listed, list) else ():  # wrong shapes are the upstream's to refuse
         if isinstance(message, dict):
             messages += 1
             chars += _text_chars(message.get("content"))
-            for call in message.get("tool_calls") or ():
-                chars += len(str(call))
+            calls = message.get("tool_calls")
+            if isinstance(calls, list):
+                chars += sum(len(str(call)) for call in calls)
     chars += _text_chars(body.get("system"))
     prompt = body.get("prompt")
     if prompt is not None:

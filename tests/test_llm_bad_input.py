@@ -78,3 +78,15 @@ async def test_a_priced_complete_answer_says_what_it_cost(fake, gateway):
     stream = await plain.post("/v1/chat/completions", json={**CHAT, "stream": True})
     await stream.read()
     assert "X-ReliAPI-Cost-USD" not in stream.headers  # a stream's cost is known only after its headers
+
+
+@pytest.mark.parametrize(("path", "raw"), [
+    ("/v1/chat/completions", b'{"a":' * 1100 + b"1" + b"}" * 1100),  # nested past what can be read
+    ("/v1/completions", b'{"model": "gpt-4o-mini", "messages": 1}'),
+    ("/v1/chat/completions", b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x", "tool_calls": 1}]}'),
+])
+async def test_odd_shapes_are_never_a_500(fake, gateway, path, raw):
+    capped = config(fake.url).replace('models: ["gpt-*"]}', 'models: ["gpt-*"], llm: {hard_cost_cap_usd: 1}}')
+    client, _ = await gateway(capped)
+    resp = await client.post(path, data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status < 500, await resp.text()

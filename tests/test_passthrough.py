@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import msgspec
 import pytest
 
 from tests.conftest import llm_config, raw_http
@@ -286,3 +287,15 @@ async def test_no_compression_unless_the_client_asked(gw, fake):
     assert fake.requests[0].headers["Accept-Encoding"] == "identity"  # not aiohttp's "gzip, deflate"
     await client.get("/t/rest/gz", headers={"Accept-Encoding": "br"})
     assert fake.requests[1].headers["Accept-Encoding"] == "br"
+
+
+async def test_a_request_the_http_parser_refuses_is_answered_with_a_request_id(gw, fake):
+    """aiohttp hands such a request over without its path, so the answer is in the envelope dialect."""
+    client, _ = gw
+    data = await raw_http(client, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                 b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    rid = next(line.split(b": ", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:"))
+    assert msgspec.json.decode(body)["meta"]["request_id"] == rid.decode() != ""
+    assert fake.requests == []
