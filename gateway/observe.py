@@ -106,7 +106,8 @@ class Observatory:
     def __init__(self, wall: Callable[[], float] = time.time) -> None:
         self.wall = wall
         self.started = wall()
-        self.requests: dict[tuple[str, str, str, str, str], int] = {}  # target, kind, route, status, tenant
+        # target, kind, route, status (int), tenant → [count, duration Hist, TargetView]; see ``requests``
+        self._requests: dict[tuple[str, str, str, int, str], list[Any]] = {}
         self.durations: dict[tuple[str, str], Hist] = {}  # target, kind
         self.upstream: dict[str, Hist] = {}
         self.ttft: dict[str, Hist] = {}
@@ -144,24 +145,23 @@ class Observatory:
         tenant = f["tenant"] or ""
         kind = f["kind"] or ""
         status = f["status"]
-        key = (target, kind, f["route"], str(status), tenant)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        seconds = f["latency_ms"] / 1000
-        hist = self.durations.get((target, kind))
-        if hist is None:
-            hist = self.durations[(target, kind)] = Hist(DURATION_BUCKETS)
-        hist.observe(seconds)
+        latency_ms = f["latency_ms"]
+        key = (target, kind, f["route"], status, tenant)
+        requests = self._requests
+        slot = requests.get(key)
+        if slot is None:
+            slot = self._slot(key)
+        slot[0] += 1  # (count, Hist, TargetView): the label tuple and its objects are found once
+        slot[1].observe(latency_ms / 1000)
+        view = slot[2]
+        view.requests += 1
+        view.recent.append(latency_ms)
         ttft = f["ttft_ms"]
         if ttft is not None:
             h = self.ttft.get(target)
             if h is None:
                 h = self.ttft[target] = Hist(TTFT_BUCKETS)
             h.observe(ttft / 1000)
-        view = self.targets.get(target)
-        if view is None:
-            view = self.targets[target] = TargetView()
-        view.requests += 1
-        view.recent.append(f["latency_ms"])
         outcome = f["outcome"]
         if outcome != "ok":
             code = f["error_code"] or (f"upstream_{status}" if outcome == "upstream_error" else outcome)
@@ -183,8 +183,11 @@ class Observatory:
                     model = OTHER_MODEL
                 else:
                     self.models.add(model)
-            _inc(self.tokens, (target, model, "prompt"), prompt)
-            _inc(self.tokens, (target, model, "completion"), f.get("completion_tokens") or 0)
+            tokens = self.tokens
+            k = (target, model, "prompt")
+            tokens[k] = tokens.get(k, 0) + prompt
+            k = (target, model, "completion")
+            tokens[k] = tokens.get(k, 0) + (f.get("completion_tokens") or 0)
             cost = f.get("cost_usd")
             if cost:
                 _inc(self.cost, (target, model, tenant), cost)
@@ -197,6 +200,19 @@ class Observatory:
                     if tv.spend_day != day:
                         tv.spend_day, tv.spend_usd = day, 0.0
                     tv.spend_usd += cost
+
+    def _slot(self, key: tuple[Any, ...]) -> list[Any]:
+        target, kind = key[0], key[1]
+        hist = self.durations.get((target, kind))
+        if hist is None:
+            hist = self.durations[(target, kind)] = Hist(DURATION_BUCKETS)
+        slot = self._requests[key] = [0, hist, self._view(target)]
+        return slot
+
+    @property
+    def requests(self) -> dict[tuple[str, str, str, str, str], int]:
+        """Requests answered by (target, kind, route, status, tenant), status as text (the metric's label)."""
+        return {(t, k, r, str(s), n): slot[0] for (t, k, r, s, n), slot in self._requests.items()}
 
     def _error(self, f: dict[str, Any], code: str) -> None:
         self.last_errors.appendleft({

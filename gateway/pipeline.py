@@ -28,7 +28,6 @@ the handlers.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import hdrs
@@ -108,8 +107,15 @@ def compose(policies: Sequence[Policy | None], innermost: Handler) -> Handler:
     handler = innermost
     for policy in reversed(policies):
         if policy is not None:
-            handler = partial(policy, call_next=handler)
+            handler = _bind(policy, handler)
     return handler
+
+
+def _bind(policy: Policy, call_next: Handler) -> Handler:
+    """``policy`` with its ``call_next``: a closure, cheaper per call than a keyword ``partial``."""
+    def step(ex: Exchange) -> Awaitable[Reply]:
+        return policy(ex, call_next)
+    return step
 
 
 def upstream_sender(rt: Runtime) -> Handler:

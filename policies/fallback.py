@@ -76,7 +76,7 @@ class _Outcome:
         return self.reply is not None or isinstance(self.error, UpstreamError)
 
 
-def policy(rt: Runtime) -> Policy:
+def policy(rt: Runtime) -> Policy | None:
     targets = rt.targets
 
     def entries(raw: list, primary: Target) -> list[Entry]:
@@ -98,6 +98,8 @@ def policy(rt: Runtime) -> Policy:
             for name, t in targets.items() if name in tenant.fallback_targets or every is not None
         }
     recovering = {name for name, t in targets.items() if t.config.stream_recovery == "continue"}
+    if not recovering and not tenant_chains and not any(chains.values()):
+        return None  # no target has anywhere to fall back to: the pipeline calls the target's chain itself
     events = rt.events
     target_chains = rt.target_chains  # filled in before request policies are built
 
