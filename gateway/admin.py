@@ -21,7 +21,6 @@ import functools
 import hmac
 import ipaddress
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,6 +41,7 @@ from gateway.errors import (
 from gateway.exchange import ENVELOPE
 from gateway.handlers import _access_fields, _request_id
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME
+from gateway.logs import hide_userinfo
 from gateway.runtime import Runtime
 from gateway.store import StoreError
 from gateway.writer import StreamOutcome, error_body, error_response
@@ -137,11 +137,10 @@ def _admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Strea
     return wrapped
 
 
-_USERINFO = re.compile(r"//[^/@\s'\"]*@")  # a URL's user:password, as a config error may quote it
 
 
 def _clean(rt: Runtime, text: str) -> str:
-    return _USERINFO.sub("//***@", rt.scrub(text))
+    return hide_userinfo(rt.scrub(text))  # a URL's user:password, as a config error may quote it
 
 
 def _error(err: GatewayError, request_id: str, rt: Runtime) -> web.Response:

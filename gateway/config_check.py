@@ -11,6 +11,8 @@ import re
 import typing
 from typing import TYPE_CHECKING
 
+from gateway.logs import hide_userinfo
+
 if TYPE_CHECKING:
     from gateway.config import AuthConfig, Config
 
@@ -125,7 +127,7 @@ def _check_caps(soft: float | None, hard: float | None, path: str) -> list[str]:
 def _check_base_url(url: str, path: str) -> list[str]:
     m = re.fullmatch(r"(https?)://([^/?#@\s]+)(/[^?#\s]*)?", url)
     if not m:
-        shown = re.sub(r"//[^/@\s]*@", "//***@", url)  # a password in the URL is never echoed
+        shown = hide_userinfo(url)  # a password in the URL is never echoed
         return [f"{path}: expected an absolute http(s) URL without query, fragment or credentials, got {shown!r}"]
     return []
 

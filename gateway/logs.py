@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +31,14 @@ def _ts(t: float) -> str:
     if sec != _second[0]:
         _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
     return f"{_second[1]}.{int((t - sec) * 1000):03d}Z"
+
+
+_USERINFO = re.compile(r"//[^/@\s'\"]*@")
+
+
+def hide_userinfo(text: str) -> str:
+    """``text`` with any URL's ``user:password@`` shown as ``***@``."""
+    return _USERINFO.sub("//***@", text) if "@" in text else text
 
 
 class Scrubber:

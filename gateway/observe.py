@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from gateway.events import (
     StoreDegraded,
     UpstreamAnswered,
 )
+from gateway.logs import hide_userinfo
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
@@ -319,7 +319,7 @@ class Observatory:
                 keys = {"total": sum(counts.values()), **counts}
             targets.append({
                 "name": name, "kind": target.kind, "provider": target.provider.name,
-                "origin": _USERINFO.sub("//", target.base.origin),
+                "origin": hide_userinfo(target.base.origin),
                 "circuit": circuit.state if circuit is not None else "closed",
                 "requests": view.requests, "errors": view.errors,
                 "error_rate": round(view.errors / view.requests, 4) if view.requests else 0.0,
@@ -372,7 +372,6 @@ async def _tenant_spend(rt: Runtime, now: float) -> dict[str, dict[str, float]]:
     return out
 
 
-_USERINFO = re.compile(r"//[^/@]*@")  # a base_url's user:password is never shown
 
 
 def key_states(pool: Any) -> dict[str, int]:
