@@ -15,7 +15,7 @@ errors of SPEC §3.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
 import msgspec
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from gateway.runtime import Runtime
 
 T = TypeVar("T")
+CacheTTL = Annotated[float, msgspec.Meta(ge=0)]  # the envelopes' ``cache``: seconds, 0 or more
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -43,7 +44,7 @@ class HttpEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     query: dict[str, str | int | float | bool | list[str]] | str | None = None
     body: Any = None
     idempotency_key: str | None = None
-    cache: int | float | None = None  # TTL seconds for this answer
+    cache: CacheTTL | None = None  # TTL seconds for this answer
 
 
 def decode_body(raw: bytes, kind: type[T], what: str = "envelope") -> T:
@@ -58,6 +59,8 @@ def decode_body(raw: bytes, kind: type[T], what: str = "envelope") -> T:
         raise InvalidRequest(f"invalid {what}: {msg.replace('`', '')}", param=param) from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field name
@@ -68,8 +71,6 @@ def parse(raw: bytes) -> HttpEnvelope:
     env = decode_body(raw, HttpEnvelope)
     if env.method.upper() not in _METHODS:
         raise InvalidRequest(f"method: {env.method!r} is not one of {', '.join(_METHODS)}", param="method")
-    if env.cache is not None and env.cache < 0:
-        raise InvalidRequest("cache: a TTL in seconds, 0 or more", param="cache")
     return env
 
 

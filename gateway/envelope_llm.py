@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.envelope import decode_body
+from gateway.envelope import CacheTTL, decode_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.exchange import ENVELOPE, Exchange, Reply
 from gateway.generate import upstream_error as _upstream_error
@@ -66,15 +66,12 @@ class LLMEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     stop: str | list[str] | None = None
     stream: bool = False
     idempotency_key: str | None = None
-    cache: int | float | None = None
+    cache: CacheTTL | None = None
     user: str | None = None
 
 
 def parse(raw: bytes) -> LLMEnvelope:
-    env = decode_body(raw, LLMEnvelope)
-    if env.cache is not None and env.cache < 0:
-        raise InvalidRequest("cache: a TTL in seconds, 0 or more", param="cache")
-    return env
+    return decode_body(raw, LLMEnvelope)
 
 
 async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: str | None, raw: bytes) -> Exchange:

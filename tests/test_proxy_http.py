@@ -110,3 +110,11 @@ async def test_the_envelope_needs_the_tenant_key(fake, gateway):
     client, _ = await gateway(config(fake.url))
     resp = await client.post("/proxy/http", json={"target": "my_api"})
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "unauthorized"
+
+
+async def test_a_deeply_nested_envelope_body_is_a_400_not_a_500(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    deep = b'{"target": "my_api", "path": "/x", "body": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    resp = await client.post("/proxy/http", headers={**KEY, "Content-Type": "application/json"}, data=deep)
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request"
+    assert fake.requests == []
