@@ -989,3 +989,15 @@ async def test_a_cut_stream_is_shared_across_gateways_and_then_released(fake, pa
     raw = await again.read()
     assert again.status == 200 and REPLAYED not in again.headers and raw.endswith(b"data: [DONE]\n\n")
     assert len(fake.requests) == 2
+
+
+async def test_a_deeply_nested_json_body_with_a_key_is_never_a_500(fake, gateway):
+    client, _ = await gateway(f"""
+targets:
+  api: {{base_url: "{fake.url}/api", idempotency: {{ttl_s: 60}}}}
+""")
+    deep = b"[" * 5000 + b"]" * 5000
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "deep-1"}
+    first = await client.post("/t/api/things", data=deep, headers=headers)
+    again = await client.post("/t/api/things", data=deep, headers=headers)
+    assert first.status == 200 and again.status == 200 and len(fake.requests) == 1
