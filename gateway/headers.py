@@ -85,6 +85,11 @@ def upstream_request_headers(
     return out
 
 
+def is_event_stream(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> bool:
+    """An SSE answer: relayed event by event, read by the stream watchers."""
+    return headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
+
+
 def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers as they may go to the client."""
     return _without(headers, _RESPONSE_DROP)

@@ -14,10 +14,12 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
+from gateway.scrub import Scrubber
 
 _encode = msgspec.json.encode
 
@@ -39,26 +41,6 @@ _USERINFO = re.compile(r"//[^/@\s'\"]*@")
 def hide_userinfo(text: str) -> str:
     """``text`` with any URL's ``user:password@`` shown as ``***@``."""
     return _USERINFO.sub("//***@", text) if "@" in text else text
-
-
-class Scrubber:
-    """Replaces configured secret values with ``***`` in text shown or logged."""
-
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for s in self.secrets:
-            if s in text:
-                text = text.replace(s, "***")
-        return text
-
-    def bytes(self, data: bytes) -> bytes:
-        for s in self.secrets:
-            secret = s.encode()
-            if secret in data:
-                data = data.replace(secret, b"***")
-        return data
 
 
 class JsonFormatter(logging.Formatter):

@@ -30,13 +30,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import hdrs
+from aiohttp.hdrs import ACCEPT_ENCODING, CONTENT_ENCODING
 
 from gateway.crossing import Crossing, crossing
 from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.events import UpstreamAnswered
 from gateway.exchange import Exchange, Reply
-from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, upstream_request_headers
+from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, upstream_request_headers
+from gateway.scrub import decode_answer, scrub_error, scrub_event_stream
 from gateway.sse import Aligner
 from gateway.streams import read_head, strip_usage_chunks, watch
 from policies import (
@@ -132,6 +133,8 @@ def upstream_sender(rt: Runtime) -> Handler:
         headers = upstream_request_headers(
             ex.headers, drop_credentials=credential.drops_client_credentials or tenant_keys,
         )
+        if target.kind == "llm":  # the gateway reads LLM answers (usage, translation): never compressed
+            headers[ACCEPT_ENCODING] = "identity"
         key = ex.key
         if key is not None:
             headers[key.header] = key.value
@@ -168,18 +171,23 @@ def upstream_sender(rt: Runtime) -> Handler:
             events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=0))
             raise
         events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=reply.status))
-        if reply.status >= 400 and reply.body is not None:
-            if scrub.secrets and reply.body:
-                reply.body = scrub.bytes(reply.body)  # an upstream error that echoes a configured key
-            reply.failure = target.provider.classify(reply.status, reply.headers, reply.body, clock.time())
+        if reply.status >= 400:
+            scrub_error(reply, scrub)  # an upstream error that echoes a configured key, complete or streamed
+        if reply.body is not None:
+            if reply.status >= 400:
+                reply.failure = target.provider.classify(reply.status, reply.headers, reply.body, clock.time())
+            elif target.kind == "llm" and CONTENT_ENCODING in reply.headers:
+                decode_answer(reply)  # compressed although identity was asked for
         elif reply.chunks is not None:
+            if reply.status < 400 and scrub.secrets and is_event_stream(reply.headers):
+                scrub_event_stream(reply, scrub)
             _watch_stream(ex, reply, target, strip_usage=strip_usage, cross=cross)
             if reply.failure is None and reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
         if cross is not None:
             if reply.chunks is None:
                 cross.answer(reply)
-            elif reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+            elif is_event_stream(reply.headers):
                 reply.chunks = cross.stream(ex, reply.chunks)
         return reply
 
@@ -191,7 +199,7 @@ def _watch_stream(
 ) -> None:
     """Put an SSE stream of a known format under ``gateway.streams.watch``; an error event in
     its head makes the reply a failure the policies can still retry or fall back from."""
-    if not reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+    if not is_event_stream(reply.headers):
         return
     fmt = stream_format(cross.rel if cross is not None else ex.rel_path)  # what the target sends
     if fmt is None:

@@ -19,9 +19,10 @@ from typing import Any
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.events import Events
-from gateway.logs import AccessLog, Scrubber
+from gateway.logs import AccessLog
 from gateway.observe import Observatory
 from gateway.pipeline import Handler, build_pipeline
+from gateway.scrub import Scrubber
 from gateway.shared import SharedState
 from gateway.store import Store, StoreError, open_store
 from gateway.targets import Router, Target

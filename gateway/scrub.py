@@ -1,0 +1,207 @@
+"""Keeping configured secrets out of what clients and logs see (SPEC §7, §8).
+
+``Scrubber`` replaces every configured key value — upstream keys, tenant keys, the admin
+key — with ``***``: in the gateway's log lines and messages, and in every upstream error
+answer before a client sees it (``scrub_error``): a complete body, and a streamed one (an
+SSE or chunked error, or one too large to hold) scrubbed as it passes, a key split across
+two chunks included. A compressed error body is decoded first and sent on decoded — its
+bytes could not be scrubbed otherwise. A 2xx event stream is scrubbed too
+(``scrub_event_stream``): an in-band error event may quote a key as well.
+
+A streamed body is scrubbed by holding back, between chunks, only the bytes that could be
+the start of a secret: an SSE chunk ends with a blank line, so an event stream is never
+delayed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING
+
+from aiohttp import hdrs
+
+from gateway import encoding
+from gateway.errors import StreamBroken
+
+if TYPE_CHECKING:
+    from gateway.exchange import Reply
+
+log = logging.getLogger("reliapi")
+
+MAX_DECODED_ERROR = 16 << 20  # an error body decoded to be scrubbed: more than this is cut off (streams: aborted)
+MAX_DECODED_ANSWER = 64 << 20
+
+
+class Scrubber:
+    """Replaces configured secret values with ``***`` in text shown or logged."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+        self._raw = [s.encode() for s in self.secrets]
+
+    def __call__(self, text: str) -> str:
+        for s in self.secrets:
+            if s in text:
+                text = text.replace(s, "***")
+        return text
+
+    def bytes(self, data: bytes) -> bytes:
+        for secret in self._raw:
+            if secret in data:
+                data = data.replace(secret, b"***")
+        return data
+
+    def held(self, data: bytes) -> int:
+        """How many bytes at the end of ``data`` could be the start of a secret (to wait for the next chunk)."""
+        n, longest = len(data), 0
+        for secret in self._raw:
+            i = data.find(secret[:1], max(0, n - len(secret) + 1))
+            while i != -1 and n - i > longest:
+                if secret.startswith(data[i:]):
+                    longest = n - i
+                    break
+                i = data.find(secret[:1], i + 1)
+        return longest
+
+    def feeder(self) -> _StreamScrub:
+        return _StreamScrub(self)
+
+
+class _StreamScrub:
+    """Scrubs one stream chunk by chunk: ``feed`` returns what may be sent now, ``end`` the rest."""
+
+    __slots__ = ("scrub", "tail")
+
+    def __init__(self, scrub: Scrubber) -> None:
+        self.scrub = scrub
+        self.tail = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.tail:
+            data, self.tail = self.tail + data, b""
+        data = self.scrub.bytes(data)
+        keep = self.scrub.held(data)
+        if keep:
+            data, self.tail = data[:-keep], data[-keep:]
+        return data
+
+    def end(self) -> bytes:
+        tail, self.tail = self.tail, b""
+        return tail
+
+
+class _StreamDecode:
+    __slots__ = ("decoder",)
+
+    def __init__(self, coding: str) -> None:
+        self.decoder = encoding.Decoder(coding, MAX_DECODED_ERROR)
+
+    def feed(self, data: bytes) -> bytes:
+        return self.decoder.feed(data)
+
+    def end(self) -> bytes:
+        return self.decoder.flush()
+
+
+Stage = _StreamScrub | _StreamDecode
+
+
+def scrub_error(reply: Reply, scrub: Scrubber) -> None:
+    """An upstream error answer (status ≥ 400) as the client may see it: decoded when it is
+    compressed in a coding the gateway reads, and without any configured secret."""
+    coding = reply.headers.get(hdrs.CONTENT_ENCODING)
+    if coding is not None and not encoding.codings(coding):
+        coding = None  # identity
+    if reply.chunks is None:
+        body = reply.body or b""
+        if coding is not None:
+            try:
+                body = encoding.decode(body, coding, MAX_DECODED_ERROR)
+            except (encoding.Unsupported, encoding.Corrupt):
+                pass  # sent on as it came (its raw bytes scrubbed below: the best that can be done)
+            except encoding.TooLarge:
+                body = b'{"error": {"message": "the upstream error answer was too large to show"}}'
+                _decoded(reply)
+            else:
+                _decoded(reply)
+        reply.body = scrub.bytes(body) if scrub.secrets else body
+        return
+    stages: list[Stage] = []
+    if coding is not None and encoding.supported(coding):
+        stages.append(_StreamDecode(coding))
+        _decoded(reply)
+    if scrub.secrets:
+        stages.append(scrub.feeder())
+    if stages:
+        _restream(reply, stages)
+
+
+def decode_answer(reply: Reply) -> None:
+    """A complete answer the gateway must read, decoded (an LLM upstream that compresses although the
+    gateway asked for identity). One that cannot be decoded is left as it came."""
+    try:
+        reply.body = encoding.decode(reply.body or b"", reply.headers[hdrs.CONTENT_ENCODING], MAX_DECODED_ANSWER)
+    except (encoding.Unsupported, encoding.Corrupt, encoding.TooLarge):
+        return
+    _decoded(reply)
+
+
+def scrub_event_stream(reply: Reply, scrub: Scrubber) -> None:
+    """A 2xx event stream scrubbed as it passes (an in-band error event may quote a key)."""
+    if scrub.secrets and hdrs.CONTENT_ENCODING not in reply.headers:
+        _restream(reply, [scrub.feeder()])
+
+
+def _decoded(reply: Reply) -> None:
+    del reply.headers[hdrs.CONTENT_ENCODING]
+    reply.headers.popall(hdrs.CONTENT_LENGTH, None)
+
+
+def _restream(reply: Reply, stages: list[Stage]) -> None:
+    """Run a stream through ``stages``; the reply's head (its first chunk, already received) and
+    its chunks keep their contract: the chunks yield the head first."""
+
+    def through(data: bytes) -> bytes:
+        for stage in stages:
+            data = stage.feed(data)
+        return data
+
+    def ending() -> bytes:
+        data = b""
+        for stage in stages:
+            data = stage.feed(data) + stage.end() if data else stage.end()
+        return data
+
+    source = reply.chunks
+    assert source is not None
+    skip = bool(reply.head)
+    head = through(reply.head) if skip else b""
+    reply.head = head
+    reply.chunks = _staged(source, head, skip, through, ending)
+
+
+async def _staged(
+    source: AsyncIterator[bytes], head: bytes, skip: bool, through: Callable[[bytes], bytes],
+    ending: Callable[[], bytes],
+) -> AsyncIterator[bytes]:
+    it = source.__aiter__()
+    try:
+        if skip:
+            await it.__anext__()  # the original head, already run through the stages
+        if head:
+            yield head
+        try:
+            async for chunk in it:
+                out = through(chunk)
+                if out:
+                    yield out
+            out = ending()
+        except (encoding.Corrupt, encoding.TooLarge):
+            raise StreamBroken("the upstream's compressed answer could not be decoded") from None
+        if out:
+            yield out
+    finally:
+        close = getattr(it, "aclose", None)
+        if close is not None:
+            await close()

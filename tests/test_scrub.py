@@ -1,0 +1,158 @@
+"""Every error body a client gets is scrubbed of configured keys (issue #12 point 4, SPEC §8).
+
+The upstream here is careless in every way an error can reach a client: it quotes the
+gateway's upstream key in a 4xx sent as an event stream, in a chunked 4xx, in a 4xx larger
+than the gateway holds in memory (with the key split across two chunks), in a gzip-compressed
+4xx, and in an in-band error event of a 2xx stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+
+import msgspec
+import pytest
+from aiohttp import web
+
+from gateway.scrub import Scrubber
+
+KEY = "sk-up-SECRET-0a1b2c3d4e5f"
+ENV = {"UP_KEY": KEY, "REST_KEY": "rest-SECRET-99887766"}
+
+
+def config(url: str) -> str:
+    return f"""
+server: {{default_target: up}}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    auth: {{type: bearer_env, env_var: UP_KEY}}
+    retry_matrix: {{"5xx": {{attempts: 0}}, "429": {{attempts: 0}}}}
+  rest:
+    base_url: {url}/api
+    auth: {{type: bearer_env, env_var: REST_KEY}}
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+"""
+
+
+def _key(request: web.Request) -> bytes:
+    return request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+
+
+async def _sse_4xx(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(status=401, headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b'data: {"error": {"message": "bad key ' + _key(request) + b'"}}\n\n')
+    await resp.write_eof()
+    return resp
+
+
+async def _chunked_4xx_split(request: web.Request) -> web.StreamResponse:
+    """A 4xx over the gateway's 1 MB buffer, the key split across two chunks (and repeated at the end)."""
+    key = _key(request)
+    resp = web.StreamResponse(status=400, headers={"Content-Type": "application/json"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    await resp.write(b'{"error": {"message": "' + b"x" * (1 << 20) + b" your key " + key[:7])
+    await asyncio.sleep(0.05)  # the two halves arrive as two chunks
+    await resp.write(key[7:] + b' is wrong", "pad": "' + b"y" * 1000 + b'", "again": "' + key + b'"}}')
+    await resp.write_eof()
+    return resp
+
+
+async def _gzip_4xx(request: web.Request) -> web.Response:
+    body = b'{"error": {"message": "invalid key ' + _key(request) + b'", "type": "invalid_request_error"}}'
+    return web.Response(status=401, body=gzip.compress(body),
+                        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+
+async def _gzip_chunked_4xx(request: web.Request) -> web.StreamResponse:
+    body = gzip.compress(b'{"error": {"message": "invalid key ' + _key(request) + b'"}}')
+    resp = web.StreamResponse(status=403, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    for i in range(0, len(body), 5):
+        await resp.write(body[i:i + 5])
+    await resp.write_eof()
+    return resp
+
+
+async def _sse_inband_error(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]}\n\n')
+    await resp.write(b'data: {"error": {"message": "key ' + _key(request) + b' was revoked mid-stream"}}\n\n')
+    await resp.write_eof()
+    return resp
+
+
+@pytest.fixture
+async def careless(aiohttp_server):
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _sse_4xx)
+    app.router.add_post("/v1/big/completions", _chunked_4xx_split)
+    app.router.add_post("/v1/gz/completions", _gzip_4xx)
+    app.router.add_get("/api/gz", _gzip_chunked_4xx)
+    app.router.add_post("/v1/inband/completions", _sse_inband_error)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def test_a_4xx_event_stream_that_quotes_the_key_is_scrubbed(careless, gateway) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    body = await resp.read()
+    assert resp.status == 401
+    assert b"bad key ***" in body and KEY.encode() not in body
+
+
+async def test_a_4xx_too_large_to_hold_is_scrubbed_as_it_streams_even_split_across_chunks(careless, gateway) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.post("/v1/big/completions", json={"model": "gpt-4o-mini", "prompt": "x"})
+    body = await resp.read()
+    assert resp.status == 400
+    assert len(body) > 1 << 20
+    assert KEY.encode() not in body and KEY[:7].encode() + KEY[7:].encode() not in body
+    assert body.count(b"***") == 2 and b"your key *** is wrong" in body
+
+
+async def test_a_gzip_4xx_is_decoded_and_scrubbed(careless, gateway) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.post("/v1/gz/completions", json={"model": "gpt-4o-mini", "prompt": "x"},
+                             headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    raw = await resp.read()
+    assert resp.status == 401
+    assert "Content-Encoding" not in resp.headers  # sent on decoded: compressed bytes cannot be scrubbed
+    assert msgspec.json.decode(raw)["error"]["message"] == "invalid key ***"
+
+
+async def test_a_gzip_chunked_4xx_of_a_plain_http_target_is_decoded_and_scrubbed(careless, gateway) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.get("/t/rest/gz", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    raw = await resp.read()
+    assert resp.status == 403 and "Content-Encoding" not in resp.headers
+    assert raw == b'{"error": {"message": "invalid key ***"}}'
+
+
+async def test_an_in_band_error_event_of_a_2xx_stream_is_scrubbed(careless, gateway) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.post("/v1/inband/completions", json=CHAT)
+    body = await resp.read()
+    assert resp.status == 200
+    assert b"key *** was revoked" in body and KEY.encode() not in body
+
+
+def test_a_streamed_scrub_holds_back_only_what_could_start_a_secret() -> None:
+    scrub = Scrubber(["sk-abcdef123456"])
+    feed = scrub.feeder()
+    assert feed.feed(b'data: {"x": 1}\n\n') == b'data: {"x": 1}\n\n'  # an event: nothing held, nothing delayed
+    assert feed.feed(b"the key sk-abc") == b"the key "
+    assert feed.feed(b"def123456 ok sk") == b"*** ok "
+    assert feed.feed(b"y") == b"sky"  # not a secret after all: released with the next chunk
+    assert feed.feed(b"sk-abcdef12") == b""
+    assert feed.end() == b"sk-abcdef12"  # the stream ended: what was held goes out as it came
