@@ -114,10 +114,17 @@ class CircuitConfig(_Base):
     half_open_max_calls: PositiveInt = 1
 
 
+HeaderName = Annotated[str, Meta(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]
+
+
 class CacheConfig(_Base):
     enabled: bool = True
     ttl_s: NonNegFloat = 3600
     max_entry_mb: PositiveFloat = 1
+    # request headers whose values split entries, beyond the credentials the gateway always keys on
+    # (Authorization, Cookie, X-Api-Key, Api-Key, the target's auth.header): list the header a
+    # passthrough API authenticates with (X-Auth-Token, …) so two users never share an answer
+    vary_headers: list[HeaderName] = []
 
 
 class IdempotencyConfig(_Base):

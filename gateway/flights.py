@@ -56,6 +56,7 @@ class Entry(msgspec.Struct, array_like=True):
     body: bytes | None
     chunks: list[bytes] | None
     created: float  # wall time of the run's start (TTLs count from the first request)
+    vary: str = ""  # the cache's: which request the answer is for, beyond its key (``policies.cache``)
 
 
 _encode = msgspec.msgpack.encode
@@ -316,6 +317,7 @@ class Lead:
         self.entry_key: str | None = None  # store the answer here, not under the lock (claim)
         self._own: Reader | None = None  # the leader's client's reader of a stream
         self.request_id: str | None = None
+        self.tag: Callable[[list[tuple[str, str]]], str] | None = None  # the answer's headers → ``Entry.vary``
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
@@ -458,7 +460,8 @@ class Lead:
     async def _store(self, rec: Recording, ttl_s: float) -> None:
         await self._drain()
         entry = Entry(self.fp, rec.status, rec.headers, rec.body if not rec.stream else None,
-                      rec.chunks if rec.stream else None, self.started)
+                      rec.chunks if rec.stream else None, self.started,
+                      self.tag(rec.headers) if self.tag is not None else "")
         left = ttl_s - (self.flights.now() - self.started)
         store = self.flights.store
         try:

@@ -7,9 +7,17 @@ not one answer). Only 2xx answers, never one whose upstream ``Cache-Control`` sa
 than ``cache.max_entry_mb``. A stream is stored as its chunks and replayed as a stream.
 
 The key starts with the server-derived tenant (a body can never forge another
-tenant's entry), then the target, whether the answer streams (stream and non-stream
-never share an entry), and a hash of method, path, sorted query, ``Accept`` and the
-body as canonical JSON.
+tenant's entry) — without tenants, on a target that forwards the client's own credential,
+a hash of every value of every credential-bearing header (``Authorization``, ``Cookie``,
+``X-Api-Key``, ``Api-Key``, the target's ``auth.header``): two API keys never share an
+answer —, then the target, whether the answer streams (stream and non-stream never share
+an entry), and a hash of method, path, sorted query, ``Accept``, ``Accept-Encoding``, the
+values of the target's ``cache.vary_headers`` and the body as canonical JSON.
+
+The upstream's ``Vary`` is honoured: an answer that varies on a request header the key does
+not already hold is stored with a tag of that header's values and served only to requests
+with the same values (``Vary: *``: not stored); a request that would share a running flight's
+answer which varies that way runs on its own instead.
 
 Request ``Cache-Control``: ``no-cache`` skips the lookup and stores the fresh answer;
 ``no-store`` skips lookup and store; ``only-if-cached`` answers 504 on a miss. The
@@ -28,7 +36,8 @@ import hashlib
 import logging
 import re
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs
 
@@ -44,6 +53,7 @@ if TYPE_CHECKING:
     from gateway.exchange import Exchange, Reply
     from gateway.pipeline import Handler, Policy
     from gateway.runtime import Runtime
+    from gateway.targets import Target
 
 log = logging.getLogger("reliapi")
 
@@ -74,10 +84,28 @@ def storable(reply: Reply) -> bool:
     if not 200 <= reply.status < 300 or reply.failure is not None:  # (a 200 stream led by an error event)
         return False
     directives = _directives(reply.headers)
-    return "no-store" not in directives and "private" not in directives
+    if "no-store" in directives or "private" in directives:
+        return False
+    return not any(name.strip() == "*" for value in reply.headers.getall(hdrs.VARY, ()) for name in value.split(","))
 
 
-def cache_key(flights: Flights, ex: Exchange) -> str:
+class Keying:
+    """Which request headers split a target's entries, worked out once per target."""
+
+    __slots__ = ("credentials", "vary", "covered")
+
+    def __init__(self, target: Target) -> None:
+        auth = target.config.auth
+        own = (auth.header,) if auth is not None and auth.header else ()
+        # a target that forwards the client's own credential: each credential its own entries
+        self.credentials = () if target.credential.drops_client_credentials else (*CREDENTIAL_HEADERS, *own)
+        self.vary = tuple(target.config.cache.vary_headers) if target.config.cache is not None else ()
+        # headers an upstream Vary may name without a tag: already in the key, or never forwarded as sent
+        self.covered = frozenset(n.lower() for n in (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, *CREDENTIAL_HEADERS, *own,
+                                                     *self.vary))
+
+
+def cache_key(flights: Flights, ex: Exchange, keying: Keying) -> str:
     h = hashlib.sha256()
     query = "&".join(sorted(ex.query.split("&"))) if ex.query else ""
     headers = ex.headers
@@ -87,8 +115,31 @@ def cache_key(flights: Flights, ex: Exchange) -> str:
     for part in (ex.method, ex.rel_path, query, headers.get(hdrs.ACCEPT, ""), encoding):
         h.update(part.encode())
         h.update(b"\0")
+    if keying.vary:
+        _values(h, headers, keying.vary)
     h.update(canonical_body(ex, strict=False))
-    return flights.key(_scope(ex), ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
+    return flights.key(_scope(ex, keying), ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
+
+
+def _values(h: Any, headers: Any, names: tuple[str, ...]) -> None:
+    """Every value of every header in ``names`` (a second Cookie header counts too)."""
+    for name in names:
+        h.update(name.encode())
+        for value in headers.getall(name, ()):
+            h.update(b"\1")
+            h.update(value.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+
+
+def vary_tag(varies: Iterable[str], headers: Any, keying: Keying) -> str:
+    """The tag of an answer whose ``Vary`` (the header's values) names request headers the key does
+    not hold: a hash of those headers' values in ``headers``; "" when the key covers them all."""
+    names = sorted({n.strip().lower() for value in varies for n in value.split(",")} - keying.covered - {""})
+    if not names:
+        return ""
+    h = hashlib.sha256()
+    _values(h, headers, tuple(names))
+    return h.hexdigest()[:32]
 
 
 # ---------------------------------------------------------------- the admin API's view of the entries
@@ -137,22 +188,16 @@ async def clear_entries(store: Store, target: str | None = None) -> int:
     return deleted
 
 
-def _scope(ex: Exchange) -> str:
+def _scope(ex: Exchange, keying: Keying) -> str:
     """Whose entry: the authenticated tenant; without tenants, on a target that forwards the
-    client's own credential, that credential (hashed) — two API keys never share an answer."""
+    client's own credential, that credential (every value of every credential header, hashed)."""
     if ex.tenant is not None:
         return "t." + ex.tenant
-    if ex.target.credential.drops_client_credentials:
+    if not keying.credentials:
         return "-"
     h = hashlib.sha256()
-    for name in CREDENTIAL_HEADERS:
-        h.update(headers_value(ex, name))
-        h.update(b"\0")
+    _values(h, ex.headers, keying.credentials)
     return "c." + h.hexdigest()[:24]
-
-
-def headers_value(ex: Exchange, name: str) -> bytes:
-    return ex.headers.get(name, "").encode("utf-8", "surrogateescape")
 
 
 def policy(rt: Runtime) -> Policy | None:
@@ -160,6 +205,7 @@ def policy(rt: Runtime) -> Policy | None:
         return None
     flights = Flights(rt.store, "cache", rt.background, rt.clock.time)
     rt.closers.append(flights.close)
+    keyings = {name: Keying(t) for name, t in rt.targets.items() if t.config.cache is not None}
     tenants = rt.tenants.by_name
     clock = rt.clock
     logged_at = [-_LOG_EVERY_S]
@@ -193,7 +239,8 @@ def policy(rt: Runtime) -> Policy | None:
         ttl = ttl_for(ex, cfg)
         if ttl <= 0:
             return _mark(await call_next(ex), "BYPASS")
-        key = cache_key(flights, ex)
+        keying = keyings[ex.target.name]
+        key = cache_key(flights, ex, keying)
         lead = None
         try:
             if "no-cache" in directives:  # revalidate: run, and replace the entry only with a good answer
@@ -210,6 +257,9 @@ def policy(rt: Runtime) -> Policy | None:
                         lead = found
                         break
                     if isinstance(found, Entry):
+                        if found.vary and found.vary != vary_tag(
+                                (v for k, v in found.headers if k.lower() == "vary"), ex.headers, keying):
+                            break  # stored for other values of a header the upstream varies on: run it, uncached
                         events.emit(CacheHit(target=ex.target.name))
                         return _hit(ex, replay(found), clock.time() - found.created)
                     try:
@@ -220,6 +270,9 @@ def policy(rt: Runtime) -> Policy | None:
                         events.emit(Coalesced(target=ex.target.name, policy="cache"))
                         raise
                     if reply is not None:
+                        if vary_tag(reply.headers.getall(hdrs.VARY, ()), ex.headers, keying):
+                            await reply.aclose()  # varies on a header whose leader's value is not known here
+                            break
                         events.emit(Coalesced(target=ex.target.name, policy="cache"))
                         reply.headers.popall(X_RELIAPI_COST, None)  # the leader's request paid for it
                         return _mark(reply, "MISS")
@@ -229,6 +282,8 @@ def policy(rt: Runtime) -> Policy | None:
         events.emit(CacheMiss(target=ex.target.name))
         if lead is None:
             return _mark(await call_next(ex), "MISS")
+        headers = ex.headers
+        lead.tag = lambda answer: vary_tag((v for k, v in answer if k.lower() == "vary"), headers, keying)
         reply = await lead.run(
             lambda: call_next(ex), storable=storable, ttl_s=ttl, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
             request_id=ex.request_id,

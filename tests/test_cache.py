@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 import msgspec
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
@@ -449,6 +450,60 @@ async def test_without_tenants_two_passthrough_credentials_never_share_an_entry(
     assert one.cache == other.cache == "MISS" and len(fake.requests) == 2
     assert_hit(await get(client, headers={"Authorization": "Bearer sk-user-one"}))
     assert len(fake.requests) == 2
+
+
+async def test_without_tenants_a_second_cookie_header_splits_entries(fake, start):
+    """Two users whose first Cookie header is the same and whose session is in a second one."""
+    client, _ = await start()
+    alice = await get(client, headers=CIMultiDict([("Cookie", "theme=dark"), ("Cookie", "session=alice")]))
+    bob = await get(client, headers=CIMultiDict([("Cookie", "theme=dark"), ("Cookie", "session=bob")]))
+    assert alice.cache == bob.cache == "MISS" and len(fake.requests) == 2
+    assert fake.requests[1].headers.getall("Cookie") == ["theme=dark", "session=bob"]
+    assert upstream_request_id(alice) != upstream_request_id(bob)
+    again = await get(client, headers=CIMultiDict([("Cookie", "theme=dark"), ("Cookie", "session=alice")]))
+    assert_hit(again)
+    assert upstream_request_id(again) == upstream_request_id(alice)
+
+
+async def test_a_header_listed_in_vary_headers_splits_entries(fake, start):
+    """A passthrough API that authenticates with its own header: listed in cache.vary_headers."""
+    client, _ = await start(rest_cache="{ttl_s: 60, vary_headers: [X-Auth-Token]}")
+    alice = await get(client, headers={"X-Auth-Token": "alice-token"})
+    bob = await get(client, headers={"X-Auth-Token": "bob-token"})
+    assert alice.cache == bob.cache == "MISS" and len(fake.requests) == 2
+    assert "bob-token" in str(bob.json()["headers"]) and "alice-token" not in str(bob.json()["headers"])
+    assert_hit(await get(client, headers={"X-Auth-Token": "alice-token"}))
+    assert len(fake.requests) == 2
+
+
+async def test_the_upstreams_vary_is_honoured_for_a_header_the_key_does_not_hold(fake, start):
+    fake.script = lambda n, seen: Fault(headers={"Vary": "Accept-Encoding, X-Auth-Token"})
+    client, _ = await start()
+    alice = await get(client, headers={"X-Auth-Token": "alice-token"})
+    await settle(client)
+    bob = await get(client, headers={"X-Auth-Token": "bob-token"})
+    assert alice.cache == bob.cache == "MISS" and len(fake.requests) == 2
+    assert "bob-token" in str(bob.json()["headers"]) and "alice-token" not in str(bob.json()["headers"])
+    again = await get(client, headers={"X-Auth-Token": "alice-token"})
+    assert_hit(again)
+    assert "alice-token" in str(again.json()["headers"]) and len(fake.requests) == 2
+
+
+async def test_a_concurrent_duplicate_does_not_share_an_answer_that_varies_on_its_own_header(fake, start):
+    fake.script = lambda n, seen: Fault(headers={"Vary": "X-Auth-Token"}, delay_ms=100)
+    client, _ = await start()
+    alice, bob = await asyncio.gather(get(client, headers={"X-Auth-Token": "alice-token"}),
+                                      get(client, headers={"X-Auth-Token": "bob-token"}))
+    assert len(fake.requests) == 2
+    assert "alice-token" in str(alice.json()["headers"]) and "bob-token" in str(bob.json()["headers"])
+
+
+async def test_vary_star_is_never_stored(fake, start):
+    fake.script = lambda n, seen: Fault(headers={"Vary": "*"})
+    client, _ = await start()
+    await get(client)
+    await settle(client)
+    assert (await get(client)).cache == "MISS" and len(fake.requests) == 2
 
 
 async def test_a_stream_that_opens_with_an_error_event_is_not_stored(fake, start):
