@@ -10,8 +10,11 @@
 
 Who may call it: with ``server.admin_key_env`` naming a variable that holds a key, a caller
 with ``Authorization: Bearer <key>`` (compared in constant time); otherwise loopback peers
-only — never decided by ``X-Forwarded-For``, which any client can write. Answers are
-``{"success": true, "data": …}``; errors are in the envelope dialect (SPEC §3).
+only, and only direct ones: a request carrying ``Forwarded``, ``X-Forwarded-For`` or
+``X-Real-IP`` (any value) came through a proxy, and behind a proxy on the same host every
+client's socket is a loopback one. Forwarding headers never make a caller local either:
+any client can write them. Answers are ``{"success": true, "data": …}``; errors are in the
+envelope dialect (SPEC §3).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import hdrs, web
+from multidict import istr
 
 from gateway import cli
 from gateway.errors import (
@@ -84,6 +88,10 @@ def _loopback(remote: str | None) -> bool:
     return ip.is_loopback
 
 
+# Added by a reverse proxy: a loopback peer sending one may be relaying anyone.
+_FORWARDING = (hdrs.FORWARDED, hdrs.X_FORWARDED_FOR, istr("X-Real-IP"))
+
+
 def check_access(request: web.Request, rt: Runtime) -> None:
     """Raise ``Unauthorized`` / ``Forbidden`` unless this caller may use the admin API. The peer
     address is the socket's (``request.remote``): ``trust_forwarded_for`` does not apply here."""
@@ -96,9 +104,14 @@ def check_access(request: web.Request, rt: Runtime) -> None:
         ):
             raise Unauthorized("the admin API needs Authorization: Bearer <admin key>")
         return
+    why = f"{name} is empty" if name else "server.admin_key_env is not set"
     if not _loopback(request.remote):
-        why = f"{name} is empty" if name else "server.admin_key_env is not set"
         raise Forbidden(f"the admin API answers loopback clients only ({why})")
+    forwarded = next((h for h in _FORWARDING if h in request.headers), None)
+    if forwarded is not None:
+        raise Forbidden(f"the admin API answers direct loopback clients only ({why}); this request carries "
+                        f"{forwarded}, so it came through a proxy: set server.admin_key_env to a variable "
+                        "holding a key to use the admin API through one")
 
 
 def _admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

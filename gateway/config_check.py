@@ -1,5 +1,5 @@
 """Checks that need the whole config: cross-references (``cross_check``, errors) and what a valid
-config asks for that this version cannot do yet (``config_warnings``).
+config asks for that this version cannot do, or leaves unusable (``config_warnings``).
 
 ``cross_check`` runs once every value has the right type (``gateway.config.parse_config``):
 fallback targets exist, auth blocks are complete, caps are ordered, names are usable.
@@ -7,8 +7,11 @@ fallback targets exist, auth blocks are complete, caps are ordered, names are us
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 import typing
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from gateway.logs import hide_userinfo
@@ -93,11 +96,12 @@ def dialect(provider: str | None) -> str:
     return DIALECTS[provider or "http"]
 
 
-def config_warnings(config: Config) -> list[str]:
+def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list[str]:
     """Things a valid config asks for that cannot work; ``--check`` prints them and the server logs
     them at start. Today: a fallback between a plain-HTTP target and an LLM one (OpenAI and
-    Anthropic targets are translated into each other; an HTTP API is not) — such entries are skipped."""
-    warnings: list[str] = []
+    Anthropic targets are translated into each other; an HTTP API is not) — such entries are skipped;
+    and an admin API without a key on an address other clients can reach (it answers none of them)."""
+    warnings: list[str] = _admin_warning(config, env)
     for name, t in config.targets.items():
         for i, fb in enumerate(t.fallback_targets):
             warnings.extend(_dialect_warning(config, name, fb.target, f"targets.{name}.fallback_targets[{i}]"))
@@ -108,6 +112,28 @@ def config_warnings(config: Config) -> list[str]:
             for j, fb in enumerate(entries):
                 warnings.extend(_dialect_warning(config, scope, fb.target, f"tenants[{i}].fallback_targets.{scope}[{j}]"))
     return warnings
+
+
+def _admin_warning(config: Config, env: Mapping[str, str]) -> list[str]:
+    host, name = config.server.host, config.server.admin_key_env
+    if _is_loopback_host(host) or (name and env.get(name)):
+        return []
+    why = f"server.admin_key_env: {name} is empty" if name else "server.admin_key_env is not set"
+    return [f"{why} and server.host {host!r} is not a loopback address: the admin API answers only loopback "
+            "peers without forwarding headers; set server.admin_key_env to use it remotely"]
+
+
+def _is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # "", a hostname (it may resolve to anything) or a LAN name
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _dialect_warning(config: Config, source: str, to: str, path: str) -> list[str]:

@@ -4,8 +4,9 @@
       → {success, data: {status_code, headers, body}, meta: {request_id, target, retries,
          duration_ms, cache_hit, idempotent_hit, fallback_used, fallback_target}}
 
-The envelope is checked (the path like any client path: no escaping the target's base),
-turned into an upstream request for the named target, and run through the same pipeline
+The envelope is checked (the path like any client path: no escaping the target's base;
+header values printable ASCII; a string query percent-encoded as UTF-8 where RFC 3986 needs
+it), turned into an upstream request for the named target, and run through the same pipeline
 as every surface. The upstream's answer comes back inside ``data`` (its body as JSON when
 it is JSON, else as text); ``success`` is false for a 4xx/5xx answer, which then also
 carries an ``error`` and keeps its status. The gateway's own errors are the envelope
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -24,7 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.errors import InvalidRequest
 from gateway.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
-from gateway.paths import validate_path
+from gateway.paths import validate_header_values, validate_path
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -64,7 +65,25 @@ def decode_body(raw: bytes, kind: type[T], what: str = "envelope") -> T:
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field name
-_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HTAB: never in a header value
+_QUERY_CTL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # control characters: a mistake or an injection, never data
+# A query character RFC 3986 allows as it is (pchar, '/', '?'), or a well-formed escape; anything else is encoded.
+_QUERY_KEEP = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]+|%[0-9A-Fa-f]{2})+")
+
+
+def _encode_query(query: str) -> str:
+    """The envelope's string query as it may go on the wire: characters outside RFC 3986's query
+    set are percent-encoded as UTF-8 (space → %20, 'é' → %C3%A9, a stray '%' → %25); existing escapes stay."""
+    if _QUERY_CTL.search(query):
+        raise InvalidRequest("query: control characters (CR, LF, NUL, …) are not allowed", param="query")
+    if not query or _QUERY_KEEP.fullmatch(query):
+        return query
+    out, end = [], 0
+    for m in _QUERY_KEEP.finditer(query):
+        out.append(quote(query[end:m.start()], safe=""))
+        out.append(m.group())
+        end = m.end()
+    out.append(quote(query[end:], safe=""))
+    return "".join(out)
 
 
 def parse(raw: bytes) -> HttpEnvelope:
@@ -79,19 +98,15 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
     target = rt.router.by_name(env.target)
     rel = validate_path(env.path[1:] if env.path.startswith("/") else env.path)  # "/users/1" or "users/1"
     if isinstance(env.query, str):
-        query = env.query.lstrip("?")
+        query = _encode_query(env.query.lstrip("?"))
     elif env.query:
-        query = urlencode(env.query, doseq=True)
+        query = urlencode(env.query, doseq=True)  # keys and values percent-encoded as UTF-8
     else:
         query = ""
-    for name, value in env.headers.items():
+    for name in env.headers:
         if not _TOKEN.fullmatch(name):
             raise InvalidRequest(f"headers: {name[:64]!r} is not a valid header name", param="headers")
-        if _CTL.search(value):
-            raise InvalidRequest(f"headers.{name}: control characters (CR, LF, NUL, …) are not allowed in a value",
-                                 param=f"headers.{name}")
-    if _CTL.search(query) or " " in query or "#" in query:
-        raise InvalidRequest("query: spaces, '#' and control characters must be percent-encoded", param="query")
+    validate_header_values(env.headers)
     headers: CIMultiDict[str] = CIMultiDict(env.headers)
     body = env.body
     if body is None:

@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadT
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
 from gateway.keys import RUNTIME
-from gateway.paths import validate_path
+from gateway.paths import validate_header_values, validate_path, validate_query
 from gateway.runtime import Runtime
 from gateway.store import StoreError
 from gateway.writer import StreamOutcome, complete_response, error_response, write_reply
@@ -192,6 +192,8 @@ def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:
 async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str, tenant: str | None) -> Exchange:
     rel, query = _split_raw(request.raw_path, 4)  # after "/v1/"
     validate_path(rel)
+    validate_query(query)
+    validate_header_values(request.headers)
     dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
     body = await _read_body(request, rt)
     peek, stream = _peek_request(request, body, json_by_default=True, rel=rel)
@@ -209,6 +211,8 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant
     name, _, rel = rest.partition("/")
     target = rt.router.by_name(name)
     validate_path(rel)
+    validate_query(query)
+    validate_header_values(request.headers)
     body = await _read_body(request, rt)
     if target.kind == "llm":
         peek, stream = _peek_request(request, body, json_by_default=False, rel=rel)

@@ -3,11 +3,22 @@
 Never ``urljoin`` on client input: ``urljoin(base, "//evil/x")`` swaps the host and
 ``../`` walks out of the base path. Instead every client segment must be a plain
 segment, and the result is checked to stay under the target's origin and base path.
+
+"Plain" also means plain to upstreams that normalise harder than RFC 3986: Tomcat/Spring
+drop ``;`` parameters (``..;`` is ``..``), some servers decode twice (``%252e`` is ``.``),
+read overlong UTF-8 (``%c0%ae``) or NFKC-fold Unicode (``%ef%bc%8e``, U+FF0E, is ``.``).
+The query and header values the client sends are checked here too: only what HTTP can
+carry as it is goes upstream.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Mapping
+from urllib.parse import unquote_to_bytes
+
+from multidict import CIMultiDictProxy
 
 from gateway.errors import InvalidRequest
 
@@ -16,6 +27,11 @@ _SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:%-]+")
 # Encoded '.', '/', '\' and control characters would let a normalising upstream re-split the path.
 _BAD_ESCAPE = re.compile(r"%(2[eEfF]|5[cC]|[01][0-9a-fA-F]|7[fF])")
 _ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
+_DOUBLE_ESCAPE = re.compile(r"%25[0-9a-fA-F]{2}")  # '%252e' is '%2e' to a server that decodes twice
+_DOT_SEGMENTS = (".", "..")
+# Look-alikes that NFKC does not fold to '.', '/' or '\\' but some servers and browsers treat as
+# one: the ideographic full stops (U+FF61 and U+FE12 fold to U+3002) and the mathematical slashes.
+_LOOKALIKES = frozenset("\u3002\uff61\u2215\u2044\u29f8\u2216\u29f5\u29f9")
 
 
 def validate_path(rel: str) -> str:
@@ -32,15 +48,14 @@ def validate_path(rel: str) -> str:
     for i, seg in enumerate(body.split("/")):
         if not seg:
             raise InvalidRequest("invalid path: empty segment ('//')", param="path")
-        if seg in (".", ".."):
+        if seg in _DOT_SEGMENTS:
             raise InvalidRequest("invalid path: '.' and '..' segments are not allowed", param="path")
         if not _SEGMENT.fullmatch(seg):
             raise InvalidRequest("invalid path: segment contains a character that is not allowed", param="path")
-        if "%" in seg:
-            if _BAD_ESCAPE.search(seg):
-                raise InvalidRequest("invalid path: encoded '.', '/', '\\' or control characters", param="path")
-            if len(_ESCAPE.findall(seg)) != seg.count("%"):
-                raise InvalidRequest("invalid path: malformed percent-escape", param="path")
+        text = _decoded(seg) if "%" in seg else seg
+        if ";" in text and text.partition(";")[0] in _DOT_SEGMENTS:
+            raise InvalidRequest("invalid path: ';' parameters on a '.' or '..' segment are not allowed "
+                                 "(an upstream that drops them sees '..')", param="path")
         if i == 0 and ":" in seg:
             raise InvalidRequest("invalid path: the first segment may not contain ':'", param="path")
     if len(_known_good) < 4096:  # LLM traffic reuses a handful of paths; the check runs once each
@@ -49,6 +64,64 @@ def validate_path(rel: str) -> str:
 
 
 _known_good: set[str] = set()
+
+
+def _decoded(seg: str) -> str:
+    """A segment with percent-escapes checked and decoded; InvalidRequest names the trick."""
+    if _BAD_ESCAPE.search(seg):
+        raise InvalidRequest("invalid path: encoded '.', '/', '\\' or control characters", param="path")
+    if len(_ESCAPE.findall(seg)) != seg.count("%"):
+        raise InvalidRequest("invalid path: malformed percent-escape", param="path")
+    if _DOUBLE_ESCAPE.search(seg):
+        raise InvalidRequest("invalid path: double-encoded percent-escape ('%25' followed by two hex digits)",
+                             param="path")
+    try:
+        text = unquote_to_bytes(seg).decode("utf-8")  # strict: overlong forms such as %c0%ae fail here
+    except UnicodeDecodeError:
+        raise InvalidRequest("invalid path: percent-escapes must encode UTF-8", param="path") from None
+    if not text.isascii():
+        for ch in text:
+            if ch.isascii():
+                continue
+            if unicodedata.category(ch) == "Cc":  # C1 controls (%c2%85 …), like %00-%1f
+                raise InvalidRequest("invalid path: encoded '.', '/', '\\' or control characters", param="path")
+            folded = unicodedata.normalize("NFKC", ch)
+            if any(c in "./\\" or c in _LOOKALIKES for c in folded):
+                raise InvalidRequest(f"invalid path: a Unicode look-alike of '.' or '/' (U+{ord(ch):04X})",
+                                     param="path")
+            if "%" in folded:  # U+FF05: folded, then decoded, '％２ｅ' is '.'
+                raise InvalidRequest(f"invalid path: a Unicode look-alike of '%' (U+{ord(ch):04X})", param="path")
+    return text
+
+
+# What HTTP cannot carry in a request target as it is: controls, space, DEL, '#' (a fragment
+# never goes upstream); non-ASCII is tested with isascii().
+_QUERY_BAD = re.compile(r"[\x00-\x20\x7f#]")
+
+
+def validate_query(query: str) -> str:
+    """Check a client's raw query string (after '?'); it is relayed unchanged, so it must already
+    be percent-encoded."""
+    if query and (not query.isascii() or _QUERY_BAD.search(query)):
+        raise InvalidRequest("invalid query: spaces, '#', control and non-ASCII characters must be percent-encoded",
+                             param="query")
+    return query
+
+
+# A header value HTTP carries as it is: printable ASCII and HTAB (RFC 9110 §5.5 minus obs-text,
+# which upstreams read as Latin-1, UTF-8 or not at all).
+_BAD_VALUE = re.compile(r"[^\t\x20-\x7e]")
+
+
+def validate_header_values(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> None:
+    """Raise InvalidRequest naming the first header whose value upstreams cannot read."""
+    joined = "".join(headers.values())
+    if joined.isascii() and joined.isprintable():  # the usual case, two C-speed scans: 0x20-0x7E only
+        return
+    for name, value in headers.items():
+        if _BAD_VALUE.search(value):
+            raise InvalidRequest(f"headers.{name[:64]}: only printable ASCII and tabs are allowed in a header value "
+                                 "(control and non-ASCII characters are not)", param=f"headers.{name[:64]}")
 
 
 class UpstreamBase:

@@ -4,9 +4,9 @@ Every endpoint is driven through a real gateway in front of the fake upstream, a
 scripted traffic: the summary and usage numbers, cache statistics and a clear that makes
 the next request a MISS again, circuits listed and reset (traffic flows again, on every
 instance sharing the store). Access: with an admin key, ``Authorization: Bearer`` is
-required; without one, only loopback peers (the test client is one; other peers are tried
-on the access check itself, since a test cannot connect from elsewhere). Errors are in the
-envelope dialect (SPEC §3).
+required; without one, only direct loopback peers, whose requests carry no forwarding
+headers (the test client is one; other peers are tried on the access check itself, since a
+test cannot connect from elsewhere). Errors are in the envelope dialect (SPEC §3).
 """
 
 from __future__ import annotations
@@ -352,6 +352,36 @@ def test_forwarded_for_never_makes_a_remote_caller_local():
     for header in ({"X-Forwarded-For": "127.0.0.1"}, {"X-Real-IP": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"}):
         with pytest.raises(Forbidden):
             check_access(_request("198.51.100.4", header), rt)
+
+
+FORWARDING = ({"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"},
+              {"X-Real-IP": "198.51.100.4"}, {"x-real-ip": ""})
+
+
+async def test_a_loopback_peer_relaying_for_someone_needs_the_admin_key(fake, gateway):
+    """A reverse proxy on the same host connects from loopback for every client: a request that
+    carries forwarding headers is not trusted as local; with an admin key they do not matter."""
+    client, _ = await gateway(config(fake.url))
+    for headers in FORWARDING:
+        status, resp_headers, body = await admin(client, "GET", "/admin/summary", headers=headers)
+        assert_envelope_error(status, resp_headers, body, expected=403, code="forbidden")
+        assert "proxy" in body["error"]["message"] and "set server.admin_key_env" in body["error"]["message"]
+    assert (await data(client, "GET", "/admin/summary"))["version"]  # the same peer, direct: allowed
+    keyed, _ = await gateway(config(fake.url, server=", admin_key_env: ADMIN_KEY"), env={"ADMIN_KEY": ADMIN_KEY})
+    for headers in FORWARDING:
+        assert (await data(keyed, "GET", "/admin/summary",
+                           headers={**headers, "Authorization": f"Bearer {ADMIN_KEY}"}))["version"]
+        status, resp_headers, body = await admin(keyed, "GET", "/admin/summary", headers=headers)
+        assert_envelope_error(status, resp_headers, body, expected=401, code="unauthorized")
+
+
+def test_forwarding_headers_from_a_loopback_peer_are_refused_whatever_their_value():
+    rt = _runtime("admin_key_env: ADMIN_KEY", env={"ADMIN_KEY": ""})
+    for remote in ("127.0.0.1", "::1"):
+        for headers in FORWARDING:
+            with pytest.raises(Forbidden) as info:
+                check_access(_request(remote, headers), rt)
+            assert "ADMIN_KEY is empty" in info.value.message and "proxy" in info.value.message
 
 
 def test_an_admin_key_env_naming_an_empty_variable_falls_back_to_loopback_only():

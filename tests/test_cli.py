@@ -46,6 +46,25 @@ def test_check_built_in_default_when_no_config_anywhere(cli: CLI) -> None:
         assert target in result.stdout
 
 
+def test_check_warns_when_the_admin_api_has_no_key_on_a_non_loopback_address(cli: CLI) -> None:
+    """Without a key the admin API answers only direct loopback peers: on 0.0.0.0, '::' or a LAN
+    address that is rarely what was meant, so --check (and the server at start) says so."""
+    unset = cli.run("--check", "--host", "0.0.0.0")
+    assert unset.returncode == 0, unset.stderr
+    assert "warning: server.admin_key_env is not set and server.host '0.0.0.0' is not a loopback address" \
+        in unset.stderr
+    assert "set server.admin_key_env to use it remotely" in unset.stderr
+    cli.write("lan.yaml", 'server: {host: "::", admin_key_env: ADMIN_KEY}\n'
+                          'targets: {a: {base_url: "https://a.example"}}\n')
+    empty = cli.run("--check", "--config", "lan.yaml", env={"ADMIN_KEY": ""})
+    assert "warning: server.admin_key_env: ADMIN_KEY is empty and server.host '::'" in empty.stderr
+    named = cli.run("--check", "--config", "lan.yaml", env={"RELIAPI_HOST": "gw.internal.example"})
+    assert "server.host 'gw.internal.example' is not a loopback address" in named.stderr
+    for quiet in (cli.run("--check", "--config", "lan.yaml", env={"ADMIN_KEY": "adm-secret-0123456789"}),
+                  cli.run("--check"), cli.run("--check", "--host", "localhost"), cli.run("--check", "--host", "::1")):
+        assert quiet.returncode == 0 and "admin" not in quiet.stderr, quiet.stderr
+
+
 def test_check_invalid_file_lists_every_error_with_its_path(cli: CLI) -> None:
     cli.write("bad.yaml", INVALID_YAML)
     result = cli.run("--check", "--config", "bad.yaml")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.paths import UpstreamBase, validate_path
+from gateway.paths import UpstreamBase, validate_path, validate_query
 from tests.conftest import llm_config, raw_http
 
 BAD_PATHS = [
@@ -93,3 +94,128 @@ async def test_body_cannot_choose_the_upstream(fake, gateway):
         "model": "gpt-4o-mini", "messages": [], "api_base": "http://169.254.169.254", "base_url": "http://evil"})
     assert resp.status == 200
     assert fake.requests[0].path_qs == "/v1/chat/completions"  # went to the configured target only
+
+
+# ------------------------------------------ what normalising upstreams would still resolve (issue #12)
+
+# Each trick, with what the 400 says about it. Tomcat/Spring drop ';' parameters, some servers
+# decode twice, read overlong UTF-8 or fold Unicode look-alikes: all of these walk out of the base.
+TRICKS = {
+    "..;/..;/admin": "';' parameters on a '.' or '..' segment",
+    ".;/admin": "';' parameters on a '.' or '..' segment",
+    "x/..;jsessionid=1/..;/admin": "';' parameters on a '.' or '..' segment",
+    "..%3b/admin": "';' parameters on a '.' or '..' segment",
+    "x/..%3B/admin": "';' parameters on a '.' or '..' segment",
+    "%252e%252e/admin": "double-encoded percent-escape",
+    "x/%252fadmin": "double-encoded percent-escape",
+    "x/%2525": "double-encoded percent-escape",
+    "%c0%ae%c0%ae/admin": "percent-escapes must encode UTF-8",
+    "x/%e0%80%ae": "percent-escapes must encode UTF-8",
+    "x/%ff": "percent-escapes must encode UTF-8",
+    "%e3%80%82%e3%80%82/admin": "a Unicode look-alike of '.' or '/'",  # U+3002 ideographic full stop
+    "%ef%bc%8e%ef%bc%8e/admin": "a Unicode look-alike of '.' or '/'",  # U+FF0E fullwidth full stop
+    "%ef%bd%a1%ef%bd%a1/admin": "a Unicode look-alike of '.' or '/'",  # U+FF61 halfwidth ideographic full stop
+    "%ef%b9%92%ef%b9%92/admin": "a Unicode look-alike of '.' or '/'",  # U+FE52 small full stop
+    "%e2%80%a5/admin": "a Unicode look-alike of '.' or '/'",  # U+2025 two dot leader
+    "%e2%80%a4%e2%80%a4/admin": "a Unicode look-alike of '.' or '/'",  # U+2024 one dot leader
+    "x%e2%80%a6": "a Unicode look-alike of '.' or '/'",  # U+2026 horizontal ellipsis
+    "..%ef%bc%8fadmin": "a Unicode look-alike of '.' or '/'",  # U+FF0F fullwidth solidus
+    "..%e2%88%95admin": "a Unicode look-alike of '.' or '/'",  # U+2215 division slash
+    "..%e2%81%84admin": "a Unicode look-alike of '.' or '/'",  # U+2044 fraction slash
+    "..%e2%a7%b8admin": "a Unicode look-alike of '.' or '/'",  # U+29F8 big solidus
+    "..%ef%bc%bcadmin": "a Unicode look-alike of '.' or '/'",  # U+FF3C fullwidth reverse solidus
+    "%ef%bc%85%ef%bc%92%ef%bd%85/admin": "a Unicode look-alike of '%'",  # '％２ｅ' folds to '%2e'
+    "x/%c2%85": "control characters",  # U+0085, a C1 control
+}
+
+
+@pytest.mark.parametrize(("rel", "says"), TRICKS.items())
+def test_validate_path_names_each_normalisation_trick(rel, says):
+    with pytest.raises(InvalidRequest) as info:
+        validate_path(rel)
+    assert says in info.value.message and info.value.param == "path"
+
+
+@pytest.mark.parametrize("rel", ["chat/completions", "v1/models/gpt-4o", "files/file-abc123/content",
+                                 "users/caf%C3%A9", "users/%E4%B8%AD%E6%96%87", "a;b=c", "x/a;v=1.2",
+                                 "100%25", "x/%25zz", "x/a%3Bb", "models/gpt-4o%3Alatest"])
+def test_legitimate_paths_still_pass(rel):
+    assert validate_path(rel) == rel
+    assert validate_path(rel) == rel  # and again, from the cache of known-good paths
+
+
+async def _exchange(client, request: bytes) -> tuple[int, dict[str, str], dict]:
+    """A raw request's status, headers (last value wins) and JSON body."""
+    data = await raw_http(client, request)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split(" ", 2)[1]), headers, msgspec.json.decode(body)
+
+
+def _message(body: dict) -> str:
+    return body["error"]["message"]  # the same place in the OpenAI and the envelope dialect
+
+
+@pytest.mark.parametrize("prefix", ["/v1/", "/t/rest/", "/proxy/http"])
+@pytest.mark.parametrize(("rel", "says"), TRICKS.items())
+async def test_normalisation_tricks_are_a_400_on_every_surface(fake, gateway, prefix, rel, says):
+    client, _ = await gateway(llm_config(fake.url), env={})
+    if prefix == "/proxy/http":
+        envelope = msgspec.json.encode({"target": "rest", "path": "/" + rel})
+        request = (f"POST /proxy/http HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(envelope)}\r\nConnection: close\r\n\r\n").encode() + envelope
+    else:
+        request = f"GET {prefix}{rel} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    status, headers, body = await _exchange(client, request)
+    assert status == 400 and body["error"]["code"] == "invalid_request", body
+    assert says in _message(body)
+    assert headers["X-Request-Id"]
+    assert fake.requests == []
+
+
+# ------------------------------------------ the query and header values of /v1 and /t requests
+
+
+@pytest.mark.parametrize("query", ["a=b c", "a=\x01", "a=\x7f", "a=caf\u00e9", "a=\u4e2d", "a=b#frag", "#"])
+def test_validate_query_refuses_what_http_cannot_carry(query):
+    with pytest.raises(InvalidRequest) as info:
+        validate_query(query)
+    assert info.value.param == "query" and "query" in info.value.message
+
+
+@pytest.mark.parametrize("query", ["", "a=1&b=2", "q=caf%C3%A9", "a=%20b", "x=[1]&y={}", "100%", "a=b?c/d"])
+def test_validate_query_keeps_what_http_carries(query):
+    assert validate_query(query) == query
+
+
+@pytest.mark.parametrize("prefix", ["/v1/files", "/t/rest/x"])
+async def test_a_query_http_cannot_carry_never_leaves_the_gateway(fake, gateway, prefix):
+    client, _ = await gateway(llm_config(fake.url), env={})
+    # '#' gets past aiohttp's parser and would be cut off as a fragment on the way up: the
+    # upstream would see another query than the client sent
+    status, headers, body = await _exchange(
+        client, f"GET {prefix}?a=b#frag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert status == 400 and "query" in _message(body) and headers["X-Request-Id"]
+    # raw non-ASCII, space and control bytes are refused by aiohttp's parser already
+    for query in (b"a=caf\xc3\xa9", b"a=b c", b"a=\x01", b"a=\x7f"):
+        data = await raw_http(client, b"GET " + prefix.encode() + b"?" + query + b" HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: close\r\n\r\n")
+        assert data.startswith(b"HTTP/1.") and data.split(b" ", 2)[1] == b"400", data[:200]
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/chat/completions", b'{"model": "gpt-4o-mini", "messages": []}'),
+    ("GET", "/t/rest/x", b""),
+])
+@pytest.mark.parametrize("value", [b"caf\xe9", b"caf\xc3\xa9", b"\xe4\xb8\xad", b"a\xe2\x80\xa8b"])
+async def test_obs_text_in_a_header_value_is_a_400_naming_the_header(fake, gateway, method, path, body, value):
+    """aiohttp lets bytes 0x80-0xFF through in header values; no upstream reads them one way."""
+    client, _ = await gateway(llm_config(fake.url), env={})
+    request = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode()
+    status, headers, answer = await _exchange(client, request + b"X-Title: " + value + b"\r\n\r\n" + body)
+    assert status == 400 and answer["error"]["code"] == "invalid_request", answer
+    assert "headers.X-Title" in _message(answer) and headers["X-Request-Id"]
+    assert fake.requests == []

@@ -118,3 +118,26 @@ async def test_a_deeply_nested_envelope_body_is_a_400_not_a_500(fake, gateway):
     resp = await client.post("/proxy/http", headers={**KEY, "Content-Type": "application/json"}, data=deep)
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request"
     assert fake.requests == []
+
+
+async def test_a_non_ascii_query_reaches_the_upstream_percent_encoded_as_utf8(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    await client.post("/proxy/http", headers=KEY, json={
+        "target": "my_api", "path": "/search", "query": "q=café au lait&tag=#x&lang=中文&n=100%&kept=%C3%A9&ok=a/b?c"})
+    await client.post("/proxy/http", headers=KEY, json={
+        "target": "my_api", "path": "/search", "query": {"café": "中 文", "tags": ["é", "a&b"]}})
+    assert [seen.path_qs for seen in fake.requests] == [
+        "/api/search?q=caf%C3%A9%20au%20lait&tag=%23x&lang=%E4%B8%AD%E6%96%87&n=100%25&kept=%C3%A9&ok=a/b?c",
+        "/api/search?caf%C3%A9=%E4%B8%AD+%E6%96%87&tags=%C3%A9&tags=a%26b",
+    ]
+
+
+@pytest.mark.parametrize("value", ["café", "\u2028", "\u4e2d", "\x85"])
+async def test_a_header_value_http_cannot_carry_is_a_400_naming_the_header(fake, gateway, value):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/proxy/http", headers=KEY, json={
+        "target": "my_api", "path": "/x", "headers": {"X-Ok": "fine\tvalue", "X-Title": value}})
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "invalid_request", body
+    assert "headers.X-Title" in body["error"]["message"] and body["meta"]["request_id"] == resp.headers["X-Request-Id"]
+    assert fake.requests == []
