@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway import admin, handlers, metrics, status_page
 from gateway.clock import Clock
-from gateway.config import Config
+from gateway.config import Config, ServerConfig
 from gateway.events import Events
 from gateway.keys import EXPOSITION, OBSERVATORY, RELOADER, RUNTIME
 from gateway.observe import Observatory
@@ -29,12 +29,16 @@ Reloader = Callable[[], tuple[Config, str]]  # reads the config again: (config, 
 
 log = logging.getLogger("reliapi")
 
-# aiohttp server settings every way of running the app shares (tests, CLI, workers).
-HANDLER_ARGS = {
-    "handler_cancellation": True,  # a client that disconnects cancels its upstream request at once
-    "auto_decompress": False,  # request bodies are forwarded exactly as sent
-    "access_log": None,  # the gateway writes its own JSON access log
-}
+
+def handler_args(server: ServerConfig) -> dict[str, Any]:
+    """aiohttp server settings every way of running the app shares (tests, CLI, workers): fixed when
+    the app is built, so a reload does not change them (see ``gateway.server`` for the rest)."""
+    return {
+        "handler_cancellation": True,  # a client that disconnects cancels its upstream request at once
+        "auto_decompress": False,  # request bodies are forwarded exactly as sent
+        "access_log": None,  # the gateway writes its own JSON access log
+        "keepalive_timeout": server.keepalive_timeout_s,  # aiohttp's own default is an hour
+    }
 
 
 def create_app(
@@ -52,7 +56,7 @@ def create_app(
     events.subscribe(observatory.on_event)
     runtime = Runtime(config, env=env, access_log_write=access_log_write, store=store, clock=clock,
                       events=events, observatory=observatory)
-    app = web.Application(client_max_size=runtime.max_body, handler_args=HANDLER_ARGS)
+    app = web.Application(client_max_size=runtime.max_body, handler_args=handler_args(config.server))
     app[RUNTIME] = RuntimeSlot(runtime)
     app[OBSERVATORY] = observatory
     app[EXPOSITION] = metrics.Exposition()
@@ -107,9 +111,16 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
     warnings = list(config_warnings(config))
     if (config.server.host, config.server.port) != (started.server.host, started.server.port):
         warnings.append("a new listen address takes effect only after a restart")
+    if _listener(config.server) != _listener(started.server):
+        warnings.append("new server.header_timeout_s, keepalive_timeout_s or max_connections take effect "
+                        "only after a restart")
     for line in warnings:
         log.warning("config: %s", line)
     new = await slot.reload(config)
     use_scrubber(new.scrub)  # the new config's keys
     log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
     return {"reloaded": True, "errors": [], "warnings": warnings, "source": source, "targets": list(config.targets)}
+
+
+def _listener(server: ServerConfig) -> tuple[Any, ...]:
+    return server.header_timeout_s, server.keepalive_timeout_s, server.max_connections

@@ -55,6 +55,17 @@ class ServerConfig(_Base):
     shutdown_grace_s: NonNegFloat = 30  # SIGTERM: how long in-flight requests and streams may finish
     trust_forwarded_for: bool = False  # take the client IP from X-Forwarded-For
     rate_limit_per_ip_rpm: PositiveInt | None = None  # per-IP limit when no tenants are configured
+    # Slow and idle clients (slowloris) must not hold connections. The listener settings
+    # (header_timeout_s, keepalive_timeout_s, max_connections) take effect at start: a reload keeps the old ones.
+    header_timeout_s: PositiveFloat = 10  # a new connection's request head (line + headers) must arrive
+    # within this from accept; on a kept-alive connection from the first byte of the next request.
+    # A partial head then gets 408 request_timeout and the connection is closed; a silent one is just closed.
+    body_timeout_s: PositiveFloat = 30  # longest silence between request body bytes → 408, connection closed
+    keepalive_timeout_s: PositiveFloat = 75  # an idle kept-alive connection is closed after this
+    # open client connections per process; null = 3/4 of the open-file soft limit (ulimit -n), at least 16.
+    # A connection beyond it gets 503 too_many_connections (Retry-After: 1); open ones keep working.
+    max_connections: PositiveInt | None = None
+    write_timeout_s: PositiveFloat = 60  # a streamed answer whose client reads nothing this long is aborted
 
 
 class StoreConfig(_Base):

@@ -11,7 +11,9 @@ a response, in the dialect of the surface the client called.
     ├── Forbidden                     403    forbidden
     ├── UnknownTarget                 404    unknown_target
     ├── MethodNotAllowed              405    method_not_allowed
+    ├── RequestTimeout                408    request_timeout       (a client too slow sending its request)
     ├── PayloadTooLarge               413    payload_too_large
+    ├── UnsupportedMediaType          415    unsupported_media_type (a body the gateway must read and cannot)
     ├── IdempotencyKeyReused          422    idempotency_key_reused
     ├── IdempotencyInProgress         409    idempotency_in_progress
     ├── BudgetExceeded                400    budget_exceeded
@@ -20,6 +22,7 @@ a response, in the dialect of the surface the client called.
     │   └── KeysExhausted             429    rate_limited          (every pool key cooling down)
     ├── CircuitOpen                   503    circuit_open          (+ Retry-After)
     ├── Overloaded                    503    overloaded            (bulkhead full)
+    │   └── TooManyConnections        503    too_many_connections  (server.max_connections reached)
     ├── UpstreamError                 502    upstream_error        (base of the two below)
     │   ├── UpstreamTimeout           504    upstream_timeout
     │   ├── UpstreamUnavailable       502    upstream_unavailable
@@ -87,8 +90,16 @@ class MethodNotAllowed(GatewayError):
     status, code, type = 405, "method_not_allowed", "client_error"
 
 
+class RequestTimeout(GatewayError):
+    status, code, type = 408, "request_timeout", "client_error"
+
+
 class PayloadTooLarge(GatewayError):
     status, code, type = 413, "payload_too_large", "client_error"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, code, type = 415, "unsupported_media_type", "client_error"
 
 
 class IdempotencyKeyReused(GatewayError):
@@ -125,6 +136,12 @@ class CircuitOpen(GatewayError):
 class Overloaded(GatewayError):
     status, code, type, retryable = 503, "overloaded", "upstream_error", True
     reason = "overloaded"
+
+
+class TooManyConnections(Overloaded):
+    """A connection over ``server.max_connections``, refused by the listener (``gateway.server``)."""
+
+    code = "too_many_connections"
 
 
 class UpstreamError(GatewayError):

@@ -21,7 +21,8 @@ import msgspec
 from aiohttp import hdrs, web
 
 from gateway import __version__, catalog, envelope, envelope_llm, generate
-from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
+from gateway.body import read_body
+from gateway.errors import GatewayError, InternalError, InvalidRequest, UnknownTarget
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
 from gateway.keys import RUNTIME
@@ -172,16 +173,7 @@ def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
 
 
 async def _read_body(request: web.Request, rt: Runtime) -> bytes:
-    # (Content-Length together with Transfer-Encoding never gets here: the HTTP parser rejects it.)
-    length = request.content_length
-    if length is not None and length > rt.max_body:
-        raise PayloadTooLarge(f"request body is larger than {rt.config.server.max_body_mb:g} MB")
-    if not request.body_exists:
-        return b""
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body is larger than {rt.config.server.max_body_mb:g} MB") from None
+    return await read_body(request, rt.max_body, rt.config.server.body_timeout_s, rt.config.server.max_body_mb)
 
 
 def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:

@@ -5,7 +5,8 @@
 by chunk as it arrives. Once the first byte is out there is no envelope any more:
 an upstream cut or stall becomes an in-band error event in the client's dialect
 (SSE), or an aborted connection (other bodies) — never a truncated stream that
-looks complete.
+looks complete. A client that stops reading a stream for ``server.write_timeout_s``
+is cut off; only a write that may have to wait for it is timed, so most start no timer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, InternalError, StreamBroken
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange, Reply
+from gateway.keys import RUNTIME
 from providers import anthropic, openai
 
 log = logging.getLogger("reliapi")
@@ -97,10 +99,15 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
         return complete_response(reply, outcome)
     resp = web.StreamResponse(status=reply.status, headers=reply.headers)
     is_sse = reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
+    transport = request.transport
+    high = _high_water(transport)
     try:
         await resp.prepare(request)
         async for chunk in reply.chunks:
-            await resp.write(chunk)
+            if transport is not None and transport.get_write_buffer_size() + len(chunk) > high:
+                await _write_waiting(request, resp, chunk)  # this write may wait for the client: timed
+            else:
+                await resp.write(chunk)
     except StreamBroken as e:
         outcome.error = e
         if not is_sse:
@@ -108,7 +115,7 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
             return resp
         try:
             if not e.reported:  # else the upstream's own error event, relayed, already ends it
-                await resp.write(stream_error_event(e, ex.dialect, ex.request_id))
+                await _write_waiting(request, resp, stream_error_event(e, ex.dialect, ex.request_id))
         except (ConnectionError, RuntimeError):
             outcome.client_gone = True
             return resp
@@ -128,19 +135,46 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
             _abort(request)
             return resp
         try:
-            await resp.write(stream_error_event(err, ex.dialect, ex.request_id))
+            await _write_waiting(request, resp, stream_error_event(err, ex.dialect, ex.request_id))
         except (ConnectionError, RuntimeError):
             outcome.client_gone = True
             return resp
     finally:
         await reply.aclose()
     try:
-        await resp.write_eof()
+        if transport is not None and transport.get_write_buffer_size() > high:
+            await _write_waiting(request, resp, None)
+        else:
+            await resp.write_eof()
     except (ConnectionError, RuntimeError):
         outcome.client_gone = True
         return resp
     outcome.ok = outcome.error is None
     return resp
+
+
+_HIGH_WATER = 64 * 1024  # asyncio's default, for a transport that does not say
+
+
+def _high_water(transport: asyncio.Transport | None) -> int:
+    """Above this many unsent bytes the transport stops taking writes: only then can a write wait."""
+    try:
+        return transport.get_write_buffer_limits()[1] if transport is not None else _HIGH_WATER
+    except (AttributeError, NotImplementedError):
+        return _HIGH_WATER
+
+
+async def _write_waiting(request: web.Request, resp: web.StreamResponse, data: bytes | None) -> None:
+    """A write (``None``: the end) that may wait for a client reading slowly: one that reads
+    nothing for ``server.write_timeout_s`` is cut off, as if it had gone (it holds a
+    connection, a handler and the upstream stream)."""
+    timeout = request.app[RUNTIME].current.config.server.write_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            await (resp.write_eof() if data is None else resp.write(data))
+    except TimeoutError:
+        _abort(request)
+        raise ConnectionResetError(f"the client read nothing for {timeout:g} s") from None
 
 
 def _abort(request: web.Request) -> None:

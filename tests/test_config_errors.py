@@ -103,8 +103,9 @@ targets:
   c: "not a mapping"
 """)
     assert errs == [
-        "server.typo: unknown key (allowed: admin_key_env, default_target, host, max_body_mb, port, "
-        "rate_limit_per_ip_rpm, shutdown_grace_s, trust_forwarded_for)",
+        "server.typo: unknown key (allowed: admin_key_env, body_timeout_s, default_target, header_timeout_s, host, "
+        "keepalive_timeout_s, max_body_mb, max_connections, port, rate_limit_per_ip_rpm, shutdown_grace_s, "
+        "trust_forwarded_for, write_timeout_s)",
         "server.port: expected int, got str",
         "server.max_body_mb: expected float > 0.0, got -1",
         "targets.a.provider: expected one of openai, anthropic, mistral, http, got 'openia'",
