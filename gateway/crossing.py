@@ -118,10 +118,9 @@ async def _translated(chunks: AsyncIterator[bytes], translator: Any) -> AsyncIte
 def crossing(ex: Exchange, target: Target) -> Crossing | None:
     if target.kind != "llm" or ex.method != "POST":  # only a POSTed request is a chat/messages call
         return None
-    rel = ex.rel_path.removeprefix("v1/")
-    asked = _FORMATS.get(rel)
+    asked = _FORMATS.get(ex.endpoint.billed)  # type: ignore[arg-type]
     if asked is None:
-        if rel == "messages/count_tokens" and target.provider.name != "anthropic":
+        if ex.endpoint.path == "messages/count_tokens" and target.provider.name != "anthropic":
             raise InvalidRequest(f"messages/count_tokens: target {target.name} speaks the OpenAI dialect, which "
                                  "has no token-counting endpoint", target=target.name)
         return None

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
+from providers.endpoints import endpoint
+
 if TYPE_CHECKING:
     from gateway.failures import Failure
     from gateway.targets import Target
@@ -32,7 +34,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
-        "user", "settlement", "usage_body", "crossed", "canonical",
+        "user", "settlement", "usage_body", "crossed", "canonical", "endpoint",
     )
 
     def __init__(
@@ -62,6 +64,7 @@ class Exchange:
         self.route = route  # "v1" | "t" | … — the surface, for logs and metrics
         self.dialect = dialect
         self.rel_path = rel_path  # validated, still percent-encoded, below the surface prefix
+        self.endpoint = endpoint(rel_path)  # which LLM endpoint that is, however it is spelled
         self.v1 = v1  # /v1/{path}: the target's base gets /v1 unless it already ends with it
         self.query = query  # raw query string, forwarded unchanged
         self.headers = headers  # client headers minus hop-by-hop, Host and gateway controls

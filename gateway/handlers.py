@@ -19,10 +19,11 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import __version__, catalog, envelope, envelope_llm, generate
+from gateway import __version__, catalog, encoding, envelope, envelope_llm, generate
 from gateway.body import read_body
-from gateway.errors import GatewayError, InternalError, InvalidRequest, UnknownTarget
+from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
 from gateway.keys import RUNTIME
@@ -32,6 +33,7 @@ from gateway.store import StoreError
 from gateway.writer import StreamOutcome, complete_response, error_response, write_reply
 from policies.idempotency import keyed
 from policies.usage import summary as usage_summary
+from providers.endpoints import endpoint
 
 log = logging.getLogger("reliapi")
 
@@ -109,13 +111,37 @@ def _request_id(request: web.Request) -> str:
 _NO_PEEK = _Peek()
 
 
-def _peek_request(request: web.Request, body: bytes, *, json_by_default: bool, rel: str = "") -> tuple[_Peek, bool]:
+def _peek_request(
+    request: web.Request, headers: Any, body: bytes, *, json_by_default: bool, billed: str | None = None,
+) -> tuple[_Peek, bool]:
     """What the body says, and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
     stream = _accepts_sse(request)
-    if not body or hdrs.CONTENT_ENCODING in request.headers or not _is_json(request, by_default=json_by_default):
-        return _NO_PEEK, stream  # an upload or a compressed body: routed by header or default, never decoded
-    peek = _peek_body(body, _PEEKS.get(rel.removeprefix("v1/"), _peek))
+    if not body or hdrs.CONTENT_ENCODING in headers or not _is_json(request, by_default=json_by_default):
+        return _NO_PEEK, stream  # an upload, or compressed in a coding the gateway does not read: never decoded
+    peek = _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
     return peek, bool(peek.stream) or stream
+
+
+def _decoded(request: web.Request, body: bytes, rt: Runtime, *, json_by_default: bool) -> tuple[bytes, Any]:
+    """A compressed JSON body (``Content-Encoding: gzip``, …) decoded, so that routing, limits, budgets
+    and caps read what the upstream will: the body then goes upstream decoded (bounded by max_body_mb).
+    A coding the gateway does not read is left as it came (a policy that must read it refuses it)."""
+    headers = request.headers
+    coding = headers.get(hdrs.CONTENT_ENCODING)
+    if coding is None or not body or not _is_json(request, by_default=json_by_default):
+        return body, headers
+    try:
+        body = encoding.decode(body, coding, rt.max_body)
+    except encoding.Unsupported:
+        return body, headers
+    except encoding.Corrupt:
+        raise InvalidRequest(f"the request body is not valid {coding} data (Content-Encoding)") from None
+    except encoding.TooLarge:
+        raise PayloadTooLarge(f"request body is larger than {rt.config.server.max_body_mb:g} MB once decoded") from None
+    plain = CIMultiDict(headers)
+    del plain[hdrs.CONTENT_ENCODING]
+    plain.popall(hdrs.CONTENT_LENGTH, None)
+    return body, CIMultiDictProxy(plain)
 
 
 def _shape(ex: Exchange, peek: _Peek) -> Exchange:
@@ -186,13 +212,14 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str, tenan
     validate_path(rel)
     validate_query(query)
     validate_header_values(request.headers)
-    dialect = ANTHROPIC if rel == "messages" or rel.startswith("messages/") else OPENAI
-    body = await _read_body(request, rt)
-    peek, stream = _peek_request(request, body, json_by_default=True, rel=rel)
+    ep = endpoint(rel)
+    dialect = ANTHROPIC if ep.path == "messages" or ep.path.startswith("messages/") else OPENAI
+    body, headers = _decoded(request, await _read_body(request, rt), rt, json_by_default=True)
+    peek, stream = _peek_request(request, headers, body, json_by_default=True, billed=ep.billed)
     target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
     return _shape(Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
-        query=query, headers=request.headers, body=body, target=target, model=peek.model, stream=stream,
+        query=query, headers=headers, body=body, target=target, model=peek.model, stream=stream,
         client_ip=_client_ip(request, rt), tenant=tenant,
     ), peek)
 
@@ -205,14 +232,15 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant
     validate_path(rel)
     validate_query(query)
     validate_header_values(request.headers)
-    body = await _read_body(request, rt)
+    body, headers = await _read_body(request, rt), request.headers
     if target.kind == "llm":
-        peek, stream = _peek_request(request, body, json_by_default=False, rel=rel)
+        body, headers = _decoded(request, body, rt, json_by_default=False)
+        peek, stream = _peek_request(request, headers, body, json_by_default=False, billed=endpoint(rel).billed)
     else:
         peek, stream = _NO_PEEK, _accepts_sse(request)
     return _shape(Exchange(
         request_id=request_id, method=request.method, route="t", dialect=ENVELOPE, rel_path=rel, v1=False,
-        query=query, headers=request.headers, body=body, target=target, model=peek.model, stream=stream,
+        query=query, headers=headers, body=body, target=target, model=peek.model, stream=stream,
         client_ip=_client_ip(request, rt), tenant=tenant,
     ), peek)
 

@@ -201,7 +201,7 @@ def _watch_stream(
     its head makes the reply a failure the policies can still retry or fall back from."""
     if not is_event_stream(reply.headers):
         return
-    fmt = stream_format(cross.rel if cross is not None else ex.rel_path)  # what the target sends
+    fmt = stream_format(cross.rel if cross is not None else ex.endpoint.billed or ex.endpoint.path)  # what the target sends
     if fmt is None:
         return
     asked_usage = cross is not None and cross.to == "openai"  # the translated request asks for it

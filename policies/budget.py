@@ -1,30 +1,40 @@
-"""Per-request budget caps (SPEC §5 Budget; the seed's "LLM Target with Budget Caps").
+"""Per-request budget caps and tenant spend budgets (SPEC §5 Budget; the seed's "LLM Target with Budget Caps").
 
-For an LLM completion (chat/completions, completions, messages) the gateway estimates
-the cost before sending: prompt tokens (``providers.pricing.estimate_prompt_tokens``)
-× input price + the answer's ``max_tokens`` (or ``max_completion_tokens``; when absent,
-``llm.max_tokens``) × output price. Then, in the seed's order:
+Every POST to an LLM target for an endpoint that bills tokens (``providers.endpoints``:
+chat/completions, completions, messages, responses, embeddings, … however the path is
+spelled) is read before it is sent (``providers.estimate``). Then, in the seed's order:
 
-1. a client ``max_tokens`` above ``llm.max_tokens`` is clamped to it;
-2. estimate > hard cap → 400 ``budget_exceeded``, and nothing is sent upstream;
-3. estimate > soft cap → ``max_tokens`` is lowered until the estimate fits (never below
+1. a client output limit (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``)
+   above ``llm.max_tokens`` is clamped to it;
+2. the **estimate** (prompt characters / 4 + per-message overhead, × input price, + the
+   output limit, else ``llm.max_tokens``, × output price) over the hard cap → 400
+   ``budget_exceeded``, and nothing is sent upstream;
+3. estimate > soft cap → the output limit is lowered until the estimate fits (never below
    16); the answer carries ``X-ReliAPI-Max-Tokens: <old>-><new>`` and the access log
    ``cost_policy_applied: soft_cap_reduced`` and ``original_max_tokens``.
 
-Caps come from the target's ``llm`` block; a tenant's ``budget_caps`` (for this target,
-or ``"*"``) override them. A model without a price is served uncapped (it cannot be
-estimated). The body is rewritten only when a limit changes it.
+Caps come from the target's ``llm`` block; a tenant's ``budget_caps`` (for this target, or
+``"*"``) override them. A model without a price is served uncapped (it cannot be estimated).
 
-A tenant's spend budget (``budget: {daily_usd, monthly_usd}``, UTC day and month) is
-held under concurrency and across instances by a reservation: before the request is
-sent, its estimate (with ``max_tokens`` unknown, ``llm.max_tokens``, else 4,096 tokens)
-is added to the day's and the month's spend in ONE atomic store step that refuses if
-either would go over — 402 ``budget_exhausted`` with the reset time and ``Retry-After``.
-When the answer's real cost is known (``policies.usage``: at once, or when a stream
-ends, is cut or abandoned) the reservation is settled to it; a failed answer, a cache
-hit or a replay costs nothing. Peers check the spend and then charge it, so fifty
-concurrent requests overshoot a budget that fits ten; these cannot. A store that is down
-fails these requests closed (503) unless ``store.fail_open``.
+A tenant's **spend budget** (``budget: {daily_usd, monthly_usd}``, UTC day and month) can
+never be overshot, whatever runs concurrently on however many instances: before a request
+is sent, an upper *bound* of what it can cost is added to the day's and the month's spend
+in ONE atomic store step that refuses if either would go over — 402 ``budget_exhausted``
+with the reset time and ``Retry-After``. The bound (``providers.estimate``) is the prompt's
+UTF-8 bytes (images and files accounted for, never more than the context window) and the
+output limit × ``n`` — taken over every target and model the fallback chain may answer with
+(twice over with ``stream_recovery: continue``). A request that sets no output limit gets
+one written into it (``llm.max_tokens``, else 4,096; 16 for legacy completions, OpenAI's
+default). When the answer's real cost is known (``policies.usage``) the reservation is
+settled to it — at most the reservation, so recorded spend never passes the budget; a
+failed answer, a cache hit or a replay costs nothing. POSTs to endpoints whose cost nothing
+in the request bounds (batches, images, audio, fine-tuning, realtime, runs) are refused
+(403) for a tenant with a budget. A store that is down fails these requests closed (503)
+unless ``store.fail_open``.
+
+A body the gateway must read and cannot is refused: not a JSON object (400), still
+compressed in a coding the gateway does not read (415; gzip, deflate, br and zstd are
+decoded when the request arrives, ``gateway.handlers``).
 """
 
 from __future__ import annotations
@@ -35,41 +45,61 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import msgspec
+from aiohttp import hdrs
 
-from gateway.errors import BudgetExceeded, BudgetExhausted, GatewayError, StoreUnavailable
+from gateway import jsonbody
+from gateway.errors import (
+    BudgetExceeded,
+    BudgetExhausted,
+    Forbidden,
+    GatewayError,
+    InvalidRequest,
+    StoreUnavailable,
+    UnsupportedMediaType,
+)
 from gateway.events import BudgetEvent, StoreDegraded
 from gateway.store import StoreError
-from providers.pricing import estimate_prompt_tokens
+from policies.fallback import Chains
+from providers import endpoints, estimate
+from providers.estimate import OUTPUT_FIELDS, View
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange, Reply
     from gateway.pipeline import Handler, Policy
     from gateway.runtime import Runtime
+    from providers.pricing import Price
 
 X_RELIAPI_MAX_TOKENS = "X-ReliAPI-Max-Tokens"
 MIN_MAX_TOKENS = 16
-ESTIMATED_PATHS = frozenset(("chat/completions", "completions", "messages"))
-DEFAULT_RESERVE_TOKENS = 4096  # the answer's size for a reservation when nothing bounds it
+DEFAULT_RESERVE_TOKENS = 4096  # the output limit written into a metered request that sets none
+LEGACY_COMPLETIONS_DEFAULT = 16  # OpenAI's documented default for /v1/completions
+# OpenAI's reasoning models refuse max_tokens: they take max_completion_tokens
+_REASONING = ("o1", "o3", "o4", "gpt-5")
 _UNBOUNDED = 1e18
 
 log = logging.getLogger("reliapi")
 
 
 class Settlement:
-    """One request's spend reservation; ``settle(cost)`` books the real cost once."""
+    """One request's spend reservation; ``settle(cost)`` books the real cost once — never more than
+    was reserved, so the budget's counter cannot pass its limit. Whoever holds the request when its
+    cost is known settles: the usage policy once it took the request (``owned``), else the budget."""
 
-    __slots__ = ("store", "keys", "ttls", "reserved", "expected", "done", "spawn")
+    __slots__ = ("store", "keys", "ttls", "reserved", "done", "spawn", "owned")
 
     def __init__(self, store: Any, keys: list[str], ttls: list[float], reserved: float, spawn: Any) -> None:
         self.store, self.keys, self.ttls, self.reserved, self.spawn = store, keys, ttls, reserved, spawn
-        self.expected = False  # a stream's usage will settle it when the stream ends
+        self.owned = False  # the usage policy has the request: it settles it, however it ends
         self.done = False
 
     def settle(self, cost: float) -> None:
         if self.done:
             return
         self.done = True
+        if cost > self.reserved + 1e-12:
+            log.warning("spend: an answer cost $%.8f, more than its reservation of $%.8f; the budget is charged "
+                        "the reservation", cost, self.reserved)
+            cost = self.reserved
         delta = cost - self.reserved
         if abs(delta) > 1e-12:  # one atomic step for every window, as the reservation was
             self.spawn(self.store.reserve(self.keys, delta, [_UNBOUNDED] * len(self.keys), self.ttls), "spend settle")
@@ -106,6 +136,37 @@ def _caps(rt: Runtime, ex: Exchange) -> tuple[float | None, float | None]:
     return soft, hard
 
 
+def _limit_field(billed: str, model: str | None) -> str | None:
+    """The output-limit field to write into a request that has none (None: the endpoint has no output)."""
+    fields = OUTPUT_FIELDS[billed]
+    if billed == endpoints.CHAT and not (model and model.split("/")[-1].startswith(_REASONING)):
+        return "max_tokens"
+    return fields[0] if fields else None
+
+
+def _read(ex: Exchange, billed: str, why: str) -> View:
+    if hdrs.CONTENT_ENCODING in ex.headers:  # a coding the gateway could not decode when the request arrived
+        raise UnsupportedMediaType(
+            f"Content-Encoding {ex.headers[hdrs.CONTENT_ENCODING]!r} cannot be read, and {why} needs to read this "
+            "request: send it uncompressed, or as gzip, deflate, br or zstd", target=ex.target.name)
+    try:
+        return estimate.read(ex.body, billed)
+    except estimate.NotReadable:
+        raise InvalidRequest(f"the request body must be a JSON object: {why} needs to read it",
+                             target=ex.target.name) from None
+
+
+class _Answer:
+    """What the caps decided for one request: the output limit, and what to tell the client."""
+
+    __slots__ = ("limit", "changed", "header", "estimate")
+
+    def __init__(self, limit: int | None, changed: bool) -> None:
+        self.limit, self.changed = limit, changed
+        self.header: str | None = None
+        self.estimate: float | None = None
+
+
 def policy(rt: Runtime) -> Policy | None:
     budgets = {t.name: t.budget for t in rt.config.tenants
                if t.budget is not None and (t.budget.daily_usd is not None or t.budget.monthly_usd is not None)}
@@ -121,6 +182,7 @@ def policy(rt: Runtime) -> Policy | None:
     events = rt.events
     store, clock, fail_open = rt.store, rt.clock, rt.config.store.fail_open
     spawn = rt.shared.spawn
+    chains = Chains(rt)
 
     async def spend(ex: Exchange, call_next: Handler, amount: float) -> Reply:
         keys, limits, ttls, resets = windows(ex.tenant, budgets[ex.tenant], clock.time())  # type: ignore[arg-type,index]
@@ -145,78 +207,120 @@ def policy(rt: Runtime) -> Policy | None:
         try:
             reply = await call_next(ex)
         except BaseException:
-            settlement.settle(ex.log.get("cost_usd", 0.0) if settlement.expected else 0.0)
+            if not settlement.owned:  # refused before the usage policy had it: nothing was sent
+                settlement.settle(0.0)
             raise
-        if not settlement.expected:  # answered without usage to wait for (a hit, a replay, an error)
-            settlement.settle(ex.log.get("cost_usd", 0.0))
+        if not settlement.owned:  # answered without reaching the usage policy (a hit, a replay)
+            settlement.settle(0.0)
         return reply
+
+    def reservation(ex: Exchange, view: View, limit: int) -> float:
+        """The most this request can cost on any target and model that may answer it."""
+        most = 0.0
+        output = limit * view.choices * view.prompts
+        for target, model in chains.candidates(ex):
+            price = prices.price(model)
+            if price is None:
+                continue
+            prompt = view.bound_prompt(len(ex.body), price)
+            if target.name in chains.recovering:  # a continuation resends the prompt and the partial answer
+                most = max(most, price.cost(2 * prompt + limit * view.choices, 2 * output))
+            else:
+                most = max(most, price.cost(prompt, output))
+        return most
 
     async def budget(ex: Exchange, call_next: Handler) -> Reply:
         target = ex.target
-        if target.kind != "llm" or ex.method != "POST" or ex.rel_path.removeprefix("v1/") not in ESTIMATED_PATHS:
+        if target.kind != "llm" or ex.method != "POST":
+            return await call_next(ex)
+        metered = ex.tenant in budgets
+        billed = ex.endpoint.billed
+        if billed is None:
+            if metered and ex.endpoint.unbounded:
+                raise Forbidden(
+                    f"POST /{ex.endpoint.path}: tenant {ex.tenant!r} has a spend budget, and this endpoint's cost "
+                    "cannot be bounded before it runs, so it is not allowed through the gateway for this tenant",
+                    target=target.name)
             return await call_next(ex)
         soft, hard = _caps(rt, ex)
         llm = target.config.llm
         ceiling = llm.max_tokens if llm is not None else None
-        metered = ex.tenant in budgets
         if soft is None and hard is None and ceiling is None and not metered:
             return await call_next(ex)
+        view = _read(ex, billed, f"tenant {ex.tenant!r}'s budget" if metered else f"target {target.name}'s caps")
+        model = view.model or (llm.default_model if llm else None)
+        if ex.model is None:  # (a body the router did not read): usage prices the answer by this name
+            ex.model = model
+        answer = _decide(ex, view, billed, prices.price(model), soft, hard, ceiling, metered)
+        if answer.changed and answer.limit is not None:
+            fields = [f for f in OUTPUT_FIELDS[billed] if f in view.limits] or [_limit_field(billed, model)]
+            ex.body = jsonbody.edit(ex.body, dict.fromkeys(fields, answer.limit))  # type: ignore[arg-type]
+            ex.max_tokens = answer.limit
+        if answer.estimate is not None:
+            ex.log["cost_estimate_usd"] = round(answer.estimate, 8)
         try:
-            body: Any = msgspec.json.decode(ex.body)
-        except msgspec.DecodeError:
-            return await call_next(ex)  # not ours to judge: the upstream answers it
-        if not isinstance(body, dict):
-            return await call_next(ex)
-        field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        asked = body.get(field)
-        asked = asked if isinstance(asked, int) and not isinstance(asked, bool) else None
-        max_tokens, changed = asked, False
-        if ceiling is not None and (asked is None or asked > ceiling):
-            max_tokens = ceiling  # the estimate uses it when absent; a larger ask is clamped
-            changed = asked is not None
-        header = None
-        reservation = 0.0
-        price = prices.price(body.get("model") or (llm.default_model if llm else None))
-        if price is not None:
-            prompt = estimate_prompt_tokens(body)
-            if max_tokens is None and (soft is not None or hard is not None) and price.output > 0:
-                # Caps need a bound on the answer: one that asks for none gets the largest that fits
-                # the hard cap (at most DEFAULT_RESERVE_TOKENS), written into the request.
-                bound = DEFAULT_RESERVE_TOKENS
-                if hard is not None:
-                    bound = min(bound, max(MIN_MAX_TOKENS, int((hard - price.cost(prompt, 0)) / price.output)))
-                max_tokens, changed = bound, True
-            estimate = price.cost(prompt, max_tokens or 0)
-            if hard is not None and estimate > hard:
-                events.emit(BudgetEvent(target=target.name, rule="hard_cap"))
-                raise BudgetExceeded(
-                    f"estimated cost ${estimate:.6f} is over the hard cap of ${hard:g} for this request; "
-                    f"send a shorter prompt or a lower {field}", param=field, target=target.name,
-                )
-            if soft is not None and estimate > soft and price.output > 0:
-                fits = int((soft - price.cost(prompt, 0)) / price.output)
-                lowered = max(MIN_MAX_TOKENS, fits)
-                if max_tokens is None or lowered < max_tokens:
-                    events.emit(BudgetEvent(target=target.name, rule="soft_cap"))
-                    header = f"{asked if asked is not None else 'none'}->{lowered}"  # what the client asked for
-                    ex.log["cost_policy_applied"] = "soft_cap_reduced"
-                    ex.log["original_max_tokens"] = asked
-                    max_tokens, changed = lowered, True
-                    estimate = price.cost(prompt, lowered)
-            ex.log["cost_estimate_usd"] = round(estimate, 8)
-            reservation = estimate if max_tokens is not None else price.cost(prompt, DEFAULT_RESERVE_TOKENS)
-        if changed:
-            body[field] = max_tokens
-            ex.body = msgspec.json.encode(body)
-            ex.max_tokens = max_tokens
-        if header is None:
-            return await (spend(ex, call_next, reservation) if metered else call_next(ex))
-        try:
-            reply = await (spend(ex, call_next, reservation) if metered else call_next(ex))
+            if metered:
+                reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0))
+            else:
+                reply = await call_next(ex)
         except GatewayError as e:
-            e.headers[X_RELIAPI_MAX_TOKENS] = header
+            if answer.header is not None:
+                e.headers[X_RELIAPI_MAX_TOKENS] = answer.header
             raise
-        reply.headers[X_RELIAPI_MAX_TOKENS] = header
+        if answer.header is not None:
+            reply.headers[X_RELIAPI_MAX_TOKENS] = answer.header
         return reply
 
+    def _decide(ex: Exchange, view: View, billed: str, price: Price | None, soft: float | None,
+                hard: float | None, ceiling: int | None, metered: bool) -> _Answer:
+        """Clamp to the ceiling, apply the caps to the estimate, and make sure a metered request has a limit."""
+        has_output = bool(OUTPUT_FIELDS[billed])
+        present = [v for v in view.limits.values() if v is not None]
+        asked = max(present) if present else None
+        answer = _Answer(asked, bool(view.limits) and asked is None)  # a limit that is no number is replaced
+        if has_output and ceiling is not None and (asked is None or asked > ceiling):
+            answer.limit = ceiling  # the estimate uses it when absent; a larger ask is clamped
+            answer.changed = answer.changed or asked is not None or metered
+        if price is not None:
+            _apply_caps(ex, view, billed, price, soft, hard, asked, answer)
+        if metered and has_output and answer.limit is None:
+            answer.limit = LEGACY_COMPLETIONS_DEFAULT if billed == endpoints.COMPLETIONS else DEFAULT_RESERVE_TOKENS
+            answer.changed = True
+        return answer
+
+    def _apply_caps(ex: Exchange, view: View, billed: str, price: Price, soft: float | None, hard: float | None,
+                    asked: int | None, answer: _Answer) -> None:
+        target = ex.target
+        prompt = view.estimate_prompt()
+        has_output = bool(OUTPUT_FIELDS[billed])
+        field = next(iter(view.limits), None) or _limit_field(billed, view.model)
+        if has_output and answer.limit is None and (soft is not None or hard is not None) and price.output > 0:
+            # Caps need a bound on the answer: one that asks for none gets the largest that fits the hard cap
+            # (at most DEFAULT_RESERVE_TOKENS), written into the request.
+            bound = DEFAULT_RESERVE_TOKENS
+            if hard is not None:
+                bound = min(bound, max(MIN_MAX_TOKENS, int((hard - price.cost(prompt, 0)) / price.output)))
+            answer.limit, answer.changed = bound, True
+        estimate = price.cost(prompt, answer.limit or 0)
+        if hard is not None and estimate > hard:
+            events.emit(BudgetEvent(target=target.name, rule="hard_cap"))
+            raise BudgetExceeded(
+                f"estimated cost ${estimate:.6f} is over the hard cap of ${hard:g} for this request; "
+                f"send a shorter prompt" + (f" or a lower {field}" if has_output else ""),
+                param=field if has_output else None, target=target.name,
+            )
+        if has_output and soft is not None and estimate > soft and price.output > 0:
+            lowered = max(MIN_MAX_TOKENS, int((soft - price.cost(prompt, 0)) / price.output))
+            if answer.limit is None or lowered < answer.limit:
+                events.emit(BudgetEvent(target=target.name, rule="soft_cap"))
+                answer.header = f"{asked if asked is not None else 'none'}->{lowered}"  # what the client asked for
+                ex.log["cost_policy_applied"] = "soft_cap_reduced"
+                ex.log["original_max_tokens"] = asked
+                answer.limit, answer.changed = lowered, True
+                estimate = price.cost(prompt, lowered)
+        answer.estimate = estimate
+
     return budget
+
+
+__all__ = ["DEFAULT_RESERVE_TOKENS", "Settlement", "policy", "windows"]

@@ -76,7 +76,7 @@ def _directives(headers: object) -> set[str]:
 
 def cacheable(ex: Exchange) -> bool:
     if ex.target.kind == "llm":
-        return ex.method == "POST" and ex.rel_path.removeprefix("v1/") in LLM_PATHS and ex.choices == 1
+        return ex.method == "POST" and ex.endpoint.billed in LLM_PATHS and ex.choices == 1
     return ex.method in ("GET", "HEAD")
 
 

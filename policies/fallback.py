@@ -76,42 +76,66 @@ class _Outcome:
         return self.reply is not None or isinstance(self.error, UpstreamError)
 
 
+class Chains:
+    """Every target's fallback chain, and each tenant's own, worked out once per runtime."""
+
+    def __init__(self, rt: Runtime) -> None:
+        targets = rt.targets
+
+        def entries(raw: list, primary: Target) -> list[Entry]:
+            # OpenAI and Anthropic targets stand in for each other (gateway.crossing translates); a plain-HTTP
+            # target and an LLM one cannot: skipped, as --check warns
+            plain = dialect(primary.config.provider) == "http"
+            return [(targets[e.target], e.model) for e in raw
+                    if (dialect(targets[e.target].config.provider) == "http") == plain]
+
+        self.chains = {name: entries(t.config.fallback_targets, t) for name, t in targets.items()}
+        # A tenant's chains by primary target; its "*" chain applies to every target.
+        self.tenant_chains: dict[str, dict[str, list[Entry]]] = {}
+        for tenant in rt.config.tenants:
+            if not tenant.fallback_targets:
+                continue
+            every = tenant.fallback_targets.get("*")
+            self.tenant_chains[tenant.name] = {
+                name: entries(tenant.fallback_targets.get(name, every or []), t)
+                for name, t in targets.items() if name in tenant.fallback_targets or every is not None
+            }
+        self.recovering = {name for name, t in targets.items() if t.config.stream_recovery == "continue"}
+
+    @property
+    def any(self) -> bool:
+        return bool(self.recovering or self.tenant_chains or any(self.chains.values()))
+
+    def chain_for(self, ex: Exchange, primary: Target) -> list[Entry]:
+        if ex.tenant is not None:
+            own = self.tenant_chains.get(ex.tenant)
+            if own is not None and primary.name in own:
+                return own[primary.name]
+        return self.chains[primary.name]
+
+    def candidates(self, ex: Exchange) -> list[Entry]:
+        """Every (target, model) this request may be answered by, the model as each would be asked
+        (an entry's ``model``, else its target's ``llm.default_model``, else the client's)."""
+        primary = ex.target
+        out: list[Entry] = [(primary, ex.model)]
+        for target, model in self.chain_for(ex, primary):
+            out.append((target, model or (target.config.llm.default_model if target.config.llm else None) or ex.model))
+        return out
+
+
 def policy(rt: Runtime) -> Policy | None:
     targets = rt.targets
-
-    def entries(raw: list, primary: Target) -> list[Entry]:
-        # OpenAI and Anthropic targets stand in for each other (gateway.crossing translates); a plain-HTTP
-        # target and an LLM one cannot: skipped, as --check warns
-        plain = dialect(primary.config.provider) == "http"
-        return [(targets[e.target], e.model) for e in raw if (dialect(targets[e.target].config.provider) == "http") == plain]
-
-    chains = {name: entries(t.config.fallback_targets, t) for name, t in targets.items()}
+    known = Chains(rt)
     fallback_on = {name: frozenset(t.config.fallback_on) for name, t in targets.items()}
-    # A tenant's chains by primary target; its "*" chain applies to every target.
-    tenant_chains: dict[str, dict[str, list[Entry]]] = {}
-    for tenant in rt.config.tenants:
-        if not tenant.fallback_targets:
-            continue
-        every = tenant.fallback_targets.get("*")
-        tenant_chains[tenant.name] = {
-            name: entries(tenant.fallback_targets.get(name, every or []), t)
-            for name, t in targets.items() if name in tenant.fallback_targets or every is not None
-        }
-    recovering = {name for name, t in targets.items() if t.config.stream_recovery == "continue"}
-    if not recovering and not tenant_chains and not any(chains.values()):
+    recovering = known.recovering
+    if not known.any:
         return None  # no target has anywhere to fall back to: the pipeline calls the target's chain itself
     events = rt.events
     target_chains = rt.target_chains  # filled in before request policies are built
+    chain_for = known.chain_for
 
     def run(ex: Exchange) -> Awaitable[Reply]:  # the chain of the target the exchange points at
         return target_chains[ex.target.name](ex)
-
-    def chain_for(ex: Exchange, primary: Target) -> list[Entry]:
-        if ex.tenant is not None:
-            own = tenant_chains.get(ex.tenant)
-            if own is not None and primary.name in own:
-                return own[primary.name]
-        return chains[primary.name]
 
     async def fallback(ex: Exchange, call_next: Handler) -> Reply:
         primary = ex.target

@@ -169,19 +169,22 @@ def policy(rt: Runtime) -> Policy | None:
     async def usage(ex: Exchange, call_next: Handler) -> Reply:
         if ex.target.kind != "llm":
             return await call_next(ex)
-        if ex.stream and not ex.include_usage and ex.dialect != ANTHROPIC and \
-                ex.rel_path.removeprefix("v1/") in _CHAT_PATHS:
+        if ex.settlement is not None:  # from here on this policy settles the spend reservation, however it ends
+            ex.settlement.owned = True
+        if ex.stream and not ex.include_usage and ex.dialect != ANTHROPIC and ex.endpoint.billed in _CHAT_PATHS:
             ex.usage_body = (b"", None)  # computed per attempt (asking_usage)
-        reply = await call_next(ex)  # (an exception: the budget policy refunds the reservation)
+        try:
+            reply = await call_next(ex)
+        except BaseException:  # no answer (an error, or the client left before one): nothing billed
+            unbilled(ex)
+            raise
         if reply.chunks is not None:
-            if ex.settlement is not None:
-                ex.settlement.expected = True  # settled when the stream ends, however it ends
-            reply.on_close(lambda error: _guarded(stream_ended, ex, reply))
+            reply.on_close(lambda error: _guarded(stream_ended, ex, reply))  # settled when the stream ends
             return reply
         found = None
         if 200 <= reply.status < 300 and reply.body:
             try:
-                found = read_usage(reply.body, ex.rel_path)
+                found = read_usage(reply.body, ex.endpoint.path)
             except NotJSON:
                 if reply.headers.get("Content-Type", "").startswith("application/json"):
                     unbilled(ex)  # logged once, by the access line (error_code upstream_error, its message)

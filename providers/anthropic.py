@@ -24,13 +24,16 @@ PRICES: dict[str, tuple[float, float]] = {
     "claude-3-7-sonnet": (3.0, 15.0), "claude-3-5-sonnet": (3.0, 15.0), "claude-3-5-haiku": (0.80, 4.0),
     "claude-3-opus": (15.0, 75.0), "claude-3-sonnet": (3.0, 15.0), "claude-3-haiku": (0.25, 1.25),
 }
+# Context windows (see ``providers.openai.CONTEXT``); Sonnet 4 and 4.5 take 1M tokens with a beta header.
+CONTEXT: dict[str, int] = {"claude": 200_000, "claude-sonnet-4": 1_000_000, "claude-sonnet-4-5": 1_000_000}
 
 
 # The ``error.type`` an Anthropic error of each status carries (else "api_error").
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
-    404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
-    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error",
+    404: "not_found_error", 408: "invalid_request_error", 409: "invalid_request_error", 413: "request_too_large",
+    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error",
+    529: "overloaded_error",
 }
 API_VERSION = "2023-06-01"  # ``anthropic-version`` for requests the gateway writes itself (translated, envelopes)
 

@@ -23,6 +23,17 @@ PRICES: dict[str, tuple[float, float]] = {
     "o3": (2.0, 8.0), "o3-mini": (1.10, 4.40), "o3-pro": (20.0, 80.0), "o4-mini": (1.10, 4.40),
     "text-embedding-3-small": (0.02, 0.0), "text-embedding-3-large": (0.13, 0.0), "text-embedding-ada-002": (0.10, 0.0),
 }
+# Context windows (tokens a prompt can hold at most), by the same names: a spend reservation's bound
+# for a prompt the body does not hold (``previous_response_id``, files). Unlisted: ``pricing.DEFAULT_CONTEXT``.
+CONTEXT: dict[str, int] = {
+    "gpt-5": 400_000, "gpt-4.1": 1_047_576, "gpt-4o": 128_000, "chatgpt-4o-latest": 128_000,
+    "gpt-4-turbo": 128_000, "gpt-4": 8_192, "gpt-3.5-turbo": 16_385, "o1": 200_000, "o1-mini": 128_000,
+    "o3": 200_000, "o3-mini": 200_000, "o4-mini": 200_000, "text-embedding-3-small": 8_192,
+    "text-embedding-3-large": 8_192, "text-embedding-ada-002": 8_192,
+}
+# The most one image can cost in prompt tokens, where it is more than ``pricing.IMAGE_TOKENS``: gpt-4o-mini
+# bills images at about 33× the tokens of gpt-4o (2,833 + 5,667 per tile, six tiles at most).
+IMAGE_TOKENS: dict[str, int] = {"gpt-4o-mini": 36_835}
 
 
 class _Usage(msgspec.Struct):
@@ -52,8 +63,8 @@ def read_usage(body: bytes) -> tuple[int, int] | None:
 # The ``error.type`` an OpenAI-style error of each status carries (else "server_error").
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota", 403: "permission_error",
-    404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-    422: "invalid_request_error", 429: "rate_limit_error",
+    404: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error",
+    413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
 }
 
 

@@ -17,32 +17,56 @@ from providers import anthropic, mistral, openai
 
 # model prefix: (input, output) USD per 1M tokens — each adapter knows its own provider's prices
 BUILT_IN: dict[str, tuple[float, float]] = {**openai.PRICES, **anthropic.PRICES, **mistral.PRICES}
+CONTEXT: dict[str, int] = {**openai.CONTEXT, **anthropic.CONTEXT, **mistral.CONTEXT}
+DEFAULT_CONTEXT = 1_048_576  # a priced model whose context window the table does not know
+IMAGE_TOKENS = 6_000  # the most one image costs in prompt tokens, unless the model's entry says more
+IMAGE_TOKENS_BY_MODEL: dict[str, int] = {**openai.IMAGE_TOKENS}
 
 MESSAGE_OVERHEAD = 4  # tokens per message for role and framing (OpenAI's rule of thumb)
 REPLY_PRIMER = 3  # every reply is primed with a few tokens
 
 
 class Price:
-    __slots__ = ("input", "output")
+    """A model's prices (USD per token) and what bounds a prompt's size: its context window and
+    the most an image may cost."""
 
-    def __init__(self, input_per_m: float, output_per_m: float) -> None:
+    __slots__ = ("input", "output", "context", "image_tokens")
+
+    def __init__(self, input_per_m: float, output_per_m: float, context: int = DEFAULT_CONTEXT,
+                 image_tokens: int = IMAGE_TOKENS) -> None:
         self.input = input_per_m / 1e6  # USD per token
         self.output = output_per_m / 1e6
+        self.context = context
+        self.image_tokens = image_tokens
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens * self.input + completion_tokens * self.output
+
+
+def family(table: Mapping[str, Any], by_length: list[str], model: str) -> Any:
+    """``table``'s entry for ``model``: its exact name, else the longest family prefix it starts with
+    (``gpt-4o-mini-2024-07-18`` → ``gpt-4o-mini``); ``provider/model`` names are read as ``model``."""
+    found = table.get(model)
+    if found is None:
+        name = model.split("/")[-1]  # "openai/gpt-4o" on OpenAI-compatible routers
+        found = table.get(name)
+        if found is None:
+            found = next((table[p] for p in by_length if name.startswith(p + "-") or name == p), None)
+    return found
 
 
 class PriceTable:
     """The built-in prices plus the config's ``pricing:`` (which wins), looked up by model."""
 
     def __init__(self, overrides: Mapping[str, Any] | None = None) -> None:
-        table = {name: Price(i, o) for name, (i, o) in BUILT_IN.items()}
+        table = {name: (i, o) for name, (i, o) in BUILT_IN.items()}
         for name, price in (overrides or {}).items():
-            table[name] = Price(price.input, price.output)
+            table[name] = (price.input, price.output)
         self._table = table
-        self.per_million = {name: (p.input * 1e6, p.output * 1e6) for name, p in table.items()}
+        self.per_million = dict(table)
         self._by_length = sorted(table, key=len, reverse=True)
+        self._context_by_length = sorted(CONTEXT, key=len, reverse=True)
+        self._images_by_length = sorted(IMAGE_TOKENS_BY_MODEL, key=len, reverse=True)
         self._memo: dict[str, Price | None] = {}
 
     def price(self, model: str | None) -> Price | None:
@@ -52,15 +76,15 @@ class PriceTable:
             return self._memo[model]
         except KeyError:
             pass
-        found = self._table.get(model)
-        if found is None:
-            name = model.split("/")[-1]  # "openai/gpt-4o" on OpenAI-compatible routers
-            found = self._table.get(name) or next(
-                (self._table[p] for p in self._by_length if name.startswith(p + "-") or name == p), None,
-            )
+        found = family(self._table, self._by_length, model)
+        price = None
+        if found is not None:
+            context = family(CONTEXT, self._context_by_length, model) or DEFAULT_CONTEXT
+            images = family(IMAGE_TOKENS_BY_MODEL, self._images_by_length, model) or IMAGE_TOKENS
+            price = Price(found[0], found[1], context, max(images, IMAGE_TOKENS))
         if len(self._memo) < 4096:
-            self._memo[model] = found
-        return found
+            self._memo[model] = price
+        return price
 
 
 def _text_chars(content: Any) -> int:

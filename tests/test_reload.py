@@ -11,6 +11,7 @@ process and ``--workers 2`` (a reload asked of one worker reaches every worker).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -160,8 +161,10 @@ async def test_an_open_circuit_stays_open_across_a_reload_on_redis(fake, reloada
         await drop(store)
 
 
-PROMPT = "x" * 4000  # ≈ 1,007 prompt tokens by the gateway's estimate
-ESTIMATE = (1007 * 0.15 + 1000 * 0.60) / 1e6  # what a request reserves (gpt-4o-mini, max_tokens 1000)
+PROMPT = "x" * 4000
+BODY = {"model": "gpt-4o-mini", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}]}
+# what a request reserves: the most it can cost (a token per body byte + framing, all of max_tokens)
+ESTIMATE = ((len(json.dumps(BODY).encode()) + 4 + 3) * 0.15 + 1000 * 0.60) / 1e6
 ACTUAL = (5 * 0.15 + 4 * 0.60) / 1e6  # what it costs once the fake's usage (5 + 4 tokens) is read
 ACME = {"Authorization": "Bearer acme-key-123456"}
 
@@ -185,7 +188,7 @@ targets:
 async def test_a_tenants_spend_still_counts_against_its_budget_after_a_reload(fake, reloadable):
     store = MemoryStore()
     client, path = await reloadable(budget_config(fake.url), store=store)
-    body = {"model": "gpt-4o-mini", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}]}
+    body = BODY
     key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
     for _ in range(2):
         async with client.post("/v1/chat/completions", json=body, headers=ACME) as resp:

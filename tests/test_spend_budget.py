@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -15,13 +16,17 @@ from tests.fakes import Fault
 from tests.stores import drop, new_prefix, redis_store
 
 PROMPT = "x" * 4000  # ≈ 1,007 prompt tokens by the gateway's estimate
-ESTIMATE = (1007 * 0.15 + 1000 * 0.60) / 1e6  # gpt-4o-mini with max_tokens 1000 ≈ $0.00075
 ACTUAL = (5 * 0.15 + 4 * 0.60) / 1e6  # what the fake reports: 5 prompt + 4 completion tokens
 KEY = {"Authorization": "Bearer acme-key-123456"}
 
 
 def chat(**extra) -> dict:
     return {"model": "gpt-4o-mini", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}], **extra}
+
+
+# What each request reserves: the most it can cost — a token per byte of the body (plus the framing of
+# its one message) and its whole max_tokens, at gpt-4o-mini's prices (≈ $0.0012)
+RESERVED = ((len(json.dumps(chat()).encode()) + 4 + 3) * 0.15 + 1000 * 0.60) / 1e6
 
 
 def config(url: str, *, daily: float, store: str = "") -> str:
@@ -70,7 +75,7 @@ async def burst(clients, n: int) -> list[int]:
 
 async def test_fifty_concurrent_requests_against_a_budget_for_ten_send_ten(fake, gateway):
     store = MemoryStore()
-    client, _ = await gateway(config(fake.url, daily=ESTIMATE * 10.5), store=store)
+    client, _ = await gateway(config(fake.url, daily=RESERVED * 10.5), store=store)
     fake.script = lambda n, seen: Fault(delay_ms=300)  # all fifty in flight together
     statuses = await burst([client], 50)
     assert statuses.count(200) == 10 and statuses.count(402) == 40
@@ -88,7 +93,7 @@ async def test_two_gateways_sharing_a_store_hold_one_budget(fake, gateway, backe
         prefix = new_prefix()
         stores = [await redis_store(prefix), await redis_store(prefix)]
     try:
-        clients = [(await gateway(config(fake.url, daily=ESTIMATE * 10.5), store=s))[0] for s in stores]
+        clients = [(await gateway(config(fake.url, daily=RESERVED * 10.5), store=s))[0] for s in stores]
         fake.script = lambda n, seen: Fault(delay_ms=300)
         statuses = await burst(clients, 50)
         assert statuses.count(200) == 10 and len(fake.requests) == 10
@@ -100,7 +105,7 @@ async def test_two_gateways_sharing_a_store_hold_one_budget(fake, gateway, backe
 
 
 async def test_an_exhausted_budget_is_402_with_the_reset_time(fake, gateway):
-    client, _ = await gateway(config(fake.url, daily=ESTIMATE * 0.5))
+    client, _ = await gateway(config(fake.url, daily=RESERVED * 0.5))
     resp = await client.post("/v1/chat/completions", json=chat(), headers=KEY)
     body = await resp.json()
     assert resp.status == 402 and body["error"]["code"] == "budget_exhausted"
@@ -141,10 +146,10 @@ async def test_an_abandoned_stream_is_settled_from_what_was_sent(fake, gateway):
     charged = 0.0
     for _ in range(200):
         charged = await spent(store)
-        if 0 < charged < ESTIMATE:
+        if 0 < charged < RESERVED:
             break
         await asyncio.sleep(0.01)
-    assert 0 < charged < ESTIMATE  # the prompt and the text sent so far, not the whole reservation
+    assert 0 < charged < RESERVED  # the prompt and the text sent so far, not the whole reservation
 
 
 async def test_usage_rows_per_tenant_user_target_model_and_day(fake, gateway):

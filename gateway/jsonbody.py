@@ -1,0 +1,35 @@
+"""Top-level edits of a JSON request body, without parsing what its values hold.
+
+A policy that must change a field (a lowered ``max_tokens``, a fallback's ``model``, a
+removed ``idempotency_key``) re-encodes the object with every other value carried over as
+the raw bytes it was sent as: a 10 MB prompt is copied, not decoded into Python objects and
+encoded again. A key the client sent twice comes out once, with the value the gateway read
+(the last), so the upstream reads exactly what the gateway decided on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+_decode = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+_encode = msgspec.json.encode
+
+
+class NotAnObject(ValueError):
+    """The body is not a JSON object."""
+
+
+def edit(body: bytes, set_fields: Mapping[str, Any] | None = None, drop: Iterable[str] = ()) -> bytes:
+    """``body`` with ``set_fields`` set (any JSON-encodable values) and ``drop`` removed; raises ``NotAnObject``."""
+    try:
+        doc = _decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        raise NotAnObject() from None
+    for name in drop:
+        doc.pop(name, None)
+    for name, value in (set_fields or {}).items():
+        doc[name] = msgspec.Raw(_encode(value))
+    return _encode(doc)

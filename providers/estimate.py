@@ -1,0 +1,263 @@
+"""What an LLM request may cost, read from its body before it is sent (``policies.budget``).
+
+Two numbers come out of a request:
+
+- the **estimate** (SPEC §5): prompt characters / 4 plus a few tokens per message, and the
+  answer's ``max_tokens`` — what the per-request soft and hard caps compare against;
+- the **bound**: the most the upstream can bill for it — what a tenant's spend budget
+  reserves, so that recorded spend can never pass the budget. A prompt costs at most one
+  token per byte of the body (every text, tool and inline file is in it, and a token is at
+  least one byte) plus ``Price.image_tokens`` per image, and never more than the model's
+  context window — which is also the bound when the prompt is not in the body at all
+  (``previous_response_id``, ``conversation``, a stored ``prompt``, files by id or URL,
+  item references). The answer costs at most its output limit (``max_tokens``,
+  ``max_completion_tokens``, ``max_output_tokens``, ``max_tokens_to_sample``) times the
+  choices asked for (``n``, ``best_of``, a batch of ``prompt``\\ s).
+
+The body is read with typed decoders that skip what they do not need (a 10 MB body with
+half a million keys is read in milliseconds); a shape they do not expect is read generically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from providers import endpoints
+from providers.pricing import MESSAGE_OVERHEAD, REPLY_PRIMER, Price, estimate_prompt_tokens
+
+IMAGE_PARTS = frozenset(("image_url", "image", "input_image"))
+# Parts whose tokens the body does not bound: a file (by id, URL or inline: a compressed PDF holds
+# more text than its bytes), a reference to stored items.
+UNBOUNDED_PARTS = frozenset(("file", "input_file", "document", "container_upload", "item_reference", "search_result"))
+# The output limit each endpoint reads, in the order a request may give them.
+OUTPUT_FIELDS = {
+    endpoints.CHAT: ("max_completion_tokens", "max_tokens"), endpoints.COMPLETIONS: ("max_tokens",),
+    endpoints.FIM: ("max_tokens",), endpoints.MESSAGES: ("max_tokens",), endpoints.COMPLETE: ("max_tokens_to_sample",),
+    endpoints.RESPONSES: ("max_output_tokens",), endpoints.EMBEDDINGS: (),
+}
+
+
+class NotReadable(Exception):
+    """The body is not a JSON object."""
+
+
+class View:
+    """What a request body says about its cost."""
+
+    __slots__ = ("model", "limits", "choices", "prompts", "chars", "messages", "images", "unbounded", "estimate")
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.limits: dict[str, int | None] = {}  # output-limit fields present: value (None: not an int)
+        self.choices = 1  # answers per prompt (n, best_of)
+        self.prompts = 1  # prompts answered (a completions batch)
+        self.chars = 0  # characters of text, for the estimate
+        self.messages = 0
+        self.images = 0
+        self.unbounded = False  # the prompt holds content the body does not
+        self.estimate: int | None = None  # set by the generic reader
+
+    def estimate_prompt(self) -> int:
+        """SPEC §5's estimate: characters / 4 plus the per-message overhead."""
+        if self.estimate is not None:
+            return self.estimate
+        return -(-self.chars // 4) + self.messages * MESSAGE_OVERHEAD + REPLY_PRIMER
+
+    def bound_prompt(self, body_bytes: int, price: Price) -> int:
+        if self.unbounded:
+            return price.context
+        return min(price.context, body_bytes + self.messages * MESSAGE_OVERHEAD + REPLY_PRIMER
+                   + self.images * price.image_tokens)
+
+
+# ------------------------------------------------------------------ typed reading
+
+
+_ABSENT = msgspec.Raw(b"")  # a Raw field's default (``Raw | None`` does not decode arrays)
+
+
+class _Part(msgspec.Struct):
+    type: Any = None
+    text: Any = None
+    content: str | list[_Part] | None = None  # Anthropic tool_result blocks nest content
+    output: Any = None  # Responses function_call_output
+
+
+class _Message(msgspec.Struct):
+    type: Any = None  # Responses input items
+    content: str | list[_Part] | None = None
+    tool_calls: msgspec.Raw = _ABSENT
+    output: Any = None
+
+
+class _Request(msgspec.Struct):
+    model: Any = None
+    messages: list[_Message] | None = None
+    system: str | list[_Part] | None = None
+    instructions: Any = None
+    input: msgspec.Raw = _ABSENT
+    prompt: msgspec.Raw = _ABSENT
+    suffix: Any = None
+    tools: msgspec.Raw = _ABSENT
+    n: Any = None
+    best_of: Any = None
+    max_tokens: Any = msgspec.UNSET
+    max_completion_tokens: Any = msgspec.UNSET
+    max_output_tokens: Any = msgspec.UNSET
+    max_tokens_to_sample: Any = msgspec.UNSET
+    previous_response_id: Any = None
+    conversation: Any = None
+
+
+_decode_request = msgspec.json.Decoder(_Request).decode
+_decode_items = msgspec.json.Decoder(str | list[_Message]).decode
+_decode_any = msgspec.json.Decoder().decode
+
+
+def read(body: bytes, billed: str) -> View:
+    """The cost view of a request to the ``billed`` endpoint; raises ``NotReadable``."""
+    try:
+        req = _decode_request(body)
+    except msgspec.ValidationError:
+        return _read_generic(body, billed)  # a shape the typed reader does not expect: read it whole
+    except (msgspec.DecodeError, RecursionError):
+        raise NotReadable() from None
+    view = View()
+    view.model = req.model if isinstance(req.model, str) else None
+    for field in OUTPUT_FIELDS[billed]:
+        value = getattr(req, field)
+        if value is not msgspec.UNSET and value is not None:
+            view.limits[field] = _count(value)
+    view.choices = max(_count(req.n) or 1, _count(req.best_of) or 1)
+    for message in req.messages or ():
+        view.messages += 1
+        _content(view, message.content)
+        view.chars += len(message.tool_calls)
+    _content(view, req.system)
+    if isinstance(req.instructions, str):
+        view.chars += len(req.instructions)
+    view.chars += len(req.tools)
+    if isinstance(req.suffix, str):
+        view.chars += len(req.suffix)
+    if req.prompt is not _ABSENT:
+        _prompt(view, req.prompt, billed)
+    if req.input is not _ABSENT:
+        _input(view, req.input, billed)
+    if req.previous_response_id is not None or req.conversation is not None:
+        view.unbounded = True
+    return view
+
+
+def _count(value: Any) -> int | None:
+    """A positive count as the upstream reads it, or None (an upstream refuses anything else)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if value > 0 else None
+
+
+def _content(view: View, content: Any) -> None:
+    if content is None:
+        return
+    if isinstance(content, str):
+        view.chars += len(content)
+        return
+    for part in content:
+        kind = part.type
+        if kind in IMAGE_PARTS:
+            view.images += 1
+        elif kind in UNBOUNDED_PARTS:
+            view.unbounded = True
+        if isinstance(part.text, str):
+            view.chars += len(part.text)
+        if isinstance(part.output, str):
+            view.chars += len(part.output)
+        _content(view, part.content)
+
+
+def _prompt(view: View, raw: msgspec.Raw, billed: str) -> None:
+    if billed == endpoints.RESPONSES:  # a stored prompt template: its text is not in the body
+        view.unbounded = True
+        return
+    view.chars += len(raw)
+    try:
+        prompt = _decode_any(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        view.prompts = len(prompt)  # a batch of prompts (strings or token lists): each is answered
+
+
+def _input(view: View, raw: msgspec.Raw, billed: str) -> None:
+    if billed != endpoints.RESPONSES:  # embeddings: strings or token ids, all in the body
+        view.chars += len(raw)
+        return
+    try:
+        items = _decode_items(raw)
+    except msgspec.ValidationError:
+        view.chars += len(raw)
+        view.unbounded = True  # not a shape this reader knows: assume the worst
+        return
+    except (msgspec.DecodeError, RecursionError):
+        return
+    if isinstance(items, str):
+        view.chars += len(items)
+        return
+    for item in items:
+        view.messages += 1
+        if item.type in UNBOUNDED_PARTS:
+            view.unbounded = True
+        if isinstance(item.output, str):
+            view.chars += len(item.output)
+        _content(view, item.content)
+
+
+# ------------------------------------------------------------------ any other shape
+
+
+def _read_generic(body: bytes, billed: str) -> View:
+    try:
+        doc = _decode_any(body)
+    except (msgspec.DecodeError, RecursionError):
+        raise NotReadable() from None
+    if not isinstance(doc, dict):
+        raise NotReadable()
+    view = View()
+    model = doc.get("model")
+    view.model = model if isinstance(model, str) else None
+    for field in OUTPUT_FIELDS[billed]:
+        if doc.get(field) is not None:
+            view.limits[field] = _count(doc[field])
+    view.choices = max(_count(doc.get("n")) or 1, _count(doc.get("best_of")) or 1)
+    # Whatever the shape, the body's size bounds the text; every part is searched for images and files.
+    view.estimate = estimate_prompt_tokens(doc)
+    view.messages = len(doc["messages"]) if isinstance(doc.get("messages"), list) else 0
+    _walk(view, doc, 0)
+    if doc.get("previous_response_id") is not None or doc.get("conversation") is not None:
+        view.unbounded = True
+    prompt = doc.get("prompt")
+    if billed == endpoints.RESPONSES and prompt is not None:
+        view.unbounded = True
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        view.prompts = len(prompt)
+    return view
+
+
+def _walk(view: View, node: Any, depth: int) -> None:
+    if depth > 64:
+        view.unbounded = True
+        return
+    if isinstance(node, dict):
+        kind = node.get("type")
+        if kind in IMAGE_PARTS:
+            view.images += 1
+        elif kind in UNBOUNDED_PARTS:
+            view.unbounded = True
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                _walk(view, value, depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            if isinstance(value, (dict, list)):
+                _walk(view, value, depth + 1)

@@ -1,0 +1,257 @@
+"""A tenant's spend budget can't be walked around, and recorded spend never passes it (issue #12 rows 1-2).
+
+Every test runs two gateways on one Redis (on one memory store where noted). Row 1: a tenant
+whose budget is spent tries every other door — the Responses API, embeddings, a trailing
+slash and other spellings of the path, ``/t/``, a gzip-compressed body, an endpoint whose
+cost nothing bounds. Row 2: fifty concurrent requests with ``n: 5``, or whose real prompt is
+larger than the estimate, against a budget that fits ten — recorded spend stays under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+
+import msgspec
+import pytest
+from aiohttp import web
+
+from gateway.store.memory import MemoryStore
+from tests.stores import drop, new_prefix, redis_store
+
+KEY = {"Authorization": "Bearer acme-key-123456"}
+CHAT = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def config(url: str, *, daily: float) -> str:
+    return f"""
+server: {{default_target: up}}
+tenants:
+  - name: acme
+    api_key: acme-key-123456
+    budget: {{daily_usd: {daily}}}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*", "text-embedding-*"]
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+"""
+
+
+class Metered:
+    """An OpenAI-style upstream that bills like the real one: the prompt as its UTF-8 bytes (the most
+    a tokenizer can make of it) and every output token it was allowed, times n."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict]] = []
+        self.delay_s = 0.0
+        self.usage_factor = 1  # > 1: an upstream that reports more than any request could cost
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_route("POST", "/{tail:.*}", self.answer)
+        return app
+
+    async def answer(self, request: web.Request) -> web.Response:
+        body = msgspec.json.decode(await request.read())
+        self.requests.append((request.path, body))
+        await asyncio.sleep(self.delay_s)
+        prompt = sum(len(m["content"].encode()) for m in body.get("messages", []))
+        if isinstance(body.get("input"), str):
+            prompt += len(body["input"].encode())
+        output = (body.get("max_tokens") or body.get("max_output_tokens") or 0) * (body.get("n") or 1)
+        usage = {"prompt_tokens": prompt * self.usage_factor, "completion_tokens": output * self.usage_factor,
+                 "input_tokens": prompt, "output_tokens": output}
+        return web.json_response({"id": "x", "object": "chat.completion", "model": body.get("model"),
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                               "finish_reason": "stop"}], "usage": usage})
+
+
+@pytest.fixture
+async def metered(aiohttp_server):
+    upstream = Metered()
+    server = await aiohttp_server(upstream.app())
+    upstream.url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    return upstream
+
+
+@pytest.fixture
+async def on_redis():
+    stores = []
+
+    async def make(n: int = 2):
+        prefix = new_prefix()
+        for _ in range(n):
+            stores.append(await redis_store(prefix))
+        return stores
+
+    yield make
+    if stores:
+        await drop(stores[0])
+        for store in stores[1:]:
+            await store.close()
+
+
+def spend_key() -> str:
+    return f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+
+
+async def exhaust(store, daily: float) -> None:
+    await store.set(spend_key(), str(daily).encode(), 86400)
+
+
+async def spent(store) -> float:
+    return float(await store.get(spend_key()) or 0)
+
+
+# ============================================================= row 1: every door is metered
+
+
+DOORS = [
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hello there"}, {}),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hello there"}, {}),
+    ("/v1/chat/completions/", CHAT, {}),
+    ("/v1/Chat/Completions", CHAT, {}),
+    ("/v1/chat/%63ompletions", CHAT, {}),
+    ("/v1/chat/completions;v=1", CHAT, {}),
+    ("/t/up/chat/completions", CHAT, {}),
+    ("/t/up/v1/chat/completions", CHAT, {"Content-Type": "text/plain"}),  # unlabelled JSON: read all the same
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hello"}, {}),
+    ("/v1/messages", {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}, {}),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "headers"), DOORS, ids=[d[0] + str(i) for i, d in enumerate(DOORS)])
+async def test_a_spent_budget_is_402_through_every_billable_door(metered, gateway, on_redis, path, body, headers):
+    stores = await on_redis()
+    (a, _), (b, _) = [await gateway(config(metered.url, daily=0.01), store=s) for s in stores]
+    await exhaust(stores[0], 0.01)  # the day's budget, all spent (through a)
+    raw = json.dumps(body).encode()
+    resp = await b.post(path, data=raw, headers={**KEY, "Content-Type": "application/json", **headers})
+    assert resp.status == 402, await resp.text()
+    assert "X-Request-Id" in resp.headers
+    assert metered.requests == []
+
+
+async def test_a_gzip_body_is_read_for_the_budget_and_sent_decoded(metered, gateway, on_redis):
+    stores = await on_redis()
+    (a, _), (b, _) = [await gateway(config(metered.url, daily=0.01), store=s) for s in stores]
+    packed = gzip.compress(json.dumps(CHAT).encode())
+    gz = {**KEY, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    resp = await a.post("/v1/chat/completions", data=packed, headers=gz)
+    assert resp.status == 200, await resp.text()
+    assert metered.requests[0][1] == CHAT  # what the budget read is what the upstream got
+    await exhaust(stores[0], 0.01)
+    resp = await b.post("/v1/chat/completions", data=packed, headers=gz)
+    assert resp.status == 402 and len(metered.requests) == 1
+
+
+async def test_a_body_the_budget_cannot_read_is_refused_not_waved_through(metered, gateway):
+    client, _ = await gateway(config(metered.url, daily=1.0))
+    odd = await client.post("/v1/chat/completions", data=b"\x1f\x8b not really", headers={
+        **KEY, "Content-Type": "application/json", "Content-Encoding": "compress"})
+    assert odd.status == 415 and (await odd.json())["error"]["code"] == "unsupported_media_type"
+    broken = await client.post("/v1/chat/completions", data=b"\x1f\x8b not gzip", headers={
+        **KEY, "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert broken.status == 400
+    text = await client.post("/t/up/chat/completions", data=b"model=gpt-4o-mini&max_tokens=5", headers={
+        **KEY, "Content-Type": "application/x-www-form-urlencoded"})
+    assert text.status == 400 and "JSON object" in (await text.json())["error"]["message"]
+    assert metered.requests == []
+
+
+async def test_an_endpoint_whose_cost_nothing_bounds_is_forbidden_for_a_budgeted_tenant(metered, gateway):
+    client, _ = await gateway(config(metered.url, daily=1.0))
+    for path in ("/v1/images/generations", "/v1/batches", "/v1/audio/speech", "/v1/messages/batches"):
+        resp = await client.post(path, json={"model": "gpt-image-1", "prompt": "a cat"}, headers=KEY)
+        assert resp.status == 403, path
+        assert "cannot be bounded" in (await resp.json())["error"]["message"]
+    free = await client.post("/v1/moderations", json={"input": "hi"}, headers=KEY)
+    assert free.status == 200  # costs nothing: not the budget's business
+    assert [p for p, _ in metered.requests] == ["/v1/moderations"]
+
+
+async def test_a_request_without_an_output_limit_gets_one_written_into_it(metered, gateway):
+    client, _ = await gateway(config(metered.url, daily=1.0))
+    await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"}, headers=KEY)
+    await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "hi"}]}, headers=KEY)
+    await client.post("/v1/chat/completions", json={"model": "o3-mini", "messages": [
+        {"role": "user", "content": "hi"}]}, headers=KEY)
+    sent = [body for _, body in metered.requests]
+    assert sent[0]["max_output_tokens"] == 4096
+    assert sent[1]["max_tokens"] == 4096
+    assert sent[2]["max_completion_tokens"] == 4096 and "max_tokens" not in sent[2]  # what o-series accept
+
+
+# ============================================================= row 2: recorded spend never passes the budget
+
+
+def bound(body: dict, n: int = 1) -> float:
+    """What the gateway reserves for ``body`` at gpt-4o-mini's prices: a token per body byte + framing,
+    and all of max_tokens × n."""
+    return ((len(json.dumps(body).encode()) + 4 * len(body["messages"]) + 3) * 0.15
+            + body["max_tokens"] * n * 0.60) / 1e6
+
+
+async def burst(clients, body: dict, n: int) -> list[int]:
+    async def one(i: int) -> int:
+        async with clients[i % len(clients)].post("/v1/chat/completions", json=body, headers=KEY) as resp:
+            await resp.read()
+            return resp.status
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def until_settled(store, admitted: int, cost: float) -> float:
+    for _ in range(300):
+        now = await spent(store)
+        if now == pytest.approx(admitted * cost, rel=1e-6):
+            return now
+        await asyncio.sleep(0.01)
+    return await spent(store)
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_fifty_concurrent_requests_with_n_5_never_record_more_than_the_budget(
+        metered, gateway, on_redis, backend):
+    body = {**CHAT, "n": 5}
+    daily = bound(body, 5) * 10.5  # room for ten
+    stores = await on_redis() if backend == "redis" else [MemoryStore()] * 2
+    clients = [(await gateway(config(metered.url, daily=daily), store=s))[0] for s in stores]
+    metered.delay_s = 0.3  # all fifty in flight together
+    statuses = await burst(clients, body, 50)
+    assert statuses.count(200) == 10 and statuses.count(402) == 40
+    real = (len(CHAT["messages"][0]["content"]) * 0.15 + 100 * 5 * 0.60) / 1e6  # what the upstream billed each
+    recorded = await until_settled(stores[0], 10, real)
+    assert recorded == pytest.approx(10 * real, rel=1e-6) and recorded <= daily
+
+
+async def test_prompts_larger_than_their_estimate_never_record_more_than_the_budget(metered, gateway, on_redis):
+    """Multi-byte text: 4,000 CJK characters are ≈ 1,000 tokens by the chars/4 estimate, and up to
+    12,000 bytes — what the upstream bills here."""
+    body = {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "漢" * 4000}]}
+    daily = bound(body) * 10.5
+    stores = await on_redis()
+    clients = [(await gateway(config(metered.url, daily=daily), store=s))[0] for s in stores]
+    metered.delay_s = 0.3
+    statuses = await burst(clients, body, 50)
+    assert statuses.count(200) == 10
+    real = (12_000 * 0.15 + 10 * 0.60) / 1e6
+    recorded = await until_settled(stores[0], 10, real)
+    assert recorded <= daily and recorded == pytest.approx(10 * real, rel=1e-6)
+
+
+async def test_an_upstream_that_reports_more_than_any_request_could_cost_is_charged_its_reservation(
+        metered, gateway, on_redis):
+    stores = await on_redis()
+    daily = bound(CHAT) * 3.5
+    clients = [(await gateway(config(metered.url, daily=daily), store=s))[0] for s in stores]
+    metered.usage_factor = 1000
+    statuses = await burst(clients, CHAT, 6)
+    assert statuses.count(200) == 3  # three reservations fit
+    recorded = await until_settled(stores[0], 3, bound(CHAT))
+    assert recorded <= daily
