@@ -20,6 +20,12 @@ Followers on the same instance read the leader's recording directly; followers
 elsewhere read the log. An answer that may not be stored (a 5xx, a cut stream, a
 gateway error) is still shared with the followers that were waiting for it — one
 upstream call for all — but the key is released, so a later retry runs again.
+
+A leader whose client goes away goes on only for others: when no follower waits — none
+on this instance (awaiting the answer or reading the stream) and none elsewhere (each
+counts itself in ``key:log:<token>:w`` while it follows) — the work is cancelled at once,
+the upstream call with it, and the key released without an answer (``["a"]`` in the log):
+nothing is stored, and a duplicate arriving later runs the request itself.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ log = logging.getLogger("reliapi")
 _LOG_TTL_S = 60.0  # a finished run's log outlives it briefly, for followers still reading
 _FLUSH_MAX = 256  # log items per store round trip
 _RECHECK_S = 1.0  # a follower re-reads the key at least this often
+_WAITERS_TTL_S = 3600.0  # a follower counted elsewhere; one whose instance died stops counting after this
 
 
 class Entry(msgspec.Struct, array_like=True):
@@ -123,7 +130,7 @@ class Flights:
         self.now = now
         self.namespace = namespace
         self.tasks = tasks
-        self.local: dict[str, list[Any]] = {}  # key → [lock, Future of the outcome: Recording | GatewayError]
+        self.local: dict[str, Lead] = {}  # key → the flight this instance leads
         self.cleanups: set[asyncio.Task[None]] = set()  # locks to take back once the store answers (``_unclaim``)
 
     def key(self, *parts: str) -> str:
@@ -150,7 +157,7 @@ class Flights:
         lock = b"L" + token.encode() + b" " + fp.encode()
         try:
             held = await self.store.claim(key, lock, lock_ttl_s)
-        except StoreError:
+        except (StoreError, asyncio.CancelledError):  # (cancelled: the client left while the claim was on its way)
             self._unclaim(key, lock, lock_ttl_s)
             raise
         if held is None:
@@ -175,7 +182,7 @@ class Flights:
                 await self.store.set(key, lock, lock_ttl_s)
             elif not await self.store.set_nx(key, lock, lock_ttl_s):
                 return None
-        except StoreError:
+        except (StoreError, asyncio.CancelledError):
             self._unclaim(key, lock, lock_ttl_s)
             raise
         lead = Lead(self, key, lock, token, fp, lock_ttl_s)
@@ -201,6 +208,16 @@ class Flights:
         self.cleanups.add(task)  # not awaited at shutdown: a store that stays down must not hold it up
         task.add_done_callback(self.cleanups.discard)
 
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Store work in the background (a store that fails it is not this request's problem)."""
+        async def guarded() -> None:
+            with contextlib.suppress(StoreError):
+                await work
+
+        task = asyncio.ensure_future(guarded())
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+
     async def close(self) -> None:
         for task in list(self.cleanups):
             task.cancel()
@@ -215,31 +232,37 @@ class Flights:
         if _fingerprint(lock) != fp:
             raise KeyMismatch()
         local = self.local.get(key)
-        if local is not None and local[0] == lock:
-            return await self._follow_local(local, wait_s)
+        if local is not None and local.lock == lock:
+            return await local.follow(wait_s)
         return await self._follow_store(key, lock, wait_s=wait_s, idle_s=idle_s)
-
-    async def _follow_local(self, slot: list[Any], wait_s: float) -> Reply:
-        try:
-            async with asyncio.timeout(wait_s):
-                outcome = await asyncio.shield(slot[1])
-        except TimeoutError:
-            raise StillRunning() from None
-        if isinstance(outcome, GatewayError):
-            raise outcome
-        if not outcome.joinable:
-            raise StillRunning()  # past its size limit the start of the answer is gone
-        return outcome.reply()
 
     async def _follow_store(self, key: str, lock: bytes, *, wait_s: float, idle_s: float) -> Reply | None:
         token = lock[1:].split(b" ", 1)[0].decode()
         log_key = f"{key}:log:{token}"
+        waiters = Waiters(self, f"{log_key}:w")
+        await waiters.join()  # counted until it has its answer (a stream: until it has read it or left)
+        try:
+            reply = await self._wait_in_store(key, lock, log_key, waiters, wait_s=wait_s, idle_s=idle_s)
+        except BaseException:
+            waiters.leave()
+            raise
+        if reply is None or reply.chunks is None:
+            waiters.leave()
+        return reply
+
+    async def _wait_in_store(
+        self, key: str, lock: bytes, log_key: str, waiters: Waiters, *, wait_s: float, idle_s: float,
+    ) -> Reply | None:
         deadline = time.monotonic() + wait_s
         async with self.store.subscribe(key) as sub:
             while True:
                 items = await self.store.range(log_key)
-                if items and (len(items) > 1 or _decode_item(items[0])[0] == "g" or _decode_item(items[0])[3]):
-                    return self._from_log(key, log_key, lock, items, idle_s)
+                if items:
+                    head = _decode_item(items[0])
+                    if head[0] == "a":
+                        return None  # its client left and nobody was waiting yet: run it ourselves
+                    if len(items) > 1 or head[0] == "g" or head[3]:
+                        return self._from_log(key, log_key, lock, items, idle_s, waiters)
                 now = await self.lookup(key)
                 if isinstance(now, Entry):
                     return replay(now)
@@ -250,7 +273,8 @@ class Flights:
                     raise StillRunning()
                 await sub.get(min(left, _RECHECK_S))  # re-check now and then: a dead holder's lock expires silently
 
-    def _from_log(self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float) -> Reply:
+    def _from_log(self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float,
+                  waiters: Waiters) -> Reply:
         head = _decode_item(items[0])
         if head[0] == "g":
             raise _rebuild_error(head)
@@ -258,34 +282,41 @@ class Flights:
         if not stream:
             body = _decode_item(items[1])[1]
             return Reply(status, headers_of(headers), body=body, upstream_status=status)
-        return Reply(status, headers_of(headers), chunks=self._tail(key, log_key, lock, items, idle_s),
+        return Reply(status, headers_of(headers), chunks=self._tail(key, log_key, lock, items, idle_s, waiters),
                      upstream_status=status)
 
-    async def _tail(self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float) -> AsyncIterator[bytes]:
+    async def _tail(
+        self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float, waiters: Waiters,
+    ) -> AsyncIterator[bytes]:
         """A running stream's chunks from its log: what is there, then each item as it lands."""
         seen = 1
-        async with self.store.subscribe(key) as sub:
-            pending = items[1:]
-            while True:
-                for raw in pending:
-                    seen += 1
-                    item = _decode_item(raw)
-                    kind = item[0]
-                    if kind == "c":
-                        yield item[1]
-                    elif kind == "e":
-                        return
-                    elif kind == "x":
-                        raise StreamBroken(item[2], reported=item[3])
-                    elif kind == "g":
-                        raise _rebuild_error(item)
-                pending = await self.store.range(log_key, seen)
-                if pending:
-                    continue
-                if await sub.get(idle_s) is None:
+        try:
+            async with self.store.subscribe(key) as sub:
+                pending = items[1:]
+                while True:
+                    for raw in pending:
+                        seen += 1
+                        item = _decode_item(raw)
+                        kind = item[0]
+                        if kind == "c":
+                            yield item[1]
+                        elif kind == "e":
+                            return
+                        elif kind == "x":
+                            raise StreamBroken(item[2], reported=item[3])
+                        elif kind == "g":
+                            raise _rebuild_error(item)
+                        elif kind == "a":
+                            raise StreamBroken("the request this one was coalesced with was abandoned by its client")
                     pending = await self.store.range(log_key, seen)
-                    if not pending and await self.store.get(key) != lock:
-                        raise StreamBroken("the request this one was coalesced with stopped before its stream ended")
+                    if pending:
+                        continue
+                    if await sub.get(idle_s) is None:
+                        pending = await self.store.range(log_key, seen)
+                        if not pending and await self.store.get(key) != lock:
+                            raise StreamBroken("the request this one was coalesced with stopped before its stream ended")
+        finally:
+            waiters.leave()
 
 
 def _fingerprint(lock: bytes) -> str:
@@ -293,6 +324,27 @@ def _fingerprint(lock: bytes) -> str:
 
 
 StoreEntry = Callable[[Reply], bool]
+
+
+class Waiters:
+    """Followers on other instances of one flight, counted in the store (``Lead`` asks before it gives up)."""
+
+    def __init__(self, flights: Flights, key: str) -> None:
+        self.flights = flights
+        self.key = key
+        self.counted = False
+
+    async def join(self) -> None:
+        try:
+            await self.flights.store.incr(self.key, 1, _WAITERS_TTL_S)
+            self.counted = True
+        except StoreError:
+            pass  # uncounted: should the leader's client leave, the leader may give up, and this one runs itself
+
+    def leave(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.flights.spawn(self.flights.store.incr(self.key, -1, _WAITERS_TTL_S))
 
 
 class Lead:
@@ -307,8 +359,8 @@ class Lead:
         self.lock_ttl_s = lock_ttl_s
         self.started = flights.now()
         self.log_key = f"{key}:log:{token}"
-        self._outcome: asyncio.Future[Recording | GatewayError] = asyncio.get_running_loop().create_future()
-        self._slot: list[Any] = [lock, self._outcome]
+        # the answer as shared: a Recording, the GatewayError it failed with, or None when it was abandoned
+        self._outcome: asyncio.Future[Recording | GatewayError | None] = asyncio.get_running_loop().create_future()
         self._beat: asyncio.TimerHandle | None = None
         self._pending: list[bytes] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -316,6 +368,11 @@ class Lead:
         self._finished = False  # finished: no more lock renewals
         self.entry_key: str | None = None  # store the answer here, not under the lock (claim)
         self._own: Reader | None = None  # the leader's client's reader of a stream
+        self._own_gone = False  # the leader's client went away
+        self._waiting = 0  # followers on this instance waiting for the answer
+        self._rec: Recording | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._checking = False  # asking the store whether followers elsewhere wait
         self.request_id: str | None = None
         self.tag: Callable[[list[tuple[str, str]]], str] | None = None  # the answer's headers → ``Entry.vary``
 
@@ -328,28 +385,86 @@ class Lead:
         request's, for the log line of a failure."""
         self.request_id = request_id
         flights = self.flights
-        flights.local[self.key] = self._slot
-        task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
+        flights.local[self.key] = self
+        task = self._task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
         flights.tasks.add(task)
         task.add_done_callback(flights.tasks.discard)
         try:
             outcome = await asyncio.shield(self._outcome)  # a disconnect cancels this wait, not the work
         except asyncio.CancelledError:
+            self._own_gone = True
             if self._own is not None:
                 self._own._leave()  # nobody will read it: never hold the shared stream back for it
+            self._give_up_if_alone()
             raise
         if isinstance(outcome, GatewayError):
             raise outcome
+        assert outcome is not None  # abandoned only once this client is gone
         if self._own is not None:  # this client's reader, registered before the first chunk
             reply = Reply(outcome.status, headers_of(outcome.headers), chunks=self._own, upstream_status=outcome.status)
             reply.ttft_ms = outcome.ttft_ms
             return reply
         return outcome.reply()
 
+    async def follow(self, wait_s: float) -> Reply | None:
+        """A follower on this instance: the answer as it arrives (None: abandoned, run it yourself)."""
+        self._waiting += 1
+        try:
+            try:
+                async with asyncio.timeout(wait_s):
+                    outcome = await asyncio.shield(self._outcome)
+            except TimeoutError:
+                raise StillRunning() from None
+            if outcome is None:
+                return None
+            if isinstance(outcome, GatewayError):
+                raise outcome
+            if not outcome.joinable:
+                raise StillRunning()  # past its size limit the start of the answer is gone
+            return outcome.reply()  # (a stream's reader is registered before this follower stops counting)
+        finally:
+            self._waiting -= 1
+            if self._own_gone:
+                self._give_up_if_alone()
+
+    # ---------------------------------------------------------------- giving up when nobody waits
+
+    def _reader_left(self) -> None:
+        """Every reader of the stream left before its end (the leader's client among them)."""
+        self._own_gone = True
+        self._give_up_if_alone()
+
+    def _give_up_if_alone(self) -> None:
+        """The leader's client is gone: cancel the work unless a follower still waits for it."""
+        if self._finished or self._checking or self._task is None or self._task.done():
+            return
+        if self._waiting or (self._rec is not None and self._rec.readers):
+            return
+        self._checking = True
+        self.flights.spawn(self._give_up_unless_followed())
+
+    async def _give_up_unless_followed(self) -> None:
+        try:
+            followers = int(await self.flights.store.get(f"{self.log_key}:w") or 0)
+        except (StoreError, ValueError):
+            followers = 0  # a store that does not answer carries no followers either
+        finally:
+            self._checking = False
+        if followers > 0 or self._waiting or (self._rec is not None and self._rec.readers):
+            return  # others wait: it goes on for them (the lock renewal asks again)
+        if self._task is not None and not self._finished:
+            self._task.cancel()
+
     async def _run(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
         self._schedule_beat()
         try:
             await self._lead(work, storable, ttl_s, max_bytes)
+        except asyncio.CancelledError:  # given up: its client left and nobody else waits
+            if self._rec is not None and not self._rec.ended:
+                self._rec.end(StreamBroken("abandoned by its client"))
+            self._publish(None)
+            self._log(["a"])
+            await self._release()
         except Exception:
             log.exception("%s: leader failed", self.flights.namespace)
             await self._release()
@@ -357,9 +472,9 @@ class Lead:
             self._finished = True
             if self._beat is not None:
                 self._beat.cancel()
-            if self.flights.local.get(self.key) is self._slot:
+            if self.flights.local.get(self.key) is self:
                 del self.flights.local[self.key]
-            if not self._outcome.done():  # a bug or a cancellation: never leave followers hanging
+            if not self._outcome.done():  # a bug: never leave followers hanging
                 self._outcome.set_result(errors.InternalError("internal error"))
 
     async def _lead(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
@@ -378,10 +493,12 @@ class Lead:
             await self._release()
             return
         headers = [(str(k), v) for k, v in reply.headers.items()]  # istr keys do not encode
-        rec = Recording(reply.status, headers, reply.chunks is not None, max_bytes)
+        rec = self._rec = Recording(reply.status, headers, reply.chunks is not None, max_bytes)
         if rec.stream:
             rec.ttft_ms = reply.ttft_ms
-            self._own = Reader(rec)
+            rec.on_idle = self._reader_left
+            if not self._own_gone:
+                self._own = Reader(rec)
         head = ["h", reply.status, headers, rec.stream]
         if not rec.stream:
             rec.body = reply.body or b""
@@ -426,7 +543,7 @@ class Lead:
             self._log(["e"])
             await self._release()
 
-    def _publish(self, outcome: Recording | GatewayError) -> None:
+    def _publish(self, outcome: Recording | GatewayError | None) -> None:
         if not self._outcome.done():
             self._outcome.set_result(outcome)
 
@@ -506,3 +623,5 @@ class Lead:
             pass
         if self._beat is not None and not self._finished:
             self._schedule_beat()
+            if self._own_gone:  # followers elsewhere may have left since
+                self._give_up_if_alone()

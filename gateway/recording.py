@@ -8,6 +8,7 @@ their own pace.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from multidict import CIMultiDict
 
@@ -33,7 +34,7 @@ class Recording:
     """
 
     __slots__ = ("status", "headers", "stream", "body", "chunks", "size", "ended", "error", "limit", "keep",
-                 "base", "unread", "readers", "ttft_ms", "_evicted", "_changed", "_next_reader")
+                 "base", "unread", "readers", "ttft_ms", "on_idle", "_evicted", "_changed", "_next_reader")
 
     def __init__(self, status: int, headers: list[tuple[str, str]], stream: bool, limit: int = 1 << 62) -> None:
         self.status = status
@@ -50,6 +51,7 @@ class Recording:
         self.base = 0
         self.unread = 0  # bytes held in ``chunks``
         self.readers: dict[int, int] = {}  # reader id → the next chunk number it reads
+        self.on_idle: Callable[[], None] | None = None  # called when the last reader leaves before the end
         self._evicted: set[int] = set()
         self._changed = asyncio.Event()
         self._next_reader = 0
@@ -88,6 +90,7 @@ class Recording:
                 for rid in [r for r, i in self.readers.items() if i == slowest]:
                     del self.readers[rid]
                     self._evicted.add(rid)
+                self.idle_check()
             self._trim()
 
     def end(self, error: GatewayError | None = None) -> None:
@@ -97,6 +100,10 @@ class Recording:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def idle_check(self) -> None:
+        if not self.readers and not self.ended and self.on_idle is not None:
+            self.on_idle()
 
     def reply(self) -> Reply:
         if not self.stream:
@@ -144,8 +151,10 @@ class Reader:
             await rec._changed.wait()
 
     def _leave(self) -> None:
-        if self.rec.readers.pop(self.rid, None) is not None:
-            self.rec._wake()
+        rec = self.rec
+        if rec.readers.pop(self.rid, None) is not None:
+            rec._wake()
+            rec.idle_check()
 
     async def aclose(self) -> None:
         self._leave()

@@ -1,0 +1,164 @@
+"""A client that goes away cancels its upstream call at once — with a cache or an idempotency key
+too — unless another request waits for the same answer (issue #12 row 3, SPEC §2).
+
+A cached or keyed request runs in a task of its own so that followers are never cut off by the
+leader's client. When nobody follows, that task must not outlive its client: the upstream stream
+is dropped, nothing is stored, the key is free for a retry, and a tenant is billed only for
+what was sent. Two gateways share one Redis where a follower on the other instance matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.keys import RUNTIME
+from gateway.store.memory import MemoryStore
+from tests.fakes import Fault
+from tests.stores import drop, new_prefix, redis_store
+
+STREAM = {"model": "gpt-4o-mini", "max_tokens": 500, "stream": True,
+          "messages": [{"role": "user", "content": "tell me a long story"}]}
+CHAT = {**STREAM, "stream": False}
+ACME = {"Authorization": "Bearer acme-key-123456"}
+
+
+def config(url: str, *, budget: bool = False) -> str:
+    tenants = """
+tenants:
+  - name: acme
+    api_key: acme-key-123456
+    budget: {daily_usd: 10}
+""" if budget else ""
+    return f"""
+server: {{default_target: up}}
+{tenants}
+targets:
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*"]
+    cache: {{ttl_s: 600}}
+    retry_matrix: {{"5xx": {{attempts: 0}}, "timeout": {{attempts: 0}}}}
+"""
+
+
+async def eventually(condition, timeout_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def leave_after_first_event(client, body: dict, headers: dict | None = None) -> None:
+    resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert resp.status == 200
+    await resp.content.readuntil(b"\n\n")
+    resp.close()  # the client goes away mid-stream
+
+
+def idle(client) -> bool:
+    return not client.app[RUNTIME].current.background
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["cache", "idempotency-key"])
+async def test_a_cached_or_keyed_stream_is_cancelled_upstream_when_its_client_leaves(fake, gateway, keyed):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=200, interval_ms=20), Fault(chunks=3))
+    headers = {"Idempotency-Key": "story-1"} if keyed else None
+    await leave_after_first_event(client, STREAM, headers)
+    await eventually(lambda: fake.disconnects == 1)  # the upstream saw its client go: long before 200 chunks
+    assert fake.streams_finished == 0
+    await eventually(lambda: idle(client))
+    # nothing was stored, and the key is free: the same request runs again, at once, whole
+    again = await client.post("/v1/chat/completions", json=STREAM, headers=headers)
+    body = await again.read()
+    assert again.status == 200 and body.endswith(b"data: [DONE]\n\n")
+    assert "Idempotent-Replayed" not in again.headers and again.headers["X-Cache"] == "MISS"
+    assert len(fake.requests) == 2
+
+
+async def test_a_keyed_complete_answer_is_cancelled_when_its_client_leaves(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(hang=True), Fault())
+    headers = {"Idempotency-Key": "slow-1"}
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.post("/v1/chat/completions", json=CHAT, headers=headers), 0.3)
+    await eventually(lambda: idle(client))  # the leader's work was cancelled, not left hanging an hour
+    started = time.monotonic()
+    again = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert again.status == 200 and "Idempotent-Replayed" not in again.headers
+    assert time.monotonic() - started < 5  # not held back by a claim nobody runs under (idempotency.wait_s: 30)
+    assert len(fake.requests) == 2
+
+
+async def test_while_a_follower_waits_the_stream_goes_on_for_it(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=20, interval_ms=20))
+    resp = await client.post("/v1/chat/completions", json=STREAM)
+    await resp.content.readuntil(b"\n\n")
+    follower = asyncio.ensure_future(client.post("/v1/chat/completions", json=STREAM))
+    await eventually(lambda: len(client.app[RUNTIME].current.background) >= 1)
+    await asyncio.sleep(0.05)  # the follower is reading the leader's stream
+    resp.close()
+    answer = await follower
+    body = await answer.read()
+    assert body.count(b"tok") == 20 and body.endswith(b"data: [DONE]\n\n")
+    assert fake.streams_finished == 1 and fake.disconnects == 0 and len(fake.requests) == 1
+
+
+async def test_an_abandoned_stream_bills_only_what_was_sent(fake, gateway):
+    store = MemoryStore()
+    client, _ = await gateway(config(fake.url, budget=True), store=store)
+    fake.plan(Fault(chunks=200, interval_ms=20))
+    await leave_after_first_event(client, STREAM, {**ACME, "Idempotency-Key": "billed-1"})
+    await eventually(lambda: fake.disconnects == 1)
+    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    await eventually(lambda: idle(client))
+    for _ in range(100):
+        charged = float(await store.get(key) or 0)
+        if charged:
+            break
+        await asyncio.sleep(0.01)
+    whole = (200 * 0.60) / 1e6
+    assert 0 < charged < whole / 4  # the prompt and a few tokens, not the 200-token answer
+
+
+@pytest.fixture
+async def redis_pair(gateway, fake):
+    prefix = new_prefix()
+    stores = [await redis_store(prefix), await redis_store(prefix)]
+    clients = [(await gateway(config(fake.url), store=s))[0] for s in stores]
+    yield clients
+    await drop(stores[0])
+    await stores[1].close()
+
+
+async def test_on_two_gateways_a_follower_on_the_other_keeps_the_stream_going(fake, redis_pair):
+    a, b = redis_pair
+    fake.plan(Fault(chunks=20, interval_ms=30))
+    headers = {"Idempotency-Key": "shared-story"}
+    resp = await a.post("/v1/chat/completions", json=STREAM, headers=headers)
+    await resp.content.readuntil(b"\n\n")
+    follower = asyncio.ensure_future(b.post("/v1/chat/completions", json=STREAM, headers=headers))
+    await asyncio.sleep(0.2)  # b follows a's run through the store
+    resp.close()
+    answer = await follower
+    body = await answer.read()
+    assert body.count(b"tok") == 20 and body.endswith(b"data: [DONE]\n\n")
+    assert fake.disconnects == 0 and len(fake.requests) == 1
+
+
+async def test_on_two_gateways_nobody_following_means_the_upstream_is_cancelled(fake, redis_pair):
+    a, b = redis_pair
+    fake.plan(Fault(chunks=200, interval_ms=20), Fault(chunks=3))
+    headers = {"Idempotency-Key": "lonely-story"}
+    await leave_after_first_event(a, STREAM, headers)
+    await eventually(lambda: fake.disconnects == 1)
+    await eventually(lambda: idle(a))
+    again = await b.post("/v1/chat/completions", json=STREAM, headers=headers)  # the key is free on b too
+    assert again.status == 200 and (await again.read()).endswith(b"data: [DONE]\n\n")
+    assert "Idempotent-Replayed" not in again.headers and len(fake.requests) == 2
