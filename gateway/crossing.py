@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from multidict import CIMultiDict
 
+from gateway import offload
 from gateway.errors import InvalidRequest
 from gateway.sse import Aligner, events
 from providers import translate
@@ -35,37 +36,17 @@ class Crossing:
         self.to = to  # the target's dialect
         self.rel = "messages" if to == "anthropic" else "chat/completions"
 
-    def body(self, ex: Exchange, target: Target) -> bytes | None:
+    async def body(self, ex: Exchange, target: Target) -> bytes:
+        """The request translated for the target (made once per body: retries reuse it); a large one is
+        translated off the event loop (``gateway.offload``)."""
         made = ex.crossed
         if made is not None and made[0] is ex.body and made[1] == self.to:
-            return made[2]
-        try:
-            doc: Any = msgspec.json.decode(ex.body)
-        except msgspec.DecodeError:
-            doc = None
-        if not isinstance(doc, dict):  # nothing to translate: never sent on untranslated to the other dialect
-            raise InvalidRequest(f"the request body must be a JSON object to be sent to target {target.name} "
-                                 f"({self.to})", target=target.name)
-        out = None
-        if isinstance(doc, dict):
-            try:
-                if self.to == "anthropic":
-                    n = doc.get("n")
-                    if isinstance(n, int) and n > 1:  # one answer, not n: said, not silently dropped
-                        raise InvalidRequest(f"n: target {target.name} (Anthropic) answers one choice per request; "
-                                             "send n=1 or leave it out", param="n", target=target.name)
-                    llm = target.config.llm
-                    out = msgspec.json.encode(translate.openai_to_anthropic_request(
-                        doc, default_max_tokens=llm.max_tokens if llm is not None else None))
-                else:
-                    out = msgspec.json.encode(translate.anthropic_to_openai_request(doc))
-            except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
-                # JSON the client's own API would refuse (a number where text belongs, a tool call that is
-                # not an object, …): the client's error, said as one — never a 500 from the translator
-                raise InvalidRequest(
-                    f"the request cannot be translated for target {target.name} ({self.to}): a field has the "
-                    f"wrong type or shape ({type(e).__name__}: {e})", target=target.name,
-                ) from None
+            return made[2]  # type: ignore[return-value]
+        llm = target.config.llm
+        out, problem = await offload.run(translated, ex.body, self.to, llm.max_tokens if llm is not None else None)
+        if out is None:
+            param, message = problem
+            raise InvalidRequest(message.format(target=target.name), param=param, target=target.name)
         ex.crossed = (ex.body, self.to, out)
         return out
 
@@ -113,6 +94,33 @@ async def _translated(chunks: AsyncIterator[bytes], translator: Any) -> AsyncIte
         close = getattr(chunks, "aclose", None)
         if close is not None:
             await close()
+
+
+def translated(body: bytes, to: str, default_max_tokens: int | None) -> tuple[bytes | None, tuple[str | None, str]]:
+    """``body`` translated to the ``to`` dialect: (the bytes, ("", "")), or (None, (param, message)) with
+    ``{target}`` in the message — a plain function of bytes, so that it can run in another process."""
+    try:
+        doc: Any = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):  # nothing to translate: never sent on untranslated to the other dialect
+        return None, (None, f"the request body must be a JSON object to be sent to target {{target}} ({to})")
+    try:
+        if to == "anthropic":
+            n = doc.get("n")
+            if isinstance(n, int) and n > 1:  # one answer, not n: said, not silently dropped
+                return None, ("n", "n: target {target} (Anthropic) answers one choice per request; "
+                                   "send n=1 or leave it out")
+            out = translate.openai_to_anthropic_request(doc, default_max_tokens=default_max_tokens)
+        else:
+            out = translate.anthropic_to_openai_request(doc)
+        return msgspec.json.encode(out), ("", "")
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+        # JSON the client's own API would refuse (a number where text belongs, a tool call that is
+        # not an object, …): the client's error, said as one — never a 500 from the translator
+        detail = f"{type(e).__name__}: {e}".replace("{", "{{").replace("}", "}}")
+        return None, (None, f"the request cannot be translated for target {{target}} ({to}): a field has the "
+                            f"wrong type or shape ({detail})")
 
 
 def crossing(ex: Exchange, target: Target) -> Crossing | None:

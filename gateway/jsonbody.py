@@ -3,7 +3,8 @@
 A policy that must change a field (a lowered ``max_tokens``, a fallback's ``model``, a
 removed ``idempotency_key``) re-encodes the object with every other value carried over as
 the raw bytes it was sent as: a 10 MB prompt is copied, not decoded into Python objects and
-encoded again. A key the client sent twice comes out once, with the value the gateway read
+encoded again. Only the top level is decoded — which for a body with a great many top-level
+keys is still real work, so ``edited`` does it off the event loop for a large body. A key the client sent twice comes out once, with the value the gateway read
 (the last), so the upstream reads exactly what the gateway decided on.
 """
 
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
+
+from gateway import offload
 
 _decode = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _encode = msgspec.json.encode
@@ -33,3 +36,8 @@ def edit(body: bytes, set_fields: Mapping[str, Any] | None = None, drop: Iterabl
     for name, value in (set_fields or {}).items():
         doc[name] = msgspec.Raw(_encode(value))
     return _encode(doc)
+
+
+async def edited(body: bytes, set_fields: Mapping[str, Any] | None = None, drop: Iterable[str] = ()) -> bytes:
+    """``edit``, in the helper process for a large body (``gateway.offload``): the loop never waits on it."""
+    return await offload.run(edit, body, set_fields, tuple(drop))

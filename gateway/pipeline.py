@@ -151,14 +151,10 @@ def upstream_sender(rt: Runtime) -> Handler:
         body, strip_usage, url = ex.body, False, None
         cross = crossing(ex, target)  # the other LLM dialect: translated both ways
         if cross is not None:
-            translated = cross.body(ex, target)
-            if translated is None:
-                cross = None
-            else:
-                body, url = translated, target.base.url(cross.rel, ex.query, v1=True)
-                cross.headers(headers)
+            body, url = await cross.body(ex, target), target.base.url(cross.rel, ex.query, v1=True)
+            cross.headers(headers)
         elif ex.usage_body is not None and target.provider.name == "openai":
-            asked = usage.asking_usage(ex)  # per attempt: a fallback may have changed the body
+            asked = await usage.asking_usage(ex)  # per attempt: a fallback may have changed the body
             if asked is not None:
                 body, strip_usage = asked, True
         sent_at = clock.monotonic()

@@ -254,7 +254,7 @@ def policy(rt: Runtime) -> Policy | None:
         answer = _decide(ex, view, billed, prices.price(model), soft, hard, ceiling, metered)
         if answer.changed and answer.limit is not None:
             fields = [f for f in OUTPUT_FIELDS[billed] if f in view.limits] or [_limit_field(billed, model)]
-            ex.body = jsonbody.edit(ex.body, dict.fromkeys(fields, answer.limit))  # type: ignore[arg-type]
+            ex.body = await jsonbody.edited(ex.body, dict.fromkeys(fields, answer.limit))  # type: ignore[arg-type]
             ex.max_tokens = answer.limit
         if answer.estimate is not None:
             ex.log["cost_estimate_usd"] = round(answer.estimate, 8)

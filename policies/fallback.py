@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-import msgspec
-
+from gateway import jsonbody
 from gateway.config import dialect
 from gateway.errors import GatewayError, UpstreamError
 from gateway.events import FallbackUsed
@@ -42,22 +41,14 @@ if TYPE_CHECKING:
 
 Entry = tuple["Target", str | None]  # a target and the model to ask it for (None: the client's)
 
-_decode = msgspec.json.Decoder().decode
-_encode = msgspec.json.encode
-
-
-def with_model(body: bytes, model: str | None) -> bytes:
+async def with_model(body: bytes, model: str | None) -> bytes:
     """The JSON request body asking for ``model`` instead (unchanged when there is nothing to change)."""
     if model is None or not body:
         return body
     try:
-        req = _decode(body)
-    except msgspec.DecodeError:
+        return await jsonbody.edited(body, {"model": model})
+    except jsonbody.NotAnObject:
         return body
-    if not isinstance(req, dict) or req.get("model") == model:
-        return body
-    req["model"] = model
-    return _encode(req)
 
 
 class _Outcome:
@@ -153,7 +144,7 @@ def policy(rt: Runtime) -> Policy | None:
             if i:
                 model = model or (target.config.llm.default_model if target.config.llm else None)
                 ex.target, ex.model = target, model or client_model
-                ex.body = with_model(client_body, model)
+                ex.body = await with_model(client_body, model)
                 events.emit(FallbackUsed(target=candidates[i - 1][0].name, to_target=target.name,
                                          reason=failure.reason if failure else "unknown"))
             try:

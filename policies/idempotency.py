@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from multidict import CIMultiDict
 
+from gateway import jsonbody
 from gateway.errors import GatewayError, IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
 from gateway.events import Coalesced, IdempotentReplay, StoreDegraded
 from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
@@ -97,7 +98,7 @@ def check_key(key: str, where: str) -> str:
     return key
 
 
-def request_key(ex: Exchange) -> str | None:
+async def request_key(ex: Exchange) -> str | None:
     key = None
     for name in IDEMPOTENCY_KEYS:
         value = ex.headers.get(name)
@@ -107,24 +108,22 @@ def request_key(ex: Exchange) -> str | None:
     if ex.idempotency_key is not None:  # the field never goes upstream, whichever key wins
         field = check_key(ex.idempotency_key, "idempotency_key")
         if ex.route in ("v1", "t"):  # an envelope's key is not in the body it sends upstream
-            ex.body = _without_key_field(ex.body)
+            ex.body = await jsonbody.edited(ex.body, drop=("idempotency_key",))
         key = key or field
     return key
 
 
-def _without_key_field(body: bytes) -> bytes:
-    doc = msgspec.json.decode(body)
-    doc.pop("idempotency_key", None)
-    return msgspec.json.encode(doc)
+CANONICAL_MAX_BYTES = 1 << 20  # a larger body is keyed by its exact bytes: its canonical form would hold the loop
 
 
 def canonical_body(ex: Exchange, *, strict: bool = True) -> bytes:
     """JSON bodies as canonical JSON (sorted keys, no whitespace); anything else as sent.
-    ``strict``: a body that should be JSON (an LLM target's) and is not is a 400."""
+    ``strict``: a body that should be JSON (an LLM target's) and is not is a 400. A body over
+    ``CANONICAL_MAX_BYTES`` is taken as sent (a retry sends the same bytes)."""
     if not ex.body:
         return b""
     json_body = ex.target.kind == "llm" or "json" in ex.headers.get("Content-Type", "")
-    if not json_body:
+    if not json_body or len(ex.body) > CANONICAL_MAX_BYTES:
         return ex.body
     made = ex.canonical  # idempotency and the cache both key on it: made once per body
     if made is not None and made[0] is ex.body:
@@ -175,7 +174,7 @@ def policy(rt: Runtime) -> Policy | None:
     async def idempotency(ex: Exchange, call_next: Handler) -> Reply:
         if ex.method in _SAFE_METHODS:
             return await call_next(ex)
-        key = request_key(ex)
+        key = await request_key(ex)
         if key is None:
             return await call_next(ex)
         fp = fingerprint(ex)

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from multidict import istr
 
+from gateway import jsonbody, offload
 from gateway.errors import UpstreamError
 from gateway.exchange import ANTHROPIC
 from gateway.headers import X_RELIAPI_COST
 from gateway.store import StoreError
-from providers import anthropic, openai
-from providers.pricing import estimate_prompt_tokens
+from providers import anthropic, endpoints, estimate, openai
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange, Reply
@@ -281,7 +281,7 @@ class UsageBook:
             await self.flush()
 
 
-def asking_usage(ex: Exchange) -> bytes | None:
+async def asking_usage(ex: Exchange) -> bytes | None:
     """``ex.body`` with ``stream_options.include_usage: true`` (None when it is not a JSON
     object); remembered for the body it was made from, so retries reuse it."""
     made = ex.usage_body
@@ -295,17 +295,29 @@ def asking_usage(ex: Exchange) -> bytes | None:
         out = body[:end] + b',"stream_options":{"include_usage":true}}'
         ex.usage_body = (body, out)
         return out
-    try:
-        doc: Any = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        doc = None
-    out = None
-    if isinstance(doc, dict):
-        options = doc.get("stream_options")
-        doc["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        out = msgspec.json.encode(doc)
+    out = await offload.run(with_usage_asked, body)
     ex.usage_body = (body, out)
     return out
+
+
+class _Options(msgspec.Struct):
+    stream_options: Any = None
+
+
+_decode_options = msgspec.json.Decoder(_Options).decode
+
+
+def with_usage_asked(body: bytes) -> bytes | None:
+    """``body`` with its ``stream_options`` (kept) asking for the usage chunk; None when it is no JSON object."""
+    try:
+        options = _decode_options(body).stream_options
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    try:
+        return jsonbody.edit(body, {"stream_options": merged})
+    except jsonbody.NotAnObject:
+        return None
 
 
 def _guarded(fn: Any, *args: Any) -> None:
@@ -317,8 +329,8 @@ def _guarded(fn: Any, *args: Any) -> None:
 
 
 def _prompt_estimate(ex: Exchange) -> int:
+    """The prompt's estimated tokens, for a stream that ended without a usage report."""
     try:
-        body: Any = msgspec.json.decode(ex.body)
-    except msgspec.DecodeError:
+        return estimate.read(ex.body, ex.endpoint.billed or endpoints.CHAT).estimate_prompt()
+    except estimate.NotReadable:
         return 0
-    return estimate_prompt_tokens(body) if isinstance(body, dict) else 0

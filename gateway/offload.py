@@ -1,0 +1,48 @@
+"""Work on a large body in a helper process, so that the event loop never holds still for it.
+
+msgspec decodes and encodes at hundreds of MB/s, but it never lets go of the GIL: a 10 MB
+body with half a million keys takes a couple of hundred milliseconds to decode into objects,
+and a thread would hold every other request up just as long. Pure functions of a body that
+must decode it whole (an edit of a top-level field, a translation to another dialect) run
+inline for bodies up to ``INLINE_MAX_BYTES`` — where a round trip to another process would
+cost more than the work — and beyond that in a one-process pool, started on first use, one
+per gateway process (each ``--workers`` child starts its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+INLINE_MAX_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+_pool: ProcessPoolExecutor | None = None
+
+
+async def run(fn: Callable[..., T], body: bytes, *args: Any) -> T:
+    """``fn(body, *args)``: inline for a small body, in the helper process for a large one. ``fn``
+    must be a module-level function whose arguments, result and exceptions pickle."""
+    if len(body) <= INLINE_MAX_BYTES:
+        return fn(body, *args)
+    global _pool
+    if _pool is None:
+        # spawn, not fork: the gateway process has threads (aiohttp's resolver, the pool's own)
+        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_pool, fn, body, *args)
+    except BrokenProcessPool:  # the helper died (killed, out of memory): a new one next time, this one inline
+        _pool = None
+        return fn(body, *args)
+
+
+def shutdown() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
