@@ -56,7 +56,9 @@ def read_usage(body: bytes, rel_path: str = "chat/completions") -> tuple[int, in
     by the adapter of that path's dialect (a translated answer is read after it was
     translated back); None without usage (the model is the one the client asked for:
     ``Exchange.model``). Raises ``NotJSON`` for a body that does not parse."""
-    reader = anthropic.read_usage if rel_path.rstrip("/").endswith("messages") else openai.read_usage
+    path = rel_path.rstrip("/")
+    reader = anthropic.read_usage if path.endswith("messages") else \
+        openai.read_responses_usage if path.endswith("responses") else openai.read_usage
     try:
         found = reader(body)
     except msgspec.DecodeError:
@@ -153,15 +155,23 @@ def policy(rt: Runtime) -> Policy | None:
         if ex.settlement is not None:
             ex.settlement.settle(0.0)
 
+    def unmeasured(ex: Exchange) -> None:
+        """An answer whose cost cannot be read (no usage in it, a stream of a format not read): a spend
+        budget is charged its reservation, the most the answer could have cost."""
+        if ex.settlement is not None:
+            ex.settlement.settle(ex.settlement.reserved)
+
     def stream_ended(ex: Exchange, reply: Reply) -> None:
         prompt, completion = ex.log.get("prompt_tokens"), ex.log.get("completion_tokens")
         if reply.status >= 400:
             unbilled(ex)
             return
+        reader = reply.reader
         if completion is None:  # no usage report: count what was sent
-            reader = reply.reader
-            sent = len(reader.text) if reader is not None else 0
-            completion = math.ceil(sent / 4)
+            if reader is None:
+                unmeasured(ex)
+                return
+            completion = math.ceil(len(reader.text) / 4)
         if prompt is None:
             prompt = _prompt_estimate(ex)
         record(ex, prompt, completion, None)
@@ -192,7 +202,10 @@ def policy(rt: Runtime) -> Policy | None:
                         "the upstream's answer is not valid JSON", target=ex.target.name, upstream_status=reply.status,
                     ) from None
         if found is None:
-            unbilled(ex)
+            if 200 <= reply.status < 300:
+                unmeasured(ex)
+            else:
+                unbilled(ex)
         else:
             cost = record(ex, *found)
             if cost is not None:  # SPEC §2: said whenever it is known before the body is sent

@@ -60,6 +60,30 @@ def read_usage(body: bytes) -> tuple[int, int] | None:
     return u.prompt_tokens or 0, u.completion_tokens or 0
 
 
+class _ResponsesUsage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class _ResponsesAnswer(msgspec.Struct):
+    usage: _ResponsesUsage | None = None
+
+
+_decode_responses_answer = msgspec.json.Decoder(_ResponsesAnswer).decode
+
+
+def read_responses_usage(body: bytes) -> tuple[int, int] | None:
+    """(input, output) tokens of a complete Responses API answer (``usage.input_tokens`` /
+    ``output_tokens``; cached input and reasoning output are inside them); None without usage."""
+    try:
+        u = _decode_responses_answer(body).usage
+    except msgspec.ValidationError:
+        return None
+    if u is None or (u.input_tokens is None and u.output_tokens is None):
+        return None
+    return u.input_tokens or 0, u.output_tokens or 0
+
+
 # The ``error.type`` an OpenAI-style error of each status carries (else "server_error").
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota", 403: "permission_error",

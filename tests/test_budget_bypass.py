@@ -49,6 +49,7 @@ class Metered:
         self.requests: list[tuple[str, dict]] = []
         self.delay_s = 0.0
         self.usage_factor = 1  # > 1: an upstream that reports more than any request could cost
+        self.report_usage = True
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
@@ -65,9 +66,11 @@ class Metered:
         output = (body.get("max_tokens") or body.get("max_output_tokens") or 0) * (body.get("n") or 1)
         usage = {"prompt_tokens": prompt * self.usage_factor, "completion_tokens": output * self.usage_factor,
                  "input_tokens": prompt, "output_tokens": output}
-        return web.json_response({"id": "x", "object": "chat.completion", "model": body.get("model"),
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                                               "finish_reason": "stop"}], "usage": usage})
+        answer = {"id": "x", "object": "chat.completion", "model": body.get("model"),
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+        if self.report_usage:
+            answer["usage"] = usage
+        return web.json_response(answer)
 
 
 @pytest.fixture
@@ -255,3 +258,23 @@ async def test_an_upstream_that_reports_more_than_any_request_could_cost_is_char
     assert statuses.count(200) == 3  # three reservations fit
     recorded = await until_settled(stores[0], 3, bound(CHAT))
     assert recorded <= daily
+
+
+async def test_a_responses_answer_is_charged_its_real_usage(metered, gateway, on_redis):
+    stores = await on_redis()
+    (a, _), _ = [await gateway(config(metered.url, daily=1.0), store=s) for s in stores]
+    resp = await a.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hello there", "max_output_tokens": 50},
+                        headers=KEY)
+    assert resp.status == 200
+    real = (len("hello there") * 0.15 + 50 * 0.60) / 1e6  # usage.input_tokens / output_tokens
+    assert await until_settled(stores[0], 1, real) == pytest.approx(real, rel=1e-6)
+
+
+async def test_an_answer_whose_cost_cannot_be_read_is_charged_its_reservation(metered, gateway, on_redis):
+    """No usage in the answer: not free — the budget is charged the most it could have cost."""
+    stores = await on_redis()
+    (a, _), _ = [await gateway(config(metered.url, daily=1.0), store=s) for s in stores]
+    metered.report_usage = False
+    resp = await a.post("/v1/chat/completions", json=CHAT, headers=KEY)
+    assert resp.status == 200
+    assert await until_settled(stores[0], 1, bound(CHAT)) == pytest.approx(bound(CHAT), rel=1e-6)
