@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from gateway.store import Store, StoreError
+from gateway.store.redis_pubsub import stop
 
 log = logging.getLogger("reliapi")
 
@@ -42,6 +43,7 @@ class SharedState:
         self._handlers: dict[str, Handler] = {}
         self._resyncs: list[Resync] = []
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._pending: set[asyncio.Task[Any]] = set()
         self._logged_at = -_LOG_EVERY_S
 
@@ -85,24 +87,21 @@ class SharedState:
             self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop(self._task)
             self._task = None
         if self._pending:  # let the last announcements go out (a transition during shutdown)
             await asyncio.wait(list(self._pending), timeout=1.0)
 
     async def _run(self) -> None:
         delay = 0.5
-        while True:
+        while not self._closing:  # (a store error a cancellation was turned into must not keep it looping)
             try:
                 async with self.store.subscribe(CHANNEL) as sub:
                     await self._resync()
                     delay = 0.5
-                    while True:
+                    while not self._closing:
                         message = await sub.get(RESYNC_EVERY_S)
                         if message is None:
                             await self._resync()

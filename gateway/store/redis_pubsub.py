@@ -58,6 +58,7 @@ class ChannelHub:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._reader_lock = asyncio.Lock()
+        self._closing = False
         self._anchor_confirmations = 0
         self._channels: dict[str, _Channel] = {}
         # Futures awaiting the server's SUBSCRIBE confirmation, in send order per channel.
@@ -88,10 +89,9 @@ class ChannelHub:
                 await self._unsubscribe(name)
 
     async def close(self) -> None:
+        self._closing = True
         if self._reader is not None:
-            self._reader.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._reader
+            await stop(self._reader)
             self._reader = None
         if self._pubsub is not None:
             with suppress(RedisError, OSError):
@@ -136,7 +136,7 @@ class ChannelHub:
             return self._pubsub
 
     async def _read_loop(self, pubsub: PubSub) -> None:
-        while True:
+        while not self._closing:  # (also checked: a cancellation a client library swallows must not keep it alive)
             try:
                 message = await pubsub.get_message(timeout=_POLL_S)
             except (RedisError, OSError) as exc:
@@ -176,3 +176,14 @@ class ChannelHub:
         for entry in self._channels.values():
             for sub in entry.subs:
                 sub.deliver(None if error is None else StoreError(error.message))
+
+
+async def stop(task: asyncio.Task[None], grace_s: float = 2.0) -> None:
+    """Cancel ``task`` and wait for it — but not forever: a library that turns a cancellation into a
+    timeout it retries (seen with redis-py's reads) must not hang a shutdown."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=grace_s)
+    if not done:
+        task.cancel()
+    elif not task.cancelled() and task.exception() is not None:
+        pass  # already reported by the task itself
