@@ -20,9 +20,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import math
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -89,21 +90,41 @@ class Subscription:
     """
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[bytes | StoreError | None] = asyncio.Queue()
+        self._items: deque[bytes | StoreError | None] = deque()
+        self._waiter: asyncio.Future[bytes | StoreError | None] | None = None
 
     def deliver(self, item: bytes | StoreError | None) -> None:
-        self._queue.put_nowait(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(item)
+        else:
+            self._items.append(item)
 
     async def get(self, timeout_s: float) -> bytes | None:
-        """The next message; None after ``timeout_s``, or earlier when one may have been lost."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                item = await self._queue.get()
-        except TimeoutError:
-            return None
+        """The next message; None after ``timeout_s``, or earlier when one may have been lost.
+
+        Timed with a plain timer rather than ``asyncio.timeout``: on Python 3.11 a cancellation that
+        lands as the timeout expires can come out as the timeout, and a cancelled waiter that takes
+        it for "no message yet" never stops (shutdown hung on one)."""
+        if self._items:
+            item = self._items.popleft()
+        else:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, _expire, waiter)
+            try:
+                item = await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         if isinstance(item, StoreError):
             raise item
         return item
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Store(abc.ABC):
