@@ -1,0 +1,303 @@
+"""The one request of a flight that runs (``gateway.flights``): it does the work in a task of its own,
+shares the answer as it arrives, and stores it — or gives it up when its client left and nobody waits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from gateway import errors
+from gateway.errors import GatewayError, StreamBroken
+from gateway.exchange import Reply
+from gateway.flightlog import FLUSH_MAX, LOG_TTL_S, Entry, StillRunning, encode
+from gateway.recording import Reader, Recording, headers_of
+from gateway.store import StoreError
+
+if TYPE_CHECKING:
+    from gateway.flights import Flights
+
+log = logging.getLogger("reliapi")
+
+StoreEntry = Callable[[Reply], bool]
+
+
+class Lead:
+    """The claim of the one request that runs; ``run`` does the work and shares it."""
+
+    def __init__(self, flights: Flights, key: str, lock: bytes, token: str, fp: str, lock_ttl_s: float) -> None:
+        self.flights = flights
+        self.key = key
+        self.lock = lock
+        self.token = token
+        self.fp = fp
+        self.lock_ttl_s = lock_ttl_s
+        self.started = flights.now()
+        self.log_key = f"{key}:log:{token}"
+        # the answer as shared: a Recording, the GatewayError it failed with, or None when it was abandoned
+        self._outcome: asyncio.Future[Recording | GatewayError | None] = asyncio.get_running_loop().create_future()
+        self._beat: asyncio.TimerHandle | None = None
+        self._pending: list[bytes] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._mirror = True
+        self._finished = False  # finished: no more lock renewals
+        self.entry_key: str | None = None  # store the answer here, not under the lock (claim)
+        self._own: Reader | None = None  # the leader's client's reader of a stream
+        self._own_gone = False  # the leader's client went away
+        self._waiting = 0  # followers on this instance waiting for the answer
+        self._rec: Recording | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._checking = False  # asking the store whether followers elsewhere wait
+        self.request_id: str | None = None
+        self.tag: Callable[[list[tuple[str, str]]], str] | None = None  # the answer's headers → ``Entry.vary``
+
+    async def run(
+        self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
+        request_id: str | None = None,
+    ) -> Reply:
+        """Run ``work`` in its own task (shielded from this client's disconnect) and return
+        the answer for this client; followers get the same. ``request_id``: the leading
+        request's, for the log line of a failure."""
+        self.request_id = request_id
+        flights = self.flights
+        flights.local[self.key] = self
+        task = self._task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
+        flights.tasks.add(task)
+        task.add_done_callback(flights.tasks.discard)
+        try:
+            outcome = await asyncio.shield(self._outcome)  # a disconnect cancels this wait, not the work
+        except asyncio.CancelledError:
+            self._own_gone = True
+            if self._own is not None:
+                self._own._leave()  # nobody will read it: never hold the shared stream back for it
+            self._give_up_if_alone()
+            raise
+        if isinstance(outcome, GatewayError):
+            raise outcome
+        assert outcome is not None  # abandoned only once this client is gone
+        if self._own is not None:  # this client's reader, registered before the first chunk
+            reply = Reply(outcome.status, headers_of(outcome.headers), chunks=self._own, upstream_status=outcome.status)
+            reply.ttft_ms = outcome.ttft_ms
+            return reply
+        return outcome.reply()
+
+    async def follow(self, wait_s: float) -> Reply | None:
+        """A follower on this instance: the answer as it arrives (None: abandoned, run it yourself)."""
+        self._waiting += 1
+        try:
+            try:
+                async with asyncio.timeout(wait_s):
+                    outcome = await asyncio.shield(self._outcome)
+            except TimeoutError:
+                raise StillRunning() from None
+            if outcome is None:
+                return None
+            if isinstance(outcome, GatewayError):
+                raise outcome
+            if not outcome.joinable:
+                raise StillRunning()  # past its size limit the start of the answer is gone
+            return outcome.reply()  # (a stream's reader is registered before this follower stops counting)
+        finally:
+            self._waiting -= 1
+            if self._own_gone:
+                self._give_up_if_alone()
+
+    # ---------------------------------------------------------------- giving up when nobody waits
+
+    def _reader_left(self) -> None:
+        """Every reader of the stream left before its end (the leader's client among them)."""
+        self._own_gone = True
+        self._give_up_if_alone()
+
+    def _give_up_if_alone(self) -> None:
+        """The leader's client is gone: cancel the work unless a follower still waits for it."""
+        if self._finished or self._checking or self._task is None or self._task.done():
+            return
+        if self._waiting or (self._rec is not None and self._rec.readers):
+            return
+        self._checking = True
+        self.flights.spawn(self._give_up_unless_followed())
+
+    async def _give_up_unless_followed(self) -> None:
+        try:
+            followers = int(await self.flights.store.get(f"{self.log_key}:w") or 0)
+        except (StoreError, ValueError):
+            followers = 0  # a store that does not answer carries no followers either
+        finally:
+            self._checking = False
+        if followers > 0 or self._waiting or (self._rec is not None and self._rec.readers):
+            return  # others wait: it goes on for them (the lock renewal asks again)
+        if self._task is not None and not self._finished:
+            self._task.cancel()
+
+    async def _run(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
+        self._schedule_beat()
+        try:
+            await self._lead(work, storable, ttl_s, max_bytes)
+        except asyncio.CancelledError:  # given up: its client left and nobody else waits
+            if self._rec is not None and not self._rec.ended:
+                self._rec.end(StreamBroken("abandoned by its client"))
+            self._publish(None)
+            self._log(["a"])
+            await self._release()
+        except Exception:
+            log.exception("%s: leader failed", self.flights.namespace)
+            await self._release()
+        finally:
+            self._finished = True
+            if self._beat is not None:
+                self._beat.cancel()
+            if self.flights.local.get(self.key) is self:
+                del self.flights.local[self.key]
+            if not self._outcome.done():  # a bug: never leave followers hanging
+                self._outcome.set_result(errors.InternalError("internal error"))
+
+    async def _lead(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
+        try:
+            reply = await work()
+        except GatewayError as e:
+            self._publish(e)
+            self._log(["g", e.code, e.message, e.retry_after, e.target, e.upstream_status])
+            await self._release()
+            return
+        except Exception:
+            log.exception("internal error", extra={"fields": {"request_id": self.request_id}})
+            err = errors.InternalError("internal error")
+            self._publish(err)
+            self._log(["g", err.code, err.message, None, None, None])
+            await self._release()
+            return
+        headers = [(str(k), v) for k, v in reply.headers.items()]  # istr keys do not encode
+        rec = self._rec = Recording(reply.status, headers, reply.chunks is not None, max_bytes)
+        if rec.stream:
+            rec.ttft_ms = reply.ttft_ms
+            rec.on_idle = self._reader_left
+            if not self._own_gone:
+                self._own = Reader(rec)
+        head = ["h", reply.status, headers, rec.stream]
+        if not rec.stream:
+            rec.body = reply.body or b""
+            rec.ended = True
+            self._publish(rec)
+            if storable(reply) and len(rec.body) <= max_bytes:
+                await self._store(rec, ttl_s)  # the stored entry is what followers read
+            else:
+                self._log(head)
+                self._log(["b", rec.body])
+                await self._release()
+            return
+        self._log(head)
+        self._publish(rec)
+        error: GatewayError | None = None
+        try:
+            assert reply.chunks is not None
+            async for chunk in reply.chunks:
+                rec.add(chunk)
+                if rec.keep:
+                    self._log(["c", chunk])
+                else:
+                    if self._mirror:  # too large to share through the store: followers elsewhere stop here
+                        self._log(["x", "stream_too_large", "the answer is too large to share; send the request again", False])
+                        self._mirror = False
+                    await rec.backpressure()
+        except GatewayError as e:
+            error = e if isinstance(e, StreamBroken) else StreamBroken(e.message)
+        except Exception:
+            log.exception("stream recording failed")
+            error = StreamBroken("the upstream stream failed")
+        finally:
+            await reply.aclose()
+        rec.end(error)
+        if error is not None:
+            self._log(["x", error.code, error.message, getattr(error, "reported", False)])
+            await self._release()
+        elif storable(reply) and rec.size <= max_bytes:
+            self._log(["e"])
+            await self._store(rec, ttl_s)
+        else:
+            self._log(["e"])
+            await self._release()
+
+    def _publish(self, outcome: Recording | GatewayError | None) -> None:
+        if not self._outcome.done():
+            self._outcome.set_result(outcome)
+
+    # ---------------------------------------------------------------- store side
+
+    def _log(self, item: list[Any]) -> None:
+        """Mirror one item to the store log, batched in the background: the relay to this
+        client never waits for the store."""
+        if not self._mirror:
+            return
+        self._pending.append(encode(item))
+        if self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:FLUSH_MAX], self._pending[FLUSH_MAX:]
+                await self.flights.store.append(self.log_key, batch, LOG_TTL_S, notify=self.key)
+        except StoreError as e:
+            self._mirror = False
+            self._pending.clear()
+            log.warning("%s: cannot share a running answer through the store: %s", self.flights.namespace, e)
+        finally:
+            self._flushing = None
+
+    async def _drain(self) -> None:
+        while self._flushing is not None:
+            await asyncio.shield(self._flushing)
+
+    async def _store(self, rec: Recording, ttl_s: float) -> None:
+        await self._drain()
+        entry = Entry(self.fp, rec.status, rec.headers, rec.body if not rec.stream else None,
+                      rec.chunks if rec.stream else None, self.started,
+                      self.tag(rec.headers) if self.tag is not None else "")
+        left = ttl_s - (self.flights.now() - self.started)
+        store = self.flights.store
+        try:
+            if self.entry_key is not None:
+                if left > 0:
+                    await store.set(self.entry_key, b"D" + encode(entry), left)
+                await store.compare_and_delete(self.key, self.lock, notify=self.key)
+                return
+            if left > 0 and await store.compare_and_set(
+                self.key, self.lock, b"D" + encode(entry), left, notify=self.key,
+            ):
+                return
+            if left > 0:
+                log.warning("%s: lock expired before the answer was stored (not stored)", self.flights.namespace)
+            await store.compare_and_delete(self.key, self.lock, notify=self.key)
+        except StoreError as e:
+            log.warning("%s: answer not stored: %s", self.flights.namespace, e)
+
+    async def _release(self) -> None:
+        await self._drain()
+        store = self.flights.store
+        try:
+            await store.compare_and_delete(self.key, self.lock, notify=self.key)
+        except StoreError as e:  # the lock expires by itself
+            log.warning("%s: release failed: %s", self.flights.namespace, e)
+
+    def _schedule_beat(self) -> None:
+        """Renew the lock every third of its TTL while the work runs: a timer, not a task, since
+        almost every request is done long before the first renewal is due."""
+        self._beat = asyncio.get_running_loop().call_later(self.lock_ttl_s / 3, self._beat_now)
+
+    def _beat_now(self) -> None:
+        task = asyncio.ensure_future(self._renew())
+        self.flights.tasks.add(task)
+        task.add_done_callback(self.flights.tasks.discard)
+
+    async def _renew(self) -> None:
+        try:
+            if not await self.flights.store.compare_and_set(self.key, self.lock, self.lock, self.lock_ttl_s):
+                return  # taken over (we were presumed dead): the fenced write will refuse us
+        except StoreError:
+            pass
+        if self._beat is not None and not self._finished:
+            self._schedule_beat()
+            if self._own_gone:  # followers elsewhere may have left since
+                self._give_up_if_alone()
