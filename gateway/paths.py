@@ -31,7 +31,8 @@ _DOUBLE_ESCAPE = re.compile(r"%25[0-9a-fA-F]{2}")  # '%252e' is '%2e' to a serve
 _DOT_SEGMENTS = (".", "..")
 # Look-alikes that NFKC does not fold to '.', '/' or '\\' but some servers and browsers treat as
 # one: the ideographic full stops (U+FF61 and U+FE12 fold to U+3002) and the mathematical slashes.
-_LOOKALIKES = frozenset("\u3002\uff61\u2215\u2044\u29f8\u2216\u29f5\u29f9")
+# U+00A5 and U+20A9 (yen, won) are '\\' in Japanese and Korean code pages, which Windows maps to.
+_LOOKALIKES = frozenset("\u3002\uff61\u2215\u2044\u29f8\u2216\u29f5\u29f9\u00a5\u20a9")
 
 
 def validate_path(rel: str) -> str:
@@ -53,6 +54,8 @@ def validate_path(rel: str) -> str:
         if not _SEGMENT.fullmatch(seg):
             raise InvalidRequest("invalid path: segment contains a character that is not allowed", param="path")
         text = _decoded(seg) if "%" in seg else seg
+        if not text.strip(". "):  # '...', '.. ' (Windows drops trailing dots and spaces: '..')
+            raise InvalidRequest("invalid path: a segment of dots and spaces is not allowed", param="path")
         if ";" in text and text.partition(";")[0] in _DOT_SEGMENTS:
             raise InvalidRequest("invalid path: ';' parameters on a '.' or '..' segment are not allowed "
                                  "(an upstream that drops them sees '..')", param="path")
@@ -79,6 +82,9 @@ def _decoded(seg: str) -> str:
         text = unquote_to_bytes(seg).decode("utf-8")  # strict: overlong forms such as %c0%ae fail here
     except UnicodeDecodeError:
         raise InvalidRequest("invalid path: percent-escapes must encode UTF-8", param="path") from None
+    if _ESCAPE.search(text):  # '%25%32%65' is '%2e' once decoded, '.' to a server that decodes twice
+        raise InvalidRequest("invalid path: double-encoded percent-escape (an escape that decodes to another)",
+                             param="path")
     if not text.isascii():
         for ch in text:
             if ch.isascii():
@@ -87,7 +93,7 @@ def _decoded(seg: str) -> str:
                 raise InvalidRequest("invalid path: encoded '.', '/', '\\' or control characters", param="path")
             folded = unicodedata.normalize("NFKC", ch)
             if any(c in "./\\" or c in _LOOKALIKES for c in folded):
-                raise InvalidRequest(f"invalid path: a Unicode look-alike of '.' or '/' (U+{ord(ch):04X})",
+                raise InvalidRequest(f"invalid path: a Unicode look-alike of '.', '/' or '\\' (U+{ord(ch):04X})",
                                      param="path")
             if "%" in folded:  # U+FF05: folded, then decoded, '％２ｅ' is '.'
                 raise InvalidRequest(f"invalid path: a Unicode look-alike of '%' (U+{ord(ch):04X})", param="path")

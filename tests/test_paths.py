@@ -112,20 +112,27 @@ TRICKS = {
     "%c0%ae%c0%ae/admin": "percent-escapes must encode UTF-8",
     "x/%e0%80%ae": "percent-escapes must encode UTF-8",
     "x/%ff": "percent-escapes must encode UTF-8",
-    "%e3%80%82%e3%80%82/admin": "a Unicode look-alike of '.' or '/'",  # U+3002 ideographic full stop
-    "%ef%bc%8e%ef%bc%8e/admin": "a Unicode look-alike of '.' or '/'",  # U+FF0E fullwidth full stop
-    "%ef%bd%a1%ef%bd%a1/admin": "a Unicode look-alike of '.' or '/'",  # U+FF61 halfwidth ideographic full stop
-    "%ef%b9%92%ef%b9%92/admin": "a Unicode look-alike of '.' or '/'",  # U+FE52 small full stop
-    "%e2%80%a5/admin": "a Unicode look-alike of '.' or '/'",  # U+2025 two dot leader
-    "%e2%80%a4%e2%80%a4/admin": "a Unicode look-alike of '.' or '/'",  # U+2024 one dot leader
-    "x%e2%80%a6": "a Unicode look-alike of '.' or '/'",  # U+2026 horizontal ellipsis
-    "..%ef%bc%8fadmin": "a Unicode look-alike of '.' or '/'",  # U+FF0F fullwidth solidus
-    "..%e2%88%95admin": "a Unicode look-alike of '.' or '/'",  # U+2215 division slash
-    "..%e2%81%84admin": "a Unicode look-alike of '.' or '/'",  # U+2044 fraction slash
-    "..%e2%a7%b8admin": "a Unicode look-alike of '.' or '/'",  # U+29F8 big solidus
-    "..%ef%bc%bcadmin": "a Unicode look-alike of '.' or '/'",  # U+FF3C fullwidth reverse solidus
+    "%e3%80%82%e3%80%82/admin": "a Unicode look-alike of '.', '/' or",  # U+3002 ideographic full stop
+    "%ef%bc%8e%ef%bc%8e/admin": "a Unicode look-alike of '.', '/' or",  # U+FF0E fullwidth full stop
+    "%ef%bd%a1%ef%bd%a1/admin": "a Unicode look-alike of '.', '/' or",  # U+FF61 halfwidth ideographic full stop
+    "%ef%b9%92%ef%b9%92/admin": "a Unicode look-alike of '.', '/' or",  # U+FE52 small full stop
+    "%e2%80%a5/admin": "a Unicode look-alike of '.', '/' or",  # U+2025 two dot leader
+    "%e2%80%a4%e2%80%a4/admin": "a Unicode look-alike of '.', '/' or",  # U+2024 one dot leader
+    "x%e2%80%a6": "a Unicode look-alike of '.', '/' or",  # U+2026 horizontal ellipsis
+    "..%ef%bc%8fadmin": "a Unicode look-alike of '.', '/' or",  # U+FF0F fullwidth solidus
+    "..%e2%88%95admin": "a Unicode look-alike of '.', '/' or",  # U+2215 division slash
+    "..%e2%81%84admin": "a Unicode look-alike of '.', '/' or",  # U+2044 fraction slash
+    "..%e2%a7%b8admin": "a Unicode look-alike of '.', '/' or",  # U+29F8 big solidus
+    "..%ef%bc%bcadmin": "a Unicode look-alike of '.', '/' or",  # U+FF3C fullwidth reverse solidus
     "%ef%bc%85%ef%bc%92%ef%bd%85/admin": "a Unicode look-alike of '%'",  # '％２ｅ' folds to '%2e'
     "x/%c2%85": "control characters",  # U+0085, a C1 control
+    "%25%32%65%25%32%65/%25%32%65%25%32%65/admin": "double-encoded",  # the escaped hex digits: '%2e' once decoded
+    "%252%65%252%65/admin": "double-encoded",
+    "x/%25%35%63admin": "double-encoded",  # '\\' decoded twice
+    "x/%c2%a5admin": "a Unicode look-alike of '.', '/' or",  # U+00A5 yen: '\\' in Japanese code pages
+    "x/%e2%82%a9admin": "a Unicode look-alike of '.', '/' or",  # U+20A9 won: '\\' in Korean code pages
+    "..%20/admin": "dots and spaces",  # Windows drops the trailing space
+    ".../admin": "dots and spaces",
 }
 
 
