@@ -86,8 +86,8 @@ def upstream_request_headers(
 
 
 def is_event_stream(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> bool:
-    """An SSE answer: relayed event by event, read by the stream watchers."""
-    return headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
+    """An SSE answer: relayed event by event, read by the stream watchers (media types ignore case)."""
+    return headers.get(hdrs.CONTENT_TYPE, "")[:17].lower() == "text/event-stream"
 
 
 def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -37,7 +37,7 @@ from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.events import UpstreamAnswered
 from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, upstream_request_headers
-from gateway.scrub import decode_answer, scrub_error, scrub_event_stream
+from gateway.scrub import decode_answer, scrub_error, scrub_text_stream
 from gateway.sse import Aligner
 from gateway.streams import read_head, strip_usage_chunks, watch
 from policies import (
@@ -175,8 +175,8 @@ def upstream_sender(rt: Runtime) -> Handler:
             elif target.kind == "llm" and CONTENT_ENCODING in reply.headers:
                 decode_answer(reply)  # compressed although identity was asked for
         elif reply.chunks is not None:
-            if reply.status < 400 and scrub.secrets and is_event_stream(reply.headers):
-                scrub_event_stream(reply, scrub)
+            if reply.status < 400 and scrub.secrets:
+                scrub_text_stream(reply, scrub)
             _watch_stream(ex, reply, target, strip_usage=strip_usage, cross=cross)
             if reply.failure is None and reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, quote_plus
 
+import msgspec
 from aiohttp import hdrs
 
 from gateway import encoding
@@ -33,11 +35,25 @@ MAX_DECODED_ERROR = 16 << 20  # an error body decoded to be scrubbed: more than 
 MAX_DECODED_ANSWER = 64 << 20
 
 
+MIN_SECRET = 6  # shorter values are too likely to be ordinary text: not scrubbed (``--check`` warns)
+
+
+def spellings(secret: str) -> set[str]:
+    """The ways an upstream may quote ``secret`` back: as it is, JSON-escaped (``\\/`` for ``/`` as PHP
+    writes it, ``\\u002f``, escaped quotes and backslashes) and percent-encoded (a URL or form echoed)."""
+    json_text = msgspec.json.encode(secret).decode()[1:-1]
+    found = {secret, json_text, json_text.replace("/", "\\/"), json_text.replace("/", "\\u002f"),
+             quote(secret, safe=""), quote_plus(secret, safe="")}
+    return {f for f in found if f}
+
+
 class Scrubber:
-    """Replaces configured secret values with ``***`` in text shown or logged."""
+    """Replaces configured secret values — each in every spelling an answer may quote it in — with ``***``
+    in text shown or logged."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+        every = {v for s in secrets if len(s) >= MIN_SECRET for v in spellings(s)}
+        self.secrets = sorted(every, key=len, reverse=True)
         self._raw = [s.encode() for s in self.secrets]
 
     def __call__(self, text: str) -> str:
@@ -109,7 +125,10 @@ Stage = _StreamScrub | _StreamDecode
 
 def scrub_error(reply: Reply, scrub: Scrubber) -> None:
     """An upstream error answer (status ≥ 400) as the client may see it: decoded when it is
-    compressed in a coding the gateway reads, and without any configured secret."""
+    compressed in a coding the gateway reads, and without any configured secret in its body or
+    its headers (``WWW-Authenticate: Bearer error=… token="…"``, a debug header)."""
+    if scrub.secrets:
+        _scrub_headers(reply, scrub)
     coding = reply.headers.get(hdrs.CONTENT_ENCODING)
     if coding is not None and not encoding.codings(coding):
         coding = None  # identity
@@ -147,10 +166,35 @@ def decode_answer(reply: Reply) -> None:
     _decoded(reply)
 
 
-def scrub_event_stream(reply: Reply, scrub: Scrubber) -> None:
-    """A 2xx event stream scrubbed as it passes (an in-band error event may quote a key)."""
-    if scrub.secrets and hdrs.CONTENT_ENCODING not in reply.headers:
-        _restream(reply, [scrub.feeder()])
+def scrub_text_stream(reply: Reply, scrub: Scrubber) -> None:
+    """A 2xx stream of text — SSE, NDJSON, chunked JSON — scrubbed as it passes: an in-band error event
+    or line may quote a key. Compressed in a coding the gateway reads, it is decoded (and sent on decoded)."""
+    if not scrub.secrets or not is_text(reply.headers):
+        return
+    stages: list[Stage] = []
+    coding = reply.headers.get(hdrs.CONTENT_ENCODING)
+    if coding is not None and encoding.codings(coding):
+        if not encoding.supported(coding):
+            return  # bytes the gateway cannot read; an SDK could not read an error out of them either
+        stages.append(_StreamDecode(coding))
+        _decoded(reply)
+    stages.append(scrub.feeder())
+    _restream(reply, stages)
+
+
+def is_text(headers: Any) -> bool:
+    media = headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower()
+    return media.startswith("text/") or media.endswith(("/json", "+json", "/x-ndjson", "/jsonl", "/x-jsonlines"))
+
+
+def _scrub_headers(reply: Reply, scrub: Scrubber) -> None:
+    headers = reply.headers
+    if any(secret in value for value in headers.values() for secret in scrub.secrets):
+        for name, value in list(headers.items()):
+            clean = scrub(value)
+            if clean != value:
+                headers.popall(name)
+                headers.add(name, clean)
 
 
 def _decoded(reply: Reply) -> None:

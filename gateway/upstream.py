@@ -23,7 +23,7 @@ from yarl import URL
 
 from gateway.errors import StreamBroken, UpstreamTimeout, UpstreamUnavailable
 from gateway.exchange import Reply
-from gateway.headers import client_response_headers
+from gateway.headers import client_response_headers, is_event_stream
 
 # Complete responses larger than this are relayed as streams instead of buffered.
 MAX_BUFFERED_BYTES = 1 << 20
@@ -33,7 +33,7 @@ def is_streaming(resp: aiohttp.ClientResponse, method: str) -> bool:
     """Relay chunk by chunk (never buffer, never compress): SSE, ndjson, unknown or large length."""
     if method == "HEAD" or resp.status in (204, 304):
         return False
-    ctype = resp.headers.get(hdrs.CONTENT_TYPE, "")
+    ctype = resp.headers.get(hdrs.CONTENT_TYPE, "").lower()
     if ctype.startswith(("text/event-stream", "application/x-ndjson")):
         return True
     length = resp.headers.get(hdrs.CONTENT_LENGTH)
@@ -46,7 +46,7 @@ async def _read_first(resp: aiohttp.ClientResponse, method: str) -> tuple[bytes 
         data = await resp.read()
         resp.release()
         return data, b""
-    if resp.status >= 400 and not resp.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+    if resp.status >= 400 and not is_event_stream(resp.headers):
         # an error body of unknown length: read it whole (bounded) so it can be classified and retried
         buf = bytearray()
         while len(buf) <= MAX_BUFFERED_BYTES:

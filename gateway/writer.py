@@ -16,11 +16,12 @@ import logging
 from typing import Any
 
 import msgspec
-from aiohttp import hdrs, web
+from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, InternalError, StreamBroken
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange, Reply
+from gateway.headers import is_event_stream
 from gateway.keys import RUNTIME
 from providers import anthropic, openai
 
@@ -98,7 +99,7 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
     if reply.chunks is None:
         return complete_response(reply, outcome)
     resp = web.StreamResponse(status=reply.status, headers=reply.headers)
-    is_sse = reply.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
+    is_sse = is_event_stream(reply.headers)
     transport = request.transport
     high = _high_water(transport)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+from urllib.parse import quote
 
 import msgspec
 import pytest
@@ -18,7 +19,8 @@ from aiohttp import web
 from gateway.scrub import Scrubber
 
 KEY = "sk-up-SECRET-0a1b2c3d4e5f"
-ENV = {"UP_KEY": KEY, "REST_KEY": "rest-SECRET-99887766"}
+SLASHED = "rest/SECRET+99887766/ab"  # a base64-ish key: JSON-escaped as rest\/SECRET… by PHP, %2F in a URL
+ENV = {"UP_KEY": KEY, "REST_KEY": SLASHED}
 
 
 def config(url: str) -> str:
@@ -88,6 +90,35 @@ async def _sse_inband_error(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _escaped_4xx(request: web.Request) -> web.Response:
+    key = _key(request).decode()
+    body = ('{"error": {"message": "bad key ' + key.replace("/", "\\/") + '", "url": "https://x/?k='
+            + quote(key, safe="") + '"}}')
+    return web.Response(status=401, body=body.encode(), content_type="application/json",
+                        headers={"WWW-Authenticate": f'Bearer error="invalid_token", token="{key}"',
+                                 "X-Debug-Key": key})
+
+
+async def _gzip_sse_200(request: web.Request) -> web.StreamResponse:
+    events = gzip.compress(b'data: {"ok": 1}\n\nevent: error\ndata: {"message": "key ' + _key(request)
+                           + b' expired"}\n\n')
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"})
+    await resp.prepare(request)
+    await resp.write(events)
+    await resp.write_eof()
+    return resp
+
+
+async def _ndjson_200(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": request.query.get("ct", "application/x-ndjson")})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    await resp.write(b'{"status": "pulling"}\n')
+    await resp.write(b'{"error": "key ' + _key(request) + b' revoked"}\n')
+    await resp.write_eof()
+    return resp
+
+
 @pytest.fixture
 async def careless(aiohttp_server):
     app = web.Application()
@@ -96,6 +127,9 @@ async def careless(aiohttp_server):
     app.router.add_post("/v1/gz/completions", _gzip_4xx)
     app.router.add_get("/api/gz", _gzip_chunked_4xx)
     app.router.add_post("/v1/inband/completions", _sse_inband_error)
+    app.router.add_get("/api/escaped", _escaped_4xx)
+    app.router.add_get("/api/gzsse", _gzip_sse_200)
+    app.router.add_get("/api/ndjson", _ndjson_200)
     server = await aiohttp_server(app)
     return str(server.make_url("")).rstrip("/")
 
@@ -145,6 +179,35 @@ async def test_an_in_band_error_event_of_a_2xx_stream_is_scrubbed(careless, gate
     body = await resp.read()
     assert resp.status == 200
     assert b"key *** was revoked" in body and KEY.encode() not in body
+
+
+async def test_a_key_quoted_json_escaped_url_encoded_or_in_a_header_is_scrubbed(careless, gateway) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.get("/t/rest/escaped")
+    raw = await resp.read()
+    assert resp.status == 401
+    every = [SLASHED, SLASHED.replace("/", "\\/"), quote(SLASHED, safe="")]
+    assert not any(form.encode() in raw for form in every), raw
+    assert msgspec.json.decode(raw)["error"]["message"] == "bad key ***"
+    assert SLASHED not in resp.headers["WWW-Authenticate"] and resp.headers["X-Debug-Key"] == "***"
+    envelope = await (await client.post("/proxy/http", json={"target": "rest", "path": "escaped"})).read()
+    assert not any(form.encode() in envelope for form in every)  # the envelope decodes the body: still clean
+
+
+async def test_a_compressed_2xx_event_stream_with_an_in_band_error_is_decoded_and_scrubbed(careless, gateway) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.get("/t/rest/gzsse", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    raw = await resp.read()
+    assert resp.status == 200 and "Content-Encoding" not in resp.headers
+    assert b"key *** expired" in raw and SLASHED.encode() not in raw
+
+
+@pytest.mark.parametrize("ctype", ["application/x-ndjson", "application/json", "TEXT/PLAIN"])
+async def test_a_2xx_text_stream_with_an_error_line_is_scrubbed(careless, gateway, ctype) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.get("/t/rest/ndjson", params={"ct": ctype})
+    raw = await resp.read()
+    assert resp.status == 200 and b'"key *** revoked"' in raw and SLASHED.encode() not in raw
 
 
 def test_a_streamed_scrub_holds_back_only_what_could_start_a_secret() -> None:
