@@ -62,7 +62,8 @@ class ServerConfig(_Base):
     # A partial head then gets 408 request_timeout and the connection is closed; a silent one is just closed.
     body_timeout_s: PositiveFloat = 30  # longest silence between request body bytes → 408, connection closed
     keepalive_timeout_s: PositiveFloat = 75  # an idle kept-alive connection is closed after this
-    # open client connections per process; null = 3/4 of the open-file soft limit (ulimit -n), at least 16.
+    # open client connections per process; null = half of the open-file soft limit (ulimit -n) less 64 (each
+    # client may need an upstream connection too), at least 16.
     # A connection beyond it gets 503 too_many_connections (Retry-After: 1); open ones keep working.
     max_connections: PositiveInt | None = None
     write_timeout_s: PositiveFloat = 60  # a streamed answer whose client reads nothing this long is aborted

@@ -76,12 +76,16 @@ class Limits:
         return cls(server.header_timeout_s, cap, max(4, min(cap // 8, 1024)))
 
 
+RESERVED_FDS = 64  # the listening sockets, the store, logs, the helper process, a reload's second pools
+
+
 def auto_max_connections() -> int:
-    """3/4 of the open-file soft limit: the rest is left for upstream connections, the store, logs."""
+    """Half of what the open-file soft limit leaves after ``RESERVED_FDS``: every client connection may
+    need an upstream connection of its own."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return sys.maxsize
-    return max(16, soft * 3 // 4)
+    return max(16, (soft - RESERVED_FDS) // 2)
 
 
 class _RequestHandler(web_protocol.RequestHandler):

@@ -13,6 +13,7 @@ early failure can still be retried or fall back — the client has seen nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import AsyncIterator
 
@@ -21,7 +22,7 @@ from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.errors import StreamBroken, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import Overloaded, StreamBroken, UpstreamTimeout, UpstreamUnavailable
 from gateway.exchange import Reply
 from gateway.headers import client_response_headers, is_event_stream
 
@@ -146,6 +147,9 @@ class Transport:
             raise UpstreamTimeout(f"target {self.target} did not answer in time", target=self.target) from None
         except (aiohttp.ClientError, OSError) as e:
             _discard(resp)
+            if _out_of_descriptors(e):  # the gateway's own limit, not the upstream's failure: never a circuit count
+                raise Overloaded(f"no file descriptor left for a connection to target {self.target}; retry shortly",
+                                 retry_after=1.0, target=self.target) from None
             raise UpstreamUnavailable(
                 f"target {self.target} is unreachable ({_describe(e)})", target=self.target,
                 sent=not isinstance(e, aiohttp.ClientConnectorError),
@@ -189,6 +193,11 @@ async def _relay(
             resp.release()
         else:
             resp.close()
+
+
+def _out_of_descriptors(e: BaseException) -> bool:
+    error = e.os_error if isinstance(e, aiohttp.ClientConnectorError) else e
+    return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
 
 
 def _discard(resp: aiohttp.ClientResponse | None) -> None:

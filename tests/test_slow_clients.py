@@ -9,13 +9,18 @@ Everything here uses real sockets against the gateway's own listener (``GatewayR
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
+import aiohttp
 import msgspec
 from aiohttp import web
+from aiohttp.client_reqrep import ConnectionKey
+from aioresponses import aioresponses
 from multidict import CIMultiDict
 
 from gateway import server as listener
+from gateway.keys import RUNTIME
 from gateway.server import Limits, auto_max_connections
 from tests.cli_harness import CLI, free_port
 from tests.config_helpers import errors_of, load
@@ -209,10 +214,10 @@ async def test_connections_over_the_cap_get_503_and_held_ones_keep_working(fake,
         writer.close()
 
 
-def test_max_connections_defaults_to_three_quarters_of_the_open_file_limit(monkeypatch):
+def test_max_connections_defaults_to_half_the_open_file_limit_left_after_the_gateways_own(monkeypatch):
     monkeypatch.setattr(listener.resource, "getrlimit", lambda _: (256, 4096))
-    assert auto_max_connections() == 192
-    assert Limits.of(load("server: {}").server) == Limits(header_timeout_s=10, max_connections=192, max_refusing=24)
+    assert auto_max_connections() == 96  # each may need an upstream connection: (256 - 64) / 2
+    assert Limits.of(load("server: {}").server) == Limits(header_timeout_s=10, max_connections=96, max_refusing=12)
     assert Limits.of(load("server: {max_connections: 50}").server).max_connections == 50
     monkeypatch.setattr(listener.resource, "getrlimit", lambda _: (8, 4096))
     assert auto_max_connections() == 16
@@ -322,3 +327,30 @@ async def test_cli_listener_closes_idle_connections(cli: CLI) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assert await closed(reader) == b""
     writer.close()
+
+
+# ---------------------------------------------------------------- out of file descriptors
+
+
+async def test_a_gateway_out_of_descriptors_answers_503_and_no_circuit_counts_it(gateway):
+    """EMFILE while connecting upstream is the gateway's own limit (a flood of held sockets), not the
+    upstream failing: it must not open a healthy target's circuit — on every instance, with Redis."""
+    client, logs = await gateway("""
+server: {default_target: up}
+targets:
+  up:
+    base_url: http://upstream.test:9/v1
+    provider: openai
+    circuit: {error_threshold: 2, cooldown_s: 60}
+    retry_matrix: {"net": {attempts: 0}}
+""")
+    key = ConnectionKey("upstream.test", 9, False, True, None, None, None, None)
+    emfile = aiohttp.ClientConnectorError(key, OSError(errno.EMFILE, "Too many open files"))
+    with aioresponses(passthrough=[str(client.make_url(""))]) as mocked:
+        mocked.post("http://upstream.test:9/v1/chat/completions", exception=emfile, repeat=True)
+        for _ in range(4):
+            resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []})
+            assert resp.status == 503 and (await resp.json())["error"]["code"] == "overloaded"
+            assert resp.headers["Retry-After"] == "1"
+    assert [line["error_code"] for line in logs] == ["overloaded"] * 4  # never circuit_open
+    assert client.app[RUNTIME].current.circuits["up"].state == "closed"
