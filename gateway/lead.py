@@ -8,6 +8,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from multidict import CIMultiDict
+
 from gateway import errors
 from gateway.errors import GatewayError, StreamBroken
 from gateway.exchange import Reply
@@ -51,6 +53,8 @@ class Lead:
         self._checking = False  # asking the store whether followers elsewhere wait
         self.request_id: str | None = None
         self.tag: Callable[[list[tuple[str, str]]], str] | None = None  # the answer's headers → ``Entry.vary``
+        self.private: frozenset[str] = frozenset()  # headers (lower case) only the leader's own client gets
+        self._own_headers: Any = None
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
@@ -76,11 +80,12 @@ class Lead:
         if isinstance(outcome, GatewayError):
             raise outcome
         assert outcome is not None  # abandoned only once this client is gone
+        headers = CIMultiDict(self._own_headers) if self._own_headers is not None else headers_of(outcome.headers)
         if self._own is not None:  # this client's reader, registered before the first chunk
-            reply = Reply(outcome.status, headers_of(outcome.headers), chunks=self._own, upstream_status=outcome.status)
+            reply = Reply(outcome.status, headers, chunks=self._own, upstream_status=outcome.status)
             reply.ttft_ms = outcome.ttft_ms
             return reply
-        return outcome.reply()
+        return Reply(outcome.status, headers, body=outcome.body or b"", upstream_status=outcome.status)
 
     async def follow(self, wait_s: float) -> Reply | None:
         """A follower on this instance: the answer as it arrives (None: abandoned, run it yourself)."""
@@ -168,7 +173,9 @@ class Lead:
             self._log(["g", err.code, err.message, None, None, None])
             await self._release()
             return
-        headers = [(str(k), v) for k, v in reply.headers.items()]  # istr keys do not encode
+        self._own_headers = reply.headers  # this client gets them all; what is shared and stored may not
+        private = self.private
+        headers = [(str(k), v) for k, v in reply.headers.items() if not private or k.lower() not in private]
         rec = self._rec = Recording(reply.status, headers, reply.chunks is not None, max_bytes)
         if rec.stream:
             rec.ttft_ms = reply.ttft_ms

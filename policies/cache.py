@@ -19,6 +19,9 @@ not already hold is stored with a tag of that header's values and served only to
 with the same values (``Vary: *``: not stored); a request that would share a running flight's
 answer which varies that way runs on its own instead.
 
+``Set-Cookie`` is kept for the client whose request fetched the answer, and never stored or shared with
+another.
+
 Request ``Cache-Control``: ``no-cache`` skips the lookup and stores the fresh answer;
 ``no-store`` skips lookup and store; ``only-if-cached`` answers 504 on a miss. The
 answer says ``X-Cache: HIT|MISS|BYPASS`` (``X-Cached: true`` and ``Age`` on a hit).
@@ -80,11 +83,18 @@ def cacheable(ex: Exchange) -> bool:
     return ex.method in ("GET", "HEAD")
 
 
+# An answer the upstream says must not be stored (SPEC §5). ``no-cache`` is not among them: every SSE
+# answer carries it (OpenAI's streams too), and streams are cached as their chunks.
+_NOT_STORED = frozenset(("no-store", "private"))
+# A stored or shared answer never carries another client's cookies (the client that made it gets them).
+PRIVATE_HEADERS = frozenset(("set-cookie", "set-cookie2"))
+
+
 def storable(reply: Reply) -> bool:
     if not 200 <= reply.status < 300 or reply.failure is not None:  # (a 200 stream led by an error event)
         return False
-    directives = _directives(reply.headers)
-    if "no-store" in directives or "private" in directives:
+    values = reply.headers.getall(hdrs.CACHE_CONTROL, ())
+    if any(d.strip().lower().replace(" ", "") in _NOT_STORED for v in values for d in v.split(",")):
         return False
     return not any(name.strip() == "*" for value in reply.headers.getall(hdrs.VARY, ()) for name in value.split(","))
 
@@ -284,6 +294,7 @@ def policy(rt: Runtime) -> Policy | None:
             return _mark(await call_next(ex), "MISS")
         headers = ex.headers
         lead.tag = lambda answer: vary_tag((v for k, v in answer if k.lower() == "vary"), headers, keying)
+        lead.private = PRIVATE_HEADERS
         reply = await lead.run(
             lambda: call_next(ex), storable=storable, ttl_s=ttl, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
             request_id=ex.request_id,

@@ -506,6 +506,19 @@ async def test_vary_star_is_never_stored(fake, start):
     assert (await get(client)).cache == "MISS" and len(fake.requests) == 2
 
 
+async def test_set_cookie_goes_to_the_client_that_fetched_the_answer_never_to_another(fake, start):
+    fake.script = lambda n, seen: Fault(headers={"Set-Cookie": f"session=SESS{n}; HttpOnly"}, delay_ms=100)
+    client, _ = await start()
+    first, follower = await asyncio.gather(get(client), get(client))  # the second coalesces with the first
+    assert first.headers["Set-Cookie"] == "session=SESS1; HttpOnly"
+    assert "Set-Cookie" not in follower.headers and upstream_request_id(follower) == upstream_request_id(first)
+    await settle(client)
+    client.session.cookie_jar.clear()  # another user: without the first one's cookie
+    later = await get(client)
+    assert_hit(later)
+    assert "Set-Cookie" not in later.headers and len(fake.requests) == 1
+
+
 async def test_a_stream_that_opens_with_an_error_event_is_not_stored(fake, start):
     client, _ = await start()
     body = {**CHAT, "stream": True}
