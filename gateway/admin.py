@@ -10,10 +10,11 @@
 
 Who may call it: with ``server.admin_key_env`` naming a variable that holds a key, a caller
 with ``Authorization: Bearer <key>`` (compared in constant time); otherwise loopback peers
-only, and only direct ones: a request carrying ``Forwarded``, ``X-Forwarded-For`` or
-``X-Real-IP`` (any value) came through a proxy, and behind a proxy on the same host every
-client's socket is a loopback one. Forwarding headers never make a caller local either:
-any client can write them. Answers are ``{"success": true, "data": …}``; errors are in the
+only, and only direct ones: a request carrying ``Forwarded``, ``X-Forwarded-For``,
+``X-Real-IP``, ``Via`` or another header proxies and CDNs add (any value) came through a
+proxy, and behind a proxy on the same host every client's socket is a loopback one. (A proxy
+that adds none — nginx's bare ``proxy_pass`` — cannot be told apart: set an admin key behind
+one.) Forwarding headers never make a caller local either: any client can write them. Answers are ``{"success": true, "data": …}``; errors are in the
 envelope dialect (SPEC §3).
 """
 
@@ -88,8 +89,10 @@ def _loopback(remote: str | None) -> bool:
     return ip.is_loopback
 
 
-# Added by a reverse proxy: a loopback peer sending one may be relaying anyone.
-_FORWARDING = (hdrs.FORWARDED, hdrs.X_FORWARDED_FOR, istr("X-Real-IP"))
+# Added by a reverse proxy or a CDN: a loopback peer sending one may be relaying anyone.
+_FORWARDING = (hdrs.FORWARDED, hdrs.X_FORWARDED_FOR, istr("X-Real-IP"), hdrs.VIA, hdrs.X_FORWARDED_HOST,
+               hdrs.X_FORWARDED_PROTO, istr("X-Forwarded-Port"), istr("X-Client-IP"), istr("True-Client-IP"),
+               istr("CF-Connecting-IP"), istr("X-Original-Forwarded-For"))
 
 
 def check_access(request: web.Request, rt: Runtime) -> None:

@@ -355,7 +355,9 @@ def test_forwarded_for_never_makes_a_remote_caller_local():
 
 
 FORWARDING = ({"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"},
-              {"X-Real-IP": "198.51.100.4"}, {"x-real-ip": ""})
+              {"X-Real-IP": "198.51.100.4"}, {"x-real-ip": ""}, {"Via": "1.1 proxy"}, {"X-Forwarded-Host": "gw"},
+              {"X-Forwarded-Proto": "https"}, {"CF-Connecting-IP": "203.0.113.7"}, {"True-Client-IP": "203.0.113.7"},
+              {"X-Client-IP": "203.0.113.7"})
 
 
 async def test_a_loopback_peer_relaying_for_someone_needs_the_admin_key(fake, gateway):
