@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from gateway.logs import hide_userinfo
+from gateway.scrub import MIN_SECRET
 
 if TYPE_CHECKING:
     from gateway.config import AuthConfig, Config
@@ -100,8 +101,9 @@ def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list
     """Things a valid config asks for that cannot work; ``--check`` prints them and the server logs
     them at start. Today: a fallback between a plain-HTTP target and an LLM one (OpenAI and
     Anthropic targets are translated into each other; an HTTP API is not) — such entries are skipped;
-    and an admin API without a key on an address other clients can reach (it answers none of them)."""
-    warnings: list[str] = _admin_warning(config, env)
+    an admin API without a key on an address other clients can reach (it answers none of them); and a
+    key too short to be scrubbed."""
+    warnings: list[str] = _admin_warning(config, env) + _short_key_warnings(config, env)
     for name, t in config.targets.items():
         for i, fb in enumerate(t.fallback_targets):
             warnings.extend(_dialect_warning(config, name, fb.target, f"targets.{name}.fallback_targets[{i}]"))
@@ -112,6 +114,29 @@ def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list
             for j, fb in enumerate(entries):
                 warnings.extend(_dialect_warning(config, scope, fb.target, f"tenants[{i}].fallback_targets.{scope}[{j}]"))
     return warnings
+
+
+def _short_key_warnings(config: Config, env: Mapping[str, str]) -> list[str]:
+    """Keys too short to be scrubbed from answers and logs (an upstream that quotes one shows it)."""
+    found: list[tuple[str, str]] = []
+    for name, t in config.targets.items():
+        auth = t.auth
+        if auth is None:
+            continue
+        if auth.token:
+            found.append((f"targets.{name}.auth.token", auth.token))
+        for var in [auth.env_var] if auth.env_var else auth.env_vars or []:
+            found.append((f"targets.{name}.auth: {var}", env.get(var, "")))
+    for i, tenant in enumerate(config.tenants):
+        found.append((f"tenants[{i}].api_key", tenant.api_key or ""))
+        if tenant.api_key_env:
+            found.append((f"tenants[{i}].api_key_env: {tenant.api_key_env}", env.get(tenant.api_key_env, "")))
+    for pool, keys in config.provider_key_pools.items():
+        for key in keys.keys:
+            value = env.get(key.api_key[4:], "") if key.api_key.startswith("env:") else key.api_key
+            found.append((f"provider_key_pools.{pool}.{key.id}", value))
+    return [f"{where}: the key is shorter than {MIN_SECRET} characters, so it is not scrubbed from answers "
+            "and logs (an upstream that quotes it back shows it)" for where, value in found if 0 < len(value) < MIN_SECRET]
 
 
 def _admin_warning(config: Config, env: Mapping[str, str]) -> list[str]:

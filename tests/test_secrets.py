@@ -209,3 +209,19 @@ def test_the_gateways_own_log_lines_are_scrubbed_of_the_running_configs_keys(cap
         root.handlers[:], root.level = saved
     assert "keys: *** *** ***" in out
     assert "LOGLEAK" not in out
+
+
+def test_a_key_too_short_to_scrub_is_warned_about() -> None:
+    from gateway.config import config_warnings
+
+    config = parse_config("""
+tenants:
+  - {name: t, api_key: tk123}
+targets:
+  a: {base_url: "http://x", auth: {type: bearer_static, token: k1234}}
+  b: {base_url: "http://y", auth: {type: bearer_env, env_var: SHORT}}
+  c: {base_url: "http://z", auth: {type: bearer_env, env_var: LONG}}
+""", env={"SHORT": "abc", "LONG": "long-enough-key"})
+    warned = [w for w in config_warnings(config, env={"SHORT": "abc", "LONG": "long-enough-key"}) if "shorter" in w]
+    assert [w.split(":")[0] for w in warned] == ["targets.a.auth.token", "targets.b.auth", "tenants[0].api_key"]
+    assert all("not scrubbed" in w for w in warned)
