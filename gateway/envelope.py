@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, UpstreamError
 from gateway.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
 from gateway.paths import validate_header_values, validate_path
@@ -127,6 +127,29 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
     ex.idempotency_key = env.idempotency_key
     ex.cache_ttl = float(env.cache) if env.cache is not None else None
     return ex
+
+
+ENVELOPE_MAX_BYTES = 32 << 20  # a streamed answer read whole into the envelope's data.body, at most
+
+
+async def whole(upstream: Reply) -> Reply:
+    """A streamed answer (SSE, NDJSON, chunked, large) read to its end: the envelope is one JSON document
+    that carries the whole body — never a ``null`` in its place."""
+    if upstream.chunks is None:
+        return upstream
+    parts, size = [], 0
+    try:
+        async for chunk in upstream.chunks:
+            size += len(chunk)
+            if size > ENVELOPE_MAX_BYTES:
+                raise UpstreamError(f"the answer is larger than /proxy/http carries ({ENVELOPE_MAX_BYTES >> 20} MB); "
+                                    "call the target through /t/<target>/… to stream it", upstream_status=upstream.status)
+            parts.append(chunk)
+    finally:
+        await upstream.aclose()
+    done = Reply(upstream.status, upstream.headers, body=b"".join(parts), upstream_status=upstream.upstream_status)
+    done.failure, done.ttft_ms = upstream.failure, upstream.ttft_ms
+    return done
 
 
 def reply(ex: Exchange, upstream: Reply, duration_ms: float) -> Reply:

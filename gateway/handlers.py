@@ -292,6 +292,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         try:
             if make_exchange is _no_route:  # counted and logged like any refused request
                 await _no_route(request, rt, request_id, None)
+            if request.version < (1, 0):  # HTTP/0.9 has no headers to carry a key, a type, a length
+                raise InvalidRequest("HTTP/1.0 or newer is required")
             tenant = rt.tenants.authenticate(request.headers)  # before the body: an unknown caller costs no upload
             tenant_name = tenant.name if tenant is not None else None
             ex = await make_exchange(request, rt, request_id, tenant_name)
@@ -301,7 +303,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             if route == "generate":
                 reply = generate.reply(rt, ex, reply, (time.monotonic() - started) * 1000)
             elif route == "proxy":
-                reply = envelope.reply(ex, reply, (time.monotonic() - started) * 1000)
+                reply = envelope.reply(ex, await envelope.whole(reply), (time.monotonic() - started) * 1000)
             elif route == "proxy_llm":
                 reply = envelope_llm.reply(rt, ex, reply, (time.monotonic() - started) * 1000)
         except GatewayError as e:

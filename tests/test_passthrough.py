@@ -299,3 +299,10 @@ async def test_a_request_the_http_parser_refuses_is_answered_with_a_request_id(g
     rid = next(line.split(b": ", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:"))
     assert msgspec.json.decode(body)["meta"]["request_id"] == rid.decode() != ""
     assert fake.requests == []
+
+
+async def test_an_http_0_9_request_is_refused_not_proxied(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url))
+    out = await raw_http(client, b"GET /t/rest/q\r\n\r\n")
+    assert b" 400 " in out.split(b"\r\n", 1)[0] and b"HTTP/1.0 or newer" in out
+    assert fake.requests == []

@@ -141,3 +141,19 @@ async def test_a_header_value_http_cannot_carry_is_a_400_naming_the_header(fake,
     assert resp.status == 400 and body["error"]["code"] == "invalid_request", body
     assert "headers.X-Title" in body["error"]["message"] and body["meta"]["request_id"] == resp.headers["X-Request-Id"]
     assert fake.requests == []
+
+
+async def test_a_streamed_2xx_answer_is_carried_whole_in_the_envelope(fake, gateway):
+    """An SSE (or any chunked) answer through /proxy/http: read to its end into data.body, never null."""
+    client, _ = await gateway(config(fake.url).replace("targets:\n", f"""targets:
+  llm:
+    base_url: {fake.url}/v1
+    provider: openai
+"""))
+    envelope = {"target": "llm", "method": "POST", "path": "chat/completions",
+                "body": {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}}
+    resp = await client.post("/proxy/http", json=envelope, headers=KEY)
+    out = await resp.json()
+    assert resp.status == 200 and out["success"] is True
+    body = out["data"]["body"]
+    assert isinstance(body, str) and body.count("tok") == 3 and body.endswith("data: [DONE]\n\n")
