@@ -145,6 +145,10 @@ class UpstreamBase:
         # /v1/{path}: a base that already ends in /v1 takes the rest; otherwise /v1 is kept.
         self._v1_prefix = self._prefix if self.base_path.endswith("/v1") else self._prefix + "v1/"
 
+    def path(self, rel: str, *, v1: bool) -> str:
+        """The path the upstream sees for ``rel`` (no origin, no query): what its endpoint is read from."""
+        return (self._v1_prefix if v1 else self._prefix)[len(self.origin):] + rel
+
     def url(self, rel: str, query: str, *, v1: bool) -> str:
         url = (self._v1_prefix if v1 else self._prefix) + rel
         if not url.startswith(self._prefix):  # defence in depth: validate_path already ran

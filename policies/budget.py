@@ -23,7 +23,8 @@ in ONE atomic store step that refuses if either would go over — 402 ``budget_e
 with the reset time and ``Retry-After``. The bound (``providers.estimate``) is the prompt's
 UTF-8 bytes (images and files accounted for, never more than the context window) and the
 output limit × ``n`` — taken over every target and model the fallback chain may answer with
-(twice over with ``stream_recovery: continue``). A request that sets no output limit gets
+(twice over with ``stream_recovery: continue``); a model without a price cannot be held to a
+budget and is refused (403), as is a POST to an endpoint that is neither billed nor known free. A request that sets no output limit gets
 one written into it (``llm.max_tokens``, else 4,096; 16 for legacy completions, OpenAI's
 default). When the answer's real cost is known (``policies.usage``) the reservation is
 settled to it — at most the reservation, so recorded spend never passes the budget; a
@@ -96,6 +97,7 @@ class Settlement:
         if self.done:
             return
         self.done = True
+        cost = max(0.0, cost)  # an upstream reporting negative usage refills nothing
         if cost > self.reserved + 1e-12:
             log.warning("spend: an answer cost $%.8f, more than its reservation of $%.8f; the budget is charged "
                         "the reservation", cost, self.reserved)
@@ -220,13 +222,17 @@ def policy(rt: Runtime) -> Policy | None:
         output = limit * view.choices * view.prompts
         for target, model in chains.candidates(ex):
             price = prices.price(model)
-            if price is None:
-                continue
+            if price is None:  # unmetered would be free of the budget: refused, not waved through
+                raise Forbidden(
+                    f"model {model or '(none given)'!r} on target {target.name} has no price, so tenant {ex.tenant!r}'s "
+                    "spend budget cannot be held to it; add it under pricing: (USD per 1M input/output tokens, "
+                    "0 for a model that costs nothing)", param="model", target=target.name)
             prompt = view.bound_prompt(len(ex.body), price)
             if target.name in chains.recovering:  # a continuation resends the prompt and the partial answer
-                most = max(most, price.cost(2 * prompt + limit * view.choices, 2 * output))
+                cost = price.cost(2 * prompt + limit * view.choices, 2 * output)
             else:
-                most = max(most, price.cost(prompt, output))
+                cost = price.cost(prompt, output)
+            most = max(most, cost * view.multiplier)
         return most
 
     async def budget(ex: Exchange, call_next: Handler) -> Reply:
@@ -236,10 +242,10 @@ def policy(rt: Runtime) -> Policy | None:
         metered = ex.tenant in budgets
         billed = ex.endpoint.billed
         if billed is None:
-            if metered and ex.endpoint.unbounded:
+            if metered and not ex.endpoint.free:
                 raise Forbidden(
-                    f"POST /{ex.endpoint.path}: tenant {ex.tenant!r} has a spend budget, and this endpoint's cost "
-                    "cannot be bounded before it runs, so it is not allowed through the gateway for this tenant",
+                    f"POST /{ex.endpoint.path}: tenant {ex.tenant!r} has a spend budget, and this endpoint is not one "
+                    "whose cost the gateway can bound before it runs, so it is not allowed for this tenant",
                     target=target.name)
             return await call_next(ex)
         soft, hard = _caps(rt, ex)

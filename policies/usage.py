@@ -124,6 +124,7 @@ def policy(rt: Runtime) -> Policy | None:
 
     def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> float | None:
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
+        prompt, completion = max(0, prompt), max(0, completion)  # an upstream reporting less than nothing
         price = price_of(model)
         log = ex.log
         log["prompt_tokens"] = prompt
@@ -171,7 +172,12 @@ def policy(rt: Runtime) -> Policy | None:
             if reader is None:
                 unmeasured(ex)
                 return
-            completion = math.ceil(len(reader.text) / 4)
+            text = reader.text
+            completion = math.ceil(len(text) / 4)
+            if ex.settlement is not None:  # the budget is charged the most it could have cost, not a guess
+                price = price_of(ex.model)
+                if price is not None:
+                    ex.settlement.settle(price.cost(len(ex.body) + PROMPT_FRAMING, len(text.encode())))
         if prompt is None:
             prompt = _prompt_estimate(ex)
         record(ex, prompt, completion, None)
@@ -216,6 +222,7 @@ def policy(rt: Runtime) -> Policy | None:
 
 
 _CHAT_PATHS = frozenset(("chat/completions", "completions"))
+PROMPT_FRAMING = 64  # tokens of role and reply framing a bound on a prompt's bytes allows for
 FLUSH_EVERY_S = 1.0
 
 

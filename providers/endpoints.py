@@ -2,18 +2,21 @@
 
 Policies decide by endpoint, not by path string: a budget must not be walked around with
 ``chat/completions/`` (a trailing slash), ``Chat/Completions``, ``chat/%63ompletions``,
-``chat/completions;x=1`` or ``v1/chat/completions`` on ``/t/``. ``endpoint(rel_path)``
-normalises a validated path once (percent-escapes decoded, ``;`` parameters dropped, lower
-case, a leading ``v1`` dropped) and says:
+``chat/completions;x=1`` or ``v1/chat/completions`` on ``/t/``. ``endpoint(path)`` takes the
+path the upstream will see (the target's base path and the client's, ``Exchange``),
+normalises it once (percent-escapes decoded, ``;`` parameters dropped, lower case, everything
+up to a ``v1`` segment dropped) and says:
 
 - ``billed``: the canonical name of an endpoint that bills tokens and whose cost can be
   bounded before it runs — ``chat/completions`` (also Azure's
   ``openai/deployments/{d}/chat/completions`` and Mistral's ``agents/completions``),
   ``completions`` (also ``engines/{e}/completions``), ``fim/completions``, ``messages``,
   ``complete``, ``responses``, ``embeddings``;
-- ``unbounded``: an endpoint that costs money in a way no request field bounds (batches,
-  images, audio, fine-tuning, realtime, videos, assistant runs, containers): a tenant with
-  a spend budget may not call it;
+- ``free``: an endpoint known to cost nothing per call (models, files, uploads, vector stores,
+  assistants and threads but their runs, ``messages/count_tokens``, ``responses/input_tokens``,
+  cancelling). A tenant with a spend budget may POST to billed and free endpoints only: every
+  other one — batches, images, audio, realtime, runs, ``responses/compact``, whatever a provider
+  adds next — could cost what no reservation holds;
 - ``path``: the normalised path, for everything else that looks at it.
 """
 
@@ -28,39 +31,39 @@ _EXACT = {CHAT: CHAT, COMPLETIONS: COMPLETIONS, FIM: FIM, MESSAGES: MESSAGES, CO
           RESPONSES: RESPONSES, EMBEDDINGS: EMBEDDINGS, "agents/completions": CHAT}
 # Paths that end like these bill like them (deployment- and engine-scoped spellings).
 _SUFFIXES = (("/chat/completions", CHAT), ("/embeddings", EMBEDDINGS), ("/completions", COMPLETIONS))
-# A segment that makes a POST cost money no request field bounds.
-_UNBOUNDED = frozenset(("batches", "images", "audio", "fine_tuning", "fine-tunes", "realtime", "videos", "runs",
-                        "containers"))
-_FREE_LAST = frozenset(("cancel",))  # cancelling one of those costs nothing
+# Known to cost nothing per call: by first segment (a run, wherever it is, is not free), by whole path.
+_FREE_FIRST = frozenset(("models", "files", "uploads", "vector_stores", "assistants", "threads"))
+_FREE_PATHS = frozenset(("messages/count_tokens", "responses/input_tokens"))
+_FREE_LAST = frozenset(("cancel",))
 
 
 class Endpoint:
-    __slots__ = ("path", "billed", "unbounded")
+    __slots__ = ("path", "billed", "free")
 
-    def __init__(self, path: str, billed: str | None, unbounded: bool) -> None:
+    def __init__(self, path: str, billed: str | None, free: bool) -> None:
         self.path = path
         self.billed = billed
-        self.unbounded = unbounded
+        self.free = free
 
     def __repr__(self) -> str:
-        return f"Endpoint({self.path!r}, billed={self.billed!r}, unbounded={self.unbounded})"
+        return f"Endpoint({self.path!r}, billed={self.billed!r}, free={self.free})"
 
 
-def normalize(rel_path: str) -> str:
-    """``rel_path`` (validated by ``gateway.paths``) as an upstream would read it."""
-    path = unquote(rel_path) if "%" in rel_path else rel_path
+def normalize(path: str) -> str:
+    """A path (validated by ``gateway.paths``) as an upstream would read it, from its API version on."""
+    path = unquote(path) if "%" in path else path
     segments = [s.partition(";")[0].lower() for s in path.split("/") if s]
-    if segments and segments[0] == "v1":
-        del segments[0]
+    if "v1" in segments:  # /v1/…, /openai/v1/…, /api/v1/…: the endpoint is what follows
+        del segments[:segments.index("v1") + 1]
     return "/".join(segments)
 
 
-def endpoint(rel_path: str) -> Endpoint:
-    found = _memo.get(rel_path)
+def endpoint(path: str) -> Endpoint:
+    found = _memo.get(path)
     if found is None:
-        found = _classify(normalize(rel_path))
+        found = _classify(normalize(path))
         if len(_memo) < 4096:  # paths come from clients: bounded
-            _memo[rel_path] = found
+            _memo[path] = found
     return found
 
 
@@ -69,8 +72,9 @@ def _classify(path: str) -> Endpoint:
     if billed is None:
         billed = next((name for suffix, name in _SUFFIXES if path.endswith(suffix)), None)
     segments = path.split("/")
-    unbounded = billed is None and segments[-1] not in _FREE_LAST and any(s in _UNBOUNDED for s in segments)
-    return Endpoint(path, billed, unbounded)
+    free = billed is None and (path in _FREE_PATHS or segments[-1] in _FREE_LAST
+                               or (segments[0] in _FREE_FIRST and "runs" not in segments))
+    return Endpoint(path, billed, free)
 
 
 _memo: dict[str, Endpoint] = {}

@@ -27,7 +27,7 @@ import msgspec
 from providers import endpoints
 from providers.pricing import MESSAGE_OVERHEAD, REPLY_PRIMER, Price, estimate_prompt_tokens
 
-IMAGE_PARTS = frozenset(("image_url", "image", "input_image"))
+IMAGE_PARTS = frozenset(("image_url", "image", "input_image", "computer_screenshot"))
 # Parts whose tokens the body does not bound: a file (by id, URL or inline: a compressed PDF holds
 # more text than its bytes), a reference to stored items.
 UNBOUNDED_PARTS = frozenset(("file", "input_file", "document", "container_upload", "item_reference", "search_result"))
@@ -46,7 +46,8 @@ class NotReadable(Exception):
 class View:
     """What a request body says about its cost."""
 
-    __slots__ = ("model", "limits", "choices", "prompts", "chars", "messages", "images", "unbounded", "estimate")
+    __slots__ = ("model", "limits", "choices", "prompts", "chars", "messages", "images", "unbounded", "estimate",
+                 "multiplier")
 
     def __init__(self) -> None:
         self.model: str | None = None
@@ -58,6 +59,7 @@ class View:
         self.images = 0
         self.unbounded = False  # the prompt holds content the body does not
         self.estimate: int | None = None  # set by the generic reader
+        self.multiplier = 1.0  # a price above the text rate: priority processing, audio tokens
 
     def estimate_prompt(self) -> int:
         """SPEC §5's estimate: characters / 4 plus the per-message overhead."""
@@ -82,14 +84,18 @@ class _Part(msgspec.Struct):
     type: Any = None
     text: Any = None
     content: str | list[_Part] | None = None  # Anthropic tool_result blocks nest content
-    output: Any = None  # Responses function_call_output
+    output: str | list[_Part] | None = None  # Responses tool outputs: text, or parts (images, files)
 
 
 class _Message(msgspec.Struct):
     type: Any = None  # Responses input items
     content: str | list[_Part] | None = None
     tool_calls: msgspec.Raw = _ABSENT
-    output: Any = None
+    output: str | list[_Part] | None = None
+
+
+class _Tool(msgspec.Struct):
+    type: Any = None
 
 
 class _Request(msgspec.Struct):
@@ -109,9 +115,19 @@ class _Request(msgspec.Struct):
     max_tokens_to_sample: Any = msgspec.UNSET
     previous_response_id: Any = None
     conversation: Any = None
+    service_tier: Any = None
+    modalities: Any = None
+    audio: Any = None
 
 
 _decode_request = msgspec.json.Decoder(_Request).decode
+_decode_tools = msgspec.json.Decoder(list[_Tool]).decode
+# Tools the client runs itself: their results come back in a later request's body. Any other (web search,
+# file search, MCP, code execution, Anthropic's web_fetch) pulls content into the prompt the body does not hold.
+CLIENT_TOOLS = frozenset((None, "", "function", "custom"))
+PRIORITY_FACTOR = 2.0  # service_tier "priority" bills about twice the standard rate
+AUDIO_FACTOR = 16.0  # audio tokens bill up to 16x text tokens (gpt-4o-audio input: $40 vs $2.50 per 1M)
+
 _decode_items = msgspec.json.Decoder(str | list[_Message]).decode
 _decode_any = msgspec.json.Decoder().decode
 
@@ -139,6 +155,12 @@ def read(body: bytes, billed: str) -> View:
     if isinstance(req.instructions, str):
         view.chars += len(req.instructions)
     view.chars += len(req.tools)
+    if req.tools is not _ABSENT and _server_tools(req.tools):
+        view.unbounded = True
+    if req.service_tier == "priority":
+        view.multiplier *= PRIORITY_FACTOR
+    if req.audio is not None or (isinstance(req.modalities, list) and "audio" in req.modalities):
+        view.multiplier *= AUDIO_FACTOR
     if isinstance(req.suffix, str):
         view.chars += len(req.suffix)
     if req.prompt is not _ABSENT:
@@ -150,9 +172,29 @@ def read(body: bytes, billed: str) -> View:
     return view
 
 
+def _server_tools(raw: msgspec.Raw) -> bool:
+    try:
+        tools = _decode_tools(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return True  # not a list of tools this reader knows: assume the worst
+    return any(tool.type not in CLIENT_TOOLS for tool in tools)
+
+
 def _count(value: Any) -> int | None:
-    """A positive count as the upstream reads it, or None (an upstream refuses anything else)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A positive count as a lenient upstream reads it (``5``, ``5.0`` and ``"5"`` alike, as pydantic
+    coerces them), or None for what no upstream takes as one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, float):
+        if not value.is_integer():  # also nan and inf: no upstream takes them as a count
+            return None
+        value = int(value)
+    if not isinstance(value, int):
         return None
     return value if value > 0 else None
 
@@ -169,10 +211,11 @@ def _content(view: View, content: Any) -> None:
             view.images += 1
         elif kind in UNBOUNDED_PARTS:
             view.unbounded = True
+        if kind == "input_audio":
+            view.multiplier = max(view.multiplier, AUDIO_FACTOR)
         if isinstance(part.text, str):
             view.chars += len(part.text)
-        if isinstance(part.output, str):
-            view.chars += len(part.output)
+        _content(view, part.output)
         _content(view, part.content)
 
 
@@ -208,8 +251,7 @@ def _input(view: View, raw: msgspec.Raw, billed: str) -> None:
         view.messages += 1
         if item.type in UNBOUNDED_PARTS:
             view.unbounded = True
-        if isinstance(item.output, str):
-            view.chars += len(item.output)
+        _content(view, item.output)
         _content(view, item.content)
 
 
@@ -236,6 +278,15 @@ def _read_generic(body: bytes, billed: str) -> View:
     _walk(view, doc, 0)
     if doc.get("previous_response_id") is not None or doc.get("conversation") is not None:
         view.unbounded = True
+    tools = doc.get("tools")
+    if tools is not None and (not isinstance(tools, list) or any(
+            not isinstance(t, dict) or t.get("type") not in CLIENT_TOOLS for t in tools)):
+        view.unbounded = True
+    if doc.get("service_tier") == "priority":
+        view.multiplier *= PRIORITY_FACTOR
+    modalities = doc.get("modalities")
+    if doc.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
+        view.multiplier *= AUDIO_FACTOR
     prompt = doc.get("prompt")
     if billed == endpoints.RESPONSES and prompt is not None:
         view.unbounded = True
@@ -254,6 +305,8 @@ def _walk(view: View, node: Any, depth: int) -> None:
             view.images += 1
         elif kind in UNBOUNDED_PARTS:
             view.unbounded = True
+        elif kind == "input_audio":
+            view.multiplier = max(view.multiplier, AUDIO_FACTOR)
         for value in node.values():
             if isinstance(value, (dict, list)):
                 _walk(view, value, depth + 1)

@@ -21,6 +21,9 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-4-turbo": (10.0, 30.0), "gpt-4": (30.0, 60.0), "gpt-3.5-turbo": (0.50, 1.50),
     "o1": (15.0, 60.0), "o1-mini": (1.10, 4.40), "o1-pro": (150.0, 600.0),
     "o3": (2.0, 8.0), "o3-mini": (1.10, 4.40), "o3-pro": (20.0, 80.0), "o4-mini": (1.10, 4.40),
+    "gpt-5.1": (1.25, 10.0), "gpt-5-pro": (15.0, 120.0), "gpt-5-chat-latest": (1.25, 10.0), "gpt-4.5-preview": (75.0, 150.0),
+    "o3-deep-research": (10.0, 40.0), "o4-mini-deep-research": (2.0, 8.0), "codex-mini-latest": (1.50, 6.0),
+    "computer-use-preview": (3.0, 12.0),
     "text-embedding-3-small": (0.02, 0.0), "text-embedding-3-large": (0.13, 0.0), "text-embedding-ada-002": (0.10, 0.0),
 }
 # Context windows (tokens a prompt can hold at most), by the same names: a spend reservation's bound

@@ -38,6 +38,10 @@ targets:
     provider: openai
     models: ["gpt-*", "text-embedding-*"]
     retry_matrix: {{"5xx": {{attempts: 0}}}}
+  full:  # a base URL that already names the endpoint: POST /t/full is a chat completion
+    base_url: {url}/v1/chat/completions
+    provider: openai
+    llm: {{default_model: gpt-4o-mini}}
 """
 
 
@@ -63,9 +67,10 @@ class Metered:
         prompt = sum(len(m["content"].encode()) for m in body.get("messages", []))
         if isinstance(body.get("input"), str):
             prompt += len(body["input"].encode())
-        output = (body.get("max_tokens") or body.get("max_output_tokens") or 0) * (body.get("n") or 1)
-        usage = {"prompt_tokens": prompt * self.usage_factor, "completion_tokens": output * self.usage_factor,
-                 "input_tokens": prompt, "output_tokens": output}
+        output = int(float(body.get("max_tokens") or body.get("max_output_tokens") or 0)) * int(float(body.get("n") or 1))
+        factor = self.usage_factor
+        usage = {"prompt_tokens": prompt * factor, "completion_tokens": output * factor,
+                 "input_tokens": prompt * factor, "output_tokens": output * factor}
         answer = {"id": "x", "object": "chat.completion", "model": body.get("model"),
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
         if self.report_usage:
@@ -124,6 +129,7 @@ DOORS = [
     ("/t/up/v1/chat/completions", CHAT, {"Content-Type": "text/plain"}),  # unlabelled JSON: read all the same
     ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hello"}, {}),
     ("/v1/messages", {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}, {}),
+    ("/t/full", CHAT, {}),  # the base URL names the endpoint
 ]
 
 
@@ -166,15 +172,17 @@ async def test_a_body_the_budget_cannot_read_is_refused_not_waved_through(metere
     assert metered.requests == []
 
 
-async def test_an_endpoint_whose_cost_nothing_bounds_is_forbidden_for_a_budgeted_tenant(metered, gateway):
+async def test_an_endpoint_the_budget_cannot_bound_is_forbidden_for_a_budgeted_tenant(metered, gateway):
+    """Fail closed: only endpoints the gateway meters, or knows to be free, are open to a budgeted tenant."""
     client, _ = await gateway(config(metered.url, daily=1.0))
-    for path in ("/v1/images/generations", "/v1/batches", "/v1/audio/speech", "/v1/messages/batches"):
-        resp = await client.post(path, json={"model": "gpt-image-1", "prompt": "a cat"}, headers=KEY)
+    for path in ("/v1/images/generations", "/v1/batches", "/v1/audio/speech", "/v1/messages/batches",
+                 "/v1/responses/compact", "/v1/conversations", "/v1/threads/t1/runs", "/v1/some/new/endpoint"):
+        resp = await client.post(path, json={"model": "gpt-4o-mini", "prompt": "a cat"}, headers=KEY)
         assert resp.status == 403, path
-        assert "cannot be bounded" in (await resp.json())["error"]["message"]
-    free = await client.post("/v1/moderations", json={"input": "hi"}, headers=KEY)
-    assert free.status == 200  # costs nothing: not the budget's business
-    assert [p for p, _ in metered.requests] == ["/v1/moderations"]
+        assert "not one whose cost the gateway can bound" in (await resp.json())["error"]["message"]
+    free = await client.post("/v1/vector_stores", json={"name": "docs"}, headers=KEY)
+    assert free.status == 200  # costs nothing per call: not the budget's business
+    assert [p for p, _ in metered.requests] == ["/v1/vector_stores"]
 
 
 async def test_a_request_without_an_output_limit_gets_one_written_into_it(metered, gateway):
@@ -278,3 +286,47 @@ async def test_an_answer_whose_cost_cannot_be_read_is_charged_its_reservation(me
     resp = await a.post("/v1/chat/completions", json=CHAT, headers=KEY)
     assert resp.status == 200
     assert await until_settled(stores[0], 1, bound(CHAT)) == pytest.approx(bound(CHAT), rel=1e-6)
+
+
+async def test_counts_sent_as_strings_or_floats_are_reserved_as_the_upstream_reads_them(metered, gateway):
+    """n: "5" (or 5.0) is five answers to an upstream that coerces like pydantic: reserved as five."""
+    body = {**CHAT, "n": "5"}
+    client, _ = await gateway(config(metered.url, daily=bound(CHAT) * 2))  # room for two single answers
+    resp = await client.post("/t/up/chat/completions", data=json.dumps(body),
+                             headers={**KEY, "Content-Type": "text/plain"})  # unlabelled: the router does not read it
+    assert resp.status == 402 and metered.requests == []
+    resp = await client.post("/v1/completions", json={"model": "gpt-3.5-turbo-instruct", "prompt": "x",
+                                                      "max_tokens": 100, "best_of": 5.0}, headers=KEY)
+    assert resp.status == 402 and metered.requests == []
+
+
+async def test_an_image_in_a_tool_output_and_a_server_side_tool_are_reserved(metered, gateway):
+    """An image returned by a tool is billed like any image; a web search pulls pages into the prompt
+    that the body does not hold: both bounded (the latter by the model's context window)."""
+    plain = {"model": "gpt-4o-mini", "input": [{"type": "function_call_output", "call_id": "c", "output": "sunny"}],
+             "max_output_tokens": 10}
+    image = {**plain, "input": [{"type": "function_call_output", "call_id": "c", "output": [
+        {"type": "input_image", "image_url": "https://example.com/chart.png"}]}]}
+    search = {"model": "gpt-4o-mini", "input": "news", "tools": [{"type": "web_search"}], "max_output_tokens": 10}
+    client, _ = await gateway(config(metered.url, daily=0.0005))  # fits the plain request, not 6,000 image tokens
+    assert (await client.post("/v1/responses", json=plain, headers=KEY)).status == 200
+    assert (await client.post("/v1/responses", json=image, headers=KEY)).status == 402
+    assert (await client.post("/v1/responses", json=search, headers=KEY)).status == 402
+    assert len(metered.requests) == 1
+
+
+async def test_priority_processing_is_reserved_at_its_price(metered, gateway):
+    body = {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 100}
+    one = ((len(json.dumps(body)) + 7) * 0.15 + 100 * 0.60) / 1e6
+    client, _ = await gateway(config(metered.url, daily=one * 1.5))
+    resp = await client.post("/v1/responses", json={**body, "service_tier": "priority"}, headers=KEY)
+    assert resp.status == 402 and metered.requests == []
+
+
+async def test_negative_usage_from_an_upstream_refills_no_budget(metered, gateway, on_redis):
+    stores = await on_redis()
+    (a, _), _ = [await gateway(config(metered.url, daily=1.0), store=s) for s in stores]
+    metered.usage_factor = -1000
+    assert (await a.post("/v1/chat/completions", json=CHAT, headers=KEY)).status == 200
+    await asyncio.sleep(0.1)
+    assert await spent(stores[0]) == 0.0  # not below zero: nothing to spend twice

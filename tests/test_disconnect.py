@@ -10,6 +10,7 @@ what was sent. Two gateways share one Redis where a follower on the other instan
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -162,3 +163,24 @@ async def test_on_two_gateways_nobody_following_means_the_upstream_is_cancelled(
     again = await b.post("/v1/chat/completions", json=STREAM, headers=headers)  # the key is free on b too
     assert again.status == 200 and (await again.read()).endswith(b"data: [DONE]\n\n")
     assert "Idempotent-Replayed" not in again.headers and len(fake.requests) == 2
+
+
+async def test_an_abandoned_stream_without_usage_is_charged_the_bound_of_what_was_sent_not_a_guess(fake, gateway):
+    """A stream cut before its usage report: the budget is charged the prompt at a token per byte (3,000
+    CJK characters are 9,000 bytes: chars/4 would say 750 tokens) and the text sent at a token per byte."""
+    store = MemoryStore()
+    client, _ = await gateway(config(fake.url, budget=True), store=store)
+    fake.plan(Fault(chunks=200, interval_ms=20))
+    body = {**STREAM, "messages": [{"role": "user", "content": "漢" * 3000}]}
+    await leave_after_first_event(client, body, {**ACME, "Idempotency-Key": "cjk-1"})
+    await eventually(lambda: idle(client))
+    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    charged = 0.0
+    for _ in range(100):
+        charged = float(await store.get(key) or 0)
+        if charged:
+            break
+        await asyncio.sleep(0.01)
+    sent = len(json.dumps(body).encode())  # (json.dumps escapes each character as \\uXXXX: 6 bytes)
+    assert charged >= sent * 0.15 / 1e6  # at least the prompt's bytes at gpt-4o-mini's input price
+    assert charged < (sent + 64 + 1000) * 0.15 / 1e6 + 100 * 0.60 / 1e6  # and a few tokens of text, not 500

@@ -176,14 +176,28 @@ async def test_an_unknown_model_is_served_and_counted_unpriced(fake, gateway):
     store = MemoryStore()
     cfg = config(fake.url, daily=1.0).replace('models: ["gpt-*"]', 'models: ["gpt-*", "house-*"]')
     client, logs = await gateway(cfg, store=store)
-    resp = await client.post("/v1/chat/completions", json=chat(model="house-7b"), headers=KEY)
+    free = {"Authorization": "Bearer free-key-123456"}  # a tenant without a budget
+    resp = await client.post("/v1/chat/completions", json=chat(model="house-7b"), headers=free)
     assert resp.status == 200 and logs[-1]["cost_usd"] is None
     for _ in range(100):
-        row = await store.hgetall(usage_key(day_of(time.time()), "acme", None, "up", "house-7b"))
+        row = await store.hgetall(usage_key(day_of(time.time()), "free", None, "up", "house-7b"))
         if row:
             break
         await asyncio.sleep(0.01)
     assert row == {"requests": 1.0, "prompt_tokens": 5.0, "completion_tokens": 4.0, "unpriced_requests": 1.0}
+
+
+async def test_a_budgeted_tenant_may_not_use_a_model_without_a_price(fake, gateway):
+    """Unpriced is unmetered: for a tenant with a spend budget that would be a way around it."""
+    cfg = config(fake.url, daily=1.0).replace('models: ["gpt-*"]', 'models: ["gpt-*", "house-*", "ft:*"]')
+    client, _ = await gateway(cfg)
+    for model in ("house-7b", "ft:gpt-4o-mini-2024-07-18:acme::abc123"):
+        resp = await client.post("/v1/chat/completions", json=chat(model=model), headers=KEY)
+        body = await resp.json()
+        assert resp.status == 403 and "has no price" in body["error"]["message"] and "pricing:" in body["error"]["message"]
+    assert fake.requests == []
+    priced, _ = await gateway(cfg + "pricing: {house-7b: {input: 0, output: 0}}\n")  # a self-hosted model: free, said so
+    assert (await priced.post("/v1/chat/completions", json=chat(model="house-7b"), headers=KEY)).status == 200
 
 
 class DownStore(MemoryStore):
