@@ -138,6 +138,7 @@ def serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) ->
 
 
 async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) -> None:
+    from gateway import offload
     from gateway.app import create_app
     from gateway.keys import RUNTIME
     from gateway.logs import use_scrubber
@@ -181,6 +182,7 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("shutting down: draining in-flight requests for up to %gs", config.server.shutdown_grace_s)
     await runner.cleanup()
+    offload.shutdown()
     log.info("stopped")
     sys.stdout.flush()
 

@@ -12,7 +12,10 @@ per gateway process (each ``--workers`` child starts its own).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
+import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,12 +36,23 @@ async def run(fn: Callable[..., T], body: bytes, *args: Any) -> T:
     global _pool
     if _pool is None:
         # spawn, not fork: the gateway process has threads (aiohttp's resolver, the pool's own)
-        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
         return await asyncio.get_running_loop().run_in_executor(_pool, fn, body, *args)
     except BrokenProcessPool:  # the helper died (killed, out of memory): a new one next time, this one inline
         _pool = None
         return fn(body, *args)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the helper: exit when the gateway process does, however it ends (a SIGKILL leaves no time to say so)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still ends it
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
 
 
 def shutdown() -> None:
