@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:9000 (path is kept)")
     a = ap.parse_args()
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # large bodies pass (bench/large_bodies.py)
     app["upstream"] = a.upstream.rstrip("/")
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/healthz", healthz)

@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--interval-ms", type=int, default=20)
     a = ap.parse_args()
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # bench/large_bodies.py sends 10 MB bodies
     app["cfg"] = {"chunks": a.chunks, "interval_ms": a.interval_ms}
     app["stats"] = dict.fromkeys(
         ("requests", "streams_started", "streams_completed", "streams_aborted",

@@ -89,7 +89,7 @@ class Exchange:
         # and the chunk the client did not ask for is dropped; (body, body with include_usage)
         self.usage_body: tuple[bytes, bytes | None] | None = None
         self.crossed: tuple[bytes, str, bytes | None] | None = None  # the body translated for another dialect
-        self.canonical: tuple[bytes, bytes] | None = None  # (body, its canonical JSON) for fingerprints and cache keys
+        self.canonical: tuple[bytes, bytes] | None = None  # (body, its canonical digest) for fingerprints and cache keys
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

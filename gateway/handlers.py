@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import __version__, catalog, encoding, envelope, envelope_llm, generate
+from gateway import __version__, catalog, encoding, envelope, envelope_llm, generate, offload
 from gateway.body import read_body
 from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
@@ -111,18 +111,23 @@ def _request_id(request: web.Request) -> str:
 _NO_PEEK = _Peek()
 
 
-def _peek_request(
+async def _peek_request(
     request: web.Request, headers: Any, body: bytes, *, json_by_default: bool, billed: str | None = None,
 ) -> tuple[_Peek, bool]:
     """What the body says, and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
     stream = _accepts_sse(request)
     if not body or hdrs.CONTENT_ENCODING in headers or not _is_json(request, by_default=json_by_default):
         return _NO_PEEK, stream  # an upload, or compressed in a coding the gateway does not read: never decoded
-    peek = _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
+    peek = await offload.run(peek_body, body, billed)  # (a large body: off the event loop)
     return peek, bool(peek.stream) or stream
 
 
-def _decoded(request: web.Request, body: bytes, rt: Runtime, *, json_by_default: bool) -> tuple[bytes, Any]:
+def peek_body(body: bytes, billed: str | None) -> _Peek:
+    """The fields the gateway routes and shapes by, read from a request body of the ``billed`` endpoint."""
+    return _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
+
+
+async def _decoded(request: web.Request, body: bytes, rt: Runtime, *, json_by_default: bool) -> tuple[bytes, Any]:
     """A compressed JSON body (``Content-Encoding: gzip``, …) decoded, so that routing, limits, budgets
     and caps read what the upstream will: the body then goes upstream decoded (bounded by max_body_mb).
     A coding the gateway does not read is left as it came (a policy that must read it refuses it)."""
@@ -131,7 +136,7 @@ def _decoded(request: web.Request, body: bytes, rt: Runtime, *, json_by_default:
     if coding is None or not body or not _is_json(request, by_default=json_by_default):
         return body, headers
     try:
-        body = encoding.decode(body, coding, rt.max_body)
+        body = await offload.run(encoding.decode, body, coding, rt.max_body)  # (a large body: off the event loop)
     except encoding.Unsupported:
         return body, headers
     except encoding.Corrupt:
@@ -214,8 +219,8 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str, tenan
     validate_header_values(request.headers)
     ep = endpoint(rel)
     dialect = ANTHROPIC if ep.path == "messages" or ep.path.startswith("messages/") else OPENAI
-    body, headers = _decoded(request, await _read_body(request, rt), rt, json_by_default=True)
-    peek, stream = _peek_request(request, headers, body, json_by_default=True, billed=ep.billed)
+    body, headers = await _decoded(request, await _read_body(request, rt), rt, json_by_default=True)
+    peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=ep.billed)
     target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
     return _shape(Exchange(
         request_id=request_id, method=request.method, route="v1", dialect=dialect, rel_path=rel, v1=True,
@@ -234,8 +239,8 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant
     validate_header_values(request.headers)
     body, headers = await _read_body(request, rt), request.headers
     if target.kind == "llm":
-        body, headers = _decoded(request, body, rt, json_by_default=False)
-        peek, stream = _peek_request(request, headers, body, json_by_default=False, billed=endpoint(rel).billed)
+        body, headers = await _decoded(request, body, rt, json_by_default=False)
+        peek, stream = await _peek_request(request, headers, body, json_by_default=False, billed=endpoint(rel).billed)
     else:
         peek, stream = _NO_PEEK, _accepts_sse(request)
     return _shape(Exchange(

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs
 
-from gateway import jsonbody
+from gateway import jsonbody, offload
 from gateway.errors import (
     BudgetExceeded,
     BudgetExhausted,
@@ -146,13 +146,13 @@ def _limit_field(billed: str, model: str | None) -> str | None:
     return fields[0] if fields else None
 
 
-def _read(ex: Exchange, billed: str, why: str) -> View:
+async def _read(ex: Exchange, billed: str, why: str) -> View:
     if hdrs.CONTENT_ENCODING in ex.headers:  # a coding the gateway could not decode when the request arrived
         raise UnsupportedMediaType(
             f"Content-Encoding {ex.headers[hdrs.CONTENT_ENCODING]!r} cannot be read, and {why} needs to read this "
             "request: send it uncompressed, or as gzip, deflate, br or zstd", target=ex.target.name)
     try:
-        return estimate.read(ex.body, billed)
+        return await offload.run(estimate.read, ex.body, billed)  # (a large body: off the event loop)
     except estimate.NotReadable:
         raise InvalidRequest(f"the request body must be a JSON object: {why} needs to read it",
                              target=ex.target.name) from None
@@ -253,7 +253,7 @@ def policy(rt: Runtime) -> Policy | None:
         ceiling = llm.max_tokens if llm is not None else None
         if soft is None and hard is None and ceiling is None and not metered:
             return await call_next(ex)
-        view = _read(ex, billed, f"tenant {ex.tenant!r}'s budget" if metered else f"target {target.name}'s caps")
+        view = await _read(ex, billed, f"tenant {ex.tenant!r}'s budget" if metered else f"target {target.name}'s caps")
         model = view.model or (llm.default_model if llm else None)
         if ex.model is None:  # (a body the router did not read): usage prices the answer by this name
             ex.model = model

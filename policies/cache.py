@@ -49,7 +49,7 @@ from gateway.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
 from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED, X_RELIAPI_COST
 from gateway.store import Store, StoreError
-from policies.idempotency import canonical_body
+from policies.idempotency import body_digest, digest_ready
 
 if TYPE_CHECKING:
     from gateway.config import CacheConfig
@@ -127,7 +127,7 @@ def cache_key(flights: Flights, ex: Exchange, keying: Keying) -> str:
         h.update(b"\0")
     if keying.vary:
         _values(h, headers, keying.vary)
-    h.update(canonical_body(ex, strict=False))
+    h.update(body_digest(ex, strict=False))
     return flights.key(_scope(ex, keying), ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
 
 
@@ -250,6 +250,7 @@ def policy(rt: Runtime) -> Policy | None:
         if ttl <= 0:
             return _mark(await call_next(ex), "BYPASS")
         keying = keyings[ex.target.name]
+        await digest_ready(ex)
         key = cache_key(flights, ex, keying)
         lead = None
         try:

@@ -27,6 +27,7 @@ Keys are ignored on GET/HEAD/OPTIONS. When the store is down the request gets a 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from typing import TYPE_CHECKING
@@ -116,31 +117,41 @@ async def request_key(ex: Exchange) -> str | None:
 CANONICAL_MAX_BYTES = 1 << 20  # a larger body is keyed by its exact bytes: its canonical form would hold the loop
 
 
-def canonical_body(ex: Exchange, *, strict: bool = True) -> bytes:
-    """JSON bodies as canonical JSON (sorted keys, no whitespace); anything else as sent.
-    ``strict``: a body that should be JSON (an LLM target's) and is not is a 400. A body over
-    ``CANONICAL_MAX_BYTES`` is taken as sent (a retry sends the same bytes)."""
-    if not ex.body:
-        return b""
-    json_body = ex.target.kind == "llm" or "json" in ex.headers.get("Content-Type", "")
-    if not json_body or len(ex.body) > CANONICAL_MAX_BYTES:
-        return ex.body
-    made = ex.canonical  # idempotency and the cache both key on it: made once per body
+def body_digest(ex: Exchange, *, strict: bool = True) -> bytes:
+    """SHA-256 of the body as canonical JSON (sorted keys, no whitespace), or as sent when it is not JSON;
+    made once per body (idempotency and the cache both key on it). ``strict``: a body that should be JSON
+    (an LLM target's) and is not is a 400. A body over ``CANONICAL_MAX_BYTES`` is hashed as sent (a retry
+    sends the same bytes) — off the event loop, by ``digest_ready``."""
+    made = ex.canonical
     if made is not None and made[0] is ex.body:
         return made[1]
-    try:
-        out = msgspec.json.encode(msgspec.json.decode(ex.body), order="sorted")
-    except RecursionError:  # nested past what can be read: keyed by its bytes as sent
-        out = ex.body
-    except msgspec.DecodeError:
-        if not strict:
-            return ex.body
-        raise InvalidRequest(
-            "request body is not valid JSON; a request with an idempotency key must have a JSON body on this path",
-            param="Idempotency-Key",
-        ) from None
-    ex.canonical = (ex.body, out)
-    return out
+    body = ex.body
+    json_body = ex.target.kind == "llm" or "json" in ex.headers.get("Content-Type", "")
+    if body and json_body and len(body) <= CANONICAL_MAX_BYTES:
+        try:
+            body = msgspec.json.encode(msgspec.json.decode(body), order="sorted")
+        except RecursionError:  # nested past what can be read: keyed by its bytes as sent
+            pass
+        except msgspec.DecodeError:
+            if strict:
+                raise InvalidRequest("request body is not valid JSON; a request with an idempotency key must have "
+                                     "a JSON body on this path", param="Idempotency-Key") from None
+            return hashlib.sha256(body).digest()
+    digest = hashlib.sha256(body).digest()
+    ex.canonical = (ex.body, digest)
+    return digest
+
+
+async def digest_ready(ex: Exchange) -> None:
+    """A large body hashed in a thread (hashlib lets go of the GIL): 10 MB would hold the loop ~20 ms."""
+    made = ex.canonical
+    if len(ex.body) > CANONICAL_MAX_BYTES and (made is None or made[0] is not ex.body):
+        body = ex.body
+        ex.canonical = (body, await asyncio.to_thread(_sha256, body))
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def fingerprint(ex: Exchange) -> str:
@@ -149,7 +160,7 @@ def fingerprint(ex: Exchange) -> str:
     for part in (ex.method, ex.target.name, ex.route, ex.rel_path, query, "stream" if ex.stream else ""):
         h.update(part.encode())
         h.update(b"\0")
-    h.update(canonical_body(ex))
+    h.update(body_digest(ex))
     return h.hexdigest()
 
 
@@ -177,6 +188,7 @@ def policy(rt: Runtime) -> Policy | None:
         key = await request_key(ex)
         if key is None:
             return await call_next(ex)
+        await digest_ready(ex)
         fp = fingerprint(ex)
         cfg = ex.target.config.idempotency
         store_key = flights.key(ex.tenant or "-", hashlib.sha256(key.encode()).hexdigest()[:40])
