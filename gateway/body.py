@@ -25,9 +25,14 @@ async def read_body(request: web.BaseRequest, max_bytes: int, idle_timeout_s: fl
     if not request.body_exists:
         return b""
     content = request.content
+    first = content.read_nowait()  # the usual case: the whole body is already here
+    if len(first) > max_bytes:
+        raise PayloadTooLarge(f"request body is larger than {max_mb_for_message:g} MB")
+    if content.at_eof():
+        return first
     content.set_read_chunk_size(max_bytes)  # fewer pause/resume rounds on large uploads (as request.read())
-    chunks: list[bytes] = []
-    size = 0
+    chunks: list[bytes] = [first] if first else []
+    size = len(first)
     while True:
         chunk = content.read_nowait()  # everything buffered so far; no timer
         if not chunk:

@@ -163,7 +163,7 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
         choice = (answer.choices or [{}])[0]
         text = (choice.get("message") or {}).get("content") or ""
         finish = choice.get("finish_reason")
-    usage = read_usage(body, ex.rel_path)
+    usage = read_usage(body, ex.endpoint.billed)
     meta = _meta(rt, ex, upstream, duration_ms)
     if meta["cost_usd"] is None and usage is not None:  # a cache hit or a replay: priced from its usage
         price = rt.prices.price(ex.model)

@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
-from providers.endpoints import endpoint
-
 if TYPE_CHECKING:
     from gateway.failures import Failure
     from gateway.targets import Target
@@ -64,7 +62,7 @@ class Exchange:
         self.route = route  # "v1" | "t" | … — the surface, for logs and metrics
         self.dialect = dialect
         self.rel_path = rel_path  # validated, still percent-encoded, below the surface prefix
-        self.endpoint = endpoint(target.base.path(rel_path, v1=v1))  # which endpoint the upstream sees, however spelled
+        self.endpoint = target.base.endpoint(rel_path, v1=v1)  # which endpoint the upstream sees, however spelled
         self.v1 = v1  # /v1/{path}: the target's base gets /v1 unless it already ends with it
         self.query = query  # raw query string, forwarded unchanged
         self.headers = headers  # client headers minus hop-by-hop, Host and gateway controls

@@ -105,7 +105,7 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Repl
     else:
         message = (answer.choices or [{}])[0].get("message") or {}
         text = message.get("content") or ""
-    usage = read_usage(body, ex.rel_path) or (0, 0, None)
+    usage = read_usage(body, ex.endpoint.billed) or (0, 0, None)
     prompt, completion = usage[0], usage[1]
     price = rt.prices.price(ex.model)
     cached = upstream.headers.get(X_CACHE) == "HIT" or upstream.headers.get(X_CACHED) == "true"

@@ -118,7 +118,10 @@ async def _peek_request(
     stream = _accepts_sse(request)
     if not body or hdrs.CONTENT_ENCODING in headers or not _is_json(request, by_default=json_by_default):
         return _NO_PEEK, stream  # an upload, or compressed in a coding the gateway does not read: never decoded
-    peek = await offload.run(peek_body, body, billed)  # (a large body: off the event loop)
+    if len(body) <= offload.INLINE_MAX_BYTES:
+        peek = _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
+    else:
+        peek = await offload.run(peek_body, body, billed)  # off the event loop
     return peek, bool(peek.stream) or stream
 
 
@@ -215,11 +218,14 @@ def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:
 async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str, tenant: str | None) -> Exchange:
     rel, query = _split_raw(request.raw_path, 4)  # after "/v1/"
     validate_path(rel)
-    validate_query(query)
-    validate_header_values(request.headers)
+    if query:
+        validate_query(query)
+    validate_header_values(request.headers, parsed=True)
     ep = endpoint(rel)
     dialect = ANTHROPIC if ep.path == "messages" or ep.path.startswith("messages/") else OPENAI
-    body, headers = await _decoded(request, await _read_body(request, rt), rt, json_by_default=True)
+    body, headers = await _read_body(request, rt), request.headers
+    if hdrs.CONTENT_ENCODING in headers:
+        body, headers = await _decoded(request, body, rt, json_by_default=True)
     peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=ep.billed)
     target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
     return _shape(Exchange(
@@ -235,11 +241,13 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant
     name, _, rel = rest.partition("/")
     target = rt.router.by_name(name)
     validate_path(rel)
-    validate_query(query)
-    validate_header_values(request.headers)
+    if query:
+        validate_query(query)
+    validate_header_values(request.headers, parsed=True)
     body, headers = await _read_body(request, rt), request.headers
     if target.kind == "llm":
-        body, headers = await _decoded(request, body, rt, json_by_default=False)
+        if hdrs.CONTENT_ENCODING in headers:
+            body, headers = await _decoded(request, body, rt, json_by_default=False)
         peek, stream = await _peek_request(request, headers, body, json_by_default=False, billed=endpoint(rel).billed)
     else:
         peek, stream = _NO_PEEK, _accepts_sse(request)

@@ -71,14 +71,15 @@ def _without(headers: CIMultiDictProxy[str], drop: tuple[istr, ...]) -> CIMultiD
 
 
 def upstream_request_headers(
-    headers: CIMultiDictProxy[str], *, drop_credentials: bool
+    headers: CIMultiDictProxy[str], *, drop_credentials: bool, identity: bool = False,
 ) -> CIMultiDict[str]:
-    """The client's headers as they may go upstream (credentials are added by the provider)."""
+    """The client's headers as they may go upstream (credentials are added by the provider).
+    ``identity``: ask for an uncompressed answer whatever the client accepts (the gateway reads it)."""
     out = _without(headers, _REQUEST_DROP_WITH_CREDENTIALS if drop_credentials else _REQUEST_DROP)
     control = [k for k in out if k[0] in "xX" and k[:10].lower() == _GATEWAY_PREFIX]
     for name in control:
         out.popall(name, None)
-    if hdrs.ACCEPT_ENCODING not in out:
+    if identity or hdrs.ACCEPT_ENCODING not in out:
         # aiohttp would ask for gzip on the client's behalf; bodies pass through undecoded, so a
         # client that did not ask for compression must not receive it
         out[hdrs.ACCEPT_ENCODING] = "identity"

@@ -21,6 +21,7 @@ from urllib.parse import unquote_to_bytes
 from multidict import CIMultiDictProxy
 
 from gateway.errors import InvalidRequest
+from providers.endpoints import Endpoint, endpoint
 
 # A plain segment: RFC 3986 pchar minus '@', with percent-escapes checked separately.
 _SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:%-]+")
@@ -119,10 +120,11 @@ def validate_query(query: str) -> str:
 _BAD_VALUE = re.compile(r"[^\t\x20-\x7e]")
 
 
-def validate_header_values(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> None:
-    """Raise InvalidRequest naming the first header whose value upstreams cannot read."""
+def validate_header_values(headers: Mapping[str, str] | CIMultiDictProxy[str], *, parsed: bool = False) -> None:
+    """Raise InvalidRequest naming the first header whose value upstreams cannot read. ``parsed``: headers
+    aiohttp's parser took, which holds no control character already (only obs-text is left to refuse)."""
     joined = "".join(headers.values())
-    if joined.isascii() and joined.isprintable():  # the usual case, two C-speed scans: 0x20-0x7E only
+    if joined.isascii() and (parsed or joined.isprintable()):  # the usual case: C-speed scans, 0x20-0x7E only
         return
     for name, value in headers.items():
         if _BAD_VALUE.search(value):
@@ -133,7 +135,7 @@ def validate_header_values(headers: Mapping[str, str] | CIMultiDictProxy[str]) -
 class UpstreamBase:
     """A target's base URL split once at startup; ``url(rel, query)`` joins a validated path."""
 
-    __slots__ = ("origin", "base_path", "_prefix", "_v1_prefix")
+    __slots__ = ("origin", "base_path", "_prefix", "_v1_prefix", "_endpoints")
 
     def __init__(self, base_url: str) -> None:
         m = re.fullmatch(r"(https?://[^/]+)(/.*)?", base_url.rstrip("/"))
@@ -144,10 +146,16 @@ class UpstreamBase:
         self._prefix = self.origin + self.base_path + "/"
         # /v1/{path}: a base that already ends in /v1 takes the rest; otherwise /v1 is kept.
         self._v1_prefix = self._prefix if self.base_path.endswith("/v1") else self._prefix + "v1/"
+        self._endpoints: dict[tuple[str, bool], Endpoint] = {}
 
-    def path(self, rel: str, *, v1: bool) -> str:
-        """The path the upstream sees for ``rel`` (no origin, no query): what its endpoint is read from."""
-        return (self._v1_prefix if v1 else self._prefix)[len(self.origin):] + rel
+    def endpoint(self, rel: str, *, v1: bool) -> Endpoint:
+        """The endpoint of the path the upstream sees for ``rel`` (made once per path)."""
+        found = self._endpoints.get((rel, v1))
+        if found is None:
+            found = endpoint((self._v1_prefix if v1 else self._prefix)[len(self.origin):] + rel)
+            if len(self._endpoints) < 4096:  # paths come from clients: bounded
+                self._endpoints[(rel, v1)] = found
+        return found
 
     def url(self, rel: str, query: str, *, v1: bool) -> str:
         url = (self._v1_prefix if v1 else self._prefix) + rel

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp.hdrs import ACCEPT_ENCODING, CONTENT_ENCODING
+from aiohttp.hdrs import CONTENT_ENCODING
 
 from gateway.crossing import Crossing, crossing
 from gateway.errors import GatewayError, UpstreamTimeout
@@ -130,11 +130,10 @@ def upstream_sender(rt: Runtime) -> Handler:
         target = ex.target
         ex.attempts += 1
         credential = target.credential
-        headers = upstream_request_headers(
+        headers = upstream_request_headers(  # the gateway reads LLM answers (usage, translation): uncompressed
             ex.headers, drop_credentials=credential.drops_client_credentials or tenant_keys,
+            identity=target.kind == "llm",
         )
-        if target.kind == "llm":  # the gateway reads LLM answers (usage, translation): never compressed
-            headers[ACCEPT_ENCODING] = "identity"
         key = ex.key
         if key is not None:
             headers[key.header] = key.value

@@ -26,6 +26,8 @@ from gateway.errors import Overloaded, StreamBroken, UpstreamTimeout, UpstreamUn
 from gateway.exchange import Reply
 from gateway.headers import client_response_headers, is_event_stream
 
+_STREAMED = ("text/event-stream", "application/x-ndjson")  # media types ignore case: "Text/Event-Stream" too
+
 # Complete responses larger than this are relayed as streams instead of buffered.
 MAX_BUFFERED_BYTES = 1 << 20
 
@@ -34,8 +36,8 @@ def is_streaming(resp: aiohttp.ClientResponse, method: str) -> bool:
     """Relay chunk by chunk (never buffer, never compress): SSE, ndjson, unknown or large length."""
     if method == "HEAD" or resp.status in (204, 304):
         return False
-    ctype = resp.headers.get(hdrs.CONTENT_TYPE, "").lower()
-    if ctype.startswith(("text/event-stream", "application/x-ndjson")):
+    ctype = resp.headers.get(hdrs.CONTENT_TYPE, "")
+    if ctype.startswith(_STREAMED) or (not ctype.islower() and ctype.lower().startswith(_STREAMED)):
         return True
     length = resp.headers.get(hdrs.CONTENT_LENGTH)
     return length is None or not length.isdigit() or int(length) > MAX_BUFFERED_BYTES

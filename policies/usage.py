@@ -51,14 +51,15 @@ class NotJSON(Exception):
     """A provider's complete answer that says it is JSON and is not."""
 
 
-def read_usage(body: bytes, rel_path: str = "chat/completions") -> tuple[int, int, str | None] | None:
-    """(prompt, completion, None) from a complete answer to a request for ``rel_path``, read
-    by the adapter of that path's dialect (a translated answer is read after it was
-    translated back); None without usage (the model is the one the client asked for:
-    ``Exchange.model``). Raises ``NotJSON`` for a body that does not parse."""
-    path = rel_path.rstrip("/")
-    reader = anthropic.read_usage if path.endswith("messages") else \
-        openai.read_responses_usage if path.endswith("responses") else openai.read_usage
+_READERS = {endpoints.MESSAGES: anthropic.read_usage, endpoints.RESPONSES: openai.read_responses_usage}
+
+
+def read_usage(body: bytes, billed: str | None = endpoints.CHAT) -> tuple[int, int, str | None] | None:
+    """(prompt, completion, None) from a complete answer to a request for the ``billed`` endpoint,
+    read by the adapter of its dialect (a translated answer is read after it was translated back);
+    None without usage (the model is the one the client asked for: ``Exchange.model``). Raises
+    ``NotJSON`` for a body that does not parse."""
+    reader = _READERS.get(billed, openai.read_usage)  # type: ignore[arg-type]
     try:
         found = reader(body)
     except msgspec.DecodeError:
@@ -124,7 +125,8 @@ def policy(rt: Runtime) -> Policy | None:
 
     def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> float | None:
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
-        prompt, completion = max(0, prompt), max(0, completion)  # an upstream reporting less than nothing
+        if prompt < 0 or completion < 0:  # an upstream reporting less than nothing
+            prompt, completion = max(0, prompt), max(0, completion)
         price = price_of(model)
         log = ex.log
         log["prompt_tokens"] = prompt
@@ -200,7 +202,7 @@ def policy(rt: Runtime) -> Policy | None:
         found = None
         if 200 <= reply.status < 300 and reply.body:
             try:
-                found = read_usage(reply.body, ex.endpoint.path)
+                found = read_usage(reply.body, ex.endpoint.billed)
             except NotJSON:
                 if reply.headers.get("Content-Type", "").startswith("application/json"):
                     unbilled(ex)  # logged once, by the access line (error_code upstream_error, its message)
