@@ -1,19 +1,25 @@
-"""Reading a request body: bounded in size (413) and in the client's silence (408).
+"""Reading a request body: bounded in size (413) and in the client's silence (408); decoded when compressed.
 
 A handler reads the whole body before anything goes upstream (``gateway.handlers``).
 A client that sends its headers and then trickles or stops sending the body would
 otherwise hold the connection and a handler for as long as it likes (slowloris on
 the body). Most bodies are already buffered when the handler starts: those are taken
 as they are, and a timer exists only while the gateway actually waits for bytes.
+
+A compressed JSON body (``Content-Encoding: gzip``, …) is decoded (``decoded``), so that routing,
+limits, budgets and caps read what the upstream will; it then goes upstream decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import PayloadTooLarge, RequestTimeout
+from gateway import encoding, offload
+from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 
 
 async def read_body(request: web.BaseRequest, max_bytes: int, idle_timeout_s: float, max_mb_for_message: float) -> bytes:
@@ -60,3 +66,32 @@ def _stalled(request: web.BaseRequest, idle_timeout_s: float) -> RequestTimeout:
     request.protocol.close()
     return RequestTimeout(f"the request body stalled: no bytes for {idle_timeout_s:g} s",
                           headers={"Connection": "close"})
+
+
+def is_json(request: web.BaseRequest, *, by_default: bool) -> bool:
+    """/v1 bodies are JSON unless they are uploads; elsewhere only when labelled JSON."""
+    ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
+    if by_default:
+        return not ctype.startswith(("multipart/", "application/octet-stream", "audio/"))
+    return "json" in ctype
+
+
+async def decoded(request: web.BaseRequest, body: bytes, max_bytes: int, *, json_by_default: bool) -> tuple[bytes, Any]:
+    """A compressed JSON body decoded (at most ``max_bytes`` of it), with the headers it now goes upstream
+    with. A coding the gateway does not read is left as it came (a policy that must read it refuses it)."""
+    headers = request.headers
+    coding = headers.get(hdrs.CONTENT_ENCODING)
+    if coding is None or not body or not is_json(request, by_default=json_by_default):
+        return body, headers
+    try:
+        body = await offload.run(encoding.decode, body, coding, max_bytes)  # (a large body: off the event loop)
+    except encoding.Unsupported:
+        return body, headers
+    except encoding.Corrupt:
+        raise InvalidRequest(f"the request body is not valid {coding} data (Content-Encoding)") from None
+    except encoding.TooLarge:
+        raise PayloadTooLarge(f"request body is larger than {max_bytes / (1 << 20):g} MB once decoded") from None
+    plain = CIMultiDict(headers)
+    del plain[hdrs.CONTENT_ENCODING]
+    plain.popall(hdrs.CONTENT_LENGTH, None)
+    return body, CIMultiDictProxy(plain)

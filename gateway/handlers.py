@@ -19,11 +19,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import __version__, catalog, encoding, envelope, envelope_llm, generate, offload
-from gateway.body import read_body
-from gateway.errors import GatewayError, InternalError, InvalidRequest, PayloadTooLarge, UnknownTarget
+from gateway import __version__, catalog, envelope, envelope_llm, generate, offload
+from gateway.body import decoded, is_json, read_body
+from gateway.errors import GatewayError, InternalError, InvalidRequest, UnknownTarget
 from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
 from gateway.keys import RUNTIME
@@ -116,7 +115,7 @@ async def _peek_request(
 ) -> tuple[_Peek, bool]:
     """What the body says, and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
     stream = _accepts_sse(request)
-    if not body or hdrs.CONTENT_ENCODING in headers or not _is_json(request, by_default=json_by_default):
+    if not body or hdrs.CONTENT_ENCODING in headers or not is_json(request, by_default=json_by_default):
         return _NO_PEEK, stream  # an upload, or compressed in a coding the gateway does not read: never decoded
     if len(body) <= offload.INLINE_MAX_BYTES:
         peek = _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
@@ -128,28 +127,6 @@ async def _peek_request(
 def peek_body(body: bytes, billed: str | None) -> _Peek:
     """The fields the gateway routes and shapes by, read from a request body of the ``billed`` endpoint."""
     return _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
-
-
-async def _decoded(request: web.Request, body: bytes, rt: Runtime, *, json_by_default: bool) -> tuple[bytes, Any]:
-    """A compressed JSON body (``Content-Encoding: gzip``, …) decoded, so that routing, limits, budgets
-    and caps read what the upstream will: the body then goes upstream decoded (bounded by max_body_mb).
-    A coding the gateway does not read is left as it came (a policy that must read it refuses it)."""
-    headers = request.headers
-    coding = headers.get(hdrs.CONTENT_ENCODING)
-    if coding is None or not body or not _is_json(request, by_default=json_by_default):
-        return body, headers
-    try:
-        body = await offload.run(encoding.decode, body, coding, rt.max_body)  # (a large body: off the event loop)
-    except encoding.Unsupported:
-        return body, headers
-    except encoding.Corrupt:
-        raise InvalidRequest(f"the request body is not valid {coding} data (Content-Encoding)") from None
-    except encoding.TooLarge:
-        raise PayloadTooLarge(f"request body is larger than {rt.config.server.max_body_mb:g} MB once decoded") from None
-    plain = CIMultiDict(headers)
-    del plain[hdrs.CONTENT_ENCODING]
-    plain.popall(hdrs.CONTENT_LENGTH, None)
-    return body, CIMultiDictProxy(plain)
 
 
 def _shape(ex: Exchange, peek: _Peek) -> Exchange:
@@ -185,14 +162,6 @@ def _accepts_sse(request: web.Request) -> bool:
     return "text/event-stream" in request.headers.get(hdrs.ACCEPT, "")
 
 
-def _is_json(request: web.Request, *, by_default: bool) -> bool:
-    """/v1 bodies are JSON unless they are uploads; elsewhere only when labelled JSON."""
-    ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
-    if by_default:
-        return not ctype.startswith(("multipart/", "application/octet-stream", "audio/"))
-    return "json" in ctype
-
-
 def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
     try:
         return decode(body)
@@ -225,7 +194,7 @@ async def _exchange_v1(request: web.Request, rt: Runtime, request_id: str, tenan
     dialect = ANTHROPIC if ep.path == "messages" or ep.path.startswith("messages/") else OPENAI
     body, headers = await _read_body(request, rt), request.headers
     if hdrs.CONTENT_ENCODING in headers:
-        body, headers = await _decoded(request, body, rt, json_by_default=True)
+        body, headers = await decoded(request, body, rt.max_body, json_by_default=True)
     peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=ep.billed)
     target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
     return _shape(Exchange(
@@ -247,7 +216,7 @@ async def _exchange_t(request: web.Request, rt: Runtime, request_id: str, tenant
     body, headers = await _read_body(request, rt), request.headers
     if target.kind == "llm":
         if hdrs.CONTENT_ENCODING in headers:
-            body, headers = await _decoded(request, body, rt, json_by_default=False)
+            body, headers = await decoded(request, body, rt.max_body, json_by_default=False)
         peek, stream = await _peek_request(request, headers, body, json_by_default=False, billed=endpoint(rel).billed)
     else:
         peek, stream = _NO_PEEK, _accepts_sse(request)

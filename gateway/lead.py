@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDict
 
@@ -18,7 +18,20 @@ from gateway.recording import Reader, Recording, headers_of
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
-    from gateway.flights import Flights
+    from gateway.store import Store
+
+
+class Flights(Protocol):
+    """What a leader needs of its ``gateway.flights.Flights``."""
+
+    store: Store
+    namespace: str
+    tasks: set[asyncio.Task[Any]]
+    local: dict[str, Lead]
+
+    def now(self) -> float: ...
+
+    def spawn(self, work: Awaitable[Any]) -> None: ...
 
 log = logging.getLogger("reliapi")
 
