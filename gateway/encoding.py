@@ -84,6 +84,25 @@ class Decoder:
         return data
 
 
+MAX_DECODED_ANSWER = 64 << 20
+
+
+def mark_decoded(headers: Any) -> None:
+    """The headers of a body now sent on decoded."""
+    del headers["Content-Encoding"]
+    headers.popall("Content-Length", None)
+
+
+def decode_answer(reply: Any) -> None:
+    """A complete answer the gateway must read (``Reply``), decoded — an LLM upstream that compresses
+    although the gateway asked for identity. One that cannot be decoded is left as it came."""
+    try:
+        reply.body = decode(reply.body or b"", reply.headers["Content-Encoding"], MAX_DECODED_ANSWER)
+    except (Unsupported, Corrupt, TooLarge):
+        return
+    mark_decoded(reply.headers)
+
+
 def decode(body: bytes, header: str, limit: int) -> bytes:
     """A whole coded body, decoded; raises ``Unsupported``, ``TooLarge`` or ``Corrupt``."""
     decoder = Decoder(header, limit)

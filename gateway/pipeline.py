@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp.hdrs import CONTENT_ENCODING
 
 from gateway.crossing import Crossing, crossing
+from gateway.encoding import decode_answer
 from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.events import UpstreamAnswered
 from gateway.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, upstream_request_headers
-from gateway.scrub import decode_answer, scrub_error, scrub_text_stream
+from gateway.scrub import scrub_error, scrub_text_stream
 from gateway.sse import Aligner
 from gateway.streams import read_head, strip_usage_chunks, watch
 from policies import (

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("reliapi")
 
 MAX_DECODED_ERROR = 16 << 20  # an error body decoded to be scrubbed: more than this is cut off (streams: aborted)
-MAX_DECODED_ANSWER = 64 << 20
 
 
 MIN_SECRET = 6  # shorter values are too likely to be ordinary text: not scrubbed (``--check`` warns)
@@ -141,29 +140,19 @@ def scrub_error(reply: Reply, scrub: Scrubber) -> None:
                 pass  # sent on as it came (its raw bytes scrubbed below: the best that can be done)
             except encoding.TooLarge:
                 body = b'{"error": {"message": "the upstream error answer was too large to show"}}'
-                _decoded(reply)
+                encoding.mark_decoded(reply.headers)
             else:
-                _decoded(reply)
+                encoding.mark_decoded(reply.headers)
         reply.body = scrub.bytes(body) if scrub.secrets else body
         return
     stages: list[Stage] = []
     if coding is not None and encoding.supported(coding):
         stages.append(_StreamDecode(coding))
-        _decoded(reply)
+        encoding.mark_decoded(reply.headers)
     if scrub.secrets:
         stages.append(scrub.feeder())
     if stages:
         _restream(reply, stages)
-
-
-def decode_answer(reply: Reply) -> None:
-    """A complete answer the gateway must read, decoded (an LLM upstream that compresses although the
-    gateway asked for identity). One that cannot be decoded is left as it came."""
-    try:
-        reply.body = encoding.decode(reply.body or b"", reply.headers[hdrs.CONTENT_ENCODING], MAX_DECODED_ANSWER)
-    except (encoding.Unsupported, encoding.Corrupt, encoding.TooLarge):
-        return
-    _decoded(reply)
 
 
 def scrub_text_stream(reply: Reply, scrub: Scrubber) -> None:
@@ -177,7 +166,7 @@ def scrub_text_stream(reply: Reply, scrub: Scrubber) -> None:
         if not encoding.supported(coding):
             return  # bytes the gateway cannot read; an SDK could not read an error out of them either
         stages.append(_StreamDecode(coding))
-        _decoded(reply)
+        encoding.mark_decoded(reply.headers)
     stages.append(scrub.feeder())
     _restream(reply, stages)
 
@@ -195,11 +184,6 @@ def _scrub_headers(reply: Reply, scrub: Scrubber) -> None:
             if clean != value:
                 headers.popall(name)
                 headers.add(name, clean)
-
-
-def _decoded(reply: Reply) -> None:
-    del reply.headers[hdrs.CONTENT_ENCODING]
-    reply.headers.popall(hdrs.CONTENT_LENGTH, None)
 
 
 def _restream(reply: Reply, stages: list[Stage]) -> None:
