@@ -13,6 +13,7 @@ limits, budgets and caps read what the upstream will; it then goes upstream deco
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -22,8 +23,12 @@ from gateway import encoding, offload
 from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 
 
-async def read_body(request: web.BaseRequest, max_bytes: int, idle_timeout_s: float, max_mb_for_message: float) -> bytes:
-    """The body, at most ``max_bytes``; ``idle_timeout_s``: the longest silence between its bytes."""
+async def read_body(
+    request: web.BaseRequest, max_bytes: int, idle_timeout_s: float, max_mb_for_message: float,
+    deadline_s: float = math.inf,
+) -> bytes:
+    """The body, at most ``max_bytes``; ``idle_timeout_s``: the longest silence between its bytes;
+    ``deadline_s``: how long all of it may take (a byte now and then cannot hold a connection for ever)."""
     # (Content-Length together with Transfer-Encoding never gets here: the HTTP parser rejects it.)
     length = request.content_length
     if length is not None and length > max_bytes:
@@ -39,16 +44,20 @@ async def read_body(request: web.BaseRequest, max_bytes: int, idle_timeout_s: fl
     content.set_read_chunk_size(max_bytes)  # fewer pause/resume rounds on large uploads (as request.read())
     chunks: list[bytes] = [first] if first else []
     size = len(first)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
     while True:
         chunk = content.read_nowait()  # everything buffered so far; no timer
         if not chunk:
             if content.at_eof():
                 break
+            left = deadline - loop.time()
             try:
-                async with asyncio.timeout(idle_timeout_s):
+                async with asyncio.timeout(min(idle_timeout_s, max(left, 0.0))):
                     chunk = await content.readany()
             except TimeoutError:
-                raise _stalled(request, idle_timeout_s) from None
+                raise _stalled(request, f"no bytes for {idle_timeout_s:g} s" if left > idle_timeout_s
+                               else f"not complete within {deadline_s:g} s") from None
             if not chunk:
                 break
         size += len(chunk)
@@ -58,14 +67,13 @@ async def read_body(request: web.BaseRequest, max_bytes: int, idle_timeout_s: fl
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _stalled(request: web.BaseRequest, idle_timeout_s: float) -> RequestTimeout:
+def _stalled(request: web.BaseRequest, why: str) -> RequestTimeout:
     """The 408 for a client that stopped sending its body; its connection ends after the answer."""
     # The rest of this body is never read: without EOF aiohttp would wait (linger) for it after the
     # answer, and the connection must not serve another request whose start is lost in this body.
     request.content.feed_eof()
     request.protocol.close()
-    return RequestTimeout(f"the request body stalled: no bytes for {idle_timeout_s:g} s",
-                          headers={"Connection": "close"})
+    return RequestTimeout(f"the request body stalled: {why}", headers={"Connection": "close"})
 
 
 def is_json(request: web.BaseRequest, *, by_default: bool) -> bool:

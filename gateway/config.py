@@ -61,6 +61,7 @@ class ServerConfig(_Base):
     # within this from accept; on a kept-alive connection from the first byte of the next request.
     # A partial head then gets 408 request_timeout and the connection is closed; a silent one is just closed.
     body_timeout_s: PositiveFloat = 30  # longest silence between request body bytes → 408, connection closed
+    body_deadline_s: PositiveFloat = 120  # the whole body must have arrived by then (a trickle can't hold on) → 408
     keepalive_timeout_s: PositiveFloat = 75  # an idle kept-alive connection is closed after this
     # open client connections per process; null = half of the open-file soft limit (ulimit -n) less 64 (each
     # client may need an upstream connection too), at least 16.

@@ -103,7 +103,7 @@ def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list
     Anthropic targets are translated into each other; an HTTP API is not) — such entries are skipped;
     an admin API without a key on an address other clients can reach (it answers none of them); and a
     key too short to be scrubbed."""
-    warnings: list[str] = _admin_warning(config, env) + _short_key_warnings(config, env)
+    warnings: list[str] = _admin_warning(config, env) + _short_key_warnings(config, env) + _unmetered_warnings(config)
     for name, t in config.targets.items():
         for i, fb in enumerate(t.fallback_targets):
             warnings.extend(_dialect_warning(config, name, fb.target, f"targets.{name}.fallback_targets[{i}]"))
@@ -137,6 +137,22 @@ def _short_key_warnings(config: Config, env: Mapping[str, str]) -> list[str]:
             found.append((f"provider_key_pools.{pool}.{key.id}", value))
     return [f"{where}: the key is shorter than {MIN_SECRET} characters, so it is not scrubbed from answers "
             "and logs (an upstream that quotes it back shows it)" for where, value in found if 0 < len(value) < MIN_SECRET]
+
+
+def _unmetered_warnings(config: Config) -> list[str]:
+    """A tenant with a spend budget that can reach a plain-HTTP target: what it spends there is not metered
+    (an LLM API configured without ``provider:`` is a plain-HTTP target to the gateway)."""
+    plain = [name for name, t in config.targets.items() if t.kind == "http"]
+    found = []
+    for i, tenant in enumerate(config.tenants):
+        if tenant.budget is None or (tenant.budget.daily_usd is None and tenant.budget.monthly_usd is None):
+            continue
+        reach = [n for n in plain if tenant.allowed_targets is None or n in tenant.allowed_targets]
+        if reach:
+            found.append(f"tenants[{i}] ({tenant.name}) has a spend budget and may call plain-HTTP target(s) "
+                         f"{', '.join(reach)}, where nothing is metered; limit it with allowed_targets, or give an "
+                         "LLM API its provider:")
+    return found
 
 
 def _admin_warning(config: Config, env: Mapping[str, str]) -> list[str]:

@@ -43,7 +43,8 @@ class Crossing:
         if made is not None and made[0] is ex.body and made[1] == self.to:
             return made[2]  # type: ignore[return-value]
         llm = target.config.llm
-        out, problem = await offload.run(translated, ex.body, self.to, llm.max_tokens if llm is not None else None)
+        out, problem = await offload.run(translated, ex.body, self.to, llm.max_tokens if llm is not None else None,
+                                         inline_max=offload.WHOLE_MAX_BYTES)
         if out is None:
             param, message = problem
             raise InvalidRequest(message.format(target=target.name), param=param, target=target.name)

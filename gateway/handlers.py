@@ -176,7 +176,8 @@ def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
 
 
 async def _read_body(request: web.Request, rt: Runtime) -> bytes:
-    return await read_body(request, rt.max_body, rt.config.server.body_timeout_s, rt.config.server.max_body_mb)
+    server = rt.config.server
+    return await read_body(request, rt.max_body, server.body_timeout_s, server.max_body_mb, server.body_deadline_s)
 
 
 def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:

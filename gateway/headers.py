@@ -45,6 +45,7 @@ _REQUEST_DROP_WITH_CREDENTIALS = _REQUEST_DROP + CREDENTIAL_HEADERS
 
 # The gateway's own control headers (X-ReliAPI-Target, …) stop here.
 _GATEWAY_PREFIX = "x-reliapi-"
+_OVERRIDES = frozenset(("x-http-method-override", "x-http-method", "x-method-override"))
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -71,15 +72,17 @@ def _without(headers: CIMultiDictProxy[str], drop: tuple[istr, ...]) -> CIMultiD
 
 
 def upstream_request_headers(
-    headers: CIMultiDictProxy[str], *, drop_credentials: bool, identity: bool = False,
+    headers: CIMultiDictProxy[str], *, drop_credentials: bool, llm: bool = False,
 ) -> CIMultiDict[str]:
-    """The client's headers as they may go upstream (credentials are added by the provider).
-    ``identity``: ask for an uncompressed answer whatever the client accepts (the gateway reads it)."""
+    """The client's headers as they may go upstream (credentials are added by the provider). ``llm``:
+    an LLM target, whose answers the gateway reads (asked for uncompressed) and whose calls it meters
+    by method (a method-override header would make a PUT a POST behind the gateway's back)."""
     out = _without(headers, _REQUEST_DROP_WITH_CREDENTIALS if drop_credentials else _REQUEST_DROP)
-    control = [k for k in out if k[0] in "xX" and k[:10].lower() == _GATEWAY_PREFIX]
+    control = [k for k in out if k[0] in "xX"
+               and (k[:10].lower() == _GATEWAY_PREFIX or (llm and k.lower() in _OVERRIDES))]
     for name in control:
         out.popall(name, None)
-    if identity or hdrs.ACCEPT_ENCODING not in out:
+    if llm or hdrs.ACCEPT_ENCODING not in out:
         # aiohttp would ask for gzip on the client's behalf; bodies pass through undecoded, so a
         # client that did not ask for compression must not receive it
         out[hdrs.ACCEPT_ENCODING] = "identity"

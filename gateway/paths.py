@@ -55,11 +55,12 @@ def validate_path(rel: str) -> str:
         if not _SEGMENT.fullmatch(seg):
             raise InvalidRequest("invalid path: segment contains a character that is not allowed", param="path")
         text = _decoded(seg) if "%" in seg else seg
-        if not text.strip(". "):  # '...', '.. ' (Windows drops trailing dots and spaces: '..')
-            raise InvalidRequest("invalid path: a segment of dots and spaces is not allowed", param="path")
         if ";" in text and text.partition(";")[0] in _DOT_SEGMENTS:
             raise InvalidRequest("invalid path: ';' parameters on a '.' or '..' segment are not allowed "
                                  "(an upstream that drops them sees '..')", param="path")
+        if "." in text and _disguised_dots(text):
+            raise InvalidRequest("invalid path: a segment that is dots once an upstream drops what follows or "
+                                 "surrounds them (';', '#', '?', ':', spaces, invisible characters)", param="path")
         if i == 0 and ":" in seg:
             raise InvalidRequest("invalid path: the first segment may not contain ':'", param="path")
     if len(_known_good) < 4096:  # LLM traffic reuses a handful of paths; the check runs once each
@@ -68,6 +69,19 @@ def validate_path(rel: str) -> str:
 
 
 _known_good: set[str] = set()
+
+
+_AFTER_DOTS = re.compile(r"[;#?:]")
+
+
+def _disguised_dots(text: str) -> bool:
+    """'...', '.. ', '..#x', '..::$DATA', '.\u200b.': dots (and nothing else) to a server that cuts a segment at
+    ';', '#', '?' or ':' (an NTFS stream), drops trailing dots and spaces (Windows), or ignores invisible
+    characters. A plain '.'-containing name ('v1.2', '.well-known') is not one."""
+    core = _AFTER_DOTS.split(text, 1)[0]
+    if not text.isascii():
+        core = "".join(ch for ch in core if unicodedata.category(ch) not in ("Cf", "Zs"))
+    return bool(core) and not core.strip(". ")
 
 
 def _decoded(seg: str) -> str:

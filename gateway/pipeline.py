@@ -133,7 +133,7 @@ def upstream_sender(rt: Runtime) -> Handler:
         credential = target.credential
         headers = upstream_request_headers(  # the gateway reads LLM answers (usage, translation): uncompressed
             ex.headers, drop_credentials=credential.drops_client_credentials or tenant_keys,
-            identity=target.kind == "llm",
+            llm=target.kind == "llm",
         )
         key = ex.key
         if key is not None:

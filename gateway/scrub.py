@@ -136,8 +136,11 @@ def scrub_error(reply: Reply, scrub: Scrubber) -> None:
         if coding is not None:
             try:
                 body = encoding.decode(body, coding, MAX_DECODED_ERROR)
-            except (encoding.Unsupported, encoding.Corrupt):
-                pass  # sent on as it came (its raw bytes scrubbed below: the best that can be done)
+            except (encoding.Unsupported, encoding.Corrupt) as e:
+                if scrub.secrets:  # bytes that cannot be read cannot be scrubbed — and a client may read part of them
+                    body = msgspec.json.encode({"error": {"message": f"the upstream error answer is not shown: its "
+                                                                     f"content coding ({coding}) is {type(e).__name__.lower()}"}})
+                    encoding.mark_decoded(reply.headers)
             except encoding.TooLarge:
                 body = b'{"error": {"message": "the upstream error answer was too large to show"}}'
                 encoding.mark_decoded(reply.headers)

@@ -77,6 +77,8 @@ LEGACY_COMPLETIONS_DEFAULT = 16  # OpenAI's documented default for /v1/completio
 # OpenAI's reasoning models refuse max_tokens: they take max_completion_tokens
 _REASONING = ("o1", "o3", "o4", "gpt-5")
 _UNBOUNDED = 1e18
+# Methods that never start a generation; any other (POST, PUT, PATCH, …) is read as one would be.
+_READ_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "DELETE"))
 
 log = logging.getLogger("reliapi")
 
@@ -86,18 +88,19 @@ class Settlement:
     was reserved, so the budget's counter cannot pass its limit. Whoever holds the request when its
     cost is known settles: the usage policy once it took the request (``owned``), else the budget."""
 
-    __slots__ = ("store", "keys", "ttls", "reserved", "done", "spawn", "owned")
+    __slots__ = ("store", "keys", "ttls", "reserved", "done", "spawn", "owned", "factor")
 
     def __init__(self, store: Any, keys: list[str], ttls: list[float], reserved: float, spawn: Any) -> None:
         self.store, self.keys, self.ttls, self.reserved, self.spawn = store, keys, ttls, reserved, spawn
         self.owned = False  # the usage policy has the request: it settles it, however it ends
+        self.factor = 1.0  # a price above the text rate the usage is counted at (priority, audio)
         self.done = False
 
     def settle(self, cost: float) -> None:
         if self.done:
             return
         self.done = True
-        cost = max(0.0, cost)  # an upstream reporting negative usage refills nothing
+        cost = max(0.0, cost) * self.factor  # an upstream reporting negative usage refills nothing
         if cost > self.reserved + 1e-12:
             log.warning("spend: an answer cost $%.8f, more than its reservation of $%.8f; the budget is charged "
                         "the reservation", cost, self.reserved)
@@ -152,7 +155,8 @@ async def _read(ex: Exchange, billed: str, why: str) -> View:
             f"Content-Encoding {ex.headers[hdrs.CONTENT_ENCODING]!r} cannot be read, and {why} needs to read this "
             "request: send it uncompressed, or as gzip, deflate, br or zstd", target=ex.target.name)
     try:
-        return await offload.run(estimate.read, ex.body, billed)  # (a large body: off the event loop)
+        # (a large body off the event loop; the reader falls back to decoding odd shapes whole)
+        return await offload.run(estimate.read, ex.body, billed, inline_max=offload.WHOLE_MAX_BYTES)
     except estimate.NotReadable:
         raise InvalidRequest(f"the request body must be a JSON object: {why} needs to read it",
                              target=ex.target.name) from None
@@ -186,7 +190,7 @@ def policy(rt: Runtime) -> Policy | None:
     spawn = rt.shared.spawn
     chains = Chains(rt)
 
-    async def spend(ex: Exchange, call_next: Handler, amount: float) -> Reply:
+    async def spend(ex: Exchange, call_next: Handler, amount: float, factor: float = 1.0) -> Reply:
         keys, limits, ttls, resets = windows(ex.tenant, budgets[ex.tenant], clock.time())  # type: ignore[arg-type,index]
         try:
             over = await store.reserve(keys, amount, limits, ttls)
@@ -206,6 +210,7 @@ def policy(rt: Runtime) -> Policy | None:
                 retry_after=max(1.0, reset - clock.time()), target=ex.target.name,
             )
         settlement = ex.settlement = Settlement(store, keys, ttls, amount, spawn)
+        settlement.factor = factor
         try:
             reply = await call_next(ex)
         except BaseException:
@@ -237,14 +242,14 @@ def policy(rt: Runtime) -> Policy | None:
 
     async def budget(ex: Exchange, call_next: Handler) -> Reply:
         target = ex.target
-        if target.kind != "llm" or ex.method != "POST":
+        if target.kind != "llm" or ex.method in _READ_METHODS:
             return await call_next(ex)
         metered = ex.tenant in budgets
         billed = ex.endpoint.billed
         if billed is None:
             if metered and not ex.endpoint.free:
                 raise Forbidden(
-                    f"POST /{ex.endpoint.path}: tenant {ex.tenant!r} has a spend budget, and this endpoint is not one "
+                    f"{ex.method} /{ex.endpoint.path}: tenant {ex.tenant!r} has a spend budget, and this endpoint is not one "
                     "whose cost the gateway can bound before it runs, so it is not allowed for this tenant",
                     target=target.name)
             return await call_next(ex)
@@ -266,7 +271,7 @@ def policy(rt: Runtime) -> Policy | None:
             ex.log["cost_estimate_usd"] = round(answer.estimate, 8)
         try:
             if metered:
-                reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0))
+                reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0), view.multiplier)
             else:
                 reply = await call_next(ex)
         except GatewayError as e:

@@ -114,7 +114,7 @@ async def request_key(ex: Exchange) -> str | None:
     return key
 
 
-CANONICAL_MAX_BYTES = 1 << 20  # a larger body is keyed by its exact bytes: its canonical form would hold the loop
+CANONICAL_MAX_BYTES = 256 << 10  # a larger body is keyed by its exact bytes: its canonical form would hold the loop
 
 
 def body_digest(ex: Exchange, *, strict: bool = True) -> bytes:

@@ -170,16 +170,18 @@ def policy(rt: Runtime) -> Policy | None:
             unbilled(ex)
             return
         reader = reply.reader
-        if completion is None:  # no usage report: count what was sent
+        if reader is None or not reader.usage_seen:  # no final usage report (cut, abandoned, not asked for)
             if reader is None:
                 unmeasured(ex)
                 return
-            text = reader.text
-            completion = math.ceil(len(text) / 4)
-            if ex.settlement is not None:  # the budget is charged the most it could have cost, not a guess
+            # What was sent, at a token per byte of the content relayed (text, tool arguments, refusals,
+            # thinking): a spend budget is charged that bound, not the running count of an Anthropic
+            # message_start. (Reasoning a model does not stream cannot be counted.)
+            if ex.settlement is not None:
                 price = price_of(ex.model)
                 if price is not None:
-                    ex.settlement.settle(price.cost(len(ex.body) + PROMPT_FRAMING, len(text.encode())))
+                    ex.settlement.settle(price.cost(len(ex.body) + PROMPT_FRAMING, reader.generated))
+            completion = max(completion or 0, math.ceil(len(reader.text) / 4))  # the usage row: an estimate
         if prompt is None:
             prompt = _prompt_estimate(ex)
         record(ex, prompt, completion, None)
@@ -193,7 +195,10 @@ def policy(rt: Runtime) -> Policy | None:
             ex.usage_body = (b"", None)  # computed per attempt (asking_usage)
         try:
             reply = await call_next(ex)
-        except BaseException:  # no answer (an error, or the client left before one): nothing billed
+        except asyncio.CancelledError:  # the client left before an answer: one sent upstream may still be billed
+            (unmeasured if ex.attempts else unbilled)(ex)
+            raise
+        except BaseException:  # no answer (an error): nothing billed
             unbilled(ex)
             raise
         if reply.chunks is not None:
@@ -317,7 +322,7 @@ async def asking_usage(ex: Exchange) -> bytes | None:
         out = body[:end] + b',"stream_options":{"include_usage":true}}'
         ex.usage_body = (body, out)
         return out
-    out = await offload.run(with_usage_asked, body)
+    out = await offload.run(with_usage_asked, body, inline_max=offload.WHOLE_MAX_BYTES)
     ex.usage_body = (body, out)
     return out
 

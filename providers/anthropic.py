@@ -11,6 +11,8 @@ may come at any time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from gateway.failures import Failure
@@ -101,6 +103,8 @@ class _Block(msgspec.Struct):
 class _Delta(msgspec.Struct):
     type: str | None = None
     text: str | None = None
+    partial_json: Any = None  # a tool call's input, streamed
+    thinking: Any = None
     stop_reason: str | None = None
 
 
@@ -151,8 +155,12 @@ class MessagesStream(StreamReader):
             d = ev.delta
             if d is not None and d.type == "text_delta" and d.text:
                 self.parts.append(d.text)
+                self.generated += len(d.text.encode())
             elif d is None or d.type != "text_delta":
                 self.recoverable = False  # tool input, thinking: not something a prefill can resume
+                for extra in (d.partial_json, d.thinking) if d is not None else ():
+                    if isinstance(extra, str):
+                        self.generated += len(extra.encode())
         elif kind == "content_block_start":
             self.open_block = self.last_block = ev.index
             if ev.content_block is None or ev.content_block.type != "text":

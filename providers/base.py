@@ -92,7 +92,7 @@ class StreamReader:
       so a stream that then ends without the marker can be finalised with ``terminator``;
     - ``settled``: finished and nothing else is expected (the usage chunk, if asked for);
     - ``error``: the upstream's own in-band error event (message), relayed as it came;
-    - ``prompt_tokens`` / ``completion_tokens``: usage as reported;
+    - ``prompt_tokens`` / ``completion_tokens``: usage as reported (``usage_seen``: the final report came);
     - ``parts`` / ``recoverable``: the text the client has received, and whether the
       stream is plain text a continuation could extend (no tools, one choice).
     """
@@ -112,6 +112,9 @@ class StreamReader:
         self.parts: list[str] = []
         self.recoverable = choices == 1
         self.malformed = 0  # events whose data could not be read (relayed anyway)
+        # bytes of generated content relayed (text, tool arguments, refusals, thinking): a token is at least
+        # one of them, so a stream cut before its usage report is charged this many output tokens at most
+        self.generated = 0
 
     @property
     def settled(self) -> bool:

@@ -7,6 +7,8 @@ Streams: ``data: {chat.completion.chunk}`` events, ended by ``data: [DONE]``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from gateway.failures import Failure
@@ -114,8 +116,11 @@ _NULL = msgspec.Raw(b"null")
 
 class _Delta(msgspec.Struct):
     content: str | None = None
-    tool_calls: msgspec.Raw = _ABSENT  # only whether there are any matters (Raw | None does not decode arrays)
+    tool_calls: msgspec.Raw = _ABSENT  # whether there are any, and their size (Raw | None does not decode arrays)
     function_call: msgspec.Raw = _ABSENT
+    refusal: Any = None
+    reasoning_content: Any = None  # vLLM, DeepSeek and others stream the reasoning here
+    reasoning: Any = None
 
 
 class _Choice(msgspec.Struct):
@@ -193,8 +198,13 @@ class ChatStream(StreamReader):
             if delta is not None:
                 if delta.content:
                     self.parts.append(delta.content)
+                    self.generated += len(delta.content.encode())
                 if (delta.tool_calls and delta.tool_calls != _NULL) or (delta.function_call and delta.function_call != _NULL):
                     self.recoverable = False
+                    self.generated += len(delta.tool_calls) + len(delta.function_call)
+                for extra in (delta.refusal, delta.reasoning_content, delta.reasoning):
+                    if isinstance(extra, str):
+                        self.generated += len(extra.encode())
             if c.finish_reason is not None:
                 self._finished.add(c.index)
                 self.finished = len(self._finished) >= self.choices

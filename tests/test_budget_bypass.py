@@ -51,6 +51,7 @@ class Metered:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict]] = []
+        self.headers: list[dict[str, str]] = []
         self.delay_s = 0.0
         self.usage_factor = 1  # > 1: an upstream that reports more than any request could cost
         self.report_usage = True
@@ -63,6 +64,7 @@ class Metered:
     async def answer(self, request: web.Request) -> web.Response:
         body = msgspec.json.decode(await request.read())
         self.requests.append((request.path, body))
+        self.headers.append(dict(request.headers))
         await asyncio.sleep(self.delay_s)
         prompt = sum(len(m["content"].encode()) for m in body.get("messages", []))
         if isinstance(body.get("input"), str):
@@ -330,3 +332,41 @@ async def test_negative_usage_from_an_upstream_refills_no_budget(metered, gatewa
     assert (await a.post("/v1/chat/completions", json=CHAT, headers=KEY)).status == 200
     await asyncio.sleep(0.1)
     assert await spent(stores[0]) == 0.0  # not below zero: nothing to spend twice
+
+
+async def test_priority_processing_is_settled_at_its_price_too(metered, gateway, on_redis):
+    stores = await on_redis()
+    (a, _), _ = [await gateway(config(metered.url, daily=1.0), store=s) for s in stores]
+    body = {**CHAT, "service_tier": "priority"}
+    assert (await a.post("/v1/chat/completions", json=body, headers=KEY)).status == 200
+    real = (len(CHAT["messages"][0]["content"]) * 0.15 + 100 * 0.60) / 1e6 * 2  # the usage, at twice the rate
+    assert await until_settled(stores[0], 1, real) == pytest.approx(real, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+async def test_another_method_or_a_method_override_does_not_skip_the_budget(metered, gateway, on_redis, method):
+    stores = await on_redis()
+    (a, _), _ = [await gateway(config(metered.url, daily=0.01), store=s) for s in stores]
+    await exhaust(stores[0], 0.01)
+    resp = await a.request(method, "/v1/chat/completions", json=CHAT,
+                           headers={**KEY, "X-HTTP-Method-Override": "POST"})
+    assert resp.status == 402 and metered.requests == []
+    await stores[0].set(spend_key(), b"0", 86400)
+    free = await a.post("/v1/chat/completions", json=CHAT, headers={**KEY, "X-HTTP-Method-Override": "PUT"})
+    assert free.status == 200
+    assert "X-HTTP-Method-Override" not in metered.headers[-1]  # no upstream reads a PUT as a POST behind the budget
+
+
+def test_a_budgeted_tenant_that_can_reach_a_plain_http_target_is_warned_about() -> None:
+    from gateway.config import config_warnings, parse_config
+
+    cfg = parse_config("""
+tenants:
+  - {name: metered, api_key: metered-key-1234, budget: {daily_usd: 1}}
+  - {name: fenced, api_key: fenced-key-12345, budget: {daily_usd: 1}, allowed_targets: [llm]}
+targets:
+  llm: {base_url: "https://api.openai.com/v1"}
+  groq: {base_url: "https://api.groq.com/openai/v1"}
+""")
+    warned = [w for w in config_warnings(cfg) if "spend budget" in w]
+    assert len(warned) == 1 and "(metered)" in warned[0] and "groq" in warned[0] and "provider:" in warned[0]

@@ -184,3 +184,74 @@ async def test_an_abandoned_stream_without_usage_is_charged_the_bound_of_what_wa
     sent = len(json.dumps(body).encode())  # (json.dumps escapes each character as \\uXXXX: 6 bytes)
     assert charged >= sent * 0.15 / 1e6  # at least the prompt's bytes at gpt-4o-mini's input price
     assert charged < (sent + 64 + 1000) * 0.15 / 1e6 + 100 * 0.60 / 1e6  # and a few tokens of text, not 500
+
+
+def claude_config(url: str) -> str:
+    return f"""
+server: {{default_target: claude}}
+tenants:
+  - name: acme
+    api_key: acme-key-123456
+    budget: {{daily_usd: 10}}
+targets:
+  claude:
+    base_url: {url}
+    provider: anthropic
+    models: ["claude-*"]
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+  up:
+    base_url: {url}/v1
+    provider: openai
+    models: ["gpt-*"]
+"""
+
+
+async def charged_after(store, client, logs) -> float:
+    """The day's spend once the request has been settled: its access line written and no task left
+    (the reservation is in the store from the start; the settlement replaces it)."""
+    await eventually(lambda: bool(logs))
+    await eventually(lambda: idle(client))
+    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    return float(await store.get(key) or 0)
+
+
+async def test_a_cut_anthropic_stream_is_charged_what_was_sent_not_message_starts_running_count(fake, gateway):
+    """message_start carries output_tokens: 1; a client that reads the answer and leaves before message_delta
+    must not pay for one token."""
+    store = MemoryStore()
+    client, logs = await gateway(claude_config(fake.url), store=store)
+    fake.plan(Fault(chunks=200, interval_ms=5))
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 4000, "stream": True,
+            "messages": [{"role": "user", "content": "a long one"}]}
+    resp = await client.post("/v1/messages", json=body, headers=ACME)
+    for _ in range(60):  # message_start, content_block_start and some 58 deltas ("tokN ")
+        await resp.content.readuntil(b"\n\n")
+    resp.close()
+    charged = await charged_after(store, client, logs)
+    at_least = (58 * len("tok0 ")) * 4.0 / 1e6  # the text it got, at a token per byte, haiku's output price
+    reserved = ((len(json.dumps(body)) + 64) * 0.80 + 4000 * 4.0) / 1e6
+    assert at_least <= charged < reserved / 2, charged
+
+
+async def test_a_cut_stream_of_tool_call_arguments_is_charged_them(fake, gateway):
+    store = MemoryStore()
+    client, logs = await gateway(config(fake.url, budget=True), store=store)
+    fake.plan(Fault(chunks=200, interval_ms=5, tool_calls=True))
+    resp = await client.post("/v1/chat/completions", json=STREAM, headers=ACME)
+    for _ in range(40):
+        await resp.content.readuntil(b"\n\n")
+    resp.close()
+    charged = await charged_after(store, client, logs)
+    prompt_only = (len(json.dumps(STREAM)) + 64) * 0.15 / 1e6
+    assert charged > prompt_only + 30 * 0.60 / 1e6  # the arguments streamed count as output
+
+
+async def test_a_complete_answer_abandoned_after_it_was_sent_upstream_is_charged_its_reservation(fake, gateway):
+    """The upstream may finish and bill it: what nobody can read is charged at the most it could cost."""
+    store = MemoryStore()
+    client, logs = await gateway(config(fake.url, budget=True), store=store)
+    fake.plan(Fault(hang=True))
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.post("/v1/chat/completions", json=CHAT, headers=ACME), 0.3)
+    reserved = ((len(json.dumps(CHAT)) + 4 + 3) * 0.15 + 500 * 0.60) / 1e6
+    assert await charged_after(store, client, logs) == pytest.approx(reserved, rel=1e-6)

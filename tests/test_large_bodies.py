@@ -3,7 +3,7 @@
 What stalled everyone else was decoding such a body into Python objects — half a million dicts
 and strings built, sorted and encoded again, in one piece of work the loop cannot interrupt —
 once per policy that read it. The policies now read bodies with typed decoders that skip what
-they do not need, change a field without decoding the rest, and key a body over 1 MiB by its
+they do not need, change a field without decoding the rest, and key a body over 256 KiB by its
 bytes. How long the loop is held is measured in ``bench/large_bodies.py`` (a test does not time
 the machine); what a test can tell deterministically is whether the body was decoded into
 objects at all: that costs many times the body's size in memory, and reading it does not.

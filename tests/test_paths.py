@@ -131,8 +131,15 @@ TRICKS = {
     "x/%25%35%63admin": "double-encoded",  # '\\' decoded twice
     "x/%c2%a5admin": "a Unicode look-alike of '.', '/' or",  # U+00A5 yen: '\\' in Japanese code pages
     "x/%e2%82%a9admin": "a Unicode look-alike of '.', '/' or",  # U+20A9 won: '\\' in Korean code pages
-    "..%20/admin": "dots and spaces",  # Windows drops the trailing space
-    ".../admin": "dots and spaces",
+    "..%20/admin": "a segment that is dots",  # Windows drops the trailing space
+    ".../admin": "a segment that is dots",
+    "a/..%23/b": "a segment that is dots",  # '..#': a fragment once decoded and re-parsed
+    "a/..%3f/b": "a segment that is dots",  # '..?': a query
+    "a/...;/b": "a segment that is dots",
+    "x/..::$DATA/b": "a segment that is dots",  # an NTFS stream name: '..'
+    "x/..%e2%80%8b/b": "a segment that is dots",  # a zero-width space
+    "x/.%ef%bb%bf./b": "a segment that is dots",  # a BOM between the dots
+    "x/.%c2%a0./b": "a segment that is dots",  # a no-break space
 }
 
 

@@ -219,3 +219,21 @@ def test_a_streamed_scrub_holds_back_only_what_could_start_a_secret() -> None:
     assert feed.feed(b"y") == b"sky"  # not a secret after all: released with the next chunk
     assert feed.feed(b"sk-abcdef12") == b""
     assert feed.end() == b"sk-abcdef12"  # the stream ended: what was held goes out as it came
+
+
+async def _corrupt_gzip_4xx(request: web.Request) -> web.Response:
+    packed = gzip.compress(b'{"error": {"message": "invalid key ' + _key(request) + b'"}}')
+    return web.Response(status=401, body=packed + b"trailing garbage",
+                        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+
+async def test_a_compressed_4xx_that_cannot_be_decoded_is_not_passed_on(aiohttp_server, gateway) -> None:
+    """Bytes the gateway cannot read it cannot scrub, and a lenient client decompressor reads the key out of them."""
+    app = web.Application()
+    app.router.add_get("/api/bad", _corrupt_gzip_4xx)
+    server = await aiohttp_server(app)
+    client, _ = await gateway(config(str(server.make_url("")).rstrip("/")), env=ENV)
+    resp = await client.get("/t/rest/bad", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    raw = await resp.read()
+    assert resp.status == 401 and "Content-Encoding" not in resp.headers
+    assert b"not shown" in raw and b"SECRET" not in raw

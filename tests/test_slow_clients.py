@@ -163,6 +163,29 @@ async def test_stalled_body_gets_408_in_the_clients_dialect(fake, gateway):
     writer.close()
 
 
+async def test_a_body_trickled_past_its_deadline_gets_408_whatever_its_gaps(fake, gateway):
+    """One byte every 0.1 s never trips body_timeout_s; body_deadline_s ends it all the same (a slot held
+    this way would lock every other client out under max_connections)."""
+    client, _ = await gateway(config(fake.url, body_timeout_s=0.4, body_deadline_s=0.5))
+    reader, writer = await connect(client)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(CHAT))
+
+    async def drip() -> None:
+        for byte in CHAT:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(drip())
+    try:
+        status, headers, body = await asyncio.wait_for(read_response(reader), HANG_S)
+    finally:
+        task.cancel()
+    assert status == 408 and "not complete within 0.5 s" in msgspec.json.decode(body)["error"]["message"]
+    assert fake.requests == []
+    writer.close()
+
+
 async def test_body_trickling_with_short_gaps_is_accepted(fake, gateway):
     client, _ = await gateway(config(fake.url, header_timeout_s=0.2, body_timeout_s=0.4))
     reader, writer = await connect(client)
