@@ -68,15 +68,19 @@ class Lead:
         self.tag: Callable[[list[tuple[str, str]]], str] | None = None  # the answer's headers → ``Entry.vary``
         self.private: frozenset[str] = frozenset()  # headers (lower case) only the leader's own client gets
         self._own_headers: Any = None
+        self._finish_alone = False  # the work goes on to its end (and is stored) when its client leaves
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
-        request_id: str | None = None,
+        request_id: str | None = None, finish_alone: bool = False,
     ) -> Reply:
         """Run ``work`` in its own task (shielded from this client's disconnect) and return
         the answer for this client; followers get the same. ``request_id``: the leading
-        request's, for the log line of a failure."""
+        request's, for the log line of a failure. ``finish_alone``: when the client leaves and
+        nobody follows, the work still runs to its end and its answer is stored (a request
+        with side effects: its retry must get the answer, not run it twice)."""
         self.request_id = request_id
+        self._finish_alone = finish_alone
         flights = self.flights
         flights.local[self.key] = self
         task = self._task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
@@ -130,7 +134,7 @@ class Lead:
 
     def _give_up_if_alone(self) -> None:
         """The leader's client is gone: cancel the work unless a follower still waits for it."""
-        if self._finished or self._checking or self._task is None or self._task.done():
+        if self._finish_alone or self._finished or self._checking or self._task is None or self._task.done():
             return
         if self._waiting or (self._rec is not None and self._rec.readers):
             return

@@ -21,6 +21,10 @@ the gateway's own rejections — the key is released so a retry with the same ke
 succeed. A holder that dies keeps the key for what is left of ``lock_ttl_s``: set it as
 long as ``ttl_s`` to never run twice after a crash (WHOP's lock-until-expiry).
 
+A client that leaves cancels its keyed LLM call (nobody else waiting), and the key is free
+again; a keyed plain-HTTP request runs to its end all the same and its answer is stored, so
+the retry gets it rather than a second execution.
+
 Keys are ignored on GET/HEAD/OPTIONS. When the store is down the request gets a 503
 ``store_unavailable`` (``store.fail_open: true`` lets it run without idempotency instead).
 """
@@ -238,6 +242,10 @@ def policy(rt: Runtime) -> Policy | None:
         return await lead.run(
             lambda: call_next(ex), storable=storable_with_5xx if cfg.store_5xx else storable, ttl_s=cfg.ttl_s,
             max_bytes=int(cfg.max_entry_mb * 1024 * 1024), request_id=ex.request_id,
+            # a plain-HTTP request changes something upstream: once sent, cancelling it would not undo
+            # that, only lose the answer its retry must replay. An LLM call is cancelled: nothing but
+            # its cost is lost, and that is what a client leaving saves.
+            finish_alone=ex.target.kind != "llm",
         )
 
     return idempotency

@@ -5,6 +5,8 @@ A cached or keyed request runs in a task of its own so that followers are never 
 leader's client. When nobody follows, that task must not outlive its client: the upstream stream
 is dropped, nothing is stored, the key is free for a retry, and a tenant is billed only for
 what was sent. Two gateways share one Redis where a follower on the other instance matters.
+A keyed plain-HTTP request is the exception: its side effect is not undone by cancelling it, so it
+runs to its end and its retry replays the answer.
 """
 
 from __future__ import annotations
@@ -255,3 +257,23 @@ async def test_a_complete_answer_abandoned_after_it_was_sent_upstream_is_charged
         await asyncio.wait_for(client.post("/v1/chat/completions", json=CHAT, headers=ACME), 0.3)
     reserved = ((len(json.dumps(CHAT)) + 4 + 3) * 0.15 + 500 * 0.60) / 1e6
     assert await charged_after(store, client, logs) == pytest.approx(reserved, rel=1e-6)
+
+
+async def test_a_keyed_plain_http_post_runs_to_its_end_when_its_client_leaves_and_the_retry_replays(fake, gateway):
+    """A payment sent upstream is not undone by cancelling it: the answer is kept for the retry, which
+    must not charge the card twice."""
+    client, _ = await gateway(f"""
+targets:
+  pay:
+    base_url: {fake.url}
+    retry_matrix: {{"5xx": {{attempts: 0}}}}
+""")
+    fake.plan(Fault(delay_ms=300))
+    headers = {"Idempotency-Key": "charge-42", "Content-Type": "application/json"}
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.post("/t/pay/charges", data=b'{"amount": 100}', headers=headers), 0.1)
+    await eventually(lambda: idle(client))
+    assert fake.disconnects == 0 and len(fake.requests) == 1
+    again = await client.post("/t/pay/charges", data=b'{"amount": 100}', headers=headers)
+    assert again.status == 200 and again.headers.get("Idempotent-Replayed") == "true"
+    assert len(fake.requests) == 1  # charged once
