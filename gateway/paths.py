@@ -30,10 +30,15 @@ _BAD_ESCAPE = re.compile(r"%(2[eEfF]|5[cC]|[01][0-9a-fA-F]|7[fF])")
 _ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 _DOUBLE_ESCAPE = re.compile(r"%25[0-9a-fA-F]{2}")  # '%252e' is '%2e' to a server that decodes twice
 _DOT_SEGMENTS = (".", "..")
-# Look-alikes that NFKC does not fold to '.', '/' or '\\' but some servers and browsers treat as
-# one: the ideographic full stops (U+FF61 and U+FE12 fold to U+3002) and the mathematical slashes.
-# U+00A5 and U+20A9 (yen, won) are '\\' in Japanese and Korean code pages, which Windows maps to.
-_LOOKALIKES = frozenset("\u3002\uff61\u2215\u2044\u29f8\u2216\u29f5\u29f9\u00a5\u20a9")
+# Look-alikes that NFKC does not fold to '/' or '\\' but some servers and browsers treat as one: refused
+# wherever they are (no text needs them).
+_SLASH_LIKES = frozenset("\u2215\u2044\u29f8\u2216\u29f5\u29f9")
+# What some upstreams read as '.' or '\\' though NFKC keeps them: the ideographic full stop (U+FF61 and
+# U+FE12 fold to it), and the yen and won signs ('\\' in Japanese and Korean code pages, which Windows
+# maps to). They are ordinary text ('こんにちは。', '¥100'), so they are refused only where they make a
+# dot segment ('。。', '..¥admin').
+_AS_READ = {"\u3002": ".", "\u00a5": "\\", "\u20a9": "\\"}
+_SEPARATORS = re.compile(r"[/\\]")
 
 
 def validate_path(rel: str) -> str:
@@ -101,18 +106,36 @@ def _decoded(seg: str) -> str:
         raise InvalidRequest("invalid path: double-encoded percent-escape (an escape that decodes to another)",
                              param="path")
     if not text.isascii():
-        for ch in text:
-            if ch.isascii():
-                continue
-            if unicodedata.category(ch) == "Cc":  # C1 controls (%c2%85 …), like %00-%1f
-                raise InvalidRequest("invalid path: encoded '.', '/', '\\' or control characters", param="path")
-            folded = unicodedata.normalize("NFKC", ch)
-            if any(c in "./\\" or c in _LOOKALIKES for c in folded):
-                raise InvalidRequest(f"invalid path: a Unicode look-alike of '.', '/' or '\\' (U+{ord(ch):04X})",
-                                     param="path")
-            if "%" in folded:  # U+FF05: folded, then decoded, '％２ｅ' is '.'
-                raise InvalidRequest(f"invalid path: a Unicode look-alike of '%' (U+{ord(ch):04X})", param="path")
+        _check_unicode(text)
     return text
+
+
+def _check_unicode(text: str) -> None:
+    """Refuse what a folding upstream reads as '/', '\\', '%' or a dot segment; accept other text."""
+    read = []  # the segment as an upstream that folds it reads it
+    odd = None  # the first character read as something else
+    for ch in text:
+        if ch.isascii():
+            read.append(ch)
+            continue
+        if unicodedata.category(ch) == "Cc":  # C1 controls (%c2%85 …), like %00-%1f
+            raise InvalidRequest("invalid path: encoded '.', '/', '\\' or control characters", param="path")
+        folded = unicodedata.normalize("NFKC", ch)
+        if ch in _SLASH_LIKES or folded in ("/", "\\"):
+            raise InvalidRequest(f"invalid path: a Unicode look-alike of '.', '/' or '\\' (U+{ord(ch):04X})",
+                                 param="path")
+        if "%" in folded:  # U+FF05: folded, then decoded, '％２ｅ' is '.'
+            raise InvalidRequest(f"invalid path: a Unicode look-alike of '%' (U+{ord(ch):04X})", param="path")
+        folded = _AS_READ.get(folded, folded)
+        if odd is None and folded != ch:
+            odd = ch
+        read.append(folded)
+    if odd is None or ("." in text and _disguised_dots(text)):  # (the latter named by validate_path)
+        return
+    for piece in _SEPARATORS.split("".join(read)):
+        if "." in piece and (piece in _DOT_SEGMENTS or _disguised_dots(piece)):
+            raise InvalidRequest(f"invalid path: a Unicode look-alike of '.', '/' or '\\' (U+{ord(odd):04X}) makes "
+                                 "a '.' or '..' segment for an upstream that folds it", param="path")
 
 
 # What HTTP cannot carry in a request target as it is: controls, space, DEL, '#' (a fragment
@@ -129,21 +152,25 @@ def validate_query(query: str) -> str:
     return query
 
 
-# A header value HTTP carries as it is: printable ASCII and HTAB (RFC 9110 §5.5 minus obs-text,
-# which upstreams read as Latin-1, UTF-8 or not at all).
-_BAD_VALUE = re.compile(r"[^\t\x20-\x7e]")
+# A header value HTTP carries as it is: printable ASCII, HTAB, and non-ASCII text that is valid UTF-8
+# (RFC 9110 §5.5's obs-text: relayed as the same bytes). Refused: controls (C0, DEL, C1) and bytes that
+# are not UTF-8 (aiohttp reads them as lone surrogates, which no upstream would get as sent).
+_BAD_VALUE = re.compile("[^\t\x20-\x7e\u00a0-\ud7ff\ue000-\U0010ffff]")
 
 
 def validate_header_values(headers: Mapping[str, str] | CIMultiDictProxy[str], *, parsed: bool = False) -> None:
-    """Raise InvalidRequest naming the first header whose value upstreams cannot read. ``parsed``: headers
-    aiohttp's parser took, which holds no control character already (only obs-text is left to refuse)."""
+    """Raise InvalidRequest naming the first header whose value cannot be relayed as it came. ``parsed``:
+    headers aiohttp's parser took, which holds no C0 control already."""
     joined = "".join(headers.values())
     if joined.isascii() and (parsed or joined.isprintable()):  # the usual case: C-speed scans, 0x20-0x7E only
         return
+    if not _BAD_VALUE.search(joined):
+        return
     for name, value in headers.items():
         if _BAD_VALUE.search(value):
-            raise InvalidRequest(f"headers.{name[:64]}: only printable ASCII and tabs are allowed in a header value "
-                                 "(control and non-ASCII characters are not)", param=f"headers.{name[:64]}")
+            raise InvalidRequest(f"headers.{name[:64]}: a header value may hold printable text and tabs, as UTF-8; "
+                                 "control characters and bytes that are not UTF-8 are not allowed",
+                                 param=f"headers.{name[:64]}")
 
 
 class UpstreamBase:

@@ -61,7 +61,7 @@ from gateway.errors import (
 from gateway.events import BudgetEvent, StoreDegraded
 from gateway.store import StoreError
 from policies.fallback import Chains
-from providers import endpoints, estimate
+from providers import endpoints, estimate, openai
 from providers.estimate import OUTPUT_FIELDS, View
 
 if TYPE_CHECKING:
@@ -74,8 +74,6 @@ X_RELIAPI_MAX_TOKENS = "X-ReliAPI-Max-Tokens"
 MIN_MAX_TOKENS = 16
 DEFAULT_RESERVE_TOKENS = 4096  # the output limit written into a metered request that sets none
 LEGACY_COMPLETIONS_DEFAULT = 16  # OpenAI's documented default for /v1/completions
-# OpenAI's reasoning models refuse max_tokens: they take max_completion_tokens
-_REASONING = ("o1", "o3", "o4", "gpt-5")
 _UNBOUNDED = 1e18
 # Methods that never start a generation; any other (POST, PUT, PATCH, …) is read as one would be.
 _READ_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "DELETE"))
@@ -144,7 +142,7 @@ def _caps(rt: Runtime, ex: Exchange) -> tuple[float | None, float | None]:
 def _limit_field(billed: str, model: str | None) -> str | None:
     """The output-limit field to write into a request that has none (None: the endpoint has no output)."""
     fields = OUTPUT_FIELDS[billed]
-    if billed == endpoints.CHAT and not (model and model.split("/")[-1].startswith(_REASONING)):
+    if billed == endpoints.CHAT and not openai.hides_reasoning(model):  # reasoning models refuse max_tokens
         return "max_tokens"
     return fields[0] if fields else None
 
@@ -190,7 +188,8 @@ def policy(rt: Runtime) -> Policy | None:
     spawn = rt.shared.spawn
     chains = Chains(rt)
 
-    async def spend(ex: Exchange, call_next: Handler, amount: float, factor: float = 1.0) -> Reply:
+    async def spend(ex: Exchange, call_next: Handler, amount: float, factor: float, field: str | None) -> Reply:
+        """Reserve ``amount`` of the tenant's budget, run, and settle (``field``: the output limit it sets)."""
         keys, limits, ttls, resets = windows(ex.tenant, budgets[ex.tenant], clock.time())  # type: ignore[arg-type,index]
         try:
             over = await store.reserve(keys, amount, limits, ttls)
@@ -204,9 +203,22 @@ def policy(rt: Runtime) -> Policy | None:
         if over >= 0:
             window, reset = resets[over]
             events.emit(BudgetEvent(target=ex.target.name, rule="exhausted"))
+            limit = limits[over]
+            lower = f"a shorter prompt or a lower {field}" if field else "a shorter input"
+            if amount > limit:  # it would not fit an unspent budget either: waiting does not help
+                raise BudgetExhausted(
+                    f"this request may cost up to ${amount:.6f} (its prompt at a token per byte, and its output "
+                    f"limit), more than the whole {window} budget of ${limit:g} of tenant {ex.tenant!r}; send {lower}",
+                    param=field or None, target=ex.target.name)
+            try:
+                left = max(0.0, limit - float(await store.get(keys[over]) or 0))
+                have = f"has ${left:.6f} of its {window} budget of ${limit:g} left"
+            except (StoreError, ValueError):
+                have = f"has too little of its {window} budget of ${limit:g} left"
             at = datetime.fromtimestamp(reset, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
             raise BudgetExhausted(
-                f"tenant {ex.tenant!r} has used up its {window} budget of ${limits[over]:g}; it resets at {at}",
+                f"tenant {ex.tenant!r} {have}, and this request may cost up to ${amount:.6f} (its prompt at a "
+                f"token per byte, and its output limit): send {lower}, or wait until it resets at {at}",
                 retry_after=max(1.0, reset - clock.time()), target=ex.target.name,
             )
         settlement = ex.settlement = Settlement(store, keys, ttls, amount, spawn)
@@ -229,8 +241,8 @@ def policy(rt: Runtime) -> Policy | None:
             price = prices.price(model)
             if price is None:  # unmetered would be free of the budget: refused, not waved through
                 raise Forbidden(
-                    f"model {model or '(none given)'!r} on target {target.name} has no price, so tenant {ex.tenant!r}'s "
-                    "spend budget cannot be held to it; add it under pricing: (USD per 1M input/output tokens, "
+                    f"model {model or '(none given)'!r} on target {target.name} has no price, so the spend budget of "
+                    f"tenant {ex.tenant!r} cannot be held to it; add it under pricing: (USD per 1M input/output tokens, "
                     "0 for a model that costs nothing)", param="model", target=target.name)
             prompt = view.bound_prompt(len(ex.body), price)
             if target.name in chains.recovering:  # a continuation resends the prompt and the partial answer
@@ -258,7 +270,7 @@ def policy(rt: Runtime) -> Policy | None:
         ceiling = llm.max_tokens if llm is not None else None
         if soft is None and hard is None and ceiling is None and not metered:
             return await call_next(ex)
-        view = await _read(ex, billed, f"tenant {ex.tenant!r}'s budget" if metered else f"target {target.name}'s caps")
+        view = await _read(ex, billed, f"the budget of tenant {ex.tenant!r}" if metered else f"target {target.name}'s caps")
         model = view.model or (llm.default_model if llm else None)
         if ex.model is None:  # (a body the router did not read): usage prices the answer by this name
             ex.model = model
@@ -271,7 +283,8 @@ def policy(rt: Runtime) -> Policy | None:
             ex.log["cost_estimate_usd"] = round(answer.estimate, 8)
         try:
             if metered:
-                reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0), view.multiplier)
+                field = next(iter(view.limits), None) or _limit_field(billed, model)
+                reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0), view.multiplier, field)
             else:
                 reply = await call_next(ex)
         except GatewayError as e:

@@ -176,8 +176,10 @@ def policy(rt: Runtime) -> Policy | None:
                 return
             # What was sent, at a token per byte of the content relayed (text, tool arguments, refusals,
             # thinking): a spend budget is charged that bound, not the running count of an Anthropic
-            # message_start. (Reasoning a model does not stream cannot be counted.)
-            if ex.settlement is not None:
+            # message_start. Reasoning a model bills but does not stream cannot be counted: the reservation.
+            if ex.settlement is not None and openai.hides_reasoning(ex.model):
+                unmeasured(ex)
+            elif ex.settlement is not None:
                 price = price_of(ex.model)
                 if price is not None:
                     ex.settlement.settle(price.cost(len(ex.body) + PROMPT_FRAMING, reader.generated))

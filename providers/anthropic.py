@@ -22,7 +22,7 @@ from providers.base import LLMProvider, Splicer, StreamReader
 # name or the prefix of a family (``providers.pricing`` matches dated snapshots to it).
 PRICES: dict[str, tuple[float, float]] = {
     "claude-opus-4": (15.0, 75.0), "claude-opus-4-1": (15.0, 75.0), "claude-sonnet-4": (3.0, 15.0),
-    "claude-sonnet-4-5": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0),
+    "claude-sonnet-4-5": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0), "claude-opus-4-5": (5.0, 25.0),
     "claude-3-7-sonnet": (3.0, 15.0), "claude-3-5-sonnet": (3.0, 15.0), "claude-3-5-haiku": (0.80, 4.0),
     "claude-3-opus": (15.0, 75.0), "claude-3-sonnet": (3.0, 15.0), "claude-3-haiku": (0.25, 1.25),
 }

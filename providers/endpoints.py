@@ -13,8 +13,8 @@ up to a ``v1`` segment dropped) and says:
   ``completions`` (also ``engines/{e}/completions``), ``fim/completions``, ``messages``,
   ``complete``, ``responses``, ``embeddings``;
 - ``free``: an endpoint known to cost nothing per call (models, files, uploads, vector stores,
-  assistants and threads but their runs, ``messages/count_tokens``, ``responses/input_tokens``,
-  cancelling). A tenant with a spend budget may POST to billed and free endpoints only: every
+  assistants and threads but their runs, conversations, a stored chat completion's metadata
+  (``chat/completions/{id}``), ``messages/count_tokens``, ``responses/input_tokens``, cancelling). A tenant with a spend budget may POST to billed and free endpoints only: every
   other one — batches, images, audio, realtime, runs, ``responses/compact``, whatever a provider
   adds next — could cost what no reservation holds;
 - ``path``: the normalised path, for everything else that looks at it.
@@ -32,7 +32,7 @@ _EXACT = {CHAT: CHAT, COMPLETIONS: COMPLETIONS, FIM: FIM, MESSAGES: MESSAGES, CO
 # Paths that end like these bill like them (deployment- and engine-scoped spellings).
 _SUFFIXES = (("/chat/completions", CHAT), ("/embeddings", EMBEDDINGS), ("/completions", COMPLETIONS))
 # Known to cost nothing per call: by first segment (a run, wherever it is, is not free), by whole path.
-_FREE_FIRST = frozenset(("models", "files", "uploads", "vector_stores", "assistants", "threads"))
+_FREE_FIRST = frozenset(("models", "files", "uploads", "vector_stores", "assistants", "threads", "conversations"))
 _FREE_PATHS = frozenset(("messages/count_tokens", "responses/input_tokens"))
 _FREE_LAST = frozenset(("cancel",))
 
@@ -73,7 +73,8 @@ def _classify(path: str) -> Endpoint:
         billed = next((name for suffix, name in _SUFFIXES if path.endswith(suffix)), None)
     segments = path.split("/")
     free = billed is None and (path in _FREE_PATHS or segments[-1] in _FREE_LAST
-                               or (segments[0] in _FREE_FIRST and "runs" not in segments))
+                               or (segments[0] in _FREE_FIRST and "runs" not in segments)
+                               or (len(segments) == 3 and path.startswith("chat/completions/")))  # a stored one
     return Endpoint(path, billed, free)
 
 

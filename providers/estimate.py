@@ -7,7 +7,8 @@ Two numbers come out of a request:
 - the **bound**: the most the upstream can bill for it — what a tenant's spend budget
   reserves, so that recorded spend can never pass the budget. A prompt costs at most one
   token per byte of the body (every text, tool and inline file is in it, and a token is at
-  least one byte) plus ``Price.image_tokens`` per image, and never more than the model's
+  least one byte) plus ``Price.image_tokens`` per image (an inline image's own bytes are not
+  text: they are counted as that image, not once more as bytes), and never more than the model's
   context window — which is also the bound when the prompt is not in the body at all
   (``previous_response_id``, ``conversation``, a stored ``prompt``, files by id or URL,
   item references). The answer costs at most its output limit (``max_tokens``,
@@ -46,8 +47,8 @@ class NotReadable(Exception):
 class View:
     """What a request body says about its cost."""
 
-    __slots__ = ("model", "limits", "choices", "prompts", "chars", "messages", "images", "unbounded", "estimate",
-                 "multiplier")
+    __slots__ = ("model", "limits", "choices", "prompts", "chars", "messages", "images", "image_bytes", "unbounded",
+                 "estimate", "multiplier")
 
     def __init__(self) -> None:
         self.model: str | None = None
@@ -57,6 +58,7 @@ class View:
         self.chars = 0  # characters of text, for the estimate
         self.messages = 0
         self.images = 0
+        self.image_bytes = 0  # bytes of the body that are images (inline data, URLs), priced per image instead
         self.unbounded = False  # the prompt holds content the body does not
         self.estimate: int | None = None  # set by the generic reader
         self.multiplier = 1.0  # a price above the text rate: priority processing, audio tokens
@@ -70,8 +72,8 @@ class View:
     def bound_prompt(self, body_bytes: int, price: Price) -> int:
         if self.unbounded:
             return price.context
-        return min(price.context, body_bytes + self.messages * MESSAGE_OVERHEAD + REPLY_PRIMER
-                   + self.images * price.image_tokens)
+        return min(price.context, max(0, body_bytes - self.image_bytes) + self.messages * MESSAGE_OVERHEAD
+                   + REPLY_PRIMER + self.images * price.image_tokens)
 
 
 # ------------------------------------------------------------------ typed reading
@@ -85,6 +87,9 @@ class _Part(msgspec.Struct):
     text: Any = None
     content: str | list[_Part] | None = None  # Anthropic tool_result blocks nest content
     output: str | list[_Part] | None = None  # Responses tool outputs: text, or parts (images, files)
+    image_url: msgspec.Raw = _ABSENT  # an image's URL or inline data (OpenAI; a string on Responses)
+    source: msgspec.Raw = _ABSENT  # an Anthropic image's inline data or URL
+    image: msgspec.Raw = _ABSENT
 
 
 class _Message(msgspec.Struct):
@@ -209,6 +214,7 @@ def _content(view: View, content: Any) -> None:
         kind = part.type
         if kind in IMAGE_PARTS:
             view.images += 1
+            view.image_bytes += len(part.image_url) + len(part.source) + len(part.image)
         elif kind in UNBOUNDED_PARTS:
             view.unbounded = True
         if kind == "input_audio":
@@ -295,6 +301,18 @@ def _read_generic(body: bytes, billed: str) -> View:
     return view
 
 
+_IMAGE_FIELDS = ("image_url", "source", "image")
+
+
+def _json_size(value: Any) -> int:
+    """At most the bytes ``value`` took in the body (its strings' UTF-8; escapes only made it longer)."""
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, dict):
+        return sum(_json_size(v) for v in value.values())
+    return 0
+
+
 def _walk(view: View, node: Any, depth: int) -> None:
     if depth > 64:
         view.unbounded = True
@@ -303,6 +321,8 @@ def _walk(view: View, node: Any, depth: int) -> None:
         kind = node.get("type")
         if kind in IMAGE_PARTS:
             view.images += 1
+            for field in _IMAGE_FIELDS:
+                view.image_bytes += _json_size(node.get(field))
         elif kind in UNBOUNDED_PARTS:
             view.unbounded = True
         elif kind == "input_audio":

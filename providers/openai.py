@@ -26,16 +26,27 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-5.1": (1.25, 10.0), "gpt-5-pro": (15.0, 120.0), "gpt-5-chat-latest": (1.25, 10.0), "gpt-4.5-preview": (75.0, 150.0),
     "o3-deep-research": (10.0, 40.0), "o4-mini-deep-research": (2.0, 8.0), "codex-mini-latest": (1.50, 6.0),
     "computer-use-preview": (3.0, 12.0),
+    "gpt-5.2": (1.75, 14.0), "gpt-5.2-pro": (21.0, 168.0), "gpt-5-codex": (1.25, 10.0), "gpt-5.1-codex": (1.25, 10.0),
+    "gpt-5.1-codex-mini": (0.25, 2.0),
     "text-embedding-3-small": (0.02, 0.0), "text-embedding-3-large": (0.13, 0.0), "text-embedding-ada-002": (0.10, 0.0),
 }
 # Context windows (tokens a prompt can hold at most), by the same names: a spend reservation's bound
 # for a prompt the body does not hold (``previous_response_id``, files). Unlisted: ``pricing.DEFAULT_CONTEXT``.
 CONTEXT: dict[str, int] = {
-    "gpt-5": 400_000, "gpt-4.1": 1_047_576, "gpt-4o": 128_000, "chatgpt-4o-latest": 128_000,
+    "gpt-5": 400_000, "gpt-5.1": 400_000, "gpt-5.2": 400_000, "gpt-4.1": 1_047_576, "gpt-4o": 128_000, "chatgpt-4o-latest": 128_000,
     "gpt-4-turbo": 128_000, "gpt-4": 8_192, "gpt-3.5-turbo": 16_385, "o1": 200_000, "o1-mini": 128_000,
     "o3": 200_000, "o3-mini": 200_000, "o4-mini": 200_000, "text-embedding-3-small": 8_192,
     "text-embedding-3-large": 8_192, "text-embedding-ada-002": 8_192,
 }
+# OpenAI's reasoning models: they take max_completion_tokens (not max_tokens), and bill reasoning tokens
+# as output that a chat-completions stream never shows.
+REASONING = ("o1", "o3", "o4", "gpt-5")
+
+
+def hides_reasoning(model: str | None) -> bool:
+    return bool(model) and model.split("/")[-1].startswith(REASONING)  # type: ignore[union-attr]
+
+
 # The most one image can cost in prompt tokens, where it is more than ``pricing.IMAGE_TOKENS``: gpt-4o-mini
 # bills images at about 33× the tokens of gpt-4o (2,833 + 5,667 per tile, six tiles at most).
 IMAGE_TOKENS: dict[str, int] = {"gpt-4o-mini": 36_835}

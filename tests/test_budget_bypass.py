@@ -10,8 +10,10 @@ larger than the estimate, against a budget that fits ten — recorded spend stay
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
+import os
 import time
 
 import msgspec
@@ -66,7 +68,7 @@ class Metered:
         self.requests.append((request.path, body))
         self.headers.append(dict(request.headers))
         await asyncio.sleep(self.delay_s)
-        prompt = sum(len(m["content"].encode()) for m in body.get("messages", []))
+        prompt = sum(len(_text(m["content"]).encode()) for m in body.get("messages", []))
         if isinstance(body.get("input"), str):
             prompt += len(body["input"].encode())
         output = int(float(body.get("max_tokens") or body.get("max_output_tokens") or 0)) * int(float(body.get("n") or 1))
@@ -78,6 +80,10 @@ class Metered:
         if self.report_usage:
             answer["usage"] = usage
         return web.json_response(answer)
+
+
+def _text(content: str | list) -> str:
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 @pytest.fixture
@@ -178,13 +184,16 @@ async def test_an_endpoint_the_budget_cannot_bound_is_forbidden_for_a_budgeted_t
     """Fail closed: only endpoints the gateway meters, or knows to be free, are open to a budgeted tenant."""
     client, _ = await gateway(config(metered.url, daily=1.0))
     for path in ("/v1/images/generations", "/v1/batches", "/v1/audio/speech", "/v1/messages/batches",
-                 "/v1/responses/compact", "/v1/conversations", "/v1/threads/t1/runs", "/v1/some/new/endpoint"):
+                 "/v1/responses/compact", "/v1/threads/t1/runs", "/v1/conversations/c1/runs",
+                 "/v1/chat/completions/x/y", "/v1/some/new/endpoint"):
         resp = await client.post(path, json={"model": "gpt-4o-mini", "prompt": "a cat"}, headers=KEY)
         assert resp.status == 403, path
         assert "not one whose cost the gateway can bound" in (await resp.json())["error"]["message"]
-    free = await client.post("/v1/vector_stores", json={"name": "docs"}, headers=KEY)
-    assert free.status == 200  # costs nothing per call: not the budget's business
-    assert [p for p, _ in metered.requests] == ["/v1/vector_stores"]
+    free = ["/v1/vector_stores", "/v1/conversations", "/v1/chat/completions/chatcmpl-1"]  # a stored one's metadata
+    for path in free:
+        resp = await client.post(path, json={"name": "docs"}, headers=KEY)
+        assert resp.status == 200, path  # costs nothing per call: not the budget's business
+    assert [p for p, _ in metered.requests] == free
 
 
 async def test_a_request_without_an_output_limit_gets_one_written_into_it(metered, gateway):
@@ -314,6 +323,39 @@ async def test_an_image_in_a_tool_output_and_a_server_side_tool_are_reserved(met
     assert (await client.post("/v1/responses", json=plain, headers=KEY)).status == 200
     assert (await client.post("/v1/responses", json=image, headers=KEY)).status == 402
     assert (await client.post("/v1/responses", json=search, headers=KEY)).status == 402
+    assert len(metered.requests) == 1
+
+
+@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
+async def test_an_inline_image_is_reserved_as_an_image_not_once_more_as_text(metered, gateway, dialect):
+    """A 300 KB base64 photo is one image (at most 6,000 tokens), not 300,000 tokens of text: a budget
+    that fits the image and the text is not refused for the photo's bytes."""
+    data = base64.b64encode(os.urandom(225_000)).decode()
+    if dialect == "chat":
+        path, model = "/v1/chat/completions", "gpt-4o"
+        content = [{"type": "text", "text": "what is this?"},
+                   {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}", "detail": "high"}}]
+        body = {"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": content}]}
+    elif dialect == "messages":
+        path, model = "/v1/messages", "claude-3-5-haiku-latest"
+        content = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+                   {"type": "text", "text": "what is this?"}]
+        body = {"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": content}]}
+    else:
+        path, model = "/v1/responses", "gpt-4o"
+        body = {"model": model, "max_output_tokens": 100, "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "what is this?"},
+            {"type": "input_image", "image_url": f"data:image/png;base64,{data}"}]}]}
+    price_in, price_out = (0.80, 4.0) if dialect == "messages" else (2.50, 10.0)
+    fits = ((1000 + 6000) * price_in + 100 * price_out) / 1e6  # the text and framing, one image, the answer
+    client, _ = await gateway(config(metered.url, daily=fits) + f"""
+  claude:
+    base_url: {metered.url}
+    provider: anthropic
+    models: ["claude-*"]
+""")
+    resp = await client.post(path, json=body, headers={**KEY, "anthropic-version": "2023-06-01"})
+    assert resp.status == 200, await resp.text()
     assert len(metered.requests) == 1
 
 

@@ -58,6 +58,10 @@ async def test_the_price_table_knows_snapshots_and_aliases_and_takes_overrides()
     assert table.price("openai/gpt-4.1-mini").input == pytest.approx(0.40 / 1e6)
     assert table.price("house-model").input == pytest.approx(3.0 / 1e6)
     assert table.price("gpt-4omni") is None and table.price("llama-3") is None and table.price(None) is None
+    # newer models priced at their own rates, not their family's (gpt-5.2 is not gpt-5; Opus 4.5 is a third of 4's)
+    assert table.price("gpt-5.2-2025-12-11").output == pytest.approx(14.0 / 1e6)
+    assert table.price("gpt-5.1-codex-mini").input == pytest.approx(0.25 / 1e6)
+    assert table.price("claude-opus-4-5-20251101").output == pytest.approx(25.0 / 1e6)
 
 
 def test_the_prompt_estimate_is_chars_over_four_plus_message_overhead() -> None:

@@ -277,3 +277,17 @@ targets:
     again = await client.post("/t/pay/charges", data=b'{"amount": 100}', headers=headers)
     assert again.status == 200 and again.headers.get("Idempotent-Replayed") == "true"
     assert len(fake.requests) == 1  # charged once
+
+
+async def test_a_cut_stream_of_a_model_that_hides_its_reasoning_is_charged_its_reservation(fake, gateway):
+    """gpt-5 and the o-series bill reasoning tokens a chat stream never shows: what was sent is no bound."""
+    store = MemoryStore()
+    client, logs = await gateway(config(fake.url, budget=True), store=store)
+    fake.plan(Fault(chunks=200, interval_ms=5))
+    body = {**STREAM, "model": "gpt-5-mini"}
+    resp = await client.post("/v1/chat/completions", json=body, headers=ACME)
+    for _ in range(10):
+        await resp.content.readuntil(b"\n\n")
+    resp.close()
+    reserved = ((len(json.dumps(body)) + 4 + 3) * 0.25 + 500 * 2.0) / 1e6
+    assert await charged_after(store, client, logs) == pytest.approx(reserved, rel=1e-6)

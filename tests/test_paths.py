@@ -118,7 +118,10 @@ TRICKS = {
     "%ef%b9%92%ef%b9%92/admin": "a Unicode look-alike of '.', '/' or",  # U+FE52 small full stop
     "%e2%80%a5/admin": "a Unicode look-alike of '.', '/' or",  # U+2025 two dot leader
     "%e2%80%a4%e2%80%a4/admin": "a Unicode look-alike of '.', '/' or",  # U+2024 one dot leader
-    "x%e2%80%a6": "a Unicode look-alike of '.', '/' or",  # U+2026 horizontal ellipsis
+    "%e2%80%a6/admin": "a Unicode look-alike of '.', '/' or",  # U+2026 horizontal ellipsis: '...'
+    "..%ef%bc%9b/admin": "a Unicode look-alike of '.', '/' or",  # '..；': U+FF1B folds to ';'
+    ".%e3%80%82/admin": "a Unicode look-alike of '.', '/' or",  # '.。'
+    "%e3%80%82%e3%80%82%c2%a5admin": "a Unicode look-alike of '.', '/' or",  # '。。¥admin': '..\\admin'
     "..%ef%bc%8fadmin": "a Unicode look-alike of '.', '/' or",  # U+FF0F fullwidth solidus
     "..%e2%88%95admin": "a Unicode look-alike of '.', '/' or",  # U+2215 division slash
     "..%e2%81%84admin": "a Unicode look-alike of '.', '/' or",  # U+2044 fraction slash
@@ -129,8 +132,8 @@ TRICKS = {
     "%25%32%65%25%32%65/%25%32%65%25%32%65/admin": "double-encoded",  # the escaped hex digits: '%2e' once decoded
     "%252%65%252%65/admin": "double-encoded",
     "x/%25%35%63admin": "double-encoded",  # '\\' decoded twice
-    "x/%c2%a5admin": "a Unicode look-alike of '.', '/' or",  # U+00A5 yen: '\\' in Japanese code pages
-    "x/%e2%82%a9admin": "a Unicode look-alike of '.', '/' or",  # U+20A9 won: '\\' in Korean code pages
+    "x/..%c2%a5admin": "a Unicode look-alike of '.', '/' or",  # U+00A5 yen: '\\' in Japanese code pages
+    "x/..%e2%82%a9admin": "a Unicode look-alike of '.', '/' or",  # U+20A9 won: '\\' in Korean code pages
     "..%20/admin": "a segment that is dots",  # Windows drops the trailing space
     ".../admin": "a segment that is dots",
     "a/..%23/b": "a segment that is dots",  # '..#': a fragment once decoded and re-parsed
@@ -152,7 +155,11 @@ def test_validate_path_names_each_normalisation_trick(rel, says):
 
 @pytest.mark.parametrize("rel", ["chat/completions", "v1/models/gpt-4o", "files/file-abc123/content",
                                  "users/caf%C3%A9", "users/%E4%B8%AD%E6%96%87", "a;b=c", "x/a;v=1.2",
-                                 "100%25", "x/%25zz", "x/a%3Bb", "models/gpt-4o%3Alatest"])
+                                 "100%25", "x/%25zz", "x/a%3Bb", "models/gpt-4o%3Alatest",
+                                 # ordinary text with characters that are look-alikes elsewhere
+                                 "notes/%E3%81%93%E3%82%93%E3%81%AB%E3%81%A1%E3%81%AF%E3%80%82",  # 'こんにちは。'
+                                 "prices/%C2%A5100", "x/%E2%82%A95000",  # '¥100', '₩5000'
+                                 "files/report%E3%80%82txt", "x/wait%E2%80%A6", "recipes/%C2%BD-cup"])
 def test_legitimate_paths_still_pass(rel):
     assert validate_path(rel) == rel
     assert validate_path(rel) == rel  # and again, from the cache of known-good paths
@@ -223,9 +230,10 @@ async def test_a_query_http_cannot_carry_never_leaves_the_gateway(fake, gateway,
     ("POST", "/v1/chat/completions", b'{"model": "gpt-4o-mini", "messages": []}'),
     ("GET", "/t/rest/x", b""),
 ])
-@pytest.mark.parametrize("value", [b"caf\xe9", b"caf\xc3\xa9", b"\xe4\xb8\xad", b"a\xe2\x80\xa8b"])
-async def test_obs_text_in_a_header_value_is_a_400_naming_the_header(fake, gateway, method, path, body, value):
-    """aiohttp lets bytes 0x80-0xFF through in header values; no upstream reads them one way."""
+@pytest.mark.parametrize("value", [b"caf\xe9", b"\xff\xfe", b"a\xc2\x85b", b"\xed\xa0\x80"])
+async def test_a_header_value_that_is_not_utf8_text_is_a_400_naming_the_header(fake, gateway, method, path, body, value):
+    """Latin-1 bytes, a C1 control, an encoded surrogate: aiohttp lets them through, but no upstream
+    would get them as they were sent."""
     client, _ = await gateway(llm_config(fake.url), env={})
     request = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode()
@@ -233,3 +241,17 @@ async def test_obs_text_in_a_header_value_is_a_400_naming_the_header(fake, gatew
     assert status == 400 and answer["error"]["code"] == "invalid_request", answer
     assert "headers.X-Title" in _message(answer) and headers["X-Request-Id"]
     assert fake.requests == []
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/chat/completions", b'{"model": "gpt-4o-mini", "messages": []}'),
+    ("GET", "/t/rest/x", b""),
+])
+@pytest.mark.parametrize("value", [b"caf\xc3\xa9", b"\xe4\xb8\xad\xe6\x96\x87", b"MyApp/1.0 (Jos\xc3\xa9)"])
+async def test_utf8_text_in_a_header_value_is_relayed_as_sent(fake, gateway, method, path, body, value):
+    client, _ = await gateway(llm_config(fake.url), env={})
+    request = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode()
+    status, _, answer = await _exchange(client, request + b"X-Title: " + value + b"\r\n\r\n" + body)
+    assert status == 200, answer
+    assert fake.requests[0].headers["X-Title"].encode("utf-8", "surrogateescape") == value

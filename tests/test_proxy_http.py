@@ -132,7 +132,7 @@ async def test_a_non_ascii_query_reaches_the_upstream_percent_encoded_as_utf8(fa
     ]
 
 
-@pytest.mark.parametrize("value", ["café", "\u2028", "\u4e2d", "\x85"])
+@pytest.mark.parametrize("value", ["\x85", "a\rb", "a\nX-Injected: 1", "\x00"])
 async def test_a_header_value_http_cannot_carry_is_a_400_naming_the_header(fake, gateway, value):
     client, _ = await gateway(config(fake.url))
     resp = await client.post("/proxy/http", headers=KEY, json={
@@ -141,6 +141,15 @@ async def test_a_header_value_http_cannot_carry_is_a_400_naming_the_header(fake,
     assert resp.status == 400 and body["error"]["code"] == "invalid_request", body
     assert "headers.X-Title" in body["error"]["message"] and body["meta"]["request_id"] == resp.headers["X-Request-Id"]
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("value", ["café", "\u4e2d\u6587", "MyApp/1.0 (José)"])
+async def test_utf8_text_in_a_header_value_is_relayed_as_utf8(fake, gateway, value):
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/proxy/http", headers=KEY, json={
+        "target": "my_api", "path": "/x", "headers": {"X-Title": value}})
+    assert resp.status == 200, await resp.text()
+    assert fake.requests[0].headers["X-Title"].encode("utf-8", "surrogateescape") == value.encode()
 
 
 async def test_a_streamed_2xx_answer_is_carried_whole_in_the_envelope(fake, gateway):

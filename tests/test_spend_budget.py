@@ -104,17 +104,36 @@ async def test_two_gateways_sharing_a_store_hold_one_budget(fake, gateway, backe
             await stores[1].close()
 
 
-async def test_an_exhausted_budget_is_402_with_the_reset_time(fake, gateway):
+async def test_an_exhausted_budget_is_402_with_what_is_left_and_the_reset_time(fake, gateway):
+    client, _ = await gateway(config(fake.url, daily=RESERVED * 1.5))
+    fake.script = lambda n, seen: Fault(hang=True)  # the first one holds its reservation
+    first = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(), headers=KEY))
+    while not fake.requests:
+        await asyncio.sleep(0.01)
+    resp = await client.post("/v1/chat/completions", json=chat(), headers=KEY)
+    body = await resp.json()
+    assert resp.status == 402 and body["error"]["code"] == "budget_exhausted"
+    message = body["error"]["message"]
+    assert f"has ${RESERVED * 0.5:.6f} of its daily budget" in message and f"up to ${RESERVED:.6f}" in message
+    assert "lower max_tokens" in message and message.rstrip("Z").endswith("T00:00:00")
+    assert 1 <= int(resp.headers["Retry-After"]) <= 86400
+    assert len(fake.requests) == 1
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    fake.script = None
+    free = await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer free-key-123456"})
+    assert free.status == 200  # a tenant without a budget is not metered
+
+
+async def test_a_request_that_can_never_fit_the_budget_says_so_and_not_to_wait(fake, gateway):
     client, _ = await gateway(config(fake.url, daily=RESERVED * 0.5))
     resp = await client.post("/v1/chat/completions", json=chat(), headers=KEY)
     body = await resp.json()
     assert resp.status == 402 and body["error"]["code"] == "budget_exhausted"
-    assert "daily budget" in body["error"]["message"] and "resets at" in body["error"]["message"]
-    assert body["error"]["message"].rstrip("Z").endswith("T00:00:00")
-    assert 1 <= int(resp.headers["Retry-After"]) <= 86400
+    assert "more than the whole daily budget" in body["error"]["message"]
+    assert body["error"]["param"] == "max_tokens" and "Retry-After" not in resp.headers
     assert fake.requests == []
-    free = await client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer free-key-123456"})
-    assert free.status == 200  # a tenant without a budget is not metered
 
 
 async def test_failed_answers_are_not_charged(fake, gateway):
