@@ -30,7 +30,6 @@ from gateway.paths import validate_header_values, validate_path, validate_query
 from gateway.runtime import Runtime
 from gateway.store import StoreError
 from gateway.writer import StreamOutcome, complete_response, error_response, write_reply
-from policies.idempotency import keyed
 from policies.usage import summary as usage_summary
 from providers.endpoints import endpoint
 
@@ -282,7 +281,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             ex = await make_exchange(request, rt, request_id, tenant_name)
             inflight = ex.target.name
             rt.observatory.enter(inflight)
-            reply = await (rt.keyed_pipeline if keyed(ex) else rt.pipeline)(ex)
+            reply = await rt.flow(ex)
             if route == "generate":
                 reply = generate.reply(rt, ex, reply, (time.monotonic() - started) * 1000)
             elif route == "proxy":

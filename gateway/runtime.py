@@ -21,7 +21,9 @@ from gateway.config import Config
 from gateway.events import Events
 from gateway.logs import AccessLog
 from gateway.observe import Observatory
-from gateway.pipeline import Handler, build_pipeline
+from gateway.flow.build import build
+from gateway.flow.chain import Handler
+from gateway.flow.context import Context
 from gateway.scrub import Scrubber
 from gateway.shared import SharedState
 from gateway.store import Store, StoreError, open_store
@@ -30,10 +32,6 @@ from policies.tenants import Tenants
 from providers.pricing import PriceTable
 
 log = logging.getLogger("reliapi")
-
-
-async def _nothing() -> None:
-    return None
 
 
 class Runtime:
@@ -67,19 +65,22 @@ class Runtime:
         self.prices = PriceTable(config.pricing)
         self.catalog: list[dict[str, Any]] | None = None  # GET /v1/models, built on first use
         self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
-        self.closers: list[Callable[[], Awaitable[None]]] = []  # policies' own last writes (usage counts)
-        self.usage_book_flush: Callable[[], Awaitable[None]] = _nothing  # write the usage counts now (reports)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(_secrets(config, env, self.targets.values()))
         self.access_log = access_log or AccessLog(access_log_write)
         self.max_body = int(config.server.max_body_mb * 1024 * 1024)
         self.shared = SharedState(self.store)
-        # Per-target policy state, filled in by the policy factories (status page, admin API, tests).
-        self.circuits: dict[str, Any] = {}
-        self.key_pools: dict[str, Any] = {}
-        self.target_chains: dict[str, Handler] = {}  # each target's policies + upstream (build_pipeline)
-        self.keyed_pipeline: Handler  # requests with an idempotency key (set by build_pipeline)
-        self.pipeline: Handler = build_pipeline(self)
+        context = Context(
+            config=config, clock=self.clock, events=self.events, store=self.store, shared=self.shared,
+            background=self.background, prices=self.prices, tenants=self.tenants, targets=self.targets,
+        )
+        self.flow: Handler  # a parsed request's way through the policies to an upstream and back
+        self.flow, owned = build(context, self.scrub)
+        # What the policies own, for the admin API, metrics, the status page and shutdown.
+        self.circuits = owned.circuits
+        self.key_pools = owned.key_pools
+        self.closers: list[Callable[[], Awaitable[None]]] = owned.closers  # their last writes
+        self.usage_book_flush: Callable[[], Awaitable[None]] = owned.usage_flush  # the usage counts, now
 
     async def start(self) -> None:
         for target in self.targets.values():

@@ -2,5 +2,5 @@
 
 Each is ``async def __call__(ex, call_next) -> Reply`` over the gateway's own
 types (``gateway.exchange``); the order they run in is listed in one place,
-``gateway.pipeline``.
+``gateway.flow.build``.
 """

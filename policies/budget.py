@@ -66,8 +66,8 @@ from providers.estimate import OUTPUT_FIELDS, View
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange, Reply
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
     from providers.pricing import Price
 
 X_RELIAPI_MAX_TOKENS = "X-ReliAPI-Max-Tokens"
@@ -126,12 +126,12 @@ def windows(tenant: str, budget: Any, now: float) -> tuple[list[str], list[float
     return keys, limits, ttls, resets
 
 
-def _caps(rt: Runtime, ex: Exchange) -> tuple[float | None, float | None]:
+def _caps(ctx: Context, ex: Exchange) -> tuple[float | None, float | None]:
     llm = ex.target.config.llm
     soft = llm.soft_cost_cap_usd if llm else None
     hard = llm.hard_cost_cap_usd if llm else None
     if ex.tenant is not None:
-        own = rt.tenants.by_name[ex.tenant].config.budget_caps
+        own = ctx.tenants.by_name[ex.tenant].config.budget_caps
         caps = own.get(ex.target.name) or own.get("*")
         if caps is not None:
             soft = caps.soft_cost_cap_usd if caps.soft_cost_cap_usd is not None else soft
@@ -171,22 +171,22 @@ class _Answer:
         self.estimate: float | None = None
 
 
-def policy(rt: Runtime) -> Policy | None:
-    budgets = {t.name: t.budget for t in rt.config.tenants
+def policy(ctx: Context) -> Policy | None:
+    budgets = {t.name: t.budget for t in ctx.config.tenants
                if t.budget is not None and (t.budget.daily_usd is not None or t.budget.monthly_usd is not None)}
     capped = any(
         t.kind == "llm" and t.config.llm is not None and (
             t.config.llm.max_tokens or t.config.llm.soft_cost_cap_usd is not None
             or t.config.llm.hard_cost_cap_usd is not None)
-        for t in rt.targets.values()
-    ) or any(t.budget_caps for t in rt.config.tenants)
+        for t in ctx.targets.values()
+    ) or any(t.budget_caps for t in ctx.config.tenants)
     if not capped and not budgets:
         return None
-    prices = rt.prices
-    events = rt.events
-    store, clock, fail_open = rt.store, rt.clock, rt.config.store.fail_open
-    spawn = rt.shared.spawn
-    chains = Chains(rt)
+    prices = ctx.prices
+    events = ctx.events
+    store, clock, fail_open = ctx.store, ctx.clock, ctx.config.store.fail_open
+    spawn = ctx.shared.spawn
+    chains = Chains(ctx)
 
     async def spend(ex: Exchange, call_next: Handler, amount: float, factor: float, field: str | None) -> Reply:
         """Reserve ``amount`` of the tenant's budget, run, and settle (``field``: the output limit it sets)."""
@@ -265,7 +265,7 @@ def policy(rt: Runtime) -> Policy | None:
                     "whose cost the gateway can bound before it runs, so it is not allowed for this tenant",
                     target=target.name)
             return await call_next(ex)
-        soft, hard = _caps(rt, ex)
+        soft, hard = _caps(ctx, ex)
         llm = target.config.llm
         ceiling = llm.max_tokens if llm is not None else None
         if soft is None and hard is None and ceiling is None and not metered:

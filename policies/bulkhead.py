@@ -16,8 +16,8 @@ from gateway.events import BulkheadRejected
 from gateway.exchange import Exchange, Reply
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
     from gateway.targets import Target
 
 
@@ -32,11 +32,11 @@ class Bulkhead:
         self.active -= 1
 
 
-def policy(rt: Runtime, target: Target) -> Policy | None:
+def policy(ctx: Context, target: Target) -> Policy | None:
     limit = target.config.max_concurrency
     if limit is None:
         return None
-    name, events = target.name, rt.events
+    name, events = target.name, ctx.events
     slots = Bulkhead(limit)
 
     async def bulkhead(ex: Exchange, call_next: Handler) -> Reply:

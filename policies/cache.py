@@ -54,8 +54,8 @@ from policies.idempotency import body_digest, digest_ready
 if TYPE_CHECKING:
     from gateway.config import CacheConfig
     from gateway.exchange import Exchange, Reply
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
     from gateway.targets import Target
 
 log = logging.getLogger("reliapi")
@@ -210,14 +210,14 @@ def _scope(ex: Exchange, keying: Keying) -> str:
     return "c." + h.hexdigest()[:24]
 
 
-def policy(rt: Runtime) -> Policy | None:
-    if not any(t.config.cache is not None and t.config.cache.enabled for t in rt.targets.values()):
+def policy(ctx: Context) -> tuple[Policy, Flights] | None:
+    """The policy, and its flights (closed with the runtime); None when no target caches."""
+    if not any(t.config.cache is not None and t.config.cache.enabled for t in ctx.targets.values()):
         return None
-    flights = Flights(rt.store, "cache", rt.background, rt.clock.time)
-    rt.closers.append(flights.close)
-    keyings = {name: Keying(t) for name, t in rt.targets.items() if t.config.cache is not None}
-    tenants = rt.tenants.by_name
-    clock = rt.clock
+    flights = Flights(ctx.store, "cache", ctx.background, ctx.clock.time)
+    keyings = {name: Keying(t) for name, t in ctx.targets.items() if t.config.cache is not None}
+    tenants = ctx.tenants.by_name
+    clock = ctx.clock
     logged_at = [-_LOG_EVERY_S]
 
     def ttl_for(ex: Exchange, cfg: CacheConfig) -> float:
@@ -230,7 +230,7 @@ def policy(rt: Runtime) -> Policy | None:
                 return ttl
         return cfg.ttl_s
 
-    events = rt.events
+    events = ctx.events
 
     def degraded(ex: Exchange, e: StoreError) -> None:
         events.emit(StoreDegraded(target=ex.target.name, policy="cache", error=str(e)))
@@ -302,7 +302,7 @@ def policy(rt: Runtime) -> Policy | None:
         )
         return _mark(reply, "MISS")
 
-    return cache
+    return cache, flights
 
 
 def _mark(reply: Reply, status: str) -> Reply:

@@ -42,8 +42,8 @@ from gateway.shared import SharedState
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
     from gateway.targets import Target
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -258,11 +258,11 @@ class SharedCircuit:
             self._adopting = False
 
 
-def policy(rt: Runtime, target: Target) -> Policy:
+def policy(ctx: Context, target: Target) -> tuple[Policy, SharedCircuit]:
+    """The target's breaker, and its circuit (the runtime's, for the admin API, metrics and retries)."""
     cfg = target.config
     probe_ttl = max(target.timeout_s, target.ttft_timeout_s) + 5  # a probe holder that dies frees its slot
-    circuit = SharedCircuit(target.name, cfg.circuit, rt.clock, rt.events, rt.shared, probe_ttl)
-    rt.circuits[target.name] = circuit
+    circuit = SharedCircuit(target.name, cfg.circuit, ctx.clock, ctx.events, ctx.shared, probe_ttl)
     breaker = circuit.breaker
 
     async def circuit_breaker(ex: Exchange, call_next: Handler) -> Reply:
@@ -290,7 +290,7 @@ def policy(rt: Runtime, target: Target) -> Policy:
         breaker.record(failure is None or not failure.trips_breaker, probe)
         return reply
 
-    return circuit_breaker
+    return circuit_breaker, circuit
 
 
 def _stream_ended(breaker: Breaker, error: BaseException | None) -> None:

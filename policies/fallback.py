@@ -1,4 +1,8 @@
-"""Fallback chain (SPEC §5): when a target fails after its retries, or its circuit is open, try the next.
+"""The router at the end of the request chain, and the fallback chains it walks (SPEC §5).
+
+``router`` is the request chain's innermost step: it runs the chain of the target the exchange
+points at (that target's policies and the upstream call, ``gateway.flow.build``) and, when the
+target fails after its retries or its circuit is open, the next entry of its fallback chain.
 
 The chain is the target's ``fallback_targets`` — or, for a tenant with its own list for
 this target (or for every target, ``"*"``), the tenant's. Each entry is a target and
@@ -13,16 +17,15 @@ circuit, a full bulkhead) and an earlier target did answer, in which case the ea
 answer stands. ``X-ReliAPI-Fallback`` names the fallback target whose answer it is.
 
 A fallback entry's ``model`` (else the target's ``llm.default_model``) replaces the
-request's ``model``; requests are otherwise sent as the client wrote them, so a chain only
-holds targets that speak the primary's dialect: an entry of another dialect is skipped
-(``--check`` and the startup log say so) until the LLM layer brings translation. This is
-also where a broken stream is continued when its target has ``stream_recovery: continue``
-(``policies.stream_recovery``).
-"""
+request's ``model``. OpenAI-style and Anthropic targets stand in for each other (the request
+and its answer are translated, ``providers.crossing``); a plain-HTTP target and an LLM one
+cannot, so such an entry is skipped (``--check`` and the startup log say so). This is also
+where a broken stream is continued when its target has ``stream_recovery: continue``
+(``policies.stream_recovery``)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING
 
 from gateway import jsonbody
@@ -35,8 +38,8 @@ from gateway.headers import X_RELIAPI_FALLBACK
 from policies import stream_recovery
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler
+    from gateway.flow.context import Context
     from gateway.targets import Target
 
 Entry = tuple["Target", str | None]  # a target and the model to ask it for (None: the client's)
@@ -70,8 +73,8 @@ class _Outcome:
 class Chains:
     """Every target's fallback chain, and each tenant's own, worked out once per runtime."""
 
-    def __init__(self, rt: Runtime) -> None:
-        targets = rt.targets
+    def __init__(self, ctx: Context) -> None:
+        targets = ctx.targets
 
         def entries(raw: list, primary: Target) -> list[Entry]:
             # OpenAI and Anthropic targets stand in for each other (gateway.crossing translates); a plain-HTTP
@@ -83,7 +86,7 @@ class Chains:
         self.chains = {name: entries(t.config.fallback_targets, t) for name, t in targets.items()}
         # A tenant's chains by primary target; its "*" chain applies to every target.
         self.tenant_chains: dict[str, dict[str, list[Entry]]] = {}
-        for tenant in rt.config.tenants:
+        for tenant in ctx.config.tenants:
             if not tenant.fallback_targets:
                 continue
             every = tenant.fallback_targets.get("*")
@@ -114,21 +117,23 @@ class Chains:
         return out
 
 
-def policy(rt: Runtime) -> Policy | None:
-    targets = rt.targets
-    known = Chains(rt)
+def router(ctx: Context, target_chains: Mapping[str, Handler]) -> Handler:
+    """The last step of the request chain: runs the chain of the target the exchange points at
+    (its policies and the upstream call), and on a failure the next target of its fallback chain."""
+    targets = ctx.targets
+    known = Chains(ctx)
     fallback_on = {name: frozenset(t.config.fallback_on) for name, t in targets.items()}
     recovering = known.recovering
-    if not known.any:
-        return None  # no target has anywhere to fall back to: the pipeline calls the target's chain itself
-    events = rt.events
-    target_chains = rt.target_chains  # filled in before request policies are built
+    events = ctx.events
     chain_for = known.chain_for
 
     def run(ex: Exchange) -> Awaitable[Reply]:  # the chain of the target the exchange points at
         return target_chains[ex.target.name](ex)
 
-    async def fallback(ex: Exchange, call_next: Handler) -> Reply:
+    if not known.any:
+        return run  # no target has anywhere to fall back to
+
+    async def fallback(ex: Exchange) -> Reply:
         primary = ex.target
         chain = chain_for(ex, primary)
         if not chain and primary.name not in recovering:

@@ -48,8 +48,8 @@ from gateway.store import StoreError
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange, Reply
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
 
 log = logging.getLogger("reliapi")
 
@@ -180,14 +180,14 @@ def storable_with_5xx(reply: Reply) -> bool:
     return reply.status >= 500 or storable(reply)
 
 
-def policy(rt: Runtime) -> Policy | None:
-    flights = Flights(rt.store, "idem", rt.background, rt.clock.time)
-    rt.closers.append(flights.close)
-    fail_open = rt.config.store.fail_open
-    events = rt.events
+def policy(ctx: Context) -> tuple[Policy, Flights]:
+    """The policy, and its flights (closed with the runtime: their leaders finish first)."""
+    flights = Flights(ctx.store, "idem", ctx.background, ctx.clock.time)
+    fail_open = ctx.config.store.fail_open
+    events = ctx.events
 
     async def idempotency(ex: Exchange, call_next: Handler) -> Reply:
-        if ex.method in _SAFE_METHODS:
+        if not keyed(ex):  # (a safe method, or no key: most requests)
             return await call_next(ex)
         key = await request_key(ex)
         if key is None:
@@ -248,7 +248,7 @@ def policy(rt: Runtime) -> Policy | None:
             finish_alone=ex.target.kind != "llm",
         )
 
-    return idempotency
+    return idempotency, flights
 
 
 def _replayed(ex: Exchange, reply: Reply) -> Reply:

@@ -33,8 +33,8 @@ from gateway.store import StoreError
 from providers.auth import PoolKey
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
     from gateway.targets import Target
 
 DEFAULT_COOLDOWN_S = 1.0
@@ -170,13 +170,14 @@ class KeyPool:
             self._apply(health.key.fingerprint, record.until, record.disabled)
 
 
-def policy(rt: Runtime, target: Target) -> Policy | None:
+def policy(ctx: Context, target: Target) -> tuple[Policy, KeyPool] | None:
+    """The target's key picker, and its pool (the runtime's, for the admin API and metrics); None
+    for a single key without a QPS limit."""
     credential = target.credential
     if not credential.is_pool and not any(k.qps for k in credential.keys):
         return None
-    pool = KeyPool(target.name, credential.keys, rt.clock, rt.events, rt.shared)
-    rt.key_pools[target.name] = pool
-    events, name = rt.events, target.name
+    pool = KeyPool(target.name, credential.keys, ctx.clock, ctx.events, ctx.shared)
+    events, name = ctx.events, target.name
 
     async def key_pool(ex: Exchange, call_next: Handler) -> Reply:
         tried: set[str] = set()
@@ -206,4 +207,4 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
             await reply.aclose()
             events.emit(RetryScheduled(target=name, reason="key", attempt=ex.attempts + 1, delay_s=0.0))
 
-    return key_pool
+    return key_pool, pool

@@ -36,8 +36,8 @@ from gateway.store.memory import MemoryStore
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange, Reply
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
     from gateway.store import Store
 
 log = logging.getLogger("reliapi")
@@ -72,9 +72,9 @@ class Limits:
         self.policy_header = ", ".join(lim.policy_item() for lim in (requests, tokens) if lim is not None)
 
 
-def tenant_limits(rt: Runtime) -> dict[str, Limits]:
+def tenant_limits(ctx: Context) -> dict[str, Limits]:
     out = {}
-    for tenant in rt.config.tenants:
+    for tenant in ctx.config.tenants:
         rl = tenant.rate_limit
         if rl is None or (rl.rpm is None and rl.tpm is None):
             continue
@@ -89,15 +89,15 @@ def estimate_tokens(ex: Exchange) -> int:
     return len(ex.body) // 4 + (ex.max_tokens or 0)
 
 
-def policy(rt: Runtime) -> Policy | None:
-    server = rt.config.server
-    per_tenant = tenant_limits(rt) if rt.tenants.enabled else {}
+def policy(ctx: Context) -> Policy | None:
+    server = ctx.config.server
+    per_tenant = tenant_limits(ctx) if ctx.tenants.enabled else {}
     per_ip = Limits(Limit("default", server.rate_limit_per_ip_rpm, None), None) \
-        if not rt.tenants.enabled and server.rate_limit_per_ip_rpm else None
+        if not ctx.tenants.enabled and server.rate_limit_per_ip_rpm else None
     if not per_tenant and per_ip is None:
         return None
-    limiter = Limiter(rt.store, rt.config.store.rate_limit_on_error, rt.clock.time)
-    events = rt.events
+    limiter = Limiter(ctx.store, ctx.config.store.rate_limit_on_error, ctx.clock.time)
+    events = ctx.events
 
     async def rate_limit(ex: Exchange, call_next: Handler) -> Reply:
         if per_ip is not None:

@@ -43,9 +43,10 @@ from gateway.failures import Failure, failure_of
 from gateway.headers import IDEMPOTENCY_KEYS
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
     from gateway.targets import Target
+    from policies.circuit_breaker import SharedCircuit
 
 _NON_IDEMPOTENT = frozenset({"POST", "PATCH"})
 
@@ -76,15 +77,15 @@ class RetryBudget:
         return self.retrying < max(self.min_concurrent, self.active * self.percent / 100)
 
 
-def policy(rt: Runtime, target: Target) -> Policy | None:
+def policy(ctx: Context, target: Target, circuit: SharedCircuit | None = None) -> Policy | None:
+    """``circuit``: the target's own (when open, a due retry is not made: it would be refused)."""
     cfg = target.config
     rules: dict[str, RetryRule] = dict(cfg.retry_matrix)
     max_retries = max((r.attempts for r in rules.values()), default=0)
     total_s = cfg.total_timeout_ms / 1000 if cfg.total_timeout_ms else None
     if max_retries == 0 and total_s is None:
         return None
-    name, clock, events = target.name, rt.clock, rt.events
-    circuits = rt.circuits  # the target's breaker is built after this policy; read when a retry is due
+    name, clock, events = target.name, ctx.clock, ctx.events
     guard_unsafe = target.kind == "http" and not cfg.retry_non_idempotent
     budget = RetryBudget(cfg.retry_budget.percent, cfg.retry_budget.min_concurrent)
 
@@ -147,7 +148,6 @@ def policy(rt: Runtime, target: Target) -> Policy | None:
                     return _last(reply, error)  # the upstream wants longer than we may wait
                 if ex.deadline is not None and clock.monotonic() + wait >= ex.deadline:
                     return _last(reply, error)
-                circuit = circuits.get(name)
                 if circuit is not None and circuit.state == "open":
                     return _last(reply, error)  # opened by this failure or a concurrent one: a retry would be refused
                 if not retries:

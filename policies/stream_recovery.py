@@ -29,7 +29,7 @@ from gateway.sse import split_events
 from providers.base import Splicer, StreamReader
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler
+    from gateway.flow.chain import Handler
     from gateway.targets import Target
 
 Entry = tuple["Target", "str | None"]

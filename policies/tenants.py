@@ -34,8 +34,8 @@ from gateway.errors import Forbidden, GatewayError, Unauthorized
 if TYPE_CHECKING:
     from gateway.config import Config, TenantConfig
     from gateway.exchange import Exchange, Reply
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
 
 log = logging.getLogger("reliapi")
 
@@ -114,8 +114,8 @@ class Tenants:
         return tenant
 
 
-def policy(rt: Runtime) -> Policy | None:
-    tenants = rt.tenants
+def policy(ctx: Context) -> Policy | None:
+    tenants = ctx.tenants
     if not tenants.enabled:
         return None
     by_name = tenants.by_name

@@ -38,8 +38,8 @@ from providers import anthropic, endpoints, estimate, openai
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange, Reply
-    from gateway.pipeline import Handler, Policy
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler, Policy
+    from gateway.flow.context import Context
 
 log = logging.getLogger("reliapi")
 
@@ -111,15 +111,15 @@ def user_of(ex: Exchange) -> str | None:
     return ex.user
 
 
-def policy(rt: Runtime) -> Policy | None:
-    if not any(t.kind == "llm" for t in rt.targets.values()):
+def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
+    """The policy, and its book of counts (flushed for reports, closed with the runtime); None
+    without an LLM target."""
+    if not any(t.kind == "llm" for t in ctx.targets.values()):
         return None
-    prices = rt.prices
-    clock = rt.clock
-    book = UsageBook(rt.store, clock.time)
+    prices = ctx.prices
+    clock = ctx.clock
+    book = UsageBook(ctx.store, clock.time)
     live = book.live
-    rt.closers.append(book.close)
-    rt.usage_book_flush = book.flush
 
     price_of = prices.price
 
@@ -227,7 +227,7 @@ def policy(rt: Runtime) -> Policy | None:
                 reply.headers[X_RELIAPI_COST] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
         return reply
 
-    return usage
+    return usage, book
 
 
 _CHAT_PATHS = frozenset(("chat/completions", "completions"))

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from gateway import pipeline
+from gateway.flow import build
 from tests.circuits import NO_RETRY
 from tests.fakes import Fault
 
@@ -145,8 +145,8 @@ async def test_an_internal_error_is_logged_once_with_its_stack_and_request_id(fa
     async def buggy(ex, call_next):
         raise ZeroDivisionError("a bug in a policy")
 
-    real = pipeline.request_policies
-    monkeypatch.setattr(pipeline, "request_policies", lambda rt, keyed=False: [buggy, *real(rt, keyed=keyed)])
+    real = build.request_policies
+    monkeypatch.setattr(build, "request_policies", lambda ctx, owned: [buggy, *real(ctx, owned)])
     client, logs = await gateway(config(fake.url))
     resp = await client.post("/v1/chat/completions", json=chat(), headers={"X-Request-Id": "bug-report-7"})
     assert resp.status == 500
@@ -182,8 +182,8 @@ async def test_a_bug_after_the_first_byte_is_logged_once_and_ends_the_stream_in_
             reply.chunks = chunks()
         return reply
 
-    real = pipeline.request_policies
-    monkeypatch.setattr(pipeline, "request_policies", lambda rt, keyed=False: [buggy, *real(rt, keyed=keyed)])
+    real = build.request_policies
+    monkeypatch.setattr(build, "request_policies", lambda ctx, owned: [buggy, *real(ctx, owned)])
     client, logs = await gateway(config(fake.url))
     fake.plan(Fault(interval_ms=20))
     resp = await client.post("/v1/chat/completions", json=chat(stream=True), headers={"X-Request-Id": "bug-8"})
@@ -221,12 +221,12 @@ async def test_a_bug_under_a_shared_answer_is_logged_once_with_the_leaders_reque
                                                                                      monkeypatch):
     """An idempotent (or cached) request runs in a task of its own that followers share: its bug is still
     logged once, with the request id of the request that ran it."""
-    def buggy_sender(rt):
+    def buggy_sender(ctx, scrub):
         async def send(ex):
             raise ZeroDivisionError("a bug under a lead")
         return send
 
-    monkeypatch.setattr(pipeline, "upstream_sender", buggy_sender)
+    monkeypatch.setattr(build, "upstream_sender", buggy_sender)
     client, logs = await gateway(config(fake.url))
     resp = await client.post("/v1/chat/completions", json=chat(),
                              headers={"X-Request-Id": "lead-bug-3", "Idempotency-Key": "k-lead-bug-3"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from gateway import pipeline
+from gateway.flow import build, chain
 from gateway.errors import RateLimited
 from gateway.exchange import Reply
 from tests.conftest import llm_config
@@ -26,7 +26,7 @@ async def test_compose_runs_policies_outermost_first():
         order.append("upstream")
         return Reply(200, CIMultiDict(), body=b"ok")
 
-    handler = pipeline.compose([named("a"), named("b"), named("c")], innermost)
+    handler = chain.compose([named("a"), named("b"), named("c")], innermost)
     reply = await handler(object())
     assert reply.body == b"ok"
     assert order == ["a>", "b>", "c>", "upstream", "<c", "<b", "<a"]
@@ -47,8 +47,8 @@ async def test_policies_plug_into_the_real_app(fake, gateway, monkeypatch):
             raise RateLimited("slow down", retry_after=7)
         return await call_next(ex)
 
-    monkeypatch.setattr(pipeline, "request_policies", lambda rt, keyed=False: [tag_request, add_header])
-    monkeypatch.setattr(pipeline, "target_policies", lambda rt, target: [reject_secret])
+    monkeypatch.setattr(build, "request_policies", lambda ctx, owned: [tag_request, add_header])
+    monkeypatch.setattr(build, "target_policies", lambda ctx, target, owned: [reject_secret])
     client, logs = await gateway(llm_config(fake.url))
 
     resp = await client.get("/t/rest/ok")
@@ -66,7 +66,7 @@ async def test_internal_errors_never_leak_a_stack(fake, gateway, monkeypatch):
     async def boom(ex, call_next):
         raise ZeroDivisionError("secret internals")
 
-    monkeypatch.setattr(pipeline, "request_policies", lambda rt, keyed=False: [boom])
+    monkeypatch.setattr(build, "request_policies", lambda ctx, owned: [boom])
     client, logs = await gateway(llm_config(fake.url))
     resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []})
     assert resp.status == 500
@@ -74,3 +74,17 @@ async def test_internal_errors_never_leak_a_stack(fake, gateway, monkeypatch):
     assert "Traceback" not in text and "secret internals" not in text and "ZeroDivision" not in text
     assert (await resp.json())["error"]["code"] == "internal_error"
     assert resp.headers["X-Request-Id"] == logs[-1]["request_id"]
+
+
+async def test_every_request_policy_is_built_once_per_config(fake, gateway, monkeypatch):
+    """One chain for every request: a keyed one too (two chains meant two usage books, two local
+    rate-limit buckets, two cache flights)."""
+    from policies import cache, idempotency, rate_limit, usage
+
+    built: list[str] = []
+    for module in (cache, idempotency, rate_limit, usage):
+        real = module.policy
+        monkeypatch.setattr(module, "policy", lambda ctx, _real=real, _name=module.__name__: (
+            built.append(_name), _real(ctx))[1])
+    await gateway(llm_config(fake.url).replace("  rest:\n", "  rest:\n    cache: {ttl_s: 60}\n", 1))
+    assert sorted(built) == ["policies.cache", "policies.idempotency", "policies.rate_limit", "policies.usage"]

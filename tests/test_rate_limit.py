@@ -581,6 +581,18 @@ async def test_store_modes_with_a_redis_that_is_not_there(fake, gateway, clock, 
     assert len(fake.requests) == sum(1 for status, _ in expected if status == 200)
 
 
+async def test_a_local_limit_is_one_bucket_for_requests_with_and_without_an_idempotency_key(fake, gateway, clock):
+    """While the store is down each instance limits in memory — one bucket per tenant, whichever way its
+    requests go (a keyed request took a chain of its own, with its own buckets: twice the rate)."""
+    store = RedisStore("redis://127.0.0.1:1/0", key_prefix=new_prefix())
+    client, _ = await gateway(config(fake.url, tenants=tenants("{rpm: 2}"),
+                                     store_yaml="store: {rate_limit_on_error: local, fail_open: true}"),
+                              env=ENV, clock=clock, store=store)
+    keyed = [await call(client, headers={**auth(), "Idempotency-Key": f"k-{i}"}) for i in range(2)]
+    assert [status for status, _, _ in keyed] == [200, 200]
+    assert (await call(client, headers=auth()))[0] == 429
+
+
 # =============================================================== one limit across gateways
 
 

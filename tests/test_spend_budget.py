@@ -271,6 +271,16 @@ async def test_usage_counts_survive_a_store_outage_and_are_written_once_it_is_ba
     assert row["requests"] == 3 and row["completion_tokens"] == 12
 
 
+async def test_a_report_counts_requests_with_an_idempotency_key_at_once(fake, gateway):
+    """A report writes the counts of the last moments first — of every request (keyed ones went
+    through a chain of their own, whose counts a report did not write)."""
+    client, _ = await gateway(config(fake.url, daily=1.0), store=MemoryStore())
+    await client.post("/v1/chat/completions", json=chat(user="erin"), headers={**KEY, "Idempotency-Key": "e-1"})
+    await client.post("/v1/chat/completions", json=chat(user="erin"), headers=KEY)
+    body = await (await client.get("/v1/usage/erin", headers=KEY)).json()
+    assert body["total"]["requests"] == 2
+
+
 async def test_a_users_usage_by_day_and_in_total(fake, gateway):
     cfg = config(fake.url, daily=1.0).replace("  - name: free\n", "  - name: other\n    api_key: other-key-123456\n  - name: free\n")
     client, _ = await gateway(cfg, store=MemoryStore())

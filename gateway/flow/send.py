@@ -1,34 +1,16 @@
-"""The policy pipeline: the whole request flow, outermost first, in one place (SPEC §5).
+"""The innermost step of every target's chain: one attempt against the upstream.
 
-    request id → authentication → rate limit → tenant access → budget → idempotency → cache
-    → fallback chain
-    → per target: bulkhead → total deadline + retry
-      → per attempt: circuit breaker → key pool → timeout → provider adapter → upstream
-
-A policy is ``async def __call__(ex, call_next) -> Reply``: it may answer early,
-change the exchange, or wrap what comes back. Request ids are assigned before
-the pipeline runs (errors need one even when the request never gets this far).
-
-Each target gets its own chain, built once: a policy that does nothing for a target
-(no ``max_concurrency``, a single key) is simply not in that target's chain. The
-fallback policy is the last request policy: it runs the chain of whichever target the
-exchange points at (``rt.target_chains``; its ``call_next`` would do the same, one call
-deeper), so it can try several in turn. ``retry``
-calls its ``call_next`` once per attempt, so every policy after it acts per attempt:
-the circuit breaker gates and counts each attempt (an open circuit stops the retries
-too) and the key pool picks a key for each. This is the order of .NET's standard
-resilience pipeline (bulkhead → total timeout → retry → circuit breaker → attempt
-timeout) and how Envoy counts outlier failures — per upstream answer, not per
-client request.
-
-Policies are added to ``request_policies`` / ``target_policies`` below — never to
-the handlers.
+It builds the upstream request (headers as they may go, the attempt's key or the target's
+credential, the attempt's timeout within the total deadline, the body translated for a target
+of the other LLM dialect or asking an OpenAI stream for its usage), sends it over the target's
+transport, and classifies what comes back: an error answer scrubbed of configured keys and
+read by the provider (``Reply.failure``), a compressed LLM answer decoded, an SSE stream put
+under its format's watcher (``gateway.streams``), a translated answer turned back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from aiohttp.hdrs import CONTENT_ENCODING
 
@@ -41,91 +23,21 @@ from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, up
 from gateway.scrub import scrub_error, scrub_text_stream
 from gateway.sse import Aligner
 from gateway.streams import read_head, strip_usage_chunks, watch
-from policies import (
-    budget,
-    bulkhead,
-    cache,
-    circuit_breaker,
-    fallback,
-    idempotency,
-    key_pool,
-    rate_limit,
-    retry,
-    tenants,
-    usage,
-)
+from policies import usage
 from providers import stream_format
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.flow.chain import Handler
+    from gateway.flow.context import Context
+    from gateway.scrub import Scrubber
     from gateway.targets import Target
 
-Handler = Callable[[Exchange], Awaitable[Reply]]
 
-
-class Policy(Protocol):
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply: ...
-
-
-def request_policies(rt: Runtime, *, keyed: bool = False) -> list[Policy | None]:
-    """Run once per client request, outermost first; the fallback chain is always last.
-    ``keyed``: the chain for requests that carry an idempotency key (``Runtime.keyed_pipeline``)
-    — the only ones the idempotency policy has anything to do for, so the others skip it."""
-    return [
-        rate_limit.policy(rt),
-        tenants.policy(rt),  # inside rate_limit: it drops the provider's x-ratelimit-*, not ours
-        budget.policy(rt),
-        idempotency.policy(rt) if keyed else None,
-        cache.policy(rt),
-        usage.policy(rt),  # inside the cache: a hit or a replay is not usage
-        fallback.policy(rt),
-    ]
-
-
-def target_policies(rt: Runtime, target: Target) -> list[Policy | None]:
-    """Run for each target tried, outermost first; everything after ``retry`` runs per attempt.
-    A factory returns None when it has nothing to do for this target."""
-    return [
-        bulkhead.policy(rt, target),
-        retry.policy(rt, target),
-        circuit_breaker.policy(rt, target),
-        key_pool.policy(rt, target),
-    ]
-
-
-def build_pipeline(rt: Runtime) -> Handler:
-    send = upstream_sender(rt)
-    rt.target_chains = {name: compose(target_policies(rt, t), send) for name, t in rt.targets.items()}
-    chains = rt.target_chains
-
-    async def to_target(ex: Exchange) -> Reply:
-        return await chains[ex.target.name](ex)
-
-    rt.keyed_pipeline = compose(request_policies(rt, keyed=True), to_target)
-    return compose(request_policies(rt), to_target)
-
-
-def compose(policies: Sequence[Policy | None], innermost: Handler) -> Handler:
-    handler = innermost
-    for policy in reversed(policies):
-        if policy is not None:
-            handler = _bind(policy, handler)
-    return handler
-
-
-def _bind(policy: Policy, call_next: Handler) -> Handler:
-    """``policy`` with its ``call_next``: a closure, cheaper per call than a keyword ``partial``."""
-    def step(ex: Exchange) -> Awaitable[Reply]:
-        return policy(ex, call_next)
-    return step
-
-
-def upstream_sender(rt: Runtime) -> Handler:
+def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
     """The innermost step: one attempt against ``ex.target``, its answer classified."""
-    scrub = rt.scrub
-    clock = rt.clock
-    events = rt.events
-    tenant_keys = rt.tenants.enabled  # a tenant's own key never goes upstream
+    clock = ctx.clock
+    events = ctx.events
+    tenant_keys = ctx.tenants.enabled  # a tenant's own key never goes upstream
 
     async def send_upstream(ex: Exchange) -> Reply:
         target = ex.target
