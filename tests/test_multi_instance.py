@@ -10,8 +10,6 @@ touching anyone else's Redis.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 
 import aiohttp
@@ -20,7 +18,7 @@ import pytest
 from gateway.store.redis import RedisStore
 from tests.cli_harness import CLI, Gateway, assert_no_traceback, free_port
 from tests.fakes import FakeUpstream, Fault
-from tests.stores import REDIS_URL, drop, new_prefix, redis_store, unavailable
+from tests.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
 
 TENANT = {"Authorization": "Bearer acme-key-123456"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
@@ -159,34 +157,8 @@ async def test_a_cache_entry_written_by_one_instance_is_a_hit_on_the_other(cli, 
 # ---------------------------------------------------------------- Redis stopped mid-run
 
 
-class PrivateRedis:
-    """A redis-server of our own on a free port, to stop and start at will."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip() != b"PONG":
-            assert time.monotonic() < deadline, "private redis-server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def private_redis():
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        unavailable("redis-server is not installed: cannot stop and restart a Redis of our own")
     redis = PrivateRedis()
     redis.start()
     yield redis

@@ -1,17 +1,25 @@
 """The store's own pipelined Redis client (gateway/store/resp.py): framing, order, failures.
 
 Most cases talk to a scripted fake Redis on loopback that answers with exactly the bytes a
-test gives it — split anywhere, late, or not at all — and the last ones to the real Redis.
+test gives it — split anywhere, late, or not at all — and the last ones to the real Redis: the
+shared one, or a redis-server of the test's own with a password, users or a unix socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import ssl
+import time
+from typing import Any
 
 import pytest
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
+from gateway.store import StoreError
+from gateway.store.redis import RedisStore
 from gateway.store.resp import ReplyError, RespClient, Script, encode, parse
-from tests.stores import REDIS_URL, drop, new_prefix, redis_store
+from tests.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
 
 
 class FakeRedis:
@@ -21,6 +29,7 @@ class FakeRedis:
         self.answers = answers
         self.commands: list[bytes] = []
         self.connections = 0
+        self.open = 0  # connections the client has not closed yet
         self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> str:
@@ -29,6 +38,7 @@ class FakeRedis:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
         self.writers.append(writer)
         try:
             while True:
@@ -49,6 +59,8 @@ class FakeRedis:
                     await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        finally:
+            self.open -= 1
 
     async def close(self) -> None:
         for w in self.writers:
@@ -173,3 +185,155 @@ async def test_after_a_command_timed_out_others_fail_at_once_and_ping_still_prob
     finally:
         await store.close()
         server.close()
+
+
+# ---------------------------------------------------------------- a Redis of the test's own
+
+
+@pytest.fixture
+def own_redis():
+    """``own_redis(*flags)``: a started redis-server of this test's own, stopped afterwards."""
+    started: list[PrivateRedis] = []
+
+    def start(*flags: str) -> PrivateRedis:
+        redis = PrivateRedis(*flags)
+        started.append(redis)
+        redis.start()
+        return redis
+
+    yield start
+    for redis in started:
+        redis.stop()
+
+
+async def connected_clients(client: RespClient, *, at_most: int, timeout_s: float = 3.0) -> int:
+    """Redis's count of its clients once it is down to ``at_most`` (a close reaches it a moment later)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = (await client.execute("INFO", "clients")).decode()
+        count = int(re.search(r"connected_clients:(\d+)", info).group(1))
+        if count <= at_most or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("credentials", "refusal"), [
+    (":wrong-password@", "WRONGPASS"),
+    (":right-password@", "DB index is out of range"),  # AUTH passes, SELECT 99 does not
+])
+async def test_a_refused_auth_or_select_closes_its_connection(own_redis, credentials: str, refusal: str) -> None:
+    redis = own_redis("--requirepass", "right-password")
+    admin = RespClient(f"redis://:right-password@127.0.0.1:{redis.port}/0", connect_timeout_s=1, timeout_s=2)
+    store = RedisStore(f"redis://{credentials}127.0.0.1:{redis.port}/99", key_prefix=new_prefix())
+    try:
+        assert await connected_clients(admin, at_most=1) == 1
+        for _ in range(20):  # each command connects again, and is refused again
+            with pytest.raises(StoreError, match=refusal):
+                await store.get("k")
+        assert await connected_clients(admin, at_most=1) == 1  # none of the 20 connections is still open
+    finally:
+        await store.close()
+        await admin.close()
+
+
+async def test_a_connect_timing_out_in_auth_closes_its_socket(fake_redis) -> None:
+    server, _ = await fake_redis([None] * 3)  # accepts, never answers AUTH
+    url = f"redis://:pw@127.0.0.1:{server.server.sockets[0].getsockname()[1]}/0"
+    client = RespClient(url, connect_timeout_s=0.2, timeout_s=5)
+    for _ in range(3):
+        with pytest.raises(ConnectionError, match="did not accept a connection"):
+            await client.execute("PING")
+    deadline = time.monotonic() + 3
+    while server.open and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert server.connections == 3 and server.open == 0
+    await client.close()
+
+
+# ---------------------------------------------------------------- one reading of the store URL
+
+_REQUIRED = (ssl.CERT_REQUIRED, True)  # rediss:// as redis-py reads it: verify the certificate and the name
+
+# url → what commands (RespClient) and pub/sub (redis-py) both make of it:
+# host, port, unix socket path, db, username, password, TLS (verify mode, check hostname) or None
+STORE_URLS: list[tuple[str, tuple[Any, ...]]] = [
+    ("redis://cache.internal:6380/2", ("cache.internal", 6380, None, 2, None, None, None)),
+    ("redis://h/2?db=3", ("h", 6379, None, 3, None, None, None)),  # ?db= wins over the path
+    ("redis://h?db=1&db=2", ("h", 6379, None, 1, None, None, None)),  # the first one counts
+    ("redis://h/not-a-db", ("h", 6379, None, 0, None, None, None)),
+    ("redis://:pw@/3", ("localhost", 6379, None, 3, None, "pw", None)),
+    ("redis://alice:p%40ss%3Aw0rd@h:1/0", ("h", 1, None, 0, "alice", "p@ss:w0rd", None)),
+    ("redis://:only%2Fpass@h", ("h", 6379, None, 0, None, "only/pass", None)),
+    ("redis://h?username=bob&password=s%26cret", ("h", 6379, None, 0, "bob", "s&cret", None)),
+    ("redis://u:from-userinfo@h?password=from-query", ("h", 6379, None, 0, "u", "from-userinfo", None)),
+    ("redis://[::1]:6390/4", ("::1", 6390, None, 4, None, None, None)),
+    ("rediss://[::1]/1", ("::1", 6379, None, 1, None, None, _REQUIRED)),
+    ("rediss://r.example:6380?ssl_cert_reqs=none", ("r.example", 6380, None, 0, None, None, (ssl.CERT_NONE, False))),
+    ("unix:///run/redis/redis.sock?db=1", (None, None, "/run/redis/redis.sock", 1, None, None, None)),
+    ("unix://carol:pw@/run/my%20redis.sock?db=5", (None, None, "/run/my redis.sock", 5, "carol", "pw", None)),
+    ("unix:///run/r.sock?password=q%3Dp", (None, None, "/run/r.sock", 0, None, "q=p", None)),
+]
+
+
+def _as_commands_read_it(client: RespClient) -> tuple[Any, ...]:
+    return client.host, client.port, client.path, client.db, client.username, client.password
+
+
+def _tls_of(context: ssl.SSLContext | None) -> tuple[ssl.VerifyMode, bool] | None:
+    return None if context is None else (context.verify_mode, context.check_hostname)
+
+
+def _as_pub_sub_reads_it(store: RedisStore) -> tuple[Any, ...]:
+    conn = store._client.connection_pool.make_connection()  # the connection pub/sub opens (not connected)
+    tls = (conn.ssl_context.cert_reqs, conn.ssl_context.check_hostname) if isinstance(conn, SSLConnection) else None
+    path = conn.path if isinstance(conn, UnixDomainSocketConnection) else None
+    return (getattr(conn, "host", None), getattr(conn, "port", None), path, conn.db, conn.username,
+            conn.password, tls)
+
+
+@pytest.mark.parametrize(("url", "expected"), STORE_URLS, ids=[u for u, _ in STORE_URLS])
+async def test_commands_and_pub_sub_read_the_store_url_alike(url: str, expected: tuple[Any, ...]) -> None:
+    store = RedisStore(url, key_prefix="url-test")  # builds both clients, connects neither
+    try:
+        assert _as_pub_sub_reads_it(store) == expected
+        assert _as_commands_read_it(store._resp) == expected[:6]
+        assert _tls_of(store._resp.ssl) == expected[6]
+    finally:
+        await store.close()
+
+
+async def databases_of(admin: RespClient, user: str, *, expect: list[int], timeout_s: float = 3.0) -> list[int]:
+    """The db of each connection ``user`` holds, sorted (waiting up to ``timeout_s`` for ``expect``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        clients = (await admin.execute("CLIENT", "LIST")).decode().splitlines()
+        dbs = sorted(int(re.search(r" db=(\d+)", c).group(1)) for c in clients if f" user={user} " in c)
+        if dbs == expect or time.monotonic() > deadline:
+            return dbs
+        await asyncio.sleep(0.05)
+
+
+async def test_commands_and_pub_sub_reach_the_same_database_as_the_same_user(own_redis, tmp_path) -> None:
+    sock = tmp_path / "r.sock"
+    redis = own_redis("--unixsocket", str(sock), "--unixsocketperm", "700",
+                      "--user", "alice", "on", ">p@ss:w0rd", "~*", "&*", "+@all")
+    admin = RespClient(f"redis://127.0.0.1:{redis.port}/0", connect_timeout_s=1, timeout_s=2)
+    alice = "alice:p%40ss%3Aw0rd"
+    try:
+        for url, db in [(f"redis://{alice}@127.0.0.1:{redis.port}/2?db=3", 3), (f"unix://{alice}@{sock}?db=1", 1)]:
+            prefix = new_prefix()
+            store = RedisStore(url, key_prefix=prefix)
+            try:
+                async with store.subscribe("ch") as sub:  # opens the pub/sub connection
+                    await store.set("k", b"v")
+                    await store.publish("ch", b"hello")
+                    assert await sub.get(timeout_s=2) == b"hello"
+                    # alice's connections: commands and pub/sub, both in that db (once the last store's are gone)
+                    assert await databases_of(admin, "alice", expect=[db, db]) == [db, db], url
+                await admin.execute("SELECT", db)
+                assert await admin.execute("EXISTS", f"{prefix}:k") == 1, url
+            finally:
+                await admin.execute("SELECT", 0)
+                await store.close()
+    finally:
+        await admin.close()

@@ -9,9 +9,13 @@ matches replies to callers in order (Redis answers in order on one connection), 
 also pipelines concurrent requests for free. Pub/sub stays on redis-py
 (``gateway.store.redis_pubsub``).
 
+The URL is read by redis-py's own parser (the connection it would open for it), so the
+commands here and redis-py's pub/sub always reach the same server, database and user.
+
 Failures: a refused or broken connection raises ``ConnectionError`` (the store turns it
 into ``StoreError``) for the commands in flight; the next command reconnects. A command
-unanswered after ``timeout_s`` closes the connection (its state is unknown).
+unanswered after ``timeout_s`` closes the connection (its state is unknown); so does a
+refused AUTH or SELECT.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import asyncio
 import ssl
 from collections import deque
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+
+from redis.asyncio.connection import ConnectionPool, SSLConnection, UnixDomainSocketConnection
 
 
 class Stalled(ConnectionError):
@@ -141,16 +146,15 @@ class RespClient:
     """One pipelined connection to the Redis at ``url`` (redis://, rediss://, unix://)."""
 
     def __init__(self, url: str, *, connect_timeout_s: float, timeout_s: float) -> None:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        self.scheme = parts.scheme
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
-        self.path = unquote(parts.path) if parts.scheme == "unix" else None
-        db = query.get("db") if parts.scheme == "unix" else (parts.path.lstrip("/") or query.get("db"))
-        self.db = int(db or 0)
-        self.username = unquote(parts.username) if parts.username else query.get("username")
-        self.password = unquote(parts.password) if parts.password else query.get("password")
+        # what redis-py makes of the URL (a connection object, never connected): one parser for both clients
+        conn = ConnectionPool.from_url(url).make_connection()
+        self.path: str | None = conn.path if isinstance(conn, UnixDomainSocketConnection) else None
+        self.host: str | None = getattr(conn, "host", None)
+        self.port: int | None = getattr(conn, "port", None)
+        self.db = int(conn.db)
+        self.username: str | None = conn.username
+        self.password: str | None = conn.password
+        self.ssl: ssl.SSLContext | None = conn.ssl_context.get() if isinstance(conn, SSLConnection) else None
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self._proto: _Protocol | None = None
@@ -158,19 +162,24 @@ class RespClient:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout_s):
-            if self.path is not None:
-                _, proto = await loop.create_unix_connection(lambda: _Protocol(self), self.path)
-            else:
-                context = ssl.create_default_context() if self.scheme == "rediss" else None
-                _, proto = await loop.create_connection(
-                    lambda: _Protocol(self), self.host, self.port, ssl=context,
-                )
-            if self.password:
-                auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
-                await self._send(proto, auth)
-            if self.db:
-                await self._send(proto, ("SELECT", self.db))
+        transport: asyncio.BaseTransport | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                if self.path is not None:
+                    transport, proto = await loop.create_unix_connection(lambda: _Protocol(self), self.path)
+                else:
+                    transport, proto = await loop.create_connection(
+                        lambda: _Protocol(self), self.host, self.port, ssl=self.ssl,
+                    )
+                if self.username or self.password:  # as redis-py sends it
+                    user = (self.username,) if self.username else ()
+                    await self._send(proto, ("AUTH", *user, self.password or ""))
+                if self.db:
+                    await self._send(proto, ("SELECT", self.db))
+        except BaseException:  # refused AUTH or SELECT, timeout, cancel: nobody will use or close it
+            if transport is not None:
+                transport.close()
+            raise
         return proto
 
     async def _protocol(self) -> _Protocol:
