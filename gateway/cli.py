@@ -8,7 +8,8 @@ streams finish for up to ``server.shutdown_grace_s``, then exit 0. SIGHUP reload
 the config (file, environment and flags read again); a bad config is rejected with
 its errors logged and the old one keeps serving. ``--workers N`` runs N processes
 sharing one port through SO_REUSEPORT; the parent forwards signals and restarts a
-worker that dies.
+worker that dies. A worker asked to reload (``POST /admin/reload``) reloads itself, then
+has the parent send SIGHUP to every other worker: each reloads once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import os
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.logs import setup_logging
 
-    setup_logging(level)
+    setup_logging(level, pid=workers > 1)
     for line in config_warnings(config):
         log.warning("config: %s", line)
     if workers > 1:
@@ -193,29 +195,57 @@ async def _reload(app: web.Application, started: Config, reload: Reloader) -> No
     await reload_config(app)
 
 
-_supervisor: int | None = None  # in a worker of --workers N: the parent, which forwards SIGHUP to all
+# In a worker of --workers N: the parent, which forwards SIGHUP to all, and the pipe a worker names
+# itself on when it asks for that (``reload_all_workers``).
+_supervisor: tuple[int, int] | None = None
+_PID = struct.Struct("=i")  # one asking worker's pid on that pipe (a write this small is atomic)
 
 
 def reload_all_workers() -> bool:
-    """In a worker: have the parent send SIGHUP to every worker, so that a reload one of them
-    was asked for (``POST /admin/reload``) reaches all. False when this process is no worker."""
-    if _supervisor is None or os.getppid() != _supervisor:  # (an orphan has a new parent)
+    """In a worker that has just reloaded itself (``POST /admin/reload``): have the parent send
+    SIGHUP to every other worker, so that the reload reaches all, each once. False when this
+    process is no worker."""
+    if _supervisor is None:
         return False
-    os.kill(_supervisor, signal.SIGHUP)
+    parent, asks = _supervisor
+    if os.getppid() != parent:  # an orphan has a new parent
+        return False
+    try:
+        os.write(asks, _PID.pack(os.getpid()))
+        os.kill(parent, signal.SIGUSR1)
+    except OSError:
+        return False
     return True
+
+
+def _askers(asks: int) -> list[int]:
+    """The workers that asked for a reload since the last look (the parent's end never blocks)."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(asks, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return [pid for (pid,) in _PID.iter_unpack(data[: len(data) - len(data) % _PID.size])]
 
 
 def _run_workers(config: Config, source: str, workers: int, reload: Reloader) -> int:
     children: dict[int, int] = {}
     stopping = False
     parent = os.getpid()
+    asks_r, asks_w = os.pipe()  # workers that reloaded themselves name themselves here (reload_all_workers)
+    os.set_blocking(asks_r, False)
 
     def spawn(slot: int) -> None:
         global _supervisor
         pid = os.fork()
         if pid == 0:  # child: a plain single-process server on the shared port
-            _supervisor = parent
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            _supervisor = (parent, asks_w)
+            os.close(asks_r)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
@@ -236,16 +266,25 @@ def _run_workers(config: Config, source: str, workers: int, reload: Reloader) ->
             except ProcessLookupError:
                 pass
 
-    def forward_hup(signum: int, _frame: object) -> None:
+    def hup(skip: int | None = None) -> None:
         for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
+            if pid != skip:
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
+
+    def forward_hup(signum: int, _frame: object) -> None:
+        hup()
+
+    def forward_ask(signum: int, _frame: object) -> None:  # a worker reloaded itself: the others' turn
+        for asker in _askers(asks_r):
+            hup(skip=asker)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward_hup)
+    signal.signal(signal.SIGUSR1, forward_ask)
     for slot in range(workers):
         spawn(slot)
     log.info("started %d workers (pids %s)", workers, ", ".join(map(str, children)))

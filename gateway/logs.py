@@ -44,15 +44,20 @@ def hide_userinfo(text: str) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, scrub: Scrubber | None = None) -> None:
+    """``pid``: each line names its process (under ``--workers N``, N processes share one stdout)."""
+
+    def __init__(self, scrub: Scrubber | None = None, *, pid: bool = False) -> None:
         super().__init__()
         self.scrub = scrub or Scrubber()
+        self.pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": _ts(record.created), "level": record.levelname.lower(), "logger": record.name,
             "message": self.scrub(record.getMessage()),
         }
+        if self.pid:
+            line["pid"] = record.process
         extra = getattr(record, "fields", None)
         if extra:
             line.update(extra)
@@ -61,9 +66,9 @@ class JsonFormatter(logging.Formatter):
         return _encode(line).decode()
 
 
-def setup_logging(level: str = "info", scrub: Scrubber | None = None) -> None:
+def setup_logging(level: str = "info", scrub: Scrubber | None = None, *, pid: bool = False) -> None:
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter(scrub))
+    handler.setFormatter(JsonFormatter(scrub, pid=pid))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

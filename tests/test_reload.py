@@ -5,7 +5,7 @@ errors (logged on SIGHUP, in the answer on POST) and the running one keeps servi
 survives a reload: an open circuit stays open, a tenant's spend still counts against its
 budget, the Prometheus counters keep counting. First in-process (an app built with a
 reloader reading a file, as the CLI builds it), then the real ``python -m gateway``, one
-process and ``--workers 2`` (a reload asked of one worker reaches every worker).
+process and ``--workers 2`` (a reload asked of one worker reaches every worker, once each).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import re
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -327,9 +328,18 @@ async def _logged(gw: Gateway, text: str) -> bool:
     return any(text in m for m in gw.messages())
 
 
-async def test_post_reload_to_one_worker_reloads_every_worker(cli: CLI, fake: FakeUpstream):
+def reloads_by_worker(gw: Gateway, message: str = "config reloaded") -> Counter[int]:
+    return Counter(r["pid"] for r in gw.log_records() if str(r.get("message", "")).startswith(message))
+
+
+async def test_post_reload_to_one_worker_reloads_every_worker_once(cli: CLI, fake: FakeUpstream):
     port = free_port()
     gw, _ = await start(cli, process_config(port, fake.url, "one"), "--workers", "2")
+    started = next(m for m in gw.messages() if m.startswith("started 2 workers"))
+    workers = [int(pid) for pid in re.findall(r"\d+", started.partition("pids")[2])]
+    assert len(workers) == 2, started
+    # /healthz answered by one worker is not both: a SIGHUP before a worker's handler is in kills it
+    await wait_until(lambda: _listening(gw, 2), what=f"both workers listening\n{gw.output}")
 
     cli.write("gateway.yaml", process_config(port, fake.url, "one", "two"))
     status, body = await post(port, "/admin/reload")
@@ -341,13 +351,29 @@ async def test_post_reload_to_one_worker_reloads_every_worker(cli: CLI, fake: Fa
         return all(s == 200 for s in statuses)
 
     await wait_until(every_worker_has_it, what=f"both workers serving target two\n{gw.output}")
-    reloads = [m for m in gw.messages() if m.startswith("config reloaded")]
-    assert len(reloads) >= 2, gw.output  # not only the worker that was asked
+    await asyncio.sleep(0.5)  # time for a second reload of any worker to show in the log
+    assert reloads_by_worker(gw) == {pid: 1 for pid in workers}, gw.output  # the asked one too: once
+
+    gw.proc.send_signal(signal.SIGHUP)  # SIGHUP to the parent: every worker, once more
+    await wait_until(lambda: _reloaded(gw, 4), what=f"two more reloads\n{gw.output}")
+    await asyncio.sleep(0.5)
+    assert reloads_by_worker(gw) == {pid: 2 for pid in workers}, gw.output
 
     cli.write("gateway.yaml", INVALID_YAML)  # a bad file: rejected, and nobody else is told
     status, body = await post(port, "/admin/reload")
     assert status == 422
     assert_every_error(body["error"]["errors"])
+    await asyncio.sleep(0.5)
+    assert sum(reloads_by_worker(gw, "reload rejected").values()) == 1, gw.output
     assert all(s == 200 for s in await asyncio.gather(*(fresh_get(port, "/t/two/x") for _ in range(8))))
     assert await asyncio.to_thread(gw.terminate) == 0, gw.output
     assert_no_traceback(gw.stderr)
+
+
+async def _listening(gw: Gateway, workers: int) -> bool:
+    return sum(" listening on " in m for m in gw.messages()) >= workers
+
+
+async def _reloaded(gw: Gateway, times: int) -> bool:
+    return sum(reloads_by_worker(gw).values()) >= times
+
