@@ -377,3 +377,45 @@ async def _listening(gw: Gateway, workers: int) -> bool:
 async def _reloaded(gw: Gateway, times: int) -> bool:
     return sum(reloads_by_worker(gw).values()) >= times
 
+
+# =============================================================== server.max_body_mb
+
+
+def body_limit_config(url: str, max_body_mb: float) -> str:
+    return f"""
+server: {{max_body_mb: {max_body_mb}, shutdown_grace_s: 0}}
+targets:
+  llm: {{base_url: "{url}/v1", provider: openai, models: ["gpt-*"]}}
+  rest: {{base_url: "{url}/api"}}
+"""
+
+
+async def body_statuses(client: Any) -> dict[str, int]:
+    """A 1.5 MB body on each route that reads one: the status of each."""
+    pad = "x" * (3 << 19)  # 1.5 MiB
+    requests = {
+        "/v1": ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": pad}]}),
+        "/t": ("/t/rest/upload", {"pad": pad}),
+        "/proxy/http": ("/proxy/http", {"target": "rest", "method": "POST", "path": "/upload", "body": {"pad": pad}}),
+    }
+    statuses = {}
+    for route, (path, body) in requests.items():
+        async with client.post(path, json=body) as resp:
+            await resp.read()
+            statuses[route] = resp.status
+    return statuses
+
+
+async def test_a_reloaded_max_body_mb_governs_every_route(fake, reloadable):
+    client, path = await reloadable(body_limit_config(fake.url, 1))
+    assert await body_statuses(client) == {"/v1": 413, "/t": 413, "/proxy/http": 413}
+
+    path.write_text(body_limit_config(fake.url, 2))
+    assert (await post_reload(client))[0] == 200
+    assert await body_statuses(client) == {"/v1": 200, "/t": 200, "/proxy/http": 200}
+    assert len(fake.requests) == 3
+
+    path.write_text(body_limit_config(fake.url, 1))
+    assert (await post_reload(client))[0] == 200
+    assert await body_statuses(client) == {"/v1": 413, "/t": 413, "/proxy/http": 413}
+    assert len(fake.requests) == 3
