@@ -34,6 +34,8 @@ from aiohttp import hdrs, web
 from multidict import istr
 
 from gateway import cli
+from gateway.edge.access import access_fields
+from gateway.edge.ids import request_id as request_id_of
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -44,7 +46,6 @@ from gateway.errors import (
     UnknownTarget,
 )
 from gateway.exchange import ENVELOPE
-from gateway.handlers import _access_fields, _request_id
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME
 from gateway.logs import hide_userinfo
 from gateway.runtime import Runtime
@@ -123,7 +124,7 @@ def _admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Strea
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME].current
-        request_id = _request_id(request)
+        request_id = request_id_of(request.headers)
         started = time.monotonic()
         error: GatewayError | None = None
         try:
@@ -141,8 +142,8 @@ def _admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Strea
             resp = web.Response(body=msgspec.json.encode(body), content_type="application/json",
                                 headers={"X-Request-Id": request_id, "Cache-Control": "no-store"})
         if rt.access_log.enabled:  # who used the admin API, and who was refused, is on record
-            fields = _access_fields(request, request_id, "admin", None, None, resp.status, error, StreamOutcome(),
-                                    started)
+            fields = access_fields(request, request_id, "admin", None, None, resp.status, error, StreamOutcome(),
+                                   (time.monotonic() - started) * 1000)
             fields["outcome"] = "ok" if error is None else "error"
             fields["path"] = request.path
             if error is not None:
@@ -287,7 +288,7 @@ async def reload(request: web.Request, rt: Runtime) -> dict[str, Any]:
     if not result["reloaded"]:
         raise InvalidConfig("the new config is invalid, the running one stays: " + "; ".join(result["errors"]),
                             result["errors"])
-    # Under --workers N this process is one of N: its parent sends SIGHUP to every worker.
+    # Under --workers N this process is one of N: it reloads itself here, and its parent sends SIGHUP to every other worker.
     result["all_workers"] = cli.reload_all_workers()
     return result
 

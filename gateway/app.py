@@ -16,9 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import admin, handlers, metrics, status_page
+from gateway import admin, metrics, status_page
 from gateway.clock import Clock
 from gateway.config import Config, ServerConfig
+from gateway.edge import probes, reports
+from gateway.edge.serve import serve
 from gateway.events import Events
 from gateway.keys import EXPOSITION, OBSERVATORY, RELOADER, RUNTIME
 from gateway.observe import Observatory
@@ -63,14 +65,14 @@ def create_app(
     app[RELOADER] = reload
     app.cleanup_ctx.append(_runtime_lifetime)
     for path in ("/healthz", "/livez", "/health"):
-        app.router.add_get(path, handlers.liveness)
-    app.router.add_get("/readyz", handlers.readiness)
+        app.router.add_get(path, probes.liveness)
+    app.router.add_get("/readyz", probes.readiness)
     app.router.add_get("/metrics", metrics.metrics)
     status_page.add_routes(app)
     admin.add_routes(app)
-    app.router.add_get("/v1/models", handlers.models)
-    app.router.add_get("/v1/usage/{user_id}", handlers.user_usage)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", handlers.dispatch)  # any path, even with decoded CR/LF
+    app.router.add_get("/v1/models", reports.models)
+    app.router.add_get("/v1/usage/{user_id}", reports.user_usage)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", serve)  # the proxied surfaces; any path, even with decoded CR/LF
     return app
 
 

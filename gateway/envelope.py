@@ -16,21 +16,21 @@ errors of SPEC §3.
 from __future__ import annotations
 
 import re
+import time
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.edge.requests import body_of, client_ip
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
 from gateway.paths import validate_header_values, validate_path
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
-    from gateway.runtime import Runtime
+    from gateway.edge.call import Call
 
 T = TypeVar("T")
 CacheTTL = Annotated[float, msgspec.Meta(ge=0)]  # the envelopes' ``cache``: seconds, 0 or more
@@ -96,8 +96,10 @@ def parse(raw: bytes) -> HttpEnvelope:
     return env
 
 
-async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: str | None, raw: bytes) -> Exchange:
-    env = parse(raw)
+async def exchange(call: Call) -> Exchange:
+    """The envelope's request for its target (the surface's parser)."""
+    env = parse(await body_of(call))
+    rt = call.rt
     target = rt.router.by_name(env.target)
     rel = validate_path(env.path[1:] if env.path.startswith("/") else env.path)  # "/users/1" or "users/1"
     if isinstance(env.query, str):
@@ -120,9 +122,9 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
     else:
         headers.setdefault("Content-Type", "application/json")
     ex = Exchange(
-        request_id=request_id, method=env.method.upper(), route="proxy", dialect=ENVELOPE, rel_path=rel, v1=False,
-        query=query, headers=CIMultiDictProxy(headers), body=data, target=target, tenant=tenant,
-        client_ip=request.remote,
+        request_id=call.request_id, method=env.method.upper(), route="proxy", dialect=ENVELOPE, rel_path=rel,
+        v1=False, query=query, headers=CIMultiDictProxy(headers), body=data, target=target, tenant=call.tenant,
+        client_ip=client_ip(call.request, rt),
     )
     ex.idempotency_key = env.idempotency_key
     ex.cache_ttl = float(env.cache) if env.cache is not None else None
@@ -150,6 +152,13 @@ async def whole(upstream: Reply) -> Reply:
     done = Reply(upstream.status, upstream.headers, body=b"".join(parts), upstream_status=upstream.upstream_status)
     done.failure, done.ttft_ms = upstream.failure, upstream.ttft_ms
     return done
+
+
+async def finish(call: Call, upstream: Reply) -> Reply:
+    """The envelope around the target's whole answer (the surface's finisher)."""
+    assert call.ex is not None
+    whole_answer = await whole(upstream)
+    return reply(call.ex, whole_answer, call.elapsed_ms(time.monotonic()))
 
 
 def reply(ex: Exchange, upstream: Reply, duration_ms: float) -> Reply:

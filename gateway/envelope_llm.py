@@ -22,12 +22,14 @@ Complete answer:
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.edge.requests import body_of, client_ip
 from gateway.envelope import CacheTTL, decode_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.exchange import ENVELOPE, Exchange, Reply
@@ -40,8 +42,7 @@ from providers import translate
 from providers.anthropic import API_VERSION as ANTHROPIC_VERSION
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
+    from gateway.edge.call import Call
     from gateway.runtime import Runtime
 
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -74,8 +75,10 @@ def parse(raw: bytes) -> LLMEnvelope:
     return decode_body(raw, LLMEnvelope)
 
 
-async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: str | None, raw: bytes) -> Exchange:
-    env = parse(raw)
+async def exchange(call: Call) -> Exchange:
+    """The envelope's request for its LLM target (the surface's parser)."""
+    rt = call.rt
+    env = parse(await body_of(call))
     target = rt.router.by_name(env.target)
     llm = target.config.llm
     model = env.model or (llm.default_model if llm is not None else None)
@@ -111,10 +114,10 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
     if anthropic:
         headers["anthropic-version"] = ANTHROPIC_VERSION  # the Messages API refuses a request without it
     ex = Exchange(
-        request_id=request_id, method="POST", route="proxy_llm", dialect=ENVELOPE,
+        request_id=call.request_id, method="POST", route="proxy_llm", dialect=ENVELOPE,
         rel_path="messages" if anthropic else "chat/completions", v1=True, query="",
         headers=CIMultiDictProxy(headers), body=msgspec.json.encode(body), target=target, model=model,
-        stream=env.stream, tenant=tenant, client_ip=request.remote,
+        stream=env.stream, tenant=call.tenant, client_ip=client_ip(call.request, rt),
     )
     ex.max_tokens = body.get("max_tokens")
     ex.idempotency_key = env.idempotency_key
@@ -143,6 +146,12 @@ class _Answer(msgspec.Struct):
     choices: list[dict[str, Any]] | None = None
     content: list[dict[str, Any]] | None = None
     stop_reason: str | None = None
+
+
+async def finish(call: Call, upstream: Reply) -> Reply:
+    """The envelope around the answer, complete or streamed (the surface's finisher)."""
+    assert call.ex is not None
+    return reply(call.rt, call.ex, upstream, call.elapsed_ms(time.monotonic()))
 
 
 def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Reply:

@@ -14,11 +14,13 @@ upstream refusal keeps its status and message.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.edge.requests import body_of, client_ip
 from gateway.envelope import decode_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.exchange import OPENAI, Exchange, Reply
@@ -27,8 +29,7 @@ from policies.usage import read_usage
 from providers.anthropic import API_VERSION as ANTHROPIC_VERSION
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
+    from gateway.edge.call import Call
     from gateway.runtime import Runtime
 
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -48,8 +49,10 @@ def parse(body: bytes) -> GenerateRequest:
     return decode_body(body, GenerateRequest, "request body")
 
 
-async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: str | None, body: bytes) -> Exchange:
-    req = parse(body)
+async def exchange(call: Call) -> Exchange:
+    """The seed's request as the target's own (the surface's parser)."""
+    request, rt = call.request, call.rt
+    req = parse(await body_of(call))
     target = rt.router.for_v1(request.headers.get("X-ReliAPI-Target"), req.model)
     llm = target.config.llm
     model = req.model or (llm.default_model if llm is not None else None)
@@ -64,10 +67,11 @@ async def exchange(request: web.Request, rt: Runtime, request_id: str, tenant: s
     if req.user_id is not None and not anthropic:
         upstream["user"] = str(req.user_id)
     ex = Exchange(
-        request_id=request_id, method="POST", route="generate", dialect=OPENAI,
+        request_id=call.request_id, method="POST", route="generate", dialect=OPENAI,
         rel_path="messages" if anthropic else "chat/completions", v1=True, query="",
         headers=_with_version(request.headers) if anthropic else request.headers,
-        body=msgspec.json.encode(upstream), target=target, model=model, tenant=tenant, client_ip=request.remote,
+        body=msgspec.json.encode(upstream), target=target, model=model, tenant=call.tenant,
+        client_ip=client_ip(request, rt),
     )
     ex.max_tokens = upstream.get("max_tokens")
     ex.user = str(req.user_id)[:128] if req.user_id is not None else None
@@ -89,6 +93,12 @@ class _Answer(msgspec.Struct):
     choices: list[dict[str, Any]] | None = None
     content: list[dict[str, Any]] | None = None
     model: str | None = None
+
+
+async def finish(call: Call, upstream: Reply) -> Reply:
+    """The provider's answer as the seed's response (the surface's finisher)."""
+    assert call.ex is not None
+    return reply(call.rt, call.ex, upstream, call.elapsed_ms(time.monotonic()))
 
 
 def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Reply:

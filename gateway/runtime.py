@@ -19,11 +19,11 @@ from typing import Any
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.events import Events
-from gateway.logs import AccessLog
-from gateway.observe import Observatory
 from gateway.flow.build import build
 from gateway.flow.chain import Handler
 from gateway.flow.context import Context
+from gateway.logs import AccessLog
+from gateway.observe import Observatory
 from gateway.scrub import Scrubber
 from gateway.shared import SharedState
 from gateway.store import Store, StoreError, open_store

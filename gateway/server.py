@@ -39,9 +39,10 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from gateway.config import ServerConfig
+from gateway.edge.ids import request_id as request_id_of
+from gateway.edge.surfaces import surface_for
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout, TooManyConnections
-from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI
-from gateway.handlers import _request_id
+from gateway.exchange import ENVELOPE
 from gateway.headers import X_REQUEST_ID
 from gateway.keys import RUNTIME
 from gateway.writer import error_body
@@ -218,9 +219,9 @@ class _RequestHandler(web_protocol.RequestHandler):
         else:  # an unexpected failure inside aiohttp itself: keep its handling
             return super().handle_error(request, status, exc, message)
         try:
-            request_id = _request_id(request)  # the client's, when its headers got that far and it is sane
+            request_id = request_id_of(request.headers)  # the client's, when its headers got that far and it is sane
         except Exception:
-            request_id = _request_id(_NO_HEADERS)
+            request_id = request_id_of({})
         log.info("rejected %s request from %s: %s", "slow" if status == 408 else "malformed", request.remote,
                  err.message, extra={"fields": {"request_id": request_id}})
         # aiohttp hands a request its parser refused over without its path: the gateway's own dialect
@@ -230,12 +231,6 @@ class _RequestHandler(web_protocol.RequestHandler):
         resp.force_close()
         return resp
 
-
-class _NoHeaders:
-    headers: dict[str, str] = {}
-
-
-_NO_HEADERS: Any = _NoHeaders()
 
 _CLIENT_REQUEST_ID = re.compile(rb"\r\nx-request-id[ \t]*:[ \t]*([A-Za-z0-9._:\-]{1,128})[ \t]*\r\n", re.IGNORECASE)
 
@@ -247,11 +242,11 @@ def _first_line(message: str | None) -> str:
 def _too_many_connections(head: bytes) -> bytes:
     """The 503 for a connection over the cap, written straight to the socket (it never gets a
     request object), in the dialect its request line's path asks for."""
-    line = head.split(b"\r\n", 1)[0].split(b" ")
-    path = line[1] if len(line) > 1 else b""
-    dialect = ANTHROPIC if path.startswith(b"/v1/messages") else OPENAI if path.startswith(b"/v1/") else ENVELOPE
+    line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+    method, path = line[0], line[1] if len(line) > 1 else ""
+    dialect = surface_for(method, path).dialect_of(path)  # as the request would have been answered
     found = _CLIENT_REQUEST_ID.search(head)
-    request_id = found.group(1).decode() if found else _request_id(_NO_HEADERS)
+    request_id = found.group(1).decode() if found else request_id_of({})
     err = TooManyConnections("the gateway has too many open connections; retry shortly", retry_after=1)
     body = msgspec.json.encode(error_body(err, dialect, request_id, target=None, attempts=0, duration_ms=0.0))
     return (

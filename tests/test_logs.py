@@ -195,6 +195,56 @@ async def test_a_bug_after_the_first_byte_is_logged_once_and_ends_the_stream_in_
     assert rec["request_id"] == "bug-8"
 
 
+def _policy_on_the_reply(monkeypatch, change) -> None:
+    """A request policy that changes every reply (as a buggy one might)."""
+    async def buggy(ex, call_next):
+        reply = await call_next(ex)
+        change(reply)
+        return reply
+
+    real = build.request_policies
+    monkeypatch.setattr(build, "request_policies", lambda ctx, owned: [buggy, *real(ctx, owned)])
+
+
+async def test_a_failure_to_start_writing_is_our_500_with_the_request_id_and_logged_as_such(
+        fake, gateway, gateway_log, monkeypatch):
+    """Writing the reply is inside the edge's error handling: a reply aiohttp refuses to start (a header
+    it cannot send) is the dialect's 500 with X-Request-Id, logged as an error — not aiohttp's bare 500
+    logged as 'cancelled'."""
+    _policy_on_the_reply(monkeypatch, lambda reply: reply.headers.__setitem__("X-Bad", "a\r\nInjected: 1"))
+    client, logs = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=3))
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True), headers={"X-Request-Id": "w-1"})
+    assert resp.status == 500 and resp.headers["X-Request-Id"] == "w-1" and "Injected" not in resp.headers
+    assert (await resp.json())["error"]["code"] == "internal_error"
+    (line,) = logs
+    assert (line["request_id"], line["outcome"], line["error_code"]) == ("w-1", "error", "internal_error")
+    assert len([rec for rec in gateway_log.lines if "stack" in rec]) == 1
+
+
+async def test_a_runtime_error_while_relaying_is_a_bug_told_in_band_not_a_client_that_left(
+        fake, gateway, gateway_log, monkeypatch):
+    def breaking(reply):
+        if reply.chunks is not None:
+            upstream = reply.chunks
+
+            async def chunks():
+                async for chunk in upstream:
+                    yield chunk
+                    raise RuntimeError("a bug mid-stream")
+
+            reply.chunks = chunks()
+
+    _policy_on_the_reply(monkeypatch, breaking)
+    client, logs = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=5, interval_ms=10))
+    resp = await client.post("/v1/chat/completions", json=chat(stream=True), headers={"X-Request-Id": "r-1"})
+    text = (await resp.read()).decode()
+    assert '"internal_error"' in text and "[DONE]" not in text
+    (line,) = logs
+    assert (line["outcome"], line["error_code"]) == ("stream_error", "internal_error")
+
+
 async def test_a_request_for_no_route_is_logged_too(fake, gateway):
     client, logs = await gateway(config(fake.url))
     status, rid = await call(client, "GET", "/no/such/thing")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from gateway.flow import build, chain
 from gateway.errors import RateLimited
 from gateway.exchange import Reply
+from gateway.flow import build, chain
 from tests.conftest import llm_config
 
 

@@ -8,7 +8,7 @@ import asyncio
 
 import aiohttp
 
-from gateway.handlers import READY_STORE_TIMEOUT_S
+from gateway.edge.probes import READY_STORE_TIMEOUT_S
 from gateway.store.memory import MemoryStore
 from tests.cli_harness import free_port
 from tests.stores import REDIS_URL, drop, new_prefix, redis_store

@@ -172,6 +172,23 @@ async def test_a_missing_or_wrong_key_gets_401_in_the_clients_dialect(fake, star
     assert logs[-1]["tenant"] is None and logs[-1]["target"] is None
 
 
+@pytest.mark.parametrize(("path", "dialect"), [
+    ("/v1/Messages", "anthropic"), ("/v1/messages;v=1", "anthropic"), ("/v1/messages2", "openai"),
+    ("/v1/messagesfoo/x", "openai"),
+])
+async def test_one_rule_says_which_v1_paths_speak_anthropic_before_and_after_the_request_is_read(
+        fake, start, path, dialect):
+    """A refusal before the body is read (401) and the request once read (an Anthropic client's call
+    for a GPT model is translated to and from chat completions) agree on the dialect, however the
+    path is spelled."""
+    client, _ = await start()
+    refused = await client.post(path, json=CLAUDE)
+    assert_dialect_error(dialect, await refused.json(), 401, "unauthorized")
+    body = {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    answer = await (await client.post(path, json=body, headers=bearer(ALPHA_KEY))).json()
+    assert (answer.get("type") == "message") == (dialect == "anthropic"), answer
+
+
 @pytest.mark.parametrize("header", [b"X-API-Key: k\xe9y-latin-1", b"Authorization: Bearer key-\xff\xfe"])
 async def test_a_key_that_is_not_utf8_is_401_not_500(fake, start, header):
     # aiohttp decodes header bytes with surrogateescape: a strict .encode() of such a key raised

@@ -31,7 +31,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.flow.chain import Handler, Policy, compose
 from gateway.flow.send import upstream_sender
-from policies import budget, bulkhead, cache, circuit_breaker, fallback, idempotency, key_pool, rate_limit, retry, tenants, usage
+from policies import (
+    budget,
+    bulkhead,
+    cache,
+    circuit_breaker,
+    fallback,
+    idempotency,
+    key_pool,
+    rate_limit,
+    retry,
+    tenants,
+    usage,
+)
 
 if TYPE_CHECKING:
     from gateway.flow.context import Context

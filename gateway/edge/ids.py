@@ -1,0 +1,32 @@
+"""Request ids: the client's ``X-Request-Id`` when it is sane, else a new one."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Mapping
+
+from gateway.headers import X_REQUEST_ID
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+# A random per-process prefix and a counter: unique without a syscall per request.
+_ids = itertools.count(1)
+_id_prefix = "req_" + os.urandom(6).hex()
+
+
+def _new_id_prefix() -> None:  # forked workers must not repeat each other's ids
+    global _id_prefix
+    _id_prefix = "req_" + os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """The client's id (letters, digits, ``._:-``, at most 128) or a new one."""
+    rid = headers.get(X_REQUEST_ID)
+    if rid and _REQUEST_ID.fullmatch(rid):
+        return rid
+    return f"{_id_prefix}{next(_ids):010x}"

@@ -1,0 +1,56 @@
+"""The gateway's own reports on the ``/v1`` surface: its model catalog and a user's usage.
+
+Fixed routes (``gateway.app``), answered in the OpenAI dialect; the caller is authenticated
+as on the proxied paths, and a tenant sees only its own.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from aiohttp import web
+
+from gateway import catalog
+from gateway.edge.ids import request_id as request_id_of
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.exchange import OPENAI
+from gateway.headers import X_REQUEST_ID
+from gateway.keys import RUNTIME
+from gateway.writer import error_response
+from policies.usage import summary as usage_summary
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models: the gateway's own catalog (``gateway.catalog``), in the OpenAI dialect."""
+    rt = request.app[RUNTIME].current
+    request_id = request_id_of(request.headers)
+    try:
+        tenant = rt.tenants.authenticate(request.headers)
+    except GatewayError as e:
+        return error_response(e, OPENAI, request_id)
+    if rt.catalog is None:
+        rt.catalog = catalog.build(rt)
+    body = {"object": "list", "data": catalog.visible(rt.catalog, tenant)}
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+                        headers={X_REQUEST_ID: request_id})
+
+
+async def user_usage(request: web.Request) -> web.StreamResponse:
+    """GET /v1/usage/{user_id} (the "LLM Gateway API" seed): a user's usage by day and in total.
+    With tenants, a tenant sees only its own users."""
+    rt = request.app[RUNTIME].current
+    request_id = request_id_of(request.headers)
+    try:
+        tenant = rt.tenants.authenticate(request.headers)
+        since = request.query.get("since")
+        if since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
+            raise InvalidRequest("since: a date, YYYY-MM-DD", param="since")
+        await rt.usage_book_flush()
+        found = await usage_summary(rt.store, tenant=tenant.name if tenant else None,
+                                    user=request.match_info["user_id"], since_day=since.replace("-", "") if since else None)
+    except GatewayError as e:
+        return error_response(e, OPENAI, request_id)
+    body = {"user_id": request.match_info["user_id"], **found}
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+                        headers={X_REQUEST_ID: request_id})

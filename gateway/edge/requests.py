@@ -1,0 +1,202 @@
+"""Turning a ``/v1`` or ``/t`` request into an ``Exchange`` (the surfaces' parsers).
+
+The path, query and header values are checked before the body is read (``gateway.paths``);
+the body is read bounded (``gateway.body``), decoded when compressed and an LLM target will
+read it, and peeked at for the few fields the gateway routes and shapes by — decoded into a
+typed struct that skips everything else (off the event loop for a large one).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+from aiohttp import hdrs, web
+
+from gateway import offload
+from gateway.body import decoded, is_json, read_body
+from gateway.errors import InvalidRequest
+from gateway.exchange import ENVELOPE, Exchange
+from gateway.headers import X_RELIAPI_TARGET
+from gateway.paths import validate_header_values, validate_path, validate_query
+from providers.endpoints import endpoint
+
+if TYPE_CHECKING:
+    from gateway.edge.call import Call
+    from gateway.runtime import Runtime
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Peek(msgspec.Struct):
+    """The only body fields the gateway needs; everything else is skipped, not decoded.
+
+    ``n`` and ``stream_options.include_usage`` tell when a stream is complete."""
+
+    model: str | None = None
+    stream: bool | None = None
+    n: Count | None = None
+    stream_options: _StreamOptions | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
+    idempotency_key: str | None = None
+    user: str | None = None
+    user_id: str | int | None = None
+
+
+class _ChatMessage(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class _AnthropicMessage(msgspec.Struct):
+    role: Literal["user", "assistant"]
+
+
+class _ChatPeek(_Peek):
+    """A chat completion: its messages must be a list of messages with a known role."""
+
+    messages: list[_ChatMessage] | None = None
+
+
+class _MessagesPeek(_Peek):
+    messages: list[_AnthropicMessage] | None = None
+
+
+_peek = msgspec.json.Decoder(_Peek).decode
+_PEEKS = {
+    "chat/completions": msgspec.json.Decoder(_ChatPeek).decode,
+    "messages": msgspec.json.Decoder(_MessagesPeek).decode,
+}
+
+
+_NO_PEEK = _Peek()
+
+
+async def _peek_request(
+    request: web.Request, headers: Any, body: bytes, *, json_by_default: bool, billed: str | None = None,
+) -> tuple[_Peek, bool]:
+    """What the body says, and whether the client wants a stream (``"stream": true`` or SSE Accept)."""
+    stream = _accepts_sse(request)
+    if not body or hdrs.CONTENT_ENCODING in headers or not is_json(request, by_default=json_by_default):
+        return _NO_PEEK, stream  # an upload, or compressed in a coding the gateway does not read: never decoded
+    if len(body) <= offload.INLINE_MAX_BYTES:
+        peek = _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
+    else:
+        peek = await offload.run(peek_body, body, billed)  # off the event loop
+    return peek, bool(peek.stream) or stream
+
+
+def peek_body(body: bytes, billed: str | None) -> _Peek:
+    """The fields the gateway routes and shapes by, read from a request body of the ``billed`` endpoint."""
+    return _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
+
+
+def _shape(ex: Exchange, peek: _Peek) -> Exchange:
+    """What the body tells the policies: choices (``n``), usage in a stream, max tokens, idempotency key."""
+    if peek is _NO_PEEK:
+        return ex
+    if peek.n is not None and peek.n > 1:
+        ex.choices = peek.n
+    if ex.stream and peek.stream_options is not None and peek.stream_options.include_usage:
+        ex.include_usage = True
+    ex.max_tokens = peek.max_completion_tokens if peek.max_tokens is None else peek.max_tokens
+    ex.idempotency_key = peek.idempotency_key
+    user = peek.user if peek.user is not None else peek.user_id
+    if user is not None:
+        ex.user = str(user)[:128]
+    return ex
+
+
+def client_ip(request: web.Request, rt: Runtime) -> str | None:
+    """The peer, or behind a trusted proxy (``trust_forwarded_for``) the hop it saw: the last
+    ``X-Forwarded-For`` entry — the one a client cannot forge past that proxy."""
+    if rt.config.server.trust_forwarded_for:
+        forwarded = request.headers.get(hdrs.X_FORWARDED_FOR)
+        if forwarded:
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last:
+                return last
+    return request.remote
+
+
+def _accepts_sse(request: web.Request) -> bool:
+    """An SSE client says so in Accept: its response is a stream, timed by first byte and idle gaps."""
+    return "text/event-stream" in request.headers.get(hdrs.ACCEPT, "")
+
+
+def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
+    try:
+        return decode(body)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
+        raise InvalidRequest(f"invalid request body: {msg.replace('`', '')}", param=param) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
+
+
+async def body_of(call: Call) -> bytes:
+    """The request's body, bounded in size and time (``gateway.body``)."""
+    rt = call.rt
+    server = rt.config.server
+    return await read_body(call.request, rt.max_body, server.body_timeout_s, server.max_body_mb, server.body_deadline_s)
+
+
+def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:
+    path, _, query = raw.partition("?")
+    return path[prefix_len:], query
+
+
+async def v1(call: Call) -> Exchange:
+    """``/v1/{path}``: the path and query checked, the body read (decoded when compressed) and
+    peeked at, the target chosen by ``X-ReliAPI-Target``, the body's model, or the default."""
+    request, rt = call.request, call.rt
+    raw = request.raw_path
+    rel, query = _split_raw(raw, 4)  # after "/v1/"
+    validate_path(rel)
+    if query:
+        validate_query(query)
+    validate_header_values(request.headers, parsed=True)
+    body, headers = await body_of(call), request.headers
+    if hdrs.CONTENT_ENCODING in headers:
+        body, headers = await decoded(request, body, rt.max_body, json_by_default=True)
+    peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=endpoint(rel).billed)
+    target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
+    return _shape(Exchange(
+        request_id=call.request_id, method=request.method, route="v1", dialect=call.surface.dialect_of(raw),
+        rel_path=rel, v1=True, query=query, headers=headers, body=body, target=target, model=peek.model,
+        stream=stream, client_ip=client_ip(request, rt), tenant=call.tenant,
+    ), peek)
+
+
+async def t(call: Call) -> Exchange:
+    """``/t/{target}/{path}``: the named target; an LLM target's body is decoded and peeked at
+    like ``/v1``'s, a plain-HTTP target's is relayed unread."""
+    request, rt = call.request, call.rt
+    path, _, query = request.raw_path.partition("?")
+    _, _, rest = path.partition("/t/")
+    name, _, rel = rest.partition("/")
+    target = rt.router.by_name(name)
+    validate_path(rel)
+    if query:
+        validate_query(query)
+    validate_header_values(request.headers, parsed=True)
+    body, headers = await body_of(call), request.headers
+    if target.kind == "llm":
+        if hdrs.CONTENT_ENCODING in headers:
+            body, headers = await decoded(request, body, rt.max_body, json_by_default=False)
+        peek, stream = await _peek_request(request, headers, body, json_by_default=False, billed=endpoint(rel).billed)
+    else:
+        peek, stream = _NO_PEEK, _accepts_sse(request)
+    return _shape(Exchange(
+        request_id=call.request_id, method=request.method, route="t", dialect=ENVELOPE, rel_path=rel, v1=False,
+        query=query, headers=headers, body=body, target=target, model=peek.model, stream=stream,
+        client_ip=client_ip(request, rt), tenant=call.tenant,
+    ), peek)

@@ -1,0 +1,86 @@
+"""The outermost step of every proxied request (``gateway.edge.surfaces``).
+
+It names the request (``X-Request-Id``), runs its surface's steps and the request flow,
+writes the reply — complete, or relayed as a stream (``gateway.writer``) — and renders every
+``GatewayError`` raised anywhere on the way, writing included, in the surface's dialect with
+the request id. Anything else is a bug: logged once with its stack and the request id, and
+answered ``500 internal_error`` (in-band, once a stream has started). Last, whatever
+happened, the access record is written and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from gateway.edge.access import access_fields
+from gateway.edge.call import Call
+from gateway.edge.ids import request_id as new_request_id
+from gateway.edge.surfaces import surface_for
+from gateway.errors import GatewayError, InternalError
+from gateway.exchange import Reply
+from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
+from gateway.keys import RUNTIME
+from gateway.writer import StreamOutcome, check_sendable, complete_response, error_response, write_reply
+
+log = logging.getLogger("reliapi")
+
+
+async def serve(request: web.Request) -> web.StreamResponse:
+    """The aiohttp handler of every path that is not a fixed gateway endpoint."""
+    surface = surface_for(request.method, request.raw_path)
+    rt = request.app[RUNTIME].current
+    call = Call(request, rt, surface, new_request_id(request.headers), time.monotonic())
+    outcome = StreamOutcome()
+    status, error, reply = 0, None, None
+    try:
+        try:
+            reply = await surface.handler(call)
+            status = reply.status
+            ex = call.ex
+            assert ex is not None
+            headers = reply.headers
+            headers[X_REQUEST_ID] = call.request_id
+            headers[X_RELIAPI_TARGET] = ex.target.name
+            headers[X_RELIAPI_ATTEMPTS] = str(ex.attempts)
+            headers.setdefault(X_CACHE, "BYPASS")
+            headers.setdefault(X_CACHED, "false")
+            check_sendable(headers)
+            if reply.chunks is None:
+                return complete_response(reply, outcome)
+            return await write_reply(request, ex, reply, outcome)  # (an error once it has started is in-band)
+        except GatewayError as e:
+            error = e
+        except Exception:
+            log.exception("internal error", extra={"fields": {"request_id": call.request_id}})
+            error = InternalError("internal error")
+        outcome.ok = False
+        status = error.status
+        ex = call.ex
+        return error_response(
+            error, surface.dialect_of(request.raw_path), call.request_id, target=ex.target.name if ex else None,
+            attempts=ex.attempts if ex else 0, duration_ms=call.elapsed_ms(time.monotonic()),
+        )
+    finally:
+        _record(call, reply, status, error, outcome)
+
+
+def _record(call: Call, reply: Reply | None, status: int, error: GatewayError | None, outcome: StreamOutcome) -> None:
+    rt, request = call.rt, call.request
+    if call.inflight is not None:
+        rt.observatory.leave(call.inflight)
+    ex = call.ex
+    fields = access_fields(request, call.request_id, call.surface.name, ex, reply if error is None else None, status,
+                           error, outcome, call.elapsed_ms(time.monotonic()))
+    if ex is None:
+        fields["tenant"] = call.tenant  # a known caller whose request was refused before it had a target
+    failed = error or outcome.error
+    if failed is not None:
+        fields["error_message"] = rt.scrub(failed.message)
+    if failed is not None or status >= 400:
+        fields["path"] = rt.scrub(request.path)[:256]  # the last errors on the status page say where
+    if rt.access_log.enabled:
+        rt.access_log(fields)  # sets "ts"
+    rt.observatory.record(fields)
