@@ -16,14 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import admin, metrics, status_page
 from gateway.clock import Clock
-from gateway.config import Config, ServerConfig
-from gateway.edge import probes, reports
+from gateway.config.model import Config, ServerConfig
+from gateway.edge import admin, probes, reports
 from gateway.edge.serve import serve
-from gateway.events import Events
 from gateway.keys import EXPOSITION, OBSERVATORY, RELOADER, RUNTIME
-from gateway.observe import Observatory
+from gateway.observe import metrics
+from gateway.observe import page as status_page
+from gateway.observe.counters import Observatory
+from gateway.observe.events import Events
 from gateway.runtime import Runtime, RuntimeSlot
 from gateway.store import Store
 
@@ -34,7 +35,7 @@ log = logging.getLogger("reliapi")
 
 def handler_args(server: ServerConfig) -> dict[str, Any]:
     """aiohttp server settings every way of running the app shares (tests, CLI, workers): fixed when
-    the app is built, so a reload does not change them (see ``gateway.server`` for the rest)."""
+    the app is built, so a reload does not change them (see ``gateway.edge.server`` for the rest)."""
     return {
         "handler_cancellation": True,  # a client that disconnects cancels its upstream request at once
         "auto_decompress": False,  # request bodies are forwarded exactly as sent
@@ -94,8 +95,8 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
     its errors and the running one stays. State in the store (circuits, budgets, cache, usage)
     and the observatory's counters survive; a new listen address needs a restart.
     Returns ``{"reloaded": bool, "errors": [...], "warnings": [...], "source": ..., "targets": [...]}``."""
-    from gateway.config import ConfigError, config_warnings
-    from gateway.logs import use_scrubber
+    from gateway.config.model import ConfigError, config_warnings
+    from gateway.observe.logs import use_scrubber
 
     reload = app[RELOADER]
     if reload is None:

@@ -29,7 +29,7 @@ import msgspec
 from aiohttp import web
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, config_warnings, load_config
+from gateway.config.model import Config, ConfigError, config_warnings, load_config
 
 log = logging.getLogger("reliapi")
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--workers: must be at least 1", file=sys.stderr)
         return 2
 
-    from gateway.logs import setup_logging
+    from gateway.observe.logs import setup_logging
 
     setup_logging(level, pid=workers > 1)
     for line in config_warnings(config):
@@ -142,9 +142,9 @@ def serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) ->
 async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) -> None:
     from gateway import offload
     from gateway.app import create_app
+    from gateway.edge.server import GatewayRunner
     from gateway.keys import RUNTIME
-    from gateway.logs import use_scrubber
-    from gateway.server import GatewayRunner
+    from gateway.observe.logs import use_scrubber
 
     app = create_app(config, reload=reload)
     use_scrubber(app[RUNTIME].current.scrub)  # the gateway's own log lines never carry a configured key

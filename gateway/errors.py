@@ -2,7 +2,7 @@
 
 Every failure a policy, the router or a backend can raise is a ``GatewayError``;
 foreign exceptions (aiohttp, redis, msgspec) are translated at the boundary that
-meets them. Exactly one place — ``gateway.writer.render_error`` — turns one into
+meets them. Exactly one place — ``gateway.edge.writer.render_error`` — turns one into
 a response, in the dialect of the surface the client called.
 
     GatewayError                      status code
@@ -139,7 +139,7 @@ class Overloaded(GatewayError):
 
 
 class TooManyConnections(Overloaded):
-    """A connection over ``server.max_connections``, refused by the listener (``gateway.server``)."""
+    """A connection over ``server.max_connections``, refused by the listener (``gateway.edge.server``)."""
 
     code = "too_many_connections"
 

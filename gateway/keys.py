@@ -8,8 +8,8 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.app import Reloader
-    from gateway.metrics import Exposition
-    from gateway.observe import Observatory
+    from gateway.observe.counters import Observatory
+    from gateway.observe.metrics import Exposition
     from gateway.runtime import RuntimeSlot
 
 RUNTIME: web.AppKey[RuntimeSlot] = web.AppKey("runtime")

@@ -17,17 +17,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from gateway.clock import Clock
-from gateway.config import Config
-from gateway.events import Events
+from gateway.config.model import Config
 from gateway.flow.build import build
 from gateway.flow.chain import Handler
 from gateway.flow.context import Context
-from gateway.logs import AccessLog
-from gateway.observe import Observatory
+from gateway.observe.counters import Observatory
+from gateway.observe.events import Events
+from gateway.observe.logs import AccessLog
 from gateway.scrub import Scrubber
-from gateway.shared import SharedState
+from gateway.state.shared import SharedState
 from gateway.store import Store, StoreError, open_store
-from gateway.targets import Router, Target
+from gateway.upstream.targets import Router, Target
 from policies.tenants import Tenants
 from providers.pricing import PriceTable
 

@@ -27,7 +27,7 @@ from gateway import encoding
 from gateway.errors import StreamBroken
 
 if TYPE_CHECKING:
-    from gateway.exchange import Reply
+    from gateway.flow.exchange import Reply
 
 log = logging.getLogger("reliapi")
 

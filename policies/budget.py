@@ -58,16 +58,16 @@ from gateway.errors import (
     StoreUnavailable,
     UnsupportedMediaType,
 )
-from gateway.events import BudgetEvent, StoreDegraded
+from gateway.observe.events import BudgetEvent, StoreDegraded
 from gateway.store import StoreError
 from policies.fallback import Chains
 from providers import endpoints, estimate, openai
 from providers.estimate import OUTPUT_FIELDS, View
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Reply
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
+    from gateway.flow.exchange import Exchange, Reply
     from providers.pricing import Price
 
 X_RELIAPI_MAX_TOKENS = "X-ReliAPI-Max-Tokens"

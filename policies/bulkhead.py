@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.errors import Overloaded
-from gateway.events import BulkheadRejected
-from gateway.exchange import Exchange, Reply
+from gateway.flow.exchange import Exchange, Reply
+from gateway.observe.events import BulkheadRejected
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
 
 
 class Bulkhead:

@@ -45,18 +45,18 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs
 
 from gateway.errors import GatewayError
-from gateway.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
-from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED, X_RELIAPI_COST
+from gateway.observe.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
+from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.store import Store, StoreError
 from policies.idempotency import body_digest, digest_ready
 
 if TYPE_CHECKING:
-    from gateway.config import CacheConfig
-    from gateway.exchange import Exchange, Reply
+    from gateway.config.model import CacheConfig
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
-    from gateway.targets import Target
+    from gateway.flow.exchange import Exchange, Reply
+    from gateway.upstream.targets import Target
 
 log = logging.getLogger("reliapi")
 

@@ -16,7 +16,7 @@ before an attempt, ``record(ok)`` after it — on a monotonic clock:
 It gates each attempt (it sits after ``retry`` in the pipeline), so a circuit that opens
 while a request is retrying ends those retries too.
 
-Shared between instances (``SharedCircuit``, via ``gateway.shared``): an opening or closing
+Shared between instances (``SharedCircuit``, via ``gateway.state.shared``): an opening or closing
 is written to the store and announced, and the others follow at once — two gateways on one
 Redis see the same open circuit. Probes are counted in the store, so a fleet sends
 ``half_open_max_calls`` probes in all, not one per instance. Consecutive failures are
@@ -34,17 +34,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway.clock import Clock
-from gateway.config import CircuitConfig
+from gateway.config.model import CircuitConfig
 from gateway.errors import CircuitOpen, GatewayError
-from gateway.events import CircuitTransition, Events
-from gateway.exchange import Exchange, Reply
-from gateway.shared import SharedState
+from gateway.flow.exchange import Exchange, Reply
+from gateway.observe.events import CircuitTransition, Events
+from gateway.state.shared import SharedState
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STATE_CODES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}  # the Prometheus gauge's values (SPEC §7)

@@ -29,18 +29,18 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING
 
 from gateway import jsonbody
-from gateway.config import dialect
+from gateway.config.model import dialect
 from gateway.errors import GatewayError, UpstreamError
-from gateway.events import FallbackUsed
-from gateway.exchange import Exchange, Reply
 from gateway.failures import Failure, failure_of
+from gateway.flow.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_FALLBACK
+from gateway.observe.events import FallbackUsed
 from policies import stream_recovery
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler
     from gateway.flow.context import Context
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
 
 Entry = tuple["Target", str | None]  # a target and the model to ask it for (None: the client's)
 
@@ -77,7 +77,7 @@ class Chains:
         targets = ctx.targets
 
         def entries(raw: list, primary: Target) -> list[Entry]:
-            # OpenAI and Anthropic targets stand in for each other (gateway.crossing translates); a plain-HTTP
+            # OpenAI and Anthropic targets stand in for each other (providers.crossing translates); a plain-HTTP
             # target and an LLM one cannot: skipped, as --check warns
             plain = dialect(primary.config.provider) == "http"
             return [(targets[e.target], e.model) for e in raw

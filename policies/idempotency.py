@@ -7,7 +7,7 @@ providers reject unknown fields). It is scoped to the tenant, and recorded with 
 fingerprint of the request: method, target, route, path, sorted query and the body
 as canonical JSON (reordered keys and whitespace are the same request).
 
-- first request: runs (``gateway.flights`` — an atomic claim with a random token);
+- first request: runs (``gateway.state.flights`` — an atomic claim with a random token);
 - concurrent duplicates, on this instance or any other sharing the store: wait and get
   the same answer; a stream's chunks from its first byte while it still runs;
 - later duplicates within ``idempotency.ttl_s`` (from the first request): the stored
@@ -41,15 +41,15 @@ from multidict import CIMultiDict
 
 from gateway import jsonbody
 from gateway.errors import GatewayError, IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
-from gateway.events import Coalesced, IdempotentReplay, StoreDegraded
-from gateway.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.headers import IDEMPOTENCY_KEYS, X_CACHED, X_RELIAPI_COST
+from gateway.observe.events import Coalesced, IdempotentReplay, StoreDegraded
+from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Reply
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
+    from gateway.flow.exchange import Exchange, Reply
 
 log = logging.getLogger("reliapi")
 

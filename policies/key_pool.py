@@ -13,7 +13,7 @@ When every key is cooling down, the attempt is refused with ``KeysExhausted`` (4
 the soonest key's Retry-After): the retry policy waits for it or the fallback chain moves
 on, and the upstream is not asked again meanwhile. When every key is disabled they are
 used anyway, so the client sees the provider's own 401. Cooldowns and disabled keys are
-shared with the other instances (``gateway.shared``), keyed by a fingerprint of the key —
+shared with the other instances (``gateway.state.shared``), keyed by a fingerprint of the key —
 a replaced key starts clean.
 """
 
@@ -26,16 +26,16 @@ import msgspec
 
 from gateway.clock import Clock
 from gateway.errors import KeysExhausted
-from gateway.events import Events, KeyCooldown, KeyDisabled, RetryScheduled
-from gateway.exchange import Exchange, Reply
-from gateway.shared import SharedState
+from gateway.flow.exchange import Exchange, Reply
+from gateway.observe.events import Events, KeyCooldown, KeyDisabled, RetryScheduled
+from gateway.state.shared import SharedState
 from gateway.store import StoreError
 from providers.auth import PoolKey
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
 
 DEFAULT_COOLDOWN_S = 1.0
 QUOTA_COOLDOWN_S = 60.0

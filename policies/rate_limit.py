@@ -30,14 +30,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
-from gateway.events import RateLimitRefused, StoreDegraded
+from gateway.observe.events import RateLimitRefused, StoreDegraded
 from gateway.store import StoreError, TakeResult
 from gateway.store.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Reply
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
+    from gateway.flow.exchange import Exchange, Reply
     from gateway.store import Store
 
 log = logging.getLogger("reliapi")

@@ -35,17 +35,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.config import RetryRule
+from gateway.config.model import RetryRule
 from gateway.errors import CircuitOpen, GatewayError
-from gateway.events import RetryBudgetExhausted, RetryScheduled
-from gateway.exchange import Exchange, Reply
 from gateway.failures import Failure, failure_of
+from gateway.flow.exchange import Exchange, Reply
 from gateway.headers import IDEMPOTENCY_KEYS
+from gateway.observe.events import RetryBudgetExhausted, RetryScheduled
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
     from policies.circuit_breaker import SharedCircuit
 
 _NON_IDEMPOTENT = frozenset({"POST", "PATCH"})

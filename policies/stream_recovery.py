@@ -22,15 +22,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError, StreamBroken
-from gateway.events import Events, StreamRecovered
-from gateway.exchange import Exchange, Reply
-from gateway.sse import events as sse_events
-from gateway.sse import split_events
+from gateway.flow.exchange import Exchange, Reply
+from gateway.observe.events import Events, StreamRecovered
+from gateway.streaming.sse import events as sse_events
+from gateway.streaming.sse import split_events
 from providers.base import Splicer, StreamReader
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
 
 Entry = tuple["Target", "str | None"]
 

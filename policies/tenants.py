@@ -32,10 +32,10 @@ from multidict import CIMultiDictProxy, istr
 from gateway.errors import Forbidden, GatewayError, Unauthorized
 
 if TYPE_CHECKING:
-    from gateway.config import Config, TenantConfig
-    from gateway.exchange import Exchange, Reply
+    from gateway.config.model import Config, TenantConfig
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
+    from gateway.flow.exchange import Exchange, Reply
 
 log = logging.getLogger("reliapi")
 

@@ -31,15 +31,15 @@ from multidict import istr
 
 from gateway import jsonbody, offload
 from gateway.errors import UpstreamError
-from gateway.exchange import ANTHROPIC
+from gateway.flow.exchange import ANTHROPIC
 from gateway.headers import X_RELIAPI_COST
 from gateway.store import StoreError
 from providers import anthropic, endpoints, estimate, openai
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Reply
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
+    from gateway.flow.exchange import Exchange, Reply
 
 log = logging.getLogger("reliapi")
 

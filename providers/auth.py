@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from multidict import CIMultiDict
 
-from gateway.config import AuthConfig, KeyPool
+from gateway.config.model import AuthConfig, KeyPool
 from providers.base import Provider
 
 log = logging.getLogger("reliapi")

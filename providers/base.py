@@ -83,7 +83,7 @@ _CONTENT_POLICY = (b"content_policy_violation", b"content_filter", b"content_man
 
 
 class StreamReader:
-    """Watches one relayed SSE stream, event by event (see ``gateway.streams``).
+    """Watches one relayed SSE stream, event by event (see ``gateway.streaming.streams``).
 
     State a reader keeps up to date in ``feed``:
 

@@ -50,7 +50,7 @@ class Endpoint:
 
 
 def normalize(path: str) -> str:
-    """A path (validated by ``gateway.paths``) as an upstream would read it, from its API version on."""
+    """A path (validated by ``gateway.upstream.paths``) as an upstream would read it, from its API version on."""
     path = unquote(path) if "%" in path else path
     segments = [s.partition(";")[0].lower() for s in path.split("/") if s]
     if "v1" in segments:  # /v1/…, /openai/v1/…, /api/v1/…: the endpoint is what follows

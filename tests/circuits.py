@@ -6,8 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from gateway.events import CircuitTransition
 from gateway.keys import RUNTIME
+from gateway.observe.events import CircuitTransition
 from tests.fakes import Fault
 
 CHAT = [{"role": "user", "content": "hi"}]

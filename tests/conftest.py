@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.clock import Clock
-from gateway.config import parse_config
-from gateway.logs import JsonFormatter
-from gateway.server import GatewayRunner
+from gateway.config.model import parse_config
+from gateway.edge.server import GatewayRunner
+from gateway.observe.logs import JsonFormatter
 from gateway.store import Store
 from tests.cli_harness import CLI
 from tests.clock import FakeClock

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 from multidict import CIMultiDict
 
-from gateway.sse import events
+from gateway.streaming.sse import events
 from policies.usage import NotJSON, read_usage
 from providers import get_provider, stream_format
 from providers.anthropic import MessagesStream

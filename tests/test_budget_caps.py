@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.events import BudgetEvent
 from gateway.keys import RUNTIME
+from gateway.observe.events import BudgetEvent
 from providers.pricing import PriceTable, estimate_prompt_tokens
 
 # gpt-4o-mini: $0.15 in / $0.60 out per 1M tokens. A 4,000-character prompt ≈ 1,000 + 4 + 3 tokens.

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.events import BulkheadRejected, CircuitTransition, FallbackUsed
 from gateway.keys import RUNTIME
+from gateway.observe.events import BulkheadRejected, CircuitTransition, FallbackUsed
 from tests.fakes import Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

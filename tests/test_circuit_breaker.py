@@ -18,10 +18,10 @@ import logging
 
 import pytest
 
-from gateway.config import CircuitConfig
+from gateway.config.model import CircuitConfig
 from gateway.errors import CircuitOpen
-from gateway.events import FallbackUsed
 from gateway.keys import RUNTIME
+from gateway.observe.events import FallbackUsed
 from policies.circuit_breaker import Breaker
 from tests.circuits import (
     CHAT,

@@ -13,7 +13,7 @@ import textwrap
 import msgspec
 import pytest
 
-from gateway.config import (
+from gateway.config.model import (
     AuthConfig,
     BudgetCaps,
     CacheConfig,

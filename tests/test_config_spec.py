@@ -12,7 +12,7 @@ import re
 import msgspec
 import pytest
 
-from gateway.config import (
+from gateway.config.model import (
     AuthConfig,
     BudgetCaps,
     CacheConfig,

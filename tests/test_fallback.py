@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.events import FallbackUsed
 from gateway.keys import RUNTIME
+from gateway.observe.events import FallbackUsed
 from tests.clock import FakeClock
 from tests.fakes import Fault
 
@@ -182,7 +182,7 @@ targets:
         retry_matrix: {{"5xx": {{attempts: 0}}}}}}
   claude: {{base_url: "{fb2.url}", provider: anthropic}}
 """
-    from gateway.config import config_warnings, parse_config
+    from gateway.config.model import config_warnings, parse_config
 
     assert config_warnings(parse_config(cfg)) == []
     client, _ = await gateway(cfg)

@@ -1,4 +1,4 @@
-"""gateway/flights.py on its own: a shared stream's memory stays bounded past its size limit."""
+"""gateway/state/flights.py on its own: a shared stream's memory stays bounded past its size limit."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from gateway import recording as flights
 from gateway.errors import StreamBroken
-from gateway.recording import Recording
+from gateway.streaming import recording as flights
+from gateway.streaming.recording import Recording
 
 
 async def drain(reader, into: list[bytes], pause_s: float = 0.0) -> None:

@@ -23,8 +23,8 @@ import msgspec
 import pytest
 from multidict import CIMultiDict
 
-from gateway.exchange import Reply
-from gateway.flights import Entry, Flights, Lead
+from gateway.flow.exchange import Reply
+from gateway.state.flights import Entry, Flights, Lead
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from tests.fakes import FakeUpstream, Fault
@@ -100,7 +100,7 @@ async def call(client, body: Any = CHAT, **kwargs) -> tuple[int, CIMultiDict[str
 
 
 def store_key(key: str, tenant: str = "-") -> str:
-    """Where the policy keeps a key's record (gateway/flights.py, policies/idempotency.py)."""
+    """Where the policy keeps a key's record (gateway/state/flights.py, policies/idempotency.py)."""
     return f"idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 

@@ -18,8 +18,8 @@ from itertools import pairwise
 
 import pytest
 
-from gateway.events import KeyCooldown, KeyDisabled, RetryScheduled
 from gateway.keys import RUNTIME
+from gateway.observe.events import KeyCooldown, KeyDisabled, RetryScheduled
 from gateway.store.memory import MemoryStore
 from tests.fakes import Fault
 from tests.stores import drop, new_prefix, redis_store

@@ -2,7 +2,7 @@
 
 The access log is captured through ``create_app(access_log_write=...)`` (the ``gateway``
 fixture's ``logs``); the gateway's own ``reliapi`` log through a handler with the production
-formatter, ``gateway.logs.JsonFormatter``, so what is asserted is the JSON a user would read.
+formatter, ``gateway.observe.logs.JsonFormatter``, so what is asserted is the JSON a user would read.
 """
 
 from __future__ import annotations

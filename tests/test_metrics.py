@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from gateway.config import parse_config
+from gateway.config.model import parse_config
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
@@ -410,7 +410,7 @@ async def test_a_stream_through_the_cache_keeps_its_time_to_first_token(fake, ga
 
 async def test_model_label_values_are_bounded(fake, gateway, clock, monkeypatch):
     """Clients choose the model name: past a bound, new names are counted under one label value."""
-    from gateway import observe
+    from gateway.observe import counters as observe
     from tests.conftest import llm_config
 
     monkeypatch.setattr(observe, "MAX_MODELS", 2)
@@ -430,7 +430,7 @@ def _record(status: int, outcome: str, code: str | None = None, upstream: int | 
 
 
 def test_a_targets_error_rate_counts_its_failures_not_the_gateways_refusals():
-    from gateway.observe import Observatory
+    from gateway.observe.counters import Observatory
 
     obs = Observatory(wall=lambda: 1_700_000_000.0)
     obs.record(_record(429, "error", "rate_limited"))  # a tenant over its rate limit

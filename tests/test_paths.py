@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.paths import UpstreamBase, validate_path, validate_query
+from gateway.upstream.paths import UpstreamBase, validate_path, validate_query
 from tests.conftest import llm_config, raw_http
 
 BAD_PATHS = [

@@ -6,8 +6,8 @@ from __future__ import annotations
 from multidict import CIMultiDict
 
 from gateway.errors import RateLimited
-from gateway.exchange import Reply
 from gateway.flow import build, chain
+from gateway.flow.exchange import Reply
 from tests.conftest import llm_config
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.events import CacheHit, CacheMiss, Coalesced, IdempotentReplay, RateLimitRefused, StoreDegraded
 from gateway.keys import RUNTIME
+from gateway.observe.events import CacheHit, CacheMiss, Coalesced, IdempotentReplay, RateLimitRefused, StoreDegraded
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from tests.fakes import Fault

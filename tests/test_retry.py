@@ -18,8 +18,8 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.events import RetryBudgetExhausted, RetryScheduled
 from gateway.keys import RUNTIME
+from gateway.observe.events import RetryBudgetExhausted, RetryScheduled
 from tests.clock import FakeClock
 from tests.fakes import Fault
 

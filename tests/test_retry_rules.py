@@ -13,7 +13,7 @@ from email.utils import formatdate
 import pytest
 from multidict import CIMultiDict
 
-from gateway.config import RetryRule
+from gateway.config.model import RetryRule
 from gateway.headers import retry_after_s, should_retry
 from policies.retry import RetryBudget, backoff_s
 from providers.anthropic import AnthropicProvider

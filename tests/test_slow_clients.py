@@ -19,9 +19,9 @@ from aiohttp.client_reqrep import ConnectionKey
 from aioresponses import aioresponses
 from multidict import CIMultiDict
 
-from gateway import server as listener
+from gateway.edge import server as listener
+from gateway.edge.server import Limits, auto_max_connections
 from gateway.keys import RUNTIME
-from gateway.server import Limits, auto_max_connections
 from tests.cli_harness import CLI, free_port
 from tests.config_helpers import errors_of, load
 from tests.conftest import llm_config

@@ -439,7 +439,7 @@ tenants:
 
 
 async def test_seed_tenants_mapping_form(fake, start):
-    """The seed's ``tenants: {name: {api_key, rate_limit_rpm}}`` (gateway/config_compat.py)."""
+    """The seed's ``tenants: {name: {api_key, rate_limit_rpm}}`` (gateway/config/compat.py)."""
     tenants = f"""
 tenants:
   client-a:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from gateway.edge.writer import StreamOutcome
     from gateway.errors import GatewayError
-    from gateway.exchange import Exchange, Reply
-    from gateway.writer import StreamOutcome
+    from gateway.flow.exchange import Exchange, Reply
 
 
 def access_fields(

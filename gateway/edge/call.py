@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.edge.surfaces import Surface
-    from gateway.exchange import Exchange, Reply
+    from gateway.flow.exchange import Exchange, Reply
     from gateway.runtime import Runtime
 
 

@@ -11,18 +11,18 @@ import re
 import msgspec
 from aiohttp import web
 
-from gateway import catalog
+from gateway.edge import catalog
 from gateway.edge.ids import request_id as request_id_of
+from gateway.edge.writer import error_response
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.exchange import OPENAI
+from gateway.flow.exchange import OPENAI
 from gateway.headers import X_REQUEST_ID
 from gateway.keys import RUNTIME
-from gateway.writer import error_response
 from policies.usage import summary as usage_summary
 
 
 async def models(request: web.Request) -> web.StreamResponse:
-    """GET /v1/models: the gateway's own catalog (``gateway.catalog``), in the OpenAI dialect."""
+    """GET /v1/models: the gateway's own catalog (``gateway.edge.catalog``), in the OpenAI dialect."""
     rt = request.app[RUNTIME].current
     request_id = request_id_of(request.headers)
     try:

@@ -1,7 +1,7 @@
 """Turning a ``/v1`` or ``/t`` request into an ``Exchange`` (the surfaces' parsers).
 
-The path, query and header values are checked before the body is read (``gateway.paths``);
-the body is read bounded (``gateway.body``), decoded when compressed and an LLM target will
+The path, query and header values are checked before the body is read (``gateway.upstream.paths``);
+the body is read bounded (``gateway.edge.body``), decoded when compressed and an LLM target will
 read it, and peeked at for the few fields the gateway routes and shapes by — decoded into a
 typed struct that skips everything else (off the event loop for a large one).
 """
@@ -14,11 +14,11 @@ import msgspec
 from aiohttp import hdrs, web
 
 from gateway import offload
-from gateway.body import decoded, is_json, read_body
+from gateway.edge.body import decoded, is_json, read_body
 from gateway.errors import InvalidRequest
-from gateway.exchange import ENVELOPE, Exchange
+from gateway.flow.exchange import ENVELOPE, Exchange
 from gateway.headers import X_RELIAPI_TARGET
-from gateway.paths import validate_header_values, validate_path, validate_query
+from gateway.upstream.paths import validate_header_values, validate_path, validate_query
 from providers.endpoints import endpoint
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
 
 
 async def body_of(call: Call) -> bytes:
-    """The request's body, bounded in size and time (``gateway.body``)."""
+    """The request's body, bounded in size and time (``gateway.edge.body``)."""
     rt = call.rt
     server = rt.config.server
     return await read_body(call.request, rt.max_body, server.body_timeout_s, server.max_body_mb, server.body_deadline_s)

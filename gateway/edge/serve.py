@@ -1,7 +1,7 @@
 """The outermost step of every proxied request (``gateway.edge.surfaces``).
 
 It names the request (``X-Request-Id``), runs its surface's steps and the request flow,
-writes the reply — complete, or relayed as a stream (``gateway.writer``) — and renders every
+writes the reply — complete, or relayed as a stream (``gateway.edge.writer``) — and renders every
 ``GatewayError`` raised anywhere on the way, writing included, in the surface's dialect with
 the request id. Anything else is a bug: logged once with its stack and the request id, and
 answered ``500 internal_error`` (in-band, once a stream has started). Last, whatever
@@ -19,11 +19,11 @@ from gateway.edge.access import access_fields
 from gateway.edge.call import Call
 from gateway.edge.ids import request_id as new_request_id
 from gateway.edge.surfaces import surface_for
+from gateway.edge.writer import StreamOutcome, check_sendable, complete_response, error_response, write_reply
 from gateway.errors import GatewayError, InternalError
-from gateway.exchange import Reply
+from gateway.flow.exchange import Reply
 from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
 from gateway.keys import RUNTIME
-from gateway.writer import StreamOutcome, check_sendable, complete_response, error_response, write_reply
 
 log = logging.getLogger("reliapi")
 

@@ -15,7 +15,7 @@ from gateway.edge.call import Call, EdgeHandler, EdgeStep
 from gateway.errors import InvalidRequest, UnknownTarget
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Reply
+    from gateway.flow.exchange import Exchange, Reply
 
 
 def no_route(call: Call, call_next: EdgeHandler) -> Awaitable[Reply]:

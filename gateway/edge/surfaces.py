@@ -1,9 +1,9 @@
 """The table of proxied surfaces: which parser, error dialect and finisher a path gets.
 
     surface     method and path          parser (→ Exchange)        errors in   finisher
-    generate    POST /v1/generate        gateway.generate           openai      generate.reply
-    proxy       POST /proxy/http         gateway.envelope           envelope    envelope.finish
-    proxy_llm   POST /proxy/llm          gateway.envelope_llm       envelope    envelope_llm.reply
+    generate    POST /v1/generate        gateway.edge.generate           openai      generate.reply
+    proxy       POST /proxy/http         gateway.edge.envelope           envelope    envelope.finish
+    proxy_llm   POST /proxy/llm          gateway.edge.envelope_llm       envelope    envelope_llm.reply
     v1          any  /v1/{path}          edge.requests.v1           by path     —
     t           any  /t/{target}/{path}  edge.requests.t            envelope    —
     none        anything else            (404 unknown_target)       envelope    —
@@ -22,15 +22,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from gateway import envelope, envelope_llm, generate
-from gateway.edge import requests
+from gateway.edge import envelope, envelope_llm, generate, requests
 from gateway.edge.call import Call, EdgeHandler, EdgeStep, compose
 from gateway.edge.steps import authenticate, finishing, from_http1, no_route, parse_and_run
-from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI
+from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI
 from providers.endpoints import MESSAGES, endpoint
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Reply
+    from gateway.flow.exchange import Exchange, Reply
 
 Parser = Callable[[Call], Awaitable["Exchange"]]
 Finisher = Callable[[Call, "Reply"], Awaitable["Reply"]]

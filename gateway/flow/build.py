@@ -48,7 +48,7 @@ from policies import (
 if TYPE_CHECKING:
     from gateway.flow.context import Context
     from gateway.scrub import Scrubber
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
     from policies.circuit_breaker import SharedCircuit
     from policies.key_pool import KeyPool
     from policies.usage import UsageBook

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Reply
+    from gateway.flow.exchange import Exchange, Reply
 
 Handler = Callable[["Exchange"], Awaitable["Reply"]]
 

@@ -5,7 +5,7 @@ credential, the attempt's timeout within the total deadline, the body translated
 of the other LLM dialect or asking an OpenAI stream for its usage), sends it over the target's
 transport, and classifies what comes back: an error answer scrubbed of configured keys and
 read by the provider (``Reply.failure``), a compressed LLM answer decoded, an SSE stream put
-under its format's watcher (``gateway.streams``), a translated answer turned back.
+under its format's watcher (``gateway.streaming.streams``), a translated answer turned back.
 """
 
 from __future__ import annotations
@@ -14,23 +14,23 @@ from typing import TYPE_CHECKING
 
 from aiohttp.hdrs import CONTENT_ENCODING
 
-from gateway.crossing import Crossing, crossing
 from gateway.encoding import decode_answer
 from gateway.errors import GatewayError, UpstreamTimeout
-from gateway.events import UpstreamAnswered
-from gateway.exchange import Exchange, Reply
+from gateway.flow.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, upstream_request_headers
+from gateway.observe.events import UpstreamAnswered
 from gateway.scrub import scrub_error, scrub_text_stream
-from gateway.sse import Aligner
-from gateway.streams import read_head, strip_usage_chunks, watch
+from gateway.streaming.sse import Aligner
+from gateway.streaming.streams import read_head, strip_usage_chunks, watch
 from policies import usage
 from providers import stream_format
+from providers.crossing import Crossing, crossing
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler
     from gateway.flow.context import Context
     from gateway.scrub import Scrubber
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
 
 
 def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
@@ -105,7 +105,7 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
 def _watch_stream(
     ex: Exchange, reply: Reply, target: Target, *, strip_usage: bool = False, cross: Crossing | None = None,
 ) -> None:
-    """Put an SSE stream of a known format under ``gateway.streams.watch``; an error event in
+    """Put an SSE stream of a known format under ``gateway.streaming.streams.watch``; an error event in
     its head makes the reply a failure the policies can still retry or fall back from."""
     if not is_event_stream(reply.headers):
         return

@@ -1,7 +1,7 @@
 """Checks that need the whole config: cross-references (``cross_check``, errors) and what a valid
 config asks for that this version cannot do, or leaves unusable (``config_warnings``).
 
-``cross_check`` runs once every value has the right type (``gateway.config.parse_config``):
+``cross_check`` runs once every value has the right type (``gateway.config.model.parse_config``):
 fallback targets exist, auth blocks are complete, caps are ordered, names are usable.
 """
 
@@ -14,11 +14,11 @@ import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from gateway.logs import hide_userinfo
+from gateway.observe.logs import hide_userinfo
 from gateway.scrub import MIN_SECRET
 
 if TYPE_CHECKING:
-    from gateway.config import AuthConfig, Config
+    from gateway.config.model import AuthConfig, Config
 
 
 def cross_check(config: Config) -> list[str]:
@@ -77,7 +77,7 @@ def cross_check(config: Config) -> list[str]:
         if tenant.profile is not None and tenant.profile not in config.client_profiles:
             errors.append(f"{p}.profile: no client profile named {tenant.profile!r}")
     # Pools are keyed by provider in the seed wiki (`provider_key_pools: {openai: …}`) or by target name.
-    from gateway.config import Provider
+    from gateway.config.model import Provider
 
     providers = set(typing.get_args(Provider))
     for key in config.provider_key_pools:

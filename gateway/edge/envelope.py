@@ -25,9 +25,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.edge.requests import body_of, client_ip
 from gateway.errors import InvalidRequest, UpstreamError
-from gateway.exchange import ENVELOPE, Exchange, Reply
+from gateway.flow.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
-from gateway.paths import validate_header_values, validate_path
+from gateway.upstream.paths import validate_header_values, validate_path
 
 if TYPE_CHECKING:
     from gateway.edge.call import Call

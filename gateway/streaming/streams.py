@@ -1,7 +1,7 @@
 """Honest streams: a relayed SSE stream is complete, finalised, or reported broken — never cut quietly.
 
 ``watch`` sits between the upstream relay and everything downstream of it. It forwards
-whole events only (``gateway.sse.Aligner``), lets the format's ``StreamReader`` read each
+whole events only (``gateway.streaming.sse.Aligner``), lets the format's ``StreamReader`` read each
 one, and decides how the stream ends:
 
 - the format's end marker arrived (``[DONE]``, ``message_stop``): the stream ends as sent;
@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from gateway.errors import StreamBroken
-from gateway.exchange import Exchange
-from gateway.sse import Aligner, events, split_events
+from gateway.flow.exchange import Exchange
+from gateway.streaming.sse import Aligner, events, split_events
 from providers.base import StreamReader
 
 # How long a settled answer may wait for its end marker before the gateway adds it.

@@ -1,4 +1,4 @@
-"""A leader's answer as it arrives, for every client that shares it (``gateway.flights``).
+"""A leader's answer as it arrives, for every client that shares it (``gateway.state.flights``).
 
 The leader of a flight pulls its upstream answer into a ``Recording``; its own client and
 the followers on this instance each read it through a ``Reader`` from the first byte, at
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, StreamBroken
-from gateway.exchange import Reply
+from gateway.flow.exchange import Reply
 
 _STUCK_S = 60.0  # a reader of a shared stream that does not move this long is let go
 _WINDOW = 1 << 20  # past its size limit, a shared stream runs at most this far ahead of its slowest reader

@@ -36,6 +36,7 @@ from multidict import istr
 from gateway import cli
 from gateway.edge.access import access_fields
 from gateway.edge.ids import request_id as request_id_of
+from gateway.edge.writer import StreamOutcome, error_body, error_response
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -45,12 +46,11 @@ from gateway.errors import (
     Unauthorized,
     UnknownTarget,
 )
-from gateway.exchange import ENVELOPE
+from gateway.flow.exchange import ENVELOPE
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME
-from gateway.logs import hide_userinfo
+from gateway.observe.logs import hide_userinfo
 from gateway.runtime import Runtime
 from gateway.store import StoreError
-from gateway.writer import StreamOutcome, error_body, error_response
 from policies import cache as cache_policy
 from policies.usage import summary as usage_summary
 

@@ -2,7 +2,7 @@
 
 The seed README, wiki and architecture notes show several forms for the same
 setting; each must load verbatim (SPEC §4). This module rewrites the raw YAML
-tree before type checking, so the Structs in ``gateway.config`` have one shape:
+tree before type checking, so the Structs in ``gateway.config.model`` have one shape:
 
 - ``retry: {"429": {retries, backoff}, network: …}`` and ``retry: {max_attempts, backoff_ms}``
   → ``retry_matrix``; the class ``network`` → ``net``

@@ -1,4 +1,4 @@
-"""What a flight leaves in the store (``gateway.flights``): the finished entry, and the log of a
+"""What a flight leaves in the store (``gateway.state.flights``): the finished entry, and the log of a
 running answer that followers on other instances read.
 
     key  = b"L" + token + b" " + fingerprint        while the leader runs
@@ -20,8 +20,8 @@ import msgspec
 
 from gateway import errors
 from gateway.errors import GatewayError, StreamBroken
-from gateway.exchange import Reply
-from gateway.recording import headers_of
+from gateway.flow.exchange import Reply
+from gateway.streaming.recording import headers_of
 
 LOG_TTL_S = 60.0  # a finished run's log outlives it briefly, for followers still reading
 FLUSH_MAX = 256  # log items per store round trip

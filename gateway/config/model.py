@@ -8,7 +8,7 @@ stopping at the first (``targets.my_api.circuit.error_threshold: expected int, g
    one reference is re-read as a YAML scalar, so ``port: ${PORT:-8000}`` is an int,
    while a str field keeps the text: ``api_key: ${KEY}`` with ``KEY=12345`` is "12345");
 3. fold the seed documents' alternative spellings into the canonical shape
-   (``gateway.config_compat``), and merge each ``retry_matrix`` over the defaults
+   (``gateway.config.compat``), and merge each ``retry_matrix`` over the defaults
    (classes and fields left out keep their default values);
 4. check types field by field against the Structs (unknown keys are errors), then,
    once every value has the right type, check cross-references (fallback targets
@@ -30,8 +30,8 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from gateway import config_compat
-from gateway.config_load import StrKeyLoader, check_types, expand_env, kind, msgspec_message, yaml_message
+from gateway.config import compat as config_compat
+from gateway.config.load import StrKeyLoader, check_types, expand_env, kind, msgspec_message, yaml_message
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -279,7 +279,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(errors))
 
 
-DEFAULT_CONFIG_TEXT = (Path(__file__).with_name("default_config.yaml")).read_text()
+DEFAULT_CONFIG_TEXT = (Path(__file__).with_name("default.yaml")).read_text()
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, env: typing.Mapping[str, str] | None = None) -> Config:
@@ -362,6 +362,6 @@ def _resolve(config: Config) -> Config:
 
 
 # The checks that need the whole config live in their own module; re-exported here.
-from gateway.config_check import config_warnings, cross_check, dialect  # noqa: E402
+from gateway.config.check import config_warnings, cross_check, dialect  # noqa: E402
 
 __all__ = ["Config", "ConfigError", "config_warnings", "dialect", "load_config", "parse_config"]

@@ -18,7 +18,7 @@ or a header byte now and then (slowloris), must not keep it for long:
   (briefly), is answered 503 ``too_many_connections`` and closed: the open ones keep working,
   and held sockets can no longer lock every new client out by exhausting descriptors.
 
-A request's body (``gateway.body``) and a stream's writes (``gateway.writer``) are timed
+A request's body (``gateway.edge.body``) and a stream's writes (``gateway.edge.writer``) are timed
 where they are read and written.
 """
 
@@ -38,14 +38,14 @@ from aiohttp import web, web_protocol, web_server
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
-from gateway.config import ServerConfig
+from gateway.config.model import ServerConfig
 from gateway.edge.ids import request_id as request_id_of
 from gateway.edge.surfaces import surface_for
+from gateway.edge.writer import error_body
 from gateway.errors import GatewayError, InvalidRequest, RequestTimeout, TooManyConnections
-from gateway.exchange import ENVELOPE
+from gateway.flow.exchange import ENVELOPE
 from gateway.headers import X_REQUEST_ID
 from gateway.keys import RUNTIME
-from gateway.writer import error_body
 
 log = logging.getLogger("reliapi")
 

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.edge.envelope import decode_body
 from gateway.edge.requests import body_of, client_ip
-from gateway.envelope import decode_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
-from gateway.exchange import OPENAI, Exchange, Reply
+from gateway.flow.exchange import OPENAI, Exchange, Reply
 from gateway.headers import X_CACHE, X_CACHED
 from policies.usage import read_usage
 from providers.anthropic import API_VERSION as ANTHROPIC_VERSION

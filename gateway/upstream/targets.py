@@ -10,10 +10,10 @@ import fnmatch
 import re
 from collections.abc import Mapping
 
-from gateway.config import Config, KeyPool, TargetConfig
+from gateway.config.model import Config, KeyPool, TargetConfig
 from gateway.errors import UnknownTarget
-from gateway.paths import UpstreamBase
-from gateway.upstream import Transport
+from gateway.upstream.paths import UpstreamBase
+from gateway.upstream.transport import Transport
 from providers import Provider, get_provider
 from providers.auth import Credential, resolve
 

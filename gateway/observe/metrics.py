@@ -18,7 +18,7 @@ from aioprometheus.metricdict import MetricDict
 from aioprometheus.renderer import render
 
 from gateway.keys import EXPOSITION, OBSERVATORY, RUNTIME
-from gateway.observe import CIRCUIT_STATES, DURATION_BUCKETS, TTFT_BUCKETS, Hist, Observatory, key_states
+from gateway.observe.counters import CIRCUIT_STATES, DURATION_BUCKETS, TTFT_BUCKETS, Hist, Observatory, key_states
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime

@@ -1,4 +1,4 @@
-"""The one request of a flight that runs (``gateway.flights``): it does the work in a task of its own,
+"""The one request of a flight that runs (``gateway.state.flights``): it does the work in a task of its own,
 shares the answer as it arrives, and stores it — or gives it up when its client left and nobody waits."""
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from multidict import CIMultiDict
 
 from gateway import errors
 from gateway.errors import GatewayError, StreamBroken
-from gateway.exchange import Reply
-from gateway.flightlog import FLUSH_MAX, LOG_TTL_S, Entry, StillRunning, encode
-from gateway.recording import Reader, Recording, headers_of
+from gateway.flow.exchange import Reply
+from gateway.state.flightlog import FLUSH_MAX, LOG_TTL_S, Entry, StillRunning, encode
 from gateway.store import StoreError
+from gateway.streaming.recording import Reader, Recording, headers_of
 
 if TYPE_CHECKING:
     from gateway.store import Store
 
 
 class Flights(Protocol):
-    """What a leader needs of its ``gateway.flights.Flights``."""
+    """What a leader needs of its ``gateway.state.flights.Flights``."""
 
     store: Store
     namespace: str

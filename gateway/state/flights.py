@@ -2,12 +2,12 @@
 
 Idempotency and the cache's single flight share this. A *flight* is keyed in the
 store; the key holds either a lock (a flight in progress) or the finished entry, and a
-running answer is mirrored to a log beside it (``gateway.flightlog`` has the formats); the
+running answer is mirrored to a log beside it (``gateway.state.flightlog`` has the formats); the
 key's channel carries "a new log item" / "done" notifications.
 
 ``join`` decides, in one atomic ``SET NX``, who leads. The leader runs the request in a
 task of its own (a client that goes away must not cancel the answer others wait for),
-relays it to its own client from memory (``gateway.lead``), mirrors it to the log so waiters on *any*
+relays it to its own client from memory (``gateway.state.lead``), mirrors it to the log so waiters on *any*
 instance receive the same bytes while it is still running, and finally writes the
 entry with a compare-and-set on its lock (a fenced write: a leader whose lock expired
 and was taken over cannot overwrite the new holder's answer). A lock is kept alive by
@@ -38,11 +38,11 @@ from typing import Any
 import msgspec
 
 from gateway.errors import StreamBroken
-from gateway.exchange import Reply
-from gateway.flightlog import Entry, KeyMismatch, StillRunning, decode_entry, decode_item, rebuild_error, replay
-from gateway.lead import Lead
-from gateway.recording import headers_of
+from gateway.flow.exchange import Reply
+from gateway.state.flightlog import Entry, KeyMismatch, StillRunning, decode_entry, decode_item, rebuild_error, replay
+from gateway.state.lead import Lead
 from gateway.store import Store, StoreError
+from gateway.streaming.recording import headers_of
 
 log = logging.getLogger("reliapi")
 

@@ -1,6 +1,6 @@
 """The generic half of config loading: YAML, ``${VAR}`` expansion and path-aware type checks.
 
-``gateway.config`` owns the Structs and the rules about them; this module knows
+``gateway.config.model`` owns the Structs and the rules about them; this module knows
 nothing of their meaning. It turns YAML text into plain data (every mapping key a
 string), expands environment references, and checks plain data against a type
 annotation field by field, collecting every error with its path instead of

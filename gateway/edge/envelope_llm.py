@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.edge.envelope import CacheTTL, decode_body
+from gateway.edge.generate import upstream_error as _upstream_error
 from gateway.edge.requests import body_of, client_ip
-from gateway.envelope import CacheTTL, decode_body
+from gateway.edge.writer import error_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
-from gateway.exchange import ENVELOPE, Exchange, Reply
-from gateway.generate import upstream_error as _upstream_error
+from gateway.flow.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
-from gateway.sse import Aligner, events
-from gateway.writer import error_body
+from gateway.streaming.sse import Aligner, events
 from policies.usage import read_usage
 from providers import translate
 from providers.anthropic import API_VERSION as ANTHROPIC_VERSION

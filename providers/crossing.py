@@ -17,13 +17,13 @@ from multidict import CIMultiDict
 
 from gateway import offload
 from gateway.errors import InvalidRequest
-from gateway.sse import Aligner, events
+from gateway.streaming.sse import Aligner, events
 from providers import translate
 from providers.anthropic import API_VERSION
 
 if TYPE_CHECKING:
-    from gateway.exchange import Exchange, Reply
-    from gateway.targets import Target
+    from gateway.flow.exchange import Exchange, Reply
+    from gateway.upstream.targets import Target
 
 ANTHROPIC_VERSION = API_VERSION
 _FORMATS = {"chat/completions": "openai", "messages": "anthropic"}

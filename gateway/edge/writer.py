@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, InternalError, StreamBroken
-from gateway.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange, Reply
+from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange, Reply
 from gateway.headers import is_event_stream
 from gateway.keys import RUNTIME
 from providers import anthropic, openai

@@ -5,8 +5,8 @@ client sent (already validated), where it is going, and what the policies learne
 on the way (the access-log fields). A ``Reply`` is what comes back: either
 complete (status, headers, body) or a stream (status, headers, an async iterator
 of chunks that already yielded its first chunk's worth of waiting — see
-``gateway.upstream``). Policies may wrap a stream (tee it into a cache, count its
-usage) but never write to aiohttp: ``gateway.writer`` is the only place that does.
+``gateway.upstream.transport``). Policies may wrap a stream (tee it into a cache, count its
+usage) but never write to aiohttp: ``gateway.edge.writer`` is the only place that does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 
 if TYPE_CHECKING:
     from gateway.failures import Failure
-    from gateway.targets import Target
+    from gateway.upstream.targets import Target
     from providers.auth import PoolKey
     from providers.base import StreamReader
 
@@ -136,7 +136,7 @@ class Reply:
         self.ttft_ms: float | None = None
         self.failure: Failure | None = None
         self.head = b""
-        self.reader: StreamReader | None = None  # set when the stream's format is known (gateway.streams)
+        self.reader: StreamReader | None = None  # set when the stream's format is known (gateway.streaming.streams)
         self._closers: list[CloseCallback] | None = None
 
     @property

@@ -4,9 +4,9 @@ Two feeds, both cheap on the hot path:
 
 - ``record(fields)``: the request's access-log record (``handlers._access_fields``), once per
   request, whether or not the access log is written;
-- ``on_event(event)``: the small event objects the policies emit (``gateway.events``).
+- ``on_event(event)``: the small event objects the policies emit (``gateway.observe.events``).
 
-Both only add to plain dicts keyed by label tuples; ``gateway.metrics`` turns them into
+Both only add to plain dicts keyed by label tuples; ``gateway.observe.metrics`` turns them into
 Prometheus series when ``/metrics`` is scraped, so a request never pays for label hashing
 or a metrics library. ``snapshot`` is the status page's data (``/status.json``).
 
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.events import (
+from gateway.observe.events import (
     BudgetEvent,
     CacheHit,
     CacheMiss,
@@ -39,7 +39,7 @@ from gateway.events import (
     StoreDegraded,
     UpstreamAnswered,
 )
-from gateway.logs import hide_userinfo
+from gateway.observe.logs import hide_userinfo
 from gateway.store import StoreError
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 Policies never call a metrics library or format a log line for their state changes:
 they ``emit`` one of these, and sinks subscribe (the JSON log below; Prometheus series
-in ``gateway.observe``; tests that assert a transition happened). Emitting
+in ``gateway.observe.counters``; tests that assert a transition happened). Emitting
 with nobody listening costs one attribute check. (stamina's instrumentation hooks,
 pybreaker's listeners.)
 """
