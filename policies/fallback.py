@@ -18,7 +18,7 @@ answer stands. ``X-ReliAPI-Fallback`` names the fallback target whose answer it 
 
 A fallback entry's ``model`` (else the target's ``llm.default_model``) replaces the
 request's ``model``. OpenAI-style and Anthropic targets stand in for each other (the request
-and its answer are translated, ``providers.crossing``); a plain-HTTP target and an LLM one
+and its answer are translated, ``providers.translators``); a plain-HTTP target and an LLM one
 cannot, so such an entry is skipped (``--check`` and the startup log say so). This is also
 where a broken stream is continued when its target has ``stream_recovery: continue``
 (``policies.stream_recovery``)."""
@@ -77,7 +77,7 @@ class Chains:
         targets = ctx.targets
 
         def entries(raw: list, primary: Target) -> list[Entry]:
-            # OpenAI and Anthropic targets stand in for each other (providers.crossing translates); a plain-HTTP
+            # OpenAI and Anthropic targets stand in for each other (providers.translators); a plain-HTTP
             # target and an LLM one cannot: skipped, as --check warns
             plain = dialect(primary.config.provider) == "http"
             return [(targets[e.target], e.model) for e in raw

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from multidict import istr
 
-from gateway import jsonbody, offload
 from gateway.errors import UpstreamError
 from gateway.flow.exchange import ANTHROPIC
 from gateway.headers import X_RELIAPI_COST
 from gateway.store import StoreError
-from providers import anthropic, endpoints, estimate, openai
+from providers import endpoints, estimate, openai
+from providers.dialects import dialect
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler, Policy
@@ -51,17 +51,12 @@ class NotJSON(Exception):
     """A provider's complete answer that says it is JSON and is not."""
 
 
-_READERS = {endpoints.MESSAGES: anthropic.read_usage, endpoints.RESPONSES: openai.read_responses_usage}
-
-
-def read_usage(body: bytes, billed: str | None = endpoints.CHAT) -> tuple[int, int, str | None] | None:
-    """(prompt, completion, None) from a complete answer to a request for the ``billed`` endpoint,
-    read by the adapter of its dialect (a translated answer is read after it was translated back);
-    None without usage (the model is the one the client asked for: ``Exchange.model``). Raises
-    ``NotJSON`` for a body that does not parse."""
-    reader = _READERS.get(billed, openai.read_usage)  # type: ignore[arg-type]
+def read_usage(body: bytes, dialect_name: str | None = "chat") -> tuple[int, int, str | None] | None:
+    """(prompt, completion, None) from a complete answer in the named dialect (``Endpoint.dialect``: a
+    translated answer is read after it was translated back); None without usage (the model is the one
+    the client asked for: ``Exchange.model``). Raises ``NotJSON`` for a body that does not parse."""
     try:
-        found = reader(body)
+        found = dialect(dialect_name).read_usage(body)
     except msgspec.DecodeError:
         raise NotJSON() from None
     except RecursionError:  # valid, but nested past what can be read: no usage to count
@@ -194,7 +189,7 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
         if ex.settlement is not None:  # from here on this policy settles the spend reservation, however it ends
             ex.settlement.owned = True
         if ex.stream and not ex.include_usage and ex.dialect != ANTHROPIC and ex.endpoint.billed in _CHAT_PATHS:
-            ex.usage_body = (b"", None)  # computed per attempt (asking_usage)
+            ex.ask_usage = True  # where the upstream can be asked (providers.translators)
         try:
             reply = await call_next(ex)
         except asyncio.CancelledError:  # the client left before an answer: one sent upstream may still be billed
@@ -209,7 +204,7 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
         found = None
         if 200 <= reply.status < 300 and reply.body:
             try:
-                found = read_usage(reply.body, ex.endpoint.billed)
+                found = read_usage(reply.body, ex.endpoint.dialect)
             except NotJSON:
                 if reply.headers.get("Content-Type", "").startswith("application/json"):
                     unbilled(ex)  # logged once, by the access line (error_code upstream_error, its message)
@@ -308,45 +303,6 @@ class UsageBook:
             self.task = None
         if self.rows or self.counts or self.live:
             await self.flush()
-
-
-async def asking_usage(ex: Exchange) -> bytes | None:
-    """``ex.body`` with ``stream_options.include_usage: true`` (None when it is not a JSON
-    object); remembered for the body it was made from, so retries reuse it."""
-    made = ex.usage_body
-    body = ex.body
-    if made is not None and made[0] is body:
-        return made[1]
-    end = body.rfind(b"}")
-    if end > 0 and b'"stream_options"' not in body and b'"stream"' in body and not body[end + 1:].strip():
-        # A streaming request is a JSON object with at least "stream" in it (the exchange was
-        # read from it): the option is spliced in before its closing brace, not re-encoded.
-        out = body[:end] + b',"stream_options":{"include_usage":true}}'
-        ex.usage_body = (body, out)
-        return out
-    out = await offload.run(with_usage_asked, body, inline_max=offload.WHOLE_MAX_BYTES)
-    ex.usage_body = (body, out)
-    return out
-
-
-class _Options(msgspec.Struct):
-    stream_options: Any = None
-
-
-_decode_options = msgspec.json.Decoder(_Options).decode
-
-
-def with_usage_asked(body: bytes) -> bytes | None:
-    """``body`` with its ``stream_options`` (kept) asking for the usage chunk; None when it is no JSON object."""
-    try:
-        options = _decode_options(body).stream_options
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    try:
-        return jsonbody.edit(body, {"stream_options": merged})
-    except jsonbody.NotAnObject:
-        return None
 
 
 def _guarded(fn: Any, *args: Any) -> None:

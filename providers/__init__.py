@@ -1,18 +1,20 @@
 """One adapter per upstream dialect (SPEC §6).
 
-An adapter knows how a provider wants its credentials, how to classify its errors
-and how to read its streams; as the LLM layer grows, how to translate requests to
-and from the OpenAI shape and price its tokens. Upstream auth is resolved
-separately (``providers.auth``) so translation never sees keys.
+An adapter (``providers.base.Provider``) knows how a provider wants its credentials, how
+to classify its errors, which dialect it speaks and what its models cost. Dialects
+(``providers.dialects``) say how answers and streams are read; translators
+(``providers.translators``) carry a request from the client's dialect to the upstream's
+and its answer back. Upstream auth is resolved separately (``providers.auth``) so
+translation never sees keys.
 """
 
 from __future__ import annotations
 
-from providers.anthropic import AnthropicProvider, MessagesStream
+from providers.anthropic import AnthropicProvider
 from providers.base import Provider, StreamReader
 from providers.http import HttpProvider
 from providers.mistral import MistralProvider
-from providers.openai import ChatStream, OpenAIProvider
+from providers.openai import OpenAIProvider
 
 _PROVIDERS: dict[str, type[Provider]] = {
     "openai": OpenAIProvider,
@@ -26,15 +28,9 @@ def get_provider(name: str) -> Provider:
     return _PROVIDERS[name]()
 
 
-def stream_format(rel_path: str) -> type[StreamReader] | None:
-    """The SSE format an upstream path answers in, by the path (not the provider: Anthropic
-    also serves OpenAI's chat completions). None: a stream the gateway relays unread."""
-    path = rel_path.rstrip("/")
-    if path.endswith("chat/completions") or path == "completions" or path.endswith("/completions"):
-        return ChatStream
-    if path == "messages" or path.endswith("/messages"):
-        return MessagesStream
-    return None
+def kind_of(name: str | None) -> str:
+    """``llm`` or ``http``: the kind of target a provider name makes."""
+    return _PROVIDERS[name or "http"].kind
 
 
-__all__ = ["Provider", "StreamReader", "get_provider", "stream_format"]
+__all__ = ["Provider", "StreamReader", "get_provider", "kind_of"]

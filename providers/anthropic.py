@@ -45,14 +45,8 @@ class AnthropicProvider(LLMProvider):
     key_header = "x-api-key"
     key_prefix = ""
     prices = PRICES
-
-    @staticmethod
-    def read_usage(body: bytes) -> tuple[int, int] | None:
-        return read_usage(body)
-
-    @property
-    def stream_reader(self) -> type[StreamReader]:
-        return MessagesStream
+    speaks = "messages"
+    requires_max_tokens = True
 
 
 # ------------------------------------------------------------------ streams

@@ -3,16 +3,17 @@
 - credentials: ``key_header`` / ``key_prefix`` (how a configured key is attached);
 - ``classify``: an upstream error answer → a ``Failure`` the policies decide on (rate
   limit, overloaded, spent quota, context length, content policy, auth);
-- ``read_usage``: (prompt, completion) tokens of a complete answer in its dialect;
-- ``stream_reader``: the ``StreamReader`` of its native SSE format, which reads each
-  event of a relayed stream for what the gateway must know about it (is it complete,
-  what did it cost — usage from a stream —, what text has the client seen) and knows how
-  to continue a broken one (``stream_recovery: continue``). A relayed stream is read by
-  the format of its path rather than by the provider (``providers.stream_format``:
-  Anthropic also serves an OpenAI-compatible endpoint);
+- ``kind``: ``llm`` (the gateway reads its answers: usage, streams, translation) or ``http``;
+- ``speaks``: the dialect its API is in (``providers.dialects``: ``chat``, ``messages``; None for
+  plain HTTP); a request in another dialect is translated (``providers.translators``);
+- ``reports_stream_usage``: a stream's usage report can be asked for (OpenAI's
+  ``stream_options.include_usage``), so a streamed answer's cost is exact;
+- ``requires_max_tokens``: a request without ``max_tokens`` is refused (Anthropic);
 - ``prices``: its models' list prices, USD per 1M tokens (``providers.pricing``).
 
-Translation between the two LLM dialects is ``providers.translate``.
+Usage in an answer and the events of a stream are read by dialect, not by provider
+(``providers.dialects``: Anthropic also serves an OpenAI-compatible endpoint); the readers
+(``StreamReader``) live with the provider whose dialect they read.
 """
 
 from __future__ import annotations
@@ -29,20 +30,14 @@ Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 class Provider:
     name: str = "http"
+    kind: str = "http"
+    speaks: str | None = None
+    reports_stream_usage: bool = False
+    requires_max_tokens: bool = False
     # How a configured key is attached when the auth block does not name a header.
     key_header: str = "Authorization"
     key_prefix: str = "Bearer "
     prices: Mapping[str, tuple[float, float]] = {}  # model (or family prefix): (input, output) USD per 1M tokens
-
-    @staticmethod
-    def read_usage(body: bytes) -> tuple[int, int] | None:
-        """(prompt, completion) tokens of a complete answer; None: the answer has no usage."""
-        return None
-
-    @property
-    def stream_reader(self) -> type[StreamReader] | None:
-        """The reader of the provider's own SSE format (None: streams are relayed unread)."""
-        return None
 
     def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
         """What an answer with this status means for retry, circuit and fallback (None: success)."""
@@ -56,6 +51,9 @@ class LLMProvider(Provider):
     retried: it will not recover in seconds), or a 400 a prompt over the context window or a
     content-policy refusal (their own reasons, so ``fallback_on`` can tell them apart). The
     wordings of OpenAI, Anthropic and the OpenAI-compatible servers are all looked for."""
+
+    kind = "llm"
+    speaks: str | None = "chat"
 
     def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
         if status < 400:

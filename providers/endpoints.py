@@ -17,6 +17,8 @@ up to a ``v1`` segment dropped) and says:
   (``chat/completions/{id}``), ``messages/count_tokens``, ``responses/input_tokens``, cancelling). A tenant with a spend budget may POST to billed and free endpoints only: every
   other one — batches, images, audio, realtime, runs, ``responses/compact``, whatever a provider
   adds next — could cost what no reservation holds;
+- ``dialect``: the API shape its requests and answers are in (``providers.dialects``): ``chat``,
+  ``completions`` (also FIM), ``messages``, ``responses``, or None (read as OpenAI's, never translated);
 - ``path``: the normalised path, for everything else that looks at it.
 """
 
@@ -37,13 +39,18 @@ _FREE_PATHS = frozenset(("messages/count_tokens", "responses/input_tokens"))
 _FREE_LAST = frozenset(("cancel",))
 
 
+# The dialect of each billed endpoint (the rest: None).
+_DIALECTS = {CHAT: "chat", COMPLETIONS: "completions", FIM: "completions", MESSAGES: "messages", RESPONSES: "responses"}
+
+
 class Endpoint:
-    __slots__ = ("path", "billed", "free")
+    __slots__ = ("path", "billed", "free", "dialect")
 
     def __init__(self, path: str, billed: str | None, free: bool) -> None:
         self.path = path
         self.billed = billed
         self.free = free
+        self.dialect = _DIALECTS.get(billed)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"Endpoint({self.path!r}, billed={self.billed!r}, free={self.free})"

@@ -23,3 +23,4 @@ CONTEXT: dict[str, int] = {
 class MistralProvider(OpenAIProvider):
     name = "mistral"
     prices = PRICES
+    reports_stream_usage = False  # stream_options is OpenAI's

@@ -111,11 +111,7 @@ ERROR_TYPES = {
 class OpenAIProvider(LLMProvider):
     name = "openai"
     prices = PRICES
-    read_usage = staticmethod(read_usage)
-
-    @property
-    def stream_reader(self) -> type[StreamReader]:
-        return ChatStream
+    reports_stream_usage = True
 
 
 # ------------------------------------------------------------------ streams

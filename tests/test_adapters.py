@@ -9,8 +9,10 @@ from multidict import CIMultiDict
 
 from gateway.streaming.sse import events
 from policies.usage import NotJSON, read_usage
-from providers import get_provider, stream_format
+from providers import get_provider
 from providers.anthropic import MessagesStream
+from providers.dialects import dialect
+from providers.endpoints import endpoint
 from providers.openai import ChatStream
 from providers.pricing import PriceTable
 
@@ -61,10 +63,14 @@ def test_every_adapter_has_the_same_shape(name: str) -> None:
     assert p.classify(500, CIMultiDict(), b"", 0.0).reason == "server_error"
     llm = name != "http"
     assert bool(p.prices) is llm
-    assert (p.stream_reader is not None) is llm
-    assert p.read_usage(OPENAI_ANSWER if name != "anthropic" else ANTHROPIC_ANSWER) == (
-        None if not llm else (19, 10) if name != "anthropic" else (2095 + 100 + 1000, 503)
-    )
+    assert p.kind == ("llm" if llm else "http")
+    assert (p.speaks is not None) is llm  # plain HTTP: no dialect, nothing read or translated
+    if llm:  # usage and streams are read by the dialect the provider speaks
+        speaks = dialect(p.speaks)
+        assert speaks.stream is not None
+        assert speaks.read_usage(OPENAI_ANSWER if name != "anthropic" else ANTHROPIC_ANSWER) == (
+            (19, 10) if name != "anthropic" else (2095 + 100 + 1000, 503)
+        )
 
 
 def test_each_adapter_attaches_its_key_its_own_way() -> None:
@@ -98,8 +104,10 @@ def _read(reader, raw: bytes):
 
 
 def test_usage_of_a_stream_is_read_by_the_format_of_its_path() -> None:
-    assert stream_format("chat/completions") is ChatStream is get_provider("openai").stream_reader
-    assert stream_format("messages") is MessagesStream is get_provider("anthropic").stream_reader
+    assert dialect(endpoint("chat/completions").dialect).stream is ChatStream
+    assert dialect(get_provider("openai").speaks).stream is ChatStream
+    assert dialect(endpoint("messages").dialect).stream is MessagesStream
+    assert dialect(get_provider("anthropic").speaks).stream is MessagesStream
     chat = _read(ChatStream(include_usage=True), OPENAI_STREAM)
     assert (chat.prompt_tokens, chat.completion_tokens, chat.done, chat.text) == (12, 3, True, "Hi")
     msgs = _read(MessagesStream(), ANTHROPIC_STREAM)

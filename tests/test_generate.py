@@ -53,7 +53,8 @@ async def test_generate_on_an_anthropic_target_writes_a_messages_request(fake, g
     assert resp.status == 200 and body["completion"] == "Hello from the fake."
     sent = fake.requests[0]
     assert sent.path_qs == "/v1/messages"
-    assert sent.json() == {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "hi"}],
+    assert sent.json() == {"model": "claude-3-5-haiku-latest",  # as a chat completion would be translated
+                           "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                            "max_tokens": 300}
     assert sent.headers["anthropic-version"] == "2023-06-01"  # the Messages API refuses a request without it
     assert body["cost_usd"] == pytest.approx((5 * 0.80 + 4 * 4.0) / 1e6)

@@ -8,7 +8,7 @@ import msgspec
 import openai
 import pytest
 
-from providers import translate
+from providers import translate, translate_stream
 from tests.fakes import Fault
 
 # ---------------------------------------------------------------- recorded shapes (API references)
@@ -115,7 +115,7 @@ def test_an_anthropic_tool_answer_becomes_a_chat_completion() -> None:
 
 
 def test_an_anthropic_stream_becomes_chat_completion_chunks() -> None:
-    t = translate.AnthropicToOpenAIStream(include_usage=True)
+    t = translate_stream.AnthropicToOpenAIStream(include_usage=True)
     raw = b"".join(t.feed(name.encode(), msgspec.json.encode(ev)) for name, ev in ANTHROPIC_STREAM)
     events = sse_data(raw)
     assert events[-1] == "[DONE]" and t.done
@@ -132,7 +132,7 @@ def test_an_anthropic_stream_becomes_chat_completion_chunks() -> None:
 
 
 def test_an_openai_stream_becomes_messages_events() -> None:
-    t = translate.OpenAIToAnthropicStream()
+    t = translate_stream.OpenAIToAnthropicStream()
     raw = b"".join(t.feed(b"", msgspec.json.encode(c)) for c in OPENAI_STREAM) + t.feed(b"", b"[DONE]")
     names = [block.split(b"\n")[0][7:].decode() for block in raw.strip().split(b"\n\n")]
     assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",

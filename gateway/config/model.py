@@ -32,6 +32,7 @@ from msgspec import Meta, Struct
 
 from gateway.config import compat as config_compat
 from gateway.config.load import StrKeyLoader, check_types, expand_env, kind, msgspec_message, yaml_message
+from providers import kind_of
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -193,7 +194,7 @@ class TargetConfig(_Base):
 
     @property
     def kind(self) -> str:
-        return "http" if self.provider == "http" else "llm"
+        return "llm" if self.provider is None else kind_of(self.provider)
 
 
 # ---------------------------------------------------------------- tenants

@@ -3,10 +3,11 @@
     {target, messages, model?, max_tokens?, temperature?, top_p?, stop?, stream?,
      idempotency_key?, cache?}
 
-The gateway writes the provider's own request for the named target — a chat completion
-for OpenAI-dialect targets; a Messages request for Anthropic (system messages become its
-``system``, ``max_tokens`` defaults to ``llm.max_tokens`` or 1,024, ``stop`` becomes
-``stop_sequences``) — and runs it through the whole pipeline (budget caps included).
+The gateway writes a chat completion for the named target and runs it through the whole
+pipeline (budget caps included); a target of another dialect gets it translated like any
+``/v1/chat/completions`` call (``providers.translators``: for Anthropic, system messages become
+its ``system``, ``stop`` becomes ``stop_sequences``; ``max_tokens``, which it requires, defaults to
+``llm.max_tokens`` or 1,024).
 
 Complete answer:
 
@@ -38,8 +39,6 @@ from gateway.flow.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
 from gateway.streaming.sse import Aligner, events
 from policies.usage import read_usage
-from providers import translate
-from providers.anthropic import API_VERSION as ANTHROPIC_VERSION
 
 if TYPE_CHECKING:
     from gateway.edge.call import Call
@@ -86,12 +85,12 @@ async def exchange(call: Call) -> Exchange:
         raise InvalidRequest(f"target: {env.target!r} is not an LLM target; use /proxy/http", param="target")
     if model is None:
         raise InvalidRequest("model: no model given and the target has no llm.default_model", param="model")
-    anthropic = target.provider.name == "anthropic"
     messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None or k == "content"}
                 for m in env.messages]
-    body: dict[str, Any] = {"model": model, "messages": messages}  # the OpenAI shape, translated for Anthropic
-    if env.max_tokens is not None:
-        body["max_tokens"] = env.max_tokens
+    # a chat completion, translated for a target of another dialect (providers.translators)
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    if env.max_tokens is not None or target.provider.requires_max_tokens:
+        body["max_tokens"] = env.max_tokens or (llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
     if env.stop is not None:
         body["stop"] = env.stop
     if env.user is not None:
@@ -102,20 +101,12 @@ async def exchange(call: Call) -> Exchange:
             body[field] = value
     if env.stream:
         body["stream"] = True
-    if anthropic:  # system prompt, content blocks, images, tool calls and results: as for /v1/chat/completions
-        try:
-            body = translate.openai_to_anthropic_request(
-                body, default_max_tokens=llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
-            raise InvalidRequest(f"messages: cannot be written as an Anthropic request ({e})", param="messages") from None
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
     if env.stream:
         headers["Accept"] = "text/event-stream"
-    if anthropic:
-        headers["anthropic-version"] = ANTHROPIC_VERSION  # the Messages API refuses a request without it
     ex = Exchange(
         request_id=call.request_id, method="POST", route="proxy_llm", dialect=ENVELOPE,
-        rel_path="messages" if anthropic else "chat/completions", v1=True, query="",
+        rel_path="chat/completions", v1=True, query="",
         headers=CIMultiDictProxy(headers), body=msgspec.json.encode(body), target=target, model=model,
         stream=env.stream, tenant=call.tenant, client_ip=client_ip(call.request, rt),
     )
@@ -144,8 +135,6 @@ class _Answer(msgspec.Struct):
     id: str | None = None
     model: str | None = None
     choices: list[dict[str, Any]] | None = None
-    content: list[dict[str, Any]] | None = None
-    stop_reason: str | None = None
 
 
 async def finish(call: Call, upstream: Reply) -> Reply:
@@ -165,14 +154,10 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
         answer = msgspec.json.decode(body, type=_Answer)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
-    if answer.content is not None:  # Anthropic
-        text = "".join(b.get("text", "") for b in answer.content if isinstance(b, dict) and b.get("type") == "text")
-        finish = _STOP_REASONS.get(answer.stop_reason or "", answer.stop_reason)
-    else:
-        choice = (answer.choices or [{}])[0]
-        text = (choice.get("message") or {}).get("content") or ""
-        finish = choice.get("finish_reason")
-    usage = read_usage(body, ex.endpoint.billed)
+    choice = (answer.choices or [{}])[0]  # the chat completion (translated back from another dialect)
+    text = (choice.get("message") or {}).get("content") or ""
+    finish = choice.get("finish_reason")
+    usage = read_usage(body, ex.endpoint.dialect)
     meta = _meta(rt, ex, upstream, duration_ms)
     if meta["cost_usd"] is None and usage is not None:  # a cache hit or a replay: priced from its usage
         price = rt.prices.price(ex.model)
@@ -186,9 +171,6 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
     headers = _headers(upstream)
     headers["Content-Type"] = "application/json"
     return Reply(200, headers, body=msgspec.json.encode(out), upstream_status=status)
-
-
-_STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
 
 
 def _usage(usage: tuple[int, int, str | None] | None) -> dict[str, int] | None:
@@ -236,27 +218,15 @@ async def _translate(rt: Runtime, ex: Exchange, upstream: Reply, meta: dict[str,
                 if "error" in doc and name in (b"", b"error"):
                     raise UpstreamError(str((doc.get("error") or {}).get("message") or "upstream stream error"),
                                         target=ex.target.name)
-                kind = doc.get("type")
-                if kind == "content_block_delta":  # Anthropic
-                    delta = doc.get("delta") or {}
-                    if delta.get("type") == "text_delta" and delta.get("text"):
-                        yield _event("chunk", {"delta": delta["text"]})
-                elif kind == "message_delta":
-                    reason = (doc.get("delta") or {}).get("stop_reason")
-                    finish = _STOP_REASONS.get(reason or "", reason) or finish
-                    completion = (doc.get("usage") or {}).get("output_tokens", completion)
-                elif kind == "message_start":
-                    prompt = ((doc.get("message") or {}).get("usage") or {}).get("input_tokens")
-                elif kind is None:  # OpenAI chunk
-                    for choice in doc.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield _event("chunk", {"delta": text})
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-                    usage = doc.get("usage")
-                    if usage:
-                        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                for choice in doc.get("choices") or ():  # chat chunks (translated from another dialect)
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield _event("chunk", {"delta": text})
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+                usage = doc.get("usage")
+                if usage:
+                    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     except GatewayError as e:
         yield _event("error", error_body(e, ENVELOPE, ex.request_id, target=ex.target.name, attempts=ex.attempts,
                                          duration_ms=0.0))

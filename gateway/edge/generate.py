@@ -18,7 +18,6 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.edge.envelope import decode_body
 from gateway.edge.requests import body_of, client_ip
@@ -26,7 +25,6 @@ from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.flow.exchange import OPENAI, Exchange, Reply
 from gateway.headers import X_CACHE, X_CACHED
 from policies.usage import read_usage
-from providers.anthropic import API_VERSION as ANTHROPIC_VERSION
 
 if TYPE_CHECKING:
     from gateway.edge.call import Call
@@ -58,18 +56,17 @@ async def exchange(call: Call) -> Exchange:
     model = req.model or (llm.default_model if llm is not None else None)
     if target.kind != "llm" or model is None:
         raise InvalidRequest("model: no model given and the target has no llm.default_model", param="model")
-    anthropic = target.provider.name == "anthropic"
+    # a chat completion, translated for a target of another dialect (providers.translators)
     upstream: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": req.prompt}]}
     if req.temperature is not None:
         upstream["temperature"] = req.temperature
-    if req.max_tokens is not None or anthropic:
+    if req.max_tokens is not None or target.provider.requires_max_tokens:
         upstream["max_tokens"] = req.max_tokens or (llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
-    if req.user_id is not None and not anthropic:
+    if req.user_id is not None:
         upstream["user"] = str(req.user_id)
     ex = Exchange(
         request_id=call.request_id, method="POST", route="generate", dialect=OPENAI,
-        rel_path="messages" if anthropic else "chat/completions", v1=True, query="",
-        headers=_with_version(request.headers) if anthropic else request.headers,
+        rel_path="chat/completions", v1=True, query="", headers=request.headers,
         body=msgspec.json.encode(upstream), target=target, model=model, tenant=call.tenant,
         client_ip=client_ip(request, rt),
     )
@@ -79,19 +76,8 @@ async def exchange(call: Call) -> Exchange:
     return ex
 
 
-def _with_version(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
-    """The client's headers, plus the ``anthropic-version`` the Messages API requires (the client spoke
-    the seed's dialect, not Anthropic's, so it need not have sent one)."""
-    if "anthropic-version" in headers:
-        return headers
-    out = CIMultiDict(headers)
-    out["anthropic-version"] = ANTHROPIC_VERSION
-    return CIMultiDictProxy(out)
-
-
 class _Answer(msgspec.Struct):
     choices: list[dict[str, Any]] | None = None
-    content: list[dict[str, Any]] | None = None
     model: str | None = None
 
 
@@ -110,12 +96,9 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Repl
         answer = msgspec.json.decode(body, type=_Answer)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
-    if answer.content is not None:
-        text = "".join(b.get("text", "") for b in answer.content if isinstance(b, dict) and b.get("type") == "text")
-    else:
-        message = (answer.choices or [{}])[0].get("message") or {}
-        text = message.get("content") or ""
-    usage = read_usage(body, ex.endpoint.billed) or (0, 0, None)
+    message = (answer.choices or [{}])[0].get("message") or {}
+    text = message.get("content") or ""
+    usage = read_usage(body, ex.endpoint.dialect) or (0, 0, None)
     prompt, completion = usage[0], usage[1]
     price = rt.prices.price(ex.model)
     cached = upstream.headers.get(X_CACHE) == "HIT" or upstream.headers.get(X_CACHED) == "true"

@@ -32,7 +32,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
-        "user", "settlement", "usage_body", "crossed", "canonical", "endpoint",
+        "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint",
     )
 
     def __init__(
@@ -83,10 +83,11 @@ class Exchange:
         self.cache_ttl: float | None = None  # an envelope's "cache" TTL override
         self.user: str | None = None  # the body's user / user_id (usage accounting)
         self.settlement: Any = None  # a tenant spend reservation to settle (policies.budget)
-        # ask OpenAI targets for the stream's usage chunk (policies.usage): the cost becomes exact,
-        # and the chunk the client did not ask for is dropped; (body, body with include_usage)
-        self.usage_body: tuple[bytes, bytes | None] | None = None
-        self.crossed: tuple[bytes, str, bytes | None] | None = None  # the body translated for another dialect
+        # ask the upstream for a stream's usage report where it can (policies.usage): the cost becomes
+        # exact, and the report the client did not ask for is read, not relayed (providers.translators)
+        self.ask_usage = False
+        # (body, translator, what it made of the body): the upstream's body, made once per body
+        self.prepared: tuple[bytes, Any, bytes | None] | None = None
         self.canonical: tuple[bytes, bytes] | None = None  # (body, its canonical digest) for fingerprints and cache keys
 
     def url(self) -> str:

@@ -1,11 +1,11 @@
 """The innermost step of every target's chain: one attempt against the upstream.
 
 It builds the upstream request (headers as they may go, the attempt's key or the target's
-credential, the attempt's timeout within the total deadline, the body translated for a target
-of the other LLM dialect or asking an OpenAI stream for its usage), sends it over the target's
-transport, and classifies what comes back: an error answer scrubbed of configured keys and
-read by the provider (``Reply.failure``), a compressed LLM answer decoded, an SSE stream put
-under its format's watcher (``gateway.streaming.streams``), a translated answer turned back.
+credential, the attempt's timeout within the total deadline, the body as the attempt's
+translator prepares it: ``providers.translators``), sends it over the target's transport, and
+classifies what comes back: an error answer scrubbed of configured keys and read by the
+provider (``Reply.failure``), a compressed LLM answer decoded, an SSE stream put under its
+dialect's reader (``gateway.streaming.streams``), the answer turned into the client's dialect.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from gateway.observe.events import UpstreamAnswered
 from gateway.scrub import scrub_error, scrub_text_stream
 from gateway.streaming.sse import Aligner
 from gateway.streaming.streams import read_head, strip_usage_chunks, watch
-from policies import usage
-from providers import stream_format
-from providers.crossing import Crossing, crossing
+from providers.translators import Prepared, Translator, translator
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler
@@ -60,19 +58,16 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
             if left <= 0:
                 raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
             timeout = min(timeout, left)
-        body, strip_usage, url = ex.body, False, None
-        cross = crossing(ex, target)  # the other LLM dialect: translated both ways
-        if cross is not None:
-            body, url = await cross.body(ex, target), target.base.url(cross.rel, ex.query, v1=True)
-            cross.headers(headers)
-        elif ex.usage_body is not None and target.provider.name == "openai":
-            asked = await usage.asking_usage(ex)  # per attempt: a fallback may have changed the body
-            if asked is not None:
-                body, strip_usage = asked, True
+        tr = translator(ex, target)  # per attempt: a fallback may go to another dialect
+        prepared = await tr.prepare(ex, target)
+        if tr.crosses:
+            tr.headers(headers)
+        path = prepared.path
         sent_at = clock.monotonic()
         try:
             reply = await target.transport.send(
-                ex.method, url or ex.url(), headers, body,
+                ex.method, ex.url() if path is None else target.base.url(path, ex.query, v1=True), headers,
+                prepared.body,
                 timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
             )
         except GatewayError:  # a timeout or a refused connection is an attempt too (status 0): p99 must show it
@@ -89,31 +84,28 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
         elif reply.chunks is not None:
             if reply.status < 400 and scrub.secrets:
                 scrub_text_stream(reply, scrub)
-            _watch_stream(ex, reply, target, strip_usage=strip_usage, cross=cross)
+            _watch_stream(ex, reply, target, tr, prepared)
             if reply.failure is None and reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
-        if cross is not None:
+        if tr.crosses:
             if reply.chunks is None:
-                cross.answer(reply)
+                tr.answer(reply)
             elif is_event_stream(reply.headers):
-                reply.chunks = cross.stream(ex, reply.chunks)
+                reply.chunks = tr.stream(ex, reply.chunks)
         return reply
 
     return send_upstream
 
 
-def _watch_stream(
-    ex: Exchange, reply: Reply, target: Target, *, strip_usage: bool = False, cross: Crossing | None = None,
-) -> None:
-    """Put an SSE stream of a known format under ``gateway.streaming.streams.watch``; an error event in
-    its head makes the reply a failure the policies can still retry or fall back from."""
+def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translator, prepared: Prepared) -> None:
+    """Put an SSE stream of a known dialect under ``gateway.streaming.streams.watch``; an error event
+    in its head makes the reply a failure the policies can still retry or fall back from."""
     if not is_event_stream(reply.headers):
         return
-    fmt = stream_format(cross.rel if cross is not None else ex.endpoint.billed or ex.endpoint.path)  # what the target sends
-    if fmt is None:
+    reader = tr.reader(ex, prepared)  # the upstream's dialect
+    if reader is None:
         return
-    asked_usage = cross is not None and cross.to == "openai"  # the translated request asks for it
-    reader = fmt(choices=ex.choices, include_usage=ex.include_usage or strip_usage or asked_usage)
+    strip_usage = prepared.strip_usage
     aligner = Aligner()
     first = read_head(reader, aligner, reply.head)
     if strip_usage:

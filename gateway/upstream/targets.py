@@ -20,7 +20,7 @@ from providers.auth import Credential, resolve
 
 class Target:
     __slots__ = ("name", "config", "kind", "provider", "base", "credential", "transport",
-                 "timeout_s", "ttft_timeout_s", "idle_timeout_s")
+                 "timeout_s", "ttft_timeout_s", "idle_timeout_s", "max_tokens")
 
     def __init__(
         self, name: str, config: TargetConfig, env: Mapping[str, str], pool: KeyPool | None = None
@@ -36,6 +36,7 @@ class Target:
         self.timeout_s = config.timeout_ms / 1000
         self.ttft_timeout_s = min(config.ttft_timeout_ms, config.timeout_ms) / 1000
         self.idle_timeout_s = config.stream_idle_timeout_ms / 1000
+        self.max_tokens = config.llm.max_tokens if config.llm is not None else None  # for dialects that require one
 
 
 class Router:

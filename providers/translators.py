@@ -1,0 +1,262 @@
+"""One translator per (client dialect → upstream dialect): the seam every LLM attempt goes through.
+
+``translator(ex, provider)`` picks it: the client's dialect is its endpoint's, the upstream's
+the provider's (``Provider.speaks``). When they match (or nothing can be translated: a plain-HTTP
+target, an endpoint with no dialect, a request that is not a POST) it is the identity, which only
+asks an upstream that reports a stream's usage on request for it (the chunk is read, not relayed).
+Otherwise it crosses: OpenAI Chat Completions ⇄ Anthropic Messages (``providers.translate``,
+``providers.translate_stream``). Each translator
+
+- ``prepare``s the request: the body (made once per body: retries reuse it; a large one off the
+  event loop), the path when it is not the client's, and the headers the upstream needs;
+- ``reader`` reads the upstream's stream (``StreamReader``: events, end of answer, usage);
+- ``answer`` turns a complete answer — success or error — into the client's dialect, in place;
+- ``stream`` turns a stream into the client's dialect, event by event.
+
+Prices are per model, whatever the dialect (``providers.pricing``). The gateway's ``Exchange`` and
+``Target`` are read through the two protocols below, so that this package imports nothing of the flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+
+from gateway import jsonbody, offload
+from gateway.errors import InvalidRequest
+from gateway.streaming.sse import Aligner, events
+from providers import translate, translate_stream
+from providers.anthropic import API_VERSION
+from providers.dialects import CHAT, MESSAGES, Dialect, dialect
+
+if TYPE_CHECKING:
+    from multidict import CIMultiDict
+
+    from providers.base import Provider, StreamReader
+    from providers.endpoints import Endpoint
+
+
+class Attempt(Protocol):
+    """What a translator reads of a request (``gateway.flow.exchange.Exchange``)."""
+
+    method: str
+    body: bytes
+    endpoint: Endpoint
+    choices: int
+    include_usage: bool
+    ask_usage: bool  # the usage policy would like a stream's usage report
+    prepared: tuple[bytes, Translator, bytes | None] | None  # (body, by whom, made from it): the memo
+
+
+class Upstream(Protocol):
+    """What a translator reads of a target (``gateway.upstream.targets.Target``)."""
+
+    name: str
+    kind: str
+    provider: Provider
+    max_tokens: int | None  # llm.max_tokens: the default a dialect that requires one gets
+
+
+class Prepared:
+    """A request as it goes upstream: its body, its path (None: the client's), and whether the
+    upstream was asked for a usage report the client did not ask for (read, then dropped)."""
+
+    __slots__ = ("body", "path", "asked_usage", "strip_usage")
+
+    def __init__(self, body: bytes, path: str | None = None, asked_usage: bool = False,
+                 strip_usage: bool = False) -> None:
+        self.body = body
+        self.path = path
+        self.asked_usage = asked_usage
+        self.strip_usage = strip_usage
+
+
+class Translator:
+    """The identity: the upstream speaks the client's dialect."""
+
+    crosses = False
+
+    def __init__(self, client: Dialect, upstream: Dialect) -> None:
+        self.client = client
+        self.upstream = upstream
+
+    async def prepare(self, ex: Attempt, target: Upstream) -> Prepared:
+        if ex.ask_usage and target.provider.reports_stream_usage:
+            asked = await _asking_usage(ex, self)
+            if asked is not None:
+                return Prepared(asked, asked_usage=True, strip_usage=True)
+        return Prepared(ex.body)
+
+    def headers(self, headers: CIMultiDict[str]) -> None:
+        pass
+
+    def reader(self, ex: Attempt, prepared: Prepared) -> StreamReader | None:
+        """A reader for the upstream's stream (None: relayed unread)."""
+        fmt = self.upstream.stream
+        if fmt is None:
+            return None
+        return fmt(choices=ex.choices, include_usage=ex.include_usage or prepared.asked_usage)
+
+    def answer(self, reply: Any) -> None:
+        """A complete answer (``Reply``) in the client's dialect, in place."""
+
+    def stream(self, ex: Attempt, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return chunks
+
+
+class Crossing(Translator):
+    """A request in one dialect for an upstream of the other, and its answer back."""
+
+    crosses = True
+
+    async def prepare(self, ex: Attempt, target: Upstream) -> Prepared:
+        made = ex.prepared
+        if made is not None and made[0] is ex.body and made[1] is self:
+            out = made[2]
+        else:
+            out, problem = await offload.run(_translated, ex.body, self.upstream.name, target.max_tokens,
+                                             inline_max=offload.WHOLE_MAX_BYTES)
+            if out is None:
+                param, message = problem
+                raise InvalidRequest(message.format(target=target.name), param=param, target=target.name)
+            ex.prepared = (ex.body, self, out)
+        assert out is not None
+        # a Messages client's stream is read from OpenAI chunks, whose usage the translated request asks for
+        return Prepared(out, self.upstream.path, asked_usage=self.upstream is CHAT)
+
+    def headers(self, headers: CIMultiDict[str]) -> None:
+        if self.upstream is MESSAGES:
+            headers.setdefault("anthropic-version", API_VERSION)
+        else:
+            for name in ("anthropic-version", "anthropic-beta"):
+                headers.popall(name, None)
+
+    def answer(self, reply: Any) -> None:
+        if not reply.body:
+            return
+        try:
+            doc = msgspec.json.decode(reply.body)
+        except msgspec.DecodeError:
+            return  # not JSON: passed on as it is (the usage policy reports a broken success)
+        if not isinstance(doc, dict):
+            return
+        to_messages = self.upstream is MESSAGES
+        if reply.status >= 400:
+            out = translate.openai_error_from_anthropic(doc, reply.status) if to_messages \
+                else translate.anthropic_error_from_openai(doc, reply.status)
+        elif to_messages:
+            out = translate.anthropic_to_openai_response(doc)
+        else:
+            out = translate.openai_to_anthropic_response(doc)
+        reply.body = msgspec.json.encode(out)
+        reply.headers["Content-Type"] = "application/json"
+
+    def stream(self, ex: Attempt, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if self.upstream is MESSAGES:
+            return _translated_stream(chunks, translate_stream.AnthropicToOpenAIStream(include_usage=ex.include_usage))
+        return _translated_stream(chunks, translate_stream.OpenAIToAnthropicStream())
+
+
+# The translators, made once: identities by dialect, crossings by (client, upstream).
+_IDENTITY = {name: Translator(dialect(name), dialect(name)) for name in ("chat", "completions", "messages",
+                                                                         "responses", None)}
+_CROSSINGS = {("chat", "messages"): Crossing(CHAT, MESSAGES), ("messages", "chat"): Crossing(MESSAGES, CHAT)}
+
+
+def translator(ex: Attempt, target: Upstream) -> Translator:
+    """The translator for one attempt of ``ex`` against ``target``."""
+    endpoint = ex.endpoint
+    asked = endpoint.dialect
+    if target.kind != "llm" or ex.method != "POST":  # only a POSTed request is a chat/messages call
+        return _IDENTITY[asked]
+    speaks = target.provider.speaks
+    if asked == speaks or asked is None:
+        if endpoint.path == "messages/count_tokens" and speaks != "messages":
+            raise InvalidRequest(f"messages/count_tokens: target {target.name} speaks the OpenAI dialect, which "
+                                 "has no token-counting endpoint", target=target.name)
+        return _IDENTITY[asked]
+    return _CROSSINGS.get((asked, speaks)) or _IDENTITY[asked]  # no translation known: passed on as it is
+
+
+async def _translated_stream(chunks: AsyncIterator[bytes], translator: Any) -> AsyncIterator[bytes]:
+    aligner = Aligner()
+    try:
+        async for chunk in chunks:
+            out = b"".join(translator.feed(name, data) for name, data in events(aligner.feed(chunk)))
+            if out:
+                yield out
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def _translated(body: bytes, to: str, default_max_tokens: int | None) -> tuple[bytes | None, tuple[str | None, str]]:
+    """``body`` translated to the ``to`` dialect: (the bytes, ("", "")), or (None, (param, message)) with
+    ``{target}`` in the message — a plain function of bytes, so that it can run in another process."""
+    try:
+        doc: Any = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        doc = None
+    label = "Anthropic" if to == "messages" else "OpenAI"
+    if not isinstance(doc, dict):  # nothing to translate: never sent on untranslated to the other dialect
+        return None, (None, f"the request body must be a JSON object to be sent to target {{target}} ({label})")
+    try:
+        if to == "messages":
+            n = doc.get("n")
+            if isinstance(n, int) and n > 1:  # one answer, not n: said, not silently dropped
+                return None, ("n", "n: target {target} (Anthropic) answers one choice per request; "
+                                   "send n=1 or leave it out")
+            out = translate.openai_to_anthropic_request(doc, default_max_tokens=default_max_tokens)
+        else:
+            out = translate.anthropic_to_openai_request(doc)
+        return msgspec.json.encode(out), ("", "")
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+        # JSON the client's own API would refuse (a number where text belongs, a tool call that is
+        # not an object, …): the client's error, said as one — never a 500 from the translator
+        detail = f"{type(e).__name__}: {e}".replace("{", "{{").replace("}", "}}")
+        return None, (None, f"the request cannot be translated for target {{target}} ({label}): a field has the "
+                            f"wrong type or shape ({detail})")
+
+
+# ---------------------------------------------------------------- asking a stream for its usage
+
+
+async def _asking_usage(ex: Attempt, by: Translator) -> bytes | None:
+    """``ex.body`` with ``stream_options.include_usage: true`` (None when it is not a JSON object);
+    remembered for the body it was made from, so retries reuse it."""
+    made = ex.prepared
+    body = ex.body
+    if made is not None and made[0] is body and made[1] is by:
+        return made[2]
+    end = body.rfind(b"}")
+    if end > 0 and b'"stream_options"' not in body and b'"stream"' in body and not body[end + 1:].strip():
+        # A streaming request is a JSON object with at least "stream" in it (the exchange was
+        # read from it): the option is spliced in before its closing brace, not re-encoded.
+        out: bytes | None = body[:end] + b',"stream_options":{"include_usage":true}}'
+    else:
+        out = await offload.run(with_usage_asked, body, inline_max=offload.WHOLE_MAX_BYTES)
+    ex.prepared = (body, by, out)
+    return out
+
+
+class _Options(msgspec.Struct):
+    stream_options: Any = None
+
+
+_decode_options = msgspec.json.Decoder(_Options).decode
+
+
+def with_usage_asked(body: bytes) -> bytes | None:
+    """``body`` with its ``stream_options`` (kept) asking for the usage chunk; None when it is no JSON object."""
+    try:
+        options = _decode_options(body).stream_options
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    try:
+        return jsonbody.edit(body, {"stream_options": merged})
+    except jsonbody.NotAnObject:
+        return None
