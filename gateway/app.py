@@ -20,15 +20,13 @@ from gateway.clock import Clock
 from gateway.config.model import Config, ServerConfig
 from gateway.edge import admin, probes, reports
 from gateway.edge.serve import serve
-from gateway.keys import EXPOSITION, OBSERVATORY, RELOADER, RUNTIME
+from gateway.keys import OBSERVATORY, RELOADER, RUNTIME, Reloader
 from gateway.observe import metrics
 from gateway.observe import page as status_page
 from gateway.observe.counters import Observatory
 from gateway.observe.events import Events
 from gateway.runtime import Runtime, RuntimeSlot
 from gateway.store import Store
-
-Reloader = Callable[[], tuple[Config, str]]  # reads the config again: (config, where from)
 
 log = logging.getLogger("reliapi")
 
@@ -62,7 +60,7 @@ def create_app(
     app = web.Application(client_max_size=runtime.max_body, handler_args=handler_args(config.server))
     app[RUNTIME] = RuntimeSlot(runtime)
     app[OBSERVATORY] = observatory
-    app[EXPOSITION] = metrics.Exposition()
+    app[metrics.EXPOSITION] = metrics.Exposition()
     app[RELOADER] = reload
     app.cleanup_ctx.append(_runtime_lifetime)
     for path in ("/healthz", "/livez", "/health"):
@@ -88,42 +86,3 @@ async def _runtime_lifetime(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
         await app[RUNTIME].close()
-
-
-async def reload_config(app: web.Application) -> dict[str, Any]:
-    """Read the config again and swap it in. A config that does not validate is rejected with
-    its errors and the running one stays. State in the store (circuits, budgets, cache, usage)
-    and the observatory's counters survive; a new listen address needs a restart.
-    Returns ``{"reloaded": bool, "errors": [...], "warnings": [...], "source": ..., "targets": [...]}``."""
-    from gateway.config.model import ConfigError, config_warnings
-    from gateway.observe.logs import use_scrubber
-
-    reload = app[RELOADER]
-    if reload is None:
-        return {"reloaded": False, "errors": ["this gateway was not started from a config it can read again"],
-                "warnings": [], "source": None, "targets": []}
-    slot = app[RUNTIME]
-    started = slot.current.config
-    try:
-        config, source = reload()
-    except ConfigError as e:
-        log.error("reload rejected, the running config stays: %s", "; ".join(e.errors),
-                  extra={"fields": {"errors": e.errors}})
-        return {"reloaded": False, "errors": list(e.errors), "warnings": [], "source": None,
-                "targets": sorted(started.targets)}
-    warnings = list(config_warnings(config))
-    if (config.server.host, config.server.port) != (started.server.host, started.server.port):
-        warnings.append("a new listen address takes effect only after a restart")
-    if _listener(config.server) != _listener(started.server):
-        warnings.append("new server.header_timeout_s, keepalive_timeout_s or max_connections take effect "
-                        "only after a restart")
-    for line in warnings:
-        log.warning("config: %s", line)
-    new = await slot.reload(config)
-    use_scrubber(new.scrub)  # the new config's keys
-    log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
-    return {"reloaded": True, "errors": [], "warnings": warnings, "source": source, "targets": list(config.targets)}
-
-
-def _listener(server: ServerConfig) -> tuple[Any, ...]:
-    return server.header_timeout_s, server.keepalive_timeout_s, server.max_connections

@@ -19,17 +19,18 @@ import asyncio
 import logging
 import os
 import signal
-import struct
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 from aiohttp import web
 
 from gateway import __version__
-from gateway.config.model import Config, ConfigError, config_warnings, load_config
+from gateway import reload as reloading
+from gateway.config import ConfigError, config_warnings, load_config
+from gateway.config.model import Config
+from gateway.keys import Reloader
 
 log = logging.getLogger("reliapi")
 
@@ -126,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     return serve(config, source, reuse_port=False, reload=lambda: resolve_config(args))
 
 
-Reloader = Callable[[], tuple[Config, str]]
-
-
 def serve(config: Config, source: str, *, reuse_port: bool, reload: Reloader) -> int:
     try:
         import uvloop
@@ -190,46 +188,7 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
 
 
 async def _reload(app: web.Application, started: Config, reload: Reloader) -> None:
-    from gateway.app import reload_config
-
-    await reload_config(app)
-
-
-# In a worker of --workers N: the parent, which forwards SIGHUP to all, and the pipe a worker names
-# itself on when it asks for that (``reload_all_workers``).
-_supervisor: tuple[int, int] | None = None
-_PID = struct.Struct("=i")  # one asking worker's pid on that pipe (a write this small is atomic)
-
-
-def reload_all_workers() -> bool:
-    """In a worker that has just reloaded itself (``POST /admin/reload``): have the parent send
-    SIGHUP to every other worker, so that the reload reaches all, each once. False when this
-    process is no worker."""
-    if _supervisor is None:
-        return False
-    parent, asks = _supervisor
-    if os.getppid() != parent:  # an orphan has a new parent
-        return False
-    try:
-        os.write(asks, _PID.pack(os.getpid()))
-        os.kill(parent, signal.SIGUSR1)
-    except OSError:
-        return False
-    return True
-
-
-def _askers(asks: int) -> list[int]:
-    """The workers that asked for a reload since the last look (the parent's end never blocks)."""
-    data = b""
-    while True:
-        try:
-            chunk = os.read(asks, 4096)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return [pid for (pid,) in _PID.iter_unpack(data[: len(data) - len(data) % _PID.size])]
+    await reloading.reload_config(app)
 
 
 def _run_workers(config: Config, source: str, workers: int, reload: Reloader) -> int:
@@ -240,10 +199,9 @@ def _run_workers(config: Config, source: str, workers: int, reload: Reloader) ->
     os.set_blocking(asks_r, False)
 
     def spawn(slot: int) -> None:
-        global _supervisor
         pid = os.fork()
         if pid == 0:  # child: a plain single-process server on the shared port
-            _supervisor = (parent, asks_w)
+            reloading.supervisor = (parent, asks_w)
             os.close(asks_r)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
@@ -278,7 +236,7 @@ def _run_workers(config: Config, source: str, workers: int, reload: Reloader) ->
         hup()
 
     def forward_ask(signum: int, _frame: object) -> None:  # a worker reloaded itself: the others' turn
-        for asker in _askers(asks_r):
+        for asker in reloading.askers(asks_r):
             hup(skip=asker)
 
     signal.signal(signal.SIGTERM, forward)

@@ -21,6 +21,7 @@ from gateway.config.model import Config
 from gateway.flow.build import build
 from gateway.flow.chain import Handler
 from gateway.flow.context import Context
+from gateway.flow.tenants import Tenants
 from gateway.observe.counters import Observatory
 from gateway.observe.events import Events
 from gateway.observe.logs import AccessLog
@@ -28,7 +29,6 @@ from gateway.scrub import Scrubber
 from gateway.state.shared import SharedState
 from gateway.store import Store, StoreError, open_store
 from gateway.upstream.targets import Router, Target
-from policies.tenants import Tenants
 from providers.pricing import PriceTable
 
 log = logging.getLogger("reliapi")

@@ -27,7 +27,7 @@ from gateway import encoding
 from gateway.errors import StreamBroken
 
 if TYPE_CHECKING:
-    from gateway.flow.exchange import Reply
+    from gateway.flow.reply import Reply
 
 log = logging.getLogger("reliapi")
 

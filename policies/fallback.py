@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING
 
 from gateway import jsonbody
-from gateway.config.model import dialect
+from gateway.config import dialect
 from gateway.errors import GatewayError, UpstreamError
 from gateway.failures import Failure, failure_of
 from gateway.flow.exchange import Exchange, Reply

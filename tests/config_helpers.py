@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.model import Config, ConfigError, RetryRule, parse_config
+from gateway.config import ConfigError, parse_config
+from gateway.config.model import Config, RetryRule
 
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = REPO.parent / "shared" / "seeds"

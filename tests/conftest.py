@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.clock import Clock
-from gateway.config.model import parse_config
+from gateway.config import parse_config
 from gateway.edge.server import GatewayRunner
 from gateway.observe.logs import JsonFormatter
 from gateway.store import Store

@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.config.model import parse_config
+from gateway.config import parse_config
 from gateway.edge.admin import check_access
 from gateway.errors import Forbidden, Unauthorized
 from gateway.runtime import Runtime

@@ -400,7 +400,7 @@ async def test_another_method_or_a_method_override_does_not_skip_the_budget(mete
 
 
 def test_a_budgeted_tenant_that_can_reach_a_plain_http_target_is_warned_about() -> None:
-    from gateway.config.model import config_warnings, parse_config
+    from gateway.config import config_warnings, parse_config
 
     cfg = parse_config("""
 tenants:

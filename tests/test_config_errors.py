@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.model import ConfigError, load_config, parse_config
+from gateway.config import ConfigError, load_config, parse_config
 from tests.config_helpers import errors_of, load
 from tests.config_samples import README_MINIMAL_HTTP_TARGET
 

@@ -12,6 +12,7 @@ import re
 import msgspec
 import pytest
 
+from gateway.config import config_warnings, load_config
 from gateway.config.model import (
     AuthConfig,
     BudgetCaps,
@@ -21,8 +22,6 @@ from gateway.config.model import (
     Price,
     SpendBudget,
     TenantRateLimit,
-    config_warnings,
-    load_config,
 )
 from tests.config_helpers import DEFAULT_RETRY, REPO, load
 

@@ -182,7 +182,7 @@ targets:
         retry_matrix: {{"5xx": {{attempts: 0}}}}}}
   claude: {{base_url: "{fb2.url}", provider: anthropic}}
 """
-    from gateway.config.model import config_warnings, parse_config
+    from gateway.config import config_warnings, parse_config
 
     assert config_warnings(parse_config(cfg)) == []
     client, _ = await gateway(cfg)

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from gateway.config.model import parse_config
+from gateway.config import parse_config
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from gateway.app import create_app
-from gateway.config.model import parse_config
+from gateway.config import parse_config
 from gateway.keys import RUNTIME
 from gateway.store.memory import MemoryStore
 from policies.usage import day_of, usage_key

@@ -16,7 +16,7 @@ import logging
 
 import pytest
 
-from gateway.config.model import ConfigError, parse_config
+from gateway.config import ConfigError, parse_config
 from gateway.keys import RUNTIME
 from tests.fakes import Fault
 
@@ -188,7 +188,7 @@ def test_a_config_error_does_not_quote_a_base_url_password():
 def test_the_gateways_own_log_lines_are_scrubbed_of_the_running_configs_keys(capsys):
     """``python -m gateway`` hands the runtime's scrubber (upstream, tenant and admin keys) to the JSON log handler."""
 
-    from gateway.config.model import parse_config
+    from gateway.config import parse_config
     from gateway.observe.logs import setup_logging, use_scrubber
     from gateway.runtime import Runtime
 
@@ -212,7 +212,7 @@ def test_the_gateways_own_log_lines_are_scrubbed_of_the_running_configs_keys(cap
 
 
 def test_a_key_too_short_to_scrub_is_warned_about() -> None:
-    from gateway.config.model import config_warnings
+    from gateway.config import config_warnings
 
     config = parse_config("""
 tenants:

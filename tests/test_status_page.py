@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from gateway import __version__
-from gateway.config.model import parse_config
+from gateway.config import parse_config
 from gateway.keys import RUNTIME
 from tests.browser import Browser, find_chromium
 from tests.fakes import Fault

@@ -15,7 +15,7 @@ import hashlib
 
 import pytest
 
-import policies.tenants as tenants_module
+import gateway.flow.tenants as tenants_module
 from gateway.keys import RUNTIME
 from tests.conftest import raw_http
 from tests.fakes import Fault

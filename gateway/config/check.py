@@ -1,7 +1,7 @@
 """Checks that need the whole config: cross-references (``cross_check``, errors) and what a valid
 config asks for that this version cannot do, or leaves unusable (``config_warnings``).
 
-``cross_check`` runs once every value has the right type (``gateway.config.model.parse_config``):
+``cross_check`` runs once every value has the right type (``gateway.config.parse``):
 fallback targets exist, auth blocks are complete, caps are ordered, names are usable.
 """
 

@@ -20,18 +20,11 @@ is the built-in default written out with comments.
 
 from __future__ import annotations
 
-import os
-import re
-import typing
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
-import yaml
 from msgspec import Meta, Struct
 
-from gateway.config import compat as config_compat
-from gateway.config.load import StrKeyLoader, check_types, expand_env, kind, msgspec_message, yaml_message
 from providers import kind_of
 
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -266,103 +259,3 @@ class Config(_Base):
     pricing: dict[str, Price] = {}
     provider_key_pools: dict[str, KeyPool] = {}
     client_profiles: dict[str, ClientProfile] = {}
-
-
-# ---------------------------------------------------------------- loading
-
-
-class ConfigError(Exception):
-    """Every problem found in one config, each line prefixed with its path."""
-
-    def __init__(self, errors: list[str], source: str = "config") -> None:
-        self.errors = errors
-        self.source = source
-        super().__init__("\n".join(errors))
-
-
-DEFAULT_CONFIG_TEXT = (Path(__file__).with_name("default.yaml")).read_text()
-
-
-def load_config(path: str | os.PathLike[str] | None = None, *, env: typing.Mapping[str, str] | None = None) -> Config:
-    """Load ``path`` (None: the built-in default) or raise ConfigError listing every problem."""
-    if path is None:
-        return parse_config(DEFAULT_CONFIG_TEXT, source="<built-in default>", env=env)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError([f"cannot read {path}: {e.strerror}"], source=str(path)) from None
-    return parse_config(text, source=str(path), env=env)
-
-
-def parse_config(text: str, *, source: str = "config", env: typing.Mapping[str, str] | None = None) -> Config:
-    env = os.environ if env is None else env
-    try:
-        raw = yaml.load(text, Loader=StrKeyLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError([yaml_message(e)], source=source) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"(top level): expected a mapping, got {kind(raw)}"], source=source)
-    errors: list[str] = []
-    env_text: dict[str, str] = {}  # path → expanded text of a ${VAR} value re-read as a number/bool
-    unset: set[str] = set()  # paths whose ${VAR} is unset (already reported; don't also report "got str")
-    raw = expand_env(raw, "", env, errors, env_text, unset)
-    raw = config_compat.normalize(raw, errors)
-    _fill_retry_defaults(raw)
-    check_errors: list[str] = []
-    raw = check_types(raw, Config, "", check_errors, env_text)
-    errors.extend(e for e in check_errors if e.split(": ", 1)[0] not in unset)
-    if errors:
-        raise ConfigError(errors, source=source)
-    try:
-        config = msgspec.convert(raw, Config, strict=True)
-    except msgspec.ValidationError as e:  # a safety net: check_types should have caught it with a better message
-        where = str(e).partition(" - at `$")[2].rstrip("`").lstrip(".")
-        raise ConfigError([f"{where or '(top level)'}: {msgspec_message(e)}"], source=source) from None
-    config = _resolve(config)
-    errors = cross_check(config)
-    if errors:
-        raise ConfigError(errors, source=source)
-    return config
-
-
-def _fill_retry_defaults(raw: dict[str, Any]) -> None:
-    """A target's ``retry_matrix`` overrides the defaults class by class and field by field.
-
-    Classes the user leaves out keep their defaults (``timeout`` stays at 0 retries when
-    only ``"429"``/``"5xx"``/``"net"`` are given), and so do the fields left out of a class.
-    """
-    targets = raw.get("targets")
-    if not isinstance(targets, dict):
-        return
-    defaults = msgspec.to_builtins(_default_retry_matrix())
-    for t in targets.values():
-        if not isinstance(t, dict) or not isinstance(t.get("retry_matrix"), dict):
-            continue
-        given = t["retry_matrix"]
-        merged: dict[str, Any] = {cls: dict(rule) for cls, rule in defaults.items()}
-        for cls, rule in given.items():
-            merged[cls] = {**merged[cls], **rule} if cls in merged and isinstance(rule, dict) else rule
-        t["retry_matrix"] = merged
-
-
-_PROVIDER_HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic", "api.mistral.ai": "mistral"}
-
-
-def _resolve(config: Config) -> Config:
-    """Fill in derived defaults: each target's effective provider."""
-    targets = {}
-    for name, t in config.targets.items():
-        provider = t.provider or (t.llm.provider if t.llm else None)
-        if provider is None:
-            host = re.sub(r"^[a-z]+://", "", t.base_url).split("/")[0].split(":")[0].lower()
-            provider = _PROVIDER_HOSTS.get(host, "openai" if t.llm else "http")
-        targets[name] = msgspec.structs.replace(t, provider=provider)
-    return msgspec.structs.replace(config, targets=targets)
-
-
-# The checks that need the whole config live in their own module; re-exported here.
-from gateway.config.check import config_warnings, cross_check, dialect  # noqa: E402
-
-__all__ = ["Config", "ConfigError", "config_warnings", "dialect", "load_config", "parse_config"]

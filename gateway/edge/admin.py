@@ -33,7 +33,7 @@ import msgspec
 from aiohttp import hdrs, web
 from multidict import istr
 
-from gateway import cli
+from gateway import reload as reloading
 from gateway.edge.access import access_fields
 from gateway.edge.ids import request_id as request_id_of
 from gateway.edge.writer import StreamOutcome, error_body, error_response
@@ -49,6 +49,7 @@ from gateway.errors import (
 from gateway.flow.exchange import ENVELOPE
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME
 from gateway.observe.logs import hide_userinfo
+from gateway.observe.status import snapshot
 from gateway.runtime import Runtime
 from gateway.store import StoreError
 from policies import cache as cache_policy
@@ -175,7 +176,7 @@ def _error(err: GatewayError, request_id: str, rt: Runtime) -> web.Response:
 
 async def summary(request: web.Request, rt: Runtime) -> dict[str, Any]:
     observatory = request.app[OBSERVATORY]
-    snap = await observatory.snapshot(rt)
+    snap = await snapshot(observatory, rt)
     targets = [
         {k: t[k] for k in ("name", "kind", "provider", "circuit", "requests", "errors", "error_rate",
                            "latency_ms", "inflight", "spend_today_usd")}
@@ -280,16 +281,15 @@ async def circuit_reset(request: web.Request, rt: Runtime) -> dict[str, Any]:
 
 
 async def reload(request: web.Request, rt: Runtime) -> dict[str, Any]:
-    from gateway.app import reload_config  # app imports this module
 
     if request.app[RELOADER] is None:
         raise ReloadUnavailable("this gateway was not started from a config it can read again; restart it instead")
-    result = await reload_config(request.app)
+    result = await reloading.reload_config(request.app)
     if not result["reloaded"]:
         raise InvalidConfig("the new config is invalid, the running one stays: " + "; ".join(result["errors"]),
                             result["errors"])
     # Under --workers N this process is one of N: it reloads itself here, and its parent sends SIGHUP to every other worker.
-    result["all_workers"] = cli.reload_all_workers()
+    result["all_workers"] = reloading.reload_all_workers()
     return result
 
 

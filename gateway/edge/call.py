@@ -9,14 +9,22 @@ reply the rest of the steps return.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from gateway.edge.surfaces import Surface
     from gateway.flow.exchange import Exchange, Reply
     from gateway.runtime import Runtime
+
+
+class Surface(Protocol):
+    """What a call knows of its surface (``gateway.edge.surfaces.Surface``)."""
+
+    name: str  # the access log's "route"
+    handler: EdgeHandler
+
+    def dialect_of(self, raw_path: str) -> str: ...
 
 
 class Call:

@@ -15,8 +15,8 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gateway.flow.tenants import Tenant
     from gateway.runtime import Runtime
-    from policies.tenants import Tenant
 
 _GLOB = re.compile(r"[*?\[]")
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gateway.clock import Clock
     from gateway.config.model import Config
+    from gateway.flow.tenants import Tenants
     from gateway.observe.events import Events
     from gateway.state.shared import SharedState
     from gateway.store import Store
     from gateway.upstream.targets import Target
-    from policies.tenants import Tenants
     from providers.pricing import PriceTable
 
 

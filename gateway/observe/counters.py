@@ -2,13 +2,13 @@
 
 Two feeds, both cheap on the hot path:
 
-- ``record(fields)``: the request's access-log record (``handlers._access_fields``), once per
+- ``record(fields)``: the request's access-log record (``gateway.edge.access``), once per
   request, whether or not the access log is written;
 - ``on_event(event)``: the small event objects the policies emit (``gateway.observe.events``).
 
 Both only add to plain dicts keyed by label tuples; ``gateway.observe.metrics`` turns them into
 Prometheus series when ``/metrics`` is scraped, so a request never pays for label hashing
-or a metrics library. ``snapshot`` is the status page's data (``/status.json``).
+or a metrics library. ``gateway.observe.status`` reads them, with the store, for ``/status.json``.
 
 The observatory outlives config reloads (it belongs to the app, like the event bus), so
 counters never go backwards while the process runs. Everything here is per process;
@@ -17,14 +17,12 @@ spend against tenant budgets is read from the store, where it is fleet-wide.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway import __version__
 from gateway.observe.events import (
     BudgetEvent,
     CacheHit,
@@ -39,11 +37,6 @@ from gateway.observe.events import (
     StoreDegraded,
     UpstreamAnswered,
 )
-from gateway.observe.logs import hide_userinfo
-from gateway.store import StoreError
-
-if TYPE_CHECKING:
-    from gateway.runtime import Runtime
 
 # Request latency in seconds: from 5 ms (a cache hit) to two minutes (a long generation).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -291,87 +284,6 @@ class Observatory:
 
     def leave(self, target: str) -> None:
         self.inflight[target] -= 1
-
-    # -- the status page's data ------------------------------------------------------
-
-    async def snapshot(self, rt: Runtime) -> dict[str, Any]:
-        """Everything ``/status.json`` serves (and ``/`` renders). Never a secret: targets show
-        only their origin, key pools only key ids and states."""
-        now = self.wall()
-        try:
-            async with asyncio.timeout(1.0):
-                await rt.store.ping()
-            store = {"backend": rt.store.backend, "healthy": True, "error": None}
-        except (StoreError, TimeoutError) as e:
-            store = {"backend": rt.store.backend, "healthy": False,
-                     "error": rt.scrub(str(e)) if str(e) else "store did not answer within 1 s"}
-        today = self.today()
-        targets = []
-        for name, target in rt.targets.items():
-            view = self.targets.get(name) or TargetView()
-            recent = sorted(view.recent)
-            hits, misses = view.cache_hits, view.cache_misses
-            circuit = rt.circuits.get(name)
-            pool = rt.key_pools.get(name)
-            keys = None
-            if pool is not None:
-                counts = key_states(pool)
-                keys = {"total": sum(counts.values()), **counts}
-            targets.append({
-                "name": name, "kind": target.kind, "provider": target.provider.name,
-                "origin": hide_userinfo(target.base.origin),
-                "circuit": circuit.state if circuit is not None else "closed",
-                "requests": view.requests, "errors": view.errors,
-                "error_rate": round(view.errors / view.requests, 4) if view.requests else 0.0,
-                "latency_ms": {"p50": _quantile(recent, 0.50), "p99": _quantile(recent, 0.99)},
-                "cache": {"hits": hits, "misses": misses,
-                          "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None},
-                "key_pool": keys,
-                "inflight": self.inflight.get(name, 0),
-                "spend_today_usd": round(view.spend_usd, 8) if view.spend_day == today else 0.0,
-            })
-        tenants = []
-        budgets = await _tenant_spend(rt, now) if store["healthy"] else {}
-        for tenant in rt.config.tenants:
-            name = tenant.name
-            view = self.tenants.get(name) or TenantView()
-            budget = tenant.budget
-            spent = budgets.get(name, {})
-            tenants.append({
-                "name": name, "requests": view.requests, "rate_limited": view.rate_limited,
-                "spend_today_usd": round(spent.get("daily", view.spend_usd if view.spend_day == today else 0.0), 8),
-                "spend_month_usd": round(spent["monthly"], 8) if "monthly" in spent else None,
-                "budget": None if budget is None else {"daily_usd": budget.daily_usd, "monthly_usd": budget.monthly_usd},
-            })
-        return {
-            "version": __version__, "started_at": _iso(self.started), "now": _iso(now),
-            "uptime_s": round(now - self.started, 1), "store": store,
-            "targets": targets, "tenants": tenants, "errors": list(self.last_errors),
-        }
-
-
-async def _tenant_spend(rt: Runtime, now: float) -> dict[str, dict[str, float]]:
-    """Each budgeted tenant's spend in its current day and month windows, from the store
-    (reserved and settled: what the budget policy checks against)."""
-    from policies.budget import windows
-
-    out: dict[str, dict[str, float]] = {}
-    for tenant in rt.config.tenants:
-        name = tenant.name
-        if tenant.budget is None:
-            continue
-        keys, _, _, resets = windows(name, tenant.budget, now)
-        spent: dict[str, float] = {}
-        for key, (window, _) in zip(keys, resets, strict=True):
-            try:
-                raw = await rt.store.get(key)
-            except StoreError:
-                continue
-            spent[window] = float(raw) if raw else 0.0
-        out[name] = spent
-    return out
-
-
 
 
 def key_states(pool: Any) -> dict[str, int]:

@@ -17,7 +17,7 @@ from aioprometheus import histogram as prom_histogram
 from aioprometheus.metricdict import MetricDict
 from aioprometheus.renderer import render
 
-from gateway.keys import EXPOSITION, OBSERVATORY, RUNTIME
+from gateway.keys import OBSERVATORY, RUNTIME
 from gateway.observe.counters import CIRCUIT_STATES, DURATION_BUCKETS, TTFT_BUCKETS, Hist, Observatory, key_states
 
 if TYPE_CHECKING:
@@ -138,3 +138,6 @@ async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME].current
     body, headers = request.app[EXPOSITION].render(request.app[OBSERVATORY], rt, request.headers.getall("Accept", []))
     return web.Response(body=body, headers=headers)
+
+
+EXPOSITION: web.AppKey[Exposition] = web.AppKey("exposition")  # the app's own Prometheus registry

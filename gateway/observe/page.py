@@ -1,4 +1,4 @@
-"""The status page ``GET /`` and its data ``GET /status.json`` (``Observatory.snapshot``).
+"""The status page ``GET /`` and its data ``GET /status.json`` (``gateway.observe.status``).
 
 The page is rendered whole on the server (aiohttp-jinja2, autoescaped), so it is useful
 without JavaScript; a small inline script then fetches ``/status.json`` every two seconds
@@ -23,6 +23,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.keys import OBSERVATORY, RUNTIME
+from gateway.observe.status import snapshot
 
 TEMPLATES = Path(__file__).parent / "templates"
 ERRORS_SHOWN = 20  # of the observatory's last 50; /status.json has them all
@@ -41,13 +42,13 @@ BLANK_ERROR: dict[str, Any] = {"ts": "", "request_id": "", "target": None, "tena
 
 
 async def status_json(request: web.Request) -> web.Response:
-    data = await request.app[OBSERVATORY].snapshot(request.app[RUNTIME].current)
+    data = await snapshot(request.app[OBSERVATORY], request.app[RUNTIME].current)
     return web.Response(body=msgspec.json.encode(data), content_type="application/json",
                         headers={"Cache-Control": "no-store"})
 
 
 async def page(request: web.Request) -> web.Response:
-    data = await request.app[OBSERVATORY].snapshot(request.app[RUNTIME].current)
+    data = await snapshot(request.app[OBSERVATORY], request.app[RUNTIME].current)
     nonce = secrets.token_urlsafe(16)
     context = {
         "s": data, "summary": summary(data), "errors": data["errors"][:ERRORS_SHOWN], "errors_shown": ERRORS_SHOWN,

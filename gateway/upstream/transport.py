@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import Overloaded, StreamBroken, UpstreamTimeout, UpstreamUnavailable
-from gateway.flow.exchange import Reply
+from gateway.flow.reply import Reply
 from gateway.headers import client_response_headers, is_event_stream
 
 _STREAMED = ("text/event-stream", "application/x-ndjson")  # media types ignore case: "Text/Event-Stream" too

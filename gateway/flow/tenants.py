@@ -1,0 +1,100 @@
+"""The tenants of a config by key digest (``policies.tenants`` says what tenants are and may do).
+
+Keys are configured literally, from an environment variable, or as SHA-256 only; the
+lookup table holds nothing but digests. A presented key is hashed and the digest
+compared with ``hmac.compare_digest``, so how long a check takes says nothing about how
+close a wrong key was. ``authenticate`` is the edge's authentication step (``gateway.edge.steps``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from aiohttp import hdrs
+from multidict import CIMultiDictProxy, istr
+
+from gateway.errors import Forbidden, Unauthorized
+
+if TYPE_CHECKING:
+    from gateway.config.model import Config, TenantConfig
+
+log = logging.getLogger("reliapi")
+
+X_API_KEY = istr("X-API-Key")
+
+
+class Tenant:
+    __slots__ = ("name", "config", "digest", "_targets", "_models")
+
+    def __init__(self, config: TenantConfig, digest: bytes | None) -> None:
+        self.name = config.name
+        self.config = config
+        self.digest = digest
+        self._targets = None if config.allowed_targets is None else frozenset(config.allowed_targets)
+        self._models = None if config.allowed_models is None else [
+            re.compile(fnmatch.translate(glob)) for glob in config.allowed_models
+        ]
+
+    def check(self, target: str, model: str | None) -> None:
+        if self._targets is not None and target not in self._targets:
+            raise Forbidden(f"tenant {self.name!r} may not use target {target!r}")
+        if self._models is not None and model is not None and not any(m.match(model) for m in self._models):
+            raise Forbidden(f"tenant {self.name!r} may not use model {model!r}")
+
+
+def _digest(key: str) -> bytes:
+    # aiohttp decodes header bytes with surrogateescape: a key that is not UTF-8 hashes as its bytes
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+class Tenants:
+    """Every configured tenant by key digest (and by name, for the other policies)."""
+
+    def __init__(self, config: Config, env: Mapping[str, str]) -> None:
+        self.enabled = bool(config.tenants)
+        self.by_name: dict[str, Tenant] = {}
+        self._by_digest: dict[bytes, Tenant] = {}
+        for t in config.tenants:
+            digest = None
+            if t.api_key_sha256:
+                digest = bytes.fromhex(t.api_key_sha256)
+            elif t.api_key:
+                digest = _digest(t.api_key)
+            elif t.api_key_env:
+                value = env.get(t.api_key_env)
+                if value:
+                    digest = _digest(value)
+                else:
+                    log.warning("tenant %s: environment variable %s is not set; its key is refused", t.name, t.api_key_env)
+            tenant = Tenant(t, digest)
+            self.by_name[t.name] = tenant
+            if digest is not None:
+                self._by_digest[digest] = tenant
+        self._decoy = _digest("reliapi: no such tenant")
+
+    def authenticate(self, headers: CIMultiDictProxy[str]) -> Tenant | None:
+        """The calling tenant; None when no tenants are configured. Raises ``Unauthorized``."""
+        if not self.enabled:
+            return None
+        key = None
+        auth = headers.get(hdrs.AUTHORIZATION)
+        if auth:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() == "bearer":
+                key = value.strip()
+        if not key:
+            key = headers.get(X_API_KEY, "").strip()
+        if not key:
+            raise Unauthorized("missing tenant key: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        digest = _digest(key)
+        tenant = self._by_digest.get(digest)
+        # compare_digest runs for a miss too, against a decoy, so both paths do the same work
+        if not hmac.compare_digest(digest, tenant.digest if tenant is not None else self._decoy) or tenant is None:  # type: ignore[arg-type]
+            raise Unauthorized("invalid tenant key")
+        return tenant

@@ -1,0 +1,95 @@
+"""The status page's data (``GET /status.json``, rendered by ``GET /``): the observatory's counts
+(``gateway.observe.counters``) with what only the runtime and the store know — the store's health,
+circuit states, key pools, tenants' spend against their budgets (fleet-wide, from the store).
+Never a secret: targets show only their origin, key pools only key ids and states."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from gateway import __version__
+from gateway.observe.counters import Observatory, TargetView, TenantView, _iso, _quantile, key_states
+from gateway.observe.logs import hide_userinfo
+from gateway.store import StoreError
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+
+async def snapshot(observatory: Observatory, rt: Runtime) -> dict[str, Any]:
+    """Everything ``/status.json`` serves (and ``/`` renders). Never a secret: targets show
+    only their origin, key pools only key ids and states."""
+    now = observatory.wall()
+    try:
+        async with asyncio.timeout(1.0):
+            await rt.store.ping()
+        store = {"backend": rt.store.backend, "healthy": True, "error": None}
+    except (StoreError, TimeoutError) as e:
+        store = {"backend": rt.store.backend, "healthy": False,
+                 "error": rt.scrub(str(e)) if str(e) else "store did not answer within 1 s"}
+    today = observatory.today()
+    targets = []
+    for name, target in rt.targets.items():
+        view = observatory.targets.get(name) or TargetView()
+        recent = sorted(view.recent)
+        hits, misses = view.cache_hits, view.cache_misses
+        circuit = rt.circuits.get(name)
+        pool = rt.key_pools.get(name)
+        keys = None
+        if pool is not None:
+            counts = key_states(pool)
+            keys = {"total": sum(counts.values()), **counts}
+        targets.append({
+            "name": name, "kind": target.kind, "provider": target.provider.name,
+            "origin": hide_userinfo(target.base.origin),
+            "circuit": circuit.state if circuit is not None else "closed",
+            "requests": view.requests, "errors": view.errors,
+            "error_rate": round(view.errors / view.requests, 4) if view.requests else 0.0,
+            "latency_ms": {"p50": _quantile(recent, 0.50), "p99": _quantile(recent, 0.99)},
+            "cache": {"hits": hits, "misses": misses,
+                      "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None},
+            "key_pool": keys,
+            "inflight": observatory.inflight.get(name, 0),
+            "spend_today_usd": round(view.spend_usd, 8) if view.spend_day == today else 0.0,
+        })
+    tenants = []
+    budgets = await _tenant_spend(rt, now) if store["healthy"] else {}
+    for tenant in rt.config.tenants:
+        name = tenant.name
+        view = observatory.tenants.get(name) or TenantView()
+        budget = tenant.budget
+        spent = budgets.get(name, {})
+        tenants.append({
+            "name": name, "requests": view.requests, "rate_limited": view.rate_limited,
+            "spend_today_usd": round(spent.get("daily", view.spend_usd if view.spend_day == today else 0.0), 8),
+            "spend_month_usd": round(spent["monthly"], 8) if "monthly" in spent else None,
+            "budget": None if budget is None else {"daily_usd": budget.daily_usd, "monthly_usd": budget.monthly_usd},
+        })
+    return {
+        "version": __version__, "started_at": _iso(observatory.started), "now": _iso(now),
+        "uptime_s": round(now - observatory.started, 1), "store": store,
+        "targets": targets, "tenants": tenants, "errors": list(observatory.last_errors),
+    }
+
+
+async def _tenant_spend(rt: Runtime, now: float) -> dict[str, dict[str, float]]:
+    """Each budgeted tenant's spend in its current day and month windows, from the store
+    (reserved and settled: what the budget policy checks against)."""
+    from policies.budget import windows
+
+    out: dict[str, dict[str, float]] = {}
+    for tenant in rt.config.tenants:
+        name = tenant.name
+        if tenant.budget is None:
+            continue
+        keys, _, _, resets = windows(name, tenant.budget, now)
+        spent: dict[str, float] = {}
+        for key, (window, _) in zip(keys, resets, strict=True):
+            try:
+                raw = await rt.store.get(key)
+            except StoreError:
+                continue
+            spent[window] = float(raw) if raw else 0.0
+        out[name] = spent
+    return out

@@ -1,0 +1,96 @@
+"""Reading the config again while serving (SIGHUP, ``POST /admin/reload``), and under
+``--workers N`` making one worker's reload reach every other worker, each once.
+
+A worker that reloaded itself (``POST /admin/reload`` reached it) writes its pid on a pipe its
+parent reads and sends the parent SIGUSR1; the parent sends SIGHUP to every other worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import struct
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import ConfigError, config_warnings
+from gateway.config.model import ServerConfig
+from gateway.keys import RELOADER, RUNTIME
+from gateway.observe.logs import use_scrubber
+
+log = logging.getLogger("reliapi")
+
+
+async def reload_config(app: web.Application) -> dict[str, Any]:
+    """Read the config again and swap it in. A config that does not validate is rejected with
+    its errors and the running one stays. State in the store (circuits, budgets, cache, usage)
+    and the observatory's counters survive; a new listen address needs a restart.
+    Returns ``{"reloaded": bool, "errors": [...], "warnings": [...], "source": ..., "targets": [...]}``."""
+    reload = app[RELOADER]
+    if reload is None:
+        return {"reloaded": False, "errors": ["this gateway was not started from a config it can read again"],
+                "warnings": [], "source": None, "targets": []}
+    slot = app[RUNTIME]
+    started = slot.current.config
+    try:
+        config, source = reload()
+    except ConfigError as e:
+        log.error("reload rejected, the running config stays: %s", "; ".join(e.errors),
+                  extra={"fields": {"errors": e.errors}})
+        return {"reloaded": False, "errors": list(e.errors), "warnings": [], "source": None,
+                "targets": sorted(started.targets)}
+    warnings = list(config_warnings(config))
+    if (config.server.host, config.server.port) != (started.server.host, started.server.port):
+        warnings.append("a new listen address takes effect only after a restart")
+    if _listener(config.server) != _listener(started.server):
+        warnings.append("new server.header_timeout_s, keepalive_timeout_s or max_connections take effect "
+                        "only after a restart")
+    for line in warnings:
+        log.warning("config: %s", line)
+    new = await slot.reload(config)
+    use_scrubber(new.scrub)  # the new config's keys
+    log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
+    return {"reloaded": True, "errors": [], "warnings": warnings, "source": source, "targets": list(config.targets)}
+
+
+def _listener(server: ServerConfig) -> tuple[Any, ...]:
+    return server.header_timeout_s, server.keepalive_timeout_s, server.max_connections
+
+
+# In a worker of --workers N: the parent, which forwards SIGHUP to all, and the pipe a worker names
+# itself on when it asks for that (``reload_all_workers``); set by the CLI when it forks the worker.
+supervisor: tuple[int, int] | None = None
+_PID = struct.Struct("=i")  # one asking worker's pid on that pipe (a write this small is atomic)
+
+
+def reload_all_workers() -> bool:
+    """In a worker that has just reloaded itself (``POST /admin/reload``): have the parent send
+    SIGHUP to every other worker, so that the reload reaches all, each once. False when this
+    process is no worker."""
+    if supervisor is None:
+        return False
+    parent, asks = supervisor
+    if os.getppid() != parent:  # an orphan has a new parent
+        return False
+    try:
+        os.write(asks, _PID.pack(os.getpid()))
+        os.kill(parent, signal.SIGUSR1)
+    except OSError:
+        return False
+    return True
+
+
+def askers(asks: int) -> list[int]:
+    """The workers that asked for a reload since the last look (the parent's end never blocks)."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(asks, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return [pid for (pid,) in _PID.iter_unpack(data[: len(data) - len(data) % _PID.size])]
