@@ -3,18 +3,18 @@ running answer that followers on other instances read.
 
     key  = b"L" + token + b" " + fingerprint        while the leader runs
          = b"D" + msgpack(Entry)                     once a storable answer is done
-    key:log:<token>     the running answer as a list of items (msgpack arrays):
-                        ["h", status, headers, stream] · ["b", body] · ["c", chunk] · ["e"] clean end
-                        · ["x", code, message, reported] broken stream
-                        · ["g", code, message, retry_after, target, upstream_status] the gateway's error
-                        · ["a"] abandoned: its client left and nobody waited
+    key:log:<token>     the running answer as a list of ``Item``s: a ``Head`` then a ``Body``, or a
+                        ``Head``, ``Chunk``s and an ``End`` or a ``Broken``; or one ``Failed`` (the
+                        gateway's error), or one ``Abandoned`` (its client left and nobody waited)
     key:log:<token>:w   how many followers elsewhere wait on it
+
+Items are tagged msgspec Structs, stored as msgpack arrays whose first element is the tag
+(``["h", status, headers, stream]``, ``["c", chunk]``, …), so instances of one fleet read each other's logs.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import msgspec
 
@@ -41,7 +41,53 @@ class Entry(msgspec.Struct, array_like=True):
 
 encode = msgspec.msgpack.encode
 decode_entry = msgspec.msgpack.Decoder(Entry).decode
-decode_item = msgspec.msgpack.Decoder(list).decode
+
+
+class Head(msgspec.Struct, tag="h", array_like=True):
+    """The answer's status and (shareable) headers; ``stream``: chunks follow, else one ``Body``."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    stream: bool
+
+
+class Body(msgspec.Struct, tag="b", array_like=True):
+    body: bytes
+
+
+class Chunk(msgspec.Struct, tag="c", array_like=True):
+    chunk: bytes
+
+
+class End(msgspec.Struct, tag="e", array_like=True):
+    """The stream ended cleanly."""
+
+
+class Broken(msgspec.Struct, tag="x", array_like=True):
+    """The stream broke (or grew too large to share): followers end theirs with this error."""
+
+    code: str
+    message: str
+    reported: bool
+
+
+class Failed(msgspec.Struct, tag="g", array_like=True):
+    """No answer: the gateway's error, rebuilt for every follower (``rebuild_error``)."""
+
+    code: str
+    message: str
+    retry_after: float | None = None
+    target: str | None = None
+    upstream_status: int | None = None
+
+
+class Abandoned(msgspec.Struct, tag="a", array_like=True):
+    """Its client left and nobody waited: the run was given up, followers run it themselves."""
+
+
+Item = Head | Body | Chunk | End | Broken | Failed | Abandoned
+decode_item = msgspec.msgpack.Decoder(Item).decode
+END, ABANDONED = End(), Abandoned()
 
 
 class KeyMismatch(Exception):
@@ -64,11 +110,15 @@ def _error_classes(cls: type[GatewayError]) -> None:
 _error_classes(errors.GatewayError)
 
 
-def rebuild_error(item: list[Any]) -> GatewayError:
-    _, code, message, retry_after, target, upstream_status = item
-    cls = _BY_CODE.get(code, errors.UpstreamError)
-    err = object.__new__(cls)
-    GatewayError.__init__(err, message, retry_after=retry_after, target=target, upstream_status=upstream_status)
+def failed(e: GatewayError) -> Failed:
+    return Failed(e.code, e.message, e.retry_after, e.target, e.upstream_status)
+
+
+def rebuild_error(item: Failed) -> GatewayError:
+    cls = _BY_CODE.get(item.code, errors.UpstreamError)
+    err = cls.__new__(cls)  # without its own __init__: every field is the stored one
+    GatewayError.__init__(err, item.message, retry_after=item.retry_after, target=item.target,
+                          upstream_status=item.upstream_status)
     if isinstance(err, errors.UpstreamUnavailable):
         err.sent = True
     if isinstance(err, StreamBroken):

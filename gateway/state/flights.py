@@ -21,7 +21,7 @@ upstream call for all — but the key is released, so a later retry runs again.
 A leader whose client goes away goes on only for others: when no follower waits — none
 on this instance (awaiting the answer or reading the stream) and none elsewhere (each
 counts itself in ``key:log:<token>:w`` while it follows) — the work is cancelled at once,
-the upstream call with it, and the key released without an answer (``["a"]`` in the log):
+the upstream call with it, and the key released without an answer (``Abandoned`` in the log):
 nothing is stored, and a duplicate arriving later runs the request itself.
 """
 
@@ -39,7 +39,22 @@ import msgspec
 
 from gateway.errors import StreamBroken
 from gateway.flow.exchange import Reply
-from gateway.state.flightlog import Entry, KeyMismatch, StillRunning, decode_entry, decode_item, rebuild_error, replay
+from gateway.state.flightlog import (
+    Abandoned,
+    Body,
+    Broken,
+    Chunk,
+    End,
+    Entry,
+    Failed,
+    Head,
+    KeyMismatch,
+    StillRunning,
+    decode_entry,
+    decode_item,
+    rebuild_error,
+    replay,
+)
 from gateway.state.lead import Lead
 from gateway.store import Store, StoreError
 from gateway.streaming.recording import headers_of
@@ -190,9 +205,9 @@ class Flights:
                 items = await self.store.range(log_key)
                 if items:
                     head = decode_item(items[0])
-                    if head[0] == "a":
+                    if isinstance(head, Abandoned):
                         return None  # its client left and nobody was waiting yet: run it ourselves
-                    if len(items) > 1 or head[0] == "g" or head[3]:
+                    if len(items) > 1 or isinstance(head, Failed) or (isinstance(head, Head) and head.stream):
                         return self._from_log(key, log_key, lock, items, idle_s, waiters)
                 now = await self.lookup(key)
                 if isinstance(now, Entry):
@@ -207,13 +222,15 @@ class Flights:
     def _from_log(self, key: str, log_key: str, lock: bytes, items: list[bytes], idle_s: float,
                   waiters: Waiters) -> Reply:
         head = decode_item(items[0])
-        if head[0] == "g":
+        if isinstance(head, Failed):
             raise rebuild_error(head)
-        _, status, headers, stream = head
-        if not stream:
-            body = decode_item(items[1])[1]
-            return Reply(status, headers_of(headers), body=body, upstream_status=status)
-        return Reply(status, headers_of(headers), chunks=self._tail(key, log_key, lock, items, idle_s, waiters),
+        if not isinstance(head, Head):
+            raise StreamBroken("the request this one was coalesced with left an unreadable log")
+        status, headers = head.status, headers_of(head.headers)
+        if not head.stream:
+            body = decode_item(items[1])
+            return Reply(status, headers, body=body.body if isinstance(body, Body) else b"", upstream_status=status)
+        return Reply(status, headers, chunks=self._tail(key, log_key, lock, items, idle_s, waiters),
                      upstream_status=status)
 
     async def _tail(
@@ -228,16 +245,15 @@ class Flights:
                     for raw in pending:
                         seen += 1
                         item = decode_item(raw)
-                        kind = item[0]
-                        if kind == "c":
-                            yield item[1]
-                        elif kind == "e":
+                        if isinstance(item, Chunk):
+                            yield item.chunk
+                        elif isinstance(item, End):
                             return
-                        elif kind == "x":
-                            raise StreamBroken(item[2], reported=item[3])
-                        elif kind == "g":
+                        elif isinstance(item, Broken):
+                            raise StreamBroken(item.message, reported=item.reported)
+                        elif isinstance(item, Failed):
                             raise rebuild_error(item)
-                        elif kind == "a":
+                        elif isinstance(item, Abandoned):
                             raise StreamBroken("the request this one was coalesced with was abandoned by its client")
                     pending = await self.store.range(log_key, seen)
                     if pending:

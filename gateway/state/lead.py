@@ -13,7 +13,21 @@ from multidict import CIMultiDict
 from gateway import errors
 from gateway.errors import GatewayError, StreamBroken
 from gateway.flow.exchange import Reply
-from gateway.state.flightlog import FLUSH_MAX, LOG_TTL_S, Entry, StillRunning, encode
+from gateway.state.flightlog import (
+    ABANDONED,
+    END,
+    FLUSH_MAX,
+    LOG_TTL_S,
+    Body,
+    Broken,
+    Chunk,
+    Entry,
+    Head,
+    Item,
+    StillRunning,
+    encode,
+    failed,
+)
 from gateway.store import StoreError
 from gateway.streaming.recording import Reader, Recording, headers_of
 
@@ -161,7 +175,7 @@ class Lead:
             if self._rec is not None and not self._rec.ended:
                 self._rec.end(StreamBroken("abandoned by its client"))
             self._publish(None)
-            self._log(["a"])
+            self._log(ABANDONED)
             await self._release()
         except Exception:
             log.exception("%s: leader failed", self.flights.namespace)
@@ -180,14 +194,14 @@ class Lead:
             reply = await work()
         except GatewayError as e:
             self._publish(e)
-            self._log(["g", e.code, e.message, e.retry_after, e.target, e.upstream_status])
+            self._log(failed(e))
             await self._release()
             return
         except Exception:
             log.exception("internal error", extra={"fields": {"request_id": self.request_id}})
             err = errors.InternalError("internal error")
             self._publish(err)
-            self._log(["g", err.code, err.message, None, None, None])
+            self._log(failed(err))
             await self._release()
             return
         self._own_headers = reply.headers  # this client gets them all; what is shared and stored may not
@@ -199,7 +213,7 @@ class Lead:
             rec.on_idle = self._reader_left
             if not self._own_gone:
                 self._own = Reader(rec)
-        head = ["h", reply.status, headers, rec.stream]
+        head = Head(reply.status, headers, rec.stream)
         if not rec.stream:
             rec.body = reply.body or b""
             rec.ended = True
@@ -208,7 +222,7 @@ class Lead:
                 await self._store(rec, ttl_s)  # the stored entry is what followers read
             else:
                 self._log(head)
-                self._log(["b", rec.body])
+                self._log(Body(rec.body))
                 await self._release()
             return
         self._log(head)
@@ -219,10 +233,10 @@ class Lead:
             async for chunk in reply.chunks:
                 rec.add(chunk)
                 if rec.keep:
-                    self._log(["c", chunk])
+                    self._log(Chunk(chunk))
                 else:
                     if self._mirror:  # too large to share through the store: followers elsewhere stop here
-                        self._log(["x", "stream_too_large", "the answer is too large to share; send the request again", False])
+                        self._log(Broken("stream_too_large", "the answer is too large to share; send the request again", False))
                         self._mirror = False
                     await rec.backpressure()
         except GatewayError as e:
@@ -234,13 +248,13 @@ class Lead:
             await reply.aclose()
         rec.end(error)
         if error is not None:
-            self._log(["x", error.code, error.message, getattr(error, "reported", False)])
+            self._log(Broken(error.code, error.message, getattr(error, "reported", False)))
             await self._release()
         elif storable(reply) and rec.size <= max_bytes:
-            self._log(["e"])
+            self._log(END)
             await self._store(rec, ttl_s)
         else:
-            self._log(["e"])
+            self._log(END)
             await self._release()
 
     def _publish(self, outcome: Recording | GatewayError | None) -> None:
@@ -249,7 +263,7 @@ class Lead:
 
     # ---------------------------------------------------------------- store side
 
-    def _log(self, item: list[Any]) -> None:
+    def _log(self, item: Item) -> None:
         """Mirror one item to the store log, batched in the background: the relay to this
         client never waits for the store."""
         if not self._mirror:
