@@ -178,6 +178,9 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    if reloading.hup_pending:  # a SIGHUP came while this worker was starting: it was kept for now
+        reloading.hup_pending = False
+        on_sighup()
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("shutting down: draining in-flight requests for up to %gs", config.server.shutdown_grace_s)
@@ -192,7 +195,10 @@ async def _reload(app: web.Application, started: Config, reload: Reloader) -> No
 
 
 def _run_workers(config: Config, source: str, workers: int, reload: Reloader) -> int:
+    """The parent of N workers: forwards signals, and restarts a worker that dies with the config the
+    others serve (read again at each reload, as they do; a file they rejected is not taken either)."""
     children: dict[int, int] = {}
+    latest = [config, source]
     stopping = False
     parent = os.getpid()
     asks_r, asks_w = os.pipe()  # workers that reloaded themselves name themselves here (reload_all_workers)
@@ -203,11 +209,12 @@ def _run_workers(config: Config, source: str, workers: int, reload: Reloader) ->
         if pid == 0:  # child: a plain single-process server on the shared port
             reloading.supervisor = (parent, asks_w)
             os.close(asks_r)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, reloading.defer_hup)  # until the event loop takes it: not fatal
             code = 1
             try:
-                code = serve(config, source, reuse_port=True, reload=reload)
+                code = serve(latest[0], latest[1], reuse_port=True, reload=reload)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
                 sys.stdout.flush()
@@ -232,12 +239,20 @@ def _run_workers(config: Config, source: str, workers: int, reload: Reloader) ->
                 except ProcessLookupError:
                     pass
 
+    def read_again() -> None:
+        try:
+            latest[:] = reload()
+        except ConfigError:
+            pass  # the workers reject it too, and say why; a restarted worker gets the config they keep
+
     def forward_hup(signum: int, _frame: object) -> None:
         hup()
+        read_again()
 
     def forward_ask(signum: int, _frame: object) -> None:  # a worker reloaded itself: the others' turn
         for asker in reloading.askers(asks_r):
             hup(skip=asker)
+        read_again()
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

@@ -2,8 +2,9 @@
 
 Every failure a policy, the router or a backend can raise is a ``GatewayError``;
 foreign exceptions (aiohttp, redis, msgspec) are translated at the boundary that
-meets them. Exactly one place — ``gateway.edge.writer.render_error`` — turns one into
-a response, in the dialect of the surface the client called.
+meets them. ``gateway.edge.writer`` renders one (``error_body`` / ``error_response``), in
+the dialect of the surface the client called; ``gateway.edge.serve`` is where every error of
+a request ends up, and a stream's in-band error events use the same bodies.
 
     GatewayError                      status code
     ├── InvalidRequest                400    invalid_request

@@ -62,6 +62,9 @@ def _listener(server: ServerConfig) -> tuple[Any, ...]:
 # In a worker of --workers N: the parent, which forwards SIGHUP to all, and the pipe a worker names
 # itself on when it asks for that (``reload_all_workers``); set by the CLI when it forks the worker.
 supervisor: tuple[int, int] | None = None
+# A SIGHUP that reaches a worker before its event loop handles the signal (just after the fork): kept, and
+# acted on once the handler is in (``gateway.cli``), instead of the default action, which ends the process.
+hup_pending = False
 _PID = struct.Struct("=i")  # one asking worker's pid on that pipe (a write this small is atomic)
 
 
@@ -80,6 +83,11 @@ def reload_all_workers() -> bool:
     except OSError:
         return False
     return True
+
+
+def defer_hup(signum: int, _frame: object) -> None:
+    global hup_pending
+    hup_pending = True
 
 
 def askers(asks: int) -> list[int]:

@@ -148,8 +148,10 @@ def _url_secrets(url: str) -> tuple[str, list[str]]:
 
 
 class RedisStore(Store):
-    """``Store`` on a redis.asyncio connection pool. Keys and channels are namespaced
-    ``key_prefix:``; construction does not connect — ``ping()`` does."""
+    """``Store`` on Redis: every command and script over the pipelined RESP client
+    (``gateway.store.resp``), pub/sub over a redis.asyncio client (``ChannelHub``, one
+    connection for every waiter); both read the URL the same way. Keys and channels are
+    namespaced ``key_prefix:``; construction does not connect — ``ping()`` does."""
 
     backend = "redis"
 

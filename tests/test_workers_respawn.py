@@ -1,0 +1,35 @@
+"""``--workers N``: a worker that dies is restarted with the config the other workers serve — the one
+the last reload read — not the one the gateway started with."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+
+from tests.cli_harness import CLI, assert_no_traceback, free_port
+from tests.fakes import FakeUpstream
+from tests.test_reload import _listening, fresh_get, process_config, start, wait_until
+
+
+async def test_a_restarted_worker_serves_the_reloaded_config(cli: CLI, fake: FakeUpstream):
+    port = free_port()
+    gw, _ = await start(cli, process_config(port, fake.url, "one"), "--workers", "2")
+    started = next(m for m in gw.messages() if m.startswith("started 2 workers"))
+    workers = [int(pid) for pid in re.findall(r"\d+", started.partition("pids")[2])]
+    await wait_until(lambda: _listening(gw, 2), what=f"both workers listening\n{gw.output}")
+
+    cli.write("gateway.yaml", process_config(port, fake.url, "one", "two"))
+    gw.proc.send_signal(signal.SIGHUP)
+
+    async def every_worker_has_it() -> bool:  # new connections spread over the workers by SO_REUSEPORT
+        return all(s == 200 for s in await asyncio.gather(*(fresh_get(port, "/t/two/x") for _ in range(24))))
+
+    await wait_until(every_worker_has_it, what=f"both workers serving target two\n{gw.output}")
+    os.kill(workers[0], signal.SIGKILL)
+    await wait_until(lambda: _listening(gw, 3), what=f"the worker restarted\n{gw.output}")
+    for _ in range(3):  # 72 new connections: the restarted worker takes its share of them
+        assert await every_worker_has_it(), gw.output
+    assert await asyncio.to_thread(gw.terminate) == 0, gw.output
+    assert_no_traceback(gw.stderr)
