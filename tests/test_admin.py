@@ -24,10 +24,10 @@ from gateway.errors import Forbidden, Unauthorized
 from gateway.runtime import Runtime
 from gateway.store.memory import MemoryStore
 from policies import cache as cache_policy
-from tests.circuits import COOLDOWN, assert_circuit_open_openai, chat, eventually, open_circuit, state
-from tests.circuits import config as circuit_config
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.circuits import COOLDOWN, assert_circuit_open_openai, chat, eventually, open_circuit, state
+from tests.support.circuits import config as circuit_config
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 ADMIN_KEY = "adm-0123456789-secret"
 LLM_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

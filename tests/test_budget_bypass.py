@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from gateway.store.memory import MemoryStore
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.stores import drop, new_prefix, redis_store
 
 KEY = {"Authorization": "Bearer acme-key-123456"}
 CHAT = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user", "content": "hello there"}]}

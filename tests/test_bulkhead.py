@@ -15,7 +15,7 @@ import pytest
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import BulkheadRejected, CircuitTransition, FallbackUsed
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}

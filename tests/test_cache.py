@@ -28,8 +28,8 @@ from multidict import CIMultiDict
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "what is the capital of France?"}],
         "temperature": 0}

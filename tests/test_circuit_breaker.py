@@ -23,7 +23,7 @@ from gateway.errors import CircuitOpen
 from gateway.keys import RUNTIME
 from gateway.observe.events import FallbackUsed
 from policies.circuit_breaker import Breaker
-from tests.circuits import (
+from tests.support.circuits import (
     CHAT,
     COOLDOWN,
     OPENAI_BODY,
@@ -36,8 +36,8 @@ from tests.circuits import (
     state,
     watch,
 )
-from tests.clock import FakeClock
-from tests.fakes import Fault
+from tests.support.clock import FakeClock
+from tests.support.fakes import Fault
 
 # =============================================================== the state machine alone
 

@@ -24,7 +24,7 @@ from gateway.config.model import (
     config_warnings,
     load_config,
 )
-from tests.config_helpers import DEFAULT_RETRY, REPO, load
+from tests.support.config_helpers import DEFAULT_RETRY, REPO, load
 
 SPEC_FULL = """
 server:

@@ -19,8 +19,8 @@ import pytest
 
 from gateway.keys import RUNTIME
 from gateway.store.memory import MemoryStore
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 STREAM = {"model": "gpt-4o-mini", "max_tokens": 500, "stream": True,
           "messages": [{"role": "user", "content": "tell me a long story"}]}

@@ -6,8 +6,8 @@ import pytest
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import FallbackUsed
-from tests.clock import FakeClock
-from tests.fakes import Fault
+from tests.support.clock import FakeClock
+from tests.support.fakes import Fault
 
 CHAT = {"model": "gpt-big", "messages": [{"role": "user", "content": "hi"}]}
 DOWN = Fault(status=503)

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from gateway.keys import RUNTIME
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 CHAT = [{"role": "user", "content": "hi"}]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 
 def config(url: str) -> str:

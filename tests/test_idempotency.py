@@ -27,8 +27,8 @@ from gateway.flow.exchange import Reply
 from gateway.state.flights import Entry, Flights, Lead
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
-from tests.fakes import FakeUpstream, Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.fakes import FakeUpstream, Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

@@ -21,8 +21,8 @@ import pytest
 from gateway.keys import RUNTIME
 from gateway.observe.events import KeyCooldown, KeyDisabled, RetryScheduled
 from gateway.store.memory import MemoryStore
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 SECRETS = {"K1": "sk-pool-alpha-1111", "K2": "sk-pool-bravo-2222", "K3": "sk-pool-charlie-3333"}

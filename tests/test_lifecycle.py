@@ -1,7 +1,7 @@
 """Lifecycle of a running gateway process (SPEC §1): SIGTERM drain and grace period, SIGHUP reload, workers.
 
-Each test starts ``python -m gateway`` through the harness in tests/cli_harness.py; streams go
-to the in-process fake upstream (tests/fakes.py), worker processes are inspected through /proc.
+Each test starts ``python -m gateway`` through the harness in tests/support/cli_harness.py; streams go
+to the in-process fake upstream (tests/support/fakes.py), worker processes are inspected through /proc.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cli_harness import (
+from tests.support.cli_harness import (
     CLI,
     INVALID_YAML,
     STARTUP_S,
@@ -26,7 +26,7 @@ from tests.cli_harness import (
     get_json,
     refuses,
 )
-from tests.fakes import FakeUpstream
+from tests.support.fakes import FakeUpstream
 
 
 def child_pids(pid: int) -> set[int]:

@@ -13,8 +13,8 @@ import re
 import pytest
 
 from gateway.flow import build
-from tests.circuits import NO_RETRY
-from tests.fakes import Fault
+from tests.support.circuits import NO_RETRY
+from tests.support.fakes import Fault
 
 # SPEC §7, in its order
 FIELDS = (

@@ -19,9 +19,9 @@ from gateway.config.model import parse_config
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
-from tests.circuits import NO_RETRY, eventually
-from tests.fakes import Fault
-from tests.metrics_spec import SPEC_SERIES
+from tests.support.circuits import NO_RETRY, eventually
+from tests.support.fakes import Fault
+from tests.support.metrics_spec import SPEC_SERIES
 
 # SPEC §8: "Redis down: cache and usage degrade to pass-through (logged, metric, …)" — the metric.
 EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"}}
@@ -285,8 +285,8 @@ async def test_gauges_after_the_script(toured):
 
 
 async def test_a_half_open_circuit_shows_2(fake, gateway, clock):
-    from tests.circuits import config as circuit_config
-    from tests.circuits import open_circuit
+    from tests.support.circuits import config as circuit_config
+    from tests.support.circuits import open_circuit
 
     client, _ = await gateway(circuit_config(fake.url), clock=clock)
     await open_circuit(client, fake)
@@ -308,7 +308,7 @@ async def test_a_half_open_circuit_shows_2(fake, gateway, clock):
 
 
 async def test_a_stream_in_flight_is_counted_until_the_client_leaves(fake, gateway, clock):
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
     fake.plan(Fault(chunks=5, stall_after=2))
@@ -327,7 +327,7 @@ async def test_a_stream_in_flight_is_counted_until_the_client_leaves(fake, gatew
 
 async def test_a_label_value_a_client_chose_cannot_break_the_exposition(fake, gateway, clock):
     """The model label comes from the request body: quotes, backslashes and newlines are escaped."""
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
     model = 'gpt-x"} 99\nreliapi_forged_total 1 \\'
@@ -364,7 +364,7 @@ targets:
 
 async def test_a_fresh_gateway_shows_only_its_targets_gauges(fake, gateway):
     """Every app has its own registry: nothing from the other tests' gateways leaks in."""
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     client, _ = await gateway(llm_config(fake.url))
     m = await scrape(client)
@@ -396,7 +396,7 @@ async def test_a_failing_store_is_counted_per_policy(fake, gateway, clock):
 
 async def test_a_stream_through_the_cache_keeps_its_time_to_first_token(fake, gateway, clock):
     """A cached target's stream is relayed through a recording (single flight): its TTFT is still measured."""
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     cfg = llm_config(fake.url).replace("    models:", "    cache: {ttl_s: 60}\n    models:", 1)
     client, logs = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
@@ -411,7 +411,7 @@ async def test_a_stream_through_the_cache_keeps_its_time_to_first_token(fake, ga
 async def test_model_label_values_are_bounded(fake, gateway, clock, monkeypatch):
     """Clients choose the model name: past a bound, new names are counted under one label value."""
     from gateway.observe import counters as observe
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     monkeypatch.setattr(observe, "MAX_MODELS", 2)
     client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
@@ -446,7 +446,7 @@ def test_a_targets_error_rate_counts_its_failures_not_the_gateways_refusals():
 
 
 async def test_duplicates_that_join_a_failing_request_are_counted_as_coalesced(fake, gateway, clock):
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     cfg = llm_config(fake.url).replace('models: ["gpt-*"]', f'models: ["gpt-*"]\n    retry_matrix: {NO_RETRY}', 1)
     client, _ = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
@@ -458,7 +458,7 @@ async def test_duplicates_that_join_a_failing_request_are_counted_as_coalesced(f
 
 
 async def test_a_replayed_or_cached_answer_does_not_repeat_its_cost(fake, gateway, clock):
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     cfg = llm_config(fake.url).replace("    models:", "    cache: {ttl_s: 60}\n    models:", 1)
     client, logs = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)

@@ -1,6 +1,6 @@
 """Two real gateway processes on one real Redis (issue #4 §5), and Redis stopped mid-run (SPEC §8).
 
-Each gateway is ``python -m gateway`` in its own process (tests/cli_harness.py), in front of
+Each gateway is ``python -m gateway`` in its own process (tests/support/cli_harness.py), in front of
 the in-process fake upstream; the test talks to them over HTTP like any client would.
 The shared-state tests use the machine's Redis under a fresh key prefix; the fault test
 starts a private ``redis-server`` on a free port so it can stop and restart it without
@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 
 from gateway.store.redis import RedisStore
-from tests.cli_harness import CLI, Gateway, assert_no_traceback, free_port
-from tests.fakes import FakeUpstream, Fault
-from tests.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
+from tests.support.cli_harness import CLI, Gateway, assert_no_traceback, free_port
+from tests.support.fakes import FakeUpstream, Fault
+from tests.support.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
 
 TENANT = {"Authorization": "Bearer acme-key-123456"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}

@@ -7,7 +7,8 @@ import base64
 import msgspec
 import pytest
 
-from tests.conftest import llm_config, raw_http
+from tests.support.config import llm_config
+from tests.support.gateway import raw_http
 
 ENV = {"UP_KEY": "sk-upstream-openai-123456", "CLAUDE_KEY": "sk-ant-upstream-654321"}
 

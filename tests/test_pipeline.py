@@ -8,7 +8,7 @@ from multidict import CIMultiDict
 from gateway.errors import RateLimited
 from gateway.flow import build, chain
 from gateway.flow.exchange import Reply
-from tests.conftest import llm_config
+from tests.support.config import llm_config
 
 
 async def test_compose_runs_policies_outermost_first():

@@ -8,7 +8,7 @@ from gateway.keys import RUNTIME
 from gateway.observe.events import CacheHit, CacheMiss, Coalesced, IdempotentReplay, RateLimitRefused, StoreDegraded
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 KEY = {"Authorization": "Bearer acme-key-123456"}

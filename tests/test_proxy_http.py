@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from gateway.keys import RUNTIME
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 
 def config(url: str) -> str:

@@ -26,9 +26,9 @@ from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
-from tests.clock import FakeClock
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.clock import FakeClock
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
 ENV = {"UP_KEY": "sk-up-secret", "CLAUDE_KEY": "sk-ant-secret"}

@@ -10,8 +10,8 @@ import aiohttp
 
 from gateway.edge.probes import READY_STORE_TIMEOUT_S
 from gateway.store.memory import MemoryStore
-from tests.cli_harness import free_port
-from tests.stores import REDIS_URL, drop, new_prefix, redis_store
+from tests.support.cli_harness import free_port
+from tests.support.stores import REDIS_URL, drop, new_prefix, redis_store
 
 CONFIG = """
 targets:

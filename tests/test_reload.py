@@ -27,12 +27,12 @@ from gateway.config.model import parse_config
 from gateway.keys import RUNTIME
 from gateway.store.memory import MemoryStore
 from policies.usage import day_of, usage_key
-from tests.circuits import COOLDOWN, assert_circuit_open_openai, chat, open_circuit
-from tests.circuits import config as circuit_config
-from tests.cli_harness import CLI, INVALID_ERRORS, INVALID_YAML, Gateway, assert_no_traceback, free_port
-from tests.conftest import GatewayTestServer
-from tests.fakes import FakeUpstream
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.circuits import COOLDOWN, assert_circuit_open_openai, chat, open_circuit
+from tests.support.circuits import config as circuit_config
+from tests.support.cli_harness import CLI, INVALID_ERRORS, INVALID_YAML, Gateway, assert_no_traceback, free_port
+from tests.support.fakes import FakeUpstream
+from tests.support.gateway import GatewayTestServer
+from tests.support.stores import drop, new_prefix, redis_store
 
 TWO = "  two:\n    base_url: {url}/two\n"
 

@@ -20,8 +20,8 @@ import pytest
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import RetryBudgetExhausted, RetryScheduled
-from tests.clock import FakeClock
-from tests.fakes import Fault
+from tests.support.clock import FakeClock
+from tests.support.fakes import Fault
 
 CHAT = [{"role": "user", "content": "hi"}]
 

@@ -18,7 +18,7 @@ import pytest
 
 from gateway.config.model import ConfigError, parse_config
 from gateway.keys import RUNTIME
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 SECRETS = {
     "UP_KEY": "sk-up-SECRET-0a1b2c3d",

@@ -22,9 +22,9 @@ from multidict import CIMultiDict
 from gateway.edge import server as listener
 from gateway.edge.server import Limits, auto_max_connections
 from gateway.keys import RUNTIME
-from tests.cli_harness import CLI, free_port
-from tests.config_helpers import errors_of, load
-from tests.conftest import llm_config
+from tests.support.cli_harness import CLI, free_port
+from tests.support.config import llm_config
+from tests.support.config_helpers import errors_of, load
 
 HANG_S = 5.0
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"

@@ -12,8 +12,8 @@ import pytest
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from policies.usage import day_of, usage_key
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 PROMPT = "x" * 4000  # ≈ 1,007 prompt tokens by the gateway's estimate
 ACTUAL = (5 * 0.15 + 4 * 0.60) / 1e6  # what the fake reports: 5 prompt + 4 completion tokens

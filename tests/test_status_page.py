@@ -1,5 +1,5 @@
 """The status page ``/`` and ``/status.json`` (SPEC §7): what an operator sees, in plain HTTP
-and in a real headless Chromium (tests/browser.py) that must follow a circuit opening by
+and in a real headless Chromium (tests/support/browser.py) that must follow a circuit opening by
 itself, without a reload.
 
 The browser cases skip with the reason when no Chromium is installed — or fail when
@@ -20,8 +20,8 @@ import pytest
 from gateway import __version__
 from gateway.config.model import parse_config
 from gateway.keys import RUNTIME
-from tests.browser import Browser, find_chromium
-from tests.fakes import Fault
+from tests.support.browser import Browser, find_chromium
+from tests.support.fakes import Fault
 
 NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
 TENANT_KEY = "tenant-acme-Secret-7f3a9c"

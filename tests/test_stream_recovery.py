@@ -11,8 +11,8 @@ import msgspec
 import openai
 import pytest
 
-from tests.clock import FakeClock
-from tests.fakes import Fault
+from tests.support.clock import FakeClock
+from tests.support.fakes import Fault
 
 CHAT = [{"role": "user", "content": "count"}]
 SIXTY = "".join(f"tok{i} " for i in range(60))

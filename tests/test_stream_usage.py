@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 

@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import llm_config
+from tests.support.config import llm_config
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 

@@ -17,8 +17,8 @@ import pytest
 
 import policies.tenants as tenants_module
 from gateway.keys import RUNTIME
-from tests.conftest import raw_http
-from tests.fakes import Fault
+from tests.support.fakes import Fault
+from tests.support.gateway import raw_http
 
 NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
 UP_SECRET = "sk-up-secret-1234"

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from providers import translate
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 # ---------------------------------------------------------------- recorded shapes (API references)
 

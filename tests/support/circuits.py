@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import CircuitTransition
-from tests.fakes import Fault
+from tests.support.fakes import Fault
 
 CHAT = [{"role": "user", "content": "hi"}]
 OPENAI_BODY = {"model": "gpt-4o-mini", "messages": CHAT}

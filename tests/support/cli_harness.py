@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 10  # how long a gateway may take to answer /healthz
 EXIT_S = 15  # how long a gateway may take to exit after SIGTERM with nothing in flight
 

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config.model import Config, ConfigError, RetryRule, parse_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SEEDS = REPO.parent / "shared" / "seeds"
 
 DEFAULT_RETRY = {
