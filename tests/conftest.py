@@ -17,6 +17,7 @@ from gateway.config.model import parse_config
 from gateway.store import Store
 from tests.support.cli_harness import CLI
 from tests.support.clock import FakeClock
+from tests.support.config import GatewayConfig
 from tests.support.fakes import FakeUpstream
 from tests.support.gateway import GatewayFactory, GatewayTestServer, JsonLines, Logs
 from tests.support.stores import CREATED_PREFIXES, sweep
@@ -56,16 +57,25 @@ async def fake(upstreams: Callable[[], Awaitable[FakeUpstream]]) -> FakeUpstream
 
 
 @pytest.fixture
+def make_config() -> type[GatewayConfig]:
+    """The config builder (tests/support/config.py): ``make_config(fake.url, default_target="up").up().claude()``;
+    hand the result to ``gateway(...)`` as it is."""
+    return GatewayConfig
+
+
+@pytest.fixture
 def gateway(aiohttp_client: Any) -> GatewayFactory:
-    """``await gateway(yaml_text, env={...}, clock=..., store=...)`` → (client, access log lines)."""
+    """``await gateway(config, env={...}, clock=..., store=...)`` → (client, access log lines);
+    ``config`` is a ``GatewayConfig`` or YAML text."""
 
     async def make(
-        config_yaml: str, *, env: dict[str, str] | None = None, clock: Clock | None = None, store: Store | None = None,
+        config: GatewayConfig | str, *, env: dict[str, str] | None = None, clock: Clock | None = None,
+        store: Store | None = None,
     ) -> tuple[TestClient, Logs]:
         env = env or {}
-        config = parse_config(config_yaml, env=env)
+        parsed = parse_config(str(config), env=env)
         logs = Logs()
-        app = create_app(config, env=env, access_log_write=logs.write, clock=clock, store=store)
+        app = create_app(parsed, env=env, access_log_write=logs.write, clock=clock, store=store)
         client = await aiohttp_client(GatewayTestServer(app))
         return client, logs
 

@@ -26,6 +26,7 @@ from tests.support.cli_harness import (
     get_json,
     refuses,
 )
+from tests.support.config import GatewayConfig
 from tests.support.fakes import FakeUpstream
 
 
@@ -77,11 +78,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 def start_behind_fake(cli: CLI, fake: FakeUpstream, grace_s: float) -> Gateway:
     """A gateway whose default target ``up`` is the in-process fake upstream."""
     port = free_port()
-    cli.write("up.yaml", f"""\
-server: {{port: {port}, default_target: up, shutdown_grace_s: {grace_s}}}
-targets:
-  up: {{base_url: "{fake.url}/v1", provider: openai}}
-""")
+    cli.write("up.yaml", GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=grace_s).up(models=None))
     return cli.start("--config", "up.yaml", port=port)
 
 
@@ -203,12 +200,8 @@ async def test_sighup_reloads_config_and_rejects_a_bad_one(cli: CLI, fake: FakeU
     assert get_json(port, "/readyz")[1]["targets"] == ["up"]
 
     # a valid new config: a second target appears without a restart
-    cli.write("up.yaml", f"""\
-server: {{port: {port}, default_target: up, shutdown_grace_s: 1}}
-targets:
-  up: {{base_url: "{fake.url}/v1", provider: openai}}
-  two: {{base_url: "{fake.url}/api"}}
-""")
+    cfg = GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=1).up(models=None).rest("two")
+    cli.write("up.yaml", cfg)
     gw.proc.send_signal(signal.SIGHUP)
     await asyncio.to_thread(wait_for, lambda: get_json(port, "/readyz")[1]["targets"] == ["two", "up"], 10,
                             "the reloaded targets")

@@ -86,5 +86,5 @@ async def test_every_request_policy_is_built_once_per_config(fake, gateway, monk
         real = module.policy
         monkeypatch.setattr(module, "policy", lambda ctx, _real=real, _name=module.__name__: (
             built.append(_name), _real(ctx))[1])
-    await gateway(llm_config(fake.url).replace("  rest:\n", "  rest:\n    cache: {ttl_s: 60}\n", 1))
+    await gateway(llm_config(fake.url).rest(cache={"ttl_s": 60}))
     assert sorted(built) == ["policies.cache", "policies.idempotency", "policies.rate_limit", "policies.usage"]

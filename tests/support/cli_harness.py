@@ -176,9 +176,10 @@ class CLI:
         self.cwd = cwd
         self.started: list[Gateway] = []
 
-    def write(self, name: str, text: str) -> Path:
+    def write(self, name: str, text: object) -> Path:
+        """Write ``text`` (YAML, or a ``GatewayConfig``: its YAML) to ``name`` in the working directory."""
         path = self.cwd / name
-        path.write_text(text)
+        path.write_text(str(text))
         return path
 
     def run(
