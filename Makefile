@@ -42,8 +42,8 @@ check: $(STAMP)
 URL      ?= http://127.0.0.1:8000/
 SHOT_DIR ?= build/screenshots
 screenshot: $(STAMP)
-	$(PY) -m tests.browser --screenshot $(SHOT_DIR)/status-1280.png --width 1280 $(URL)
-	$(PY) -m tests.browser --screenshot $(SHOT_DIR)/status-375.png --width 375 $(URL)
+	$(PY) -m tests.support.browser --screenshot $(SHOT_DIR)/status-1280.png --width 1280 $(URL)
+	$(PY) -m tests.support.browser --screenshot $(SHOT_DIR)/status-375.png --width 375 $(URL)
 
 docker:
 	docker build -t reliapi .

@@ -24,10 +24,11 @@ from gateway.errors import Forbidden, Unauthorized
 from gateway.runtime import Runtime
 from gateway.store.memory import MemoryStore
 from policies import cache as cache_policy
-from tests.circuits import COOLDOWN, assert_circuit_open_openai, chat, eventually, open_circuit, state
-from tests.circuits import config as circuit_config
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.circuits import COOLDOWN, assert_circuit_open_openai, chat, eventually, open_circuit, state
+from tests.support.circuits import config as circuit_config
+from tests.support.config import NO_5XX_RETRY, GatewayConfig
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 ADMIN_KEY = "adm-0123456789-secret"
 LLM_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -37,35 +38,14 @@ OTHER = {"Authorization": "Bearer other-key-123456"}
 ZERO_TOTAL = {"completion_tokens": 0, "cost_usd": 0.0, "prompt_tokens": 0, "requests": 0}  # no rows: zeros, not {}
 
 
-def config(url: str, *, server: str = "", tenants: bool = False) -> str:
+def config(url: str, *, tenants: bool = False, **server: str) -> GatewayConfig:
     """``up`` (OpenAI), ``rest`` and ``rest2`` (plain HTTP, both cached), ``plain`` (not cached)."""
-    tenant_block = """
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-  - name: other
-    api_key: other-key-123456
-""" if tenants else ""
-    return f"""
-server: {{default_target: up{server}}}
-{tenant_block}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-  rest:
-    base_url: {url}/api
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-    cache: {{ttl_s: 60}}
-  rest2:
-    base_url: {url}/api2
-    cache: {{ttl_s: 60}}
-  plain:
-    base_url: {url}/plain
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-"""
+    cfg = GatewayConfig(url, default_target="up", **server)
+    if tenants:
+        cfg.tenant("acme", api_key="acme-key-123456").tenant("other", api_key="other-key-123456")
+    cfg.up(retry_matrix=NO_5XX_RETRY).rest(retry_matrix=NO_5XX_RETRY, cache={"ttl_s": 60})
+    cfg.target("rest2", f"{url}/api2", cache={"ttl_s": 60})
+    return cfg.target("plain", f"{url}/plain", retry_matrix=NO_5XX_RETRY)
 
 
 async def admin(client, method: str, path: str, **kwargs) -> tuple[int, dict, dict]:
@@ -313,7 +293,7 @@ async def test_unknown_admin_paths_and_wrong_methods_answer_in_the_envelope_and_
 
 async def test_with_an_admin_key_the_bearer_key_is_required(fake, gateway, caplog):
     caplog.set_level(logging.DEBUG)
-    client, _ = await gateway(config(fake.url, server=", admin_key_env: ADMIN_KEY"), env={"ADMIN_KEY": ADMIN_KEY})
+    client, _ = await gateway(config(fake.url, admin_key_env="ADMIN_KEY"), env={"ADMIN_KEY": ADMIN_KEY})
     for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": ADMIN_KEY},
                     {"Authorization": f"Basic {ADMIN_KEY}"}, {"Authorization": f"Bearer {ADMIN_KEY}x"}):
         for method, path in (("GET", "/admin/summary"), ("POST", "/admin/circuits/up/reset"), ("GET", "/admin/nope")):
@@ -369,7 +349,7 @@ async def test_a_loopback_peer_relaying_for_someone_needs_the_admin_key(fake, ga
         assert_envelope_error(status, resp_headers, body, expected=403, code="forbidden")
         assert "proxy" in body["error"]["message"] and "set server.admin_key_env" in body["error"]["message"]
     assert (await data(client, "GET", "/admin/summary"))["version"]  # the same peer, direct: allowed
-    keyed, _ = await gateway(config(fake.url, server=", admin_key_env: ADMIN_KEY"), env={"ADMIN_KEY": ADMIN_KEY})
+    keyed, _ = await gateway(config(fake.url, admin_key_env="ADMIN_KEY"), env={"ADMIN_KEY": ADMIN_KEY})
     for headers in FORWARDING:
         assert (await data(keyed, "GET", "/admin/summary",
                            headers={**headers, "Authorization": f"Bearer {ADMIN_KEY}"}))["version"]

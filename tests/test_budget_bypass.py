@@ -21,30 +21,19 @@ import pytest
 from aiohttp import web
 
 from gateway.store.memory import MemoryStore
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.config import NO_5XX_RETRY, GatewayConfig
+from tests.support.stores import drop, new_prefix, redis_store
 
 KEY = {"Authorization": "Bearer acme-key-123456"}
 CHAT = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user", "content": "hello there"}]}
 
 
-def config(url: str, *, daily: float) -> str:
-    return f"""
-server: {{default_target: up}}
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-    budget: {{daily_usd: {daily}}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*", "text-embedding-*"]
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-  full:  # a base URL that already names the endpoint: POST /t/full is a chat completion
-    base_url: {url}/v1/chat/completions
-    provider: openai
-    llm: {{default_model: gpt-4o-mini}}
-"""
+def config(url: str, *, daily: float) -> GatewayConfig:
+    """Tenant ``acme`` with a daily budget; ``up`` (chat and embeddings models) and ``full``, a base URL
+    that already names the endpoint: POST /t/full is a chat completion."""
+    cfg = GatewayConfig(url, default_target="up").tenant("acme", api_key="acme-key-123456", budget={"daily_usd": daily})
+    cfg.up(models=["gpt-*", "text-embedding-*"], retry_matrix=NO_5XX_RETRY)
+    return cfg.target("full", f"{url}/v1/chat/completions", provider="openai", llm={"default_model": "gpt-4o-mini"})
 
 
 class Metered:
@@ -348,12 +337,7 @@ async def test_an_inline_image_is_reserved_as_an_image_not_once_more_as_text(met
             {"type": "input_image", "image_url": f"data:image/png;base64,{data}"}]}]}
     price_in, price_out = (0.80, 4.0) if dialect == "messages" else (2.50, 10.0)
     fits = ((1000 + 6000) * price_in + 100 * price_out) / 1e6  # the text and framing, one image, the answer
-    client, _ = await gateway(config(metered.url, daily=fits) + f"""
-  claude:
-    base_url: {metered.url}
-    provider: anthropic
-    models: ["claude-*"]
-""")
+    client, _ = await gateway(config(metered.url, daily=fits).claude())
     resp = await client.post(path, json=body, headers={**KEY, "anthropic-version": "2023-06-01"})
     assert resp.status == 200, await resp.text()
     assert len(metered.requests) == 1

@@ -9,6 +9,7 @@ import pytest
 from gateway.keys import RUNTIME
 from gateway.observe.events import BudgetEvent
 from providers.pricing import PriceTable, estimate_prompt_tokens
+from tests.support.config import GatewayConfig
 
 # gpt-4o-mini: $0.15 in / $0.60 out per 1M tokens. A 4,000-character prompt ≈ 1,000 + 4 + 3 tokens.
 PROMPT = "x" * 4000
@@ -22,23 +23,9 @@ def chat(max_tokens: int | None = None, *, model: str = "gpt-4o-mini", field: st
     return body
 
 
-def config(url: str, llm: str, *, tenants: str = "", pricing: str = "") -> str:
-    return f"""
-server: {{default_target: up}}
-{tenants}
-{pricing}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*", "o*", "mystery-*"]
-    llm: {{{llm}}}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    llm: {{{llm}}}
-"""
+def config(url: str, **llm: float) -> GatewayConfig:
+    """``up`` (OpenAI: gpt-*, o*, mystery-*) and ``claude`` (Anthropic), both with the ``llm:`` caps under test."""
+    return GatewayConfig(url, default_target="up").up(models=["gpt-*", "o*", "mystery-*"]).claude().each(llm=llm)
 
 
 def cost(prompt: int, completion: int, price_in: float = 0.15, price_out: float = 0.60) -> float:
@@ -71,7 +58,7 @@ def test_the_prompt_estimate_is_chars_over_four_plus_message_overhead() -> None:
 
 
 async def test_over_the_hard_cap_is_400_budget_exceeded_and_never_sent(fake, gateway) -> None:
-    client, logs = await gateway(config(fake.url, "hard_cost_cap_usd: 0.001"))
+    client, logs = await gateway(config(fake.url, hard_cost_cap_usd=0.001))
     seen: list = []
     client.app[RUNTIME].current.events.subscribe(seen.append)
     over = cost(PROMPT_TOKENS, 2000)  # ≈ $0.00135 > $0.001
@@ -87,7 +74,7 @@ async def test_over_the_hard_cap_is_400_budget_exceeded_and_never_sent(fake, gat
 
 
 async def test_the_hard_cap_answers_in_the_anthropic_dialect_too(fake, gateway) -> None:
-    client, _ = await gateway(config(fake.url, "hard_cost_cap_usd: 0.0001"))
+    client, _ = await gateway(config(fake.url, hard_cost_cap_usd=0.0001))
     body = {"model": "claude-3-5-haiku-latest", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}]}
     resp = await client.post("/v1/messages", json=body)
     answer = await resp.json()
@@ -97,7 +84,7 @@ async def test_the_hard_cap_answers_in_the_anthropic_dialect_too(fake, gateway) 
 
 async def test_over_the_soft_cap_max_tokens_is_lowered_to_fit(fake, gateway) -> None:
     soft = 0.0008
-    client, logs = await gateway(config(fake.url, f"soft_cost_cap_usd: {soft}"))
+    client, logs = await gateway(config(fake.url, soft_cost_cap_usd=soft))
     resp = await client.post("/v1/chat/completions", json=chat(2000))
     assert resp.status == 200
     sent = fake.requests[0].json()["max_tokens"]
@@ -110,7 +97,7 @@ async def test_over_the_soft_cap_max_tokens_is_lowered_to_fit(fake, gateway) -> 
 
 
 async def test_the_soft_cap_never_goes_below_16_and_keeps_the_clients_field(fake, gateway) -> None:
-    client, _ = await gateway(config(fake.url, "soft_cost_cap_usd: 0.000001"))  # less than the prompt alone
+    client, _ = await gateway(config(fake.url, soft_cost_cap_usd=0.000001))  # less than the prompt alone
     resp = await client.post("/v1/chat/completions", json=chat(500, field="max_completion_tokens"))
     sent = fake.requests[0].json()
     assert resp.status == 200 and sent["max_completion_tokens"] == 16 and "max_tokens" not in sent
@@ -118,7 +105,7 @@ async def test_the_soft_cap_never_goes_below_16_and_keeps_the_clients_field(fake
 
 
 async def test_under_the_caps_the_body_is_sent_byte_for_byte(fake, gateway) -> None:
-    client, _ = await gateway(config(fake.url, "soft_cost_cap_usd: 1, hard_cost_cap_usd: 2, max_tokens: 4096"))
+    client, _ = await gateway(config(fake.url, soft_cost_cap_usd=1, hard_cost_cap_usd=2, max_tokens=4096))
     raw = b'{"messages": [{"role": "user", "content": "hi"}],   "model": "gpt-4o-mini", "max_tokens": 50}'
     resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
     assert resp.status == 200 and fake.requests[0].body == raw
@@ -126,31 +113,23 @@ async def test_under_the_caps_the_body_is_sent_byte_for_byte(fake, gateway) -> N
 
 
 async def test_max_tokens_above_the_targets_limit_is_clamped(fake, gateway) -> None:
-    client, _ = await gateway(config(fake.url, "max_tokens: 256"))
+    client, _ = await gateway(config(fake.url, max_tokens=256))
     await client.post("/v1/chat/completions", json=chat(10_000))
     await client.post("/v1/chat/completions", json=chat(100))
     assert [r.json()["max_tokens"] for r in fake.requests] == [256, 100]
 
 
 async def test_without_max_tokens_the_estimate_uses_the_targets_limit(fake, gateway) -> None:
-    client, _ = await gateway(config(fake.url, "max_tokens: 4000, hard_cost_cap_usd: 0.002"))
+    client, _ = await gateway(config(fake.url, max_tokens=4000, hard_cost_cap_usd=0.002))
     resp = await client.post("/v1/chat/completions", json=chat())  # ≈ $0.00255 with 4,000 output tokens
     assert resp.status == 400 and fake.requests == []
 
 
 async def test_a_tenants_caps_override_the_targets(fake, gateway) -> None:
-    tenants = """
-tenants:
-  - name: frugal
-    api_key: frugal-key-0001
-    budget_caps: {up: {hard_cost_cap_usd: 0.0003}}
-  - name: roomy
-    api_key: roomy-key-0002
-    budget_caps: {hard_cost_cap_usd: 1.0}
-  - name: plain
-    api_key: plain-key-0003
-"""
-    client, _ = await gateway(config(fake.url, "hard_cost_cap_usd: 0.001", tenants=tenants))
+    cfg = config(fake.url, hard_cost_cap_usd=0.001)
+    cfg.tenant("frugal", api_key="frugal-key-0001", budget_caps={"up": {"hard_cost_cap_usd": 0.0003}})
+    cfg.tenant("roomy", api_key="roomy-key-0002", budget_caps={"hard_cost_cap_usd": 1.0})
+    client, _ = await gateway(cfg.tenant("plain", api_key="plain-key-0003"))
     statuses = []
     for key in ("frugal-key-0001", "roomy-key-0002", "plain-key-0003"):
         resp = await client.post("/v1/chat/completions", json=chat(1000), headers={"Authorization": f"Bearer {key}"})
@@ -160,15 +139,15 @@ tenants:
 
 
 async def test_an_unpriced_model_is_served_uncapped(fake, gateway) -> None:
-    client, logs = await gateway(config(fake.url, "hard_cost_cap_usd: 0.000001, max_tokens: 64"))
+    client, logs = await gateway(config(fake.url, hard_cost_cap_usd=0.000001, max_tokens=64))
     resp = await client.post("/v1/chat/completions", json=chat(500, model="mystery-7b"))
     assert resp.status == 200 and fake.requests[0].json()["max_tokens"] == 64  # still clamped
     assert "cost_estimate_usd" not in logs[-1]
 
 
 async def test_pricing_from_the_config_changes_the_estimate(fake, gateway) -> None:
-    pricing = "pricing: {mystery-7b: {input: 1000, output: 1000}}"
-    client, _ = await gateway(config(fake.url, "hard_cost_cap_usd: 0.01", pricing=pricing))
+    cfg = config(fake.url, hard_cost_cap_usd=0.01).section("pricing", {"mystery-7b": {"input": 1000, "output": 1000}})
+    client, _ = await gateway(cfg)
     resp = await client.post("/v1/chat/completions", json=chat(10, model="mystery-7b"))
     assert resp.status == 400 and fake.requests == []
 
@@ -176,7 +155,7 @@ async def test_pricing_from_the_config_changes_the_estimate(fake, gateway) -> No
 async def test_without_max_tokens_the_hard_cap_still_holds_the_answer_is_bounded_to_fit(fake, gateway) -> None:
     """An answer with no max_tokens is not free: the gateway sets the largest size that fits the hard cap."""
     hard = 0.001
-    client, logs = await gateway(config(fake.url, f"hard_cost_cap_usd: {hard}"))
+    client, logs = await gateway(config(fake.url, hard_cost_cap_usd=hard))
     resp = await client.post("/v1/chat/completions", json=chat())
     assert resp.status == 200
     sent = fake.requests[0].json()["max_tokens"]
@@ -187,7 +166,7 @@ async def test_without_max_tokens_the_hard_cap_still_holds_the_answer_is_bounded
 
 async def test_without_max_tokens_a_translated_claude_request_is_bounded_by_the_caps_too(fake, gateway) -> None:
     """/v1/chat/completions for a Claude model, no max_tokens: not the translation's 4,096 over the caps."""
-    client, _ = await gateway(config(fake.url, "soft_cost_cap_usd: 0.005, hard_cost_cap_usd: 0.01"))
+    client, _ = await gateway(config(fake.url, soft_cost_cap_usd=0.005, hard_cost_cap_usd=0.01))
     resp = await client.post("/v1/chat/completions", json=chat(model="claude-3-5-sonnet-latest"))
     assert resp.status == 200
     sent = fake.requests[0].json()["max_tokens"]  # claude-3-5-sonnet: $3 in, $15 out per 1M tokens
@@ -196,7 +175,7 @@ async def test_without_max_tokens_a_translated_claude_request_is_bounded_by_the_
 
 
 async def test_the_soft_cap_header_names_what_the_client_asked_for_even_when_clamped_first(fake, gateway) -> None:
-    client, logs = await gateway(config(fake.url, "soft_cost_cap_usd: 0.0008, max_tokens: 2000"))
+    client, logs = await gateway(config(fake.url, soft_cost_cap_usd=0.0008, max_tokens=2000))
     resp = await client.post("/v1/chat/completions", json=chat(5000))
     sent = fake.requests[0].json()["max_tokens"]
     assert resp.headers["X-ReliAPI-Max-Tokens"] == f"5000->{sent}" and logs[-1]["original_max_tokens"] == 5000

@@ -15,33 +15,17 @@ import pytest
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import BulkheadRejected, CircuitTransition, FallbackUsed
-from tests.fakes import Fault
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
 
 
-def config(url: str, *, limit: int = 2, timeout_ms: int = 2000, up_extra: str = "", extra_targets: str = "") -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    timeout_ms: {timeout_ms}
-    max_concurrency: {limit}
-{up_extra}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    max_concurrency: {limit}
-  rest:
-    base_url: {url}/api
-    max_concurrency: {limit}
-{extra_targets}
-"""
+def config(url: str, *, limit: int = 2, timeout_ms: int = 2000, **up_fields: object) -> GatewayConfig:
+    """``up``, ``claude`` and ``rest``, each at most ``limit`` requests in flight; ``up_fields``: more for ``up``."""
+    cfg = GatewayConfig(url, default_target="up").up(timeout_ms=timeout_ms, **up_fields).claude().rest()
+    return cfg.each(max_concurrency=limit)
 
 
 @pytest.fixture
@@ -166,7 +150,7 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_slot(fake, start):
 
 
 async def test_overflow_is_not_a_circuit_failure(fake, start):
-    client, _ = await start(limit=1, up_extra="    circuit: {error_threshold: 1, cooldown_s: 60}")
+    client, _ = await start(limit=1, circuit={"error_threshold": 1, "cooldown_s": 60})
     events = recorded(client)
     fake.plan(Fault(delay_ms=500))
     slow = asyncio.ensure_future(ask(client))
@@ -185,17 +169,9 @@ async def test_overflow_is_not_a_circuit_failure(fake, start):
 
 async def test_overflow_goes_to_the_fallback_target(fake, upstreams, gateway, clock):
     backup = await upstreams()
-    extra = f"""
-  backup:
-    base_url: {backup.url}/v1
-    provider: openai
-    timeout_ms: 2000
-"""
-    client, logs = await gateway(
-        config(fake.url, limit=1, up_extra="    fallback_targets: [{target: backup, model: gpt-backup}]",
-               extra_targets=extra),
-        clock=clock,
-    )
+    cfg = config(fake.url, limit=1, fallback_targets=[{"target": "backup", "model": "gpt-backup"}])
+    client, logs = await gateway(cfg.target("backup", f"{backup.url}/v1", provider="openai", timeout_ms=2000),
+                                 clock=clock)
     events = recorded(client)
     fake.plan(Fault(delay_ms=500))
     slow = asyncio.ensure_future(ask(client))

@@ -22,63 +22,37 @@ from contextlib import asynccontextmanager
 
 import msgspec
 import pytest
+import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.config import NO_5XX_RETRY, PASSTHROUGH, GatewayConfig
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "what is the capital of France?"}],
         "temperature": 0}
 STREAM = {**CHAT, "stream": True}
 MESSAGES = {"model": "claude-test-1", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 KEY_A, KEY_B = "tenant-a-key", "tenant-b-key"
-CACHE_ON = "{ttl_s: 60}"
+CACHE_ON = {"ttl_s": 60}
 
 
-def config(url: str, *, cache: str | None = CACHE_ON, rest_cache: str | None = None, tenants: str = "") -> str:
+def config(url: str, *, cache: dict | None = CACHE_ON, rest_cache: dict | None = ..., tenants: list[dict] = ()
+           ) -> GatewayConfig:
     """Targets ``up`` (OpenAI), ``claude`` (Anthropic) and ``rest`` (plain HTTP echo), all with
-    ``cache`` (``rest_cache`` instead for ``rest`` when given); 5xx answers are not retried."""
-    def block(value: str | None) -> str:
-        return f"    cache: {value}\n" if value is not None else ""
-
-    return f"""
-server: {{default_target: up}}
-{tenants}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-{block(cache)}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-{block(cache)}
-  rest:
-    base_url: {url}/api
-    auth: {{type: passthrough}}
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-{block(rest_cache if rest_cache is not None else cache)}
-"""
+    ``cache`` (``rest_cache`` instead for ``rest`` when given; ``None``: no block); 5xx answers are not retried."""
+    cfg = GatewayConfig(url, default_target="up").tenants(*tenants)
+    cfg.up(retry_matrix=NO_5XX_RETRY, cache=cache).claude(retry_matrix=NO_5XX_RETRY, cache=cache)
+    return cfg.rest(auth=PASSTHROUGH, retry_matrix=NO_5XX_RETRY, cache=cache if rest_cache is ... else rest_cache)
 
 
-def tenants_block(*, a_extra: str = "", b_extra: str = "") -> str:
-    return f"""
-tenants:
-  - name: a
-    api_key: {KEY_A}
-{a_extra}
-  - name: b
-    api_key: {KEY_B}
-{b_extra}
-"""
+def tenants_block(**a_fields: object) -> list[dict]:
+    """Tenants ``a`` (with ``a_fields``) and ``b``."""
+    return [{"name": "a", "api_key": KEY_A, **a_fields}, {"name": "b", "api_key": KEY_B}]
 
 
 class Answer:
@@ -171,7 +145,7 @@ async def test_without_a_cache_block_every_request_reaches_the_upstream(fake, st
 
 
 async def test_a_target_without_a_cache_block_is_not_cached_when_another_target_is(fake, start):
-    client, _ = await start(cache=CACHE_ON, rest_cache="")  # "cache: " with nothing = null = no block
+    client, _ = await start(cache=CACHE_ON, rest_cache=None)  # no cache block for rest
     first, second = await get(client), await get(client)
     assert first.cache == second.cache == "BYPASS"
     assert len(fake.requests) == 2
@@ -467,7 +441,7 @@ async def test_without_tenants_a_second_cookie_header_splits_entries(fake, start
 
 async def test_a_header_listed_in_vary_headers_splits_entries(fake, start):
     """A passthrough API that authenticates with its own header: listed in cache.vary_headers."""
-    client, _ = await start(rest_cache="{ttl_s: 60, vary_headers: [X-Auth-Token]}")
+    client, _ = await start(rest_cache={"ttl_s": 60, "vary_headers": ["X-Auth-Token"]})
     alice = await get(client, headers={"X-Auth-Token": "alice-token"})
     bob = await get(client, headers={"X-Auth-Token": "bob-token"})
     assert alice.cache == bob.cache == "MISS" and len(fake.requests) == 2
@@ -813,7 +787,7 @@ async def test_an_entry_expires_after_ttl_s(fake, start, clock):
 
 @pytest.mark.parametrize("override", ['{"*": 5}', "{up: 5}", "5"])
 async def test_a_tenant_cache_ttl_override_shortens_the_ttl(fake, start, clock, override):
-    client, _ = await start(tenants=tenants_block(a_extra=f"    cache_ttl_override: {override}"))
+    client, _ = await start(tenants=tenants_block(cache_ttl_override=yaml.safe_load(override)))
     for key in (KEY_A, KEY_B):
         assert (await chat(client, headers=bearer(key))).cache == "MISS"
     clock.advance(6)
@@ -823,7 +797,7 @@ async def test_a_tenant_cache_ttl_override_shortens_the_ttl(fake, start, clock, 
 
 
 async def test_a_tenant_override_for_another_target_does_not_apply(fake, start, clock):
-    client, _ = await start(tenants=tenants_block(a_extra="    cache_ttl_override: {rest: 5}"))
+    client, _ = await start(tenants=tenants_block(cache_ttl_override={"rest": 5}))
     assert (await chat(client, headers=bearer(KEY_A))).cache == "MISS"
     assert (await get(client, headers=bearer(KEY_A))).cache == "MISS"
     clock.advance(6)
@@ -833,21 +807,21 @@ async def test_a_tenant_override_for_another_target_does_not_apply(fake, start, 
 
 
 async def test_ttl_zero_means_not_cached(fake, start):
-    client, _ = await start(cache="{ttl_s: 0}")
+    client, _ = await start(cache={"ttl_s": 0})
     answers = [await chat(client), await chat(client), await get(client), await get(client)]
     assert [a.cache for a in answers] == ["BYPASS"] * 4
     assert len(fake.requests) == 4
 
 
 async def test_enabled_false_means_not_cached(fake, start):
-    client, _ = await start(cache="{enabled: false, ttl_s: 60}")
+    client, _ = await start(cache={"enabled": False, "ttl_s": 60})
     answers = [await chat(client), await chat(client)]
     assert [a.cache for a in answers] == ["BYPASS", "BYPASS"]
     assert len(fake.requests) == 2
 
 
 async def test_a_tenant_override_of_zero_turns_the_cache_off_for_that_tenant(fake, start):
-    client, _ = await start(tenants=tenants_block(a_extra='    cache_ttl_override: {"*": 0}'))
+    client, _ = await start(tenants=tenants_block(cache_ttl_override={"*": 0}))
     answers = [await chat(client, headers=bearer(KEY_A)) for _ in range(2)]
     assert [a.cache for a in answers] == ["BYPASS", "BYPASS"]
     assert (await chat(client, headers=bearer(KEY_B))).cache == "MISS"
@@ -859,7 +833,7 @@ async def test_a_tenant_override_of_zero_turns_the_cache_off_for_that_tenant(fak
 
 
 async def test_an_answer_larger_than_max_entry_mb_is_returned_but_not_stored(fake, start):
-    client, _ = await start(cache="{ttl_s: 60, max_entry_mb: 0.0001}")  # ~105 bytes
+    client, _ = await start(cache={"ttl_s": 60, "max_entry_mb": 0.0001})  # ~105 bytes
     first = await get(client)
     assert first.status == 200 and len(first.body) > 105
     assert first.json()["path_qs"] == "/api/items?a=1"  # whole, not truncated
@@ -869,7 +843,7 @@ async def test_an_answer_larger_than_max_entry_mb_is_returned_but_not_stored(fak
 
 
 async def test_a_stream_larger_than_max_entry_mb_is_relayed_whole_but_not_stored(fake, start):
-    client, _ = await start(cache="{ttl_s: 60, max_entry_mb: 0.0001}")
+    client, _ = await start(cache={"ttl_s": 60, "max_entry_mb": 0.0001})
     fake.plan(Fault(chunks=5))
     first = await chat(client, STREAM)
     assert_sse(first)

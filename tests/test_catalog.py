@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import openai
 
+from tests.support.config import GatewayConfig
 
-def config(url: str, tenants: str = "") -> str:
-    return f"""
-server: {{default_target: up}}
-{tenants}
-pricing: {{house-7b: {{input: 1.0, output: 2.0}}}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-4o*", "house-7b", "my-finetune"]
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-3-5-*"]
-    llm: {{default_model: claude-3-5-haiku-latest}}
-  rest: {{base_url: "{url}/api"}}
-"""
+
+def config(url: str, tenants: list[dict] = ()) -> GatewayConfig:
+    """``up`` (OpenAI models incl. a priced house-7b), ``claude`` (default model haiku), ``rest``."""
+    cfg = GatewayConfig(url, default_target="up").tenants(*tenants)
+    cfg.section("pricing", {"house-7b": {"input": 1.0, "output": 2.0}})
+    cfg.up(models=["gpt-4o*", "house-7b", "my-finetune"])
+    return cfg.claude(models=["claude-3-5-*"], llm={"default_model": "claude-3-5-haiku-latest"}).rest()
 
 
 async def test_the_catalog_lists_routed_and_priced_models_with_their_target(fake, gateway):
@@ -47,10 +38,7 @@ async def test_the_openai_sdk_lists_it(fake, gateway):
 
 
 async def test_with_tenants_the_caller_authenticates_and_sees_its_own_models(fake, gateway):
-    tenants = """
-tenants:
-  - {name: narrow, api_key: narrow-key-001, allowed_targets: [claude]}
-"""
+    tenants = [{"name": "narrow", "api_key": "narrow-key-001", "allowed_targets": ["claude"]}]
     client, _ = await gateway(config(fake.url, tenants))
     assert (await client.get("/v1/models")).status == 401
     body = await (await client.get("/v1/models", headers={"Authorization": "Bearer narrow-key-001"})).json()

@@ -23,7 +23,7 @@ from gateway.errors import CircuitOpen
 from gateway.keys import RUNTIME
 from gateway.observe.events import FallbackUsed
 from policies.circuit_breaker import Breaker
-from tests.circuits import (
+from tests.support.circuits import (
     CHAT,
     COOLDOWN,
     OPENAI_BODY,
@@ -36,8 +36,8 @@ from tests.circuits import (
     state,
     watch,
 )
-from tests.clock import FakeClock
-from tests.fakes import Fault
+from tests.support.clock import FakeClock
+from tests.support.fakes import Fault
 
 # =============================================================== the state machine alone
 
@@ -339,7 +339,7 @@ async def test_half_open_admits_only_half_open_max_calls_concurrent_probes(fake,
 
 async def test_two_probes_allowed_with_half_open_max_calls_2(fake, gateway, clock):
     client, _ = await gateway(
-        config(fake.url, circuit=f"{{error_threshold: 2, cooldown_s: {COOLDOWN}, half_open_max_calls: 2}}"), clock=clock)
+        config(fake.url, circuit={"error_threshold": 2, "cooldown_s": COOLDOWN, "half_open_max_calls": 2}), clock=clock)
     await open_circuit(client, fake)
     clock.advance(COOLDOWN + 1)
     fake.plan(Fault(delay_ms=300), Fault(delay_ms=300))
@@ -370,7 +370,7 @@ async def test_4xx_and_429_never_open_it_even_many_in_a_row(fake, gateway, clock
 
 
 async def test_bulkhead_overflow_never_counts_as_a_failure(fake, gateway, clock):
-    client, _ = await gateway(config(fake.url, up_extra="    max_concurrency: 1\n"), clock=clock)
+    client, _ = await gateway(config(fake.url, max_concurrency=1), clock=clock)
     seen = watch(client)
     fake.plan(Fault(status=503, delay_ms=300))  # the one in flight: a real failure (count 1 of 2)
     slow = asyncio.ensure_future(chat(client))
@@ -413,7 +413,7 @@ async def test_connection_resets_count_as_failures(fake, gateway, clock):
 
 
 async def test_a_mixture_of_5xx_timeout_and_reset_counts_as_consecutive(fake, gateway, clock):
-    client, _ = await gateway(config(fake.url, circuit=f"{{error_threshold: 3, cooldown_s: {COOLDOWN}}}",
+    client, _ = await gateway(config(fake.url, circuit={"error_threshold": 3, "cooldown_s": COOLDOWN},
                                      timeout_ms=200), clock=clock)
     fake.plan(Fault(status=502), Fault(hang=True), Fault(reset=True))
     assert [(await chat(client))[0] for _ in range(3)] == [502, 504, 502]

@@ -17,7 +17,7 @@ import pytest
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
-from tests.circuits import (
+from tests.support.circuits import (
     COOLDOWN,
     assert_circuit_open_openai,
     chat,
@@ -28,8 +28,8 @@ from tests.circuits import (
     state,
     watch,
 )
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 # =============================================================== shared between instances
 

@@ -2,7 +2,7 @@
 
 Covers ``--check``, flags and environment variables and their precedence, config discovery,
 starting on the built-in default, and bad input (exit 2 with a clear message, never a traceback).
-The subprocess harness is tests/cli_harness.py; process lifecycle (signals, workers) is in
+The subprocess harness is tests/support/cli_harness.py; process lifecycle (signals, workers) is in
 tests/test_lifecycle.py.
 """
 
@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from tests.cli_harness import (
+from tests.support.cli_harness import (
     CLI,
     INVALID_ERRORS,
     INVALID_YAML,

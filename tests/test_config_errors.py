@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config, parse_config
-from tests.config_helpers import errors_of, load
-from tests.config_samples import README_MINIMAL_HTTP_TARGET
+from tests.support.config_helpers import errors_of, load
+from tests.support.config_samples import README_MINIMAL_HTTP_TARGET
 
 # ------------------------------------------------------------------ errors
 

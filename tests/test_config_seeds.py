@@ -1,6 +1,6 @@
 """Configuration loading (SPEC §4): the seed and wiki forms load verbatim.
 
-The YAML blocks come from ``tests/config_samples.py`` (copied verbatim from the seed documents
+The YAML blocks come from ``tests/support/config_samples.py`` (copied verbatim from the seed documents
 and the wiki); blocks that are fragments are completed by appending YAML, never by editing them.
 Legacy spellings found in the seeds (``retry``, ``circuit_breaker``, ``llm.model``) load too, and
 mixing them with the canonical spelling is an error.
@@ -25,8 +25,8 @@ from gateway.config.model import (
     RetryRule,
     TenantRateLimit,
 )
-from tests.config_helpers import DEFAULT_RETRY, SEEDS, errors_of, load
-from tests.config_samples import (
+from tests.support.config_helpers import DEFAULT_RETRY, SEEDS, errors_of, load
+from tests.support.config_samples import (
     BACKUP_TARGETS_APPENDIX,
     FALLBACK_TARGETS_APPENDIX,
     KIKU_TEST_FIXTURE_TENANT,

@@ -23,7 +23,7 @@ from gateway.config.model import (
     SpendBudget,
     TenantRateLimit,
 )
-from tests.config_helpers import DEFAULT_RETRY, REPO, load
+from tests.support.config_helpers import DEFAULT_RETRY, REPO, load
 
 SPEC_FULL = """
 server:

@@ -13,6 +13,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from tests.support.config import PASSTHROUGH, GatewayConfig
+
 ANSWER = msgspec.json.encode({
     "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
@@ -40,13 +42,10 @@ async def compressing(aiohttp_server):
     return str(server.make_url("")).rstrip("/"), seen
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up: {{base_url: "{url}/v1", provider: openai, auth: {{type: passthrough}}}}
-  always: {{base_url: "{url}/always/v1", provider: openai, auth: {{type: passthrough}}}}
-"""
+def config(url: str) -> GatewayConfig:
+    """``up`` and ``always`` (OpenAI, the client's own key passed through)."""
+    cfg = GatewayConfig(url, default_target="up").up(models=None, auth=PASSTHROUGH)
+    return cfg.target("always", f"{url}/always/v1", provider="openai", auth=PASSTHROUGH)
 
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

@@ -19,8 +19,9 @@ import pytest
 
 from gateway.keys import RUNTIME
 from gateway.store.memory import MemoryStore
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.config import NO_5XX_RETRY, GatewayConfig
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 STREAM = {"model": "gpt-4o-mini", "max_tokens": 500, "stream": True,
           "messages": [{"role": "user", "content": "tell me a long story"}]}
@@ -28,24 +29,12 @@ CHAT = {**STREAM, "stream": False}
 ACME = {"Authorization": "Bearer acme-key-123456"}
 
 
-def config(url: str, *, budget: bool = False) -> str:
-    tenants = """
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-    budget: {daily_usd: 10}
-""" if budget else ""
-    return f"""
-server: {{default_target: up}}
-{tenants}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    cache: {{ttl_s: 600}}
-    retry_matrix: {{"5xx": {{attempts: 0}}, "timeout": {{attempts: 0}}}}
-"""
+def config(url: str, *, budget: bool = False) -> GatewayConfig:
+    """``up``, cached, never retried; with ``budget``, tenant ``acme`` has $10 a day."""
+    cfg = GatewayConfig(url, default_target="up")
+    if budget:
+        cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": 10})
+    return cfg.up(cache={"ttl_s": 600}, retry_matrix={"5xx": {"attempts": 0}, "timeout": {"attempts": 0}})
 
 
 async def eventually(condition, timeout_s: float = 5.0) -> None:
@@ -188,26 +177,6 @@ async def test_an_abandoned_stream_without_usage_is_charged_the_bound_of_what_wa
     assert charged < (sent + 64 + 1000) * 0.15 / 1e6 + 100 * 0.60 / 1e6  # and a few tokens of text, not 500
 
 
-def claude_config(url: str) -> str:
-    return f"""
-server: {{default_target: claude}}
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-    budget: {{daily_usd: 10}}
-targets:
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-"""
-
-
 async def charged_after(store, client, logs) -> float:
     """The day's spend once the request has been settled: its access line written and no task left
     (the reservation is in the store from the start; the settlement replaces it)."""
@@ -221,7 +190,8 @@ async def test_a_cut_anthropic_stream_is_charged_what_was_sent_not_message_start
     """message_start carries output_tokens: 1; a client that reads the answer and leaves before message_delta
     must not pay for one token."""
     store = MemoryStore()
-    client, logs = await gateway(claude_config(fake.url), store=store)
+    cfg = GatewayConfig(fake.url, default_target="claude").claude(retry_matrix=NO_5XX_RETRY).up()
+    client, logs = await gateway(cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": 10}), store=store)
     fake.plan(Fault(chunks=200, interval_ms=5))
     body = {"model": "claude-3-5-haiku-latest", "max_tokens": 4000, "stream": True,
             "messages": [{"role": "user", "content": "a long one"}]}

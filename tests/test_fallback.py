@@ -6,8 +6,9 @@ import pytest
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import FallbackUsed
-from tests.clock import FakeClock
-from tests.fakes import Fault
+from tests.support.clock import FakeClock
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 CHAT = {"model": "gpt-big", "messages": [{"role": "user", "content": "hi"}]}
 DOWN = Fault(status=503)
@@ -18,26 +19,13 @@ async def three(upstreams):
     return await upstreams(), await upstreams(), await upstreams()
 
 
-def chain_config(a: str, b: str, c: str, *, up_extra: str = "") -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {a}/v1
-    provider: openai
-    fallback_targets: [fb1, {{target: fb2, model: gpt-two}}]
-{up_extra}
-  fb1:
-    base_url: {b}/v1
-    provider: openai
-    llm: {{default_model: gpt-one}}
-  fb2:
-    base_url: {c}/v1
-    provider: openai
-  claude:
-    base_url: {c}
-    provider: anthropic
-"""
+def chain_config(a: str, b: str, c: str, **up_fields: object) -> GatewayConfig:
+    """``up`` (at ``a``) falls back to ``fb1`` (at ``b``, default model gpt-one), then ``fb2`` (at ``c``) with
+    model gpt-two; an Anthropic ``claude`` at ``c``. ``up_fields``: more for ``up``."""
+    cfg = GatewayConfig(a, default_target="up")
+    cfg.up(models=None, fallback_targets=["fb1", {"target": "fb2", "model": "gpt-two"}], **up_fields)
+    cfg.target("fb1", f"{b}/v1", provider="openai", llm={"default_model": "gpt-one"})
+    return cfg.target("fb2", f"{c}/v1", provider="openai").target("claude", c, provider="anthropic")
 
 
 async def test_chain_is_tried_in_order_each_with_its_model(three, gateway):
@@ -78,8 +66,8 @@ targets:
 
 async def test_fallback_on_decides_which_failures_move_on(three, gateway):
     up, fb1, fb2 = three
-    cfg = chain_config(up.url, fb1.url, fb2.url, up_extra="    fallback_on: [server_error]\n"
-                       "    retry_matrix: {'429': {attempts: 0}, '5xx': {attempts: 0}}")
+    cfg = chain_config(up.url, fb1.url, fb2.url, fallback_on=["server_error"],
+                       retry_matrix={"429": {"attempts": 0}, "5xx": {"attempts": 0}})
     client, _ = await gateway(cfg, clock=FakeClock())
     up.plan(Fault(status=429, error_message="slow down"))
     resp = await client.post("/v1/chat/completions", json=CHAT)
@@ -102,9 +90,8 @@ async def test_when_everything_fails_the_last_answer_is_returned(three, gateway)
 
 async def test_an_upstream_answer_beats_a_later_open_circuit(three, gateway):
     up, fb1, fb2 = three
-    cfg = chain_config(up.url, fb1.url, fb2.url).replace(
-        "    llm: {default_model: gpt-one}", "    llm: {default_model: gpt-one}\n    circuit: {error_threshold: 1}"
-    ).replace("fallback_targets: [fb1, {target: fb2, model: gpt-two}]", "fallback_targets: [fb1]")
+    cfg = chain_config(up.url, fb1.url, fb2.url).target("fb1", circuit={"error_threshold": 1})
+    cfg.target("up", fallback_targets=["fb1"])
     client, _ = await gateway(cfg, clock=FakeClock())
     fb1.plan(Fault(status=500), DOWN)  # opens fb1's circuit (threshold 1)
     up.script = lambda n, seen: Fault(status=503, error_message="primary down")
@@ -158,14 +145,8 @@ targets:
 
 async def test_a_tenant_list_overrides_the_targets(three, gateway):
     up, fb1, fb2 = three
-    cfg = chain_config(up.url, fb1.url, fb2.url) + """
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-    fallback_targets: [fb2]
-  - name: other
-    api_key: other-key-123456
-"""
+    cfg = chain_config(up.url, fb1.url, fb2.url).tenant("acme", api_key="acme-key-123456", fallback_targets=["fb2"])
+    cfg.tenant("other", api_key="other-key-123456")
     client, _ = await gateway(cfg, clock=FakeClock())
     up.script = lambda n, seen: DOWN
     acme = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer acme-key-123456"})

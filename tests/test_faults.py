@@ -14,27 +14,18 @@ import openai
 import pytest
 
 from gateway.keys import RUNTIME
-from tests.fakes import Fault
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-def config(up: str, backup: str, *, fallback: bool = True, up_extra: str = "", timeout_ms: int = 2000) -> str:
-    chain = "    fallback_targets: [{target: backup, model: gpt-backup}]\n" if fallback else ""
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {up}/v1
-    provider: openai
-    models: ["gpt-*"]
-    timeout_ms: {timeout_ms}
-{chain}{up_extra}
-  backup:
-    base_url: {backup}/v1
-    provider: openai
-    timeout_ms: 2000
-"""
+def config(up: str, backup: str, *, fallback: bool = True, timeout_ms: int = 2000, **up_fields: object) -> GatewayConfig:
+    """``up`` at the primary fake, falling back (unless ``fallback`` is false) to ``backup`` with model gpt-backup."""
+    cfg = GatewayConfig(up, default_target="up")
+    cfg.up(timeout_ms=timeout_ms, fallback_targets=[{"target": "backup", "model": "gpt-backup"}] if fallback else None,
+           **up_fields)
+    return cfg.target("backup", f"{backup}/v1", provider="openai", timeout_ms=2000)
 
 
 @pytest.fixture
@@ -150,7 +141,7 @@ async def test_silent_upstream_times_out_once_and_falls_back(pair):
 
 async def test_slow_first_token_falls_back_before_any_header_reaches_the_client(pair):
     up, backup, clock, make = pair
-    _, _, sdk = await make(up_extra="    ttft_timeout_ms: 300\n")
+    _, _, sdk = await make(ttft_timeout_ms=300)
     up.plan(Fault(first_delay_ms=20000, headers={"X-Slow-Primary": "1"}))
     raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=CHAT, stream=True)
     assert raw.headers["X-ReliAPI-Target"] == "backup" and raw.headers["X-ReliAPI-Fallback"] == "backup"
@@ -181,7 +172,7 @@ async def test_cut_stream_ends_with_an_inband_error_and_no_done(pair):
 
 async def test_stalled_stream_ends_in_band_and_the_gateway_stays_healthy(pair):
     up, backup, clock, make = pair
-    client, _, sdk = await make(up_extra="    stream_idle_timeout_ms: 300\n")
+    client, _, sdk = await make(stream_idle_timeout_ms=300)
     up.plan(Fault(chunks=60, stall_after=21))
     stream = await sdk.chat.completions.create(model="gpt-4o-mini", messages=CHAT, stream=True)
     got = []
@@ -248,7 +239,7 @@ async def test_content_policy_violation_is_passed_through_without_fallback(pair)
 
 async def test_outage_opens_the_circuit_fallback_serves_and_traffic_returns_after_recovery(pair):
     up, backup, clock, make = pair
-    client, logs, sdk = await make(up_extra="    circuit: {error_threshold: 5, cooldown_s: 20}\n")
+    client, logs, sdk = await make(circuit={"error_threshold": 5, "cooldown_s": 20})
     transitions = []
     client.app[RUNTIME].current.events.subscribe(
         lambda e: transitions.append((clock.monotonic() - start, e.to_state)) if hasattr(e, "to_state") else None)

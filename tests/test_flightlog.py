@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 import msgspec
 import pytest
 
@@ -20,6 +23,10 @@ from gateway.state.flightlog import (
     failed,
     rebuild_error,
 )
+from tests.support.cli_harness import free_port
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
+from tests.support.stores import REDIS_URL, drop, new_prefix, redis_store
 
 
 @pytest.mark.parametrize(("item", "wire"), [
@@ -49,8 +56,6 @@ def test_an_unknown_item_is_refused_not_misread() -> None:
 
 @pytest.fixture
 async def redis_prefix():
-    from tests.stores import drop, new_prefix, redis_store
-
     store = await redis_store(new_prefix())  # skips (or fails in CI) when Redis is down
     yield store._prefix.rstrip(":")
     await drop(store)
@@ -59,28 +64,11 @@ async def redis_prefix():
 async def test_a_leaders_error_reaches_a_follower_on_another_instance_as_itself(cli, fake, redis_prefix):
     """A duplicate waiting on another instance gets the leader's own error (504 upstream_timeout), not a 500:
     rebuilding the error from the log used to raise TypeError (object.__new__ on an exception class)."""
-    import asyncio
-
-    import aiohttp
-
-    from tests.cli_harness import free_port
-    from tests.fakes import Fault
-    from tests.stores import REDIS_URL
-
-    text = f"""
-server: {{default_target: up}}
-store: {{url: "{REDIS_URL}", key_prefix: "{redis_prefix}"}}
-targets:
-  up:
-    base_url: {fake.url}/v1
-    provider: openai
-    auth: {{type: none}}
-    timeout_ms: 600
-    idempotency: {{wait_s: 10}}
-"""
+    cfg = (GatewayConfig(fake.url, default_target="up").store(url=REDIS_URL, key_prefix=redis_prefix)
+           .up(auth={"type": "none"}, models=None, timeout_ms=600, idempotency={"wait_s": 10}))
     gateways = []
     for name in ("one.yaml", "two.yaml"):
-        cli.write(name, text)
+        cli.write(name, cfg)
         port = free_port()
         gw = cli.start("--config", name, "--port", str(port), port=port)
         await asyncio.to_thread(gw.wait_healthy)

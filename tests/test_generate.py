@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakes import Fault
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    cache: {{ttl_s: 60}}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    llm: {{max_tokens: 300}}
-"""
+def config(url: str) -> GatewayConfig:
+    """``up`` (cached) and ``claude`` (max_tokens 300)."""
+    return GatewayConfig(url, default_target="up").up(cache={"ttl_s": 60}).claude(llm={"max_tokens": 300})
 
 
 async def test_generate_on_an_openai_target(fake, gateway):

@@ -27,53 +27,30 @@ from gateway.flow.exchange import Reply
 from gateway.state.flights import Entry, Flights, Lead
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
-from tests.fakes import FakeUpstream, Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.config import NO_RETRY, GatewayConfig
+from tests.support.fakes import FakeUpstream, Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
-NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
 CLAUDE = {"model": "claude-test-1", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 CHAT_PATH = "/v1/chat/completions"
 REPLAYED = "Idempotent-Replayed"
 
-TENANTS = """
-tenants:
-  - name: alpha
-    api_key: alpha-key-0001
-  - name: beta
-    api_key: beta-key-0002
-"""
+TENANTS = [{"name": "alpha", "api_key": "alpha-key-0001"}, {"name": "beta", "api_key": "beta-key-0002"}]
 ALPHA = {"Authorization": "Bearer alpha-key-0001"}
 BETA = {"X-API-Key": "beta-key-0002"}
 
 
-def config(url: str, *, idem: str = "", up_extra: str = "", head: str = "") -> str:
+def config(url: str, *, idem: dict | None = None, tenants: list[dict] = (), store: dict | None = None,
+           **up_fields: object) -> GatewayConfig:
     """``up`` (OpenAI), ``claude`` (Anthropic) and ``rest`` (plain HTTP, echoes) at the fake,
     no retries (one client request = one upstream attempt), the idempotency block under test."""
-    return f"""
-server: {{default_target: up}}
-{head}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    timeout_ms: 5000
-    retry_matrix: {NO_RETRY}
-    idempotency: {{{idem}}}
-{up_extra}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    retry_matrix: {NO_RETRY}
-    idempotency: {{{idem}}}
-  rest:
-    base_url: {url}/api
-    retry_matrix: {NO_RETRY}
-    idempotency: {{{idem}}}
-"""
+    cfg = GatewayConfig(url, default_target="up").tenants(*tenants)
+    if store:
+        cfg.store(**store)
+    cfg.up(timeout_ms=5000, **up_fields).claude().rest()
+    return cfg.each(retry_matrix=NO_RETRY, idempotency=idem or {})
 
 
 def numbered(fake: FakeUpstream, **fault: Any) -> None:
@@ -301,7 +278,7 @@ async def test_a_non_json_plain_http_body_is_fingerprinted_as_sent(fake, start):
 
 
 async def test_the_same_key_from_two_tenants_names_two_requests(fake, gateway):
-    client, _ = await gateway(config(fake.url, head=TENANTS))
+    client, _ = await gateway(config(fake.url, tenants=TENANTS))
     numbered(fake)
     status_a, headers_a, body_a = await call(client, key="shared-key", headers=ALPHA)
     status_b, headers_b, body_b = await call(client, key="shared-key", headers=BETA)
@@ -325,7 +302,7 @@ async def test_the_same_key_from_two_tenants_names_two_requests(fake, gateway):
 
 
 async def test_a_replay_still_authenticates_the_caller(fake, gateway):
-    client, _ = await gateway(config(fake.url, head=TENANTS))
+    client, _ = await gateway(config(fake.url, tenants=TENANTS))
     assert (await call(client, key="k-auth", headers=ALPHA))[0] == 200
     assert (await call(client, key="k-auth"))[0] == 401
     assert (await call(client, key="k-auth", headers={"Authorization": "Bearer alpha-key-0009"}))[0] == 401
@@ -352,7 +329,7 @@ async def test_concurrent_duplicates_share_one_upstream_call(fake, start):
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
 async def test_a_duplicate_still_running_after_wait_s_is_409_then_replays(fake, start, dialect):
     path, body = (CHAT_PATH, CHAT) if dialect == "openai" else ("/v1/messages", CLAUDE)
-    client = await start(idem="wait_s: 0.2")
+    client = await start(idem={"wait_s": 0.2})
     fake.plan(Fault(delay_ms=600))
     first = asyncio.ensure_future(call(client, body, key="k-slow", path=path))
     await until(lambda: len(fake.requests) == 1)
@@ -378,7 +355,7 @@ async def test_a_duplicate_still_running_after_wait_s_is_409_then_replays(fake, 
 
 async def test_a_slow_leader_keeps_its_claim_past_the_lock_ttl(fake, start):
     # the lock (0.2 s) is renewed while the request runs (0.7 s): a duplicate never takes over
-    client = await start(idem="wait_s: 0.1, lock_ttl_s: 0.2")
+    client = await start(idem={"wait_s": 0.1, "lock_ttl_s": 0.2})
     fake.plan(Fault(delay_ms=700))
     first = asyncio.ensure_future(call(client, key="k-long"))
     await until(lambda: len(fake.requests) == 1)
@@ -427,7 +404,7 @@ async def test_an_upstream_5xx_is_not_stored_and_the_retry_runs(fake, start, ups
 
 
 async def test_with_store_5xx_an_upstream_5xx_is_replayed_like_any_answer(fake, start):
-    client = await start(idem="store_5xx: true")
+    client = await start(idem={"store_5xx": True})
     fake.plan(Fault(status=503, error_message="upstream busy"))
     numbered(fake)
     status1, _, body1 = await call(client, key="k-stripe")
@@ -481,13 +458,8 @@ async def test_a_request_the_gateway_rejects_stores_nothing(fake, start):
 
 async def test_a_rate_limited_request_stores_nothing(fake, gateway, clock):
     store = MemoryStore(clock=clock.time)
-    head = """
-tenants:
-  - name: alpha
-    api_key: alpha-key-0001
-    rate_limit: {rpm: 1}
-"""
-    client, _ = await gateway(config(fake.url, head=head), clock=clock, store=store)
+    alpha = {"name": "alpha", "api_key": "alpha-key-0001", "rate_limit": {"rpm": 1}}
+    client, _ = await gateway(config(fake.url, tenants=[alpha]), clock=clock, store=store)
     numbered(fake)
     assert (await call(client, headers=ALPHA))[0] == 200  # uses up the minute
     status, headers, body = await call(client, key="k-rl", headers=ALPHA)
@@ -504,7 +476,7 @@ tenants:
 
 
 async def test_a_bulkhead_overflow_after_the_claim_stores_nothing(fake, start):
-    client = await start(up_extra="    max_concurrency: 1")
+    client = await start(max_concurrency=1)
     fake.plan(Fault(delay_ms=500))
     numbered(fake)
     slow = asyncio.ensure_future(call(client))
@@ -523,7 +495,7 @@ async def test_a_bulkhead_overflow_after_the_claim_stores_nothing(fake, start):
 
 async def test_a_dead_holders_lock_expires_and_a_late_write_is_refused(fake, gateway, clock):
     store = MemoryStore(clock=clock.time)
-    client, _ = await gateway(config(fake.url, idem="wait_s: 0.2"), clock=clock, store=store)
+    client, _ = await gateway(config(fake.url, idem={"wait_s": 0.2}), clock=clock, store=store)
     numbered(fake)
     # the request's fingerprint, as the gateway records it (a probe under another key)
     assert (await call(client, key="probe"))[0] == 200
@@ -583,7 +555,7 @@ async def test_flights_fence_an_expired_leaders_write(clock):
 
 async def test_a_stored_answer_expires_ttl_s_after_the_first_request(fake, gateway, clock):
     store = MemoryStore(clock=clock.time)
-    client, _ = await gateway(config(fake.url, idem="ttl_s: 60"), clock=clock, store=store)
+    client, _ = await gateway(config(fake.url, idem={"ttl_s": 60}), clock=clock, store=store)
     numbered(fake)
     _, _, body1 = await call(client, key="k-ttl")
     clock.advance(30)
@@ -601,7 +573,7 @@ async def test_a_stored_answer_expires_ttl_s_after_the_first_request(fake, gatew
 
 async def test_the_ttl_counts_from_the_start_of_a_slow_first_request(fake, gateway, clock):
     store = MemoryStore(clock=clock.time)
-    client, _ = await gateway(config(fake.url, idem="ttl_s: 60, lock_ttl_s: 600"), clock=clock, store=store)
+    client, _ = await gateway(config(fake.url, idem={"ttl_s": 60, "lock_ttl_s": 600}), clock=clock, store=store)
     numbered(fake, delay_ms=200)
     first = asyncio.ensure_future(call(client, key="k-ttl-slow"))
     await until(lambda: len(fake.requests) == 1)
@@ -719,7 +691,7 @@ async def test_an_upstream_408_409_or_429_is_not_stored(fake, start, upstream_st
 
 
 async def test_an_answer_over_max_entry_mb_is_returned_but_not_stored(fake, start):
-    client = await start(idem="max_entry_mb: 0.0001")  # ~100 bytes; the fake's answer is larger
+    client = await start(idem={"max_entry_mb": 0.0001})  # ~100 bytes; the fake's answer is larger
     numbered(fake)
     status1, _, body1 = await call(client, key="k-big")
     assert status1 == 200 and len(body1) > 105
@@ -877,7 +849,7 @@ async def test_a_keyed_request_gets_503_while_the_store_is_down(fake, gateway):
 
 async def test_fail_open_runs_keyed_requests_without_idempotency_while_the_store_is_down(fake, gateway):
     store = FlakyStore()
-    client, _ = await gateway(config(fake.url, head="store: {fail_open: true}"), store=store)
+    client, _ = await gateway(config(fake.url, store={"fail_open": True}), store=store)
     store.down = True
     for _ in range(2):
         status, headers, _ = await call(client, key="k-open")
@@ -896,12 +868,12 @@ async def pair(request, fake, gateway, clock) -> AsyncIterator[Callable[..., Any
     prefix = new_prefix()
     clients: list[Any] = []
 
-    async def make(idem: str = "") -> tuple[Any, Any]:
-        yaml = config(fake.url, idem=idem)
+    async def make(idem: dict | None = None) -> tuple[Any, Any]:
+        cfg = config(fake.url, idem=idem)
         shared = MemoryStore()
         for _ in range(2):
             store = shared if request.param == "memory" else await redis_store(prefix)
-            client, _ = await gateway(yaml, clock=clock, store=store)
+            client, _ = await gateway(cfg, clock=clock, store=store)
             clients.append(client)
         return clients[0], clients[1]
 
@@ -960,7 +932,7 @@ async def test_a_failing_run_is_shared_across_gateways_and_then_released(fake, p
 
 
 async def test_a_duplicate_on_the_other_gateway_gets_409_after_wait_s(fake, pair):
-    a, b = await pair(idem="wait_s: 0.2")
+    a, b = await pair(idem={"wait_s": 0.2})
     fake.plan(Fault(delay_ms=600))
     leader = asyncio.ensure_future(call(a, key="k-fleet-slow"))
     await until(lambda: len(fake.requests) == 1)

@@ -21,27 +21,20 @@ import pytest
 from gateway.keys import RUNTIME
 from gateway.observe.events import KeyCooldown, KeyDisabled, RetryScheduled
 from gateway.store.memory import MemoryStore
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.config import GatewayConfig, bearer_env
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 SECRETS = {"K1": "sk-pool-alpha-1111", "K2": "sk-pool-bravo-2222", "K3": "sk-pool-charlie-3333"}
-POOL = "{type: bearer_env, env_vars: [K1, K2, K3]}"
+POOL = {"type": "bearer_env", "env_vars": ["K1", "K2", "K3"]}
 
 
-def config(url: str, *, auth: str = POOL, up_extra: str = "", top: str = "") -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    timeout_ms: 2000
-    auth: {auth}
-{up_extra}
-{top}
-"""
+def config(url: str, *, auth: dict = POOL, pools: dict | None = None, **up_fields: object) -> GatewayConfig:
+    """One target ``up`` with the key pool ``auth`` (more fields for it in ``up_fields``); ``pools``:
+    a top-level ``provider_key_pools``."""
+    cfg = GatewayConfig(url, default_target="up").up(timeout_ms=2000, auth=auth, **up_fields)
+    return cfg.section("provider_key_pools", pools) if pools else cfg
 
 
 @pytest.fixture
@@ -206,7 +199,7 @@ def _three_429s(*retry_after: int) -> Callable:
 
 
 async def test_every_key_cooling_waits_for_the_soonest_key_without_calling_the_upstream(fake, start, clock):
-    client, _ = await start(up_extra='    retry_matrix: {"429": {max_s: 20}}')
+    client, _ = await start(retry_matrix={"429": {"max_s": 20}})
     fake.script = _three_429s(30, 40, 50)
     first = await ask(client)  # every key answers 429, the last one's Retry-After is over max_s: passed through
     assert first.status == 429 and used(fake) == ["K1", "K2", "K3"]
@@ -223,7 +216,7 @@ async def test_every_key_cooling_waits_for_the_soonest_key_without_calling_the_u
 
 
 async def test_every_key_cooling_beyond_max_s_answers_429_rate_limited_with_retry_after(fake, start, clock):
-    client, logs = await start(up_extra='    retry_matrix: {"429": {max_s: 20}}')
+    client, logs = await start(retry_matrix={"429": {"max_s": 20}})
     fake.script = _three_429s(30, 40, 50)
     assert (await ask(client)).status == 429
     resp = await ask(client)
@@ -296,21 +289,12 @@ async def test_every_key_disabled_passes_the_providers_own_401_through(fake, sta
 # ---------------------------------------------------------------- the seed's provider_key_pools form
 
 SEED_ENV = {"OPENAI_KEY_1": "sk-seed-one-aaaa", "OPENAI_KEY_2": "sk-seed-two-bbbb", "UP_KEY": "sk-target-own"}
-SEED_POOLS = """
-provider_key_pools:
-  openai:
-    keys:
-      - id: "openai-main-1"
-        api_key: "env:OPENAI_KEY_1"
-        qps_limit: 1
-      - id: "openai-main-2"
-        api_key: "env:OPENAI_KEY_2"
-        qps_limit: 1
-"""
+SEED_POOLS = {"openai": {"keys": [{"id": "openai-main-1", "api_key": "env:OPENAI_KEY_1", "qps_limit": 1},
+                                  {"id": "openai-main-2", "api_key": "env:OPENAI_KEY_2", "qps_limit": 1}]}}
 
 
 async def test_seed_provider_key_pools_form_rotates_the_keys_by_id(fake, start, clock):
-    client, _ = await start(env=SEED_ENV, auth="{type: bearer_env, env_var: UP_KEY}", top=SEED_POOLS)
+    client, _ = await start(env=SEED_ENV, auth=bearer_env("UP_KEY"), pools=SEED_POOLS)
     events = recorded(client)
     assert pool(client).states() == {"openai-main-1": "healthy", "openai-main-2": "healthy"}
     for _ in range(3):
@@ -327,20 +311,9 @@ async def test_seed_provider_key_pools_form_rotates_the_keys_by_id(fake, start, 
 
 
 async def test_a_pool_keyed_by_target_name_wins_over_the_providers(fake, gateway, clock):
-    pools = SEED_POOLS + """
-  up:
-    keys:
-      - {id: up-a, api_key: "env:UP_A"}
-      - {id: up-b, api_key: "env:UP_B"}
-"""
-    other = f"""
-  other:
-    base_url: {fake.url}/v1
-    provider: openai
-    models: ["o-*"]
-"""
+    pools = {**SEED_POOLS, "up": {"keys": [{"id": "up-a", "api_key": "env:UP_A"}, {"id": "up-b", "api_key": "env:UP_B"}]}}
     env = {**SEED_ENV, "UP_A": "sk-up-a-cccc", "UP_B": "sk-up-b-dddd"}
-    client, _ = await gateway(config(fake.url, up_extra=other, top=pools), env=env, clock=clock,
+    client, _ = await gateway(config(fake.url, pools=pools).up("other", models=["o-*"]), env=env, clock=clock,
                               store=MemoryStore(clock=clock.time))
     for _ in range(2):
         assert (await ask(client)).status == 200
@@ -354,7 +327,7 @@ async def test_a_pool_keyed_by_target_name_wins_over_the_providers(fake, gateway
 
 # ---------------------------------------------------------------- qps_per_key
 
-QPS_POOL = "{type: bearer_env, env_vars: [K1, K2], qps_per_key: 1}"
+QPS_POOL = {"type": "bearer_env", "env_vars": ["K1", "K2"], "qps_per_key": 1}
 
 
 async def test_qps_per_key_waits_when_every_key_is_at_its_limit(fake, start, clock):
@@ -367,7 +340,7 @@ async def test_qps_per_key_waits_when_every_key_is_at_its_limit(fake, start, clo
 
 
 async def test_qps_per_key_without_retries_answers_429_with_retry_after(fake, start, clock):
-    client, _ = await start(auth=QPS_POOL, up_extra='    retry_matrix: {"429": {attempts: 0}}')
+    client, _ = await start(auth=QPS_POOL, retry_matrix={"429": {"attempts": 0}})
     assert (await ask(client)).status == 200
     assert (await ask(client)).status == 200
     resp = await ask(client)

@@ -17,6 +17,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from tests.support.config import GatewayConfig
+
 ANSWER = msgspec.json.encode({
     "id": "x", "object": "chat.completion", "model": "gpt-4o-mini",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
@@ -39,18 +41,12 @@ async def upstream(aiohttp_server):
     return str(server.make_url("")).rstrip("/"), seen
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: up, max_body_mb: 12}}
-tenants:
-  - {{name: acme, api_key: acme-key-123456, budget: {{daily_usd: 1000}}}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    cache: {{ttl_s: 60}}
-    llm: {{max_tokens: 500, soft_cost_cap_usd: 50, hard_cost_cap_usd: 100}}
-"""
+def config(url: str) -> GatewayConfig:
+    """12 MB bodies; tenant ``acme`` with a roomy budget; ``up`` cached, with caps and max_tokens."""
+    cfg = GatewayConfig(url, default_target="up", max_body_mb=12)
+    cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": 1000})
+    return cfg.up(models=None, cache={"ttl_s": 60},
+                  llm={"max_tokens": 500, "soft_cost_cap_usd": 50, "hard_cost_cap_usd": 100})
 
 
 @pytest.mark.parametrize("where", ["nested", "top-level"])

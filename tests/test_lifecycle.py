@@ -1,7 +1,7 @@
 """Lifecycle of a running gateway process (SPEC §1): SIGTERM drain and grace period, SIGHUP reload, workers.
 
-Each test starts ``python -m gateway`` through the harness in tests/cli_harness.py; streams go
-to the in-process fake upstream (tests/fakes.py), worker processes are inspected through /proc.
+Each test starts ``python -m gateway`` through the harness in tests/support/cli_harness.py; streams go
+to the in-process fake upstream (tests/support/fakes.py), worker processes are inspected through /proc.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cli_harness import (
+from tests.support.cli_harness import (
     CLI,
     INVALID_YAML,
     STARTUP_S,
@@ -26,7 +26,8 @@ from tests.cli_harness import (
     get_json,
     refuses,
 )
-from tests.fakes import FakeUpstream
+from tests.support.config import GatewayConfig
+from tests.support.fakes import FakeUpstream
 
 
 def child_pids(pid: int) -> set[int]:
@@ -77,11 +78,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 def start_behind_fake(cli: CLI, fake: FakeUpstream, grace_s: float) -> Gateway:
     """A gateway whose default target ``up`` is the in-process fake upstream."""
     port = free_port()
-    cli.write("up.yaml", f"""\
-server: {{port: {port}, default_target: up, shutdown_grace_s: {grace_s}}}
-targets:
-  up: {{base_url: "{fake.url}/v1", provider: openai}}
-""")
+    cli.write("up.yaml", GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=grace_s).up(models=None))
     return cli.start("--config", "up.yaml", port=port)
 
 
@@ -203,12 +200,8 @@ async def test_sighup_reloads_config_and_rejects_a_bad_one(cli: CLI, fake: FakeU
     assert get_json(port, "/readyz")[1]["targets"] == ["up"]
 
     # a valid new config: a second target appears without a restart
-    cli.write("up.yaml", f"""\
-server: {{port: {port}, default_target: up, shutdown_grace_s: 1}}
-targets:
-  up: {{base_url: "{fake.url}/v1", provider: openai}}
-  two: {{base_url: "{fake.url}/api"}}
-""")
+    cfg = GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=1).up(models=None).rest("two")
+    cli.write("up.yaml", cfg)
     gw.proc.send_signal(signal.SIGHUP)
     await asyncio.to_thread(wait_for, lambda: get_json(port, "/readyz")[1]["targets"] == ["two", "up"], 10,
                             "the reloaded targets")

@@ -8,17 +8,14 @@ import logging
 import pytest
 from aiohttp import web
 
+from tests.support.config import GatewayConfig
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": "claude-3-5-haiku-latest", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up: {{base_url: "{url}/v1", provider: openai, models: ["gpt-*"]}}
-  claude: {{base_url: "{url}", provider: anthropic, models: ["claude-*"]}}
-"""
+def config(url: str) -> GatewayConfig:
+    return GatewayConfig(url, default_target="up").up().claude()
 
 
 @pytest.mark.parametrize(("change", "param"), [
@@ -66,7 +63,7 @@ async def test_a_provider_answer_that_is_not_json_is_a_502(aiohttp_server, gatew
 
 
 async def test_a_priced_complete_answer_says_what_it_cost(fake, gateway):
-    capped = config(fake.url).replace('models: ["gpt-*"]}', 'models: ["gpt-*"], llm: {hard_cost_cap_usd: 1}}')
+    capped = config(fake.url).up(llm={"hard_cost_cap_usd": 1})
     client, logs = await gateway(capped)
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert float(resp.headers["X-ReliAPI-Cost-USD"]) == pytest.approx((5 * 0.15 + 4 * 0.60) / 1e6)
@@ -86,7 +83,7 @@ async def test_a_priced_complete_answer_says_what_it_cost(fake, gateway):
     ("/v1/chat/completions", b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x", "tool_calls": 1}]}'),
 ])
 async def test_odd_shapes_are_never_a_500(fake, gateway, path, raw):
-    capped = config(fake.url).replace('models: ["gpt-*"]}', 'models: ["gpt-*"], llm: {hard_cost_cap_usd: 1}}')
+    capped = config(fake.url).up(llm={"hard_cost_cap_usd": 1})
     client, _ = await gateway(capped)
     resp = await client.post(path, data=raw, headers={"Content-Type": "application/json"})
     assert resp.status < 500, await resp.text()

@@ -13,8 +13,8 @@ import re
 import pytest
 
 from gateway.flow import build
-from tests.circuits import NO_RETRY
-from tests.fakes import Fault
+from tests.support.config import NO_RETRY, GatewayConfig
+from tests.support.fakes import Fault
 
 # SPEC §7, in its order
 FIELDS = (
@@ -25,36 +25,16 @@ FIELDS = (
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-def config(url: str, down: str = "http://127.0.0.1:9") -> str:
+def config(url: str, down: str = "http://127.0.0.1:9") -> GatewayConfig:
     """``up`` (retries a 5xx once, idempotency), ``cached``, ``flaky`` → ``backup``, plain-HTTP ``rest``,
     ``gone`` (nothing listens: connection refused)."""
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    retry_matrix: {{"5xx": {{attempts: 1}}, "429": {{attempts: 0}}, "net": {{attempts: 0}}, "timeout": {{attempts: 0}}}}
-  cached:
-    base_url: {url}/v1
-    provider: openai
-    cache: {{ttl_s: 60}}
-  flaky:
-    base_url: {url}/v1
-    provider: openai
-    retry_matrix: {NO_RETRY}
-    fallback_targets: [backup]
-  backup:
-    base_url: {url}/v1
-    provider: openai
-  rest:
-    base_url: {url}/api
-  gone:
-    base_url: {down}/v1
-    provider: openai
-    retry_matrix: {NO_RETRY}
-"""
+    cfg = GatewayConfig(url, default_target="up")
+    cfg.up(retry_matrix={"5xx": {"attempts": 1}, "429": {"attempts": 0}, "net": {"attempts": 0},
+                         "timeout": {"attempts": 0}})
+    cfg.up("cached", models=None, cache={"ttl_s": 60})
+    cfg.up("flaky", models=None, retry_matrix=NO_RETRY, fallback_targets=["backup"])
+    cfg.up("backup", models=None).rest()
+    return cfg.target("gone", f"{down}/v1", provider="openai", retry_matrix=NO_RETRY)
 
 
 def chat(text: str = "hi", **extra) -> dict:

@@ -15,13 +15,13 @@ import re
 
 import pytest
 
-from gateway.config import parse_config
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
-from tests.circuits import NO_RETRY, eventually
-from tests.fakes import Fault
-from tests.metrics_spec import SPEC_SERIES
+from tests.support.circuits import eventually
+from tests.support.config import NO_RETRY, GatewayConfig, bearer_env
+from tests.support.fakes import Fault
+from tests.support.metrics_spec import SPEC_SERIES
 
 # SPEC §8: "Redis down: cache and usage degrade to pass-through (logged, metric, …)" — the metric.
 EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"}}
@@ -80,48 +80,25 @@ def count(m: dict, name: str) -> dict[Labels, float]:
 ACME, TIGHT, BROKE = "acme-tenant-key-0001", "tight-tenant-key-0002", "broke-tenant-key-0003"
 ENV = {"ACME_KEY": ACME, "TIGHT_KEY": TIGHT, "BROKE_KEY": BROKE, "UP_KEY": "sk-up-metrics-key",
        "K1": "sk-pool-one-1111", "K2": "sk-pool-two-2222"}
-RETRY_5XX_ONCE = '{"429": {attempts: 0}, "5xx": {attempts: 1, base_s: 0.5}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
+RETRY_5XX_ONCE = {"429": {"attempts": 0}, "5xx": {"attempts": 1, "base_s": 0.5}, "net": {"attempts": 0},
+                  "timeout": {"attempts": 0}}
 
 
-def config(url: str, down: str) -> str:
+def config(url: str, down: str) -> GatewayConfig:
     """``up`` (retry once on 5xx, soft and hard caps), ``cached``, ``flaky`` (its own fake, circuit
     opens after 2 failures, falls back to ``backup``), ``pooled`` (two keys), plain-HTTP ``rest``;
     tenants ``acme`` (no limits), ``tight`` (1 request a minute), ``broke`` (a budget already spent)."""
-    return f"""
-server: {{default_target: up}}
-tenants:
-  - {{name: acme, api_key_env: ACME_KEY}}
-  - {{name: tight, api_key_env: TIGHT_KEY, rate_limit: {{rpm: 1}}}}
-  - {{name: broke, api_key_env: BROKE_KEY, budget: {{daily_usd: 0.0000001}}}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    auth: {{type: bearer_env, env_var: UP_KEY}}
-    retry_matrix: {RETRY_5XX_ONCE}
-    llm: {{soft_cost_cap_usd: 0.001, hard_cost_cap_usd: 0.01}}
-  cached:
-    base_url: {url}/v1
-    provider: openai
-    cache: {{ttl_s: 60}}
-  flaky:
-    base_url: {down}/v1
-    provider: openai
-    retry_matrix: {NO_RETRY}
-    circuit: {{error_threshold: 2, cooldown_s: 30}}
-    fallback_targets: [backup]
-  backup:
-    base_url: {url}/v1
-    provider: openai
-  pooled:
-    base_url: {url}/v1
-    provider: openai
-    retry_matrix: {NO_RETRY}
-    auth: {{type: bearer_env, env_vars: [K1, K2]}}
-  rest:
-    base_url: {url}/api
-"""
+    cfg = GatewayConfig(url, default_target="up")
+    cfg.tenant("acme", api_key_env="ACME_KEY").tenant("tight", api_key_env="TIGHT_KEY", rate_limit={"rpm": 1})
+    cfg.tenant("broke", api_key_env="BROKE_KEY", budget={"daily_usd": 0.0000001})
+    cfg.up(auth=bearer_env("UP_KEY"), retry_matrix=RETRY_5XX_ONCE,
+           llm={"soft_cost_cap_usd": 0.001, "hard_cost_cap_usd": 0.01})
+    cfg.up("cached", models=None, cache={"ttl_s": 60})
+    cfg.target("flaky", f"{down}/v1", provider="openai", retry_matrix=NO_RETRY,
+               circuit={"error_threshold": 2, "cooldown_s": 30}, fallback_targets=["backup"])
+    cfg.up("backup", models=None)
+    cfg.up("pooled", models=None, retry_matrix=NO_RETRY, auth={"type": "bearer_env", "env_vars": ["K1", "K2"]})
+    return cfg.rest()
 
 
 def chat(text: str = "hi", **extra) -> dict:
@@ -285,8 +262,8 @@ async def test_gauges_after_the_script(toured):
 
 
 async def test_a_half_open_circuit_shows_2(fake, gateway, clock):
-    from tests.circuits import config as circuit_config
-    from tests.circuits import open_circuit
+    from tests.support.circuits import config as circuit_config
+    from tests.support.circuits import open_circuit
 
     client, _ = await gateway(circuit_config(fake.url), clock=clock)
     await open_circuit(client, fake)
@@ -308,7 +285,7 @@ async def test_a_half_open_circuit_shows_2(fake, gateway, clock):
 
 
 async def test_a_stream_in_flight_is_counted_until_the_client_leaves(fake, gateway, clock):
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
     fake.plan(Fault(chunks=5, stall_after=2))
@@ -327,7 +304,7 @@ async def test_a_stream_in_flight_is_counted_until_the_client_leaves(fake, gatew
 
 async def test_a_label_value_a_client_chose_cannot_break_the_exposition(fake, gateway, clock):
     """The model label comes from the request body: quotes, backslashes and newlines are escaped."""
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
     model = 'gpt-x"} 99\nreliapi_forged_total 1 \\'
@@ -342,18 +319,13 @@ async def test_a_label_value_a_client_chose_cannot_break_the_exposition(fake, ga
 
 async def test_counters_survive_a_reload_and_a_removed_targets_gauges_go(fake, gateway, clock):
     # no grace: the old runtime closes its connection pools at once (see RuntimeSlot.close)
-    first = config(fake.url, fake.url).replace("default_target: up}", "default_target: up, shutdown_grace_s: 0}")
+    first = config(fake.url, fake.url).server(shutdown_grace_s=0)
     client, _ = await gateway(first, env=ENV, clock=clock)
     await post(client, chat(), as_(ACME), 200)
     before = await scrape(client)
     assert L(target="pooled", state="active") in before["reliapi_key_pool_keys"]
-    only_up = f"""
-server: {{default_target: up}}
-tenants: [{{name: acme, api_key_env: ACME_KEY}}]
-targets:
-  up: {{base_url: "{fake.url}/v1", provider: openai, models: ["gpt-*"]}}
-"""
-    await client.app[RUNTIME].reload(parse_config(only_up, env=ENV))
+    only_up = GatewayConfig(fake.url, default_target="up").tenant("acme", api_key_env="ACME_KEY").up()
+    await client.app[RUNTIME].reload(only_up.load(env=ENV))
     await post(client, chat(), as_(ACME), 200)
     m = await scrape(client)
     assert m["reliapi_requests_total"] == {L(target="up", kind="llm", route="v1", status="200", tenant="acme"): 2}
@@ -364,7 +336,7 @@ targets:
 
 async def test_a_fresh_gateway_shows_only_its_targets_gauges(fake, gateway):
     """Every app has its own registry: nothing from the other tests' gateways leaks in."""
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     client, _ = await gateway(llm_config(fake.url))
     m = await scrape(client)
@@ -396,9 +368,9 @@ async def test_a_failing_store_is_counted_per_policy(fake, gateway, clock):
 
 async def test_a_stream_through_the_cache_keeps_its_time_to_first_token(fake, gateway, clock):
     """A cached target's stream is relayed through a recording (single flight): its TTFT is still measured."""
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
-    cfg = llm_config(fake.url).replace("    models:", "    cache: {ttl_s: 60}\n    models:", 1)
+    cfg = llm_config(fake.url).up(cache={"ttl_s": 60})
     client, logs = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
     resp = await client.post("/v1/chat/completions", json=chat(stream=True))
     assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
@@ -411,7 +383,7 @@ async def test_a_stream_through_the_cache_keeps_its_time_to_first_token(fake, ga
 async def test_model_label_values_are_bounded(fake, gateway, clock, monkeypatch):
     """Clients choose the model name: past a bound, new names are counted under one label value."""
     from gateway.observe import counters as observe
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
     monkeypatch.setattr(observe, "MAX_MODELS", 2)
     client, _ = await gateway(llm_config(fake.url), env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
@@ -446,9 +418,9 @@ def test_a_targets_error_rate_counts_its_failures_not_the_gateways_refusals():
 
 
 async def test_duplicates_that_join_a_failing_request_are_counted_as_coalesced(fake, gateway, clock):
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
-    cfg = llm_config(fake.url).replace('models: ["gpt-*"]', f'models: ["gpt-*"]\n    retry_matrix: {NO_RETRY}', 1)
+    cfg = llm_config(fake.url).up(retry_matrix=NO_RETRY)
     client, _ = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
     fake.plan(Fault(reset=True, delay_ms=200))  # the one request that runs fails (not retried); duplicates share it
     keyed = {"Idempotency-Key": "fails-once"}
@@ -458,9 +430,9 @@ async def test_duplicates_that_join_a_failing_request_are_counted_as_coalesced(f
 
 
 async def test_a_replayed_or_cached_answer_does_not_repeat_its_cost(fake, gateway, clock):
-    from tests.conftest import llm_config
+    from tests.support.config import llm_config
 
-    cfg = llm_config(fake.url).replace("    models:", "    cache: {ttl_s: 60}\n    models:", 1)
+    cfg = llm_config(fake.url).up(cache={"ttl_s": 60})
     client, logs = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
     first = await client.post("/v1/chat/completions", json=chat("priced"))
     assert float(first.headers["X-ReliAPI-Cost-USD"]) == pytest.approx(logs[-1]["cost_usd"])
@@ -475,12 +447,7 @@ async def test_a_replayed_or_cached_answer_does_not_repeat_its_cost(fake, gatewa
 
 async def test_an_attempt_that_never_got_an_answer_is_timed_too(fake, gateway, clock):
     """upstream_duration_seconds counts every attempt: a refused connection (or a timeout) as well."""
-    cfg = f"""
-targets:
-  gone:
-    base_url: http://127.0.0.1:9/api
-    retry_matrix: {NO_RETRY}
-"""
+    cfg = GatewayConfig().target("gone", "http://127.0.0.1:9/api", retry_matrix=NO_RETRY)
     client, _ = await gateway(cfg, clock=clock)
     resp = await client.get("/t/gone/things")
     assert resp.status == 502

@@ -1,6 +1,6 @@
 """Two real gateway processes on one real Redis (issue #4 §5), and Redis stopped mid-run (SPEC §8).
 
-Each gateway is ``python -m gateway`` in its own process (tests/cli_harness.py), in front of
+Each gateway is ``python -m gateway`` in its own process (tests/support/cli_harness.py), in front of
 the in-process fake upstream; the test talks to them over HTTP like any client would.
 The shared-state tests use the machine's Redis under a fresh key prefix; the fault test
 starts a private ``redis-server`` on a free port so it can stop and restart it without
@@ -16,35 +16,22 @@ import aiohttp
 import pytest
 
 from gateway.store.redis import RedisStore
-from tests.cli_harness import CLI, Gateway, assert_no_traceback, free_port
-from tests.fakes import FakeUpstream, Fault
-from tests.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
+from tests.support.cli_harness import CLI, Gateway, assert_no_traceback, free_port
+from tests.support.config import NO_AUTH, GatewayConfig
+from tests.support.fakes import FakeUpstream, Fault
+from tests.support.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
 
 TENANT = {"Authorization": "Bearer acme-key-123456"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 
 
-def config(fake_url: str, store_url: str, prefix: str, *, extra_store: str = "") -> str:
-    return f"""
-server: {{default_target: up}}
-store: {{url: "{store_url}", key_prefix: "{prefix}"{extra_store}}}
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-    rate_limit: {{rpm: 600, burst: 5}}
-targets:
-  up:
-    base_url: {fake_url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    auth: {{type: none}}
-    cache: {{ttl_s: 60}}
-    idempotency: {{wait_s: 10}}
-  rest:
-    base_url: {fake_url}/api
-    auth: {{type: none}}
-    cache: {{ttl_s: 60}}
-"""
+def config(fake_url: str, store_url: str, prefix: str, **store: object) -> GatewayConfig:
+    """Shared state in ``store_url`` under ``prefix`` (``store``: more ``store:`` fields); tenant ``acme``
+    with a rate limit; ``up`` (cached, idempotency waits 10 s) and ``rest`` (cached)."""
+    cfg = GatewayConfig(fake_url, default_target="up").store(url=store_url, key_prefix=prefix, **store)
+    cfg.tenant("acme", api_key="acme-key-123456", rate_limit={"rpm": 600, "burst": 5})
+    cfg.up(auth=NO_AUTH, cache={"ttl_s": 60}, idempotency={"wait_s": 10})
+    return cfg.rest(auth=NO_AUTH, cache={"ttl_s": 60})
 
 
 async def cache_entries(store_url: str, prefix: str, *, at_least: int, timeout_s: float = 5.0) -> None:
@@ -66,8 +53,8 @@ async def cache_entries(store_url: str, prefix: str, *, at_least: int, timeout_s
         await store.close()
 
 
-async def start(cli: CLI, name: str, text: str) -> Gateway:
-    cli.write(name, text)
+async def start(cli: CLI, name: str, config: GatewayConfig) -> Gateway:
+    cli.write(name, config)
     port = free_port()
     gw = cli.start("--config", name, "--port", str(port), port=port)
     await asyncio.to_thread(gw.wait_healthy)
@@ -93,8 +80,8 @@ async def redis_prefix():
 
 
 async def test_a_rate_limit_is_global_across_two_instances(cli, fake: FakeUpstream, http, redis_prefix):
-    text = config(fake.url, REDIS_URL, redis_prefix)
-    one, two = await start(cli, "one.yaml", text), await start(cli, "two.yaml", text)
+    cfg = config(fake.url, REDIS_URL, redis_prefix)
+    one, two = await start(cli, "one.yaml", cfg), await start(cli, "two.yaml", cfg)
     statuses = []
     for gw in (one, two, one, two, one, two):  # burst 5 shared: the sixth is refused, on whichever instance
         async with http.get(url(gw, "/t/rest/ping"), headers={**TENANT, "Cache-Control": "no-store"}) as resp:
@@ -106,8 +93,8 @@ async def test_a_rate_limit_is_global_across_two_instances(cli, fake: FakeUpstre
 
 
 async def test_ten_duplicates_across_two_instances_make_one_upstream_call(cli, fake: FakeUpstream, http, redis_prefix):
-    text = config(fake.url, REDIS_URL, redis_prefix).replace("burst: 5", "burst: 100")
-    one, two = await start(cli, "one.yaml", text), await start(cli, "two.yaml", text)
+    cfg = config(fake.url, REDIS_URL, redis_prefix).tenant("acme", rate_limit={"rpm": 600, "burst": 100})
+    one, two = await start(cli, "one.yaml", cfg), await start(cli, "two.yaml", cfg)
     fake.plan(Fault(delay_ms=400))
     headers = {**TENANT, "Idempotency-Key": "order-42", "Cache-Control": "no-store"}
 
@@ -124,8 +111,8 @@ async def test_ten_duplicates_across_two_instances_make_one_upstream_call(cli, f
 
 
 async def test_a_stream_duplicated_on_another_instance_receives_the_same_bytes(cli, fake, http, redis_prefix):
-    text = config(fake.url, REDIS_URL, redis_prefix)
-    one, two = await start(cli, "one.yaml", text), await start(cli, "two.yaml", text)
+    cfg = config(fake.url, REDIS_URL, redis_prefix)
+    one, two = await start(cli, "one.yaml", cfg), await start(cli, "two.yaml", cfg)
     fake.plan(Fault(chunks=6, interval_ms=80))
     headers = {**TENANT, "Idempotency-Key": "stream-7", "Cache-Control": "no-store"}
     body = {**CHAT, "stream": True}
@@ -142,8 +129,8 @@ async def test_a_stream_duplicated_on_another_instance_receives_the_same_bytes(c
 
 
 async def test_a_cache_entry_written_by_one_instance_is_a_hit_on_the_other(cli, fake, http, redis_prefix):
-    text = config(fake.url, REDIS_URL, redis_prefix)
-    one, two = await start(cli, "one.yaml", text), await start(cli, "two.yaml", text)
+    cfg = config(fake.url, REDIS_URL, redis_prefix)
+    one, two = await start(cli, "one.yaml", cfg), await start(cli, "two.yaml", cfg)
     async with http.get(url(one, "/t/rest/users/1"), headers=TENANT) as resp:
         assert resp.status == 200 and resp.headers["X-Cache"] == "MISS"
         written = await resp.read()
@@ -176,7 +163,7 @@ async def test_redis_down_degrades_as_specified_and_everything_recovers(cli, fak
     prefix = new_prefix()
     strict = await start(cli, "strict.yaml", config(fake.url, private_redis.url, prefix))  # defaults: fail closed, local limits
     lenient = await start(cli, "lenient.yaml", config(
-        fake.url, private_redis.url, prefix, extra_store=", fail_open: true, rate_limit_on_error: deny"))
+        fake.url, private_redis.url, prefix, fail_open=True, rate_limit_on_error="deny"))
 
     async def get(gw: Gateway, path: str, **kw) -> tuple[int, dict, dict]:
         async with http.get(url(gw, path), **kw) as resp:
@@ -212,8 +199,7 @@ async def test_redis_down_degrades_as_specified_and_everything_recovers(cli, fak
     # store.fail_open: the keyed request runs; rate_limit_on_error: deny refuses limited requests
     status, _, body = await post(lenient, "during")
     assert status == 503 and body["error"]["code"] == "store_unavailable" and "rate limit" in body["error"]["message"]
-    lenient_no_limit = config(fake.url, private_redis.url, prefix, extra_store=", fail_open: true").replace(
-        "    rate_limit: {rpm: 600, burst: 5}\n", "")
+    lenient_no_limit = config(fake.url, private_redis.url, prefix, fail_open=True).tenant("acme", rate_limit=None)
     open_gw = await start(cli, "open.yaml", lenient_no_limit)
     assert (await post(open_gw, "during"))[0] == 200
     assert (await get(open_gw, "/readyz"))[0] == 503

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fakes import Fault
-from tests.metrics_spec import SPEC_SERIES
+from tests.support.fakes import Fault
+from tests.support.metrics_spec import SPEC_SERIES
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "config" / "grafana-dashboard.json"

@@ -7,7 +7,8 @@ import base64
 import msgspec
 import pytest
 
-from tests.conftest import llm_config, raw_http
+from tests.support.config import llm_config
+from tests.support.gateway import raw_http
 
 ENV = {"UP_KEY": "sk-upstream-openai-123456", "CLAUDE_KEY": "sk-ant-upstream-654321"}
 
@@ -143,7 +144,7 @@ async def test_routing_by_header_model_and_default(fake, gateway):
 
 
 async def test_no_route_for_model_without_default(fake, gateway):
-    client, _ = await gateway(llm_config(fake.url, server="port: 0"), env=ENV)
+    client, _ = await gateway(llm_config(fake.url, default_target=None, port=0), env=ENV)
     resp = await client.post("/v1/chat/completions", json={"model": "llama-3", "messages": []})
     assert resp.status == 404
     body = await resp.json()
@@ -182,7 +183,7 @@ async def test_malformed_json_on_llm_path_is_400_naming_the_problem(gw, fake):
 
 
 async def test_body_over_limit_is_413(fake, gateway):
-    client, _ = await gateway(llm_config(fake.url, server="default_target: up, max_body_mb: 0.001"), env=ENV)
+    client, _ = await gateway(llm_config(fake.url, max_body_mb=0.001), env=ENV)
     resp = await client.post("/t/rest/upload", data=b"x" * 5000)
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "payload_too_large"

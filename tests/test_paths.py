@@ -7,7 +7,8 @@ import pytest
 
 from gateway.errors import InvalidRequest
 from gateway.upstream.paths import UpstreamBase, validate_path, validate_query
-from tests.conftest import llm_config, raw_http
+from tests.support.config import llm_config
+from tests.support.gateway import raw_http
 
 BAD_PATHS = [
     "//evil.example/x",

@@ -8,7 +8,7 @@ from multidict import CIMultiDict
 from gateway.errors import RateLimited
 from gateway.flow import build, chain
 from gateway.flow.exchange import Reply
-from tests.conftest import llm_config
+from tests.support.config import llm_config
 
 
 async def test_compose_runs_policies_outermost_first():
@@ -86,5 +86,5 @@ async def test_every_request_policy_is_built_once_per_config(fake, gateway, monk
         real = module.policy
         monkeypatch.setattr(module, "policy", lambda ctx, _real=real, _name=module.__name__: (
             built.append(_name), _real(ctx))[1])
-    await gateway(llm_config(fake.url).replace("  rest:\n", "  rest:\n    cache: {ttl_s: 60}\n", 1))
+    await gateway(llm_config(fake.url).rest(cache={"ttl_s": 60}))
     assert sorted(built) == ["policies.cache", "policies.idempotency", "policies.rate_limit", "policies.usage"]

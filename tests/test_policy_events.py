@@ -8,22 +8,16 @@ from gateway.keys import RUNTIME
 from gateway.observe.events import CacheHit, CacheMiss, Coalesced, IdempotentReplay, RateLimitRefused, StoreDegraded
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
-from tests.fakes import Fault
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 KEY = {"Authorization": "Bearer acme-key-123456"}
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: up}}
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-    rate_limit: {{rpm: 60, burst: 6}}
-targets:
-  up: {{base_url: "{url}/v1", provider: openai, models: ["gpt-*"], cache: {{ttl_s: 60}}}}
-"""
+def config(url: str) -> GatewayConfig:
+    cfg = GatewayConfig(url, default_target="up").tenant("acme", api_key="acme-key-123456", rate_limit={"rpm": 60, "burst": 6})
+    return cfg.up(cache={"ttl_s": 60})
 
 
 def recorder(client) -> list:

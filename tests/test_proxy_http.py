@@ -8,20 +8,16 @@ import asyncio
 import pytest
 
 from gateway.keys import RUNTIME
-from tests.fakes import Fault
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 
-def config(url: str) -> str:
-    return f"""
-tenants:
-  - {{name: acme, api_key: acme-key-0001}}
-targets:
-  my_api:
-    base_url: {url}/api
-    auth: {{type: bearer_static, token: sk-upstream-123}}
-    cache: {{ttl_s: 60}}
-    retry_matrix: {{"5xx": {{attempts: 1, base_s: 0}}}}
-"""
+def config(url: str, cfg: GatewayConfig | None = None) -> GatewayConfig:
+    """Tenant ``acme``; ``my_api`` (plain HTTP, a static upstream token, cached, one 5xx retry) — after
+    the targets of ``cfg`` when given."""
+    cfg = (cfg or GatewayConfig(url)).tenant("acme", api_key="acme-key-0001")
+    return cfg.target("my_api", f"{url}/api", auth={"type": "bearer_static", "token": "sk-upstream-123"},
+                      cache={"ttl_s": 60}, retry_matrix={"5xx": {"attempts": 1, "base_s": 0}})
 
 
 KEY = {"X-API-Key": "acme-key-0001"}
@@ -154,11 +150,7 @@ async def test_utf8_text_in_a_header_value_is_relayed_as_utf8(fake, gateway, val
 
 async def test_a_streamed_2xx_answer_is_carried_whole_in_the_envelope(fake, gateway):
     """An SSE (or any chunked) answer through /proxy/http: read to its end into data.body, never null."""
-    client, _ = await gateway(config(fake.url).replace("targets:\n", f"""targets:
-  llm:
-    base_url: {fake.url}/v1
-    provider: openai
-"""))
+    client, _ = await gateway(config(fake.url, GatewayConfig(fake.url).up("llm", models=None)))
     envelope = {"target": "llm", "method": "POST", "path": "chat/completions",
                 "body": {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}}
     resp = await client.post("/proxy/http", json=envelope, headers=KEY)

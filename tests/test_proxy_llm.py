@@ -6,23 +6,15 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from tests.fakes import Fault
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 
-def config(url: str) -> str:
-    return f"""
-targets:
-  openai:
-    base_url: {url}/v1
-    provider: openai
-    llm: {{default_model: gpt-4o-mini, soft_cost_cap_usd: 0.0001}}
-    cache: {{ttl_s: 60}}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    llm: {{default_model: claude-3-5-haiku-latest, max_tokens: 200}}
-  rest: {{base_url: "{url}/api"}}
-"""
+def config(url: str) -> GatewayConfig:
+    """``openai`` (cached, a tiny soft cap), ``claude`` (max_tokens 200), ``rest``; no default target."""
+    cfg = GatewayConfig(url).up("openai", models=None, cache={"ttl_s": 60},
+                                llm={"default_model": "gpt-4o-mini", "soft_cost_cap_usd": 0.0001})
+    return cfg.claude(models=None, llm={"default_model": "claude-3-5-haiku-latest", "max_tokens": 200}).rest()
 
 
 def sse(raw: bytes) -> list[tuple[str, dict]]:

@@ -6,7 +6,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.conftest import llm_config
+from tests.support.config import llm_config
 
 ENV = {"UP_KEY": "sk-upstream-openai-123456", "CLAUDE_KEY": "sk-ant-upstream-654321"}
 

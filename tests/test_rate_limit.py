@@ -26,11 +26,11 @@ from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
-from tests.clock import FakeClock
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.clock import FakeClock
+from tests.support.config import NO_RETRY, GatewayConfig, llm_config
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
-NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
 ENV = {"UP_KEY": "sk-up-secret", "CLAUDE_KEY": "sk-ant-secret"}
 KEY_A = "tenant-a-key-01"
 KEY_B = "tenant-b-key-02"
@@ -39,47 +39,23 @@ CLAUDE = {"model": "claude-test-1", "max_tokens": 10, "messages": [{"role": "use
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit-Policy", "RateLimit")
 
 
-def config(url: str, *, tenants: str = "", server: str = "default_target: up", store_yaml: str = "",
-           up_extra: str = "") -> str:
-    return f"""
-server: {{{server}}}
-{store_yaml}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    auth: {{type: bearer_env, env_var: UP_KEY}}
-    retry_matrix: {NO_RETRY}
-{up_extra}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    auth: {{type: header_env, header: x-api-key, env_var: CLAUDE_KEY}}
-    retry_matrix: {NO_RETRY}
-  rest:
-    base_url: {url}/api
-    retry_matrix: {NO_RETRY}
-{tenants}"""
+def config(url: str, *, tenants: list[dict] = (), store_fields: dict | None = None, up: dict | None = None,
+           **server: object) -> GatewayConfig:
+    """The usual ``up``/``claude``/``rest`` (upstream keys, ``rest`` without an auth block), no retries;
+    ``server`` fields beside ``default_target: up``, ``store_fields``, ``up`` fields, ``tenants``."""
+    cfg = llm_config(url, **server).rest(auth=None).each(retry_matrix=NO_RETRY).up(**(up or {}))
+    if store_fields:
+        cfg.store(**store_fields)
+    return cfg.tenants(*tenants)
 
 
-def tenants(a: str, b: str = "{rpm: 1000}") -> str:
+def tenants(a: dict, b: dict | None = None) -> list[dict]:
     """Tenant ``a`` with the rate limit under test, ``b`` with a roomy one."""
-    return f"""
-tenants:
-  - name: a
-    api_key: {KEY_A}
-    rate_limit: {a}
-  - name: b
-    api_key: {KEY_B}
-    rate_limit: {b}
-"""
+    return [{"name": "a", "api_key": KEY_A, "rate_limit": a},
+            {"name": "b", "api_key": KEY_B, "rate_limit": b or {"rpm": 1000}}]
 
 
-FREE = """  - name: free
-    api_key: free-key-00003
-"""  # a third tenant, without any limit
+FREE = {"name": "free", "api_key": "free-key-00003"}  # a third tenant, without any limit
 
 
 class StillClock(FakeClock):
@@ -102,9 +78,9 @@ def clock() -> StillClock:
 def start(fake, gateway, clock):
     """A gateway on a memory store running on the fake clock."""
 
-    async def make(*, store=None, **options):
+    async def make(*, store=None, cfg=None, **options):
         store = store if store is not None else MemoryStore(clock=clock.time)
-        return await gateway(config(fake.url, **options), env=ENV, clock=clock, store=store)
+        return await gateway(cfg or config(fake.url, **options), env=ENV, clock=clock, store=store)
 
     return make
 
@@ -184,7 +160,7 @@ def circuit_state(client, target: str = "up") -> str:
 async def test_gcra_burst_then_one_per_interval(fake, start, clock):
     """TC31: rpm 60 (one per second) with burst 5: five at t0 with remaining 4..0, the sixth
     429 with Retry-After 1; at t0+3 s one more is allowed with remaining 2."""
-    client, _ = await start(tenants=tenants("{rpm: 60, burst: 5}"))
+    client, _ = await start(tenants=tenants({"rpm": 60, "burst": 5}))
     seen = []
     for _ in range(5):
         status, headers, _ = await call(client, headers=auth())
@@ -212,7 +188,7 @@ async def test_gcra_burst_then_one_per_interval(fake, start, clock):
 
 
 async def test_rpm_without_burst_admits_a_minutes_worth_then_one_per_interval(fake, start, clock):
-    client, _ = await start(tenants=tenants("{rpm: 3}"))
+    client, _ = await start(tenants=tenants({"rpm": 3}))
     assert [remaining((await call(client, headers=auth()))[1]) for _ in range(3)] == [2, 1, 0]
     status, headers, _ = await call(client, headers=auth())
     assert status == 429 and headers["Retry-After"] == "20"  # one request per 20 s
@@ -226,7 +202,7 @@ async def test_rpm_without_burst_admits_a_minutes_worth_then_one_per_interval(fa
 
 @pytest.mark.parametrize("dialect", ["openai", "anthropic", "envelope"])
 async def test_429_rate_limited_in_the_clients_dialect(fake, start, clock, dialect):
-    client, logs = await start(tenants=tenants("{rpm: 1}"))
+    client, logs = await start(tenants=tenants({"rpm": 1}))
     assert (await call(client, dialect, auth()))[0] == 200
     status, headers, data = await call(client, dialect, auth())
     assert status == 429
@@ -255,8 +231,8 @@ async def test_429_rate_limited_in_the_clients_dialect(fake, start, clock, diale
 
 
 async def test_rate_limited_requests_never_reach_upstream_nor_count_toward_the_circuit(fake, start, clock):
-    client, _ = await start(tenants=tenants("{rpm: 1}"),
-                            up_extra="    circuit: {error_threshold: 1, cooldown_s: 600}")
+    client, _ = await start(tenants=tenants({"rpm": 1}),
+                            up={"circuit": {"error_threshold": 1, "cooldown_s": 600}})
     assert (await call(client, headers=auth()))[0] == 200
     for _ in range(10):
         assert (await call(client, headers=auth()))[0] == 429
@@ -279,7 +255,7 @@ async def test_rate_limited_requests_never_reach_upstream_nor_count_toward_the_c
 
 
 async def test_headers_on_allowed_responses(fake, start, clock):
-    client, _ = await start(tenants=tenants("{rpm: 3}"))
+    client, _ = await start(tenants=tenants({"rpm": 3}))
     status, headers, _ = await call(client, headers=auth())
     assert status == 200
     assert headers["X-RateLimit-Limit"] == "3" and headers["X-RateLimit-Remaining"] == "2"
@@ -299,7 +275,7 @@ async def test_headers_on_allowed_responses(fake, start, clock):
 
 
 async def test_headers_with_burst_and_tokens_name_both_policies(fake, start):
-    client, _ = await start(tenants=tenants("{rpm: 60, burst: 10, tpm: 100000}"))
+    client, _ = await start(tenants=tenants({"rpm": 60, "burst": 10, "tpm": 100000}))
     status, headers, _ = await call(client, headers=auth())
     assert status == 200
     assert policy_of(headers) == {
@@ -312,7 +288,7 @@ async def test_headers_with_burst_and_tokens_name_both_policies(fake, start):
 
 @pytest.mark.parametrize("dialect", ["openai", "anthropic", "envelope"])
 async def test_headers_on_429(fake, start, clock, dialect):
-    client, _ = await start(tenants=tenants("{rpm: 2}"))
+    client, _ = await start(tenants=tenants({"rpm": 2}))
     for _ in range(2):
         assert (await call(client, dialect, auth()))[0] == 200
     status, headers, _ = await call(client, dialect, auth())
@@ -325,7 +301,7 @@ async def test_headers_on_429(fake, start, clock, dialect):
 
 
 async def test_headers_on_upstream_errors(fake, start):
-    client, _ = await start(tenants=tenants("{rpm: 5}"))
+    client, _ = await start(tenants=tenants({"rpm": 5}))
     fake.plan(Fault(reset=True), Fault(status=500), Fault(status=400))
     status, headers, data = await call(client, headers=auth())
     assert status == 502 and data["error"]["code"] == "upstream_unavailable"
@@ -339,7 +315,7 @@ async def test_headers_on_upstream_errors(fake, start):
 
 
 async def test_no_rate_limit_headers_for_a_tenant_without_a_limit(fake, start):
-    client, _ = await start(tenants=tenants("{rpm: 1}") + FREE)
+    client, _ = await start(tenants=tenants({"rpm": 1}) + [FREE])
     for _ in range(3):
         status, headers, _ = await call(client, headers=auth("free-key-00003"))
         assert status == 200
@@ -350,7 +326,7 @@ async def test_no_rate_limit_headers_for_a_tenant_without_a_limit(fake, start):
 
 
 async def test_one_tenant_exhausted_another_unaffected(fake, start):
-    client, logs = await start(tenants=tenants("{rpm: 2}", "{rpm: 2}"))
+    client, logs = await start(tenants=tenants({"rpm": 2}, {"rpm": 2}))
     assert [(await call(client, headers=auth(KEY_A)))[0] for _ in range(3)] == [200, 200, 429]
     status, headers, _ = await call(client, headers=auth(KEY_B))
     assert status == 200 and remaining(headers) == 1  # b's own bucket, untouched by a
@@ -364,13 +340,7 @@ async def test_one_tenant_exhausted_another_unaffected(fake, start):
 
 
 async def test_seed_rate_limit_rpm_form(fake, start):
-    tenant = f"""
-tenants:
-  client-a:
-    api_key: {KEY_A}
-    rate_limit_rpm: 2
-"""
-    client, _ = await start(tenants=tenant)
+    client, _ = await start(cfg=config(fake.url).section("tenants", {"client-a": {"api_key": KEY_A, "rate_limit_rpm": 2}}))
     results = [await call(client, headers=auth()) for _ in range(3)]
     assert [r[0] for r in results] == [200, 200, 429]
     assert results[0][1]["RateLimit-Policy"] == '"default";q=2;w=60'
@@ -386,7 +356,7 @@ def tokens_estimate(body: dict) -> int:
 
 
 async def test_tpm_refuses_a_request_whose_tokens_do_not_fit(fake, start, clock):
-    client, _ = await start(tenants=tenants("{tpm: 1000}"))
+    client, _ = await start(tenants=tenants({"tpm": 1000}))
     big = {**CHAT, "max_tokens": 600}
     status, headers, _ = await call(client, headers=auth(), body=big)
     assert status == 200
@@ -411,7 +381,7 @@ async def test_tpm_refuses_a_request_whose_tokens_do_not_fit(fake, start, clock)
 
 
 async def test_tpm_a_request_larger_than_the_whole_limit_is_never_allowed(fake, start, clock):
-    client, _ = await start(tenants=tenants("{tpm: 1000}"))
+    client, _ = await start(tenants=tenants({"tpm": 1000}))
     huge = {**CHAT, "max_tokens": 5000}
     for dialect, body in (("openai", huge), ("anthropic", {**CLAUDE, "max_tokens": 5000})):
         status, headers, data = await call(client, dialect, auth(), body=body)
@@ -429,7 +399,7 @@ async def test_tpm_a_request_larger_than_the_whole_limit_is_never_allowed(fake, 
 
 
 async def test_tpm_does_not_apply_to_plain_http_targets(fake, start):
-    client, _ = await start(tenants=tenants("{tpm: 10}"))
+    client, _ = await start(tenants=tenants({"tpm": 10}))
     for _ in range(5):
         status, headers, _ = await call(client, "envelope", auth())
         assert status == 200
@@ -441,7 +411,7 @@ async def test_tpm_does_not_apply_to_plain_http_targets(fake, start):
 
 
 async def test_per_ip_limit_without_tenants(fake, start):
-    client, logs = await start(server="default_target: up, rate_limit_per_ip_rpm: 2")
+    client, logs = await start(rate_limit_per_ip_rpm=2)
     results = [await call(client) for _ in range(3)]
     assert [r[0] for r in results] == [200, 200, 429]
     assert [remaining(r[1]) for r in results] == [1, 0, 0]
@@ -454,12 +424,7 @@ async def test_per_ip_limit_without_tenants(fake, start):
 
 
 async def test_per_ip_limit_is_not_used_when_tenants_are_configured(fake, start):
-    tenant = f"""
-tenants:
-  - name: a
-    api_key: {KEY_A}
-"""
-    client, _ = await start(server="default_target: up, rate_limit_per_ip_rpm: 1", tenants=tenant)
+    client, _ = await start(rate_limit_per_ip_rpm=1, tenants=[{"name": "a", "api_key": KEY_A}])
     for _ in range(3):
         status, headers, _ = await call(client, headers=auth())
         assert status == 200 and "RateLimit" not in headers
@@ -474,7 +439,7 @@ async def test_without_any_limit_there_are_no_rate_limit_headers(fake, start):
 
 
 async def test_trust_forwarded_for_keys_on_the_last_hop(fake, start):
-    client, _ = await start(server="default_target: up, rate_limit_per_ip_rpm: 2, trust_forwarded_for: true")
+    client, _ = await start(rate_limit_per_ip_rpm=2, trust_forwarded_for=True)
     one = {"X-Forwarded-For": "198.51.100.7, 10.0.0.1"}
     two = {"X-Forwarded-For": "198.51.100.7, 10.0.0.2"}
     assert [(await call(client, headers=one))[0] for _ in range(3)] == [200, 200, 429]
@@ -487,7 +452,7 @@ async def test_trust_forwarded_for_keys_on_the_last_hop(fake, start):
 
 
 async def test_forwarded_for_is_ignored_unless_trusted(fake, start):
-    client, _ = await start(server="default_target: up, rate_limit_per_ip_rpm: 2")
+    client, _ = await start(rate_limit_per_ip_rpm=2)
     statuses = [(await call(client, headers={"X-Forwarded-For": f"10.0.0.{i}"}))[0] for i in range(3)]
     assert statuses == [200, 200, 429]  # all from the one peer, whatever they claim
     assert len(fake.requests) == 2
@@ -508,13 +473,13 @@ class TakeFails(MemoryStore):
         raise StoreError("connection refused (test)")
 
 
-def on_error(mode: str) -> str:
-    return f"store: {{rate_limit_on_error: {mode}}}"
+def on_error(mode: str) -> dict[str, str]:
+    return {"rate_limit_on_error": mode}
 
 
 async def test_store_down_local_keeps_limiting_from_memory(fake, start, clock):
     down = TakeFails(clock=clock.time)
-    client, _ = await start(tenants=tenants("{rpm: 2}"), store=down)  # local is the default
+    client, _ = await start(tenants=tenants({"rpm": 2}), store=down)  # local is the default
     results = [await call(client, headers=auth()) for _ in range(3)]
     assert [r[0] for r in results] == [200, 200, 429]
     assert [remaining(r[1]) for r in results] == [1, 0, 0]
@@ -525,14 +490,14 @@ async def test_store_down_local_keeps_limiting_from_memory(fake, start, clock):
 
 
 async def test_store_down_local_explicitly(fake, start, clock):
-    client, _ = await start(tenants=tenants("{rpm: 1}"), store=TakeFails(clock=clock.time),
-                            store_yaml=on_error("local"))
+    client, _ = await start(tenants=tenants({"rpm": 1}), store=TakeFails(clock=clock.time),
+                            store_fields=on_error("local"))
     assert [(await call(client, headers=auth()))[0] for _ in range(2)] == [200, 429]
 
 
 async def test_store_down_allow_lets_everything_through_without_headers(fake, start, clock):
     down = TakeFails(clock=clock.time)
-    client, _ = await start(tenants=tenants("{rpm: 1}"), store=down, store_yaml=on_error("allow"))
+    client, _ = await start(tenants=tenants({"rpm": 1}), store=down, store_fields=on_error("allow"))
     for _ in range(4):
         status, headers, _ = await call(client, headers=auth())
         assert status == 200
@@ -542,8 +507,8 @@ async def test_store_down_allow_lets_everything_through_without_headers(fake, st
 
 @pytest.mark.parametrize("dialect", ["openai", "anthropic", "envelope"])
 async def test_store_down_deny_answers_503_store_unavailable(fake, start, clock, dialect):
-    client, logs = await start(tenants=tenants("{rpm: 100}"), store=TakeFails(clock=clock.time),
-                               store_yaml=on_error("deny"))
+    client, logs = await start(tenants=tenants({"rpm": 100}), store=TakeFails(clock=clock.time),
+                               store_fields=on_error("deny"))
     status, headers, data = await call(client, dialect, auth())
     assert status == 503
     assert headers["Retry-After"] == "1"
@@ -558,7 +523,7 @@ async def test_store_down_deny_answers_503_store_unavailable(fake, start, clock,
 
 
 async def test_store_down_deny_spares_tenants_without_a_limit(fake, start, clock):
-    client, _ = await start(tenants=tenants("{rpm: 100}") + FREE, store=TakeFails(clock=clock.time), store_yaml=on_error("deny"))
+    client, _ = await start(tenants=tenants({"rpm": 100}) + [FREE], store=TakeFails(clock=clock.time), store_fields=on_error("deny"))
     assert (await call(client, headers=auth("free-key-00003")))[0] == 200
     assert (await call(client, headers=auth()))[0] == 503
 
@@ -571,7 +536,7 @@ async def test_store_down_deny_spares_tenants_without_a_limit(fake, start, clock
 async def test_store_modes_with_a_redis_that_is_not_there(fake, gateway, clock, mode, expected):
     """The same three modes when the store is a real RedisStore whose server refuses connections."""
     store = RedisStore("redis://127.0.0.1:1/0", key_prefix=new_prefix())
-    client, _ = await gateway(config(fake.url, tenants=tenants("{rpm: 2}"), store_yaml=on_error(mode)),
+    client, _ = await gateway(config(fake.url, tenants=tenants({"rpm": 2}), store_fields=on_error(mode)),
                               env=ENV, clock=clock, store=store)
     seen = []
     for _ in range(3):
@@ -585,8 +550,8 @@ async def test_a_local_limit_is_one_bucket_for_requests_with_and_without_an_idem
     """While the store is down each instance limits in memory — one bucket per tenant, whichever way its
     requests go (a keyed request took a chain of its own, with its own buckets: twice the rate)."""
     store = RedisStore("redis://127.0.0.1:1/0", key_prefix=new_prefix())
-    client, _ = await gateway(config(fake.url, tenants=tenants("{rpm: 2}"),
-                                     store_yaml="store: {rate_limit_on_error: local, fail_open: true}"),
+    client, _ = await gateway(config(fake.url, tenants=tenants({"rpm": 2}),
+                                     store_fields={"rate_limit_on_error": "local", "fail_open": True}),
                               env=ENV, clock=clock, store=store)
     keyed = [await call(client, headers={**auth(), "Idempotency-Key": f"k-{i}"}) for i in range(2)]
     assert [status for status, _, _ in keyed] == [200, 200]
@@ -598,7 +563,7 @@ async def test_a_local_limit_is_one_bucket_for_requests_with_and_without_an_idem
 
 async def test_two_gateways_on_one_memory_store_share_one_limit(fake, gateway, clock):
     store = MemoryStore(clock=clock.time)
-    cfg = config(fake.url, tenants=tenants("{rpm: 3}"))
+    cfg = config(fake.url, tenants=tenants({"rpm": 3}))
     a, _ = await gateway(cfg, env=ENV, clock=clock, store=store)
     b, _ = await gateway(cfg, env=ENV, clock=clock, store=store)
     seen = []
@@ -616,7 +581,7 @@ async def test_two_gateways_on_one_memory_store_share_one_limit(fake, gateway, c
 async def test_two_gateways_on_redis_share_one_limit(fake, gateway, clock):
     prefix = new_prefix()
     clients = []
-    cfg = config(fake.url, tenants=tenants("{rpm: 3}"))
+    cfg = config(fake.url, tenants=tenants({"rpm": 3}))
     try:
         for _ in range(2):  # two instances: each its own RedisStore (connection) on one Redis and prefix
             client, _ = await gateway(cfg, env=ENV, clock=clock, store=await redis_store(prefix))

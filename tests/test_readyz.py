@@ -10,19 +10,19 @@ import aiohttp
 
 from gateway.edge.probes import READY_STORE_TIMEOUT_S
 from gateway.store.memory import MemoryStore
-from tests.cli_harness import free_port
-from tests.stores import REDIS_URL, drop, new_prefix, redis_store
+from tests.support.cli_harness import free_port
+from tests.support.config import GatewayConfig
+from tests.support.stores import REDIS_URL, drop, new_prefix, redis_store
 
-CONFIG = """
-targets:
-  b: {base_url: "http://127.0.0.1:9/b"}
-  a: {base_url: "http://127.0.0.1:9/a"}
-"""
 PROBE = aiohttp.ClientTimeout(total=10 * READY_STORE_TIMEOUT_S + 5)  # far past the bound: a hang fails the test
 
 
-def with_store(url: str) -> str:
-    return f'store: {{url: "{url}", key_prefix: "{new_prefix()}"}}\n{CONFIG}'
+def config(store_url: str | None = None) -> GatewayConfig:
+    """Targets ``b`` and ``a`` (nothing listens there); with ``store_url``, a store under a fresh prefix."""
+    cfg = GatewayConfig()
+    if store_url:
+        cfg.store(url=store_url, key_prefix=new_prefix())
+    return cfg.target("b", "http://127.0.0.1:9/b").target("a", "http://127.0.0.1:9/a")
 
 
 async def readyz(client) -> tuple[int, dict]:
@@ -31,7 +31,7 @@ async def readyz(client) -> tuple[int, dict]:
 
 
 async def test_ready_with_the_memory_store_and_a_loaded_config(gateway):
-    client, _ = await gateway(CONFIG)
+    client, _ = await gateway(config())
     status, body = await readyz(client)
     assert status == 200
     assert body == {"status": "ready", "config": "loaded", "store": "memory", "targets": ["a", "b"]}
@@ -40,7 +40,7 @@ async def test_ready_with_the_memory_store_and_a_loaded_config(gateway):
 async def test_ready_with_a_redis_store_that_answers(gateway):
     store = await redis_store(new_prefix())  # skips (fails in CI) without Redis
     try:
-        client, _ = await gateway(with_store(REDIS_URL), store=store)
+        client, _ = await gateway(config(REDIS_URL), store=store)
         status, body = await readyz(client)
         assert status == 200 and body["store"] == "redis"
     finally:
@@ -49,7 +49,7 @@ async def test_ready_with_a_redis_store_that_answers(gateway):
 
 async def test_a_redis_store_nobody_listens_on_is_503_naming_the_store(gateway):
     port = free_port()  # nothing listens there: connections are refused
-    client, _ = await gateway(with_store(f"redis://:hunter2-password@127.0.0.1:{port}/0"))
+    client, _ = await gateway(config(f"redis://:hunter2-password@127.0.0.1:{port}/0"))
     status, body = await readyz(client)
     assert status == 503 and body["status"] == "not_ready"
     assert body["reason"].startswith("store unavailable") and f"127.0.0.1:{port}" in body["reason"]
@@ -66,7 +66,7 @@ async def test_a_redis_that_accepts_and_never_answers_is_503_not_a_hang(gateway)
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        client, _ = await gateway(with_store(f"redis://127.0.0.1:{port}/0"))
+        client, _ = await gateway(config(f"redis://127.0.0.1:{port}/0"))
         status, body = await readyz(client)
         assert status == 503 and f"127.0.0.1:{port}" in body["reason"], body
     finally:
@@ -85,7 +85,7 @@ class HangingStore(MemoryStore):
 
 async def test_a_store_that_hangs_is_cut_off_by_the_probe_bound(gateway):
     store = HangingStore()
-    client, _ = await gateway(CONFIG, store=store)
+    client, _ = await gateway(config(), store=store)
     assert (await readyz(client))[0] == 200
     store.hang = True
     status, body = await readyz(client)

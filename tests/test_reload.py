@@ -27,31 +27,22 @@ from gateway.config import parse_config
 from gateway.keys import RUNTIME
 from gateway.store.memory import MemoryStore
 from policies.usage import day_of, usage_key
-from tests.circuits import COOLDOWN, assert_circuit_open_openai, chat, open_circuit
-from tests.circuits import config as circuit_config
-from tests.cli_harness import CLI, INVALID_ERRORS, INVALID_YAML, Gateway, assert_no_traceback, free_port
-from tests.conftest import GatewayTestServer
-from tests.fakes import FakeUpstream
-from tests.stores import drop, new_prefix, redis_store
-
-TWO = "  two:\n    base_url: {url}/two\n"
-
-
-def rest_config(url: str, *, extra: str = "") -> str:
-    return f"""
-server: {{shutdown_grace_s: 0}}
-targets:
-  rest:
-    base_url: {url}/api
-{extra}"""
+from tests.support.circuits import COOLDOWN, assert_circuit_open_openai, chat, open_circuit
+from tests.support.circuits import config as circuit_config
+from tests.support.cli_harness import CLI, INVALID_ERRORS, INVALID_YAML, Gateway, assert_no_traceback, free_port
+from tests.support.config import GatewayConfig
+from tests.support.fakes import FakeUpstream
+from tests.support.gateway import GatewayTestServer
+from tests.support.stores import drop, new_prefix, redis_store
 
 
 @pytest.fixture
 def reloadable(aiohttp_client: Any, tmp_path: Path):
     """``await reloadable(yaml)`` → (client, path): a gateway whose reload reads ``path`` again."""
 
-    async def make(text: str, *, env: dict[str, str] | None = None, **kwargs: Any) -> tuple[Any, Path]:
+    async def make(config: GatewayConfig | str, *, env: dict[str, str] | None = None, **kwargs: Any) -> tuple[Any, Path]:
         env = env or {}
+        text = str(config)
         path = tmp_path / "gateway.yaml"
         path.write_text(text)
 
@@ -83,11 +74,12 @@ async def status_of(client: Any, path: str) -> int:
 # =============================================================== POST /admin/reload
 
 
-async def test_post_reload_swaps_in_a_valid_config_and_rejects_an_invalid_one(fake, reloadable):
-    client, path = await reloadable(rest_config(fake.url))
+async def test_post_reload_swaps_in_a_valid_config_and_rejects_an_invalid_one(fake, reloadable, make_config):
+    cfg = make_config(fake.url, shutdown_grace_s=0).rest()
+    client, path = await reloadable(cfg)
     assert await status_of(client, "/t/two/x") == 404
 
-    path.write_text(rest_config(fake.url, extra=TWO.format(url=fake.url)))
+    cfg.target("two", f"{fake.url}/two").write(path)
     status, body = await post_reload(client)
     assert status == 200 and body["success"] is True
     assert body["data"]["reloaded"] is True and body["data"]["errors"] == []
@@ -128,12 +120,12 @@ async def open_transitions(client: Any) -> float:
 
 
 async def test_an_open_circuit_stays_open_across_a_reload(fake, reloadable, clock):
-    text = circuit_config(fake.url)
-    client, path = await reloadable(text, clock=clock, store=MemoryStore(clock=clock.time))
+    cfg = circuit_config(fake.url)
+    client, path = await reloadable(cfg, clock=clock, store=MemoryStore(clock=clock.time))
     await open_circuit(client, fake)
     old = client.app[RUNTIME].current
 
-    path.write_text(text + TWO.format(url=fake.url))
+    cfg.target("two", f"{fake.url}/two").write(path)
     assert (await post_reload(client))[0] == 200
     assert client.app[RUNTIME].current is not old  # a new runtime, new breakers
 
@@ -148,10 +140,10 @@ async def test_an_open_circuit_stays_open_across_a_reload(fake, reloadable, cloc
 async def test_an_open_circuit_stays_open_across_a_reload_on_redis(fake, reloadable):
     store = await redis_store(new_prefix())
     try:
-        text = circuit_config(fake.url)
-        client, path = await reloadable(text, store=store)
+        cfg = circuit_config(fake.url)
+        client, path = await reloadable(cfg, store=store)
         await open_circuit(client, fake)
-        path.write_text(text + TWO.format(url=fake.url))
+        cfg.target("two", f"{fake.url}/two").write(path)
         for _ in range(3):  # at once after each reload, not once the new runtime caught up
             assert (await post_reload(client))[0] == 200
             status, headers, data = await chat(client)
@@ -170,25 +162,12 @@ ACTUAL = (5 * 0.15 + 4 * 0.60) / 1e6  # what it costs once the fake's usage (5 +
 ACME = {"Authorization": "Bearer acme-key-123456"}
 
 
-def budget_config(url: str, extra: str = "") -> str:
-    # room for two requests: each reserves ESTIMATE and settles to ACTUAL; a third does not fit
-    return f"""
-server: {{default_target: up, shutdown_grace_s: 0}}
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-    budget: {{daily_usd: {ESTIMATE + 1.5 * ACTUAL}}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-{extra}"""
-
-
-async def test_a_tenants_spend_still_counts_against_its_budget_after_a_reload(fake, reloadable):
+async def test_a_tenants_spend_still_counts_against_its_budget_after_a_reload(fake, reloadable, make_config):
     store = MemoryStore()
-    client, path = await reloadable(budget_config(fake.url), store=store)
+    # room for two requests: each reserves ESTIMATE and settles to ACTUAL; a third does not fit
+    cfg = make_config(fake.url, default_target="up", shutdown_grace_s=0).up()
+    cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": ESTIMATE + 1.5 * ACTUAL})
+    client, path = await reloadable(cfg, store=store)
     body = BODY
     key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
     for _ in range(2):
@@ -200,7 +179,7 @@ async def test_a_tenants_spend_still_counts_against_its_budget_after_a_reload(fa
         await asyncio.sleep(0.01)
     assert float(await store.get(key) or 0) == pytest.approx(2 * ACTUAL, abs=1e-12)
 
-    path.write_text(budget_config(fake.url, TWO.format(url=fake.url)))
+    cfg.target("two", f"{fake.url}/two").write(path)
     assert (await post_reload(client))[0] == 200
 
     async with client.post("/v1/chat/completions", json=body, headers=ACME) as resp:
@@ -208,20 +187,18 @@ async def test_a_tenants_spend_still_counts_against_its_budget_after_a_reload(fa
     assert len(fake.requests) == 2
 
 
-async def test_usage_counted_before_a_reload_is_written_when_the_gateway_stops_soon_after(fake, reloadable):
+async def test_usage_counted_before_a_reload_is_written_when_the_gateway_stops_soon_after(fake, reloadable,
+                                                                                          make_config):
     """The runtime a reload retires still holds the last second's usage counts: a shutdown
     inside its grace period closes it (writing them) rather than dropping it."""
     store = MemoryStore()
-    def text(extra: str = "") -> str:
-        no_budget = budget_config(fake.url, extra).replace(f"    budget: {{daily_usd: {ESTIMATE + 1.5 * ACTUAL}}}\n", "")
-        return no_budget.replace("shutdown_grace_s: 0", "shutdown_grace_s: 30")
-
-    client, path = await reloadable(text(), store=store)
+    cfg = make_config(fake.url, default_target="up", shutdown_grace_s=30).tenant("acme", api_key="acme-key-123456").up()
+    client, path = await reloadable(cfg, store=store)
     for _ in range(2):
         async with client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []},
                                headers={**ACME, "X-ReliAPI-User": "dana"}) as resp:
             assert resp.status == 200
-    path.write_text(text(TWO.format(url=fake.url)))
+    cfg.target("two", f"{fake.url}/two").write(path)
     assert (await post_reload(client))[0] == 200
     await client.close()
     row = await store.hgetall(usage_key(day_of(time.time()), "acme", "dana", "up", "gpt-4o-mini"))
@@ -234,14 +211,15 @@ def requests_total(metrics: str, target: str) -> float:
     return sum(found)
 
 
-async def test_metrics_counters_keep_counting_across_a_reload(fake, reloadable):
-    client, path = await reloadable(rest_config(fake.url))
+async def test_metrics_counters_keep_counting_across_a_reload(fake, reloadable, make_config):
+    cfg = make_config(fake.url, shutdown_grace_s=0).rest()
+    client, path = await reloadable(cfg)
     for _ in range(3):
         assert await status_of(client, "/t/rest/x") == 200
     async with client.get("/metrics") as resp:
         assert requests_total(await resp.text(), "rest") == 3
 
-    path.write_text(rest_config(fake.url, extra=TWO.format(url=fake.url)))
+    cfg.target("two", f"{fake.url}/two").write(path)
     assert (await post_reload(client))[0] == 200
     assert await status_of(client, "/t/rest/x") == 200
     async with client.get("/metrics") as resp:
@@ -251,9 +229,12 @@ async def test_metrics_counters_keep_counting_across_a_reload(fake, reloadable):
 # =============================================================== the real process
 
 
-def process_config(port: int, url: str, *targets: str) -> str:
-    lines = "".join(f"  {name}: {{base_url: \"{url}/{name}\"}}\n" for name in targets)
-    return f"server: {{port: {port}, shutdown_grace_s: 0}}\ntargets:\n{lines}"
+def process_config(port: int, url: str, *targets: str) -> GatewayConfig:
+    """On ``port``; a plain-HTTP target ``name`` at ``{url}/{name}`` for each name."""
+    cfg = GatewayConfig(url, port=port, shutdown_grace_s=0)
+    for name in targets:
+        cfg.target(name, f"{url}/{name}")
+    return cfg
 
 
 async def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
@@ -277,9 +258,9 @@ async def post(port: int, path: str) -> tuple[int, dict]:
             return resp.status, await resp.json()
 
 
-async def start(cli: CLI, text: str, *args: str) -> tuple[Gateway, int]:
-    port = int(re.search(r"port: (\d+)", text).group(1))
-    cli.write("gateway.yaml", text)
+async def start(cli: CLI, config: GatewayConfig, *args: str) -> tuple[Gateway, int]:
+    port = config.data["server"]["port"]
+    cli.write("gateway.yaml", config)
     gw = cli.start("--config", "gateway.yaml", *args, port=port)
     await asyncio.to_thread(gw.wait_healthy)
     return gw, port
@@ -381,15 +362,6 @@ async def _reloaded(gw: Gateway, times: int) -> bool:
 # =============================================================== server.max_body_mb
 
 
-def body_limit_config(url: str, max_body_mb: float) -> str:
-    return f"""
-server: {{max_body_mb: {max_body_mb}, shutdown_grace_s: 0}}
-targets:
-  llm: {{base_url: "{url}/v1", provider: openai, models: ["gpt-*"]}}
-  rest: {{base_url: "{url}/api"}}
-"""
-
-
 async def body_statuses(client: Any) -> dict[str, int]:
     """A 1.5 MB body on each route that reads one: the status of each."""
     pad = "x" * (3 << 19)  # 1.5 MiB
@@ -406,16 +378,17 @@ async def body_statuses(client: Any) -> dict[str, int]:
     return statuses
 
 
-async def test_a_reloaded_max_body_mb_governs_every_route(fake, reloadable):
-    client, path = await reloadable(body_limit_config(fake.url, 1))
+async def test_a_reloaded_max_body_mb_governs_every_route(fake, reloadable, make_config):
+    cfg = make_config(fake.url, max_body_mb=1, shutdown_grace_s=0).up("llm").rest()
+    client, path = await reloadable(cfg)
     assert await body_statuses(client) == {"/v1": 413, "/t": 413, "/proxy/http": 413}
 
-    path.write_text(body_limit_config(fake.url, 2))
+    cfg.server(max_body_mb=2).write(path)
     assert (await post_reload(client))[0] == 200
     assert await body_statuses(client) == {"/v1": 200, "/t": 200, "/proxy/http": 200}
     assert len(fake.requests) == 3
 
-    path.write_text(body_limit_config(fake.url, 1))
+    cfg.server(max_body_mb=1).write(path)
     assert (await post_reload(client))[0] == 200
     assert await body_statuses(client) == {"/v1": 413, "/t": 413, "/proxy/http": 413}
     assert len(fake.requests) == 3

@@ -19,7 +19,7 @@ from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from gateway.store import StoreError
 from gateway.store.redis import RedisStore
 from gateway.store.resp import ReplyError, RespClient, Script, encode, parse
-from tests.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
+from tests.support.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
 
 
 class FakeRedis:

@@ -20,8 +20,9 @@ import pytest
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import RetryBudgetExhausted, RetryScheduled
-from tests.clock import FakeClock
-from tests.fakes import Fault
+from tests.support.clock import FakeClock
+from tests.support.config import NO_AUTH, PASSTHROUGH, GatewayConfig
+from tests.support.fakes import Fault
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -29,61 +30,19 @@ CHAT = [{"role": "user", "content": "hi"}]
 # ---------------------------------------------------------------- helpers
 
 
-def llm_yaml(up: str, *, up_extra: str = "", backup: str | None = None, timeout_ms: int = 2000) -> str:
-    """An OpenAI target ``up`` (optionally falling back to ``backup``) and an Anthropic target ``claude``."""
-    chain = "    fallback_targets: [{target: backup, model: gpt-backup}]\n" if backup else ""
-    backup_block = f"""
-  backup:
-    base_url: {backup}/v1
-    provider: openai
-""" if backup else ""
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {up}/v1
-    provider: openai
-    models: ["gpt-*"]
-    auth: {{type: none}}
-    timeout_ms: {timeout_ms}
-{chain}{up_extra}
-  claude:
-    base_url: {up}
-    provider: anthropic
-    models: ["claude-*"]
-    auth: {{type: none}}
-    timeout_ms: 2000
-{backup_block}"""
+def chat_config(up: str, *, backup: str | None = None, timeout_ms: int = 2000, **up_fields: object) -> GatewayConfig:
+    """An OpenAI target ``up`` (optionally falling back to ``backup``) and an Anthropic target ``claude``;
+    ``up_fields``: more for ``up``."""
+    cfg = GatewayConfig(up, default_target="up")
+    cfg.up(auth=NO_AUTH, timeout_ms=timeout_ms,
+           fallback_targets=[{"target": "backup", "model": "gpt-backup"}] if backup else None, **up_fields)
+    cfg.claude(auth=NO_AUTH, timeout_ms=2000)
+    return cfg.target("backup", f"{backup}/v1", provider="openai") if backup else cfg
 
 
-def claude_yaml(primary: str, backup: str) -> str:
-    return f"""
-server: {{default_target: claude}}
-targets:
-  claude:
-    base_url: {primary}
-    provider: anthropic
-    models: ["claude-*"]
-    auth: {{type: none}}
-    fallback_targets: [{{target: claude-backup, model: claude-backup-1}}]
-  claude-backup:
-    base_url: {backup}
-    provider: anthropic
-    auth: {{type: none}}
-"""
-
-
-def http_yaml(base: str, *, extra: str = "") -> str:
-    """One plain-HTTP target ``rest``, called as ``/t/rest/...``."""
-    return f"""
-server: {{default_target: rest}}
-targets:
-  rest:
-    base_url: {base}/api
-    provider: http
-    auth: {{type: passthrough}}
-    timeout_ms: 2000
-{extra}"""
+def http_config(base: str, **fields: object) -> GatewayConfig:
+    """One plain-HTTP target ``rest``, called as ``/t/rest/...`` (``fields``: more for it)."""
+    return GatewayConfig(base, default_target="rest").rest(provider="http", auth=PASSTHROUGH, timeout_ms=2000, **fields)
 
 
 def closed_port() -> int:
@@ -133,7 +92,7 @@ async def sdk_for():
 
 
 async def test_plain_http_post_503_is_not_retried(fake, gateway, clock):
-    client, _ = await gateway(http_yaml(fake.url), clock=clock)
+    client, _ = await gateway(http_config(fake.url), clock=clock)
     fake.plan(Fault(status=503))
     resp = await client.post("/t/rest/orders", data=b'{"item": 1}')
     assert resp.status == 503
@@ -143,7 +102,7 @@ async def test_plain_http_post_503_is_not_retried(fake, gateway, clock):
 
 
 async def test_plain_http_patch_503_is_not_retried(fake, gateway, clock):
-    client, _ = await gateway(http_yaml(fake.url), clock=clock)
+    client, _ = await gateway(http_config(fake.url), clock=clock)
     fake.plan(Fault(status=503))
     resp = await client.patch("/t/rest/orders/1", data=b'{"item": 2}')
     assert resp.status == 503 and len(fake.requests) == 1
@@ -151,7 +110,7 @@ async def test_plain_http_patch_503_is_not_retried(fake, gateway, clock):
 
 @pytest.mark.parametrize("header", ["Idempotency-Key", "X-Idempotency-Key"])
 async def test_plain_http_post_with_an_idempotency_key_is_retried(fake, gateway, clock, header):
-    client, _ = await gateway(http_yaml(fake.url), clock=clock)
+    client, _ = await gateway(http_config(fake.url), clock=clock)
     fake.plan(Fault(status=503))
     resp = await client.post("/t/rest/orders", data=b'{"item": 1}', headers={header: "order-42"})
     assert resp.status == 200
@@ -159,7 +118,7 @@ async def test_plain_http_post_with_an_idempotency_key_is_retried(fake, gateway,
 
 
 async def test_plain_http_post_with_retry_non_idempotent_replays_the_same_body(fake, gateway, clock):
-    client, _ = await gateway(http_yaml(fake.url, extra="    retry_non_idempotent: true\n"), clock=clock)
+    client, _ = await gateway(http_config(fake.url, retry_non_idempotent=True), clock=clock)
     fake.plan(Fault(status=503))
     body = bytes(range(256)) * 2  # 512 bytes, not all text
     resp = await client.post("/t/rest/orders", data=body)
@@ -172,7 +131,7 @@ async def test_plain_http_post_with_retry_non_idempotent_replays_the_same_body(f
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 async def test_plain_http_idempotent_methods_are_retried_on_503(fake, gateway, clock, method):
-    client, _ = await gateway(http_yaml(fake.url), clock=clock)
+    client, _ = await gateway(http_config(fake.url), clock=clock)
     fake.plan(Fault(status=503))
     resp = await client.request(method, "/t/rest/things/1")
     assert resp.status == 200 and (await resp.json())["method"] == method
@@ -181,7 +140,7 @@ async def test_plain_http_idempotent_methods_are_retried_on_503(fake, gateway, c
 
 
 async def test_plain_http_get_503_every_time_stops_after_the_5xx_rule(fake, gateway, clock):
-    client, _ = await gateway(http_yaml(fake.url), clock=clock)
+    client, _ = await gateway(http_config(fake.url), clock=clock)
     fake.script = lambda n, seen: Fault(status=503)
     resp = await client.get("/t/rest/things/1")
     assert resp.status == 503 and (await resp.json())["method"] == "GET"
@@ -191,7 +150,7 @@ async def test_plain_http_get_503_every_time_stops_after_the_5xx_rule(fake, gate
 
 async def test_plain_http_post_to_a_closed_port_is_retried_then_502(gateway):
     clock = FakeClock()
-    client, logs = await gateway(http_yaml(f"http://127.0.0.1:{closed_port()}"), clock=clock)
+    client, logs = await gateway(http_config(f"http://127.0.0.1:{closed_port()}"), clock=clock)
     retries = listen(client, RetryScheduled)
     resp = await client.post("/t/rest/orders", data=b'{"item": 1}')
     assert resp.status == 502
@@ -206,7 +165,7 @@ async def test_plain_http_post_to_a_closed_port_is_retried_then_502(gateway):
 
 
 async def test_plain_http_post_reset_after_the_body_was_sent_is_not_retried(fake, gateway, clock):
-    client, _ = await gateway(http_yaml(fake.url), clock=clock)
+    client, _ = await gateway(http_config(fake.url), clock=clock)
     fake.plan(Fault(reset=True))
     resp = await client.post("/t/rest/orders", data=b'{"item": 1}')
     assert resp.status == 502 and (await resp.json())["error"]["code"] == "upstream_unavailable"
@@ -216,7 +175,7 @@ async def test_plain_http_post_reset_after_the_body_was_sent_is_not_retried(fake
 
 async def test_plain_http_get_reset_every_time_is_attempted_once_per_retry(fake, gateway, clock):
     """The gateway's retries are the only ones: no hidden extra attempt at the HTTP-client level."""
-    client, _ = await gateway(http_yaml(fake.url), clock=clock)
+    client, _ = await gateway(http_config(fake.url), clock=clock)
     fake.script = lambda n, seen: Fault(reset=True)
     resp = await client.get("/t/rest/things/1")
     assert resp.status == 502
@@ -224,7 +183,7 @@ async def test_plain_http_get_reset_every_time_is_attempted_once_per_retry(fake,
 
 
 async def test_llm_post_503_is_retried(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(status=503))
     resp = await chat(client)
     assert resp.status == 200 and resp.headers["X-ReliAPI-Attempts"] == "2"
@@ -237,7 +196,7 @@ async def test_llm_post_503_is_retried(fake, gateway, clock):
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
 async def test_client_errors_are_attempted_exactly_once(fake, gateway, clock, status):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.script = lambda n, seen: Fault(status=status, error_message=f"nope {status}")
     resp = await chat(client)
     assert resp.status == status
@@ -247,7 +206,7 @@ async def test_client_errors_are_attempted_exactly_once(fake, gateway, clock, st
 
 
 async def test_x_should_retry_false_stops_a_retryable_503(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(status=503, headers={"x-should-retry": "false"}))
     resp = await chat(client)
     assert resp.status == 503 and len(fake.requests) == 1
@@ -255,7 +214,7 @@ async def test_x_should_retry_false_stops_a_retryable_503(fake, gateway, clock):
 
 
 async def test_x_should_retry_true_retries_a_400(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(status=400, headers={"x-should-retry": "true"}))
     resp = await chat(client)
     assert resp.status == 200 and resp.headers["X-ReliAPI-Attempts"] == "2"
@@ -263,7 +222,7 @@ async def test_x_should_retry_true_retries_a_400(fake, gateway, clock):
 
 
 async def test_x_should_retry_false_stops_a_429(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(status=429, headers={"x-should-retry": "false", "Retry-After": "1"}))
     resp = await chat(client)
     assert resp.status == 429 and len(fake.requests) == 1 and clock.sleeps == []
@@ -273,7 +232,7 @@ async def test_x_should_retry_false_stops_a_429(fake, gateway, clock):
 
 
 async def test_429_retry_after_seconds_is_waited_exactly(fake, gateway, clock, sdk_for):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(status=429, headers={"Retry-After": "2"}))
     raw = await sdk_for(client).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=CHAT)
     assert raw.parse().choices[0].message.content == "Hello from the fake."
@@ -284,21 +243,21 @@ async def test_429_retry_after_seconds_is_waited_exactly(fake, gateway, clock, s
 
 
 async def test_retry_after_ms_is_honoured(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(status=429, headers={"retry-after-ms": "350", "Retry-After": "1"}))
     resp = await chat(client)
     assert resp.status == 200 and clock.sleeps == [0.35]
 
 
 async def test_503_retry_after_is_honoured_too(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(status=503, headers={"Retry-After": "5"}))
     resp = await chat(client)
     assert resp.status == 200 and clock.sleeps == [5.0]
 
 
 async def test_retry_after_http_date_ahead_is_waited_until(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     # the date is written when the request arrives, against the gateway's (fake) wall clock
     fake.script = lambda n, seen: Fault(status=429, headers={"Retry-After": formatdate(clock.time() + 3, usegmt=True)}) if n == 1 else None
     resp = await chat(client)
@@ -308,7 +267,7 @@ async def test_retry_after_http_date_ahead_is_waited_until(fake, gateway, clock)
 
 
 async def test_retry_after_http_date_in_the_past_retries_at_once(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     retries = listen(client, RetryScheduled)
     fake.plan(Fault(status=429, headers={"Retry-After": formatdate(clock.time() - 60, usegmt=True)}))
     resp = await chat(client)
@@ -318,7 +277,7 @@ async def test_retry_after_http_date_in_the_past_retries_at_once(fake, gateway, 
 
 
 async def test_unreadable_retry_after_falls_back_to_jittered_backoff(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(status=429, headers={"Retry-After": "abc"}))
     resp = await chat(client)
     assert resp.status == 200 and len(fake.requests) == 2
@@ -326,7 +285,7 @@ async def test_unreadable_retry_after_falls_back_to_jittered_backoff(fake, gatew
 
 
 async def test_retry_after_over_max_s_is_passed_to_the_client_without_waiting(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)  # default 429 rule: max_s 60
+    client, _ = await gateway(chat_config(fake.url), clock=clock)  # default 429 rule: max_s 60
     fake.plan(Fault(status=429, headers={"Retry-After": "600"}, error_message="slow down"))
     resp = await chat(client)
     assert resp.status == 429
@@ -338,7 +297,7 @@ async def test_retry_after_over_max_s_is_passed_to_the_client_without_waiting(fa
 async def test_retry_after_over_max_s_falls_back_without_waiting(upstreams, gateway):
     up, backup = await upstreams(), await upstreams()
     clock = FakeClock()
-    client, _ = await gateway(llm_yaml(up.url, backup=backup.url), clock=clock)
+    client, _ = await gateway(chat_config(up.url, backup=backup.url), clock=clock)
     up.plan(Fault(status=429, headers={"Retry-After": "600"}))
     resp = await chat(client)
     assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "backup"
@@ -347,7 +306,7 @@ async def test_retry_after_over_max_s_falls_back_without_waiting(upstreams, gate
 
 
 async def test_retry_after_beyond_the_total_timeout_ends_the_retries(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url, up_extra="    total_timeout_ms: 1000\n"), clock=clock)
+    client, _ = await gateway(chat_config(fake.url, total_timeout_ms=1000), clock=clock)
     fake.plan(Fault(status=429, headers={"Retry-After": "2"}))
     resp = await chat(client)
     assert resp.status == 429 and resp.headers["Retry-After"] == "2"
@@ -358,7 +317,7 @@ async def test_retry_after_beyond_the_total_timeout_ends_the_retries(fake, gatew
 
 
 async def test_openai_insufficient_quota_is_attempted_once(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.script = lambda n, seen: Fault(status=429, error_code="insufficient_quota",
                                         error_message="You exceeded your current quota.")
     resp = await chat(client)
@@ -369,7 +328,7 @@ async def test_openai_insufficient_quota_is_attempted_once(fake, gateway, clock)
 async def test_openai_insufficient_quota_goes_to_the_fallback(upstreams, gateway):
     up, backup = await upstreams(), await upstreams()
     clock = FakeClock()
-    client, _ = await gateway(llm_yaml(up.url, backup=backup.url), clock=clock)
+    client, _ = await gateway(chat_config(up.url, backup=backup.url), clock=clock)
     up.script = lambda n, seen: Fault(status=429, error_code="insufficient_quota")
     resp = await chat(client)
     assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "backup"
@@ -378,7 +337,7 @@ async def test_openai_insufficient_quota_goes_to_the_fallback(upstreams, gateway
 
 
 async def test_anthropic_spend_limit_is_attempted_once(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.script = lambda n, seen: Fault(status=429, error_code="rate_limit_error",
                                         error_message="enforced_spend_limit_reached: your workspace spend limit")
     resp = await client.post("/v1/messages", json={"model": "claude-test-1", "max_tokens": 16, "messages": CHAT})
@@ -389,7 +348,10 @@ async def test_anthropic_spend_limit_is_attempted_once(fake, gateway, clock):
 async def test_anthropic_spend_limit_goes_to_the_fallback(upstreams, gateway):
     primary, backup = await upstreams(), await upstreams()
     clock = FakeClock()
-    client, _ = await gateway(claude_yaml(primary.url, backup.url), clock=clock)
+    cfg = GatewayConfig(primary.url, default_target="claude")
+    cfg.claude(auth=NO_AUTH, fallback_targets=[{"target": "claude-backup", "model": "claude-backup-1"}])
+    cfg.target("claude-backup", backup.url, provider="anthropic", auth=NO_AUTH)
+    client, _ = await gateway(cfg, clock=clock)
     primary.script = lambda n, seen: Fault(status=429, error_code="rate_limit_error",
                                            error_message="enforced_spend_limit_reached")
     resp = await client.post("/v1/messages", json={"model": "claude-test-1", "max_tokens": 16, "messages": CHAT})
@@ -402,10 +364,9 @@ async def test_anthropic_spend_limit_goes_to_the_fallback(upstreams, gateway):
 
 
 async def test_total_timeout_bounds_the_attempts_of_a_silent_upstream(fake, gateway, clock):
-    extra = """    total_timeout_ms: 500
-    retry_matrix: {timeout: {attempts: 5, backoff: constant, base_s: 0}}
-"""
-    client, logs = await gateway(llm_yaml(fake.url, up_extra=extra, timeout_ms=200), clock=clock)
+    cfg = chat_config(fake.url, total_timeout_ms=500, timeout_ms=200,
+                      retry_matrix={"timeout": {"attempts": 5, "backoff": "constant", "base_s": 0}})
+    client, logs = await gateway(cfg, clock=clock)
     fake.script = lambda n, seen: Fault(hang=True)
     started = clock.monotonic()
     resp = await chat(client)
@@ -419,10 +380,8 @@ async def test_total_timeout_bounds_the_attempts_of_a_silent_upstream(fake, gate
 
 
 async def test_retry_budget_lets_only_a_share_of_concurrent_requests_retry(fake, gateway, clock):
-    extra = """    retry_budget: {percent: 20, min_concurrent: 0}
-    circuit: {error_threshold: 100}
-"""
-    client, _ = await gateway(llm_yaml(fake.url, up_extra=extra), clock=clock)
+    cfg = chat_config(fake.url, retry_budget={"percent": 20, "min_concurrent": 0}, circuit={"error_threshold": 100})
+    client, _ = await gateway(cfg, clock=clock)
     skipped = listen(client, RetryBudgetExhausted)
     scheduled = listen(client, RetryScheduled)
     fake.script = lambda n, seen: Fault(status=503, delay_ms=300)
@@ -439,7 +398,7 @@ async def test_retry_budget_lets_only_a_share_of_concurrent_requests_retry(fake,
 
 
 async def test_stream_cut_after_events_is_not_retried(fake, gateway, clock):
-    client, logs = await gateway(llm_yaml(fake.url), clock=clock)
+    client, logs = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(chunks=10, cut_after=3))
     resp = await chat(client, stream=True)
     assert resp.status == 200
@@ -452,7 +411,7 @@ async def test_stream_cut_after_events_is_not_retried(fake, gateway, clock):
 
 
 async def test_stream_reset_before_any_byte_is_retried_into_one_clean_stream(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(reset=True))
     resp = await chat(client, stream=True)
     assert resp.status == 200 and resp.headers["X-ReliAPI-Attempts"] == "2"
@@ -464,7 +423,7 @@ async def test_stream_reset_before_any_byte_is_retried_into_one_clean_stream(fak
 
 
 async def test_stream_first_event_error_is_retried_like_a_5xx(fake, gateway, clock, sdk_for):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     retries = listen(client, RetryScheduled)
     fake.plan(Fault(first_event_error="server_error"))
     raw = await sdk_for(client).chat.completions.with_raw_response.create(
@@ -476,7 +435,7 @@ async def test_stream_first_event_error_is_retried_like_a_5xx(fake, gateway, clo
 
 
 async def test_anthropic_stream_first_event_overloaded_is_retried(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.plan(Fault(first_event_error="overloaded_error"))
     resp = await client.post("/v1/messages", json={
         "model": "claude-test-1", "max_tokens": 16, "messages": CHAT, "stream": True})
@@ -488,7 +447,7 @@ async def test_anthropic_stream_first_event_overloaded_is_retried(fake, gateway,
 
 
 async def test_stream_first_event_error_every_time_relays_the_last_error(fake, gateway, clock):
-    client, _ = await gateway(llm_yaml(fake.url), clock=clock)
+    client, _ = await gateway(chat_config(fake.url), clock=clock)
     fake.script = lambda n, seen: Fault(first_event_error="server_error")
     resp = await chat(client, stream=True)
     assert resp.headers["X-ReliAPI-Attempts"] == "3" and len(fake.requests) == 3
@@ -500,11 +459,9 @@ async def test_stream_first_event_error_every_time_relays_the_last_error(fake, g
 
 
 async def test_each_retry_class_has_its_own_count_and_backoff(fake, gateway, clock):
-    extra = """    retry_matrix:
-      "5xx": {attempts: 1, backoff: exp, base_s: 10}
-      "429": {attempts: 3, backoff: exp, base_s: 1}
-"""
-    client, _ = await gateway(llm_yaml(fake.url, up_extra=extra), clock=clock)
+    cfg = chat_config(fake.url, retry_matrix={"5xx": {"attempts": 1, "backoff": "exp", "base_s": 10},
+                                              "429": {"attempts": 3, "backoff": "exp", "base_s": 1}})
+    client, _ = await gateway(cfg, clock=clock)
     retries = listen(client, RetryScheduled)
     fake.plan(Fault(status=503), Fault(status=429), Fault(status=429), Fault(status=503, error_message="down again"))
     resp = await chat(client)
@@ -516,27 +473,24 @@ async def test_each_retry_class_has_its_own_count_and_backoff(fake, gateway, clo
 
 
 async def test_a_5xx_rule_of_one_retry_is_respected(fake, gateway, clock):
-    extra = """    retry_matrix: {"5xx": {attempts: 1}, "429": {attempts: 3}}
-"""
-    client, _ = await gateway(llm_yaml(fake.url, up_extra=extra), clock=clock)
+    cfg = chat_config(fake.url, retry_matrix={"5xx": {"attempts": 1}, "429": {"attempts": 3}})
+    client, _ = await gateway(cfg, clock=clock)
     fake.script = lambda n, seen: Fault(status=503)
     resp = await chat(client)
     assert resp.status == 503 and len(fake.requests) == 2
 
 
 async def test_a_429_rule_of_three_retries_is_respected(fake, gateway, clock):
-    extra = """    retry_matrix: {"5xx": {attempts: 1}, "429": {attempts: 3}}
-"""
-    client, _ = await gateway(llm_yaml(fake.url, up_extra=extra), clock=clock)
+    cfg = chat_config(fake.url, retry_matrix={"5xx": {"attempts": 1}, "429": {"attempts": 3}})
+    client, _ = await gateway(cfg, clock=clock)
     fake.script = lambda n, seen: Fault(status=429)
     resp = await chat(client)
     assert resp.status == 429 and len(fake.requests) == 4 and len(clock.sleeps) == 3
 
 
 async def test_mixed_failures_never_exceed_the_largest_class(fake, gateway, clock):
-    extra = """    retry_matrix: {"5xx": {attempts: 2}, "429": {attempts: 2}, "net": {attempts: 2}}
-"""
-    client, _ = await gateway(llm_yaml(fake.url, up_extra=extra), clock=clock)
+    cfg = chat_config(fake.url, retry_matrix={"5xx": {"attempts": 2}, "429": {"attempts": 2}, "net": {"attempts": 2}})
+    client, _ = await gateway(cfg, clock=clock)
     fake.script = lambda n, seen: Fault(status=429 if n % 2 else 503)  # alternating: each class alone allows 2
     resp = await chat(client)
     assert len(fake.requests) == 3  # 1 + max(2, 2, 2), not 1 + 2 + 2
@@ -544,9 +498,9 @@ async def test_mixed_failures_never_exceed_the_largest_class(fake, gateway, cloc
 
 
 async def test_zero_attempts_everywhere_means_a_single_try(fake, gateway, clock):
-    extra = """    retry_matrix: {"5xx": {attempts: 0}, "429": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}
-"""
-    client, _ = await gateway(llm_yaml(fake.url, up_extra=extra), clock=clock)
+    cfg = chat_config(fake.url, retry_matrix={"5xx": {"attempts": 0}, "429": {"attempts": 0},
+                                              "net": {"attempts": 0}, "timeout": {"attempts": 0}})
+    client, _ = await gateway(cfg, clock=clock)
     fake.script = lambda n, seen: Fault(status=503)
     resp = await chat(client)
     assert resp.status == 503 and len(fake.requests) == 1 and clock.sleeps == []
@@ -556,10 +510,9 @@ async def test_zero_attempts_everywhere_means_a_single_try(fake, gateway, clock)
 
 
 async def test_circuit_opening_during_retries_leaves_the_last_upstream_answer(fake, gateway, clock):
-    extra = """    circuit: {error_threshold: 2, cooldown_s: 30}
-    retry_matrix: {"5xx": {attempts: 3}}
-"""
-    client, _ = await gateway(llm_yaml(fake.url, up_extra=extra), clock=clock)
+    cfg = chat_config(fake.url, circuit={"error_threshold": 2, "cooldown_s": 30},
+                      retry_matrix={"5xx": {"attempts": 3}})
+    client, _ = await gateway(cfg, clock=clock)
     fake.script = lambda n, seen: Fault(status=503, error_message=f"the fake is down ({n})")
     resp = await chat(client)
     assert resp.status == 503
@@ -575,10 +528,9 @@ async def test_circuit_opening_during_retries_leaves_the_last_upstream_answer(fa
 
 
 async def test_circuit_opening_during_stream_retries_leaves_the_last_stream_error(fake, gateway, clock):
-    extra = """    circuit: {error_threshold: 2, cooldown_s: 30}
-    retry_matrix: {"5xx": {attempts: 3}}
-"""
-    client, _ = await gateway(llm_yaml(fake.url, up_extra=extra), clock=clock)
+    cfg = chat_config(fake.url, circuit={"error_threshold": 2, "cooldown_s": 30},
+                      retry_matrix={"5xx": {"attempts": 3}})
+    client, _ = await gateway(cfg, clock=clock)
     fake.script = lambda n, seen: Fault(first_event_error="server_error")
     resp = await chat(client, stream=True)
     assert len(fake.requests) == 2

@@ -17,26 +17,18 @@ import pytest
 from aiohttp import web
 
 from gateway.scrub import Scrubber
+from tests.support.config import NO_5XX_RETRY, GatewayConfig, bearer_env
 
 KEY = "sk-up-SECRET-0a1b2c3d4e5f"
 SLASHED = "rest/SECRET+99887766/ab"  # a base64-ish key: JSON-escaped as rest\/SECRET… by PHP, %2F in a URL
 ENV = {"UP_KEY": KEY, "REST_KEY": SLASHED}
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    auth: {{type: bearer_env, env_var: UP_KEY}}
-    retry_matrix: {{"5xx": {{attempts: 0}}, "429": {{attempts: 0}}}}
-  rest:
-    base_url: {url}/api
-    auth: {{type: bearer_env, env_var: REST_KEY}}
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-"""
+def config(url: str) -> GatewayConfig:
+    """``up`` (OpenAI) and ``rest`` (plain HTTP), each with a key from the environment, errors not retried."""
+    cfg = GatewayConfig(url, default_target="up")
+    cfg.up(models=None, auth=bearer_env("UP_KEY"), retry_matrix={"5xx": {"attempts": 0}, "429": {"attempts": 0}})
+    return cfg.rest(auth=bearer_env("REST_KEY"), retry_matrix=NO_5XX_RETRY)
 
 
 def _key(request: web.Request) -> bytes:

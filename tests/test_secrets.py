@@ -18,7 +18,8 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.keys import RUNTIME
-from tests.fakes import Fault
+from tests.support.config import NO_5XX_RETRY, GatewayConfig, bearer_env, header_env
+from tests.support.fakes import Fault
 
 SECRETS = {
     "UP_KEY": "sk-up-SECRET-0a1b2c3d",
@@ -39,40 +40,19 @@ WRONG = ["wrong-tenant-SECRET-aaaa", "wrong-admin-SECRET-bbbb"]
 ALL = [*SECRETS.values(), STATIC, LITERAL_TENANT, "cookie-SECRET-9999", CLIENT["x-api-key"], *WRONG]
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: up, admin_key_env: ADMIN_KEY}}
-tenants:
-  - {{name: acme, api_key_env: ACME_KEY}}
-  - {{name: literal, api_key: {LITERAL_TENANT}}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    auth: {{type: bearer_env, env_var: UP_KEY}}
-    retry_matrix: {{"5xx": {{attempts: 1}}, "429": {{attempts: 0}}}}
-    circuit: {{error_threshold: 2, cooldown_s: 60}}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    auth: {{type: header_env, header: x-api-key, env_var: CLAUDE_KEY}}
-  pooled:
-    base_url: {url}/v1
-    provider: openai
-    auth: {{type: bearer_env, env_vars: [K1, K2]}}
-    retry_matrix: {{"429": {{attempts: 0}}, "5xx": {{attempts: 0}}}}
-  static:
-    base_url: {url}/v1
-    provider: openai
-    auth: {{type: bearer_static, token: {STATIC}}}
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-  rest:
-    base_url: {url}/api
-    auth: {{type: bearer_env, env_var: REST_KEY}}
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-"""
+def config(url: str) -> GatewayConfig:
+    """Every place a secret can sit: an admin key, tenant keys (from the environment and literal),
+    upstream keys (bearer, x-api-key, a pool of two, a static token) for ``up``, ``claude``, ``pooled``,
+    ``static`` and ``rest``."""
+    cfg = GatewayConfig(url, default_target="up", admin_key_env="ADMIN_KEY")
+    cfg.tenant("acme", api_key_env="ACME_KEY").tenant("literal", api_key=LITERAL_TENANT)
+    cfg.up(auth=bearer_env("UP_KEY"), retry_matrix={"5xx": {"attempts": 1}, "429": {"attempts": 0}},
+           circuit={"error_threshold": 2, "cooldown_s": 60})
+    cfg.claude(auth=header_env("x-api-key", "CLAUDE_KEY"))
+    cfg.up("pooled", models=None, auth={"type": "bearer_env", "env_vars": ["K1", "K2"]},
+           retry_matrix={"429": {"attempts": 0}, "5xx": {"attempts": 0}})
+    cfg.up("static", models=None, auth={"type": "bearer_static", "token": STATIC}, retry_matrix=NO_5XX_RETRY)
+    return cfg.rest(auth=bearer_env("REST_KEY"), retry_matrix=NO_5XX_RETRY)
 
 
 def chat(**extra) -> dict:

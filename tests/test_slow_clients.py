@@ -22,18 +22,13 @@ from multidict import CIMultiDict
 from gateway.edge import server as listener
 from gateway.edge.server import Limits, auto_max_connections
 from gateway.keys import RUNTIME
-from tests.cli_harness import CLI, free_port
-from tests.config_helpers import errors_of, load
-from tests.conftest import llm_config
+from tests.support.cli_harness import CLI, free_port
+from tests.support.config import llm_config
+from tests.support.config_helpers import errors_of, load
 
 HANG_S = 5.0
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
 CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
-
-
-def config(fake_url: str, **server: object) -> str:
-    fields = ", ".join(f"{k}: {v}" for k, v in {"default_target": "up", **server}.items())
-    return llm_config(fake_url, server=fields)
 
 
 # ---------------------------------------------------------------- raw HTTP over a socket
@@ -79,7 +74,7 @@ def assert_request_timeout_envelope(status: int, headers: CIMultiDict[str], body
 
 
 async def test_slowloris_head_gets_408_and_is_closed_while_others_are_served(fake, gateway):
-    client, _ = await gateway(config(fake.url, header_timeout_s=0.3))
+    client, _ = await gateway(llm_config(fake.url, header_timeout_s=0.3))
     reader, writer = await connect(client)
     head = b"GET /healthz HTTP/1.1\r\nHost: gw\r\nUser-Agent: slowloris\r\n\r\n"  # ~10 s at this pace
     sent = 0
@@ -106,14 +101,14 @@ async def test_slowloris_head_gets_408_and_is_closed_while_others_are_served(fak
 
 
 async def test_idle_fresh_connection_is_closed_without_an_answer(fake, gateway):
-    client, _ = await gateway(config(fake.url, header_timeout_s=0.3))
+    client, _ = await gateway(llm_config(fake.url, header_timeout_s=0.3))
     reader, writer = await connect(client)
     assert await closed(reader) == b""  # nothing sent, nothing answered: just closed
     writer.close()
 
 
 async def test_head_split_across_writes_and_pipelined_requests_are_served(fake, gateway):
-    client, _ = await gateway(config(fake.url, header_timeout_s=0.3))
+    client, _ = await gateway(llm_config(fake.url, header_timeout_s=0.3))
     reader, writer = await connect(client)
     writer.write(HEALTHZ[:10])
     await asyncio.sleep(0.1)
@@ -133,7 +128,7 @@ async def test_head_split_across_writes_and_pipelined_requests_are_served(fake, 
 
 
 async def test_kept_alive_connection_serves_the_next_request_then_idles_out(fake, gateway):
-    client, _ = await gateway(config(fake.url, header_timeout_s=0.2, keepalive_timeout_s=0.8))
+    client, _ = await gateway(llm_config(fake.url, header_timeout_s=0.2, keepalive_timeout_s=0.8))
     reader, writer = await connect(client)
     writer.write(HEALTHZ)
     assert (await read_response(reader))[0] == 200
@@ -148,7 +143,7 @@ async def test_kept_alive_connection_serves_the_next_request_then_idles_out(fake
 
 
 async def test_stalled_body_gets_408_in_the_clients_dialect(fake, gateway):
-    client, logs = await gateway(config(fake.url, body_timeout_s=0.3))
+    client, logs = await gateway(llm_config(fake.url, body_timeout_s=0.3))
     reader, writer = await connect(client)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
                  b"X-Request-Id: slow-body-1\r\nContent-Length: %d\r\n\r\n" % len(CHAT) + CHAT[:10])
@@ -166,7 +161,7 @@ async def test_stalled_body_gets_408_in_the_clients_dialect(fake, gateway):
 async def test_a_body_trickled_past_its_deadline_gets_408_whatever_its_gaps(fake, gateway):
     """One byte every 0.1 s never trips body_timeout_s; body_deadline_s ends it all the same (a slot held
     this way would lock every other client out under max_connections)."""
-    client, _ = await gateway(config(fake.url, body_timeout_s=0.4, body_deadline_s=0.5))
+    client, _ = await gateway(llm_config(fake.url, body_timeout_s=0.4, body_deadline_s=0.5))
     reader, writer = await connect(client)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(CHAT))
@@ -187,7 +182,7 @@ async def test_a_body_trickled_past_its_deadline_gets_408_whatever_its_gaps(fake
 
 
 async def test_body_trickling_with_short_gaps_is_accepted(fake, gateway):
-    client, _ = await gateway(config(fake.url, header_timeout_s=0.2, body_timeout_s=0.4))
+    client, _ = await gateway(llm_config(fake.url, header_timeout_s=0.2, body_timeout_s=0.4))
     reader, writer = await connect(client)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(CHAT))
@@ -204,7 +199,7 @@ async def test_body_trickling_with_short_gaps_is_accepted(fake, gateway):
 
 
 async def test_connections_over_the_cap_get_503_and_held_ones_keep_working(fake, gateway):
-    client, _ = await gateway(config(fake.url, max_connections=3, header_timeout_s=5))
+    client, _ = await gateway(llm_config(fake.url, max_connections=3, header_timeout_s=5))
     held = [await connect(client) for _ in range(3)]  # idle sockets, as an attacker would hold them
 
     refused = []
@@ -276,7 +271,7 @@ SSE_GET = b"GET /t/rest/stream HTTP/1.1\r\nHost: gw\r\nAccept: text/event-stream
 async def test_stream_to_a_client_that_stops_reading_is_aborted(gateway, aiohttp_server):
     gone = asyncio.Event()
     upstream = await aiohttp_server(big_stream_upstream(gone, events=100_000))  # far more than any buffer
-    client, logs = await gateway(config(str(upstream.make_url("")).rstrip("/"), write_timeout_s=0.3))
+    client, logs = await gateway(llm_config(str(upstream.make_url("")).rstrip("/"), write_timeout_s=0.3))
     reader, writer = await connect(client)
     writer.write(SSE_GET)
     status, _ = parse_head(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG_S))
@@ -297,7 +292,7 @@ async def test_slow_but_steady_reader_gets_the_whole_stream(gateway, aiohttp_ser
     reader, not the answer. (8 MB: more than loopback's socket buffers, so the gateway does wait.)"""
     gone = asyncio.Event()
     upstream = await aiohttp_server(big_stream_upstream(gone, events=480))
-    client, logs = await gateway(config(
+    client, logs = await gateway(llm_config(
         str(upstream.make_url("")).rstrip("/"), header_timeout_s=0.2, body_timeout_s=0.2, keepalive_timeout_s=0.2,
         write_timeout_s=0.3))
     sock = socket.socket()

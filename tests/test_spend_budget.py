@@ -12,8 +12,9 @@ import pytest
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from policies.usage import day_of, usage_key
-from tests.fakes import Fault
-from tests.stores import drop, new_prefix, redis_store
+from tests.support.config import NO_5XX_RETRY, GatewayConfig
+from tests.support.fakes import Fault
+from tests.support.stores import drop, new_prefix, redis_store
 
 PROMPT = "x" * 4000  # ≈ 1,007 prompt tokens by the gateway's estimate
 ACTUAL = (5 * 0.15 + 4 * 0.60) / 1e6  # what the fake reports: 5 prompt + 4 completion tokens
@@ -29,23 +30,15 @@ def chat(**extra) -> dict:
 RESERVED = ((len(json.dumps(chat()).encode()) + 4 + 3) * 0.15 + 1000 * 0.60) / 1e6
 
 
-def config(url: str, *, daily: float, store: str = "") -> str:
-    return f"""
-server: {{default_target: up}}
-{store}
-tenants:
-  - name: acme
-    api_key: acme-key-123456
-    budget: {{daily_usd: {daily}, monthly_usd: 100}}
-  - name: free
-    api_key: free-key-123456
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    retry_matrix: {{"5xx": {{attempts: 0}}}}
-"""
+def config(url: str, *, daily: float, store: dict | None = None, others: list[dict] = ()) -> GatewayConfig:
+    """``up`` (no 5xx retries); tenants ``acme`` (a daily budget and $100 a month), ``others``, ``free``;
+    ``store``: ``store:`` fields."""
+    cfg = GatewayConfig(url, default_target="up")
+    if store:
+        cfg.store(**store)
+    cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": daily, "monthly_usd": 100})
+    cfg.tenants(*others).tenant("free", api_key="free-key-123456")
+    return cfg.up(retry_matrix=NO_5XX_RETRY)
 
 
 def spend_key(now: float) -> str:
@@ -193,7 +186,7 @@ async def test_usage_rows_per_tenant_user_target_model_and_day(fake, gateway):
 
 async def test_an_unknown_model_is_served_and_counted_unpriced(fake, gateway):
     store = MemoryStore()
-    cfg = config(fake.url, daily=1.0).replace('models: ["gpt-*"]', 'models: ["gpt-*", "house-*"]')
+    cfg = config(fake.url, daily=1.0).up(models=["gpt-*", "house-*"])
     client, logs = await gateway(cfg, store=store)
     free = {"Authorization": "Bearer free-key-123456"}  # a tenant without a budget
     resp = await client.post("/v1/chat/completions", json=chat(model="house-7b"), headers=free)
@@ -208,14 +201,15 @@ async def test_an_unknown_model_is_served_and_counted_unpriced(fake, gateway):
 
 async def test_a_budgeted_tenant_may_not_use_a_model_without_a_price(fake, gateway):
     """Unpriced is unmetered: for a tenant with a spend budget that would be a way around it."""
-    cfg = config(fake.url, daily=1.0).replace('models: ["gpt-*"]', 'models: ["gpt-*", "house-*", "ft:*"]')
+    cfg = config(fake.url, daily=1.0).up(models=["gpt-*", "house-*", "ft:*"])
     client, _ = await gateway(cfg)
     for model in ("house-7b", "ft:gpt-4o-mini-2024-07-18:acme::abc123"):
         resp = await client.post("/v1/chat/completions", json=chat(model=model), headers=KEY)
         body = await resp.json()
         assert resp.status == 403 and "has no price" in body["error"]["message"] and "pricing:" in body["error"]["message"]
     assert fake.requests == []
-    priced, _ = await gateway(cfg + "pricing: {house-7b: {input: 0, output: 0}}\n")  # a self-hosted model: free, said so
+    cfg.section("pricing", {"house-7b": {"input": 0, "output": 0}})  # a self-hosted model: free, said so
+    priced, _ = await gateway(cfg)
     assert (await priced.post("/v1/chat/completions", json=chat(model="house-7b"), headers=KEY)).status == 200
 
 
@@ -230,13 +224,13 @@ async def test_a_store_that_is_down_fails_budgeted_requests_closed_unless_fail_o
     body = await resp.json()
     assert resp.status == 503 and body["error"]["code"] == "store_unavailable" and "budget" in body["error"]["message"]
     assert fake.requests == []
-    open_client, _ = await gateway(config(fake.url, daily=1.0, store="store: {fail_open: true}"), store=DownStore())
+    open_client, _ = await gateway(config(fake.url, daily=1.0, store={"fail_open": True}), store=DownStore())
     assert (await open_client.post("/v1/chat/completions", json=chat(), headers=KEY)).status == 200
 
 
 async def test_a_cache_hit_is_neither_usage_nor_spend(fake, gateway):
     store = MemoryStore()
-    cfg = config(fake.url, daily=1.0).replace('retry_matrix:', 'cache: {ttl_s: 60}\n    retry_matrix:')
+    cfg = config(fake.url, daily=1.0).up(cache={"ttl_s": 60})
     client, _ = await gateway(cfg, store=store)
     await client.post("/v1/chat/completions", json=chat(), headers=KEY)
     await settled(store, ACTUAL)
@@ -256,8 +250,7 @@ class FlakyUsageStore(MemoryStore):
 
 async def test_usage_counts_survive_a_store_outage_and_are_written_once_it_is_back(fake, gateway):
     store = FlakyUsageStore()
-    client, _ = await gateway(config(fake.url, daily=1.0).replace("budget: {daily_usd: 1.0, monthly_usd: 100}", ""),
-                              store=store)
+    client, _ = await gateway(config(fake.url, daily=1.0).tenant("acme", budget=None), store=store)
     for _ in range(3):
         assert (await client.post("/v1/chat/completions", json=chat(user="carol"), headers=KEY)).status == 200
     await asyncio.sleep(1.2)  # one flush fails: the counts are kept
@@ -282,7 +275,7 @@ async def test_a_report_counts_requests_with_an_idempotency_key_at_once(fake, ga
 
 
 async def test_a_users_usage_by_day_and_in_total(fake, gateway):
-    cfg = config(fake.url, daily=1.0).replace("  - name: free\n", "  - name: other\n    api_key: other-key-123456\n  - name: free\n")
+    cfg = config(fake.url, daily=1.0, others=[{"name": "other", "api_key": "other-key-123456"}])
     client, _ = await gateway(cfg, store=MemoryStore())
     for _ in range(2):
         await client.post("/v1/chat/completions", json=chat(user="dana"), headers=KEY)

@@ -1,5 +1,5 @@
 """The status page ``/`` and ``/status.json`` (SPEC §7): what an operator sees, in plain HTTP
-and in a real headless Chromium (tests/browser.py) that must follow a circuit opening by
+and in a real headless Chromium (tests/support/browser.py) that must follow a circuit opening by
 itself, without a reload.
 
 The browser cases skip with the reason when no Chromium is installed — or fail when
@@ -18,12 +18,11 @@ from typing import Any
 import pytest
 
 from gateway import __version__
-from gateway.config import parse_config
 from gateway.keys import RUNTIME
-from tests.browser import Browser, find_chromium
-from tests.fakes import Fault
+from tests.support.browser import Browser, find_chromium
+from tests.support.config import NO_RETRY, GatewayConfig, header_env
+from tests.support.fakes import Fault
 
-NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
 TENANT_KEY = "tenant-acme-Secret-7f3a9c"
 LAB_KEY = "tenant-lab-Secret-51be02"
 POOL_KEY_1 = "sk-pool-Secret-one-0a1b2c3d"
@@ -35,33 +34,14 @@ ACME = {"Authorization": f"Bearer {TENANT_KEY}"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "temperature": 0}
 
 
-def config(url: str) -> str:
+def config(url: str) -> GatewayConfig:
     """``up`` (OpenAI, cached, a two-key pool) and ``rest`` (plain HTTP, its own key); two tenants."""
-    return f"""
-server: {{default_target: up}}
-tenants:
-  - name: acme
-    api_key: {TENANT_KEY}
-    budget: {{daily_usd: 5, monthly_usd: 50}}
-  - name: lab
-    api_key: {LAB_KEY}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    cache: {{ttl_s: 60}}
-    retry_matrix: {NO_RETRY}
-  rest:
-    base_url: {url}/api
-    auth: {{type: header_env, header: x-api-key, env_var: REST_KEY}}
-    retry_matrix: {NO_RETRY}
-provider_key_pools:
-  up:
-    keys:
-      - {{id: up-one, api_key: {POOL_KEY_1}}}
-      - {{id: up-two, api_key: "env:POOL_KEY_2"}}
-"""
+    cfg = GatewayConfig(url, default_target="up")
+    cfg.tenant("acme", api_key=TENANT_KEY, budget={"daily_usd": 5, "monthly_usd": 50}).tenant("lab", api_key=LAB_KEY)
+    cfg.up(cache={"ttl_s": 60}, retry_matrix=NO_RETRY)
+    cfg.rest(auth=header_env("x-api-key", "REST_KEY"), retry_matrix=NO_RETRY)
+    return cfg.section("provider_key_pools", {"up": {"keys": [{"id": "up-one", "api_key": POOL_KEY_1},
+                                                              {"id": "up-two", "api_key": "env:POOL_KEY_2"}]}})
 
 
 class Page(HTMLParser):
@@ -269,17 +249,9 @@ def need_browser() -> None:
     pytest.skip(reason)
 
 
-def two_targets(alpha: str, beta: str) -> str:
-    return f"""
-targets:
-  alpha:
-    base_url: {alpha}/api
-    retry_matrix: {NO_RETRY}
-  beta:
-    base_url: {beta}/api
-    retry_matrix: {NO_RETRY}
-    circuit: {{error_threshold: 2, cooldown_s: 600}}
-"""
+def two_targets(alpha: str, beta: str) -> GatewayConfig:
+    return GatewayConfig().target("alpha", f"{alpha}/api", retry_matrix=NO_RETRY).target(
+        "beta", f"{beta}/api", retry_matrix=NO_RETRY, circuit={"error_threshold": 2, "cooldown_s": 600})
 
 
 CIRCUITS_JS = """Object.fromEntries([...document.querySelectorAll('#targets tr[data-target]')].map(
@@ -319,7 +291,7 @@ async def test_a_real_browser_shows_each_circuit_and_follows_it_opening_without_
         assert await browser.evaluate(EXTERNAL_JS) == []
 
         # A reload that adds a target: its row appears in config order, still without navigating.
-        config = parse_config(two_targets(alpha.url, beta.url) + f"  gamma:\n    base_url: {alpha.url}/api\n")
+        config = two_targets(alpha.url, beta.url).target("gamma", f"{alpha.url}/api").load()
         await client.app[RUNTIME].reload(config)
         await browser.wait_for("document.querySelector('tr[data-target=\"gamma\"]') !== null", timeout_s=10)
         rows = await browser.evaluate(CIRCUITS_JS)

@@ -25,8 +25,8 @@ from gateway.store import Store, StoreError, TakeResult, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.resp import ReplyError
-from tests.stores import drop, new_prefix
-from tests.stores import redis_store as _redis_store
+from tests.support.stores import drop, new_prefix
+from tests.support.stores import redis_store as _redis_store
 
 
 class FakeClock:

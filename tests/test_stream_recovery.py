@@ -11,39 +11,23 @@ import msgspec
 import openai
 import pytest
 
-from tests.clock import FakeClock
-from tests.fakes import Fault
+from tests.support.clock import FakeClock
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 CHAT = [{"role": "user", "content": "count"}]
 SIXTY = "".join(f"tok{i} " for i in range(60))
 
 
-def config(up: str, backup: str, *, extra: str = "", fallback: str = "[{target: backup, model: gpt-backup}]") -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {up}/v1
-    provider: openai
-    models: ["gpt-*"]
-    stream_recovery: continue
-    stream_idle_timeout_ms: 300
-    fallback_targets: {fallback}
-{extra}
-  backup:
-    base_url: {backup}/v1
-    provider: openai
-  claude:
-    base_url: {up}
-    provider: anthropic
-    models: ["claude-*"]
-    stream_recovery: continue
-    stream_idle_timeout_ms: 300
-    fallback_targets: [claude_backup]
-  claude_backup:
-    base_url: {backup}
-    provider: anthropic
-"""
+def config(up: str, backup: str, **up_fields: object) -> GatewayConfig:
+    """``up`` (OpenAI) and ``claude`` (Anthropic) at the primary fake continue a broken stream (idle
+    after 300 ms) on ``backup`` / ``claude_backup`` at the second fake; ``up_fields``: more for ``up``."""
+    recover = {"stream_recovery": "continue", "stream_idle_timeout_ms": 300}
+    cfg = GatewayConfig(up, default_target="up")
+    cfg.up(**recover, fallback_targets=[{"target": "backup", "model": "gpt-backup"}], **up_fields)
+    cfg.target("backup", f"{backup}/v1", provider="openai")
+    cfg.claude(**recover, fallback_targets=["claude_backup"])
+    return cfg.target("claude_backup", backup, provider="anthropic")
 
 
 @pytest.fixture
@@ -100,7 +84,7 @@ async def test_spliced_stream_has_one_role_chunk_and_one_done(setup):
 
 async def test_stalled_stream_is_continued_on_the_fallback_when_the_same_target_fails(setup):
     up, backup, make = setup
-    client, logs, sdk = await make(extra="    retry_matrix: {'5xx': {attempts: 0}}")
+    client, logs, sdk = await make(retry_matrix={"5xx": {"attempts": 0}})
     up.plan(Fault(chunks=60, stall_after=21), Fault(status=503))  # stalls, then refuses the continuation
     backup.plan(Fault(chunks=60))
     stream = await sdk.chat.completions.create(model="gpt-4o-mini", messages=CHAT, stream=True)
@@ -114,7 +98,7 @@ async def test_stalled_stream_is_continued_on_the_fallback_when_the_same_target_
 
 async def test_a_rejected_prefill_ends_with_the_original_failure(setup):
     up, backup, make = setup
-    client, logs, sdk = await make(extra="    retry_matrix: {'5xx': {attempts: 0}}")
+    client, logs, sdk = await make(retry_matrix={"5xx": {"attempts": 0}})
     rejection = Fault(status=400, error_message="prefill is not supported by this model")
     up.plan(Fault(chunks=60, cut_after=11), rejection)
     backup.plan(rejection)

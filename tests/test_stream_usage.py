@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import msgspec
 
-from tests.fakes import Fault
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: up}}
-targets:
-  up: {{base_url: "{url}/v1", provider: openai, models: ["gpt-*"]}}
-  mistral: {{base_url: "{url}/v1", provider: mistral, models: ["mistral-*"]}}
-"""
+def config(url: str) -> GatewayConfig:
+    return GatewayConfig(url, default_target="up").up().up("mistral", provider="mistral", models=["mistral-*"])
 
 
 def data_events(raw: bytes) -> list[dict | str]:

@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import llm_config
+from tests.support.config import llm_config
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -63,7 +63,7 @@ async def test_client_disconnect_before_first_byte_cancels_upstream(fake, gatewa
 
 
 async def test_headers_held_until_first_byte(fake, gateway):
-    cfg = llm_config(fake.url, extra_target="    ttft_timeout_ms: 300")
+    cfg = llm_config(fake.url).up(ttft_timeout_ms=300)
     client, logs = await gateway(cfg)
     # upstream sends 200 + headers at once but the first token only after 3 s
     resp = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Fake-First-Delay-Ms": "3000"})
@@ -114,7 +114,7 @@ async def test_cut_stream_ends_with_inband_error_anthropic(fake, gateway):
 
 
 async def test_stalled_stream_ends_with_inband_error(fake, gateway):
-    cfg = llm_config(fake.url, extra_target="    stream_idle_timeout_ms: 200")
+    cfg = llm_config(fake.url).up(stream_idle_timeout_ms=200)
     client, logs = await gateway(cfg)
     resp = await client.post("/v1/chat/completions", json=CHAT,
                              headers={"X-Fake-Chunks": "3", "X-Fake-Interval-Ms": "3000"})

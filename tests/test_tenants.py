@@ -17,10 +17,10 @@ import pytest
 
 import gateway.flow.tenants as tenants_module
 from gateway.keys import RUNTIME
-from tests.conftest import raw_http
-from tests.fakes import Fault
+from tests.support.config import NO_RETRY, GatewayConfig, llm_config
+from tests.support.fakes import Fault
+from tests.support.gateway import raw_http
 
-NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
 UP_SECRET = "sk-up-secret-1234"
 CLAUDE_SECRET = "sk-ant-secret-5678"
 
@@ -30,19 +30,12 @@ GAMMA_KEY = "key-gamma-0003"  # api_key_sha256
 NARROW_KEY = "key-narrow-004"  # allowed_targets / allowed_models
 ENV = {"UP_KEY": UP_SECRET, "CLAUDE_KEY": CLAUDE_SECRET, "BETA_KEY": BETA_KEY}
 
-TENANTS = f"""
-tenants:
-  - name: alpha
-    api_key: {ALPHA_KEY}
-  - name: beta
-    api_key_env: BETA_KEY
-  - name: gamma
-    api_key_sha256: {hashlib.sha256(GAMMA_KEY.encode()).hexdigest()}
-  - name: narrow
-    api_key: {NARROW_KEY}
-    allowed_targets: [up, rest]
-    allowed_models: ["gpt-4o*"]
-"""
+TENANTS = [
+    {"name": "alpha", "api_key": ALPHA_KEY},
+    {"name": "beta", "api_key_env": "BETA_KEY"},
+    {"name": "gamma", "api_key_sha256": hashlib.sha256(GAMMA_KEY.encode()).hexdigest()},
+    {"name": "narrow", "api_key": NARROW_KEY, "allowed_targets": ["up", "rest"], "allowed_models": ["gpt-4o*"]},
+]
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 CLAUDE = {"model": "claude-test-1", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
@@ -57,33 +50,17 @@ PROVIDER_LIMITS = {
 OTHER_HEADER = {"openai-processing-ms": "12"}  # not a rate-limit header: passes either way
 
 
-def config(url: str, tenants: str = TENANTS, server: str = "default_target: up") -> str:
-    return f"""
-server: {{{server}}}
-targets:
-  up:
-    base_url: {url}/v1
-    provider: openai
-    models: ["gpt-*"]
-    auth: {{type: bearer_env, env_var: UP_KEY}}
-    retry_matrix: {NO_RETRY}
-  claude:
-    base_url: {url}
-    provider: anthropic
-    models: ["claude-*"]
-    auth: {{type: header_env, header: x-api-key, env_var: CLAUDE_KEY}}
-    retry_matrix: {NO_RETRY}
-  rest:
-    base_url: {url}/api
-    auth: {{type: passthrough}}
-    retry_matrix: {NO_RETRY}
-{tenants}"""
+def config(url: str, tenants: list[dict] | dict = TENANTS, **server: object) -> GatewayConfig:
+    """The usual ``up``/``claude``/``rest`` with upstream keys, no retries; ``tenants`` as a list, or a
+    mapping (the seed's form)."""
+    cfg = llm_config(url, **server).each(retry_matrix=NO_RETRY)
+    return cfg.section("tenants", tenants) if isinstance(tenants, dict) else cfg.tenants(*tenants)
 
 
 @pytest.fixture
 def start(fake, gateway, clock):
-    async def make(tenants: str = TENANTS, *, env: dict[str, str] | None = None, server: str = "default_target: up"):
-        return await gateway(config(fake.url, tenants, server), env=ENV if env is None else env, clock=clock)
+    async def make(tenants: list[dict] | dict = TENANTS, *, env: dict[str, str] | None = None, **server: object):
+        return await gateway(config(fake.url, tenants, **server), env=ENV if env is None else env, clock=clock)
 
     return make
 
@@ -129,7 +106,7 @@ def assert_dialect_error(dialect: str, data: dict, status: int, code: str) -> st
 
 @pytest.mark.parametrize("dialect", list(TARGET))
 async def test_without_tenants_the_gateway_is_open(fake, start, dialect):
-    client, logs = await start(tenants="")
+    client, logs = await start(tenants=[])
     resp = await send(client, dialect)
     assert resp.status == 200
     assert resp.headers["X-ReliAPI-Target"] == TARGET[dialect]
@@ -138,7 +115,7 @@ async def test_without_tenants_the_gateway_is_open(fake, start, dialect):
 
 
 async def test_without_tenants_a_client_key_is_not_checked_and_the_target_key_replaces_it(fake, start):
-    client, _ = await start(tenants="")
+    client, _ = await start(tenants=[])
     resp = await send(client, "openai", bearer("anything-at-all"))
     assert resp.status == 200
     assert fake.requests[-1].headers["Authorization"] == f"Bearer {UP_SECRET}"
@@ -205,7 +182,7 @@ async def test_a_key_that_is_not_utf8_is_401_not_500(fake, start, header):
 
 async def test_401_comes_before_the_body_is_read(fake, start):
     """Authentication runs before the body: an unknown caller with an oversize upload gets 401, not 413."""
-    client, _ = await start(server="default_target: up, max_body_mb: 0.001")
+    client, _ = await start(max_body_mb=0.001)
     big = {**CHAT, "pad": "x" * 5000}
     resp = await client.post("/v1/chat/completions", json=big, headers=bearer("nope-nope-nope"))
     assert resp.status == 401
@@ -390,7 +367,7 @@ async def test_provider_rate_limit_headers_are_dropped_when_tenants_are_configur
 
 @pytest.mark.parametrize("dialect", ["openai", "anthropic", "envelope"])
 async def test_provider_rate_limit_headers_pass_without_tenants(fake, start, dialect):
-    client, _ = await start(tenants="")
+    client, _ = await start(tenants=[])
     fake.plan(Fault(headers={**PROVIDER_LIMITS, **OTHER_HEADER}))
     resp = await send(client, dialect)
     assert resp.status == 200
@@ -419,12 +396,7 @@ async def test_provider_rate_limit_headers_are_dropped_from_streams_and_upstream
 
 
 async def test_provider_headers_dropped_but_the_gateways_own_rate_limit_headers_kept(fake, start):
-    tenants = f"""
-tenants:
-  - name: alpha
-    api_key: {ALPHA_KEY}
-    rate_limit_rpm: 10
-"""
+    tenants = [{"name": "alpha", "api_key": ALPHA_KEY, "rate_limit_rpm": 10}]
     client, _ = await start(tenants)
     fake.plan(Fault(headers=PROVIDER_LIMITS))
     resp = await send(client, "openai", bearer(ALPHA_KEY))
@@ -440,14 +412,7 @@ tenants:
 
 async def test_seed_tenants_mapping_form(fake, start):
     """The seed's ``tenants: {name: {api_key, rate_limit_rpm}}`` (gateway/config/compat.py)."""
-    tenants = f"""
-tenants:
-  client-a:
-    api_key: {ALPHA_KEY}
-    rate_limit_rpm: 2
-  client-b:
-    api_key_env: BETA_KEY
-"""
+    tenants = {"client-a": {"api_key": ALPHA_KEY, "rate_limit_rpm": 2}, "client-b": {"api_key_env": "BETA_KEY"}}
     client, logs = await start(tenants)
     assert (await send(client, "openai")).status == 401
     statuses = [(await send(client, "openai", bearer(ALPHA_KEY))).status for _ in range(3)]

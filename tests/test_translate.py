@@ -9,7 +9,8 @@ import openai
 import pytest
 
 from providers import translate, translate_stream
-from tests.fakes import Fault
+from tests.support.config import GatewayConfig
+from tests.support.fakes import Fault
 
 # ---------------------------------------------------------------- recorded shapes (API references)
 
@@ -171,13 +172,8 @@ def test_an_anthropic_request_becomes_a_chat_request_and_back() -> None:
 # ---------------------------------------------------------------- end to end, through the SDKs
 
 
-def config(url: str) -> str:
-    return f"""
-server: {{default_target: gpt}}
-targets:
-  gpt: {{base_url: "{url}/v1", provider: openai, models: ["gpt-*"]}}
-  claude: {{base_url: "{url}", provider: anthropic, models: ["claude-*"], llm: {{max_tokens: 512}}}}
-"""
+def config(url: str) -> GatewayConfig:
+    return GatewayConfig(url, default_target="gpt").up("gpt").claude(llm={"max_tokens": 512})
 
 
 async def test_the_openai_sdk_talks_to_an_anthropic_target(fake, gateway):

@@ -8,8 +8,8 @@ import os
 import re
 import signal
 
-from tests.cli_harness import CLI, assert_no_traceback, free_port
-from tests.fakes import FakeUpstream
+from tests.support.cli_harness import CLI, assert_no_traceback, free_port
+from tests.support.fakes import FakeUpstream
 from tests.test_reload import _listening, fresh_get, process_config, start, wait_until
 
 

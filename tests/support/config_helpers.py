@@ -9,7 +9,7 @@ import pytest
 from gateway.config import ConfigError, parse_config
 from gateway.config.model import Config, RetryRule
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SEEDS = REPO.parent / "shared" / "seeds"
 
 DEFAULT_RETRY = {

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.store import StoreError
 from gateway.store.redis import RedisStore
-from tests.cli_harness import free_port
+from tests.support.cli_harness import free_port
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 _redis_down: dict[str, str] = {}  # url -> reason, so an absent Redis is probed once

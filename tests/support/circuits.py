@@ -8,45 +8,26 @@ from collections.abc import Callable
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import CircuitTransition
-from tests.fakes import Fault
+from tests.support.config import NO_RETRY, GatewayConfig
+from tests.support.fakes import Fault
 
 CHAT = [{"role": "user", "content": "hi"}]
 OPENAI_BODY = {"model": "gpt-4o-mini", "messages": CHAT}
 COOLDOWN = 30
-
-# No retries anywhere, so one client request is one upstream attempt and counts are simple.
-NO_RETRY = '{"429": {attempts: 0}, "5xx": {attempts: 0}, "net": {attempts: 0}, "timeout": {attempts: 0}}'
+CIRCUIT = {"error_threshold": 2, "cooldown_s": COOLDOWN}
 
 
-def config(up: str, *, circuit: str = f"{{error_threshold: 2, cooldown_s: {COOLDOWN}}}", up_extra: str = "",
-           backup: str | None = None, timeout_ms: int = 2000) -> str:
-    """Target ``up`` (OpenAI) and ``claude`` (Anthropic) at the fake, with the circuit under test;
-    optionally a fallback ``backup`` on a second fake."""
-    chain = "    fallback_targets: [backup]\n" if backup else ""
-    backup_target = f"""
-  backup:
-    base_url: {backup}/v1
-    provider: openai
-    retry_matrix: {NO_RETRY}
-""" if backup else ""
-    return f"""
-server: {{default_target: up}}
-targets:
-  up:
-    base_url: {up}/v1
-    provider: openai
-    models: ["gpt-*"]
-    timeout_ms: {timeout_ms}
-    retry_matrix: {NO_RETRY}
-    circuit: {circuit}
-{chain}{up_extra}
-  claude:
-    base_url: {up}
-    provider: anthropic
-    models: ["claude-*"]
-    retry_matrix: {NO_RETRY}
-    circuit: {circuit}
-{backup_target}"""
+def config(up: str, *, circuit: dict = CIRCUIT, backup: str | None = None, timeout_ms: int = 2000,
+           **up_fields: object) -> GatewayConfig:
+    """Target ``up`` (OpenAI) and ``claude`` (Anthropic) at the fake, with the circuit under test and
+    no retries; optionally a fallback ``backup`` on a second fake. ``up_fields``: more for ``up``."""
+    cfg = GatewayConfig(up, default_target="up")
+    cfg.up(timeout_ms=timeout_ms, retry_matrix=NO_RETRY, circuit=circuit,
+           fallback_targets=["backup"] if backup else None, **up_fields)
+    cfg.claude(retry_matrix=NO_RETRY, circuit=circuit)
+    if backup:
+        cfg.target("backup", f"{backup}/v1", provider="openai", retry_matrix=NO_RETRY)
+    return cfg
 
 
 async def chat(client, path: str = "/v1/chat/completions", body: dict | None = None, **kwargs):

@@ -5,7 +5,7 @@
 websocket (aiohttp's client), and kills the whole browser by its process group when done.
 ``navigate``, ``evaluate`` (read the DOM), ``viewport``, ``screenshot`` — nothing else.
 
-For local use: ``python -m tests.browser --screenshot out.png [--width 375] http://127.0.0.1:8000/``
+For local use: ``python -m tests.support.browser --screenshot out.png [--width 375] http://127.0.0.1:8000/``
 (``make screenshot`` takes one at 1280 and one at 375 px).
 """
 
@@ -251,7 +251,7 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.browser", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.support.browser", description=__doc__.split("\n\n")[0])
     parser.add_argument("url", nargs="?", default="http://127.0.0.1:8000/")
     parser.add_argument("--screenshot", metavar="PNG", required=True, help="where to write the screenshot")
     parser.add_argument("--width", type=int, default=1280, help="viewport width in CSS pixels (375: a phone)")

@@ -4,7 +4,7 @@ Each constant carries a comment naming its source; ``test_config_seeds.test_seed
 re-checks the seed-file ones against ../shared/seeds when those are present. Where a block is a
 fragment that needs more to be a whole config (targets it refers to, a tenant key), the extra YAML
 lives in the appendices at the end and is *appended* to the verbatim text, never edited into it.
-Trailing whitespace inside the blocks is part of the copy (pyproject.toml lets ruff allow it here).
+Trailing whitespace inside the blocks is part of the copy (the file-level ``ruff: noqa`` above allows it).
 """
 
 # Verbatim from the seed README (shared/seeds/002_7f183d1fd1c03f80.txt), "Minimal HTTP Target".

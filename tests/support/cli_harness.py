@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 10  # how long a gateway may take to answer /healthz
 EXIT_S = 15  # how long a gateway may take to exit after SIGTERM with nothing in flight
 
@@ -176,9 +176,10 @@ class CLI:
         self.cwd = cwd
         self.started: list[Gateway] = []
 
-    def write(self, name: str, text: str) -> Path:
+    def write(self, name: str, text: object) -> Path:
+        """Write ``text`` (YAML, or a ``GatewayConfig``: its YAML) to ``name`` in the working directory."""
         path = self.cwd / name
-        path.write_text(text)
+        path.write_text(str(text))
         return path
 
     def run(

@@ -1,0 +1,1 @@
+"""Helpers for the tests: fake upstreams, clocks, stores, the CLI harness, the config builder."""
