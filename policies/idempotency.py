@@ -47,6 +47,8 @@ from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunnin
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
     from gateway.flow.exchange import Exchange, Reply
@@ -186,9 +188,12 @@ def policy(ctx: Context) -> tuple[Policy, Flights]:
     fail_open = ctx.config.store.fail_open
     events = ctx.events
 
-    async def idempotency(ex: Exchange, call_next: Handler) -> Reply:
-        if not keyed(ex):  # (a safe method, or no key: most requests)
-            return await call_next(ex)
+    def idempotency(ex: Exchange, call_next: Handler) -> Awaitable[Reply]:
+        if not keyed(ex):  # (a safe method, or no key: most requests pass straight on, no frame of their own)
+            return call_next(ex)
+        return keyed_request(ex, call_next)
+
+    async def keyed_request(ex: Exchange, call_next: Handler) -> Reply:
         key = await request_key(ex)
         if key is None:
             return await call_next(ex)

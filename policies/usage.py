@@ -34,7 +34,7 @@ from gateway.flow.exchange import ANTHROPIC
 from gateway.headers import X_RELIAPI_COST
 from gateway.store import StoreError
 from providers import endpoints, estimate, openai
-from providers.dialects import dialect
+from providers.dialects import DIALECTS, OTHER
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler, Policy
@@ -56,7 +56,7 @@ def read_usage(body: bytes, dialect_name: str | None = "chat") -> tuple[int, int
     translated answer is read after it was translated back); None without usage (the model is the one
     the client asked for: ``Exchange.model``). Raises ``NotJSON`` for a body that does not parse."""
     try:
-        found = dialect(dialect_name).read_usage(body)
+        found = DIALECTS.get(dialect_name, OTHER).read_usage(body)
     except msgspec.DecodeError:
         raise NotJSON() from None
     except RecursionError:  # valid, but nested past what can be read: no usage to count

@@ -8,7 +8,8 @@ Otherwise it crosses: OpenAI Chat Completions ⇄ Anthropic Messages (``provider
 ``providers.translate_stream``). Each translator
 
 - ``prepare``s the request: the body (made once per body: retries reuse it; a large one off the
-  event loop), the path when it is not the client's, and the headers the upstream needs;
+  event loop), the path when it is not the client's, and the headers the upstream needs —
+  ``ready`` first, which answers at once when there is nothing to make (most requests);
 - ``reader`` reads the upstream's stream (``StreamReader``: events, end of answer, usage);
 - ``answer`` turns a complete answer — success or error — into the client's dialect, in place;
 - ``stream`` turns a stream into the client's dialect, event by event.
@@ -60,17 +61,21 @@ class Upstream(Protocol):
 
 
 class Prepared:
-    """A request as it goes upstream: its body, its path (None: the client's), and whether the
-    upstream was asked for a usage report the client did not ask for (read, then dropped)."""
+    """A request as it goes upstream: its body (None: the client's, as it is), its path (None: the
+    client's), and whether the upstream was asked for a usage report the client did not ask for (read,
+    then dropped)."""
 
     __slots__ = ("body", "path", "asked_usage", "strip_usage")
 
-    def __init__(self, body: bytes, path: str | None = None, asked_usage: bool = False,
+    def __init__(self, body: bytes | None, path: str | None = None, asked_usage: bool = False,
                  strip_usage: bool = False) -> None:
         self.body = body
         self.path = path
         self.asked_usage = asked_usage
         self.strip_usage = strip_usage
+
+
+AS_IS = Prepared(None)
 
 
 class Translator:
@@ -82,12 +87,17 @@ class Translator:
         self.client = client
         self.upstream = upstream
 
-    async def prepare(self, ex: Attempt, target: Upstream) -> Prepared:
+    def ready(self, ex: Attempt, target: Upstream) -> Prepared | None:
+        """The prepared request when nothing needs making (None: ``await prepare``)."""
         if ex.ask_usage and target.provider.reports_stream_usage:
-            asked = await _asking_usage(ex, self)
-            if asked is not None:
-                return Prepared(asked, asked_usage=True, strip_usage=True)
-        return Prepared(ex.body)
+            return None
+        return AS_IS
+
+    async def prepare(self, ex: Attempt, target: Upstream) -> Prepared:
+        asked = await _asking_usage(ex, self)
+        if asked is not None:
+            return Prepared(asked, asked_usage=True, strip_usage=True)
+        return AS_IS
 
     def headers(self, headers: CIMultiDict[str]) -> None:
         pass
@@ -110,6 +120,9 @@ class Crossing(Translator):
     """A request in one dialect for an upstream of the other, and its answer back."""
 
     crosses = True
+
+    def ready(self, ex: Attempt, target: Upstream) -> Prepared | None:
+        return None
 
     async def prepare(self, ex: Attempt, target: Upstream) -> Prepared:
         made = ex.prepared

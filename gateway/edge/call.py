@@ -1,14 +1,9 @@
-"""One HTTP request at the edge, and the shape of the edge's steps.
-
-An edge step is ``step(call, call_next) -> Awaitable[Reply]``, like a policy of the request
-flow but over the ``Call`` (the aiohttp request and what the steps learned of it), since it
-runs before there is an ``Exchange``: a step may refuse (raise), fill in the call, or wrap the
-reply the rest of the steps return.
-"""
+"""One HTTP request at the edge (``Call``: the aiohttp request and what the edge's steps learned of
+it), and the shapes of those steps, which run before there is an ``Exchange``."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -22,7 +17,6 @@ class Surface(Protocol):
     """What a call knows of its surface (``gateway.edge.surfaces.Surface``)."""
 
     name: str  # the access log's "route"
-    handler: EdgeHandler
 
     def dialect_of(self, raw_path: str) -> str: ...
 
@@ -44,18 +38,9 @@ class Call:
         return (now - self.started) * 1000
 
 
-EdgeHandler = Callable[[Call], Awaitable["Reply"]]
-EdgeStep = Callable[[Call, EdgeHandler], Awaitable["Reply"]]
-
-
-def compose(steps: Sequence[EdgeStep], innermost: EdgeHandler) -> EdgeHandler:
-    handler = innermost
-    for step in reversed(steps):
-        handler = _bind(step, handler)
-    return handler
-
-
-def _bind(step: EdgeStep, call_next: EdgeHandler) -> EdgeHandler:
-    def bound(call: Call) -> Awaitable[Reply]:
-        return step(call, call_next)
-    return bound
+# The edge's steps, in the order a surface runs them (``gateway.edge.serve``): checks, made before the
+# body is read (they refuse by raising), the surface's parser (the request as an ``Exchange``), the
+# request flow, and the surface's finisher when its answers have a shape of their own.
+Check = Callable[[Call], None]
+Parser = Callable[[Call], Awaitable["Exchange"]]
+Finisher = Callable[[Call, "Reply"], Awaitable["Reply"]]

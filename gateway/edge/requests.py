@@ -16,10 +16,10 @@ from aiohttp import hdrs, web
 from gateway import offload
 from gateway.edge.body import decoded, is_json, read_body
 from gateway.errors import InvalidRequest
-from gateway.flow.exchange import ENVELOPE, Exchange
+from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import X_RELIAPI_TARGET
 from gateway.upstream.paths import validate_header_values, validate_path, validate_query
-from providers.endpoints import endpoint
+from providers.endpoints import MESSAGES, Endpoint, endpoint
 
 if TYPE_CHECKING:
     from gateway.edge.call import Call
@@ -154,6 +154,13 @@ def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:
     return path[prefix_len:], query
 
 
+def v1_dialect(asked: Endpoint) -> str:
+    """The dialect of ``/v1`` errors: Anthropic's for the Messages endpoints (``messages``, ``messages/…``,
+    however spelled), else OpenAI's — one rule, for a request's own errors and those before it was read."""
+    path = asked.path
+    return ANTHROPIC if path == MESSAGES or path.startswith("messages/") else OPENAI
+
+
 async def v1(call: Call) -> Exchange:
     """``/v1/{path}``: the path and query checked, the body read (decoded when compressed) and
     peeked at, the target chosen by ``X-ReliAPI-Target``, the body's model, or the default."""
@@ -167,10 +174,11 @@ async def v1(call: Call) -> Exchange:
     body, headers = await body_of(call), request.headers
     if hdrs.CONTENT_ENCODING in headers:
         body, headers = await decoded(request, body, rt.max_body, json_by_default=True)
-    peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=endpoint(rel).billed)
+    asked = endpoint(rel)
+    peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=asked.billed)
     target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
     return _shape(Exchange(
-        request_id=call.request_id, method=request.method, route="v1", dialect=call.surface.dialect_of(raw),
+        request_id=call.request_id, method=request.method, route="v1", dialect=v1_dialect(asked),
         rel_path=rel, v1=True, query=query, headers=headers, body=body, target=target, model=peek.model,
         stream=stream, client_ip=client_ip(request, rt), tenant=call.tenant,
     ), peek)

@@ -1,7 +1,7 @@
 """The outermost step of every proxied request (``gateway.edge.surfaces``).
 
-It names the request (``X-Request-Id``), runs its surface's steps and the request flow,
-writes the reply — complete, or relayed as a stream (``gateway.edge.writer``) — and renders every
+It names the request (``X-Request-Id``), runs its surface's steps — checks, parser, the
+request flow (``gateway.flow``), finisher —, writes the reply — complete, or relayed as a stream (``gateway.edge.writer``) — and renders every
 ``GatewayError`` raised anywhere on the way, writing included, in the surface's dialect with
 the request id. Anything else is a bug: logged once with its stack and the request id, and
 answered ``500 internal_error`` (in-band, once a stream has started). Last, whatever
@@ -37,10 +37,16 @@ async def serve(request: web.Request) -> web.StreamResponse:
     status, error, reply = 0, None, None
     try:
         try:
-            reply = await surface.handler(call)
+            for check in surface.checks:  # before the body is read
+                check(call)
+            ex = call.ex = await surface.parser(call)
+            call.inflight = ex.target.name
+            rt.observatory.enter(call.inflight)  # (left in _record, once the reply is written)
+            reply = await rt.flow(ex)
+            finish = surface.finish
+            if finish is not None:
+                reply = await finish(call, reply)
             status = reply.status
-            ex = call.ex
-            assert ex is not None
             headers = reply.headers
             headers[X_REQUEST_ID] = call.request_id
             headers[X_RELIAPI_TARGET] = ex.target.name
@@ -61,7 +67,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
         ex = call.ex
         return error_response(
             error, surface.dialect_of(request.raw_path), call.request_id, target=ex.target.name if ex else None,
-            attempts=ex.attempts if ex else 0, duration_ms=call.elapsed_ms(time.monotonic()),
+            attempts=ex.attempts if ex else 0, duration_ms=(time.monotonic() - call.started) * 1000,
         )
     finally:
         _record(call, reply, status, error, outcome)
@@ -73,7 +79,7 @@ def _record(call: Call, reply: Reply | None, status: int, error: GatewayError | 
         rt.observatory.leave(call.inflight)
     ex = call.ex
     fields = access_fields(request, call.request_id, call.surface.name, ex, reply if error is None else None, status,
-                           error, outcome, call.elapsed_ms(time.monotonic()))
+                           error, outcome, (time.monotonic() - call.started) * 1000)
     if ex is None:
         fields["tenant"] = call.tenant  # a known caller whose request was refused before it had a target
     failed = error or outcome.error

@@ -1,16 +1,16 @@
 """The table of proxied surfaces: which parser, error dialect and finisher a path gets.
 
-    surface     method and path          parser (→ Exchange)        errors in   finisher
-    generate    POST /v1/generate        gateway.edge.generate           openai      generate.reply
-    proxy       POST /proxy/http         gateway.edge.envelope           envelope    envelope.finish
-    proxy_llm   POST /proxy/llm          gateway.edge.envelope_llm       envelope    envelope_llm.reply
-    v1          any  /v1/{path}          edge.requests.v1           by path     —
-    t           any  /t/{target}/{path}  edge.requests.t            envelope    —
-    none        anything else            (404 unknown_target)       envelope    —
+    surface     method and path          checks             parser (→ Exchange)   errors in   finisher
+    generate    POST /v1/generate        http/1, tenant     generate.exchange     openai      generate.finish
+    proxy       POST /proxy/http         http/1, tenant     envelope.exchange     envelope    envelope.finish
+    proxy_llm   POST /proxy/llm          http/1, tenant     envelope_llm.exchange envelope    envelope_llm.finish
+    v1          any  /v1/{path}          http/1, tenant     requests.v1           by path     —
+    t           any  /t/{target}/{path}  http/1, tenant     requests.t            envelope    —
+    none        anything else            404 unknown_target —                     envelope    —
 
 A request is looked up by its exact method and path first, then by prefix. A surface's
 steps run in ``gateway.edge.serve`` (outermost: the request id, errors, the reply, the
-access record); ``/v1`` errors are in Anthropic's dialect for the Messages endpoints
+access record): its checks, its parser, the request flow, its finisher. ``/v1`` errors are in Anthropic's dialect for the Messages endpoints
 (``messages``, ``messages/count_tokens``, however the path is spelled) and OpenAI's for the
 rest — one rule, for the request's own errors and for those before it was read. Fixed
 gateway endpoints (health, metrics, admin, the status page, ``GET /v1/models``) are plain
@@ -19,33 +19,30 @@ aiohttp routes (``gateway.app``), not surfaces.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.edge import envelope, envelope_llm, generate, requests
-from gateway.edge.call import Call, EdgeHandler, EdgeStep, compose
-from gateway.edge.steps import authenticate, finishing, from_http1, no_route, parse_and_run
-from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI
-from providers.endpoints import MESSAGES, endpoint
+from gateway.edge.call import Call, Check, Finisher, Parser
+from gateway.edge.steps import authenticate, from_http1, no_route
+from gateway.flow.exchange import ENVELOPE, OPENAI
+from providers.endpoints import endpoint
 
 if TYPE_CHECKING:
-    from gateway.flow.exchange import Exchange, Reply
-
-Parser = Callable[[Call], Awaitable["Exchange"]]
-Finisher = Callable[[Call, "Reply"], Awaitable["Reply"]]
-
+    from gateway.flow.exchange import Exchange
 
 class Surface:
-    __slots__ = ("name", "dialect", "handler")
+    """One row of the table: the edge's steps for requests to it (``gateway.edge.serve`` runs them)."""
+
+    __slots__ = ("name", "dialect", "checks", "parser", "finish")
 
     def __init__(self, name: str, dialect: str | Callable[[str], str], parser: Parser | None,
                  finish: Finisher | None = None) -> None:
         self.name = name  # the access log's "route"
         self.dialect = dialect  # errors are rendered in it: a dialect, or a function of the raw path
-        steps: list[EdgeStep] = [from_http1, authenticate] if parser is not None else [no_route]
-        if finish is not None:
-            steps.append(finishing(finish))
-        self.handler: EdgeHandler = compose(steps, parse_and_run(parser or _never))
+        self.checks: tuple[Check, ...] = (from_http1, authenticate) if parser is not None else (no_route,)
+        self.parser: Parser = parser or _never
+        self.finish = finish  # None: the flow's reply is the answer
 
     def dialect_of(self, raw_path: str) -> str:
         dialect = self.dialect
@@ -57,9 +54,8 @@ async def _never(call: Call) -> Exchange:
 
 
 def v1_dialect(raw_path: str) -> str:
-    """Anthropic's for the Messages endpoints (``messages``, ``messages/…``), else OpenAI's."""
-    path = endpoint(raw_path[4:].partition("?")[0]).path  # (after "/v1/"; memoized per path)
-    return ANTHROPIC if path == MESSAGES or path.startswith("messages/") else OPENAI
+    """Errors before a request was read: the dialect of its endpoint (``requests.v1_dialect``)."""
+    return requests.v1_dialect(endpoint(raw_path[4:].partition("?")[0]))  # (after "/v1/"; memoized per path)
 
 
 GENERATE = Surface("generate", OPENAI, generate.exchange, generate.finish)

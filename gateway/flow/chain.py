@@ -17,7 +17,10 @@ Handler = Callable[["Exchange"], Awaitable["Reply"]]
 
 
 class Policy(Protocol):
-    async def __call__(self, ex: Exchange, call_next: Handler) -> Reply: ...
+    """An ``async def``, or a plain function that returns ``call_next(ex)`` itself when it has nothing
+    to do (no coroutine frame of its own on the common path)."""
+
+    def __call__(self, ex: Exchange, call_next: Handler) -> Awaitable[Reply]: ...
 
 
 def compose(policies: Sequence[Policy | None], innermost: Handler) -> Handler:

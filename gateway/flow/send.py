@@ -59,15 +59,15 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
                 raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
             timeout = min(timeout, left)
         tr = translator(ex, target)  # per attempt: a fallback may go to another dialect
-        prepared = await tr.prepare(ex, target)
+        prepared = tr.ready(ex, target) or await tr.prepare(ex, target)
         if tr.crosses:
             tr.headers(headers)
-        path = prepared.path
+        path, body = prepared.path, prepared.body
         sent_at = clock.monotonic()
         try:
             reply = await target.transport.send(
                 ex.method, ex.url() if path is None else target.base.url(path, ex.query, v1=True), headers,
-                prepared.body,
+                ex.body if body is None else body,
                 timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
             )
         except GatewayError:  # a timeout or a refused connection is an attempt too (status 0): p99 must show it
