@@ -83,6 +83,7 @@ async def test_streaming_answers_meta_chunks_and_done(fake, gateway, target):
     name, done = events[-1]
     assert name == "done" and done["finish_reason"] == "stop" and done["usage"]["completion_tokens"] == 3
     assert done["cost_usd"] > 0
+    assert done["cost_usd"] == round(done["cost_usd"], 10)  # rounded as the complete answer's meta, no float dust
 
 
 async def test_a_cut_stream_ends_with_an_error_event(fake, gateway):

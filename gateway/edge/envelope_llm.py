@@ -245,4 +245,5 @@ async def _translate(rt: Runtime, ex: Exchange, upstream: Reply, meta: dict[str,
     cost = ex.log.get("cost_usd")
     if cost is None and usage is not None and price is not None:
         cost = round(price.cost(usage["prompt_tokens"], usage["completion_tokens"]), 8)
-    yield _event("done", {"finish_reason": finish, "usage": usage, "cost_usd": cost})
+    yield _event("done", {"finish_reason": finish, "usage": usage,
+                          "cost_usd": round(cost, 10) if cost is not None else None})  # as the complete answer's meta
