@@ -6,7 +6,14 @@ counts do not. Each proxy runs twice under callgrind, serving N1 and then N2 seq
 non-streaming requests over one keep-alive connection; (total(N2) - total(N1)) / (N2 - N1)
 cancels start-up and shutdown and leaves the cost of one request. Takes 2-4 minutes.
 
-    python bench/instructions.py [--n1 100] [--n2 400]
+The client waits ``--gap-ms`` between a response and the next request, so that the proxy is
+always idle, waiting for it, when it comes — as behind any real network. Without the gap the
+count depended on a race: a proxy that was still busy after writing a response found the next
+request already there and skipped one turn of its event loop (≈ 5-10 k instructions), so the
+same code measured differently from run to run and any change of timing moved the count. Hash
+randomisation is off in the measured processes (``PYTHONHASHSEED=0``) for the same reason.
+
+    python bench/instructions.py [--n1 100] [--n2 400] [--gap-ms 20]
 
 Needs valgrind (Debian package `valgrind`). 127.0.0.1 only; every wait is bounded.
 """
@@ -49,10 +56,12 @@ def connect(port: int, timeout: float = 120) -> socket.socket:
             time.sleep(0.2)
 
 
-def send_sequential(port: int, n: int) -> None:
+def send_sequential(port: int, n: int, gap_s: float = 0.0) -> None:
     sock = connect(port)
     with sock:
         for i in range(n):
+            if gap_s:
+                time.sleep(gap_s)
             sock.sendall(REQUEST)
             buf = b""
             while b"\r\n\r\n" not in buf:
@@ -66,12 +75,13 @@ def send_sequential(port: int, n: int) -> None:
                 rest += sock.recv(65536)
 
 
-def instructions(cmd: list[str], port: int, n: int, out: Path) -> int:
+def instructions(cmd: list[str], port: int, n: int, out: Path, gap_s: float) -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts in every run: hash randomisation moves the count
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
     try:
-        send_sequential(port, n)
+        send_sequential(port, n, gap_s)
     finally:
         proc.terminate()
         try:
@@ -89,6 +99,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n1", type=int, default=100)
     ap.add_argument("--n2", type=int, default=400)
+    ap.add_argument("--gap-ms", type=float, default=20.0, help="pause before each request (0: back to back)")
     a = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind not found (apt-get install valgrind)", file=sys.stderr)
@@ -108,7 +119,7 @@ def main() -> int:
                            f"auth: {{type: passthrough}}}}\n")
             cmd = ([PY, str(BENCH / "bare_proxy.py"), "--port", str(port), "--upstream", f"http://127.0.0.1:{up_port}"]
                    if name == "bare" else [PY, "-m", "gateway", "--config", str(cfg), "--log-level", "info"])
-            totals = [instructions(cmd, port, n, tmp / f"{name}.{n}.out") for n in (a.n1, a.n2)]
+            totals = [instructions(cmd, port, n, tmp / f"{name}.{n}.out", a.gap_ms / 1000) for n in (a.n1, a.n2)]
             results[name] = (totals[1] - totals[0]) / (a.n2 - a.n1)
             print(f"{name:8s} {results[name] / 1000:8.1f} k instructions / request", flush=True)
         print(f"gateway/bare {results['gateway'] / results['bare']:.3f}x")
