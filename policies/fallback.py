@@ -75,6 +75,7 @@ class Chains:
 
     def __init__(self, ctx: Context) -> None:
         targets = ctx.targets
+        self.tenants = ctx.tenants.by_name
 
         def entries(raw: list, primary: Target) -> list[Entry]:
             # OpenAI and Anthropic targets stand in for each other (providers.translators); a plain-HTTP
@@ -101,11 +102,18 @@ class Chains:
         return bool(self.recovering or self.tenant_chains or any(self.chains.values()))
 
     def chain_for(self, ex: Exchange, primary: Target) -> list[Entry]:
+        """The fallback chain of this request: its tenant's own, else its target's — without the entries
+        the tenant may not use (``allowed_targets`` / ``allowed_models`` bind a fallback too)."""
+        chain = self.chains[primary.name]
         if ex.tenant is not None:
             own = self.tenant_chains.get(ex.tenant)
             if own is not None and primary.name in own:
-                return own[primary.name]
-        return self.chains[primary.name]
+                chain = own[primary.name]
+            tenant = self.tenants.get(ex.tenant)
+            if chain and tenant is not None and tenant.restricted:
+                chain = [(t, m) for t, m in chain
+                         if tenant.allows(t.name, m or (t.config.llm.default_model if t.config.llm else None) or ex.model)]
+        return chain
 
     def candidates(self, ex: Exchange) -> list[Entry]:
         """Every (target, model) this request may be answered by, the model as each would be asked

@@ -112,6 +112,11 @@ class Translator:
     def answer(self, reply: Any) -> None:
         """A complete answer (``Reply``) in the client's dialect, in place."""
 
+    def upstream_id(self, client_id: str | None) -> str | None:
+        """The upstream's own id of an answer, from the id its translation carries (the provider's records
+        know only theirs)."""
+        return client_id
+
     def stream(self, ex: Attempt, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         return chunks
 
@@ -165,6 +170,13 @@ class Crossing(Translator):
             out = translate.openai_to_anthropic_response(doc)
         reply.body = msgspec.json.encode(out)
         reply.headers["Content-Type"] = "application/json"
+
+    def upstream_id(self, client_id: str | None) -> str | None:
+        if client_id is None:
+            return None
+        if self.upstream is MESSAGES:  # msg_… ⇄ chatcmpl-… (providers.translate)
+            return "msg_" + client_id.removeprefix("chatcmpl-")
+        return "chatcmpl-" + client_id.removeprefix("msg_")
 
     def stream(self, ex: Attempt, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if self.upstream is MESSAGES:

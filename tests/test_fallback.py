@@ -199,3 +199,20 @@ async def test_client_errors_do_not_fall_back(three, gateway):
     up.plan(Fault(status=404, error_message="no such model"))
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert resp.status == 404 and fb1.requests == [] and len(up.requests) == 1
+
+
+async def test_a_tenant_is_never_answered_by_a_fallback_it_may_not_use(three, gateway):
+    """``allowed_models`` / ``allowed_targets`` bind the fallback chain too: a tenant limited to gpt-big on ``up``
+    is not answered by ``fb2`` with gpt-two (or by ``fb1``, a target it may not use) when ``up`` fails."""
+    up, fb1, fb2 = three
+    cfg = chain_config(up.url, fb1.url, fb2.url, retry_matrix={"5xx": {"attempts": 0}})
+    cfg.tenant("narrow", api_key="narrow-key-123456", allowed_models=["gpt-big"])
+    cfg.tenant("targets", api_key="targets-key-123456", allowed_targets=["up", "fb2"])
+    client, logs = await gateway(cfg)
+    up.script = lambda n, seen: DOWN
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer narrow-key-123456"})
+    assert resp.status == 503 and "X-ReliAPI-Fallback" not in resp.headers  # up's own failure, nothing else tried
+    assert (len(fb1.requests), len(fb2.requests)) == (0, 0)
+    resp = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer targets-key-123456"})
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "fb2"  # fb1 skipped: not an allowed target
+    assert (len(fb1.requests), len(fb2.requests)) == (0, 1)

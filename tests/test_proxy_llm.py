@@ -61,6 +61,7 @@ async def test_an_anthropic_target_gets_a_messages_request(fake, gateway):
         "stop": "END", "temperature": 0.2})).json()
     assert body["success"] is True and body["data"]["content"] == "Hello from the fake."
     assert body["data"]["finish_reason"] == "stop"
+    assert body["data"]["id"] == "msg_fake"  # Anthropic's own id, as its records have it
     sent = fake.requests[0]
     assert sent.path_qs == "/v1/messages"
     assert sent.json() == {"model": "claude-3-5-haiku-latest",

@@ -39,6 +39,7 @@ from gateway.flow.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
 from gateway.streaming.sse import Aligner, events
 from policies.usage import read_usage
+from providers.translators import translator
 
 if TYPE_CHECKING:
     from gateway.edge.call import Call
@@ -164,7 +165,7 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
         meta["cost_usd"] = round(price.cost(usage[0], usage[1]), 8) if price else None
     out = {
         "success": True,
-        "data": {"id": answer.id, "model": answer.model or ex.model, "role": "assistant", "content": text,
+        "data": {"id": translator(ex, ex.target).upstream_id(answer.id), "model": answer.model or ex.model, "role": "assistant", "content": text,
                  "finish_reason": finish, "usage": _usage(usage)},
         "meta": meta,
     }

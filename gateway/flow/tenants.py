@@ -41,6 +41,15 @@ class Tenant:
             re.compile(fnmatch.translate(glob)) for glob in config.allowed_models
         ]
 
+    @property
+    def restricted(self) -> bool:
+        return self._targets is not None or self._models is not None
+
+    def allows(self, target: str, model: str | None) -> bool:
+        """May this tenant be answered by ``target`` with ``model`` (a fallback it could not ask for is not)."""
+        return (self._targets is None or target in self._targets) and (
+            self._models is None or model is None or any(m.match(model) for m in self._models))
+
     def check(self, target: str, model: str | None) -> None:
         if self._targets is not None and target not in self._targets:
             raise Forbidden(f"tenant {self.name!r} may not use target {target!r}")
