@@ -330,9 +330,10 @@ async def test_a_body_that_is_no_json_object_is_never_sent_on_untranslated(fake,
 
 
 async def test_counting_tokens_on_an_openai_target_is_a_clear_400_in_anthropics_dialect(fake, gateway):
-    client, _ = await gateway(config(fake.url))
+    client, logs = await gateway(config(fake.url))
     resp = await client.post("/v1/messages/count_tokens", json={
         "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
     answer = await resp.json()
     assert resp.status == 400 and answer["type"] == "error" and "count_tokens" in answer["error"]["message"]
     assert fake.requests == []
+    assert logs[-1]["attempts"] == 0  # refused before anything was sent: no attempt

@@ -39,6 +39,10 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
 
     async def send_upstream(ex: Exchange) -> Reply:
         target = ex.target
+        # the request as this target takes it (per attempt: a fallback may go to another dialect); one it
+        # cannot take is refused before anything is sent, and is no attempt
+        tr = translator(ex, target)
+        prepared = tr.ready(ex, target) or await tr.prepare(ex, target)
         ex.attempts += 1
         credential = target.credential
         headers = upstream_request_headers(  # the gateway reads LLM answers (usage, translation): uncompressed
@@ -58,8 +62,6 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
             if left <= 0:
                 raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
             timeout = min(timeout, left)
-        tr = translator(ex, target)  # per attempt: a fallback may go to another dialect
-        prepared = tr.ready(ex, target) or await tr.prepare(ex, target)
         if tr.crosses:
             tr.headers(headers)
         path, body = prepared.path, prepared.body
