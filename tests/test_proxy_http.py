@@ -158,3 +158,17 @@ async def test_a_streamed_2xx_answer_is_carried_whole_in_the_envelope(fake, gate
     assert resp.status == 200 and out["success"] is True
     body = out["data"]["body"]
     assert isinstance(body, str) and body.count("tok") == 3 and body.endswith("data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("header", ["Idempotency-Key", "X-Idempotency-Key"])
+async def test_the_idempotency_headers_work_like_the_body_field(fake, gateway, header):
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(delay_ms=200))
+    envelope = {"target": "my_api", "method": "POST", "path": "/pay", "body": {"amount": 5}}
+
+    async def call() -> dict:
+        return await (await client.post("/proxy/http", json=envelope, headers={**KEY, header: "pay-9"})).json()
+
+    answers = await asyncio.gather(call(), call())
+    assert len(fake.requests) == 1 and sorted(a["meta"]["idempotent_hit"] for a in answers) == [False, True]
+    assert (await call())["meta"]["idempotent_hit"] is True and len(fake.requests) == 1

@@ -3,6 +3,8 @@ OpenAI and Anthropic targets, the envelope answer with its meta, and SSE meta/ch
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
@@ -140,3 +142,23 @@ async def test_an_anthropic_target_gets_tool_results_and_images_as_content_block
     assert sent[1] == {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "look",
                                                          "input": {"zoom": 2}}]}
     assert sent[2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "a cat"}]}
+
+
+@pytest.mark.parametrize("header", ["Idempotency-Key", "X-Idempotency-Key"])
+async def test_the_idempotency_headers_work_like_the_body_field(fake, gateway, header):
+    """Seed 002's own example: duplicates with the header are one upstream call, the rest replays of it."""
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(delay_ms=200))
+    body = {"target": "claude", "messages": [{"role": "user", "content": "charge it"}]}
+
+    async def call() -> dict:
+        return await (await client.post("/proxy/llm", json=body, headers={header: "order-77"})).json()
+
+    answers = await asyncio.gather(call(), call(), call())
+    assert len(fake.requests) == 1 and all(a["success"] for a in answers)
+    assert sorted(a["meta"]["idempotent_hit"] for a in answers) == [False, True, True]
+    later = await call()
+    assert later["meta"]["idempotent_hit"] is True and len(fake.requests) == 1
+    changed = await client.post("/proxy/llm", headers={header: "order-77"},
+                                json={**body, "messages": [{"role": "user", "content": "another"}]})
+    assert changed.status == 422 and (await changed.json())["error"]["code"] == "idempotency_key_reused"

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.edge.requests import body_of, client_ip
+from gateway.edge.requests import body_of, client_ip, with_idempotency_headers
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.flow.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
@@ -113,6 +113,7 @@ async def exchange(call: Call) -> Exchange:
             raise InvalidRequest(f"headers: {name[:64]!r} is not a valid header name", param="headers")
     validate_header_values(env.headers)
     headers: CIMultiDict[str] = CIMultiDict(env.headers)
+    with_idempotency_headers(call.request, headers)
     # the body is kept as the JSON it came as (never decoded into objects: a 10 MB body costs a copy)
     data = bytes(env.body).strip()
     if data == b"null":

@@ -32,7 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.edge.envelope import CacheTTL, decode_body
 from gateway.edge.generate import upstream_error as _upstream_error
-from gateway.edge.requests import body_of, client_ip
+from gateway.edge.requests import body_of, client_ip, with_idempotency_headers
 from gateway.edge.writer import error_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.flow.exchange import ENVELOPE, Exchange, Reply
@@ -105,6 +105,7 @@ async def exchange(call: Call) -> Exchange:
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
     if env.stream:
         headers["Accept"] = "text/event-stream"
+    with_idempotency_headers(call.request, headers)
     ex = Exchange(
         request_id=call.request_id, method="POST", route="proxy_llm", dialect=ENVELOPE,
         rel_path="chat/completions", v1=True, query="",

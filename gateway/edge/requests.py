@@ -17,11 +17,13 @@ from gateway import offload
 from gateway.edge.body import decoded, is_json, read_body
 from gateway.errors import InvalidRequest
 from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
-from gateway.headers import X_RELIAPI_TARGET
+from gateway.headers import IDEMPOTENCY_KEYS, X_RELIAPI_TARGET
 from gateway.upstream.paths import validate_header_values, validate_path, validate_query
 from providers.endpoints import MESSAGES, Endpoint, endpoint
 
 if TYPE_CHECKING:
+    from multidict import CIMultiDict
+
     from gateway.edge.call import Call
     from gateway.runtime import Runtime
 
@@ -140,6 +142,15 @@ def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
     except RecursionError:
         raise InvalidRequest("request body is nested too deeply") from None
+
+
+def with_idempotency_headers(request: web.Request, headers: CIMultiDict[str]) -> None:
+    """An envelope's own request headers: the client's ``Idempotency-Key`` / ``X-Idempotency-Key`` count as on
+    every other surface (the envelope's ``idempotency_key`` field too; the header wins, as on ``/v1``)."""
+    for name in IDEMPOTENCY_KEYS:
+        value = request.headers.get(name)
+        if value is not None and name not in headers:
+            headers[name] = value
 
 
 async def body_of(call: Call) -> bytes:
