@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="store URL, e.g. redis://127.0.0.1:6379/0 (env REDIS_URL; default memory://)")
     p.add_argument("--workers", type=int, default=None, help="processes sharing the port (env RELIAPI_WORKERS; default 1)")
     p.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 2 invalid)")
-    p.add_argument("--log-level", choices=LOG_LEVELS, help="env LOG_LEVEL; default info")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS,
+                   help="debug, info, warning or error, in any case (env LOG_LEVEL); default info")
     p.add_argument("--version", action="version", version=f"reliapi {__version__}")
     return p
 

@@ -169,6 +169,13 @@ def test_bad_log_level_flag_exits_2(cli: CLI) -> None:
     assert_no_traceback(result.stderr)
 
 
+def test_log_level_flag_is_read_in_any_case(cli: CLI) -> None:
+    """``--log-level INFO`` as ``LOG_LEVEL=INFO`` (seeds 003/004 write it in capitals): accepted, not refused."""
+    result = cli.run("--log-level", "WARNING", "--check")
+    assert result.returncode == 0, result.stderr
+    assert_no_traceback(result.stderr)
+
+
 def test_bad_log_level_env_exits_2(cli: CLI) -> None:
     result = cli.run("--port", str(free_port()), env={"LOG_LEVEL": "nope"})
     assert result.returncode == 2
