@@ -65,7 +65,7 @@ async def test_every_request_writes_one_line_with_every_field(fake, gateway, clo
     fake.plan(Fault(status=400, error_message="no such thing"))
     sent.append(await call(client, "POST", v1, json=chat("refused upstream")))
     sent.append(await call(client, "GET", "/t/rest/things?x=1", headers={"X-Request-Id": "client-chosen-id-1"}))
-    sent.append(await call(client, "POST", "/proxy/http", json={"target": "rest", "path": "/env"}))
+    sent.append(await call(client, "POST", "/proxy/http", json={"target": "rest", "method": "GET", "path": "/env"}))
     sent.append(await call(client, "POST", v1, data=b"{not json", headers={"Content-Type": "application/json"}))
     sent.append(await call(client, "GET", "/t/nowhere/x"))
     sent.append(await call(client, "POST", v1, json=chat(), headers={"X-ReliAPI-Target": "gone"}))

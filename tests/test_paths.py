@@ -184,7 +184,7 @@ def _message(body: dict) -> str:
 async def test_normalisation_tricks_are_a_400_on_every_surface(fake, gateway, prefix, rel, says):
     client, _ = await gateway(llm_config(fake.url), env={})
     if prefix == "/proxy/http":
-        envelope = msgspec.json.encode({"target": "rest", "path": "/" + rel})
+        envelope = msgspec.json.encode({"target": "rest", "method": "GET", "path": "/" + rel})
         request = (f"POST /proxy/http HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(envelope)}\r\nConnection: close\r\n\r\n").encode() + envelope
     else:

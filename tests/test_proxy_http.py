@@ -59,7 +59,7 @@ async def test_method_headers_query_and_json_body_reach_the_upstream(fake, gatew
 
 async def test_the_pipeline_applies_cache_retries_and_idempotency(fake, gateway):
     client, _ = await gateway(config(fake.url))
-    envelope = {"target": "my_api", "path": "/report"}
+    envelope = {"target": "my_api", "method": "GET", "path": "/report"}
     first = await (await client.post("/proxy/http", headers=KEY, json=envelope)).json()
     await settle(client)
     second = await (await client.post("/proxy/http", headers=KEY, json=envelope)).json()
@@ -84,15 +84,15 @@ async def test_an_upstream_error_is_unsuccessful_and_keeps_its_status(fake, gate
 
 @pytest.mark.parametrize(("envelope", "status", "code"), [
     ({"method": "GET", "path": "/x"}, 400, "invalid_request"),
-    ({"target": "nope", "path": "/x"}, 404, "unknown_target"),
-    ({"target": "my_api", "path": "/../admin"}, 400, "invalid_request"),
-    ({"target": "my_api", "path": "//evil.example/x"}, 400, "invalid_request"),
+    ({"target": "nope", "method": "GET", "path": "/x"}, 404, "unknown_target"),
+    ({"target": "my_api", "method": "GET", "path": "/../admin"}, 400, "invalid_request"),
+    ({"target": "my_api", "method": "GET", "path": "//evil.example/x"}, 400, "invalid_request"),
     ({"target": "my_api", "method": "BREW"}, 400, "invalid_request"),
-    ({"target": "my_api", "cache": -1}, 400, "invalid_request"),
-    ({"target": "my_api", "bogus": 1}, 400, "invalid_request"),
-    ({"target": "my_api", "path": "/x", "headers": {"X-A": "v\r\nInjected: 1"}}, 400, "invalid_request"),
-    ({"target": "my_api", "path": "/x", "headers": {"Bad Name": "v"}}, 400, "invalid_request"),
-    ({"target": "my_api", "path": "/x", "query": "a=1 HTTP/1.1\r\nX: y"}, 400, "invalid_request"),
+    ({"target": "my_api", "method": "GET", "cache": -1}, 400, "invalid_request"),
+    ({"target": "my_api", "method": "GET", "bogus": 1}, 400, "invalid_request"),
+    ({"target": "my_api", "method": "GET", "path": "/x", "headers": {"X-A": "v\r\nInjected: 1"}}, 400, "invalid_request"),
+    ({"target": "my_api", "method": "GET", "path": "/x", "headers": {"Bad Name": "v"}}, 400, "invalid_request"),
+    ({"target": "my_api", "method": "GET", "path": "/x", "query": "a=1 HTTP/1.1\r\nX: y"}, 400, "invalid_request"),
 ])
 async def test_bad_envelopes_never_reach_an_upstream(fake, gateway, envelope, status, code):
     client, _ = await gateway(config(fake.url))
@@ -119,9 +119,9 @@ async def test_a_deeply_nested_envelope_body_is_a_400_not_a_500(fake, gateway):
 async def test_a_non_ascii_query_reaches_the_upstream_percent_encoded_as_utf8(fake, gateway):
     client, _ = await gateway(config(fake.url))
     await client.post("/proxy/http", headers=KEY, json={
-        "target": "my_api", "path": "/search", "query": "q=café au lait&tag=#x&lang=中文&n=100%&kept=%C3%A9&ok=a/b?c"})
+        "target": "my_api", "method": "GET", "path": "/search", "query": "q=café au lait&tag=#x&lang=中文&n=100%&kept=%C3%A9&ok=a/b?c"})
     await client.post("/proxy/http", headers=KEY, json={
-        "target": "my_api", "path": "/search", "query": {"café": "中 文", "tags": ["é", "a&b"]}})
+        "target": "my_api", "method": "GET", "path": "/search", "query": {"café": "中 文", "tags": ["é", "a&b"]}})
     assert [seen.path_qs for seen in fake.requests] == [
         "/api/search?q=caf%C3%A9%20au%20lait&tag=%23x&lang=%E4%B8%AD%E6%96%87&n=100%25&kept=%C3%A9&ok=a/b?c",
         "/api/search?caf%C3%A9=%E4%B8%AD+%E6%96%87&tags=%C3%A9&tags=a%26b",
@@ -132,7 +132,7 @@ async def test_a_non_ascii_query_reaches_the_upstream_percent_encoded_as_utf8(fa
 async def test_a_header_value_http_cannot_carry_is_a_400_naming_the_header(fake, gateway, value):
     client, _ = await gateway(config(fake.url))
     resp = await client.post("/proxy/http", headers=KEY, json={
-        "target": "my_api", "path": "/x", "headers": {"X-Ok": "fine\tvalue", "X-Title": value}})
+        "target": "my_api", "method": "GET", "path": "/x", "headers": {"X-Ok": "fine\tvalue", "X-Title": value}})
     body = await resp.json()
     assert resp.status == 400 and body["error"]["code"] == "invalid_request", body
     assert "headers.X-Title" in body["error"]["message"] and body["meta"]["request_id"] == resp.headers["X-Request-Id"]
@@ -143,7 +143,7 @@ async def test_a_header_value_http_cannot_carry_is_a_400_naming_the_header(fake,
 async def test_utf8_text_in_a_header_value_is_relayed_as_utf8(fake, gateway, value):
     client, _ = await gateway(config(fake.url))
     resp = await client.post("/proxy/http", headers=KEY, json={
-        "target": "my_api", "path": "/x", "headers": {"X-Title": value}})
+        "target": "my_api", "method": "GET", "path": "/x", "headers": {"X-Title": value}})
     assert resp.status == 200, await resp.text()
     assert fake.requests[0].headers["X-Title"].encode("utf-8", "surrogateescape") == value.encode()
 
@@ -172,3 +172,14 @@ async def test_the_idempotency_headers_work_like_the_body_field(fake, gateway, h
     answers = await asyncio.gather(call(), call())
     assert len(fake.requests) == 1 and sorted(a["meta"]["idempotent_hit"] for a in answers) == [False, True]
     assert (await call())["meta"]["idempotent_hit"] is True and len(fake.requests) == 1
+
+
+async def test_an_envelope_without_a_method_is_a_400_naming_it(fake, gateway):
+    """SPEC §2 lists ``method`` as required: no silent GET in its place."""
+    client, _ = await gateway(config(fake.url))
+    resp = await client.post("/proxy/http", headers=KEY, json={"target": "my_api", "path": "/orders"})
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["code"] == "invalid_request" and "method" in body["error"]["message"]
+    assert fake.requests == []
+    resp = await client.post("/proxy/http", headers=KEY, json={"target": "my_api", "method": "GET /x", "path": "/"})
+    assert resp.status == 400 and "method" in (await resp.json())["error"]["message"] and fake.requests == []

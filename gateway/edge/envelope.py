@@ -42,7 +42,7 @@ _NO_BODY = msgspec.Raw(b"null")
 
 class HttpEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     target: str
-    method: str = "GET"
+    method: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z]{1,16}$")]  # required (SPEC §2): never a silent GET
     path: str = ""
     headers: dict[str, str] = {}
     query: dict[str, str | int | float | bool | list[str]] | str | None = None
