@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.clock import Clock
 from gateway.config.model import Config, ServerConfig
 from gateway.edge import admin, probes, reports
+from gateway.edge.ids import named
 from gateway.edge.serve import serve
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME, Reloader
 from gateway.observe import metrics
@@ -64,10 +65,10 @@ def create_app(
     app[RELOADER] = reload
     app.cleanup_ctx.append(_runtime_lifetime)
     for path in ("/healthz", "/livez", "/health"):
-        app.router.add_get(path, probes.liveness)
-    app.router.add_get("/readyz", probes.readiness)
-    app.router.add_get("/metrics", metrics.metrics)
-    status_page.add_routes(app)
+        app.router.add_get(path, named(probes.liveness))
+    app.router.add_get("/readyz", named(probes.readiness))
+    app.router.add_get("/metrics", named(metrics.metrics))
+    status_page.add_routes(app, wrap=named)
     admin.add_routes(app)
     app.router.add_get("/v1/models", reports.models)
     app.router.add_get("/v1/usage/{user_id}", reports.user_usage)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from gateway.edge.probes import READY_STORE_TIMEOUT_S
 from gateway.store.memory import MemoryStore
@@ -93,3 +94,13 @@ async def test_a_store_that_hangs_is_cut_off_by_the_probe_bound(gateway):
     assert body["reason"] == f"store unavailable (memory://): no answer within {READY_STORE_TIMEOUT_S:g} s"
     store.hang = False
     assert (await readyz(client))[0] == 200  # and ready again once it answers
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/livez", "/health", "/readyz", "/metrics", "/", "/status.json"])
+async def test_every_gateway_answer_carries_a_request_id(gateway, path):
+    """Seed 003: "all responses include" X-Request-Id — the fixed endpoints too, the client's own when it is sane."""
+    client, _ = await gateway(GatewayConfig("http://127.0.0.1:9").rest())
+    resp = await client.get(path)
+    assert resp.status == 200 and resp.headers["X-Request-Id"].startswith("req_")
+    resp = await client.get(path, headers={"X-Request-Id": "trace-42"})
+    assert resp.headers["X-Request-Id"] == "trace-42"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
 
 from gateway.headers import X_REQUEST_ID
 
@@ -30,3 +32,17 @@ def request_id(headers: Mapping[str, str]) -> str:
     if rid and _REQUEST_ID.fullmatch(rid):
         return rid
     return f"{_id_prefix}{next(_ids):010x}"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def named(handler: Handler) -> Handler:
+    """A fixed gateway endpoint's handler whose every answer carries ``X-Request-Id`` too (the client's, or a
+    new one), as the proxied surfaces' answers do."""
+    async def with_request_id(request: web.Request) -> web.StreamResponse:
+        response = await handler(request)
+        if X_REQUEST_ID not in response.headers:
+            response.headers[X_REQUEST_ID] = request_id(request.headers)
+        return response
+    return with_request_id

@@ -14,6 +14,7 @@ template (templates are not re-read from disk), and a hidden browser tab stops p
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,13 @@ async def page(request: web.Request) -> web.Response:
     return response
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, wrap: Callable[[Any], Any] = lambda handler: handler) -> None:
     aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(TEMPLATES), auto_reload=False, trim_blocks=True, lstrip_blocks=True,
         filters=FILTERS, default_helpers=False,
     )
-    app.router.add_get("/", page)
-    app.router.add_get("/status.json", status_json)
+    app.router.add_get("/", wrap(page))
+    app.router.add_get("/status.json", wrap(status_json))
 
 
 # -- what the page shows (mirrored in the template's script) ---------------------------------
