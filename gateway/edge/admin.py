@@ -119,7 +119,7 @@ def check_access(request: web.Request, rt: Runtime) -> None:
                         "holding a key to use the admin API through one")
 
 
-def _admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def guarded(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Access check, the ``{"success": true, "data": …}`` answer, errors in the envelope dialect."""
 
     @functools.wraps(handler)
@@ -318,6 +318,6 @@ ROUTES: tuple[tuple[str, str, AdminHandler], ...] = (
 def add_routes(app: web.Application) -> None:
     """Before the proxy's catch-all route: every ``/admin`` path is answered here."""
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path, _admin(handler))
-        app.router.add_route("*", path, _admin(_wrong_method(method)))  # same resource: other methods
-    app.router.add_route("*", r"/admin{tail:(/.*)?}", _admin(_unknown))
+        app.router.add_route(method, path, guarded(handler))
+        app.router.add_route("*", path, guarded(_wrong_method(method)))  # same resource: other methods
+    app.router.add_route("*", r"/admin{tail:(/.*)?}", guarded(_unknown))

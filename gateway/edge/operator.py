@@ -1,0 +1,92 @@
+"""Seed 004's operator surfaces under ``/v1`` — answered by the gateway itself, never forwarded upstream.
+
+    GET    /v1/health                 the gateway, its store and each target's circuit (public, like /readyz):
+                                      200 "healthy", or 503 "degraded" when the store is down or no circuit
+                                      is closed
+    GET    /v1/admin/summary          = GET /admin/summary        } the admin API's data and access rules
+    GET    /v1/cache/stats            = GET /admin/cache/stats    } (``gateway.edge.admin``: admin key, or
+    DELETE /v1/cache/clear[?target=]  = DELETE /admin/cache       }  direct loopback without one)
+
+Every path the gateway answers under ``/v1`` (these, ``/v1/models``, ``/v1/usage/{user}``) answers another
+method with 405 in OpenAI's dialect: such a request never reaches the proxy's catch-all route, which would
+send it upstream with the target's key. ``/v1/rate-limit/{user}`` waits for per-user rate limits (issue #14
+point 4) and answers 404 in the meantime — never forwarded either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.edge import admin
+from gateway.edge.ids import named, request_id
+from gateway.edge.writer import error_response
+from gateway.errors import GatewayError, MethodNotAllowed, UnknownTarget
+from gateway.flow.exchange import OPENAI
+from gateway.keys import RUNTIME
+from gateway.store import StoreError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HEALTH_STORE_TIMEOUT_S = 1.0
+
+
+async def health(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME].current
+    store: dict[str, Any] = {"backend": rt.store.backend, "healthy": True, "error": None}
+    try:
+        async with asyncio.timeout(HEALTH_STORE_TIMEOUT_S):
+            await rt.store.ping()
+    except (StoreError, TimeoutError) as e:
+        store["healthy"] = False
+        store["error"] = rt.scrub(str(e)) if isinstance(e, StoreError) and str(e) else "no answer within 1 s"
+    targets = {name: {"kind": target.kind, "provider": target.provider.name,
+                      "circuit": rt.circuits[name].state if name in rt.circuits else "closed"}
+               for name, target in rt.targets.items()}
+    serving = any(t["circuit"] != "open" for t in targets.values())
+    healthy = store["healthy"] and serving
+    body = {"status": "healthy" if healthy else "degraded", "version": __version__,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "store": store, "redis": store["healthy"] if rt.store.backend == "redis" else None, "targets": targets}
+    return web.json_response(body, status=200 if healthy else 503, headers={"Cache-Control": "no-store"})
+
+
+async def _rate_limit(request: web.Request) -> web.StreamResponse:
+    raise UnknownTarget("per-user rate limits are not configured on this gateway (rate_limit.per_user)")
+
+
+def _dialect_errors(handler: Handler) -> Handler:
+    """A ``GatewayError`` as the OpenAI dialect's error, with the request id."""
+    async def answered(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as e:
+            return error_response(e, OPENAI, request_id(request.headers))
+    return answered
+
+
+def _only(method: str) -> Handler:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        raise MethodNotAllowed(f"{request.path} answers {method} only", headers={"Allow": method})
+    return refuse
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/v1/health", named(health)),
+    ("GET", "/v1/admin/summary", admin.guarded(admin.summary)),
+    ("GET", "/v1/cache/stats", admin.guarded(admin.cache_stats)),
+    ("DELETE", "/v1/cache/clear", admin.guarded(admin.cache_clear)),
+    ("GET", "/v1/rate-limit/{user_id}", _dialect_errors(_rate_limit)),
+)
+
+
+def add_routes(app: web.Application, fixed: tuple[tuple[str, str, Handler], ...] = ()) -> None:
+    """These routes and ``fixed`` (the other ``/v1`` paths the gateway answers), each with a 405 for every
+    other method; before the proxy's catch-all route."""
+    for method, path, handler in (*ROUTES, *fixed):
+        app.router.add_route(method, path, handler)
+        app.router.add_route("*", path, _dialect_errors(_only(method)))

@@ -1,0 +1,90 @@
+"""Seed 004's operator surfaces under /v1 (issue #14 point 2): answered by the gateway, never forwarded upstream
+with the target's key, whatever the method; the admin ones with the admin API's access rules."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.keys import RUNTIME
+from tests.support.cli_harness import free_port
+from tests.support.config import GatewayConfig
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+ADMIN_KEY = "admin-key-0123456789"
+
+
+def config(url: str, **server: object) -> GatewayConfig:
+    return GatewayConfig(url, default_target="up", **server).up(cache={"ttl_s": 60}, auth={"type": "bearer_env",
+                                                                                          "env_var": "OPENAI_KEY"})
+
+
+async def settle(client) -> None:
+    """The cache entry is written just after the answer: wait for it."""
+    background = client.app[RUNTIME].current.background
+    for _ in range(200):
+        if not background:
+            return
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/v1/health", "/v1/rate-limit/user123", "/v1/cache/stats", "/v1/cache/clear",
+                                  "/v1/admin/summary", "/v1/models", "/v1/usage/user123"])
+async def test_an_operator_path_never_reaches_the_upstream(fake, gateway, path, method):
+    client, _ = await gateway(config(fake.url), env={"OPENAI_KEY": "sk-secret-upstream-key"})
+    resp = await client.request(method, path)
+    assert resp.status < 500 and "X-Request-Id" in resp.headers
+    assert "sk-secret-upstream-key" not in await resp.text()
+    assert fake.requests == []
+
+
+async def test_health_names_the_store_and_each_circuit(fake, gateway):
+    client, _ = await gateway(config(fake.url), env={"OPENAI_KEY": "sk-x"})
+    body = await (await client.get("/v1/health")).json()
+    assert body["status"] == "healthy" and body["store"] == {"backend": "memory", "healthy": True, "error": None}
+    assert body["targets"] == {"up": {"kind": "llm", "provider": "openai", "circuit": "closed"}}
+
+
+async def test_health_is_503_degraded_when_the_store_does_not_answer(fake, gateway):
+    cfg = config(fake.url).store(url=f"redis://127.0.0.1:{free_port()}/0")
+    client, _ = await gateway(cfg, env={"OPENAI_KEY": "sk-x"})
+    resp = await client.get("/v1/health")
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "degraded" and body["store"]["healthy"] is False
+    assert body["redis"] is False
+
+
+async def test_cache_clear_empties_the_cache_and_stats_count_it(fake, gateway):
+    client, _ = await gateway(config(fake.url), env={"OPENAI_KEY": "sk-x"})
+    for _ in range(2):
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
+        await settle(client)
+    assert len(fake.requests) == 1  # the second was a hit
+    stats = (await (await client.get("/v1/cache/stats")).json())["data"]
+    assert stats["entries_total"] == 1 and stats["targets"][0]["hits"] == 1
+    cleared = await client.delete("/v1/cache/clear", params={"target": "up"})
+    assert cleared.status == 200 and (await cleared.json())["data"] == {"target": "up", "deleted": 1}
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
+    assert len(fake.requests) == 2  # no longer cached
+    unknown = await client.delete("/v1/cache/clear", params={"target": "nope"})
+    assert unknown.status == 404
+
+
+async def test_the_admin_surfaces_keep_the_admin_apis_access_rules(fake, gateway):
+    client, _ = await gateway(config(fake.url, admin_key_env="ADMIN_KEY"), env={"OPENAI_KEY": "sk-x",
+                                                                                "ADMIN_KEY": ADMIN_KEY})
+    for method, path in (("GET", "/v1/admin/summary"), ("GET", "/v1/cache/stats"), ("DELETE", "/v1/cache/clear")):
+        refused = await client.request(method, path)
+        assert refused.status == 401, path
+        allowed = await client.request(method, path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert allowed.status == 200 and (await allowed.json())["success"] is True, path
+    assert fake.requests == []
+
+
+async def test_another_method_on_a_gateway_path_is_405_in_openais_dialect(fake, gateway):
+    client, _ = await gateway(config(fake.url), env={"OPENAI_KEY": "sk-x"})
+    resp = await client.post("/v1/models", json={})
+    body = await resp.json()
+    assert resp.status == 405 and resp.headers["Allow"] == "GET" and body["error"]["code"] == "method_not_allowed"
