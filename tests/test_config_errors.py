@@ -41,7 +41,7 @@ targets:
     base_url: https://x.example
     timeout: 5
     circuit: {threshold: 1}
-    cache: {ttl: 1}
+    cache: {tll_s: 1}
     auth: {type: none, envvar: X}
     llm: {modell: x}
     idempotency: {ttl: 1}
@@ -66,7 +66,7 @@ def test_unknown_keys_at_every_level_name_path_and_allowed_keys() -> None:
         "tenants[0].rate_limit.rpmm": "rpm",
         "targets.t.timeout": "timeout_ms",
         "targets.t.circuit.threshold": "error_threshold",
-        "targets.t.cache.ttl": "ttl_s",
+        "targets.t.cache.tll_s": "ttl_s",
         "targets.t.auth.envvar": "env_var",
         "targets.t.llm.modell": "default_model",
         "targets.t.idempotency.ttl": "wait_s",

@@ -33,6 +33,8 @@ from tests.support.config_samples import (
     README_LLM_TARGET_WITH_BUDGET_CAPS,
     README_MINIMAL_HTTP_TARGET,
     REPO_CONFIG_PAYMENTS_API,
+    SEED_ARCHITECTURE_CIRCUIT_BREAKER,
+    SEED_ARCHITECTURE_CONFIG_DRIVEN,
     SEED_ARCHITECTURE_RETRY,
     WIKI_BUDGET_CAPS_TARGET,
     WIKI_BUDGET_CAPS_TENANT,
@@ -302,6 +304,35 @@ def test_seed_architecture_retry_form() -> None:
     assert m["timeout"] == RetryRule(attempts=3, base_s=2.0)  # given explicitly, so it wins over the default 0
     assert m["net"] == RetryRule(attempts=2, base_s=1.0)  # network → net
     assert "network" not in m
+
+
+def test_seed_architecture_config_driven_block_loads_verbatim() -> None:
+    """Seed 001's "Configuration-Driven Behavior" block: ``cache: {ttl: 300}`` is the cache's ttl_s."""
+    t = load(SEED_ARCHITECTURE_CONFIG_DRIVEN).targets["my_api"]
+    assert t.cache is not None and t.cache.ttl_s == 300
+    assert t.retry_matrix["5xx"].attempts == 2  # max_attempts counts the first try
+    assert t.circuit.error_threshold == 5
+    assert "give either ttl or ttl_s" in " ".join(errors_of(
+        "targets:\n  a:\n    base_url: https://a.example\n    cache: {ttl: 5, ttl_s: 6}\n"))
+
+
+def test_top_level_retry_and_circuit_breaker_blocks_apply_to_every_target_without_its_own() -> None:
+    """Seed 001 shows ``retry:`` and ``circuit_breaker:`` as top-level blocks: every target that does not set
+    its own (in either spelling) gets them; ``defaults:`` does the same for any target field."""
+    text = (SEED_ARCHITECTURE_RETRY + SEED_ARCHITECTURE_CIRCUIT_BREAKER + "defaults: {timeout_ms: 9000}\n"
+            "targets:\n  a:\n    base_url: https://a.example\n"
+            "  b:\n    base_url: https://b.example\n    retry_matrix: {'5xx': {attempts: 0}}\n"
+            "    circuit: {error_threshold: 9}\n    timeout_ms: 1000\n")
+    config = load(text)
+    a, b = config.targets["a"], config.targets["b"]
+    assert a.retry_matrix["429"] == RetryRule(attempts=5, base_s=2.0, max_s=60.0)
+    assert a.retry_matrix["net"] == RetryRule(attempts=2, base_s=1.0)
+    assert (a.circuit.error_threshold, a.circuit.cooldown_s) == (5, 30)
+    assert a.timeout_ms == 9000
+    assert b.retry_matrix["5xx"].attempts == 0 and b.retry_matrix["429"] == DEFAULT_RETRY["429"]  # its own
+    assert b.circuit.error_threshold == 9 and b.timeout_ms == 1000
+    assert "retry: also given under defaults" in " ".join(errors_of(
+        SEED_ARCHITECTURE_RETRY + "defaults: {retry_matrix: {}}\ntargets:\n  a:\n    base_url: https://a.example\n"))
 
 
 def test_deploy_guide_legacy_forms() -> None:

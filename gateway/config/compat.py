@@ -7,6 +7,8 @@ tree before type checking, so the Structs in ``gateway.config.model`` have one s
 - ``retry: {"429": {retries, backoff}, network: …}`` and ``retry: {max_attempts, backoff_ms}``
   → ``retry_matrix``; the class ``network`` → ``net``
 - ``circuit_breaker: {failure_threshold, recovery_timeout[_s]}`` → ``circuit``
+- top-level ``retry:`` / ``circuit_breaker:`` (seed 001) and ``defaults:`` (any target fields) → every
+  target that does not set its own (in any spelling); ``cache: {ttl}`` → ``cache.ttl_s``
 - ``auth: {type: api_key, header, env_var}`` → ``header_env``
 - ``llm.model`` → ``llm.default_model``; ``llm.fallback_targets`` → the target's list
 - ``fallback_targets: [name | {target, model}]`` → a list of ``{target, model}``
@@ -19,14 +21,24 @@ Anything of an unexpected type is left alone for the type checker to report.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 _CAPS_KEYS = {"soft_cost_cap_usd", "hard_cost_cap_usd"}
 
 
+# A target's own setting in any spelling: a default in another spelling must not override it.
+_SAME = {"retry": ("retry", "retry_matrix"), "retry_matrix": ("retry", "retry_matrix"),
+         "circuit_breaker": ("circuit_breaker", "circuit"), "circuit": ("circuit_breaker", "circuit")}
+
+
 def normalize(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
     raw = dict(raw)
+    defaults = _defaults(raw, errors)
     targets = raw.get("targets")
+    if defaults and isinstance(targets, dict):
+        raw["targets"] = targets = {name: _with_defaults(t, defaults) if isinstance(t, dict) else t
+                                    for name, t in targets.items()}
     if isinstance(targets, dict):
         raw["targets"] = {
             name: _target(t, f"targets.{name}", errors) if isinstance(t, dict) else t for name, t in targets.items()
@@ -39,8 +51,41 @@ def normalize(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
     return raw
 
 
+def _defaults(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """``defaults:`` (any target fields) with the top-level ``retry:`` / ``circuit_breaker:`` blocks of seed 001
+    folded in: what every target that does not set its own gets. Removed from ``raw``."""
+    defaults = raw.pop("defaults", None)
+    if defaults is None:
+        defaults = {}
+    elif not isinstance(defaults, dict):
+        errors.append(f"defaults: expected a mapping of target fields, got {type(defaults).__name__}")
+        defaults = {}
+    defaults = dict(defaults)
+    for key in ("retry", "circuit_breaker"):
+        if key in raw:
+            if any(k in defaults for k in _SAME[key]):
+                errors.append(f"{key}: also given under defaults; give it once")
+            defaults[key] = raw.pop(key)
+    return defaults
+
+
+def _with_defaults(t: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out = dict(t)
+    for key, value in defaults.items():
+        if not any(k in t for k in _SAME.get(key, (key,))):
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def _target(t: dict[str, Any], path: str, errors: list[str]) -> dict[str, Any]:
     t = dict(t)
+    cache = t.get("cache")
+    if isinstance(cache, dict) and "ttl" in cache:  # seed 001: cache: {ttl: 300}
+        cache = dict(cache)
+        if "ttl_s" in cache:
+            errors.append(f"{path}.cache.ttl: give either ttl or ttl_s, not both")
+        cache["ttl_s"] = cache.pop("ttl")
+        t["cache"] = cache
     if "circuit_breaker" in t:
         if "circuit" in t:
             errors.append(f"{path}.circuit_breaker: give either circuit or circuit_breaker, not both")

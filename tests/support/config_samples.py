@@ -300,6 +300,27 @@ retry:
 """
 
 
+# Verbatim from the seed architecture notes, "Circuit Breaker" → "Configuration" (a top-level block).
+SEED_ARCHITECTURE_CIRCUIT_BREAKER = """\
+circuit_breaker:
+  failure_threshold: 5
+  recovery_timeout: 30
+"""
+
+# Verbatim from the seed architecture notes, "Configuration-Driven Behavior".
+SEED_ARCHITECTURE_CONFIG_DRIVEN = """\
+targets:
+  my_api:
+    base_url: https://api.example.com
+    cache:
+      ttl: 300
+    retry:
+      max_attempts: 3
+    circuit_breaker:
+      failure_threshold: 5
+"""
+
+
 # Appended after WIKI_LLM_TARGET_EXAMPLE (same indentation, so it continues its `targets:`
 # mapping): the two targets its fallback_targets name.
 FALLBACK_TARGETS_APPENDIX = """\
