@@ -35,7 +35,8 @@ async def test_ready_with_the_memory_store_and_a_loaded_config(gateway):
     client, _ = await gateway(config())
     status, body = await readyz(client)
     assert status == 200
-    assert body == {"status": "ready", "config": "loaded", "store": "memory", "targets": ["a", "b"]}
+    assert body == {"status": "ready", "config": "loaded", "store": "memory", "targets": ["a", "b"],
+                    "circuits": {"a": "closed", "b": "closed"}}
 
 
 async def test_ready_with_a_redis_store_that_answers(gateway):
@@ -104,3 +105,16 @@ async def test_every_gateway_answer_carries_a_request_id(gateway, path):
     assert resp.status == 200 and resp.headers["X-Request-Id"].startswith("req_")
     resp = await client.get(path, headers={"X-Request-Id": "trace-42"})
     assert resp.headers["X-Request-Id"] == "trace-42"
+
+
+async def test_not_ready_when_no_target_can_serve(gateway):
+    """Each target's circuit is listed; when every one is open, nothing can be served: 503 saying so."""
+    cfg = config().each(circuit={"error_threshold": 1, "cooldown_s": 600}, retry_matrix={"net": {"attempts": 0}})
+    client, _ = await gateway(cfg)
+    assert (await client.get("/t/a/x")).status == 502  # nothing listens there: the circuit opens
+    status, body = await readyz(client)
+    assert status == 200 and body["circuits"] == {"a": "open", "b": "closed"}
+    assert (await client.get("/t/b/x")).status == 502
+    status, body = await readyz(client)
+    assert status == 503 and body["circuits"] == {"a": "open", "b": "open"}
+    assert body["status"] == "not_ready" and "circuit" in body["reason"]
