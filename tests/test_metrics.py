@@ -25,7 +25,8 @@ from tests.support.metrics_spec import SPEC_SERIES
 
 # SPEC §8: "Redis down: cache and usage degrade to pass-through (logged, metric, …)" — the metric.
 EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"}}
-HISTOGRAMS = {"reliapi_request_duration_seconds", "reliapi_upstream_duration_seconds", "reliapi_ttft_seconds"}
+HISTOGRAMS = {"reliapi_request_duration_seconds", "reliapi_upstream_duration_seconds", "reliapi_ttft_seconds",
+              "reliapi_llm_cost_usd"}
 
 Labels = frozenset[tuple[str, str]]
 
@@ -230,6 +231,11 @@ async def test_counters_after_the_script_are_exact(toured):
     assert spent[L(target="up", model=model, tenant="acme")] == pytest.approx(cost(20, 15))
     assert spent[L(target="up", model=model, tenant="tight")] == pytest.approx(cost(5, 4))
     assert spent[L(target="backup", model=model, tenant="acme")] == pytest.approx(cost(15, 12))
+    # seeds 000 and 001: reliapi_llm_cost_usd is a histogram — one observation per priced answer
+    assert count(m, "reliapi_llm_cost_usd") == {L(target="up", model=model): 5, L(target="cached", model=model): 1,
+                                                L(target="backup", model=model): 3, L(target="pooled", model=model): 1}
+    sums = m["reliapi_llm_cost_usd_sum"]
+    assert sum(sums.values()) == pytest.approx(sum(spent.values()))
 
 
 async def test_histograms_count_requests_attempts_and_first_tokens(toured):

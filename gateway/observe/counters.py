@@ -41,6 +41,7 @@ from gateway.observe.events import (
 # Request latency in seconds: from 5 ms (a cache hit) to two minutes (a long generation).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+COST_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)  # USD per answer
 CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
 KEY_STATES = {"healthy": "active"}  # policies.key_pool's word → the metric's (cooling, disabled: the same)
 RECENT = 512  # latencies kept per target for the status page's p50/p99
@@ -104,6 +105,7 @@ class Observatory:
         self.durations: dict[tuple[str, str], Hist] = {}  # target, kind
         self.upstream: dict[str, Hist] = {}
         self.ttft: dict[str, Hist] = {}
+        self.cost_per_answer: dict[tuple[str, str], Hist] = {}  # (target, model): USD of each priced answer
         self.errors: dict[tuple[str, str], int] = {}  # target, code
         self.retries: dict[tuple[str, str], int] = {}  # target, reason
         self.cache_hits: dict[str, int] = {}
@@ -182,6 +184,11 @@ class Observatory:
             k = (target, model, "completion")
             tokens[k] = tokens.get(k, 0) + (f.get("completion_tokens") or 0)
             cost = f.get("cost_usd")
+            if cost is not None:
+                h = self.cost_per_answer.get((target, model))
+                if h is None:
+                    h = self.cost_per_answer[(target, model)] = Hist(COST_BUCKETS)
+                h.observe(cost)
             if cost:
                 _inc(self.cost, (target, model, tenant), cost)
                 day = self.today()

@@ -18,7 +18,15 @@ from aioprometheus.metricdict import MetricDict
 from aioprometheus.renderer import render
 
 from gateway.keys import OBSERVATORY, RUNTIME
-from gateway.observe.counters import CIRCUIT_STATES, DURATION_BUCKETS, TTFT_BUCKETS, Hist, Observatory, key_states
+from gateway.observe.counters import (
+    CIRCUIT_STATES,
+    COST_BUCKETS,
+    DURATION_BUCKETS,
+    TTFT_BUCKETS,
+    Hist,
+    Observatory,
+    key_states,
+)
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -44,6 +52,8 @@ class Exposition:
             c["upstream"].set_value({"target": _esc(target)}, _export(h))
         for target, h in obs.ttft.items():
             c["ttft"].set_value({"target": _esc(target)}, _export(h))
+        for (target, model), h in obs.cost_per_answer.items():
+            c["cost_per_answer"].set_value({"target": _esc(target), "model": _esc(model)}, _export(h))
         for (target, code), n in obs.errors.items():
             c["errors"].set({"target": _esc(target), "code": _esc(code)}, n)
         for (target, reason), n in obs.retries.items():
@@ -127,6 +137,8 @@ def _collectors() -> tuple[Registry, dict[str, Any]]:
                                   "idempotency, rate_limit, budget).", registry=r),
         "tokens": Counter(p + "llm_tokens_total", "LLM tokens, by kind (prompt, completion).", registry=r),
         "cost": Counter(p + "llm_cost_usd_total", "LLM spend in USD at list prices.", registry=r),
+        "cost_per_answer": Histogram(p + "llm_cost_usd", "USD of each priced LLM answer, at list prices.",
+                                     registry=r, buckets=COST_BUCKETS),
         "inflight": Gauge(p + "inflight_requests", "Requests being answered now.", registry=r),
         "keys": Gauge(p + "key_pool_keys", "Pool keys by state (active, cooling, disabled).", registry=r),
     }

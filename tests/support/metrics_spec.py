@@ -19,6 +19,7 @@ SPEC_SERIES = {
     "reliapi_budget_events_total": {"target", "event"},
     "reliapi_llm_tokens_total": {"target", "model", "kind"},
     "reliapi_llm_cost_usd_total": {"target", "model", "tenant"},
+    "reliapi_llm_cost_usd": {"target", "model"},
     "reliapi_inflight_requests": {"target"},
     "reliapi_key_pool_keys": {"target", "state"},
 }
