@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway.clock import Clock
 from gateway.config.model import Config, ServerConfig
-from gateway.edge import admin, operator, probes, reports
+from gateway.edge import admin, cors, operator, probes, reports
 from gateway.edge.ids import named
 from gateway.edge.serve import serve
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME, Reloader
@@ -73,6 +73,8 @@ def create_app(
     # the /v1 paths the gateway answers itself (any other method: 405, never the proxy's catch-all below)
     operator.add_routes(app, fixed=(("GET", "/v1/models", reports.models),
                                     ("GET", "/v1/usage/{user_id}", reports.user_usage)))
+    if config.server.cors is not None:
+        cors.install(app, config.server.cors)
     app.router.add_route("*", r"/{tail:[\s\S]*}", serve)  # the proxied surfaces; any path, even with decoded CR/LF
     return app
 

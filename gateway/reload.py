@@ -47,6 +47,8 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
     if _listener(config.server) != _listener(started.server):
         warnings.append("new server.header_timeout_s, keepalive_timeout_s or max_connections take effect "
                         "only after a restart")
+    if config.server.cors != started.server.cors:
+        warnings.append("a new server.cors takes effect only after a restart")
     for line in warnings:
         log.warning("config: %s", line)
     new = await slot.reload(config)

@@ -103,7 +103,7 @@ targets:
   c: "not a mapping"
 """)
     assert errs == [
-        "server.typo: unknown key (allowed: admin_key_env, body_deadline_s, body_timeout_s, default_target, header_timeout_s, host, "
+        "server.typo: unknown key (allowed: admin_key_env, body_deadline_s, body_timeout_s, cors, default_target, header_timeout_s, host, "
         "keepalive_timeout_s, max_body_mb, max_connections, port, rate_limit_per_ip_rpm, shutdown_grace_s, "
         "trust_forwarded_for, write_timeout_s)",
         "server.port: expected int, got str",

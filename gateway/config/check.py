@@ -29,6 +29,14 @@ def cross_check(config: Config) -> list[str]:
         errors.append(f"server.default_target: no target named {s.default_target!r}")
     if not config.store.url.startswith(("memory://", "redis://", "rediss://", "unix://")):
         errors.append("store.url: expected memory://, redis://, rediss:// or unix://")
+    if s.cors is not None:
+        for i, origin in enumerate(s.cors.allow_origins):
+            if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|null", origin):
+                errors.append(f"server.cors.allow_origins[{i}]: {origin!r} is not an origin "
+                              "(scheme://host[:port], no path or trailing slash) or \"*\"")
+        for i, method in enumerate(s.cors.allow_methods):
+            if not re.fullmatch(r"[A-Za-z]{1,16}", method):
+                errors.append(f"server.cors.allow_methods[{i}]: {method!r} is not an HTTP method")
     for name, t in config.targets.items():
         p = f"targets.{name}"
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):

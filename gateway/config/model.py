@@ -40,6 +40,20 @@ class _Base(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 # ---------------------------------------------------------------- server / store
 
 
+class CorsConfig(_Base):
+    """Browsers on other origins (``server.cors``): preflights answered by the gateway, ``Access-Control-*`` on
+    every answer to an allowed origin. Read at start (a reload keeps the running one)."""
+
+    allow_origins: list[str] = []  # exact origins ("https://app.example.com"), or ["*"] for any
+    allow_methods: list[str] = msgspec.field(default_factory=lambda: ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+    allow_headers: list[str] = msgspec.field(default_factory=lambda: ["*"])  # "*": whatever the preflight asks
+    expose_headers: list[str] = msgspec.field(default_factory=lambda: [
+        "X-Request-Id", "X-ReliAPI-Target", "X-ReliAPI-Attempts", "X-Cache", "Retry-After",
+        "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"])
+    allow_credentials: bool = False  # with ["*"], the caller's own origin is echoed (a browser refuses "*" then)
+    max_age_s: Annotated[int, Meta(ge=0, le=86400)] = 600
+
+
 class ServerConfig(_Base):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8000
@@ -62,6 +76,7 @@ class ServerConfig(_Base):
     # A connection beyond it gets 503 too_many_connections (Retry-After: 1); open ones keep working.
     max_connections: PositiveInt | None = None
     write_timeout_s: PositiveFloat = 60  # a streamed answer whose client reads nothing this long is aborted
+    cors: CorsConfig | None = None  # no block: no Access-Control-* headers (a preflight is still never proxied)
 
 
 class StoreConfig(_Base):

@@ -14,9 +14,11 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.hdrs import ACCESS_CONTROL_REQUEST_METHOD
 
 from gateway.edge.access import access_fields
 from gateway.edge.call import Call
+from gateway.edge.cors import no_cors_preflight
 from gateway.edge.ids import request_id as new_request_id
 from gateway.edge.surfaces import surface_for
 from gateway.edge.writer import StreamOutcome, check_sendable, complete_response, error_response, write_reply
@@ -30,6 +32,8 @@ log = logging.getLogger("reliapi")
 
 async def serve(request: web.Request) -> web.StreamResponse:
     """The aiohttp handler of every path that is not a fixed gateway endpoint."""
+    if request.method == "OPTIONS" and ACCESS_CONTROL_REQUEST_METHOD in request.headers:
+        return no_cors_preflight(request)  # a browser's preflight is never proxied (with a target's key)
     surface = surface_for(request.method, request.raw_path)
     rt = request.app[RUNTIME].current
     call = Call(request, rt, surface, new_request_id(request.headers), time.monotonic())

@@ -52,6 +52,20 @@ def find_chromium() -> str | None:
     return None
 
 
+def need_browser() -> str:
+    """The Chromium to drive; the test skips with the reason when there is none — or fails, with
+    ``RELIAPI_REQUIRE_BROWSER=1`` (set by ``.ci/run``)."""
+    found = find_chromium()
+    if found is not None:
+        return found
+    import pytest
+
+    reason = "no Chromium to drive (apt-get install chromium, or set RELIAPI_CHROMIUM)"
+    if os.environ.get("RELIAPI_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 class CDPError(RuntimeError):
     pass
 
