@@ -28,7 +28,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway import reload as reloading
-from gateway.config import ConfigError, config_warnings, load_config
+from gateway.config import ConfigError, config_warnings, load_config, seed_env
 from gateway.config.model import Config
 from gateway.keys import Reloader
 
@@ -75,7 +75,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
         server=msgspec.structs.replace(server, host=host, port=port),
         store=msgspec.structs.replace(store, url=url),
     )
+    try:  # the seed documents' variables (PORT, DEFAULT_PROVIDER, …): after RELIAPI_*, before flags win
+        config, applied, warnings = seed_env.apply(
+            config, os.environ, port_given=args.port is not None or "RELIAPI_PORT" in os.environ)
+    except seed_env.SeedEnvError as e:
+        raise ConfigError([str(e)], source="environment") from None
+    seed_notes[:] = [applied, warnings]
     return config, path or "<built-in default>"
+
+
+seed_notes: list[list[str]] = [[], []]  # the last resolve_config's seed variables: (applied, warnings)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -101,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return 2
+    applied, env_warnings = seed_notes
     if args.check:
-        for line in config_warnings(config):
+        for line in applied:
+            print(f"environment: {line}", file=sys.stderr)
+        for line in [*env_warnings, *config_warnings(config)]:
             print(f"warning: {line}", file=sys.stderr)
         print(f"config OK: {source} ({len(config.targets)} targets: {', '.join(config.targets) or 'none'})")
         return 0
@@ -118,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.observe.logs import setup_logging
 
     setup_logging(level, pid=workers > 1)
+    if applied:
+        log.info("environment: %s", "; ".join(applied), extra={"fields": {"seed_environment": applied}})
+    for line in env_warnings:
+        log.warning("environment: %s", line)
     for line in config_warnings(config):
         log.warning("config: %s", line)
     if workers > 1:
