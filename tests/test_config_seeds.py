@@ -13,6 +13,7 @@ import textwrap
 import msgspec
 import pytest
 
+from gateway.config import config_warnings
 from gateway.config.model import (
     AuthConfig,
     BudgetCaps,
@@ -382,3 +383,9 @@ def test_legacy_retry_wrong_type_is_a_type_error() -> None:
     assert "targets.a.retry_matrix.429.attempts: expected int, got str" in errs
     assert not any("unknown key" in e for e in errs)
 
+
+
+def test_client_profiles_load_and_say_they_are_not_enforced_yet() -> None:
+    """Until issue #14 point 5 enforces them, a config with client_profiles is never silently unprotected."""
+    warned = [w for w in config_warnings(load(WIKI_CONFIGURATION_STRUCTURE)) if w.startswith("client_profiles")]
+    assert len(warned) == 1 and "NOT enforced" in warned[0]
