@@ -35,6 +35,7 @@ from gateway.store import StoreError, TakeResult
 from gateway.store.memory import MemoryStore
 
 if TYPE_CHECKING:
+    from gateway.config.model import Config
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
     from gateway.flow.exchange import Exchange, Reply
@@ -72,9 +73,9 @@ class Limits:
         self.policy_header = ", ".join(lim.policy_item() for lim in (requests, tokens) if lim is not None)
 
 
-def tenant_limits(ctx: Context) -> dict[str, Limits]:
+def tenant_limits(config: Config) -> dict[str, Limits]:
     out = {}
-    for tenant in ctx.config.tenants:
+    for tenant in config.tenants:
         rl = tenant.rate_limit
         if rl is None or (rl.rpm is None and rl.tpm is None):
             continue
@@ -91,7 +92,7 @@ def estimate_tokens(ex: Exchange) -> int:
 
 def policy(ctx: Context) -> Policy | None:
     server = ctx.config.server
-    per_tenant = tenant_limits(ctx) if ctx.tenants.enabled else {}
+    per_tenant = tenant_limits(ctx.config) if ctx.tenants.enabled else {}
     per_ip = Limits(Limit("default", server.rate_limit_per_ip_rpm, None), None) \
         if not ctx.tenants.enabled and server.rate_limit_per_ip_rpm else None
     if not per_tenant and per_ip is None:

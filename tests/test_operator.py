@@ -88,3 +88,26 @@ async def test_another_method_on_a_gateway_path_is_405_in_openais_dialect(fake, 
     resp = await client.post("/v1/models", json={})
     body = await resp.json()
     assert resp.status == 405 and resp.headers["Allow"] == "GET" and body["error"]["code"] == "method_not_allowed"
+
+
+async def test_rate_limit_info_shows_the_callers_tenant_limit_as_it_stands(fake, gateway):
+    cfg = config(fake.url).tenant("acme", api_key="acme-key-123456", rate_limit={"rpm": 3})
+    client, _ = await gateway(cfg, env={"OPENAI_KEY": "sk-x"})
+    key = {"Authorization": "Bearer acme-key-123456"}
+    assert (await client.post("/v1/chat/completions", json=CHAT, headers={**key, "Cache-Control": "no-store"})).status == 200
+    resp = await client.get("/v1/rate-limit/user123", headers=key)
+    body = await resp.json()
+    assert resp.status == 200 and body["user_id"] == "user123" and body["scope"] == "tenant"
+    assert [(x["name"], x["limit"], x["remaining"]) for x in body["limits"]] == [("default", 3, 2)]
+    again = await (await client.get("/v1/rate-limit/user123", headers=key)).json()
+    assert again["limits"][0]["remaining"] == 2  # looking takes nothing
+    refused = await client.get("/v1/rate-limit/user123")
+    assert refused.status == 401 and (await refused.json())["error"]["code"] == "unauthorized"
+    assert len(fake.requests) == 1
+
+
+async def test_rate_limit_info_without_tenants_is_the_per_ip_limit(fake, gateway):
+    client, _ = await gateway(config(fake.url, rate_limit_per_ip_rpm=10), env={"OPENAI_KEY": "sk-x"})
+    body = await (await client.get("/v1/rate-limit/someone")).json()
+    assert body["scope"] == "ip" and [(x["limit"], x["remaining"]) for x in body["limits"]] == [(10, 10)]
+    assert body["per_user"] is None and "not implemented" in body["note"]

@@ -9,8 +9,8 @@
 
 Every path the gateway answers under ``/v1`` (these, ``/v1/models``, ``/v1/usage/{user}``) answers another
 method with 405 in OpenAI's dialect: such a request never reaches the proxy's catch-all route, which would
-send it upstream with the target's key. ``/v1/rate-limit/{user}`` waits for per-user rate limits (issue #14
-point 4) and answers 404 in the meantime — never forwarded either.
+send it upstream with the target's key. ``GET /v1/rate-limit/{user}`` shows the limits a user's requests count
+against (the caller's tenant's, or the per-IP limit) until per-user limits exist (issue #14 point 4).
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ from aiohttp import web
 from gateway import __version__
 from gateway.edge import admin
 from gateway.edge.ids import named, request_id
+from gateway.edge.requests import client_ip
 from gateway.edge.writer import error_response
-from gateway.errors import GatewayError, MethodNotAllowed, UnknownTarget
+from gateway.errors import GatewayError, MethodNotAllowed
 from gateway.flow.exchange import OPENAI
+from gateway.headers import X_REQUEST_ID
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
+from policies.rate_limit import Limit, Limits, tenant_limits
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HEALTH_STORE_TIMEOUT_S = 1.0
@@ -55,8 +58,40 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if healthy else 503, headers={"Cache-Control": "no-store"})
 
 
-async def _rate_limit(request: web.Request) -> web.StreamResponse:
-    raise UnknownTarget("per-user rate limits are not configured on this gateway (rate_limit.per_user)")
+async def rate_limit_info(request: web.Request) -> web.StreamResponse:
+    """The limits a user's requests count against, as they stand (peeked: nothing is taken). With tenants,
+    only for a caller with a tenant key, and the caller's tenant's; without, the per-IP limit of the caller's
+    address. Per-user limits are not implemented yet (issue #14 point 4): ``per_user`` says so."""
+    rt = request.app[RUNTIME].current
+    user = request.match_info["user_id"][:128]
+    server = rt.config.server
+    scope: str | None = None
+    limits = None
+    if rt.tenants.enabled:
+        tenant = rt.tenants.authenticate(request.headers)
+        assert tenant is not None
+        scope, who = "tenant", "tenant:" + tenant.name
+        limits = tenant_limits(rt.config).get(tenant.name)
+    elif server.rate_limit_per_ip_rpm:
+        scope, who = "ip", "ip:" + (client_ip(request, rt) or "-")
+        limits = Limits(Limit("default", server.rate_limit_per_ip_rpm, None), None)
+    shown = []
+    store_error = None
+    for key, limit in (("rl:", limits.requests if limits else None), ("rlt:", limits.tokens if limits else None)):
+        if limit is None:
+            continue
+        entry: dict[str, Any] = {"name": limit.name, "unit": limit.unit, "limit": limit.capacity,
+                                 "per_minute": limit.quota, "remaining": None, "reset_s": None}
+        try:
+            got = await rt.store.take(key + who, rate_per_s=limit.rate_per_s, burst=limit.burst, quantity=0)
+            entry["remaining"], entry["reset_s"] = got.remaining, round(got.reset_after_s, 3)
+        except StoreError as e:
+            store_error = rt.scrub(str(e))
+        shown.append(entry)
+    body = {"user_id": user, "scope": scope, "limits": shown, "per_user": None, "store_error": store_error,
+            "note": "per-user rate limits are not implemented yet: these are the limits this user's requests "
+                    "count against"}
+    return web.json_response(body, headers={"Cache-Control": "no-store", X_REQUEST_ID: request_id(request.headers)})
 
 
 def _dialect_errors(handler: Handler) -> Handler:
@@ -80,7 +115,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/admin/summary", admin.guarded(admin.summary)),
     ("GET", "/v1/cache/stats", admin.guarded(admin.cache_stats)),
     ("DELETE", "/v1/cache/clear", admin.guarded(admin.cache_clear)),
-    ("GET", "/v1/rate-limit/{user_id}", _dialect_errors(_rate_limit)),
+    ("GET", "/v1/rate-limit/{user_id}", _dialect_errors(rate_limit_info)),
 )
 
 
