@@ -18,6 +18,7 @@ from gateway.config.model import (
     BudgetCaps,
     CacheConfig,
     CircuitConfig,
+    Config,
     FallbackEntry,
     Price,
     SpendBudget,
@@ -206,3 +207,32 @@ def test_decode_is_deterministic() -> None:
     assert msgspec.json.encode(first) == msgspec.json.encode(second)
     assert list(first.targets) == ["openai", "anthropic", "internal"]  # file order is kept
     assert load_config(None, env={}) == load_config(None, env={})
+
+
+def test_examples_config_loads_and_shows_every_option() -> None:
+    """Seed 002 points at examples/config.yaml for "full configuration examples": it loads as it is, and every
+    field of the config model (every Struct, however deep) is named in it."""
+    import msgspec.inspect as mi
+
+    text = (REPO / "examples" / "config.yaml").read_text()
+    config = load(text)
+    assert set(config.targets) == {"openai", "anthropic", "payments"}
+    seen: set[str] = set()
+    missing: list[str] = []
+
+    def walk(info: object, path: str) -> None:
+        if isinstance(info, mi.StructType):
+            if info.cls in seen:
+                return
+            seen.add(info.cls)
+            for field in info.fields:
+                if not re.search(rf"(^|[\s{{,]){re.escape(field.encode_name)}:", text, re.M):
+                    missing.append(f"{path}.{field.encode_name}")
+                walk(field.type, f"{path}.{field.encode_name}")
+        for attr in ("types", "item_type", "value_type"):
+            inner = getattr(info, attr, None)
+            for t in inner if isinstance(inner, tuple) else (inner,) if inner is not None else ():
+                walk(t, path)
+
+    walk(mi.type_info(Config), "")
+    assert missing == []
