@@ -82,6 +82,22 @@ class Runtime:
         self.closers: list[Callable[[], Awaitable[None]]] = owned.closers  # their last writes
         self.usage_book_flush: Callable[[], Awaitable[None]] = owned.usage_flush  # the usage counts, now
 
+    async def store_problem(self, timeout_s: float = 1.0) -> str | None:
+        """None when the store answers a ping within ``timeout_s``; else why not (scrubbed of secrets) — for
+        the probes, ``/v1/health`` and the status page."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.store.ping()
+        except (StoreError, TimeoutError) as e:
+            text = str(e) if isinstance(e, StoreError) else ""
+            return self.scrub(text) if text else f"no answer within {timeout_s:g} s"
+        return None
+
+    def circuit_states(self) -> dict[str, str]:
+        """Each target's circuit: closed, open or half_open (a target without a breaker is closed)."""
+        circuits = self.circuits
+        return {name: circuits[name].state if name in circuits else "closed" for name in sorted(self.targets)}
+
     async def start(self) -> None:
         for target in self.targets.values():
             await target.transport.start()

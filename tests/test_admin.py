@@ -28,6 +28,7 @@ from tests.support.circuits import COOLDOWN, assert_circuit_open_openai, chat, e
 from tests.support.circuits import config as circuit_config
 from tests.support.config import NO_5XX_RETRY, GatewayConfig
 from tests.support.fakes import Fault
+from tests.support.gateway import settle
 from tests.support.stores import drop, new_prefix, redis_store
 
 ADMIN_KEY = "adm-0123456789-secret"
@@ -73,13 +74,6 @@ async def get(client, path: str, **kwargs) -> tuple[int, str | None]:
         await resp.read()
         return resp.status, resp.headers.get("X-Cache")
 
-
-async def settle(client) -> None:
-    """The leader writes a cache entry just after answering: wait until that is done."""
-    from gateway.keys import RUNTIME
-
-    background = client.app[RUNTIME].current.background
-    assert await eventually(lambda: not background, 5.0)
 
 
 # =============================================================== summary and usage

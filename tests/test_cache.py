@@ -26,11 +26,11 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.keys import RUNTIME
 from gateway.store import StoreError
 from gateway.store.memory import MemoryStore
 from tests.support.config import NO_5XX_RETRY, PASSTHROUGH, GatewayConfig
 from tests.support.fakes import Fault
+from tests.support.gateway import settle
 from tests.support.stores import drop, new_prefix, redis_store
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "what is the capital of France?"}],
@@ -101,13 +101,6 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
 
-
-async def settle(*clients) -> None:
-    """Wait until every leader's background work (recording, the store write) is done, so a
-    following identical request meets the stored entry rather than the running flight."""
-    for client in clients:
-        background = client.app[RUNTIME].current.background
-        await eventually(lambda background=background: not background)
 
 
 def assert_hit(answer: Answer) -> None:

@@ -3,13 +3,11 @@ with the target's key, whatever the method; the admin ones with the admin API's 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from gateway.keys import RUNTIME
 from tests.support.cli_harness import free_port
 from tests.support.config import GatewayConfig
+from tests.support.gateway import settle
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 ADMIN_KEY = "admin-key-0123456789"
@@ -19,14 +17,6 @@ def config(url: str, **server: object) -> GatewayConfig:
     return GatewayConfig(url, default_target="up", **server).up(cache={"ttl_s": 60}, auth={"type": "bearer_env",
                                                                                           "env_var": "OPENAI_KEY"})
 
-
-async def settle(client) -> None:
-    """The cache entry is written just after the answer: wait for it."""
-    background = client.app[RUNTIME].current.background
-    for _ in range(200):
-        if not background:
-            return
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from gateway.keys import RUNTIME
 from tests.support.config import GatewayConfig
 from tests.support.fakes import Fault
+from tests.support.gateway import settle
 
 
 def config(url: str, cfg: GatewayConfig | None = None) -> GatewayConfig:
@@ -22,14 +22,6 @@ def config(url: str, cfg: GatewayConfig | None = None) -> GatewayConfig:
 
 KEY = {"X-API-Key": "acme-key-0001"}
 
-
-async def settle(client) -> None:
-    """The cache entry is written just after the answer: wait for it."""
-    background = client.app[RUNTIME].current.background
-    for _ in range(200):
-        if not background:
-            return
-        await asyncio.sleep(0.01)
 
 
 async def test_the_seed_example(fake, gateway):

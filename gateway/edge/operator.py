@@ -15,7 +15,6 @@ against (the caller's tenant's, or the per-IP limit) until per-user limits exist
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,15 +39,10 @@ HEALTH_STORE_TIMEOUT_S = 1.0
 
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME].current
-    store: dict[str, Any] = {"backend": rt.store.backend, "healthy": True, "error": None}
-    try:
-        async with asyncio.timeout(HEALTH_STORE_TIMEOUT_S):
-            await rt.store.ping()
-    except (StoreError, TimeoutError) as e:
-        store["healthy"] = False
-        store["error"] = rt.scrub(str(e)) if isinstance(e, StoreError) and str(e) else "no answer within 1 s"
-    targets = {name: {"kind": target.kind, "provider": target.provider.name,
-                      "circuit": rt.circuits[name].state if name in rt.circuits else "closed"}
+    problem = await rt.store_problem(HEALTH_STORE_TIMEOUT_S)
+    store: dict[str, Any] = {"backend": rt.store.backend, "healthy": problem is None, "error": problem}
+    circuits = rt.circuit_states()
+    targets = {name: {"kind": target.kind, "provider": target.provider.name, "circuit": circuits[name]}
                for name, target in rt.targets.items()}
     serving = any(t["circuit"] != "open" for t in targets.values())
     healthy = store["healthy"] and serving

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp import web
 
 from gateway import __version__
 from gateway.keys import RUNTIME
-from gateway.store import StoreError
 
 
 async def liveness(request: web.Request) -> web.Response:
@@ -25,15 +23,12 @@ async def readiness(request: web.Request) -> web.Response:
     reason otherwise. Each target's circuit is listed (``circuits``)."""
     rt = request.app[RUNTIME].current
     store = rt.store
-    circuits = {name: rt.circuits[name].state if name in rt.circuits else "closed" for name in sorted(rt.targets)}
+    circuits = rt.circuit_states()
     body: dict[str, Any] = {"config": "loaded", "store": store.backend, "targets": list(circuits),
                             "circuits": circuits}
-    try:
-        async with asyncio.timeout(READY_STORE_TIMEOUT_S):
-            await store.ping()
-    except (StoreError, TimeoutError) as e:
-        why = rt.scrub(str(e)) if isinstance(e, StoreError) else f"no answer within {READY_STORE_TIMEOUT_S:g} s"
-        reason = f"store unavailable ({store.url_for_display}): {why}"
+    problem = await rt.store_problem(READY_STORE_TIMEOUT_S)
+    if problem is not None:
+        reason = f"store unavailable ({store.url_for_display}): {problem}"
         return web.json_response({"status": "not_ready", "reason": reason, **body}, status=503)
     if circuits and all(state == "open" for state in circuits.values()):
         return web.json_response({"status": "not_ready", "reason": "every target's circuit is open", **body},

@@ -5,7 +5,6 @@ Never a secret: targets show only their origin, key pools only key ids and state
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
@@ -21,13 +20,8 @@ async def snapshot(observatory: Observatory, rt: Runtime) -> dict[str, Any]:
     """Everything ``/status.json`` serves (and ``/`` renders). Never a secret: targets show
     only their origin, key pools only key ids and states."""
     now = observatory.wall()
-    try:
-        async with asyncio.timeout(1.0):
-            await rt.store.ping()
-        store = {"backend": rt.store.backend, "healthy": True, "error": None}
-    except (StoreError, TimeoutError) as e:
-        store = {"backend": rt.store.backend, "healthy": False,
-                 "error": rt.scrub(str(e)) if str(e) else "store did not answer within 1 s"}
+    problem = await rt.store_problem(1.0)
+    store = {"backend": rt.store.backend, "healthy": problem is None, "error": problem}
     today = observatory.today()
     targets = []
     for name, target in rt.targets.items():

@@ -55,3 +55,17 @@ class JsonLines(logging.Handler):
     @property
     def lines(self) -> list[dict]:
         return [msgspec.json.decode(t) for t in self.text]
+
+
+async def settle(*clients: TestClient, timeout_s: float = 5.0) -> None:
+    """Wait until every leader's background work (recording, the cache or idempotency store write) is done,
+    so a following identical request meets the stored entry rather than the running flight."""
+    from gateway.keys import RUNTIME
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for client in clients:
+        background = client.app[RUNTIME].current.background
+        while background:
+            assert loop.time() < deadline, "background work still running"
+            await asyncio.sleep(0.01)
