@@ -18,6 +18,7 @@ from typing import Any
 
 from gateway.clock import Clock
 from gateway.config.model import Config
+from gateway.edge.answers import Model
 from gateway.flow.build import build
 from gateway.flow.chain import Handler
 from gateway.flow.context import Context
@@ -63,7 +64,7 @@ class Runtime:
         self.router = Router(config, self.targets)
         self.tenants = Tenants(config, env)
         self.prices = PriceTable(config.pricing)
-        self.catalog: list[dict[str, Any]] | None = None  # GET /v1/models, built on first use
+        self.catalog: list[Model] | None = None  # GET /v1/models, built on first use
         self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(_secrets(config, env, self.targets.values()))

@@ -15,7 +15,8 @@ only, and only direct ones: a request carrying ``Forwarded``, ``X-Forwarded-For`
 proxy, and behind a proxy on the same host every client's socket is a loopback one. (A proxy
 that adds none — nginx's bare ``proxy_pass`` — cannot be told apart: set an admin key behind
 one.) Forwarding headers never make a caller local either: any client can write them. Answers are ``{"success": true, "data": …}``; errors are in the
-envelope dialect (SPEC §3).
+envelope dialect (SPEC §3). Each endpoint returns its data as a Struct of ``gateway.edge.answers``,
+which ``/openapi.json`` describes.
 """
 
 from __future__ import annotations
@@ -35,8 +36,25 @@ from multidict import istr
 
 from gateway import reload as reloading
 from gateway.edge.access import access_fields
+from gateway.edge.answers import (
+    AdminAnswer,
+    AdminMeta,
+    CacheCleared,
+    CacheStats,
+    CacheTarget,
+    CircuitReset,
+    Circuits,
+    CircuitView,
+    Reloaded,
+    StoreState,
+    Summary,
+    TargetSummary,
+    TenantSummary,
+    Totals,
+    UsageReport,
+)
 from gateway.edge.ids import request_id as request_id_of
-from gateway.edge.writer import StreamOutcome, error_body, error_response
+from gateway.edge.writer import EnvelopeError, StreamOutcome, error_body, error_response
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -57,7 +75,7 @@ from policies.usage import summary as usage_summary
 
 log = logging.getLogger("reliapi")
 
-AdminHandler = Callable[[web.Request, Runtime], Awaitable[Any]]
+AdminHandler = Callable[[web.Request, Runtime], Awaitable[msgspec.Struct]]
 
 
 class ReloadUnavailable(GatewayError):
@@ -139,8 +157,8 @@ def guarded(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Stre
             error = InternalError("internal error")
             resp = error_response(error, ENVELOPE, request_id)
         else:
-            body = {"success": True, "data": data, "meta": {"request_id": request_id}}
-            resp = web.Response(body=msgspec.json.encode(body), content_type="application/json",
+            answer = AdminAnswer(True, data, AdminMeta(request_id))
+            resp = web.Response(body=msgspec.json.encode(answer), content_type="application/json",
                                 headers={"X-Request-Id": request_id, "Cache-Control": "no-store"})
         if rt.access_log.enabled:  # who used the admin API, and who was refused, is on record
             fields = access_fields(request, request_id, "admin", None, None, resp.status, error, StreamOutcome(),
@@ -166,7 +184,8 @@ def _error(err: GatewayError, request_id: str, rt: Runtime) -> web.Response:
     if not isinstance(err, InvalidConfig):
         return error_response(err, ENVELOPE, request_id)
     body = error_body(err, ENVELOPE, request_id, target=None, attempts=0, duration_ms=0.0)
-    body["error"]["errors"] = [_clean(rt, line) for line in err.errors]
+    assert isinstance(body, EnvelopeError)
+    body.error.errors = [_clean(rt, line) for line in err.errors]
     return web.Response(status=err.status, body=msgspec.json.encode(body), content_type="application/json",
                         headers={"X-Request-Id": request_id})
 
@@ -174,29 +193,23 @@ def _error(err: GatewayError, request_id: str, rt: Runtime) -> web.Response:
 # ---------------------------------------------------------------- endpoints
 
 
-async def summary(request: web.Request, rt: Runtime) -> dict[str, Any]:
+async def summary(request: web.Request, rt: Runtime) -> Summary:
     observatory = request.app[OBSERVATORY]
     snap = await snapshot(observatory, rt)
-    targets = [
-        {k: t[k] for k in ("name", "kind", "provider", "circuit", "requests", "errors", "error_rate",
-                           "latency_ms", "inflight", "spend_today_usd")}
-        for t in snap["targets"]
-    ]
-    totals = {
-        "requests": sum(observatory.requests.values()),  # refusals before a target was chosen too
-        "errors": sum(view.errors for view in observatory.targets.values()),
-        "inflight": sum(observatory.inflight.values()),
-        "spend_today_usd": round(sum(t["spend_today_usd"] for t in targets), 8),
-        "targets": len(targets),
-        "open_circuits": sum(1 for t in targets if t["circuit"] != "closed"),
-    }
-    return {
-        "version": snap["version"], "started_at": snap["started_at"], "uptime_s": snap["uptime_s"],
-        "store": snap["store"], "totals": totals, "targets": targets, "tenants": snap["tenants"],
-    }
+    targets = msgspec.convert(snap["targets"], list[TargetSummary])  # the status page's fields these name
+    totals = Totals(
+        requests=sum(observatory.requests.values()),  # refusals before a target was chosen too
+        errors=sum(view.errors for view in observatory.targets.values()),
+        inflight=sum(observatory.inflight.values()),
+        spend_today_usd=round(sum(t.spend_today_usd for t in targets), 8),
+        targets=len(targets),
+        open_circuits=sum(1 for t in targets if t.circuit != "closed"),
+    )
+    return Summary(snap["version"], snap["started_at"], snap["uptime_s"], msgspec.convert(snap["store"], StoreState),
+                   totals, targets, msgspec.convert(snap["tenants"], list[TenantSummary]))
 
 
-async def usage(request: web.Request, rt: Runtime) -> dict[str, Any]:
+async def usage(request: web.Request, rt: Runtime) -> UsageReport:
     tenant = request.query.get("tenant") or None
     user = request.query.get("user") or None
     since = request.query.get("since") or None
@@ -211,10 +224,10 @@ async def usage(request: web.Request, rt: Runtime) -> dict[str, Any]:
     await rt.usage_book_flush()  # the counts of the last moments are written first
     found = await usage_summary(rt.store, tenant=tenant, user=user,
                                 since_day=since.replace("-", "") if since else None)
-    return {"tenant": tenant, "user": user, "since": since, **found}
+    return msgspec.convert({**found, "tenant": tenant, "user": user, "since": since}, UsageReport)
 
 
-async def cache_stats(request: web.Request, rt: Runtime) -> dict[str, Any]:
+async def cache_stats(request: web.Request, rt: Runtime) -> CacheStats:
     observatory = request.app[OBSERVATORY]
     store_error = None
     try:
@@ -225,18 +238,15 @@ async def cache_stats(request: web.Request, rt: Runtime) -> dict[str, Any]:
     for name, target in rt.targets.items():
         cfg = target.config.cache
         hits, misses = observatory.cache_hits.get(name, 0), observatory.cache_misses.get(name, 0)
-        targets.append({
-            "target": name, "enabled": cfg is not None and cfg.enabled,
-            "ttl_s": cfg.ttl_s if cfg is not None else None,
-            "hits": hits, "misses": misses,
-            "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
-            "entries": entries.get(name, 0) if store_error is None else None,
-        })
-    return {"targets": targets, "entries_total": sum(entries.values()) if store_error is None else None,
-            "entries_truncated": truncated, "store_error": store_error}
+        targets.append(CacheTarget(
+            target=name, enabled=cfg is not None and cfg.enabled, ttl_s=cfg.ttl_s if cfg is not None else None,
+            hits=hits, misses=misses, hit_ratio=round(hits / (hits + misses), 4) if hits + misses else None,
+            entries=entries.get(name, 0) if store_error is None else None,
+        ))
+    return CacheStats(targets, sum(entries.values()) if store_error is None else None, truncated, store_error)
 
 
-async def cache_clear(request: web.Request, rt: Runtime) -> dict[str, Any]:
+async def cache_clear(request: web.Request, rt: Runtime) -> CacheCleared:
     target = request.query.get("target")
     if target is not None:
         if not target:
@@ -246,30 +256,29 @@ async def cache_clear(request: web.Request, rt: Runtime) -> dict[str, Any]:
             raise UnknownTarget(f"no target named {target!r}", target=None)
     deleted = await cache_policy.clear_entries(rt.store, target)
     log.info("admin: cache cleared (%s): %d entries", target or "all targets", deleted)
-    return {"target": target, "deleted": deleted}
+    return CacheCleared(target, deleted)
 
 
-def _circuit_view(name: str, circuit: Any, rt: Runtime) -> dict[str, Any]:
+def _circuit_view(name: str, circuit: Any, rt: Runtime) -> CircuitView:
     breaker = circuit.breaker
-    view: dict[str, Any] = {
-        "target": name, "state": breaker.state, "failures": breaker.failures,
-        "error_threshold": breaker.threshold, "cooldown_s": breaker.cooldown_s,
-        "half_open_max_calls": breaker.half_open_max, "probes_in_flight": breaker.probes,
-        "retry_after_s": None, "reopens_at": None,
-    }
+    view = CircuitView(
+        target=name, state=breaker.state, failures=breaker.failures, error_threshold=breaker.threshold,
+        cooldown_s=breaker.cooldown_s, half_open_max_calls=breaker.half_open_max, probes_in_flight=breaker.probes,
+        retry_after_s=None, reopens_at=None,
+    )
     if breaker.state == "open":
         left = breaker.retry_after_s()
-        view["retry_after_s"] = round(left, 3)
-        view["reopens_at"] = datetime.datetime.fromtimestamp(
+        view.retry_after_s = round(left, 3)
+        view.reopens_at = datetime.datetime.fromtimestamp(
             rt.clock.time() + left, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     return view
 
 
-async def circuits(request: web.Request, rt: Runtime) -> dict[str, Any]:
-    return {"circuits": [_circuit_view(name, circuit, rt) for name, circuit in rt.circuits.items()]}
+async def circuits(request: web.Request, rt: Runtime) -> Circuits:
+    return Circuits([_circuit_view(name, circuit, rt) for name, circuit in rt.circuits.items()])
 
 
-async def circuit_reset(request: web.Request, rt: Runtime) -> dict[str, Any]:
+async def circuit_reset(request: web.Request, rt: Runtime) -> CircuitReset:
     name = request.match_info["target"]
     circuit = rt.circuits.get(name)
     if circuit is None:
@@ -277,11 +286,10 @@ async def circuit_reset(request: web.Request, rt: Runtime) -> dict[str, Any]:
     was = circuit.state
     shared = await circuit.reset()
     log.info("admin: circuit for target %s reset (was %s)", name, was)
-    return {"was": was, "shared": shared, **_circuit_view(name, circuit, rt)}
+    return CircuitReset(**msgspec.structs.asdict(_circuit_view(name, circuit, rt)), was=was, shared=shared)
 
 
-async def reload(request: web.Request, rt: Runtime) -> dict[str, Any]:
-
+async def reload(request: web.Request, rt: Runtime) -> Reloaded:
     if request.app[RELOADER] is None:
         raise ReloadUnavailable("this gateway was not started from a config it can read again; restart it instead")
     result = await reloading.reload_config(request.app)
@@ -289,16 +297,15 @@ async def reload(request: web.Request, rt: Runtime) -> dict[str, Any]:
         raise InvalidConfig("the new config is invalid, the running one stays: " + "; ".join(result["errors"]),
                             result["errors"])
     # Under --workers N this process is one of N: it reloads itself here, and its parent sends SIGHUP to every other worker.
-    result["all_workers"] = reloading.reload_all_workers()
-    return result
+    return msgspec.convert({**result, "all_workers": reloading.reload_all_workers()}, Reloaded)
 
 
-async def _unknown(request: web.Request, rt: Runtime) -> None:
+async def _unknown(request: web.Request, rt: Runtime) -> msgspec.Struct:
     raise UnknownTarget(f"no admin endpoint {request.method} {request.path}")
 
 
 def _wrong_method(allowed: str) -> AdminHandler:
-    async def refuse(request: web.Request, rt: Runtime) -> None:
+    async def refuse(request: web.Request, rt: Runtime) -> msgspec.Struct:
         raise MethodNotAllowed(f"{request.path} answers {allowed} only", headers={"Allow": allowed})
 
     return refuse

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from msgspec import UNSET
+
+from gateway.edge.answers import Model, Pricing
 
 if TYPE_CHECKING:
     from gateway.flow.tenants import Tenant
@@ -21,9 +25,9 @@ if TYPE_CHECKING:
 _GLOB = re.compile(r"[*?\[]")
 
 
-def build(rt: Runtime) -> list[dict[str, Any]]:
+def build(rt: Runtime) -> list[Model]:
     prices = rt.prices
-    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    entries: dict[tuple[str, str], Model] = {}
     for name, target in rt.targets.items():
         if target.kind != "llm":
             continue
@@ -37,22 +41,19 @@ def build(rt: Runtime) -> list[dict[str, Any]]:
         for model in [*literal, *priced]:
             if (model, name) in entries:
                 continue
-            entry: dict[str, Any] = {"id": model, "object": "model", "created": 0, "owned_by": name}
             price = prices.price(model)
-            if price is not None:
-                entry["pricing"] = {"input_per_1m_usd": round(price.input * 1e6, 6),
-                                    "output_per_1m_usd": round(price.output * 1e6, 6)}
-            entries[(model, name)] = entry
-    return sorted(entries.values(), key=lambda e: (e["owned_by"], e["id"]))
+            pricing = UNSET if price is None else Pricing(round(price.input * 1e6, 6), round(price.output * 1e6, 6))
+            entries[(model, name)] = Model(model, "model", 0, name, pricing)
+    return sorted(entries.values(), key=lambda e: (e.owned_by, e.id))
 
 
-def visible(catalog: list[dict[str, Any]], tenant: Tenant | None) -> list[dict[str, Any]]:
+def visible(catalog: list[Model], tenant: Tenant | None) -> list[Model]:
     if tenant is None:
         return catalog
     out = []
     for entry in catalog:
         try:
-            tenant.check(entry["owned_by"], entry["id"])
+            tenant.check(entry.owned_by, entry.id)
         except Exception:  # Forbidden: not this tenant's to see
             continue
         out.append(entry)

@@ -9,8 +9,8 @@ header values printable ASCII; a string query percent-encoded as UTF-8 where RFC
 it), turned into an upstream request for the named target, and run through the same pipeline
 as every surface. The upstream's answer comes back inside ``data`` (its body as JSON when
 it is JSON, else as text); ``success`` is false for a 4xx/5xx answer, which then also
-carries an ``error`` and keeps its status. The gateway's own errors are the envelope
-errors of SPEC §3.
+carries an ``error`` and keeps its status (``HttpAnswer``). The gateway's own errors are
+the envelope errors of SPEC §3.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.edge.requests import body_of, client_ip, with_idempotency_headers
+from gateway.edge.writer import EnvelopeErrorDetail
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.flow.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
@@ -49,6 +50,33 @@ class HttpEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     body: msgspec.Raw = _NO_BODY  # any JSON: a string is sent as its text, anything else as the JSON it is
     idempotency_key: str | None = None
     cache: CacheTTL | None = None  # TTL seconds for this answer
+
+
+class HttpData(msgspec.Struct):
+    status_code: int  # the upstream's
+    headers: dict[str, str]  # the upstream's, less the gateway's own
+    body: Any  # the upstream's body: its JSON when it is JSON, else its text; null when empty
+
+
+class HttpMeta(msgspec.Struct):
+    request_id: str
+    target: str
+    retries: int
+    duration_ms: float
+    cache_hit: bool
+    idempotent_hit: bool
+    fallback_used: bool
+    fallback_target: str | None
+
+
+class HttpAnswer(msgspec.Struct):
+    """The target's answer inside the envelope. For an upstream 4xx/5xx ``success`` is false, ``error`` is
+    there and the answer keeps the upstream's status."""
+
+    success: bool
+    data: HttpData
+    meta: HttpMeta
+    error: EnvelopeErrorDetail | msgspec.UnsetType = msgspec.UNSET
 
 
 def decode_body(raw: bytes, kind: type[T], what: str = "envelope") -> T:
@@ -171,23 +199,23 @@ def reply(ex: Exchange, upstream: Reply, duration_ms: float) -> Reply:
     status = upstream.status
     headers = upstream.headers
     fallback = headers.get(X_RELIAPI_FALLBACK)
-    out: dict[str, Any] = {
-        "success": status < 400,
-        "data": {"status_code": status, "headers": {k: v for k, v in headers.items() if not k.lower().startswith(
-            ("x-reliapi-", "x-cache", "x-request-id", "idempotent-"))}, "body": data},
-        "meta": {
-            "request_id": ex.request_id, "target": ex.target.name, "retries": max(0, ex.attempts - 1),
-            "duration_ms": round(duration_ms, 1), "cache_hit": headers.get(X_CACHE) == "HIT",
-            "idempotent_hit": bool(ex.log.get("idempotent_hit")), "fallback_used": fallback is not None,
-            "fallback_target": fallback,
-        },
-    }
+    out = HttpAnswer(
+        success=status < 400,
+        data=HttpData(status, {k: v for k, v in headers.items() if not k.lower().startswith(
+            ("x-reliapi-", "x-cache", "x-request-id", "idempotent-"))}, data),
+        meta=HttpMeta(
+            request_id=ex.request_id, target=ex.target.name, retries=max(0, ex.attempts - 1),
+            duration_ms=round(duration_ms, 1), cache_hit=headers.get(X_CACHE) == "HIT",
+            idempotent_hit=bool(ex.log.get("idempotent_hit")), fallback_used=fallback is not None,
+            fallback_target=fallback,
+        ),
+    )
     if status >= 400:
-        out["error"] = {
-            "type": "upstream_error" if status >= 500 else "client_error", "code": "upstream_error",
-            "message": f"upstream answered {status}", "retryable": status >= 500 or status == 429,
-            "target": ex.target.name, "status_code": status,
-        }
+        out.error = EnvelopeErrorDetail(
+            type="upstream_error" if status >= 500 else "client_error", code="upstream_error",
+            message=f"upstream answered {status}", retryable=status >= 500 or status == 429,
+            target=ex.target.name, status_code=status,
+        )
     keep = CIMultiDict((k, v) for k, v in headers.items() if k.lower().startswith(("x-", "idempotent-", "ratelimit")))
     keep["Content-Type"] = "application/json"
     return Reply(status if status >= 400 else 200, keep, body=msgspec.json.encode(out), upstream_status=status)

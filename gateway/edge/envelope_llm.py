@@ -18,7 +18,8 @@ Complete answer:
 
 ``stream: true`` answers SSE: one ``meta`` event, a ``chunk`` event per piece of text
 (``{"delta": …}``), then ``done`` (``{finish_reason, usage, cost_usd}``) — or ``error``
-(the envelope error) if the stream breaks; never a stream that just stops.
+(the envelope error) if the stream breaks; never a stream that just stops. The shapes are the
+Structs below (``LLMAnswer``, ``LLMMeta``, ``StreamChunk``, ``StreamDone``), described at ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,62 @@ class LLMEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     user: str | None = None
 
 
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LLMData(msgspec.Struct):
+    id: str | None
+    model: str | None
+    role: Literal["assistant"]
+    content: str
+    finish_reason: str | None
+    usage: Usage | None
+
+
+class LLMMeta(msgspec.Struct):
+    """How the answer was made; also the first event (``meta``) of a stream."""
+
+    request_id: str
+    target: str
+    provider: str
+    model: str | None
+    retries: int
+    duration_ms: float
+    cost_usd: float | None
+    cost_estimate_usd: float | None  # the budget's estimate before the call
+    cost_policy_applied: str | None  # soft_cap_reduced: max_tokens was lowered to fit the budget
+    original_max_tokens: int | None  # what was asked, when it was lowered
+    idempotent_hit: bool
+    cache_hit: bool
+    fallback_used: bool
+    fallback_target: str | None
+
+
+class LLMAnswer(msgspec.Struct):
+    """A complete answer (``stream`` false or left out)."""
+
+    success: Literal[True]
+    data: LLMData
+    meta: LLMMeta
+
+
+class StreamChunk(msgspec.Struct):
+    """A ``chunk`` event: the next piece of the answer's text."""
+
+    delta: str
+
+
+class StreamDone(msgspec.Struct):
+    """The ``done`` event that ends a complete stream."""
+
+    finish_reason: str | None
+    usage: Usage | None
+    cost_usd: float | None
+
+
 def parse(raw: bytes) -> LLMEnvelope:
     return decode_body(raw, LLMEnvelope)
 
@@ -119,18 +176,18 @@ async def exchange(call: Call) -> Exchange:
     return ex
 
 
-def _meta(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> dict[str, Any]:
+def _meta(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> LLMMeta:
     fallback = upstream.headers.get(X_RELIAPI_FALLBACK)
     log = ex.log
     cost = log.get("cost_usd")
-    return {
-        "request_id": ex.request_id, "target": ex.target.name, "provider": ex.target.provider.name, "model": ex.model,
-        "retries": max(0, ex.attempts - 1), "duration_ms": round(duration_ms, 1),
-        "cost_usd": round(cost, 10) if cost is not None else None, "cost_estimate_usd": log.get("cost_estimate_usd"),
-        "cost_policy_applied": log.get("cost_policy_applied"), "original_max_tokens": log.get("original_max_tokens"),
-        "idempotent_hit": bool(log.get("idempotent_hit")), "cache_hit": upstream.headers.get(X_CACHE) == "HIT",
-        "fallback_used": fallback is not None, "fallback_target": fallback,
-    }
+    return LLMMeta(
+        request_id=ex.request_id, target=ex.target.name, provider=ex.target.provider.name, model=ex.model,
+        retries=max(0, ex.attempts - 1), duration_ms=round(duration_ms, 1),
+        cost_usd=round(cost, 10) if cost is not None else None, cost_estimate_usd=log.get("cost_estimate_usd"),
+        cost_policy_applied=log.get("cost_policy_applied"), original_max_tokens=log.get("original_max_tokens"),
+        idempotent_hit=bool(log.get("idempotent_hit")), cache_hit=upstream.headers.get(X_CACHE) == "HIT",
+        fallback_used=fallback is not None, fallback_target=fallback,
+    )
 
 
 class _Answer(msgspec.Struct):
@@ -161,24 +218,20 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
     finish = choice.get("finish_reason")
     usage = read_usage(body, ex.endpoint.dialect)
     meta = _meta(rt, ex, upstream, duration_ms)
-    if meta["cost_usd"] is None and usage is not None:  # a cache hit or a replay: priced from its usage
+    if meta.cost_usd is None and usage is not None:  # a cache hit or a replay: priced from its usage
         price = rt.prices.price(ex.model)
-        meta["cost_usd"] = round(price.cost(usage[0], usage[1]), 8) if price else None
-    out = {
-        "success": True,
-        "data": {"id": translator(ex, ex.target).upstream_id(answer.id), "model": answer.model or ex.model, "role": "assistant", "content": text,
-                 "finish_reason": finish, "usage": _usage(usage)},
-        "meta": meta,
-    }
+        meta.cost_usd = round(price.cost(usage[0], usage[1]), 8) if price else None
+    out = LLMAnswer(True, LLMData(translator(ex, ex.target).upstream_id(answer.id), answer.model or ex.model,
+                                  "assistant", text, finish, _usage(usage)), meta)
     headers = _headers(upstream)
     headers["Content-Type"] = "application/json"
     return Reply(200, headers, body=msgspec.json.encode(out), upstream_status=status)
 
 
-def _usage(usage: tuple[int, int, str | None] | None) -> dict[str, int] | None:
+def _usage(usage: tuple[int, int, str | None] | None) -> Usage | None:
     if usage is None:
         return None
-    return {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": usage[0] + usage[1]}
+    return Usage(usage[0], usage[1], usage[0] + usage[1])
 
 
 def _headers(upstream: Reply) -> CIMultiDict[str]:
@@ -202,7 +255,7 @@ def _stream_reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float
     return out
 
 
-async def _translate(rt: Runtime, ex: Exchange, upstream: Reply, meta: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _translate(rt: Runtime, ex: Exchange, upstream: Reply, meta: LLMMeta) -> AsyncIterator[bytes]:
     """The provider's SSE as the envelope's events: meta, chunk…, done — or error."""
     yield _event("meta", meta)
     aligner = Aligner()
@@ -223,7 +276,7 @@ async def _translate(rt: Runtime, ex: Exchange, upstream: Reply, meta: dict[str,
                 for choice in doc.get("choices") or ():  # chat chunks (translated from another dialect)
                     text = (choice.get("delta") or {}).get("content")
                     if text:
-                        yield _event("chunk", {"delta": text})
+                        yield _event("chunk", StreamChunk(text))
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
                 usage = doc.get("usage")
@@ -241,11 +294,9 @@ async def _translate(rt: Runtime, ex: Exchange, upstream: Reply, meta: dict[str,
         completion = ex.log.get("completion_tokens")
     usage = None
     if prompt is not None or completion is not None:
-        usage = {"prompt_tokens": prompt or 0, "completion_tokens": completion or 0,
-                 "total_tokens": (prompt or 0) + (completion or 0)}
+        usage = Usage(prompt or 0, completion or 0, (prompt or 0) + (completion or 0))
     price = rt.prices.price(ex.model)
     cost = ex.log.get("cost_usd")
     if cost is None and usage is not None and price is not None:
-        cost = round(price.cost(usage["prompt_tokens"], usage["completion_tokens"]), 8)
-    yield _event("done", {"finish_reason": finish, "usage": usage,
-                          "cost_usd": round(cost, 10) if cost is not None else None})  # as the complete answer's meta
+        cost = round(price.cost(usage.prompt_tokens, usage.completion_tokens), 8)
+    yield _event("done", StreamDone(finish, usage, round(cost, 10) if cost is not None else None))  # as the meta's

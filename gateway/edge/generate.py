@@ -9,7 +9,8 @@ The model routes like any /v1 request (``models`` globs, else the default target
 own request — a chat completion for OpenAI-dialect targets, a Messages request for
 Anthropic — and the whole pipeline applies to it (tenants, rate limit, budget,
 idempotency, cache, retries, fallback, usage). Errors are in the OpenAI dialect; an
-upstream refusal keeps its status and message.
+upstream refusal keeps its status and message. ``GenerateRequest`` and ``GenerateAnswer`` are
+what ``/openapi.json`` describes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     max_tokens: Count | None = None
     user_id: str | int | None = None
     idempotency_key: str | None = None
+
+
+class GenerateAnswer(msgspec.Struct):
+    """The completion, its token counts and cost (``null`` for an unpriced model)."""
+
+    completion: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: float | None
+    request_id: str
+    cached: bool  # answered from the cache
+    latency_ms: float
 
 
 def parse(body: bytes) -> GenerateRequest:
@@ -102,11 +117,12 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Repl
     prompt, completion = usage[0], usage[1]
     price = rt.prices.price(ex.model)
     cached = upstream.headers.get(X_CACHE) == "HIT" or upstream.headers.get(X_CACHED) == "true"
-    out = {
-        "completion": text, "model": ex.model, "prompt_tokens": prompt, "completion_tokens": completion,
-        "total_tokens": prompt + completion, "cost_usd": round(price.cost(prompt, completion), 8) if price else None,
-        "request_id": ex.request_id, "cached": cached, "latency_ms": round(latency_ms, 1),
-    }
+    assert ex.model is not None  # the parser always sets one
+    out = GenerateAnswer(
+        completion=text, model=ex.model, prompt_tokens=prompt, completion_tokens=completion,
+        total_tokens=prompt + completion, cost_usd=round(price.cost(prompt, completion), 8) if price else None,
+        request_id=ex.request_id, cached=cached, latency_ms=round(latency_ms, 1),
+    )
     headers = upstream.headers
     headers["Content-Type"] = "application/json"
     headers.pop("Content-Encoding", None)

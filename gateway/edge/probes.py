@@ -1,17 +1,23 @@
-"""Health probes: ``/healthz`` (and ``/livez``, ``/health``) and ``/readyz`` (SPEC §2)."""
+"""Health probes: ``/healthz`` (and ``/livez``, ``/health``) and ``/readyz`` (SPEC §2).
+
+Their answers are the ``Liveness`` and ``Readiness`` shapes of ``gateway.edge.answers``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
+import msgspec
 from aiohttp import web
+from msgspec import UNSET
 
 from gateway import __version__
+from gateway.edge.answers import Liveness, Readiness
 from gateway.keys import RUNTIME
+
+_LIVE = msgspec.json.encode(Liveness("ok", __version__))  # the same bytes every time
 
 
 async def liveness(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    return web.Response(body=_LIVE, content_type="application/json")
 
 
 READY_STORE_TIMEOUT_S = 1.0  # a store that hangs makes /readyz say so, not hang with it
@@ -24,13 +30,13 @@ async def readiness(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME].current
     store = rt.store
     circuits = rt.circuit_states()
-    body: dict[str, Any] = {"config": "loaded", "store": store.backend, "targets": list(circuits),
-                            "circuits": circuits}
     problem = await rt.store_problem(READY_STORE_TIMEOUT_S)
+    reason: str | None = None
     if problem is not None:
         reason = f"store unavailable ({store.url_for_display}): {problem}"
-        return web.json_response({"status": "not_ready", "reason": reason, **body}, status=503)
-    if circuits and all(state == "open" for state in circuits.values()):
-        return web.json_response({"status": "not_ready", "reason": "every target's circuit is open", **body},
-                                 status=503)
-    return web.json_response({"status": "ready", **body})
+    elif circuits and all(state == "open" for state in circuits.values()):
+        reason = "every target's circuit is open"
+    answer = Readiness("ready" if reason is None else "not_ready", "loaded", store.backend, list(circuits),
+                       circuits, reason=UNSET if reason is None else reason)
+    return web.Response(body=msgspec.json.encode(answer), content_type="application/json",
+                        status=200 if reason is None else 503)

@@ -1,7 +1,8 @@
 """The gateway's own reports on the ``/v1`` surface: its model catalog and a user's usage.
 
 Fixed routes (``gateway.app``), answered in the OpenAI dialect; the caller is authenticated
-as on the proxied paths, and a tenant sees only its own.
+as on the proxied paths, and a tenant sees only its own. The answers are ``ModelList`` and
+``UserUsage`` of ``gateway.edge.answers``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import msgspec
 from aiohttp import web
 
 from gateway.edge import catalog
+from gateway.edge.answers import ModelList, UserUsage
 from gateway.edge.ids import request_id as request_id_of
 from gateway.edge.writer import error_response
 from gateway.errors import GatewayError, InvalidRequest
@@ -31,8 +33,8 @@ async def models(request: web.Request) -> web.StreamResponse:
         return error_response(e, OPENAI, request_id)
     if rt.catalog is None:
         rt.catalog = catalog.build(rt)
-    body = {"object": "list", "data": catalog.visible(rt.catalog, tenant)}
-    return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+    answer = ModelList("list", catalog.visible(rt.catalog, tenant))
+    return web.Response(body=msgspec.json.encode(answer), content_type="application/json",
                         headers={X_REQUEST_ID: request_id})
 
 
@@ -51,6 +53,6 @@ async def user_usage(request: web.Request) -> web.StreamResponse:
                                     user=request.match_info["user_id"], since_day=since.replace("-", "") if since else None)
     except GatewayError as e:
         return error_response(e, OPENAI, request_id)
-    body = {"user_id": request.match_info["user_id"], **found}
-    return web.Response(body=msgspec.json.encode(body), content_type="application/json",
+    answer = msgspec.convert({**found, "user_id": request.match_info["user_id"]}, UserUsage)
+    return web.Response(body=msgspec.json.encode(answer), content_type="application/json",
                         headers={X_REQUEST_ID: request_id})

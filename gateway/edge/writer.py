@@ -7,13 +7,14 @@ an upstream cut or stall becomes an in-band error event in the client's dialect
 (SSE), or an aborted connection (other bodies) — never a truncated stream that
 looks complete. A client that stops reading a stream for ``server.write_timeout_s``
 is cut off; only a write that may have to wait for it is timed, so most start no timer.
+The error bodies are msgspec Structs: ``gateway.edge.openapi`` describes them from the same classes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Literal
 
 import msgspec
 from aiohttp import web
@@ -32,24 +33,72 @@ _OPENAI_TYPES = openai.ERROR_TYPES
 _ANTHROPIC_TYPES = anthropic.ERROR_TYPES
 
 
-def error_body(err: GatewayError, dialect: str, request_id: str, *, target: str | None, attempts: int, duration_ms: float) -> dict[str, Any]:
+class OpenAIErrorDetail(msgspec.Struct):
+    message: str
+    type: str  # invalid_request_error, authentication_error, rate_limit_error, server_error, …
+    code: str | None
+    param: str | None  # the request field at fault, when one is
+
+
+class OpenAIError(msgspec.Struct):
+    """An error in OpenAI's dialect, as OpenAI's SDKs parse it (``/v1`` surfaces)."""
+
+    error: OpenAIErrorDetail
+
+
+class AnthropicErrorDetail(msgspec.Struct):
+    type: str  # invalid_request_error, authentication_error, rate_limit_error, api_error, …
+    message: str
+
+
+class AnthropicError(msgspec.Struct):
+    """An error in Anthropic's dialect (``/v1/messages``, ``/v1/messages/count_tokens``)."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class EnvelopeErrorDetail(msgspec.Struct):
+    type: str  # the coarse class: client_error, upstream_error, budget_error, internal_error
+    code: str  # the exact error (SPEC §3): invalid_request, unknown_target, rate_limited, …
+    message: str  # what went wrong; names the field at fault for a bad request
+    retryable: bool  # whether the same request sent again later may succeed
+    target: str | None
+    status_code: int  # the upstream's status when it refused, else the gateway's
+    errors: list[str] | msgspec.UnsetType = msgspec.UNSET  # POST /admin/reload: every problem of the new config
+
+
+class ErrorMeta(msgspec.Struct):
+    request_id: str
+    target: str | None
+    retries: int
+    duration_ms: float
+
+
+class EnvelopeError(msgspec.Struct):
+    """An error of the gateway's own surfaces (``/proxy/*``, ``/t/*``, ``/admin/*``): SPEC §3."""
+
+    success: Literal[False]
+    error: EnvelopeErrorDetail
+    meta: ErrorMeta
+
+
+ErrorBody = OpenAIError | AnthropicError | EnvelopeError
+
+
+def error_body(err: GatewayError, dialect: str, request_id: str, *, target: str | None, attempts: int,
+               duration_ms: float) -> ErrorBody:
     if dialect == OPENAI:
-        return {"error": {
-            "message": err.message, "type": _OPENAI_TYPES.get(err.status, "server_error"),
-            "code": err.code, "param": err.param,
-        }}
+        return OpenAIError(OpenAIErrorDetail(err.message, _OPENAI_TYPES.get(err.status, "server_error"), err.code,
+                                             err.param))
     if dialect == ANTHROPIC:
-        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(err.status, "api_error"), "message": err.message}}
+        return AnthropicError("error", AnthropicErrorDetail(_ANTHROPIC_TYPES.get(err.status, "api_error"), err.message))
     target = err.target or target
-    return {
-        "success": False,
-        "error": {
-            "type": err.type, "code": err.code, "message": err.message, "retryable": err.retryable,
-            "target": target, "status_code": err.upstream_status or err.status,
-        },
-        "meta": {"request_id": request_id, "target": target, "retries": max(0, attempts - 1),
-                 "duration_ms": round(duration_ms, 1)},
-    }
+    return EnvelopeError(
+        False,
+        EnvelopeErrorDetail(err.type, err.code, err.message, err.retryable, target, err.upstream_status or err.status),
+        ErrorMeta(request_id, target, max(0, attempts - 1), round(duration_ms, 1)),
+    )
 
 
 def error_response(
@@ -69,11 +118,10 @@ def error_response(
 def stream_error_event(err: GatewayError, dialect: str, request_id: str) -> bytes:
     """The in-band SSE event that ends a broken stream, in the client's dialect."""
     if dialect == ANTHROPIC:
-        body = {"type": "error", "error": {"type": "api_error", "message": err.message}}
-        return b"event: error\ndata: " + _encode(body) + b"\n\n"
+        anthropic_body = AnthropicError("error", AnthropicErrorDetail("api_error", err.message))
+        return b"event: error\ndata: " + _encode(anthropic_body) + b"\n\n"
     if dialect == OPENAI:
-        body = {"error": {"message": err.message, "type": "server_error", "code": err.code, "param": None}}
-        return b"data: " + _encode(body) + b"\n\n"
+        return b"data: " + _encode(OpenAIError(OpenAIErrorDetail(err.message, "server_error", err.code, None))) + b"\n\n"
     body = error_body(err, ENVELOPE, request_id, target=err.target, attempts=0, duration_ms=0.0)
     return b"event: error\ndata: " + _encode(body) + b"\n\n"
 
