@@ -154,6 +154,19 @@ class UpstreamTimeout(UpstreamError):
     reason, retry_class, trips_breaker = "timeout", "timeout", True
 
 
+class DeadlineExceeded(GatewayError):
+    """No answer within the tenant's ``default_timeout_s`` (its client profile). The deadline is the
+    client's, not the target's failure: it neither trips a circuit nor moves to a fallback."""
+
+    status, code, type, retryable = 504, "deadline_exceeded", "upstream_error", True
+
+
+class ParallelLimited(RateLimited):
+    """A tenant already has its profile's ``max_parallel_requests`` in flight."""
+
+    code = "too_many_parallel_requests"
+
+
 class UpstreamUnavailable(UpstreamError):
     status, code = 502, "upstream_unavailable"
     reason, retry_class, trips_breaker = "network", "net", True

@@ -7,7 +7,9 @@ Per attempt, the next usable key in turn:
 - a 401 disables the key for an hour (logged, an event, shown on the status page) and
   the next key is tried at once;
 - a key with ``qps_per_key`` / ``qps_limit`` takes a GCRA token from the store per use
-  (shared by every instance); a key at its limit is skipped.
+  (shared by every instance); a key at its limit is skipped. A tenant whose client profile
+  has ``max_qps_per_provider_key`` also takes from its own bucket for that key, in the same
+  atomic step — on any target, a single key too (``policies.profiles``).
 
 When every key is cooling down, the attempt is refused with ``KeysExhausted`` (429, with
 the soonest key's Retry-After): the retry policy waits for it or the fallback chain moves
@@ -29,7 +31,8 @@ from gateway.errors import KeysExhausted
 from gateway.flow.exchange import Exchange, Reply
 from gateway.observe.events import Events, KeyCooldown, KeyDisabled, RetryScheduled
 from gateway.state.shared import SharedState
-from gateway.store import StoreError
+from gateway.store import StoreError, Take
+from policies import profiles
 from providers.auth import PoolKey
 
 if TYPE_CHECKING:
@@ -78,7 +81,8 @@ class KeyPool:
         now = self.clock.monotonic()
         return {h.key.id: h.state(now) for h in self.keys}
 
-    async def pick(self, tried: set[str]) -> PoolKey:
+    async def pick(self, tried: set[str], tenant: tuple[str, float] | None = None) -> PoolKey:
+        """The next usable key; ``tenant``: (name, its max_qps_per_provider_key) when it has one."""
         now = self.clock.monotonic()
         n = len(self.keys)
         soonest = math.inf
@@ -90,17 +94,17 @@ class KeyPool:
             if now < health.cool_until:
                 soonest = min(soonest, health.cool_until - now)
                 continue
-            if key.qps is not None:
-                wait = await self._over_qps(key)
+            if key.qps is not None or tenant is not None:
+                wait = await self._over_qps(key, tenant)
                 if wait:
                     soonest = min(soonest, wait)
                     continue
             self._next = (self._next + i + 1) % n
             return key
         if soonest < math.inf:
-            raise KeysExhausted(
-                f"every key of target {self.target} is rate limited", target=self.target, retry_after=soonest
-            )
+            limited = "rate limited" if tenant is None else \
+                f"rate limited or at this client's max_qps_per_provider_key ({tenant[1]:g}/s)"
+            raise KeysExhausted(f"every key of target {self.target} is {limited}", target=self.target, retry_after=soonest)
         # every key disabled (or already tried): use the next one anyway and let the provider answer
         health = self.keys[self._next % n]
         self._next = (self._next + 1) % n
@@ -116,16 +120,20 @@ class KeyPool:
         now = self.clock.monotonic()
         return any(h.key.id not in tried and now >= h.cool_until and now >= h.disabled_until for h in self.keys)
 
-    async def _over_qps(self, key: PoolKey) -> float:
-        """0 when the key may be used now, else seconds until it may."""
-        assert key.qps is not None
+    async def _over_qps(self, key: PoolKey, tenant: tuple[str, float] | None) -> float:
+        """0 when the key may be used now, else seconds until it may: its own QPS limit and the tenant's
+        for it, taken together (refused by one, it takes from neither)."""
+        bucket = f"keys:{self.target}:{key.fingerprint}:qps"
+        takes = [] if key.qps is None else [Take(bucket, key.qps, max(0, math.ceil(key.qps) - 1))]
+        if tenant is not None:
+            name, qps = tenant
+            takes.append(Take(f"{bucket}:{name}", qps, max(0, math.ceil(qps) - 1)))
         try:
-            res = await self.store.take(
-                f"keys:{self.target}:{key.fingerprint}:qps", rate_per_s=key.qps, burst=max(0, math.ceil(key.qps) - 1)
-            )
+            results = await self.store.take_all(takes)
         except StoreError:
             return 0.0  # store down: the provider's own 429 will tell
-        return 0.0 if res.allowed else max(res.retry_after_s, 0.001)
+        refused = [r.retry_after_s for r in results if not r.allowed]
+        return max(max(refused), 0.001) if refused else 0.0
 
     def cool(self, key: PoolKey, seconds: float) -> None:
         health = self._by_fp[key.fingerprint]
@@ -172,17 +180,20 @@ class KeyPool:
 
 def policy(ctx: Context, target: Target) -> tuple[Policy, KeyPool] | None:
     """The target's key picker, and its pool (the runtime's, for the admin API and metrics); None
-    for a single key without a QPS limit."""
+    for a single key without a QPS limit, its own or a tenant's."""
     credential = target.credential
-    if not credential.is_pool and not any(k.qps for k in credential.keys):
-        return None
+    per_tenant = {name: p.max_qps_per_provider_key for name, p in profiles.by_tenant(ctx.config).items()
+                  if p.max_qps_per_provider_key is not None} if ctx.tenants.enabled else {}
+    if not credential.keys or (not credential.is_pool and not any(k.qps for k in credential.keys) and not per_tenant):
+        return None  # (a target without a key of its own, passing the client's through: nothing to pick)
     pool = KeyPool(target.name, credential.keys, ctx.clock, ctx.events, ctx.shared)
     events, name = ctx.events, target.name
 
     async def key_pool(ex: Exchange, call_next: Handler) -> Reply:
         tried: set[str] = set()
         while True:
-            key = ex.key = await pool.pick(tried)
+            qps = per_tenant.get(ex.tenant) if per_tenant else None  # type: ignore[arg-type]
+            key = ex.key = await pool.pick(tried, None if qps is None else (ex.tenant, qps))  # type: ignore[arg-type]
             try:
                 reply = await call_next(ex)
             finally:

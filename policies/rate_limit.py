@@ -1,20 +1,34 @@
-"""Rate limits: GCRA per tenant, or per client IP when there are no tenants (SPEC §5).
+"""Rate limits: GCRA per client IP, per tenant and per end user (SPEC §5; issue #14 point 4).
 
-One atomic ``Store.take`` per limit and request (a Lua script on Redis, reading the
-Redis clock), so every instance sharing the store enforces one limit, not one each.
+Every limit is a GCRA bucket in the store (a Lua script on Redis, reading the Redis
+clock), so every instance sharing the store enforces one limit, not one each. All the
+limits a request counts against — its tenant's minute, hour and tokens, its user's minute
+and hour — are taken in ONE atomic ``Store.take_all``: a request refused by any of them
+uses up none of them.
 
-- ``rate_limit_rpm: N`` / ``rate_limit: {rpm: N}``: N requests per minute. ``burst``
-  is how many may arrive at once (default N: a full minute's worth, as a token bucket
-  of N refilled at N per minute would allow).
-- ``tpm``: estimated tokens per minute on LLM targets — prompt characters / 4 plus the
-  request's ``max_tokens`` — taken before the call.
+- tenants: ``rate_limit: {rpm, burst, rph, tpm}`` (``rate_limit_rpm: N`` is the seed's
+  ``rpm``). ``burst`` is how many may arrive at once (default ``rpm``: a full minute's
+  worth, as a token bucket of N refilled at N per minute allows); an hour's bucket holds
+  its ``rph``. ``tpm``: estimated tokens per minute on LLM targets — prompt characters / 4
+  plus the request's ``max_tokens`` — taken before the call.
+- users: ``rate_limit: {per_user: {rpm, rph}}`` at the top level (every tenant's users,
+  and without tenants everyone's) or in a tenant's ``rate_limit`` (its own users). The
+  user is ``X-ReliAPI-User``, else the body's ``user`` / ``user_id``; requests that name no
+  user share one bucket, so leaving the user out is not a way around the limit. The user
+  is the tenant's word, so a per-user limit shares a tenant's quota fairly among its users;
+  the tenant's own limit is what bounds the tenant.
 - ``server.rate_limit_per_ip_rpm`` when no tenants are configured (off by default). The
   IP is the peer's, or with ``trust_forwarded_for`` the last ``X-Forwarded-For`` hop.
 
+Tenant and user limits are quotas: they run inside the cache and idempotency policies, so
+an answer served from the cache or replayed for an idempotency key uses up none of them.
+The per-IP limit guards the door: it runs first and counts every request.
+
 Every response where a limit applies carries ``X-RateLimit-Limit/-Remaining/-Reset``
-(the seed's: Reset is an ISO timestamp) and the IETF draft's ``RateLimit-Policy`` /
-``RateLimit``; a refusal is a 429 ``rate_limited`` with ``Retry-After``. A refused
-request never reaches the upstream, so it can never count against a circuit.
+(the seed's: Reset is an ISO timestamp) of the limit nearest exhaustion, and the IETF
+draft's ``RateLimit-Policy`` (every limit) / ``RateLimit``; a refusal is a 429
+``rate_limited`` with ``Retry-After`` naming the limit. A refused request never reaches the
+upstream, so it can never count against a circuit.
 
 When the store fails, ``store.rate_limit_on_error`` decides: ``local`` (default) keeps
 limiting per instance in memory, ``allow`` lets requests through, ``deny`` answers 503.
@@ -25,64 +39,124 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.observe.events import RateLimitRefused, StoreDegraded
-from gateway.store import StoreError, TakeResult
+from gateway.store import StoreError, Take, TakeResult
 from gateway.store.memory import MemoryStore
+from policies.usage import user_of
 
 if TYPE_CHECKING:
-    from gateway.config.model import Config
+    from gateway.config.model import Config, UserRateLimit
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
     from gateway.flow.exchange import Exchange, Reply
+    from gateway.observe.events import Events
     from gateway.store import Store
 
 log = logging.getLogger("reliapi")
 _LOG_EVERY_S = 30.0
+_WINDOWS = {1: "second", 60: "minute", 3600: "hour"}
+ANONYMOUS = "-"  # the bucket of requests that name no user
 
 
 class Limit:
-    """One GCRA limit: ``quota`` units per ``window_s``, at most ``capacity`` at once."""
+    """One GCRA limit: ``quota`` units per ``window_s``, at most ``capacity`` at once; its buckets
+    are the store keys ``key + who``."""
 
-    __slots__ = ("name", "quota", "capacity", "rate_per_s", "burst", "unit")
+    __slots__ = ("name", "key", "quota", "window_s", "capacity", "rate_per_s", "burst", "unit", "per_user")
 
-    def __init__(self, name: str, per_minute: int, capacity: int | None, unit: str = "requests") -> None:
-        self.name = name
-        self.quota = per_minute
-        self.capacity = capacity or per_minute
-        self.rate_per_s = per_minute / 60.0
+    def __init__(self, name: str, key: str, quota: float, window_s: int = 60, capacity: int | None = None,
+                 unit: str = "requests", *, per_user: bool = False) -> None:
+        self.name = name  # the RateLimit-Policy item, the refusal event's ``limit``
+        self.key = key
+        self.quota = quota
+        self.window_s = window_s
+        self.capacity = capacity or math.ceil(quota)
+        self.rate_per_s = quota / window_s
         self.burst = self.capacity - 1  # redis-cell's max_burst: capacity = burst + 1
         self.unit = unit
+        self.per_user = per_user
 
     def policy_item(self) -> str:
         unit = "" if self.unit == "requests" else f';reliapi-unit="{self.unit}"'
         burst = "" if self.capacity == self.quota else f";reliapi-burst={self.capacity}"
-        return f'"{self.name}";q={self.quota};w=60{burst}{unit}'
+        return f'"{self.name}";q={round(self.quota)};w={self.window_s}{burst}{unit}'
+
+    def describe(self) -> str:
+        return f"{self.quota:g} {self.unit} per {_WINDOWS[self.window_s]}{' per user' if self.per_user else ''}"
+
+    def take(self, who: str, quantity: int) -> Take:
+        return Take(self.key + who, self.rate_per_s, self.burst, quantity)
 
 
 class Limits:
-    __slots__ = ("requests", "tokens", "policy_header")
+    """Every limit one kind of caller counts against, and the ``RateLimit-Policy`` naming them."""
 
-    def __init__(self, requests: Limit | None, tokens: Limit | None) -> None:
-        self.requests = requests
-        self.tokens = tokens
-        self.policy_header = ", ".join(lim.policy_item() for lim in (requests, tokens) if lim is not None)
+    __slots__ = ("limits", "policy_header", "per_user")
+
+    def __init__(self, limits: Sequence[Limit]) -> None:
+        self.limits = tuple(limits)
+        self.policy_header = ", ".join(lim.policy_item() for lim in self.limits)
+        self.per_user = any(lim.per_user for lim in self.limits)
+
+    def __bool__(self) -> bool:
+        return bool(self.limits)
 
 
-def tenant_limits(config: Config) -> dict[str, Limits]:
-    out = {}
+def per_ip_limits(rpm: int) -> Limits:
+    return Limits([Limit("default", "rl:", rpm)])
+
+
+def user_limits(per_user: UserRateLimit | None) -> list[Limit]:
+    if per_user is None:
+        return []
+    minute = [Limit("user", "rlu:", per_user.rpm, per_user=True)] if per_user.rpm else []
+    hour = [Limit("user-hourly", "rluh:", per_user.rph, 3600, per_user=True)] if per_user.rph else []
+    return minute + hour
+
+
+def qps_limit(qps: float, burst_size: int) -> Limit:
+    """A client profile's ``max_qps_per_tenant``: per second, or per minute when that is not a whole number
+    (the ``RateLimit-Policy`` quota is an integer)."""
+    if float(qps).is_integer():
+        return Limit("qps", "rlq:", int(qps), 1, burst_size)
+    return Limit("qps", "rlq:", qps * 60, 60, burst_size)
+
+
+def quota_limits(config: Config, tenants_enabled: bool) -> dict[str | None, Limits]:
+    """The quotas by tenant name (``None``: the gateway without tenants); a caller without an entry has none.
+    A tenant's: its ``rate_limit`` and its client profile's ``max_qps_per_tenant``; its users' per-user limits."""
+    everyone = config.rate_limit.per_user
+    if not tenants_enabled:
+        found = Limits(user_limits(everyone))
+        return {None: found} if found else {}
+    out: dict[str | None, Limits] = {}
     for tenant in config.tenants:
         rl = tenant.rate_limit
-        if rl is None or (rl.rpm is None and rl.tpm is None):
-            continue
-        requests = Limit("default", rl.rpm, rl.burst) if rl.rpm else None
-        tokens = Limit("tokens", rl.tpm, None, unit="tokens") if rl.tpm else None
-        out[tenant.name] = Limits(requests, tokens)
+        own: list[Limit] = []
+        if rl is not None:
+            own += [Limit("default", "rl:", rl.rpm, capacity=rl.burst)] if rl.rpm else []
+            own += [Limit("hourly", "rlh:", rl.rph, 3600)] if rl.rph else []
+            own += [Limit("tokens", "rlt:", rl.tpm, unit="tokens")] if rl.tpm else []
+        profile = config.client_profiles.get(tenant.profile) if tenant.profile is not None else None
+        if profile is not None and profile.max_qps_per_tenant is not None:
+            own.append(qps_limit(profile.max_qps_per_tenant, profile.burst_size))
+        found = Limits(own + user_limits(rl.per_user if rl is not None and rl.per_user is not None else everyone))
+        if found:
+            out[tenant.name] = found
     return out
+
+
+def buckets(limits: Limits, tenant: str | None, user: str | None) -> list[tuple[Limit, str]]:
+    """Each limit with whose bucket it is: the tenant's, or the user's within the tenant. The braces
+    are a Redis Cluster hash tag: one request's buckets share a slot, so one script can take them all."""
+    scope = "{tenant:" + tenant + "}" if tenant is not None else "{-}"
+    user_scope = f"{scope}:user:{user or ANONYMOUS}"
+    return [(lim, user_scope if lim.per_user else scope) for lim in limits.limits]
 
 
 def estimate_tokens(ex: Exchange) -> int:
@@ -90,39 +164,35 @@ def estimate_tokens(ex: Exchange) -> int:
     return len(ex.body) // 4 + (ex.max_tokens or 0)
 
 
+def per_ip(ctx: Context) -> Policy | None:
+    """The door: the per-IP limit of a gateway without tenants, on every request (a cache hit too)."""
+    rpm = ctx.config.server.rate_limit_per_ip_rpm
+    if ctx.tenants.enabled or not rpm:
+        return None
+    limits = per_ip_limits(rpm)
+    limiter = Limiter(ctx.store, ctx.config.store.rate_limit_on_error, ctx.clock.time)
+    events = ctx.events
+
+    async def rate_limit_ip(ex: Exchange, call_next: Handler) -> Reply:
+        return await limiter.around(ex, call_next, limits, [(limits.limits[0], "ip:" + (ex.client_ip or "-"))], events)
+
+    return rate_limit_ip
+
+
 def policy(ctx: Context) -> Policy | None:
-    server = ctx.config.server
-    per_tenant = tenant_limits(ctx.config) if ctx.tenants.enabled else {}
-    per_ip = Limits(Limit("default", server.rate_limit_per_ip_rpm, None), None) \
-        if not ctx.tenants.enabled and server.rate_limit_per_ip_rpm else None
-    if not per_tenant and per_ip is None:
+    """The quotas: a tenant's limits and its users' — inside the cache, so a hit or a replay is free."""
+    by_tenant = quota_limits(ctx.config, ctx.tenants.enabled)
+    if not by_tenant:
         return None
     limiter = Limiter(ctx.store, ctx.config.store.rate_limit_on_error, ctx.clock.time)
     events = ctx.events
 
     async def rate_limit(ex: Exchange, call_next: Handler) -> Reply:
-        if per_ip is not None:
-            limits, who = per_ip, "ip:" + (ex.client_ip or "-")
-        else:
-            limits = per_tenant.get(ex.tenant)  # type: ignore[arg-type]
-            if limits is None:
-                return await call_next(ex)
-            who = "tenant:" + ex.tenant  # type: ignore[operator]
-        try:
-            headers = await limiter.check(ex, limits, who)
-        except RateLimited as refused:
-            events.emit(RateLimitRefused(target=ex.target.name, tenant=ex.tenant, limit=getattr(refused, "limit_name", "default")))
-            raise
-        if limiter.failed is not None:
-            events.emit(StoreDegraded(target=ex.target.name, policy="rate_limit", error=limiter.failed))
-            limiter.failed = None
-        try:
-            reply = await call_next(ex)
-        except GatewayError as e:
-            e.headers.update(headers)
-            raise
-        reply.headers.update(headers)
-        return reply
+        limits = by_tenant.get(ex.tenant)
+        if limits is None:
+            return await call_next(ex)
+        user = user_of(ex) if limits.per_user else None
+        return await limiter.around(ex, call_next, limits, buckets(limits, ex.tenant, user), events)
 
     return rate_limit
 
@@ -136,30 +206,46 @@ class Limiter:
         self._logged_at = -_LOG_EVERY_S
         self.failed: str | None = None  # the last store error, for the policy to report once
 
-    async def check(self, ex: Exchange, limits: Limits, who: str) -> dict[str, str]:
-        """Take from each limit; the headers describing the tightest, or raise ``RateLimited``."""
-        shown: tuple[Limit, TakeResult] | None = None
-        if limits.requests is not None:
-            result = await self._take("rl:" + who, limits.requests, 1)
-            if result is not None:
-                shown = (limits.requests, result)
-                if not result.allowed:
-                    raise self._refusal(limits, shown, "requests")
-        if limits.tokens is not None and ex.target.kind == "llm":
-            quantity = estimate_tokens(ex)
-            result = await self._take("rlt:" + who, limits.tokens, quantity)
-            if result is not None:
-                # show whichever limit is nearer exhaustion (as a share: the units differ)
-                if shown is None or not result.allowed or \
-                        result.remaining / result.limit < shown[1].remaining / shown[1].limit:
-                    shown = (limits.tokens, result)
-                if not result.allowed:
-                    raise self._refusal(limits, shown, f"tokens ({quantity} estimated)")
-        return _headers(limits, *shown, self.now()) if shown is not None else {}
-
-    async def _take(self, key: str, limit: Limit, quantity: int) -> TakeResult | None:
+    async def around(self, ex: Exchange, call_next: Handler, limits: Limits, which: list[tuple[Limit, str]],
+                     events: Events) -> Reply:
+        """Take, run the rest of the flow, and put the limit headers on whatever it answers."""
         try:
-            return await self.store.take(key, rate_per_s=limit.rate_per_s, burst=limit.burst, quantity=quantity)
+            headers = await self.check(ex, limits, which)
+        except RateLimited as refused:
+            events.emit(RateLimitRefused(target=ex.target.name, tenant=ex.tenant,
+                                         limit=getattr(refused, "limit_name", "default")))
+            raise
+        if self.failed is not None:
+            events.emit(StoreDegraded(target=ex.target.name, policy="rate_limit", error=self.failed))
+            self.failed = None
+        try:
+            reply = await call_next(ex)
+        except GatewayError as e:
+            merge_headers(e.headers, headers)
+            raise
+        merge_headers(reply.headers, headers)
+        return reply
+
+    async def check(self, ex: Exchange, limits: Limits, which: list[tuple[Limit, str]]) -> dict[str, str]:
+        """Take from every limit at once; the headers describing the tightest, or raise ``RateLimited``."""
+        chosen = [(lim, who, estimate_tokens(ex) if lim.unit == "tokens" else 1) for lim, who in which
+                  if lim.unit != "tokens" or ex.target.kind == "llm"]
+        if not chosen:
+            return {}
+        results = await self._take_all([lim.take(who, quantity) for lim, who, quantity in chosen])
+        if results is None:
+            return {}
+        refused = [(r.retry_after_s, i) for i, r in enumerate(results) if not r.allowed]
+        if refused:
+            _, i = max(refused)  # the one that keeps it waiting longest
+            raise self._refusal(limits, chosen[i], results[i])
+        # show whichever limit is nearest exhaustion (as a share: the units differ)
+        i = min(range(len(results)), key=lambda i: results[i].remaining / results[i].limit)
+        return _headers(limits, chosen[i][0], results[i], self.now())
+
+    async def _take_all(self, takes: list[Take]) -> list[TakeResult] | None:
+        try:
+            return await self.store.take_all(takes)
         except StoreError as e:
             self.failed = str(e)
             now = time.monotonic()
@@ -171,19 +257,20 @@ class Limiter:
                 return None
             if self.on_error == "deny":
                 raise StoreUnavailable("rate limit store unavailable; try again shortly", retry_after=1.0) from None
-            return await self.local.take(key, rate_per_s=limit.rate_per_s, burst=limit.burst, quantity=quantity)
+            return await self.local.take_all(takes)
 
-    def _refusal(self, limits: Limits, shown: tuple[Limit, TakeResult], what: str) -> RateLimited:
-        limit, result = shown
+    def _refusal(self, limits: Limits, chosen: tuple[Limit, str, int], result: TakeResult) -> RateLimited:
+        limit, _, quantity = chosen
         headers = _headers(limits, limit, result, self.now())
         if math.isinf(result.retry_after_s):
+            what = f"tokens ({quantity} estimated)" if limit.unit == "tokens" else limit.unit
             refused = RateLimited(
                 f"rate limit exceeded: this request's {what} is larger than the limit of {limit.capacity} "
                 f"{limit.unit} and can never be allowed", headers=headers)
         else:
             refused = RateLimited(
-                f"rate limit exceeded ({limit.quota} {limit.unit} per minute); retry after "
-                f"{math.ceil(result.retry_after_s)}s", retry_after=result.retry_after_s, headers=headers)
+                f"rate limit exceeded ({limit.describe()}); retry after {math.ceil(result.retry_after_s)}s",
+                retry_after=result.retry_after_s, headers=headers)
         refused.limit_name = limit.name  # type: ignore[attr-defined]
         return refused
 
@@ -199,3 +286,25 @@ def _headers(limits: Limits, limit: Limit, result: TakeResult, now: float) -> di
         "RateLimit-Policy": limits.policy_header,
         "RateLimit": f'"{limit.name}";r={result.remaining};t={t}',
     }
+
+
+def merge_headers(into: dict[str, str], ours: dict[str, str]) -> None:
+    """Put a limit's headers on an answer that may carry another's already (the per-IP limit outside a
+    gateway-wide per-user one): the policies are joined, the limit nearer exhaustion is the one shown."""
+    if not ours:
+        return
+    theirs = into.get("RateLimit-Policy")
+    if theirs is None:
+        into.update(ours)
+        return
+    policy_header = f"{theirs}, {ours['RateLimit-Policy']}"
+    if _share(ours) < _share(into):
+        into.update(ours)
+    into["RateLimit-Policy"] = policy_header
+
+
+def _share(headers: dict[str, str]) -> float:
+    try:
+        return int(headers["X-RateLimit-Remaining"]) / int(headers["X-RateLimit-Limit"])
+    except (KeyError, ValueError, ZeroDivisionError):
+        return 1.0

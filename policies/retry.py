@@ -106,7 +106,9 @@ def policy(ctx: Context, target: Target, circuit: SharedCircuit | None = None) -
 
     async def retry(ex: Exchange, call_next: Handler) -> Reply:
         outer_deadline = ex.deadline
-        ex.deadline = clock.monotonic() + total_s if total_s is not None else None
+        deadline = clock.monotonic() + total_s if total_s is not None else None
+        client = ex.client_deadline  # a tenant's default_timeout_s: no wait or attempt past it either
+        ex.deadline = client if deadline is None else deadline if client is None else min(deadline, client)
         reply: Reply | None = None
         error: GatewayError | None = None
         budget.active += 1

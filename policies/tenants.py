@@ -12,8 +12,9 @@ close a wrong key was.
 
 The registry of keys (``gateway.flow.tenants``) authenticates in the edge's own step,
 before the body is read (an unknown caller costs no upload); the request policy here
-checks ``allowed_targets`` / ``allowed_models`` and, on the way out, removes the
-provider's own rate-limit headers, which describe the account all tenants share.
+checks ``allowed_targets`` / ``allowed_models``; ``provider_limits``, further in (inside
+the cache and the gateway's own quotas), removes the provider's own rate-limit headers,
+which describe the account all tenants share.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def policy(ctx: Context) -> Policy | None:
     async def tenant_access(ex: Exchange, call_next: Handler) -> Reply:
         tenant = by_name[ex.tenant]  # type: ignore[index]  # authenticated in the handler
         tenant.check(ex.target.name, ex.model)
+        return await call_next(ex)
+
+    return tenant_access
+
+
+def provider_limits(ctx: Context) -> Policy | None:
+    """Drop the provider's rate-limit headers from what the upstream answered (inside the gateway's
+    own limits, whose headers of the same names are the ones a tenant should read)."""
+    if not ctx.tenants.enabled:
+        return None
+
+    async def own_limits_only(ex: Exchange, call_next: Handler) -> Reply:
         try:
             reply = await call_next(ex)
         except GatewayError as e:
@@ -55,7 +68,7 @@ def policy(ctx: Context) -> Policy | None:
         _drop_provider_limits(reply.headers)
         return reply
 
-    return tenant_access
+    return own_limits_only
 
 
 def _drop_provider_limits(headers: Mapping[str, str]) -> None:

@@ -82,7 +82,7 @@ def test_unknown_keys_at_every_level_name_path_and_allowed_keys() -> None:
         assert line is not None, f"no unknown-key error for {path} in {errs}"
         assert allowed_word in line.split("(allowed: ", 1)[1]
     assert len(errs) == len(expected)
-    assert "serverr: unknown key (allowed: client_profiles, pricing, provider_key_pools, server, store, targets, tenants)" in errs
+    assert "serverr: unknown key (allowed: client_profiles, pricing, provider_key_pools, rate_limit, server, store, targets, tenants)" in errs
 
 
 def test_all_errors_in_one_file_are_reported() -> None:

@@ -385,7 +385,7 @@ def test_legacy_retry_wrong_type_is_a_type_error() -> None:
 
 
 
-def test_client_profiles_load_and_say_they_are_not_enforced_yet() -> None:
-    """Until issue #14 point 5 enforces them, a config with client_profiles is never silently unprotected."""
-    warned = [w for w in config_warnings(load(WIKI_CONFIGURATION_STRUCTURE)) if w.startswith("client_profiles")]
-    assert len(warned) == 1 and "NOT enforced" in warned[0]
+def test_client_profiles_load_and_are_enforced_without_a_warning() -> None:
+    """The wiki's profiles are enforced (tests/test_profiles.py), so nothing warns about them."""
+    config = load(WIKI_CONFIGURATION_STRUCTURE)
+    assert config.client_profiles and not [w for w in config_warnings(config) if "client_profiles" in w]

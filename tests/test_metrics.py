@@ -213,10 +213,11 @@ async def test_counters_after_the_script_are_exact(toured):
     assert m["reliapi_fallbacks_total"] == {L(from_="flaky", to="backup"): 3}
     assert m["reliapi_rate_limited_total"] == {L(tenant="tight"): 1}
     assert m["reliapi_budget_events_total"] == {
-        # soft_cap: "lowered" (max_tokens 10,000), and the 7 requests to ``up`` that sent none: a cap bounds those
+        # soft_cap: "lowered" (max_tokens 10,000), and the 8 requests to ``up`` that sent none: a cap bounds those
         # at 4,096 tokens ($0.0025 > the $0.001 soft cap), so each is lowered to fit (retry me, once ×3, spent,
-        # first, stream me; "second" is refused by the rate limit before the caps are looked at)
-        L(target="up", event="hard_cap"): 1, L(target="up", event="soft_cap"): 8, L(target="up", event="exhausted"): 1,
+        # first, second, stream me; "second" is then refused by the tenant's quota, which sits inside the cache
+        # and so after the caps)
+        L(target="up", event="hard_cap"): 1, L(target="up", event="soft_cap"): 9, L(target="up", event="exhausted"): 1,
     }
     model = "gpt-4o-mini"  # every fake answer reports 5 prompt tokens and 4 completion tokens (a stream: 3)
     assert m["reliapi_llm_tokens_total"] == {

@@ -87,8 +87,8 @@ async def test_rate_limit_info_shows_the_callers_tenant_limit_as_it_stands(fake,
     assert (await client.post("/v1/chat/completions", json=CHAT, headers={**key, "Cache-Control": "no-store"})).status == 200
     resp = await client.get("/v1/rate-limit/user123", headers=key)
     body = await resp.json()
-    assert resp.status == 200 and body["user_id"] == "user123" and body["scope"] == "tenant"
-    assert [(x["name"], x["limit"], x["remaining"]) for x in body["limits"]] == [("default", 3, 2)]
+    assert resp.status == 200 and body["user_id"] == "user123" and body["tenant"] == "acme"
+    assert [(x["name"], x["applies_to"], x["limit"], x["remaining"]) for x in body["limits"]] == [("default", "tenant", 3, 2)]
     again = await (await client.get("/v1/rate-limit/user123", headers=key)).json()
     assert again["limits"][0]["remaining"] == 2  # looking takes nothing
     refused = await client.get("/v1/rate-limit/user123")
@@ -99,5 +99,5 @@ async def test_rate_limit_info_shows_the_callers_tenant_limit_as_it_stands(fake,
 async def test_rate_limit_info_without_tenants_is_the_per_ip_limit(fake, gateway):
     client, _ = await gateway(config(fake.url, rate_limit_per_ip_rpm=10), env={"OPENAI_KEY": "sk-x"})
     body = await (await client.get("/v1/rate-limit/someone")).json()
-    assert body["scope"] == "ip" and [(x["limit"], x["remaining"]) for x in body["limits"]] == [(10, 10)]
-    assert body["per_user"] is None and "not implemented" in body["note"]
+    assert [(x["applies_to"], x["limit"], x["remaining"]) for x in body["limits"]] == [("ip", 10, 10)]
+    assert body["per_user"] is None and body["tenant"] is None

@@ -472,6 +472,10 @@ class TakeFails(MemoryStore):
         self.attempts += 1
         raise StoreError("connection refused (test)")
 
+    async def take_all(self, takes, *, now=None):
+        self.attempts += 1
+        raise StoreError("connection refused (test)")
+
 
 def on_error(mode: str) -> dict[str, str]:
     return {"rate_limit_on_error": mode}

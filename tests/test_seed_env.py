@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import msgspec
 import pytest
 
 from gateway.config import load_config
+from gateway.config.model import RateLimitConfig, UserRateLimit
 from gateway.config.seed_env import SeedEnvError, apply
 from tests.support.cli_harness import CLI, assert_no_traceback, free_port
 
@@ -31,16 +33,24 @@ def test_seed_003s_table_maps_onto_the_config() -> None:
     assert warnings == []
 
 
-def test_seed_004s_table_maps_onto_the_config_and_says_what_it_cannot() -> None:
+def test_seed_004s_table_maps_onto_the_config() -> None:
     config, applied, warnings = apply(load_config(None, env={}), SEED_004, port_given=False)
     for t in config.targets.values():  # the built-in targets are all LLM targets
         assert t.cache is not None and t.cache.enabled and t.cache.ttl_s == 3600
     assert config.pricing["gpt-4"].input == pytest.approx(30.0) and config.pricing["gpt-4"].output == pytest.approx(30.0)
     assert config.pricing["gpt-3.5-turbo"].input == pytest.approx(2.0)
     assert config.pricing["claude"].output == pytest.approx(15.0)
-    assert len(applied) == 4
-    assert [w.split(" ")[0] for w in warnings] == ["MAX_REQUESTS_PER_MINUTE", "MAX_REQUESTS_PER_HOUR"]
-    assert all("NOT applied" in w for w in warnings)
+    assert config.rate_limit.per_user is not None
+    assert (config.rate_limit.per_user.rpm, config.rate_limit.per_user.rph) == (10, 100)
+    assert len(applied) == 6 and warnings == []
+
+
+def test_max_requests_per_minute_overriding_the_files_per_user_limit_is_a_warning() -> None:
+    base = msgspec.structs.replace(load_config(None, env={}), rate_limit=RateLimitConfig(per_user=UserRateLimit(rpm=5, rph=50)))
+    config, applied, warnings = apply(base, {"MAX_REQUESTS_PER_MINUTE": "10"}, port_given=False)
+    assert (config.rate_limit.per_user.rpm, config.rate_limit.per_user.rph) == (10, 50)
+    assert applied == ["MAX_REQUESTS_PER_MINUTE → rate_limit.per_user.rpm 10"]
+    assert warnings == ["MAX_REQUESTS_PER_MINUTE overrides the config file's rate_limit.per_user.rpm (5 → 10)"]
 
 
 def test_a_window_other_than_a_minute_is_converted_to_a_rate_per_minute() -> None:
@@ -77,6 +87,6 @@ async def test_the_gateway_listens_on_port_and_names_what_it_applied(cli: CLI) -
     messages = gw.messages()
     applied = next(m for m in messages if m.startswith("environment: PORT"))
     assert "DEFAULT_PROVIDER → server.default_target anthropic" in applied
-    assert any("MAX_REQUESTS_PER_MINUTE is NOT applied" in m for m in messages)
+    assert "MAX_REQUESTS_PER_MINUTE → rate_limit.per_user.rpm 10" in applied
     assert gw.terminate() == 0
     assert_no_traceback(gw.stderr)

@@ -21,7 +21,7 @@ import pytest_asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.errors import StoreUnavailable
-from gateway.store import Store, StoreError, TakeResult, open_store
+from gateway.store import Store, StoreError, Take, TakeResult, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.resp import ReplyError
@@ -247,6 +247,35 @@ async def test_gcra_on_the_store_clock(store: Store) -> None:
     third = await store.take("k", rate_per_s=0.5, burst=1)
     assert (first.allowed, second.allowed, third.allowed) == (True, True, False)
     assert 1.5 < third.retry_after_s <= 2.0
+
+
+async def test_take_all_takes_every_bucket_or_none(store: Store) -> None:
+    """A request counted against a minute and an hour window: refused by either, it uses up neither."""
+    t0 = 1_700_000_000.0
+    minute = Take("m", rate_per_s=2 / 60, burst=1)  # 2 per minute
+    hour = Take("h", rate_per_s=3 / 3600, burst=2)  # 3 per hour
+    for expected in [(1, 2), (0, 1)]:
+        got = await store.take_all([minute, hour], now=t0)
+        assert [r.allowed for r in got] == [True, True]
+        assert (got[0].remaining, got[1].remaining) == expected
+    refused = await store.take_all([minute, hour], now=t0 + 1)  # the minute is used up, the hour is not
+    assert [r.allowed for r in refused] == [False, True] and refused[0].retry_after_s == pytest.approx(29.0)
+    # nothing was taken from the hour by the refused request: its one left is still there
+    peek = await store.take_all([Take("h", rate_per_s=3 / 3600, burst=2, quantity=0)], now=t0 + 1)
+    assert peek[0].remaining == 1
+    later = await store.take_all([minute, hour], now=t0 + 60)  # the minute refilled; the hour's last
+    assert [r.allowed for r in later] == [True, True] and later[1].remaining == 0
+    again = await store.take_all([minute, hour], now=t0 + 120)
+    assert [r.allowed for r in again] == [True, False]
+    assert (await store.take_all([minute], now=t0 + 120))[0].remaining == 1  # still one in the minute
+
+
+async def test_take_all_is_atomic_under_concurrency(store: Store) -> None:
+    takes = [Take("a", rate_per_s=1, burst=4), Take("b", rate_per_s=1, burst=2)]
+    results = await asyncio.gather(*(store.take_all(takes, now=1_700_000_000.0) for _ in range(20)))
+    assert sum(all(r.allowed for r in got) for got in results) == 3  # b's three, and a keeps two
+    left = await store.take_all([Take("a", rate_per_s=1, burst=4, quantity=0)], now=1_700_000_000.0)
+    assert left[0].remaining == 2
 
 
 async def test_gcra_rejects_nonsense_parameters(store: Store) -> None:

@@ -110,18 +110,11 @@ def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list
     them at start. Today: a fallback between a plain-HTTP target and an LLM one (OpenAI and
     Anthropic targets are translated into each other; an HTTP API is not) — such entries are skipped;
     an admin API without a key on an address other clients can reach (it answers none of them); a
-    key too short to be scrubbed; client profiles, which are not enforced yet."""
+    key too short to be scrubbed."""
     warnings: list[str] = _admin_warning(config, env) + _short_key_warnings(config, env) + _unmetered_warnings(config)
     for name, t in config.targets.items():
         for i, fb in enumerate(t.fallback_targets):
             warnings.extend(_dialect_warning(config, name, fb.target, f"targets.{name}.fallback_targets[{i}]"))
-    if config.client_profiles:  # issue #14 point 5: until they are enforced, never silently
-        used = sorted({t.profile for t in config.tenants if t.profile is not None})
-        warnings.append(f"client_profiles ({', '.join(config.client_profiles)}) are NOT enforced yet: their "
-                        "max_parallel_requests, max_qps_per_tenant, burst_size, max_qps_per_provider_key and "
-                        "default_timeout_s change nothing" + (f" for the tenants using them ({', '.join(used)})"
-                                                             if used else "") +
-                        "; use tenants[].rate_limit and targets' max_concurrency / timeout_ms")
     for i, tenant in enumerate(config.tenants):
         for scope, entries in tenant.fallback_targets.items():
             if scope == "*":

@@ -218,10 +218,25 @@ class SpendBudget(_Base):
     monthly_usd: NonNegFloat | None = None
 
 
+class UserRateLimit(_Base):
+    """Each end user's own limit (``policies.rate_limit``): requests per minute and per hour."""
+
+    rpm: PositiveInt | None = None
+    rph: PositiveInt | None = None
+
+
+class RateLimitConfig(_Base):
+    """Top-level ``rate_limit:``: the per-user limit of every tenant that does not set its own."""
+
+    per_user: UserRateLimit | None = None
+
+
 class TenantRateLimit(_Base):
     rpm: PositiveInt | None = None
     burst: PositiveInt | None = None
+    rph: PositiveInt | None = None
     tpm: PositiveInt | None = None
+    per_user: UserRateLimit | None = None  # this tenant's users (else the top-level rate_limit.per_user)
 
 
 class TenantConfig(_Base):
@@ -271,6 +286,7 @@ class Config(_Base):
     store: StoreConfig = StoreConfig()
     tenants: list[TenantConfig] = []
     targets: dict[str, TargetConfig] = {}
+    rate_limit: RateLimitConfig = RateLimitConfig()
     pricing: dict[str, Price] = {}
     provider_key_pools: dict[str, KeyPool] = {}
     client_profiles: dict[str, ClientProfile] = {}

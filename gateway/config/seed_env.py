@@ -14,8 +14,8 @@ seed's spelling of the same thing. Each variable that took effect is named in th
     COST_PER_TOKEN_GPT4          pricing of gpt-4 / gpt-3.5-turbo / claude (USD per token, input and output alike)
     COST_PER_TOKEN_GPT35
     COST_PER_TOKEN_CLAUDE
-    MAX_REQUESTS_PER_MINUTE      per-user rate limits are not implemented yet: a warning says they are not applied
-    MAX_REQUESTS_PER_HOUR
+    MAX_REQUESTS_PER_MINUTE      rate_limit.per_user.rpm / .rph: every user's own limit, per minute and per hour
+    MAX_REQUESTS_PER_HOUR          (a tenant's own rate_limit.per_user still wins for its users)
 
 ``LOG_LEVEL`` (any case) is read by the CLI itself.
 """
@@ -28,10 +28,10 @@ from typing import Any
 
 import msgspec
 
-from gateway.config.model import CacheConfig, Config, Price, RetryRule, ServerConfig
+from gateway.config.model import CacheConfig, Config, Price, RetryRule, ServerConfig, UserRateLimit
 
 _COSTS = {"COST_PER_TOKEN_GPT4": "gpt-4", "COST_PER_TOKEN_GPT35": "gpt-3.5-turbo", "COST_PER_TOKEN_CLAUDE": "claude"}
-_NOT_YET = ("MAX_REQUESTS_PER_MINUTE", "MAX_REQUESTS_PER_HOUR")
+_PER_USER = {"MAX_REQUESTS_PER_MINUTE": "rpm", "MAX_REQUESTS_PER_HOUR": "rph"}
 
 
 class SeedEnvError(ValueError):
@@ -54,7 +54,7 @@ def apply(config: Config, env: Mapping[str, str], *, port_given: bool) -> tuple[
     ``port_given``: --port or RELIAPI_PORT was given (they win over PORT). Raises ``SeedEnvError``."""
     applied: list[str] = []
     warnings: list[str] = []
-    server, targets, pricing = config.server, dict(config.targets), dict(config.pricing)
+    server, targets, pricing, rate_limit = config.server, dict(config.targets), dict(config.pricing), config.rate_limit
     defaults = ServerConfig()
 
     def took(name: str, what: str, shown: object = "", *, file_value: Any = None, new_value: Any = None,
@@ -117,10 +117,12 @@ def apply(config: Config, env: Mapping[str, str], *, port_given: bool) -> tuple[
             took(name, f"pricing.{model}", f"${per_million:g} per 1M tokens", file_value=pricing.get(model),
                  new_value=Price(input=per_million, output=per_million))
             pricing[model] = Price(input=per_million, output=per_million)
-    for name in _NOT_YET:
+    for name, field in _PER_USER.items():
         if name in env:
-            warnings.append(f"{name} is NOT applied: per-user rate limits are not implemented yet; the tenant and "
-                            "per-IP limits (server.rate_limit_per_ip_rpm, tenants[].rate_limit) are what applies")
+            value = _number(env, name, minimum=1)
+            per_user = rate_limit.per_user or UserRateLimit()
+            took(name, f"rate_limit.per_user.{field}", value, file_value=getattr(per_user, field), new_value=value)
+            rate_limit = msgspec.structs.replace(rate_limit, per_user=msgspec.structs.replace(per_user, **{field: value}))
     if applied:
-        config = msgspec.structs.replace(config, server=server, targets=targets, pricing=pricing)
+        config = msgspec.structs.replace(config, server=server, targets=targets, pricing=pricing, rate_limit=rate_limit)
     return config, applied, warnings

@@ -75,6 +75,11 @@ class LimitView(Struct):
     reset_s: float | None  # seconds until the bucket is full again
 
 
+class PerUserView(Struct):
+    rpm: int | None  # each user's requests per minute
+    rph: int | None  # ... and per hour
+
+
 class RateLimitInfo(Struct):
     """Every limit a user's requests count against, as it stands (looked at, nothing taken): the user's own,
     the caller's tenant's, or without tenants the per-IP limit of the caller's address."""
@@ -82,7 +87,7 @@ class RateLimitInfo(Struct):
     user_id: str
     tenant: str | None
     limits: list[LimitView]
-    per_user: str | None  # the per-user limits, described; None when there are none
+    per_user: PerUserView | None  # the per-user limits that apply; None when there are none
     store_error: str | None
 
 

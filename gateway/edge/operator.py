@@ -9,20 +9,23 @@
 
 Every path the gateway answers under ``/v1`` (these, ``/v1/models``, ``/v1/usage/{user}``) answers another
 method with 405 in OpenAI's dialect: such a request never reaches the proxy's catch-all route, which would
-send it upstream with the target's key. ``GET /v1/rate-limit/{user}`` shows the limits a user's requests count
-against (the caller's tenant's, or the per-IP limit) until per-user limits exist (issue #14 point 4).
+send it upstream with the target's key. ``GET /v1/rate-limit/{user}`` shows, peeked, every limit that user's
+requests count against: the user's own (per-user minute and hour), the tenant's, or the caller's per-IP limit;
+with tenants only for a caller with a tenant key, and only that tenant's users.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Literal
 
+import msgspec
 from aiohttp import web
 
 from gateway import __version__
 from gateway.edge import admin
+from gateway.edge.answers import Health, LimitView, PerUserView, RateLimitInfo, StoreState, TargetHealth
 from gateway.edge.ids import named, request_id
 from gateway.edge.requests import client_ip
 from gateway.edge.writer import error_response
@@ -31,7 +34,7 @@ from gateway.flow.exchange import OPENAI
 from gateway.headers import X_REQUEST_ID
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
-from policies.rate_limit import Limit, Limits, tenant_limits
+from policies.rate_limit import Limit, buckets, per_ip_limits, quota_limits
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HEALTH_STORE_TIMEOUT_S = 1.0
@@ -40,52 +43,51 @@ HEALTH_STORE_TIMEOUT_S = 1.0
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME].current
     problem = await rt.store_problem(HEALTH_STORE_TIMEOUT_S)
-    store: dict[str, Any] = {"backend": rt.store.backend, "healthy": problem is None, "error": problem}
+    store = StoreState(rt.store.backend, problem is None, problem)
     circuits = rt.circuit_states()
-    targets = {name: {"kind": target.kind, "provider": target.provider.name, "circuit": circuits[name]}
+    targets = {name: TargetHealth(target.kind, target.provider.name, circuits[name])  # type: ignore[arg-type]
                for name, target in rt.targets.items()}
-    serving = any(t["circuit"] != "open" for t in targets.values())
-    healthy = store["healthy"] and serving
-    body = {"status": "healthy" if healthy else "degraded", "version": __version__,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "store": store, "redis": store["healthy"] if rt.store.backend == "redis" else None, "targets": targets}
-    return web.json_response(body, status=200 if healthy else 503, headers={"Cache-Control": "no-store"})
+    serving = any(t.circuit != "open" for t in targets.values())
+    healthy = store.healthy and serving
+    answer = Health("healthy" if healthy else "degraded", __version__, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    store, store.healthy if rt.store.backend == "redis" else None, targets)
+    return web.Response(body=msgspec.json.encode(answer), status=200 if healthy else 503,
+                        content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 async def rate_limit_info(request: web.Request) -> web.StreamResponse:
-    """The limits a user's requests count against, as they stand (peeked: nothing is taken). With tenants,
-    only for a caller with a tenant key, and the caller's tenant's; without, the per-IP limit of the caller's
-    address. Per-user limits are not implemented yet (issue #14 point 4): ``per_user`` says so."""
+    """Every limit a user's requests count against, as it stands (peeked: nothing is taken): the user's own
+    (per-user minute and hour), the tenant's, or — without tenants — the caller's per-IP limit. With tenants,
+    only for a caller with a tenant key, and only that tenant's users."""
     rt = request.app[RUNTIME].current
     user = request.match_info["user_id"][:128]
-    server = rt.config.server
-    scope: str | None = None
-    limits = None
+    tenant: str | None = None
     if rt.tenants.enabled:
-        tenant = rt.tenants.authenticate(request.headers)
-        assert tenant is not None
-        scope, who = "tenant", "tenant:" + tenant.name
-        limits = tenant_limits(rt.config).get(tenant.name)
-    elif server.rate_limit_per_ip_rpm:
-        scope, who = "ip", "ip:" + (client_ip(request, rt) or "-")
-        limits = Limits(Limit("default", server.rate_limit_per_ip_rpm, None), None)
+        caller = rt.tenants.authenticate(request.headers)
+        assert caller is not None
+        tenant = caller.name
+    which: list[tuple[Limit, str, Literal["user", "tenant", "ip"]]] = []
+    quotas = quota_limits(rt.config, rt.tenants.enabled).get(tenant)
+    if quotas:
+        which += [(lim, who, "user" if lim.per_user else "tenant") for lim, who in buckets(quotas, tenant, user)]
+    rpm = rt.config.server.rate_limit_per_ip_rpm
+    if not rt.tenants.enabled and rpm:
+        which += [(lim, "ip:" + (client_ip(request, rt) or "-"), "ip") for lim in per_ip_limits(rpm).limits]
     shown = []
     store_error = None
-    for key, limit in (("rl:", limits.requests if limits else None), ("rlt:", limits.tokens if limits else None)):
-        if limit is None:
-            continue
-        entry: dict[str, Any] = {"name": limit.name, "unit": limit.unit, "limit": limit.capacity,
-                                 "per_minute": limit.quota, "remaining": None, "reset_s": None}
+    for lim, who, applies_to in which:
+        entry = LimitView(lim.name, applies_to, lim.unit, lim.capacity, round(lim.quota), lim.window_s, None, None)
         try:
-            got = await rt.store.take(key + who, rate_per_s=limit.rate_per_s, burst=limit.burst, quantity=0)
-            entry["remaining"], entry["reset_s"] = got.remaining, round(got.reset_after_s, 3)
+            got = await rt.store.take(lim.key + who, rate_per_s=lim.rate_per_s, burst=lim.burst, quantity=0)
+            entry.remaining, entry.reset_s = got.remaining, round(got.reset_after_s, 3)
         except StoreError as e:
             store_error = rt.scrub(str(e))
         shown.append(entry)
-    body = {"user_id": user, "scope": scope, "limits": shown, "per_user": None, "store_error": store_error,
-            "note": "per-user rate limits are not implemented yet: these are the limits this user's requests "
-                    "count against"}
-    return web.json_response(body, headers={"Cache-Control": "no-store", X_REQUEST_ID: request_id(request.headers)})
+    per_user = {lim.name: round(lim.quota) for lim, _, applies_to in which if applies_to == "user"}
+    answer = RateLimitInfo(user, tenant, shown,
+                           PerUserView(per_user.get("user"), per_user.get("user-hourly")) if per_user else None, store_error)
+    return web.Response(body=msgspec.json.encode(answer), content_type="application/json",
+                        headers={"Cache-Control": "no-store", X_REQUEST_ID: request_id(request.headers)})
 
 
 def _dialect_errors(handler: Handler) -> Handler:

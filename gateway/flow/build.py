@@ -1,8 +1,8 @@
 """The request flow, put together once per config: every policy built exactly once.
 
-    client request ─▶ rate limit ▶ tenant access ▶ budget ▶ idempotency ▶ cache ▶ usage ▶ router
-                                                                                            │
-                 ┌──────────────── for the target, then each fallback ────────────────────┘
+    client request ─▶ per-IP limit ▶ tenant access ▶ budget ▶ idempotency ▶ cache ▶ quotas ▶ profile ▶ usage ▶ router
+                                                                                                              │
+                 ┌──────────────── for the target, then each fallback ──────────────────────────────────────┘
                  ▼
         bulkhead ▶ retry (total deadline) ▶ ┊ circuit breaker ▶ key pool ▶ send (upstream)
                                             ┊ └──────────── once per attempt ───────────┘
@@ -39,6 +39,7 @@ from policies import (
     fallback,
     idempotency,
     key_pool,
+    profiles,
     rate_limit,
     retry,
     tenants,
@@ -99,11 +100,14 @@ class Owned:
 def request_policies(ctx: Context, owned: Owned) -> list[Policy | None]:
     """Once per client request, outermost first (the router follows the last)."""
     return [
-        rate_limit.policy(ctx),
-        tenants.policy(ctx),  # inside rate_limit: it drops the provider's x-ratelimit-*, not ours
+        rate_limit.per_ip(ctx),  # the door: every request counts, a cache hit too
+        tenants.policy(ctx),
         budget.policy(ctx),
         owned.closing(idempotency.policy(ctx)),  # a no-op step for a request without a key
         owned.closing(cache.policy(ctx)),
+        rate_limit.policy(ctx),  # a tenant's and its users' quotas: inside the cache, a hit or a replay is free
+        profiles.policy(ctx),  # a tenant's requests in flight and its deadline
+        tenants.provider_limits(ctx),  # inside the quotas: it drops the provider's x-ratelimit-*, not ours
         owned.usage(usage.policy(ctx)),  # inside the cache: a hit or a replay is not usage
     ]
 

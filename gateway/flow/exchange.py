@@ -23,7 +23,7 @@ class Exchange:
     __slots__ = (
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
-        "choices", "include_usage", "deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
+        "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
         "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint",
     )
 
@@ -69,6 +69,7 @@ class Exchange:
         self.choices = choices  # the body's "n": a stream is complete when this many choices finished
         self.include_usage = include_usage  # stream_options.include_usage: a usage chunk ends the stream
         self.deadline: float | None = None  # monotonic: the current target's total_timeout_ms (retry policy)
+        self.client_deadline: float | None = None  # monotonic: the tenant's default_timeout_s (policies.profiles)
         self.key: PoolKey | None = None  # the pool key for the current attempt (key pool policy)
         self.max_tokens = max_tokens  # the body's max_tokens / max_completion_tokens
         self.idempotency_key = idempotency_key  # the body's idempotency_key field (headers are read by the policy)

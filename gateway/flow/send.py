@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from aiohttp.hdrs import CONTENT_ENCODING
 
 from gateway.encoding import decode_answer
-from gateway.errors import GatewayError, UpstreamTimeout
+from gateway.errors import DeadlineExceeded, GatewayError, UpstreamTimeout
 from gateway.flow.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, upstream_request_headers
 from gateway.observe.events import UpstreamAnswered
@@ -57,11 +57,19 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
         headers[X_REQUEST_ID] = ex.request_id
         headers[X_RELIAPI_ATTEMPT] = str(ex.attempts)
         timeout = target.ttft_timeout_s if ex.stream else target.timeout_s
+        by_client = False
+        if ex.client_deadline is not None:  # the tenant's default_timeout_s: what is left of it, first
+            left = ex.client_deadline - clock.monotonic()
+            if left <= 0:
+                raise _past_deadline(ex)
+            if left < timeout:
+                timeout, by_client = left, True
         if ex.deadline is not None:  # total_timeout_ms: this attempt gets what is left of it
             left = ex.deadline - clock.monotonic()
             if left <= 0:
                 raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
-            timeout = min(timeout, left)
+            if left < timeout:
+                timeout, by_client = left, False
         if tr.crosses:
             tr.headers(headers)
         path, body = prepared.path, prepared.body
@@ -72,8 +80,10 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
                 ex.body if body is None else body,
                 timeout_s=timeout, idle_timeout_s=target.idle_timeout_s, stream=ex.stream,
             )
-        except GatewayError:  # a timeout or a refused connection is an attempt too (status 0): p99 must show it
+        except GatewayError as e:  # a timeout or a refused connection is an attempt too (status 0): p99 must show it
             events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=0))
+            if by_client and isinstance(e, UpstreamTimeout):
+                raise _past_deadline(ex) from None  # cut short by the client's deadline: not the target's failure
             raise
         events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=reply.status))
         if reply.status >= 400:
@@ -97,6 +107,10 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
         return reply
 
     return send_upstream
+
+
+def _past_deadline(ex: Exchange) -> DeadlineExceeded:
+    return DeadlineExceeded("no answer within this client's default_timeout_s", target=ex.target.name)
 
 
 def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translator, prepared: Prepared) -> None:

@@ -75,7 +75,7 @@ class RateLimitRefused(Event, frozen=True):
     """A request over a gateway rate limit got 429 (``target`` is where it was going)."""
 
     tenant: str | None
-    limit: str  # the policy's name: "default" (requests) or "tokens"
+    limit: str  # the limit's name: "default" / "hourly" / "tokens" (a tenant's or per IP), "user" / "user-hourly"
 
 
 class CacheHit(Event, frozen=True):

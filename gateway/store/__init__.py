@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from gateway.store.base import Store, StoreError, Subscription, TakeResult
+from gateway.store.base import Store, StoreError, Subscription, Take, TakeResult
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 
-__all__ = ["Store", "StoreError", "Subscription", "TakeResult", "open_store"]
+__all__ = ["Store", "StoreError", "Subscription", "Take", "TakeResult", "open_store"]
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 

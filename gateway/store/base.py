@@ -34,6 +34,15 @@ class StoreError(StoreUnavailable):
     """The backend failed or is unreachable. The message never carries credentials."""
 
 
+class Take(msgspec.Struct, frozen=True):
+    """One GCRA take of ``Store.take_all``: ``quantity`` from the bucket at ``key`` (see ``Store.take``)."""
+
+    key: str
+    rate_per_s: float
+    burst: int
+    quantity: int = 1
+
+
 class TakeResult(msgspec.Struct, frozen=True):
     """Outcome of one GCRA ``Store.take`` (the redis-cell ``CL.THROTTLE`` reply).
 
@@ -228,6 +237,13 @@ class Store(abc.ABC):
         decides — the Redis server's, so every instance agrees. Do not mix injected
         and real time on one key.
         """
+
+    @abc.abstractmethod
+    async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
+        """Several ``take`` s in one atomic step, all or nothing: when every one is allowed each is
+        taken; when any is refused none is (nothing is written) — a request counted against its minute
+        and its hour window, its tenant and its user, is counted against all of them or none. The
+        results are in the order of ``takes``, each as ``take`` would report it on its own."""
 
     @abc.abstractmethod
     def scan_prefix(self, prefix: str) -> AsyncIterator[str]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from gateway.store.base import Store, StoreError, Subscription, TakeResult, gcra_params, gcra_result
+from gateway.store.base import Store, StoreError, Subscription, Take, TakeResult, gcra_params, gcra_result
 
 _SWEEP_BATCH = 64
 
@@ -202,6 +202,27 @@ class MemoryStore(Store):
             # so an injected ``now`` in another timebase still expires correctly.
             self._put(key, repr(new_tat).encode(), self._deadline(new_tat - now))
         return gcra_result(True, 0.0, new_tat - now, interval, burst)
+
+    async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
+        now = self._clock() if now is None else now
+        results, writes = [], []
+        for take in takes:
+            interval, tolerance, increment = gcra_params(take.rate_per_s, take.burst, take.quantity)
+            entry = self._typed(take.key, bytes)
+            tat = max(float(entry[0]) if entry else now, now)  # type: ignore[arg-type]
+            new_tat = tat + increment
+            allow_at = new_tat - tolerance
+            if now < allow_at:
+                retry_after = allow_at - now if increment <= tolerance else -1.0
+                results.append(gcra_result(False, retry_after, tat - now, interval, take.burst))
+            else:
+                results.append(gcra_result(True, 0.0, new_tat - now, interval, take.burst))
+                if take.quantity:
+                    writes.append((take.key, new_tat))
+        if all(r.allowed for r in results):
+            for key, new_tat in writes:
+                self._put(key, repr(new_tat).encode(), self._deadline(new_tat - now))
+        return results
 
     # -- prefixes --------------------------------------------------------------
 

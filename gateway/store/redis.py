@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, suppress
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
@@ -28,7 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.store.base import Store, StoreError, Subscription, TakeResult, gcra_params, gcra_result
+from gateway.store.base import Store, StoreError, Subscription, Take, TakeResult, gcra_params, gcra_result
 from gateway.store.redis_pubsub import ChannelHub
 from gateway.store.resp import ReplyError, RespClient, Script, Stalled
 
@@ -125,6 +126,39 @@ end
 return {1, '0', f(new_tat - now)}
 """
 
+# Several GCRA takes, all or nothing (``Store.take_all``). ARGV: now or '', then per key its delay
+# tolerance and increment. Returns {allowed, retry_after, ttl} per key, flattened.
+_GCRA_ALL = """
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function f(x) return string.format('%.17g', x) end
+local out, writes, refused = {}, {}, false
+for i, key in ipairs(KEYS) do
+  local tolerance, increment = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
+  local new_tat = tat + increment
+  local allow_at = new_tat - tolerance
+  if now < allow_at then
+    local retry = -1
+    if increment <= tolerance then retry = allow_at - now end
+    refused = true
+    table.insert(out, 0); table.insert(out, f(retry)); table.insert(out, f(tat - now))
+  else
+    table.insert(out, 1); table.insert(out, '0'); table.insert(out, f(new_tat - now))
+    if increment > 0 then table.insert(writes, {key, new_tat}) end
+  end
+end
+if not refused then
+  for _, w in ipairs(writes) do
+    redis.call('SET', w[1], f(w[2]), 'PX', math.ceil((w[2] - now) * 1000))
+  end
+end
+return out
+"""
+
 
 def _ms(ttl_s: float) -> int:
     return max(1, math.ceil(ttl_s * 1000))
@@ -174,6 +208,7 @@ class RedisStore(Store):
         self._cas = Script(self._resp, _COMPARE_AND_SET)
         self._counter = Script(self._resp, _COUNTER)
         self._gcra = Script(self._resp, _GCRA)
+        self._gcra_all = Script(self._resp, _GCRA_ALL)
         self._append = Script(self._resp, _APPEND)
         self._claim = Script(self._resp, _CLAIM)
         self._hincr_many = Script(self._resp, _HINCR_MANY)
@@ -300,6 +335,16 @@ class RedisStore(Store):
                 keys=[self._k(key)], args=[tolerance, increment, "" if now is None else now]
             )
         return gcra_result(bool(allowed), float(retry), float(ttl), interval, burst)
+
+    async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
+        params = [gcra_params(t.rate_per_s, t.burst, t.quantity) for t in takes]
+        args: list[Any] = ["" if now is None else now]
+        for _, tolerance, increment in params:
+            args += (tolerance, increment)
+        with self._wrap_errors("take"):
+            raw = await self._gcra_all(keys=[self._k(t.key) for t in takes], args=args)
+        return [gcra_result(bool(raw[3 * i]), float(raw[3 * i + 1]), float(raw[3 * i + 2]), interval, take.burst)
+                for i, (take, (interval, _, _)) in enumerate(zip(takes, params, strict=True))]
 
     # -- prefixes --------------------------------------------------------------
 
