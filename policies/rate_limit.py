@@ -119,12 +119,16 @@ def user_limits(per_user: UserRateLimit | None) -> list[Limit]:
     return minute + hour
 
 
-def qps_limit(qps: float, burst_size: int) -> Limit:
+DEFAULT_BURST_SIZE = 5
+
+
+def qps_limit(qps: float, burst_size: int | None) -> Limit:
     """A client profile's ``max_qps_per_tenant``: per second, or per minute when that is not a whole number
     (the ``RateLimit-Policy`` quota is an integer)."""
+    capacity = burst_size or DEFAULT_BURST_SIZE
     if float(qps).is_integer():
-        return Limit("qps", "rlq:", int(qps), 1, burst_size)
-    return Limit("qps", "rlq:", qps * 60, 60, burst_size)
+        return Limit("qps", "rlq:", int(qps), 1, capacity)
+    return Limit("qps", "rlq:", qps * 60, 60, capacity)
 
 
 def quota_limits(config: Config, tenants_enabled: bool) -> dict[str | None, Limits]:

@@ -74,7 +74,7 @@ def resolve(
     if auth.type == "none":
         return Credential("none")
     if auth.type == "bearer_static":
-        return _inject(provider, None, None, [("static", auth.token or "")], None)
+        return _inject(provider, None, None, [("static", auth.token or "")], auth.qps_per_key)
     names = auth.env_vars or ([auth.env_var] if auth.env_var else [])
     keys = [(n, env[n]) for n in names if env.get(n)]
     if not keys:

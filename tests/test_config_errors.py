@@ -308,3 +308,36 @@ def test_env_comes_only_from_the_mapping_given(monkeypatch: pytest.MonkeyPatch) 
     assert load(text, env={"RELIAPI_TEST_ONLY_IN_OS_ENV": "given"}).server.host == "given"
     assert parse_config(text).server.host == "from-os"  # env=None → the process environment
 
+
+
+# ---- a setting that would validate and then change nothing is an error naming it (issue #14 point 5)
+
+_LLM = "    base_url: https://api.openai.com/v1\n    provider: openai\n"
+_HTTP = "    base_url: https://api.example.com\n"
+_TENANT = "tenants:\n  - name: t\n    api_key: tenant-key-0001\n"
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("targets:\n  a:\n" + _LLM + "    auth: {type: bearer_env, env_var: K, token: sk-unused-000}\n",
+     "targets.a.auth.token: type bearer_env does not use it"),
+    ("targets:\n  a:\n" + _LLM + "    auth: {type: passthrough, header: x-api-key}\n",
+     "targets.a.auth.header: type passthrough does not use it"),
+    ("targets:\n  a:\n" + _LLM + "    auth: {type: bearer_env, env_var: K, env_vars: [K1, K2]}\n",
+     "targets.a.auth: give env_var (one key) or env_vars (a pool), not both"),
+    ("targets:\n  a:\n" + _LLM + "    retry_non_idempotent: true\n",
+     "targets.a.retry_non_idempotent: applies to plain-HTTP targets only (an LLM target retries its POSTs by the "
+     "retry_matrix)"),
+    ("targets:\n  h:\n" + _HTTP + _TENANT + "    budget_caps: {h: {hard_cost_cap_usd: 1}}\n",
+     "tenants[0].budget_caps.h: h is a plain-HTTP target, where nothing costs anything"),
+    ("targets:\n  a:\n" + _LLM + _TENANT + "    cache_ttl_override: {a: 60}\n",
+     "tenants[0].cache_ttl_override.a: target a has no cache block, so nothing is cached"),
+    ("targets:\n  a:\n" + _LLM + _TENANT + "    rate_limit: {burst: 10}\n",
+     "tenants[0].rate_limit.burst: is the burst of rpm; set rpm too"),
+    ("targets:\n  a:\n" + _LLM + "rate_limit: {per_user: {}}\n", "rate_limit.per_user: give rpm and/or rph"),
+    ("targets:\n  a:\n" + _LLM + "client_profiles: {p: {burst_size: 3}}\n",
+     "client_profiles.p.burst_size: is the burst of max_qps_per_tenant; set that too"),
+    ("targets:\n  a:\n" + _LLM + "server: {cors: {allow_credentials: true}}\n",
+     'server.cors.allow_origins: give the origins browsers may call from (or ["*"]); without any, cors changes nothing'),
+])
+def test_a_setting_that_would_do_nothing_is_an_error(text: str, error: str) -> None:
+    assert error in errors_of(text, env={"K": "sk-env-key-0001"})

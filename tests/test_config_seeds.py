@@ -385,7 +385,9 @@ def test_legacy_retry_wrong_type_is_a_type_error() -> None:
 
 
 
-def test_client_profiles_load_and_are_enforced_without_a_warning() -> None:
-    """The wiki's profiles are enforced (tests/test_profiles.py), so nothing warns about them."""
+def test_client_profiles_load_and_one_no_tenant_uses_is_named() -> None:
+    """The wiki's profiles are enforced (tests/test_profiles.py); its sample gives no tenant the profile, and a
+    profile that applies to nobody is said so, rather than looking like protection."""
     config = load(WIKI_CONFIGURATION_STRUCTURE)
-    assert config.client_profiles and not [w for w in config_warnings(config) if "client_profiles" in w]
+    assert [w for w in config_warnings(config) if "client_profiles" in w] == [
+        "client_profiles.cursor_default: no tenant has profile: cursor_default, so it applies to nobody"]

@@ -472,3 +472,12 @@ async def test_a_key_disabled_by_one_instance_is_not_used_by_the_other(fake, sta
     for _ in range(4):
         assert (await ask(b)).status == 200
     assert "K1" not in used(fake)[2:]
+
+
+async def test_qps_per_key_works_on_a_static_token_too(fake, start, clock):
+    """It used to validate and be dropped for ``bearer_static`` (issue #14 point 5's audit)."""
+    client, _ = await start(auth={"type": "bearer_static", "token": "sk-static-token-1", "qps_per_key": 1},
+                            retry_matrix={"429": {"attempts": 0}})
+    assert (await ask(client)).status == 200
+    assert (await ask(client)).status == 429  # the one key is at its limit: the gateway's own 429, not sent
+    assert len(fake.requests) == 1

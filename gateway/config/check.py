@@ -18,7 +18,7 @@ from gateway.observe.logs import hide_userinfo
 from gateway.scrub import MIN_SECRET
 
 if TYPE_CHECKING:
-    from gateway.config.model import AuthConfig, Config
+    from gateway.config.model import AuthConfig, Config, UserRateLimit
 
 
 def cross_check(config: Config) -> list[str]:
@@ -30,6 +30,9 @@ def cross_check(config: Config) -> list[str]:
     if not config.store.url.startswith(("memory://", "redis://", "rediss://", "unix://")):
         errors.append("store.url: expected memory://, redis://, rediss:// or unix://")
     if s.cors is not None:
+        if not s.cors.allow_origins:
+            errors.append("server.cors.allow_origins: give the origins browsers may call from (or [\"*\"]); "
+                          "without any, cors changes nothing")
         for i, origin in enumerate(s.cors.allow_origins):
             if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|null", origin):
                 errors.append(f"server.cors.allow_origins[{i}]: {origin!r} is not an origin "
@@ -55,6 +58,12 @@ def cross_check(config: Config) -> list[str]:
             errors.append(f"{p}.llm.provider: {t.llm.provider!r} contradicts the target's provider {t.provider!r}")
         if t.llm:
             errors.extend(_check_caps(t.llm.soft_cost_cap_usd, t.llm.hard_cost_cap_usd, f"{p}.llm"))
+        if t.kind == "http":
+            if t.llm is not None:
+                errors.append(f"{p}.llm: needs an LLM target (provider openai, anthropic or mistral); this one is plain HTTP")
+        elif t.retry_non_idempotent:
+            errors.append(f"{p}.retry_non_idempotent: applies to plain-HTTP targets only (an LLM target retries its "
+                          "POSTs by the retry_matrix)")
     seen: set[str] = set()
     for i, tenant in enumerate(config.tenants):
         p = f"tenants[{i}]"
@@ -84,6 +93,21 @@ def cross_check(config: Config) -> list[str]:
                 errors.append(f"{p}.allowed_targets[{j}]: no target named {t!r}")
         if tenant.profile is not None and tenant.profile not in config.client_profiles:
             errors.append(f"{p}.profile: no client profile named {tenant.profile!r}")
+        for scope in tenant.budget_caps:
+            if scope in names and config.targets[scope].kind == "http":
+                errors.append(f"{p}.budget_caps.{scope}: {scope} is a plain-HTTP target, where nothing costs anything")
+        for scope in tenant.cache_ttl_override:
+            if scope in names and config.targets[scope].cache is None:
+                errors.append(f"{p}.cache_ttl_override.{scope}: target {scope} has no cache block, so nothing is cached")
+        rl = tenant.rate_limit
+        if rl is not None:
+            if rl.burst is not None and rl.rpm is None:
+                errors.append(f"{p}.rate_limit.burst: is the burst of rpm; set rpm too")
+            errors.extend(_check_per_user(rl.per_user, f"{p}.rate_limit.per_user"))
+    errors.extend(_check_per_user(config.rate_limit.per_user, "rate_limit.per_user"))
+    for name, profile in config.client_profiles.items():
+        if profile.burst_size is not None and profile.max_qps_per_tenant is None:
+            errors.append(f"client_profiles.{name}.burst_size: is the burst of max_qps_per_tenant; set that too")
     # Pools are keyed by provider in the seed wiki (`provider_key_pools: {openai: …}`) or by target name.
     from gateway.config.model import Provider
 
@@ -110,11 +134,15 @@ def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list
     them at start. Today: a fallback between a plain-HTTP target and an LLM one (OpenAI and
     Anthropic targets are translated into each other; an HTTP API is not) — such entries are skipped;
     an admin API without a key on an address other clients can reach (it answers none of them); a
-    key too short to be scrubbed."""
+    key too short to be scrubbed; a client profile no tenant uses."""
     warnings: list[str] = _admin_warning(config, env) + _short_key_warnings(config, env) + _unmetered_warnings(config)
     for name, t in config.targets.items():
         for i, fb in enumerate(t.fallback_targets):
             warnings.extend(_dialect_warning(config, name, fb.target, f"targets.{name}.fallback_targets[{i}]"))
+    used = {t.profile for t in config.tenants}
+    for name in config.client_profiles:
+        if name not in used:
+            warnings.append(f"client_profiles.{name}: no tenant has profile: {name}, so it applies to nobody")
     for i, tenant in enumerate(config.tenants):
         for scope, entries in tenant.fallback_targets.items():
             if scope == "*":
@@ -207,6 +235,15 @@ def _check_base_url(url: str, path: str) -> list[str]:
     return []
 
 
+_AUTH_FIELDS = {  # what each auth type reads
+    "bearer_env": {"env_var", "env_vars", "prefix", "qps_per_key"},
+    "bearer_static": {"token", "qps_per_key"},
+    "header_env": {"header", "env_var", "env_vars", "prefix", "qps_per_key"},
+    "passthrough": set(),
+    "none": set(),
+}
+
+
 def _check_auth(auth: AuthConfig, path: str) -> list[str]:
     needs = {
         "bearer_env": ("env_var or env_vars", auth.env_var or auth.env_vars),
@@ -215,4 +252,14 @@ def _check_auth(auth: AuthConfig, path: str) -> list[str]:
     }
     if auth.type in needs and not needs[auth.type][1]:
         return [f"{path}: type {auth.type} needs {needs[auth.type][0]}"]
+    errors = [f"{path}.{field}: type {auth.type} does not use it" for field in auth.__struct_fields__
+              if field != "type" and getattr(auth, field) is not None and field not in _AUTH_FIELDS[auth.type]]
+    if auth.env_var and auth.env_vars:
+        errors.append(f"{path}: give env_var (one key) or env_vars (a pool), not both")
+    return errors
+
+
+def _check_per_user(per_user: UserRateLimit | None, path: str) -> list[str]:
+    if per_user is not None and per_user.rpm is None and per_user.rph is None:
+        return [f"{path}: give rpm and/or rph"]
     return []

@@ -272,7 +272,7 @@ class ClientProfile(_Base):
     max_parallel_requests: PositiveInt = 10
     max_qps_per_tenant: PositiveFloat | None = None
     max_qps_per_provider_key: PositiveFloat | None = None
-    burst_size: PositiveInt = 5
+    burst_size: PositiveInt | None = None  # with max_qps_per_tenant: how many at once (default 5)
     default_timeout_s: PositiveFloat | None = None
 
 
