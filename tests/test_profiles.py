@@ -128,10 +128,11 @@ async def test_max_qps_per_provider_key_spreads_a_tenant_over_a_pool(fake, gatew
                                                                           "Bearer sk-pool-two-2222"]
 
 
-async def test_default_timeout_is_the_clients_deadline_not_the_targets_failure(fake, upstreams, gateway):
+@pytest.mark.parametrize("retries", [NO_RETRY, {"5xx": {"attempts": 2}}], ids=["no-retry-policy", "retry-policy"])
+async def test_default_timeout_is_the_clients_deadline_not_the_targets_failure(fake, upstreams, gateway, retries):
     backup = await upstreams()
     cfg = profiled(fake.url, {"default_timeout_s": 0.2}).up(
-        circuit_breaker={"error_threshold": 1}, fallback_targets=["spare"])
+        circuit_breaker={"error_threshold": 1}, fallback_targets=["spare"], retry_matrix=retries)
     cfg.target("spare", base_url=f"{backup.url}/v1", provider="openai", models=["spare-*"], retry_matrix=NO_RETRY)
     client, logs = await gateway(cfg, env=ENV)
     for _ in range(2):

@@ -57,19 +57,20 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
         headers[X_REQUEST_ID] = ex.request_id
         headers[X_RELIAPI_ATTEMPT] = str(ex.attempts)
         timeout = target.ttft_timeout_s if ex.stream else target.timeout_s
-        by_client = False
-        if ex.client_deadline is not None:  # the tenant's default_timeout_s: what is left of it, first
-            left = ex.client_deadline - clock.monotonic()
-            if left <= 0:
-                raise _past_deadline(ex)
-            if left < timeout:
-                timeout, by_client = left, True
-        if ex.deadline is not None:  # total_timeout_ms: this attempt gets what is left of it
-            left = ex.deadline - clock.monotonic()
-            if left <= 0:
-                raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
-            if left < timeout:
-                timeout, by_client = left, False
+        by_client = False  # the attempt's time is what is left of the client's deadline
+        if ex.client_deadline is not None or ex.deadline is not None:
+            now = clock.monotonic()
+            client = ex.client_deadline  # the tenant's default_timeout_s: checked first, it is the client's
+            if client is not None:
+                if client <= now:
+                    raise _past_deadline(ex)
+                if client - now < timeout:
+                    timeout, by_client = client - now, True
+            if ex.deadline is not None:  # total_timeout_ms (the retry policy's; at most the client's)
+                if ex.deadline <= now:
+                    raise UpstreamTimeout(f"target {target.name} did not answer within its total timeout", target=target.name)
+                if ex.deadline - now < timeout:
+                    timeout, by_client = ex.deadline - now, False
         if tr.crosses:
             tr.headers(headers)
         path, body = prepared.path, prepared.body
