@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway.clock import Clock
 from gateway.config.model import Config, ServerConfig
-from gateway.edge import admin, cors, operator, probes, reports
+from gateway.edge import admin, cors, docs, openapi, operator, probes, reports
 from gateway.edge.ids import named
 from gateway.edge.serve import serve
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME, Reloader
@@ -69,6 +69,8 @@ def create_app(
     app.router.add_get("/readyz", named(probes.readiness))
     app.router.add_get("/metrics", named(metrics.metrics))
     status_page.add_routes(app, wrap=named)
+    openapi.add_routes(app)  # GET /openapi.json: every path the gateway answers itself (built here, once)
+    docs.add_routes(app)  # GET /docs: that document rendered, with no file from anywhere else
     admin.add_routes(app)
     # the /v1 paths the gateway answers itself (any other method: 405, never the proxy's catch-all below)
     operator.add_routes(app, fixed=(("GET", "/v1/models", reports.models),

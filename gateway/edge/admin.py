@@ -212,7 +212,7 @@ async def summary(request: web.Request, rt: Runtime) -> Summary:
 async def usage(request: web.Request, rt: Runtime) -> UsageReport:
     tenant = request.query.get("tenant") or None
     user = request.query.get("user") or None
-    since = request.query.get("since") or None
+    since = request.query.get("since")  # present but empty is a bad date too, not "no bound"
     if since is not None:
         try:
             day = datetime.date.fromisoformat(since)

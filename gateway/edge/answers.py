@@ -121,7 +121,7 @@ class UsageCounts(Struct):
     requests: int
     prompt_tokens: int
     completion_tokens: int
-    cost_usd: float
+    cost_usd: float | UnsetType = UNSET  # left out of a day with no priced request (always in a total)
     unpriced_requests: int | UnsetType = UNSET  # requests whose model has no price (left out when none)
 
 

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 CacheTTL = Annotated[float, msgspec.Meta(ge=0)]  # the envelopes' ``cache``: seconds, 0 or more
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# any case: "get" and "Get" too (a JSON Schema pattern has no flags, so each letter is a class)
+_METHOD = "^(" + "|".join("".join(f"[{c}{c.lower()}]" for c in m) for m in _METHODS) + ")$"
 
 
 _NO_BODY = msgspec.Raw(b"null")
@@ -43,11 +45,13 @@ _NO_BODY = msgspec.Raw(b"null")
 
 class HttpEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     target: str
-    method: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z]{1,16}$")]  # required (SPEC §2): never a silent GET
+    # required (SPEC §2): never a silent GET
+    method: Annotated[str, msgspec.Meta(pattern=_METHOD, description=", ".join(_METHODS) + ", in any case")]
     path: str = ""
     headers: dict[str, str] = {}
     query: dict[str, str | int | float | bool | list[str]] | str | None = None
-    body: msgspec.Raw = _NO_BODY  # any JSON: a string is sent as its text, anything else as the JSON it is
+    # any JSON: a string is sent as its text, anything else as the JSON it is (a factory: the schema has no default)
+    body: msgspec.Raw = msgspec.field(default_factory=lambda: _NO_BODY)
     idempotency_key: str | None = None
     cache: CacheTTL | None = None  # TTL seconds for this answer
 
@@ -118,10 +122,7 @@ def _encode_query(query: str) -> str:
 
 
 def parse(raw: bytes) -> HttpEnvelope:
-    env = decode_body(raw, HttpEnvelope)
-    if env.method.upper() not in _METHODS:
-        raise InvalidRequest(f"method: {env.method!r} is not one of {', '.join(_METHODS)}", param="method")
-    return env
+    return decode_body(raw, HttpEnvelope)
 
 
 async def exchange(call: Call) -> Exchange:
