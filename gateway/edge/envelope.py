@@ -122,7 +122,13 @@ def _encode_query(query: str) -> str:
 
 
 def parse(raw: bytes) -> HttpEnvelope:
-    return decode_body(raw, HttpEnvelope)
+    try:
+        return decode_body(raw, HttpEnvelope)
+    except InvalidRequest as e:
+        if e.param == "method" and "regex" in e.message:  # the methods in words, not as the pattern's letters
+            raise InvalidRequest(f"invalid envelope: method must be one of {', '.join(_METHODS)} (in any case)",
+                                 param="method") from None
+        raise
 
 
 async def exchange(call: Call) -> Exchange:
