@@ -180,15 +180,17 @@ class StreamBroken(UpstreamError):
     """The upstream cut or stalled a stream after bytes reached the client.
 
     ``reported``: the upstream already sent its own in-band error event, relayed as is,
-    so the gateway must not add a second one.
+    so the gateway must not add a second one. ``stalled``: it went silent for the idle
+    timeout (rather than being cut or failing) — asking it again would likely wait as long.
     """
 
     code = "stream_interrupted"
     reason, trips_breaker = "network", True
 
-    def __init__(self, message: str, *, reported: bool = False, **kwargs: object) -> None:
+    def __init__(self, message: str, *, reported: bool = False, stalled: bool = False, **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.reported = reported
+        self.stalled = stalled
 
 
 class StoreUnavailable(GatewayError):

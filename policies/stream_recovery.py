@@ -10,10 +10,18 @@ duplicate start events).
 Continuing needs a prefill the model will extend: Anthropic continues a final assistant
 turn natively, Mistral with ``prefix: true`` (which is sent), vLLM-style servers do; the
 OpenAI API accepts the request but may answer it as a new turn. Only a plain text answer
-with one choice is continued (no tool calls, no thinking blocks). A stream is continued
-once; a candidate that refuses the prefill (any non-2xx answer) or fails is skipped, and
-when none can continue, the client's stream ends with an in-band error naming the
-original failure — not the refusal of the attempt to repair it.
+with one choice is continued (no tool calls, no thinking blocks).
+
+Which target continues: a stream that *stalled* (silent for ``stream_idle_timeout_ms``) is
+never asked of the target that stalled — it would most likely keep the client waiting
+another whole idle window — so it goes straight to the next in the chain; with a healthy
+fallback the client's stream completes within about 1.5 idle windows, and without one it
+ends at 1 with the in-band error. A stream that was *cut* is asked of the same target
+first. A candidate that refuses the prefill (any non-2xx answer), fails, or whose
+continuation breaks before it added anything is skipped for the next one (a stalled one
+also drops out); once a continuation has added text, its breaking ends the client's
+stream. When none can continue, the client's stream ends with an in-band error naming
+the original failure — not the refusal of the attempt to repair it.
 """
 
 from __future__ import annotations
@@ -63,19 +71,30 @@ async def _recovering(
         close = getattr(chunks, "aclose", None)
         if close is not None:
             await close()
-    continuation = await _continue(ex, reader, broken, candidates, client_body, client_model, call_next, events)
-    if continuation is None:
-        raise StreamBroken(f"{broken.message} (stream_recovery could not continue it)", target=broken.target)
-    splicer = reader.splicer()
-    try:
-        async for chunk in continuation.chunks:  # type: ignore[union-attr]
-            out = _splice(splicer, chunk)
-            if out:
-                yield out
-    except StreamBroken as e:
-        raise StreamBroken(f"{broken.message}; its continuation failed too ({e.message})", target=broken.target) from None
-    finally:
-        await continuation.aclose()
+    # a stalled target would likely stall again: the next one continues (a cut one is asked again first)
+    answering = candidates[0]
+    remaining = candidates[1:] if broken.stalled else candidates
+    while True:
+        continuation, remaining = await _continue(ex, reader, broken, answering, remaining, client_body,
+                                                  client_model, call_next, events)
+        if continuation is None:
+            raise StreamBroken(f"{broken.message} (stream_recovery could not continue it)", target=broken.target)
+        splicer = reader.splicer()
+        added = False
+        try:
+            async for chunk in continuation.chunks:  # type: ignore[union-attr]
+                out = _splice(splicer, chunk)
+                if out:
+                    added = True
+                    yield out
+            return
+        except StreamBroken as e:
+            if added:
+                raise StreamBroken(f"{broken.message}; its continuation failed too ({e.message})",
+                                   target=broken.target) from None
+            # it failed before adding anything: the next candidate (a stalled one is not asked again)
+        finally:
+            await continuation.aclose()
 
 
 def _splice(splicer: Splicer, chunk: bytes) -> bytes:
@@ -87,19 +106,22 @@ def _splice(splicer: Splicer, chunk: bytes) -> bytes:
 
 
 async def _continue(
-    ex: Exchange, reader: StreamReader, broken: StreamBroken, candidates: list[Entry], client_body: bytes,
-    client_model: str | None, call_next: Handler, events: Events,
-) -> Reply | None:
+    ex: Exchange, reader: StreamReader, broken: StreamBroken, answering: Entry, candidates: list[Entry],
+    client_body: bytes, client_model: str | None, call_next: Handler, events: Events,
+) -> tuple[Reply | None, list[Entry]]:
+    """The first of ``candidates`` that takes the continuation, and the candidates after it (``answering``:
+    the entry whose stream broke)."""
     partial = reader.text
     first = ex.target
-    for i, (target, model) in enumerate(candidates):
-        if i:
+    for i, entry in enumerate(candidates):
+        target, model = entry
+        if entry is not answering:
             model = model or (target.config.llm.default_model if target.config.llm else None)
         else:
             model = ex.model if ex.model != client_model else None
         body = type(reader).continuation_body(client_body, partial, target.provider.name, model)
         if body is None:
-            return None
+            return None, []
         attempt = ex.derive(target=target, body=body, model=model or client_model, deadline=None, key=None)
         try:
             reply = await call_next(attempt)
@@ -112,5 +134,5 @@ async def _continue(
             continue
         events.emit(StreamRecovered(target=first.name, to_target=target.name, reason=broken.message))
         ex.log["recovered_on"] = target.name
-        return reply
-    return None
+        return reply, candidates[i + 1:]
+    return None, []

@@ -24,7 +24,7 @@ def config(up: str, backup: str, **up_fields: object) -> GatewayConfig:
     after 300 ms) on ``backup`` / ``claude_backup`` at the second fake; ``up_fields``: more for ``up``."""
     recover = {"stream_recovery": "continue", "stream_idle_timeout_ms": 300}
     cfg = GatewayConfig(up, default_target="up")
-    cfg.up(**recover, fallback_targets=[{"target": "backup", "model": "gpt-backup"}], **up_fields)
+    cfg.up(**{**recover, "fallback_targets": [{"target": "backup", "model": "gpt-backup"}], **up_fields})
     cfg.target("backup", f"{backup}/v1", provider="openai")
     cfg.claude(**recover, fallback_targets=["claude_backup"])
     return cfg.target("claude_backup", backup, provider="anthropic")
@@ -92,7 +92,46 @@ async def test_stalled_stream_is_continued_on_the_fallback_when_the_same_target_
     assert text == SIXTY
     cont = backup.requests[0].json()
     assert cont["model"] == "gpt-backup"  # the fallback entry's model
+    assert len(up.requests) == 1  # the target that stalled is not asked to continue
     assert cont["messages"][-1]["content"] == "".join(f"tok{i} " for i in range(20))
+    assert logs[-1]["recovered_on"] == "backup" and logs[-1]["outcome"] == "ok"
+
+
+async def test_a_stall_goes_straight_to_the_fallback_never_back_to_the_target_that_stalled(setup):
+    """The failoverbench "stall mid-answer" scenario: 20 tokens, then silence. Asking the stalled target to
+    continue would wait a second idle window (and it would likely stall again)."""
+    up, backup, make = setup
+    client, logs, sdk = await make()
+    up.plan(Fault(chunks=60, stall_after=21), Fault(chunks=60, stall_after=0))  # it would stall again
+    backup.plan(Fault(chunks=60))
+    stream = await sdk.chat.completions.create(model="gpt-4o-mini", messages=CHAT, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == SIXTY
+    assert len(up.requests) == 1 and len(backup.requests) == 1
+    assert logs[-1]["recovered_on"] == "backup" and logs[-1]["outcome"] == "ok"
+
+
+async def test_a_stall_without_a_fallback_ends_at_once_with_the_in_band_error(setup):
+    up, backup, make = setup
+    client, logs, sdk = await make(fallback_targets=[])
+    up.plan(Fault(chunks=60, stall_after=21), Fault(chunks=60))
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": CHAT, "stream": True})
+    body = await resp.read()
+    assert b"stalled" in body and b"[DONE]" not in body  # the in-band error, not a silently short answer
+    assert len(up.requests) == 1  # not asked to continue: that would have been a second idle window
+    assert logs[-1]["outcome"] == "stream_error"
+
+
+async def test_a_cut_streams_continuation_failing_fast_goes_on_down_the_chain(setup):
+    up, backup, make = setup
+    client, logs, sdk = await make(retry_matrix={"net": {"attempts": 0}, "5xx": {"attempts": 0}})
+    up.plan(Fault(chunks=60, cut_after=21), Fault(chunks=60, cut_after=1))  # cut; its continuation cut after its role chunk
+    backup.plan(Fault(chunks=60))
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": CHAT, "stream": True})
+    body = await resp.read()
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in _chat_chunks(body) if c.get("choices"))
+    assert text == SIXTY
+    assert len(up.requests) == 2 and len(backup.requests) == 1
     assert logs[-1]["recovered_on"] == "backup" and logs[-1]["outcome"] == "ok"
 
 

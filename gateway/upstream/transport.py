@@ -183,7 +183,7 @@ async def _relay(
             except TimeoutError:
                 if time.monotonic() - waited_from < idle_timeout_s:  # the deadline of an unasked-for stream
                     raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
-                raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target) from None
+                raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
             except (aiohttp.ClientError, OSError) as e:
                 raise StreamBroken(f"upstream stream was cut ({_describe(e)})", target=target) from None
             if not chunk:
