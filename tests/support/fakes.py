@@ -24,6 +24,7 @@ import base64
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +57,8 @@ class Fault:
     tool_calls: bool = False  # stream tool-call deltas instead of text
     model: str | None = None  # answer as this model (default: the one asked for)
     echo_auth: bool = False
+    usage: dict | None = None  # fields merged into the reported usage (cached tokens, details, …)
+    terminal: str = "response.completed"  # /v1/responses: the stream's last event (response.incomplete, …)
 
 
 @dataclass
@@ -124,6 +127,10 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/embeddings", self.embeddings)
         app.router.add_get("/redirect", self.redirect)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         return app
@@ -172,7 +179,7 @@ class FakeUpstream:
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake."},
                              "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
+                "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9, **(fault.usage or {})},
             }, headers=fault.headers)
 
         def chunk(delta: dict, finish: str | None = None) -> bytes:
@@ -199,13 +206,45 @@ class FakeUpstream:
             events.append(b"data: " + _json({
                 "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
                 "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": fault.chunks - start,
-                                         "total_tokens": 5 + fault.chunks - start},
+                                         "total_tokens": 5 + fault.chunks - start, **(fault.usage or {})},
             }) + b"\n\n")
         if not fault.no_done:
             events.append(b"data: [DONE]\n\n")
         return await self._stream(request, events, fault)
 
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's embeddings answer: a vector per input (``dimensions`` long, else 8; base64 when asked, as the
+        SDK does by default), usage with ``prompt_tokens`` = ``total_tokens`` (a token per word or token id)."""
+        raw, fault = await self._record(request)
+        if fault is None:
+            return web.Response()
+        if fault.status != 200:
+            return web.json_response(
+                {"error": {"message": fault.error_message or f"fake error {fault.status}", "type": "invalid_request_error",
+                           "code": fault.error_code, "param": None}}, status=fault.status, headers=fault.headers)
+        body = msgspec.json.decode(raw)
+        given = body["input"]
+        items = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else given
+        size = body.get("dimensions") or 8
+        data, tokens = [], 0
+        for i, item in enumerate(items):
+            tokens += len(item.split()) or 1 if isinstance(item, str) else len(item)
+            seed = zlib.crc32(_json(item))
+            vector = [((seed >> (k % 24)) % 1000) / 1000 - 0.5 for k in range(size)]
+            encoded = (base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+                       if body.get("encoding_format") == "base64" else vector)
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        return web.json_response({"object": "list", "data": data, "model": fault.model or body.get("model"),
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, headers=fault.headers)
+
     # ------------------------------------------------------------ Anthropic
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """``POST /v1/messages/count_tokens``: ``{"input_tokens": N}``, N about the body's bytes / 4."""
+        raw, fault = await self._record(request)
+        if fault is None:
+            return web.Response()
+        return web.json_response({"input_tokens": max(1, len(raw) // 4)}, headers=fault.headers)
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         raw, fault = await self._record(request)
@@ -225,7 +264,7 @@ class FakeUpstream:
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": "Hello from the fake."}],
                 "stop_reason": "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": 5, "output_tokens": 4},
+                "usage": {"input_tokens": 5, "output_tokens": 4, **(fault.usage or {})},
             }, headers=fault.headers)
 
         def ev(name: str, data: dict) -> bytes:
@@ -247,10 +286,79 @@ class FakeUpstream:
         events += [
             ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
             ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                 "usage": {"output_tokens": fault.chunks - start}}),
+                                 "usage": {"output_tokens": fault.chunks - start, **(fault.usage or {})}}),
         ]
         if not fault.no_done:
             events.append(ev("message_stop", {"type": "message_stop"}))
+        return await self._stream(request, events, fault)
+
+    # ------------------------------------------------------------ OpenAI Responses
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/responses``: a complete ``response`` object, or the real event sequence
+        (``response.created`` … ``response.output_text.delta`` … ``response.completed``, no ``[DONE]``).
+        ``first_event_error`` / ``error_after`` send the ``error`` event (in its two shapes: the
+        documented flat one first, the nested one the API sends mid-stream); ``terminal`` picks the
+        last event."""
+        raw, fault = await self._record(request)
+        if fault is None:
+            return web.Response()
+        body = msgspec.json.decode(raw)
+        if fault.status != 200:
+            return web.json_response(
+                {"error": {"message": fault.error_message or f"fake error {fault.status}",
+                           "type": "server_error" if fault.status >= 500 else "invalid_request_error",
+                           "code": fault.error_code, "param": None}},
+                status=fault.status, headers=fault.headers,
+            )
+        model = fault.model or body.get("model", "gpt-4o-mini")
+        n = len(self.requests)
+        rid, mid = f"resp_fake{n}", f"msg_fake{n}"
+        text = "".join(f"tok{i} " for i in range(fault.chunks)) if body.get("stream") else "Hello from the fake."
+        usage = {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": fault.chunks if body.get("stream") else 4,
+                 "output_tokens_details": {"reasoning_tokens": 0}, **(fault.usage or {})}
+        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        status = {"response.incomplete": "incomplete", "response.failed": "failed"}.get(fault.terminal, "completed")
+        part = {"type": "output_text", "text": text, "annotations": []}
+        message = {"id": mid, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+
+        def response(state: str, output: list, usage: dict | None) -> dict:
+            return {
+                "id": rid, "object": "response", "created_at": 1700000000 + n, "status": state, "model": model,
+                "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+                "error": {"code": "server_error", "message": "fake failure"} if state == "failed" else None,
+                "incomplete_details": {"reason": "max_output_tokens"} if state == "incomplete" else None,
+                "usage": usage,
+            }
+
+        if not body.get("stream"):
+            return web.json_response(response(status, [message], usage), headers=fault.headers)
+        seq = iter(range(1_000_000))
+
+        def ev(kind: str, **data: object) -> bytes:
+            return b"event: " + kind.encode() + b"\ndata: " + _json({"type": kind, "sequence_number": next(seq), **data}) + b"\n\n"
+
+        events = []
+        if fault.first_event_error:
+            events.append(ev("error", code=fault.first_event_error, message="fake stream error", param=None))
+        at = {"item_id": mid, "output_index": 0, "content_index": 0}
+        events += [
+            ev("response.created", response=response("in_progress", [], None)),
+            ev("response.in_progress", response=response("in_progress", [], None)),
+            ev("response.output_item.added", output_index=0,
+               item={**message, "status": "in_progress", "content": []}),
+            ev("response.content_part.added", **at, part={**part, "text": ""}),
+        ]
+        events += [ev("response.output_text.delta", **at, delta=f"tok{i} ", logprobs=[]) for i in range(fault.chunks)]
+        events += [
+            ev("response.output_text.done", **at, text=text, logprobs=[]),
+            ev("response.content_part.done", **at, part=part),
+            ev("response.output_item.done", output_index=0, item=message),
+        ]
+        if not fault.no_done:
+            events.append(ev(fault.terminal, response=response(status, [message], usage)))
         return await self._stream(request, events, fault)
 
     # ------------------------------------------------------------ streaming core
@@ -261,6 +369,9 @@ class FakeUpstream:
             error = (b"event: error\ndata: " + _json(overloaded) if request.path.endswith("/messages")
                      else b"data: " + _json({"error": {"message": "Overloaded", "type": "server_error",
                                                        "code": None, "param": None}})) + b"\n\n"
+            if request.path.endswith("/responses"):  # the shape the API sends mid-stream: details nested
+                error = b"event: error\ndata: " + _json({"type": "error", "sequence_number": fault.error_after, "error": {
+                    "type": "server_error", "code": "server_error", "message": "Overloaded", "param": None}}) + b"\n\n"
             events = [*events[:fault.error_after], error]
         if fault.malformed_at is not None:
             events.insert(fault.malformed_at, b'data: {"choices": [{"delta": {"content": "tok\n\n')
