@@ -97,6 +97,35 @@ def _prefill_tokens(body: dict) -> int:
     return len([w for w in str(content or "").split() if w.startswith("tok")])
 
 
+THINKING = "Let me think step by step."
+SIGNATURE = "EqQBCkgIARABGAIiQFakeSignature=="
+REDACTED = "EmwKAhgBEgy3va3pzix/LafPsn4aFake"
+
+
+def _extended_blocks(body: dict) -> list[tuple[dict, dict, list[dict]]]:
+    """The blocks a Messages answer holds before its text, as (whole block, its content_block_start, its deltas):
+    with ``thinking`` enabled a thinking block (streamed as thinking_delta then signature_delta) and a
+    redacted_thinking one; with a ``web_search_*`` server tool a server_tool_use block and its result."""
+    blocks: list[tuple[dict, dict, list[dict]]] = []
+    if isinstance(body.get("thinking"), dict) and body["thinking"].get("type") == "enabled":
+        half = len(THINKING) // 2
+        blocks.append(({"type": "thinking", "thinking": THINKING, "signature": SIGNATURE},
+                       {"type": "thinking", "thinking": "", "signature": ""},
+                       [{"type": "thinking_delta", "thinking": THINKING[:half]},
+                        {"type": "thinking_delta", "thinking": THINKING[half:]},
+                        {"type": "signature_delta", "signature": SIGNATURE}]))
+        redacted = {"type": "redacted_thinking", "data": REDACTED}
+        blocks.append((redacted, redacted, []))
+    if any(isinstance(t, dict) and str(t.get("type", "")).startswith("web_search") for t in body.get("tools") or ()):
+        use = {"type": "server_tool_use", "id": "srvtoolu_fake1", "name": "web_search", "input": {"query": "fake"}}
+        blocks.append((use, {**use, "input": {}}, [{"type": "input_json_delta", "partial_json": '{"query": "fake"}'}]))
+        result = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_fake1", "content": [
+            {"type": "web_search_result", "title": "Fake", "url": "https://example.com/", "encrypted_content": "Zm9v",
+             "page_age": None}]}
+        blocks.append((result, result, []))
+    return blocks
+
+
 def _reset(request: web.Request) -> None:
     """Close with a TCP RST (SO_LINGER 0), as a crashed or overloaded server would."""
     transport = request.transport
@@ -259,10 +288,11 @@ class FakeUpstream:
             )
         model = fault.model or body.get("model", "claude-test-1")
         start = _prefill_tokens(body)
+        extended = _extended_blocks(body)  # thinking, server tools: only when the request asks for them
         if not body.get("stream"):
             return web.json_response({
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": "Hello from the fake."}],
+                "content": [*(block for block, _, _ in extended), {"type": "text", "text": "Hello from the fake."}],
                 "stop_reason": "end_turn", "stop_sequence": None,
                 "usage": {"input_tokens": 5, "output_tokens": 4, **(fault.usage or {})},
             }, headers=fault.headers)
@@ -277,14 +307,23 @@ class FakeUpstream:
         events += [ev("message_start", {"type": "message_start", "message": {
             "id": f"msg_fake{len(self.requests)}", "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 5, "output_tokens": 1}}}),
-            ev("content_block_start", {"type": "content_block_start", "index": 0,
-                                       "content_block": {"type": "text", "text": ""}})]
+            "usage": {"input_tokens": 5, "output_tokens": 1}}})]
+        if extended:
+            events.append(ev("ping", {"type": "ping"}))
+        for index, (_, opening, deltas) in enumerate(extended):
+            events.append(ev("content_block_start", {"type": "content_block_start", "index": index,
+                                                     "content_block": opening}))
+            events += [ev("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+                       for delta in deltas]
+            events.append(ev("content_block_stop", {"type": "content_block_stop", "index": index}))
+        text = len(extended)
+        events.append(ev("content_block_start", {"type": "content_block_start", "index": text,
+                                                 "content_block": {"type": "text", "text": ""}}))
         for i in range(start, fault.chunks):
-            events.append(ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+            events.append(ev("content_block_delta", {"type": "content_block_delta", "index": text,
                                                      "delta": {"type": "text_delta", "text": f"tok{i} "}}))
         events += [
-            ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ev("content_block_stop", {"type": "content_block_stop", "index": text}),
             ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                  "usage": {"output_tokens": fault.chunks - start, **(fault.usage or {})}}),
         ]
