@@ -11,12 +11,12 @@ PRICES: dict[str, tuple[float, float]] = {
     "magistral-medium": (2.0, 5.0), "magistral-small": (0.50, 1.50), "codestral": (0.30, 0.90),
     "devstral-small": (0.10, 0.30), "devstral-medium": (0.40, 2.0), "ministral-8b": (0.10, 0.10),
     "ministral-3b": (0.04, 0.04), "open-mistral-nemo": (0.15, 0.15), "pixtral-large": (2.0, 6.0),
-    "pixtral-12b": (0.15, 0.15), "mistral-embed": (0.10, 0.0),
+    "pixtral-12b": (0.15, 0.15), "mistral-embed": (0.10, 0.0), "codestral-embed": (0.15, 0.0),
 }
 # Context windows (see ``providers.openai.CONTEXT``).
 CONTEXT: dict[str, int] = {
     "mistral": 128_000, "magistral": 128_000, "codestral": 256_000, "devstral": 128_000, "ministral": 128_000,
-    "open-mistral-nemo": 128_000, "pixtral": 128_000, "mistral-embed": 8_192,
+    "open-mistral-nemo": 128_000, "pixtral": 128_000, "mistral-embed": 8_192, "codestral-embed": 8_192,
 }
 
 

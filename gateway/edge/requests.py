@@ -8,6 +8,7 @@ typed struct that skips everything else (off the event loop for a large one).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -20,6 +21,7 @@ from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import IDEMPOTENCY_KEYS, X_RELIAPI_TARGET
 from gateway.upstream.paths import validate_header_values, validate_path, validate_query
 from providers.endpoints import MESSAGES, Endpoint, endpoint
+from providers.responses import INPUT_ITEM_TYPES, ROLES
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -69,10 +71,56 @@ class _MessagesPeek(_Peek):
     messages: list[_AnthropicMessage] | None = None
 
 
+class _ResponsesItem(msgspec.Struct):
+    type: Literal[INPUT_ITEM_TYPES] | None = None  # type: ignore[valid-type]  # a message may leave it out
+    role: Literal[ROLES] | None = None  # type: ignore[valid-type]
+
+
+class _ResponsesPeek(_Peek):
+    """A Responses API request: its ``input`` text or a list of input items of known types, its
+    ``max_output_tokens`` a positive count — a bad one is the client's 400, naming the field."""
+
+    input: str | list[_ResponsesItem] | None = None
+    max_output_tokens: Count | None = None
+
+
+_Text = Annotated[str, msgspec.Meta(min_length=1)]
+_TokenId = Annotated[int, msgspec.Meta(ge=0)]
+_Tokens = Annotated[list[_TokenId], msgspec.Meta(min_length=1)]
+EMBEDDINGS_INPUT = ("input must be a non-empty string, a non-empty list of non-empty strings, a non-empty list of "
+                    "token ids (integers >= 0), or a non-empty list of such lists")
+
+
+class _EmbeddingsPeek(_Peek):
+    """An embeddings request: what it embeds must be text or token ids, and not empty — checked here so that a
+    bad one is the client's 400, not a reservation and an upstream call. (A missing ``input`` is left to the
+    upstream: legacy servers such as Ollama's ``api/embeddings`` take ``prompt``.)"""
+
+    input: _Text | Annotated[list[_Text | _TokenId | _Tokens], msgspec.Meta(min_length=1)] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, list) and len({type(item) for item in self.input}) > 1:
+            raise ValueError("Expected items of one kind, got a mix of strings and token ids - at `$.input`")
+
+
+def _decode_embeddings(body: bytes) -> _Peek:
+    try:
+        return _decode_embeddings_peek(body)
+    except msgspec.ValidationError as e:
+        if "$.input" in str(e):  # say what input may be, not only what it may not
+            raise msgspec.ValidationError(f"{e}: {EMBEDDINGS_INPUT}") from None
+        raise
+
+
+_decode_embeddings_peek = msgspec.json.Decoder(_EmbeddingsPeek).decode
+
+
 _peek = msgspec.json.Decoder(_Peek).decode
 _PEEKS = {
     "chat/completions": msgspec.json.Decoder(_ChatPeek).decode,
     "messages": msgspec.json.Decoder(_MessagesPeek).decode,
+    "responses": msgspec.json.Decoder(_ResponsesPeek).decode,
+    "embeddings": _decode_embeddings,
 }
 
 
@@ -107,6 +155,8 @@ def _shape(ex: Exchange, peek: _Peek) -> Exchange:
     if ex.stream and peek.stream_options is not None and peek.stream_options.include_usage:
         ex.include_usage = True
     ex.max_tokens = peek.max_completion_tokens if peek.max_tokens is None else peek.max_tokens
+    if isinstance(peek, _ResponsesPeek):
+        ex.max_tokens = peek.max_output_tokens
     ex.idempotency_key = peek.idempotency_key
     user = peek.user if peek.user is not None else peek.user_id
     if user is not None:
@@ -131,12 +181,16 @@ def _accepts_sse(request: web.Request) -> bool:
     return "text/event-stream" in request.headers.get(hdrs.ACCEPT, "")
 
 
+_AT = re.compile(r"at `\$\.([^`]*)`")  # where a msgspec.ValidationError says the bad field is
+
+
 def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
     try:
         return decode(body)
     except msgspec.ValidationError as e:
         msg = str(e)
-        param = msg.split("at `$.")[1].rstrip("`") if "at `$." in msg else None
+        at = _AT.search(msg)
+        param = at.group(1) if at else None
         raise InvalidRequest(f"invalid request body: {msg.replace('`', '')}", param=param) from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None

@@ -264,7 +264,8 @@ class FakeUpstream:
                        if body.get("encoding_format") == "base64" else vector)
             data.append({"object": "embedding", "index": i, "embedding": encoded})
         return web.json_response({"object": "list", "data": data, "model": fault.model or body.get("model"),
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, headers=fault.headers)
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens, **(fault.usage or {})}},
+                                 headers=fault.headers)
 
     # ------------------------------------------------------------ Anthropic
 
