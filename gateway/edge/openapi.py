@@ -215,8 +215,8 @@ def _key(t: Any) -> str:
 
 def _operation(op: Op, schema_of: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "operationId": op.method.lower() + "_" + "_".join(
-            p.strip("{}").replace("-", "_").replace(".", "_") for p in op.path.split("/") if p) or "root",
+        "operationId": op.method.lower() + "_" + ("_".join(
+            p.strip("{}").replace("-", "_").replace(".", "_") for p in op.path.split("/") if p) or "root"),
         "tags": [op.tag],
         "summary": op.summary,
         "responses": {status: _response(status, answer, schema_of) for status, answer in op.answers.items()},
