@@ -5,7 +5,8 @@
   limit, overloaded, spent quota, context length, content policy, auth);
 - ``kind``: ``llm`` (the gateway reads its answers: usage, streams, translation) or ``http``;
 - ``speaks``: the dialect its API is in (``providers.dialects``: ``chat``, ``messages``; None for
-  plain HTTP); a request in another dialect is translated (``providers.translators``);
+  plain HTTP); a request in another dialect is translated (``providers.translators``) unless the API also
+  serves it (``also_speaks``);
 - ``reports_stream_usage``: a stream's usage report can be asked for (OpenAI's
   ``stream_options.include_usage``), so a streamed answer's cost is exact;
 - ``requires_max_tokens``: a request without ``max_tokens`` is refused (Anthropic);
@@ -32,6 +33,7 @@ class Provider:
     name: str = "http"
     kind: str = "http"
     speaks: str | None = None
+    also_speaks: frozenset[str] = frozenset()  # further dialects its API serves natively (OpenAI: responses)
     reports_stream_usage: bool = False
     requires_max_tokens: bool = False
     # How a configured key is attached when the auth block does not name a header.

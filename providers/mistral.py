@@ -24,3 +24,4 @@ class MistralProvider(OpenAIProvider):
     name = "mistral"
     prices = PRICES
     reports_stream_usage = False  # stream_options is OpenAI's
+    also_speaks: frozenset[str] = frozenset()  # chat only: a Responses request is translated to chat

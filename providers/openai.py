@@ -112,6 +112,7 @@ class OpenAIProvider(LLMProvider):
     name = "openai"
     prices = PRICES
     reports_stream_usage = True
+    also_speaks = frozenset(("responses",))  # POST /v1/responses: relayed as it is
 
 
 # ------------------------------------------------------------------ streams

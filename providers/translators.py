@@ -5,7 +5,9 @@ the provider's (``Provider.speaks``). When they match (or nothing can be transla
 target, an endpoint with no dialect, a request that is not a POST) it is the identity, which only
 asks an upstream that reports a stream's usage on request for it (the chunk is read, not relayed).
 Otherwise it crosses: OpenAI Chat Completions ⇄ Anthropic Messages (``providers.translate``,
-``providers.translate_stream``). Each translator
+``providers.translate_stream``), and OpenAI Responses → either, for an upstream that does not serve the
+Responses API (``providers.translate_responses``, ``providers.translate_responses_stream``; a provider
+that speaks one dialect and serves others natively names them in ``Provider.also_speaks``). Each translator
 
 - ``prepare``s the request: the body (made once per body: retries reuse it; a large one off the
   event loop), the path when it is not the client's, and the headers the upstream needs —
@@ -28,9 +30,15 @@ import msgspec
 from gateway import jsonbody, offload
 from gateway.errors import InvalidRequest
 from gateway.streaming.sse import Aligner, events
-from providers import translate, translate_stream
+from providers import (
+    translate,
+    translate_responses,
+    translate_responses_answer,
+    translate_responses_stream,
+    translate_stream,
+)
 from providers.anthropic import API_VERSION
-from providers.dialects import CHAT, MESSAGES, Dialect, dialect
+from providers.dialects import CHAT, MESSAGES, RESPONSES, Dialect, dialect
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -134,15 +142,22 @@ class Crossing(Translator):
         if made is not None and made[0] is ex.body and made[1] is self:
             out = made[2]
         else:
-            out, problem = await offload.run(_translated, ex.body, self.upstream.name, target.max_tokens,
-                                             inline_max=offload.WHOLE_MAX_BYTES)
+            out, problem = await offload.run(*self.making(ex.body, target), inline_max=offload.WHOLE_MAX_BYTES)
             if out is None:
                 param, message = problem
                 raise InvalidRequest(message.format(target=target.name), param=param, target=target.name)
             ex.prepared = (ex.body, self, out)
         assert out is not None
-        # a Messages client's stream is read from OpenAI chunks, whose usage the translated request asks for
-        return Prepared(out, self.upstream.path, asked_usage=self.upstream is CHAT)
+        return Prepared(out, self.upstream.path, asked_usage=self.asks_usage(target))
+
+    def making(self, body: bytes, target: Upstream) -> tuple[Any, ...]:
+        """The plain function that makes the upstream's body, and its arguments (``gateway.offload.run``)."""
+        return _translated, body, self.upstream.name, target.max_tokens
+
+    def asks_usage(self, target: Upstream) -> bool:
+        """The translated request asks for a stream's usage report (a Messages client's stream is read from
+        OpenAI chunks, whose usage ``providers.translate`` asks for)."""
+        return self.upstream is CHAT
 
     def headers(self, headers: CIMultiDict[str]) -> None:
         if self.upstream is MESSAGES:
@@ -184,10 +199,54 @@ class Crossing(Translator):
         return _translated_stream(chunks, translate_stream.OpenAIToAnthropicStream())
 
 
+class ResponsesCrossing(Crossing):
+    """A Responses request for an upstream that does not serve the Responses API (Anthropic, a chat-only
+    one), and its answer back (``providers.translate_responses``, ``providers.translate_responses_answer``,
+    ``providers.translate_responses_stream``)."""
+
+    def making(self, body: bytes, target: Upstream) -> tuple[Any, ...]:
+        return (translate_responses.request_body, body, self.upstream.name, target.max_tokens,
+                target.provider.reports_stream_usage)
+
+    def asks_usage(self, target: Upstream) -> bool:
+        return self.upstream is CHAT and target.provider.reports_stream_usage
+
+    def answer(self, reply: Any) -> None:
+        if not reply.body:
+            return
+        try:
+            doc = msgspec.json.decode(reply.body)
+        except msgspec.DecodeError:
+            return  # not JSON: passed on as it is
+        if not isinstance(doc, dict):
+            return
+        from_messages = self.upstream is MESSAGES
+        if reply.status >= 400:
+            out = translate_responses_answer.openai_error(doc, reply.status, from_anthropic=from_messages)
+        elif from_messages:
+            out = translate_responses_answer.response_from_messages(doc)
+        else:
+            out = translate_responses_answer.response_from_chat(doc)
+        reply.body = msgspec.json.encode(out)
+        reply.headers["Content-Type"] = "application/json"
+
+    def upstream_id(self, client_id: str | None) -> str | None:
+        if client_id is None:
+            return None
+        return ("msg_" if self.upstream is MESSAGES else "chatcmpl-") + client_id.removeprefix("resp_")
+
+    def stream(self, ex: Attempt, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if self.upstream is MESSAGES:
+            return _translated_stream(chunks, translate_responses_stream.MessagesToResponsesStream())
+        return _translated_stream(chunks, translate_responses_stream.ChatToResponsesStream())
+
+
 # The translators, made once: identities by dialect, crossings by (client, upstream).
 _IDENTITY = {name: Translator(dialect(name), dialect(name)) for name in ("chat", "completions", "messages",
                                                                          "responses", None)}
-_CROSSINGS = {("chat", "messages"): Crossing(CHAT, MESSAGES), ("messages", "chat"): Crossing(MESSAGES, CHAT)}
+_CROSSINGS = {("chat", "messages"): Crossing(CHAT, MESSAGES), ("messages", "chat"): Crossing(MESSAGES, CHAT),
+              ("responses", "messages"): ResponsesCrossing(RESPONSES, MESSAGES),
+              ("responses", "chat"): ResponsesCrossing(RESPONSES, CHAT)}
 
 
 def translator(ex: Attempt, target: Upstream) -> Translator:
@@ -197,7 +256,7 @@ def translator(ex: Attempt, target: Upstream) -> Translator:
     if target.kind != "llm" or ex.method != "POST":  # only a POSTed request is a chat/messages call
         return _IDENTITY[asked]
     speaks = target.provider.speaks
-    if asked == speaks or asked is None:
+    if asked == speaks or asked is None or asked in target.provider.also_speaks:
         if endpoint.path == "messages/count_tokens" and speaks != "messages":
             raise InvalidRequest(f"messages/count_tokens: target {target.name} speaks the OpenAI dialect, which "
                                  "has no token-counting endpoint", target=target.name)

@@ -1,0 +1,121 @@
+"""Chat Completions / Anthropic Messages answers → OpenAI Responses: the Response object, complete answers and
+errors (``providers.translate_responses`` does requests, ``providers.translate_responses_stream`` streams).
+
+A complete answer becomes a Response (``openai.types.responses.Response``): text → a ``message`` item, tool
+calls → ``function_call`` items (the text said before a call stays before it), usage with cached and
+reasoning tokens, finish/stop reasons → ``status`` and ``incomplete_details`` (length / max_tokens →
+incomplete, ``max_output_tokens``; a content filter or refusal → incomplete, ``content_filter``). An
+upstream's error answer becomes OpenAI's error JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from providers import translate
+
+_encode = msgspec.json.encode
+
+
+def response_object(rid: str, model: Any, created: float, output: list[dict[str, Any]], *,
+                    reason: str | None = None, usage: dict[str, Any] | None = None,
+                    status: str | None = None) -> dict[str, Any]:
+    """A Response object (``openai.types.responses.Response``); ``reason``: why it is incomplete."""
+    if status is None:
+        status = "incomplete" if reason else "completed"
+    return {
+        "id": rid, "object": "response", "created_at": created, "status": status, "background": False,
+        "error": None, "incomplete_details": {"reason": reason} if reason else None, "instructions": None,
+        "max_output_tokens": None, "model": model, "output": output, "parallel_tool_calls": True,
+        "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+        "temperature": None, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+        "top_p": None, "truncation": "disabled", "usage": usage, "user": None, "metadata": {},
+    }
+
+
+def usage_object(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": prompt + completion}
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": "fc_" + call_id, "type": "function_call", "status": status, "call_id": call_id, "name": name,
+            "arguments": arguments}
+
+
+# Why an answer stopped short, by finish reason (chat) and stop reason (Anthropic); any other: completed.
+INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter", "max_tokens": "max_output_tokens",
+              "model_context_window_exceeded": "max_output_tokens", "refusal": "content_filter"}
+
+
+def ids(upstream_id: Any, prefix: str) -> tuple[str, str]:
+    """(the response's id, its message item's) from the upstream answer's id."""
+    core = str(upstream_id or "").removeprefix(prefix)
+    return "resp_" + core, "msg_" + core
+
+
+def response_from_chat(body: dict[str, Any]) -> dict[str, Any]:
+    choice = (body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    rid, mid = ids(body.get("id"), "chatcmpl-")
+    reason = INCOMPLETE.get(choice.get("finish_reason") or "")
+    output: list[dict[str, Any]] = []
+    text = translate._text_of(message.get("content"))
+    if text or message.get("refusal"):
+        output.append(message_item(mid, text or str(message.get("refusal")), "incomplete" if reason else "completed"))
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        output.append(call_item(str(call.get("id")), str(fn.get("name")), fn.get("arguments") or ""))
+    u = body.get("usage") or {}
+    usage = usage_object(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0,
+                         (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+                         (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+    return response_object(rid, body.get("model"), body.get("created") or int(time.time()), output, reason=reason,
+                           usage=usage)
+
+
+def response_from_messages(body: dict[str, Any]) -> dict[str, Any]:
+    rid, mid = ids(body.get("id"), "msg_")
+    reason = INCOMPLETE.get(body.get("stop_reason") or "")
+    output: list[dict[str, Any]] = []
+    text: list[str] = []
+    for block in body.get("content") or ():
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            text.append(block.get("text", ""))
+        elif block.get("type") == "tool_use":
+            if text:  # the text said before the call stays before it
+                output.append(message_item(mid if not output else f"{mid}_{len(output)}", "".join(text)))
+                text = []
+            output.append(call_item(str(block.get("id")), str(block.get("name")),
+                                    _encode(block.get("input", {})).decode()))
+    if text:
+        output.append(message_item(mid if not output else f"{mid}_{len(output)}", "".join(text),
+                                   "incomplete" if reason else "completed"))
+    u = body.get("usage") or {}
+    cached = u.get("cache_read_input_tokens") or 0
+    prompt = (u.get("input_tokens") or 0) + (u.get("cache_creation_input_tokens") or 0) + cached
+    return response_object(rid, body.get("model"), int(time.time()), output, reason=reason,
+                           usage=usage_object(prompt, u.get("output_tokens") or 0, cached))
+
+
+def openai_error(body: dict[str, Any], status: int, from_anthropic: bool) -> dict[str, Any]:
+    """An upstream's error answer as OpenAI's (``{"error": {message, type, code, param}}``)."""
+    if from_anthropic:
+        return translate.openai_error_from_anthropic(body, status)
+    error = body.get("error")
+    if isinstance(error, dict):
+        return body  # OpenAI's shape already
+    # OpenAI-compatible servers that answer flat (Mistral: {"object": "error", "message": …, "type": …})
+    message = body.get("message") if isinstance(body.get("message"), str) else (error if isinstance(error, str) else "")
+    return {"error": {"message": message or body.get("detail") or "", "type": body.get("type") or "server_error",
+                      "code": body.get("code"), "param": body.get("param")}}
