@@ -240,7 +240,8 @@ def _prompt(view: View, raw: msgspec.Raw, billed: str) -> None:
 
 def _input(view: View, raw: msgspec.Raw, billed: str) -> None:
     if billed != endpoints.RESPONSES:  # embeddings: strings or token ids, all in the body
-        view.chars += len(raw)
+        ids = _token_ids(raw)
+        view.chars += len(raw) if ids is None else 4 * ids  # token ids are counted, not their digits
         return
     try:
         items = _decode_items(raw)
@@ -259,6 +260,19 @@ def _input(view: View, raw: msgspec.Raw, billed: str) -> None:
             view.unbounded = True
         _content(view, item.output)
         _content(view, item.content)
+
+
+_decode_token_ids = msgspec.json.Decoder(list[int | list[int]]).decode
+
+
+def _token_ids(raw: msgspec.Raw) -> int | None:
+    """How many token ids an embeddings ``input`` of token ids holds (a list of them, or of lists of them);
+    None for text."""
+    try:
+        items = _decode_token_ids(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return sum(1 if isinstance(item, int) else len(item) for item in items)
 
 
 # ------------------------------------------------------------------ any other shape

@@ -161,3 +161,13 @@ async def _upstream_answer(fake, seen) -> bytes:
     fake.requests.pop()
     assert msgspec.json.decode(body)["usage"]
     return body
+
+
+async def test_a_hard_cap_counts_token_ids_not_their_digits(fake, gateway, sdk):
+    # $0.000001 at $0.02/1M holds 50 tokens: 60 one-digit token ids are 60 tokens (121 characters of JSON)
+    client, _ = await gateway(config(fake, llm={"hard_cost_cap_usd": 0.000001}), env=ENV)
+    with pytest.raises(openai.BadRequestError) as info:
+        await sdk(client).embeddings.create(model="text-embedding-3-small", input=[7] * 60)
+    assert info.value.body["code"] == "budget_exceeded" and not fake.requests
+    answer = await sdk(client).embeddings.create(model="text-embedding-3-small", input=[7] * 40)
+    assert answer.usage.prompt_tokens == 40 and len(fake.requests) == 1
