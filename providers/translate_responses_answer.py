@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from providers import translate
+from providers import openai, translate
 
 _encode = msgspec.json.encode
 
@@ -115,7 +115,9 @@ def openai_error(body: dict[str, Any], status: int, from_anthropic: bool) -> dic
     error = body.get("error")
     if isinstance(error, dict):
         return body  # OpenAI's shape already
-    # OpenAI-compatible servers that answer flat (Mistral: {"object": "error", "message": …, "type": …})
-    message = body.get("message") if isinstance(body.get("message"), str) else (error if isinstance(error, str) else "")
-    return {"error": {"message": message or body.get("detail") or "", "type": body.get("type") or "server_error",
+    # OpenAI-compatible servers that answer flat (Mistral: {"object": "error", "message": …, "type": …}) or
+    # with a validation "detail"
+    said = body.get("message") or error or body.get("detail") or ""
+    message = said if isinstance(said, str) else _encode(said).decode()
+    return {"error": {"message": message, "type": body.get("type") or openai.ERROR_TYPES.get(status, "server_error"),
                       "code": body.get("code"), "param": body.get("param")}}

@@ -121,8 +121,12 @@ class ResponsesEvents:
         return out + self._event(f"response.{status}", {"response": self._response(status, reason, usage)})
 
     def error(self, code: Any, message: Any) -> bytes:
+        """The ``error`` event in both its shapes: the documented flat fields, and the ``error`` object the API
+        sends (on which the SDKs raise) — as the gateway's own (``gateway.edge.writer``)."""
         self.done = True
-        return self._event("error", {"code": code, "message": str(message or "upstream error"), "param": None})
+        text = str(message or "upstream error")
+        return self._event("error", {"code": code, "message": text, "param": None, "error": {
+            "type": "server_error", "code": code, "message": text, "param": None}})
 
 
 def _decoded(data: bytes) -> dict[str, Any] | None:

@@ -242,14 +242,54 @@ async def test_an_error_from_claude_is_the_sdks_own_error(fake, gateway, status,
     assert raised.value.body["message"] == "the fake says no" and raised.value.code == kind
 
 
-async def test_an_error_event_from_claude_mid_stream_is_the_responses_error_event(fake, gateway):
+async def stream_events(client: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
+    resp = await client.post("/v1/responses", json={**body, "stream": True})
+    raw = await resp.read()
+    return [msgspec.json.decode(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: ")]
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    (Fault(chunks=5, error_after=4), "Overloaded"),  # Anthropic's own error event, mid-answer
+    (Fault(chunks=5, cut_after=4), "upstream stream was cut"),  # the connection dropped, no error event
+])
+async def test_a_translated_stream_failing_mid_answer_ends_with_the_responses_error_event(fake, gateway, fault, message):
     client, logs = await gateway(config(fake.url))
-    fake.plan(Fault(chunks=5, error_after=4))
-    async with sdk(client) as api:
-        events = [e async for e in await api.responses.create(model="claude-sonnet-4-5", input="Hi", stream=True)]
-    assert events[-1].type == "error" and events[-1].message == "Overloaded" and events[-1].code == "overloaded_error"
-    assert not any(e.type == "response.completed" for e in events)
+    fake.plan(fault, fault)
+    events = await stream_events(client, {"model": "claude-sonnet-4-5", "input": "Hi"})
+    error = events[-1]
+    assert error["type"] == "error" and message in error["message"] and message in error["error"]["message"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))  # numbered after the last sent
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "tok0 tok1 "
+    assert not any(e["type"] == "response.completed" for e in events)
     assert logs[-1]["error_code"] == "stream_interrupted"
+    async with sdk(client) as api:  # and the SDK raises on it, after the text it received
+        stream = await api.responses.create(model="claude-sonnet-4-5", input="Hi", stream=True)
+        received = []
+        with pytest.raises(openai.APIError, match=message):
+            async for event in stream:
+                received.append(event.type)
+    assert received.count("response.output_text.delta") == 2
+
+
+async def test_a_translated_stream_is_not_spliced_by_stream_recovery_but_ends_with_the_error_event(fake, gateway):
+    client, _ = await gateway(config(fake.url).claude(stream_recovery="continue"))
+    fake.plan(Fault(chunks=5, cut_after=4))
+    events = await stream_events(client, {"model": "claude-sonnet-4-5", "input": "Hi"})
+    assert events[-1]["type"] == "error" and [e["type"] for e in events].count("response.created") == 1
+    assert len(fake.requests) == 1  # a Responses body is no Messages body a prefill could continue
+
+
+async def test_a_flat_error_from_a_chat_only_server_is_openais_error_shape(recorded, gateway):
+    client, _ = await gateway(config(recorded.url))
+    recorded.planned.append((422, {"object": "error", "message": "Extra inputs are not permitted",
+                                   "type": "invalid_request_error", "param": None, "code": None}))
+    recorded.planned.append((422, {"detail": [{"loc": ["body", "x"], "msg": "extra fields not permitted"}]}))
+    async with sdk(client) as api:
+        with pytest.raises(openai.UnprocessableEntityError, match="Extra inputs are not permitted") as first:
+            await api.responses.create(model="mistral-small-latest", input="Hi")
+        with pytest.raises(openai.UnprocessableEntityError, match="extra fields not permitted") as second:
+            await api.responses.create(model="mistral-small-latest", input="Hi")
+    assert first.value.body["type"] == "invalid_request_error" and second.value.body["type"] == "invalid_request_error"
 
 
 # ---------------------------------------------------------------- fallback, chat-only targets, native OpenAI
@@ -386,3 +426,4 @@ def test_chat_chunks_with_parallel_tool_calls_become_responses_items() -> None:
     finished = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
     assert added == finished == [0, 1, 2]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
