@@ -1,7 +1,7 @@
 """Response cache (SPEC §5, RELIABILITY-NOTES §5): off unless a target has a ``cache:`` block.
 
 What is cached: plain-HTTP targets' GET/HEAD; LLM targets' chat/completions,
-completions, embeddings and messages POSTs — never with ``n > 1`` (several samples are
+completions, embeddings, messages and responses POSTs — never with ``n > 1`` (several samples are
 not one answer). Only 2xx answers, never one whose upstream ``Cache-Control`` says
 ``no-store`` or ``private``, never a stream that did not end cleanly, nothing larger
 than ``cache.max_entry_mb``. A stream is stored as its chunks and replayed as a stream.
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("reliapi")
 
-LLM_PATHS = frozenset(("chat/completions", "completions", "embeddings", "messages"))
+LLM_PATHS = frozenset(("chat/completions", "completions", "embeddings", "messages", "responses"))
 _LOG_EVERY_S = 30.0
 _LOCK_TTL_S = 30.0
 _WAIT_S = 30.0

@@ -3,16 +3,19 @@
 For every answer an LLM target actually produced (not a cache hit, not an idempotent
 replay — those policies sit outside this one), the tokens come from the upstream's own
 report: a complete answer's ``usage`` (OpenAI ``prompt_tokens``/``completion_tokens``,
-Anthropic ``input_tokens`` (+ cache reads and writes)/``output_tokens``), or a stream's
-usage chunk or ``message_delta``, read by the stream watcher when the stream ends. A
+Anthropic ``input_tokens`` (+ cache reads and writes)/``output_tokens``, the Responses API's
+``input_tokens``/``output_tokens``), or a stream's usage chunk, ``message_delta`` or terminal
+``response.completed`` / ``response.incomplete`` / ``response.failed``, read by the stream watcher
+when the stream ends. A
 stream that ended without a report (a client that left, a cut) is counted from what was
 sent: the prompt estimate, and the text the client received at about 4 characters a token.
 Failed answers (4xx/5xx) cost nothing.
 
 The cost is the model's price (``providers.pricing``; unknown models are counted as
-unpriced). Each answer adds one row per tenant / user / target / model / UTC day to the
-store — ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` — written in
-the background: a store that is down loses the row (logged), never the request. The user
+unpriced): prompt tokens read from or written to the provider's prompt cache at the model's
+cache rates, reasoning tokens as the output they are billed as. Each answer adds one row per
+tenant / user / target / model / UTC day to the store — ``requests``, ``prompt_tokens``,
+``completion_tokens``, ``cost_usd`` — written in the background: a store that is down loses the row (logged), never the request. The user
 is ``X-ReliAPI-User``, else the body's ``user`` or ``user_id``. The access log gets
 ``prompt_tokens``, ``completion_tokens`` and ``cost_usd``; a tenant's spend reservation
 (``policies.budget``) is settled with the cost.
@@ -34,6 +37,7 @@ from gateway.flow.exchange import ANTHROPIC
 from gateway.headers import X_RELIAPI_COST
 from gateway.store import StoreError
 from providers import endpoints, estimate, openai
+from providers.base import Usage
 from providers.dialects import DIALECTS, OTHER
 
 if TYPE_CHECKING:
@@ -51,17 +55,16 @@ class NotJSON(Exception):
     """A provider's complete answer that says it is JSON and is not."""
 
 
-def read_usage(body: bytes, dialect_name: str | None = "chat") -> tuple[int, int, str | None] | None:
-    """(prompt, completion, None) from a complete answer in the named dialect (``Endpoint.dialect``: a
-    translated answer is read after it was translated back); None without usage (the model is the one
-    the client asked for: ``Exchange.model``). Raises ``NotJSON`` for a body that does not parse."""
+def read_usage(body: bytes, dialect_name: str | None = "chat") -> Usage | None:
+    """The usage of a complete answer in the named dialect (``Endpoint.dialect``: a translated answer is
+    read after it was translated back); None without usage (the model is the one the client asked for:
+    ``Exchange.model``). Raises ``NotJSON`` for a body that does not parse."""
     try:
-        found = DIALECTS.get(dialect_name, OTHER).read_usage(body)
+        return DIALECTS.get(dialect_name, OTHER).read_usage(body)
     except msgspec.DecodeError:
         raise NotJSON() from None
     except RecursionError:  # valid, but nested past what can be read: no usage to count
         return None
-    return None if found is None else (found[0], found[1], None)
 
 
 def day_of(now: float) -> str:
@@ -118,17 +121,16 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
 
     price_of = prices.price
 
-    def record(ex: Exchange, prompt: int, completion: int, model: str | None) -> float | None:
+    def record(ex: Exchange, usage: Usage, model: str | None) -> float | None:
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
-        if prompt < 0 or completion < 0:  # an upstream reporting less than nothing
-            prompt, completion = max(0, prompt), max(0, completion)
+        prompt, completion = max(0, usage.prompt), max(0, usage.completion)  # an upstream reporting less than nothing
         price = price_of(model)
         log = ex.log
         log["prompt_tokens"] = prompt
         log["completion_tokens"] = completion
         cost = None
         if price is not None:
-            cost = prompt * price.input + completion * price.output
+            cost = price.charge(usage)
             log["cost_usd"] = cost
         if ex.settlement is not None:
             ex.settlement.settle(cost or 0.0)
@@ -181,7 +183,8 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
             completion = max(completion or 0, math.ceil(len(reader.text) / 4))  # the usage row: an estimate
         if prompt is None:
             prompt = _prompt_estimate(ex)
-        record(ex, prompt, completion, None)
+        record(ex, Usage(prompt, completion or 0, reader.cached_tokens, reader.written_tokens, reader.written_long_tokens),
+               None)
 
     async def usage(ex: Exchange, call_next: Handler) -> Reply:
         if ex.target.kind != "llm":
@@ -217,7 +220,7 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
             else:
                 unbilled(ex)
         else:
-            cost = record(ex, *found)
+            cost = record(ex, found, None)
             if cost is not None:  # SPEC §2: said whenever it is known before the body is sent
                 reply.headers[X_RELIAPI_COST] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
         return reply

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from gateway.failures import Failure
-from providers.base import LLMProvider, Splicer, StreamReader
+from providers.base import LLMProvider, Splicer, StreamReader, Usage
 
 # List prices, USD per 1M tokens (input, output), standard tier, text, late 2025; the key is a model
 # name or the prefix of a family (``providers.pricing`` matches dated snapshots to it).
@@ -26,6 +26,9 @@ PRICES: dict[str, tuple[float, float]] = {
     "claude-3-7-sonnet": (3.0, 15.0), "claude-3-5-sonnet": (3.0, 15.0), "claude-3-5-haiku": (0.80, 4.0),
     "claude-3-opus": (15.0, 75.0), "claude-3-sonnet": (3.0, 15.0), "claude-3-haiku": (0.25, 1.25),
 }
+# Prompt caching, as multiples of a model's input price (every Claude model): a cache read costs a tenth, a
+# write 1.25× for the default 5-minute cache and 2× for the 1-hour one (Anthropic's pricing page).
+CACHE_READ, CACHE_WRITE, CACHE_WRITE_1H = 0.1, 1.25, 2.0
 # Context windows (see ``providers.openai.CONTEXT``); Sonnet 4 and 4.5 take 1M tokens with a beta header.
 CONTEXT: dict[str, int] = {"claude": 200_000, "claude-sonnet-4": 1_000_000, "claude-sonnet-4-5": 1_000_000}
 
@@ -52,11 +55,22 @@ class AnthropicProvider(LLMProvider):
 # ------------------------------------------------------------------ streams
 
 
+class _CacheCreation(msgspec.Struct):
+    ephemeral_1h_input_tokens: int | None = None  # of the cache writes: those kept an hour (billed 2×)
+
+
 class _Usage(msgspec.Struct):
     input_tokens: int | None = None
     output_tokens: int | None = None
     cache_creation_input_tokens: int | None = None  # prompt tokens written to / read from the prompt cache
     cache_read_input_tokens: int | None = None
+    cache_creation: _CacheCreation | None = None
+
+    def cache(self) -> tuple[int, int, int]:
+        """(read, written for 5 minutes, written for an hour) prompt tokens."""
+        written = self.cache_creation_input_tokens or 0
+        long = min(written, (self.cache_creation.ephemeral_1h_input_tokens or 0) if self.cache_creation else 0)
+        return self.cache_read_input_tokens or 0, written - long, long
 
     @property
     def prompt(self) -> int | None:
@@ -73,16 +87,16 @@ class _Answer(msgspec.Struct):
 _decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
-def read_usage(body: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of a complete Messages answer; None without usage.
-    Raises ``msgspec.DecodeError`` for a body that is not JSON."""
+def read_usage(body: bytes) -> Usage | None:
+    """The usage of a complete Messages answer (the prompt: input, cache writes and reads); None without
+    usage. Raises ``msgspec.DecodeError`` for a body that is not JSON."""
     try:
         u = _decode_answer(body).usage
     except msgspec.ValidationError:
         return None
     if u is None or (u.prompt is None and u.output_tokens is None):
         return None
-    return u.prompt or 0, u.output_tokens or 0
+    return Usage(u.prompt or 0, u.output_tokens or 0, *u.cache())
 
 
 class _Message(msgspec.Struct):
@@ -166,6 +180,7 @@ class MessagesStream(StreamReader):
             if usage is not None:
                 self.prompt_tokens = usage.prompt
                 self.completion_tokens = usage.output_tokens
+                self.cached_tokens, self.written_tokens, self.written_long_tokens = usage.cache()
         elif kind == "message_delta":
             if ev.delta is not None and ev.delta.stop_reason is not None:
                 self.finished = True
@@ -175,6 +190,7 @@ class MessagesStream(StreamReader):
                     self.completion_tokens = ev.usage.output_tokens
                 if ev.usage.prompt is not None:
                     self.prompt_tokens = ev.usage.prompt
+                    self.cached_tokens, self.written_tokens, self.written_long_tokens = ev.usage.cache()
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":

@@ -20,6 +20,7 @@ Usage in an answer and the events of a stream are read by dialect, not by provid
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -27,6 +28,20 @@ from gateway.failures import Failure, for_status
 from gateway.headers import retry_after_s, should_retry
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+
+
+class Usage(NamedTuple):
+    """The tokens an answer was billed for, as its provider reported them (``providers.pricing`` prices them).
+
+    ``prompt`` and ``completion`` keep their usual meaning — every input token, cached or not (OpenAI's
+    ``prompt_tokens`` / ``input_tokens``, Anthropic's input plus cache reads and writes), and every output
+    token, reasoning included; the rest say how many of the prompt's were billed at another rate."""
+
+    prompt: int
+    completion: int
+    cached: int = 0  # of the prompt: read from the provider's prompt cache (the cached-input rate)
+    written: int = 0  # of the prompt: written to the cache (Anthropic: 1.25× input)
+    written_long: int = 0  # of the prompt: written with a long retention (Anthropic's 1-hour cache: 2× input)
 
 
 class Provider:
@@ -92,12 +107,18 @@ class StreamReader:
       so a stream that then ends without the marker can be finalised with ``terminator``;
     - ``settled``: finished and nothing else is expected (the usage chunk, if asked for);
     - ``error``: the upstream's own in-band error event (message), relayed as it came;
-    - ``prompt_tokens`` / ``completion_tokens``: usage as reported (``usage_seen``: the final report came);
+    - ``prompt_tokens`` / ``completion_tokens``: usage as reported (``usage_seen``: the final report came),
+      ``cached_tokens`` / ``written_tokens`` / ``written_long_tokens`` the prompt's share of it read from
+      and written to the prompt cache (``Usage``);
     - ``parts`` / ``recoverable``: the text the client has received, and whether the
-      stream is plain text a continuation could extend (no tools, one choice).
+      stream is plain text a continuation could extend (no tools, one choice);
+    - ``preamble``: only the format's lifecycle events so far (a Responses stream's ``response.created``,
+      ``response.in_progress``): nothing is answered yet, so the stream's head goes on until something is,
+      and an error there is still one that can be retried or fall back.
     """
 
     terminator = b""
+    preamble = False
 
     def __init__(self, *, choices: int = 1, include_usage: bool = False) -> None:
         self.choices = choices
@@ -109,6 +130,9 @@ class StreamReader:
         self.error_failure: Failure | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.cached_tokens = 0
+        self.written_tokens = 0
+        self.written_long_tokens = 0
         self.parts: list[str] = []
         self.recoverable = choices == 1
         self.malformed = 0  # events whose data could not be read (relayed anyway)
@@ -119,6 +143,13 @@ class StreamReader:
     @property
     def settled(self) -> bool:
         return self.finished and (self.usage_seen or not self.include_usage)
+
+    def usage(self) -> Usage | None:
+        """The usage reported so far (None: none)."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return Usage(self.prompt_tokens or 0, self.completion_tokens or 0, self.cached_tokens, self.written_tokens,
+                     self.written_long_tokens)
 
     @property
     def text(self) -> str:

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from providers import anthropic, openai
-from providers.base import StreamReader
+from providers import anthropic, openai, responses
+from providers.base import StreamReader, Usage
 
 
 class Dialect:
     __slots__ = ("name", "path", "read_usage", "stream")
 
-    def __init__(self, name: str, path: str | None, read_usage: Callable[[bytes], tuple[int, int] | None],
+    def __init__(self, name: str, path: str | None, read_usage: Callable[[bytes], Usage | None],
                  stream: type[StreamReader] | None) -> None:
         self.name = name
         self.path = path  # where the dialect is served, relative to /v1 (None: no one path)
-        # (prompt, completion) tokens of a complete answer; None: no usage in it. Raises
+        # the tokens a complete answer was billed for; None: no usage in it. Raises
         # msgspec.DecodeError for a body that is not JSON.
         self.read_usage = read_usage
         self.stream = stream
@@ -37,7 +37,7 @@ class Dialect:
 CHAT = Dialect("chat", "chat/completions", openai.read_usage, openai.ChatStream)
 COMPLETIONS = Dialect("completions", "completions", openai.read_usage, openai.ChatStream)  # choices, as chat's
 MESSAGES = Dialect("messages", "messages", anthropic.read_usage, anthropic.MessagesStream)
-RESPONSES = Dialect("responses", "responses", openai.read_responses_usage, None)
+RESPONSES = Dialect("responses", "responses", responses.read_usage, responses.ResponsesStream)
 # Every other endpoint (embeddings, legacy complete, files, …): usage read the OpenAI way, streams unread.
 OTHER = Dialect("other", None, openai.read_usage, None)
 

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from gateway.failures import Failure
-from providers.base import LLMProvider, Splicer, StreamReader
+from providers.base import LLMProvider, Splicer, StreamReader, Usage
 
 # List prices, USD per 1M tokens (input, output), standard tier, text, late 2025; the key is a model
 # name or the prefix of a family (``providers.pricing`` matches dated snapshots to it).
@@ -29,6 +29,16 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-5.2": (1.75, 14.0), "gpt-5.2-pro": (21.0, 168.0), "gpt-5-codex": (1.25, 10.0), "gpt-5.1-codex": (1.25, 10.0),
     "gpt-5.1-codex-mini": (0.25, 2.0),
     "text-embedding-3-small": (0.02, 0.0), "text-embedding-3-large": (0.13, 0.0), "text-embedding-ada-002": (0.10, 0.0),
+}
+# Cached input, USD per 1M tokens (the prompt tokens read from OpenAI's prompt cache), by the same names; a
+# model not listed has no cache discount. GPT-5: a tenth of input, GPT-4.1, o3 and o4-mini a quarter, GPT-4o and
+# o1 half (OpenAI's price page, late 2025).
+CACHED_INPUT: dict[str, float] = {
+    "gpt-5": 0.125, "gpt-5-mini": 0.025, "gpt-5-nano": 0.005, "gpt-5-chat-latest": 0.125, "gpt-5-codex": 0.125,
+    "gpt-5.1": 0.125, "gpt-5.1-codex": 0.125, "gpt-5.1-codex-mini": 0.025, "gpt-5.2": 0.175,
+    "gpt-4.1": 0.50, "gpt-4.1-mini": 0.10, "gpt-4.1-nano": 0.025, "gpt-4o": 1.25, "gpt-4o-mini": 0.075,
+    "o1": 7.50, "o1-mini": 0.55, "o3": 0.50, "o3-mini": 0.55, "o4-mini": 0.275, "o3-deep-research": 2.50,
+    "o4-mini-deep-research": 0.50, "codex-mini-latest": 0.375, "gpt-4.5-preview": 37.50,
 }
 # Context windows (tokens a prompt can hold at most), by the same names: a spend reservation's bound
 # for a prompt the body does not hold (``previous_response_id``, files). Unlisted: ``pricing.DEFAULT_CONTEXT``.
@@ -52,9 +62,20 @@ def hides_reasoning(model: str | None) -> bool:
 IMAGE_TOKENS: dict[str, int] = {"gpt-4o-mini": 36_835}
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None  # read from the prompt cache
+    cache_write_tokens: int | None = None  # written to it
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    completion_tokens: int | None = None  # reasoning tokens included (completion_tokens_details says how many)
+    prompt_tokens_details: _PromptDetails | None = None
+
+    def read(self) -> Usage:
+        d = self.prompt_tokens_details
+        cached, written = (d.cached_tokens or 0, d.cache_write_tokens or 0) if d is not None else (0, 0)
+        return Usage(self.prompt_tokens or 0, self.completion_tokens or 0, cached, written)
 
 
 class _Answer(msgspec.Struct):
@@ -64,40 +85,16 @@ class _Answer(msgspec.Struct):
 _decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
-def read_usage(body: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of a complete answer (chat completion, completion,
-    embeddings); None without usage. Raises ``msgspec.DecodeError`` for a body that is not JSON."""
+def read_usage(body: bytes) -> Usage | None:
+    """The usage of a complete answer (chat completion, completion, embeddings); None without usage.
+    Raises ``msgspec.DecodeError`` for a body that is not JSON."""
     try:
         u = _decode_answer(body).usage
     except msgspec.ValidationError:
         return None
     if u is None or (u.prompt_tokens is None and u.completion_tokens is None):
         return None
-    return u.prompt_tokens or 0, u.completion_tokens or 0
-
-
-class _ResponsesUsage(msgspec.Struct):
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-
-
-class _ResponsesAnswer(msgspec.Struct):
-    usage: _ResponsesUsage | None = None
-
-
-_decode_responses_answer = msgspec.json.Decoder(_ResponsesAnswer).decode
-
-
-def read_responses_usage(body: bytes) -> tuple[int, int] | None:
-    """(input, output) tokens of a complete Responses API answer (``usage.input_tokens`` /
-    ``output_tokens``; cached input and reasoning output are inside them); None without usage."""
-    try:
-        u = _decode_responses_answer(body).usage
-    except msgspec.ValidationError:
-        return None
-    if u is None or (u.input_tokens is None and u.output_tokens is None):
-        return None
-    return u.input_tokens or 0, u.output_tokens or 0
+    return u.read()
 
 
 # The ``error.type`` an OpenAI-style error of each status carries (else "server_error").
@@ -220,6 +217,7 @@ class ChatStream(StreamReader):
             self.usage_seen = True
             self.prompt_tokens = chunk.usage.prompt_tokens
             self.completion_tokens = chunk.usage.completion_tokens
+            _, _, self.cached_tokens, self.written_tokens, _ = chunk.usage.read()
 
     @staticmethod
     def continuation_body(body: bytes, partial: str, provider: str, model: str | None) -> bytes | None:

@@ -1,10 +1,14 @@
 """Prices (USD per 1M tokens) and the prompt-token estimate (SPEC §5 Budget, §4 ``pricing``).
 
 The built-in table holds the providers' published list prices for text input and output
-(standard tier, no batch or cache discounts) as of late 2025; ``pricing:`` in the config
-extends or overrides it. A model is priced by its exact name, else by the longest table
-entry it starts with, so dated snapshots (``gpt-4o-mini-2024-07-18``,
-``claude-3-5-haiku-20241022``) and ``-latest`` aliases find their family. A model the
+(standard tier, no batch discounts) as of late 2025; ``pricing:`` in the config
+extends or overrides it. Prompt tokens read from or written to a provider's prompt cache
+(``providers.base.Usage``) are priced at the model's own cache rates — kept as multiples of
+its input price, so an overridden price keeps its family's discount: OpenAI's cached input
+(``providers.openai.CACHED_INPUT``), Anthropic's cache reads and writes (``providers.anthropic``).
+A model is priced by its exact name, else by the longest table entry it starts with, so
+dated snapshots (``gpt-4o-mini-2024-07-18``, ``claude-3-5-haiku-20241022``) and ``-latest``
+aliases find their family. A model the
 table does not know is served and counted as unpriced (no estimate, no cap applies).
 """
 
@@ -14,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from providers import anthropic, mistral, openai
+from providers.base import Usage
 
 # model prefix: (input, output) USD per 1M tokens — each adapter knows its own provider's prices
 BUILT_IN: dict[str, tuple[float, float]] = {**openai.PRICES, **anthropic.PRICES, **mistral.PRICES}
@@ -21,6 +26,13 @@ CONTEXT: dict[str, int] = {**openai.CONTEXT, **anthropic.CONTEXT, **mistral.CONT
 DEFAULT_CONTEXT = 1_048_576  # a priced model whose context window the table does not know
 IMAGE_TOKENS = 6_000  # the most one image costs in prompt tokens, unless the model's entry says more
 IMAGE_TOKENS_BY_MODEL: dict[str, int] = {**openai.IMAGE_TOKENS}
+# model prefix: (cache read, cache write, long cache write) as multiples of its input price; unlisted: (1, 1, 1)
+CACHE_RATES: dict[str, tuple[float, float, float]] = {
+    **{name: (cached / openai.PRICES[name][0], 1.0, 1.0) for name, cached in openai.CACHED_INPUT.items()},
+    **{name: (anthropic.CACHE_READ, anthropic.CACHE_WRITE, anthropic.CACHE_WRITE_1H) for name in anthropic.PRICES},
+    **{name: (1.0, 1.0, 1.0) for name in openai.PRICES if name not in openai.CACHED_INPUT},  # no discount: not a family's
+}
+NO_CACHE_RATES = (1.0, 1.0, 1.0)
 
 MESSAGE_OVERHEAD = 4  # tokens per message for role and framing (OpenAI's rule of thumb)
 REPLY_PRIMER = 3  # every reply is primed with a few tokens
@@ -30,17 +42,30 @@ class Price:
     """A model's prices (USD per token) and what bounds a prompt's size: its context window and
     the most an image may cost."""
 
-    __slots__ = ("input", "output", "context", "image_tokens")
+    __slots__ = ("input", "output", "context", "image_tokens", "cached", "written", "written_long")
 
     def __init__(self, input_per_m: float, output_per_m: float, context: int = DEFAULT_CONTEXT,
-                 image_tokens: int = IMAGE_TOKENS) -> None:
+                 image_tokens: int = IMAGE_TOKENS, cache_rates: tuple[float, float, float] = NO_CACHE_RATES) -> None:
         self.input = input_per_m / 1e6  # USD per token
         self.output = output_per_m / 1e6
         self.context = context
         self.image_tokens = image_tokens
+        # USD per prompt token read from the prompt cache, written to it, written with a long retention
+        self.cached, self.written, self.written_long = (self.input * rate for rate in cache_rates)
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens * self.input + completion_tokens * self.output
+
+    def charge(self, usage: Usage) -> float:
+        """What an answer's reported usage costs: the prompt's cached and cache-written tokens at their own
+        rates, the rest of it at the input price, every output token (reasoning included) at the output price."""
+        prompt, completion, cached, written, written_long = (max(0, n) for n in usage)
+        cached = min(cached, prompt)  # an upstream reporting more cached tokens than prompt tokens
+        written = min(written, prompt - cached)
+        written_long = min(written_long, prompt - cached - written)
+        plain = prompt - cached - written - written_long
+        return (plain * self.input + cached * self.cached + written * self.written + written_long * self.written_long
+                + completion * self.output)
 
 
 def family(table: Mapping[str, Any], by_length: list[str], model: str) -> Any:
@@ -67,6 +92,7 @@ class PriceTable:
         self._by_length = sorted(table, key=len, reverse=True)
         self._context_by_length = sorted(CONTEXT, key=len, reverse=True)
         self._images_by_length = sorted(IMAGE_TOKENS_BY_MODEL, key=len, reverse=True)
+        self._cache_by_length = sorted(CACHE_RATES, key=len, reverse=True)
         self._memo: dict[str, Price | None] = {}
 
     def price(self, model: str | None) -> Price | None:
@@ -81,7 +107,8 @@ class PriceTable:
         if found is not None:
             context = family(CONTEXT, self._context_by_length, model) or DEFAULT_CONTEXT
             images = family(IMAGE_TOKENS_BY_MODEL, self._images_by_length, model) or IMAGE_TOKENS
-            price = Price(found[0], found[1], context, max(images, IMAGE_TOKENS))
+            rates = family(CACHE_RATES, self._cache_by_length, model) or NO_CACHE_RATES
+            price = Price(found[0], found[1], context, max(images, IMAGE_TOKENS), rates)
         if len(self._memo) < 4096:
             self._memo[model] = price
         return price

@@ -68,7 +68,7 @@ def test_every_adapter_has_the_same_shape(name: str) -> None:
     if llm:  # usage and streams are read by the dialect the provider speaks
         speaks = dialect(p.speaks)
         assert speaks.stream is not None
-        assert speaks.read_usage(OPENAI_ANSWER if name != "anthropic" else ANTHROPIC_ANSWER) == (
+        assert speaks.read_usage(OPENAI_ANSWER if name != "anthropic" else ANTHROPIC_ANSWER)[:2] == (
             (19, 10) if name != "anthropic" else (2095 + 100 + 1000, 503)
         )
 
@@ -89,8 +89,9 @@ def test_prices_are_each_adapters_own_and_the_table_merges_them() -> None:
 
 
 def test_usage_of_an_answer_is_read_in_the_dialect_of_its_path() -> None:
-    assert read_usage(OPENAI_ANSWER, "chat/completions") == (19, 10, None)
-    assert read_usage(ANTHROPIC_ANSWER, "messages") == (3195, 503, None)  # cache writes and reads are input
+    assert read_usage(OPENAI_ANSWER, "chat/completions") == (19, 10, 0, 0, 0)
+    # cache writes and reads are input, and said apart to be priced at their own rates
+    assert read_usage(ANTHROPIC_ANSWER, "messages") == (3195, 503, 1000, 100, 0)
     assert read_usage(b'{"id":"x","choices":[]}', "chat/completions") is None
     assert read_usage(b'{"usage":"n/a"}', "messages") is None  # not a usage object: unbilled, not a crash
     with pytest.raises(NotJSON):

@@ -40,6 +40,7 @@ from gateway.flow.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
 from gateway.streaming.sse import Aligner, events
 from policies.usage import read_usage
+from providers.base import Usage as Billed
 from providers.translators import translator
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
     meta = _meta(rt, ex, upstream, duration_ms)
     if meta.cost_usd is None and usage is not None:  # a cache hit or a replay: priced from its usage
         price = rt.prices.price(ex.model)
-        meta.cost_usd = round(price.cost(usage[0], usage[1]), 8) if price else None
+        meta.cost_usd = round(price.charge(usage), 8) if price else None
     out = LLMAnswer(True, LLMData(translator(ex, ex.target).upstream_id(answer.id), answer.model or ex.model,
                                   "assistant", text, finish, _usage(usage)), meta)
     headers = _headers(upstream)
@@ -228,7 +229,7 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
     return Reply(200, headers, body=msgspec.json.encode(out), upstream_status=status)
 
 
-def _usage(usage: tuple[int, int, str | None] | None) -> Usage | None:
+def _usage(usage: Billed | None) -> Usage | None:
     if usage is None:
         return None
     return Usage(usage[0], usage[1], usage[0] + usage[1])

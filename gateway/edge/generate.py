@@ -26,6 +26,7 @@ from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.flow.exchange import OPENAI, Exchange, Reply
 from gateway.headers import X_CACHE, X_CACHED
 from policies.usage import read_usage
+from providers.base import Usage
 
 if TYPE_CHECKING:
     from gateway.edge.call import Call
@@ -113,14 +114,14 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Repl
         raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
     message = (answer.choices or [{}])[0].get("message") or {}
     text = message.get("content") or ""
-    usage = read_usage(body, ex.endpoint.dialect) or (0, 0, None)
-    prompt, completion = usage[0], usage[1]
+    usage = read_usage(body, ex.endpoint.dialect) or Usage(0, 0)
+    prompt, completion = usage.prompt, usage.completion
     price = rt.prices.price(ex.model)
     cached = upstream.headers.get(X_CACHE) == "HIT" or upstream.headers.get(X_CACHED) == "true"
     assert ex.model is not None  # the parser always sets one
     out = GenerateAnswer(
         completion=text, model=ex.model, prompt_tokens=prompt, completion_tokens=completion,
-        total_tokens=prompt + completion, cost_usd=round(price.cost(prompt, completion), 8) if price else None,
+        total_tokens=prompt + completion, cost_usd=round(price.charge(usage), 8) if price else None,
         request_id=ex.request_id, cached=cached, latency_ms=round(latency_ms, 1),
     )
     headers = upstream.headers

@@ -24,7 +24,7 @@ from gateway.errors import GatewayError, InternalError, StreamBroken
 from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange, Reply
 from gateway.headers import is_event_stream
 from gateway.keys import RUNTIME
-from providers import anthropic, openai
+from providers import anthropic, openai, responses
 
 log = logging.getLogger("reliapi")
 _encode = msgspec.json.encode
@@ -115,8 +115,11 @@ def error_response(
     return web.Response(status=err.status, body=_encode(body), headers=headers, content_type="application/json")
 
 
-def stream_error_event(err: GatewayError, dialect: str, request_id: str) -> bytes:
-    """The in-band SSE event that ends a broken stream, in the client's dialect."""
+def stream_error_event(err: GatewayError, dialect: str, request_id: str, *, sequence_number: int | None = None) -> bytes:
+    """The in-band SSE event that ends a broken stream, in the client's dialect (``sequence_number``: the
+    event's in a Responses API stream, whose own ``error`` event it then is)."""
+    if sequence_number is not None and dialect == OPENAI:
+        return responses.error_event(err.code, err.message, sequence_number)
     if dialect == ANTHROPIC:
         anthropic_body = AnthropicError("error", AnthropicErrorDetail("api_error", err.message))
         return b"event: error\ndata: " + _encode(anthropic_body) + b"\n\n"
@@ -159,6 +162,7 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
     is_sse = is_event_stream(reply.headers)
     transport = request.transport
     high = _high_water(transport)
+    chunk = b""  # the last one sent: a Responses error event follows its sequence number
     try:
         await resp.prepare(request)
         async for chunk in reply.chunks:
@@ -173,7 +177,7 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
             return resp
         try:
             if not e.reported:  # else the upstream's own error event, relayed, already ends it
-                await _write_waiting(request, resp, stream_error_event(e, ex.dialect, ex.request_id))
+                await _write_waiting(request, resp, _in_band(e, ex, reply, chunk))
         except ConnectionError:
             outcome.client_gone = True
             return resp
@@ -193,7 +197,7 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
             _abort(request)
             return resp
         try:
-            await _write_waiting(request, resp, stream_error_event(err, ex.dialect, ex.request_id))
+            await _write_waiting(request, resp, _in_band(err, ex, reply, chunk))
         except ConnectionError:
             outcome.client_gone = True
             return resp
@@ -209,6 +213,15 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
         return resp
     outcome.ok = outcome.error is None
     return resp
+
+
+def _in_band(err: GatewayError, ex: Exchange, reply: Reply, last: bytes) -> bytes:
+    """The event that ends a broken stream: a Responses API stream's is numbered after the last event sent
+    (its reader's count, else the last chunk's: a translated or replayed stream)."""
+    sequence = None
+    if ex.endpoint.dialect == "responses":
+        sequence = responses.next_sequence(reply.reader, last)
+    return stream_error_event(err, ex.dialect, ex.request_id, sequence_number=sequence)
 
 
 _HIGH_WATER = 64 * 1024  # asyncio's default, for a transport that does not say

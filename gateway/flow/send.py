@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 from aiohttp.hdrs import CONTENT_ENCODING
 
 from gateway.encoding import decode_answer
-from gateway.errors import DeadlineExceeded, GatewayError, UpstreamTimeout
+from gateway.errors import DeadlineExceeded, GatewayError, StreamBroken, UpstreamTimeout, UpstreamUnavailable
 from gateway.flow.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, upstream_request_headers
 from gateway.observe.events import UpstreamAnswered
 from gateway.scrub import scrub_error, scrub_text_stream
 from gateway.streaming.sse import Aligner
-from gateway.streaming.streams import read_head, strip_usage_chunks, watch
+from gateway.streaming.streams import read_head, read_preamble, strip_usage_chunks, watch
 from providers.translators import Prepared, Translator, translator
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
         elif reply.chunks is not None:
             if reply.status < 400 and scrub.secrets:
                 scrub_text_stream(reply, scrub)
-            _watch_stream(ex, reply, target, tr, prepared)
+            await _watch_stream(ex, reply, target, tr, prepared, timeout - (clock.monotonic() - sent_at))
             if reply.failure is None and reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
         if tr.crosses:
@@ -114,9 +114,11 @@ def _past_deadline(ex: Exchange) -> DeadlineExceeded:
     return DeadlineExceeded("no answer within this client's default_timeout_s", target=ex.target.name)
 
 
-def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translator, prepared: Prepared) -> None:
+async def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translator, prepared: Prepared,
+                        first_byte_s: float) -> None:
     """Put an SSE stream of a known dialect under ``gateway.streaming.streams.watch``; an error event
-    in its head makes the reply a failure the policies can still retry or fall back from."""
+    in its head makes the reply a failure the policies can still retry or fall back from. A head of
+    lifecycle events only (``StreamReader.preamble``) is read on within ``first_byte_s``."""
     if not is_event_stream(reply.headers):
         return
     reader = tr.reader(ex, prepared)  # the upstream's dialect
@@ -125,12 +127,29 @@ def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translator, pr
     strip_usage = prepared.strip_usage
     aligner = Aligner()
     first = read_head(reader, aligner, reply.head)
+    skip_head = bool(reply.head)
+    if reader.preamble and reply.status < 400 and reply.chunks is not None:
+        reply.chunks = reply.chunks.__aiter__()
+        try:
+            if skip_head:
+                await reply.chunks.__anext__()  # the head, read above
+            skip_head = False
+            first = await read_preamble(reader, aligner, reply.chunks, first, max(0.0, first_byte_s))
+        except (TimeoutError, StreamBroken) as e:
+            await reply.aclose()
+            if isinstance(e, StreamBroken) and not e.stalled:
+                raise UpstreamUnavailable(f"target {target.name} cut its stream before answering", target=target.name) from None
+            raise UpstreamTimeout(f"target {target.name} did not start answering in time", target=target.name) from None
+        if reader.preamble and reader.error is None and not reader.done:  # it ended with nothing answered
+            await reply.aclose()
+            raise UpstreamUnavailable(f"target {target.name} closed its stream before answering", target=target.name)
+        reply.head = first  # what a failed answer set aside still says (``Reply.settled``)
     if strip_usage:
         first = strip_usage_chunks(first)
     if reader.error_failure is not None:
         reply.failure = reader.error_failure
     reply.chunks = watch(
-        reply.chunks, reader, aligner, first, skip_head=bool(reply.head), ex=ex, target=target.name,  # type: ignore[arg-type]
+        reply.chunks, reader, aligner, first, skip_head=skip_head, ex=ex, target=target.name,  # type: ignore[arg-type]
         hold_errors=target.config.stream_recovery == "continue", strip_usage=strip_usage,
     )
     reply.reader = reader

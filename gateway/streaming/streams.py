@@ -43,6 +43,23 @@ def read_head(reader: StreamReader, aligner: Aligner, head: bytes) -> bytes:
     return out
 
 
+async def read_preamble(reader: StreamReader, aligner: Aligner, it: AsyncIterator[bytes], first: bytes,
+                        timeout_s: float) -> bytes:
+    """Go on reading the head while it holds only lifecycle events (``StreamReader.preamble``: a Responses
+    stream opens with ``response.created`` at once, whatever follows): the first byte of an answer is the
+    first event that is not one, and until it comes nothing is sent to the client — a stall is a timeout
+    of the first byte, an error event a failure still retried or fallen back from. Returns the events read
+    (``first`` and more). Raises ``TimeoutError`` after ``timeout_s``, ``StreamBroken`` for a cut or a stall."""
+    async with asyncio.timeout(timeout_s):
+        while reader.preamble and reader.error is None and not reader.done:
+            try:
+                chunk = await it.__anext__()
+            except StopAsyncIteration:
+                break
+            first += read_head(reader, aligner, chunk)
+    return first
+
+
 async def watch(
     chunks: AsyncIterator[bytes], reader: StreamReader, aligner: Aligner, first: bytes, *,
     skip_head: bool, ex: Exchange, target: str, hold_errors: bool = False, strip_usage: bool = False,

@@ -337,9 +337,10 @@ class FakeUpstream:
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/responses``: a complete ``response`` object, or the real event sequence
         (``response.created`` … ``response.output_text.delta`` … ``response.completed``, no ``[DONE]``).
-        ``first_event_error`` / ``error_after`` send the ``error`` event (in its two shapes: the
-        documented flat one first, the nested one the API sends mid-stream); ``terminal`` picks the
-        last event."""
+        ``first_event_error`` ends the stream with an ``error`` event of that code right after
+        ``response.created`` and ``response.in_progress`` (as the API fails a response before it answers),
+        ``error_after`` after that many events — both in the shape the API sends (details nested under
+        ``error``); ``terminal`` picks the last event."""
         raw, fault = await self._record(request)
         if fault is None:
             return web.Response()
@@ -380,13 +381,16 @@ class FakeUpstream:
         def ev(kind: str, **data: object) -> bytes:
             return b"event: " + kind.encode() + b"\ndata: " + _json({"type": kind, "sequence_number": next(seq), **data}) + b"\n\n"
 
-        events = []
-        if fault.first_event_error:
-            events.append(ev("error", code=fault.first_event_error, message="fake stream error", param=None))
         at = {"item_id": mid, "output_index": 0, "content_index": 0}
-        events += [
+        events = [
             ev("response.created", response=response("in_progress", [], None)),
             ev("response.in_progress", response=response("in_progress", [], None)),
+        ]
+        if fault.first_event_error:
+            events.append(ev("error", error={"type": fault.first_event_error, "code": fault.first_event_error,
+                                             "message": "fake stream error", "param": None}))
+            return await self._stream(request, events, fault)
+        events += [
             ev("response.output_item.added", output_index=0,
                item={**message, "status": "in_progress", "content": []}),
             ev("response.content_part.added", **at, part={**part, "text": ""}),
