@@ -205,10 +205,11 @@ def policy(ctx: Context) -> Policy | None:
             events.emit(BudgetEvent(target=ex.target.name, rule="exhausted"))
             limit = limits[over]
             lower = f"a shorter prompt or a lower {field}" if field else "a shorter input"
+            bound = "its prompt at a token per byte" + (", and its output limit" if field else "")  # (embeddings: none)
             if amount > limit:  # it would not fit an unspent budget either: waiting does not help
                 raise BudgetExhausted(
-                    f"this request may cost up to ${amount:.6f} (its prompt at a token per byte, and its output "
-                    f"limit), more than the whole {window} budget of ${limit:g} of tenant {ex.tenant!r}; send {lower}",
+                    f"this request may cost up to ${amount:.6f} ({bound}), more than the whole {window} budget of "
+                    f"${limit:g} of tenant {ex.tenant!r}; send {lower}",
                     param=field or None, target=ex.target.name)
             try:
                 left = max(0.0, limit - float(await store.get(keys[over]) or 0))
@@ -217,8 +218,8 @@ def policy(ctx: Context) -> Policy | None:
                 have = f"has too little of its {window} budget of ${limit:g} left"
             at = datetime.fromtimestamp(reset, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
             raise BudgetExhausted(
-                f"tenant {ex.tenant!r} {have}, and this request may cost up to ${amount:.6f} (its prompt at a "
-                f"token per byte, and its output limit): send {lower}, or wait until it resets at {at}",
+                f"tenant {ex.tenant!r} {have}, and this request may cost up to ${amount:.6f} ({bound}): send {lower}, "
+                f"or wait until it resets at {at}",
                 retry_after=max(1.0, reset - clock.time()), target=ex.target.name,
             )
         settlement = ex.settlement = Settlement(store, keys, ttls, amount, spawn)

@@ -109,6 +109,7 @@ async def test_one_embeddings_call_larger_than_the_whole_budget_is_refused(fake,
         await sdk(client, "acme-key-123456").embeddings.create(model="text-embedding-3-small", input=["word " * 20] * 10)
     assert info.value.status_code == 402 and "more than the whole daily budget" in info.value.body["message"]
     assert "a shorter input" in info.value.body["message"] and not fake.requests
+    assert "output limit" not in info.value.body["message"]  # an embedding has none
 
 
 async def test_repeated_embeddings_are_served_from_the_cache(fake, gateway, sdk):
