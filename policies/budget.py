@@ -5,7 +5,9 @@ chat/completions, completions, messages, responses, embeddings, … however the 
 spelled) is read before it is sent (``providers.estimate``). Then, in the seed's order:
 
 1. a client output limit (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``)
-   above ``llm.max_tokens`` is clamped to it;
+   above ``llm.max_tokens`` is clamped to it; so is one above the tenant's tier's ``max_tokens``
+   (``tiers:``) — clamped, not refused, as SDKs send their own defaults —, and a request that sets
+   none gets the tier's written into it; ``X-ReliAPI-Max-Tokens: <asked>-><cap>`` says so;
 2. the **estimate** (prompt characters / 4 + per-message overhead, × input price, + the
    output limit, else ``llm.max_tokens``, × output price) over the hard cap → 400
    ``budget_exceeded``, and nothing is sent upstream;
@@ -14,7 +16,8 @@ spelled) is read before it is sent (``providers.estimate``). Then, in the seed's
    ``cost_policy_applied: soft_cap_reduced`` and ``original_max_tokens``.
 
 Caps come from the target's ``llm`` block; a tenant's ``budget_caps`` (for this target, or
-``"*"``) override them. A model without a price is served uncapped (it cannot be estimated).
+``"*"``) override them. A tenant's spend budget is its own, else its tier's (field by field); a
+marketplace user's is its tier's, spent per user. A model without a price is served uncapped (it cannot be estimated).
 
 A tenant's **spend budget** (``budget: {daily_usd, monthly_usd}``, UTC day and month) can
 never be overshot, whatever runs concurrently on however many instances: before a request
@@ -49,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs
 
 from gateway import jsonbody, offload
+from gateway.config.tiers import plans
 from gateway.errors import (
     BudgetExceeded,
     BudgetExhausted,
@@ -130,8 +134,8 @@ def _caps(ctx: Context, ex: Exchange) -> tuple[float | None, float | None]:
     llm = ex.target.config.llm
     soft = llm.soft_cost_cap_usd if llm else None
     hard = llm.hard_cost_cap_usd if llm else None
-    if ex.tenant is not None:
-        own = ctx.tenants.by_name[ex.tenant].config.budget_caps
+    if ex.account is not None:
+        own = ex.account.config.budget_caps
         caps = own.get(ex.target.name) or own.get("*")
         if caps is not None:
             soft = caps.soft_cost_cap_usd if caps.soft_cost_cap_usd is not None else soft
@@ -172,14 +176,14 @@ class _Answer:
 
 
 def policy(ctx: Context) -> Policy | None:
-    budgets = {t.name: t.budget for t in ctx.config.tenants
+    budgets = {t.name: t.budget for t in plans(ctx.config)  # by plan: a marketplace tier's too
                if t.budget is not None and (t.budget.daily_usd is not None or t.budget.monthly_usd is not None)}
     capped = any(
         t.kind == "llm" and t.config.llm is not None and (
             t.config.llm.max_tokens or t.config.llm.soft_cost_cap_usd is not None
             or t.config.llm.hard_cost_cap_usd is not None)
         for t in ctx.targets.values()
-    ) or any(t.budget_caps for t in ctx.config.tenants)
+    ) or any(t.budget_caps for t in ctx.config.tenants) or any(t.max_tokens for t in ctx.config.tiers.values())
     if not capped and not budgets:
         return None
     prices = ctx.prices
@@ -190,7 +194,7 @@ def policy(ctx: Context) -> Policy | None:
 
     async def spend(ex: Exchange, call_next: Handler, amount: float, factor: float, field: str | None) -> Reply:
         """Reserve ``amount`` of the tenant's budget, run, and settle (``field``: the output limit it sets)."""
-        keys, limits, ttls, resets = windows(ex.tenant, budgets[ex.tenant], clock.time())  # type: ignore[arg-type,index]
+        keys, limits, ttls, resets = windows(ex.tenant, budgets[ex.account.plan], clock.time())  # type: ignore[arg-type]
         try:
             over = await store.reserve(keys, amount, limits, ttls)
         except StoreError as e:
@@ -257,7 +261,8 @@ def policy(ctx: Context) -> Policy | None:
         target = ex.target
         if target.kind != "llm" or ex.method in _READ_METHODS:
             return await call_next(ex)
-        metered = ex.tenant in budgets
+        account = ex.account
+        metered = account is not None and account.plan in budgets
         billed = ex.endpoint.billed
         if billed is None:
             if metered and not ex.endpoint.free:
@@ -269,13 +274,18 @@ def policy(ctx: Context) -> Policy | None:
         soft, hard = _caps(ctx, ex)
         llm = target.config.llm
         ceiling = llm.max_tokens if llm is not None else None
+        tier_cap = account.max_tokens if account is not None else None
+        if tier_cap is not None and (ceiling is None or tier_cap < ceiling):
+            ceiling = tier_cap
+        else:
+            tier_cap = None  # the target's own is the lower: clamped as always
         if soft is None and hard is None and ceiling is None and not metered:
             return await call_next(ex)
         view = await _read(ex, billed, f"the budget of tenant {ex.tenant!r}" if metered else f"target {target.name}'s caps")
         model = view.model or (llm.default_model if llm else None)
         if ex.model is None:  # (a body the router did not read): usage prices the answer by this name
             ex.model = model
-        answer = _decide(ex, view, billed, prices.price(model), soft, hard, ceiling, metered)
+        answer = _decide(ex, view, billed, prices.price(model), soft, hard, ceiling, metered, tier_cap)
         if answer.changed and answer.limit is not None:
             fields = [f for f in OUTPUT_FIELDS[billed] if f in view.limits] or [_limit_field(billed, model)]
             ex.body = await jsonbody.edited(ex.body, dict.fromkeys(fields, answer.limit))  # type: ignore[arg-type]
@@ -297,15 +307,20 @@ def policy(ctx: Context) -> Policy | None:
         return reply
 
     def _decide(ex: Exchange, view: View, billed: str, price: Price | None, soft: float | None,
-                hard: float | None, ceiling: int | None, metered: bool) -> _Answer:
-        """Clamp to the ceiling, apply the caps to the estimate, and make sure a metered request has a limit."""
+                hard: float | None, ceiling: int | None, metered: bool, tier_cap: int | None) -> _Answer:
+        """Clamp to the ceiling, apply the caps to the estimate, and make sure a metered request has a limit.
+        ``tier_cap``: the ceiling is the tenant's tier's, which binds a request that sets no limit too."""
         has_output = bool(OUTPUT_FIELDS[billed])
         present = [v for v in view.limits.values() if v is not None]
         asked = max(present) if present else None
         answer = _Answer(asked, bool(view.limits) and asked is None)  # a limit that is no number is replaced
         if has_output and ceiling is not None and (asked is None or asked > ceiling):
             answer.limit = ceiling  # the estimate uses it when absent; a larger ask is clamped
-            answer.changed = answer.changed or asked is not None or metered
+            answer.changed = answer.changed or asked is not None or metered or tier_cap is not None
+            if tier_cap is not None:
+                answer.header = f"{asked if asked is not None else 'none'}->{tier_cap}"
+                ex.log["cost_policy_applied"] = "tier_max_tokens"
+                ex.log["original_max_tokens"] = asked
         if price is not None:
             _apply_caps(ex, view, billed, price, soft, hard, asked, answer)
         if metered and has_output and answer.limit is None:

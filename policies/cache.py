@@ -216,15 +216,14 @@ def policy(ctx: Context) -> tuple[Policy, Flights] | None:
         return None
     flights = Flights(ctx.store, "cache", ctx.background, ctx.clock.time)
     keyings = {name: Keying(t) for name, t in ctx.targets.items() if t.config.cache is not None}
-    tenants = ctx.tenants.by_name
     clock = ctx.clock
     logged_at = [-_LOG_EVERY_S]
 
     def ttl_for(ex: Exchange, cfg: CacheConfig) -> float:
         if ex.cache_ttl is not None:
             return ex.cache_ttl
-        if ex.tenant is not None:
-            overrides = tenants[ex.tenant].config.cache_ttl_override
+        if ex.account is not None:
+            overrides = ex.account.config.cache_ttl_override
             ttl = overrides.get(ex.target.name, overrides.get("*"))
             if ttl is not None:
                 return ttl
@@ -244,8 +243,8 @@ def policy(ctx: Context) -> tuple[Policy, Flights] | None:
         if cfg is None or not cfg.enabled or not cacheable(ex):
             return await call_next(ex)
         directives = _directives(ex.headers) if hdrs.CACHE_CONTROL in ex.headers else ()
-        if "no-store" in directives:
-            return _mark(await call_next(ex), "BYPASS")
+        if "no-store" in directives or (ex.account is not None and not ex.account.features.cache):
+            return _mark(await call_next(ex), "BYPASS")  # (a tier without the cache feature: never read or written)
         ttl = ttl_for(ex, cfg)
         if ttl <= 0:
             return _mark(await call_next(ex), "BYPASS")

@@ -75,7 +75,6 @@ class Chains:
 
     def __init__(self, ctx: Context) -> None:
         targets = ctx.targets
-        self.tenants = ctx.tenants.by_name
 
         def entries(raw: list, primary: Target) -> list[Entry]:
             # OpenAI and Anthropic targets stand in for each other (providers.translators); a plain-HTTP
@@ -103,14 +102,17 @@ class Chains:
 
     def chain_for(self, ex: Exchange, primary: Target) -> list[Entry]:
         """The fallback chain of this request: its tenant's own, else its target's — without the entries
-        the tenant may not use (``allowed_targets`` / ``allowed_models`` bind a fallback too)."""
+        the tenant may not use (``allowed_targets`` / ``allowed_models`` bind a fallback too); none for a
+        tenant whose tier has no ``fallback`` feature."""
         chain = self.chains[primary.name]
-        if ex.tenant is not None:
-            own = self.tenant_chains.get(ex.tenant)
+        tenant = ex.account
+        if tenant is not None:
+            if not tenant.features.fallback:
+                return []
+            own = self.tenant_chains.get(tenant.plan)
             if own is not None and primary.name in own:
                 chain = own[primary.name]
-            tenant = self.tenants.get(ex.tenant)
-            if chain and tenant is not None and tenant.restricted:
+            if chain and tenant.restricted:
                 chain = [(t, m) for t, m in chain
                          if tenant.allows(t.name, m or (t.config.llm.default_model if t.config.llm else None) or ex.model)]
         return chain

@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
+from gateway.config.tiers import plans
 from gateway.observe.events import RateLimitRefused, StoreDegraded
 from gateway.store import StoreError, Take, TakeResult
 from gateway.store.memory import MemoryStore
@@ -132,14 +133,15 @@ def qps_limit(qps: float, burst_size: int | None) -> Limit:
 
 
 def quota_limits(config: Config, tenants_enabled: bool) -> dict[str | None, Limits]:
-    """The quotas by tenant name (``None``: the gateway without tenants); a caller without an entry has none.
-    A tenant's: its ``rate_limit`` and its client profile's ``max_qps_per_tenant``; its users' per-user limits."""
+    """The quotas by tenant plan (``None``: the gateway without tenants); a caller without an entry has none.
+    A tenant's: its ``rate_limit`` (its tier's fields filled in, ``gateway.config.tiers``) and its client
+    profile's ``max_qps_per_tenant``; its users' per-user limits. A marketplace tier's under ``tier:<name>``."""
     everyone = config.rate_limit.per_user
     if not tenants_enabled:
         found = Limits(user_limits(everyone))
         return {None: found} if found else {}
     out: dict[str | None, Limits] = {}
-    for tenant in config.tenants:
+    for tenant in plans(config):
         rl = tenant.rate_limit
         own: list[Limit] = []
         if rl is not None:
@@ -192,7 +194,7 @@ def policy(ctx: Context) -> Policy | None:
     events = ctx.events
 
     async def rate_limit(ex: Exchange, call_next: Handler) -> Reply:
-        limits = by_tenant.get(ex.tenant)
+        limits = by_tenant.get(ex.account.plan if ex.account is not None else None)
         if limits is None:
             return await call_next(ex)
         user = user_of(ex) if limits.per_user else None

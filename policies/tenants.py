@@ -12,7 +12,9 @@ close a wrong key was.
 
 The registry of keys (``gateway.flow.tenants``) authenticates in the edge's own step,
 before the body is read (an unknown caller costs no upload); the request policy here
-checks ``allowed_targets`` / ``allowed_models``; ``provider_limits``, further in (inside
+checks ``allowed_targets`` / ``allowed_models`` (a tier's, when the tenant sets none: ``policies.tiers``
+checks the rest of what a tier allows) and drops a marketplace's ``X-RapidAPI-*`` headers, the proxy
+secret among them, so that no upstream sees them; ``provider_limits``, further in (inside
 the cache and the gateway's own quotas), removes the provider's own rate-limit headers,
 which describe the account all tenants share.
 """
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 from multidict import istr
 
 from gateway.errors import GatewayError
+from gateway.flow.marketplace import strip_headers
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler, Policy
@@ -43,11 +46,12 @@ def policy(ctx: Context) -> Policy | None:
     tenants = ctx.tenants
     if not tenants.enabled:
         return None
-    by_name = tenants.by_name
+    marketplace = tenants.marketplace is not None
 
     async def tenant_access(ex: Exchange, call_next: Handler) -> Reply:
-        tenant = by_name[ex.tenant]  # type: ignore[index]  # authenticated in the handler
-        tenant.check(ex.target.name, ex.model)
+        ex.account.check(ex.target.name, ex.model)  # authenticated at the edge
+        if marketplace:
+            ex.headers = strip_headers(ex.headers)
         return await call_next(ex)
 
     return tenant_access

@@ -253,6 +253,42 @@ class TenantConfig(_Base):
     allowed_targets: list[str] | None = None
     allowed_models: list[str] | None = None
     profile: str | None = None
+    tier: str | None = None  # a name under tiers: its settings fill in what this tenant does not set itself
+
+
+class TierFeatures(_Base):
+    """What a tier may use (``policies.tiers``); a feature set false is refused with 403 forbidden naming it
+    (stream, tools, idempotency) or quietly not applied (cache, fallback)."""
+
+    stream: bool = True  # false: a streamed request ("stream": true, Accept: text/event-stream) is refused
+    tools: bool = True  # false: a request with function tools ("tools", "functions") is refused
+    idempotency: bool = True  # false: a request with an idempotency key is refused (it would not be deduplicated)
+    cache: bool = True  # false: never answered from the cache, never written to it
+    fallback: bool = True  # false: only the target asked for answers, no fallback chain
+
+
+class TierConfig(_Base):
+    """A plan (``tiers.<name>``) tenants are on by ``tenants[].tier`` or a marketplace's ``tier_map``. A tenant's
+    own settings win: each rate_limit and budget field it sets, its allowed_models when it sets them."""
+
+    rate_limit: TenantRateLimit | None = None
+    allowed_models: list[str] | None = None  # globs; a model outside them is 403 forbidden naming the tier
+    max_tokens: PositiveInt | None = None  # output limit: a larger one (or none) is lowered to it (clamped)
+    features: TierFeatures = TierFeatures()
+    budget: SpendBudget | None = None
+
+
+class MarketplaceConfig(_Base):
+    """A marketplace whose proxy authenticates the callers (``marketplaces.rapidapi``): a request with the right
+    proxy secret is the tenant ``rapidapi/<X-RapidAPI-User>`` on the tier its subscription maps to."""
+
+    proxy_secret_env: str | None = None  # env var holding the X-RapidAPI-Proxy-Secret (required)
+    tier_map: dict[str, str] = {}  # subscription (X-RapidAPI-Subscription: BASIC, PRO, ULTRA, MEGA) → tier name
+    default_tier: str | None = None  # the tier of a subscription tier_map does not name; none: 403
+
+
+class MarketplacesConfig(_Base):
+    rapidapi: MarketplaceConfig | None = None
 
 
 # ---------------------------------------------------------------- seed extras
@@ -287,6 +323,8 @@ class Config(_Base):
     tenants: list[TenantConfig] = []
     targets: dict[str, TargetConfig] = {}
     rate_limit: RateLimitConfig = RateLimitConfig()
+    tiers: dict[str, TierConfig] = {}
+    marketplaces: MarketplacesConfig = MarketplacesConfig()  # no block: X-RapidAPI-* headers mean nothing
     pricing: dict[str, Price] = {}
     provider_key_pools: dict[str, KeyPool] = {}
     client_profiles: dict[str, ClientProfile] = {}

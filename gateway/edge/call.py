@@ -4,7 +4,7 @@ it), and the shapes of those steps, which run before there is an ``Exchange``.""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -22,7 +22,7 @@ class Surface(Protocol):
 
 
 class Call:
-    __slots__ = ("request", "rt", "surface", "request_id", "started", "tenant", "ex", "inflight")
+    __slots__ = ("request", "rt", "surface", "request_id", "started", "tenant", "account", "ex", "inflight")
 
     def __init__(self, request: web.Request, rt: Runtime, surface: Surface, request_id: str, started: float) -> None:
         self.request = request
@@ -31,6 +31,7 @@ class Call:
         self.request_id = request_id
         self.started = started  # monotonic
         self.tenant: str | None = None  # the authenticated tenant's name
+        self.account: Any = None  # that tenant (``gateway.flow.tenants.Tenant``), for the exchange
         self.ex: Exchange | None = None  # the parsed request
         self.inflight: str | None = None  # the target counted in flight for it
 

@@ -62,16 +62,17 @@ async def rate_limit_info(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME].current
     user = request.match_info["user_id"][:128]
     tenant: str | None = None
+    plan: str | None = None  # whose limits: the tenant's own, or its marketplace tier's
     if rt.tenants.enabled:
         caller = rt.tenants.authenticate(request.headers)
         assert caller is not None
-        tenant = caller.name
+        tenant, plan = caller.name, caller.plan
     which: list[tuple[Limit, str, Literal["user", "tenant", "ip"]]] = []
-    quotas = quota_limits(rt.config, rt.tenants.enabled).get(tenant)
+    quotas = quota_limits(rt.config, rt.tenants.enabled).get(plan)
     if quotas:
         which += [(lim, who, "user" if lim.per_user else "tenant") for lim, who in buckets(quotas, tenant, user)]
     rpm = rt.config.server.rate_limit_per_ip_rpm
-    if not rt.tenants.enabled and rpm:
+    if rpm:  # the door's, with or without tenants
         which += [(lim, "ip:" + (client_ip(request, rt) or "-"), "ip") for lim in per_ip_limits(rpm).limits]
     shown = []
     store_error = None

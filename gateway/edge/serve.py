@@ -60,6 +60,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
             check_sendable(headers)
             if reply.chunks is None:
                 return complete_response(reply, outcome)
+            ex.account = call.account
             return await write_reply(request, ex, reply, outcome)  # (an error once it has started is in-band)
         except GatewayError as e:
             error = e

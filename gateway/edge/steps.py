@@ -23,4 +23,4 @@ def authenticate(call: Call) -> None:
     if tenants.enabled:
         tenant = tenants.authenticate(call.request.headers)
         if tenant is not None:
-            call.tenant = tenant.name
+            call.tenant, call.account = tenant.name, tenant

@@ -24,7 +24,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
-        "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint",
+        "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account",
     )
 
     def __init__(
@@ -63,6 +63,7 @@ class Exchange:
         self.model = model
         self.stream = stream
         self.tenant = tenant  # the authenticated tenant's name; None when the gateway is open
+        self.account: Any = None  # that tenant (``gateway.flow.tenants.Tenant``): its tier, features and plan
         self.client_ip = client_ip
         self.attempts = 0
         self.log: dict[str, Any] = {}  # extra access-log fields set by policies
