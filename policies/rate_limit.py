@@ -43,8 +43,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.config.tiers import plans
+from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.observe.events import RateLimitRefused, StoreDegraded
 from gateway.store import StoreError, Take, TakeResult
 from gateway.store.memory import MemoryStore

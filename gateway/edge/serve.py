@@ -44,6 +44,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
             for check in surface.checks:  # before the body is read
                 check(call)
             ex = call.ex = await surface.parser(call)
+            ex.account = call.account
             call.inflight = ex.target.name
             rt.observatory.enter(call.inflight)  # (left in _record, once the reply is written)
             reply = await rt.flow(ex)
@@ -60,7 +61,6 @@ async def serve(request: web.Request) -> web.StreamResponse:
             check_sendable(headers)
             if reply.chunks is None:
                 return complete_response(reply, outcome)
-            ex.account = call.account
             return await write_reply(request, ex, reply, outcome)  # (an error once it has started is in-band)
         except GatewayError as e:
             error = e

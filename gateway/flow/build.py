@@ -102,8 +102,8 @@ def request_policies(ctx: Context, owned: Owned) -> list[Policy | None]:
     """Once per client request, outermost first (the router follows the last)."""
     return [
         rate_limit.per_ip(ctx),  # the door: every request counts, a cache hit too
-        tiers.policy(ctx),  # what the tenant's tier does not allow: refused before the store or upstream
         tenants.policy(ctx),
+        tiers.policy(ctx),  # what the tenant's tier does not allow: refused before the store or upstream
         budget.policy(ctx),
         owned.closing(idempotency.policy(ctx)),  # a no-op step for a request without a key
         owned.closing(cache.policy(ctx)),
