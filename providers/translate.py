@@ -156,12 +156,16 @@ def anthropic_to_openai_response(body: dict[str, Any]) -> dict[str, Any]:
     prompt = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0) \
         + (usage.get("cache_read_input_tokens") or 0)
     completion = usage.get("output_tokens") or 0
+    # the prompt's cache reads and writes, as OpenAI reports them: priced at the model's own cache rates
+    details = {"cached_tokens": usage.get("cache_read_input_tokens") or 0,
+               "cache_write_tokens": usage.get("cache_creation_input_tokens") or 0}
     return {
         "id": "chatcmpl-" + str(body.get("id") or "").removeprefix("msg_"), "object": "chat.completion",
         "created": int(time.time()), "model": body.get("model"),
         "choices": [{"index": 0, "message": message, "logprobs": None,
                      "finish_reason": FINISH_OF_STOP.get(body.get("stop_reason") or "", "stop")}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                  "prompt_tokens_details": details},
     }
 
 

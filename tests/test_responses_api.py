@@ -410,6 +410,20 @@ async def test_anthropic_cache_reads_and_writes_are_priced_at_their_own_rates(fa
                                                rel=1e-9)
 
 
+
+async def test_a_chat_request_answered_by_claude_keeps_its_cache_pricing(fake, gateway):
+    cfg = GatewayConfig(fake.url, default_target="claude").claude(retry_matrix=NO_RETRY)
+    client, logs = await gateway(cfg)
+    fake.plan(Fault(usage={"input_tokens": 100, "output_tokens": 20, "cache_creation_input_tokens": 1000,
+                           "cache_read_input_tokens": 5000}))
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    answer = await (await client.post("/v1/chat/completions", json=body)).json()
+    assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 5000, "cache_write_tokens": 1000}
+    i, o = 3e-6, 15e-6
+    line = await line_for(logs)
+    assert line["prompt_tokens"] == 6100
+    assert line["cost_usd"] == pytest.approx(100 * i + 1000 * 1.25 * i + 5000 * 0.1 * i + 20 * o, rel=1e-9)
+
 # ------------------------------------------------------------------ the reader, event by event
 
 

@@ -112,7 +112,8 @@ def test_an_anthropic_tool_answer_becomes_a_chat_completion() -> None:
     call = choice["message"]["tool_calls"][0]
     assert call["id"] == "toolu_01A09q90qw90lq917835lq9" and msgspec.json.decode(call["function"]["arguments"]) == {
         "city": "Paris"}
-    assert out["usage"] == {"prompt_tokens": 480, "completion_tokens": 91, "total_tokens": 571}
+    assert out["usage"] == {"prompt_tokens": 480, "completion_tokens": 91, "total_tokens": 571,
+                            "prompt_tokens_details": {"cached_tokens": 8, "cache_write_tokens": 0}}
 
 
 def test_an_anthropic_stream_becomes_chat_completion_chunks() -> None:
