@@ -21,6 +21,7 @@ X_RELIAPI_TARGET = istr("X-ReliAPI-Target")
 X_RELIAPI_ATTEMPT = istr("X-ReliAPI-Attempt")  # to upstream: which attempt this is
 X_RELIAPI_ATTEMPTS = istr("X-ReliAPI-Attempts")  # to the client: how many were made
 X_RELIAPI_FALLBACK = istr("X-ReliAPI-Fallback")  # to the client: the fallback target that answered
+X_RELIAPI_ROUTED_MODEL = istr("X-ReliAPI-Routed-Model")  # to the client: what a virtual model became (routing:)
 X_CACHE = istr("X-Cache")
 X_CACHED = istr("X-Cached")
 X_RELIAPI_COST = istr("X-ReliAPI-Cost-USD")  # to the client: what a complete answer cost (not on replays)

@@ -29,6 +29,7 @@ from gateway.observe.logs import AccessLog
 from gateway.scrub import Scrubber
 from gateway.state.shared import SharedState
 from gateway.store import Store, StoreError, open_store
+from gateway.upstream.routing import Routes
 from gateway.upstream.targets import Router, Target
 from providers.pricing import PriceTable
 
@@ -62,6 +63,7 @@ class Runtime:
             for name, t in config.targets.items()
         }
         self.router = Router(config, self.targets)
+        self.routes = Routes(config)  # virtual models (routing:)
         self.tenants = Tenants(config, env)
         self.prices = PriceTable(config.pricing)
         self.catalog: list[Model] | None = None  # GET /v1/models, built on first use

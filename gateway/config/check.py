@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from gateway.config.check_tiers import tier_errors, tier_warnings
+from gateway.config.check_routing import routing_errors, routing_warnings
 from gateway.observe.logs import hide_userinfo
 from gateway.scrub import MIN_SECRET
 
@@ -106,6 +107,7 @@ def cross_check(config: Config) -> list[str]:
                 errors.append(f"{p}.rate_limit.burst: is the burst of rpm; set rpm too")
             errors.extend(_check_per_user(rl.per_user, f"{p}.rate_limit.per_user"))
     errors.extend(_check_per_user(config.rate_limit.per_user, "rate_limit.per_user"))
+    errors.extend(routing_errors(config))
     errors.extend(tier_errors(config))
     for name, profile in config.client_profiles.items():
         if profile.burst_size is not None and profile.max_qps_per_tenant is None:
@@ -138,6 +140,7 @@ def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list
     an admin API without a key on an address other clients can reach (it answers none of them); a
     key too short to be scrubbed; a client profile no tenant uses."""
     warnings: list[str] = _admin_warning(config, env) + _short_key_warnings(config, env) + _unmetered_warnings(config)
+    warnings += routing_warnings(config)
     warnings += tier_warnings(config, env)
     for name, t in config.targets.items():
         for i, fb in enumerate(t.fallback_targets):

@@ -317,6 +317,48 @@ class Price(_Base):
     output: NonNegFloat  # USD per 1M completion tokens
 
 
+# ---------------------------------------------------------------- model routing
+
+
+class HeaderMatch(_Base):
+    """A request header a routing rule looks at: present (neither ``equals`` nor ``matches``), equal to a value,
+    or matching a regular expression (searched)."""
+
+    name: HeaderName
+    equals: str | None = None
+    matches: str | None = None
+
+
+class RouteWhen(_Base):
+    """What a request must look like for a rule to apply: every condition given holds (none given: any request)."""
+
+    min_prompt_tokens: NonNegInt | None = None  # the estimated prompt (characters / 4 + per-message overhead) ≥ this
+    max_prompt_tokens: NonNegInt | None = None  # … ≤ this
+    has_tools: bool | None = None  # the request offers tools (tools, functions) — or, false, offers none
+    has_images: bool | None = None  # a message holds an image part
+    json_mode: bool | None = None  # JSON output asked (response_format, Responses text.format, output_format)
+    last_user_matches: str | None = None  # a regex searched in the last user message's text
+    tier: str | list[str] | None = None  # the caller's tenant tier is (one of) these
+    header: HeaderMatch | None = None
+
+
+class RouteRule(_Base):
+    model: str  # the concrete model the request is sent with
+    target: str | None = None  # where it goes; default the model's usual route (models globs, default_target)
+    when: RouteWhen = RouteWhen()
+    name: str | None = None  # for the log and the metric; default rules[i]
+
+
+class VirtualModel(_Base):
+    """A model name clients may send (``routing.auto``) that the gateway resolves per request: the first rule
+    that applies names the concrete model (and maybe the target), else ``default``."""
+
+    default: str  # the model when no rule applies
+    default_target: str | None = None
+    rules: list[RouteRule] = []
+    scorer: str | None = None  # "package.module:callable" asked first; it returns a rule's name, or None
+
+
 class Config(_Base):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -328,3 +370,4 @@ class Config(_Base):
     pricing: dict[str, Price] = {}
     provider_key_pools: dict[str, KeyPool] = {}
     client_profiles: dict[str, ClientProfile] = {}
+    routing: dict[str, VirtualModel] = {}  # virtual model names (e.g. "auto") and their rules

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.edge import routed
 from gateway.edge.envelope import CacheTTL, decode_body
 from gateway.edge.generate import upstream_error as _upstream_error
 from gateway.edge.requests import body_of, client_ip, with_idempotency_headers
@@ -137,15 +138,16 @@ async def exchange(call: Call) -> Exchange:
     """The envelope's request for its LLM target (the surface's parser)."""
     rt = call.rt
     env = parse(await body_of(call))
-    target = rt.router.by_name(env.target)
+    messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None or k == "content"}
+                for m in env.messages]
+    decision = await routed.decide_messages(call, messages, env.model)  # a virtual model: its concrete one
+    target = rt.router.by_name(env.target) if decision is None else routed.target_of(rt, decision, env.target)
     llm = target.config.llm
-    model = env.model or (llm.default_model if llm is not None else None)
+    model = decision.model if decision is not None else env.model or (llm.default_model if llm is not None else None)
     if target.kind != "llm":
         raise InvalidRequest(f"target: {env.target!r} is not an LLM target; use /proxy/http", param="target")
     if model is None:
         raise InvalidRequest("model: no model given and the target has no llm.default_model", param="model")
-    messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None or k == "content"}
-                for m in env.messages]
     # a chat completion, translated for a target of another dialect (providers.translators)
     body: dict[str, Any] = {"model": model, "messages": messages}
     if env.max_tokens is not None or target.provider.requires_max_tokens:
@@ -174,6 +176,8 @@ async def exchange(call: Call) -> Exchange:
     ex.idempotency_key = env.idempotency_key
     ex.cache_ttl = float(env.cache) if env.cache is not None else None
     ex.user = env.user
+    if decision is not None:
+        routed.report(rt, ex, decision)
     return ex
 
 

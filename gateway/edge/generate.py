@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
+from gateway.edge import routed
 from gateway.edge.envelope import decode_body
 from gateway.edge.requests import body_of, client_ip
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
@@ -67,9 +68,11 @@ async def exchange(call: Call) -> Exchange:
     """The seed's request as the target's own (the surface's parser)."""
     request, rt = call.request, call.rt
     req = parse(await body_of(call))
-    target = rt.router.for_v1(request.headers.get("X-ReliAPI-Target"), req.model)
+    named = request.headers.get("X-ReliAPI-Target")
+    decision = await routed.decide_messages(call, [{"role": "user", "content": req.prompt}], req.model)
+    target = rt.router.for_v1(named, req.model) if decision is None else routed.target_of(rt, decision, named)
     llm = target.config.llm
-    model = req.model or (llm.default_model if llm is not None else None)
+    model = decision.model if decision is not None else req.model or (llm.default_model if llm is not None else None)
     if target.kind != "llm" or model is None:
         raise InvalidRequest("model: no model given and the target has no llm.default_model", param="model")
     # a chat completion, translated for a target of another dialect (providers.translators)
@@ -89,6 +92,8 @@ async def exchange(call: Call) -> Exchange:
     ex.max_tokens = upstream.get("max_tokens")
     ex.user = str(req.user_id)[:128] if req.user_id is not None else None
     ex.idempotency_key = req.idempotency_key
+    if decision is not None:
+        routed.report(rt, ex, decision)
     return ex
 
 

@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import hdrs, web
 
 from gateway import offload
+from gateway.edge import routed
 from gateway.edge.body import decoded, is_json, read_body
 from gateway.errors import InvalidRequest
 from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
@@ -241,12 +242,20 @@ async def v1(call: Call) -> Exchange:
         body, headers = await decoded(request, body, rt.max_body, json_by_default=True)
     asked = endpoint(rel)
     peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=asked.billed)
-    target = rt.router.for_v1(request.headers.get(X_RELIAPI_TARGET), peek.model)
-    return _shape(Exchange(
+    model, named = peek.model, request.headers.get(X_RELIAPI_TARGET)
+    body, decision = await routed.resolve(call, body, asked.billed, model)  # a virtual model: its concrete one
+    if decision is None:
+        target = rt.router.for_v1(named, model)
+    else:
+        model, target = decision.model, routed.target_of(rt, decision, named)
+    ex = _shape(Exchange(
         request_id=call.request_id, method=request.method, route="v1", dialect=v1_dialect(asked),
-        rel_path=rel, v1=True, query=query, headers=headers, body=body, target=target, model=peek.model,
+        rel_path=rel, v1=True, query=query, headers=headers, body=body, target=target, model=model,
         stream=stream, client_ip=client_ip(request, rt), tenant=call.tenant,
     ), peek)
+    if decision is not None:
+        routed.report(rt, ex, decision)
+    return ex
 
 
 async def t(call: Call) -> Exchange:

@@ -20,11 +20,19 @@ from gateway.edge.access import access_fields
 from gateway.edge.call import Call
 from gateway.edge.cors import no_cors_preflight
 from gateway.edge.ids import request_id as new_request_id
+from gateway.edge.routed import routed_model
 from gateway.edge.surfaces import surface_for
 from gateway.edge.writer import StreamOutcome, check_sendable, complete_response, error_response, write_reply
 from gateway.errors import GatewayError, InternalError
 from gateway.flow.exchange import Reply
-from gateway.headers import X_CACHE, X_CACHED, X_RELIAPI_ATTEMPTS, X_RELIAPI_TARGET, X_REQUEST_ID
+from gateway.headers import (
+    X_CACHE,
+    X_CACHED,
+    X_RELIAPI_ATTEMPTS,
+    X_RELIAPI_ROUTED_MODEL,
+    X_RELIAPI_TARGET,
+    X_REQUEST_ID,
+)
 from gateway.keys import RUNTIME
 
 log = logging.getLogger("reliapi")
@@ -56,6 +64,9 @@ async def serve(request: web.Request) -> web.StreamResponse:
             headers[X_REQUEST_ID] = call.request_id
             headers[X_RELIAPI_TARGET] = ex.target.name
             headers[X_RELIAPI_ATTEMPTS] = str(ex.attempts)
+            routed_to = routed_model(ex)  # a virtual model's concrete one
+            if routed_to is not None:
+                headers[X_RELIAPI_ROUTED_MODEL] = routed_to
             headers.setdefault(X_CACHE, "BYPASS")
             headers.setdefault(X_CACHED, "false")
             check_sendable(headers)
@@ -70,6 +81,9 @@ async def serve(request: web.Request) -> web.StreamResponse:
         outcome.ok = False
         status = error.status
         ex = call.ex
+        routed_to = routed_model(ex)
+        if routed_to is not None:
+            error.headers[X_RELIAPI_ROUTED_MODEL] = routed_to
         return error_response(
             error, surface.dialect_of(request.raw_path), call.request_id, target=ex.target.name if ex else None,
             attempts=ex.attempts if ex else 0, duration_ms=(time.monotonic() - call.started) * 1000,

@@ -32,6 +32,7 @@ from gateway.observe.events import (
     Event,
     FallbackUsed,
     IdempotentReplay,
+    ModelRouted,
     RateLimitRefused,
     RetryScheduled,
     StoreDegraded,
@@ -116,6 +117,7 @@ class Observatory:
         self.fallbacks: dict[tuple[str, str], int] = {}  # from, to
         self.rate_limited: dict[str, int] = {}  # tenant
         self.budget_events: dict[tuple[str, str], int] = {}  # target, event
+        self.routed: dict[tuple[str, str, str], int] = {}  # virtual model, rule, concrete model
         self.store_degraded: dict[tuple[str, str], int] = {}  # target, policy
         self.tokens: dict[tuple[str, str, str], int] = {}  # target, model, kind
         self.cost: dict[tuple[str, str, str], float] = {}  # target, model, tenant
@@ -129,7 +131,7 @@ class Observatory:
             RetryScheduled: self._retry, CacheHit: self._cache_hit, CacheMiss: self._cache_miss,
             IdempotentReplay: self._idempotent, Coalesced: self._coalesced, CircuitTransition: self._transition,
             FallbackUsed: self._fallback, RateLimitRefused: self._rate_limited, BudgetEvent: self._budget,
-            UpstreamAnswered: self._upstream, StoreDegraded: self._store_degraded,
+            UpstreamAnswered: self._upstream, StoreDegraded: self._store_degraded, ModelRouted: self._routed,
         }
 
     # -- feeds -----------------------------------------------------------------------
@@ -259,6 +261,9 @@ class Observatory:
             if view is None:
                 view = self.tenants[tenant] = TenantView()
             view.rate_limited += 1
+
+    def _routed(self, e: ModelRouted) -> None:
+        _inc(self.routed, (e.route, e.rule, e.model))  # config values only: the label set is bounded
 
     def _budget(self, e: BudgetEvent) -> None:
         _inc(self.budget_events, (e.target, e.rule))

@@ -118,6 +118,14 @@ class BudgetEvent(Event, frozen=True):
     rule: str  # soft_cap (max_tokens lowered), hard_cap (refused), exhausted (tenant spend)
 
 
+class ModelRouted(Event, frozen=True):
+    """A virtual model was resolved (``routing:``; metrics: ``routing_decisions_total{route,rule,model}``)."""
+
+    route: str  # the virtual model the client named
+    rule: str  # the rule that applied, or "default"
+    model: str  # the concrete model it became
+
+
 Listener = Callable[[Event], None]
 
 # Events worth a line in the gateway's own log (the rest are counted, not logged).

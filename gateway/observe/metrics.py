@@ -70,6 +70,8 @@ class Exposition:
             c["rate_limited"].set({"tenant": _esc(tenant)}, n)
         for (target, event), n in obs.budget_events.items():
             c["budget"].set({"target": _esc(target), "event": event}, n)
+        for (route, rule, model), n in obs.routed.items():
+            c["routed"].set({"route": _esc(route), "rule": _esc(rule), "model": _esc(model)}, n)
         for (target, policy), n in obs.store_degraded.items():
             c["store_degraded"].set({"target": _esc(target), "policy": policy}, n)
         for (target, model, kind), n in obs.tokens.items():
@@ -130,6 +132,8 @@ def _collectors() -> tuple[Registry, dict[str, Any]]:
                                registry=r),
         "fallbacks": Counter(p + "fallbacks_total", "Requests sent on to a fallback target.", registry=r),
         "rate_limited": Counter(p + "rate_limited_total", "Requests refused by a gateway rate limit.", registry=r),
+        "routed": Counter(p + "routing_decisions_total", "Virtual models resolved (routing:), by the virtual model "
+                          "(route), the rule that applied (or default) and the concrete model.", registry=r),
         "budget": Counter(p + "budget_events_total", "Budget rules that acted (soft_cap, hard_cap, exhausted).",
                           registry=r),
         "store_degraded": Counter(p + "store_degraded_total",  # SPEC §8: a store that fails is "logged, metric"
