@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from gateway.flow.marketplace import TENANT_PREFIX
 from gateway.observe.events import (
     BudgetEvent,
     CacheHit,
@@ -50,6 +51,14 @@ LAST_ERRORS = 50
 MAX_MODELS = 200  # distinct ``model`` label values; later new ones are counted as OTHER_MODEL
 OTHER_MODEL = "(other)"
 
+
+
+def tenant_label(name: str | None) -> str:
+    """A tenant as counted here (metric labels, the status page): marketplace users, who come and go by the
+    thousand, are counted together as ``rapidapi/*`` — each one's own numbers are its usage rows."""
+    if not name:
+        return ""
+    return TENANT_PREFIX + "*" if name.startswith(TENANT_PREFIX) else name
 
 class Hist:
     """Bucket counts of one label set (turned into an aioprometheus histogram at scrape)."""
@@ -139,7 +148,7 @@ class Observatory:
     def record(self, f: dict[str, Any]) -> None:
         """One finished request, from its access-log record."""
         target = f["target"] or ""  # "": refused before a target was chosen
-        tenant = f["tenant"] or ""
+        tenant = tenant_label(f["tenant"])
         kind = f["kind"] or ""
         status = f["status"]
         latency_ms = f["latency_ms"]
@@ -254,7 +263,7 @@ class Observatory:
         _inc(self.fallbacks, (e.target, e.to_target))
 
     def _rate_limited(self, e: RateLimitRefused) -> None:
-        tenant = e.tenant or ""
+        tenant = tenant_label(e.tenant)
         _inc(self.rate_limited, tenant)
         if tenant:
             view = self.tenants.get(tenant)
