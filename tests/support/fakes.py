@@ -251,7 +251,11 @@ class FakeUpstream:
             return web.json_response(
                 {"error": {"message": fault.error_message or f"fake error {fault.status}", "type": "invalid_request_error",
                            "code": fault.error_code, "param": None}}, status=fault.status, headers=fault.headers)
-        body = msgspec.json.decode(raw)
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError:  # as OpenAI answers a body that is not JSON
+            return web.json_response({"error": {"message": "We could not parse the JSON body of your request.",
+                                                "type": "invalid_request_error", "param": None, "code": None}}, status=400)
         given = body["input"]
         items = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else given
         size = body.get("dimensions") or 8
