@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from providers import responses
 from providers.translate_responses_answer import INCOMPLETE, call_item, ids, response_object, usage_object
 
 _encode = msgspec.json.encode
@@ -121,12 +122,10 @@ class ResponsesEvents:
         return out + self._event(f"response.{status}", {"response": self._response(status, reason, usage)})
 
     def error(self, code: Any, message: Any) -> bytes:
-        """The ``error`` event in both its shapes: the documented flat fields, and the ``error`` object the API
-        sends (on which the SDKs raise) — as the gateway's own (``gateway.edge.writer``)."""
+        """The Responses ``error`` event, in the shapes the gateway's own has (``providers.responses``)."""
         self.done = True
-        text = str(message or "upstream error")
-        return self._event("error", {"code": code, "message": text, "param": None, "error": {
-            "type": "server_error", "code": code, "message": text, "param": None}})
+        self.seq += 1
+        return responses.error_event(code, str(message or "upstream error"), self.seq - 1)
 
 
 def _decoded(data: bytes) -> dict[str, Any] | None:
