@@ -128,7 +128,7 @@ class Runtime:
 
 
 def _secrets(config: Config, env: Mapping[str, str], targets: Any) -> list[str]:
-    """Every configured secret value: upstream keys, tenant keys, the admin key."""
+    """Every configured secret value: upstream keys, tenant keys, the admin key, a marketplace's proxy secret."""
     found = [s for t in targets for s in t.credential.secrets]
     for tenant in config.tenants:
         found.append(tenant.api_key or "")
@@ -136,6 +136,9 @@ def _secrets(config: Config, env: Mapping[str, str], targets: Any) -> list[str]:
             found.append(env.get(tenant.api_key_env, ""))
     if config.server.admin_key_env:
         found.append(env.get(config.server.admin_key_env, ""))
+    rapidapi = config.marketplaces.rapidapi
+    if rapidapi is not None and rapidapi.proxy_secret_env:
+        found.append(env.get(rapidapi.proxy_secret_env, ""))
     return [s for s in found if s]
 
 

@@ -203,6 +203,14 @@ async def test_an_unset_secret_refuses_every_marketplace_request(fake, start):
     assert fake.requests == []
 
 
+async def test_the_proxy_secret_is_one_of_the_secrets_scrubbed_from_answers_and_logs(start):
+    from gateway.keys import RUNTIME
+
+    client, _ = await start()
+    scrub = client.app[RUNTIME].current.scrub
+    assert SECRET not in scrub(f"upstream said: {SECRET}")
+
+
 # =============================================================== config
 
 
