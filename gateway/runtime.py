@@ -31,6 +31,7 @@ from gateway.state.shared import SharedState
 from gateway.store import Store, StoreError, open_store
 from gateway.upstream.routing import Routes
 from gateway.upstream.targets import Router, Target
+from policies.door import Guard
 from providers.pricing import PriceTable
 
 log = logging.getLogger("reliapi")
@@ -77,6 +78,7 @@ class Runtime:
             config=config, clock=self.clock, events=self.events, store=self.store, shared=self.shared,
             background=self.background, prices=self.prices, tenants=self.tenants, targets=self.targets,
         )
+        self.guard = Guard.of(context)  # the door of the proxied surfaces: bans, per-IP limits (None: nothing to do)
         self.flow: Handler  # a parsed request's way through the policies to an upstream and back
         self.flow, owned = build(context, self.scrub)
         # What the policies own, for the admin API, metrics, the status page and shutdown.

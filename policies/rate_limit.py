@@ -17,12 +17,13 @@ uses up none of them.
   user share one bucket, so leaving the user out is not a way around the limit. The user
   is the tenant's word, so a per-user limit shares a tenant's quota fairly among its users;
   the tenant's own limit is what bounds the tenant.
-- ``server.rate_limit_per_ip_rpm`` when no tenants are configured (off by default). The
-  IP is the peer's, or with ``trust_forwarded_for`` the last ``X-Forwarded-For`` hop.
+- ``server.rate_limit_per_ip_rpm`` (off by default), with or without tenants: taken at the
+  door, before authentication (``gateway.edge.guard``). The IP is the peer's, or with
+  ``trust_forwarded_for`` the last ``X-Forwarded-For`` hop.
 
 Tenant and user limits are quotas: they run inside the cache and idempotency policies, so
 an answer served from the cache or replayed for an idempotency key uses up none of them.
-The per-IP limit guards the door: it runs first and counts every request.
+The per-IP limit guards the door: it runs first (in the edge) and counts every request.
 
 Every response where a limit applies carries ``X-RateLimit-Limit/-Remaining/-Reset``
 (the seed's: Reset is an ISO timestamp) of the limit nearest exhaustion, and the IETF
@@ -146,6 +147,7 @@ def quota_limits(config: Config, tenants_enabled: bool) -> dict[str | None, Limi
         own: list[Limit] = []
         if rl is not None:
             own += [Limit("default", "rl:", rl.rpm, capacity=rl.burst)] if rl.rpm else []
+            own += [Limit("burst", "rlb:", rl.rps, 1)] if rl.rps else []
             own += [Limit("hourly", "rlh:", rl.rph, 3600)] if rl.rph else []
             own += [Limit("tokens", "rlt:", rl.tpm, unit="tokens")] if rl.tpm else []
         profile = config.client_profiles.get(tenant.profile) if tenant.profile is not None else None
@@ -168,21 +170,6 @@ def buckets(limits: Limits, tenant: str | None, user: str | None) -> list[tuple[
 def estimate_tokens(ex: Exchange) -> int:
     """A cheap upper-ish estimate: prompt characters / 4 plus what the answer may use."""
     return len(ex.body) // 4 + (ex.max_tokens or 0)
-
-
-def per_ip(ctx: Context) -> Policy | None:
-    """The door: the per-IP limit of a gateway without tenants, on every request (a cache hit too)."""
-    rpm = ctx.config.server.rate_limit_per_ip_rpm
-    if ctx.tenants.enabled or not rpm:
-        return None
-    limits = per_ip_limits(rpm)
-    limiter = Limiter(ctx.store, ctx.config.store.rate_limit_on_error, ctx.clock.time)
-    events = ctx.events
-
-    async def rate_limit_ip(ex: Exchange, call_next: Handler) -> Reply:
-        return await limiter.around(ex, call_next, limits, [(limits.limits[0], "ip:" + (ex.client_ip or "-"))], events)
-
-    return rate_limit_ip
 
 
 def policy(ctx: Context) -> Policy | None:
@@ -232,10 +219,11 @@ class Limiter:
         merge_headers(reply.headers, headers)
         return reply
 
-    async def check(self, ex: Exchange, limits: Limits, which: list[tuple[Limit, str]]) -> dict[str, str]:
-        """Take from every limit at once; the headers describing the tightest, or raise ``RateLimited``."""
-        chosen = [(lim, who, estimate_tokens(ex) if lim.unit == "tokens" else 1) for lim, who in which
-                  if lim.unit != "tokens" or ex.target.kind == "llm"]
+    async def check(self, ex: Exchange | None, limits: Limits, which: list[tuple[Limit, str]]) -> dict[str, str]:
+        """Take from every limit at once; the headers describing the tightest, or raise ``RateLimited``.
+        ``ex`` None: before the request was read (the per-IP limit at the door), so no token limits."""
+        chosen = [(lim, who, estimate_tokens(ex) if lim.unit == "tokens" else 1) for lim, who in which  # type: ignore[arg-type]
+                  if lim.unit != "tokens" or (ex is not None and ex.target.kind == "llm")]
         if not chosen:
             return {}
         results = await self._take_all([lim.take(who, quantity) for lim, who, quantity in chosen])

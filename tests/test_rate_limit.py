@@ -423,11 +423,14 @@ async def test_per_ip_limit_without_tenants(fake, start):
     assert logs[-1]["tenant"] is None
 
 
-async def test_per_ip_limit_is_not_used_when_tenants_are_configured(fake, start):
+async def test_per_ip_limit_applies_with_tenants_too(fake, start):
+    """Issue #16 point 1: the door's limit counts every request from the address, whichever key it carries
+    (tests/test_abuse.py: also before the key is looked at)."""
     client, _ = await start(rate_limit_per_ip_rpm=1, tenants=[{"name": "a", "api_key": KEY_A}])
-    for _ in range(3):
-        status, headers, _ = await call(client, headers=auth())
-        assert status == 200 and "RateLimit" not in headers
+    status, headers, _ = await call(client, headers=auth())
+    assert status == 200 and headers["RateLimit-Policy"] == '"default";q=1;w=60'
+    status, _, data = await call(client, headers=auth())
+    assert status == 429 and data["error"]["code"] == "rate_limited"
 
 
 async def test_without_any_limit_there_are_no_rate_limit_headers(fake, start):

@@ -14,8 +14,8 @@ import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from gateway.config.check_tiers import tier_errors, tier_warnings
 from gateway.config.check_routing import routing_errors, routing_warnings
+from gateway.config.check_tiers import tier_errors, tier_warnings
 from gateway.observe.logs import hide_userinfo
 from gateway.scrub import MIN_SECRET
 
@@ -107,8 +107,14 @@ def cross_check(config: Config) -> list[str]:
                 errors.append(f"{p}.rate_limit.burst: is the burst of rpm; set rpm too")
             errors.extend(_check_per_user(rl.per_user, f"{p}.rate_limit.per_user"))
     errors.extend(_check_per_user(config.rate_limit.per_user, "rate_limit.per_user"))
-    errors.extend(routing_errors(config))
     errors.extend(tier_errors(config))
+    errors.extend(routing_errors(config))
+    if config.abuse is not None:
+        for i, cidr in enumerate(config.abuse.allow):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                errors.append(f"abuse.allow[{i}]: {cidr!r} is not an IP network (e.g. 10.0.0.0/8 or 203.0.113.7)")
     for name, profile in config.client_profiles.items():
         if profile.burst_size is not None and profile.max_qps_per_tenant is None:
             errors.append(f"client_profiles.{name}.burst_size: is the burst of max_qps_per_tenant; set that too")
@@ -140,8 +146,8 @@ def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list
     an admin API without a key on an address other clients can reach (it answers none of them); a
     key too short to be scrubbed; a client profile no tenant uses."""
     warnings: list[str] = _admin_warning(config, env) + _short_key_warnings(config, env) + _unmetered_warnings(config)
-    warnings += routing_warnings(config)
     warnings += tier_warnings(config, env)
+    warnings += routing_warnings(config)
     for name, t in config.targets.items():
         for i, fb in enumerate(t.fallback_targets):
             warnings.extend(_dialect_warning(config, name, fb.target, f"targets.{name}.fallback_targets[{i}]"))

@@ -62,7 +62,8 @@ class ServerConfig(_Base):
     admin_key_env: str | None = None  # env var holding the /admin bearer key; unset = loopback only
     shutdown_grace_s: NonNegFloat = 30  # SIGTERM: how long in-flight requests and streams may finish
     trust_forwarded_for: bool = False  # take the client IP from X-Forwarded-For
-    rate_limit_per_ip_rpm: PositiveInt | None = None  # per-IP limit when no tenants are configured
+    rate_limit_per_ip_rpm: PositiveInt | None = None  # per client IP, before authentication (with tenants too)
+    auth_failures_per_ip_rpm: PositiveInt = 30  # failed tenant-key checks per IP per minute; then 429 before checking
     # Slow and idle clients (slowloris) must not hold connections. The listener settings
     # (header_timeout_s, keepalive_timeout_s, max_connections) take effect at start: a reload keeps the old ones.
     header_timeout_s: PositiveFloat = 10  # a new connection's request head (line + headers) must arrive
@@ -234,6 +235,7 @@ class RateLimitConfig(_Base):
 class TenantRateLimit(_Base):
     rpm: PositiveInt | None = None
     burst: PositiveInt | None = None
+    rps: PositiveInt | None = None  # the burst limit: at most this many in any second, apart from rpm's sustained rate
     rph: PositiveInt | None = None
     tpm: PositiveInt | None = None
     per_user: UserRateLimit | None = None  # this tenant's users (else the top-level rate_limit.per_user)
@@ -312,6 +314,30 @@ class ClientProfile(_Base):
     default_timeout_s: PositiveFloat | None = None
 
 
+AbuseSubject = Literal["ip", "key", "fingerprint"]
+
+
+class AnomalyConfig(_Base):
+    """What looks wrong without breaking a limit (``policies.abuse``): reported as events, optionally throttled."""
+
+    max_fingerprints_per_key: PositiveInt | None = None  # distinct fingerprints one tenant key comes from in window_s
+    rate_jump_factor: Annotated[float, Meta(gt=1)] | None = None  # a tenant's last minute over k× its trailing average
+    min_rpm: PositiveInt = 30  # a jump counts only from this many requests a minute (a quiet tenant's noise is no attack)
+    window_s: PositiveFloat = 3600  # the trailing window of both
+    throttle: bool = False  # while detected, refuse the tenant's requests (429 anomaly) instead of only reporting
+
+
+class AbuseConfig(_Base):
+    """Auto-ban (``policies.abuse``): ``ban_after`` violations within ``window_s`` ban the subject for ``ban_s``."""
+
+    ban_after: PositiveInt = 20
+    window_s: PositiveFloat = 600
+    ban_s: PositiveFloat = 900
+    subjects: list[AbuseSubject] = msgspec.field(default_factory=lambda: ["ip"])  # what violations count against
+    allow: list[str] = []  # CIDRs never banned (nothing is exempt otherwise, loopback included)
+    anomalies: AnomalyConfig | None = None
+
+
 class Price(_Base):
     input: NonNegFloat  # USD per 1M prompt tokens
     output: NonNegFloat  # USD per 1M completion tokens
@@ -367,6 +393,7 @@ class Config(_Base):
     rate_limit: RateLimitConfig = RateLimitConfig()
     tiers: dict[str, TierConfig] = {}
     marketplaces: MarketplacesConfig = MarketplacesConfig()  # no block: X-RapidAPI-* headers mean nothing
+    abuse: AbuseConfig | None = None  # no block: no bans (the limits still apply)
     pricing: dict[str, Price] = {}
     provider_key_pools: dict[str, KeyPool] = {}
     client_profiles: dict[str, ClientProfile] = {}

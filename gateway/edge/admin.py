@@ -39,6 +39,9 @@ from gateway.edge.access import access_fields
 from gateway.edge.answers import (
     AdminAnswer,
     AdminMeta,
+    BanLifted,
+    Bans,
+    BanView,
     CacheCleared,
     CacheStats,
     CacheTarget,
@@ -61,6 +64,7 @@ from gateway.errors import (
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
+    StoreUnavailable,
     Unauthorized,
     UnknownTarget,
 )
@@ -289,6 +293,29 @@ async def circuit_reset(request: web.Request, rt: Runtime) -> CircuitReset:
     return CircuitReset(**msgspec.structs.asdict(_circuit_view(name, circuit, rt)), was=was, shared=shared)
 
 
+async def bans(request: web.Request, rt: Runtime) -> Bans:
+    door = rt.guard
+    found = door.bans.active() if door is not None and door.bans is not None else []
+    now = rt.clock.time()
+    return Bans(door is not None and door.bans is not None, [
+        BanView(b.subject, datetime.datetime.fromtimestamp(b.until, datetime.UTC).isoformat(timespec="seconds")
+                .replace("+00:00", "Z"), round(b.until - now, 1), b.reason) for b in found])
+
+
+async def ban_lift(request: web.Request, rt: Runtime) -> BanLifted:
+    subject = request.match_info["id"]
+    door = rt.guard
+    if door is None or door.bans is None:
+        raise UnknownTarget("no abuse block is configured, so nothing is banned")
+    try:
+        lifted = await door.bans.lift(subject)
+    except StoreError as e:
+        raise StoreUnavailable(f"the ban could not be lifted everywhere: {_clean(rt, str(e))}") from None
+    if lifted:
+        log.info("admin: ban of %s lifted", subject)
+    return BanLifted(subject, lifted)
+
+
 async def reload(request: web.Request, rt: Runtime) -> Reloaded:
     if request.app[RELOADER] is None:
         raise ReloadUnavailable("this gateway was not started from a config it can read again; restart it instead")
@@ -319,6 +346,8 @@ ROUTES: tuple[tuple[str, str, AdminHandler], ...] = (
     ("GET", "/admin/circuits", circuits),
     ("POST", "/admin/circuits/{target}/reset", circuit_reset),
     ("POST", "/admin/reload", reload),
+    ("GET", "/admin/bans", bans),
+    ("DELETE", "/admin/bans/{id}", ban_lift),
 )
 
 

@@ -270,6 +270,27 @@ class CircuitReset(CircuitView, kw_only=True):
     shared: bool
 
 
+class BanView(Struct):
+    """A subject refused until ``until`` (``policies.abuse``)."""
+
+    id: str  # "ip:203.0.113.9", "key:<tenant>", "fp:<fingerprint>": what DELETE /admin/bans/{id} takes
+    until: str  # UTC, ISO 8601
+    remaining_s: float
+    reason: str
+
+
+class Bans(Struct):
+    """The bans in force (``enabled`` false: no ``abuse`` block, so nothing is ever banned)."""
+
+    enabled: bool
+    bans: list[BanView]
+
+
+class BanLifted(Struct):
+    id: str
+    lifted: bool  # false: there was no such ban
+
+
 class Reloaded(Struct):
     """The config was read again and now serves (as on SIGHUP); ``all_workers``: every worker of a
     ``--workers N`` gateway was asked to do the same."""

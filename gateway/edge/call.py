@@ -22,7 +22,8 @@ class Surface(Protocol):
 
 
 class Call:
-    __slots__ = ("request", "rt", "surface", "request_id", "started", "tenant", "account", "ex", "inflight")
+    __slots__ = ("request", "rt", "surface", "request_id", "started", "tenant", "account", "ex", "inflight", "ip", "exempt",
+                 "fingerprint", "limit_headers")
 
     def __init__(self, request: web.Request, rt: Runtime, surface: Surface, request_id: str, started: float) -> None:
         self.request = request
@@ -34,6 +35,11 @@ class Call:
         self.account: Any = None  # that tenant (``gateway.flow.tenants.Tenant``), for the exchange
         self.ex: Exchange | None = None  # the parsed request
         self.inflight: str | None = None  # the target counted in flight for it
+        # what the door learned (``policies.door``; unset without one)
+        self.ip: str | None = None
+        self.exempt = True  # on the abuse allow-list (or no bans configured)
+        self.fingerprint: str | None = None
+        self.limit_headers: dict[str, str] | None = None  # the per-IP limit's, for the answer
 
     def elapsed_ms(self, now: float) -> float:
         return (now - self.started) * 1000

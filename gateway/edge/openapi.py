@@ -139,6 +139,9 @@ OPERATIONS: tuple[Op, ...] = (
     _admin("POST", "/admin/circuits/{target}/reset", "Close a target's circuit, on every instance", a.CircuitReset,
            (Param("target", "path", "The target."),)),
     _admin("POST", "/admin/reload", "Read the config again (as SIGHUP does)", a.Reloaded),
+    _admin("GET", "/admin/bans", "The bans in force (abuse.ban_after violations within abuse.window_s)", a.Bans),
+    _admin("DELETE", "/admin/bans/{id}", "Lift a ban now, on every instance", a.BanLifted,
+           (Param("id", "path", "The banned subject, as GET /admin/bans lists it (ip:…, key:…, fp:…)."),)),
     # probes, metrics, the status page (gateway.edge.probes, gateway.observe)
     *(Op("GET", path, "health", "Liveness: the process serves", {"200": a.Liveness})
       for path in ("/healthz", "/livez", "/health")),

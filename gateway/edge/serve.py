@@ -20,6 +20,7 @@ from gateway.edge.access import access_fields
 from gateway.edge.call import Call
 from gateway.edge.cors import no_cors_preflight
 from gateway.edge.ids import request_id as new_request_id
+from gateway.edge.requests import client_ip
 from gateway.edge.routed import routed_model
 from gateway.edge.surfaces import surface_for
 from gateway.edge.writer import StreamOutcome, check_sendable, complete_response, error_response, write_reply
@@ -34,6 +35,7 @@ from gateway.headers import (
     X_REQUEST_ID,
 )
 from gateway.keys import RUNTIME
+from policies.rate_limit import merge_headers
 
 log = logging.getLogger("reliapi")
 
@@ -47,10 +49,16 @@ async def serve(request: web.Request) -> web.StreamResponse:
     call = Call(request, rt, surface, new_request_id(request.headers), time.monotonic())
     outcome = StreamOutcome()
     status, error, reply = 0, None, None
+    guard = rt.guard
     try:
         try:
+            if guard is not None:  # bans, the failed-authentication budget, the per-IP limit
+                call.ip = client_ip(request, rt)
+                await guard.admit(call)
             for check in surface.checks:  # before the body is read
                 check(call)
+            if guard is not None:
+                guard.authenticated(call)
             ex = call.ex = await surface.parser(call)
             ex.account = call.account
             call.inflight = ex.target.name
@@ -69,6 +77,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
                 headers[X_RELIAPI_ROUTED_MODEL] = routed_to
             headers.setdefault(X_CACHE, "BYPASS")
             headers.setdefault(X_CACHED, "false")
+            if call.limit_headers:
+                merge_headers(headers, call.limit_headers)
             check_sendable(headers)
             if reply.chunks is None:
                 return complete_response(reply, outcome)
@@ -80,6 +90,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
             error = InternalError("internal error")
         outcome.ok = False
         status = error.status
+        if call.limit_headers:
+            merge_headers(error.headers, call.limit_headers)
         ex = call.ex
         routed_to = routed_model(ex)
         if routed_to is not None:
@@ -90,6 +102,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
         )
     finally:
         _record(call, reply, status, error, outcome)
+        if guard is not None:
+            guard.answered(call, error)
 
 
 def _record(call: Call, reply: Reply | None, status: int, error: GatewayError | None, outcome: StreamOutcome) -> None:

@@ -1,6 +1,6 @@
 """The request flow, put together once per config: every policy built exactly once.
 
-    client request ─▶ per-IP limit ▶ tenant access ▶ budget ▶ idempotency ▶ cache ▶ quotas ▶ profile ▶ usage ▶ router
+    client request ─▶ tenant access ▶ budget ▶ idempotency ▶ cache ▶ quotas ▶ profile ▶ usage ▶ router
                                                                                                               │
                  ┌──────────────── for the target, then each fallback ──────────────────────────────────────┘
                  ▼
@@ -101,7 +101,6 @@ class Owned:
 def request_policies(ctx: Context, owned: Owned) -> list[Policy | None]:
     """Once per client request, outermost first (the router follows the last)."""
     return [
-        rate_limit.per_ip(ctx),  # the door: every request counts, a cache hit too
         tenants.policy(ctx),
         tiers.policy(ctx),  # what the tenant's tier does not allow: refused before the store or upstream
         budget.policy(ctx),

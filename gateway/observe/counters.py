@@ -25,6 +25,9 @@ from typing import Any
 
 from gateway.flow.marketplace import TENANT_PREFIX
 from gateway.observe.events import (
+    AbuseViolation,
+    AnomalyDetected,
+    Banned,
     BudgetEvent,
     CacheHit,
     CacheMiss,
@@ -125,6 +128,9 @@ class Observatory:
         self.transitions: dict[tuple[str, str], int] = {}  # target, to
         self.fallbacks: dict[tuple[str, str], int] = {}  # from, to
         self.rate_limited: dict[str, int] = {}  # tenant
+        self.violations: dict[tuple[str, str], int] = {}  # subject kind, reason
+        self.bans: dict[str, int] = {}  # subject kind
+        self.anomalies: dict[tuple[str, str], int] = {}  # tenant, kind
         self.budget_events: dict[tuple[str, str], int] = {}  # target, event
         self.routed: dict[tuple[str, str, str], int] = {}  # virtual model, rule, concrete model
         self.store_degraded: dict[tuple[str, str], int] = {}  # target, policy
@@ -141,6 +147,7 @@ class Observatory:
             IdempotentReplay: self._idempotent, Coalesced: self._coalesced, CircuitTransition: self._transition,
             FallbackUsed: self._fallback, RateLimitRefused: self._rate_limited, BudgetEvent: self._budget,
             UpstreamAnswered: self._upstream, StoreDegraded: self._store_degraded, ModelRouted: self._routed,
+            AbuseViolation: self._violation, Banned: self._banned, AnomalyDetected: self._anomaly,
         }
 
     # -- feeds -----------------------------------------------------------------------
@@ -261,6 +268,15 @@ class Observatory:
 
     def _fallback(self, e: FallbackUsed) -> None:
         _inc(self.fallbacks, (e.target, e.to_target))
+
+    def _violation(self, e: AbuseViolation) -> None:
+        _inc(self.violations, (e.subject, e.reason))
+
+    def _banned(self, e: Banned) -> None:
+        _inc(self.bans, e.subject)
+
+    def _anomaly(self, e: AnomalyDetected) -> None:
+        _inc(self.anomalies, (e.tenant, e.kind))
 
     def _rate_limited(self, e: RateLimitRefused) -> None:
         tenant = tenant_label(e.tenant)

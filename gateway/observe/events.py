@@ -78,6 +78,27 @@ class RateLimitRefused(Event, frozen=True):
     limit: str  # the limit's name: "default" / "hourly" / "tokens" (a tenant's or per IP), "user" / "user-hourly"
 
 
+class AbuseViolation(Event, frozen=True):
+    """A request the gateway refused for its caller's behaviour, counted against a subject (``policies.abuse``)."""
+
+    subject: str  # ip | key | fingerprint
+    reason: str  # rate_limited | unauthorized | invalid_request | …
+
+
+class Banned(Event, frozen=True):
+    """A subject collected ``abuse.ban_after`` violations and is refused for ``ban_s``."""
+
+    subject: str  # ip | key | fingerprint
+    ban_s: float
+
+
+class AnomalyDetected(Event, frozen=True):
+    """A tenant looks wrong without breaking a limit: ``key_sharing`` or ``rate_jump``."""
+
+    tenant: str
+    kind: str
+
+
 class CacheHit(Event, frozen=True):
     pass
 

@@ -72,6 +72,12 @@ class Exposition:
             c["budget"].set({"target": _esc(target), "event": event}, n)
         for (route, rule, model), n in obs.routed.items():
             c["routed"].set({"route": _esc(route), "rule": _esc(rule), "model": _esc(model)}, n)
+        for (subject, reason), n in obs.violations.items():
+            c["violations"].set({"subject": subject, "reason": reason}, n)
+        for subject, n in obs.bans.items():
+            c["bans"].set({"subject": subject}, n)
+        for (tenant, kind), n in obs.anomalies.items():
+            c["anomalies"].set({"tenant": _esc(tenant), "kind": kind}, n)
         for (target, policy), n in obs.store_degraded.items():
             c["store_degraded"].set({"target": _esc(target), "policy": policy}, n)
         for (target, model, kind), n in obs.tokens.items():
@@ -132,6 +138,11 @@ def _collectors() -> tuple[Registry, dict[str, Any]]:
                                registry=r),
         "fallbacks": Counter(p + "fallbacks_total", "Requests sent on to a fallback target.", registry=r),
         "rate_limited": Counter(p + "rate_limited_total", "Requests refused by a gateway rate limit.", registry=r),
+        "violations": Counter(p + "abuse_violations_total", "Requests refused for the caller's behaviour, by the "
+                              "subject they counted against (ip, key, fingerprint) and why.", registry=r),
+        "bans": Counter(p + "bans_total", "Subjects banned for too many violations.", registry=r),
+        "anomalies": Counter(p + "anomalies_total", "Anomalies detected (key_sharing, rate_jump), by tenant.",
+                             registry=r),
         "routed": Counter(p + "routing_decisions_total", "Virtual models resolved (routing:), by the virtual model "
                           "(route), the rule that applied (or default) and the concrete model.", registry=r),
         "budget": Counter(p + "budget_events_total", "Budget rules that acted (soft_cap, hard_cap, exhausted).",

@@ -60,10 +60,14 @@ async def snapshot(observatory: Observatory, rt: Runtime) -> dict[str, Any]:
             "spend_month_usd": round(spent["monthly"], 8) if "monthly" in spent else None,
             "budget": None if budget is None else {"daily_usd": budget.daily_usd, "monthly_usd": budget.monthly_usd},
         })
+    door = rt.guard
+    bans = door.bans.active() if door is not None and door.bans is not None else []
     return {
         "version": __version__, "started_at": _iso(observatory.started), "now": _iso(now),
         "uptime_s": round(now - observatory.started, 1), "store": store,
         "targets": targets, "tenants": tenants, "errors": list(observatory.last_errors),
+        "bans": [{"id": b.subject, "until": _iso(b.until), "remaining_s": round(b.until - now, 1), "reason": b.reason}
+                 for b in bans],
     }
 
 

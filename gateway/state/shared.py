@@ -64,6 +64,11 @@ class SharedState:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    async def idle(self) -> None:
+        """Until the background writes spawned so far are done (tests; shutdown waits in ``close``)."""
+        while self._pending:
+            await asyncio.wait(list(self._pending))
+
     async def _guard(self, work: Coroutine[Any, Any, Any], what: str) -> None:
         try:
             await work
