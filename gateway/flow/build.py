@@ -1,6 +1,7 @@
 """The request flow, put together once per config: every policy built exactly once.
 
-    client request ─▶ tenant access ▶ budget ▶ idempotency ▶ cache ▶ quotas ▶ profile ▶ usage ▶ router
+    (the door, policies.door: bans, per-IP limit, failed authentications — in the edge, before the body)
+    client request ─▶ tenant access ▶ tier ▶ budget ▶ idempotency ▶ cache ▶ quotas ▶ profile ▶ usage ▶ router
                                                                                                               │
                  ┌──────────────── for the target, then each fallback ──────────────────────────────────────┘
                  ▼
