@@ -156,8 +156,10 @@ class Guard:
         except StoreError as e:
             log.warning("auth failures: store unavailable, not counted: %s", e)
             return
-        if not got.allowed:
-            until = self.clock.time() + got.retry_after_s
+        if not got.allowed or got.remaining == 0:  # the budget is spent: the next try waits for its token
+            interval = 60.0 / rpm
+            wait = got.retry_after_s if not got.allowed else max(interval, got.reset_after_s - interval * (rpm - 1))
+            until = self.clock.time() + wait
             self.locked[ip] = until
             self.shared.publish("auth-failures", {"ip": ip, "until": until})
 

@@ -68,11 +68,9 @@ async def test_the_per_ip_limit_applies_with_tenants_before_the_key_is_looked_at
 
 async def test_failed_authentications_have_their_own_small_budget(fake, start, clock):
     client, _ = await start(abused(fake.url, auth_failures_per_ip_rpm=3))
-    for _ in range(3):
+    for _ in range(3):  # the budget: three failures a minute
         assert (await call(client, headers=WRONG))[0] == 401
         await idle(client)
-    assert (await call(client, headers=WRONG))[0] == 401  # the fourth failure: the budget is spent now
-    await idle(client)
     status, headers, data = await call(client, headers=auth())  # even the right key waits: no guessing
     assert status == 429 and "failed authentications" in data["error"]["message"]
     assert 1 <= int(headers["Retry-After"]) <= 20
@@ -293,3 +291,52 @@ def test_bad_abuse_settings_are_errors_naming_them(abuse, error):
     from gateway.config import ConfigError, parse_config
     with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("]", r"\]")):
         parse_config(str(abused("http://127.0.0.1:9", abuse)), env=ENV)
+
+
+async def test_every_refusal_of_the_door_as_the_sdks_raise_it(fake, start):
+    """What a client library shows for each: the per-IP limit and the failed-authentication budget are
+    RateLimitError (429, the SDKs retry them with Retry-After), a ban PermissionDeniedError (403)."""
+    client, _ = await start(abused(fake.url, {"ban_after": 50}, rate_limit_per_ip_rpm=4, auth_failures_per_ip_rpm=2))
+    base = str(client.make_url(""))
+    wrong_oai = openai.AsyncOpenAI(base_url=base + "/v1", api_key="not-a-tenant-key-9", max_retries=0)
+    right_oai = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY_A, max_retries=0)
+    right_claude = anthropic.AsyncAnthropic(base_url=base, api_key=KEY_A, max_retries=0)
+    ask = {"model": "gpt-4o-mini", "messages": CHAT["messages"]}
+    for _ in range(2):
+        with pytest.raises(openai.AuthenticationError):
+            await wrong_oai.chat.completions.create(**ask)
+        await idle(client)
+    with pytest.raises(openai.RateLimitError) as raised:  # the budget of failures is spent: even the right key
+        await right_oai.chat.completions.create(**ask)
+    assert "failed authentications" in str(raised.value)
+    with pytest.raises(anthropic.RateLimitError) as limited:  # and the per-IP limit (4/min) is used up now too
+        await right_claude.messages.create(model="claude-test-1", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert limited.value.response.headers["Retry-After"]
+    for sdk in (wrong_oai, right_oai, right_claude):
+        await sdk.close()
+    assert fake.requests == []
+
+
+async def test_failed_authentications_are_counted_fleet_wide_on_redis(fake, gateway):
+    prefix = new_prefix()
+    cfg = abused(fake.url, auth_failures_per_ip_rpm=2)
+    clients = []
+    try:
+        for _ in range(2):
+            client, _ = await gateway(cfg, env=ENV, store=await redis_store(prefix))
+            clients.append(client)
+        one, two = clients
+        for client in (one, two):  # the budget's two failures, one on each instance: counted together
+            assert (await call(client, headers=WRONG))[0] == 401
+            await idle(client)
+        status, _, data = await call(two, headers=auth())
+        assert status == 429 and "failed authentications" in data["error"]["message"]
+        for _ in range(100):  # the lock is announced: the other instance refuses too (best effort: were the
+            if (await call(one, headers=auth()))[0] == 429:  # message lost, its own next failure would lock it)
+                break
+            await asyncio.sleep(0.02)
+        assert (await call(one, headers=auth()))[0] == 429
+    finally:
+        for client in clients:
+            await client.close()
+        await drop(await redis_store(prefix))
