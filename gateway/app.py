@@ -74,7 +74,7 @@ def create_app(
     admin.add_routes(app)
     # the /v1 paths the gateway answers itself (any other method: 405, never the proxy's catch-all below)
     operator.add_routes(app, fixed=(("GET", "/v1/models", reports.models),
-                                    ("GET", "/v1/usage/{user_id}", reports.user_usage)))
+                                    ("GET", "/v1/usage/{user_id:[^/]+}", reports.user_usage)))
     if config.server.cors is not None:
         cors.install(app, config.server.cors)
     app.router.add_route("*", r"/{tail:[\s\S]*}", serve)  # the proxied surfaces; any path, even with decoded CR/LF

@@ -18,6 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 # The gateway's own header names, as istr: multidict then skips case-folding them on every use.
 X_REQUEST_ID = istr("X-Request-Id")
 X_RELIAPI_TARGET = istr("X-ReliAPI-Target")
+X_RELIAPI_USER = istr("X-ReliAPI-User")  # from the client: the end user (usage rows, per-user limits)
 X_RELIAPI_ATTEMPT = istr("X-ReliAPI-Attempt")  # to upstream: which attempt this is
 X_RELIAPI_ATTEMPTS = istr("X-ReliAPI-Attempts")  # to the client: how many were made
 X_RELIAPI_FALLBACK = istr("X-ReliAPI-Fallback")  # to the client: the fallback target that answered

@@ -43,8 +43,8 @@ _read_tools = msgspec.json.Decoder(_Tools).decode
 
 def has_tools(body: bytes) -> bool:
     """Does a JSON request body carry tools (one that does not parse is left to the rest of the flow)?"""
-    if b'"tools"' not in body and b'"functions"' not in body:
-        return False
+    if b'"tools"' not in body and b'"functions"' not in body and b"\\u" not in body:
+        return False  # (a key can be spelt with escapes, "tool\u0073": then the body is read)
     try:
         found = _read_tools(body)
     except (msgspec.DecodeError, RecursionError):

@@ -30,11 +30,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from multidict import istr
 
 from gateway.errors import UpstreamError
 from gateway.flow.exchange import ANTHROPIC
-from gateway.headers import X_RELIAPI_COST
+from gateway.headers import X_RELIAPI_COST, X_RELIAPI_USER
 from gateway.store import StoreError
 from providers import endpoints, estimate, openai
 from providers.base import Usage
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("reliapi")
 
-X_RELIAPI_USER = istr("X-ReliAPI-User")
 USAGE_TTL_S = 400 * 86400  # a day's rows are kept for about 13 months
 
 

@@ -13,6 +13,7 @@ import asyncio
 import anthropic
 import openai
 import pytest
+from multidict import CIMultiDict
 
 from gateway.keys import RUNTIME
 from gateway.observe.events import AnomalyDetected, Banned
@@ -110,8 +111,9 @@ async def test_an_ip_with_too_many_violations_is_banned_then_lifted_by_the_admin
     (ban,) = listed["data"]["bans"]
     assert ban["id"] == "ip:127.0.0.1" and "3 violations" in ban["reason"]
     page = await (await client.get("/status.json")).json()
-    assert [b["id"] for b in page["bans"]] == ["ip:127.0.0.1"]
-    assert "ip:127.0.0.1" in await (await client.get("/")).text()
+    assert [b["id"] for b in page["bans"]] == ["ip:127.0.0.x"]  # the public page does not publish who
+    html = await (await client.get("/")).text()
+    assert "ip:127.0.0.x" in html and "ip:127.0.0.1" not in html
     metrics = await (await client.get("/metrics")).text()
     assert 'reliapi_bans_total{subject="ip"} 1' in metrics
     assert 'reliapi_abuse_violations_total{reason="unauthorized",subject="ip"} 3' in metrics
@@ -340,3 +342,33 @@ async def test_failed_authentications_are_counted_fleet_wide_on_redis(fake, gate
         for client in clients:
             await client.close()
         await drop(await redis_store(prefix))
+
+
+# ---------------------------------------------------------------- found by a black-box review
+
+
+async def test_guessing_keys_on_the_gateways_own_tenant_paths_is_counted_too(fake, start):
+    """/v1/models, /v1/usage/{user} and /v1/rate-limit/{user} take a tenant key: they pass the door too,
+    or they would be a free oracle for guessing keys (401 vs 200)."""
+    client, _ = await start(abused(fake.url, {"ban_after": 5}, auth_failures_per_ip_rpm=3))
+    for path in ("/v1/models", "/v1/usage/x", "/v1/rate-limit/x"):
+        assert (await client.get(path, headers=WRONG)).status == 401
+        await idle(client)
+    resp = await client.get("/v1/models", headers=auth())  # the right key, but the address's budget is spent
+    assert resp.status == 429 and "failed authentications" in (await resp.json())["error"]["message"]
+    await idle(client)
+    assert (await call(client, headers=auth()))[0] == 429
+    await idle(client)
+    resp = await client.get("/v1/rate-limit/x", headers=auth())  # five violations: banned, on these paths too
+    assert resp.status == 403 and "banned" in (await resp.json())["error"]["message"]
+
+
+async def test_a_second_forwarded_for_line_cannot_choose_the_address(fake, start):
+    """Several X-Forwarded-For lines are one list: the trusted proxy's entry is the last of the last line."""
+    client, _ = await start(abused(fake.url, rate_limit_per_ip_rpm=2, trust_forwarded_for=True))
+    statuses = []
+    for i in range(3):
+        headers = CIMultiDict([("Authorization", f"Bearer {KEY_A}"), ("X-Forwarded-For", f"6.6.6.{i}"),
+                               ("X-Forwarded-For", "5.5.5.5")])
+        statuses.append((await client.post("/v1/chat/completions", json=CHAT, headers=headers)).status)
+    assert statuses == [200, 200, 429]

@@ -99,5 +99,19 @@ async def test_rate_limit_info_shows_the_callers_tenant_limit_as_it_stands(fake,
 async def test_rate_limit_info_without_tenants_is_the_per_ip_limit(fake, gateway):
     client, _ = await gateway(config(fake.url, rate_limit_per_ip_rpm=10), env={"OPENAI_KEY": "sk-x"})
     body = await (await client.get("/v1/rate-limit/someone")).json()
-    assert [(x["applies_to"], x["limit"], x["remaining"]) for x in body["limits"]] == [("ip", 10, 10)]
+    # (the request itself passed the door, whose per-IP limit counts every request: one of ten is used)
+    assert [(x["applies_to"], x["limit"], x["remaining"]) for x in body["limits"]] == [("ip", 10, 9)]
     assert body["per_user"] is None and body["tenant"] is None
+
+
+@pytest.mark.parametrize("spelling", ["/v1/rate-limit/%7Bx%7D", "/v1/rate-limit/a%7D", "/v1/usage/%7Bx%7D",
+                                      "/v1/rate-limit/", "/v1/health/", "/v1/cache/stats/", "/v1/admin/summary/",
+                                      "/v1/Health", "/v1/cache/clear/"])
+async def test_no_spelling_of_a_gateway_path_is_proxied(fake, gateway, spelling):
+    """Found by a black-box review: {…} in a path segment and a trailing slash missed the gateway's routes
+    and went upstream with the target's key."""
+    client, _ = await gateway(config(fake.url), env={"OPENAI_KEY": "sk-x"})
+    for method in ("GET", "DELETE"):
+        resp = await client.request(method, spelling)
+        assert resp.status in (200, 401, 403, 404, 405), (method, spelling, resp.status)
+    assert fake.requests == []

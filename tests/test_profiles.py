@@ -160,3 +160,18 @@ def test_nonsense_profiles_are_refused_at_load(profile):
     cfg = profiled("http://127.0.0.1:9", profile)
     with pytest.raises(ConfigError, match="client_profiles.p"):
         parse_config(str(cfg), env=ENV)
+
+
+async def test_a_request_refused_for_parallelism_uses_no_quota(fake, gateway):
+    """Found by a black-box review: the rpm bucket was taken before the parallel check refused."""
+    tenants = [{"name": "a", "api_key": KEY_A, "profile": "p", "rate_limit": {"rpm": 2}}]
+    cfg = config(fake.url, tenants=tenants).section("client_profiles", {"p": {"max_parallel_requests": 1}})
+    client, _ = await gateway(cfg, env=ENV)
+    slow = asyncio.create_task(call(client, headers=a(**{"X-Fake-Delay-Ms": "400"})))
+    while not fake.requests:
+        await asyncio.sleep(0.01)
+    for _ in range(3):
+        status, _, data = await call(client, headers=a())
+        assert status == 429 and data["error"]["code"] == "too_many_parallel_requests"
+    assert (await slow)[0] == 200
+    assert (await call(client, headers=a()))[0] == 200  # the second of two a minute: the refusals took none

@@ -191,3 +191,24 @@ async def test_two_gateways_on_redis_share_a_users_limit(fake, gateway, clock):
 def test_per_user_limits_are_checked_at_load(doc, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         parse_config(json.dumps({"targets": {"up": {"base_url": "http://127.0.0.1:9/v1", "provider": "openai"}}, **doc}))
+
+
+async def test_the_envelopes_take_the_user_from_the_header_too(fake, start):
+    """Found by a black-box review: /proxy/llm's users named in X-ReliAPI-User shared the anonymous bucket,
+    and a long body user was not cut to 128 characters as on /v1."""
+    client, _ = await start(config(fake.url).section("rate_limit", {"per_user": {"rpm": 1}}))
+    llm = {"target": "up", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def proxy_llm(headers=None, **fields):
+        return (await client.post("/proxy/llm", json={**llm, **fields}, headers=headers or {})).status
+    assert await proxy_llm({"X-ReliAPI-User": "olga"}) == 200
+    assert await proxy_llm({"X-ReliAPI-User": "olga"}) == 429
+    assert await proxy_llm({"X-ReliAPI-User": "pete"}) == 200  # another user, not the anonymous bucket
+    assert await proxy_llm() == 200  # the anonymous bucket was never touched
+    long_user = "v" * 130
+    assert await proxy_llm(user=long_user + "1") == 200
+    assert await proxy_llm(user=long_user + "2") == 429  # the same first 128 characters: the same user
+    http = {"target": "up", "method": "POST", "path": "/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}
+    assert (await client.post("/proxy/http", json=http, headers={"X-ReliAPI-User": "quinn"})).status == 200
+    assert (await client.post("/proxy/http", json=http, headers={"X-ReliAPI-User": "quinn"})).status == 429

@@ -404,3 +404,14 @@ async def test_a_scorer_picks_a_rule_by_name(fake, gateway, sdk):
     assert resp.headers["X-ReliAPI-Routed-Model"] == "gpt-4o" and logs[-1]["routing_rule"] == "strong"
     resp, _ = await _chat(oa)
     assert resp.headers["X-ReliAPI-Routed-Model"] == "gpt-4o-mini" and logs[-1]["routing_rule"] == "default"
+
+
+async def test_a_virtual_model_is_not_resolved_on_embeddings_or_legacy_completions(gw, fake):
+    """Found by a black-box review: the rules read chat, messages and responses requests; "auto" on another
+    endpoint is no model at all (it used to become whatever the rules said, e.g. a chat model for embeddings)."""
+    client, _ = gw
+    for path, body in (("/v1/embeddings", {"model": "auto", "input": "prove it"}),
+                       ("/v1/completions", {"model": "auto", "prompt": "prove it"})):
+        resp = await client.post(path, json=body)
+        assert "X-ReliAPI-Routed-Model" not in resp.headers, path
+    assert [r.json()["model"] for r in fake.requests] == ["auto", "auto"]  # sent as named, not rewritten

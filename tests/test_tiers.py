@@ -295,3 +295,29 @@ tenants: [{name: a, api_key: k, tier: free, rate_limit: {rpm: 20}, budget: {dail
     assert (merged.rate_limit.rpm, merged.rate_limit.rph) == (20, 100)
     assert (merged.budget.daily_usd, merged.budget.monthly_usd) == (2, 5)
     assert merged.allowed_models == ["a"]
+
+
+# =============================================================== found by a black-box review
+
+
+async def test_an_escaped_tools_key_is_still_tools(fake, start):
+    """JSON lets a key be spelt with escapes ("tool\\u0073"): the upstream reads it as tools, so must the tier."""
+    client, _ = await start()
+    raw = (b'{"model":"gpt-4o-mini","tool\\u0073":[{"type":"function","function":{"name":"f","parameters":{}}}],'
+           b'"messages":[{"role":"user","content":"x"}]}')
+    resp = await client.post("/v1/chat/completions", data=raw, headers={**bearer(FREE_KEY), "Content-Type": "application/json"})
+    assert resp.status == 403 and "tools" in (await resp.json())["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_proxy_http_to_an_llm_target_keeps_to_the_allowed_models(fake, start):
+    """An LLM call in /proxy/http's envelope is checked like one on /v1: the tier's models (and a tenant's own)."""
+    client, _ = await start()
+    envelope = {"target": "up", "method": "POST", "path": "/chat/completions",
+                "body": {"model": "gpt-4o", "messages": MESSAGES}}
+    resp = await client.post("/proxy/http", json=envelope, headers=bearer(FREE_KEY))
+    body = await resp.json()
+    assert resp.status == 403 and body["error"]["code"] == "forbidden" and "gpt-4o" in body["error"]["message"]
+    assert fake.requests == []
+    allowed = {**envelope, "body": {"model": "gpt-4o-mini", "messages": MESSAGES}}
+    assert (await client.post("/proxy/http", json=allowed, headers=bearer(FREE_KEY))).status == 200

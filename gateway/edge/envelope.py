@@ -23,12 +23,13 @@ from urllib.parse import quote, urlencode
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.edge.requests import body_of, client_ip, with_idempotency_headers
+from gateway.edge.requests import body_of, client_ip, header_user, peek_json, with_idempotency_headers
 from gateway.edge.writer import EnvelopeErrorDetail
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.flow.exchange import ENVELOPE, Exchange, Reply
 from gateway.headers import X_CACHE, X_RELIAPI_FALLBACK
 from gateway.upstream.paths import validate_header_values, validate_path
+from providers.endpoints import endpoint
 
 if TYPE_CHECKING:
     from gateway.edge.call import Call
@@ -162,6 +163,12 @@ async def exchange(call: Call) -> Exchange:
         v1=False, query=query, headers=CIMultiDictProxy(headers), body=data, target=target, tenant=call.tenant,
         client_ip=client_ip(call.request, rt),
     )
+    if target.kind == "llm" and env.method.upper() == "POST":  # an LLM call in HTTP clothes: its model is checked
+        peek = await peek_json(data, endpoint(rel).billed)  # (allowed_models, tiers) as on /v1
+        ex.model = peek.model
+        user = peek.user if peek.user is not None else peek.user_id
+        ex.user = str(user)[:128] if user is not None else None
+    ex.user = header_user(call.request) or ex.user
     ex.idempotency_key = env.idempotency_key
     ex.cache_ttl = float(env.cache) if env.cache is not None else None
     return ex

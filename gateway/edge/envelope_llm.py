@@ -34,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.edge import routed
 from gateway.edge.envelope import CacheTTL, decode_body
 from gateway.edge.generate import upstream_error as _upstream_error
-from gateway.edge.requests import body_of, client_ip, with_idempotency_headers
+from gateway.edge.requests import body_of, client_ip, header_user, with_idempotency_headers
 from gateway.edge.writer import error_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.flow.exchange import ENVELOPE, Exchange, Reply
@@ -175,7 +175,7 @@ async def exchange(call: Call) -> Exchange:
     ex.max_tokens = body.get("max_tokens")
     ex.idempotency_key = env.idempotency_key
     ex.cache_ttl = float(env.cache) if env.cache is not None else None
-    ex.user = env.user
+    ex.user = header_user(call.request) or (env.user[:128] if env.user is not None else None)
     if decision is not None:
         routed.report(rt, ex, decision)
     return ex

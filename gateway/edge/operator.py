@@ -34,7 +34,7 @@ from gateway.flow.exchange import OPENAI
 from gateway.headers import X_REQUEST_ID
 from gateway.keys import RUNTIME
 from gateway.store import StoreError
-from policies.rate_limit import Limit, buckets, per_ip_limits, quota_limits
+from policies.rate_limit import Limit, buckets, merge_headers, per_ip_limits, quota_limits
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HEALTH_STORE_TIMEOUT_S = 1.0
@@ -101,6 +101,50 @@ def _dialect_errors(handler: Handler) -> Handler:
     return answered
 
 
+class _Visit:
+    """A fixed route's request as the door sees it (``policies.door.Call``)."""
+
+    __slots__ = ("request", "tenant", "ip", "exempt", "fingerprint", "limit_headers")
+
+    def __init__(self, request: web.Request, ip: str | None) -> None:
+        self.request = request
+        self.tenant: str | None = None
+        self.ip = ip
+        self.exempt = True
+        self.fingerprint: str | None = None
+        self.limit_headers: dict[str, str] | None = None
+
+
+def _through_the_door(handler: Handler) -> Handler:
+    """A route that takes a tenant key passes the door as the proxied surfaces do: a banned or locked-out
+    address is refused before the key is looked at, a wrong key counts against the address's budget of failed
+    authentications and as a violation — so no path is a free oracle for guessing keys."""
+    async def doored(request: web.Request) -> web.StreamResponse:
+        rt = request.app[RUNTIME].current
+        guard = rt.guard
+        if guard is None:
+            return await handler(request)
+        visit = _Visit(request, client_ip(request, rt))
+        try:
+            await guard.admit(visit)
+            tenant = rt.tenants.authenticate(request.headers)
+            visit.tenant = tenant.name if tenant is not None else None
+            guard.authenticated(visit)
+        except GatewayError as e:
+            guard.answered(visit, e)
+            if visit.limit_headers:
+                merge_headers(e.headers, visit.limit_headers)
+            return error_response(e, OPENAI, request_id(request.headers))
+        response = await handler(request)
+        if visit.limit_headers:
+            merge_headers(response.headers, visit.limit_headers)  # type: ignore[arg-type]
+        return response
+    return doored
+
+
+TENANT_KEYED = frozenset(("/v1/rate-limit/{user_id:[^/]+}", "/v1/models", "/v1/usage/{user_id:[^/]+}"))
+
+
 def _only(method: str) -> Handler:
     async def refuse(request: web.Request) -> web.StreamResponse:
         raise MethodNotAllowed(f"{request.path} answers {method} only", headers={"Allow": method})
@@ -112,7 +156,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/admin/summary", admin.guarded(admin.summary)),
     ("GET", "/v1/cache/stats", admin.guarded(admin.cache_stats)),
     ("DELETE", "/v1/cache/clear", admin.guarded(admin.cache_clear)),
-    ("GET", "/v1/rate-limit/{user_id}", _dialect_errors(rate_limit_info)),
+    ("GET", "/v1/rate-limit/{user_id:[^/]+}", _dialect_errors(rate_limit_info)),  # ({…} too: never proxied)
 )
 
 
@@ -120,5 +164,5 @@ def add_routes(app: web.Application, fixed: tuple[tuple[str, str, Handler], ...]
     """These routes and ``fixed`` (the other ``/v1`` paths the gateway answers), each with a 405 for every
     other method; before the proxy's catch-all route."""
     for method, path, handler in (*ROUTES, *fixed):
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path, _through_the_door(handler) if path in TENANT_KEYED else handler)
         app.router.add_route("*", path, _dialect_errors(_only(method)))

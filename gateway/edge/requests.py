@@ -17,9 +17,9 @@ from aiohttp import hdrs, web
 from gateway import offload
 from gateway.edge import routed
 from gateway.edge.body import decoded, is_json, read_body
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, UnknownTarget
 from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
-from gateway.headers import IDEMPOTENCY_KEYS, X_RELIAPI_TARGET
+from gateway.headers import IDEMPOTENCY_KEYS, X_RELIAPI_TARGET, X_RELIAPI_USER
 from gateway.upstream.paths import validate_header_values, validate_path, validate_query
 from providers.endpoints import MESSAGES, Endpoint, endpoint
 from providers.responses import INPUT_ITEM_TYPES, ROLES
@@ -128,6 +128,23 @@ _PEEKS = {
 _NO_PEEK = _Peek()
 
 
+async def peek_json(body: bytes, billed: str | None) -> _Peek:
+    """What a JSON body says (its model, user, …): for a surface that carries an LLM request of its own shape
+    inside (``/proxy/http`` to an LLM target)."""
+    if not body:
+        return _NO_PEEK
+    if len(body) <= offload.INLINE_MAX_BYTES:
+        return _peek_body(body, _PEEKS.get(billed, _peek))  # type: ignore[arg-type]
+    return await offload.run(peek_body, body, billed)
+
+
+def header_user(request: web.Request) -> str | None:
+    """The client's ``X-ReliAPI-User`` (first 128 characters), for surfaces whose upstream headers are not the
+    client's (the envelopes): it names the user as on ``/v1``, and wins over the body's."""
+    user = request.headers.get(X_RELIAPI_USER)
+    return user[:128] if user else None
+
+
 async def _peek_request(
     request: web.Request, headers: Any, body: bytes, *, json_by_default: bool, billed: str | None = None,
 ) -> tuple[_Peek, bool]:
@@ -167,11 +184,13 @@ def _shape(ex: Exchange, peek: _Peek) -> Exchange:
 
 def client_ip(request: web.Request, rt: Runtime) -> str | None:
     """The peer, or behind a trusted proxy (``trust_forwarded_for``) the hop it saw: the last
-    ``X-Forwarded-For`` entry — the one a client cannot forge past that proxy."""
+    ``X-Forwarded-For`` entry — the one a client cannot forge past that proxy. Several header lines are one
+    list (RFC 9110 §5.3), so the last entry is the last line's: a client's own extra line cannot come after
+    the one its proxy added."""
     if rt.config.server.trust_forwarded_for:
-        forwarded = request.headers.get(hdrs.X_FORWARDED_FOR)
-        if forwarded:
-            last = forwarded.rsplit(",", 1)[-1].strip()
+        lines = request.headers.getall(hdrs.X_FORWARDED_FOR, ())
+        if lines:
+            last = lines[-1].rsplit(",", 1)[-1].strip()
             if last:
                 return last
     return request.remote
@@ -227,6 +246,16 @@ def v1_dialect(asked: Endpoint) -> str:
     return ANTHROPIC if path == MESSAGES or path.startswith("messages/") else OPENAI
 
 
+_OWNED = frozenset(("health", "cache/stats", "cache/clear", "admin/summary"))
+_OWNED_PREFIXES = ("rate-limit/", "usage/")
+
+
+def _gateway_owned(path: str) -> bool:
+    """A spelling of a path the gateway answers itself (``gateway.edge.operator``) that its routes did not match —
+    ``/v1/health/``, ``/v1/rate-limit/%7Bx%7D`` —: refused, so that it never reaches an upstream with its key."""
+    return path in _OWNED or path.startswith(_OWNED_PREFIXES) or path in ("rate-limit", "usage")
+
+
 async def v1(call: Call) -> Exchange:
     """``/v1/{path}``: the path and query checked, the body read (decoded when compressed) and
     peeked at, the target chosen by ``X-ReliAPI-Target``, the body's model, or the default."""
@@ -237,10 +266,13 @@ async def v1(call: Call) -> Exchange:
     if query:
         validate_query(query)
     validate_header_values(request.headers, parsed=True)
+    asked = endpoint(rel)
+    if _gateway_owned(asked.path):
+        raise UnknownTarget(f"/v1/{asked.path} is answered by the gateway itself, at exactly that path (no trailing "
+                            "slash or escaped characters); it is never sent upstream")
     body, headers = await body_of(call), request.headers
     if hdrs.CONTENT_ENCODING in headers:
         body, headers = await decoded(request, body, rt.max_body, json_by_default=True)
-    asked = endpoint(rel)
     peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=asked.billed)
     model, named = peek.model, request.headers.get(X_RELIAPI_TARGET)
     body, decision = await routed.resolve(call, body, asked.billed, model)  # a virtual model: its concrete one

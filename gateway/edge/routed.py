@@ -27,12 +27,15 @@ if TYPE_CHECKING:
     from gateway.upstream.targets import Target
 
 
+_ROUTED = frozenset((endpoints.CHAT, endpoints.MESSAGES, endpoints.RESPONSES))  # what the rules read
+
+
 async def decide(call: Call, body: bytes, billed: str | None, model: str | None) -> Decision | None:
     """The decision for a request naming a virtual ``model``; None for any other (one dict lookup)."""
     route = call.rt.routes.get(model)
-    if route is None:
-        return None
-    facts = await offload.run(read_facts, body, billed or endpoints.CHAT, route.tokens, inline_max=offload.WHOLE_MAX_BYTES)
+    if route is None or billed not in _ROUTED:
+        return None  # (a virtual model named on embeddings or legacy completions is no model at all: 404)
+    facts = await offload.run(read_facts, body, billed, route.tokens, inline_max=offload.WHOLE_MAX_BYTES)
     return route.decide(facts, call.request.headers, tier_of(call))
 
 

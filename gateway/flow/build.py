@@ -1,7 +1,7 @@
 """The request flow, put together once per config: every policy built exactly once.
 
     (the door, policies.door: bans, per-IP limit, failed authentications — in the edge, before the body)
-    client request ─▶ tenant access ▶ tier ▶ budget ▶ idempotency ▶ cache ▶ quotas ▶ profile ▶ usage ▶ router
+    client request ─▶ tenant access ▶ tier ▶ budget ▶ idempotency ▶ cache ▶ profile ▶ quotas ▶ usage ▶ router
                                                                                                               │
                  ┌──────────────── for the target, then each fallback ──────────────────────────────────────┘
                  ▼
@@ -107,8 +107,8 @@ def request_policies(ctx: Context, owned: Owned) -> list[Policy | None]:
         budget.policy(ctx),
         owned.closing(idempotency.policy(ctx)),  # a no-op step for a request without a key
         owned.closing(cache.policy(ctx)),
+        profiles.policy(ctx),  # a tenant's requests in flight and its deadline (a refusal here takes no quota)
         rate_limit.policy(ctx),  # a tenant's and its users' quotas: inside the cache, a hit or a replay is free
-        profiles.policy(ctx),  # a tenant's requests in flight and its deadline
         tenants.provider_limits(ctx),  # inside the quotas: it drops the provider's x-ratelimit-*, not ours
         owned.usage(usage.policy(ctx)),  # inside the cache: a hit or a replay is not usage
     ]

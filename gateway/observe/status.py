@@ -66,8 +66,8 @@ async def snapshot(observatory: Observatory, rt: Runtime) -> dict[str, Any]:
         "version": __version__, "started_at": _iso(observatory.started), "now": _iso(now),
         "uptime_s": round(now - observatory.started, 1), "store": store,
         "targets": targets, "tenants": tenants, "errors": list(observatory.last_errors),
-        "bans": [{"id": b.subject, "until": _iso(b.until), "remaining_s": round(b.until - now, 1), "reason": b.reason}
-                 for b in bans],
+        "bans": [{"id": _masked(b.subject), "until": _iso(b.until), "remaining_s": round(b.until - now, 1),
+                  "reason": b.reason} for b in bans],
     }
 
 
@@ -91,3 +91,15 @@ async def _tenant_spend(rt: Runtime, now: float) -> dict[str, dict[str, float]]:
             spent[window] = float(raw) if raw else 0.0
         out[name] = spent
     return out
+
+
+def _masked(subject: str) -> str:
+    """A banned address as the public page shows it — ``ip:203.0.113.x``, ``ip:2001:db8:1::x`` — so the page does
+    not publish who was banned; the admin API (``GET /admin/bans``) has the whole id, to lift it."""
+    kind, _, value = subject.partition(":")
+    if kind != "ip":
+        return subject
+    if "." in value:
+        return f"ip:{value.rsplit('.', 1)[0]}.x"
+    return "ip:" + ":".join(value.split(":")[:3]) + "::x"
+
