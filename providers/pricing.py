@@ -59,6 +59,9 @@ class Price:
     def charge(self, usage: Usage) -> float:
         """What an answer's reported usage costs: the prompt's cached and cache-written tokens at their own
         rates, the rest of it at the input price, every output token (reasoning included) at the output price."""
+        prompt, completion, cached, written, written_long = usage
+        if not (cached or written or written_long):  # the common answer: no prompt cache involved
+            return max(0, prompt) * self.input + max(0, completion) * self.output
         prompt, completion, cached, written, written_long = (max(0, n) for n in usage)
         cached = min(cached, prompt)  # an upstream reporting more cached tokens than prompt tokens
         written = min(written, prompt - cached)
