@@ -14,6 +14,13 @@ same code measured differently from run to run and any change of timing moved th
 randomisation is off in the measured processes (``PYTHONHASHSEED=0``) for the same reason.
 
     python bench/instructions.py [--n1 100] [--n2 400] [--gap-ms 20]
+    python bench/instructions.py --check bench/instructions_baseline.json   # the regression guard (CI)
+    python bench/instructions.py --record bench/instructions_baseline.json  # a new baseline, on purpose
+
+``--check`` fails (exit 1) when the gateway's instructions per plain request, as a ratio to the bare
+proxy's measured in the same run, grew more than ``--tolerance`` (3 %) over the committed baseline. The
+ratio, not the absolute count, is compared: it carries from one machine and Python build to another,
+where the absolute counts do not.
 
 Needs valgrind (Debian package `valgrind`). 127.0.0.1 only; every wait is bounded.
 """
@@ -21,6 +28,7 @@ Needs valgrind (Debian package `valgrind`). 127.0.0.1 only; every wait is bounde
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -100,6 +108,9 @@ def main() -> int:
     ap.add_argument("--n1", type=int, default=100)
     ap.add_argument("--n2", type=int, default=400)
     ap.add_argument("--gap-ms", type=float, default=20.0, help="pause before each request (0: back to back)")
+    ap.add_argument("--check", type=Path, help="fail when gateway/bare grew over this baseline file's by > tolerance")
+    ap.add_argument("--record", type=Path, help="write the measured ratio to this baseline file")
+    ap.add_argument("--tolerance", type=float, default=0.03)
     a = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind not found (apt-get install valgrind)", file=sys.stderr)
@@ -122,7 +133,18 @@ def main() -> int:
             totals = [instructions(cmd, port, n, tmp / f"{name}.{n}.out", a.gap_ms / 1000) for n in (a.n1, a.n2)]
             results[name] = (totals[1] - totals[0]) / (a.n2 - a.n1)
             print(f"{name:8s} {results[name] / 1000:8.1f} k instructions / request", flush=True)
-        print(f"gateway/bare {results['gateway'] / results['bare']:.3f}x")
+        ratio = results["gateway"] / results["bare"]
+        print(f"gateway/bare {ratio:.3f}x")
+        if a.record is not None:
+            a.record.write_text(json.dumps({"gateway_over_bare": round(ratio, 4), "gateway_k": round(results["gateway"] / 1000, 1),
+                                            "bare_k": round(results["bare"] / 1000, 1)}, indent=2) + "\n")
+        if a.check is not None:
+            base = json.loads(a.check.read_text())["gateway_over_bare"]
+            limit = base * (1 + a.tolerance)
+            verdict = "OK" if ratio <= limit else "REGRESSION"
+            print(f"baseline {base:.3f}x, limit {limit:.3f}x (+{a.tolerance:.0%}): {verdict}")
+            if ratio > limit:
+                return 1
     finally:
         upstream.terminate()
         upstream.wait(timeout=10)
