@@ -252,7 +252,7 @@ class RespClient:
             raise
         except TimeoutError:
             raise Stalled(f"Redis did not accept a connection within {self.connect_timeout_s:g}s") from None
-        except ConnectionError:
+        except (Refused, Stalled):
             raise
         except OSError as e:
             raise ConnectionError(f"cannot connect to Redis: {e}") from None

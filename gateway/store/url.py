@@ -156,7 +156,8 @@ def _tls(options: dict[str, str]) -> TLSOptions:
     if ("ssl_keyfile" in options) and "ssl_certfile" not in options:
         raise StoreURLError("ssl_keyfile needs ssl_certfile (the client certificate it belongs to)")
     return TLSOptions(ca_file=options.get("ssl_ca_certs"), cert_file=options.get("ssl_certfile"),
-                      key_file=options.get("ssl_keyfile"), verify=reqs == "required", check_hostname=check == "true")
+                      key_file=options.get("ssl_keyfile"), verify=reqs == "required",
+                      check_hostname=check == "true" and reqs == "required")
 
 
 def _db(text: str) -> int:
