@@ -252,7 +252,7 @@ class RespClient:
             raise
         except TimeoutError:
             raise Stalled(f"Redis did not accept a connection within {self.connect_timeout_s:g}s") from None
-        except (Refused, Stalled):
+        except (Refused, Stalled, ssl.SSLError):  # each says what is wrong better than a wrapper could
             raise
         except OSError as e:
             raise ConnectionError(f"cannot connect to Redis: {e}") from None
