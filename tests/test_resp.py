@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Any
 
 import pytest
 

@@ -25,8 +25,8 @@ from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.resp import ReplyError
 from tests.support.stores import PrivateRedis, drop, new_prefix
-from tests.support.topologies import ClusterGroup, SentinelGroup
 from tests.support.stores import redis_store as _redis_store
+from tests.support.topologies import ClusterGroup, SentinelGroup
 
 
 class FakeClock:

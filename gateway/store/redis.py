@@ -40,134 +40,39 @@ from gateway.store.base import (
 from gateway.store.cluster import Cluster, key_slot
 from gateway.store.redis_pubsub import ChannelHub
 from gateway.store.resp import Refused, ReplyError, Script, Stalled
+from gateway.store.scripts import (
+    APPEND as _APPEND,
+)
+from gateway.store.scripts import (
+    CLAIM as _CLAIM,
+)
+from gateway.store.scripts import (
+    COMPARE_AND_DELETE as _COMPARE_AND_DELETE,
+)
+from gateway.store.scripts import (
+    COMPARE_AND_SET as _COMPARE_AND_SET,
+)
+from gateway.store.scripts import (
+    COUNTER as _COUNTER,
+)
+from gateway.store.scripts import (
+    GCRA as _GCRA,
+)
+from gateway.store.scripts import (
+    GCRA_ALL as _GCRA_ALL,
+)
+from gateway.store.scripts import (
+    HINCR_MANY as _HINCR_MANY,
+)
+from gateway.store.scripts import (
+    RESERVE as _RESERVE,
+)
 from gateway.store.topology import Single
 from gateway.store.url import StoreURLError, parse_store_url
 
 _CONNECT_TIMEOUT_S = 1.0
 _SOCKET_TIMEOUT_S = 2.0
 _STALL_PAUSE_S = 1.0  # after a command timed out, others fail at once for this long (``_wrap_errors``)
-
-# ARGV: expected, channel or ''.
-_COMPARE_AND_DELETE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], 'released') end
-return 1
-"""
-
-# ARGV: expected, value, ttl ms or '', channel or ''.
-_COMPARE_AND_SET = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
-else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], 'done') end
-return 1
-"""
-
-# ARGV: ttl ms or '', then field, amount pairs.
-_HINCR_MANY = """
-for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[1] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 1
-"""
-
-# KEYS: counters; ARGV: amount, then limit and ttl ms per key. -1 when reserved, else the
-# 0-based index of the first counter the amount would overrun.
-_RESERVE = """
-local amount = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if current + amount > tonumber(ARGV[2 * i]) + 1e-12 then return i - 1 end
-end
-for i = 1, #KEYS do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
-  if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[2 * i + 1]) end
-end
-return -1
-"""
-
-# ARGV: value, ttl ms. Nil when claimed, else the value that holds the key.
-_CLAIM = """
-if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return false end
-return redis.call('GET', KEYS[1])
-"""
-
-# ARGV: command (INCRBY | INCRBYFLOAT | HINCRBYFLOAT), ttl ms or '', command arguments.
-# The TTL goes on when the key has none yet, i.e. at the first increment of a window.
-_COUNTER = """
-local v = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3))
-if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return v
-"""
-
-# ARGV: ttl ms, channel or '', items. One round trip: push, expire, announce the new length.
-_APPEND = """
-local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], n) end
-return n
-"""
-
-# GCRA as in redis-cell. ARGV: delay tolerance, increment (seconds), now or '' for TIME.
-# Returns {allowed, retry_after (-1 = never), ttl}; floats as %.17g strings because a
-# Lua number returned to Redis is truncated to an integer.
-_GCRA = """
-local tolerance, increment = tonumber(ARGV[1]), tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local tat = math.max(tonumber(redis.call('GET', KEYS[1])) or now, now)
-local new_tat = tat + increment
-local allow_at = new_tat - tolerance
-local function f(x) return string.format('%.17g', x) end
-if now < allow_at then
-  local retry = -1
-  if increment <= tolerance then retry = allow_at - now end
-  return {0, f(retry), f(tat - now)}
-end
-if increment > 0 then
-  redis.call('SET', KEYS[1], f(new_tat), 'PX', math.ceil((new_tat - now) * 1000))
-end
-return {1, '0', f(new_tat - now)}
-"""
-
-# Several GCRA takes, all or nothing (``Store.take_all``). ARGV: now or '', then per key its delay
-# tolerance and increment. Returns {allowed, retry_after, ttl} per key, flattened.
-_GCRA_ALL = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function f(x) return string.format('%.17g', x) end
-local out, writes, refused = {}, {}, false
-for i, key in ipairs(KEYS) do
-  local tolerance, increment = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
-  local new_tat = tat + increment
-  local allow_at = new_tat - tolerance
-  if now < allow_at then
-    local retry = -1
-    if increment <= tolerance then retry = allow_at - now end
-    refused = true
-    table.insert(out, 0); table.insert(out, f(retry)); table.insert(out, f(tat - now))
-  else
-    table.insert(out, 1); table.insert(out, '0'); table.insert(out, f(new_tat - now))
-    if increment > 0 then table.insert(writes, {key, new_tat}) end
-  end
-end
-if not refused then
-  for _, w in ipairs(writes) do
-    redis.call('SET', w[1], f(w[2]), 'PX', math.ceil((w[2] - now) * 1000))
-  end
-end
-return out
-"""
-
 
 def _ms(ttl_s: float) -> int:
     return max(1, math.ceil(ttl_s * 1000))

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from gateway.store.base import StoreError, Subscription
-from gateway.store.resp import _INCOMPLETE, Endpoint, ReplyError, _Incomplete, encode, handshake, parse
+from gateway.store.resp import Endpoint, ReplyError, _Incomplete, encode, handshake, parse
 
 _CONFIRM_TIMEOUT_S = 2.0  # a SUBSCRIBE unconfirmed by then means the connection is stuck
 _REPAIR_PAUSE_S = 0.25  # between reconnect attempts of a broken pub/sub connection
@@ -97,9 +97,6 @@ class _PubSubProtocol(asyncio.Protocol):
     def send(self, *args: Any) -> None:
         assert self.transport is not None
         self.transport.write(encode(args))
-
-
-assert _INCOMPLETE  # the parser's marker, shared with the command connection
 
 
 class ChannelHub:
