@@ -29,6 +29,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway import reload as reloading
 from gateway.config import ConfigError, config_warnings, load_config, seed_env
+from gateway.config.check import store_url_errors
 from gateway.config.model import Config
 from gateway.keys import Reloader
 
@@ -70,6 +71,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
         name, origin = ("--port", "command line") if args.port is not None else ("RELIAPI_PORT", "environment")
         raise ConfigError([f"{name}: expected a port number 0-65535, got {port}"], source=origin)
     url = args.redis_url or os.environ.get("REDIS_URL") or store.url
+    if url != store.url and (problems := store_url_errors(url, store.key_prefix)):
+        raise ConfigError(problems, source="command line" if args.redis_url else "environment")
     config = msgspec.structs.replace(
         config,
         server=msgspec.structs.replace(server, host=host, port=port),
@@ -97,6 +100,22 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError([f"{name}: expected an integer, got {value!r}"], source="environment") from None
 
 
+def _check_store(config: Config) -> str | None:
+    """``--check`` asks a Redis store too: a wrong password, an untrusted certificate or a cluster URL on a
+    single node is an error; a store that does not answer now is only a warning (it may be up at start)."""
+    from gateway.store import StoreMisconfigured, probe_store
+
+    if config.store.url.startswith("memory:"):
+        return None
+    try:
+        problem = asyncio.run(probe_store(config.store.url, key_prefix=config.store.key_prefix))
+    except StoreMisconfigured as e:
+        return f"store.url: {e}"
+    if problem is not None:
+        print(f"warning: store.url: not reachable now, not checked further: {problem}", file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = args.log_level or os.environ.get("LOG_LEVEL", "info").lower()
@@ -116,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"environment: {line}", file=sys.stderr)
         for line in [*env_warnings, *config_warnings(config)]:
             print(f"warning: {line}", file=sys.stderr)
+        problem = _check_store(config)
+        if problem is not None:
+            print(f"invalid config ({source}):\n  {problem}", file=sys.stderr)
+            return 2
         print(f"config OK: {source} ({len(config.targets)} targets: {', '.join(config.targets) or 'none'})")
         return 0
     try:

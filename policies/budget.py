@@ -117,12 +117,12 @@ def windows(tenant: str, budget: Any, now: float) -> tuple[list[str], list[float
     t = time.gmtime(now)
     keys, limits, ttls, resets = [], [], [], []
     if budget.daily_usd is not None:
-        keys.append(f"spend:{tenant}:d:{time.strftime('%Y%m%d', t)}")
+        keys.append(f"spend:{{tenant:{tenant}}}:d:{time.strftime('%Y%m%d', t)}")
         limits.append(budget.daily_usd)
         ttls.append(2 * 86400)
         resets.append(("daily", calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86400.0))
     if budget.monthly_usd is not None:
-        keys.append(f"spend:{tenant}:m:{time.strftime('%Y%m', t)}")
+        keys.append(f"spend:{{tenant:{tenant}}}:m:{time.strftime('%Y%m', t)}")
         limits.append(budget.monthly_usd)
         ttls.append(32 * 86400)
         year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)

@@ -123,7 +123,7 @@ class KeyPool:
     async def _over_qps(self, key: PoolKey, tenant: tuple[str, float] | None) -> float:
         """0 when the key may be used now, else seconds until it may: its own QPS limit and the tenant's
         for it, taken together (refused by one, it takes from neither)."""
-        bucket = f"keys:{self.target}:{key.fingerprint}:qps"
+        bucket = f"keys:{{{self.target}:{key.fingerprint}}}:qps"  # one hash tag: one Cluster slot
         takes = [] if key.qps is None else [Take(bucket, key.qps, max(0, math.ceil(key.qps) - 1))]
         if tenant is not None:
             name, qps = tenant

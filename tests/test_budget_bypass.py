@@ -101,7 +101,7 @@ async def on_redis():
 
 
 def spend_key() -> str:
-    return f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    return f"spend:{{tenant:acme}}:d:{time.strftime('%Y%m%d', time.gmtime())}"
 
 
 async def exhaust(store, daily: float) -> None:

@@ -108,7 +108,7 @@ async def test_an_abandoned_stream_bills_only_what_was_sent(fake, gateway):
     fake.plan(Fault(chunks=200, interval_ms=20))
     await leave_after_first_event(client, STREAM, {**ACME, "Idempotency-Key": "billed-1"})
     await eventually(lambda: fake.disconnects == 1)
-    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    key = f"spend:{{tenant:acme}}:d:{time.strftime('%Y%m%d', time.gmtime())}"
     await eventually(lambda: idle(client))
     for _ in range(100):
         charged = float(await store.get(key) or 0)
@@ -165,7 +165,7 @@ async def test_an_abandoned_stream_without_usage_is_charged_the_bound_of_what_wa
     body = {**STREAM, "messages": [{"role": "user", "content": "漢" * 3000}]}
     await leave_after_first_event(client, body, {**ACME, "Idempotency-Key": "cjk-1"})
     await eventually(lambda: idle(client))
-    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    key = f"spend:{{tenant:acme}}:d:{time.strftime('%Y%m%d', time.gmtime())}"
     charged = 0.0
     for _ in range(100):
         charged = float(await store.get(key) or 0)
@@ -182,7 +182,7 @@ async def charged_after(store, client, logs) -> float:
     (the reservation is in the store from the start; the settlement replaces it)."""
     await eventually(lambda: bool(logs))
     await eventually(lambda: idle(client))
-    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    key = f"spend:{{tenant:acme}}:d:{time.strftime('%Y%m%d', time.gmtime())}"
     return float(await store.get(key) or 0)
 
 

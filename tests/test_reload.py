@@ -169,7 +169,7 @@ async def test_a_tenants_spend_still_counts_against_its_budget_after_a_reload(fa
     cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": ESTIMATE + 1.5 * ACTUAL})
     client, path = await reloadable(cfg, store=store)
     body = BODY
-    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    key = f"spend:{{tenant:acme}}:d:{time.strftime('%Y%m%d', time.gmtime())}"
     for _ in range(2):
         async with client.post("/v1/chat/completions", json=body, headers=ACME) as resp:
             assert resp.status == 200

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import ssl
 import time
-from typing import Any
 
 import pytest
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
 from gateway.store import StoreError
 from gateway.store.redis import RedisStore
@@ -248,58 +245,6 @@ async def test_a_connect_timing_out_in_auth_closes_its_socket(fake_redis) -> Non
         await asyncio.sleep(0.02)
     assert server.connections == 3 and server.open == 0
     await client.close()
-
-
-# ---------------------------------------------------------------- one reading of the store URL
-
-_REQUIRED = (ssl.CERT_REQUIRED, True)  # rediss:// as redis-py reads it: verify the certificate and the name
-
-# url → what commands (RespClient) and pub/sub (redis-py) both make of it:
-# host, port, unix socket path, db, username, password, TLS (verify mode, check hostname) or None
-STORE_URLS: list[tuple[str, tuple[Any, ...]]] = [
-    ("redis://cache.internal:6380/2", ("cache.internal", 6380, None, 2, None, None, None)),
-    ("redis://h/2?db=3", ("h", 6379, None, 3, None, None, None)),  # ?db= wins over the path
-    ("redis://h?db=1&db=2", ("h", 6379, None, 1, None, None, None)),  # the first one counts
-    ("redis://h/not-a-db", ("h", 6379, None, 0, None, None, None)),
-    ("redis://:pw@/3", ("localhost", 6379, None, 3, None, "pw", None)),
-    ("redis://alice:p%40ss%3Aw0rd@h:1/0", ("h", 1, None, 0, "alice", "p@ss:w0rd", None)),
-    ("redis://:only%2Fpass@h", ("h", 6379, None, 0, None, "only/pass", None)),
-    ("redis://h?username=bob&password=s%26cret", ("h", 6379, None, 0, "bob", "s&cret", None)),
-    ("redis://u:from-userinfo@h?password=from-query", ("h", 6379, None, 0, "u", "from-userinfo", None)),
-    ("redis://[::1]:6390/4", ("::1", 6390, None, 4, None, None, None)),
-    ("rediss://[::1]/1", ("::1", 6379, None, 1, None, None, _REQUIRED)),
-    ("rediss://r.example:6380?ssl_cert_reqs=none", ("r.example", 6380, None, 0, None, None, (ssl.CERT_NONE, False))),
-    ("unix:///run/redis/redis.sock?db=1", (None, None, "/run/redis/redis.sock", 1, None, None, None)),
-    ("unix://carol:pw@/run/my%20redis.sock?db=5", (None, None, "/run/my redis.sock", 5, "carol", "pw", None)),
-    ("unix:///run/r.sock?password=q%3Dp", (None, None, "/run/r.sock", 0, None, "q=p", None)),
-]
-
-
-def _as_commands_read_it(client: RespClient) -> tuple[Any, ...]:
-    return client.host, client.port, client.path, client.db, client.username, client.password
-
-
-def _tls_of(context: ssl.SSLContext | None) -> tuple[ssl.VerifyMode, bool] | None:
-    return None if context is None else (context.verify_mode, context.check_hostname)
-
-
-def _as_pub_sub_reads_it(store: RedisStore) -> tuple[Any, ...]:
-    conn = store._client.connection_pool.make_connection()  # the connection pub/sub opens (not connected)
-    tls = (conn.ssl_context.cert_reqs, conn.ssl_context.check_hostname) if isinstance(conn, SSLConnection) else None
-    path = conn.path if isinstance(conn, UnixDomainSocketConnection) else None
-    return (getattr(conn, "host", None), getattr(conn, "port", None), path, conn.db, conn.username,
-            conn.password, tls)
-
-
-@pytest.mark.parametrize(("url", "expected"), STORE_URLS, ids=[u for u, _ in STORE_URLS])
-async def test_commands_and_pub_sub_read_the_store_url_alike(url: str, expected: tuple[Any, ...]) -> None:
-    store = RedisStore(url, key_prefix="url-test")  # builds both clients, connects neither
-    try:
-        assert _as_pub_sub_reads_it(store) == expected
-        assert _as_commands_read_it(store._resp) == expected[:6]
-        assert _tls_of(store._resp.ssl) == expected[6]
-    finally:
-        await store.close()
 
 
 async def databases_of(admin: RespClient, user: str, *, expect: list[int], timeout_s: float = 3.0) -> list[int]:

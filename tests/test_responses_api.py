@@ -168,7 +168,7 @@ async def test_a_spend_budget_is_settled_to_the_responses_cost(fake, gateway):
     resp = await client.post("/v1/responses", json={**body, "stream": True}, headers=KEY)
     assert resp.status == 200 and b"response.completed" in await resp.read()
     await line_for(logs, 2)
-    key = f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime())}"
+    key = f"spend:{{tenant:acme}}:d:{time.strftime('%Y%m%d', time.gmtime())}"
     expected = (100 * IN + 10 * OUT) + (100 * IN + 3 * OUT)  # the settled costs, not the reservations
     for _ in range(100):
         if float(await store.get(key) or 0) == pytest.approx(expected, abs=1e-12):

@@ -42,7 +42,7 @@ def config(url: str, *, daily: float, store: dict | None = None, others: list[di
 
 
 def spend_key(now: float) -> str:
-    return f"spend:acme:d:{time.strftime('%Y%m%d', time.gmtime(now))}"
+    return f"spend:{{tenant:acme}}:d:{time.strftime('%Y%m%d', time.gmtime(now))}"
 
 
 async def spent(store, now: float | None = None) -> float:

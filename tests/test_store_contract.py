@@ -18,15 +18,15 @@ import time
 
 import pytest
 import pytest_asyncio
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.errors import StoreUnavailable
-from gateway.store import Store, StoreError, Take, TakeResult, open_store
+from gateway.store import Store, StoreError, StoreURLError, Take, TakeResult, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.resp import ReplyError
-from tests.support.stores import drop, new_prefix
+from tests.support.stores import PrivateRedis, drop, new_prefix
 from tests.support.stores import redis_store as _redis_store
+from tests.support.topologies import ClusterGroup, SentinelGroup
 
 
 class FakeClock:
@@ -47,9 +47,35 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def sentinel_group(tmp_path_factory: pytest.TempPathFactory):
+    group = SentinelGroup(tmp_path_factory.mktemp("sentinel"))
+    try:
+        yield group.start()
+    finally:
+        group.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_group(tmp_path_factory: pytest.TempPathFactory):
+    group = ClusterGroup(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield group.start()
+    finally:
+        group.stop()
+
+
+@pytest_asyncio.fixture(params=["memory", "redis", "sentinel", "cluster"])
 async def store(request: pytest.FixtureRequest, prefix: str, clock: FakeClock):
-    s: Store = MemoryStore(clock=clock) if request.param == "memory" else await _redis_store(prefix)
+    """Every backend: memory, one Redis, Sentinel's primary, a 3-primary Cluster (the last two of
+    the suite's own, started once per session from redis-server on loopback ports)."""
+    if request.param == "memory":
+        s: Store = MemoryStore(clock=clock)
+    elif request.param == "redis":
+        s = await _redis_store(prefix)
+    else:
+        s = RedisStore(request.getfixturevalue(f"{request.param}_group").url, key_prefix=prefix)
+        await s.ping()
     yield s
     await s.delete_prefix("")
     await s.close()
@@ -252,8 +278,8 @@ async def test_gcra_on_the_store_clock(store: Store) -> None:
 async def test_take_all_takes_every_bucket_or_none(store: Store) -> None:
     """A request counted against a minute and an hour window: refused by either, it uses up neither."""
     t0 = 1_700_000_000.0
-    minute = Take("m", rate_per_s=2 / 60, burst=1)  # 2 per minute
-    hour = Take("h", rate_per_s=3 / 3600, burst=2)  # 3 per hour
+    minute = Take("m:{acme}", rate_per_s=2 / 60, burst=1)  # 2 per minute
+    hour = Take("h:{acme}", rate_per_s=3 / 3600, burst=2)  # 3 per hour
     for expected in [(1, 2), (0, 1)]:
         got = await store.take_all([minute, hour], now=t0)
         assert [r.allowed for r in got] == [True, True]
@@ -261,7 +287,7 @@ async def test_take_all_takes_every_bucket_or_none(store: Store) -> None:
     refused = await store.take_all([minute, hour], now=t0 + 1)  # the minute is used up, the hour is not
     assert [r.allowed for r in refused] == [False, True] and refused[0].retry_after_s == pytest.approx(29.0)
     # nothing was taken from the hour by the refused request: its one left is still there
-    peek = await store.take_all([Take("h", rate_per_s=3 / 3600, burst=2, quantity=0)], now=t0 + 1)
+    peek = await store.take_all([Take("h:{acme}", rate_per_s=3 / 3600, burst=2, quantity=0)], now=t0 + 1)
     assert peek[0].remaining == 1
     later = await store.take_all([minute, hour], now=t0 + 60)  # the minute refilled; the hour's last
     assert [r.allowed for r in later] == [True, True] and later[1].remaining == 0
@@ -271,10 +297,10 @@ async def test_take_all_takes_every_bucket_or_none(store: Store) -> None:
 
 
 async def test_take_all_is_atomic_under_concurrency(store: Store) -> None:
-    takes = [Take("a", rate_per_s=1, burst=4), Take("b", rate_per_s=1, burst=2)]
+    takes = [Take("a{t}", rate_per_s=1, burst=4), Take("b{t}", rate_per_s=1, burst=2)]
     results = await asyncio.gather(*(store.take_all(takes, now=1_700_000_000.0) for _ in range(20)))
     assert sum(all(r.allowed for r in got) for got in results) == 3  # b's three, and a keeps two
-    left = await store.take_all([Take("a", rate_per_s=1, burst=4, quantity=0)], now=1_700_000_000.0)
+    left = await store.take_all([Take("a{t}", rate_per_s=1, burst=4, quantity=0)], now=1_700_000_000.0)
     assert left[0].remaining == 2
 
 
@@ -292,15 +318,25 @@ async def test_hincr_many_adds_a_whole_row_at_once(store: Store) -> None:
 
 
 async def test_reserve_holds_every_window_or_none(store: Store) -> None:
-    keys, limits, ttls = ["day", "month"], [1.0, 1.5], [60.0, 600.0]
+    keys, limits, ttls = ["spend:{acme}:d", "spend:{acme}:m"], [1.0, 1.5], [60.0, 600.0]
     assert await store.reserve(keys, 0.6, limits, ttls) == -1
     assert await store.reserve(keys, 0.6, limits, ttls) == 0  # the day would overrun: nothing added
-    assert float(await store.get("month") or 0) == pytest.approx(0.6)
-    await store.incr_float("day", -0.6)  # a settlement refunds the day
+    assert float(await store.get("spend:{acme}:m") or 0) == pytest.approx(0.6)
+    await store.incr_float("spend:{acme}:d", -0.6)  # a settlement refunds the day
     assert await store.reserve(keys, 0.6, limits, ttls) == -1
     assert await store.reserve(keys, 0.6, limits, ttls) == 0
-    await store.incr_float("day", -1.2)
+    await store.incr_float("spend:{acme}:d", -1.2)
     assert await store.reserve(keys, 0.6, limits, ttls) == 1  # now the month is what overruns
+
+
+async def test_keys_of_one_atomic_operation_must_share_a_hash_tag(store: Store) -> None:
+    """On a Cluster two untagged keys are (almost always) in two slots: every backend refuses them alike,
+    before anything is written, so a policy building them wrong fails on the memory store too."""
+    for call in (lambda: store.take_all([Take("a", 1, 1), Take("b", 1, 1)], now=1_700_000_000.0),
+                 lambda: store.reserve(["day", "month"], 1.0, [5.0, 5.0], [60.0, 60.0])):
+        with pytest.raises(ValueError, match="hash tag"):
+            await call()
+    assert await keys(store) == []
 
 
 async def test_reserve_is_atomic_under_concurrency(store: Store) -> None:
@@ -395,7 +431,7 @@ async def test_scan_and_delete_by_prefix(store: Store) -> None:
 async def test_ping_and_identity(store: Store) -> None:
     await store.ping()
     assert store.backend in ("memory", "redis")
-    assert store.url_for_display.startswith(("memory://", "redis://", "rediss://", "unix://"))
+    assert store.url_for_display.startswith(("memory://", "redis://", "redis+sentinel://", "redis+cluster://"))
 
 
 # -- URL dispatch and failures ---------------------------------------------------
@@ -404,17 +440,23 @@ async def test_ping_and_identity(store: Store) -> None:
 async def test_open_store_picks_the_backend_by_scheme() -> None:
     memory = open_store("memory://")
     assert isinstance(memory, MemoryStore) and memory.backend == "memory"
-    for url in ["redis://localhost:6379/0", "rediss://h:6380/1", "unix:///tmp/redis.sock"]:
+    for url, topology in [("redis://localhost:6379/0", "single"), ("rediss://h:6380/1", "single"),
+                          ("unix:///tmp/redis.sock", "single"), ("redis+sentinel://h:26379,h2/mymaster/0", "sentinel"),
+                          ("redis+cluster://h:7000,h:7001", "cluster")]:
         redis_store = open_store(url, key_prefix="x")
         assert isinstance(redis_store, RedisStore) and redis_store.backend == "redis"
+        assert redis_store.topology == topology
         await redis_store.close()
-    with pytest.raises(ValueError, match="memory://, redis://"):
+    with pytest.raises(StoreURLError, match="memory://, redis://"):
         open_store("http://localhost:6379")
 
 
 async def test_display_url_masks_passwords() -> None:
     store = RedisStore("redis://user:s3cr%40t@db.example:6379/0?password=other", key_prefix="x")
     assert store.url_for_display == "redis://user:***@db.example:6379/0?password=***"
+    await store.close()
+    store = RedisStore("redis+sentinel://:pw1234@s1,s2/main?sentinel_password=sent1nel", key_prefix="x")
+    assert store.url_for_display == "redis+sentinel://:***@s1,s2/main?sentinel_password=***"
     await store.close()
 
 
@@ -436,7 +478,7 @@ async def test_redis_errors_are_translated_and_scrubbed(monkeypatch: pytest.Monk
     async def failing(*args: object) -> None:
         raise ReplyError("WRONGPASS server said: hunter2 is wrong")
 
-    monkeypatch.setattr(store, "_run", failing)
+    monkeypatch.setattr(store, "_call", failing)
     with pytest.raises(StoreError, match=r"redis get failed: ReplyError: WRONGPASS server said: \*\*\* is wrong"):
         await store.get("k")
     await store.close()
@@ -479,8 +521,8 @@ async def test_two_instances_share_state_and_notifications(two_instances) -> Non
 async def test_waiter_is_woken_when_pubsub_reconnects(two_instances) -> None:
     a, admin = two_instances
     async with a.subscribe("done:k") as sub:
-        host, port = a._hub._pubsub.connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
-        await admin._client.client_kill(f"{host}:{port}")
+        host, port = a._hub._proto.transport.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
+        await admin._call(None, "CLIENT", "KILL", f"{host}:{port}")
         started = time.monotonic()
         assert await sub.get(5) is None  # re-check the key: a publish may have been lost
         assert time.monotonic() - started < 2
@@ -488,17 +530,21 @@ async def test_waiter_is_woken_when_pubsub_reconnects(two_instances) -> None:
         assert await sub.get(2) == b"again"
 
 
-async def test_waiter_fails_fast_when_pubsub_connection_breaks(two_instances, monkeypatch) -> None:
-    a, admin = two_instances
-    async with a.subscribe("done:k") as sub:
-        pubsub, read = a._hub._pubsub, a._hub._pubsub.get_message  # type: ignore[union-attr]
-
-        async def broken(**kwargs):
-            monkeypatch.setattr(pubsub, "get_message", read)
-            raise RedisConnectionError("Connection reset by peer")
-
-        monkeypatch.setattr(pubsub, "get_message", broken)
-        await admin.publish("done:k", b"wake the reader")  # its next read is the broken one
-        assert await sub.get(2) == b"wake the reader"
-        with pytest.raises(StoreError, match="pub/sub"):
-            await sub.get(3)
+async def test_waiter_fails_fast_when_redis_goes_and_hears_again_when_it_is_back() -> None:
+    redis = PrivateRedis()
+    redis.start()
+    store = RedisStore(redis.url, key_prefix=new_prefix())
+    try:
+        async with store.subscribe("done:k") as sub:
+            redis.stop()
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="pub/sub"):
+                await sub.get(5)
+            assert time.monotonic() - started < 2
+            redis.start()  # the same port
+            assert await sub.get(5) is None  # back: re-check the key
+            await store.publish("done:k", b"after")
+            assert await sub.get(2) == b"after"
+    finally:
+        await store.close()
+        redis.stop()

@@ -1,20 +1,52 @@
 """Shared state for the policies; the backend is chosen by the store URL.
 
-``memory://`` keeps everything in this process; ``redis://``, ``rediss://`` and
-``unix://`` put it in Redis so that any number of gateway instances act as one.
+``memory://`` keeps everything in this process; ``redis://``, ``rediss://``, ``unix://``,
+``redis+sentinel://`` and ``redis+cluster://`` put it in Redis so that any number of gateway
+instances act as one (``gateway.store.url`` reads them all).
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+import ssl
 
-from gateway.store.base import Store, StoreError, Subscription, Take, TakeResult
+from gateway.store.base import Store, StoreError, StoreMisconfigured, Subscription, Take, TakeResult
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
+from gateway.store.url import StoreURLError, parse_store_url
 
-__all__ = ["Store", "StoreError", "Subscription", "Take", "TakeResult", "open_store"]
+__all__ = ["Store", "StoreError", "Subscription", "Take", "TakeResult", "open_store", "check_store_url", "probe_store",
+           "StoreURLError", "StoreMisconfigured"]
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_store_url(url: str) -> None:
+    """Raise ``StoreURLError`` with the reason when the gateway cannot use ``url``: its syntax, its
+    options, and the TLS files it names (read now, so a missing CA is a config error, not a 503 later)."""
+    if url.partition("://")[0].lower() == "memory":
+        if url.lower() not in ("memory://", "memory:///"):
+            raise StoreURLError("memory:// takes no host, path or options")
+        return
+    tls = parse_store_url(url).tls
+    if tls is not None:
+        try:
+            tls.context  # noqa: B018 - reads the CA and client certificate files
+        except (OSError, ssl.SSLError) as e:
+            raise StoreURLError(f"TLS files (ssl_ca_certs / ssl_certfile / ssl_keyfile) cannot be used: {e}") from None
+
+
+async def probe_store(url: str, *, key_prefix: str = "reliapi") -> str | None:
+    """Connect and ping, for ``--check``: None when the store answers, else why not. A ``StoreMisconfigured``
+    (wrong password, untrusted certificate, a cluster URL on a single node …) raises."""
+    store = open_store(url, key_prefix=key_prefix)
+    try:
+        await store.ping()
+    except StoreMisconfigured:
+        raise
+    except StoreError as e:
+        return str(e)
+    finally:
+        await store.close()
+    return None
 
 
 def open_store(url: str, *, key_prefix: str = "reliapi") -> Store:
@@ -24,12 +56,6 @@ def open_store(url: str, *, key_prefix: str = "reliapi") -> Store:
     several deployments or test runs can share one database. A memory store is
     private to its process and needs no namespace.
     """
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
+    if url.partition("://")[0].lower() == "memory":
         return MemoryStore()
-    if scheme in _REDIS_SCHEMES:
-        return RedisStore(url, key_prefix=key_prefix)
-    raise ValueError(
-        f"unsupported store URL scheme {scheme + '://' if scheme else '(none)'}: "
-        "expected memory://, redis://, rediss:// or unix://"
-    )
+    return RedisStore(url, key_prefix=key_prefix)  # StoreURLError (a ValueError) when it cannot be used

@@ -34,6 +34,11 @@ class StoreError(StoreUnavailable):
     """The backend failed or is unreachable. The message never carries credentials."""
 
 
+class StoreMisconfigured(StoreError):
+    """The backend answered, but not as configured: a refused password or ACL user, a TLS certificate
+    not trusted, a cluster URL on a node without cluster support. Waiting will not fix it."""
+
+
 class Take(msgspec.Struct, frozen=True):
     """One GCRA take of ``Store.take_all``: ``quantity`` from the bucket at ``key`` (see ``Store.take``)."""
 
@@ -88,6 +93,24 @@ def gcra_result(allowed: bool, retry_after_s: float, ttl_s: float, interval: flo
         retry_after_s=math.inf if retry_after_s < 0 else retry_after_s,
         reset_after_s=max(0.0, ttl_s),
     )
+
+
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes of ``key``: the text in its first ``{…}`` when that is not empty, else all of it."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
+
+
+def one_slot(keys: list[str]) -> None:
+    """Keys of one atomic operation (``take_all``, ``reserve``) must share a hash tag, so that on a
+    Redis Cluster they live in one slot and one script can hold them. Checked on every backend, so a
+    policy that builds them wrong fails its tests on the memory store too, not first in production."""
+    if len({hash_tag(k) for k in keys}) > 1:
+        raise ValueError(f"keys of one atomic store operation must share a {{hash tag}} (one Cluster slot): {keys}")
 
 
 class Subscription:
@@ -204,7 +227,8 @@ class Store(abc.ABC):
         """Add ``amount`` to every float counter in ``keys`` only if each stays within its
         limit, atomically (a spend reservation across day and month windows). Returns -1 when
         reserved, else the index of the first counter it would overrun (nothing is added).
-        A counter's ``ttl_s`` is set at its first use, as in ``incr``."""
+        A counter's ``ttl_s`` is set at its first use, as in ``incr``. The keys share a hash tag
+        (``one_slot``): ``spend:{tenant:acme}:d:20250101``."""
 
     @abc.abstractmethod
     async def hgetall(self, key: str) -> dict[str, float]:
@@ -243,7 +267,8 @@ class Store(abc.ABC):
         """Several ``take`` s in one atomic step, all or nothing: when every one is allowed each is
         taken; when any is refused none is (nothing is written) — a request counted against its minute
         and its hour window, its tenant and its user, is counted against all of them or none. The
-        results are in the order of ``takes``, each as ``take`` would report it on its own."""
+        results are in the order of ``takes``, each as ``take`` would report it on its own. The keys share a
+        hash tag (``one_slot``): ``rl:{tenant:acme}``, ``rlh:{tenant:acme}``."""
 
     @abc.abstractmethod
     def scan_prefix(self, prefix: str) -> AsyncIterator[str]:

@@ -16,7 +16,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from gateway.store.base import Store, StoreError, Subscription, Take, TakeResult, gcra_params, gcra_result
+from gateway.store.base import (
+    Store,
+    StoreError,
+    Subscription,
+    Take,
+    TakeResult,
+    gcra_params,
+    gcra_result,
+    one_slot,
+)
 
 _SWEEP_BATCH = 64
 
@@ -157,6 +166,7 @@ class MemoryStore(Store):
             await self.hincr(key, field, amount, ttl_s)
 
     async def reserve(self, keys: list[str], amount: float, limits: list[float], ttl_s: list[float]) -> int:
+        one_slot(keys)
         for i, key in enumerate(keys):
             entry = self._typed(key, bytes)
             current = float(entry[0]) if entry is not None else 0.0  # type: ignore[arg-type]
@@ -204,6 +214,7 @@ class MemoryStore(Store):
         return gcra_result(True, 0.0, new_tat - now, interval, burst)
 
     async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
+        one_slot([t.key for t in takes])
         now = self._clock() if now is None else now
         results, writes = [], []
         for take in takes:

@@ -1,164 +1,78 @@
-"""Redis store (``redis://``, ``rediss://``, ``unix://``): state shared by many gateway instances.
+"""Redis store: state shared by many gateway instances, on any Redis topology.
 
-Every compound operation is one Lua script (registered once, sent by SHA), so it is
-atomic across instances; GCRA reads the server clock (``TIME``) so instances with
-skewed clocks still agree. Every redis/socket exception is translated to
-``StoreError`` in ``_wrap_errors`` — policies never see redis types — and messages
-are scrubbed of the URL's password.
+``redis://``, ``rediss://``, ``unix://`` (one node), ``redis+sentinel://`` (Sentinel's primary,
+found again after a failover) and ``redis+cluster://`` (each key on its slot's primary), read by
+``gateway.store.url``. Every command goes over the store's own pipelined RESP client
+(``gateway.store.resp``), routed by ``gateway.store.topology`` / ``gateway.store.cluster``; pub/sub
+(completion notifications for coalescing) over one connection of the same kind (``redis_pubsub``).
 
-Timeouts are short on purpose: a request must not hang on a dead Redis. One connect
-attempt plus one retry gives a quick ``StoreError`` (SPEC §8 "Redis down").
+Every compound operation is one Lua script (registered once, sent by SHA), so it is atomic
+across instances; a script's keys share one ``{hash tag}`` (``base.one_slot``), so on a Cluster it
+runs on one node. GCRA reads the server clock (``TIME``) so instances with skewed clocks still
+agree. Every socket/protocol error is translated to ``StoreError`` in ``_wrap_errors`` — policies
+never see redis types — and messages are scrubbed of the URL's passwords.
 
-Pub/sub (completion notifications for coalescing) lives in ``redis_pubsub.ChannelHub``:
-one connection per store, however many waiters.
+Timeouts are short on purpose: a request must not hang on a dead Redis (SPEC §8 "Redis down").
 """
 
 from __future__ import annotations
 
 import math
 import re
+import ssl
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager, suppress
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from gateway.store.base import Store, StoreError, Subscription, Take, TakeResult, gcra_params, gcra_result
+from gateway.store.base import (
+    Store,
+    StoreError,
+    StoreMisconfigured,
+    Subscription,
+    Take,
+    TakeResult,
+    gcra_params,
+    gcra_result,
+    one_slot,
+)
+from gateway.store.cluster import Cluster, key_slot
 from gateway.store.redis_pubsub import ChannelHub
-from gateway.store.resp import ReplyError, RespClient, Script, Stalled
+from gateway.store.resp import Refused, ReplyError, Script, Stalled
+from gateway.store.scripts import (
+    APPEND as _APPEND,
+)
+from gateway.store.scripts import (
+    CLAIM as _CLAIM,
+)
+from gateway.store.scripts import (
+    COMPARE_AND_DELETE as _COMPARE_AND_DELETE,
+)
+from gateway.store.scripts import (
+    COMPARE_AND_SET as _COMPARE_AND_SET,
+)
+from gateway.store.scripts import (
+    COUNTER as _COUNTER,
+)
+from gateway.store.scripts import (
+    GCRA as _GCRA,
+)
+from gateway.store.scripts import (
+    GCRA_ALL as _GCRA_ALL,
+)
+from gateway.store.scripts import (
+    HINCR_MANY as _HINCR_MANY,
+)
+from gateway.store.scripts import (
+    RESERVE as _RESERVE,
+)
+from gateway.store.topology import Single
+from gateway.store.url import StoreURLError, parse_store_url
 
 _CONNECT_TIMEOUT_S = 1.0
 _SOCKET_TIMEOUT_S = 2.0
-_HEALTH_CHECK_S = 15  # PING an idle pooled/pub-sub connection before trusting it again
 _STALL_PAUSE_S = 1.0  # after a command timed out, others fail at once for this long (``_wrap_errors``)
-
-# ARGV: expected, channel or ''.
-_COMPARE_AND_DELETE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], 'released') end
-return 1
-"""
-
-# ARGV: expected, value, ttl ms or '', channel or ''.
-_COMPARE_AND_SET = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
-else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], 'done') end
-return 1
-"""
-
-# ARGV: ttl ms or '', then field, amount pairs.
-_HINCR_MANY = """
-for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[1] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 1
-"""
-
-# KEYS: counters; ARGV: amount, then limit and ttl ms per key. -1 when reserved, else the
-# 0-based index of the first counter the amount would overrun.
-_RESERVE = """
-local amount = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if current + amount > tonumber(ARGV[2 * i]) + 1e-12 then return i - 1 end
-end
-for i = 1, #KEYS do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
-  if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[2 * i + 1]) end
-end
-return -1
-"""
-
-# ARGV: value, ttl ms. Nil when claimed, else the value that holds the key.
-_CLAIM = """
-if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return false end
-return redis.call('GET', KEYS[1])
-"""
-
-# ARGV: command (INCRBY | INCRBYFLOAT | HINCRBYFLOAT), ttl ms or '', command arguments.
-# The TTL goes on when the key has none yet, i.e. at the first increment of a window.
-_COUNTER = """
-local v = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3))
-if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return v
-"""
-
-# ARGV: ttl ms, channel or '', items. One round trip: push, expire, announce the new length.
-_APPEND = """
-local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], n) end
-return n
-"""
-
-# GCRA as in redis-cell. ARGV: delay tolerance, increment (seconds), now or '' for TIME.
-# Returns {allowed, retry_after (-1 = never), ttl}; floats as %.17g strings because a
-# Lua number returned to Redis is truncated to an integer.
-_GCRA = """
-local tolerance, increment = tonumber(ARGV[1]), tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local tat = math.max(tonumber(redis.call('GET', KEYS[1])) or now, now)
-local new_tat = tat + increment
-local allow_at = new_tat - tolerance
-local function f(x) return string.format('%.17g', x) end
-if now < allow_at then
-  local retry = -1
-  if increment <= tolerance then retry = allow_at - now end
-  return {0, f(retry), f(tat - now)}
-end
-if increment > 0 then
-  redis.call('SET', KEYS[1], f(new_tat), 'PX', math.ceil((new_tat - now) * 1000))
-end
-return {1, '0', f(new_tat - now)}
-"""
-
-# Several GCRA takes, all or nothing (``Store.take_all``). ARGV: now or '', then per key its delay
-# tolerance and increment. Returns {allowed, retry_after, ttl} per key, flattened.
-_GCRA_ALL = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function f(x) return string.format('%.17g', x) end
-local out, writes, refused = {}, {}, false
-for i, key in ipairs(KEYS) do
-  local tolerance, increment = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
-  local new_tat = tat + increment
-  local allow_at = new_tat - tolerance
-  if now < allow_at then
-    local retry = -1
-    if increment <= tolerance then retry = allow_at - now end
-    refused = true
-    table.insert(out, 0); table.insert(out, f(retry)); table.insert(out, f(tat - now))
-  else
-    table.insert(out, 1); table.insert(out, '0'); table.insert(out, f(new_tat - now))
-    if increment > 0 then table.insert(writes, {key, new_tat}) end
-  end
-end
-if not refused then
-  for _, w in ipairs(writes) do
-    redis.call('SET', w[1], f(w[2]), 'PX', math.ceil((w[2] - now) * 1000))
-  end
-end
-return out
-"""
-
 
 def _ms(ttl_s: float) -> int:
     return max(1, math.ceil(ttl_s * 1000))
@@ -168,52 +82,41 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
 
-def _url_secrets(url: str) -> tuple[str, list[str]]:
-    """The URL with passwords (userinfo and ``?password=``) masked, and the secrets themselves."""
-    parts = urlsplit(url)
-    secrets = [p for p in (parts.password, *(v for k, v in parse_qsl(parts.query) if k == "password")) if p]
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="*")
-    shown = parts._replace(netloc=netloc, query=query).geturl()
-    return shown, [s for secret in secrets for s in {secret, unquote(secret)}]
-
-
 class RedisStore(Store):
-    """``Store`` on Redis: every command and script over the pipelined RESP client
-    (``gateway.store.resp``), pub/sub over a redis.asyncio client (``ChannelHub``, one
-    connection for every waiter); both read the URL the same way. Keys and channels are
-    namespaced ``key_prefix:``; construction does not connect — ``ping()`` does."""
+    """``Store`` on Redis, whatever its topology. Keys and channels are namespaced ``key_prefix:``;
+    construction does not connect — ``ping()`` does. A URL it cannot use raises ``StoreURLError``."""
 
     backend = "redis"
 
     def __init__(self, url: str, *, key_prefix: str) -> None:
-        self._display, self._secrets = _url_secrets(url)
+        parsed = parse_store_url(url)
+        if parsed.tls is not None:
+            try:
+                parsed.tls.context  # noqa: B018 - the CA and client certificate files, read once here
+            except (OSError, ssl.SSLError) as e:
+                raise StoreURLError(f"TLS files (ssl_ca_certs / ssl_certfile / ssl_keyfile) cannot be used: {e}") from None
+        self.topology = parsed.topology
+        self._display, self._secrets = parsed.display, parsed.secrets
         self._prefix = key_prefix + ":"
         self._stalled_until = 0.0
-        self._client = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=_CONNECT_TIMEOUT_S,
-            socket_timeout=_SOCKET_TIMEOUT_S,
-            health_check_interval=_HEALTH_CHECK_S,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1),
-        )
-        # commands go over one pipelined connection of our own (gateway.store.resp); redis-py
-        # carries only the pub/sub connection
-        self._resp = RespClient(url, connect_timeout_s=_CONNECT_TIMEOUT_S, timeout_s=_SOCKET_TIMEOUT_S)
-        self._run = self._resp.execute
-        self._cad = Script(self._resp, _COMPARE_AND_DELETE)
-        self._cas = Script(self._resp, _COMPARE_AND_SET)
-        self._counter = Script(self._resp, _COUNTER)
-        self._gcra = Script(self._resp, _GCRA)
-        self._gcra_all = Script(self._resp, _GCRA_ALL)
-        self._append = Script(self._resp, _APPEND)
-        self._claim = Script(self._resp, _CLAIM)
-        self._hincr_many = Script(self._resp, _HINCR_MANY)
-        self._reserve = Script(self._resp, _RESERVE)
-        self._hub = ChannelHub(self._client, anchor=self._prefix + "__store_anchor__", error=self._error)
+        router_of = Cluster if parsed.topology == "cluster" else Single
+        self._router = router_of(parsed, connect_timeout_s=_CONNECT_TIMEOUT_S, timeout_s=_SOCKET_TIMEOUT_S)
+        self._call = self._router.call
+        run = self._run_script
+        self._cad = Script(run, _COMPARE_AND_DELETE)
+        self._cas = Script(run, _COMPARE_AND_SET)
+        self._counter = Script(run, _COUNTER)
+        self._gcra = Script(run, _GCRA)
+        self._gcra_all = Script(run, _GCRA_ALL)
+        self._append = Script(run, _APPEND)
+        self._claim = Script(run, _CLAIM)
+        self._hincr_many = Script(run, _HINCR_MANY)
+        self._reserve = Script(run, _RESERVE)
+        self._hub = ChannelHub(self._router.pubsub_endpoint, anchor=self._prefix + "__store_anchor__",
+                               connect_timeout_s=_CONNECT_TIMEOUT_S, error=self._error)
+
+    def _run_script(self, command: str, sha_or_text: str, nkeys: int, *rest: Any) -> Any:
+        return self._call(rest[0] if nkeys else None, command, sha_or_text, nkeys, *rest)
 
     @property
     def url_for_display(self) -> str:
@@ -223,10 +126,16 @@ class RedisStore(Store):
         return self._prefix + key
 
     def _error(self, op: str, exc: BaseException) -> StoreError:
-        text = f"redis {op} failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            text = (f"redis {op} failed: TLS: the server's certificate was not accepted ({exc.verify_message}); "
+                    "check ssl_ca_certs (and the host name it was issued for)")
+        else:
+            text = f"redis {op} failed: {type(exc).__name__}: {exc}"
         for secret in self._secrets:
             text = text.replace(secret, "***")
-        return StoreError(text)
+        wrong = isinstance(exc, (Refused, ssl.SSLError)) or (isinstance(exc, ReplyError) and str(exc).startswith(
+            ("WRONGPASS", "NOAUTH", "NOPERM")))
+        return (StoreMisconfigured if wrong else StoreError)(text)
 
     @contextmanager
     def _wrap_errors(self, op: str) -> Iterator[None]:
@@ -236,8 +145,8 @@ class RedisStore(Store):
             raise StoreError(f"redis {op} skipped: the store did not answer within {_SOCKET_TIMEOUT_S:g} s just now")
         try:
             yield
-        except (RedisError, ReplyError, OSError) as exc:  # OSError: socket errors, ConnectionError, TimeoutError
-            if isinstance(exc, (Stalled, TimeoutError, RedisTimeoutError)):
+        except (ReplyError, OSError) as exc:  # OSError: socket errors, ConnectionError, TimeoutError
+            if isinstance(exc, (Stalled, TimeoutError)):
                 self._stalled_until = time.monotonic() + _STALL_PAUSE_S
             raise self._error(op, exc) from exc
         self._stalled_until = 0.0
@@ -246,18 +155,18 @@ class RedisStore(Store):
 
     async def get(self, key: str) -> bytes | None:
         with self._wrap_errors("get"):
-            return await self._run("GET", self._k(key))
+            return await self._call(self._k(key), "GET", self._k(key))
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         with self._wrap_errors("set"):
             if ttl_s is None:
-                await self._run("SET", self._k(key), value)
+                await self._call(self._k(key), "SET", self._k(key), value)
             else:
-                await self._run("SET", self._k(key), value, "PX", _ms(ttl_s))
+                await self._call(self._k(key), "SET", self._k(key), value, "PX", _ms(ttl_s))
 
     async def set_nx(self, key: str, value: bytes, ttl_s: float) -> bool:
         with self._wrap_errors("set_nx"):
-            return await self._run("SET", self._k(key), value, "PX", _ms(ttl_s), "NX") is not None
+            return await self._call(self._k(key), "SET", self._k(key), value, "PX", _ms(ttl_s), "NX") is not None
 
     async def claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
         with self._wrap_errors("claim"):
@@ -265,7 +174,7 @@ class RedisStore(Store):
 
     async def delete(self, key: str) -> None:
         with self._wrap_errors("delete"):
-            await self._run("DEL", self._k(key))
+            await self._call(self._k(key), "DEL", self._k(key))
 
     async def compare_and_delete(self, key: str, expected: bytes, *, notify: str | None = None) -> bool:
         channel = "" if notify is None else self._k(notify)
@@ -307,12 +216,13 @@ class RedisStore(Store):
         args: list[float | int] = [amount]
         for limit, ttl in zip(limits, ttl_s, strict=True):
             args += [limit, _ms(ttl)]
+        one_slot(keys)
         with self._wrap_errors("reserve"):
             return int(await self._reserve(keys=[self._k(k) for k in keys], args=args))
 
     async def hgetall(self, key: str) -> dict[str, float]:
         with self._wrap_errors("hgetall"):
-            raw = await self._run("HGETALL", self._k(key))
+            raw = await self._call(self._k(key), "HGETALL", self._k(key))
         return {raw[i].decode(): float(raw[i + 1]) for i in range(0, len(raw), 2)}
 
     # -- lists ---------------------------------------------------------------------
@@ -324,7 +234,7 @@ class RedisStore(Store):
 
     async def range(self, key: str, start: int = 0) -> list[bytes]:
         with self._wrap_errors("range"):
-            return await self._run("LRANGE", self._k(key), start, -1)
+            return await self._call(self._k(key), "LRANGE", self._k(key), start, -1)
 
     async def take(
         self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None
@@ -341,6 +251,7 @@ class RedisStore(Store):
         args: list[Any] = ["" if now is None else now]
         for _, tolerance, increment in params:
             args += (tolerance, increment)
+        one_slot([t.key for t in takes])
         with self._wrap_errors("take"):
             raw = await self._gcra_all(keys=[self._k(t.key) for t in takes], args=args)
         return [gcra_result(bool(raw[3 * i]), float(raw[3 * i + 1]), float(raw[3 * i + 2]), interval, take.burst)
@@ -349,14 +260,18 @@ class RedisStore(Store):
     # -- prefixes --------------------------------------------------------------
 
     async def _scan_pages(self, prefix: str) -> AsyncIterator[list[bytes]]:
-        pattern, cursor = _glob_escape(self._k(prefix)) + "*", 0
-        while True:
-            with self._wrap_errors("scan"):
-                raw_cursor, keys = await self._run("SCAN", cursor, "MATCH", pattern, "COUNT", 500)
-            cursor = int(raw_cursor)
-            yield keys
-            if cursor == 0:
-                return
+        pattern = _glob_escape(self._k(prefix)) + "*"
+        with self._wrap_errors("scan"):
+            nodes = await self._router.primaries()
+        for node in nodes:  # every primary of a Cluster holds its own part of the keys
+            cursor = 0
+            while True:
+                with self._wrap_errors("scan"):
+                    raw_cursor, keys = await node.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 500)
+                cursor = int(raw_cursor)
+                yield keys
+                if cursor == 0:
+                    break
 
     async def scan_prefix(self, prefix: str) -> AsyncIterator[str]:
         async for page in self._scan_pages(prefix):
@@ -366,16 +281,19 @@ class RedisStore(Store):
     async def delete_prefix(self, prefix: str) -> int:
         deleted = 0
         async for page in self._scan_pages(prefix):
-            if page:
+            by_slot: dict[int, list[bytes]] = defaultdict(list)  # one UNLINK per slot: a Cluster refuses more
+            for key in page:
+                by_slot[key_slot(key) if self.topology == "cluster" else 0].append(key)
+            for keys in by_slot.values():
                 with self._wrap_errors("delete_prefix"):
-                    deleted += await self._run("UNLINK", *page)
+                    deleted += await self._call(keys[0].decode(), "UNLINK", *keys)
         return deleted
 
     # -- notification ----------------------------------------------------------
 
     async def publish(self, channel: str, message: bytes) -> None:
         with self._wrap_errors("publish"):
-            await self._run("PUBLISH", self._k(channel), message)
+            await self._call(channel, "PUBLISH", self._k(channel), message)
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
         return self._hub.subscribe(self._k(channel))
@@ -383,11 +301,11 @@ class RedisStore(Store):
     # -- lifecycle -------------------------------------------------------------
 
     async def ping(self) -> None:
+        """Every primary answers PING (a Cluster's all of them: a slot range without one is down)."""
         with self._wrap_errors("ping"):
-            await self._run("PING")
+            for node in await self._router.primaries():
+                await node.execute("PING")
 
     async def close(self) -> None:
         await self._hub.close()
-        await self._resp.close()
-        with suppress(RedisError, OSError):
-            await self._client.aclose()
+        await self._router.close()

@@ -2,31 +2,36 @@
 
 Request coalescing parks every duplicate request on a channel until the first one
 finishes. A connection per waiter would exhaust Redis under a burst of duplicates,
-so a ``ChannelHub`` holds ONE pub/sub connection, subscribes each channel on the
-server once however many local waiters share it, and a single reader task fans
-messages out to their ``Subscription`` queues.
+so a ``ChannelHub`` holds ONE pub/sub connection (the store's own RESP code, the same
+URL reading as its commands), subscribes each channel on the server once however many
+local waiters share it, and fans the messages out to their ``Subscription`` queues as
+they are read.
 
 ``subscribe`` returns only after the server confirmed the SUBSCRIBE — only then is a
 publish made after it returns guaranteed to arrive — so "subscribe, check the key,
 wait" cannot miss a completion that lands between the check and the wait.
+
+When the connection breaks the hub reconnects at once (to wherever the store's router says:
+Sentinel's new primary, another Cluster node) and subscribes every channel again, and every
+waiter gets ``None`` ("re-check the key: a message may have been lost"); when Redis cannot
+be reached, every waiter gets the ``StoreError`` at once and the hub keeps trying. On a Cluster, plain PUBLISH reaches the subscribers
+of every node, so one connection to any node hears every channel (docs/OPERATIONS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-
-import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from typing import Any
 
 from gateway.store.base import StoreError, Subscription
+from gateway.store.resp import Endpoint, ReplyError, _Incomplete, encode, handshake, parse
 
 _CONFIRM_TIMEOUT_S = 2.0  # a SUBSCRIBE unconfirmed by then means the connection is stuck
-_POLL_S = 1.0  # the reader wakes this often so redis-py can run its connection health check
-_REPAIR_PAUSE_S = 0.5  # between reconnect attempts of a broken pub/sub connection
+_REPAIR_PAUSE_S = 0.25  # between reconnect attempts of a broken pub/sub connection
+_PING_EVERY_S = 15.0  # an idle connection is probed this often: a peer gone silently is noticed
 
 
 class _Channel:
@@ -42,24 +47,76 @@ class _Channel:
         return self.ready.done() and self.ready.result() is not None
 
 
+class _PubSubProtocol(asyncio.Protocol):
+    """Reads replies and pushes; before subscribe mode (AUTH, SELECT) replies go to ``waiting``."""
+
+    def __init__(self, hub: ChannelHub) -> None:
+        self.hub = hub
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf.extend(data)
+        pos = 0
+        try:
+            while pos < len(self.buf):
+                value, pos = parse(self.buf, pos)
+                if self.waiting:
+                    fut = self.waiting.popleft()
+                    if not fut.done():
+                        (fut.set_exception if isinstance(value, ReplyError) else fut.set_result)(value)
+                elif isinstance(value, list) and len(value) >= 2:
+                    self.hub._push(self, value)
+        except _Incomplete:
+            pass
+        except (ConnectionError, ValueError) as e:
+            self.close(ConnectionError(f"Redis protocol error: {e}"))
+            return
+        del self.buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(ConnectionError(f"pub/sub connection to Redis lost: {exc or 'closed by the server'}"))
+
+    def close(self, error: Exception) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+        self.hub._lost(self, error)
+
+    def send(self, *args: Any) -> None:
+        assert self.transport is not None
+        self.transport.write(encode(args))
+
+
 class ChannelHub:
     """Multiplexes a store's channels over one lazily opened pub/sub connection.
 
-    ``anchor`` is a channel subscribed for the hub's whole life: it keeps redis-py
-    from health-checking (PING, then read the reply) inside later subscribe calls,
-    which would race the reader task for replies; and its re-confirmation tells the
-    reader that redis-py reconnected, so messages may have been lost.
+    ``anchor`` is a channel subscribed for the connection's whole life, so the connection is in
+    subscribe mode from the start and its confirmation says the connection works.
     """
 
     def __init__(
-        self, client: aioredis.Redis, *, anchor: str, error: Callable[[str, BaseException], StoreError]
+        self, locate: Callable[[], Awaitable[Endpoint]], *, anchor: str, connect_timeout_s: float,
+        error: Callable[[str, BaseException], StoreError],
     ) -> None:
-        self._client, self._anchor, self._error = client, anchor, error
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._reader_lock = asyncio.Lock()
+        self._locate, self._anchor, self._error = locate, anchor, error
+        self._connect_timeout_s = connect_timeout_s
+        self._proto: _PubSubProtocol | None = None
+        self._connecting: asyncio.Future[_PubSubProtocol] | None = None
+        self._repair: asyncio.Task[None] | None = None
+        self._pinger: asyncio.TimerHandle | None = None
         self._closing = False
-        self._anchor_confirmations = 0
         self._channels: dict[str, _Channel] = {}
         # Futures awaiting the server's SUBSCRIBE confirmation, in send order per channel.
         self._pending: dict[str, deque[asyncio.Future[StoreError | None]]] = {}
@@ -70,7 +127,11 @@ class ChannelHub:
         entry = self._channels.get(name)
         fresh = entry is None or entry.failed
         if fresh:
+            old = entry
             entry = self._channels[name] = _Channel(asyncio.get_running_loop().create_future())
+            if old is not None:
+                entry.subs = old.subs  # their waiters keep hearing the channel
+        assert entry is not None
         entry.subs.add(sub)
         try:
             if fresh:
@@ -86,101 +147,150 @@ class ChannelHub:
             entry.subs.discard(sub)
             if not entry.subs and self._channels.get(name) is entry:
                 del self._channels[name]
-                await self._unsubscribe(name)
+                proto = self._proto
+                if proto is not None and not proto.lost:
+                    proto.send("UNSUBSCRIBE", name)  # a lost one only leaves messages the hub drops
 
     async def close(self) -> None:
         self._closing = True
-        if self._reader is not None:
-            await stop(self._reader)
-            self._reader = None
-        if self._pubsub is not None:
-            with suppress(RedisError, OSError):
-                await self._pubsub.aclose()
-            self._pubsub = None
+        if self._repair is not None:
+            self._repair.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._repair
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._pinger is not None:
+            self._pinger.cancel()
+        if self._proto is not None:
+            self._proto.close(ConnectionError("closed"))
+            self._proto = None
 
     async def _send_subscribe(self, name: str, ready: asyncio.Future[StoreError | None]) -> None:
         try:
-            pubsub = await self._ensure_reader()
+            proto = await self._connection()
         except StoreError as exc:
             ready.set_result(exc)
             return
-        pending = self._pending.setdefault(name, deque())
-        pending.append(ready)  # before sending: the reader may see the confirmation first
+        self._pending.setdefault(name, deque()).append(ready)  # before sending: confirmations come in order
+        proto.send("SUBSCRIBE", name)
+
+    async def _connection(self) -> _PubSubProtocol:
+        if self._proto is not None and not self._proto.lost:
+            return self._proto
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
         try:
-            await pubsub.subscribe(name)
-        except (RedisError, OSError) as exc:
-            with suppress(ValueError):
-                pending.remove(ready)
-            if not ready.done():
-                ready.set_result(self._error("subscribe", exc))
+            return await asyncio.shield(connecting)
+        except (OSError, ReplyError) as exc:
+            raise self._error("subscribe", exc) from None
+        finally:
+            if self._connecting is connecting and connecting.done():
+                self._connecting = None
 
-    async def _unsubscribe(self, name: str) -> None:
-        if self._pubsub is None:
-            return
-        # A failed UNSUBSCRIBE only leaves a server-side subscription whose messages the
-        # reader drops; an outage itself is reported to waiters by the reader.
-        with suppress(RedisError, OSError):
-            await self._pubsub.unsubscribe(name)
+    async def _connect(self) -> _PubSubProtocol:
+        loop = asyncio.get_running_loop()
+        proto: _PubSubProtocol | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                ep = await self._locate()
+                if ep.path is not None:
+                    _, proto = await loop.create_unix_connection(lambda: _PubSubProtocol(self), ep.path)
+                else:
+                    _, proto = await loop.create_connection(lambda: _PubSubProtocol(self), ep.host, ep.port,
+                                                            ssl=ep.ssl)
+                await handshake(proto, ep, _request)
+                ready = loop.create_future()
+                self._pending.setdefault(self._anchor, deque()).appendleft(ready)
+                # the anchor last: its confirmation comes after every channel's
+                proto.send("SUBSCRIBE", *(c for c in self._channels if c != self._anchor), self._anchor)
+                await ready
+        except BaseException:
+            if proto is not None:
+                proto.close(ConnectionError("connect failed"))
+            raise
+        self._proto = proto
+        self._schedule_ping(proto)
+        return proto
 
-    async def _ensure_reader(self) -> PubSub:
-        async with self._reader_lock:
-            if self._pubsub is None:
-                pubsub = self._client.pubsub()
-                try:
-                    await pubsub.subscribe(self._anchor)
-                except (RedisError, OSError) as exc:
-                    await pubsub.aclose()
-                    raise self._error("subscribe", exc) from exc
-                self._pubsub = pubsub
-                self._reader = asyncio.create_task(self._read_loop(pubsub), name="reliapi-store-pubsub")
-            return self._pubsub
+    def _schedule_ping(self, proto: _PubSubProtocol) -> None:
+        def ping() -> None:
+            if proto.lost or self._closing:
+                return
+            proto.send("PING")
+            self._pinger = asyncio.get_running_loop().call_later(_PING_EVERY_S, ping)
 
-    async def _read_loop(self, pubsub: PubSub) -> None:
-        while not self._closing:  # (also checked: a cancellation a client library swallows must not keep it alive)
-            try:
-                message = await pubsub.get_message(timeout=_POLL_S)
-            except (RedisError, OSError) as exc:
-                self._interrupt(self._error("pub/sub", exc))
-                await asyncio.sleep(_REPAIR_PAUSE_S)  # redis-py reconnects and resubscribes on the next read
-                continue
-            if message is not None:
-                self._dispatch(message)
+        self._pinger = asyncio.get_running_loop().call_later(_PING_EVERY_S, ping)
 
-    def _dispatch(self, message: dict) -> None:
-        name = message["channel"].decode()
-        if message["type"] == "message":
+    def _push(self, proto: _PubSubProtocol, value: list[Any]) -> None:
+        kind = value[0]
+        name = value[1].decode() if isinstance(value[1], bytes) else ""
+        if kind == b"message":
             entry = self._channels.get(name)
             for sub in entry.subs if entry else ():
-                sub.deliver(message["data"])
-        elif message["type"] == "subscribe" and name == self._anchor:
-            self._anchor_confirmations += 1
-            if self._anchor_confirmations > 1:
-                self._interrupt(None)
-        elif message["type"] == "subscribe" and (pending := self._pending.get(name)):
+                sub.deliver(value[2])
+        elif kind == b"subscribe" and (pending := self._pending.get(name)):
             ready = pending.popleft()
             if not pending:
                 del self._pending[name]
             if not ready.done():
                 ready.set_result(None)
 
-    def _interrupt(self, error: StoreError | None) -> None:
-        """Messages may have been lost: wake every waiter now instead of at its timeout —
-        with the error while Redis is unreachable, with None (re-check the key) once
-        redis-py has reconnected and resubscribed every channel in one command."""
-        if error is not None:
-            for pending in self._pending.values():
-                for ready in pending:
-                    if not ready.done():
-                        ready.set_result(error)
-            self._pending.clear()
+    def _lost(self, proto: _PubSubProtocol, error: Exception) -> None:
+        if self._proto is not proto and self._proto is not None:
+            return
+        self._proto = None
+        if self._pinger is not None:
+            self._pinger.cancel()
+        self._pending.clear()  # the channels are subscribed again as the connection is repaired
+        failure = self._error("pub/sub", error)
+        if self._closing or not self._channels:
+            self._fail_waiters(failure)
+        elif self._repair is None or self._repair.done():
+            self._repair = asyncio.get_running_loop().create_task(self._repair_loop(failure),
+                                                                  name="reliapi-store-pubsub")
+
+    def _fail_waiters(self, failure: StoreError) -> None:
         for entry in self._channels.values():
+            if not entry.ready.done():
+                entry.ready.set_result(failure)
             for sub in entry.subs:
-                sub.deliver(None if error is None else StoreError(error.message))
+                sub.deliver(StoreError(failure.message))
+
+    async def _repair_loop(self, failure: StoreError) -> None:
+        """Reconnect at once (a killed connection is back before anyone notices); when that fails, every
+        waiter gets the error now and the hub keeps trying while anyone waits. Once it is back, every
+        waiter re-checks its key (``None``): a message may have been lost meanwhile."""
+        reported = False
+        while not self._closing and self._channels:
+            try:
+                await self._connection()
+            except StoreError:
+                if not reported:
+                    self._fail_waiters(failure)
+                    reported = True
+                await asyncio.sleep(_REPAIR_PAUSE_S)
+                continue
+            for entry in self._channels.values():  # every channel was subscribed with the connection
+                if entry.failed:
+                    entry.ready = asyncio.get_running_loop().create_future()
+                if not entry.ready.done():
+                    entry.ready.set_result(None)
+                for sub in entry.subs:
+                    sub.deliver(None)
+            return
+
+
+async def _request(proto: _PubSubProtocol, args: tuple[Any, ...]) -> Any:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    proto.waiting.append(fut)
+    proto.send(*args)
+    return await fut
 
 
 async def stop(task: asyncio.Task[None], grace_s: float = 2.0) -> None:
     """Cancel ``task`` and wait for it — but not forever: a library that turns a cancellation into a
-    timeout it retries (seen with redis-py's reads) must not hang a shutdown."""
+    timeout it retries must not hang a shutdown."""
     task.cancel()
     done, _ = await asyncio.wait({task}, timeout=grace_s)
     if not done:

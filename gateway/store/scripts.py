@@ -1,0 +1,126 @@
+"""The store's Lua scripts (``gateway.store.redis``): each compound operation, atomic in one round trip.
+
+Each script touches only ``KEYS`` that share one hash slot (``base.one_slot``), so it runs on a Redis
+Cluster as on one node; a ``PUBLISH`` inside one names a channel, not a key.
+"""
+
+# ARGV: expected, channel or ''.
+COMPARE_AND_DELETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], 'released') end
+return 1
+"""
+
+# ARGV: expected, value, ttl ms or '', channel or ''.
+COMPARE_AND_SET = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[2])
+else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], 'done') end
+return 1
+"""
+
+# ARGV: ttl ms or '', then field, amount pairs.
+HINCR_MANY = """
+for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[1] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# KEYS: counters; ARGV: amount, then limit and ttl ms per key. -1 when reserved, else the
+# 0-based index of the first counter the amount would overrun.
+RESERVE = """
+local amount = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if current + amount > tonumber(ARGV[2 * i]) + 1e-12 then return i - 1 end
+end
+for i = 1, #KEYS do
+  redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
+  if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[2 * i + 1]) end
+end
+return -1
+"""
+
+# ARGV: value, ttl ms. Nil when claimed, else the value that holds the key.
+CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then return false end
+return redis.call('GET', KEYS[1])
+"""
+
+# ARGV: command (INCRBY | INCRBYFLOAT | HINCRBYFLOAT), ttl ms or '', command arguments.
+# The TTL goes on when the key has none yet, i.e. at the first increment of a window.
+COUNTER = """
+local v = redis.call(ARGV[1], KEYS[1], unpack(ARGV, 3))
+if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return v
+"""
+
+# ARGV: ttl ms, channel or '', items. One round trip: push, expire, announce the new length.
+APPEND = """
+local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], n) end
+return n
+"""
+
+# GCRA as in redis-cell. ARGV: delay tolerance, increment (seconds), now or '' for TIME.
+# Returns {allowed, retry_after (-1 = never), ttl}; floats as %.17g strings because a
+# Lua number returned to Redis is truncated to an integer.
+GCRA = """
+local tolerance, increment = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local tat = math.max(tonumber(redis.call('GET', KEYS[1])) or now, now)
+local new_tat = tat + increment
+local allow_at = new_tat - tolerance
+local function f(x) return string.format('%.17g', x) end
+if now < allow_at then
+  local retry = -1
+  if increment <= tolerance then retry = allow_at - now end
+  return {0, f(retry), f(tat - now)}
+end
+if increment > 0 then
+  redis.call('SET', KEYS[1], f(new_tat), 'PX', math.ceil((new_tat - now) * 1000))
+end
+return {1, '0', f(new_tat - now)}
+"""
+
+# Several GCRA takes, all or nothing (``Store.take_all``). ARGV: now or '', then per key its delay
+# tolerance and increment. Returns {allowed, retry_after, ttl} per key, flattened.
+GCRA_ALL = """
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function f(x) return string.format('%.17g', x) end
+local out, writes, refused = {}, {}, false
+for i, key in ipairs(KEYS) do
+  local tolerance, increment = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
+  local new_tat = tat + increment
+  local allow_at = new_tat - tolerance
+  if now < allow_at then
+    local retry = -1
+    if increment <= tolerance then retry = allow_at - now end
+    refused = true
+    table.insert(out, 0); table.insert(out, f(retry)); table.insert(out, f(tat - now))
+  else
+    table.insert(out, 1); table.insert(out, '0'); table.insert(out, f(new_tat - now))
+    if increment > 0 then table.insert(writes, {key, new_tat}) end
+  end
+end
+if not refused then
+  for _, w in ipairs(writes) do
+    redis.call('SET', w[1], f(w[2]), 'PX', math.ceil((w[2] - now) * 1000))
+  end
+end
+return out
+"""
