@@ -22,7 +22,7 @@ from gateway.edge import admin, cors, docs, openapi, operator, probes, reports
 from gateway.edge.ids import named
 from gateway.edge.serve import serve
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME, Reloader
-from gateway.observe import metrics
+from gateway.observe import metrics, otel
 from gateway.observe import page as status_page
 from gateway.observe.counters import Observatory
 from gateway.observe.events import Events
@@ -56,8 +56,11 @@ def create_app(
     events = Events()
     observatory = Observatory(clock.time if clock is not None else time.time)
     events.subscribe(observatory.on_event)
+    spans = otel.open_export(config.tracing, env)  # None unless spans are exported (OTEL_EXPORTER_OTLP_*)
+    if spans is not None:
+        events.subscribe(spans.on_event)  # retries, circuit changes, fallbacks …: events on the request's span
     runtime = Runtime(config, env=env, access_log_write=access_log_write, store=store, clock=clock,
-                      events=events, observatory=observatory)
+                      events=events, observatory=observatory, spans=spans)
     app = web.Application(client_max_size=runtime.max_body, handler_args=handler_args(config.server))
     app[RUNTIME] = RuntimeSlot(runtime)
     app[OBSERVATORY] = observatory
@@ -92,3 +95,6 @@ async def _runtime_lifetime(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
         await app[RUNTIME].close()
+        spans = app[RUNTIME].current.spans
+        if spans is not None:  # what is queued goes out, within a bound (off the event loop)
+            await asyncio.to_thread(spans.close)

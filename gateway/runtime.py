@@ -26,6 +26,8 @@ from gateway.flow.tenants import Tenants
 from gateway.observe.counters import Observatory
 from gateway.observe.events import Events
 from gateway.observe.logs import AccessLog
+from gateway.observe.otel import SpanExport
+from gateway.observe.trace import Tracing
 from gateway.scrub import Scrubber
 from gateway.state.shared import SharedState
 from gateway.store import Store, StoreError, open_store
@@ -49,6 +51,7 @@ class Runtime:
         clock: Clock | None = None,
         events: Events | None = None,
         observatory: Observatory | None = None,
+        spans: SpanExport | None = None,
     ) -> None:
         self.config = config
         self.env = env
@@ -58,6 +61,9 @@ class Runtime:
             observatory = Observatory()
             self.events.subscribe(observatory.on_event)
         self.observatory = observatory
+        self.spans = spans  # where recorded traces go (gateway.observe.otel; None: spans are not recorded)
+        self.tracing = Tracing(config.tracing.sample_ratio, response_header=config.tracing.response_header,
+                               recording=spans is not None)
         pools = config.provider_key_pools  # by target name, else by provider (the seed's form)
         self.targets = {
             name: Target(name, t, env, pools.get(name) or pools.get(t.provider or "http"))
@@ -156,7 +162,7 @@ class RuntimeSlot:
         same_store = config.store == old.config.store
         new = Runtime(
             config, env=old.env, store=old.store if same_store else None, access_log=old.access_log,
-            clock=old.clock, events=old.events, observatory=old.observatory,
+            clock=old.clock, events=old.events, observatory=old.observatory, spans=old.spans,
         )
         await new.start()
         self.current = new

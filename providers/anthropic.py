@@ -45,6 +45,7 @@ API_VERSION = "2023-06-01"  # ``anthropic-version`` for requests the gateway wri
 
 class AnthropicProvider(LLMProvider):
     name = "anthropic"
+    otel_name = "anthropic"
     key_header = "x-api-key"
     key_prefix = ""
     prices = PRICES
@@ -101,6 +102,7 @@ def read_usage(body: bytes) -> Usage | None:
 
 class _Message(msgspec.Struct):
     id: str | None = None
+    model: str | None = None
     usage: _Usage | None = None
 
 
@@ -176,6 +178,8 @@ class MessagesStream(StreamReader):
         elif kind == "content_block_stop":
             self.open_block = None
         elif kind == "message_start":
+            if ev.message is not None:
+                self.model = ev.message.model
             usage = ev.message.usage if ev.message else None
             if usage is not None:
                 self.prompt_tokens = usage.prompt
@@ -183,6 +187,7 @@ class MessagesStream(StreamReader):
                 self.cached_tokens, self.written_tokens, self.written_long_tokens = usage.cache()
         elif kind == "message_delta":
             if ev.delta is not None and ev.delta.stop_reason is not None:
+                self.finish_reasons.append(ev.delta.stop_reason)
                 self.finished = True
             if ev.usage is not None:
                 self.usage_seen = True

@@ -55,6 +55,7 @@ class Provider:
     key_header: str = "Authorization"
     key_prefix: str = "Bearer "
     prices: Mapping[str, tuple[float, float]] = {}  # model (or family prefix): (input, output) USD per 1M tokens
+    otel_name: str | None = None  # its gen_ai.provider.name (OpenTelemetry GenAI conventions; gateway.observe.spans)
 
     def classify(self, status: int, headers: Headers, body: bytes, now: float) -> Failure | None:
         """What an answer with this status means for retry, circuit and fallback (None: success)."""
@@ -139,6 +140,8 @@ class StreamReader:
         # bytes of generated content relayed (text, tool arguments, refusals, thinking): a token is at least
         # one of them, so a stream cut before its usage report is charged this many output tokens at most
         self.generated = 0
+        self.model: str | None = None  # the model that answered, when the stream says
+        self.finish_reasons: list[str] = []  # as the stream reported them (for traces)
 
     @property
     def settled(self) -> bool:

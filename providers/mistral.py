@@ -22,6 +22,7 @@ CONTEXT: dict[str, int] = {
 
 class MistralProvider(OpenAIProvider):
     name = "mistral"
+    otel_name = "mistral_ai"
     prices = PRICES
     reports_stream_usage = False  # stream_options is OpenAI's
     also_speaks: frozenset[str] = frozenset()  # chat only: a Responses request is translated to chat

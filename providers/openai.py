@@ -107,6 +107,7 @@ ERROR_TYPES = {
 
 class OpenAIProvider(LLMProvider):
     name = "openai"
+    otel_name = "openai"
     prices = PRICES
     reports_stream_usage = True
     also_speaks = frozenset(("responses",))  # POST /v1/responses: relayed as it is
@@ -211,6 +212,7 @@ class ChatStream(StreamReader):
                     if isinstance(extra, str):
                         self.generated += len(extra.encode())
             if c.finish_reason is not None:
+                self.finish_reasons.append(c.finish_reason)
                 self._finished.add(c.index)
                 self.finished = len(self._finished) >= self.choices
         if chunk.usage is not None:

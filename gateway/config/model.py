@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from gateway.config.tracing import TracingConfig
 from providers import kind_of
 
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -116,12 +117,8 @@ RetryClass = Literal["429", "5xx", "net", "timeout"]
 
 
 def _default_retry_matrix() -> dict[str, RetryRule]:
-    return {
-        "429": RetryRule(attempts=3, base_s=1.0, max_s=60.0),
-        "5xx": RetryRule(attempts=2, base_s=1.0),
-        "net": RetryRule(attempts=2, base_s=1.0),
-        "timeout": RetryRule(attempts=0),
-    }
+    return {"429": RetryRule(attempts=3, base_s=1.0, max_s=60.0), "5xx": RetryRule(attempts=2, base_s=1.0),
+            "net": RetryRule(attempts=2, base_s=1.0), "timeout": RetryRule(attempts=0)}
 
 
 class RetryBudgetConfig(_Base):
@@ -398,3 +395,4 @@ class Config(_Base):
     provider_key_pools: dict[str, KeyPool] = {}
     client_profiles: dict[str, ClientProfile] = {}
     routing: dict[str, VirtualModel] = {}  # virtual model names (e.g. "auto") and their rules
+    tracing: TracingConfig = TracingConfig()  # W3C trace context, span export (gateway.config.tracing)

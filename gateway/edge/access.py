@@ -1,7 +1,8 @@
 """The access record of one request: the JSON log line and what the status page and metrics count.
 
-Every field SPEC §7 names is on every line, ``None`` where it does not apply; policies add
-theirs to ``Exchange.log`` (cost, tokens, cache and idempotency hits, the fallback target).
+Every field SPEC §7 names is on every line, ``None`` where it does not apply, and the request's
+``trace_id`` / ``span_id`` (``gateway.observe.trace``); policies add theirs to ``Exchange.log`` (cost,
+tokens, cache and idempotency hits, the fallback target).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ if TYPE_CHECKING:
     from gateway.edge.writer import StreamOutcome
     from gateway.errors import GatewayError
     from gateway.flow.exchange import Exchange, Reply
+    from gateway.observe.trace import Trace
 
 
 def access_fields(
     request: web.Request, request_id: str, route: str, ex: Exchange | None, reply: Reply | None, status: int,
-    error: GatewayError | None, outcome: StreamOutcome, latency_ms: float,
+    error: GatewayError | None, outcome: StreamOutcome, latency_ms: float, trace: Trace | None = None,
 ) -> dict[str, Any]:
     latency_ms = round(latency_ms, 2)
+    trace_id, span_id = (trace.trace_id, trace.span_id) if trace is not None else (None, None)
     if ex is None:  # rejected before a target was chosen
         return {
             "ts": None, "level": "info", "request_id": request_id, "tenant": None, "target": None, "kind": None,
@@ -28,6 +31,7 @@ def access_fields(
             "outcome": "error", "error_code": error.code if error else None, "upstream_status": None,
             "attempts": 0, "latency_ms": latency_ms, "ttft_ms": None, "cost_usd": None, "prompt_tokens": None,
             "completion_tokens": None, "cache_hit": False, "idempotent_hit": False, "fallback_target": None,
+            "trace_id": trace_id, "span_id": span_id,
         }
     if error is not None:
         result, code = "error", error.code
@@ -49,6 +53,7 @@ def access_fields(
         "attempts": ex.attempts, "latency_ms": latency_ms, "ttft_ms": round(ttft, 2) if ttft is not None else None,
         "cost_usd": None, "prompt_tokens": None, "completion_tokens": None,
         "cache_hit": False, "idempotent_hit": False, "fallback_target": None,
+        "trace_id": trace_id, "span_id": span_id,
     }
     if ex.log:
         fields.update(ex.log)

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.flow.exchange import Exchange, Reply
+    from gateway.observe.trace import Trace
     from gateway.runtime import Runtime
 
 
@@ -23,7 +24,7 @@ class Surface(Protocol):
 
 class Call:
     __slots__ = ("request", "rt", "surface", "request_id", "started", "tenant", "account", "ex", "inflight", "ip", "exempt",
-                 "fingerprint", "limit_headers")
+                 "fingerprint", "limit_headers", "trace")
 
     def __init__(self, request: web.Request, rt: Runtime, surface: Surface, request_id: str, started: float) -> None:
         self.request = request
@@ -40,6 +41,7 @@ class Call:
         self.exempt = True  # on the abuse allow-list (or no bans configured)
         self.fingerprint: str | None = None
         self.limit_headers: dict[str, str] | None = None  # the per-IP limit's, for the answer
+        self.trace: Trace = rt.tracing.start(request.headers)  # the caller's trace continued, or a new one
 
     def elapsed_ms(self, now: float) -> float:
         return (now - self.started) * 1000

@@ -35,6 +35,7 @@ from gateway.headers import (
     X_REQUEST_ID,
 )
 from gateway.keys import RUNTIME
+from gateway.observe.trace import CURRENT
 from policies.rate_limit import merge_headers
 
 log = logging.getLogger("reliapi")
@@ -50,6 +51,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
     outcome = StreamOutcome()
     status, error, reply = 0, None, None
     guard = rt.guard
+    trace = call.trace
+    in_trace = CURRENT.set(trace)  # every log line made while it runs names its trace
     try:
         try:
             if guard is not None:  # bans, the failed-authentication budget, the per-IP limit
@@ -61,6 +64,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
                 guard.authenticated(call)
             ex = call.ex = await surface.parser(call)
             ex.account = call.account
+            ex.trace = trace
             call.inflight = ex.target.name
             rt.observatory.enter(call.inflight)  # (left in _record, once the reply is written)
             reply = await rt.flow(ex)
@@ -77,6 +81,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
                 headers[X_RELIAPI_ROUTED_MODEL] = routed_to
             headers.setdefault(X_CACHE, "BYPASS")
             headers.setdefault(X_CACHED, "false")
+            if rt.tracing.headers:
+                trace.response_headers(headers)
             if call.limit_headers:
                 merge_headers(headers, call.limit_headers)
             check_sendable(headers)
@@ -92,6 +98,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
         status = error.status
         if call.limit_headers:
             merge_headers(error.headers, call.limit_headers)
+        if rt.tracing.headers:
+            trace.response_headers(error.headers)
         ex = call.ex
         routed_to = routed_model(ex)
         if routed_to is not None:
@@ -104,6 +112,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
         _record(call, reply, status, error, outcome)
         if guard is not None:
             guard.answered(call, error)
+        CURRENT.reset(in_trace)
 
 
 def _record(call: Call, reply: Reply | None, status: int, error: GatewayError | None, outcome: StreamOutcome) -> None:
@@ -111,8 +120,9 @@ def _record(call: Call, reply: Reply | None, status: int, error: GatewayError | 
     if call.inflight is not None:
         rt.observatory.leave(call.inflight)
     ex = call.ex
+    trace = call.trace
     fields = access_fields(request, call.request_id, call.surface.name, ex, reply if error is None else None, status,
-                           error, outcome, (time.monotonic() - call.started) * 1000)
+                           error, outcome, (time.monotonic() - call.started) * 1000, trace)
     if ex is None:
         fields["tenant"] = call.tenant  # a known caller whose request was refused before it had a target
     failed = error or outcome.error
@@ -123,3 +133,5 @@ def _record(call: Call, reply: Reply | None, status: int, error: GatewayError | 
     if rt.access_log.enabled:
         rt.access_log(fields)  # sets "ts"
     rt.observatory.record(fields)
+    if trace.recording:  # the request's span ends here: after a stream's last byte, or its cut
+        rt.spans.finish(trace, fields, reply.headers.get(X_CACHE) if reply is not None else None)

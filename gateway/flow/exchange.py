@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from multidict import CIMultiDict
 
 if TYPE_CHECKING:
+    from gateway.observe.trace import Trace
     from gateway.upstream.targets import Target
     from providers.auth import PoolKey
 
@@ -24,7 +25,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
-        "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account",
+        "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account", "trace",
     )
 
     def __init__(
@@ -83,6 +84,7 @@ class Exchange:
         # (body, translator, what it made of the body): the upstream's body, made once per body
         self.prepared: tuple[bytes, Any, bytes | None] | None = None
         self.canonical: tuple[bytes, bytes] | None = None  # (body, its canonical digest) for fingerprints and cache keys
+        self.trace: Trace | None = None  # the request's place in its trace (gateway.observe.trace; set by the edge)
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

@@ -19,6 +19,8 @@ from gateway.errors import DeadlineExceeded, GatewayError, StreamBroken, Upstrea
 from gateway.flow.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, upstream_request_headers
 from gateway.observe.events import UpstreamAnswered
+from gateway.observe.spans import attempt_answered, attempt_failed, attempt_span
+from gateway.observe.trace import TRACEPARENT, TRACESTATE, new_span_id
 from gateway.scrub import scrub_error, scrub_text_stream
 from gateway.streaming.sse import Aligner
 from gateway.streaming.streams import read_head, read_preamble, strip_usage_chunks, watch
@@ -56,6 +58,15 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
             credential.apply(headers)
         headers[X_REQUEST_ID] = ex.request_id
         headers[X_RELIAPI_ATTEMPT] = str(ex.attempts)
+        trace, span = ex.trace, None
+        if trace is not None:  # each attempt is a child span of the request's, with its own traceparent
+            span_id = new_span_id()
+            headers[TRACEPARENT] = trace.traceparent(span_id)
+            if trace.state:
+                headers[TRACESTATE] = trace.state
+            if trace.recording:
+                span = attempt_span(ex, span_id)
+                trace.spans.append(span)
         timeout = target.ttft_timeout_s if ex.stream else target.timeout_s
         by_client = False  # the attempt's time is what is left of the client's deadline
         if ex.client_deadline is not None or ex.deadline is not None:
@@ -83,6 +94,8 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
             )
         except GatewayError as e:  # a timeout or a refused connection is an attempt too (status 0): p99 must show it
             events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=0))
+            if span is not None:
+                attempt_failed(span, e)
             if by_client and isinstance(e, UpstreamTimeout):
                 raise _past_deadline(ex) from None  # cut short by the client's deadline: not the target's failure
             raise
@@ -97,7 +110,12 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
         elif reply.chunks is not None:
             if reply.status < 400 and scrub.secrets:
                 scrub_text_stream(reply, scrub)
-            await _watch_stream(ex, reply, target, tr, prepared, timeout - (clock.monotonic() - sent_at))
+            try:
+                await _watch_stream(ex, reply, target, tr, prepared, timeout - (clock.monotonic() - sent_at))
+            except GatewayError as e:
+                if span is not None:
+                    attempt_failed(span, e)
+                raise
             if reply.failure is None and reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
         if tr.crosses:
@@ -105,6 +123,8 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
                 tr.answer(reply)
             elif is_event_stream(reply.headers):
                 reply.chunks = tr.stream(ex, reply.chunks)
+        if span is not None:
+            attempt_answered(span, ex, reply)
         return reply
 
     return send_upstream

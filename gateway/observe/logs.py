@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.observe.trace import CURRENT
 from gateway.scrub import Scrubber
 
 _encode = msgspec.json.encode
@@ -58,6 +59,9 @@ class JsonFormatter(logging.Formatter):
         }
         if self.pid:
             line["pid"] = record.process
+        trace = CURRENT.get()
+        if trace is not None:  # made while a request runs: its trace
+            line["trace_id"], line["span_id"] = trace.trace_id, trace.span_id
         extra = getattr(record, "fields", None)
         if extra:
             line.update(extra)

@@ -84,6 +84,11 @@ class Exposition:
             c["tokens"].set({"target": _esc(target), "model": _esc(model), "kind": kind}, n)
         for (target, model, tenant), usd in obs.cost.items():
             c["cost"].set({"target": _esc(target), "model": _esc(model), "tenant": _esc(tenant)}, usd)
+        spans = rt.spans
+        if spans is not None:  # span export (gateway.observe.otel) is on
+            for reason, n in spans.dropped.items():
+                c["spans_dropped"].set({"reason": reason}, n)
+            c["spans_exported"].set({}, spans.exported)
         for name in ("inflight", "circuit", "keys"):
             c[name].values = MetricDict()
         for name in rt.targets:
@@ -155,6 +160,9 @@ def _collectors() -> tuple[Registry, dict[str, Any]]:
         "cost_per_answer": Histogram(p + "llm_cost_usd", "USD of each priced LLM answer, at list prices.",
                                      registry=r, buckets=COST_BUCKETS),
         "inflight": Gauge(p + "inflight_requests", "Requests being answered now.", registry=r),
+        "spans_dropped": Counter(p + "trace_spans_dropped_total", "Spans not exported, by reason (queue_full: the "
+                                 "export queue was full; export_failed: the OTLP endpoint did not take them).", registry=r),
+        "spans_exported": Counter(p + "trace_spans_exported_total", "Spans the OTLP endpoint took.", registry=r),
         "keys": Gauge(p + "key_pool_keys", "Pool keys by state (active, cooling, disabled).", registry=r),
     }
     return r, c
