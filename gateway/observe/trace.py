@@ -50,6 +50,8 @@ MAX_MEMBERS = 32
 MAX_STATE = 512
 _MAX_HEADER = 8192  # longer than anything valid could be: not even split
 
+_NOTHING = ()  # the spans and events of a trace that is not recorded
+
 _rng = random.Random()
 os.register_at_fork(after_in_child=_rng.seed)  # forked workers must not repeat each other's ids
 _bits = _rng.getrandbits
@@ -135,8 +137,9 @@ class Trace:
         self.state = state
         self.recording = recording
         self.start_ns = time.time_ns() if recording else 0
-        self.spans: list[Span] = []  # the attempts, in order
-        self.events: list[tuple[str, int, dict[str, Any]]] = []  # (name, time ns, attributes) on the request's span
+        # recorded only when recording: the attempts, in order; (name, time ns, attributes) on the request's span
+        self.spans: list[Span] = [] if recording else _NOTHING  # type: ignore[assignment]
+        self.events: list[tuple[str, int, dict[str, Any]]] = [] if recording else _NOTHING  # type: ignore[assignment]
 
     def traceparent(self, span_id: str) -> str:
         return f"00-{self.trace_id}-{span_id}-{'01' if self.sampled else '00'}"
