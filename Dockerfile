@@ -15,8 +15,9 @@ COPY setup.cfg pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY providers ./providers
 COPY policies ./policies
-# The code stays root-owned and read-only to the user that runs it.
-RUN pip install . \
+# The code stays root-owned and read-only to the user that runs it. The otel extra: spans go out over OTLP
+# when OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/OPERATIONS.md "Traces"), and cost nothing when it is not.
+RUN pip install ".[otel]" \
  && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin reliapi
 
 USER reliapi

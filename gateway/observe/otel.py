@@ -59,7 +59,7 @@ def open_export(config: TracingConfig, env: Mapping[str, str] = os.environ) -> S
     except ImportError as e:
         log.warning("span export asked for, but OpenTelemetry is not installed (pip install 'reliapi[otel]'): %s", e)
         return None
-    export = SpanExport(Converter(), env)
+    export = SpanExport(Converter(env), env)
     export.start()
     return export
 

@@ -10,7 +10,8 @@ standard ``OTEL_EXPORTER_OTLP_*`` variables. Runs on the export thread, never on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -45,11 +46,11 @@ _OK, _UNSET = Status(StatusCode.OK), Status(StatusCode.UNSET)
 
 
 class Converter:
-    def __init__(self, exporter: Any = None) -> None:
+    def __init__(self, env: Mapping[str, str] = os.environ, exporter: Any = None) -> None:
         # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over these
         self.resource = Resource.create({"service.name": "reliapi", "service.version": __version__})
         self.scope = InstrumentationScope("reliapi", __version__)
-        self.exporter = exporter or OTLPSpanExporter()
+        self.exporter = exporter or OTLPSpanExporter(endpoint=_endpoint(env), timeout=_timeout(env))
 
     def spans(self, trace: Trace, fields: dict[str, Any], cache: str | None, end_ns: int) -> list[ReadableSpan]:
         trace_id = int(trace.trace_id, 16)
@@ -97,6 +98,23 @@ class Converter:
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
+
+
+def _endpoint(env: Mapping[str, str]) -> str | None:
+    """The traces endpoint the (given) environment names, as the SDK reads it; None: the SDK's default."""
+    url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if url:
+        return url
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return base.rstrip("/") + "/v1/traces" if base else None
+
+
+def _timeout(env: Mapping[str, str]) -> float | None:
+    text = env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    try:
+        return float(text) if text else None  # seconds, as the Python SDK reads it
+    except ValueError:
+        return None
 
 
 def _state(text: str) -> TraceState:
