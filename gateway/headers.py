@@ -37,9 +37,9 @@ HOP_BY_HOP: tuple[istr, ...] = tuple(istr(h) for h in (
     "TE", "Trailer", "Transfer-Encoding", "Upgrade",
 ))
 
-# Never forwarded upstream: framing/routing the gateway owns, and the trace context (each attempt sends
-# its own: ``gateway.flow.send``, ``gateway.observe.trace``).
-_REQUEST_DROP = HOP_BY_HOP + (hdrs.HOST, hdrs.CONTENT_LENGTH, istr("traceparent"), istr("tracestate"))
+# Never forwarded upstream: framing/routing the gateway owns. (The trace context is replaced per attempt:
+# ``gateway.flow.send``.)
+_REQUEST_DROP = HOP_BY_HOP + (hdrs.HOST, hdrs.CONTENT_LENGTH)
 _RESPONSE_DROP = HOP_BY_HOP + (hdrs.CONTENT_LENGTH,)
 
 # Client credentials, removed when the gateway injects the target's own key.

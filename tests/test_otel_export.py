@@ -39,7 +39,7 @@ def config(url: str, **up) -> GatewayConfig:
     cfg.up(**{"retry_matrix": {"5xx": {"attempts": 2, "base_s": 0}, "429": {"attempts": 0}, "net": {"attempts": 0},
                                "timeout": {"attempts": 0}}, "fallback_targets": ["backup"], **up})
     cfg.up("backup", models=None, retry_matrix=NO_RETRY)
-    return cfg
+    return cfg.section("tracing", {"response_header": "both"})
 
 
 @pytest.fixture

@@ -30,8 +30,7 @@ def config(url: str, **tracing) -> GatewayConfig:
     cfg.up(retry_matrix={"5xx": {"attempts": 2, "base_s": 0}, "429": {"attempts": 0}, "net": {"attempts": 0},
                          "timeout": {"attempts": 0}}, fallback_targets=["backup"])
     cfg.up("backup", models=None, retry_matrix=NO_RETRY)
-    if tracing:
-        cfg.section("tracing", tracing)
+    cfg.section("tracing", {"response_header": "both", **tracing})
     return cfg
 
 
@@ -182,8 +181,15 @@ async def test_sampling_the_traces_the_gateway_starts(fake, gateway):
     assert client.app[RUNTIME].current.spans is None  # nothing exports: no span is recorded at all
 
 
-async def test_the_response_headers_can_be_turned_off(fake, gateway):
-    client, logs = await gateway(config(fake.url, response_header=False))
-    resp = await client.post(V1, json=chat(), headers={"traceparent": CALLER})
-    assert "traceresponse" not in resp.headers and "X-ReliAPI-Trace-Id" not in resp.headers
-    assert logs[-1]["trace_id"] == TRACE  # still in the log
+@pytest.mark.parametrize(("setting", "named"), [
+    (None, {"X-ReliAPI-Trace-Id"}), ("traceresponse", {"traceresponse"}), ("none", set()),
+])
+async def test_which_response_headers_name_the_trace(fake, gateway, setting, named):
+    cfg = GatewayConfig(fake.url, default_target="up").up()
+    if setting is not None:
+        cfg.section("tracing", {"response_header": setting})
+    client, logs = await gateway(cfg)
+    for path in (V1, "/t/nowhere/x"):  # an answer, an error
+        resp = await client.post(path, json=chat(), headers={"traceparent": CALLER})
+        assert {"X-ReliAPI-Trace-Id", "traceresponse"} & set(resp.headers) == named
+        assert logs[-1]["trace_id"] == TRACE  # always in the log

@@ -14,7 +14,9 @@ from msgspec import Meta, Struct
 
 class TracingConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     sample_ratio: Annotated[float, Meta(ge=0, le=1)] = 1.0  # of the traces the gateway starts; a caller's flag wins
-    response_header: bool = True  # traceresponse and X-ReliAPI-Trace-Id on every proxied answer
+    # the trace named on every proxied answer: X-ReliAPI-Trace-Id: <trace id>; traceresponse (W3C Trace Context
+    # Level 2 draft): 00-<trace id>-<the gateway's span id>-<flags>; both; none
+    response_header: Literal["X-ReliAPI-Trace-Id", "traceresponse", "both", "none"] = "X-ReliAPI-Trace-Id"
     # auto: spans go out over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is
     # set and reliapi[otel] is installed; otlp: whenever it is installed (default endpoint localhost:4318); off: never
     export: Literal["auto", "otlp", "off"] = "auto"

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gateway.observe.trace import NO_TRACE, Trace
+
 if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.edge.writer import StreamOutcome
     from gateway.errors import GatewayError
     from gateway.flow.exchange import Exchange, Reply
-    from gateway.observe.trace import Trace
 
 
 def access_fields(
     request: web.Request, request_id: str, route: str, ex: Exchange | None, reply: Reply | None, status: int,
-    error: GatewayError | None, outcome: StreamOutcome, latency_ms: float, trace: Trace | None = None,
+    error: GatewayError | None, outcome: StreamOutcome, latency_ms: float, trace: Trace = NO_TRACE,
 ) -> dict[str, Any]:
     latency_ms = round(latency_ms, 2)
-    trace_id, span_id = (trace.trace_id, trace.span_id) if trace is not None else (None, None)
     if ex is None:  # rejected before a target was chosen
         return {
             "ts": None, "level": "info", "request_id": request_id, "tenant": None, "target": None, "kind": None,
@@ -31,7 +31,7 @@ def access_fields(
             "outcome": "error", "error_code": error.code if error else None, "upstream_status": None,
             "attempts": 0, "latency_ms": latency_ms, "ttft_ms": None, "cost_usd": None, "prompt_tokens": None,
             "completion_tokens": None, "cache_hit": False, "idempotent_hit": False, "fallback_target": None,
-            "trace_id": trace_id, "span_id": span_id,
+            "trace_id": trace.trace_id, "span_id": trace.span_id,
         }
     if error is not None:
         result, code = "error", error.code
@@ -53,7 +53,7 @@ def access_fields(
         "attempts": ex.attempts, "latency_ms": latency_ms, "ttft_ms": round(ttft, 2) if ttft is not None else None,
         "cost_usd": None, "prompt_tokens": None, "completion_tokens": None,
         "cache_hit": False, "idempotent_hit": False, "fallback_target": None,
-        "trace_id": trace_id, "span_id": span_id,
+        "trace_id": trace.trace_id, "span_id": trace.span_id,
     }
     if ex.log:
         fields.update(ex.log)

@@ -35,7 +35,7 @@ from gateway.headers import (
     X_REQUEST_ID,
 )
 from gateway.keys import RUNTIME
-from gateway.observe.trace import CURRENT
+from gateway.observe.trace import CURRENT, TRACERESPONSE, X_RELIAPI_TRACE_ID
 from policies.rate_limit import merge_headers
 
 log = logging.getLogger("reliapi")
@@ -52,7 +52,9 @@ async def serve(request: web.Request) -> web.StreamResponse:
     status, error, reply = 0, None, None
     guard = rt.guard
     trace = call.trace
-    in_trace = CURRENT.set(trace)  # every log line made while it runs names its trace
+    # every log line made while it runs names its trace (aiohttp runs each request in a task of its own, with
+    # its own copy of the context: nothing to reset)
+    CURRENT.set(trace)
     try:
         try:
             if guard is not None:  # bans, the failed-authentication budget, the per-IP limit
@@ -81,8 +83,11 @@ async def serve(request: web.Request) -> web.StreamResponse:
                 headers[X_RELIAPI_ROUTED_MODEL] = routed_to
             headers.setdefault(X_CACHE, "BYPASS")
             headers.setdefault(X_CACHED, "false")
-            if rt.tracing.headers:
-                trace.response_headers(headers)
+            tracing = rt.tracing  # (tracing.name, inline: every answer)
+            if tracing.trace_id_header:
+                headers[X_RELIAPI_TRACE_ID] = trace.trace_id
+            if tracing.traceresponse:
+                headers[TRACERESPONSE] = trace.traceresponse()
             if call.limit_headers:
                 merge_headers(headers, call.limit_headers)
             check_sendable(headers)
@@ -98,8 +103,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
         status = error.status
         if call.limit_headers:
             merge_headers(error.headers, call.limit_headers)
-        if rt.tracing.headers:
-            trace.response_headers(error.headers)
+        rt.tracing.name(trace, error.headers)
         ex = call.ex
         routed_to = routed_model(ex)
         if routed_to is not None:
@@ -112,7 +116,6 @@ async def serve(request: web.Request) -> web.StreamResponse:
         _record(call, reply, status, error, outcome)
         if guard is not None:
             guard.answered(call, error)
-        CURRENT.reset(in_trace)
 
 
 def _record(call: Call, reply: Reply | None, status: int, error: GatewayError | None, outcome: StreamOutcome) -> None:

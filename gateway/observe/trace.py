@@ -8,8 +8,8 @@ as that attempt's ``traceparent`` (``gateway.flow.send``). The trace id is in ev
 while the request runs (``CURRENT``, read by ``gateway.observe.logs``), in its access line, and in
 the answer's ``traceresponse`` / ``X-ReliAPI-Trace-Id`` headers for the client to quote.
 
-All of this is pure Python and cheap (ids from one ``getrandbits`` call, one regex match per
-header). Recording spans for export is ``gateway.observe.otel``'s, and only when a trace is
+All of this is pure Python and cheap (ids are slices of a block of OS randomness; a header present
+is checked with one regex match). Recording spans for export is ``gateway.observe.otel``'s, and only when a trace is
 ``recording``: otherwise an attempt costs its id and its header, nothing else. A malformed header is
 ignored (a new trace), never an error; a ``tracestate`` is only read beside a valid ``traceparent``.
 """
@@ -17,7 +17,6 @@ ignored (a new trace), never an error; a ``tracestate`` is only read beside a va
 from __future__ import annotations
 
 import os
-import random
 import re
 import time
 from contextvars import ContextVar
@@ -50,18 +49,36 @@ MAX_MEMBERS = 32
 MAX_STATE = 512
 _MAX_HEADER = 8192  # longer than anything valid could be: not even split
 
-_NOTHING = ()  # the spans and events of a trace that is not recorded
+_SAMPLED, _UNSAMPLED = "-01", "-00"
 
-_rng = random.Random()
-os.register_at_fork(after_in_child=_rng.seed)  # forked workers must not repeat each other's ids
-_bits = _rng.getrandbits
+# Ids are slices of one block of random hex, drawn from the OS a few KiB at a time: a request's ids cost
+# one slice, not random draws and formatted numbers (which cost more than everything else here together).
+_POOL_HEX = 8192
+_pool = ""
+_at = _POOL_HEX
+
+
+def _new_process() -> None:  # forked workers must not repeat each other's ids
+    global _at
+    _at = _POOL_HEX
+
+
+os.register_at_fork(after_in_child=_new_process)
+
+
+def random_hex(n: int) -> str:
+    """``n`` random lowercase hex digits (n ≤ 64)."""
+    global _pool, _at
+    at = _at + n
+    if at > _POOL_HEX:
+        _pool, at = os.urandom(_POOL_HEX // 2).hex(), n
+    _at = at
+    return _pool[at - n:at]
 
 
 def new_span_id() -> str:
-    while True:
-        value = _bits(64)
-        if value:
-            return f"{value:016x}"
+    span_id = random_hex(16)
+    return span_id if span_id != "0000000000000000" else new_span_id()  # all zeros is not an id
 
 
 def parse_traceparent(value: str) -> tuple[str, str, int] | None:
@@ -125,29 +142,38 @@ class Span:
 
 class Trace:
     """One request's place in its trace: ``span_id`` is the gateway's span for the request, child of the
-    caller's ``parent_id`` (None: the trace starts here). ``recording``: its spans are exported."""
+    caller's ``parent_id`` (None: the trace starts here); ``flags`` the traceparent's, with its dash.
+    ``recording``: its spans are exported, and only then does it have ``start_ns``, ``spans`` (the
+    attempts, in order) and ``events`` ((name, time ns, attributes) on the request's span)."""
 
-    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "state", "recording", "start_ns", "spans", "events")
+    __slots__ = ("trace_id", "span_id", "parent_id", "flags", "state", "recording", "spare", "start_ns", "spans",
+                 "events")
 
-    def __init__(self, trace_id: str, parent_id: str | None, sampled: bool, state: str, recording: bool) -> None:
+    def __init__(self, trace_id: str, span_id: str, parent_id: str | None, flags: str, state: str, recording: bool,
+                 spare: str = "") -> None:
         self.trace_id = trace_id
-        self.span_id = new_span_id()
+        self.span_id = span_id
         self.parent_id = parent_id
-        self.sampled = sampled
+        self.flags = flags
         self.state = state
         self.recording = recording
-        self.start_ns = time.time_ns() if recording else 0
-        # recorded only when recording: the attempts, in order; (name, time ns, attributes) on the request's span
-        self.spans: list[Span] = [] if recording else _NOTHING  # type: ignore[assignment]
-        self.events: list[tuple[str, int, dict[str, Any]]] = [] if recording else _NOTHING  # type: ignore[assignment]
+        self.spare = spare  # a span id drawn with the others, for the first upstream attempt ("": draw one)
+        if recording:
+            self.start_ns = time.time_ns()
+            self.spans: list[Span] = []
+            self.events: list[tuple[str, int, dict[str, Any]]] = []
 
-    def traceparent(self, span_id: str) -> str:
-        return f"00-{self.trace_id}-{span_id}-{'01' if self.sampled else '00'}"
+    def attempt_id(self) -> str:
+        """A new span id for an upstream attempt."""
+        span_id = self.spare
+        if span_id:
+            self.spare = ""
+            return span_id
+        return new_span_id()
 
-    def response_headers(self, headers: Any) -> None:
-        """``traceresponse`` (the request's own span) and ``X-ReliAPI-Trace-Id`` on an answer."""
-        headers[TRACERESPONSE] = self.traceparent(self.span_id)
-        headers[X_RELIAPI_TRACE_ID] = self.trace_id
+    def traceresponse(self) -> str:
+        """The ``traceresponse`` header: the request's own span."""
+        return f"00-{self.trace_id}-{self.span_id}{self.flags}"
 
     def event(self, name: str, attrs: dict[str, Any]) -> None:
         if self.recording:
@@ -158,27 +184,53 @@ class Tracing:
     """A runtime's way of starting traces (``tracing:``); ``recording``: spans are exported
     (``gateway.observe.otel`` is configured). ``Tracing.start`` runs once per request."""
 
-    __slots__ = ("sample_bound", "headers", "recording")
+    __slots__ = ("sample_bound", "trace_id_header", "traceresponse", "recording")
 
-    def __init__(self, sample_ratio: float = 1.0, *, response_header: bool = True, recording: bool = False) -> None:
+    def __init__(self, sample_ratio: float = 1.0, *, response_header: str = "X-ReliAPI-Trace-Id",
+                 recording: bool = False) -> None:
         # a new trace is sampled when its id's low 64 bits are below this (OpenTelemetry's TraceIdRatioBased)
-        self.sample_bound = int(sample_ratio * (1 << 64))
-        self.headers = response_header
+        self.sample_bound = int(sample_ratio * (1 << 64)) if sample_ratio < 1 else None
+        self.trace_id_header = response_header in ("X-ReliAPI-Trace-Id", "both")
+        self.traceresponse = response_header in ("traceresponse", "both")
         self.recording = recording
+
+    def name(self, trace: Trace, headers: Any) -> None:
+        """Name the trace on an answer (``tracing.response_header``)."""
+        if self.trace_id_header:
+            headers[X_RELIAPI_TRACE_ID] = trace.trace_id
+        if self.traceresponse:
+            headers[TRACERESPONSE] = trace.traceresponse()
 
     def start(self, headers: Mapping[str, str]) -> Trace:
         value = headers.get(TRACEPARENT)
-        if value is not None and len(value) < 256:
-            found = parse_traceparent(value)
-            if found is not None and len(headers.getall(TRACEPARENT)) == 1:  # type: ignore[attr-defined]
-                trace_id, parent, flags = found
-                state = headers.getall(TRACESTATE, None)  # type: ignore[attr-defined]
-                sampled = bool(flags & 1)
-                return Trace(trace_id, parent, sampled, clean_tracestate(state) if state else "",
-                             self.recording and sampled)
-        value = _bits(128) or 1
-        sampled = (value & 0xFFFFFFFFFFFFFFFF) < self.sample_bound
-        return Trace(f"{value:032x}", None, sampled, "", self.recording and sampled)
+        if value is not None:
+            found = self._continued(headers, value)
+            if found is not None:
+                return found
+        global _pool, _at  # random_hex(64), inline: this runs for every request
+        at = _at + 64
+        if at > _POOL_HEX:
+            _pool, at = os.urandom(_POOL_HEX // 2).hex(), 64
+        _at = at
+        ids = _pool[at - 64:at]
+        trace_id, span_id, spare = ids[:32], ids[32:48], ids[48:]
+        if "0000000000000000" in ids:  # one in 2^60: an all-zero id is no id
+            trace_id, span_id, spare = random_hex(32), new_span_id(), ""
+        bound = self.sample_bound
+        if bound is None:  # every trace sampled (the default)
+            return Trace(trace_id, span_id, None, _SAMPLED, "", self.recording, spare)
+        sampled = int(trace_id[16:], 16) < bound
+        return Trace(trace_id, span_id, None, _SAMPLED if sampled else _UNSAMPLED, "", self.recording and sampled, spare)
+
+    def _continued(self, headers: Any, value: str) -> Trace | None:
+        found = parse_traceparent(value) if len(value) < 256 else None
+        if found is None or len(headers.getall(TRACEPARENT)) != 1:
+            return None
+        trace_id, parent, flags = found
+        state = headers.getall(TRACESTATE, None)
+        sampled = bool(flags & 1)
+        return Trace(trace_id, new_span_id(), parent, _SAMPLED if sampled else _UNSAMPLED,
+                     clean_tracestate(state) if state else "", self.recording and sampled)
 
 
-OFF = Tracing()  # a runtime built without a config's tracing block (tests)
+NO_TRACE = Trace(None, None, None, "", "", False)  # type: ignore[arg-type]  # a request outside the proxy (admin)
