@@ -26,7 +26,8 @@ class Call:
     __slots__ = ("request", "rt", "surface", "request_id", "started", "tenant", "account", "ex", "inflight", "ip", "exempt",
                  "fingerprint", "limit_headers", "trace")
 
-    def __init__(self, request: web.Request, rt: Runtime, surface: Surface, request_id: str, started: float) -> None:
+    def __init__(self, request: web.Request, rt: Runtime, surface: Surface, request_id: str, started: float,
+                 trace: Trace) -> None:
         self.request = request
         self.rt = rt  # the runtime of the config the request started under (a reload does not change it)
         self.surface = surface
@@ -41,7 +42,7 @@ class Call:
         self.exempt = True  # on the abuse allow-list (or no bans configured)
         self.fingerprint: str | None = None
         self.limit_headers: dict[str, str] | None = None  # the per-IP limit's, for the answer
-        self.trace: Trace = rt.tracing.start(request.headers)  # the caller's trace continued, or a new one
+        self.trace = trace  # the caller's trace continued, or a new one
 
     def elapsed_ms(self, now: float) -> float:
         return (now - self.started) * 1000

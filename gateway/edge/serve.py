@@ -47,11 +47,11 @@ async def serve(request: web.Request) -> web.StreamResponse:
         return no_cors_preflight(request)  # a browser's preflight is never proxied (with a target's key)
     surface = surface_for(request.method, request.raw_path)
     rt = request.app[RUNTIME].current
-    call = Call(request, rt, surface, new_request_id(request.headers), time.monotonic())
+    trace = rt.tracing.start(request.headers)  # the caller's trace continued, or a new one
+    call = Call(request, rt, surface, new_request_id(request.headers, trace.span_id), time.monotonic(), trace)
     outcome = StreamOutcome()
     status, error, reply = 0, None, None
     guard = rt.guard
-    trace = call.trace
     # every log line made while it runs names its trace (aiohttp runs each request in a task of its own, with
     # its own copy of the context: nothing to reset)
     CURRENT.set(trace)

@@ -20,7 +20,7 @@ from gateway.flow.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, upstream_request_headers
 from gateway.observe.events import UpstreamAnswered
 from gateway.observe.spans import attempt_answered, attempt_failed, attempt_span
-from gateway.observe.trace import TRACEPARENT, TRACESTATE
+from gateway.observe.trace import TRACEPARENT, TRACESTATE, new_span_id
 from gateway.scrub import scrub_error, scrub_text_stream
 from gateway.streaming.sse import Aligner
 from gateway.streaming.streams import read_head, read_preamble, strip_usage_chunks, watch
@@ -60,7 +60,7 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
         headers[X_RELIAPI_ATTEMPT] = str(ex.attempts)
         trace, span = ex.trace, None
         if trace is not None:  # each attempt is a child span of the request's, with its own traceparent
-            span_id = trace.attempt_id()
+            span_id = trace.spare if ex.attempts == 1 else new_span_id()
             headers[TRACEPARENT] = f"00-{trace.trace_id}-{span_id}{trace.flags}"  # (the client's is replaced)
             if trace.state:
                 headers[TRACESTATE] = trace.state

@@ -20,7 +20,7 @@ import os
 import re
 import time
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from multidict import istr
 
@@ -140,44 +140,60 @@ class Span:
             self.end_ns = time.time_ns()
 
 
-class Trace:
+class Recording:
+    """What a recorded request collects for its spans (``gateway.observe.otel``)."""
+
+    __slots__ = ("start_ns", "spans", "events")
+
+    def __init__(self) -> None:
+        self.start_ns = time.time_ns()
+        self.spans: list[Span] = []  # the upstream attempts, in order
+        self.events: list[tuple[str, int, dict[str, Any]]] = []  # (name, time ns, attributes) on the request's span
+
+
+class Trace(NamedTuple):
     """One request's place in its trace: ``span_id`` is the gateway's span for the request, child of the
-    caller's ``parent_id`` (None: the trace starts here); ``flags`` the traceparent's, with its dash.
-    ``recording``: its spans are exported, and only then does it have ``start_ns``, ``spans`` (the
-    attempts, in order) and ``events`` ((name, time ns, attributes) on the request's span)."""
+    caller's ``parent_id`` (None: the trace starts here); ``flags`` the traceparent's, with its dash;
+    ``spare`` a span id drawn with the others, for the first upstream attempt. ``recording``: its spans
+    are exported, and ``rec`` collects them. (A tuple: built without a Python call, on every request.)"""
 
-    __slots__ = ("trace_id", "span_id", "parent_id", "flags", "state", "recording", "spare", "start_ns", "spans",
-                 "events")
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    flags: str
+    state: str
+    recording: bool
+    spare: str
+    rec: Recording | None
 
-    def __init__(self, trace_id: str, span_id: str, parent_id: str | None, flags: str, state: str, recording: bool,
-                 spare: str = "") -> None:
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent_id = parent_id
-        self.flags = flags
-        self.state = state
-        self.recording = recording
-        self.spare = spare  # a span id drawn with the others, for the first upstream attempt ("": draw one)
-        if recording:
-            self.start_ns = time.time_ns()
-            self.spans: list[Span] = []
-            self.events: list[tuple[str, int, dict[str, Any]]] = []
+    @property
+    def spans(self) -> list[Span]:
+        return self.rec.spans  # type: ignore[union-attr]
 
-    def attempt_id(self) -> str:
-        """A new span id for an upstream attempt."""
-        span_id = self.spare
-        if span_id:
-            self.spare = ""
-            return span_id
-        return new_span_id()
+    @property
+    def events(self) -> list[tuple[str, int, dict[str, Any]]]:
+        return self.rec.events  # type: ignore[union-attr]
+
+    @property
+    def start_ns(self) -> int:
+        return self.rec.start_ns  # type: ignore[union-attr]
 
     def traceresponse(self) -> str:
         """The ``traceresponse`` header: the request's own span."""
         return f"00-{self.trace_id}-{self.span_id}{self.flags}"
 
     def event(self, name: str, attrs: dict[str, Any]) -> None:
-        if self.recording:
-            self.events.append((name, time.time_ns(), attrs))
+        if self.rec is not None:
+            self.rec.events.append((name, time.time_ns(), attrs))
+
+
+def _trace(trace_id: str, span_id: str, parent_id: str | None, flags: str, state: str, recording: bool,
+           spare: str = "") -> Trace:
+    return Trace(trace_id, span_id, parent_id, flags, state, recording, spare or new_span_id(),
+                 Recording() if recording else None)
+
+
+_new_trace = tuple.__new__  # Trace(...) without NamedTuple's Python-level __new__
 
 
 class Tracing:
@@ -215,12 +231,14 @@ class Tracing:
         ids = _pool[at - 64:at]
         trace_id, span_id, spare = ids[:32], ids[32:48], ids[48:]
         if "0000000000000000" in ids:  # one in 2^60: an all-zero id is no id
-            trace_id, span_id, spare = random_hex(32), new_span_id(), ""
+            trace_id, span_id, spare = random_hex(32), new_span_id(), new_span_id()
         bound = self.sample_bound
         if bound is None:  # every trace sampled (the default)
-            return Trace(trace_id, span_id, None, _SAMPLED, "", self.recording, spare)
+            if self.recording:
+                return _trace(trace_id, span_id, None, _SAMPLED, "", True, spare)
+            return _new_trace(Trace, (trace_id, span_id, None, _SAMPLED, "", False, spare, None))
         sampled = int(trace_id[16:], 16) < bound
-        return Trace(trace_id, span_id, None, _SAMPLED if sampled else _UNSAMPLED, "", self.recording and sampled, spare)
+        return _trace(trace_id, span_id, None, _SAMPLED if sampled else _UNSAMPLED, "", self.recording and sampled, spare)
 
     def _continued(self, headers: Any, value: str) -> Trace | None:
         found = parse_traceparent(value) if len(value) < 256 else None
@@ -229,8 +247,8 @@ class Tracing:
         trace_id, parent, flags = found
         state = headers.getall(TRACESTATE, None)
         sampled = bool(flags & 1)
-        return Trace(trace_id, new_span_id(), parent, _SAMPLED if sampled else _UNSAMPLED,
-                     clean_tracestate(state) if state else "", self.recording and sampled)
+        return _trace(trace_id, new_span_id(), parent, _SAMPLED if sampled else _UNSAMPLED,
+                      clean_tracestate(state) if state else "", self.recording and sampled)
 
 
-NO_TRACE = Trace(None, None, None, "", "", False)  # type: ignore[arg-type]  # a request outside the proxy (admin)
+NO_TRACE = Trace(None, None, None, "", "", False, "", None)  # type: ignore[arg-type]  # a request outside the proxy
