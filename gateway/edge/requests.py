@@ -246,14 +246,10 @@ def v1_dialect(asked: Endpoint) -> str:
     return ANTHROPIC if path == MESSAGES or path.startswith("messages/") else OPENAI
 
 
+# Spellings of paths the gateway answers itself (``gateway.edge.operator``) that its routes did not match —
+# ``/v1/health/``, ``/v1/rate-limit/%7Bx%7D`` —: refused, so that they never reach an upstream with its key.
 _OWNED = frozenset(("health", "cache/stats", "cache/clear", "admin/summary"))
 _OWNED_PREFIXES = ("rate-limit/", "usage/")
-
-
-def _gateway_owned(path: str) -> bool:
-    """A spelling of a path the gateway answers itself (``gateway.edge.operator``) that its routes did not match —
-    ``/v1/health/``, ``/v1/rate-limit/%7Bx%7D`` —: refused, so that it never reaches an upstream with its key."""
-    return path in _OWNED or path.startswith(_OWNED_PREFIXES) or path in ("rate-limit", "usage")
 
 
 async def v1(call: Call) -> Exchange:
@@ -267,7 +263,8 @@ async def v1(call: Call) -> Exchange:
         validate_query(query)
     validate_header_values(request.headers, parsed=True)
     asked = endpoint(rel)
-    if _gateway_owned(asked.path):
+    owned = asked.path
+    if owned in _OWNED or owned.startswith(_OWNED_PREFIXES) or owned in ("rate-limit", "usage"):  # (inline: hot path)
         raise UnknownTarget(f"/v1/{asked.path} is answered by the gateway itself, at exactly that path (no trailing "
                             "slash or escaped characters); it is never sent upstream")
     body, headers = await body_of(call), request.headers
@@ -275,7 +272,9 @@ async def v1(call: Call) -> Exchange:
         body, headers = await decoded(request, body, rt.max_body, json_by_default=True)
     peek, stream = await _peek_request(request, headers, body, json_by_default=True, billed=asked.billed)
     model, named = peek.model, request.headers.get(X_RELIAPI_TARGET)
-    body, decision = await routed.resolve(call, body, asked.billed, model)  # a virtual model: its concrete one
+    decision = None
+    if model in rt.routes.names:  # a virtual model: its concrete one
+        body, decision = await routed.resolve(call, body, asked.billed, model)
     if decision is None:
         target = rt.router.for_v1(named, model)
     else:

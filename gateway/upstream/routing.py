@@ -214,6 +214,7 @@ class Routes:
     def __init__(self, config: Config) -> None:
         self._routes = {name: VirtualRoute(name, vm, load_scorer(vm.scorer) if vm.scorer else None)
                         for name, vm in config.routing.items()}
+        self.names = frozenset(self._routes)  # a membership test on the hot path: most requests name a real model
 
     def get(self, model: str | None) -> VirtualRoute | None:
         return self._routes.get(model) if model is not None and self._routes else None
