@@ -64,6 +64,7 @@ class Runtime:
         self.spans = spans  # where recorded traces go (gateway.observe.otel; None: spans are not recorded)
         self.tracing = Tracing(config.tracing.sample_ratio, response_header=config.tracing.response_header,
                                recording=spans is not None)
+        observatory.track(list(config.targets), [t.name for t in config.tenants])  # the status page's trends
         pools = config.provider_key_pools  # by target name, else by provider (the seed's form)
         self.targets = {
             name: Target(name, t, env, pools.get(name) or pools.get(t.provider or "http"))

@@ -231,7 +231,7 @@ async def test_a_gateway_without_tenants_or_errors_says_so(gateway, fake):
     client, _ = await gateway(f"targets:\n  only:\n    base_url: {fake.url}/api\n")
     page = Page((await get_page(client))[1])
     assert set(page.targets) == {"only"} and not page.tenants and not page.errors
-    assert page.sections == {"targets": "no", "tenants": "yes", "bans": "yes", "errors": "yes"}
+    assert page.sections == {"targets": "no", "trends": "no", "tenants": "yes", "bans": "yes", "errors": "yes"}
     assert page.targets["only"]["error_rate"] == "—" and page.targets["only"]["p50"] == "—"
 
 

@@ -9,6 +9,8 @@ Two feeds, both cheap on the hot path:
 Both only add to plain dicts keyed by label tuples; ``gateway.observe.metrics`` turns them into
 Prometheus series when ``/metrics`` is scraped, so a request never pays for label hashing
 or a metrics library. ``gateway.observe.status`` reads them, with the store, for ``/status.json``.
+The configured targets' last fifteen minutes and tenants' spend by hour are kept in fixed rings
+(``gateway.observe.trends``), fed by the same two calls.
 
 The observatory outlives config reloads (it belongs to the app, like the event bus), so
 counters never go backwards while the process runs. Everything here is per process;
@@ -42,6 +44,7 @@ from gateway.observe.events import (
     StoreDegraded,
     UpstreamAnswered,
 )
+from gateway.observe.trends import TargetTrend, TenantSpend
 
 # Request latency in seconds: from 5 ms (a cache hit) to two minutes (a long generation).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -141,6 +144,8 @@ class Observatory:
         self.targets: dict[str, TargetView] = {}
         self.tenants: dict[str, TenantView] = {}
         self.last_errors: deque[dict[str, Any]] = deque(maxlen=LAST_ERRORS)
+        self.trends: dict[str, TargetTrend] = {}  # the configured targets' last 15 minutes (``track``)
+        self.spend: dict[str, TenantSpend] = {}  # the configured tenants' spend today, by hour
         self._day = ("", -1.0)  # (YYYY-MM-DD, the second it was computed for)
         self._handlers: dict[type[Event], Callable[[Any], None]] = {
             RetryScheduled: self._retry, CacheHit: self._cache_hit, CacheMiss: self._cache_miss,
@@ -149,6 +154,17 @@ class Observatory:
             UpstreamAnswered: self._upstream, StoreDegraded: self._store_degraded, ModelRouted: self._routed,
             AbuseViolation: self._violation, Banned: self._banned, AnomalyDetected: self._anomaly,
         }
+
+    def track(self, targets: list[str], tenants: list[str]) -> None:
+        """Keep trends for these (the config's) targets and tenants: each runtime calls it, so a reload
+        adds the new ones; memory is fixed per name, and names come only from config."""
+        now = self.wall()
+        for name in targets:
+            if name not in self.trends:
+                self.trends[name] = TargetTrend(now)
+        for name in tenants:
+            if name not in self.spend:
+                self.spend[name] = TenantSpend()
 
     # -- feeds -----------------------------------------------------------------------
 
@@ -170,6 +186,9 @@ class Observatory:
         view.requests += 1
         view.recent.append(latency_ms)
         ttft = f["ttft_ms"]
+        trend = self.trends.get(target)
+        if trend is not None:
+            trend.request(self.wall(), latency_ms, ttft)
         if ttft is not None:
             h = self.ttft.get(target)
             if h is None:
@@ -218,6 +237,9 @@ class Observatory:
                     if tv.spend_day != day:
                         tv.spend_day, tv.spend_usd = day, 0.0
                     tv.spend_usd += cost
+                    hourly = self.spend.get(tenant)
+                    if hourly is not None:
+                        hourly.add(self.wall(), cost)
 
     def _slot(self, key: tuple[Any, ...]) -> list[Any]:
         target, kind = key[0], key[1]
@@ -248,6 +270,9 @@ class Observatory:
 
     def _retry(self, e: RetryScheduled) -> None:
         _inc(self.retries, (e.target, e.reason))
+        trend = self.trends.get(e.target)
+        if trend is not None:
+            trend.retry(self.wall())
 
     def _cache_hit(self, e: CacheHit) -> None:
         _inc(self.cache_hits, e.target)
@@ -265,9 +290,15 @@ class Observatory:
 
     def _transition(self, e: CircuitTransition) -> None:
         _inc(self.transitions, (e.target, e.to_state))
+        trend = self.trends.get(e.target)
+        if trend is not None:
+            trend.transition(self.wall(), e.to_state)
 
     def _fallback(self, e: FallbackUsed) -> None:
         _inc(self.fallbacks, (e.target, e.to_target))
+        trend = self.trends.get(e.target)  # the target that failed and sent the request on
+        if trend is not None:
+            trend.fallback(self.wall())
 
     def _violation(self, e: AbuseViolation) -> None:
         _inc(self.violations, (e.subject, e.reason))
@@ -301,6 +332,9 @@ class Observatory:
         if h is None:
             h = self.upstream[e.target] = Hist(DURATION_BUCKETS)
         h.observe(e.seconds)
+        trend = self.trends.get(e.target)
+        if trend is not None:
+            trend.attempt(self.wall(), e.status)
 
     def _view(self, target: str) -> TargetView:
         view = self.targets.get(target)

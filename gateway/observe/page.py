@@ -24,7 +24,9 @@ import msgspec
 from aiohttp import web
 
 from gateway.keys import OBSERVATORY, RUNTIME
+from gateway.observe import charts
 from gateway.observe.status import snapshot
+from gateway.observe.trends import POINTS, SERIES
 
 TEMPLATES = Path(__file__).parent / "templates"
 ERRORS_SHOWN = 20  # of the observatory's last 50; /status.json has them all
@@ -35,9 +37,10 @@ BLANK_TARGET: dict[str, Any] = {
     "name": "", "kind": "", "provider": "", "origin": "", "circuit": "closed", "requests": 0, "errors": 0,
     "error_rate": 0.0, "latency_ms": {"p50": None, "p99": None}, "cache": {"hits": 0, "misses": 0, "hit_ratio": None},
     "key_pool": None, "inflight": 0, "spend_today_usd": 0.0,
+    "trend": {**{name: [None] * POINTS for name in SERIES}, "circuit_marks": []},
 }
 BLANK_TENANT: dict[str, Any] = {"name": "", "requests": 0, "rate_limited": 0, "spend_today_usd": 0.0,
-                                "spend_month_usd": None, "budget": None}
+                                "spend_month_usd": None, "budget": None, "spend_by_hour_usd": [None] * 24}
 BLANK_ERROR: dict[str, Any] = {"ts": "", "request_id": "", "target": None, "tenant": None, "route": "", "method": "",
                                "status": 0, "code": "", "message": None, "upstream_status": None}
 
@@ -54,6 +57,7 @@ async def page(request: web.Request) -> web.Response:
     context = {
         "s": data, "summary": summary(data), "errors": data["errors"][:ERRORS_SHOWN], "errors_shown": ERRORS_SHOWN,
         "nonce": nonce, "blank_target": BLANK_TARGET, "blank_tenant": BLANK_TENANT, "blank_error": BLANK_ERROR,
+        "charts": charts.CHARTS, "geometry": {"w": charts.W, "h": charts.H, "pad": charts.PAD},
     }
     response = aiohttp_jinja2.render_template("status.html", request, context)
     response.headers["Cache-Control"] = "no-store"
@@ -114,6 +118,22 @@ def fmt_usd(usd: float | None) -> str:
     return f"${usd:.4f}" if abs(usd) < 1 else f"${usd:,.2f}"
 
 
+def fmt_rate(per_s: float | None) -> str:
+    if per_s is None:
+        return DASH
+    return f"{per_s:.2f}/s" if per_s < 10 else f"{per_s:.1f}/s"
+
+
+def fmt_value(value: float | None, unit: str) -> str:
+    """A chart's number in its unit: ``rate``, ``pct``, ``count``, ``ms`` or ``usd``."""
+    return UNITS[unit](value)
+
+
+def fmt_latest(values: list[float | None], unit: str) -> str:
+    """A chart's newest values, one per series: ``12.0 ms · 40.0 ms``."""
+    return " · ".join(fmt_value(v, unit) for v in values)
+
+
 def fmt_uptime(seconds: float) -> str:
     s = int(seconds)
     d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
@@ -164,8 +184,11 @@ def status_level(status: int) -> str:
     return "bad" if status >= 500 or status == 0 else "warn"
 
 
+UNITS: dict[str, Callable[[Any], str]] = {"rate": fmt_rate, "pct": fmt_pct, "count": fmt_count, "ms": fmt_ms,
+                                          "usd": fmt_usd}
 FILTERS = {
     "num": fmt_count, "pct": fmt_pct, "ms": fmt_ms, "usd": fmt_usd, "uptime": fmt_uptime, "clock": fmt_clock,
     "state": fmt_state, "error_level": error_level, "keys_view": keys_view, "spend_view": spend_view,
-    "status_level": status_level,
+    "status_level": status_level, "value": fmt_value, "latest": fmt_latest, "charts": charts.target_charts,
+    "spend_chart": charts.spend_chart,
 }

@@ -1,6 +1,8 @@
 """The status page's data (``GET /status.json``, rendered by ``GET /``): the observatory's counts
 (``gateway.observe.counters``) with what only the runtime and the store know — the store's health,
-circuit states, key pools, tenants' spend against their budgets (fleet-wide, from the store).
+circuit states, key pools, tenants' spend against their budgets (fleet-wide, from the store) —
+and the trends: each target's last fifteen minutes and each tenant's spend today by hour
+(``gateway.observe.trends``; this process's, like the counts).
 Never a secret: targets show only their origin, key pools only key ids and states."""
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
+from gateway.observe import trends
 from gateway.observe.counters import Observatory, TargetView, TenantView, _iso, _quantile, key_states
 from gateway.observe.logs import hide_userinfo
+from gateway.observe.trends import TargetTrend, TenantSpend
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
@@ -46,6 +50,7 @@ async def snapshot(observatory: Observatory, rt: Runtime) -> dict[str, Any]:
             "key_pool": keys,
             "inflight": observatory.inflight.get(name, 0),
             "spend_today_usd": round(view.spend_usd, 8) if view.spend_day == today else 0.0,
+            "trend": (observatory.trends.get(name) or TargetTrend(now)).series(now),
         })
     tenants = []
     budgets = await _tenant_spend(rt, now) if store["healthy"] else {}
@@ -59,12 +64,13 @@ async def snapshot(observatory: Observatory, rt: Runtime) -> dict[str, Any]:
             "spend_today_usd": round(spent.get("daily", view.spend_usd if view.spend_day == today else 0.0), 8),
             "spend_month_usd": round(spent["monthly"], 8) if "monthly" in spent else None,
             "budget": None if budget is None else {"daily_usd": budget.daily_usd, "monthly_usd": budget.monthly_usd},
+            "spend_by_hour_usd": (observatory.spend.get(name) or TenantSpend()).cumulative(now),
         })
     door = rt.guard
     bans = door.bans.active() if door is not None and door.bans is not None else []
     return {
         "version": __version__, "started_at": _iso(observatory.started), "now": _iso(now),
-        "uptime_s": round(now - observatory.started, 1), "store": store,
+        "uptime_s": round(now - observatory.started, 1), "store": store, "trend_window": trends.window(now),
         "targets": targets, "tenants": tenants, "errors": list(observatory.last_errors),
         "bans": [{"id": _masked(b.subject), "until": _iso(b.until), "remaining_s": round(b.until - now, 1),
                   "reason": b.reason} for b in bans],
