@@ -19,6 +19,7 @@ import pytest
 
 from gateway import __version__
 from gateway.keys import RUNTIME
+from gateway.observe.trends import BUCKET_S, POINTS
 from tests.support.browser import Browser, find_chromium
 from tests.support.config import NO_RETRY, GatewayConfig, header_env
 from tests.support.fakes import Fault
@@ -309,3 +310,184 @@ async def test_a_real_browser_shows_each_circuit_and_follows_it_opening_without_
         if shots:
             await browser.screenshot(Path(shots) / "status-375.png")
         assert browser.console_errors == []
+
+
+# ---------------------------------------------------------------- trends (the last 15 minutes)
+
+BUDGET = {"Authorization": f"Bearer {TENANT_KEY}"}
+SMALL = {**CHAT, "max_tokens": 16}  # what the budget reserves for an answer before it comes: little
+
+
+def trend_config(primary: str, spare: str) -> GatewayConfig:
+    """``up`` retries 5xx (the default: two retries), falls back to ``spare`` and opens its circuit after three
+    failures in a row, for 45 s; tenants ``acme`` (a daily budget) and ``lab`` (none)."""
+    cfg = GatewayConfig(primary, default_target="up")
+    cfg.tenant("acme", api_key=TENANT_KEY, budget={"daily_usd": 0.0005}).tenant("lab", api_key=LAB_KEY)
+    cfg.up(fallback_targets=["spare"], circuit={"error_threshold": 3, "cooldown_s": 45})
+    return cfg.target("spare", f"{spare}/v1", provider="openai")
+
+
+def align(clock) -> None:
+    """Half a second into a bucket, so a test's own run time never crosses into the next one by itself."""
+    clock.advance(BUCKET_S - clock.time() % BUCKET_S + 0.5)
+
+
+async def bucket(client, fake, clock, n: int, *, retried: int = 0, streams: int = 0, move_on: bool = True) -> None:
+    """``n`` answered requests in this bucket (the first ``retried`` after one upstream 503 each, ``streams``
+    of them streamed), then the clock moves on to the next bucket (unless not ``move_on``)."""
+    fake.plan(*[Fault(status=503) for _ in range(retried)])
+    for i in range(n):
+        body = {**SMALL, "stream": True} if i >= n - streams else SMALL
+        resp = await client.post("/v1/chat/completions", json=body, headers=BUDGET)
+        assert resp.status == 200
+        await resp.read()
+    if move_on:
+        clock.advance(BUCKET_S)
+
+
+async def outage(client, fake, clock) -> None:
+    """Three 503s in a row: retried twice, then the request falls back to ``spare`` and ``up``'s circuit opens;
+    a minute later (two buckets on) the first request probes it (half-open) and closes it."""
+    fake.plan(Fault(status=503), Fault(status=503), Fault(status=503))
+    resp = await client.post("/v1/chat/completions", json=SMALL, headers=BUDGET)
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Target"] == "spare"
+    assert client.app[RUNTIME].current.circuits["up"].state == "open"
+    clock.advance(2 * BUCKET_S)
+    assert (await client.post("/v1/chat/completions", json=SMALL, headers=BUDGET)).status == 200
+    assert client.app[RUNTIME].current.circuits["up"].state == "closed"
+
+
+def card(html: str, target: str) -> str:
+    """One target's trend card in the page's HTML (up to the next card or the section's end)."""
+    start = html.index(f'<div class="trend" data-trend="{target}">')
+    ends = [i for i in (html.find('<div class="trend" data-trend=', start + 1), html.find("</section>", start)) if i > 0]
+    return html[start:min(ends)]
+
+
+def chart_points(html: str, chart: str, series: int = 0) -> int:
+    """How many points one chart of a card draws for one series (over all its runs)."""
+    figure = html[html.index(f'data-chart="{chart}"'):]
+    figure = figure[:figure.index("</figure>")]
+    return sum(len(p.split()) for p in re.findall(rf'<polyline class="s{series}" points="([^"]*)"', figure))
+
+
+async def test_retried_5xx_a_fallback_and_the_circuit_show_in_the_trends_though_every_answer_was_200(
+        gateway, upstreams, clock):
+    fake, spare = await upstreams(), await upstreams()
+    align(clock)
+    client, _ = await gateway(trend_config(fake.url, spare.url), clock=clock)
+    await bucket(client, fake, clock, 3)
+    await bucket(client, fake, clock, 10, retried=1, streams=2)  # 11 attempts upstream for 10 answers
+    await outage(client, fake, clock)  # ends two buckets later, in the fifth
+
+    data = await (await client.get("/status.json")).json()
+    assert data["trend_window"]["bucket_s"] == BUCKET_S and data["trend_window"]["points"] == POINTS
+    up = next(t for t in data["targets"] if t["name"] == "up")
+    assert (up["requests"], up["error_rate"]) == (14, 0.0)  # the totals: nothing wrong, since start
+    trend, last5 = up["trend"], slice(POINTS - 5, None)
+    assert len(trend["requests_per_s"]) == POINTS and trend["requests_per_s"][: POINTS - 5] == [None] * (POINTS - 5)
+    assert trend["upstream_attempts"][last5] == [3, 11, 3, 0, 1]
+    assert trend["upstream_error_rate"][last5] == [0.0, round(1 / 11, 4), 1.0, None, 0.0]  # the trend: 9 %, then 100 %
+    assert trend["retries"][last5] == [0, 1, 2, 0, 0] and trend["fallbacks"][last5] == [0, 0, 1, 0, 0]
+    assert [round(r * BUCKET_S) for r in trend["requests_per_s"][POINTS - 5:-1]] == [3, 10, 0, 0]
+    assert trend["latency_p50_ms"][POINTS - 5] > 0 and trend["latency_p99_ms"][POINTS - 3] is None  # (spare answered)
+    assert trend["ttft_p50_ms"][last5][1] is not None and trend["ttft_p50_ms"][POINTS - 5] is None  # streams only
+    marks = trend["circuit_marks"]
+    assert [m["to"] for m in marks] == ["open", "half_open", "closed"]
+    start = data["trend_window"]["start"]
+    assert (POINTS - 3) * BUCKET_S <= marks[0]["offset_s"] < (POINTS - 2) * BUCKET_S  # in the outage's bucket
+    assert marks[1]["offset_s"] >= (POINTS - 1) * BUCKET_S and start % BUCKET_S == 0
+    spare_trend = next(t for t in data["targets"] if t["name"] == "spare")["trend"]
+    assert spare_trend["upstream_attempts"][POINTS - 3] == 1 and spare_trend["circuit_marks"] == []
+    acme, lab = data["tenants"]
+    hour = int(clock.time() % 86400) // 3600
+    hours = acme["spend_by_hour_usd"]
+    assert len(hours) == 24 and hours[hour + 1:] == [None] * (23 - hour) and None not in hours[: hour + 1]
+    assert hours[hour] == pytest.approx(acme["spend_today_usd"]) and hours[hour] > 0  # one process: all of it
+    assert lab["spend_by_hour_usd"][hour] == 0.0
+
+    html = (await get_page(client))[1]
+    page = card(html, "up")
+    assert re.findall(r'data-chart="(\w+)"', page) == ["rps", "errors", "retries", "latency", "ttft"]
+    assert chart_points(page, "rps") == 5 and chart_points(page, "errors") == 4  # no attempt in the fourth: a gap
+    assert chart_points(page, "retries", 0) == chart_points(page, "retries", 1) == 5
+    assert re.findall(r'class="mark" data-to="(\w+)"', page) == ["open", "half_open", "closed"] * 5
+    assert "Upstream errors" in page and "0.0%" in page  # the newest bucket's rate, beside the chart
+    row = html[html.index('<tr data-tenant="acme">'):]
+    row = row[:row.index("</tr>")]
+    assert len(re.findall(r'<polyline class="s0" points="([^"]*)"', row)[0].split()) == hour + 1
+    assert row.count('class="limit"') == 1  # the daily budget
+    lab_row = html[html.index('<tr data-tenant="lab">'):]
+    assert 'class="limit"' not in lab_row[:lab_row.index("</tr>")]
+    assert_no_secrets(html)
+
+
+# Every CSP violation the page causes, recorded by a listener that is in place before the page's own script runs.
+CSP_WATCH = "window.__csp = []; document.addEventListener('securitypolicyviolation', " \
+            "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+# Points drawn by each chart of a target's card, per series, and its circuit marks.
+CHARTS_JS = """Object.fromEntries([...document.querySelectorAll('[data-trend="{target}"] figure[data-chart]')].map((f) =>
+  [f.dataset.chart, {{s0: [...f.querySelectorAll('polyline.s0')].reduce((n, p) => n + p.points.numberOfItems, 0),
+                     s1: [...f.querySelectorAll('polyline.s1')].reduce((n, p) => n + p.points.numberOfItems, 0),
+                     marks: [...f.querySelectorAll('line.mark')].map((m) => m.dataset.to)}}]))"""
+# The page's own drawing of some charts next to the server's drawing of the same data (a fresh GET /).
+MIRROR_JS = """fetch('/').then((r) => r.text()).then((html) => {
+  const server = new DOMParser().parseFromString(html, 'text/html');
+  const lines = (doc) => ['errors', 'retries', 'latency', 'ttft'].map((c) => [...doc.querySelectorAll(
+    `[data-trend="up"] [data-chart="${c}"] polyline, [data-trend="up"] [data-chart="${c}"] line`)].map(
+    (p) => p.getAttribute('class') + ':' + (p.getAttribute('points') || p.getAttribute('x1'))));
+  return JSON.stringify(lines(document)) === JSON.stringify(lines(server)) ? 'same' : [lines(document), lines(server)];
+})"""
+
+
+async def test_a_real_browser_draws_the_trends_keeps_them_current_and_the_csp_holds(gateway, upstreams, clock):
+    need_browser()
+    fake, spare = await upstreams(), await upstreams()
+    align(clock)
+    client, _ = await gateway(trend_config(fake.url, spare.url), clock=clock)
+    for n, retried in ((4, 0), (6, 1), (5, 0), (8, 0), (7, 2), (9, 0), (6, 0), (5, 1)):  # eight buckets of traffic
+        await bucket(client, fake, clock, n, retried=retried, streams=1)
+    await outage(client, fake, clock)  # the ninth; the probe in the eleventh
+    await bucket(client, fake, clock, 3, streams=1, move_on=False)  # the eleventh, the newest
+    async with Browser.launch(CHROMIUM) as browser:
+        await browser.call("Page.addScriptToEvaluateOnNewDocument", source=CSP_WATCH)
+        await browser.navigate(str(client.make_url("/")))
+        assert await browser.evaluate("document.querySelectorAll('#trends [data-trend]').length") == 2
+        up = await browser.evaluate(CHARTS_JS.format(target="up"))
+        assert list(up) == ["rps", "errors", "retries", "latency", "ttft"]
+        assert up["rps"]["s0"] == 11  # one point a bucket since the gateway started
+        assert up["errors"]["s0"] == 10  # the bucket of the open circuit had no upstream attempt: a gap
+        assert up["retries"]["s0"] == up["retries"]["s1"] == 11 and up["latency"]["s1"] == 9  # (spare answered in the ninth)
+        assert all(c["marks"] == ["open", "half_open", "closed"] for c in up.values())
+        spare_charts = await browser.evaluate(CHARTS_JS.format(target="spare"))
+        assert spare_charts["rps"]["s0"] == 11 and spare_charts["latency"]["s0"] == 1 and spare_charts["rps"]["marks"] == []
+        hour = int(clock.time() % 86400) // 3600
+        hours = "document.querySelectorAll('tr[data-tenant=\"{}\"] [data-field=\"hours\"] {}')"
+        assert await browser.evaluate(hours.format("acme", "polyline") + "[0].points.numberOfItems") == hour + 1
+        assert await browser.evaluate(hours.format("acme", "line.limit") + ".length") == 1
+        assert await browser.evaluate(hours.format("lab", "line.limit") + ".length") == 0
+
+        # The page redraws itself: a new bucket of traffic shows up as a twelfth point, without a reload.
+        await browser.evaluate("window.sameDocument = true")
+        clock.advance(BUCKET_S)
+        await bucket(client, fake, clock, 4, retried=1, move_on=False)
+        rps = CHARTS_JS.format(target="up") + ".rps.s0"
+        await browser.wait_for(rps + " === 12", timeout_s=10)
+        assert await browser.evaluate("window.sameDocument === true")
+        assert await browser.evaluate(MIRROR_JS) == "same"  # the script draws what the server draws
+
+        shots = os.environ.get("RELIAPI_SCREENSHOT_DIR")
+        if shots:
+            await browser.screenshot(Path(shots) / "status-trends-1280.png")
+        await browser.viewport(375, 812)
+        assert await browser.evaluate("document.documentElement.scrollWidth") <= 375
+        width = "document.querySelector('[data-trend=\"up\"] [data-chart=\"rps\"] svg').getBoundingClientRect().width"
+        assert await browser.evaluate(width) >= 120  # two charts a row on a phone, not slivers
+        if shots:
+            await browser.screenshot(Path(shots) / "status-trends-375.png")
+        assert browser.console_errors == []
+        assert await browser.evaluate("window.__csp") == []
+        # The watch works: a script the page did not sign is refused, and seen.
+        await browser.evaluate("document.body.append(Object.assign(document.createElement('script'), {textContent: '1'}))")
+        await browser.wait_for("window.__csp.length === 1", timeout_s=5)
+        assert (await browser.evaluate("window.__csp"))[0].startswith("script-src")

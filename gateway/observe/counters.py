@@ -86,7 +86,7 @@ class Hist:
 class TargetView:
     """Per-target numbers for the status page (this process, since it started)."""
 
-    __slots__ = ("requests", "errors", "recent", "cache_hits", "cache_misses", "spend_day", "spend_usd")
+    __slots__ = ("requests", "errors", "recent", "cache_hits", "cache_misses", "spend_day", "spend_usd", "trend")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -96,16 +96,18 @@ class TargetView:
         self.cache_misses = 0
         self.spend_day = ""
         self.spend_usd = 0.0
+        self.trend: TargetTrend | None = None  # a configured target's last 15 minutes (``Observatory.track``)
 
 
 class TenantView:
-    __slots__ = ("requests", "rate_limited", "spend_day", "spend_usd")
+    __slots__ = ("requests", "rate_limited", "spend_day", "spend_usd", "hourly")
 
     def __init__(self) -> None:
         self.requests = 0
         self.rate_limited = 0
         self.spend_day = ""
         self.spend_usd = 0.0
+        self.hourly: TenantSpend | None = None  # a configured tenant's spend today by hour (``Observatory.track``)
 
 
 def _inc(d: dict[Any, float], key: Any, by: float = 1) -> None:
@@ -161,10 +163,13 @@ class Observatory:
         now = self.wall()
         for name in targets:
             if name not in self.trends:
-                self.trends[name] = TargetTrend(now)
+                self.trends[name] = self._view(name).trend = TargetTrend(now)
         for name in tenants:
             if name not in self.spend:
-                self.spend[name] = TenantSpend()
+                view = self.tenants.get(name)
+                if view is None:
+                    view = self.tenants[name] = TenantView()
+                self.spend[name] = view.hourly = TenantSpend()
 
     # -- feeds -----------------------------------------------------------------------
 
@@ -186,7 +191,7 @@ class Observatory:
         view.requests += 1
         view.recent.append(latency_ms)
         ttft = f["ttft_ms"]
-        trend = self.trends.get(target)
+        trend = view.trend
         if trend is not None:
             trend.request(self.wall(), latency_ms, ttft)
         if ttft is not None:
@@ -237,9 +242,8 @@ class Observatory:
                     if tv.spend_day != day:
                         tv.spend_day, tv.spend_usd = day, 0.0
                     tv.spend_usd += cost
-                    hourly = self.spend.get(tenant)
-                    if hourly is not None:
-                        hourly.add(self.wall(), cost)
+                    if tv.hourly is not None:
+                        tv.hourly.add(self.wall(), cost)
 
     def _slot(self, key: tuple[Any, ...]) -> list[Any]:
         target, kind = key[0], key[1]

@@ -16,7 +16,7 @@ A ``TenantSpend`` is today's spend (UTC) in 24 hourly slots, reset when the day 
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections import deque
 from typing import Any
 
@@ -29,50 +29,51 @@ BINS = len(EDGES_MS) + 1
 
 
 class TargetTrend:
-    __slots__ = ("born", "head", "requests", "attempts", "upstream_errors", "retries", "fallbacks",
+    __slots__ = ("born", "head", "since", "until", "at", "attempts", "upstream_errors", "retries", "fallbacks",
                  "latency", "ttft", "marks")
 
     def __init__(self, now: float) -> None:
         self.born = int(now // BUCKET_S)  # the first bucket with data
-        self.head = self.born  # the newest bucket; its slot is ``head % POINTS``
-        self.requests = [0] * POINTS
+        self.head = self.born  # the newest bucket; it spans [since, until) and its slot is ``at``
+        self.since, self.until = self.head * BUCKET_S, (self.head + 1) * BUCKET_S
+        self.at = self.head % POINTS
         self.attempts = [0] * POINTS  # upstream attempts (UpstreamAnswered)
         self.upstream_errors = [0] * POINTS  # of them: no answer (status 0) or 5xx
         self.retries = [0] * POINTS
         self.fallbacks = [0] * POINTS
-        self.latency = [0] * (POINTS * BINS)  # slot * BINS + bin
+        self.latency = [0] * (POINTS * BINS)  # slot * BINS + bin; a slot's sum is its number of requests
         self.ttft = [0] * (POINTS * BINS)
         self.marks: deque[tuple[float, str]] = deque(maxlen=MARKS)
 
     def _slot(self, now: float) -> int:
-        """The slot of the bucket ``now`` falls in, moving the ring forward if needed; -1: too old to keep."""
+        """The slot of the bucket ``now`` falls in, moving the ring forward if needed; -1: too old to keep.
+        The per-request feeds ask only once ``now`` is past the newest bucket (one float comparison):
+        the wall clock only goes back when it is set, and then the newest bucket takes the difference."""
         bucket = int(now // BUCKET_S)
-        if bucket != self.head:
-            if bucket < self.head:
-                return bucket % POINTS if self.head - bucket < POINTS and bucket >= self.born else -1
-            self._advance(bucket)
-        return bucket % POINTS
+        if bucket < self.head:
+            return bucket % POINTS if self.head - bucket < POINTS and bucket >= self.born else -1
+        if bucket > self.head:
+            for b in range(max(self.head + 1, bucket - POINTS + 1), bucket + 1):
+                i = b % POINTS
+                self.attempts[i] = self.upstream_errors[i] = self.retries[i] = self.fallbacks[i] = 0
+                self.latency[i * BINS:(i + 1) * BINS] = self.ttft[i * BINS:(i + 1) * BINS] = ZERO_BINS
+            self.head = bucket
+            self.since, self.until = bucket * BUCKET_S, (bucket + 1) * BUCKET_S
+            self.at = bucket % POINTS
+        return self.at
 
-    def _advance(self, bucket: int) -> None:
-        for b in range(max(self.head + 1, bucket - POINTS + 1), bucket + 1):
-            i = b % POINTS
-            self.requests[i] = self.attempts[i] = self.upstream_errors[i] = self.retries[i] = self.fallbacks[i] = 0
-            self.latency[i * BINS:(i + 1) * BINS] = self.ttft[i * BINS:(i + 1) * BINS] = ZERO_BINS
-        self.head = bucket
-
-    # -- feeds (one call per request or event) ----------------------------------------
+    # -- feeds (one call per request or event: a few list increments) ------------------------
 
     def request(self, now: float, latency_ms: float, ttft_ms: float | None) -> None:
-        i = self._slot(now)
+        i = self.at if now < self.until else self._slot(now)
         if i < 0:
             return
-        self.requests[i] += 1
-        self.latency[i * BINS + bisect.bisect_left(EDGES_MS, latency_ms)] += 1
+        self.latency[i * BINS + bisect_left(EDGES_MS, latency_ms)] += 1
         if ttft_ms is not None:
-            self.ttft[i * BINS + bisect.bisect_left(EDGES_MS, ttft_ms)] += 1
+            self.ttft[i * BINS + bisect_left(EDGES_MS, ttft_ms)] += 1
 
     def attempt(self, now: float, status: int) -> None:
-        i = self._slot(now)
+        i = self.at if now < self.until else self._slot(now)
         if i < 0:
             return
         self.attempts[i] += 1
@@ -105,14 +106,14 @@ class TargetTrend:
                     values.append(None)
                 continue
             i = b % POINTS
-            n, attempts = self.requests[i], self.attempts[i]
+            attempts = self.attempts[i]
+            lat, ttft = self.latency[i * BINS:(i + 1) * BINS], self.ttft[i * BINS:(i + 1) * BINS]
             span = BUCKET_S if b < self.head else max(1.0, now - b * BUCKET_S)  # the newest bucket is not over
-            out["requests_per_s"].append(round(n / span, 3))
+            out["requests_per_s"].append(round(sum(lat) / span, 3))
             out["upstream_attempts"].append(attempts)
             out["upstream_error_rate"].append(round(self.upstream_errors[i] / attempts, 4) if attempts else None)
             out["retries"].append(self.retries[i])
             out["fallbacks"].append(self.fallbacks[i])
-            lat, ttft = self.latency[i * BINS:(i + 1) * BINS], self.ttft[i * BINS:(i + 1) * BINS]
             out["latency_p50_ms"].append(quantile(lat, 0.50))
             out["latency_p99_ms"].append(quantile(lat, 0.99))
             out["ttft_p50_ms"].append(quantile(ttft, 0.50))
