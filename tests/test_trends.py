@@ -18,7 +18,7 @@ T0 = MIDNIGHT + 10  # 10 s into a bucket
 
 
 def sizes(trend: TargetTrend) -> list[int]:
-    return [len(trend.requests), len(trend.attempts), len(trend.upstream_errors), len(trend.retries),
+    return [len(trend.attempts), len(trend.upstream_errors), len(trend.retries),
             len(trend.fallbacks), len(trend.latency), len(trend.ttft)]
 
 
@@ -49,16 +49,17 @@ def test_buckets_move_with_the_clock_and_old_ones_fall_off_without_growing_anyth
     assert later["requests_per_s"][10:] == [0.0] * (POINTS - 10)
 
 
-def test_a_record_older_than_the_window_is_dropped_and_one_inside_it_lands_in_its_bucket():
+def test_a_clock_set_back_counts_in_the_newest_bucket_and_a_late_event_in_its_own_or_nowhere():
     trend = TargetTrend(T0)
     trend.request(T0 + 10 * BUCKET_S, 10.0, None)
-    trend.request(T0 + 3 * BUCKET_S, 10.0, None)  # late, still in the window
-    trend.request(T0 - 5 * BUCKET_S, 10.0, None)  # before the ring existed
-    trend.request(T0 + 10 * BUCKET_S - POINTS * BUCKET_S, 10.0, None)  # out of the window
+    trend.request(T0 - 5 * BUCKET_S, 10.0, None)  # the wall clock was set back: the newest bucket takes it
+    trend.retry(T0 + 3 * BUCKET_S)  # an event stamped earlier, still in the window: its own bucket
+    trend.retry(T0 - 5 * BUCKET_S)  # before the ring existed: dropped
+    trend.retry(T0 + 10 * BUCKET_S - POINTS * BUCKET_S)  # out of the window: dropped
     s = trend.series(T0 + 10 * BUCKET_S)
-    counts = [None if r is None else round(r * BUCKET_S) for r in s["requests_per_s"][:-1]]
-    assert counts == [None] * 19 + [0, 0, 0, 1] + [0] * 6  # the ring was born 19 points from the left
-    assert s["requests_per_s"][-1] == 0.1  # 1 request in the 10 s of the newest bucket
+    assert [None if r is None else round(r * BUCKET_S) for r in s["requests_per_s"][:-1]] == [None] * 19 + [0] * 10
+    assert s["requests_per_s"][-1] == 0.2  # 2 requests in the 10 s of the newest bucket
+    assert s["retries"] == [None] * 19 + [0, 0, 0, 1] + [0] * 7
 
 
 def test_upstream_errors_are_per_attempt_so_retried_5xx_show_though_every_request_succeeded():
