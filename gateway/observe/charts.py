@@ -27,9 +27,9 @@ CHARTS: tuple[dict[str, Any], ...] = (
     {"id": "retries", "title": "", "names": ["Retries", "fallbacks"], "series": ["retries", "fallbacks"],
      "unit": "count", "floor": 2},
     {"id": "latency", "title": "Latency", "names": ["p50", "p99"], "series": ["latency_p50_ms", "latency_p99_ms"],
-     "unit": "ms", "floor": 10},
+     "unit": "ms", "floor": 1},
     {"id": "ttft", "title": "First token", "names": ["p50", "p99"], "series": ["ttft_p50_ms", "ttft_p99_ms"],
-     "unit": "ms", "floor": 10},
+     "unit": "ms", "floor": 1},
 )
 
 
@@ -90,5 +90,5 @@ def label(chart: dict[str, Any]) -> str:
 
 def spend_chart(cumulative: list[float | None], budget: float | None) -> Markup:
     """Today's spend, hour by hour, against the daily budget (if any)."""
-    ymax = top([cumulative], 0.01, budget)
+    ymax = top([cumulative], 0.0, budget)
     return svg([cumulative], ymax=ymax, limit=budget, label="spend today by hour")
