@@ -299,6 +299,12 @@ async def test_a_real_browser_shows_each_circuit_and_follows_it_opening_without_
         assert list(rows) == ["alpha", "beta", "gamma"] and rows["gamma"] == "closed"
         assert await browser.evaluate(FIELD_JS.format(target="gamma", field="requests")) == "0"
         assert await browser.evaluate("window.sameDocument === true")
+        # …and its trend card, drawn by the script from a blank one: one point so far (its ring is new), no mark.
+        trends = "[...document.querySelectorAll('#trends [data-trend]')].map((c) => c.dataset.trend)"
+        assert await browser.evaluate(trends) == ["alpha", "beta", "gamma"]
+        gamma = await browser.evaluate(CHARTS_JS.format(target="gamma"))
+        assert gamma["rps"] == {"s0": 1, "s1": 0, "marks": []} and len(gamma) == 5
+        assert (await browser.evaluate(CHARTS_JS.format(target="beta")))["rps"]["marks"] == ["open"]
 
         shots = os.environ.get("RELIAPI_SCREENSHOT_DIR")
         if shots:

@@ -2,7 +2,8 @@
 
 The page is rendered whole on the server (aiohttp-jinja2, autoescaped), so it is useful
 without JavaScript; a small inline script then fetches ``/status.json`` every two seconds
-and updates the same elements in place (``textContent`` only). Everything it needs is in
+and updates the same elements in place (``textContent``, and the trend charts' inline SVG, which
+``gateway.observe.charts`` draws and the script redraws from the same series). Everything it needs is in
 the one response — no CDN, no fonts, no images — and a Content-Security-Policy holds the
 browser to that. The formatting helpers below are mirrored by the script's ``fmt``: change
 one, change both.
