@@ -250,6 +250,7 @@ def v1_dialect(asked: Endpoint) -> str:
 # ``/v1/health/``, ``/v1/rate-limit/%7Bx%7D`` —: refused, so that they never reach an upstream with its key.
 _OWNED = frozenset(("health", "cache/stats", "cache/clear", "admin/summary"))
 _OWNED_PREFIXES = ("rate-limit/", "usage/")
+_OWNED_MEMO: dict[object, bool] = {}
 
 
 async def v1(call: Call) -> Exchange:
@@ -263,8 +264,13 @@ async def v1(call: Call) -> Exchange:
         validate_query(query)
     validate_header_values(request.headers, parsed=True)
     asked = endpoint(rel)
-    owned = asked.path
-    if owned in _OWNED or owned.startswith(_OWNED_PREFIXES) or owned in ("rate-limit", "usage"):  # (inline: hot path)
+    owned = _OWNED_MEMO.get(asked)  # (endpoints are memoized: so is this, per endpoint)
+    if owned is None:
+        path = asked.path
+        owned = path in _OWNED or path.startswith(_OWNED_PREFIXES) or path in ("rate-limit", "usage")
+        if len(_OWNED_MEMO) < 4096:
+            _OWNED_MEMO[asked] = owned
+    if owned:
         raise UnknownTarget(f"/v1/{asked.path} is answered by the gateway itself, at exactly that path (no trailing "
                             "slash or escaped characters); it is never sent upstream")
     body, headers = await body_of(call), request.headers

@@ -78,10 +78,9 @@ async def serve(request: web.Request) -> web.StreamResponse:
             headers[X_REQUEST_ID] = call.request_id
             headers[X_RELIAPI_TARGET] = ex.target.name
             headers[X_RELIAPI_ATTEMPTS] = str(ex.attempts)
-            if ex.log:  # (where a virtual model's concrete one is noted)
-                routed_to = routed_model(ex)
-                if routed_to is not None:
-                    headers[X_RELIAPI_ROUTED_MODEL] = routed_to
+            routed_to = ex.log.get("routed_model")  # a virtual model's concrete one (routed_model, inline: hot path)
+            if routed_to is not None:
+                headers[X_RELIAPI_ROUTED_MODEL] = routed_to
             headers.setdefault(X_CACHE, "BYPASS")
             headers.setdefault(X_CACHED, "false")
             tracing = rt.tracing  # (tracing.name, inline: every answer)
