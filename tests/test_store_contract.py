@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.errors import StoreUnavailable
-from gateway.store import Store, StoreError, StoreURLError, Take, TakeResult, open_store
+from gateway.store import Store, StoreError, StoreURLError, Take, TakeResult, Write, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.resp import ReplyError
@@ -184,6 +184,75 @@ async def test_compare_and_set_is_a_fenced_write(store: Store, advance) -> None:
     assert await store.get("absent") is None
     await advance(0.35)
     assert await store.get("idem") is None  # the new value got the new TTL
+
+
+class OneByOne(MemoryStore):
+    """A backend without a ``commit`` of its own: the base class's, one write after the other."""
+
+    commit = Store.commit
+
+
+@pytest_asyncio.fixture(params=["memory", "redis", "sentinel", "cluster", "base"])
+async def committing(request: pytest.FixtureRequest, prefix: str, clock: FakeClock):
+    """``store`` plus the base class's ``commit`` (what a backend gets without writing one)."""
+    if request.param == "redis":
+        s: Store = await _redis_store(prefix)
+    elif request.param in ("sentinel", "cluster"):
+        s = RedisStore(request.getfixturevalue(f"{request.param}_group").url, key_prefix=prefix)
+        await s.ping()
+    else:
+        s = MemoryStore(clock=clock) if request.param == "memory" else OneByOne(clock=clock)
+    yield s
+    await s.delete_prefix("")
+    await s.close()
+
+
+async def test_commit_applies_each_fenced_write_on_its_own_and_says_which(committing: Store) -> None:
+    store = committing
+    await store.set("idem", b"lock-i", ttl_s=10)
+    await store.set("cache", b"lock-c", ttl_s=10)
+    await store.set("stale", b"someone else's", ttl_s=10)
+    await store.set("gone", b"x")
+    async with store.subscribe("idem") as idem_ch, store.subscribe("cache") as cache_ch, \
+            store.subscribe("stale") as stale_ch:
+        done = await store.commit([
+            Write("idem", b"D-answer", expected=b"lock-i", ttl_s=60, notify="idem"),
+            Write("stale", b"D-mine", expected=b"lock-s", ttl_s=60, notify="stale"),  # not ours: not written
+            Write("cache", None, expected=b"lock-c", notify="cache"),  # released
+            Write("entry", b"D-entry", ttl_s=0.3),  # unfenced set
+            Write("gone", None),  # unfenced delete
+        ])
+        assert done == [True, False, True, True, True]
+        assert await idem_ch.get(2) == b"done"
+        assert await cache_ch.get(2) == b"released"
+        assert await stale_ch.get(0.1) is None  # a write that did not happen announces nothing
+    assert await store.get("idem") == b"D-answer"
+    assert await store.get("stale") == b"someone else's"
+    assert await store.get("cache") is None
+    assert await store.get("entry") == b"D-entry"
+    assert await store.get("gone") is None
+
+
+async def test_commit_writes_expire_as_set_does(committing: Store, clock: FakeClock) -> None:
+    store = committing
+    await store.set("k", b"lock", ttl_s=10)
+    assert await store.commit([Write("k", b"v", expected=b"lock", ttl_s=0.2), Write("forever", b"f")]) == [True, True]
+    if store.backend == "memory":
+        clock.now += 0.35
+    else:
+        await asyncio.sleep(0.35)
+    assert await store.get("k") is None
+    assert await store.get("forever") == b"f"
+
+
+async def test_commit_is_fenced_under_concurrency(committing: Store) -> None:
+    """Twenty committers holding twenty different tokens for one key: only the holder's write lands."""
+    store = committing
+    await store.set("k", b"token-7", ttl_s=10)
+    results = await asyncio.gather(*(store.commit([Write("k", b"answer-%d" % i, expected=b"token-%d" % i, ttl_s=10)])
+                                     for i in range(20)))
+    assert [i for i, r in enumerate(results) if r == [True]] == [7]
+    assert await store.get("k") == b"answer-7"
 
 
 # -- counters ------------------------------------------------------------------

@@ -13,6 +13,7 @@ from multidict import CIMultiDict
 from gateway import errors
 from gateway.errors import GatewayError, StreamBroken
 from gateway.flow.exchange import Reply
+from gateway.state.commit import Writes
 from gateway.state.flightlog import (
     ABANDONED,
     END,
@@ -28,7 +29,7 @@ from gateway.state.flightlog import (
     encode,
     failed,
 )
-from gateway.store import StoreError
+from gateway.store import StoreError, Write
 from gateway.streaming.recording import Reader, Recording, headers_of
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class Lead:
         self.private: frozenset[str] = frozenset()  # headers (lower case) only the leader's own client gets
         self._own_headers: Any = None
         self._finish_alone = False  # the work goes on to its end (and is stored) when its client leaves
+        self._writes: Writes | None = None  # the final writes, with an enclosing lead's when there is one
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
@@ -97,7 +99,9 @@ class Lead:
         self._finish_alone = finish_alone
         flights = self.flights
         flights.local[self.key] = self
-        task = self._task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
+        self._writes = writes = Writes(flights.store)
+        with writes.enter():  # a lead started by the work hands its final writes to this one
+            task = self._task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
         flights.tasks.add(task)
         task.add_done_callback(flights.tasks.discard)
         try:
@@ -169,9 +173,11 @@ class Lead:
 
     async def _run(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
         self._schedule_beat()
+        assert self._writes is not None
         try:
             await self._lead(work, storable, ttl_s, max_bytes)
         except asyncio.CancelledError:  # given up: its client left and nobody else waits
+            self._writes.settling = True
             if self._rec is not None and not self._rec.ended:
                 self._rec.end(StreamBroken("abandoned by its client"))
             self._publish(None)
@@ -179,8 +185,10 @@ class Lead:
             await self._release()
         except Exception:
             log.exception("%s: leader failed", self.flights.namespace)
+            self._writes.settling = True
             await self._release()
         finally:
+            self._writes.close()
             self._finished = True
             if self._beat is not None:
                 self._beat.cancel()
@@ -190,9 +198,11 @@ class Lead:
                 self._outcome.set_result(errors.InternalError("internal error"))
 
     async def _lead(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
+        assert self._writes is not None
         try:
             reply = await work()
         except GatewayError as e:
+            self._writes.settling = True
             self._publish(e)
             self._log(failed(e))
             await self._release()
@@ -200,6 +210,7 @@ class Lead:
         except Exception:
             log.exception("internal error", extra={"fields": {"request_id": self.request_id}})
             err = errors.InternalError("internal error")
+            self._writes.settling = True
             self._publish(err)
             self._log(failed(err))
             await self._release()
@@ -217,6 +228,7 @@ class Lead:
         if not rec.stream:
             rec.body = reply.body or b""
             rec.ended = True
+            self._writes.settling = True
             self._publish(rec)
             if storable(reply) and len(rec.body) <= max_bytes:
                 await self._store(rec, ttl_s)  # the stored entry is what followers read
@@ -246,6 +258,7 @@ class Lead:
             error = StreamBroken("the upstream stream failed")
         finally:
             await reply.aclose()
+        self._writes.settling = True
         rec.end(error)
         if error is not None:
             self._log(Broken(error.code, error.message, getattr(error, "reported", False)))
@@ -294,28 +307,25 @@ class Lead:
                       rec.chunks if rec.stream else None, self.started,
                       self.tag(rec.headers) if self.tag is not None else "")
         left = ttl_s - (self.flights.now() - self.started)
-        store = self.flights.store
+        release = Write(self.key, None, self.lock, notify=self.key)
+        if self.entry_key is not None:  # a refresh: the new entry beside the lock, which goes
+            writes = [Write(self.entry_key, b"D" + encode(entry), ttl_s=left), release] if left > 0 else [release]
+        else:  # the answer replaces the lock (a fenced write: not if the lock was taken over)
+            writes = [Write(self.key, b"D" + encode(entry), self.lock, left, self.key)] if left > 0 else [release]
+        assert self._writes is not None
         try:
-            if self.entry_key is not None:
-                if left > 0:
-                    await store.set(self.entry_key, b"D" + encode(entry), left)
-                await store.compare_and_delete(self.key, self.lock, notify=self.key)
-                return
-            if left > 0 and await store.compare_and_set(
-                self.key, self.lock, b"D" + encode(entry), left, notify=self.key,
-            ):
-                return
-            if left > 0:
-                log.warning("%s: lock expired before the answer was stored (not stored)", self.flights.namespace)
-            await store.compare_and_delete(self.key, self.lock, notify=self.key)
+            done = await self._writes.commit(writes)
         except StoreError as e:
             log.warning("%s: answer not stored: %s", self.flights.namespace, e)
+            return
+        if self.entry_key is None and left > 0 and not done[0]:
+            log.warning("%s: lock expired before the answer was stored (not stored)", self.flights.namespace)
 
     async def _release(self) -> None:
         await self._drain()
-        store = self.flights.store
+        assert self._writes is not None
         try:
-            await store.compare_and_delete(self.key, self.lock, notify=self.key)
+            await self._writes.commit([Write(self.key, None, self.lock, notify=self.key)])
         except StoreError as e:  # the lock expires by itself
             log.warning("%s: release failed: %s", self.flights.namespace, e)
 

@@ -48,6 +48,19 @@ class Take(msgspec.Struct, frozen=True):
     quantity: int = 1
 
 
+class Write(msgspec.Struct, frozen=True):
+    """One write of ``Store.commit``. ``value`` None deletes the key. ``expected`` fences it: the write
+    applies only while the key holds exactly those bytes (None: whatever it holds). ``ttl_s`` as in
+    ``set``. ``notify``: a channel told ``b"done"`` (a value written) or ``b"released"`` (a key deleted)
+    when the write applies — as ``compare_and_set`` / ``compare_and_delete`` do."""
+
+    key: str
+    value: bytes | None
+    expected: bytes | None = None
+    ttl_s: float | None = None
+    notify: str | None = None
+
+
 class TakeResult(msgspec.Struct, frozen=True):
     """Outcome of one GCRA ``Store.take`` (the redis-cell ``CL.THROTTLE`` reply).
 
@@ -204,6 +217,25 @@ class Store(abc.ABC):
         """Replace only if the current value is ``expected`` (a fenced write by the
         token holder); ``ttl_s`` applies to the new value as in ``set``. With ``notify``, a
         successful write also publishes ``b"done"`` there, atomically."""
+
+    async def commit(self, writes: list[Write]) -> list[bool]:
+        """Several (fenced) writes in one round trip: each applies on its own key, atomically, as its
+        ``compare_and_set`` / ``compare_and_delete`` / ``set`` / ``delete`` would, whether or not the
+        others do; returns whether each applied, in order. The answer writes of a request that leads
+        more than one flight (``gateway.state.commit``). A backend sends them as one script where it
+        can; this default, one call per write, is correct but not faster."""
+        done = []
+        for w in writes:
+            if w.expected is None:
+                await (self.delete(w.key) if w.value is None else self.set(w.key, w.value, w.ttl_s))
+                if w.notify is not None:
+                    await self.publish(w.notify, b"released" if w.value is None else b"done")
+                done.append(True)
+            elif w.value is None:
+                done.append(await self.compare_and_delete(w.key, w.expected, notify=w.notify))
+            else:
+                done.append(await self.compare_and_set(w.key, w.expected, w.value, w.ttl_s, notify=w.notify))
+        return done
 
     @abc.abstractmethod
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:

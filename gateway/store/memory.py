@@ -22,6 +22,7 @@ from gateway.store.base import (
     Subscription,
     Take,
     TakeResult,
+    Write,
     gcra_params,
     gcra_result,
     one_slot,
@@ -143,6 +144,23 @@ class MemoryStore(Store):
         if notify is not None:
             await self.publish(notify, b"done")
         return True
+
+    async def commit(self, writes: list[Write]) -> list[bool]:
+        done = []
+        for w in writes:  # nothing awaits between the check and the write of each
+            if w.expected is not None:
+                entry = self._typed(w.key, bytes)
+                if entry is None or entry[0] != w.expected:
+                    done.append(False)
+                    continue
+            if w.value is None:
+                self._data.pop(w.key, None)
+            else:
+                self._put(w.key, w.value, self._deadline(w.ttl_s))
+            if w.notify is not None:
+                await self.publish(w.notify, b"released" if w.value is None else b"done")
+            done.append(True)
+        return done
 
     # -- counters --------------------------------------------------------------
 

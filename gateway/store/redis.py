@@ -17,12 +17,13 @@ Timeouts are short on purpose: a request must not hang on a dead Redis (SPEC §8
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any
 
@@ -33,6 +34,7 @@ from gateway.store.base import (
     Subscription,
     Take,
     TakeResult,
+    Write,
     gcra_params,
     gcra_result,
     one_slot,
@@ -45,6 +47,9 @@ from gateway.store.scripts import (
 )
 from gateway.store.scripts import (
     CLAIM as _CLAIM,
+)
+from gateway.store.scripts import (
+    COMMIT as _COMMIT,
 )
 from gateway.store.scripts import (
     COMPARE_AND_DELETE as _COMPARE_AND_DELETE,
@@ -78,6 +83,15 @@ def _ms(ttl_s: float) -> int:
     return max(1, math.ceil(ttl_s * 1000))
 
 
+def _commit_args(writes: list[Write], name: Callable[[str], str]) -> list[bytes | str | int]:
+    """``COMMIT``'s ARGV for ``writes``; ``name`` makes a channel's store name (the key prefix)."""
+    args: list[bytes | str | int] = []
+    for w in writes:
+        args += ("D" if w.value is None else "S", "" if w.expected is None else "1", w.expected or b"",
+                 w.value or b"", "" if w.ttl_s is None else _ms(w.ttl_s), "" if w.notify is None else name(w.notify))
+    return args
+
+
 def _glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
@@ -105,6 +119,7 @@ class RedisStore(Store):
         run = self._run_script
         self._cad = Script(run, _COMPARE_AND_DELETE)
         self._cas = Script(run, _COMPARE_AND_SET)
+        self._commit = Script(run, _COMMIT)
         self._counter = Script(run, _COUNTER)
         self._gcra = Script(run, _GCRA)
         self._gcra_all = Script(run, _GCRA_ALL)
@@ -188,6 +203,23 @@ class RedisStore(Store):
         channel = "" if notify is None else self._k(notify)
         with self._wrap_errors("compare_and_set"):
             return bool(await self._cas(keys=[self._k(key)], args=[expected, value, ttl, channel]))
+
+    async def commit(self, writes: list[Write]) -> list[bool]:
+        # one script on one node; on a Cluster one per slot, all sent at once (a script's keys must share a
+        # slot, and each write applies on its own key, so the split loses nothing)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, w in enumerate(writes):
+            groups[key_slot(self._k(w.key)) if self.topology == "cluster" else 0].append(i)
+        with self._wrap_errors("commit"):
+            replies = await asyncio.gather(*(
+                self._commit(keys=[self._k(writes[i].key) for i in group],
+                             args=_commit_args([writes[i] for i in group], self._k))
+                for group in groups.values()))
+        done = [False] * len(writes)
+        for group, reply in zip(groups.values(), replies, strict=True):
+            for i, applied in zip(group, reply, strict=True):
+                done[i] = bool(applied)
+        return done
 
     # -- counters --------------------------------------------------------------
 

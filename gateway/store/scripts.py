@@ -124,3 +124,22 @@ if not refused then
 end
 return out
 """
+
+# Store.commit: several fenced writes. Per key six ARGV: S (set) or D (delete), 1 when fenced, expected, value,
+# ttl ms or '', channel or ''. Each write is checked and applied on its own; returns 1 or 0 per key.
+COMMIT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local b = (i - 1) * 6
+  if ARGV[b + 2] == '1' and redis.call('GET', key) ~= ARGV[b + 3] then
+    out[i] = 0
+  else
+    if ARGV[b + 1] == 'D' then redis.call('DEL', key)
+    elseif ARGV[b + 5] == '' then redis.call('SET', key, ARGV[b + 4])
+    else redis.call('SET', key, ARGV[b + 4], 'PX', ARGV[b + 5]) end
+    if ARGV[b + 6] ~= '' then redis.call('PUBLISH', ARGV[b + 6], ARGV[b + 1] == 'D' and 'released' or 'done') end
+    out[i] = 1
+  end
+end
+return out
+"""

@@ -1,0 +1,110 @@
+"""One script for the answer writes of one request, however many flights it leads.
+
+A request with an idempotency key that misses the cache leads two flights (``gateway.state.lead``):
+its key's, and inside it (``policies.cache`` runs within ``policies.idempotency``) its cache entry's.
+Each ends with a fenced write — the answer stored under its lock, or the lock released — that tells
+its followers it is done. Both answers are ready at about the same moment, so rather than one script
+each, the inner lead hands its writes to the enclosing one, which sends them all as one
+``Store.commit``: one round trip, and each write still fenced on its own lock.
+
+How they find each other: a lead runs its work in a task of its own, started inside its ``Writes.enter``,
+so a lead started within that work (a task inherits the context) sees the enclosing one. A hand-off
+never holds a write back for long: the inner lead waits at most ``HANDOFF_S`` for the enclosing one to
+commit (its client may be reading a long answer slowly) and otherwise takes its writes back and sends
+them itself; an enclosing lead that ends without committing gives them back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+from gateway.store import Store, StoreError, Write
+
+HANDOFF_S = 0.25  # longest an inner lead's writes wait for the enclosing lead's commit
+
+_ENCLOSING: ContextVar[Writes | None] = ContextVar("reliapi_enclosing_lead", default=None)
+
+# writes handed over, and where their results go (None: not written, send them yourself)
+Handed = tuple[list[Write], "asyncio.Future[list[bool] | None]"]
+
+
+class Writes:
+    """The final writes of one lead: sent alone, or with those of the leads nested in it, or handed
+    to the lead it is nested in. Made when the lead starts to run."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.outer = _ENCLOSING.get()
+        self.inner: list[Writes] = []  # nested leads that may hand writes over
+        self.handed: list[Handed] = []  # what they handed over, not sent yet
+        self.accepting = True  # takes hand-offs until it sends its own writes
+        self.settling = False  # its work is over: its writes come next
+        self.ready = asyncio.get_running_loop().create_future()  # done once it handed over or will not
+        if self.outer is not None and self.outer.accepting:
+            self.outer.inner.append(self)
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        """Tasks started inside see this lead as their enclosing one."""
+        token = _ENCLOSING.set(self)
+        try:
+            yield
+        finally:
+            _ENCLOSING.reset(token)
+
+    async def commit(self, writes: list[Write]) -> list[bool]:
+        """Apply ``writes`` with those handed over by nested leads: through the enclosing lead while it
+        takes them, else as one ``Store.commit``. Raises ``StoreError``."""
+        for inner in self.inner:  # a nested lead whose work is over hands over in a moment: wait for it
+            if inner.settling and not inner.ready.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(inner.ready), HANDOFF_S)
+        self.accepting = False
+        handed, self.handed = self.handed, []
+        batch = writes + [w for ws, _ in handed for w in ws]
+        try:
+            results = await self._send(batch)
+        except BaseException as e:
+            for _, fut in handed:
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, StoreError) else StoreError("the answer writes failed"))
+            raise
+        finally:
+            self.close()
+        at = len(writes)
+        for ws, fut in handed:
+            if not fut.done():
+                fut.set_result(results[at:at + len(ws)])
+            at += len(ws)
+        return results[:len(writes)]
+
+    async def _send(self, batch: list[Write]) -> list[bool]:
+        outer = self.outer
+        if outer is None or not outer.accepting:
+            return await self.store.commit(batch)
+        fut: asyncio.Future[list[bool] | None] = asyncio.get_running_loop().create_future()
+        entry = (batch, fut)
+        outer.handed.append(entry)
+        self.ready.set_result(None)
+        try:
+            results = await asyncio.wait_for(asyncio.shield(fut), HANDOFF_S)
+        except TimeoutError:
+            if entry in outer.handed:  # not taken yet: take it back and send it alone
+                outer.handed.remove(entry)
+                return await self.store.commit(batch)
+            results = await fut  # on its way with the enclosing lead's: wait for it
+        return results if results is not None else await self.store.commit(batch)
+
+    def close(self) -> None:
+        """No more hand-offs: the lead has sent its writes, or ended without any. Writes handed over
+        and not sent go back to their leads."""
+        self.accepting = False
+        if not self.ready.done():
+            self.ready.set_result(None)
+        handed, self.handed = self.handed, []
+        for _, fut in handed:
+            if not fut.done():
+                fut.set_result(None)
