@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench bench-stateful lint check screenshot docker clean
+.PHONY: install run test bench bench-stateful bench-guard lint check screenshot docker clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ bench: $(STAMP)
 
 bench-stateful: $(STAMP)
 	$(PY) bench/stateful.py $(ARGS)
+
+# Instructions per plain request (callgrind: deterministic) against the committed baseline: fails on +3 %.
+bench-guard: $(STAMP)
+	$(PY) bench/instructions.py --check bench/instructions_baseline.json $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gateway providers policies tests bench
