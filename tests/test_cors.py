@@ -48,6 +48,7 @@ async def test_an_allowed_origins_preflight_and_answers_carry_the_cors_headers(f
     assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == APP
     exposed = resp.headers["Access-Control-Expose-Headers"]
     assert "X-Request-Id" in exposed and "X-RateLimit-Remaining" in exposed and "Origin" in resp.headers["Vary"]
+    assert {"X-ReliAPI-Trace-Id", "RateLimit-Policy", "X-ReliAPI-Routed-Model"} <= set(exposed.split(", "))
     fake.plan(Fault(chunks=3))
     stream = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers={"Origin": APP})
     assert stream.headers["Access-Control-Allow-Origin"] == APP and b"[DONE]" in await stream.read()

@@ -50,7 +50,8 @@ class CorsConfig(_Base):
     allow_headers: list[str] = msgspec.field(default_factory=lambda: ["*"])  # "*": whatever the preflight asks
     expose_headers: list[str] = msgspec.field(default_factory=lambda: [
         "X-Request-Id", "X-ReliAPI-Target", "X-ReliAPI-Attempts", "X-Cache", "Retry-After",
-        "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"])
+        "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit", "RateLimit-Policy",
+        "X-ReliAPI-Trace-Id", "X-ReliAPI-Routed-Model", "X-ReliAPI-Banned"])
     allow_credentials: bool = False  # with ["*"], the caller's own origin is echoed (a browser refuses "*" then)
     max_age_s: Annotated[int, Meta(ge=0, le=86400)] = 600
 
