@@ -19,6 +19,7 @@ from gateway.config import ConfigError, config_warnings
 from gateway.config.model import ServerConfig
 from gateway.keys import RELOADER, RUNTIME
 from gateway.observe.logs import use_scrubber
+from gateway.store import StoreMisconfigured
 
 log = logging.getLogger("reliapi")
 
@@ -51,7 +52,12 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
         warnings.append("a new server.cors takes effect only after a restart")
     for line in warnings:
         log.warning("config: %s", line)
-    new = await slot.reload(config)
+    try:
+        new = await slot.reload(config)
+    except StoreMisconfigured as e:
+        log.error("reload rejected, the running config stays: store.url: %s", e)
+        return {"reloaded": False, "errors": [f"store.url: {e}"], "warnings": warnings, "source": source,
+                "targets": sorted(started.targets)}
     use_scrubber(new.scrub)  # the new config's keys
     log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
     return {"reloaded": True, "errors": [], "warnings": warnings, "source": source, "targets": list(config.targets)}

@@ -30,7 +30,7 @@ from gateway.observe.otel import SpanExport
 from gateway.observe.trace import Tracing
 from gateway.scrub import Scrubber
 from gateway.state.shared import SharedState
-from gateway.store import Store, StoreError, open_store
+from gateway.store import Store, StoreError, StoreMisconfigured, open_store
 from gateway.upstream.routing import Routes
 from gateway.upstream.targets import Router, Target
 from policies.door import Guard
@@ -110,11 +110,18 @@ class Runtime:
         circuits = self.circuits
         return {name: circuits[name].state if name in circuits else "closed" for name in sorted(self.targets)}
 
-    async def start(self) -> None:
+    async def start(self, *, strict: bool = False) -> None:
+        """Connect what needs connecting. A store that refuses us (a wrong password, an untrusted certificate, no
+        cluster node) is, like one that does not answer, served around at startup — /readyz says why, and Redis
+        can be fixed without a restart; ``strict`` (a reload) raises it instead, so the running config stays."""
         for target in self.targets.values():
             await target.transport.start()
         try:
             await self.store.ping()
+        except StoreMisconfigured as e:
+            if strict:
+                raise
+            log.warning("store %s refuses the gateway: %s (not ready until that is fixed)", self.store.url_for_display, e)
         except StoreError as e:  # serve anyway: /readyz reports it, policies degrade per SPEC §8
             log.warning("store %s is not answering: %s", self.store.url_for_display, e)
         await self.shared.start()
@@ -165,7 +172,11 @@ class RuntimeSlot:
             config, env=old.env, store=old.store if same_store else None, access_log=old.access_log,
             clock=old.clock, events=old.events, observatory=old.observatory, spans=old.spans,
         )
-        await new.start()
+        try:
+            await new.start(strict=True)
+        except StoreMisconfigured:  # the running config stays (``gateway.reload`` says why)
+            await new.close(close_store=not same_store, close_log=False)
+            raise
         self.current = new
         task = asyncio.create_task(self._retire(old, close_store=not same_store))
         self._retiring.add(task)

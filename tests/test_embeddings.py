@@ -172,3 +172,15 @@ async def test_a_hard_cap_counts_token_ids_not_their_digits(fake, gateway, sdk):
     assert info.value.body["code"] == "budget_exceeded" and not fake.requests
     answer = await sdk(client).embeddings.create(model="text-embedding-3-small", input=[7] * 40)
     assert answer.usage.prompt_tokens == 40 and len(fake.requests) == 1
+
+
+async def test_an_embeddings_request_without_input_is_a_400_unless_it_has_a_prompt(fake, gateway):
+    """Found by a black-box review: a missing input went upstream (and an upstream 500 on it, retried, could
+    open the circuit); a legacy body with ``prompt`` (Ollama's api/embeddings) still goes."""
+    client, _ = await gateway(config(fake), env=ENV)
+    resp = await client.post("/v1/embeddings", json={"model": "text-embedding-3-small"})
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["param"] == "input"
+    assert fake.requests == []
+    await client.post("/v1/embeddings", json={"model": "text-embedding-3-small", "prompt": "hello"})
+    assert len(fake.requests) == 1 and fake.requests[0].json()["prompt"] == "hello"  # the upstream decides

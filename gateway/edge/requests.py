@@ -94,12 +94,15 @@ EMBEDDINGS_INPUT = ("input must be a non-empty string, a non-empty list of non-e
 
 class _EmbeddingsPeek(_Peek):
     """An embeddings request: what it embeds must be text or token ids, and not empty — checked here so that a
-    bad one is the client's 400, not a reservation and an upstream call. (A missing ``input`` is left to the
-    upstream: legacy servers such as Ollama's ``api/embeddings`` take ``prompt``.)"""
+    bad one is the client's 400, not a reservation and an upstream call. A missing ``input`` is one too, unless
+    the body has a ``prompt`` instead (legacy servers such as Ollama's ``api/embeddings`` take that)."""
 
     input: _Text | Annotated[list[_Text | _TokenId | _Tokens], msgspec.Meta(min_length=1)] | None = None
+    prompt: msgspec.Raw = msgspec.Raw(b"")  # (left unread: only whether it is there)
 
     def __post_init__(self) -> None:
+        if self.input is None and not self.prompt:
+            raise ValueError("Object missing required field `input` - at `$.input`")
         if isinstance(self.input, list) and len({type(item) for item in self.input}) > 1:
             raise ValueError("Expected items of one kind, got a mix of strings and token ids - at `$.input`")
 

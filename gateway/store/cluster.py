@@ -128,6 +128,7 @@ class Cluster:
         self._refreshed_at = time.monotonic()
         known = dict.fromkeys([*(n for n in self.slots if n is not None), *self.seeds, *self.nodes])
         problems = []
+        refused = False  # a node answered and refused us (AUTH, ACL): a misconfiguration, not an outage
         for node in known:
             try:
                 reply = await self.client(node).execute("CLUSTER", "SLOTS")
@@ -135,9 +136,11 @@ class Cluster:
                 if "cluster support disabled" in str(e):
                     raise Refused(f"{node[0]}:{node[1]} is not a Redis Cluster node (cluster support "
                                           "disabled): use redis:// for a single Redis") from None
+                refused = refused or str(e).startswith(("NOAUTH", "WRONGPASS", "NOPERM"))
                 problems.append(f"{node[0]}:{node[1]}: {e}")
                 continue
             except OSError as e:
+                refused = refused or isinstance(e, Refused)
                 problems.append(f"{node[0]}:{node[1]}: {e}")
                 continue
             slots: list[tuple[str, int] | None] = [None] * SLOTS
@@ -148,7 +151,7 @@ class Cluster:
             for gone in set(self.nodes) - set(slots) - set(self.seeds):
                 await self.nodes.pop(gone).close()
             return
-        raise ConnectionError(f"no Cluster node answered CLUSTER SLOTS: {'; '.join(problems)}")
+        raise (Refused if refused else ConnectionError)(f"no Cluster node answered CLUSTER SLOTS: {'; '.join(problems)}")
 
     async def close(self) -> None:
         for client in self.nodes.values():

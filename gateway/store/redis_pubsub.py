@@ -169,7 +169,8 @@ class ChannelHub:
         try:
             proto = await self._connection()
         except StoreError as exc:
-            ready.set_result(exc)
+            if not ready.done():  # (a failed connection may have answered every waiting channel already)
+                ready.set_result(exc)
             return
         self._pending.setdefault(name, deque()).append(ready)  # before sending: confirmations come in order
         proto.send("SUBSCRIBE", name)

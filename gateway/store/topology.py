@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gateway.store.resp import Endpoint, ReplyError, RespClient
+from gateway.store.resp import Endpoint, Refused, ReplyError, RespClient
 from gateway.store.url import StoreURL
 
 SENTINEL_TIMEOUT_S = 0.5  # per sentinel asked: a dead one must not eat a request's whole connect time
@@ -68,12 +68,15 @@ class SentinelLocator:
 
     async def __call__(self) -> Endpoint:
         problems = []
+        refused = False  # a node answered, and is no sentinel or refused our credentials: a misconfiguration
         for i, (host, port) in enumerate(list(self.sentinels)):
             sentinel = RespClient(dataclasses.replace(self.via, host=host, port=port),
                                   connect_timeout_s=SENTINEL_TIMEOUT_S, timeout_s=SENTINEL_TIMEOUT_S)
             try:
                 reply = await sentinel.execute("SENTINEL", "get-master-addr-by-name", self.service)
             except (OSError, ReplyError) as e:
+                refused = refused or isinstance(e, Refused) or (isinstance(e, ReplyError) and (
+                    "unknown command" in str(e).lower() or str(e).startswith(("NOAUTH", "WRONGPASS", "NOPERM"))))
                 problems.append(f"sentinel {host}:{port}: {e}")
                 continue
             finally:
@@ -84,4 +87,5 @@ class SentinelLocator:
             if i:
                 self.sentinels.insert(0, self.sentinels.pop(i))
             return dataclasses.replace(self.primary, host=reply[0].decode(), port=int(reply[1]))
-        raise ConnectionError(f"no sentinel named the primary {self.service!r}: {'; '.join(problems)}")
+        raise (Refused if refused else ConnectionError)(
+            f"no sentinel named the primary {self.service!r}: {'; '.join(problems)}")
