@@ -175,16 +175,18 @@ class Crossing(Translator):
             return  # not JSON: passed on as it is (the usage policy reports a broken success)
         if not isinstance(doc, dict):
             return
-        to_messages = self.upstream is MESSAGES
-        if reply.status >= 400:
-            out = translate.openai_error_from_anthropic(doc, reply.status) if to_messages \
-                else translate.anthropic_error_from_openai(doc, reply.status)
-        elif to_messages:
-            out = translate.anthropic_to_openai_response(doc)
-        else:
-            out = translate.openai_to_anthropic_response(doc)
-        reply.body = msgspec.json.encode(out)
+        reply.body = msgspec.json.encode(self.translated(doc, reply.status))
         reply.headers["Content-Type"] = "application/json"
+
+    def translated(self, doc: dict[str, Any], status: int) -> Any:
+        """A complete answer (or error, ``status`` ≥ 400) from the upstream's dialect into the client's."""
+        to_messages = self.upstream is MESSAGES
+        if status >= 400:
+            return translate.openai_error_from_anthropic(doc, status) if to_messages \
+                else translate.anthropic_error_from_openai(doc, status)
+        if to_messages:
+            return translate.anthropic_to_openai_response(doc)
+        return translate.openai_to_anthropic_response(doc)
 
     def upstream_id(self, client_id: str | None) -> str | None:
         if client_id is None:
@@ -211,24 +213,13 @@ class ResponsesCrossing(Crossing):
     def asks_usage(self, target: Upstream) -> bool:
         return self.upstream is CHAT and target.provider.reports_stream_usage
 
-    def answer(self, reply: Any) -> None:
-        if not reply.body:
-            return
-        try:
-            doc = msgspec.json.decode(reply.body)
-        except msgspec.DecodeError:
-            return  # not JSON: passed on as it is
-        if not isinstance(doc, dict):
-            return
+    def translated(self, doc: dict[str, Any], status: int) -> Any:
         from_messages = self.upstream is MESSAGES
-        if reply.status >= 400:
-            out = translate_responses_answer.openai_error(doc, reply.status, from_anthropic=from_messages)
-        elif from_messages:
-            out = translate_responses_answer.response_from_messages(doc)
-        else:
-            out = translate_responses_answer.response_from_chat(doc)
-        reply.body = msgspec.json.encode(out)
-        reply.headers["Content-Type"] = "application/json"
+        if status >= 400:
+            return translate_responses_answer.openai_error(doc, status, from_anthropic=from_messages)
+        if from_messages:
+            return translate_responses_answer.response_from_messages(doc)
+        return translate_responses_answer.response_from_chat(doc)
 
     def upstream_id(self, client_id: str | None) -> str | None:
         if client_id is None:

@@ -216,20 +216,7 @@ class MemoryStore(Store):
     async def take(
         self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None
     ) -> TakeResult:
-        interval, tolerance, increment = gcra_params(rate_per_s, burst, quantity)
-        now = self._clock() if now is None else now
-        entry = self._typed(key, bytes)
-        tat = max(float(entry[0]) if entry else now, now)  # type: ignore[arg-type]
-        new_tat = tat + increment
-        allow_at = new_tat - tolerance
-        if now < allow_at:
-            retry_after = allow_at - now if increment <= tolerance else -1.0
-            return gcra_result(False, retry_after, tat - now, interval, burst)
-        if quantity:
-            # The deadline is relative to the store clock, like PX on the Redis server,
-            # so an injected ``now`` in another timebase still expires correctly.
-            self._put(key, repr(new_tat).encode(), self._deadline(new_tat - now))
-        return gcra_result(True, 0.0, new_tat - now, interval, burst)
+        return (await self.take_all([Take(key, rate_per_s, burst, quantity)], now=now))[0]
 
     async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
         one_slot([t.key for t in takes])

@@ -61,9 +61,6 @@ from gateway.store.scripts import (
     COUNTER as _COUNTER,
 )
 from gateway.store.scripts import (
-    GCRA as _GCRA,
-)
-from gateway.store.scripts import (
     GCRA_ALL as _GCRA_ALL,
 )
 from gateway.store.scripts import (
@@ -121,7 +118,6 @@ class RedisStore(Store):
         self._cas = Script(run, _COMPARE_AND_SET)
         self._commit = Script(run, _COMMIT)
         self._counter = Script(run, _COUNTER)
-        self._gcra = Script(run, _GCRA)
         self._gcra_all = Script(run, _GCRA_ALL)
         self._append = Script(run, _APPEND)
         self._claim = Script(run, _CLAIM)
@@ -271,12 +267,7 @@ class RedisStore(Store):
     async def take(
         self, key: str, *, rate_per_s: float, burst: int, quantity: int = 1, now: float | None = None
     ) -> TakeResult:
-        interval, tolerance, increment = gcra_params(rate_per_s, burst, quantity)
-        with self._wrap_errors("take"):
-            allowed, retry, ttl = await self._gcra(
-                keys=[self._k(key)], args=[tolerance, increment, "" if now is None else now]
-            )
-        return gcra_result(bool(allowed), float(retry), float(ttl), interval, burst)
+        return (await self.take_all([Take(key, rate_per_s, burst, quantity)], now=now))[0]
 
     async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
         params = [gcra_params(t.rate_per_s, t.burst, t.quantity) for t in takes]

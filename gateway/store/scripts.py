@@ -67,33 +67,10 @@ if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], n) end
 return n
 """
 
-# GCRA as in redis-cell. ARGV: delay tolerance, increment (seconds), now or '' for TIME.
-# Returns {allowed, retry_after (-1 = never), ttl}; floats as %.17g strings because a
-# Lua number returned to Redis is truncated to an integer.
-GCRA = """
-local tolerance, increment = tonumber(ARGV[1]), tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local tat = math.max(tonumber(redis.call('GET', KEYS[1])) or now, now)
-local new_tat = tat + increment
-local allow_at = new_tat - tolerance
-local function f(x) return string.format('%.17g', x) end
-if now < allow_at then
-  local retry = -1
-  if increment <= tolerance then retry = allow_at - now end
-  return {0, f(retry), f(tat - now)}
-end
-if increment > 0 then
-  redis.call('SET', KEYS[1], f(new_tat), 'PX', math.ceil((new_tat - now) * 1000))
-end
-return {1, '0', f(new_tat - now)}
-"""
-
-# Several GCRA takes, all or nothing (``Store.take_all``). ARGV: now or '', then per key its delay
-# tolerance and increment. Returns {allowed, retry_after, ttl} per key, flattened.
+# GCRA as in redis-cell: several takes, all or nothing (``Store.take_all``; ``take`` is one of them). ARGV: now
+# or '' for TIME, then per key its delay tolerance and increment (seconds). Returns {allowed, retry_after
+# (-1 = never), ttl} per key, flattened; floats as %.17g strings because a Lua number returned to Redis is
+# truncated to an integer.
 GCRA_ALL = """
 local now = tonumber(ARGV[1])
 if not now then
