@@ -128,6 +128,31 @@ async def test_a_connection_lost_mid_command_fails_every_command_in_flight(fake_
     await client.close()
 
 
+async def test_a_connection_lost_while_connecting_is_said_at_once_not_after_the_timeout(monkeypatch) -> None:
+    """A server that closes at once (as a TLS 1.3 server does after its alert about our certificate), seen
+    only once the connect has finished — here the loop is made late by a slow handshake step."""
+    from gateway.store import resp
+
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def late(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        await asyncio.sleep(0.05)  # the close arrives meanwhile
+        await handshake(*args, **kwargs)
+
+    handshake = resp.handshake
+    monkeypatch.setattr(resp, "handshake", late)
+    server = await asyncio.start_server(closing, "127.0.0.1", 0)
+    client = RespClient(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", connect_timeout_s=1, timeout_s=2)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="lost.*closed by the server"):
+        await client.execute("PING")
+    assert time.monotonic() - started < 1, "waited for a reply on a connection already gone"
+    await client.close()
+    server.close()
+    await server.wait_closed()
+
+
 async def test_nothing_listening_is_a_connection_error_at_once() -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -41,7 +41,7 @@ from gateway.store.base import (
 )
 from gateway.store.cluster import Cluster, key_slot
 from gateway.store.redis_pubsub import ChannelHub
-from gateway.store.resp import Refused, ReplyError, Script, Stalled
+from gateway.store.resp import Refused, ReplyError, Script, Stalled, tls_refusal
 from gateway.store.scripts import (
     APPEND as _APPEND,
 )
@@ -70,7 +70,7 @@ from gateway.store.scripts import (
     RESERVE as _RESERVE,
 )
 from gateway.store.topology import Single
-from gateway.store.url import StoreURLError, parse_store_url
+from gateway.store.url import parse_store_url
 
 _CONNECT_TIMEOUT_S = 1.0
 _SOCKET_TIMEOUT_S = 2.0
@@ -102,10 +102,7 @@ class RedisStore(Store):
     def __init__(self, url: str, *, key_prefix: str) -> None:
         parsed = parse_store_url(url)
         if parsed.tls is not None:
-            try:
-                parsed.tls.context  # noqa: B018 - the CA and client certificate files, read once here
-            except (OSError, ssl.SSLError) as e:
-                raise StoreURLError(f"TLS files (ssl_ca_certs / ssl_certfile / ssl_keyfile) cannot be used: {e}") from None
+            parsed.tls.context  # noqa: B018 - the CA and client certificate files, read once here (or StoreURLError)
         self.topology = parsed.topology
         self._display, self._secrets = parsed.display, parsed.secrets
         self._prefix = key_prefix + ":"
@@ -137,9 +134,10 @@ class RedisStore(Store):
         return self._prefix + key
 
     def _error(self, op: str, exc: BaseException) -> StoreError:
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            text = (f"redis {op} failed: TLS: the server's certificate was not accepted ({exc.verify_message}); "
-                    "check ssl_ca_certs (and the host name it was issued for)")
+        if isinstance(exc, ssl.SSLError):  # the pub/sub connection's own
+            exc = tls_refusal(exc) or exc
+        if isinstance(exc, Refused):
+            text = f"redis {op} failed: {exc}"
         else:
             text = f"redis {op} failed: {type(exc).__name__}: {exc}"
         for secret in self._secrets:

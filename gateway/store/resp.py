@@ -16,8 +16,9 @@ Where to connect comes from ``gateway.store.url`` (one parser for commands and p
 Failures: a refused or broken connection raises ``ConnectionError`` (the store turns it
 into ``StoreError``) for the commands in flight; the next command reconnects. A command
 unanswered after ``timeout_s`` closes the connection (its state is unknown); so does a
-refused AUTH or SELECT — and that refusal is remembered for ``REFUSED_PAUSE_S``, so a wrong password
-is one clear error rather than a new connection (and the same refusal) per command.
+refused AUTH or SELECT, or a TLS refusal (``tls_refusal``: a server certificate the CA does not vouch
+for, the server's alert about our certificate) — and that refusal is remembered for ``REFUSED_PAUSE_S``,
+so a wrong password is one clear error rather than a new connection (and the same refusal) per command.
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ class Stalled(ConnectionError):
 
 class Refused(ConnectionError):
     """Redis refused the connection as configured (AUTH, SELECT, not a cluster node): retrying will not help."""
+
+
+def tls_refusal(e: ssl.SSLError) -> Refused | None:
+    """What a TLS failure says about the configuration, in one wording everywhere (the node, a sentinel, a
+    Cluster seed, the pub/sub connection): a server certificate the CA does not vouch for (or not for this
+    host), or the server's alert that it does not take ours (none given, or not signed by its CA). None
+    for any other TLS failure — not a refusal as configured."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return Refused(f"TLS: the server's certificate was not accepted ({e.verify_message}); check ssl_ca_certs "
+                       "(tls.ca_file in a store block) and the host name it was issued for")
+    if "ALERT" in (e.reason or ""):
+        return Refused(f"TLS: the server refused the connection ({e.reason}); check the client certificate "
+                       "(ssl_certfile, tls.cert_file in a store block): the server may require one its CA signed")
+    return None
 
 
 class ReplyError(Exception):
@@ -112,6 +127,7 @@ class _Protocol(asyncio.Protocol):
         self.buf = bytearray()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.lost = False
+        self.error: Exception | None = None  # why it was lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = Batched(transport)  # type: ignore[assignment]
@@ -141,10 +157,12 @@ class _Protocol(asyncio.Protocol):
             del buf[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+        refused = tls_refusal(exc) if isinstance(exc, ssl.SSLError) else None  # TLS 1.3: its alert comes after
+        self.fail(refused or ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
 
     def fail(self, error: Exception) -> None:
         self.lost = True
+        self.error = self.error or error
         while self.waiting:
             fut = self.waiting.popleft()
             if not fut.done():
@@ -259,15 +277,17 @@ class RespClient:
                     if role[0] != b"master":
                         raise ConnectionError(f"{ep.host}:{ep.port} is a replica, not the primary (a failover is "
                                               "under way)")
-        except ReplyError as e:  # refused AUTH or SELECT: the same answer for a while, without a connection each
-            transport and transport.close()
-            refused = Refused(f"Redis refused the connection: {e}")
-            self._refused = (time.monotonic() + REFUSED_PAUSE_S, refused)
-            raise refused from None
-        except BaseException:  # timeout, cancel, a replica: nobody will use or close it
+                if proto.lost:  # closed before anything was asked of it: a TLS 1.3 server's alert comes so
+                    raise proto.error or ConnectionError("connection to Redis lost")
+        except BaseException as e:  # timeout, cancel, a replica, a refusal: nobody will use or close it
             if transport is not None:
                 transport.close()
-            raise
+            refused = (Refused(f"Redis refused the connection: {e}") if isinstance(e, ReplyError)  # AUTH or SELECT
+                       else tls_refusal(e) if isinstance(e, ssl.SSLError) else e if isinstance(e, Refused) else None)
+            if refused is None:
+                raise
+            self._refused = (time.monotonic() + REFUSED_PAUSE_S, refused)  # the same answer for a while, without
+            raise refused from None                                          # a connection each
         self._refused = None
         return proto
 
@@ -293,6 +313,8 @@ class RespClient:
         finally:
             if self._connecting is connecting and connecting.done():
                 self._connecting = None
+        if proto.lost:  # between its connect and this caller's turn
+            raise proto.error or ConnectionError("connection to Redis lost")
         self._proto = proto
         return proto
 

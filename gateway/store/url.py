@@ -15,11 +15,17 @@ Query options (any other is an error — an option nobody reads must not look as
 Commands and pub/sub both connect from what ``parse_store_url`` returns, so they always reach the
 same servers as the same user. ``display`` is the URL with every password masked; ``secrets`` are the
 spellings a message must be scrubbed of.
+
+The config's ``store:`` block (``sentinel:`` / ``cluster:`` with ``username``, ``password``, ``tls``,
+``gateway.config.store``) is only another spelling: ``block_url`` writes it as the URL above, which this
+parser reads like any other — one reading, one ``StoreURL``, one masking.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -53,10 +59,19 @@ class TLSOptions:
 
     @cached_property
     def context(self) -> ssl.SSLContext:
-        """The client context; files are read here, so a missing CA file is an error at first use."""
-        ctx = ssl.create_default_context(cafile=self.ca_file)
+        """The client context; files are read here, so a file that cannot be used is a ``StoreURLError``
+        naming it at first use (``RedisStore`` and ``check_store_url`` ask at once)."""
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise StoreURLError(f"TLS: the CA file {self.ca_file!r} cannot be used: {e}") from None
         if self.cert_file:
-            ctx.load_cert_chain(self.cert_file, self.key_file)
+            try:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as e:
+                key = f" with the key {self.key_file!r}" if self.key_file else ""
+                raise StoreURLError(f"TLS: the client certificate {self.cert_file!r}{key} cannot be used: {e}") \
+                    from None
         ctx.check_hostname = self.verify and self.check_hostname
         if not self.verify:
             ctx.verify_mode = ssl.CERT_NONE
@@ -121,6 +136,42 @@ def parse_store_url(url: str) -> StoreURL:
     if topology == "cluster" and db != 0:
         raise StoreURLError(f"a Redis Cluster has database 0 only, not {db}")
     return StoreURL(**base, nodes=nodes, db=db)
+
+
+_NODE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]+)?")
+
+
+def check_node(item: str) -> None:
+    """Raise ``StoreURLError`` unless ``item`` is ``host``, ``host:port`` or ``[v6]:port`` — nothing a URL
+    would read as something else (``,``, ``/``, ``@``, ``?`` …)."""
+    if not _NODE.fullmatch(item):
+        raise StoreURLError(f"{item!r} is not host:port")
+    _host_port(item, 1)
+
+
+def block_url(topology: Topology, nodes: Sequence[str], *, service: str = "", db: int = 0,
+              username: str | None = None, password: str | None = None, tls: TLSOptions | None = None,
+              sentinel_username: str | None = None, sentinel_password: str | None = None) -> str:
+    """The URL a config block stands for (``nodes`` as ``check_node`` accepts them); every other value is
+    quoted, so whatever a password holds reads back the same. An empty password is no password."""
+    user = quote(username or "", safe="")
+    secret = f":{quote(password, safe='')}" if password else ""
+    userinfo = f"{user}{secret}@" if user or secret else ""
+    path = f"/{quote(service, safe='')}/{db}" if topology == "sentinel" else ""
+    options: dict[str, str] = {}
+    if tls is not None:
+        options.update({k: v for k, v in (("ssl_ca_certs", tls.ca_file), ("ssl_certfile", tls.cert_file),
+                                          ("ssl_keyfile", tls.key_file)) if v})
+        if not tls.verify:
+            options["ssl_cert_reqs"] = "none"
+        if not tls.check_hostname:
+            options["ssl_check_hostname"] = "false"
+    if sentinel_username:
+        options["sentinel_username"] = sentinel_username
+    if sentinel_password:
+        options["sentinel_password"] = sentinel_password
+    query = f"?{urlencode(options)}" if options else ""
+    return f"{'rediss' if tls else 'redis'}+{topology}://{userinfo}{','.join(nodes)}{path}{query}"
 
 
 def _userinfo(userinfo: str) -> tuple[str | None, str | None]:
