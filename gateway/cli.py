@@ -29,8 +29,8 @@ from aiohttp import web
 from gateway import __version__
 from gateway import reload as reloading
 from gateway.config import ConfigError, config_warnings, load_config, seed_env
-from gateway.config.check import store_url_errors
 from gateway.config.model import Config
+from gateway.config.store import store_url_errors
 from gateway.keys import Reloader
 
 log = logging.getLogger("reliapi")
@@ -71,12 +71,15 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
         name, origin = ("--port", "command line") if args.port is not None else ("RELIAPI_PORT", "environment")
         raise ConfigError([f"{name}: expected a port number 0-65535, got {port}"], source=origin)
     url = args.redis_url or os.environ.get("REDIS_URL") or store.url
-    if url != store.url and (problems := store_url_errors(url, store.key_prefix)):
-        raise ConfigError(problems, source="command line" if args.redis_url else "environment")
+    if url != store.url:  # it replaces the file's url or block
+        if problems := store_url_errors(url, store.key_prefix):
+            raise ConfigError(problems, source="command line" if args.redis_url else "environment")
+        store = msgspec.structs.replace(store, url=url, sentinel=None, cluster=None, username=None, password=None,
+                                        tls=None)
     config = msgspec.structs.replace(
         config,
         server=msgspec.structs.replace(server, host=host, port=port),
-        store=msgspec.structs.replace(store, url=url),
+        store=store,
     )
     try:  # the seed documents' variables (PORT, DEFAULT_PROVIDER, …): after RELIAPI_*, before flags win
         config, applied, warnings = seed_env.apply(
@@ -110,9 +113,9 @@ def _check_store(config: Config) -> str | None:
     try:
         problem = asyncio.run(probe_store(config.store.url, key_prefix=config.store.key_prefix))
     except StoreMisconfigured as e:
-        return f"store.url: {e}"
+        return f"{config.store.where}: {e}"
     if problem is not None:
-        print(f"warning: store.url: not reachable now, not checked further: {problem}", file=sys.stderr)
+        print(f"warning: {config.store.where}: not reachable now, not checked further: {problem}", file=sys.stderr)
     return None
 
 

@@ -55,8 +55,8 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
     try:
         new = await slot.reload(config)
     except StoreMisconfigured as e:
-        log.error("reload rejected, the running config stays: store.url: %s", e)
-        return {"reloaded": False, "errors": [f"store.url: {e}"], "warnings": warnings, "source": source,
+        log.error("reload rejected, the running config stays: %s: %s", config.store.where, e)
+        return {"reloaded": False, "errors": [f"{config.store.where}: {e}"], "warnings": warnings, "source": source,
                 "targets": sorted(started.targets)}
     use_scrubber(new.scrub)  # the new config's keys
     log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))

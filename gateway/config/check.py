@@ -16,25 +16,12 @@ from typing import TYPE_CHECKING
 
 from gateway.config.check_routing import routing_errors, routing_warnings
 from gateway.config.check_tiers import tier_errors, tier_warnings
+from gateway.config.store import store_errors
 from gateway.observe.logs import hide_userinfo
 from gateway.scrub import MIN_SECRET
 
 if TYPE_CHECKING:
     from gateway.config.model import AuthConfig, Config, UserRateLimit
-
-
-def store_url_errors(url: str, key_prefix: str) -> list[str]:
-    """Why the gateway cannot use this store URL (``gateway.store.url``), or nothing."""
-    from gateway.store import StoreURLError, check_store_url
-
-    try:
-        check_store_url(url)
-    except StoreURLError as e:
-        return [f"store.url: {e}"]
-    if "{" in key_prefix or "}" in key_prefix:
-        return [f"store.key_prefix: {key_prefix!r} has a brace — a Redis Cluster would hash every key by it "
-                "(one slot for everything)"]
-    return []
 
 
 def cross_check(config: Config) -> list[str]:
@@ -43,7 +30,7 @@ def cross_check(config: Config) -> list[str]:
     s = config.server
     if s.default_target is not None and s.default_target not in names:
         errors.append(f"server.default_target: no target named {s.default_target!r}")
-    errors += store_url_errors(config.store.url, config.store.key_prefix)
+    errors += store_errors(config.store)
     if s.cors is not None:
         if not s.cors.allow_origins:
             errors.append("server.cors.allow_origins: give the origins browsers may call from (or [\"*\"]); "

@@ -15,6 +15,8 @@ tree before type checking, so the Structs in ``gateway.config.model`` have one s
 - tenants as a mapping ``{name: {...}}`` → a list; ``rate_limit_rpm`` → ``rate_limit.rpm``;
   flat ``budget_caps`` / list ``fallback_targets`` / number ``cache_ttl_override``
   → per-target maps under the key ``"*"`` (applies to every target)
+- ``store: {sentinel | cluster: …}`` is another spelling of ``store.url`` (written into it after the type
+  checks, ``gateway.config.store``): here, where a given ``url`` can still be told from the default, both is an error
 
 Anything of an unexpected type is left alone for the type checker to report.
 """
@@ -43,6 +45,10 @@ def normalize(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
         raw["targets"] = {
             name: _target(t, f"targets.{name}", errors) if isinstance(t, dict) else t for name, t in targets.items()
         }
+    store = raw.get("store")
+    if isinstance(store, dict) and "url" in store and ("sentinel" in store or "cluster" in store):
+        block = "sentinel" if "sentinel" in store else "cluster"
+        errors.append(f"store.url: give either url or a {block} block, not both")
     tenants = raw.get("tenants")
     if isinstance(tenants, dict):
         tenants = [{"name": name, **t} if isinstance(t, dict) else t for name, t in tenants.items()]

@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from gateway.config.store import StoreConfig
 from gateway.config.tracing import TracingConfig
 from providers import kind_of
 
@@ -38,7 +39,7 @@ class _Base(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-# ---------------------------------------------------------------- server / store
+# ---------------------------------------------------------------- server (the store: gateway.config.store)
 
 
 class CorsConfig(_Base):
@@ -80,15 +81,6 @@ class ServerConfig(_Base):
     max_connections: PositiveInt | None = None
     write_timeout_s: PositiveFloat = 60  # a streamed answer whose client reads nothing this long is aborted
     cors: CorsConfig | None = None  # no block: no Access-Control-* headers (a preflight is still never proxied)
-
-
-class StoreConfig(_Base):
-    url: str = "memory://"  # or redis://host:6379/0 (REDIS_URL / --redis-url override)
-    key_prefix: str = "reliapi"
-    fail_open: bool = False  # idempotency and budgets keep serving when the store is down
-    # rate limits while the store is down: each instance limits on its own (local), or every
-    # request passes (allow), or every limited request gets 503 (deny)
-    rate_limit_on_error: Literal["local", "allow", "deny"] = "local"
 
 
 # ---------------------------------------------------------------- targets

@@ -18,6 +18,7 @@ from gateway.config import compat as config_compat
 from gateway.config.check import cross_check
 from gateway.config.load import StrKeyLoader, check_types, expand_env, kind, msgspec_message, yaml_message
 from gateway.config.model import Config, _default_retry_matrix
+from gateway.config.store import resolve as resolve_store
 
 
 class ConfigError(Exception):
@@ -100,7 +101,7 @@ _PROVIDER_HOSTS = {"api.openai.com": "openai", "api.anthropic.com": "anthropic",
 
 
 def _resolve(config: Config) -> Config:
-    """Fill in derived defaults: each target's effective provider."""
+    """Fill in derived defaults: each target's effective provider; the store's URL from its block."""
     targets = {}
     for name, t in config.targets.items():
         provider = t.provider or (t.llm.provider if t.llm else None)
@@ -108,7 +109,7 @@ def _resolve(config: Config) -> Config:
             host = re.sub(r"^[a-z]+://", "", t.base_url).split("/")[0].split(":")[0].lower()
             provider = _PROVIDER_HOSTS.get(host, "openai" if t.llm else "http")
         targets[name] = msgspec.structs.replace(t, provider=provider)
-    return msgspec.structs.replace(config, targets=targets)
+    return msgspec.structs.replace(config, targets=targets, store=resolve_store(config.store))
 
 
 
