@@ -6,6 +6,10 @@
   optionally one replica of the first primary (``CLUSTER REPLICATE``), node timeout 1 s.
 - ``TLSRedis``: a redis-server with ``--tls-port`` only, certificates from a CA made by the test
   (``make_ca`` / ``make_cert`` with the openssl CLI).
+- ``ServerTLS`` (``make_server_tls``): the same for a whole group — ``SentinelGroup(dir, tls=…)`` and
+  ``ClusterGroup(dir, tls=…)`` then speak TLS only, on every link: clients, replication, the sentinels
+  (``tls-replication yes``) and the cluster bus (``tls-cluster yes``); clients need a certificate.
+  ``password=`` (and a Sentinel group's ``sentinel_password=``) make the servers require one.
 
 The redis-server on this machine is used; when it is missing the tests skip with the reason (fail in CI).
 """
@@ -16,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.cli_harness import free_port
@@ -43,8 +48,10 @@ def cluster_port() -> int:
         return port
 
 
-def redis_cli(port: int, *args: str, timeout: float = 10) -> str:
-    out = subprocess.run([_need("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *args],
+def redis_cli(port: int, *args: str, timeout: float = 10, tls: ServerTLS | None = None,
+              password: str | None = None) -> str:
+    flags = [*(tls.cli_flags() if tls else []), *(["-a", password, "--no-auth-warning"] if password else [])]
+    out = subprocess.run([_need("redis-cli"), "-h", "127.0.0.1", "-p", str(port), *flags, *args],
                          capture_output=True, text=True, timeout=timeout, check=False)
     return out.stdout.strip()
 
@@ -60,16 +67,23 @@ def wait_for(what: str, check, timeout_s: float = 15.0):  # noqa: ANN001
 
 
 class Proc:
-    """One redis-server (data node or sentinel) started with a config file in ``dir``."""
+    """One redis-server (data node or sentinel) started with a config file in ``dir``; ``password`` is
+    the one its clients give (its ``requirepass`` is among ``lines``)."""
 
-    def __init__(self, dir: Path, port: int, lines: list[str], *, sentinel: bool = False) -> None:
-        self.port = port
+    def __init__(self, dir: Path, port: int, lines: list[str], *, sentinel: bool = False,
+                 tls: ServerTLS | None = None, password: str | None = None) -> None:
+        self.port = port  # with ``tls`` the TLS port: the plain one is closed
+        self.tls, self.password = tls, password
         conf = dir / f"{'sentinel' if sentinel else 'redis'}-{port}.conf"
-        conf.write_text("\n".join([f"port {port}", "bind 127.0.0.1", f"dir {dir}", *lines]) + "\n")
+        listen = tls.server_lines(port) if tls else [f"port {port}"]
+        conf.write_text("\n".join([*listen, "bind 127.0.0.1", f"dir {dir}", *lines]) + "\n")
         self.proc = subprocess.Popen([_need("redis-server"), str(conf), *(["--sentinel"] if sentinel else [])],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(f"redis on {port}", lambda: self.proc.poll() is not None or redis_cli(port, "PING") == "PONG")
+        wait_for(f"redis on {port}", lambda: self.proc.poll() is not None or self.cli("PING") == "PONG")
         assert self.proc.poll() is None, f"redis-server on {port} exited with {self.proc.returncode}"
+
+    def cli(self, *args: str) -> str:
+        return redis_cli(self.port, *args, tls=self.tls, password=self.password)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -77,47 +91,67 @@ class Proc:
             self.proc.wait(10)
 
 
-_DATA = ['save ""', "appendonly no"]
+_DATA = ['save ""', "appendonly no", "repl-diskless-sync-delay 0"]  # a replica syncs at once, not after 5 s
+
+
+def _auth(password: str | None) -> list[str]:
+    """A data node's password, which its replica gives its primary too."""
+    return [f"requirepass {password}", f"masterauth {password}"] if password else []
 
 
 class SentinelGroup:
     SERVICE = "mymaster"
 
-    def __init__(self, dir: Path) -> None:
+    def __init__(self, dir: Path, *, tls: ServerTLS | None = None, sentinels: int = 1, password: str | None = None,
+                 sentinel_password: str | None = None) -> None:
         self.dir = dir
+        self.tls = tls
+        self.count = sentinels
+        self.password, self.sentinel_password = password, sentinel_password  # the data nodes', the sentinels'
         self.procs: list[Proc] = []
 
     def start(self) -> SentinelGroup:
-        primary = self._add(free_port(), _DATA)
-        self._add(free_port(), [*_DATA, f"replicaof 127.0.0.1 {primary.port}"])
-        self.sentinel = self._add(free_port(), [
-            f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary.port} 1",
-            f"sentinel down-after-milliseconds {self.SERVICE} 1000",
-            f"sentinel failover-timeout {self.SERVICE} 10000",
-        ], sentinel=True)
+        data = [*_DATA, *_auth(self.password)]
+        primary = self._add(free_port(), data)
+        self._add(free_port(), [*data, f"replicaof 127.0.0.1 {primary.port}"])
+        watch = [f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary.port} 1",
+                 f"sentinel down-after-milliseconds {self.SERVICE} 1000",
+                 f"sentinel failover-timeout {self.SERVICE} 10000"]
+        if self.password:
+            watch.append(f"sentinel auth-pass {self.SERVICE} {self.password}")
+        if self.sentinel_password:
+            watch += [f"requirepass {self.sentinel_password}", f"sentinel sentinel-pass {self.sentinel_password}"]
+        self.sentinels = [self._add(free_port(), watch, sentinel=True) for _ in range(self.count)]
+        self.sentinel = self.sentinels[0]
         self.dead_sentinel = free_port()
         wait_for("the replica in sync and known to the sentinel", self.ready)
         return self
 
     def _add(self, port: int, lines: list[str], *, sentinel: bool = False) -> Proc:
-        proc = Proc(self.dir, port, lines, sentinel=sentinel)
+        proc = Proc(self.dir, port, lines, sentinel=sentinel, tls=self.tls,
+                    password=self.sentinel_password if sentinel else self.password)
         self.procs.append(proc)
         return proc
 
     @property
+    def hosts(self) -> list[str]:
+        """The sentinels as ``host:port``, a dead one first."""
+        return [f"127.0.0.1:{port}" for port in (self.dead_sentinel, *(s.port for s in self.sentinels))]
+
+    @property
     def url(self) -> str:
-        return f"redis+sentinel://127.0.0.1:{self.dead_sentinel},127.0.0.1:{self.sentinel.port}/{self.SERVICE}/0"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{','.join(self.hosts)}/{self.SERVICE}/0"
 
     def primary_port(self) -> int:
-        reply = redis_cli(self.sentinel.port, "SENTINEL", "get-master-addr-by-name", self.SERVICE).split()
-        return int(reply[1])
+        return int(self.sentinel.cli("SENTINEL", "get-master-addr-by-name", self.SERVICE).split()[1])
 
     def ready(self) -> bool:
-        replicas = redis_cli(self.sentinel.port, "SENTINEL", "replicas", self.SERVICE)
-        lines = replicas.splitlines()
-        flags = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "flags"]
-        linked = "master_link_status:up" in redis_cli(self.procs[1].port, "INFO", "replication")
-        return linked and flags == ["slave"]
+        for sentinel in self.sentinels:
+            lines = sentinel.cli("SENTINEL", "replicas", self.SERVICE).splitlines()
+            if [lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "flags"] != ["slave"]:
+                return False
+        return "master_link_status:up" in self.procs[1].cli("INFO", "replication")
 
     def kill_primary(self) -> int:
         port = self.primary_port()
@@ -130,36 +164,50 @@ class SentinelGroup:
 
 
 class ClusterGroup:
-    def __init__(self, dir: Path, *, replica: bool = False) -> None:
+    def __init__(self, dir: Path, *, replica: bool = False, tls: ServerTLS | None = None,
+                 password: str | None = None) -> None:
         self.dir = dir
         self.replica = replica
+        self.tls = tls
+        self.password = password
         self.procs: list[Proc] = []
 
+    def _cli(self, port: int, *args: str) -> str:
+        return redis_cli(port, *args, tls=self.tls, password=self.password)
+
     def start(self) -> ClusterGroup:
-        lines = [*_DATA, "cluster-enabled yes", "cluster-node-timeout 1000"]
+        lines = [*_DATA, *_auth(self.password), "cluster-enabled yes", "cluster-node-timeout 1000"]
         for _ in range(4 if self.replica else 3):
             port = cluster_port()
-            self.procs.append(Proc(self.dir, port, [*lines, f"cluster-config-file nodes-{port}.conf"]))
+            self.procs.append(Proc(self.dir, port, [*lines, f"cluster-config-file nodes-{port}.conf"], tls=self.tls,
+                                   password=self.password))
         primaries = self.procs[:3]
         created = subprocess.run(
-            [_need("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p.port}" for p in primaries),
+            [_need("redis-cli"), *(self.tls.cli_flags() if self.tls else []),
+             *(["-a", self.password, "--no-auth-warning"] if self.password else []),
+             "--cluster", "create", *(f"127.0.0.1:{p.port}" for p in primaries),
              "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60, check=False)
         assert created.returncode == 0, created.stdout + created.stderr
         if self.replica:
-            first = redis_cli(primaries[0].port, "CLUSTER", "MYID")
-            redis_cli(self.procs[3].port, "CLUSTER", "MEET", "127.0.0.1", str(primaries[0].port))
-            wait_for("the replica to join", lambda: first in redis_cli(self.procs[3].port, "CLUSTER", "NODES"))
-            wait_for("the replica to attach", lambda: redis_cli(self.procs[3].port, "CLUSTER", "REPLICATE", first)
+            first = self._cli(primaries[0].port, "CLUSTER", "MYID")
+            self._cli(self.procs[3].port, "CLUSTER", "MEET", "127.0.0.1", str(primaries[0].port))
+            wait_for("the replica to join", lambda: first in self._cli(self.procs[3].port, "CLUSTER", "NODES"))
+            wait_for("the replica to attach", lambda: self._cli(self.procs[3].port, "CLUSTER", "REPLICATE", first)
                      == "OK")
             wait_for("the replica in sync", lambda: "master_link_status:up"
-                     in redis_cli(self.procs[3].port, "INFO", "replication"))
+                     in self._cli(self.procs[3].port, "INFO", "replication"))
         for proc in self.procs:
-            wait_for("cluster_state:ok", lambda p=proc: "cluster_state:ok" in redis_cli(p.port, "CLUSTER", "INFO"))
+            wait_for("cluster_state:ok", lambda p=proc: "cluster_state:ok" in self._cli(p.port, "CLUSTER", "INFO"))
         return self
 
     @property
+    def nodes(self) -> list[str]:
+        """Two seed nodes as ``host:port``."""
+        return [f"127.0.0.1:{p.port}" for p in self.procs[:2]]
+
+    @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.procs[0].port},127.0.0.1:{self.procs[1].port}"
+        return f"{'rediss+cluster' if self.tls else 'redis+cluster'}://{','.join(self.nodes)}"
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -203,3 +251,29 @@ class TLSRedis(PrivateRedis):
                 return True
         except OSError:
             return False
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS for a whole group of the tests' own servers: one CA, one server certificate for 127.0.0.1 (also
+    the certificate the servers present to each other), and a client certificate for the gateway."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_lines(self, port: int) -> list[str]:
+        return ["port 0", f"tls-port {port}", f"tls-cert-file {self.cert}", f"tls-key-file {self.key}",
+                f"tls-ca-cert-file {self.ca}", "tls-auth-clients yes", "tls-replication yes", "tls-cluster yes"]
+
+    def cli_flags(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.ca), "--cert", str(self.client_cert), "--key", str(self.client_key)]
+
+
+def make_server_tls(dir: Path) -> ServerTLS:
+    ca = make_ca(dir, "group-ca")
+    cert, key = make_cert(dir, "group-server", ca)
+    client_cert, client_key = make_cert(dir, "group-client", ca, san="DNS:client")
+    return ServerTLS(ca[0], cert, key, client_cert, client_key)
