@@ -161,13 +161,10 @@ def _sha256(data: bytes) -> bytes:
 
 
 def fingerprint(ex: Exchange) -> str:
-    h = hashlib.sha256()
     query = "&".join(sorted(ex.query.split("&"))) if ex.query else ""
-    for part in (ex.method, ex.target.name, ex.route, ex.rel_path, query, "stream" if ex.stream else ""):
-        h.update(part.encode())
-        h.update(b"\0")
-    h.update(body_digest(ex))
-    return h.hexdigest()
+    parts = (ex.method, ex.target.name, ex.route, ex.rel_path, query, "stream" if ex.stream else "", "")
+    # the parts each followed by NUL, then the body's digest: one buffer, one update
+    return hashlib.sha256("\0".join(parts).encode() + body_digest(ex)).hexdigest()
 
 
 def storable(reply: Reply) -> bool:

@@ -37,6 +37,7 @@ limiting per instance in memory, ``allow`` lets requests through, ``deny`` answe
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -234,7 +235,7 @@ class Limiter:
             _, i = max(refused)  # the one that keeps it waiting longest
             raise self._refusal(limits, chosen[i], results[i])
         # show whichever limit is nearest exhaustion (as a share: the units differ)
-        i = min(range(len(results)), key=lambda i: results[i].remaining / results[i].limit)
+        i = 0 if len(results) == 1 else min(range(len(results)), key=lambda i: results[i].remaining / results[i].limit)
         return _headers(limits, chosen[i][0], results[i], self.now())
 
     async def _take_all(self, takes: list[Take]) -> list[TakeResult] | None:
@@ -272,14 +273,20 @@ class Limiter:
 def _headers(limits: Limits, limit: Limit, result: TakeResult, now: float) -> dict[str, str]:
     wait = result.reset_after_s if result.allowed else result.retry_after_s
     t = 0 if math.isinf(wait) else math.ceil(wait)
-    reset_at = datetime.fromtimestamp(now + result.reset_after_s, UTC)
     return {
         "X-RateLimit-Limit": str(result.limit),
         "X-RateLimit-Remaining": str(result.remaining),
-        "X-RateLimit-Reset": reset_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "X-RateLimit-Reset": _reset_at(int(now + result.reset_after_s)),
         "RateLimit-Policy": limits.policy_header,
         "RateLimit": f'"{limit.name}";r={result.remaining};t={t}',
     }
+
+
+@functools.lru_cache(maxsize=64)
+def _reset_at(second: int) -> str:
+    """ISO 8601 UTC to the second (``X-RateLimit-Reset``): every request in one second gets the same
+    few values, so they are formatted once (datetime formatting is most of what a header costs)."""
+    return datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def merge_headers(into: dict[str, str], ours: dict[str, str]) -> None:

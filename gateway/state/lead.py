@@ -8,8 +8,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from multidict import CIMultiDict
-
 from gateway import errors
 from gateway.errors import GatewayError, StreamBroken
 from gateway.flow.exchange import Reply
@@ -115,7 +113,9 @@ class Lead:
         if isinstance(outcome, GatewayError):
             raise outcome
         assert outcome is not None  # abandoned only once this client is gone
-        headers = CIMultiDict(self._own_headers) if self._own_headers is not None else headers_of(outcome.headers)
+        # this client's own headers as the work answered them (nobody else holds them: what is shared is
+        # ``outcome.headers``, copied in ``_lead``), else the shared ones'
+        headers = self._own_headers if self._own_headers is not None else headers_of(outcome.headers)
         if self._own is not None:  # this client's reader, registered before the first chunk
             reply = Reply(outcome.status, headers, chunks=self._own, upstream_status=outcome.status)
             reply.ttft_ms = outcome.ttft_ms

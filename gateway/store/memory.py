@@ -219,9 +219,11 @@ class MemoryStore(Store):
         return (await self.take_all([Take(key, rate_per_s, burst, quantity)], now=now))[0]
 
     async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
-        one_slot([t.key for t in takes])
+        if len(takes) > 1:
+            one_slot([t.key for t in takes])
         now = self._clock() if now is None else now
         results, writes = [], []
+        allowed = True
         for take in takes:
             interval, tolerance, increment = gcra_params(take.rate_per_s, take.burst, take.quantity)
             entry = self._typed(take.key, bytes)
@@ -229,13 +231,14 @@ class MemoryStore(Store):
             new_tat = tat + increment
             allow_at = new_tat - tolerance
             if now < allow_at:
+                allowed = False
                 retry_after = allow_at - now if increment <= tolerance else -1.0
                 results.append(gcra_result(False, retry_after, tat - now, interval, take.burst))
             else:
                 results.append(gcra_result(True, 0.0, new_tat - now, interval, take.burst))
                 if take.quantity:
                     writes.append((take.key, new_tat))
-        if all(r.allowed for r in results):
+        if allowed:
             for key, new_tat in writes:
                 self._put(key, repr(new_tat).encode(), self._deadline(new_tat - now))
         return results
