@@ -23,8 +23,8 @@ import re
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from gateway.store.base import (
@@ -93,6 +93,34 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
 
+class _Errors:
+    """Every socket/protocol error of one kind of command as a ``StoreError``. A context manager of its
+    own, one per op kept by the store, rather than a ``@contextmanager`` generator made per call: it is
+    around every command (the generator cost several thousand instructions each time)."""
+
+    __slots__ = ("store", "op")
+
+    def __init__(self, store: RedisStore, op: str) -> None:
+        self.store = store
+        self.op = op
+
+    def __enter__(self) -> None:
+        store = self.store
+        if store._stalled_until and self.op != "ping" and time.monotonic() < store._stalled_until:
+            # a Redis that stalls (rather than refuses) would cost every request the whole timeout: for a
+            # moment after one timed out, calls fail at once; PING (readiness, resync) still probes
+            raise StoreError(f"redis {self.op} skipped: the store did not answer within {_SOCKET_TIMEOUT_S:g} s just now")
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        store = self.store
+        if exc is None:
+            store._stalled_until = 0.0
+        elif isinstance(exc, (ReplyError, OSError)):  # OSError: socket errors, ConnectionError, TimeoutError
+            if isinstance(exc, (Stalled, TimeoutError)):
+                store._stalled_until = time.monotonic() + _STALL_PAUSE_S
+            raise store._error(self.op, exc) from exc
+
+
 class RedisStore(Store):
     """``Store`` on Redis, whatever its topology. Keys and channels are namespaced ``key_prefix:``;
     construction does not connect — ``ping()`` does. A URL it cannot use raises ``StoreURLError``."""
@@ -107,6 +135,7 @@ class RedisStore(Store):
         self._display, self._secrets = parsed.display, parsed.secrets
         self._prefix = key_prefix + ":"
         self._stalled_until = 0.0
+        self._guards: dict[str, _Errors] = {}
         router_of = Cluster if parsed.topology == "cluster" else Single
         self._router = router_of(parsed, connect_timeout_s=_CONNECT_TIMEOUT_S, timeout_s=_SOCKET_TIMEOUT_S)
         self._call = self._router.call
@@ -146,19 +175,12 @@ class RedisStore(Store):
             ("WRONGPASS", "NOAUTH", "NOPERM")))
         return (StoreMisconfigured if wrong else StoreError)(text)
 
-    @contextmanager
-    def _wrap_errors(self, op: str) -> Iterator[None]:
-        if self._stalled_until and op != "ping" and time.monotonic() < self._stalled_until:
-            # a Redis that stalls (rather than refuses) would cost every request the whole timeout: for a
-            # moment after one timed out, calls fail at once; PING (readiness, resync) still probes
-            raise StoreError(f"redis {op} skipped: the store did not answer within {_SOCKET_TIMEOUT_S:g} s just now")
-        try:
-            yield
-        except (ReplyError, OSError) as exc:  # OSError: socket errors, ConnectionError, TimeoutError
-            if isinstance(exc, (Stalled, TimeoutError)):
-                self._stalled_until = time.monotonic() + _STALL_PAUSE_S
-            raise self._error(op, exc) from exc
-        self._stalled_until = 0.0
+    def _wrap_errors(self, op: str) -> _Errors:
+        """``with self._wrap_errors(op):`` around a command: its failure as a ``StoreError``."""
+        guard = self._guards.get(op)
+        if guard is None:
+            guard = self._guards[op] = _Errors(self, op)
+        return guard
 
     # -- key/value -------------------------------------------------------------
 
@@ -201,9 +223,13 @@ class RedisStore(Store):
     async def commit(self, writes: list[Write]) -> list[bool]:
         # one script on one node; on a Cluster one per slot, all sent at once (a script's keys must share a
         # slot, and each write applies on its own key, so the split loses nothing)
+        if self.topology != "cluster":  # (no gather: it would make a task for the one script)
+            with self._wrap_errors("commit"):
+                return [bool(applied) for applied in await self._commit(
+                    keys=[self._k(w.key) for w in writes], args=_commit_args(writes, self._k))]
         groups: dict[int, list[int]] = defaultdict(list)
         for i, w in enumerate(writes):
-            groups[key_slot(self._k(w.key)) if self.topology == "cluster" else 0].append(i)
+            groups[key_slot(self._k(w.key))].append(i)
         with self._wrap_errors("commit"):
             replies = await asyncio.gather(*(
                 self._commit(keys=[self._k(writes[i].key) for i in group],
