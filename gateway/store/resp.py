@@ -342,7 +342,10 @@ class RespClient:
             proto.fail(Stalled(f"Redis did not answer within {self.timeout_s:g}s"))
 
     async def execute(self, *args: Any) -> Any:
-        return await self._send(await self._protocol(), args)
+        proto = self._proto
+        if proto is None or proto.lost:  # (connected, the usual case, costs no coroutine of its own)
+            proto = await self._protocol()
+        return await self._send(proto, args)
 
     async def execute_asking(self, *args: Any) -> Any:
         """ASKING then the command, back to back on one connection (a Cluster slot being migrated)."""

@@ -14,6 +14,7 @@ new one — no restart, no background task. Cluster routing is in ``gateway.stor
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable
 from typing import Any
 
 from gateway.store.resp import Endpoint, Refused, ReplyError, RespClient
@@ -35,8 +36,8 @@ class Single:
             self.client = RespClient(endpoint, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
             self.locate = _fixed(endpoint)
 
-    async def call(self, key: str | None, *args: Any) -> Any:
-        return await self.client.execute(*args)
+    def call(self, key: str | None, *args: Any) -> Awaitable[Any]:
+        return self.client.execute(*args)  # (the client's coroutine itself: no frame of its own per command)
 
     async def primaries(self) -> list[RespClient]:
         return [self.client]
