@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import Any
 
 from gateway.store import Store, StoreError, Write
 
@@ -60,8 +61,7 @@ class Writes:
         takes them, else as one ``Store.commit``. Raises ``StoreError``."""
         for inner in self.inner:  # a nested lead whose work is over hands over in a moment: wait for it
             if inner.settling and not inner.ready.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(inner.ready), HANDOFF_S)
+                await _within(inner.ready, HANDOFF_S)
         self.accepting = False
         handed, self.handed = self.handed, []
         batch = writes + [w for ws, _ in handed for w in ws]
@@ -89,12 +89,12 @@ class Writes:
         entry = (batch, fut)
         outer.handed.append(entry)
         self.ready.set_result(None)
-        try:
-            results = await asyncio.wait_for(asyncio.shield(fut), HANDOFF_S)
-        except TimeoutError:
-            if entry in outer.handed:  # not taken yet: take it back and send it alone
-                outer.handed.remove(entry)
-                return await self.store.commit(batch)
+        if await _within(fut, HANDOFF_S):
+            results = fut.result()
+        elif entry in outer.handed:  # not taken yet: take it back and send it alone
+            outer.handed.remove(entry)
+            return await self.store.commit(batch)
+        else:
             results = await fut  # on its way with the enclosing lead's: wait for it
         return results if results is not None else await self.store.commit(batch)
 
@@ -108,3 +108,25 @@ class Writes:
         for _, fut in handed:
             if not fut.done():
                 fut.set_result(None)
+
+
+async def _within(fut: asyncio.Future[Any], timeout_s: float) -> bool:
+    """Wait until ``fut`` is done (True) or ``timeout_s`` passed (False), without cancelling ``fut`` —
+    ``wait_for(shield(fut))`` without its extra future, task-like bookkeeping and exception: this runs
+    twice for every request that leads two flights."""
+    if fut.done():
+        return True
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    fut.add_done_callback(wake)
+    timer = asyncio.get_running_loop().call_later(timeout_s, wake)
+    try:
+        await waiter  # (cancelling this wait cancels the waiter, never ``fut``)
+    finally:
+        timer.cancel()
+        fut.remove_done_callback(wake)
+    return fut.done()
