@@ -32,6 +32,7 @@ from gateway.config import ConfigError, config_warnings, load_config, seed_env
 from gateway.config.model import Config
 from gateway.config.store import store_url_errors
 from gateway.keys import Reloader
+from gateway.store.url import parse_store_url
 
 log = logging.getLogger("reliapi")
 
@@ -71,9 +72,15 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
         name, origin = ("--port", "command line") if args.port is not None else ("RELIAPI_PORT", "environment")
         raise ConfigError([f"{name}: expected a port number 0-65535, got {port}"], source=origin)
     url = args.redis_url or os.environ.get("REDIS_URL") or store.url
+    replaced: list[str] = []
     if url != store.url:  # it replaces the file's url or block
-        if problems := store_url_errors(url, store.key_prefix):
+        given = "--redis-url" if args.redis_url else "REDIS_URL"
+        if problems := store_url_errors(url, store.key_prefix, where=given):
             raise ConfigError(problems, source="command line" if args.redis_url else "environment")
+        block = "sentinel" if store.sentinel is not None else "cluster" if store.cluster is not None else None
+        if block is not None:  # said, not done silently: the file's block (and its password, tls) is not used
+            replaced.append(f"{given} replaces store.{block} (with its username, password and tls) of the config "
+                            f"file: the store is {parse_store_url(url).display}")
         store = msgspec.structs.replace(store, url=url, sentinel=None, cluster=None, username=None, password=None,
                                         tls=None)
     config = msgspec.structs.replace(
@@ -86,11 +93,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
             config, os.environ, port_given=args.port is not None or "RELIAPI_PORT" in os.environ)
     except seed_env.SeedEnvError as e:
         raise ConfigError([str(e)], source="environment") from None
-    seed_notes[:] = [applied, warnings]
+    seed_notes[:] = [applied, warnings, replaced]
     return config, path or "<built-in default>"
 
 
-seed_notes: list[list[str]] = [[], []]  # the last resolve_config's seed variables: (applied, warnings)
+# the last resolve_config's seed variables (applied, warnings), and a store block REDIS_URL / --redis-url replaced
+seed_notes: list[list[str]] = [[], [], []]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -132,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return 2
-    applied, env_warnings = seed_notes
+    applied, env_warnings, replaced = seed_notes
     if args.check:
-        for line in applied:
+        for line in [*applied, *replaced]:
             print(f"environment: {line}", file=sys.stderr)
         for line in [*env_warnings, *config_warnings(config)]:
             print(f"warning: {line}", file=sys.stderr)
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(level, pid=workers > 1)
     if applied:
         log.info("environment: %s", "; ".join(applied), extra={"fields": {"seed_environment": applied}})
-    for line in env_warnings:
+    for line in [*env_warnings, *replaced]:
         log.warning("environment: %s", line)
     for line in config_warnings(config):
         log.warning("config: %s", line)

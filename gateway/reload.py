@@ -34,7 +34,7 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
         return {"reloaded": False, "errors": ["this gateway was not started from a config it can read again"],
                 "warnings": [], "source": None, "targets": []}
     slot = app[RUNTIME]
-    started = slot.current.config
+    started, slot_store = slot.current.config, slot.current.store
     try:
         config, source = reload()
     except ConfigError as e:
@@ -59,7 +59,8 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
         return {"reloaded": False, "errors": [f"{config.store.where}: {e}"], "warnings": warnings, "source": source,
                 "targets": sorted(started.targets)}
     use_scrubber(new.scrub)  # the new config's keys
-    log.info("config reloaded from %s (targets: %s)", source, ", ".join(config.targets))
+    store = "" if new.store is slot_store else f"; store now {new.store.url_for_display}"
+    log.info("config reloaded from %s (targets: %s%s)", source, ", ".join(config.targets), store)
     return {"reloaded": True, "errors": [], "warnings": warnings, "source": source, "targets": list(config.targets)}
 
 

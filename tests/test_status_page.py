@@ -150,7 +150,8 @@ async def test_the_page_and_the_json_show_the_same_numbers_after_real_traffic(st
     assert resp.status == 200 and resp.content_type == "application/json"
     assert resp.headers["Cache-Control"] == "no-store"
     data = await resp.json()
-    assert data["version"] == __version__ and data["store"] == {"backend": "memory", "healthy": True, "error": None}
+    assert data["version"] == __version__ and data["store"] == {"backend": "memory", "url": "memory://", "healthy": True,
+                                                                   "error": None}
     up, rest = (next(t for t in data["targets"] if t["name"] == n) for n in ("up", "rest"))
     assert (up["requests"], up["errors"], up["error_rate"]) == (3, 1, 0.3333)
     assert up["cache"] == {"hits": 1, "misses": 2, "hit_ratio": 0.3333}

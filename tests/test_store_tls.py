@@ -89,7 +89,7 @@ async def test_no_client_certificate_for_a_server_that_requires_one_is_a_clear_e
     redis, (ca, _), _ = tls_redis
     store = RedisStore(f"rediss://127.0.0.1:{redis.tls_port}/0?ssl_ca_certs={ca}", key_prefix=new_prefix())
     try:
-        with pytest.raises(StoreMisconfigured, match=r"TLS: the server refused the connection \(\w+\); check the "
+        with pytest.raises(StoreMisconfigured, match=r"TLS: Redis at 127\.0\.0\.1:\d+: the server refused the connection \(\w+\); check the "
                                                       r"client certificate"):
             await store.get("k")
     finally:
@@ -237,13 +237,14 @@ async def test_a_wrong_ca_or_no_client_certificate_for_tls_sentinels_or_cluster_
     cli.write("no-cert.yaml", no_cert)
     refused = cli.run("--check", "--config", "no-cert.yaml", env=SECRETS)
     assert refused.returncode == 2, refused.stderr
-    assert re.search(r"store: .*TLS: the server refused the connection \(\w+\); check the client certificate "
+    assert re.search(r"store: .*TLS: (sentinel|Redis) at 127\.0\.0\.1:\d+: the server refused the connection \(\w+\); "
+                     r"check the client certificate "
                      r"\(ssl_certfile, tls.cert_file in a store block\)", refused.stderr), refused.stderr
     other_ca, _ = make_ca(tmp_path, "not-the-servers-ca")
     cli.write("gateway.yaml", block_config(fake.url, tls_topology, group_tls, ca=other_ca))
     checked = cli.run("--check", "--config", "gateway.yaml", env=SECRETS)
     assert checked.returncode == 2, checked.stderr
-    assert re.search(r"store: .*TLS: the server's certificate was not accepted \(.*\); check ssl_ca_certs "
+    assert re.search(r"store: .*TLS: .*: the server's certificate was not accepted \(.*\); check ssl_ca_certs "
                      r"\(tls.ca_file in a store block\)", checked.stderr), checked.stderr
     port = free_port()
     gw = cli.start("--config", "gateway.yaml", "--port", str(port), env=SECRETS, port=port)

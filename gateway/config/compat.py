@@ -16,7 +16,8 @@ tree before type checking, so the Structs in ``gateway.config.model`` have one s
   flat ``budget_caps`` / list ``fallback_targets`` / number ``cache_ttl_override``
   → per-target maps under the key ``"*"`` (applies to every target)
 - ``store: {sentinel | cluster: …}`` is another spelling of ``store.url`` (written into it after the type
-  checks, ``gateway.config.store``): here, where a given ``url`` can still be told from the default, both is an error
+  checks, ``gateway.config.store``): here, where a given ``url`` can still be told from the default, both is an error;
+  so is a block left empty (``cluster:`` alone is null), and a value that is not valid text (a lone surrogate)
 
 Anything of an unexpected type is left alone for the type checker to report.
 """
@@ -46,15 +47,39 @@ def normalize(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
             name: _target(t, f"targets.{name}", errors) if isinstance(t, dict) else t for name, t in targets.items()
         }
     store = raw.get("store")
-    if isinstance(store, dict) and "url" in store and ("sentinel" in store or "cluster" in store):
-        block = "sentinel" if "sentinel" in store else "cluster"
-        errors.append(f"store.url: give either url or a {block} block, not both")
+    if isinstance(store, dict):
+        _store(store, errors)
     tenants = raw.get("tenants")
     if isinstance(tenants, dict):
         tenants = [{"name": name, **t} if isinstance(t, dict) else t for name, t in tenants.items()]
     if isinstance(tenants, list):
         raw["tenants"] = [_tenant(t, f"tenants[{i}]", errors) if isinstance(t, dict) else t for i, t in enumerate(tenants)]
     return raw
+
+
+def _store(store: dict[str, Any], errors: list[str]) -> None:
+    if "url" in store and ("sentinel" in store or "cluster" in store):
+        block = "sentinel" if "sentinel" in store else "cluster"
+        errors.append(f"store.url: give either url or a {block} block, not both")
+    for block in ("sentinel", "cluster"):  # ``cluster:`` with nothing after it must not mean the memory store
+        if block in store and store[block] is None:
+            errors.append(f"store.{block}: expected a mapping, got null")
+    errors.extend(f"{path}: holds a character that is not valid text (a lone surrogate such as \\ud800; the "
+                  "value is not shown)" for path in _not_text(store, "store"))
+
+
+def _not_text(value: Any, path: str) -> list[str]:
+    """Where a string cannot be encoded (a YAML "\\ud800" escape): it would fail only when sent."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _not_text(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _not_text(v, f"{path}[{i}]")]
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return [path]
+    return []
 
 
 def _defaults(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:

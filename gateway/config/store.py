@@ -114,8 +114,11 @@ def store_errors(store: StoreConfig) -> list[str]:
             check_node(item)
         except StoreURLError as e:
             errors.append(f"store.{field}[{i}]: {e}")
-    if store.tls is not None and store.tls.key_file and not store.tls.cert_file:
-        errors.append("store.tls.key_file: needs cert_file (the client certificate it belongs to)")
+    if store.tls is not None:
+        errors += [f"store.tls.{name}: the path is empty (leave {name} out for none)"
+                   for name in ("ca_file", "cert_file", "key_file") if getattr(store.tls, name) == ""]
+        if store.tls.key_file and not store.tls.cert_file:
+            errors.append("store.tls.key_file: needs cert_file (the client certificate it belongs to)")
     return errors or store_url_errors(store.url, store.key_prefix, where=store.where)
 
 

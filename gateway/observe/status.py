@@ -25,7 +25,8 @@ async def snapshot(observatory: Observatory, rt: Runtime) -> dict[str, Any]:
     only their origin, key pools only key ids and states."""
     now = observatory.wall()
     problem = await rt.store_problem(1.0)
-    store = {"backend": rt.store.backend, "healthy": problem is None, "error": problem}
+    store = {"backend": rt.store.backend, "url": rt.store.url_for_display,  # every password masked
+             "healthy": problem is None, "error": problem}
     today = observatory.today()
     targets = []
     for name, target in rt.targets.items():

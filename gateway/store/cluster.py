@@ -17,8 +17,9 @@ import dataclasses
 import time
 from typing import Any
 
+from gateway.store.failures import unechoed
 from gateway.store.resp import Endpoint, Refused, ReplyError, RespClient
-from gateway.store.url import StoreURL
+from gateway.store.url import StoreURL, address
 
 SLOTS = 16384
 _REFRESH_GAP_S = 0.1  # at most this often while nodes keep failing
@@ -133,15 +134,17 @@ class Cluster:
             try:
                 reply = await self.client(node).execute("CLUSTER", "SLOTS")
             except ReplyError as e:
-                if "cluster support disabled" in str(e):
-                    raise Refused(f"{node[0]}:{node[1]} is not a Redis Cluster node (cluster support "
-                                          "disabled): use redis:// for a single Redis") from None
-                refused = refused or str(e).startswith(("NOAUTH", "WRONGPASS", "NOPERM"))
-                problems.append(f"{node[0]}:{node[1]}: {e}")
+                text = str(e)
+                if "cluster support disabled" in text or "unknown command" in text.lower():  # a single node, a sentinel
+                    why = "cluster support disabled" if "cluster support disabled" in text else unechoed(e).strip()
+                    raise Refused(f"{address(*node)} is not a Redis Cluster node ({why}): use redis:// (or a "
+                                  "sentinel block) for anything else") from None
+                refused = refused or text.startswith(("NOAUTH", "WRONGPASS", "NOPERM"))
+                problems.append(f"{address(*node)} answered: {unechoed(e)}")
                 continue
             except OSError as e:
                 refused = refused or isinstance(e, Refused)
-                problems.append(f"{node[0]}:{node[1]}: {e}")
+                problems.append(str(e))  # (it names the node)
                 continue
             slots: list[tuple[str, int] | None] = [None] * SLOTS
             for start, end, primary, *_ in reply:

@@ -10,7 +10,7 @@ Every compound operation is one Lua script (registered once, sent by SHA), so it
 across instances; a script's keys share one ``{hash tag}`` (``base.one_slot``), so on a Cluster it
 runs on one node. GCRA reads the server clock (``TIME``) so instances with skewed clocks still
 agree. Every socket/protocol error is translated to ``StoreError`` in ``_wrap_errors`` — policies
-never see redis types — and messages are scrubbed of the URL's passwords.
+never see redis types — and no message holds a password (``RedisStore._error``).
 
 Timeouts are short on purpose: a request must not hang on a dead Redis (SPEC §8 "Redis down").
 """
@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from gateway.scrub import MIN_SECRET
 from gateway.store.base import (
     Store,
     StoreError,
@@ -40,6 +41,7 @@ from gateway.store.base import (
     one_slot,
 )
 from gateway.store.cluster import Cluster, key_slot
+from gateway.store.failures import unechoed
 from gateway.store.redis_pubsub import ChannelHub
 from gateway.store.resp import Refused, ReplyError, Script, Stalled, tls_refusal
 from gateway.store.scripts import (
@@ -115,7 +117,7 @@ class _Errors:
         store = self.store
         if exc is None:
             store._stalled_until = 0.0
-        elif isinstance(exc, (ReplyError, OSError)):  # OSError: socket errors, ConnectionError, TimeoutError
+        elif isinstance(exc, (ReplyError, OSError, UnicodeError)):  # OSError: socket errors, ConnectionError, TimeoutError
             if isinstance(exc, (Stalled, TimeoutError)):
                 store._stalled_until = time.monotonic() + _STALL_PAUSE_S
             raise store._error(self.op, exc) from exc
@@ -163,14 +165,21 @@ class RedisStore(Store):
         return self._prefix + key
 
     def _error(self, op: str, exc: BaseException) -> StoreError:
+        """``exc`` as a ``StoreError`` a user reads (``/readyz``, the status page, ``--check``, logs): its own words,
+        which name the node (``gateway.store.failures``), no Python class name.
+
+        No message is built from the raw URL (only from host:port, or the display URL), so none holds the
+        password; replacing the password wherever it occurs in free text would instead reveal it (a password
+        "Connect" turns "ConnectionError" into "***ionError"). What a server could quote back is an argument
+        of a command it did not take, cut off in ``unechoed``; as a last guard only that exact quoted form
+        (``'password'``) and the URL's userinfo form (``:password@``) are masked, and only for a password long
+        enough (``MIN_SECRET``) not to be ordinary text."""
         if isinstance(exc, ssl.SSLError):  # the pub/sub connection's own
             exc = tls_refusal(exc) or exc
-        if isinstance(exc, Refused):
-            text = f"redis {op} failed: {exc}"
-        else:
-            text = f"redis {op} failed: {type(exc).__name__}: {exc}"
+        text = f"redis {op} failed: {unechoed(exc) or ('no answer in time' if isinstance(exc, TimeoutError) else 'no reason given')}"
         for secret in self._secrets:
-            text = text.replace(secret, "***")
+            if len(secret) >= MIN_SECRET:
+                text = text.replace(f"'{secret}'", "'***'").replace(f":{secret}@", ":***@")
         wrong = isinstance(exc, (Refused, ssl.SSLError)) or (isinstance(exc, ReplyError) and str(exc).startswith(
             ("WRONGPASS", "NOAUTH", "NOPERM")))
         return (StoreMisconfigured if wrong else StoreError)(text)

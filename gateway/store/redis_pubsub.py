@@ -183,7 +183,7 @@ class ChannelHub:
         connecting = self._connecting
         try:
             return await asyncio.shield(connecting)
-        except (OSError, ReplyError) as exc:
+        except (OSError, ReplyError, UnicodeError) as exc:  # UnicodeError: a host name the resolver cannot encode
             raise self._error("subscribe", exc) from None
         finally:
             if self._connecting is connecting and connecting.done():

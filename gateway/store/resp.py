@@ -17,7 +17,8 @@ Failures: a refused or broken connection raises ``ConnectionError`` (the store t
 into ``StoreError``) for the commands in flight; the next command reconnects. A command
 unanswered after ``timeout_s`` closes the connection (its state is unknown); so does a
 refused AUTH or SELECT, or a TLS refusal (``tls_refusal``: a server certificate the CA does not vouch
-for, the server's alert about our certificate) — and that refusal is remembered for ``REFUSED_PAUSE_S``,
+for, the server's alert about our certificate), or the wrong protocol on the port (``gateway.store.failures``;
+every message names the node) — and that refusal is remembered for ``REFUSED_PAUSE_S``,
 so a wrong password is one clear error rather than a new connection (and the same refusal) per command.
 """
 
@@ -32,31 +33,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.store.url import StoreURL, parse_store_url
+from gateway.store.failures import Refused, Stalled, Unlocated, reason, tls_refusal, unechoed, wrong_protocol
+from gateway.store.url import StoreURL, address, parse_store_url
 
 REFUSED_PAUSE_S = 2.0  # a refused AUTH is answered from memory this long: one clear error, not a socket per command
-
-
-class Stalled(ConnectionError):
-    """Redis took the whole timeout without answering (or accepting): it may be stalled, not gone."""
-
-
-class Refused(ConnectionError):
-    """Redis refused the connection as configured (AUTH, SELECT, not a cluster node): retrying will not help."""
-
-
-def tls_refusal(e: ssl.SSLError) -> Refused | None:
-    """What a TLS failure says about the configuration, in one wording everywhere (the node, a sentinel, a
-    Cluster seed, the pub/sub connection): a server certificate the CA does not vouch for (or not for this
-    host), or the server's alert that it does not take ours (none given, or not signed by its CA). None
-    for any other TLS failure — not a refusal as configured."""
-    if isinstance(e, ssl.SSLCertVerificationError):
-        return Refused(f"TLS: the server's certificate was not accepted ({e.verify_message}); check ssl_ca_certs "
-                       "(tls.ca_file in a store block) and the host name it was issued for")
-    if "ALERT" in (e.reason or ""):
-        return Refused(f"TLS: the server refused the connection ({e.reason}); check the client certificate "
-                       "(ssl_certfile, tls.cert_file in a store block): the server may require one its CA signed")
-    return None
 
 
 class ReplyError(Exception):
@@ -127,12 +107,14 @@ class _Protocol(asyncio.Protocol):
         self.buf = bytearray()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.lost = False
+        self.answered = False  # a reply came (a closed connection that never answered: maybe the wrong protocol)
         self.error: Exception | None = None  # why it was lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = Batched(transport)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         buf = self.buf
         buf.extend(data)
         pos = 0
@@ -157,8 +139,9 @@ class _Protocol(asyncio.Protocol):
             del buf[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        refused = tls_refusal(exc) if isinstance(exc, ssl.SSLError) else None  # TLS 1.3: its alert comes after
-        self.fail(refused or ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+        who = self.client.who
+        refused = tls_refusal(exc, who) if isinstance(exc, ssl.SSLError) else None  # TLS 1.3: its alert comes after
+        self.fail(refused or ConnectionError(f"connection to {who} lost: {reason(exc) if exc else 'closed by the server'}"))
 
     def fail(self, error: Exception) -> None:
         self.lost = True
@@ -183,6 +166,10 @@ class Endpoint:
     username: str | None = None
     password: str | None = None
     db: int = 0
+
+    @property
+    def where(self) -> str:
+        return self.path or address(self.host, self.port)
 
     @classmethod
     def of(cls, url: StoreURL, node: tuple[str, int] | None = None) -> Endpoint:
@@ -235,12 +222,13 @@ class RespClient:
     connection, so the next command finds the primary again."""
 
     def __init__(self, target: str | Endpoint | Locate, *, connect_timeout_s: float, timeout_s: float,
-                 primary_only: bool = False) -> None:
+                 primary_only: bool = False, label: str = "Redis at {at}") -> None:
         if isinstance(target, str):
             target = Endpoint.of(parse_store_url(target))
         self.endpoint: Endpoint | None = target if isinstance(target, Endpoint) else None
         self._locate: Locate | None = None if isinstance(target, Endpoint) else target
         self.primary_only = primary_only
+        self.label = label  # how messages name it: "Redis at {at}", "sentinel at {at}" … ({at}: host:port)
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self._proto: _Protocol | None = None
@@ -255,6 +243,10 @@ class RespClient:
     username = property(lambda self: self.endpoint and self.endpoint.username)
     password = property(lambda self: self.endpoint and self.endpoint.password)
     ssl = property(lambda self: self.endpoint and self.endpoint.ssl)
+
+    @property
+    def who(self) -> str:
+        return self.label.format(at=self.endpoint.where if self.endpoint is not None else "(not located yet)")
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -275,15 +267,18 @@ class RespClient:
                 if self.primary_only:
                     role = await self._send(proto, ("ROLE",))
                     if role[0] != b"master":
-                        raise ConnectionError(f"{ep.host}:{ep.port} is a replica, not the primary (a failover is "
-                                              "under way)")
+                        raise ConnectionError(f"{self.who} is a replica, not the primary (a failover is under way)")
                 if proto.lost:  # closed before anything was asked of it: a TLS 1.3 server's alert comes so
-                    raise proto.error or ConnectionError("connection to Redis lost")
+                    raise proto.error or ConnectionError(f"connection to {self.who} lost")
         except BaseException as e:  # timeout, cancel, a replica, a refusal: nobody will use or close it
             if transport is not None:
                 transport.close()
-            refused = (Refused(f"Redis refused the connection: {e}") if isinstance(e, ReplyError)  # AUTH or SELECT
-                       else tls_refusal(e) if isinstance(e, ssl.SSLError) else e if isinstance(e, Refused) else None)
+            refused = (Refused(f"{self.who} refused the connection: {unechoed(e)}") if isinstance(e, ReplyError)
+                       else tls_refusal(e, self.who) if isinstance(e, ssl.SSLError)
+                       else e if isinstance(e, Refused) else None)
+            ep = self.endpoint
+            if refused is None and isinstance(e, TimeoutError) and transport is None and ep and ep.ssl and ep.host:
+                refused = await wrong_protocol(ep.host, ep.port or 0, tls=True, who=self.who)  # no TLS answer
             if refused is None:
                 raise
             self._refused = (time.monotonic() + REFUSED_PAUSE_S, refused)  # the same answer for a while, without
@@ -305,16 +300,19 @@ class RespClient:
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            raise Stalled(f"Redis did not accept a connection within {self.connect_timeout_s:g}s") from None
-        except (Refused, Stalled, ssl.SSLError):  # each says what is wrong better than a wrapper could
+            hint = " (does the server speak TLS on this port?)" if self.ssl else ""
+            raise Stalled(f"{self.who} did not accept a connection within {self.connect_timeout_s:g}s{hint}") from None
+        except (Refused, Stalled, Unlocated):  # each says what is wrong better than a wrapper could
             raise
-        except OSError as e:
-            raise ConnectionError(f"cannot connect to Redis: {e}") from None
+        except ssl.SSLError as e:  # a TLS failure of no known kind: as before, not something a retry fixes
+            raise Refused(f"TLS with {self.who} failed: {e}") from None
+        except (OSError, UnicodeError) as e:  # UnicodeError: a host name the resolver cannot encode
+            raise ConnectionError(f"cannot connect to {self.who}: {reason(e)}") from None
         finally:
             if self._connecting is connecting and connecting.done():
                 self._connecting = None
         if proto.lost:  # between its connect and this caller's turn
-            raise proto.error or ConnectionError("connection to Redis lost")
+            raise proto.error or ConnectionError(f"connection to {self.who} lost")
         self._proto = proto
         return proto
 
@@ -334,12 +332,21 @@ class RespClient:
             if self.primary_only and str(e).startswith("READONLY"):  # demoted under us: find the primary again
                 proto.fail(ConnectionError(f"the primary became a replica: {e}"))
             raise
+        except ConnectionError as e:  # closed before any answer: a TLS-only port, said once, remembered a while
+            ep = self.endpoint
+            if type(e) is not ConnectionError or proto.answered or not ep or ep.ssl or not ep.host:
+                raise
+            refused = await wrong_protocol(ep.host, ep.port or 0, tls=False, who=self.who)
+            if refused is None:
+                raise
+            self._refused = (time.monotonic() + REFUSED_PAUSE_S, refused)
+            raise refused from None
         finally:
             timer.cancel()
 
     def _expire(self, proto: _Protocol, fut: asyncio.Future[Any]) -> None:
         if not fut.done():  # its reply never came: the connection's state is unknown
-            proto.fail(Stalled(f"Redis did not answer within {self.timeout_s:g}s"))
+            proto.fail(Stalled(f"{self.who} did not answer within {self.timeout_s:g}s"))
 
     async def execute(self, *args: Any) -> Any:
         proto = self._proto

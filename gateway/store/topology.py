@@ -17,8 +17,9 @@ import dataclasses
 from collections.abc import Awaitable
 from typing import Any
 
-from gateway.store.resp import Endpoint, Refused, ReplyError, RespClient
-from gateway.store.url import StoreURL
+from gateway.store.failures import unechoed
+from gateway.store.resp import Endpoint, Refused, ReplyError, RespClient, Unlocated
+from gateway.store.url import StoreURL, address
 
 SENTINEL_TIMEOUT_S = 0.5  # per sentinel asked: a dead one must not eat a request's whole connect time
 
@@ -30,7 +31,7 @@ class Single:
         if url.topology == "sentinel":
             self.locate: Any = SentinelLocator(url)
             self.client = RespClient(self.locate, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
-                                     primary_only=True)
+                                     primary_only=True, label="the primary at {at} (named by the sentinels)")
         else:
             endpoint = Endpoint.of(url)
             self.client = RespClient(endpoint, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
@@ -68,25 +69,32 @@ class SentinelLocator:
                                        password=url.sentinel_password, db=0)
 
     async def __call__(self) -> Endpoint:
-        problems = []
+        problems, asked = [], []
         refused = False  # a node answered, and is no sentinel or refused our credentials: a misconfiguration
         for i, (host, port) in enumerate(list(self.sentinels)):
-            sentinel = RespClient(dataclasses.replace(self.via, host=host, port=port),
+            sentinel = RespClient(dataclasses.replace(self.via, host=host, port=port), label="sentinel at {at}",
                                   connect_timeout_s=SENTINEL_TIMEOUT_S, timeout_s=SENTINEL_TIMEOUT_S)
             try:
                 reply = await sentinel.execute("SENTINEL", "get-master-addr-by-name", self.service)
-            except (OSError, ReplyError) as e:
-                refused = refused or isinstance(e, Refused) or (isinstance(e, ReplyError) and (
-                    "unknown command" in str(e).lower() or str(e).startswith(("NOAUTH", "WRONGPASS", "NOPERM"))))
-                problems.append(f"sentinel {host}:{port}: {e}")
+            except ReplyError as e:
+                refused = refused or "unknown command" in str(e).lower() or str(e).startswith(
+                    ("NOAUTH", "WRONGPASS", "NOPERM"))
+                problems.append(f"sentinel at {address(host, port)} answered: {unechoed(e)}")
+                continue
+            except OSError as e:
+                refused = refused or isinstance(e, Refused)
+                problems.append(str(e))
                 continue
             finally:
                 await sentinel.close()
-            if not reply:
-                problems.append(f"sentinel {host}:{port} knows no primary named {self.service!r}")
+            if not reply:  # it answered: it knows no such primary
+                asked.append(address(host, port))
                 continue
             if i:
                 self.sentinels.insert(0, self.sentinels.pop(i))
             return dataclasses.replace(self.primary, host=reply[0].decode(), port=int(reply[1]))
-        raise (Refused if refused else ConnectionError)(
+        if asked:  # a sentinel answered and knows no such name: a wrong master, not an outage
+            others = f"; {'; '.join(problems)}" if problems else ""
+            raise Refused(f"no sentinel knows a primary named {self.service!r} (asked: {', '.join(asked)}){others}")
+        raise (Refused if refused else Unlocated)(
             f"no sentinel named the primary {self.service!r}: {'; '.join(problems)}")

@@ -23,6 +23,7 @@ parser reads like any other — one reading, one ``StoreURL``, one masking.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import ssl
 from collections.abc import Sequence
@@ -69,6 +70,9 @@ class TLSOptions:
             try:
                 ctx.load_cert_chain(self.cert_file, self.key_file)
             except (OSError, ssl.SSLError) as e:
+                if not self.key_file and _holds_no_key(self.cert_file):
+                    raise StoreURLError(f"TLS: the client certificate {self.cert_file!r} holds no private key: give "
+                                        "its key file (tls.key_file in a store block, ssl_keyfile in a URL)") from None
                 key = f" with the key {self.key_file!r}" if self.key_file else ""
                 raise StoreURLError(f"TLS: the client certificate {self.cert_file!r}{key} cannot be used: {e}") \
                     from None
@@ -76,6 +80,14 @@ class TLSOptions:
         if not self.verify:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+
+def _holds_no_key(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"PRIVATE KEY-----" not in f.read(1 << 20)
+    except OSError:
+        return False  # it cannot be read at all: the error says so
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,8 @@ class StoreURL:
 
 def parse_store_url(url: str) -> StoreURL:
     """Read a Redis store URL, or raise ``StoreURLError`` naming what is wrong with it."""
+    if not _is_text(url):
+        raise StoreURLError("the URL holds a character that is not valid text (a lone surrogate such as \\ud800)")
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in _SCHEMES:
@@ -136,6 +150,14 @@ def parse_store_url(url: str) -> StoreURL:
     if topology == "cluster" and db != 0:
         raise StoreURLError(f"a Redis Cluster has database 0 only, not {db}")
     return StoreURL(**base, nodes=nodes, db=db)
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _NODE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]+)?")
@@ -204,6 +226,9 @@ def _tls(options: dict[str, str]) -> TLSOptions:
     check = options.get("ssl_check_hostname", "true").lower()
     if check not in ("true", "false"):
         raise StoreURLError(f"ssl_check_hostname: expected true or false, got {check!r}")
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in options and not options[name]:
+            raise StoreURLError(f"{name}: the path is empty (leave the option out for none)")
     if ("ssl_keyfile" in options) and "ssl_certfile" not in options:
         raise StoreURLError("ssl_keyfile needs ssl_certfile (the client certificate it belongs to)")
     return TLSOptions(ca_file=options.get("ssl_ca_certs"), cert_file=options.get("ssl_certfile"),
@@ -232,9 +257,32 @@ def _host_port(item: str, default_port: int) -> tuple[str, int]:
         host, _, port = item.partition(":")
     if not host:
         raise StoreURLError(f"a host is missing in {item!r}")
+    if not _valid_host(host, bracketed=item.startswith("[")):
+        raise StoreURLError(f"{item!r} is not a valid host name")
     if port and not (port.isdigit() and 0 < int(port) < 65536):
         raise StoreURLError(f"{item!r}: the port must be a number 1-65535")
     return host, int(port) if port else default_port
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # RFC 1123 (and the "_" some internal names carry)
+
+
+def _valid_host(host: str, *, bracketed: bool) -> bool:
+    """An IPv4 address, a bracketed IPv6 address, or a DNS name of 1-63 character labels (253 at most): what
+    the resolver can encode — anything else (``a..b``, ``...``, a 64-character label) is refused here rather
+    than failing at every connect."""
+    if bracketed:
+        try:
+            return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+        except ValueError:
+            return False
+    name = host[:-1] if host.endswith(".") else host  # a fully qualified name's root dot
+    return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def address(host: str | None, port: int | None) -> str:
+    """``host:port`` as a user would write it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if host and ":" in host else f"{host}:{port}"
 
 
 def _display(url: str) -> str:
@@ -245,7 +293,7 @@ def _display(url: str) -> str:
     userinfo, at, hosts = netloc.rpartition("@")
     if at and ":" in userinfo:
         netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    if qmark:
-        pairs = [(k, "***" if k in _SECRET_OPTIONS else v) for k, v in parse_qsl(query, keep_blank_values=True)]
-        query = urlencode(pairs, safe="*/")
+    if qmark:  # for reading, not parsing: values as written (a TLS file's path readable), secrets masked
+        query = "&".join(f"{k}={'***' if k in _SECRET_OPTIONS else v}"
+                         for k, v in parse_qsl(query, keep_blank_values=True))
     return f"{head}{sep}{netloc}{slash}{path}{qmark}{query}"
