@@ -13,8 +13,10 @@ Query options (any other is an error — an option nobody reads must not look as
 ``sentinel_username``, ``sentinel_password`` (the sentinels' own ACL user, when they have one).
 
 Commands and pub/sub both connect from what ``parse_store_url`` returns, so they always reach the
-same servers as the same user. ``display`` is the URL with every password masked; ``secrets`` are the
-spellings a message must be scrubbed of.
+same servers as the same user. ``display`` is the URL with every password masked (and the other options as
+written, for reading); ``secrets`` are the passwords' spellings, for ``RedisStore._error``'s last guard only — no
+message is built from the raw URL. Host names are checked here (RFC 1123 labels, IPv4, bracketed IPv6), so a
+name the resolver cannot encode is a config error, never a failure at each connect.
 
 The config's ``store:`` block (``sentinel:`` / ``cluster:`` with ``username``, ``password``, ``tls``,
 ``gateway.config.store``) is only another spelling: ``block_url`` writes it as the URL above, which this
