@@ -13,13 +13,11 @@ also pipelines concurrent requests for free. Measured (32 concurrent callers, on
 Where to connect comes from ``gateway.store.url`` (one parser for commands and pub/sub, see
 ``gateway.store.redis_pubsub``); Sentinel and Cluster build on this client (``gateway.store.topology``).
 
-Failures: a refused or broken connection raises ``ConnectionError`` (the store turns it
-into ``StoreError``) for the commands in flight; the next command reconnects. A command
-unanswered after ``timeout_s`` closes the connection (its state is unknown); so does a
-refused AUTH or SELECT, or a TLS refusal (``tls_refusal``: a server certificate the CA does not vouch
-for, the server's alert about our certificate), or the wrong protocol on the port (``gateway.store.failures``;
-every message names the node) — and that refusal is remembered for ``REFUSED_PAUSE_S``,
-so a wrong password is one clear error rather than a new connection (and the same refusal) per command.
+Failures: a refused or broken connection raises ``ConnectionError`` (the store turns it into ``StoreError``) for
+the commands in flight; the next command reconnects. A command unanswered after ``timeout_s`` closes the connection
+(its state is unknown); so does a refused AUTH or SELECT, a TLS refusal (a certificate, the server's alert about
+ours), or the wrong protocol on the port (``gateway.store.failures``; every message names the node) — and that
+refusal is remembered for ``REFUSED_PAUSE_S``, so a wrong password is one clear error, not one per command.
 """
 
 from __future__ import annotations
@@ -108,6 +106,7 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.lost = False
         self.answered = False  # a reply came (a closed connection that never answered: maybe the wrong protocol)
+        self.diagnosis: asyncio.Future[Refused | None] | None = None  # then one probe for all its waiting commands
         self.error: Exception | None = None  # why it was lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -244,9 +243,7 @@ class RespClient:
     password = property(lambda self: self.endpoint and self.endpoint.password)
     ssl = property(lambda self: self.endpoint and self.endpoint.ssl)
 
-    @property
-    def who(self) -> str:
-        return self.label.format(at=self.endpoint.where if self.endpoint is not None else "(not located yet)")
+    who = property(lambda self: self.label.format(at=self.endpoint.where if self.endpoint else "(not located yet)"))
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -336,7 +333,9 @@ class RespClient:
             ep = self.endpoint
             if type(e) is not ConnectionError or proto.answered or not ep or ep.ssl or not ep.host:
                 raise
-            refused = await wrong_protocol(ep.host, ep.port or 0, tls=False, who=self.who)
+            if proto.diagnosis is None:
+                proto.diagnosis = asyncio.ensure_future(wrong_protocol(ep.host, ep.port or 0, tls=False, who=self.who))
+            refused = await asyncio.shield(proto.diagnosis)
             if refused is None:
                 raise
             self._refused = (time.monotonic() + REFUSED_PAUSE_S, refused)
