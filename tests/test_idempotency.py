@@ -963,6 +963,55 @@ async def test_a_cut_stream_is_shared_across_gateways_and_then_released(fake, pa
     assert len(fake.requests) == 2
 
 
+async def test_a_retry_that_comes_while_a_failed_flight_is_being_released_runs_anew(fake, pair, monkeypatch):
+    """The window between a leader's failure reaching the log and its key's release: a retry that joins then
+    (it saw nothing of the flight) must not be handed the old failure — it waits for the release and runs."""
+    released = asyncio.Event()
+    release = Lead._release
+
+    async def slow_release(self):
+        await released.wait()  # held until the retry below has joined the failed flight
+        await release(self)
+
+    monkeypatch.setattr(Lead, "_release", slow_release)
+    a, b = await pair()
+    fake.plan(Fault(chunks=6, cut_after=3, interval_ms=20))
+    leader = await post(a, STREAM, key="k-late-retry")
+    assert b"stream_interrupted" in await leader.read()
+    retry = asyncio.ensure_future(post(b, STREAM, key="k-late-retry"))
+    await asyncio.sleep(0.2)  # it found the key still held, its log ending in the failure
+    assert not retry.done()
+    released.set()
+    again = await retry
+    raw = await again.read()
+    assert again.status == 200 and REPLAYED not in again.headers and raw.endswith(b"data: [DONE]\n\n")
+    assert len(fake.requests) == 2
+
+
+async def test_a_retry_on_the_same_gateway_while_a_failed_flight_is_being_released_runs_anew(
+        fake, gateway, monkeypatch):
+    released = asyncio.Event()
+    release = Lead._release
+
+    async def slow_release(self):
+        await released.wait()
+        await release(self)
+
+    monkeypatch.setattr(Lead, "_release", slow_release)
+    client, _ = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=6, cut_after=3, interval_ms=20))
+    leader = await post(client, STREAM, key="k-late-local")
+    assert b"stream_interrupted" in await leader.read()
+    retry = asyncio.ensure_future(post(client, STREAM, key="k-late-local"))
+    await asyncio.sleep(0.2)  # it found the flight still running here, its recording ended in the failure
+    assert not retry.done()
+    released.set()
+    again = await retry
+    raw = await again.read()
+    assert again.status == 200 and REPLAYED not in again.headers and raw.endswith(b"data: [DONE]\n\n")
+    assert len(fake.requests) == 2
+
+
 async def test_a_deeply_nested_json_body_with_a_key_is_never_a_500(fake, gateway):
     client, _ = await gateway(f"""
 targets:

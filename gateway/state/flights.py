@@ -200,15 +200,20 @@ class Flights:
         self, key: str, lock: bytes, log_key: str, waiters: Waiters, *, wait_s: float, idle_s: float,
     ) -> Reply | None:
         deadline = time.monotonic() + wait_s
+        seen_running = False  # this follower waited while the flight ran (so its failure is this one's too)
         async with self.store.subscribe(key) as sub:
             while True:
                 items = await self.store.range(log_key)
-                if items:
+                # failed before this request came: a failure is not stored and its key is released next —
+                # wait for that below, then run anew (as a retry just after the release would)
+                over = bool(items) and not seen_running and _failed(items[-1])
+                if items and not over:
                     head = decode_item(items[0])
                     if isinstance(head, Abandoned):
                         return None  # its client left and nobody was waiting yet: run it ourselves
                     if len(items) > 1 or isinstance(head, Failed) or (isinstance(head, Head) and head.stream):
                         return self._from_log(key, log_key, lock, items, idle_s, waiters)
+                seen_running = not over
                 now = await self.lookup(key)
                 if isinstance(now, Entry):
                     return replay(now)
@@ -264,6 +269,11 @@ class Flights:
                             raise StreamBroken("the request this one was coalesced with stopped before its stream ended")
         finally:
             waiters.leave()
+
+
+def _failed(raw: bytes) -> bool:
+    """Is this log item the end of a flight that failed (nothing stored: its key is released next)?"""
+    return isinstance(decode_item(raw), Broken | Failed | Abandoned)
 
 
 def _fingerprint(lock: bytes) -> str:

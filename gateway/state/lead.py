@@ -4,6 +4,7 @@ shares the answer as it arrives, and stores it — or gives it up when its clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -124,6 +125,15 @@ class Lead:
 
     async def follow(self, wait_s: float) -> Reply | None:
         """A follower on this instance: the answer as it arrives (None: abandoned, run it yourself)."""
+        if self._failed_before_it_came():
+            # not stored, and the key is released next: wait for that, then run anew (as a retry just after
+            # the release would) rather than be handed a failure it never waited for
+            task = self._task
+            if task is not None and not task.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await asyncio.shield(task)
+            return None
         self._waiting += 1
         try:
             try:
@@ -142,6 +152,13 @@ class Lead:
             self._waiting -= 1
             if self._own_gone:
                 self._give_up_if_alone()
+
+    def _failed_before_it_came(self) -> bool:
+        if not self._outcome.done():
+            return False
+        outcome = self._outcome.result()
+        return isinstance(outcome, GatewayError) or (
+            isinstance(outcome, Recording) and outcome.ended and outcome.error is not None)
 
     # ---------------------------------------------------------------- giving up when nobody waits
 
