@@ -257,3 +257,21 @@ async def test_a_wrong_ca_or_no_client_certificate_for_tls_sentinels_or_cluster_
     assert any("refuses the gateway" in m and "certificate was not accepted" in m for m in gw.messages()), gw.output
     for secret in SECRETS.values():
         assert secret not in refused.stderr + checked.stdout + checked.stderr + gw.output + seen
+
+
+async def test_a_reset_before_any_answer_is_diagnosed_by_listening_for_the_servers_alert(tls_redis) -> None:
+    """TLS 1.3 refuses a missing client certificate only after the handshake; a command already sent can turn
+    that alert into a bare reset. The diagnosis connects once more and listens: the alert then arrives whole."""
+    import ssl
+
+    from gateway.store import failures
+
+    redis, (ca, _), tmp_path = tls_redis
+    no_cert = ssl.create_default_context(cafile=str(ca))
+    refused = await failures.closed_early("127.0.0.1", redis.tls_port, no_cert, who="Redis at here")
+    assert refused is not None and "Redis at here: the server refused the connection" in str(refused)
+    assert "check the client certificate" in str(refused)
+    client = make_cert(tmp_path, "client-ok", (ca, tmp_path / "test-ca.key"), san="DNS:client")
+    with_cert = ssl.create_default_context(cafile=str(ca))
+    with_cert.load_cert_chain(str(client[0]), str(client[1]))
+    assert await failures.closed_early("127.0.0.1", redis.tls_port, with_cert, who="Redis at here") is None

@@ -80,6 +80,33 @@ async def wrong_protocol(host: str, port: int, *, tls: bool, who: str) -> Refuse
         return None
 
 
+async def tls_alert(host: str, port: int, context: ssl.SSLContext, *, who: str) -> Refused | None:
+    """After a TLS connection reset before any answer: connect once more with the same TLS settings and listen,
+    sending nothing. A TLS 1.3 server that does not take our certificate says so only after the handshake;
+    with a command already on its way, its alert can turn into a bare reset (the kernel resets a socket closed
+    with unread data), and the reason is lost. Listening, the alert arrives whole. None: no alert came."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
+            try:
+                await reader.read(1)  # a server that takes us waits for a command: the timeout ends this
+            finally:
+                writer.close()
+    except ssl.SSLError as e:
+        return tls_refusal(e, who)
+    except (OSError, TimeoutError, UnicodeError):
+        return None
+    return None
+
+
+async def closed_early(host: str, port: int, context: ssl.SSLContext | None, *, who: str) -> Refused | None:
+    """Why a connection closed before any answer, when it is a refusal as configured: over TLS, our
+    certificate refused (``tls_alert``); in plain text, a TLS-only port (``wrong_protocol``)."""
+    if context is not None:
+        return await tls_alert(host, port, context, who=who)
+    return await wrong_protocol(host, port, tls=False, who=who)
+
+
 def reason(e: BaseException) -> str:
     """An OS error as words ("Connection refused"), not its errno and the address asyncio repeats."""
     if isinstance(e, OSError) and e.errno and not isinstance(e, ssl.SSLError):

@@ -31,7 +31,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.store.failures import Refused, Stalled, Unlocated, reason, tls_refusal, unechoed, wrong_protocol
+from gateway.store import failures
+from gateway.store.failures import Refused, Stalled, Unlocated, reason, tls_refusal, unechoed
 from gateway.store.url import StoreURL, address, parse_store_url
 
 REFUSED_PAUSE_S = 2.0  # a refused AUTH is answered from memory this long: one clear error, not a socket per command
@@ -275,7 +276,7 @@ class RespClient:
                        else e if isinstance(e, Refused) else None)
             ep = self.endpoint
             if refused is None and isinstance(e, TimeoutError) and transport is None and ep and ep.ssl and ep.host:
-                refused = await wrong_protocol(ep.host, ep.port or 0, tls=True, who=self.who)  # no TLS answer
+                refused = await failures.wrong_protocol(ep.host, ep.port or 0, tls=True, who=self.who)  # no TLS answer
             if refused is None:
                 raise
             self._refused = (time.monotonic() + REFUSED_PAUSE_S, refused)  # the same answer for a while, without
@@ -329,12 +330,12 @@ class RespClient:
             if self.primary_only and str(e).startswith("READONLY"):  # demoted under us: find the primary again
                 proto.fail(ConnectionError(f"the primary became a replica: {e}"))
             raise
-        except ConnectionError as e:  # closed before any answer: a TLS-only port, said once, remembered a while
-            ep = self.endpoint
-            if type(e) is not ConnectionError or proto.answered or not ep or ep.ssl or not ep.host:
+        except ConnectionError as e:  # closed before any answer: why (TLS-only port, our certificate refused),
+            ep = self.endpoint        # found out once for the connection and remembered a while
+            if type(e) is not ConnectionError or proto.answered or not ep or not ep.host:
                 raise
             if proto.diagnosis is None:
-                proto.diagnosis = asyncio.ensure_future(wrong_protocol(ep.host, ep.port or 0, tls=False, who=self.who))
+                proto.diagnosis = asyncio.ensure_future(failures.closed_early(ep.host, ep.port or 0, ep.ssl, who=self.who))
             refused = await asyncio.shield(proto.diagnosis)
             if refused is None:
                 raise
