@@ -120,7 +120,9 @@ _ABSENT = msgspec.Raw(b"")
 _NULL = msgspec.Raw(b"null")
 
 
-class _Delta(msgspec.Struct):
+# Decoded once per event of every stream: ``gc=False`` (a chunk read here never holds a cycle) spares
+# the collector's bookkeeping for each of them (≈ 0.7k instructions an event).
+class _Delta(msgspec.Struct, gc=False):
     content: str | None = None
     tool_calls: msgspec.Raw = _ABSENT  # whether there are any, and their size (Raw | None does not decode arrays)
     function_call: msgspec.Raw = _ABSENT
@@ -129,29 +131,36 @@ class _Delta(msgspec.Struct):
     reasoning: Any = None
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     index: int = 0
     delta: _Delta | None = None
     text: str | None = None  # legacy /completions
     finish_reason: str | None = None
 
 
-class _Error(msgspec.Struct):
+class _Error(msgspec.Struct, gc=False):
     message: str | None = None
     type: str | None = None
     code: str | int | None = None
 
 
-class _Chunk(msgspec.Struct):
-    id: str | None = None
-    model: str | None = None
-    created: int | None = None
+class _NextChunk(msgspec.Struct, gc=False):
+    """A chunk once the stream's id is known: its id, model and created are not decoded again (≈ 1k
+    instructions an event)."""
+
     choices: list[_Choice] = []
     usage: _Usage | None = None
     error: _Error | None = None
 
 
+class _Chunk(_NextChunk, gc=False):
+    id: str | None = None
+    model: str | None = None
+    created: int | None = None
+
+
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_next = msgspec.json.Decoder(_NextChunk).decode
 _decode_any = msgspec.json.Decoder().decode
 _encode = msgspec.json.encode
 
@@ -186,8 +195,9 @@ class ChatStream(StreamReader):
         if data == b"[DONE]":
             self.done = True
             return
+        first = self.id is None
         try:
-            chunk = _decode_chunk(data)
+            chunk = _decode_chunk(data) if first else _decode_next(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             self.malformed += 1
             return
@@ -195,22 +205,24 @@ class ChatStream(StreamReader):
             self.error = chunk.error.message or "upstream stream error"
             self.error_failure = _stream_error_failure(chunk.error)
             return
-        if self.id is None and chunk.id:
+        if first and isinstance(chunk, _Chunk) and chunk.id:
             self.id, self.model, self.created = chunk.id, chunk.model, chunk.created
         for c in chunk.choices:
             if c.index != 0 or c.text is not None:
                 self.recoverable = False
             delta = c.delta
             if delta is not None:
-                if delta.content:
-                    self.parts.append(delta.content)
-                    self.generated += len(delta.content.encode())
+                content = delta.content
+                if content:
+                    self.parts.append(content)
+                    self.generated += len(content.encode())
                 if (delta.tool_calls and delta.tool_calls != _NULL) or (delta.function_call and delta.function_call != _NULL):
                     self.recoverable = False
                     self.generated += len(delta.tool_calls) + len(delta.function_call)
-                for extra in (delta.refusal, delta.reasoning_content, delta.reasoning):
-                    if isinstance(extra, str):
-                        self.generated += len(extra.encode())
+                if delta.refusal is not None or delta.reasoning_content is not None or delta.reasoning is not None:
+                    for extra in (delta.refusal, delta.reasoning_content, delta.reasoning):
+                        if isinstance(extra, str):
+                            self.generated += len(extra.encode())
             if c.finish_reason is not None:
                 self.finish_reasons.append(c.finish_reason)
                 self._finished.add(c.index)
