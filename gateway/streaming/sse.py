@@ -40,6 +40,8 @@ class Aligner:
 
     def feed(self, chunk: bytes) -> bytes:
         """The whole events now available (possibly b""); the rest waits for more data."""
+        if not self.pending and chunk.endswith(b"\n\n"):  # the usual chunk: whole events, nothing held
+            return chunk
         buf = self.pending + chunk if self.pending else chunk
         end = _boundary(buf)
         if end == len(buf):

@@ -81,7 +81,7 @@ async def watch(
             yield first
         while True:
             try:
-                if reader.settled and not reader.done:
+                if reader.finished and reader.settled and not reader.done:  # (finished first: settled is a property)
                     async with asyncio.timeout(SETTLE_GRACE_S):
                         chunk = await it.__anext__()
                 else:
