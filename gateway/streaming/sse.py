@@ -62,6 +62,9 @@ def events(block: bytes) -> Iterator[tuple[bytes, bytes]]:
     """
     if block.find(b"\r") >= 0:
         block = block.replace(b"\r\n", b"\n")
+    if block.startswith(b"data: ") and block.find(b"\n") == len(block) - 2:  # the usual chunk: one one-line event
+        yield b"", block[6:-2]
+        return
     for raw in block.split(b"\n\n"):
         if not raw:
             continue
