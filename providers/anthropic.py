@@ -100,17 +100,19 @@ def read_usage(body: bytes) -> Usage | None:
     return Usage(u.prompt or 0, u.output_tokens or 0, *u.cache())
 
 
-class _Message(msgspec.Struct):
+# Decoded once per event of every stream: ``gc=False`` (an event read here never holds a cycle) spares the
+# collector's bookkeeping for each of them.
+class _Message(msgspec.Struct, gc=False):
     id: str | None = None
     model: str | None = None
     usage: _Usage | None = None
 
 
-class _Block(msgspec.Struct):
+class _Block(msgspec.Struct, gc=False):
     type: str = ""
 
 
-class _Delta(msgspec.Struct):
+class _Delta(msgspec.Struct, gc=False):
     type: str | None = None
     text: str | None = None
     partial_json: Any = None  # a tool call's input, streamed
@@ -118,12 +120,12 @@ class _Delta(msgspec.Struct):
     stop_reason: str | None = None
 
 
-class _Error(msgspec.Struct):
+class _Error(msgspec.Struct, gc=False):
     type: str = ""
     message: str = ""
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, gc=False):
     type: str = ""
     index: int = 0
     message: _Message | None = None
