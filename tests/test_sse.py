@@ -16,6 +16,12 @@ from gateway.streaming.sse import Aligner, events
         (b"data: a\n\ndata: b\n\n", [(b"", b"a"), (b"", b"b")]),
         (b"data: a\ndata: b\n\n", [(b"", b"a\nb")]),  # one event, two data lines
         (b"event: message_stop\ndata: {}\n\n", [(b"message_stop", b"{}")]),
+        (b"event: a\ndata: 1\n\nevent: b:c\ndata: 2:3\n\n", [(b"a", b"1"), (b"b:c", b"2:3")]),
+        (b"event: a\r\ndata: 1\r\n\r\n", [(b"a", b"1")]),
+        (b"event:a\ndata:1\n\n", [(b"a", b"1")]),
+        (b"event: a\ndata: 1\nid: 7\n\n", [(b"a", b"1")]),
+        (b"event: a\nid: 7\ndata: 1\n\n", [(b"a", b"1")]),
+        (b"event: ping\n\n", []),
         (b": keep-alive\n\n", []),
         (b"data:x\n\n", [(b"", b"x")]),  # no space after the colon
         (b"data: a\nb", [(b"", b"a")]),  # no blank line (an overlong event forwarded as it is)

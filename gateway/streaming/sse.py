@@ -68,8 +68,13 @@ def events(block: bytes) -> Iterator[tuple[bytes, bytes]]:
     for raw in block.split(b"\n\n"):
         if not raw:
             continue
-        if raw.startswith(b"data: ") and raw.find(b"\n") < 0:  # the common one-line OpenAI event
-            yield b"", raw[6:]
+        nl = raw.find(b"\n")
+        if nl < 0:
+            if raw.startswith(b"data: "):  # the common one-line OpenAI event
+                yield b"", raw[6:]
+                continue
+        elif raw.startswith(b"event: ") and raw.startswith(b"data: ", nl + 1) and raw.find(b"\n", nl + 1) < 0:
+            yield raw[7:nl], raw[nl + 7:]  # the common named one (Anthropic, Responses), without the line loop
             continue
         name, data = b"", []
         for line in raw.split(b"\n"):
