@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench bench-stateful bench-guard lint check screenshot docker clean
+.PHONY: install run test bench bench-scale bench-stateful bench-guard lint check screenshot docker clean
 
 install: $(STAMP)
 
@@ -28,10 +28,15 @@ bench: $(STAMP)
 	  echo "wrk not available: bench falls back to its Python load generator"
 	$(PY) bench/run.py $(ARGS)
 
+# 10,000 open streams through one gateway process (and the bare proxy): peak RSS, every stream complete.
+bench-scale: $(STAMP)
+	$(PY) bench/run.py --scale $(ARGS)
+
 bench-stateful: $(STAMP)
 	$(PY) bench/stateful.py $(ARGS)
 
 # Instructions per plain request (callgrind: deterministic) against the committed baseline: fails on +3 %.
+# ~20-30 s (one callgrind run per proxy, side by side; see bench/README.md); .ci/run runs it last.
 bench-guard: $(STAMP)
 	$(PY) bench/instructions.py --check bench/instructions_baseline.json $(ARGS)
 

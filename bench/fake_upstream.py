@@ -8,8 +8,13 @@ POST /v1/chat/completions
 Stream shape, per request (headers win) or per process (control endpoint / CLI):
   X-Bench-Chunks: 5          number of chunks after the first one
   X-Bench-Interval-Ms: 20    delay before each of those chunks
-  POST /_bench/config {"chunks": 5, "interval_ms": 20, "reset_stats": true}  sets defaults
-  GET  /_bench/stats         counters (requests, streams started/completed/aborted)
+  X-Bench-Hold: 1            held stream: a chunk every INTERVAL ms until POST /_bench/release
+                             (at most MAX_HOLD_S seconds), then the last chunk and [DONE]
+  POST /_bench/config {"chunks": 5, "interval_ms": 20, "hold": false, "close": false, "reset_stats": true}
+                             sets defaults; "close": true answers streams with Connection: close, so a
+                             proxy does not keep thousands of idle upstream connections after the RSS test
+  POST /_bench/release       ends every held stream (at its next chunk)
+  GET  /_bench/stats         counters (requests, streams started/completed/aborted, open, max open)
   GET  /healthz              200
 
 The request body is never JSON-parsed: "stream" detection is a byte search, and
@@ -25,6 +30,7 @@ from aiohttp import web
 
 MAX_CHUNKS = 1000
 MAX_INTERVAL_MS = 60_000
+MAX_HOLD_S = 900  # a held stream ends after this even if nobody releases it
 
 COMPLETION = json.dumps(
     {
@@ -91,17 +97,29 @@ async def chat(request: web.Request) -> web.StreamResponse:
     cfg = request.app["cfg"]
     chunks = _int_header(request, "X-Bench-Chunks", cfg["chunks"], MAX_CHUNKS)
     interval = _int_header(request, "X-Bench-Interval-Ms", cfg["interval_ms"], MAX_INTERVAL_MS) / 1000.0
+    hold = request.headers.get("X-Bench-Hold") == "1" or cfg["hold"]
+    gen = request.app["release"]["gen"]
     st["streams_started"] += 1
     st["open_streams"] += 1
     st["max_open_streams"] = max(st["max_open_streams"], st["open_streams"])
     try:
         resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        if cfg["close"]:
+            resp.force_close()
         await resp.prepare(request)
         await resp.write(FIRST_CHUNK)
-        for _ in range(chunks):  # bounded: chunks <= MAX_CHUNKS
-            if interval:
-                await asyncio.sleep(interval)
-            await resp.write(MID_CHUNK)
+        if hold:  # until released; bounded by MAX_HOLD_S
+            step = max(interval, 0.05)
+            for _ in range(int(MAX_HOLD_S / step)):
+                await asyncio.sleep(step)
+                if request.app["release"]["gen"] != gen:
+                    break
+                await resp.write(MID_CHUNK)
+        else:
+            for _ in range(chunks):  # bounded: chunks <= MAX_CHUNKS
+                if interval:
+                    await asyncio.sleep(interval)
+                await resp.write(MID_CHUNK)
         await resp.write(LAST)
         await resp.write_eof()
         st["streams_completed"] += 1
@@ -120,12 +138,20 @@ async def set_config(request: web.Request) -> web.Response:
         cfg["chunks"] = max(0, min(MAX_CHUNKS, int(data["chunks"])))
     if "interval_ms" in data:
         cfg["interval_ms"] = max(0, min(MAX_INTERVAL_MS, int(data["interval_ms"])))
+    for k in ("hold", "close"):
+        if k in data:
+            cfg[k] = bool(data[k])
     if data.get("reset_stats"):
         st = request.app["stats"]
         for k in st:
             if k != "open_streams":
                 st[k] = 0
     return web.json_response(cfg)
+
+
+async def release(request: web.Request) -> web.Response:
+    request.app["release"]["gen"] += 1
+    return web.json_response({"released": request.app["stats"]["open_streams"]})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -145,13 +171,15 @@ def main() -> None:
     a = ap.parse_args()
 
     app = web.Application(client_max_size=64 * 1024 * 1024)  # bench/large_bodies.py sends 10 MB bodies
-    app["cfg"] = {"chunks": a.chunks, "interval_ms": a.interval_ms}
+    app["cfg"] = {"chunks": a.chunks, "interval_ms": a.interval_ms, "hold": False, "close": False}
+    app["release"] = {"gen": 0}  # POST /_bench/release bumps it: held streams end
     app["stats"] = dict.fromkeys(
         ("requests", "streams_started", "streams_completed", "streams_aborted",
          "open_streams", "max_open_streams"), 0)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/chat/completions", chat)
     app.router.add_post("/_bench/config", set_config)
+    app.router.add_post("/_bench/release", release)
     app.router.add_get("/_bench/stats", stats)
     app.router.add_get("/healthz", healthz)
 

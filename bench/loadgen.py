@@ -124,8 +124,10 @@ def stream_headers(a) -> dict:
     return h
 
 
-async def one_stream(s: aiohttp.ClientSession, url: str, a, hdrs: dict, on_first=None) -> tuple[float | None, str | None]:
-    """Returns (ttfb_ms, error). Reads the whole stream and requires [DONE]."""
+async def one_stream(s: aiohttp.ClientSession, url: str, a, hdrs: dict, on_first=None,
+                     samples: list[str] | None = None) -> tuple[float | None, str | None]:
+    """Returns (ttfb_ms, error). Reads the whole stream and requires [DONE]. The first few
+    exceptions' messages go to samples, if given."""
     t0 = time.perf_counter()
     ttfb = None
     try:
@@ -151,6 +153,8 @@ async def one_stream(s: aiohttp.ClientSession, url: str, a, hdrs: dict, on_first
                 return ttfb, "no_done"
             return ttfb, None
     except Exception as e:  # noqa: BLE001 - counted and reported
+        if samples is not None and len(samples) < 5:
+            samples.append(repr(e)[:300])
         return ttfb, type(e).__name__
 
 
@@ -201,11 +205,20 @@ async def run_ttfb(a) -> dict:
 
 # ----------------------------------------------------------------------- streams
 async def run_streams(a) -> dict:
+    """Open --count streams, at most --max-pending of them waiting for their first chunk at a time
+    (so the proxy's accept queue never overflows however slow it is to set streams up), no faster
+    than --ramp-s allows. With --hold the upstream keeps every stream going until it is released
+    (POST /_bench/release, done by the harness once all are open), so all N are open together
+    however long the opening took."""
     hdrs = stream_headers(a)
+    if a.hold:
+        hdrs["X-Bench-Hold"] = "1"
     ttfbs: list[float] = []
     errors: dict[str, int] = {}
-    state = {"open": 0, "max_open": 0, "got_first": 0, "all_open_at": None}
+    samples: list[str] = []  # the first few error messages, for the log
+    state = {"open": 0, "max_open": 0, "got_first": 0, "all_open_at": None, "first_end_at": None}
     timeout = aiohttp.ClientTimeout(total=a.timeout, sock_connect=30)
+    pending = asyncio.Semaphore(max(1, a.max_pending))
     t_start = time.perf_counter()
 
     def on_first() -> None:
@@ -223,9 +236,24 @@ async def run_streams(a) -> dict:
         async def one(i: int) -> None:
             # ramp: spread connection opening over ramp_s to avoid a SYN burst
             await asyncio.sleep(a.ramp_s * i / max(1, a.count))
-            t, err = await one_stream(s, a.url, a, hdrs, on_first)
-            if t is not None:
+            await pending.acquire()
+            released = False
+
+            def first() -> None:
+                nonlocal released
+                released = True
+                pending.release()
+                on_first()
+
+            try:
+                t, err = await one_stream(s, a.url, a, hdrs, first, samples)
+            finally:
+                if not released:
+                    pending.release()
+            if t is not None and released:
                 state["open"] -= 1
+                if state["first_end_at"] is None:
+                    state["first_end_at"] = time.perf_counter() - t_start
                 ttfbs.append(t)
             if err:
                 errors[err] = errors.get(err, 0) + 1
@@ -235,8 +263,9 @@ async def run_streams(a) -> dict:
     elapsed = time.perf_counter() - t_start
     failed = sum(errors.values())
     return {"mode": "streams", "count": a.count, "got_first_chunk": state["got_first"],
-            "completed_ok": a.count - failed, "failed": failed, "errors": errors,
+            "completed_ok": a.count - failed, "failed": failed, "errors": errors, "error_samples": samples,
             "max_open_concurrently": state["max_open"], "all_open_at_s": state["all_open_at"],
+            "first_stream_ended_at_s": state["first_end_at"],
             "elapsed_s": elapsed, **summarize_ms(ttfbs)}
 
 
@@ -268,6 +297,9 @@ def main() -> None:
     st.add_argument("--ramp-s", type=float, default=1.0)
     st.add_argument("--timeout", type=float, default=60)
     st.add_argument("--signal-file", default=None, help="written when all streams are open")
+    st.add_argument("--hold", action="store_true", help="ask the upstream to hold every stream until released")
+    st.add_argument("--max-pending", type=int, default=256,
+                    help="streams waiting for their first chunk at most (bounds the SYN/accept backlog)")
     a = ap.parse_args()
     fn = {"rps": run_rps, "ttfb": run_ttfb, "streams": run_streams}[a.mode]
     res = uvloop.run(fn(a))

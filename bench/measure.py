@@ -1,5 +1,6 @@
-"""The measurements against one proxy: requests/s (wrk or loadgen.py), stream time to first
-byte, and RSS while N streams are open. Also the fake upstream's control API and the smoke test."""
+"""The measurements against one proxy: requests/s (wrk, loadgen.py or rawload.py), stream time to
+first byte (loadgen.py at c=8, rawload.py at c=1 and c=32), open-loop latency at a fixed rate
+(rawload.py), and RSS while N streams are open. Also the fake upstream's control API and the smoke test."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,11 @@ def upstream_ctl(up_port: int, **cfg) -> None:
                     json.dumps(cfg).encode(), {"Content-Type": "application/json"})
     if st != 200:
         raise RuntimeError(f"upstream config failed: HTTP {st}")
+
+
+def upstream_release(up_port: int) -> None:
+    """End every held stream (at its next chunk)."""
+    http("POST", f"http://{HOST}:{up_port}/_bench/release", b"")
 
 
 def upstream_stats(up_port: int) -> dict:
@@ -56,6 +62,7 @@ class Bench:
     def __init__(self, a: argparse.Namespace, loadgen: str, up_port: int):
         self.a, self.loadgen, self.up_port = a, loadgen, up_port
         self.lg = [PY, str(BENCH_DIR / "loadgen.py")]
+        self.raw = [PY, str(BENCH_DIR / "rawload.py")]
 
     # -------------------------------------------------------------- (a) throughput
     def rps(self, url: str, duration: float) -> dict:
@@ -112,24 +119,62 @@ class Bench:
             cmd += ["--url", u]
         return _last_json(run_tools([cmd], 240)[0])
 
-    # -------------------------------------------------------------- (c) RSS @ N streams
-    def streams(self, url: str, pid: int) -> dict:
-        """Open --streams streams, each held ~--hold-s s at 1 chunk/s; sample pid's RSS meanwhile."""
+    def ttfb_raw(self, urls: list[str], concurrency: int, count: int, batch: int, chunks: int,
+                 interval_ms: int) -> dict:
+        """rawload.py ttfb: closed loop at `concurrency`, the workers' first streams staggered by
+        1 ms, batches rotating over the urls (the upstream direct among them: the reference)."""
+        cmd = self.raw + ["ttfb", "--concurrency", str(concurrency), "--count", str(count), "--batch",
+                          str(batch), "--chunks", str(chunks), "--interval-ms", str(interval_ms),
+                          "--stagger-ms", "1", "--timeout", "30"]
+        for u in urls:
+            cmd += ["--url", u]
+        return _last_json(run_tools([cmd], 300)[0])
+
+    # -------------------------------------------------------------- (d) open loop @ fixed rate
+    def openloop(self, urls: list[str]) -> dict:
+        """rawload.py openloop: --openloop-rate requests/s scheduled on time, slices rotating over
+        the urls; latency from the scheduled send time."""
         a = self.a
-        upstream_ctl(self.up_port, chunks=a.hold_s, interval_ms=1000, reset_stats=True)
+        cmd = self.raw + ["openloop", "--rate", str(a.openloop_rate), "--slice-s", str(a.openloop_slice),
+                          "--rounds", str(a.openloop_rounds), "--warmup-s", "0.5", "--pool", "16"]
+        for u in urls:
+            cmd += ["--url", u]
+        budget = len(urls) * (a.openloop_rounds * (a.openloop_slice + 1) + 12) + 60
+        return _last_json(run_tools([cmd], budget)[0])
+
+    # -------------------------------------------------------------- (e) closed loop, lean client
+    def rps_raw(self, url: str, duration: float, concurrency: int) -> dict:
+        cmd = self.raw + ["rps", "--url", url, "--concurrency", str(concurrency), "--duration", str(duration)]
+        return _last_json(run_tools([cmd], duration + 60)[0])
+
+    # -------------------------------------------------------------- (c) RSS @ N streams
+    def streams(self, url: str, pid: int, n: int) -> dict:
+        """Open n streams (at most --max-pending awaiting their first chunk at a time, spread over at
+        least --ramp-s), hold all n open together for --hold-s s (the upstream sends a chunk every
+        --stream-interval-ms), then release them; sample pid's RSS all along."""
+        a = self.a
+        interval = a.stream_interval_ms
+        upstream_ctl(self.up_port, interval_ms=interval, hold=True, close=True, reset_stats=True)
         time.sleep(0.5)
         before = mem_kb(pid)
         hwm_reset = reset_hwm(pid)
         sig_dir = Path(tempfile.mkdtemp(prefix="reliapi-bench-"))
         sig = sig_dir / "all_open"  # loadgen.py creates it once every stream got its first chunk
-        timeout = a.hold_s + 45
-        cmd = self.lg + ["streams", "--url", url, "--count", str(a.streams), "--chunks",
-                         str(a.hold_s), "--interval-ms", "1000", "--ramp-s", str(a.ramp_s),
-                         "--timeout", str(timeout), "--signal-file", str(sig)]
+        open_budget = a.ramp_s + 30 + n / 50  # opening slower than 50 streams/s: give up, release
+        timeout = open_budget + a.hold_s + 2 * interval / 1000 + 60
+        cmd = self.lg + ["streams", "--url", url, "--count", str(n), "--chunks", "1", "--interval-ms",
+                         str(interval), "--ramp-s", str(a.ramp_s), "--timeout", f"{timeout:.0f}",
+                         "--signal-file", str(sig), "--hold", "--max-pending", str(a.max_pending)]
         try:
-            out, rss = _sample_rss(spawn_tool(cmd), pid, sig, timeout + a.ramp_s + 20)
+            out, rss = _sample_rss(spawn_tool(cmd), pid, sig, a.hold_s, open_budget,
+                                   lambda: upstream_release(self.up_port), timeout + a.ramp_s + 20)
         finally:
             shutil.rmtree(sig_dir, ignore_errors=True)
+            try:
+                upstream_release(self.up_port)
+                upstream_ctl(self.up_port, hold=False, close=False)
+            except Exception:  # noqa: BLE001 - the next phase will say if the upstream is gone
+                pass
         res = _last_json(out)
         after = mem_kb(pid)
         up = upstream_stats(self.up_port)
@@ -143,6 +188,8 @@ class Bench:
             # VmHWM catches peaks between samples, if the kernel let us reset it
             "peak_rss_kb": max(rss["max"], after["hwm_kb"]),
             "rss_samples": rss["samples"],
+            "held_all_open_s": rss["held_s"],
+            "released_early": rss["released_early"],
             "nprocs": after["nprocs"],
             "upstream": {k: up[k] for k in ("streams_started", "streams_completed",
                                             "streams_aborted", "max_open_streams")},
@@ -150,22 +197,33 @@ class Bench:
         return res
 
 
-def _sample_rss(p: subprocess.Popen, pid: int, sig: Path, budget: float) -> tuple[str, dict]:
-    """Sample pid's RSS every 100 ms until tool p exits (at most budget s); also note the RSS
-    when sig appears. Returns p's stdout and the samples' summary."""
+def _sample_rss(p: subprocess.Popen, pid: int, sig: Path, hold_s: float, open_budget: float,
+                release, budget: float) -> tuple[str, dict]:
+    """Sample pid's RSS every 100 ms until tool p exits (at most budget s). When sig appears (all
+    streams open) note the RSS, and hold_s later call release(); if sig has not appeared after
+    open_budget s, release anyway (the check will fail). Returns p's stdout and the samples' summary."""
     max_rss, all_open, samples = 0, None, 0
-    deadline = time.monotonic() + budget
+    t0 = time.monotonic()
+    deadline = t0 + budget
+    t_open = t_release = None
     try:
         while p.poll() is None and time.monotonic() < deadline:
             rss = mem_kb(pid)["rss_kb"]
             max_rss = max(max_rss, rss)
             samples += 1
+            now = time.monotonic()
             if all_open is None and sig.exists():
-                all_open = rss
+                all_open, t_open = rss, now
+            if t_release is None and ((t_open is not None and now - t_open >= hold_s)
+                                      or (t_open is None and now - t0 >= open_budget)):
+                release()
+                t_release = now
             time.sleep(0.1)
         out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         kill_tool(p)
     if p.returncode != 0:
         raise RuntimeError(f"streams loadgen exited {p.returncode}: {err.decode()[-800:]}")
-    return out.decode(), {"max": max_rss, "all_open": all_open, "samples": samples}
+    held = None if t_open is None or t_release is None else round(t_release - t_open, 1)
+    return out.decode(), {"max": max_rss, "all_open": all_open, "samples": samples, "held_s": held,
+                          "released_early": t_open is None}

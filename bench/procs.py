@@ -265,8 +265,15 @@ def loadavg() -> str:
 
 
 def raise_nofile(need: int) -> str:
-    """Raise the soft fd limit (inherited by the children) as far as allowed; describe it."""
+    """Raise the fd limit (inherited by the children) as far as allowed — the hard limit too when
+    this process may (root with CAP_SYS_RESOURCE) and `need` is above it; describe the result."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            soft, hard = need, need
+        except (ValueError, OSError):
+            pass  # not allowed here: the streams phase sizes N to what fits (see stream_capacity)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
     if soft < want:
         try:
@@ -274,7 +281,54 @@ def raise_nofile(need: int) -> str:
             soft = want
         except (ValueError, OSError):
             pass
-    note = f"RLIMIT_NOFILE soft={soft}"
+    note = f"RLIMIT_NOFILE soft={soft} hard={hard}"
     if soft < need:
-        note += f" (< {need} needed for {need // 3} streams: expect failures)"
+        note += f" (< {need} wanted: the hard limit cannot be raised here)"
     return note
+
+
+def fd_limit(pid: int) -> int | None:
+    """pid's soft RLIMIT_NOFILE, from /proc/PID/limits."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    v = line.split()[3]
+                    return None if v == "unlimited" else int(v)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fd_count(pid: int) -> int:
+    """Open fds of pid and its descendants, the most any one of them has (each has its own limit)."""
+    most = 0
+    for p in [pid] + _descendants(pid):
+        try:
+            most = max(most, len(os.listdir(f"/proc/{p}/fd")))
+        except OSError:
+            pass
+    return most
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by pid and its live descendants, plus the children
+    they have waited for."""
+    hz = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in [pid] + _descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / hz
+
+
+def machine_cpu() -> tuple[float, float, float]:
+    """(monotonic time, idle CPU seconds (idle + iowait), softirq + irq seconds) of the whole machine"""
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return time.monotonic(), (v[3] + v[4]) / hz, (v[5] + v[6]) / hz
