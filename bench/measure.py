@@ -167,7 +167,8 @@ class Bench:
                          "--signal-file", str(sig), "--hold", "--max-pending", str(a.max_pending)]
         try:
             out, rss = _sample_rss(spawn_tool(cmd), pid, sig, a.hold_s, open_budget,
-                                   lambda: upstream_release(self.up_port), timeout + a.ramp_s + 20)
+                                   lambda: upstream_release(self.up_port), timeout + a.ramp_s + 20,
+                                   lambda: upstream_stats(self.up_port)["streams_started"])
         finally:
             shutil.rmtree(sig_dir, ignore_errors=True)
             try:
@@ -198,14 +199,16 @@ class Bench:
 
 
 def _sample_rss(p: subprocess.Popen, pid: int, sig: Path, hold_s: float, open_budget: float,
-                release, budget: float) -> tuple[str, dict]:
+                release, budget: float, started, stall_s: float = 20.0) -> tuple[str, dict]:
     """Sample pid's RSS every 100 ms until tool p exits (at most budget s). When sig appears (all
     streams open) note the RSS, and hold_s later call release(); if sig has not appeared after
-    open_budget s, release anyway (the check will fail). Returns p's stdout and the samples' summary."""
+    open_budget s, or started() (streams the upstream saw) has not moved for stall_s, release anyway
+    (the check will fail). Returns p's stdout and the samples' summary."""
     max_rss, all_open, samples = 0, None, 0
     t0 = time.monotonic()
     deadline = t0 + budget
     t_open = t_release = None
+    last_started, t_moved = -1, t0
     try:
         while p.poll() is None and time.monotonic() < deadline:
             rss = mem_kb(pid)["rss_kb"]
@@ -214,8 +217,15 @@ def _sample_rss(p: subprocess.Popen, pid: int, sig: Path, hold_s: float, open_bu
             now = time.monotonic()
             if all_open is None and sig.exists():
                 all_open, t_open = rss, now
+            if t_open is None and t_release is None and samples % 10 == 0:  # once a second
+                try:
+                    n = started()
+                except Exception:  # noqa: BLE001 - a busy upstream: try again next second
+                    n = last_started
+                if n != last_started:
+                    last_started, t_moved = n, now
             if t_release is None and ((t_open is not None and now - t_open >= hold_s)
-                                      or (t_open is None and now - t0 >= open_budget)):
+                                      or (t_open is None and (now - t0 >= open_budget or now - t_moved >= stall_s))):
                 release()
                 t_release = now
             time.sleep(0.1)

@@ -209,7 +209,8 @@ class Run:
             d = m["targets"][direct]
             ud.update({f"ttfb_{key}_p50_ms": d["p50_ms"], f"ttfb_{key}_p99_ms": d["p99_ms"], f"ttfb_{key}_n": d["n"]})
             res.setdefault("ttfb_tails", {})[key] = {"concurrency": conc, "loadgen_cpu_pct_of_core":
-                                                     m["loadgen_cpu_pct_of_core"], "elapsed_s": m["elapsed_s"]}
+                                                     m["loadgen_cpu_pct_of_core"], "elapsed_s": m["elapsed_s"],
+                                                     "priority": m.get("priority")}
             log(f"ttfb c={conc:<3} {'direct':<9}: p50 {report.fmt(d['p50_ms'], '.3f')} ms  p99 "
                 f"{report.fmt(d['p99_ms'], '.3f')} ms  (load generator {m['loadgen_cpu_pct_of_core']}% of a core)")
             for n in live:
@@ -244,7 +245,7 @@ class Run:
             return
         res["cpu"]["open loop"] = cpu.result()
         d = m["targets"][direct]
-        ol = res["openloop"] = {"rate": m["rate"], "ticker": m["ticker"],
+        ol = res["openloop"] = {"rate": m["rate"], "ticker": m["ticker"], "priority": m.get("priority"),
                                 "loadgen_cpu_pct_of_core": m["loadgen_cpu_pct_of_core"],
                                 "direct": {k: d["latency"][k] for k in ("n", "p50_ms", "p99_ms", "p999_ms", "max_ms")},
                                 "slices_p99_ms": {}}
@@ -353,13 +354,15 @@ class Run:
     def stream_capacity(self) -> int:
         """How many streams every process can hold: a proxy needs two sockets per stream (client and
         upstream side), the upstream and the load generator one. The hard fd limit cannot always be
-        raised (a container without CAP_SYS_RESOURCE): then N is cut to what fits, and said."""
+        raised (a container without CAP_SYS_RESOURCE): then N is cut to what fits, and said. A proxy
+        keeps 64 fds in reserve, as the gateway's own default server.max_connections does:
+        (RLIMIT_NOFILE - 64) / 2 client connections, beyond which it answers 503."""
         caps = {"loadgen": resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64}
         for n in self.names:
             pid = self.procs[n][0].pid
             lim = fd_limit(pid)
             if lim is not None:
-                caps[n] = (lim - fd_count(pid) - 32) // 2
+                caps[n] = (lim - max(64, fd_count(pid) + 32)) // 2
         lim = fd_limit(self.upstream.pid)
         if lim is not None:
             caps["upstream"] = lim - fd_count(self.upstream.pid) - 32

@@ -257,11 +257,13 @@ def print_summary(res: dict, names: list[str], labels: dict[str, str]) -> None:
         print(f"open loop: p99 per slice (ms) {ol['slices_p99_ms']}")
         lag = ol.get("send_lag_p99_ms_max")
         print(f"           load generator used {ol['loadgen_cpu_pct_of_core']}% of one core at {ol['rate']:g}/s "
-              f"(schedule: {ol['ticker']}); send lag p99 {fmt(lag, '.3f')} ms (worst target)"
+              f"(schedule: {ol['ticker']}, priority: {ol.get('priority')}); send lag p99 {fmt(lag, '.3f')} ms "
+              f"(worst target)"
               + ("  <-- sends were late: the machine was short of CPU then; latencies count it, for every "
                  "target alike" if lag is not None and lag > 0.5 else ""))
     for key, tt in (res.get("ttfb_tails") or {}).items():
-        print(f"ttfb {key}: load generator used {tt['loadgen_cpu_pct_of_core']}% of one core")
+        print(f"ttfb {key}: load generator used {tt['loadgen_cpu_pct_of_core']}% of one core "
+              f"(priority: {tt.get('priority')})")
     if w := res.get("workers"):
         name = w["name"]
         print()
