@@ -112,6 +112,8 @@ def table(res: dict, labels: dict[str, str]) -> str:
         row(f"open loop @{rate}: latency p50 (ms)", "ol_p50_ms", ".3f", diff=True, show_ratio=False)
         row(f"open loop @{rate}: latency p99 (ms)", "ol_p99_ms", ".3f", diff=True, show_ratio=False)
         row(f"  added p99 @{rate}: minus direct's (ms)", "ol_added_p99_ms", "+.3f", diff=True, show_ratio=False)
+        row(f"  added p99, median of {c.get('openloop_rounds')} rounds (ms)", "ol_added_p99_median_ms", "+.3f",
+            diff=True, show_ratio=False)
         d = ol["direct"]
         rows.append((f"  (info) direct p50 / p99 @{rate}", "", "",
                      f"{fmt(d['p50_ms'], '.3f')} / {fmt(d['p99_ms'], '.3f')} ms"))
@@ -176,12 +178,17 @@ def checks(res: dict, names: list[str], labels: dict[str, str]) -> list[dict]:
             chk(f"stream TTFB added p99 c={tc}", False, "not measured")
     if "openloop" in phases:
         rate = res.get("openloop", {}).get("rate", res["config"].get("openloop_rate"))
-        gv, bv = g.get("ol_added_p99_ms"), b.get("ol_added_p99_ms")
+        # the median over rounds when there are 3 or more (one burst of other work in one slice does not
+        # decide it), else the pooled p99s; both are in the table
+        key, how = (("ol_added_p99_median_ms", "median of rounds") if res["config"].get("openloop_rounds", 0) >= 3
+                    else ("ol_added_p99_ms", "pooled"))
+        gv, bv = g.get(key), b.get(key)
         if gv is not None and bv is not None:
+            pg, pb = g.get("ol_added_p99_ms"), b.get("ol_added_p99_ms")
             chk(f"added p99 @{rate:g}/s open loop: gateway within +{TARGET_OPENLOOP_DELTA_MS:g} ms of bare",
                 gv - bv <= TARGET_OPENLOOP_DELTA_MS,
-                f"gateway {gv:+.3f} ms, bare {bv:+.3f} ms over direct: {gv - bv:+.3f} ms "
-                f"(target <= +{TARGET_OPENLOOP_DELTA_MS:g} ms)")
+                f"{how}: gateway {gv:+.3f} ms, bare {bv:+.3f} ms over direct: {gv - bv:+.3f} ms "
+                f"(target <= +{TARGET_OPENLOOP_DELTA_MS:g} ms; pooled: {fmt(pg, '+.3f')} vs {fmt(pb, '+.3f')} ms)")
         else:
             chk(f"added p99 @{rate:g}/s open loop", False, "not measured")
     if "workers" in phases and (w := res.get("workers")):
