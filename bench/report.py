@@ -303,6 +303,8 @@ def print_summary(res: dict, names: list[str], labels: dict[str, str]) -> None:
         print(f"  [{verdict}] {c['check']}: {c['detail']}")
     if "gateway" not in names:
         print("  [FAIL] gateway was not measured (see errors above)")
+    for e in res.get("notes", []):
+        print(f"  note: {e}")
     for e in res["errors"]:
         print(f"  error: {e.splitlines()[0]}")
 
