@@ -309,7 +309,7 @@ async def run_openloop(a) -> dict:
             c.pool.idle.append(c)
         elif not c.closed:
             c.tr.close()
-        if state["outstanding"] == 0 and state["i"] >= state["n"] and state["done"] and not state["done"].done():
+        if state["outstanding"] <= 0 and state["i"] >= state["n"] and state["done"] and not state["done"].done():
             state["done"].set_result(None)
 
     state_t = {t["pool"]: t for t in targets}
@@ -354,7 +354,7 @@ async def run_openloop(a) -> dict:
         state["i"] = i
         if i >= n:
             ticker.stop()
-            if state["outstanding"] == 0 and not state["done"].done():
+            if state["outstanding"] <= 0 and not state["done"].done():
                 state["done"].set_result(None)
 
     ticker = Ticker(loop, tick)
