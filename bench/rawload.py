@@ -335,6 +335,8 @@ async def run_openloop(a) -> dict:
                 if record:
                     k = type(e).__name__
                     t["errors"][k] = t["errors"].get(k, 0) + 1
+                if state["outstanding"] <= 0 and state["i"] >= state["n"] and not state["done"].done():
+                    state["done"].set_result(None)
                 return
             c.on_done = on_done
             state["record_of"][c] = record
