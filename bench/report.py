@@ -203,7 +203,7 @@ def checks(res: dict, names: list[str], labels: dict[str, str]) -> list[dict]:
             chk(name, r is not None and r >= TARGET_WORKERS_RATIO, detail)
     if "rss" in phases:
         _rss_checks(res, names, labels, g, chk)
-    for n in names:
+    for n in names if {"rps", "ttfb", "tails", "openloop"} & set(phases) else ():
         t = res["targets"][n]
         errs = t.get("rps_errors_total", 0)
         other = {k: t.get(k) or 0 for k in ("ttfb_errors", "ttfb_c1_errors", "ttfb_c32_errors", "ol_errors")}

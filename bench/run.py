@@ -13,9 +13,9 @@ One command starts a fake upstream, the gateway and a bare proxy (all on
 and prints a bare-vs-gateway table with pass/fail against the targets.
 Results: bench/results/latest.json (+ process logs in bench/results/).
 
-  python bench/run.py                 # full run, ~4 min
+  python bench/run.py                 # full run, ~3.5 min
   python bench/run.py --quick         # ~1 min smoke run
-  python bench/run.py --scale         # only (c), at 10,000 streams (~3 min)
+  python bench/run.py --scale         # only (c), at 10,000 streams (~1.5-2 min)
   python bench/run.py --gateway-cmd bare   # test the harness: "gateway" slot = 2nd bare proxy
 
 run.py parses the options and drives a run; phases.py starts the processes and runs the
