@@ -112,7 +112,7 @@ def table(res: dict, labels: dict[str, str]) -> str:
         row(f"open loop @{rate}: latency p50 (ms)", "ol_p50_ms", ".3f", diff=True, show_ratio=False)
         row(f"open loop @{rate}: latency p99 (ms)", "ol_p99_ms", ".3f", diff=True, show_ratio=False)
         row(f"  added p99 @{rate}: minus direct's (ms)", "ol_added_p99_ms", "+.3f", diff=True, show_ratio=False)
-        row(f"  added p99, median of {c.get('openloop_rounds')} rounds (ms)", "ol_added_p99_median_ms", "+.3f",
+        row(f"  added p99, median of {c.get('openloop_rounds')} slices' p99 (ms)", "ol_added_p99_median_ms", "+.3f",
             diff=True, show_ratio=False)
         d = ol["direct"]
         rows.append((f"  (info) direct p50 / p99 @{rate}", "", "",
@@ -178,9 +178,9 @@ def checks(res: dict, names: list[str], labels: dict[str, str]) -> list[dict]:
             chk(f"stream TTFB added p99 c={tc}", False, "not measured")
     if "openloop" in phases:
         rate = res.get("openloop", {}).get("rate", res["config"].get("openloop_rate"))
-        # the median over rounds when there are 3 or more (one burst of other work in one slice does not
-        # decide it), else the pooled p99s; both are in the table
-        key, how = (("ol_added_p99_median_ms", "median of rounds") if res["config"].get("openloop_rounds", 0) >= 3
+        # the median of the slices' p99s when there are 3 or more slices (one burst of other work in one
+        # slice does not decide it), else the pooled p99s; both are in the table
+        key, how = (("ol_added_p99_median_ms", "median slice p99") if res["config"].get("openloop_rounds", 0) >= 3
                     else ("ol_added_p99_ms", "pooled"))
         gv, bv = g.get(key), b.get(key)
         if gv is not None and bv is not None:
