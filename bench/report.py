@@ -188,7 +188,8 @@ def checks(res: dict, names: list[str], labels: dict[str, str]) -> list[dict]:
             chk(f"added p99 @{rate:g}/s open loop: gateway within +{TARGET_OPENLOOP_DELTA_MS:g} ms of bare",
                 gv - bv <= TARGET_OPENLOOP_DELTA_MS,
                 f"{how}: gateway {gv:+.3f} ms, bare {bv:+.3f} ms over direct: {gv - bv:+.3f} ms "
-                f"(target <= +{TARGET_OPENLOOP_DELTA_MS:g} ms; pooled: {fmt(pg, '+.3f')} vs {fmt(pb, '+.3f')} ms)")
+                f"(target <= +{TARGET_OPENLOOP_DELTA_MS:g} ms"
+                + (f"; pooled: {fmt(pg, '+.3f')} vs {fmt(pb, '+.3f')} ms)" if how != "pooled" else ")"))
         else:
             chk(f"added p99 @{rate:g}/s open loop", False, "not measured")
     if "workers" in phases and (w := res.get("workers")):
