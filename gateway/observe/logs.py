@@ -26,6 +26,7 @@ _encode = msgspec.json.encode
 
 
 _second: list = [-1, ""]  # the last whole second formatted, reused within that second
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a line's ".mmmZ" is looked up, not formatted
 
 
 def _ts(t: float) -> str:
@@ -33,7 +34,7 @@ def _ts(t: float) -> str:
     sec = int(t)
     if sec != _second[0]:
         _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_second[1]}.{int((t - sec) * 1000):03d}Z"
+    return _second[1] + _MILLIS[int((t - sec) * 1000)]
 
 
 _USERINFO = re.compile(r"//[^/@\s'\"]*@")
