@@ -99,6 +99,19 @@ class TargetView:
         self.trend: TargetTrend | None = None  # a configured target's last 15 minutes (``Observatory.track``)
 
 
+class ModelView:
+    """One target's answers by one model for one tenant: the ``tokens`` and ``cost`` series, summed here
+    so that a request adds to three attributes instead of hashing three label tuples."""
+
+    __slots__ = ("prompt", "completion", "cost", "per_answer")
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.completion = 0
+        self.cost = 0.0  # USD of the priced answers
+        self.per_answer: Hist | None = None  # the (target, model)'s cost per answer, made at its first priced answer
+
+
 class TenantView:
     __slots__ = ("requests", "rate_limited", "spend_day", "spend_usd", "hourly")
 
@@ -139,8 +152,7 @@ class Observatory:
         self.budget_events: dict[tuple[str, str], int] = {}  # target, event
         self.routed: dict[tuple[str, str, str], int] = {}  # virtual model, rule, concrete model
         self.store_degraded: dict[tuple[str, str], int] = {}  # target, policy
-        self.tokens: dict[tuple[str, str, str], int] = {}  # target, model, kind
-        self.cost: dict[tuple[str, str, str], float] = {}  # target, model, tenant
+        self._models: dict[tuple[str, str, str], ModelView] = {}  # target, model, tenant (see ``tokens``, ``cost``)
         self.inflight: dict[str, int] = {}
         self.models: set[str] = set()
         self.targets: dict[str, TargetView] = {}
@@ -176,7 +188,8 @@ class Observatory:
     def record(self, f: dict[str, Any]) -> None:
         """One finished request, from its access-log record."""
         target = f["target"] or ""  # "": refused before a target was chosen
-        tenant = tenant_label(f["tenant"])
+        tenant = f["tenant"]
+        tenant = tenant_label(tenant) if tenant else ""
         kind = f["kind"] or ""
         status = f["status"]
         latency_ms = f["latency_ms"]
@@ -214,26 +227,21 @@ class Observatory:
             tv.requests += 1
         prompt = f.get("prompt_tokens")
         if prompt is not None:
-            model = f["model"] or ""
-            if model not in self.models:  # the client names the model: its label values are bounded
-                if len(self.models) >= MAX_MODELS:
-                    model = OTHER_MODEL
-                else:
-                    self.models.add(model)
-            tokens = self.tokens
-            k = (target, model, "prompt")
-            tokens[k] = tokens.get(k, 0) + prompt
-            k = (target, model, "completion")
-            tokens[k] = tokens.get(k, 0) + (f.get("completion_tokens") or 0)
+            mv = self._models.get((target, f["model"] or "", tenant))
+            if mv is None:
+                mv = self._model_view(target, f["model"] or "", tenant)
+            mv.prompt += prompt
+            mv.completion += f.get("completion_tokens") or 0
             cost = f.get("cost_usd")
             if cost is not None:
-                h = self.cost_per_answer.get((target, model))
+                h = mv.per_answer
                 if h is None:
-                    h = self.cost_per_answer[(target, model)] = Hist(COST_BUCKETS)
+                    h = mv.per_answer = self._per_answer(target, f["model"] or "")
                 h.observe(cost)
             if cost:
-                _inc(self.cost, (target, model, tenant), cost)
-                day = self.today()
+                mv.cost += cost
+                now = self.wall()
+                day = self.today(now)
                 if view.spend_day != day:
                     view.spend_day, view.spend_usd = day, 0.0
                 view.spend_usd += cost
@@ -243,7 +251,43 @@ class Observatory:
                         tv.spend_day, tv.spend_usd = day, 0.0
                     tv.spend_usd += cost
                     if tv.hourly is not None:
-                        tv.hourly.add(self.wall(), cost)
+                        tv.hourly.add(now, cost)
+
+    def _model(self, model: str) -> str:
+        """The model as a label value: the client names it, so past ``MAX_MODELS`` new ones count as one."""
+        if model not in self.models:
+            if len(self.models) >= MAX_MODELS:
+                return OTHER_MODEL
+            self.models.add(model)
+        return model
+
+    def _model_view(self, target: str, model: str, tenant: str) -> ModelView:
+        label = self._model(model)
+        mv = self._models.get((target, label, tenant))
+        if mv is None:
+            mv = self._models[(target, label, tenant)] = ModelView()
+        return mv
+
+    def _per_answer(self, target: str, model: str) -> Hist:
+        key = (target, self._model(model))
+        h = self.cost_per_answer.get(key)
+        if h is None:
+            h = self.cost_per_answer[key] = Hist(COST_BUCKETS)
+        return h
+
+    @property
+    def tokens(self) -> dict[tuple[str, str, str], int]:
+        """Tokens answered by (target, model, kind): ``prompt`` and ``completion``, all tenants together."""
+        out: dict[tuple[str, str, str], int] = {}
+        for (target, model, _), mv in self._models.items():
+            for kind, n in (("prompt", mv.prompt), ("completion", mv.completion)):
+                out[(target, model, kind)] = out.get((target, model, kind), 0) + n
+        return out
+
+    @property
+    def cost(self) -> dict[tuple[str, str, str], float]:
+        """USD of the priced answers by (target, model, tenant)."""
+        return {key: mv.cost for key, mv in self._models.items() if mv.cost}
 
     def _slot(self, key: tuple[Any, ...]) -> list[Any]:
         target, kind = key[0], key[1]
@@ -332,11 +376,12 @@ class Observatory:
         _inc(self.store_degraded, (e.target, e.policy))
 
     def _upstream(self, e: UpstreamAnswered) -> None:
-        h = self.upstream.get(e.target)
+        target = e.target
+        h = self.upstream.get(target)
         if h is None:
-            h = self.upstream[e.target] = Hist(DURATION_BUCKETS)
+            h = self.upstream[target] = Hist(DURATION_BUCKETS)
         h.observe(e.seconds)
-        trend = self.trends.get(e.target)
+        trend = self.trends.get(target)
         if trend is not None:
             trend.attempt(self.wall(), e.status)
 
@@ -346,8 +391,9 @@ class Observatory:
             view = self.targets[target] = TargetView()
         return view
 
-    def today(self) -> str:
-        now = self.wall()
+    def today(self, now: float | None = None) -> str:
+        if now is None:
+            now = self.wall()
         if int(now) != self._day[1]:
             self._day = (time.strftime("%Y-%m-%d", time.gmtime(now)), int(now))
         return self._day[0]
