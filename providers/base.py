@@ -20,6 +20,7 @@ Usage in an answer and the events of a stream are read by dialect, not by provid
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -42,6 +43,11 @@ class Usage(NamedTuple):
     cached: int = 0  # of the prompt: read from the provider's prompt cache (the cached-input rate)
     written: int = 0  # of the prompt: written to the cache (Anthropic: 1.25× input)
     written_long: int = 0  # of the prompt: written with a long retention (Anthropic's 1-hour cache: 2× input)
+
+
+# ``new_usage((prompt, completion, cached, written, written_long))``: a Usage built in C — calling the class
+# runs NamedTuple's Python ``__new__``, ≈ 3 k instructions on every answer read
+new_usage = partial(tuple.__new__, Usage)
 
 
 class Provider:

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from gateway.failures import Failure
-from providers.base import LLMProvider, Splicer, StreamReader, Usage
+from providers.base import LLMProvider, Splicer, StreamReader, Usage, new_usage
 
 # List prices, USD per 1M tokens (input, output), standard tier, text, late 2025; the key is a model
 # name or the prefix of a family (``providers.pricing`` matches dated snapshots to it).
@@ -74,8 +74,10 @@ class _Usage(msgspec.Struct):
 
     def read(self) -> Usage:
         d = self.prompt_tokens_details
-        cached, written = (d.cached_tokens or 0, d.cache_write_tokens or 0) if d is not None else (0, 0)
-        return Usage(self.prompt_tokens or 0, self.completion_tokens or 0, cached, written)
+        if d is None:
+            return new_usage((self.prompt_tokens or 0, self.completion_tokens or 0, 0, 0, 0))
+        return new_usage((self.prompt_tokens or 0, self.completion_tokens or 0, d.cached_tokens or 0,
+                          d.cache_write_tokens or 0, 0))
 
 
 class _Answer(msgspec.Struct):
