@@ -55,7 +55,7 @@ def create_app(
     """``reload`` reads the config again (``cli.resolve_config``): SIGHUP and ``POST /admin/reload``."""
     events = Events()
     observatory = Observatory(clock.time if clock is not None else time.time)
-    events.subscribe(observatory.on_event)
+    observatory.listen(events)
     spans = otel.open_export(config.tracing, env)  # None unless spans are exported (OTEL_EXPORTER_OTLP_*)
     if spans is not None:
         events.subscribe(spans.on_event)  # retries, circuit changes, fallbacks …: events on the request's span

@@ -59,7 +59,7 @@ class Runtime:
         self.events = events or Events()
         if observatory is None:  # a Runtime of its own (tests); the app passes the one it keeps
             observatory = Observatory()
-            self.events.subscribe(observatory.on_event)
+            observatory.listen(self.events)
         self.observatory = observatory
         self.spans = spans  # where recorded traces go (gateway.observe.otel; None: spans are not recorded)
         self.tracing = Tracing(config.tracing.sample_ratio, response_header=config.tracing.response_header,

@@ -36,6 +36,7 @@ from gateway.observe.events import (
     CircuitTransition,
     Coalesced,
     Event,
+    Events,
     FallbackUsed,
     IdempotentReplay,
     ModelRouted,
@@ -310,6 +311,11 @@ class Observatory:
             "message": f.get("error_message") or (f"the upstream answered {f['upstream_status']}"
                                                   if f["upstream_status"] else None),
         })
+
+    def listen(self, events: Events) -> None:
+        """Hear the events counted here, each kind straight at its handler."""
+        for kind, handler in self._handlers.items():
+            events.subscribe(handler, kind)
 
     def on_event(self, event: Event) -> None:
         handler = self._handlers.get(type(event))

@@ -159,15 +159,29 @@ _LOGGED = {
 
 class Events:
     def __init__(self) -> None:
-        self._listeners: list[Listener] = [log_event]
+        self._listeners: list[tuple[Listener, frozenset[type[Event]] | None]] = [(log_event, frozenset(_LOGGED))]
+        # by event type, who hears it (made at its first emit): an event reaches only the listeners that
+        # asked for its kind — one per request (UpstreamAnswered) goes straight to its counter
+        self._routes: dict[type[Event], tuple[Listener, ...]] = {}
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Add a listener; returns a function that removes it."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+    def subscribe(self, listener: Listener, *kinds: type[Event]) -> Callable[[], None]:
+        """Add a listener, for every event or only those of ``kinds``; returns a function that removes it."""
+        entry = (listener, frozenset(kinds) or None)
+        self._listeners.append(entry)
+        self._routes.clear()
+
+        def remove() -> None:
+            self._listeners.remove(entry)
+            self._routes.clear()
+        return remove
 
     def emit(self, event: Event) -> None:
-        for listener in self._listeners:
+        listeners = self._routes.get(type(event))
+        if listeners is None:
+            kind = type(event)
+            listeners = self._routes[kind] = tuple(
+                listener for listener, kinds in self._listeners if kinds is None or kind in kinds)
+        for listener in listeners:
             try:
                 listener(event)
             except Exception:  # a broken sink must never break a request
