@@ -19,7 +19,6 @@ spend against tenant budgets is read from the store, where it is fleet-wide.
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from gateway.observe.events import (
     UpstreamAnswered,
 )
 from gateway.observe.trends import TargetTrend, TenantSpend
+from gateway.observe.views import Hist, ModelView, TargetView, TenantView
 
 # Request latency in seconds: from 5 ms (a cache hit) to two minutes (a long generation).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -53,7 +53,6 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 COST_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)  # USD per answer
 CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
 KEY_STATES = {"healthy": "active"}  # policies.key_pool's word → the metric's (cooling, disabled: the same)
-RECENT = 512  # latencies kept per target for the status page's p50/p99
 LAST_ERRORS = 50
 MAX_MODELS = 200  # distinct ``model`` label values; later new ones are counted as OTHER_MODEL
 OTHER_MODEL = "(other)"
@@ -66,63 +65,6 @@ def tenant_label(name: str | None) -> str:
     if not name:
         return ""
     return TENANT_PREFIX + "*" if name.startswith(TENANT_PREFIX) else name
-
-class Hist:
-    """Bucket counts of one label set (turned into an aioprometheus histogram at scrape)."""
-
-    __slots__ = ("bounds", "counts", "sum", "n")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.n = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.n += 1
-
-
-class TargetView:
-    """Per-target numbers for the status page (this process, since it started)."""
-
-    __slots__ = ("requests", "errors", "recent", "cache_hits", "cache_misses", "spend_day", "spend_usd", "trend")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.errors = 0
-        self.recent: deque[float] = deque(maxlen=RECENT)
-        self.cache_hits = 0
-        self.cache_misses = 0
-        self.spend_day = ""
-        self.spend_usd = 0.0
-        self.trend: TargetTrend | None = None  # a configured target's last 15 minutes (``Observatory.track``)
-
-
-class ModelView:
-    """One target's answers by one model for one tenant: the ``tokens`` and ``cost`` series, summed here
-    so that a request adds to three attributes instead of hashing three label tuples."""
-
-    __slots__ = ("prompt", "completion", "cost", "per_answer")
-
-    def __init__(self) -> None:
-        self.prompt = 0
-        self.completion = 0
-        self.cost = 0.0  # USD of the priced answers
-        self.per_answer: Hist | None = None  # the (target, model)'s cost per answer, made at its first priced answer
-
-
-class TenantView:
-    __slots__ = ("requests", "rate_limited", "spend_day", "spend_usd", "hourly")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.rate_limited = 0
-        self.spend_day = ""
-        self.spend_usd = 0.0
-        self.hourly: TenantSpend | None = None  # a configured tenant's spend today by hour (``Observatory.track``)
-
 
 def _inc(d: dict[Any, float], key: Any, by: float = 1) -> None:
     d[key] = d.get(key, 0) + by

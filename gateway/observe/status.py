@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.observe import trends
-from gateway.observe.counters import Observatory, TargetView, TenantView, _iso, _quantile, key_states
+from gateway.observe.counters import Observatory, _iso, _quantile, key_states
 from gateway.observe.logs import hide_userinfo
 from gateway.observe.trends import TargetTrend, TenantSpend
+from gateway.observe.views import TargetView, TenantView
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
