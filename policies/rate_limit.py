@@ -276,7 +276,7 @@ def _headers(limits: Limits, limit: Limit, result: TakeResult, now: float) -> di
     return {
         "X-RateLimit-Limit": str(result.limit),
         "X-RateLimit-Remaining": str(result.remaining),
-        "X-RateLimit-Reset": _reset_at(int(now + result.reset_after_s)),
+        "X-RateLimit-Reset": _reset_at(int(round(now + result.reset_after_s, 6))),  # (to the µs first, as datetime does)
         "RateLimit-Policy": limits.policy_header,
         "RateLimit": f'"{limit.name}";r={result.remaining};t={t}',
     }

@@ -610,3 +610,17 @@ async def test_two_gateways_on_redis_share_one_limit(fake, gateway, clock):
         for client in clients:
             await client.close()  # each gateway closes its own store
         await drop(await redis_store(prefix))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.9999994, 0.9999996])
+def test_the_reset_header_is_the_instant_to_the_second_as_datetime_says_it(fraction) -> None:
+    """``X-RateLimit-Reset`` is formatted once per second (a cache); it must still name the second datetime
+    names for the exact instant — which rounds to the microsecond first (x.9999996 is the next second)."""
+    from gateway.store import TakeResult
+    from policies.rate_limit import Limit, Limits, _headers
+
+    limit = Limit("default", "rl:", 60)
+    result = TakeResult(allowed=True, limit=60, remaining=59, retry_after_s=0.0, reset_after_s=1.0)
+    now = 1_765_000_000.0 + fraction - 1.0
+    expected = datetime.fromtimestamp(now + result.reset_after_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    assert _headers(Limits([limit]), limit, result, now)["X-RateLimit-Reset"] == expected
