@@ -37,11 +37,13 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from instructions import PY, REPO, connect, free_port  # noqa: E402
+from stateful import drop_prefix  # noqa: E402
 
 LAYERS = ("plain", "tenant", "rl", "idem", "cache", "full", "full-redis", "hit")
 TENANT_KEY = b"bench-tenant-key-0001"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 N1, N2, GAP_S = 60, 260, 0.02
+PREFIX = "layers:" + uuid.uuid4().hex[:8]  # this run's keys (on Redis: dropped at the end)
 
 
 def config(layer: str, up_port: int, port: int, prefix: str) -> str:
@@ -88,7 +90,7 @@ def send(port: int, n: int, layer: str) -> None:
 def count(layer: str, up_port: int, n: int, tmp: Path) -> int:
     port = free_port()
     cfg = tmp / f"{layer}.yaml"
-    cfg.write_text(config(layer, up_port, port, "layers:" + uuid.uuid4().hex[:8]))
+    cfg.write_text(config(layer, up_port, port, PREFIX))
     out = tmp / f"{layer}.{n}.out"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env["PYTHONHASHSEED"] = "0"
@@ -132,6 +134,8 @@ def main() -> int:
         upstream.terminate()
         upstream.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
+        if "full-redis" in layers:
+            drop_prefix(PREFIX)
     return 0
 
 

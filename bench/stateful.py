@@ -151,7 +151,7 @@ def main() -> int:
         return 0
     finally:
         cleanup()
-        _drop_prefix(prefix)
+        drop_prefix(prefix)
         (RESULTS / "stateful.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
@@ -196,7 +196,7 @@ def _redis_answers() -> bool:
         return False
 
 
-def _drop_prefix(prefix: str) -> None:
+def drop_prefix(prefix: str) -> None:
     """Delete the run's keys (redis-cli, when Redis was used)."""
     if not _redis_answers():
         return
