@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -183,14 +184,20 @@ def _total(path: Path, timeout: float = 60.0) -> int:
         time.sleep(0.1)
 
 
-def instructions(cmd: list[str], port: int, n: int, out: Path, gap_s: float) -> int:
-    """--method restart: all instructions of one run serving n requests, start-up to shutdown."""
+def run_counted(cmd: list[str], out: Path, load: Callable[[], None]) -> int:
+    """All instructions of one run of ``cmd`` under callgrind, start-up to shutdown, while ``load`` drives it
+    (the ``restart`` method; ``bench/layers.py`` and ``bench/stream_instructions.py`` count this way too)."""
     proc = _valgrind(cmd, out)
     try:
-        send_sequential(port, n, gap_s)
+        load()
     finally:
         _stop(proc)
     return _total(out, timeout=5)
+
+
+def instructions(cmd: list[str], port: int, n: int, out: Path, gap_s: float) -> int:
+    """--method restart: all instructions of one run serving n requests, start-up to shutdown."""
+    return run_counted(cmd, out, lambda: send_sequential(port, n, gap_s))
 
 
 class VgdbUnavailable(Exception):

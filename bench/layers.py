@@ -36,7 +36,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from instructions import PY, REPO, connect, free_port  # noqa: E402
+from instructions import PY, connect, free_port, run_counted  # noqa: E402
 from stateful import drop_prefix  # noqa: E402
 
 LAYERS = ("plain", "tenant", "rl", "idem", "cache", "full", "full-redis", "hit")
@@ -91,25 +91,8 @@ def count(layer: str, up_port: int, n: int, tmp: Path) -> int:
     port = free_port()
     cfg = tmp / f"{layer}.yaml"
     cfg.write_text(config(layer, up_port, port, PREFIX))
-    out = tmp / f"{layer}.{n}.out"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    env["PYTHONHASHSEED"] = "0"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", PY, "-m", "gateway",
-                             "--config", str(cfg), "--log-level", "info"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
-    try:
-        send(port, n, layer)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    found = re.search(r"^summary:\s+(\d+)", out.read_text(), re.M)
-    if found is None:
-        raise SystemExit(f"no callgrind summary in {out}")
-    return int(found.group(1))
+    return run_counted([PY, "-m", "gateway", "--config", str(cfg), "--log-level", "info"], tmp / f"{layer}.{n}.out",
+                       lambda: send(port, n, layer))
 
 
 def main() -> int:

@@ -15,8 +15,6 @@ between runs on a busy machine (``--interval-ms 5`` spaces them, steadier).
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +25,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from instructions import PY, REPO, connect, free_port  # noqa: E402
+from instructions import PY, connect, free_port, run_counted  # noqa: E402
 
 BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}'
 
@@ -58,24 +56,7 @@ def count(name: str, up_port: int, n: int, tmp: Path, a: argparse.Namespace) -> 
                    f"  up: {{base_url: 'http://127.0.0.1:{up_port}/v1', provider: openai, auth: {{type: passthrough}}}}\n")
     cmd = ([PY, str(BENCH / "bare_proxy.py"), "--port", str(port), "--upstream", f"http://127.0.0.1:{up_port}"]
            if name == "bare" else [PY, "-m", "gateway", "--config", str(cfg), "--log-level", "info"])
-    out = tmp / f"{name}.{n}.out"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "REDIS_URL")}
-    env["PYTHONHASHSEED"] = "0"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
-    try:
-        send(port, n, a.chunks, a.interval_ms)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    found = re.search(r"^summary:\s+(\d+)", out.read_text(), re.M)
-    if found is None:
-        raise SystemExit(f"no callgrind summary in {out}")
-    return int(found.group(1))
+    return run_counted(cmd, tmp / f"{name}.{n}.out", lambda: send(port, n, a.chunks, a.interval_ms))
 
 
 def main() -> int:
