@@ -15,14 +15,15 @@ import pytest
 
 from gateway.store import StoreError
 from gateway.store.redis import RedisStore
-from gateway.store.resp import ReplyError, RespClient, Script, encode, parse
+from gateway.store.resp import ReplyError, RespClient, Script, encode, reader
 from tests.support.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
 
 
 class FakeRedis:
-    """Reads commands; for each, sends the next scripted answer (bytes, or None: stay silent)."""
+    """Reads commands; for each, sends the next scripted answer (bytes, or None: stay silent;
+    ``(seconds, bytes)``: that answer, that late)."""
 
-    def __init__(self, answers: list[bytes | None]) -> None:
+    def __init__(self, answers: list[bytes | tuple[float, bytes] | None]) -> None:
         self.answers = answers
         self.commands: list[bytes] = []
         self.connections = 0
@@ -51,6 +52,9 @@ class FakeRedis:
                 answer = self.answers.pop(0) if self.answers else b"+OK\r\n"
                 if answer is None:
                     continue
+                if isinstance(answer, tuple):
+                    await asyncio.sleep(answer[0])
+                    answer = answer[1]
                 for i in range(len(answer)):  # one byte at a time: every split point is exercised
                     writer.write(answer[i:i + 1])
                     await writer.drain()
@@ -70,7 +74,7 @@ class FakeRedis:
 async def fake_redis():
     servers: list[FakeRedis] = []
 
-    async def make(answers: list[bytes | None]) -> tuple[FakeRedis, RespClient]:
+    async def make(answers: list[bytes | tuple[float, bytes] | None]) -> tuple[FakeRedis, RespClient]:
         server = FakeRedis(answers)
         url = await server.start()
         servers.append(server)
@@ -83,10 +87,11 @@ async def fake_redis():
 
 def test_encode_and_parse_every_reply_type() -> None:
     assert encode(("SET", "k", b"v\r\n", 5, 0.5)) == b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$1\r\n5\r\n$3\r\n0.5\r\n"
-    wire = bytearray(b"+OK\r\n:42\r\n$3\r\nab\n\r\n$-1\r\n*2\r\n$1\r\nx\r\n*1\r\n:-7\r\n*-1\r\n-ERR nope\r\n")
-    values, pos = [], 0
-    while pos < len(wire):
-        value, pos = parse(wire, pos)
+    wire = b"+OK\r\n:42\r\n$3\r\nab\n\r\n$-1\r\n*2\r\n$1\r\nx\r\n*1\r\n:-7\r\n*-1\r\n-ERR nope\r\n"
+    read = reader()
+    read.feed(wire)
+    values = []
+    while (value := read.gets()) is not False:
         values.append(value)
     assert values[:6] == [b"OK", 42, b"ab\n", None, [b"x", [-7]], None]
     assert isinstance(values[6], ReplyError) and str(values[6]) == "ERR nope"
@@ -113,6 +118,19 @@ async def test_a_silent_server_fails_the_command_in_time_and_the_next_one_reconn
         await client.execute("GET", "x")
     assert await client.execute("PING") == b"PONG"
     assert server.connections == 2  # the stuck connection was dropped, not reused
+    await client.close()
+
+
+async def test_each_command_has_its_own_deadline_not_the_oldest_ones(fake_redis) -> None:
+    # one watchdog per connection (not a timer per command): when it fires for the first command's deadline
+    # (0.5 s) the second, sent 0.3 s later, is not due yet; its answer at ~0.65 s is in time
+    server, client = await fake_redis([b"+FAST\r\n", (0.35, b"+SLOW\r\n"), None])
+    assert await client.execute("PING") == b"FAST"
+    await asyncio.sleep(0.3)
+    assert await client.execute("PING") == b"SLOW"
+    with pytest.raises(ConnectionError, match="did not answer within 0.5s"):
+        await client.execute("GET", "x")  # and one never answered still fails
+    assert server.connections == 1
     await client.close()
 
 

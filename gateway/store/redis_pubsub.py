@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from gateway.store.base import StoreError, Subscription
-from gateway.store.resp import Endpoint, ReplyError, _Incomplete, encode, handshake, parse
+from gateway.store.resp import Endpoint, ProtocolError, ReplyError, encode, handshake, reader
 
 _CONFIRM_TIMEOUT_S = 2.0  # a SUBSCRIBE unconfirmed by then means the connection is stuck
 _REPAIR_PAUSE_S = 0.25  # between reconnect attempts of a broken pub/sub connection
@@ -53,7 +53,7 @@ class _PubSubProtocol(asyncio.Protocol):
     def __init__(self, hub: ChannelHub) -> None:
         self.hub = hub
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.reader = reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.lost = False
 
@@ -61,23 +61,18 @@ class _PubSubProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.buf.extend(data)
-        pos = 0
+        read = self.reader
+        read.feed(data)
         try:
-            while pos < len(self.buf):
-                value, pos = parse(self.buf, pos)
+            while (value := read.gets()) is not False:
                 if self.waiting:
                     fut = self.waiting.popleft()
                     if not fut.done():
                         (fut.set_exception if isinstance(value, ReplyError) else fut.set_result)(value)
                 elif isinstance(value, list) and len(value) >= 2:
                     self.hub._push(self, value)
-        except _Incomplete:
-            pass
-        except (ConnectionError, ValueError) as e:
+        except ProtocolError as e:
             self.close(ConnectionError(f"Redis protocol error: {e}"))
-            return
-        del self.buf[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close(ConnectionError(f"pub/sub connection to Redis lost: {exc or 'closed by the server'}"))
