@@ -1,4 +1,4 @@
-"""gateway/state/flights.py on its own: a shared stream's memory stays bounded past its size limit."""
+"""gateway/state/flights.py on its own: a shared stream's memory stays bounded past its size limit; running leads keep their locks."""
 
 from __future__ import annotations
 
@@ -97,3 +97,30 @@ async def test_a_closed_reader_never_holds_the_stream_back(monkeypatch) -> None:
         rec.add(b"abcd")
         await asyncio.wait_for(rec.backpressure(), 1)
     assert rec.readers == {} and len(rec.chunks) == 0
+
+
+async def test_running_leads_of_different_lock_ttls_keep_their_locks_until_their_answers_are_stored() -> None:
+    # one renewal timer serves every running lead: the one with the short lock (0.3 s) is renewed on its
+    # own schedule, not the long one's (30 s); a lock never renewed would be free again after 0.3 s
+    from gateway.flow.exchange import Reply
+    from gateway.state.flights import Entry, Flights, Lead
+    from gateway.store.memory import MemoryStore
+
+    store = MemoryStore()
+    flights = Flights(store, "t", set())
+    short, long = await flights.join("t:short", "fp", 0.3), await flights.join("t:long", "fp", 30.0)
+    assert isinstance(short, Lead) and isinstance(long, Lead)
+    release = asyncio.Event()
+
+    async def work() -> Reply:
+        await release.wait()
+        return Reply(200, {"content-type": "text/plain"}, body=b"done")
+
+    runs = [asyncio.ensure_future(lead.run(work, storable=lambda r: True, ttl_s=60, max_bytes=1000))
+            for lead in (short, long)]
+    await asyncio.sleep(0.8)  # well past the short lock's TTL
+    assert await store.get("t:short") == short.lock and await store.get("t:long") == long.lock
+    release.set()
+    assert [r.body for r in await asyncio.gather(*runs)] == [b"done", b"done"]
+    assert isinstance(await flights.lookup("t:short"), Entry)
+    await flights.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -78,6 +79,8 @@ class Flights:
         self.tasks = tasks
         self.local: dict[str, Lead] = {}  # key → the flight this instance leads
         self.cleanups: set[asyncio.Task[None]] = set()  # locks to take back once the store answers (``_unclaim``)
+        self._renewals: asyncio.TimerHandle | None = None  # ``watch``: one timer for every running lead's lock
+        self._renewals_at = math.inf
 
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
@@ -135,6 +138,32 @@ class Flights:
         lead.entry_key = entry_key
         return lead
 
+    def watch(self, lead: Lead) -> None:
+        """Keep a running lead's lock alive: renewed every third of its TTL until its work is over.
+
+        One timer per kind of flight looks at the leads running here (``local``) when the next renewal is
+        due, rather than a timer per lead: almost every request ends long before its first renewal, and a
+        timer made and cancelled for each cost more than the rest of the bookkeeping of a lead."""
+        loop = asyncio.get_running_loop()
+        lead.renew_due = due = loop.time() + lead.lock_ttl_s / 3
+        if due < self._renewals_at:
+            if self._renewals is not None:
+                self._renewals.cancel()
+            self._renewals_at = due
+            self._renewals = loop.call_at(due, self._renew_due)
+
+    def _renew_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # (a timer may fire a hair early)
+        soonest = math.inf
+        for lead in list(self.local.values()):
+            if lead.renew_due <= now:
+                lead.renew_due = now + lead.lock_ttl_s / 3
+                lead.beat()
+            soonest = min(soonest, lead.renew_due)
+        self._renewals_at = soonest
+        self._renewals = loop.call_at(soonest, self._renew_due) if soonest < math.inf else None
+
     def _unclaim(self, key: str, lock: bytes, lock_ttl_s: float) -> None:
         """A claim whose answer never came (the store timed out) may still have been applied: a lock
         nobody runs under would hold every duplicate back until it expires. Take it back, if it is
@@ -165,6 +194,9 @@ class Flights:
         task.add_done_callback(self.cleanups.discard)
 
     async def close(self) -> None:
+        if self._renewals is not None:
+            self._renewals.cancel()
+            self._renewals, self._renewals_at = None, math.inf
         for task in list(self.cleanups):
             task.cancel()
         for task in list(self.cleanups):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,6 +48,8 @@ class Flights(Protocol):
 
     def spawn(self, work: Awaitable[Any]) -> None: ...
 
+    def watch(self, lead: Lead) -> None: ...
+
 log = logging.getLogger("reliapi")
 
 StoreEntry = Callable[[Reply], bool]
@@ -65,8 +68,12 @@ class Lead:
         self.started = flights.now()
         self.log_key = f"{key}:log:{token}"
         # the answer as shared: a Recording, the GatewayError it failed with, or None when it was abandoned
-        self._outcome: asyncio.Future[Recording | GatewayError | None] = asyncio.get_running_loop().create_future()
-        self._beat: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        self._outcome: asyncio.Future[Recording | GatewayError | None] = loop.create_future()
+        # the same, for the leader's own client alone: its disconnect may cancel this one (``shield`` would
+        # protect the shared one at the cost of a future and two callbacks of its own per lead)
+        self._mine: asyncio.Future[Recording | GatewayError | None] = loop.create_future()
+        self.renew_due = math.inf  # (loop time) when the lock is renewed next (``Flights.watch``)
         self._pending: list[bytes] = []
         self._flushing: asyncio.Task[None] | None = None
         self._mirror = True
@@ -104,7 +111,7 @@ class Lead:
         flights.tasks.add(task)
         task.add_done_callback(flights.tasks.discard)
         try:
-            outcome = await asyncio.shield(self._outcome)  # a disconnect cancels this wait, not the work
+            outcome = await self._mine  # a disconnect cancels this wait, not the work
         except asyncio.CancelledError:
             self._own_gone = True
             if self._own is not None:
@@ -189,7 +196,7 @@ class Lead:
             self._task.cancel()
 
     async def _run(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
-        self._schedule_beat()
+        self.flights.watch(self)
         assert self._writes is not None
         try:
             await self._lead(work, storable, ttl_s, max_bytes)
@@ -207,12 +214,10 @@ class Lead:
         finally:
             self._writes.close()
             self._finished = True
-            if self._beat is not None:
-                self._beat.cancel()
             if self.flights.local.get(self.key) is self:
                 del self.flights.local[self.key]
             if not self._outcome.done():  # a bug: never leave followers hanging
-                self._outcome.set_result(errors.InternalError("internal error"))
+                self._publish(errors.InternalError("internal error"))
 
     async def _lead(self, work: Callable[[], Awaitable[Reply]], storable: StoreEntry, ttl_s: float, max_bytes: int) -> None:
         assert self._writes is not None
@@ -241,7 +246,6 @@ class Lead:
             rec.on_idle = self._reader_left
             if not self._own_gone:
                 self._own = Reader(rec)
-        head = Head(reply.status, headers, rec.stream)
         if not rec.stream:
             rec.body = reply.body or b""
             rec.ended = True
@@ -250,11 +254,11 @@ class Lead:
             if storable(reply) and len(rec.body) <= max_bytes:
                 await self._store(rec, ttl_s)  # the stored entry is what followers read
             else:
-                self._log(head)
+                self._log(Head(reply.status, headers, False))
                 self._log(Body(rec.body))
                 await self._release()
             return
-        self._log(head)
+        self._log(Head(reply.status, headers, True))
         self._publish(rec)
         error: GatewayError | None = None
         try:
@@ -290,6 +294,8 @@ class Lead:
     def _publish(self, outcome: Recording | GatewayError | None) -> None:
         if not self._outcome.done():
             self._outcome.set_result(outcome)
+        if not self._mine.done():
+            self._mine.set_result(outcome)
 
     # ---------------------------------------------------------------- store side
 
@@ -346,12 +352,8 @@ class Lead:
         except StoreError as e:  # the lock expires by itself
             log.warning("%s: release failed: %s", self.flights.namespace, e)
 
-    def _schedule_beat(self) -> None:
-        """Renew the lock every third of its TTL while the work runs: a timer, not a task, since
-        almost every request is done long before the first renewal is due."""
-        self._beat = asyncio.get_running_loop().call_later(self.lock_ttl_s / 3, self._beat_now)
-
-    def _beat_now(self) -> None:
+    def beat(self) -> None:
+        """Renew the lock (``Flights.watch`` calls this every third of its TTL while the work runs)."""
         task = asyncio.ensure_future(self._renew())
         self.flights.tasks.add(task)
         task.add_done_callback(self.flights.tasks.discard)
@@ -359,10 +361,9 @@ class Lead:
     async def _renew(self) -> None:
         try:
             if not await self.flights.store.compare_and_set(self.key, self.lock, self.lock, self.lock_ttl_s):
-                return  # taken over (we were presumed dead): the fenced write will refuse us
+                self.renew_due = math.inf  # taken over (we were presumed dead): the fenced write will refuse us
+                return
         except StoreError:
             pass
-        if self._beat is not None and not self._finished:
-            self._schedule_beat()
-            if self._own_gone:  # followers elsewhere may have left since
-                self._give_up_if_alone()
+        if self._own_gone and not self._finished:  # followers elsewhere may have left since
+            self._give_up_if_alone()

@@ -86,6 +86,9 @@ class _Protocol(asyncio.Protocol):
     def send(self, args: tuple[Any, ...], timeout_s: float) -> asyncio.Future[Any]:
         """Send one command; its reply (or the connection's failure) resolves the future."""
         fut = self.loop.create_future()
+        if self.lost:  # (nothing would answer it, and the watchdog no longer looks)
+            fut.set_exception(self.error or ConnectionError(f"connection to {self.client.who} lost"))
+            return fut
         self.waiting.append(fut)
         self.due.append(self.loop.time() + timeout_s)
         if self.watchdog is None:
