@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -64,6 +64,13 @@ log = logging.getLogger("reliapi")
 
 _RECHECK_S = 1.0  # a follower re-reads the key at least this often
 _WAITERS_TTL_S = 3600.0  # a follower counted elsewhere; one whose instance died stops counting after this
+
+
+def new_token() -> str:
+    """A lock's identity: 64 random bits, as hex. Only uniqueness matters (a fenced write compares it), not
+    secrecy: ``random`` (seeded from the OS per process, and again in a forked worker) gives that without a
+    ``getrandom`` system call per request, which ``os.urandom`` made."""
+    return f"{random.getrandbits(64):016x}"
 
 
 class Flights:
@@ -102,7 +109,7 @@ class Flights:
     async def join(self, key: str, fp: str, lock_ttl_s: float) -> Lead | Entry | bytes:
         """In one round trip: the lead (the key was free and is now ours), the stored entry,
         or the lock of the flight that runs (to ``follow``)."""
-        token = os.urandom(8).hex()
+        token = new_token()
         lock = b"L" + token.encode() + b" " + fp.encode()
         try:
             held = await self.store.claim(key, lock, lock_ttl_s)
@@ -124,7 +131,7 @@ class Flights:
         """Become the leader for ``key``; None when another flight or an entry holds it.
         ``force`` takes it regardless. ``entry_key``: store the answer there rather than under
         the lock (a cache refresh: the old entry serves until a good new one replaces it)."""
-        token = os.urandom(8).hex()
+        token = new_token()
         lock = b"L" + token.encode() + b" " + fp.encode()
         try:
             if force:

@@ -107,7 +107,7 @@ class Lead:
         flights.local[self.key] = self
         self._writes = writes = Writes(flights.store)
         with writes.enter():  # a lead started by the work hands its final writes to this one
-            task = self._task = asyncio.ensure_future(self._run(work, storable, ttl_s, max_bytes))
+            task = self._task = asyncio.get_running_loop().create_task(self._run(work, storable, ttl_s, max_bytes))
         flights.tasks.add(task)
         task.add_done_callback(flights.tasks.discard)
         try:
