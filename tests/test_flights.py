@@ -124,3 +124,30 @@ async def test_running_leads_of_different_lock_ttls_keep_their_locks_until_their
     assert [r.body for r in await asyncio.gather(*runs)] == [b"done", b"done"]
     assert isinstance(await flights.lookup("t:short"), Entry)
     await flights.close()
+
+
+async def test_a_lead_still_running_when_its_flights_close_keeps_its_lock() -> None:
+    # a reload closes the old runtime's flights while a stream it leads goes on: a duplicate must still
+    # follow it, not find the key free and run the upstream call a second time
+    from gateway.flow.exchange import Reply
+    from gateway.state.flights import Flights, Lead
+    from gateway.store.memory import MemoryStore
+
+    store = MemoryStore()
+    flights = Flights(store, "t", set())
+    lead = await flights.join("t:k", "fp", 0.3)
+    assert isinstance(lead, Lead)
+    release = asyncio.Event()
+
+    async def work() -> Reply:
+        await release.wait()
+        return Reply(200, {"content-type": "text/plain"}, body=b"done")
+
+    run = asyncio.ensure_future(lead.run(work, storable=lambda r: True, ttl_s=60, max_bytes=1000))
+    await asyncio.sleep(0.05)
+    await flights.close()
+    await asyncio.sleep(0.8)  # past the lock's TTL
+    assert await store.get("t:k") == lead.lock
+    assert not isinstance(await flights.join("t:k", "fp", 0.3), Lead)
+    release.set()
+    assert (await run).body == b"done"

@@ -121,6 +121,17 @@ async def test_a_silent_server_fails_the_command_in_time_and_the_next_one_reconn
     await client.close()
 
 
+async def test_a_command_that_cannot_be_sent_leaves_no_caller_waiting_for_a_reply(fake_redis) -> None:
+    # (queued before it was packed, its place in line would hand every later reply to the caller before)
+    server, client = await fake_redis([b"+OK\r\n", b"$1\r\nA\r\n", b"$1\r\nB\r\n"])
+    assert await client.execute("PING") == b"OK"  # connected
+    for bad in ("x\udcff", True):
+        with pytest.raises((UnicodeEncodeError, TypeError)):
+            await client.execute("GET", bad)
+    assert await asyncio.gather(client.execute("GET", "a"), client.execute("GET", "b")) == [b"A", b"B"]
+    await client.close()
+
+
 async def test_each_command_has_its_own_deadline_not_the_oldest_ones(fake_redis) -> None:
     # one watchdog per connection (not a timer per command): when it fires for the first command's deadline
     # (0.5 s) the second, sent 0.3 s later, is not due yet; its answer at ~0.65 s is in time

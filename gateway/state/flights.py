@@ -201,9 +201,8 @@ class Flights:
         task.add_done_callback(self.cleanups.discard)
 
     async def close(self) -> None:
-        if self._renewals is not None:
-            self._renewals.cancel()
-            self._renewals, self._renewals_at = None, math.inf
+        # (the renewal timer is left alone: leads still running keep their locks until they end — a reload
+        # retires the old runtime while its streams go on — and it stops by itself once none runs)
         for task in list(self.cleanups):
             task.cancel()
         for task in list(self.cleanups):

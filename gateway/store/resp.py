@@ -7,7 +7,7 @@ gateway needs a handful of commands (GET/SET, EVALSHA of its own scripts, SCAN �
 this client writes each command to one shared connection as soon as it is issued and
 matches replies to callers in order (Redis answers in order on one connection), which
 also pipelines concurrent requests for free. Measured (32 concurrent callers, one core): about
-11 µs of CPU per GET or EVALSHA here, 45-50 µs through redis.asyncio even with hiredis
+5-8 µs of CPU per GET or EVALSHA here, 45-50 µs through redis.asyncio even with hiredis
 (docs/OPERATIONS.md "Redis topologies and failover").
 
 Where to connect comes from ``gateway.store.url`` (one parser for commands and pub/sub, see
@@ -85,6 +85,7 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, args: tuple[Any, ...], timeout_s: float) -> asyncio.Future[Any]:
         """Send one command; its reply (or the connection's failure) resolves the future."""
+        data = encode(args)  # first: a command that cannot be packed must not leave a caller queued for a reply
         fut = self.loop.create_future()
         if self.lost:  # (nothing would answer it, and the watchdog no longer looks)
             fut.set_exception(self.error or ConnectionError(f"connection to {self.client.who} lost"))
@@ -94,7 +95,7 @@ class _Protocol(asyncio.Protocol):
         if self.watchdog is None:
             self.watchdog = self.loop.call_later(timeout_s, self._check)
         assert self.transport is not None
-        self.transport.write(encode(args))
+        self.transport.write(data)
         return fut
 
     def _check(self) -> None:
