@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
@@ -33,6 +34,10 @@ from gateway.config.model import Config
 from gateway.config.store import store_url_errors
 from gateway.keys import Reloader
 from gateway.store.url import parse_store_url
+
+if TYPE_CHECKING:
+    from gateway.edge.server import GatewayRunner
+    from gateway.runtime import RuntimeSlot
 
 log = logging.getLogger("reliapi")
 
@@ -200,9 +205,9 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
     import gc
     gc.collect()
     gc.freeze()  # everything built at startup is permanent: keep it out of every future collection
-    # aiohttp reads a shutdown timeout of 0 as "no limit"; a grace of 0 means "do not wait".
-    grace = max(config.server.shutdown_grace_s, 0.001)
-    runner = GatewayRunner(app, handle_signals=False, shutdown_timeout=grace)
+    # The grace period is waited out below (``_drain``); aiohttp's own shutdown then gives what still runs a moment
+    # to end (a stream cut at the end of the grace period sends its in-band error event) before it cancels it.
+    runner = GatewayRunner(app, handle_signals=False, shutdown_timeout=_AFTER_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port or None,
                        backlog=1024)
@@ -235,10 +240,30 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("shutting down: draining in-flight requests for up to %gs", config.server.shutdown_grace_s)
+    await _drain(runner, app[RUNTIME], config.server.shutdown_grace_s)
     await runner.cleanup()
     offload.shutdown()
     log.info("stopped")
     sys.stdout.flush()
+
+
+_AFTER_GRACE_S = 0.5  # after the grace period: for cut streams to send their last event, then aiohttp cancels
+
+
+async def _drain(runner: GatewayRunner, slot: RuntimeSlot, grace_s: float) -> None:
+    """Stop taking connections (idle keep-alive ones are closed, busy ones after their request), let the requests
+    in flight finish for up to ``grace_s``, then end every stream still open with its in-band error event — never
+    a stream cut off silently."""
+    for site in list(runner.sites):
+        await site.stop()
+    await asyncio.sleep(0)  # (requests read just before have started)
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+    try:
+        async with asyncio.timeout(grace_s):
+            await slot.drain()
+    except TimeoutError:
+        slot.end_streams()
 
 
 async def _reload(app: web.Application, started: Config, reload: Reloader) -> None:

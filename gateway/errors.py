@@ -28,7 +28,8 @@ a request ends up, and a stream's in-band error events use the same bodies.
     │   ├── UpstreamTimeout           504    upstream_timeout
     │   ├── UpstreamUnavailable       502    upstream_unavailable
     │   └── StreamBroken              —      stream_interrupted    (after the first byte:
-    │                                                               only ever an in-band event)
+    │       │                                                       only ever an in-band event)
+    │       └── StreamCutAtShutdown   —      stream_interrupted    (still open when the shutdown grace ran out)
     ├── StoreUnavailable              503    store_unavailable
     └── InternalError                 500    internal_error
 
@@ -191,6 +192,13 @@ class StreamBroken(UpstreamError):
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.reported = reported
         self.stalled = stalled
+
+
+class StreamCutAtShutdown(StreamBroken):
+    """The gateway stopped while this stream was still relayed (past ``server.shutdown_grace_s``): not the
+    upstream's failure (no circuit counts it), and not continued elsewhere (``stream_recovery``)."""
+
+    reason, trips_breaker = "shutdown", False
 
 
 class StoreUnavailable(GatewayError):

@@ -76,6 +76,8 @@ class Runtime:
         self.prices = PriceTable(config.pricing)
         self.catalog: list[Model] | None = None  # GET /v1/models, built on first use
         self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
+        self.active = 0  # proxied requests running on this runtime (``gateway.edge.serve`` counts them)
+        self.drained: asyncio.Future[None] | None = None  # set when the last one ends, once a reload retired it
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(_secrets(config, env, self.targets.values()))
         self.access_log = access_log or AccessLog(access_log_write)
@@ -126,6 +128,18 @@ class Runtime:
             log.warning("store %s is not answering: %s", self.store.url_for_display, e)
         await self.shared.start()
 
+    async def drain(self) -> None:
+        """Until the proxied requests that started on this runtime have ended (a retired one's streams)."""
+        if self.active:
+            if self.drained is None or self.drained.done():
+                self.drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self.drained)  # (shared: a shutdown's wait and a reload's may both be on it)
+
+    def request_ended(self) -> None:
+        self.active -= 1
+        if not self.active and self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
     async def close(self, *, close_store: bool = True, close_log: bool = True) -> None:
         if self.background:  # answers others wait for (idempotency, cache) finish, within the grace period
             await asyncio.wait(list(self.background), timeout=max(self.config.server.shutdown_grace_s, 0.1))
@@ -164,6 +178,7 @@ class RuntimeSlot:
     def __init__(self, runtime: Runtime) -> None:
         self.current = runtime
         self._retiring: set[asyncio.Task[None]] = set()
+        self._retired: set[Runtime] = set()  # replaced by a reload, still finishing their requests
 
     async def reload(self, config: Config) -> Runtime:
         old = self.current
@@ -183,10 +198,27 @@ class RuntimeSlot:
         task.add_done_callback(self._retiring.discard)
         return new
 
+    async def drain(self) -> None:
+        """Until no proxied request runs, on the current runtime or on one a reload replaced (shutdown)."""
+        for rt in [self.current, *self._retired]:
+            await rt.drain()
+
+    def end_streams(self) -> None:
+        """Every stream still relayed ends with its in-band error (``Transport.end_streams``): shutdown's grace is over."""
+        for rt in [self.current, *self._retired]:
+            for target in rt.targets.values():
+                target.transport.end_streams()
+
     async def _retire(self, old: Runtime, *, close_store: bool) -> None:
+        """Requests that started on the old runtime end on it, with its pools, however long a stream of theirs
+        goes on (each is bounded by its own timeouts): a reload never cuts one. Then it is closed — or when the
+        gateway shuts down first, whose grace period bounds them all (a stream still open then ends with an
+        in-band error, ``Transport.close``)."""
+        self._retired.add(old)
         try:
-            await asyncio.sleep(old.config.server.shutdown_grace_s)  # in-flight requests keep the old pools
+            await old.drain()
         finally:  # also when shutdown cuts the wait short: pools closed, last usage counts written
+            self._retired.discard(old)
             await old.close(close_store=close_store, close_log=False)
 
     async def close(self) -> None:

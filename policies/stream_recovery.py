@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from gateway.errors import GatewayError, StreamBroken
+from gateway.errors import GatewayError, StreamBroken, StreamCutAtShutdown
 from gateway.flow.exchange import Exchange, Reply
 from gateway.observe.events import Events, StreamRecovered
 from gateway.streaming.sse import events as sse_events
@@ -64,7 +64,7 @@ async def _recovering(
             yield chunk
         return
     except StreamBroken as e:
-        if e.reported or not reader.recoverable:
+        if e.reported or not reader.recoverable or isinstance(e, StreamCutAtShutdown):  # (the gateway stops)
             raise
         broken = e
     finally:

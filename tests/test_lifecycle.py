@@ -146,13 +146,15 @@ async def test_sigterm_drains_in_flight_stream_then_exits_0(cli: CLI, fake: Fake
 
 @pytest.mark.parametrize("grace_s", [0, 0.5])
 async def test_sigterm_cuts_streams_outliving_the_grace_period(cli: CLI, fake: FakeUpstream, grace_s: float) -> None:
-    """A stream far longer than shutdown_grace_s (0 = no grace) is cut; the gateway still exits 0."""
+    """A stream far longer than shutdown_grace_s (0 = no grace) is cut — with its in-band error event, never
+    silently (it used to end mid-stream, looking to the client like a dropped connection); the gateway exits 0."""
     gw = start_behind_fake(cli, fake, grace_s=grace_s)
     await asyncio.to_thread(gw.wait_healthy)
 
     lines, _ = await stream_and_sigterm(gw, chunks=100, interval_ms=200)  # 20 s if left to finish
 
     assert b"data: [DONE]" not in lines
+    assert lines[-1].startswith(b'data: {"error"') and b"the gateway is shutting down" in lines[-1], lines[-3:]
     assert fake.streams_finished == 0
     assert await gw.wait_exit_async(timeout=10) == 0, gw.output
     assert_no_traceback(gw.stderr)

@@ -392,3 +392,40 @@ async def test_a_reloaded_max_body_mb_governs_every_route(fake, reloadable, make
     assert (await post_reload(client))[0] == 200
     assert await body_statuses(client) == {"/v1": 413, "/t": 413, "/proxy/http": 413}
     assert len(fake.requests) == 3
+
+
+# =============================================================== streams across a reload
+
+
+async def test_a_stream_running_when_the_config_is_reloaded_finishes_on_the_old_config(fake, reloadable, make_config):
+    """The old runtime stays until its last request ends, however far past ``shutdown_grace_s``: a reload never
+    cuts a stream (it used to close the old pools after the grace period, and the stream hung with no end)."""
+    cfg = make_config(fake.url, default_target="up", shutdown_grace_s=0.1).up()
+    client, path = await reloadable(cfg)
+    old = client.app[RUNTIME].current
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with client.post("/v1/chat/completions", json=body,
+                           headers={"X-Fake-Chunks": "8", "X-Fake-Interval-Ms": "100"}) as resp:
+        assert resp.status == 200
+        first = await resp.content.readline()
+        assert first.startswith(b"data: ")
+        status, _ = await post_reload(client)
+        assert status == 200 and client.app[RUNTIME].current is not old
+        rest = await asyncio.wait_for(resp.content.read(), 10)  # 0.8 s of stream: well past the grace period
+    assert rest.rstrip().endswith(b"data: [DONE]") and (first + rest).count(b'"content":"tok') == 8  # all of it
+    await asyncio.sleep(0.05)
+    assert old.active == 0 and all(t.transport._session is None for t in old.targets.values())  # then closed
+
+
+async def test_an_upstream_stream_cut_by_closing_its_transport_ends_in_band_not_never(fake, gateway, make_config):
+    """A transport closed under a running stream (the gateway's shutdown past its grace period) ends the relay
+    with the stream's error event at once; aiohttp closing its session alone leaves the reader waiting for ever."""
+    client, _ = await gateway(make_config(fake.url, default_target="up").up())
+    rt = client.app[RUNTIME].current
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with client.post("/v1/chat/completions", json=body,
+                           headers={"X-Fake-Chunks": "50", "X-Fake-Interval-Ms": "200"}) as resp:
+        assert (await resp.content.readline()).startswith(b"data: ")
+        await rt.targets["up"].transport.close()
+        rest = await asyncio.wait_for(resp.content.read(), 5)
+    assert b'"error"' in rest and rest.count(b'"content":"tok') < 10

@@ -55,6 +55,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
     # every log line made while it runs names its trace (aiohttp runs each request in a task of its own, with
     # its own copy of the context: nothing to reset)
     CURRENT.set(trace)
+    rt.active += 1  # (ended in the finally below: a reload retires this runtime once none runs on it)
     try:
         try:
             if guard is not None:  # bans, the failed-authentication budget, the per-IP limit
@@ -113,6 +114,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
             attempts=ex.attempts if ex else 0, duration_ms=(time.monotonic() - call.started) * 1000,
         )
     finally:
+        rt.request_ended()
         _record(call, reply, status, error, outcome)
         if guard is not None:
             guard.answered(call, error)

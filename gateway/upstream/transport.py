@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -22,7 +23,7 @@ from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.errors import Overloaded, StreamBroken, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import Overloaded, StreamBroken, StreamCutAtShutdown, UpstreamTimeout, UpstreamUnavailable
 from gateway.flow.reply import Reply
 from gateway.headers import client_response_headers, is_event_stream
 
@@ -69,6 +70,9 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}
+        # streams being relayed: ``close`` ends them with an error (aiohttp closing its session leaves a reader
+        # waiting for ever, and the client with it); weak, so a reply dropped unread leaves nothing behind
+        self._streams: weakref.WeakSet[aiohttp.ClientResponse] = weakref.WeakSet()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -86,7 +90,15 @@ class Transport:
         if hasattr(self._session, "_retry_connection"):
             self._session._retry_connection = False
 
+    def end_streams(self) -> None:
+        """End every stream still relayed: each relay raises ``StreamCutAtShutdown`` at once, so its client gets
+        the stream's in-band error event (the gateway stops)."""
+        for resp in list(self._streams):
+            resp.content.set_exception(_Ended())
+        self._streams.clear()
+
     async def close(self) -> None:
+        self.end_streams()  # (closing aiohttp's session alone would leave their readers waiting for ever)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -132,6 +144,7 @@ class Transport:
             headers_out = client_response_headers(resp.headers)
             if data is not None:
                 return Reply(resp.status, headers_out, body=data, upstream_status=resp.status)
+            self._streams.add(resp)
             reply = Reply(
                 resp.status, headers_out, chunks=_relay(resp, first, idle_timeout_s, self.target),
                 upstream_status=resp.status,
@@ -184,6 +197,9 @@ async def _relay(
                 if time.monotonic() - waited_from < idle_timeout_s:  # the deadline of an unasked-for stream
                     raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
                 raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
+            except _Ended:
+                raise StreamCutAtShutdown("the gateway is shutting down: this stream was cut before its end; "
+                                          "send the request again", target=target) from None
             except (aiohttp.ClientError, OSError) as e:
                 raise StreamBroken(f"upstream stream was cut ({_describe(e)})", target=target) from None
             if not chunk:
@@ -195,6 +211,10 @@ async def _relay(
             resp.release()
         else:
             resp.close()
+
+
+class _Ended(aiohttp.ClientConnectionError):
+    """Put into a relayed stream by ``Transport.end_streams``."""
 
 
 def _out_of_descriptors(e: BaseException) -> bool:
