@@ -238,7 +238,7 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
         reloading.hup_pending = False
         on_sighup()
     await stop.wait()
-    loop.remove_signal_handler(signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # no reload while draining (and not SIGHUP's default: exit)
     log.info("shutting down: draining in-flight requests for up to %gs", config.server.shutdown_grace_s)
     await _drain(runner, app[RUNTIME], config.server.shutdown_grace_s)
     await runner.cleanup()
@@ -252,8 +252,8 @@ _AFTER_GRACE_S = 0.5  # after the grace period: for cut streams to send their la
 
 async def _drain(runner: GatewayRunner, slot: RuntimeSlot, grace_s: float) -> None:
     """Stop taking connections (idle keep-alive ones are closed, busy ones after their request), let the requests
-    in flight finish for up to ``grace_s``, then end every stream still open with its in-band error event — never
-    a stream cut off silently."""
+    in flight finish for up to ``grace_s``, then end every stream still open with its in-band error event and answer
+    every request still waiting 503 (retry elsewhere) — never a connection dropped without a word."""
     for site in list(runner.sites):
         await site.stop()
     await asyncio.sleep(0)  # (requests read just before have started)
@@ -263,7 +263,7 @@ async def _drain(runner: GatewayRunner, slot: RuntimeSlot, grace_s: float) -> No
         async with asyncio.timeout(grace_s):
             await slot.drain()
     except TimeoutError:
-        slot.end_streams()
+        slot.cut()
 
 
 async def _reload(app: web.Application, started: Config, reload: Reloader) -> None:
@@ -322,6 +322,8 @@ def _run_workers(config: Config, source: str, workers: int, reload: Reloader) ->
             pass  # the workers reject it too, and say why; a restarted worker gets the config they keep
 
     def forward_hup(signum: int, _frame: object) -> None:
+        if stopping:  # the workers are draining: no reload now
+            return
         hup()
         read_again()
 

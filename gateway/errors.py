@@ -23,6 +23,7 @@ a request ends up, and a stream's in-band error events use the same bodies.
     │   └── KeysExhausted             429    rate_limited          (every pool key cooling down)
     ├── CircuitOpen                   503    circuit_open          (+ Retry-After)
     ├── Overloaded                    503    overloaded            (bulkhead full)
+    │   ├── ShuttingDown              503    overloaded            (unanswered when the shutdown's grace ran out)
     │   └── TooManyConnections        503    too_many_connections  (server.max_connections reached)
     ├── UpstreamError                 502    upstream_error        (base of the two below)
     │   ├── UpstreamTimeout           504    upstream_timeout
@@ -138,6 +139,15 @@ class CircuitOpen(GatewayError):
 class Overloaded(GatewayError):
     status, code, type, retryable = 503, "overloaded", "upstream_error", True
     reason = "overloaded"
+
+
+class ShuttingDown(Overloaded):
+    """Still unanswered when the shutdown's grace period ran out: a 503 the client may retry elsewhere, not a
+    dropped connection (``gateway.cli``)."""
+
+    def __init__(self) -> None:
+        super().__init__("the gateway is shutting down and this request did not finish in time; send it again",
+                         retry_after=1.0)
 
 
 class TooManyConnections(Overloaded):

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.clock import Clock
 from gateway.config.model import Config
@@ -37,6 +37,13 @@ from policies.door import Guard
 from providers.pricing import PriceTable
 
 log = logging.getLogger("reliapi")
+
+
+class Call(Protocol):
+    """What a runtime needs of a request running on it (``gateway.edge.call.Call``)."""
+
+    task: asyncio.Task[Any] | None
+    relaying: bool
 
 
 class Runtime:
@@ -76,8 +83,9 @@ class Runtime:
         self.prices = PriceTable(config.pricing)
         self.catalog: list[Model] | None = None  # GET /v1/models, built on first use
         self.background: set[asyncio.Task[Any]] = set()  # work that outlives its request (a coalesced leader)
-        self.active = 0  # proxied requests running on this runtime (``gateway.edge.serve`` counts them)
+        self.calls: set[Call] = set()  # proxied requests running on this runtime (``gateway.edge.serve``)
         self.drained: asyncio.Future[None] | None = None  # set when the last one ends, once a reload retired it
+        self.cutting = False  # the shutdown's grace period is over (``cut``)
         self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
         self.scrub = Scrubber(_secrets(config, env, self.targets.values()))
         self.access_log = access_log or AccessLog(access_log_write)
@@ -129,19 +137,41 @@ class Runtime:
         await self.shared.start()
 
     async def drain(self) -> None:
-        """Until the proxied requests that started on this runtime have ended (a retired one's streams)."""
-        if self.active:
-            if self.drained is None or self.drained.done():
-                self.drained = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self.drained)  # (shared: a shutdown's wait and a reload's may both be on it)
+        """Until the proxied requests that started on this runtime have ended (a retired one's streams), and the
+        work they led for others (a coalesced leader whose followers run on the new runtime)."""
+        while self.calls or self.background:
+            if self.calls:
+                if self.drained is None or self.drained.done():
+                    self.drained = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self.drained)  # (shared: a shutdown's wait and a reload's may both be on it)
+            else:
+                await asyncio.wait(list(self.background))
 
-    def request_ended(self) -> None:
-        self.active -= 1
-        if not self.active and self.drained is not None and not self.drained.done():
+    @property
+    def active(self) -> int:
+        return len(self.calls)
+
+    def request_ended(self, call: Call) -> None:
+        calls = self.calls
+        calls.discard(call)
+        if not calls and self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
 
+    def cut(self) -> None:
+        """The shutdown's grace period is over: a request not answered yet gets a 503 it can retry elsewhere
+        (its task is cancelled, ``serve`` answers), a stream being relayed its in-band error event
+        (``Transport.end_streams``), and work led for others stops."""
+        self.cutting = True
+        for call in list(self.calls):
+            if not call.relaying and call.task is not None:
+                call.task.cancel()
+        for task in list(self.background):
+            task.cancel()
+        for target in self.targets.values():
+            target.transport.end_streams()
+
     async def close(self, *, close_store: bool = True, close_log: bool = True) -> None:
-        if self.background:  # answers others wait for (idempotency, cache) finish, within the grace period
+        if self.background and not self.cutting:  # answers others wait for (idempotency, cache) finish, within the grace period
             await asyncio.wait(list(self.background), timeout=max(self.config.server.shutdown_grace_s, 0.1))
         for closer in self.closers:
             try:
@@ -203,11 +233,10 @@ class RuntimeSlot:
         for rt in [self.current, *self._retired]:
             await rt.drain()
 
-    def end_streams(self) -> None:
-        """Every stream still relayed ends with its in-band error (``Transport.end_streams``): shutdown's grace is over."""
+    def cut(self) -> None:
+        """The shutdown's grace period is over (``Runtime.cut``), on every runtime still serving."""
         for rt in [self.current, *self._retired]:
-            for target in rt.targets.values():
-                target.transport.end_streams()
+            rt.cut()
 
     async def _retire(self, old: Runtime, *, close_store: bool) -> None:
         """Requests that started on the old runtime end on it, with its pools, however long a stream of theirs

@@ -75,10 +75,11 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def start_behind_fake(cli: CLI, fake: FakeUpstream, grace_s: float) -> Gateway:
-    """A gateway whose default target ``up`` is the in-process fake upstream."""
+def start_behind_fake(cli: CLI, fake: FakeUpstream, grace_s: float, **target: Any) -> Gateway:
+    """A gateway whose default target ``up`` is the in-process fake upstream (``target``: more of its fields)."""
     port = free_port()
-    cli.write("up.yaml", GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=grace_s).up(models=None))
+    cli.write("up.yaml", GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=grace_s)
+              .up(models=None, **target))
     return cli.start("--config", "up.yaml", port=port)
 
 
@@ -156,6 +157,40 @@ async def test_sigterm_cuts_streams_outliving_the_grace_period(cli: CLI, fake: F
     assert b"data: [DONE]" not in lines
     assert lines[-1].startswith(b'data: {"error"') and b"the gateway is shutting down" in lines[-1], lines[-3:]
     assert fake.streams_finished == 0
+    assert await gw.wait_exit_async(timeout=10) == 0, gw.output
+    assert_no_traceback(gw.stderr)
+
+
+async def test_sigterm_answers_what_is_still_unanswered_when_the_grace_runs_out(cli: CLI, fake: FakeUpstream) -> None:
+    """Past the grace period a request still waiting for its upstream gets a 503 it can retry elsewhere (it used to
+    get a dropped connection); a stream cut then is not continued by stream_recovery (its cut is the gateway's, not
+    the upstream's); a SIGHUP during the drain changes nothing (it used to kill the process, exit 129)."""
+    gw = start_behind_fake(cli, fake, grace_s=0.5, stream_recovery="continue")
+    await asyncio.to_thread(gw.wait_healthy)
+    url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def slow() -> tuple[int, str | None, dict]:
+            async with session.post(url, json=chat, headers={"X-Fake-Delay-Ms": "10000"}) as resp:
+                return resp.status, resp.headers.get("Retry-After"), await resp.json()
+
+        async def stream() -> list[bytes]:
+            async with session.post(url, json={**chat, "stream": True},
+                                    headers={"X-Fake-Chunks": "100", "X-Fake-Interval-Ms": "100"}) as resp:
+                return [line.strip() async for line in resp.content if line.strip()]
+
+        waiting, streaming = asyncio.ensure_future(slow()), asyncio.ensure_future(stream())
+        while len(fake.requests) < 2:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        gw.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        gw.proc.send_signal(signal.SIGHUP)
+        status, retry_after, body = await waiting
+        lines = await streaming
+    assert status == 503 and retry_after == "1" and "shutting down" in body["error"]["message"], body
+    assert b"the gateway is shutting down" in lines[-1] and b"data: [DONE]" not in lines, lines[-2:]
+    assert len(fake.requests) == 2  # nothing asked of the upstream again
     assert await gw.wait_exit_async(timeout=10) == 0, gw.output
     assert_no_traceback(gw.stderr)
 

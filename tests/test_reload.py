@@ -429,3 +429,22 @@ async def test_an_upstream_stream_cut_by_closing_its_transport_ends_in_band_not_
         await rt.targets["up"].transport.close()
         rest = await asyncio.wait_for(resp.content.read(), 5)
     assert b'"error"' in rest and rest.count(b'"content":"tok') < 10
+
+
+async def test_a_coalesced_leader_of_the_old_config_finishes_for_its_follower_on_the_new_one(fake, reloadable, make_config):
+    """A follows nobody and leads an idempotency key's stream; after a reload B, on the new config, follows it;
+    A's client leaves. The old runtime now has no request of its own, but its leader still streams for B: it is
+    kept until that ends (it used to be closed then, cutting B's stream with "the gateway is shutting down")."""
+    cfg = make_config(fake.url, default_target="up", shutdown_grace_s=0.1).up()
+    client, path = await reloadable(cfg)
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"X-Fake-Chunks": "12", "X-Fake-Interval-Ms": "100", "Idempotency-Key": "k-reload-1"}
+    first = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert first.status == 200 and (await first.content.readline()).startswith(b"data: ")
+    assert (await post_reload(client))[0] == 200
+    second = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert second.status == 200
+    first.close()  # the leading client goes away; B still follows its leader
+    rest = await asyncio.wait_for(second.content.read(), 10)
+    assert rest.rstrip().endswith(b"data: [DONE]") and rest.count(b'"content":"tok') == 12, rest[-300:]
+    assert b"shutting down" not in rest and len(fake.requests) == 1

@@ -3,6 +3,7 @@ it), and the shapes of those steps, which run before there is an ``Exchange``.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,7 +25,7 @@ class Surface(Protocol):
 
 class Call:
     __slots__ = ("request", "rt", "surface", "request_id", "started", "tenant", "account", "ex", "inflight", "ip", "exempt",
-                 "fingerprint", "limit_headers", "trace")
+                 "fingerprint", "limit_headers", "trace", "task", "relaying")
 
     def __init__(self, request: web.Request, rt: Runtime, surface: Surface, request_id: str, started: float,
                  trace: Trace) -> None:
@@ -43,6 +44,8 @@ class Call:
         self.fingerprint: str | None = None
         self.limit_headers: dict[str, str] | None = None  # the per-IP limit's, for the answer
         self.trace = trace  # the caller's trace continued, or a new one
+        self.task: asyncio.Task[Any] | None = None  # the task serving it (cancelled when the shutdown's grace is over)
+        self.relaying = False  # its answer is being streamed (a shutdown ends it in-band instead)
 
     def elapsed_ms(self, now: float) -> float:
         return (now - self.started) * 1000

@@ -10,6 +10,7 @@ happened, the access record is written and counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -24,7 +25,7 @@ from gateway.edge.requests import client_ip
 from gateway.edge.routed import routed_model
 from gateway.edge.surfaces import surface_for
 from gateway.edge.writer import StreamOutcome, check_sendable, complete_response, error_response, write_reply
-from gateway.errors import GatewayError, InternalError
+from gateway.errors import GatewayError, InternalError, ShuttingDown
 from gateway.flow.exchange import Reply
 from gateway.headers import (
     X_CACHE,
@@ -55,7 +56,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
     # every log line made while it runs names its trace (aiohttp runs each request in a task of its own, with
     # its own copy of the context: nothing to reset)
     CURRENT.set(trace)
-    rt.active += 1  # (ended in the finally below: a reload retires this runtime once none runs on it)
+    call.task = asyncio.current_task()
+    rt.calls.add(call)  # (ended in the finally below: a reload retires this runtime once none runs on it)
     try:
         try:
             if guard is not None:  # bans, the failed-authentication budget, the per-IP limit
@@ -94,9 +96,15 @@ async def serve(request: web.Request) -> web.StreamResponse:
             check_sendable(headers)
             if reply.chunks is None:
                 return complete_response(reply, outcome)
+            call.relaying = True
             return await write_reply(request, ex, reply, outcome)  # (an error once it has started is in-band)
         except GatewayError as e:
             error = e
+        except asyncio.CancelledError:
+            if not rt.cutting or call.relaying:
+                raise
+            call.task.uncancel()  # (cancelled by ``Runtime.cut``: the shutdown's grace period is over)
+            error = ShuttingDown()
         except Exception:
             log.exception("internal error", extra={"fields": {"request_id": call.request_id}})
             error = InternalError("internal error")
@@ -114,7 +122,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
             attempts=ex.attempts if ex else 0, duration_ms=(time.monotonic() - call.started) * 1000,
         )
     finally:
-        rt.request_ended()
+        rt.request_ended(call)
         _record(call, reply, status, error, outcome)
         if guard is not None:
             guard.answered(call, error)

@@ -95,7 +95,7 @@ async def watch(
                 if reader.finished and not reader.done and reader.error is None:
                     yield reader.terminator  # cut or stalled after the answer was complete
                     return
-                raise StreamBroken(e.message, target=target, stalled=e.stalled) from None
+                raise type(e)(e.message, target=target, stalled=e.stalled) from None  # (its kind kept: a shutdown's cut)
             out = aligner.feed(chunk)
             if not out:
                 continue
