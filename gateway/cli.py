@@ -254,6 +254,7 @@ async def _drain(runner: GatewayRunner, slot: RuntimeSlot, grace_s: float) -> No
     """Stop taking connections (idle keep-alive ones are closed, busy ones after their request), let the requests
     in flight finish for up to ``grace_s``, then end every stream still open with its in-band error event and answer
     every request still waiting 503 (retry elsewhere) — never a connection dropped without a word."""
+    slot.stopping = True  # (answers from now on say Connection: close: a client does not reuse a closing connection)
     for site in list(runner.sites):
         await site.stop()
     await asyncio.sleep(0)  # (requests read just before have started)

@@ -209,6 +209,7 @@ class RuntimeSlot:
         self.current = runtime
         self._retiring: set[asyncio.Task[None]] = set()
         self._retired: set[Runtime] = set()  # replaced by a reload, still finishing their requests
+        self.stopping = False  # draining for shutdown: every answer says ``Connection: close``
 
     async def reload(self, config: Config) -> Runtime:
         old = self.current

@@ -172,6 +172,7 @@ async def test_sigterm_answers_what_is_still_unanswered_when_the_grace_runs_out(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         async def slow() -> tuple[int, str | None, dict]:
             async with session.post(url, json=chat, headers={"X-Fake-Delay-Ms": "10000"}) as resp:
+                assert resp.headers.get("Connection") == "close"  # (draining: the connection is not reused)
                 return resp.status, resp.headers.get("Retry-After"), await resp.json()
 
         async def stream() -> list[bytes]:

@@ -47,7 +47,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
     if request.method == "OPTIONS" and ACCESS_CONTROL_REQUEST_METHOD in request.headers:
         return no_cors_preflight(request)  # a browser's preflight is never proxied (with a target's key)
     surface = surface_for(request.method, request.raw_path)
-    rt = request.app[RUNTIME].current
+    slot = request.app[RUNTIME]
+    rt = slot.current
     trace = rt.tracing.start(request.headers)  # the caller's trace continued, or a new one
     call = Call(request, rt, surface, new_request_id(request.headers, trace.span_id), time.monotonic(), trace)
     outcome = StreamOutcome()
@@ -95,7 +96,10 @@ async def serve(request: web.Request) -> web.StreamResponse:
                 merge_headers(headers, call.limit_headers)
             check_sendable(headers)
             if reply.chunks is None:
-                return complete_response(reply, outcome)
+                answer = complete_response(reply, outcome)
+                if slot.stopping:
+                    answer.force_close()
+                return answer
             call.relaying = True
             return await write_reply(request, ex, reply, outcome)  # (an error once it has started is in-band)
         except GatewayError as e:
@@ -117,10 +121,13 @@ async def serve(request: web.Request) -> web.StreamResponse:
         routed_to = routed_model(ex)
         if routed_to is not None:
             error.headers[X_RELIAPI_ROUTED_MODEL] = routed_to
-        return error_response(
+        answer = error_response(
             error, surface.dialect_of(request.raw_path), call.request_id, target=ex.target.name if ex else None,
             attempts=ex.attempts if ex else 0, duration_ms=(time.monotonic() - call.started) * 1000,
         )
+        if slot.stopping:
+            answer.force_close()
+        return answer
     finally:
         rt.request_ended(call)
         _record(call, reply, status, error, outcome)

@@ -159,6 +159,8 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
     if reply.chunks is None:
         return complete_response(reply, outcome)
     resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+    if request.app[RUNTIME].stopping:
+        resp.force_close()  # (draining for shutdown)
     is_sse = is_event_stream(reply.headers)
     transport = request.transport
     high = _high_water(transport)
