@@ -204,6 +204,9 @@ class StreamBroken(UpstreamError):
         self.stalled = stalled
 
 
+SHUTDOWN = "reliapi: the shutdown's grace period is over"  # the message of a task cancelled then (``Runtime.cut``)
+
+
 class StreamCutAtShutdown(StreamBroken):
     """The gateway stopped while this stream was still relayed (past ``server.shutdown_grace_s``): not the
     upstream's failure (no circuit counts it), and not continued elsewhere (``stream_recovery``)."""

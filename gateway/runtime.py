@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from gateway.clock import Clock
 from gateway.config.model import Config
 from gateway.edge.answers import Model
+from gateway.errors import SHUTDOWN
 from gateway.flow.build import build
 from gateway.flow.chain import Handler
 from gateway.flow.context import Context
@@ -37,6 +38,9 @@ from policies.door import Guard
 from providers.pricing import PriceTable
 
 log = logging.getLogger("reliapi")
+
+
+_RELEASE_S = 1.0  # at shutdown, for cancelled leaders to release their keys in the store
 
 
 class Call(Protocol):
@@ -164,15 +168,17 @@ class Runtime:
         self.cutting = True
         for call in list(self.calls):
             if not call.relaying and call.task is not None:
-                call.task.cancel()
+                call.task.cancel(SHUTDOWN)
         for task in list(self.background):
-            task.cancel()
+            task.cancel(SHUTDOWN)
         for target in self.targets.values():
             target.transport.end_streams()
 
     async def close(self, *, close_store: bool = True, close_log: bool = True) -> None:
-        if self.background and not self.cutting:  # answers others wait for (idempotency, cache) finish, within the grace period
-            await asyncio.wait(list(self.background), timeout=max(self.config.server.shutdown_grace_s, 0.1))
+        if self.background:  # answers others wait for (idempotency, cache) finish, within the grace period; once cut,
+            # the leaders were cancelled: they only release their keys now (before the store closes under them)
+            await asyncio.wait(list(self.background),
+                               timeout=_RELEASE_S if self.cutting else max(self.config.server.shutdown_grace_s, 0.1))
         for closer in self.closers:
             try:
                 await closer()

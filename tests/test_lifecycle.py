@@ -196,6 +196,43 @@ async def test_sigterm_answers_what_is_still_unanswered_when_the_grace_runs_out(
     assert_no_traceback(gw.stderr)
 
 
+async def test_sigterm_past_the_grace_leaves_no_flight_locked_in_the_store(cli: CLI, fake: FakeUpstream) -> None:
+    """A stream that leads its idempotency key and, nested, its cache entry, cut at shutdown: its client is told the
+    gateway stopped (not "abandoned by its client"), and both keys are released before the store closes — a lock
+    left behind held the retry the client is told to send for the lock's whole TTL (found by a review)."""
+    from gateway.store.redis import RedisStore
+    from tests.support.stores import REDIS_URL, drop, new_prefix, redis_store
+
+    prefix = new_prefix()
+    await drop(await redis_store(prefix))  # (skips, with the reason, when Redis is not there)
+    port = free_port()
+    cli.write("up.yaml", GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=0.3)
+              .up(models=None, cache={"ttl_s": 60}).store(url=REDIS_URL, key_prefix=prefix))
+    gw = cli.start("--config", "up.yaml", port=port)
+    await asyncio.to_thread(gw.wait_healthy)
+    lines: list[bytes] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "locks"}]},
+            headers={"X-Fake-Chunks": "100", "X-Fake-Interval-Ms": "100", "Idempotency-Key": "k-cut-1"},
+        ) as resp:
+            async for line in resp.content:
+                if line.strip():
+                    lines.append(line.strip())
+                if len(lines) == 2:
+                    gw.proc.send_signal(signal.SIGTERM)
+    assert b"the gateway is shutting down" in lines[-1], lines[-2:]
+    assert await gw.wait_exit_async(timeout=10) == 0, gw.output
+    store = RedisStore(REDIS_URL, key_prefix=prefix)
+    try:
+        keys = [key async for key in store.scan_prefix("")]
+        held = [key for key in keys if (key.startswith(("idem:", "cache:")) and ":log:" not in key)]
+        assert held == [], held  # neither the idempotency key nor the cache entry is still locked
+    finally:
+        await drop(store)
+
+
 def test_workers_share_one_port_and_stop_on_sigterm(cli: CLI) -> None:
     port = free_port()
     gw = cli.start("--workers", "2", "--port", str(port), port=port)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import errors
-from gateway.errors import GatewayError, StreamBroken
+from gateway.errors import SHUTDOWN, GatewayError, ShuttingDown, StreamBroken, StreamCutAtShutdown
 from gateway.flow.exchange import Reply
 from gateway.state.commit import Writes
 from gateway.state.flightlog import (
@@ -200,13 +200,29 @@ class Lead:
         assert self._writes is not None
         try:
             await self._lead(work, storable, ttl_s, max_bytes)
-        except asyncio.CancelledError:  # given up: its client left and nobody else waits
+        except asyncio.CancelledError as e:  # given up: its client left and nobody else waits (or the gateway stops)
             self._writes.settling = True
-            if self._rec is not None and not self._rec.ended:
-                self._rec.end(StreamBroken("abandoned by its client"))
-            self._publish(None)
-            self._log(ABANDONED)
-            await self._release()
+            if e.args == (SHUTDOWN,):
+                cut = StreamCutAtShutdown("the gateway is shutting down: this stream was cut before its end; "
+                                          "send the request again")
+                if self._rec is not None and not self._rec.ended:
+                    self._rec.end(cut)
+                    self._log(Broken(cut.code, cut.message, False))
+                else:
+                    self._log(ABANDONED)  # nothing shared yet: a follower elsewhere runs it itself
+                self._publish(ShuttingDown() if self._rec is None else None)
+            else:
+                if self._rec is not None and not self._rec.ended:
+                    self._rec.end(StreamBroken("abandoned by its client"))
+                self._publish(None)
+                self._log(ABANDONED)
+            # the release must reach the store even if this task is cancelled again meanwhile (at shutdown a nested
+            # lead is cancelled with its enclosing one): in a task of its own, which a shutdown waits for
+            release = asyncio.get_running_loop().create_task(self._release())
+            self.flights.tasks.add(release)
+            release.add_done_callback(self.flights.tasks.discard)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(release)
         except Exception:
             log.exception("%s: leader failed", self.flights.namespace)
             self._writes.settling = True
