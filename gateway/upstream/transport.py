@@ -146,7 +146,7 @@ class Transport:
                 return Reply(resp.status, headers_out, body=data, upstream_status=resp.status)
             self._streams.add(resp)
             reply = Reply(
-                resp.status, headers_out, chunks=_relay(resp, first, idle_timeout_s, self.target),
+                resp.status, headers_out, chunks=_relay(resp, first, idle_timeout_s, self.target, stream),
                 upstream_status=resp.status,
             )
             reply.head = first
@@ -183,8 +183,10 @@ class Transport:
 
 
 async def _relay(
-    resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float, target: str
+    resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float, target: str, asked: bool,
 ) -> AsyncIterator[bytes]:
+    """``asked``: the client asked for a stream, so only the idle timeout runs (a timeout is a stall); an unasked-for
+    one is also under the attempt's deadline."""
     finished = False
     try:
         if first:
@@ -194,7 +196,9 @@ async def _relay(
             try:
                 chunk = await resp.content.readany()  # silence is timed by the request's read timeout
             except TimeoutError:
-                if time.monotonic() - waited_from < idle_timeout_s:  # the deadline of an unasked-for stream
+                # (the idle timer runs from the last bytes the socket got, which may be before this wait began when
+                # the gateway was busy: time measured from here alone called a loaded stall a deadline)
+                if not asked and time.monotonic() - waited_from < idle_timeout_s:  # an unasked-for stream's deadline
                     raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
                 raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
             except _Ended:
