@@ -27,7 +27,7 @@ from tests.support.cli_harness import (
     refuses,
 )
 from tests.support.config import GatewayConfig
-from tests.support.fakes import FakeUpstream
+from tests.support.fakes import FakeUpstream, Fault
 
 
 def child_pids(pid: int) -> set[int]:
@@ -231,6 +231,32 @@ async def test_sigterm_past_the_grace_leaves_no_flight_locked_in_the_store(cli: 
         assert held == [], held  # neither the idempotency key nor the cache entry is still locked
     finally:
         await drop(store)
+
+
+async def test_sigterm_ends_a_stream_whose_recovery_is_waiting_for_its_continuation(cli: CLI, fake: FakeUpstream) -> None:
+    """The upstream cut the stream; stream_recovery's continuation is still waiting for its answer when the grace
+    period runs out: the stream ends with its in-band error (it was dropped without one: being relayed it is not
+    answered 503, and its continuation was not yet a stream to end)."""
+    gw = start_behind_fake(cli, fake, grace_s=0.3, stream_recovery="continue")
+    await asyncio.to_thread(gw.wait_healthy)
+    fake.plan(Fault(chunks=5, cut_after=2), Fault(chunks=5, delay_ms=10_000))  # the continuation: answered late
+
+    async def sigterm_once_continuing() -> None:
+        while len(fake.requests) < 2:
+            await asyncio.sleep(0.02)
+        gw.proc.send_signal(signal.SIGTERM)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post(
+            f"http://127.0.0.1:{gw.port}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        ) as resp:
+            killer = asyncio.ensure_future(sigterm_once_continuing())
+            lines = [line.strip() async for line in resp.content if line.strip()]
+            await killer
+    assert lines[-1].startswith(b'data: {"error"') and b"data: [DONE]" not in lines, lines[-2:]
+    assert len(fake.requests) == 2
+    assert await gw.wait_exit_async(timeout=10) == 0, gw.output
 
 
 def test_workers_share_one_port_and_stop_on_sigterm(cli: CLI) -> None:

@@ -17,13 +17,21 @@ import errno
 import time
 import weakref
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.errors import Overloaded, StreamBroken, StreamCutAtShutdown, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    Overloaded,
+    ShuttingDown,
+    StreamBroken,
+    StreamCutAtShutdown,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.flow.reply import Reply
 from gateway.headers import client_response_headers, is_event_stream
 
@@ -73,6 +81,8 @@ class Transport:
         # streams being relayed: ``close`` ends them with an error (aiohttp closing its session leaves a reader
         # waiting for ever, and the client with it); weak, so a reply dropped unread leaves nothing behind
         self._streams: weakref.WeakSet[aiohttp.ClientResponse] = weakref.WeakSet()
+        self._sending: set[asyncio.Task[Any]] = set()  # tasks waiting in ``send`` (``end_streams`` stops them)
+        self.closing = False  # the shutdown's grace period is over: no new attempt
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -92,10 +102,16 @@ class Transport:
 
     def end_streams(self) -> None:
         """End every stream still relayed: each relay raises ``StreamCutAtShutdown`` at once, so its client gets
-        the stream's in-band error event (the gateway stops)."""
+        the stream's in-band error event (the gateway stops). So does an attempt still waiting for its answer in a
+        stream already relayed (a ``stream_recovery`` continuation); one whose request is being cancelled already
+        (``Runtime.cut``: it is answered 503) is left to that."""
+        self.closing = True
         for resp in list(self._streams):
             resp.content.set_exception(_Ended())
         self._streams.clear()
+        for task in list(self._sending):
+            if not task.cancelling():
+                task.cancel(_CUT_SEND)
 
     async def close(self) -> None:
         self.end_streams()  # (closing aiohttp's session alone would leave their readers waiting for ever)
@@ -118,6 +134,8 @@ class Transport:
         streaming one its first body byte; after that a stream may never be silent longer
         than ``idle_timeout_s``. ``stream`` says the client asked for a stream."""
         assert self._session is not None, "transport not started"
+        if self.closing:  # (a retry or a continuation after the shutdown's grace period: not sent)
+            raise ShuttingDown()
         started = time.monotonic()
         resp: aiohttp.ClientResponse | None = None
         target_url = self._urls.get(url)
@@ -125,6 +143,9 @@ class Transport:
             target_url = URL(url, encoded=True)
             if len(self._urls) < 1024:  # LLM traffic reuses a handful of URLs; build each once
                 self._urls[url] = target_url
+        task = asyncio.current_task()
+        sending = self._sending
+        sending.add(task)  # type: ignore[arg-type]
         try:
             if stream:
                 # our deadline covers the first body byte; aiohttp's read timeout then times every
@@ -169,9 +190,17 @@ class Transport:
                 f"target {self.target} is unreachable ({_describe(e)})", target=self.target,
                 sent=not isinstance(e, aiohttp.ClientConnectorError),
             ) from None
-        except BaseException:
+        except asyncio.CancelledError as e:
             _discard(resp)  # cancelled (client gone): drop the upstream connection at once
+            if e.args != (_CUT_SEND,):
+                raise
+            task.uncancel()  # type: ignore[union-attr]
+            raise ShuttingDown() from None  # (in a relayed stream: its recovery gives up, the stream ends in-band)
+        except BaseException:
+            _discard(resp)
             raise
+        finally:
+            sending.discard(task)  # type: ignore[arg-type]
 
     def _timeout(self, total_s: float | None, read_s: float | None) -> aiohttp.ClientTimeout:
         timeout = self._timeouts.get((total_s, read_s))
@@ -202,8 +231,7 @@ async def _relay(
                     raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
                 raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
             except _Ended:
-                raise StreamCutAtShutdown("the gateway is shutting down: this stream was cut before its end; "
-                                          "send the request again", target=target) from None
+                raise _cut(target) from None
             except (aiohttp.ClientError, OSError) as e:
                 raise StreamBroken(f"upstream stream was cut ({_describe(e)})", target=target) from None
             if not chunk:
@@ -219,6 +247,14 @@ async def _relay(
 
 class _Ended(aiohttp.ClientConnectionError):
     """Put into a relayed stream by ``Transport.end_streams``."""
+
+
+_CUT_SEND = "reliapi: the shutdown's grace period is over (an attempt in a relayed stream)"
+
+
+def _cut(target: str) -> StreamCutAtShutdown:
+    return StreamCutAtShutdown("the gateway is shutting down: this stream was cut before its end; send the request "
+                               "again", target=target)
 
 
 def _out_of_descriptors(e: BaseException) -> bool:
