@@ -213,6 +213,10 @@ class StreamCutAtShutdown(StreamBroken):
 
     reason, trips_breaker = "shutdown", False
 
+    def __init__(self, message: str = "the gateway is shutting down: this stream was cut before its end; send the "
+                 "request again", **kwargs: object) -> None:  # (re-made with its message by the SSE watcher)
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
 
 class StoreUnavailable(GatewayError):
     status, code, type, retryable = 503, "store_unavailable", "internal_error", True

@@ -203,8 +203,7 @@ class Lead:
         except asyncio.CancelledError as e:  # given up: its client left and nobody else waits (or the gateway stops)
             self._writes.settling = True
             if e.args == (SHUTDOWN,):
-                cut = StreamCutAtShutdown("the gateway is shutting down: this stream was cut before its end; "
-                                          "send the request again")
+                cut = StreamCutAtShutdown()
                 if self._rec is not None and not self._rec.ended:
                     self._rec.end(cut)
                     self._log(Broken(cut.code, cut.message, False))

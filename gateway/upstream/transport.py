@@ -231,7 +231,7 @@ async def _relay(
                     raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
                 raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
             except _Ended:
-                raise _cut(target) from None
+                raise StreamCutAtShutdown(target=target) from None
             except (aiohttp.ClientError, OSError) as e:
                 raise StreamBroken(f"upstream stream was cut ({_describe(e)})", target=target) from None
             if not chunk:
@@ -250,11 +250,6 @@ class _Ended(aiohttp.ClientConnectionError):
 
 
 _CUT_SEND = "reliapi: the shutdown's grace period is over (an attempt in a relayed stream)"
-
-
-def _cut(target: str) -> StreamCutAtShutdown:
-    return StreamCutAtShutdown("the gateway is shutting down: this stream was cut before its end; send the request "
-                               "again", target=target)
 
 
 def _out_of_descriptors(e: BaseException) -> bool:
