@@ -202,3 +202,31 @@ async def test_unasked_for_stream_is_bounded_by_the_attempt_timeout(aiohttp_serv
     assert b"exceeded the attempt timeout" in events[-1]
     assert len(events) < 10
     assert logs[-1]["outcome"] == "stream_error"
+
+
+async def test_one_stall_timer_cuts_the_stalled_stream_and_not_the_flowing_ones(fake, gateway):
+    """The silences of every stream of a target are timed by one timer (``transport.Relays``): a stream that stalls is
+    cut at its idle timeout while others on the same target, their chunks coming faster than it, run to their end
+    however long they take, and a client reading slowly is not taken for an upstream that stalls."""
+    cfg = llm_config(fake.url).up(stream_idle_timeout_ms=300)
+    client, _ = await gateway(cfg)
+
+    async def flowing() -> bytes:  # 1.2 s in all, never silent for 300 ms
+        resp = await client.post("/v1/chat/completions", json=CHAT,
+                                 headers={"X-Fake-Chunks": "12", "X-Fake-Interval-Ms": "100"})
+        return await resp.read()
+
+    async def slow_reader() -> bytes:  # all sent at once, read after 800 ms: buffered, not silent
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers={"X-Fake-Chunks": "3"})
+        await asyncio.sleep(0.8)
+        return await resp.read()
+
+    async def stalled() -> bytes:
+        resp = await client.post("/v1/chat/completions", json=CHAT,
+                                 headers={"X-Fake-Chunks": "3", "X-Fake-Interval-Ms": "3000"})
+        return await resp.read()
+
+    flows, slow, stall = await asyncio.gather(asyncio.gather(flowing(), flowing()), slow_reader(), stalled())
+    for body in (*flows, slow):
+        assert body.endswith(b"data: [DONE]\n\n") and b"stalled" not in body
+    assert b"stalled for 0.3s" in stall and not stall.endswith(b"data: [DONE]\n\n")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import time
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -78,9 +78,9 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}
-        # streams being relayed: ``close`` ends them with an error (aiohttp closing its session leaves a reader
-        # waiting for ever, and the client with it); weak, so a reply dropped unread leaves nothing behind
-        self._streams: weakref.WeakSet[aiohttp.ClientResponse] = weakref.WeakSet()
+        # streams being relayed, and the one timer for their stalls (``end_streams`` ends them with an error: aiohttp
+        # closing its session leaves a reader waiting for ever, and the client with it)
+        self._relays = Relays()
         self._sending: set[asyncio.Task[Any]] = set()  # tasks waiting in ``send`` (``end_streams`` stops them)
         self.closing = False  # the shutdown's grace period is over: no new attempt
 
@@ -106,9 +106,7 @@ class Transport:
         stream already relayed (a ``stream_recovery`` continuation); one whose request is being cancelled already
         (``Runtime.cut``: it is answered 503) is left to that."""
         self.closing = True
-        for resp in list(self._streams):
-            resp.content.set_exception(_Ended())
-        self._streams.clear()
+        self._relays.end()
         for task in list(self._sending):
             if not task.cancelling():
                 task.cancel(_CUT_SEND)
@@ -148,8 +146,8 @@ class Transport:
         sending.add(task)  # type: ignore[arg-type]
         try:
             if stream:
-                # our deadline covers the first body byte; aiohttp's read timeout then times every
-                # silence between chunks (re-armed on each read, no timer object per chunk)
+                # our deadline covers the first body byte, and aiohttp's read timeout any silence until then; after
+                # it, ``Relays`` times the silences between chunks
                 async with asyncio.timeout(timeout_s):
                     resp = await self._session.request(
                         method, target_url, headers=headers, data=body or None, allow_redirects=False,
@@ -165,9 +163,11 @@ class Transport:
             headers_out = client_response_headers(resp.headers)
             if data is not None:
                 return Reply(resp.status, headers_out, body=data, upstream_status=resp.status)
-            self._streams.add(resp)
+            if stream:
+                _own_stall_timer(resp)
             reply = Reply(
-                resp.status, headers_out, chunks=_relay(resp, first, idle_timeout_s, self.target, stream),
+                resp.status, headers_out,
+                chunks=_relay(resp, first, idle_timeout_s, self.target, stream, self._relays),
                 upstream_status=resp.status,
             )
             reply.head = first
@@ -211,22 +211,107 @@ class Transport:
         return timeout
 
 
+class Relays:
+    """The streams one transport relays, and one timer for the stalls of them all.
+
+    A stream the client asked for may never be silent longer than the target's idle timeout. aiohttp's own read
+    timeout (``sock_read``) would time that with a timer made and cancelled for every chunk received; here each
+    relay notes when it starts waiting for the next chunk, and one timer looks at the waiting ones when the
+    earliest of them would stall (with chunks flowing: about once per idle timeout). A stall is put into the
+    stream (``_Stalled``) as a cut is. Only the wait is timed: a chunk already read is not silence."""
+
+    __slots__ = ("open", "closing", "_timer", "_due")
+
+    def __init__(self) -> None:
+        self.open: dict[aiohttp.ClientResponse, Wait] = {}
+        self.closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = math.inf
+
+    def add(self, resp: aiohttp.ClientResponse, idle_s: float | None) -> Wait:
+        wait = self.open[resp] = Wait(resp, idle_s if idle_s else math.inf)
+        if self.closing:  # (the transport stopped before this relay began)
+            resp.content.set_exception(_Ended())
+        return wait
+
+    def waiting(self, wait: Wait) -> None:
+        """``wait`` starts waiting for its next chunk now."""
+        loop = asyncio.get_running_loop()
+        wait.since = now = loop.time()
+        due = now + wait.idle_s
+        if due < self._due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._due = due
+            self._timer = loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # (a timer may fire a hair early)
+        soonest = math.inf
+        for wait in list(self.open.values()):
+            due = wait.since + wait.idle_s
+            if due <= now:
+                wait.since = math.inf
+                wait.resp.content.set_exception(_Stalled())
+            elif due < soonest:
+                soonest = due
+        self._due = soonest
+        self._timer = loop.call_at(soonest, self._check) if soonest < math.inf else None
+
+    def end(self) -> None:
+        """End every stream relayed now, and any that starts after (the gateway stops)."""
+        self.closing = True
+        for resp in list(self.open):
+            resp.content.set_exception(_Ended())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._due = None, math.inf
+
+
+class Wait:
+    __slots__ = ("resp", "idle_s", "since")
+
+    def __init__(self, resp: aiohttp.ClientResponse, idle_s: float) -> None:
+        self.resp = resp
+        self.idle_s = idle_s
+        self.since = math.inf  # (loop time) when it began waiting for a chunk; inf: not waiting
+
+
+def _own_stall_timer(resp: aiohttp.ClientResponse) -> None:
+    """From the first byte on, a stream's silences are timed by ``Relays``, not by aiohttp's per-chunk timer."""
+    protocol = resp.connection.protocol if resp.connection is not None else None
+    if protocol is not None and hasattr(protocol, "read_timeout") and hasattr(protocol, "start_timeout"):
+        protocol.read_timeout = None
+        protocol.start_timeout()  # (drops the timer armed by the last read)
+
+
 async def _relay(
     resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float, target: str, asked: bool,
+    relays: Relays | None = None,
 ) -> AsyncIterator[bytes]:
     """``asked``: the client asked for a stream, so only the idle timeout runs (a timeout is a stall); an unasked-for
-    one is also under the attempt's deadline."""
+    one is under the attempt's deadline (aiohttp's total timeout) alone."""
     finished = False
+    wait = relays.add(resp, idle_timeout_s if asked else None) if relays is not None else None
     try:
         if first:
             yield first
+        content = resp.content
+        waiting = relays.waiting if relays is not None and asked else None
+        waited_from = 0.0
         while True:
-            waited_from = time.monotonic()
+            if waiting is not None:
+                waiting(wait)  # type: ignore[arg-type]
+            else:
+                waited_from = time.monotonic()
             try:
-                chunk = await resp.content.readany()  # silence is timed by the request's read timeout
+                chunk = await content.readany()
+            except _Stalled:
+                raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
             except TimeoutError:
-                # (the idle timer runs from the last bytes the socket got, which may be before this wait began when
-                # the gateway was busy: time measured from here alone called a loaded stall a deadline)
+                # (aiohttp's read timeout, before ``_own_stall_timer`` took over: it runs from the last bytes the socket
+                # got, which may be before this wait began when the gateway was busy — a stall all the same)
                 if not asked and time.monotonic() - waited_from < idle_timeout_s:  # an unasked-for stream's deadline
                     raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
                 raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
@@ -234,15 +319,23 @@ async def _relay(
                 raise StreamCutAtShutdown(target=target) from None
             except (aiohttp.ClientError, OSError) as e:
                 raise StreamBroken(f"upstream stream was cut ({_describe(e)})", target=target) from None
+            if wait is not None:
+                wait.since = math.inf
             if not chunk:
                 finished = True
                 return
             yield chunk
     finally:
+        if relays is not None:
+            relays.open.pop(resp, None)
         if finished:
             resp.release()
         else:
             resp.close()
+
+
+class _Stalled(Exception):
+    """Put into a relayed stream by ``Relays`` when it waited longer than its idle timeout."""
 
 
 class _Ended(aiohttp.ClientConnectionError):
