@@ -230,3 +230,43 @@ async def test_one_stall_timer_cuts_the_stalled_stream_and_not_the_flowing_ones(
     for body in (*flows, slow):
         assert body.endswith(b"data: [DONE]\n\n") and b"stalled" not in body
     assert b"stalled for 0.3s" in stall and not stall.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_long_body_nobody_asked_to_stream_is_cut_at_the_attempts_deadline(aiohttp_server, gateway):
+    """A plain-HTTP answer of unknown length is relayed as it comes, within the attempt's ``timeout_ms`` (the
+    whole body, not each silence): one that trickles on past it is cut — the client sees an incomplete body,
+    never a complete-looking one — and the upstream connection is dropped."""
+    from aiohttp import web
+
+    ended: list[str] = []
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_type = "application/octet-stream"
+        await resp.prepare(request)
+        try:
+            for _ in range(40):  # 4 s in all, never silent for long
+                await resp.write(b"x" * 100)
+                await asyncio.sleep(0.1)
+            await resp.write_eof()
+            ended.append("whole")
+        except (ConnectionError, asyncio.CancelledError):
+            ended.append("dropped")
+            raise
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/api/file", trickle)
+    server = await aiohttp_server(app)
+    cfg = llm_config(str(server.make_url(""))).rest(timeout_ms=600)
+    client, logs = await gateway(cfg)
+    resp = await client.get("/t/rest/file")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    for _ in range(50):
+        if ended:
+            break
+        await asyncio.sleep(0.05)
+    assert ended == ["dropped"]
+    assert logs[-1]["outcome"] == "stream_error"

@@ -76,12 +76,11 @@ class Transport:
         self.target = target
         self._connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self._read_timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}
-        # streams being relayed, and the one timer for their stalls (``end_streams`` ends them with an error: aiohttp
-        # closing its session leaves a reader waiting for ever, and the client with it)
-        self._relays = Relays()
-        self._sending: set[asyncio.Task[Any]] = set()  # tasks waiting in ``send`` (``end_streams`` stops them)
+        # the attempts waiting in ``send`` and the streams being relayed, with one timer for all their deadlines
+        # (``end_streams`` stops them all: aiohttp closing its session leaves a reader waiting for ever)
+        self._deadlines = Deadlines()
         self.closing = False  # the shutdown's grace period is over: no new attempt
 
     async def start(self) -> None:
@@ -106,10 +105,7 @@ class Transport:
         stream already relayed (a ``stream_recovery`` continuation); one whose request is being cancelled already
         (``Runtime.cut``: it is answered 503) is left to that."""
         self.closing = True
-        self._relays.end()
-        for task in list(self._sending):
-            if not task.cancelling():
-                task.cancel(_CUT_SEND)
+        self._deadlines.end()
 
     async def close(self) -> None:
         self.end_streams()  # (closing aiohttp's session alone would leave their readers waiting for ever)
@@ -142,32 +138,31 @@ class Transport:
             if len(self._urls) < 1024:  # LLM traffic reuses a handful of URLs; build each once
                 self._urls[url] = target_url
         task = asyncio.current_task()
-        sending = self._sending
-        sending.add(task)  # type: ignore[arg-type]
+        assert task is not None
+        deadlines = self._deadlines
+        deadlines.start(task, timeout_s)  # our deadline covers connect, headers and a complete body or the first byte
         try:
-            if stream:
-                # our deadline covers the first body byte, and aiohttp's read timeout any silence until then; after
-                # it, ``Relays`` times the silences between chunks
-                async with asyncio.timeout(timeout_s):
-                    resp = await self._session.request(
-                        method, target_url, headers=headers, data=body or None, allow_redirects=False,
-                        timeout=self._timeout(None, idle_timeout_s),
-                    )
-                    data, first = await _read_first(resp, method)
-            else:  # aiohttp's own deadline covers connect, headers and the whole body, at no extra cost
+            if stream:  # aiohttp's read timeout times silences until the first byte, ``Deadlines`` those after it
                 resp = await self._session.request(
                     method, target_url, headers=headers, data=body or None, allow_redirects=False,
-                    timeout=self._timeout(timeout_s, None),
+                    timeout=self._read_timeout(idle_timeout_s),
                 )
-                data, first = await _read_first(resp, method)
+            else:
+                resp = await self._session.request(
+                    method, target_url, headers=headers, data=body or None, allow_redirects=False,
+                )
+            data, first = await _read_first(resp, method)
             headers_out = client_response_headers(resp.headers)
             if data is not None:
                 return Reply(resp.status, headers_out, body=data, upstream_status=resp.status)
             if stream:
                 _own_stall_timer(resp)
+                deadline = math.inf
+            else:  # a long body the client did not ask to stream: the attempt's deadline covers all of it
+                deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - started)
             reply = Reply(
                 resp.status, headers_out,
-                chunks=_relay(resp, first, idle_timeout_s, self.target, stream, self._relays),
+                chunks=_relay(resp, first, idle_timeout_s, self.target, stream, deadlines, deadline),
                 upstream_status=resp.status,
             )
             reply.head = first
@@ -178,7 +173,7 @@ class Transport:
             raise UpstreamUnavailable(
                 f"target {self.target} is unreachable (connection timed out)", target=self.target, sent=False
             ) from None
-        except TimeoutError:
+        except TimeoutError:  # (aiohttp's read timeout before the first byte)
             _discard(resp)
             raise UpstreamTimeout(f"target {self.target} did not answer in time", target=self.target) from None
         except (aiohttp.ClientError, OSError) as e:
@@ -192,94 +187,138 @@ class Transport:
             ) from None
         except asyncio.CancelledError as e:
             _discard(resp)  # cancelled (client gone): drop the upstream connection at once
+            if deadlines.expired(task):  # our deadline: unless someone else cancelled this request too
+                raise UpstreamTimeout(f"target {self.target} did not answer in time", target=self.target) from None
             if e.args != (_CUT_SEND,):
                 raise
-            task.uncancel()  # type: ignore[union-attr]
+            task.uncancel()
             raise ShuttingDown() from None  # (in a relayed stream: its recovery gives up, the stream ends in-band)
         except BaseException:
             _discard(resp)
             raise
         finally:
-            sending.discard(task)  # type: ignore[arg-type]
+            deadlines.done(task)
 
-    def _timeout(self, total_s: float | None, read_s: float | None) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get((total_s, read_s))
+    def _read_timeout(self, read_s: float) -> aiohttp.ClientTimeout:
+        timeout = self._read_timeouts.get(read_s)
         if timeout is None:
-            timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=self._connect_timeout_s, sock_read=read_s)
-            if len(self._timeouts) < 64:  # a target has two or three distinct ones
-                self._timeouts[(total_s, read_s)] = timeout
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s, sock_read=read_s)
+            if len(self._read_timeouts) < 64:  # a target has one or two
+                self._read_timeouts[read_s] = timeout
         return timeout
 
 
-class Relays:
-    """The streams one transport relays, and one timer for the stalls of them all.
+class Deadlines:
+    """The deadlines of one transport's calls, on one timer: an attempt waiting in ``send`` (connect, headers, a
+    complete body or a stream's first byte within its timeout), a stream the client asked for that may never be
+    silent longer than the idle timeout, and a long body relayed as it comes within the attempt's timeout.
 
-    A stream the client asked for may never be silent longer than the target's idle timeout. aiohttp's own read
-    timeout (``sock_read``) would time that with a timer made and cancelled for every chunk received; here each
-    relay notes when it starts waiting for the next chunk, and one timer looks at the waiting ones when the
-    earliest of them would stall (with chunks flowing: about once per idle timeout). A stall is put into the
-    stream (``_Stalled``) as a cut is. Only the wait is timed: a chunk already read is not silence."""
+    aiohttp's deadlines (``ClientTimeout.total``, ``sock_read``) and ``asyncio.timeout`` make a timer for each request,
+    and ``sock_read`` makes and cancels one for every chunk received. Here a call notes its deadline and the timer
+    fires at the earliest one — with calls ending in time, about once per timeout, never per request or per chunk.
+    A late attempt is cancelled (``send`` answers ``UpstreamTimeout``); a stall or a late body is put into the
+    stream (``_Stalled``, ``_Late``) as a cut is. Only a stream's wait is timed: a chunk already read is not
+    silence."""
 
-    __slots__ = ("open", "closing", "_timer", "_due")
+    __slots__ = ("sending", "_timed_out", "open", "closing", "_timer", "_due")
 
     def __init__(self) -> None:
-        self.open: dict[aiohttp.ClientResponse, Wait] = {}
+        self.sending: dict[asyncio.Task[Any], float] = {}  # attempt → its deadline (loop time)
+        self._timed_out: set[asyncio.Task[Any]] = set()
+        self.open: dict[aiohttp.ClientResponse, Wait] = {}  # relayed streams
         self.closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._due = math.inf
 
-    def add(self, resp: aiohttp.ClientResponse, idle_s: float | None) -> Wait:
-        wait = self.open[resp] = Wait(resp, idle_s if idle_s else math.inf)
+    def start(self, task: asyncio.Task[Any], timeout_s: float) -> None:
+        due = self.sending[task] = asyncio.get_running_loop().time() + timeout_s
+        if due < self._due:
+            self._arm(due)
+
+    def done(self, task: asyncio.Task[Any]) -> None:
+        del self.sending[task]
+        if self._timed_out:
+            self._timed_out.discard(task)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Was ``task`` cancelled for its deadline (and by nobody else)? Takes that cancellation back."""
+        if task not in self._timed_out:
+            return False
+        self._timed_out.discard(task)
+        task.uncancel()
+        return not task.cancelling()
+
+    def add(self, resp: aiohttp.ClientResponse, idle_s: float | None, deadline: float = math.inf) -> Wait:
+        wait = self.open[resp] = Wait(resp, idle_s if idle_s else math.inf, deadline)
         if self.closing:  # (the transport stopped before this relay began)
             resp.content.set_exception(_Ended())
+        elif deadline < self._due:
+            self._arm(deadline)
         return wait
 
     def waiting(self, wait: Wait) -> None:
         """``wait`` starts waiting for its next chunk now."""
-        loop = asyncio.get_running_loop()
-        wait.since = now = loop.time()
+        wait.since = now = asyncio.get_running_loop().time()
         due = now + wait.idle_s
         if due < self._due:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._due = due
-            self._timer = loop.call_at(due, self._check)
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._due = due
+        self._timer = asyncio.get_running_loop().call_at(due, self._check)
 
     def _check(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time() + 0.001  # (a timer may fire a hair early)
         soonest = math.inf
+        for task, due in list(self.sending.items()):
+            if due <= now:
+                if task not in self._timed_out and not task.done():
+                    self._timed_out.add(task)
+                    task.cancel()
+            elif due < soonest:
+                soonest = due
         for wait in list(self.open.values()):
+            if wait.deadline <= now:
+                wait.deadline = wait.since = math.inf
+                wait.resp.content.set_exception(_Late())
+                continue
             due = wait.since + wait.idle_s
             if due <= now:
                 wait.since = math.inf
                 wait.resp.content.set_exception(_Stalled())
             elif due < soonest:
                 soonest = due
+            if wait.deadline < soonest:
+                soonest = wait.deadline
         self._due = soonest
         self._timer = loop.call_at(soonest, self._check) if soonest < math.inf else None
 
     def end(self) -> None:
-        """End every stream relayed now, and any that starts after (the gateway stops)."""
+        """End every stream relayed now, and any that starts after; stop every attempt waiting for its answer in a
+        stream already relayed (a ``stream_recovery`` continuation) that no cut stops yet (the gateway stops)."""
         self.closing = True
         for resp in list(self.open):
             resp.content.set_exception(_Ended())
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._due = None, math.inf
+        for task in list(self.sending):
+            if not task.cancelling():
+                task.cancel(_CUT_SEND)
 
 
 class Wait:
-    __slots__ = ("resp", "idle_s", "since")
+    __slots__ = ("resp", "idle_s", "deadline", "since")
 
-    def __init__(self, resp: aiohttp.ClientResponse, idle_s: float) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, idle_s: float, deadline: float) -> None:
         self.resp = resp
         self.idle_s = idle_s
+        self.deadline = deadline  # (loop time) the whole body's; inf: none
         self.since = math.inf  # (loop time) when it began waiting for a chunk; inf: not waiting
 
 
 def _own_stall_timer(resp: aiohttp.ClientResponse) -> None:
-    """From the first byte on, a stream's silences are timed by ``Relays``, not by aiohttp's per-chunk timer."""
+    """From the first byte on, a stream's silences are timed by ``Deadlines``, not by aiohttp's per-chunk timer."""
     protocol = resp.connection.protocol if resp.connection is not None else None
     if protocol is not None and hasattr(protocol, "read_timeout") and hasattr(protocol, "start_timeout"):
         protocol.read_timeout = None
@@ -288,33 +327,26 @@ def _own_stall_timer(resp: aiohttp.ClientResponse) -> None:
 
 async def _relay(
     resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float, target: str, asked: bool,
-    relays: Relays | None = None,
+    deadlines: Deadlines | None = None, deadline: float = math.inf,
 ) -> AsyncIterator[bytes]:
     """``asked``: the client asked for a stream, so only the idle timeout runs (a timeout is a stall); an unasked-for
-    one is under the attempt's deadline (aiohttp's total timeout) alone."""
+    one is relayed within the attempt's ``deadline`` (loop time) alone."""
     finished = False
-    wait = relays.add(resp, idle_timeout_s if asked else None) if relays is not None else None
+    wait = deadlines.add(resp, idle_timeout_s if asked else None, deadline) if deadlines is not None else None
     try:
         if first:
             yield first
         content = resp.content
-        waiting = relays.waiting if relays is not None and asked else None
-        waited_from = 0.0
+        waiting = deadlines.waiting if deadlines is not None and asked else None
         while True:
             if waiting is not None:
                 waiting(wait)  # type: ignore[arg-type]
-            else:
-                waited_from = time.monotonic()
             try:
                 chunk = await content.readany()
-            except _Stalled:
+            except (_Stalled, TimeoutError):  # (TimeoutError: aiohttp's read timeout, where it still runs)
                 raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
-            except TimeoutError:
-                # (aiohttp's read timeout, before ``_own_stall_timer`` took over: it runs from the last bytes the socket
-                # got, which may be before this wait began when the gateway was busy — a stall all the same)
-                if not asked and time.monotonic() - waited_from < idle_timeout_s:  # an unasked-for stream's deadline
-                    raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
-                raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
+            except _Late:
+                raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
             except _Ended:
                 raise StreamCutAtShutdown(target=target) from None
             except (aiohttp.ClientError, OSError) as e:
@@ -326,8 +358,8 @@ async def _relay(
                 return
             yield chunk
     finally:
-        if relays is not None:
-            relays.open.pop(resp, None)
+        if deadlines is not None:
+            deadlines.open.pop(resp, None)
         if finished:
             resp.release()
         else:
@@ -335,7 +367,11 @@ async def _relay(
 
 
 class _Stalled(Exception):
-    """Put into a relayed stream by ``Relays`` when it waited longer than its idle timeout."""
+    """Put into a relayed stream by ``Deadlines`` when it waited longer than its idle timeout."""
+
+
+class _Late(Exception):
+    """Put into a relayed body by ``Deadlines`` when the attempt's deadline passed before its end."""
 
 
 class _Ended(aiohttp.ClientConnectionError):
