@@ -3,7 +3,8 @@
 POST /v1/chat/completions
   * body without ``"stream": true`` -> a precomputed ~400 byte chat.completion JSON
   * body with ``"stream": true``    -> text/event-stream: the first chunk is sent
-    immediately, then CHUNKS more chunks every INTERVAL ms, then ``data: [DONE]``.
+    immediately, then CHUNKS more chunks every INTERVAL ms, then the last one (``finish_reason``), the
+    usage-only chunk when the body asks ``"include_usage":true`` (as OpenAI does), and ``data: [DONE]``.
 
 Stream shape, per request (headers win) or per process (control endpoint / CLI):
   X-Bench-Chunks: 5          number of chunks after the first one
@@ -72,6 +73,11 @@ def _chunk(delta: dict, finish: str | None = None) -> bytes:
 FIRST_CHUNK = _chunk({"role": "assistant", "content": "", "refusal": None})
 MID_CHUNK = _chunk({"content": " hello"})
 LAST = _chunk({}, "stop") + b"data: [DONE]\n\n"
+# as OpenAI answers ``stream_options: {"include_usage": true}``: a usage-only chunk before [DONE]
+USAGE_CHUNK = (b'data: {"id":"chatcmpl-bench0000000000000000000000","object":"chat.completion.chunk","created":1700000000,'
+               b'"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_bench00000","choices":[],'
+               b'"usage":{"prompt_tokens":8,"completion_tokens":9,"total_tokens":17}}\n\n')
+LAST_WITH_USAGE = _chunk({}, "stop") + USAGE_CHUNK + b"data: [DONE]\n\n"
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -120,7 +126,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 if interval:
                     await asyncio.sleep(interval)
                 await resp.write(MID_CHUNK)
-        await resp.write(LAST)
+        await resp.write(LAST_WITH_USAGE if b'"include_usage":true' in body else LAST)
         await resp.write_eof()
         st["streams_completed"] += 1
         return resp

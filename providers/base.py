@@ -126,6 +126,7 @@ class StreamReader:
 
     terminator = b""
     preamble = False
+    marks_usage_only = False  # ``usage_only`` is kept up to date (a format with a usage-only event)
 
     def __init__(self, *, choices: int = 1, include_usage: bool = False) -> None:
         self.choices = choices
@@ -133,6 +134,7 @@ class StreamReader:
         self.done = False
         self.finished = False
         self.usage_seen = False
+        self.usage_only = False  # the event last fed was only a usage report (OpenAI's answer to include_usage)
         self.error: str | None = None
         self.error_failure: Failure | None = None
         self.prompt_tokens: int | None = None

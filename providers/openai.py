@@ -185,6 +185,7 @@ def _stream_error_failure(err: _Error) -> Failure:
 
 class ChatStream(StreamReader):
     terminator = DONE
+    marks_usage_only = True
 
     def __init__(self, *, choices: int = 1, include_usage: bool = False) -> None:
         super().__init__(choices=choices, include_usage=include_usage)
@@ -196,13 +197,16 @@ class ChatStream(StreamReader):
     def feed(self, name: bytes, data: bytes) -> None:
         if data == b"[DONE]":
             self.done = True
+            self.usage_only = False
             return
         first = self.id is None
         try:
             chunk = _decode_chunk(data) if first else _decode_next(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             self.malformed += 1
+            self.usage_only = False
             return
+        self.usage_only = not chunk.choices and chunk.usage is not None
         if chunk.error is not None:
             self.error = chunk.error.message or "upstream stream error"
             self.error_failure = _stream_error_failure(chunk.error)

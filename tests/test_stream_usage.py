@@ -4,6 +4,7 @@ exact, and a client that did not ask for the usage chunk does not get it."""
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from tests.support.config import GatewayConfig
 from tests.support.fakes import Fault
@@ -24,9 +25,10 @@ def data_events(raw: bytes) -> list[dict | str]:
     return out
 
 
-async def test_the_usage_chunk_is_asked_for_read_and_not_relayed(fake, gateway):
+@pytest.mark.parametrize("interval_ms", [0, 15], ids=["in-the-head", "in-a-later-read"])
+async def test_the_usage_chunk_is_asked_for_read_and_not_relayed(fake, gateway, interval_ms):
     client, logs = await gateway(config(fake.url))
-    fake.plan(Fault(chunks=4))
+    fake.plan(Fault(chunks=4, interval_ms=interval_ms))
     resp = await client.post("/v1/chat/completions", json=CHAT)
     events = data_events(await resp.read())
     sent = fake.requests[0].json()

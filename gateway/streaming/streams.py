@@ -105,14 +105,15 @@ async def watch(
                     if out:
                         yield out
                     raise StreamBroken(f"upstream stream failed: {reader.error}", target=target)
+                if strip_usage and out.find(b'"usage"') >= 0:  # (find: see gateway.streaming.sse)
+                    out = strip_usage_chunks(out)
+            elif strip_usage and out.find(b'"usage"') >= 0:  # the gateway asked for the usage chunk: read, not relayed
+                out = _read_without_usage(reader, out)
             else:
                 for name, data in events(out):
                     reader.feed(name, data)
-            if strip_usage and out.find(b'"usage"') >= 0:  # (find: see gateway.streaming.sse)
-                out = strip_usage_chunks(out)
-                if not out:
-                    continue
-            yield out
+            if out:
+                yield out
         tail = aligner.pending
         if tail:  # a last event without its blank line: relayed as sent
             for name, data in events(tail + b"\n\n"):
@@ -143,6 +144,20 @@ def strip_usage_chunks(out: bytes) -> bytes:
     kept = []
     for raw in split_events(out):
         if not any(_usage_only(data) for _, data in events(raw)):
+            kept.append(raw)
+    return b"".join(kept)
+
+
+def _read_without_usage(reader: StreamReader, out: bytes) -> bytes:
+    """Feed the events of ``out`` to ``reader``; return them without the usage-only chunk (told by the reader that
+    decoded it, where it says: ``StreamReader.marks_usage_only``)."""
+    kept = []
+    for raw in split_events(out):
+        usage_only = False
+        for name, data in events(raw):
+            reader.feed(name, data)
+            usage_only = usage_only or (reader.usage_only if reader.marks_usage_only else _usage_only(data))
+        if not usage_only:
             kept.append(raw)
     return b"".join(kept)
 
