@@ -307,7 +307,8 @@ async def _asking_usage(ex: Attempt, by: Translator) -> bytes | None:
     if made is not None and made[0] is body and made[1] is by:
         return made[2]
     end = body.rfind(b"}")
-    if end > 0 and b'"stream_options"' not in body and b'"stream"' in body and not body[end + 1:].strip():
+    # (``find``, not ``in``: see gateway.streaming.sse)
+    if end > 0 and body.find(b'"stream_options"') < 0 and body.find(b'"stream"') >= 0 and not body[end + 1:].strip():
         # A streaming request is a JSON object with at least "stream" in it (the exchange was
         # read from it): the option is spliced in before its closing brace, not re-encoded.
         out: bytes | None = body[:end] + b',"stream_options":{"include_usage":true}}'

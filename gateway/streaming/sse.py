@@ -17,6 +17,7 @@ Byte searches here run for every event, so they are ``find`` calls, not ``in``: 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 # Past this much data without an event boundary the upstream is not speaking SSE as we
 # know it: forward what we have rather than hold it.
@@ -87,6 +88,16 @@ def events(block: bytes) -> Iterator[tuple[bytes, bytes]]:
                 name = value
         if data:
             yield name, b"\n".join(data)
+
+
+def feed_events(reader: Any, block: bytes) -> None:
+    """``reader.feed(name, data)`` for each event of ``block`` (whole events): the usual chunk — one one-line
+    ``data:`` event — without making an ``events`` generator for it (this runs for every chunk relayed)."""
+    if block.startswith(b"data: ") and block.find(b"\n") == len(block) - 2 and block.find(b"\r") < 0:
+        reader.feed(b"", block[6:-2])
+        return
+    for name, data in events(block):
+        reader.feed(name, data)
 
 
 def split_events(block: bytes) -> list[bytes]:

@@ -27,7 +27,7 @@ import msgspec
 
 from gateway.errors import StreamBroken
 from gateway.flow.exchange import Exchange
-from gateway.streaming.sse import Aligner, events, split_events
+from gateway.streaming.sse import Aligner, events, feed_events, split_events
 from providers.base import StreamReader
 
 # How long a settled answer may wait for its end marker before the gateway adds it.
@@ -38,8 +38,7 @@ def read_head(reader: StreamReader, aligner: Aligner, head: bytes) -> bytes:
     """Feed the first chunk (already received) to the reader; returns the whole events in it."""
     out = aligner.feed(head)
     if out:
-        for name, data in events(out):
-            reader.feed(name, data)
+        feed_events(reader, out)
     return out
 
 
@@ -110,8 +109,7 @@ async def watch(
             elif strip_usage and out.find(b'"usage"') >= 0:  # the gateway asked for the usage chunk: read, not relayed
                 out = _read_without_usage(reader, out)
             else:
-                for name, data in events(out):
-                    reader.feed(name, data)
+                feed_events(reader, out)
             if out:
                 yield out
         tail = aligner.pending
