@@ -17,7 +17,6 @@ import errno
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 from aiohttp import hdrs
@@ -34,6 +33,7 @@ from gateway.errors import (
 )
 from gateway.flow.reply import Reply
 from gateway.headers import client_response_headers, is_event_stream
+from gateway.upstream.deadlines import CUT_SEND, Deadlines, Ended, Late, Stalled
 
 _STREAMED = ("text/event-stream", "application/x-ndjson")  # media types ignore case: "Text/Event-Stream" too
 
@@ -189,7 +189,7 @@ class Transport:
             _discard(resp)  # cancelled (client gone): drop the upstream connection at once
             if deadlines.expired(task):  # our deadline: unless someone else cancelled this request too
                 raise UpstreamTimeout(f"target {self.target} did not answer in time", target=self.target) from None
-            if e.args != (_CUT_SEND,):
+            if e.args != (CUT_SEND,):
                 raise
             task.uncancel()
             raise ShuttingDown() from None  # (in a relayed stream: its recovery gives up, the stream ends in-band)
@@ -206,115 +206,6 @@ class Transport:
             if len(self._read_timeouts) < 64:  # a target has one or two
                 self._read_timeouts[read_s] = timeout
         return timeout
-
-
-class Deadlines:
-    """The deadlines of one transport's calls, on one timer: an attempt waiting in ``send`` (connect, headers, a
-    complete body or a stream's first byte within its timeout), a stream the client asked for that may never be
-    silent longer than the idle timeout, and a long body relayed as it comes within the attempt's timeout.
-
-    aiohttp's deadlines (``ClientTimeout.total``, ``sock_read``) and ``asyncio.timeout`` make a timer for each request,
-    and ``sock_read`` makes and cancels one for every chunk received. Here a call notes its deadline and the timer
-    fires at the earliest one — with calls ending in time, about once per timeout, never per request or per chunk.
-    A late attempt is cancelled (``send`` answers ``UpstreamTimeout``); a stall or a late body is put into the
-    stream (``_Stalled``, ``_Late``) as a cut is. Only a stream's wait is timed: a chunk already read is not
-    silence."""
-
-    __slots__ = ("sending", "_timed_out", "open", "closing", "_timer", "_due")
-
-    def __init__(self) -> None:
-        self.sending: dict[asyncio.Task[Any], float] = {}  # attempt → its deadline (loop time)
-        self._timed_out: set[asyncio.Task[Any]] = set()
-        self.open: dict[aiohttp.ClientResponse, Wait] = {}  # relayed streams
-        self.closing = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._due = math.inf
-
-    def start(self, task: asyncio.Task[Any], timeout_s: float) -> None:
-        due = self.sending[task] = asyncio.get_running_loop().time() + timeout_s
-        if due < self._due:
-            self._arm(due)
-
-    def done(self, task: asyncio.Task[Any]) -> None:
-        del self.sending[task]
-        if self._timed_out:
-            self._timed_out.discard(task)
-
-    def expired(self, task: asyncio.Task[Any]) -> bool:
-        """Was ``task`` cancelled for its deadline (and by nobody else)? Takes that cancellation back."""
-        if task not in self._timed_out:
-            return False
-        self._timed_out.discard(task)
-        task.uncancel()
-        return not task.cancelling()
-
-    def add(self, resp: aiohttp.ClientResponse, idle_s: float | None, deadline: float = math.inf) -> Wait:
-        wait = self.open[resp] = Wait(resp, idle_s if idle_s else math.inf, deadline)
-        if self.closing:  # (the transport stopped before this relay began)
-            resp.content.set_exception(_Ended())
-        elif deadline < self._due:
-            self._arm(deadline)
-        return wait
-
-    def waiting(self, wait: Wait) -> None:
-        """``wait`` starts waiting for its next chunk now."""
-        wait.since = now = asyncio.get_running_loop().time()
-        due = now + wait.idle_s
-        if due < self._due:
-            self._arm(due)
-
-    def _arm(self, due: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._due = due
-        self._timer = asyncio.get_running_loop().call_at(due, self._check)
-
-    def _check(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time() + 0.001  # (a timer may fire a hair early)
-        soonest = math.inf
-        for task, due in list(self.sending.items()):
-            if due <= now:
-                if task not in self._timed_out and not task.done():
-                    self._timed_out.add(task)
-                    task.cancel()
-            elif due < soonest:
-                soonest = due
-        for wait in list(self.open.values()):
-            if wait.deadline <= now:
-                wait.deadline = wait.since = math.inf
-                wait.resp.content.set_exception(_Late())
-                continue
-            due = wait.since + wait.idle_s
-            if due <= now:
-                wait.since = math.inf
-                wait.resp.content.set_exception(_Stalled())
-            elif due < soonest:
-                soonest = due
-            if wait.deadline < soonest:
-                soonest = wait.deadline
-        self._due = soonest
-        self._timer = loop.call_at(soonest, self._check) if soonest < math.inf else None
-
-    def end(self) -> None:
-        """End every stream relayed now, and any that starts after; stop every attempt waiting for its answer in a
-        stream already relayed (a ``stream_recovery`` continuation) that no cut stops yet (the gateway stops)."""
-        self.closing = True
-        for resp in list(self.open):
-            resp.content.set_exception(_Ended())
-        for task in list(self.sending):
-            if not task.cancelling():
-                task.cancel(_CUT_SEND)
-
-
-class Wait:
-    __slots__ = ("resp", "idle_s", "deadline", "since")
-
-    def __init__(self, resp: aiohttp.ClientResponse, idle_s: float, deadline: float) -> None:
-        self.resp = resp
-        self.idle_s = idle_s
-        self.deadline = deadline  # (loop time) the whole body's; inf: none
-        self.since = math.inf  # (loop time) when it began waiting for a chunk; inf: not waiting
 
 
 def _own_stall_timer(resp: aiohttp.ClientResponse) -> None:
@@ -343,11 +234,11 @@ async def _relay(
                 waiting(wait)  # type: ignore[arg-type]
             try:
                 chunk = await content.readany()
-            except (_Stalled, TimeoutError):  # (TimeoutError: aiohttp's read timeout, where it still runs)
+            except (Stalled, TimeoutError):  # (TimeoutError: aiohttp's read timeout, where it still runs)
                 raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
-            except _Late:
+            except Late:
                 raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
-            except _Ended:
+            except Ended:
                 raise StreamCutAtShutdown(target=target) from None
             except (aiohttp.ClientError, OSError) as e:
                 raise StreamBroken(f"upstream stream was cut ({_describe(e)})", target=target) from None
@@ -364,21 +255,6 @@ async def _relay(
             resp.release()
         else:
             resp.close()
-
-
-class _Stalled(Exception):
-    """Put into a relayed stream by ``Deadlines`` when it waited longer than its idle timeout."""
-
-
-class _Late(Exception):
-    """Put into a relayed body by ``Deadlines`` when the attempt's deadline passed before its end."""
-
-
-class _Ended(aiohttp.ClientConnectionError):
-    """Put into a relayed stream by ``Transport.end_streams``."""
-
-
-_CUT_SEND = "reliapi: the shutdown's grace period is over (an attempt in a relayed stream)"
 
 
 def _out_of_descriptors(e: BaseException) -> bool:
