@@ -254,10 +254,10 @@ async def test_without_recovery_an_upstream_error_event_is_relayed_once(upstream
 
 
 async def test_a_stall_is_a_stall_however_late_the_busy_gateway_came_back_to_read() -> None:
-    """aiohttp's idle timer runs from the last bytes the socket got; a gateway busy elsewhere may ask for the next
-    chunk well after they came, so the silence it sees itself is shorter than the idle timeout. A stream the client
-    asked for has no other deadline: its timeout is a stall (it was called "exceeded the attempt timeout" under load,
-    and the stalled target was asked to continue: this file's stall test failed about one run in four then)."""
+    """A stream the client asked for has no deadline but its idle timeout: a read timeout in it is a stall, whoever
+    raised it and however long the relay itself waited (when aiohttp's idle timer timed streams, a gateway busy
+    elsewhere saw a shorter silence than the timer had, called the stall "exceeded the attempt timeout", and asked
+    the stalled target to continue: this file's stall test failed about one run in four then)."""
     from gateway.errors import StreamBroken
     from gateway.upstream.transport import _relay
 

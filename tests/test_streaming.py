@@ -270,3 +270,19 @@ async def test_a_long_body_nobody_asked_to_stream_is_cut_at_the_attempts_deadlin
         await asyncio.sleep(0.05)
     assert ended == ["dropped"]
     assert logs[-1]["outcome"] == "stream_error"
+
+
+async def test_the_first_byte_has_the_ttft_timeout_not_the_idle_one(fake, gateway):
+    """``stream_idle_timeout_ms`` times the silences after a stream's first byte; before it, an upstream that sent its
+    headers at once has ``ttft_timeout_ms`` (it was cut at the idle timeout: aiohttp's read timeout ran from the
+    headers on)."""
+    cfg = llm_config(fake.url).up(stream_idle_timeout_ms=300, ttft_timeout_ms=3000)
+    client, logs = await gateway(cfg)
+    resp = await client.post("/v1/chat/completions", json=CHAT,
+                             headers={"X-Fake-Chunks": "2", "X-Fake-First-Delay-Ms": "800"})
+    assert resp.status == 200
+    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    assert len(fake.requests) == 1 and logs[-1]["outcome"] == "ok"
+    late = await client.post("/v1/chat/completions", json=CHAT,  # past the TTFT timeout it is one all the same
+                             headers={"X-Fake-Chunks": "2", "X-Fake-First-Delay-Ms": "5000"})
+    assert late.status == 504

@@ -76,7 +76,6 @@ class Transport:
         self.target = target
         self._connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
-        self._read_timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}
         # the attempts waiting in ``send`` and the streams being relayed, with one timer for all their deadlines
         # (``end_streams`` stops them all: aiohttp closing its session leaves a reader waiting for ever)
@@ -142,21 +141,14 @@ class Transport:
         deadlines = self._deadlines
         deadlines.start(task, timeout_s)  # our deadline covers connect, headers and a complete body or the first byte
         try:
-            if stream:  # aiohttp's read timeout times silences until the first byte, ``Deadlines`` those after it
-                resp = await self._session.request(
-                    method, target_url, headers=headers, data=body or None, allow_redirects=False,
-                    timeout=self._read_timeout(idle_timeout_s),
-                )
-            else:
-                resp = await self._session.request(
-                    method, target_url, headers=headers, data=body or None, allow_redirects=False,
-                )
+            resp = await self._session.request(
+                method, target_url, headers=headers, data=body or None, allow_redirects=False,
+            )
             data, first = await _read_first(resp, method)
             headers_out = client_response_headers(resp.headers)
             if data is not None:
                 return Reply(resp.status, headers_out, body=data, upstream_status=resp.status)
-            if stream:
-                _own_stall_timer(resp)
+            if stream:  # from the first byte on, only its silences are timed (``Deadlines.waiting``)
                 deadline = math.inf
             else:  # a long body the client did not ask to stream: the attempt's deadline covers all of it
                 deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - started)
@@ -173,7 +165,7 @@ class Transport:
             raise UpstreamUnavailable(
                 f"target {self.target} is unreachable (connection timed out)", target=self.target, sent=False
             ) from None
-        except TimeoutError:  # (aiohttp's read timeout before the first byte)
+        except TimeoutError:  # (none of aiohttp's timers but sock_connect runs; any other timeout is the upstream's)
             _discard(resp)
             raise UpstreamTimeout(f"target {self.target} did not answer in time", target=self.target) from None
         except (aiohttp.ClientError, OSError) as e:
@@ -199,23 +191,6 @@ class Transport:
         finally:
             deadlines.done(task)
 
-    def _read_timeout(self, read_s: float) -> aiohttp.ClientTimeout:
-        timeout = self._read_timeouts.get(read_s)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s, sock_read=read_s)
-            if len(self._read_timeouts) < 64:  # a target has one or two
-                self._read_timeouts[read_s] = timeout
-        return timeout
-
-
-def _own_stall_timer(resp: aiohttp.ClientResponse) -> None:
-    """From the first byte on, a stream's silences are timed by ``Deadlines``, not by aiohttp's per-chunk timer."""
-    protocol = resp.connection.protocol if resp.connection is not None else None
-    if protocol is not None and hasattr(protocol, "read_timeout") and hasattr(protocol, "start_timeout"):
-        protocol.read_timeout = None
-        protocol.start_timeout()  # (drops the timer armed by the last read)
-
-
 async def _relay(
     resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float, target: str, asked: bool,
     deadlines: Deadlines | None = None, deadline: float = math.inf,
@@ -234,7 +209,7 @@ async def _relay(
                 waiting(wait)  # type: ignore[arg-type]
             try:
                 chunk = await content.readany()
-            except (Stalled, TimeoutError):  # (TimeoutError: aiohttp's read timeout, where it still runs)
+            except (Stalled, TimeoutError):  # (a read timeout, whatever raised it, is a stall too)
                 raise StreamBroken(f"upstream stream stalled for {idle_timeout_s:g}s", target=target, stalled=True) from None
             except Late:
                 raise StreamBroken("upstream stream exceeded the attempt timeout", target=target) from None
