@@ -18,10 +18,12 @@ another whole idle window — so it goes straight to the next in the chain; with
 fallback the client's stream completes within about 1.5 idle windows, and without one it
 ends at 1 with the in-band error. A stream that was *cut* is asked of the same target
 first. A candidate that refuses the prefill (any non-2xx answer), fails, or whose
-continuation breaks before it added anything is skipped for the next one (a stalled one
+continuation breaks before it added anything (its own in-band error event included, held
+whatever its target's ``stream_recovery`` says) is skipped for the next one (a stalled one
 also drops out); once a continuation has added text, its breaking ends the client's
-stream. When none can continue, the client's stream ends with an in-band error naming
-the original failure — not the refusal of the attempt to repair it.
+stream. When none can continue, the client's stream ends with one in-band error naming
+the original failure — not the refusal of the attempt to repair it; when the gateway's
+shutdown grace ran out first, with the shutdown's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from gateway.errors import GatewayError, StreamBroken, StreamCutAtShutdown
+from gateway.errors import GatewayError, ShuttingDown, StreamBroken, StreamCutAtShutdown
 from gateway.flow.exchange import Exchange, Reply
 from gateway.observe.events import Events, StreamRecovered
 from gateway.streaming.sse import events as sse_events
@@ -122,9 +124,14 @@ async def _continue(
         body = type(reader).continuation_body(client_body, partial, target.provider.name, model)
         if body is None:
             return None, []
-        attempt = ex.derive(target=target, body=body, model=model or client_model, deadline=None, key=None)
+        # (a continuation's own in-band error is held whatever its target says: the next candidate, or one error
+        # event of the gateway's, follows it — never the upstream's and then the gateway's)
+        attempt = ex.derive(target=target, body=body, model=model or client_model, deadline=None, key=None,
+                            continuation=True)
         try:
             reply = await call_next(attempt)
+        except ShuttingDown:  # the grace period ran out while it waited: the stream ends as the gateway stops
+            raise StreamCutAtShutdown(target=broken.target) from None
         except GatewayError:
             continue
         finally:

@@ -255,6 +255,7 @@ async def test_sigterm_ends_a_stream_whose_recovery_is_waiting_for_its_continuat
             lines = [line.strip() async for line in resp.content if line.strip()]
             await killer
     assert lines[-1].startswith(b'data: {"error"') and b"data: [DONE]" not in lines, lines[-2:]
+    assert b"shutting down" in lines[-1], lines[-1]  # the reason it ended, not the cut the continuation was to mend
     assert len(fake.requests) == 2
     assert await gw.wait_exit_async(timeout=10) == 0, gw.output
 

@@ -135,6 +135,24 @@ async def test_a_cut_streams_continuation_failing_fast_goes_on_down_the_chain(se
     assert logs[-1]["recovered_on"] == "backup" and logs[-1]["outcome"] == "ok"
 
 
+async def test_a_continuation_failing_in_band_before_adding_anything_gives_the_client_one_error_event(setup):
+    """A continuation's own in-band error is held, whatever its target's ``stream_recovery`` says (``backup`` has
+    none): the next candidate is asked, and when none can continue the client gets one error event, the gateway's,
+    naming the original failure — not the continuation's upstream error and then the gateway's (found by a review)."""
+    up, backup, make = setup
+    client, logs, sdk = await make(retry_matrix={"net": {"attempts": 0}, "5xx": {"attempts": 0}})
+    up.plan(Fault(chunks=60, cut_after=21), Fault(chunks=60, error_after=1, interval_ms=50))  # its role chunk, then an error
+    backup.plan(Fault(chunks=60, error_after=1, interval_ms=50))
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": CHAT, "stream": True})
+    events = _events(await resp.read())
+    errors = [e for e in events if b'"error"' in e]
+    assert len(errors) == 1 and errors[0] is events[-1]
+    error = msgspec.json.decode(events[-1][6:])["error"]
+    assert "cut" in error["message"] and "could not continue" in error["message"]
+    assert len(up.requests) == 2 and len(backup.requests) == 1  # each candidate asked once
+    assert logs[-1]["outcome"] == "stream_error"
+
+
 async def test_a_rejected_prefill_ends_with_the_original_failure(setup):
     up, backup, make = setup
     client, logs, sdk = await make(retry_matrix={"5xx": {"attempts": 0}})

@@ -25,7 +25,7 @@ class Exchange:
         "request_id", "method", "route", "dialect", "rel_path", "v1", "query", "headers", "body",
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
-        "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account", "trace",
+        "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account", "trace", "continuation",
     )
 
     def __init__(
@@ -85,6 +85,7 @@ class Exchange:
         self.prepared: tuple[bytes, Any, bytes | None] | None = None
         self.canonical: tuple[bytes, bytes] | None = None  # (body, its canonical digest) for fingerprints and cache keys
         self.trace: Trace | None = None  # the request's place in its trace (gateway.observe.trace; set by the edge)
+        self.continuation = False  # a stream_recovery continuation: its upstream's error events are held, not relayed
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

@@ -172,6 +172,6 @@ async def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translat
         reply.failure = reader.error_failure
     reply.chunks = watch(
         reply.chunks, reader, aligner, first, skip_head=skip_head, ex=ex, target=target.name,  # type: ignore[arg-type]
-        hold_errors=target.config.stream_recovery == "continue", strip_usage=strip_usage,
+        hold_errors=ex.continuation or target.config.stream_recovery == "continue", strip_usage=strip_usage,
     )
     reply.reader = reader
