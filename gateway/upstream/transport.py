@@ -191,6 +191,7 @@ class Transport:
         finally:
             deadlines.done(task)
 
+
 async def _relay(
     resp: aiohttp.ClientResponse, first: bytes, idle_timeout_s: float, target: str, asked: bool,
     deadlines: Deadlines | None = None, deadline: float = math.inf,
