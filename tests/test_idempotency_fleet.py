@@ -12,8 +12,8 @@ import pytest
 from gateway.state.flights import Lead
 from gateway.store.memory import MemoryStore
 from tests.support.fakes import Fault
-from tests.support.stores import drop, new_prefix, redis_store
 from tests.support.idempotency import REPLAYED, STREAM, call, config, model_of, numbered, openai_error, post, until
+from tests.support.stores import drop, new_prefix, redis_store
 
 
 @pytest.fixture(params=["memory", "redis"])
