@@ -57,3 +57,21 @@ async def test_other_stream_options_are_kept_and_other_providers_are_not_asked(f
     assert fake.requests[0].json()["stream_options"] == {"x": 1, "include_usage": True}
     await (await client.post("/v1/chat/completions", json={**CHAT, "model": "mistral-small-latest"})).read()
     assert "stream_options" not in fake.requests[1].json()
+
+
+async def test_a_stream_cut_before_the_usage_chunk_its_client_asked_for_is_broken_not_finished(fake, gateway):
+    """The client asked for the usage chunk: a stream cut after the last choice finished but before it came is not
+    complete — it ends with the in-band error and is not cached (it was given a [DONE], logged ok, and stored without
+    the usage chunk, found by a black-box review). A client that did not ask has its whole answer: [DONE] is added."""
+    client, logs = await gateway(config(fake.url).up(cache={"ttl_s": 60}))
+    asked = {**CHAT, "stream_options": {"include_usage": True}}
+    fake.plan(Fault(chunks=3, cut_after=5))  # role, three tokens, the finish chunk; cut before the usage chunk
+    events = data_events(await (await client.post("/v1/chat/completions", json=asked)).read())
+    assert "[DONE]" not in events and isinstance(events[-1], dict) and "error" in events[-1]
+    assert logs[-1]["outcome"] == "stream_error"
+    again = await client.post("/v1/chat/completions", json=asked)  # not stored: asked again, it runs again
+    assert again.headers["X-Cache"] == "MISS" and data_events(await again.read())[-1] == "[DONE]"
+    assert len(fake.requests) == 2
+    fake.plan(Fault(chunks=3, cut_after=5))
+    events = data_events(await (await client.post("/v1/chat/completions", json={**CHAT, "user": "u2"})).read())
+    assert events[-1] == "[DONE]" and logs[-1]["outcome"] == "ok"  # the usage chunk was the gateway's own ask

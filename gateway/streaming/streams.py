@@ -6,7 +6,7 @@ one, and decides how the stream ends:
 
 - the format's end marker arrived (``[DONE]``, ``message_stop``): the stream ends as sent;
 - the answer is complete but the marker is missing — the upstream closed, was cut, or went
-  quiet after the last choice finished (and the usage chunk, if asked for, came): the
+  quiet after the last choice finished (and the usage chunk, if the client asked for it, came): the
   marker is added and the stream ends at once, not after ``stream_idle_timeout_ms``;
 - the upstream sent its own in-band error event: it was relayed as sent, and the stream
   ends there (``StreamBroken(reported=True)``: nothing is added to it);
@@ -71,6 +71,9 @@ async def watch(
     not relayed.
     """
     it = chunks.__aiter__()
+    # the client asked for the usage chunk itself (``stream_options.include_usage``): without it the answer is not
+    # complete, so a stream that ends before it is broken, not finalised (the one the gateway asked for is its own)
+    usage_owed = ex.include_usage
     head_error = reader.error is not None  # an error in the head was relayed: it is the client's answer
     hold_errors = hold_errors and not head_error
     try:
@@ -91,7 +94,7 @@ async def watch(
                 yield reader.terminator
                 return
             except StreamBroken as e:
-                if reader.finished and not reader.done and reader.error is None:
+                if reader.finished and not reader.done and reader.error is None and (reader.usage_seen or not usage_owed):
                     yield reader.terminator  # cut or stalled after the answer was complete
                     return
                 raise type(e)(e.message, target=target, stalled=e.stalled) from None  # (its kind kept: a shutdown's cut)
@@ -121,7 +124,7 @@ async def watch(
             return
         if reader.error is not None:  # relayed as the upstream sent it: nothing to add
             raise StreamBroken(f"upstream stream failed: {reader.error}", target=target, reported=True)
-        if reader.finished:
+        if reader.finished and (reader.usage_seen or not usage_owed):
             yield reader.terminator
             return
         raise StreamBroken("upstream stream ended before the answer was complete", target=target)
