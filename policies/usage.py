@@ -34,6 +34,7 @@ import msgspec
 from gateway.errors import UpstreamError
 from gateway.flow.exchange import ANTHROPIC
 from gateway.headers import X_RELIAPI_COST, X_RELIAPI_USER
+from gateway.observe.events import Billed
 from gateway.store import StoreError
 from providers import endpoints, estimate, openai
 from providers.base import Usage
@@ -118,6 +119,7 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
     live = book.live
 
     price_of = prices.price
+    emit = ctx.events.emit
 
     def record(ex: Exchange, usage: Usage, model: str | None) -> float | None:
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
@@ -132,6 +134,7 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
             log["cost_usd"] = cost
         if ex.settlement is not None:
             ex.settlement.settle(cost or 0.0)
+        emit(Billed(ex.target.name, ex.model or "", ex.tenant, prompt, completion, cost))  # (metrics, status page)
         # summed here under a tuple key; the store key (with the day) is made once a second, when folded
         key = (ex.tenant, ex.user or ex.headers.get(X_RELIAPI_USER), log.get("fallback_target") or ex.target.name, model)
         row = live.get(key)

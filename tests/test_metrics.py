@@ -309,6 +309,31 @@ async def test_a_stream_in_flight_is_counted_until_the_client_leaves(fake, gatew
     assert count(m, "reliapi_ttft_seconds") == {L(target="up"): 1}
 
 
+async def test_a_shared_stream_whose_first_client_left_is_counted_once_when_it_ends(fake, gateway, clock):
+    """The first client of a cached stream leaves early; a duplicate that joined it reads it to the end. The upstream
+    billed one answer: its tokens and cost are counted once, when the stream ends (they were counted from the first
+    client's access record, written as it left, before they were known: not at all — found by a black-box review)."""
+    from tests.support.config import llm_config
+
+    cfg = llm_config(fake.url).up(cache={"ttl_s": 60})
+    client, logs = await gateway(cfg, env={"UP_KEY": "sk-up-xxxxxxxx"}, clock=clock)
+    fake.plan(Fault(chunks=5, interval_ms=80))
+    body = chat("share me", stream=True)
+    first = await client.post("/v1/chat/completions", json=body)
+    await first.content.readuntil(b"\n\n")
+    follower = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+    await asyncio.sleep(0.05)
+    first.close()  # the first client leaves; the duplicate goes on reading the shared stream
+    assert (await (await follower).read()).endswith(b"data: [DONE]\n\n")
+    assert len(fake.requests) == 1
+    m = await scrape(client)
+    model = "gpt-4o-mini"  # the fake's stream reports 5 prompt tokens and 5 completion tokens (one a chunk)
+    assert m["reliapi_llm_tokens_total"] == {L(target="up", model=model, kind="prompt"): 5,
+                                            L(target="up", model=model, kind="completion"): 5}
+    assert m["reliapi_llm_cost_usd_total"] == {L(target="up", model=model, tenant=""): pytest.approx(cost(5, 5))}
+    assert count(m, "reliapi_llm_cost_usd") == {L(target="up", model=model): 1}
+
+
 async def test_a_label_value_a_client_chose_cannot_break_the_exposition(fake, gateway, clock):
     """The model label comes from the request body: quotes, backslashes and newlines are escaped."""
     from tests.support.config import llm_config

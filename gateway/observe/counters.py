@@ -29,6 +29,7 @@ from gateway.observe.events import (
     AbuseViolation,
     AnomalyDetected,
     Banned,
+    Billed,
     BudgetEvent,
     CacheHit,
     CacheMiss,
@@ -109,6 +110,7 @@ class Observatory:
             IdempotentReplay: self._idempotent, Coalesced: self._coalesced, CircuitTransition: self._transition,
             FallbackUsed: self._fallback, RateLimitRefused: self._rate_limited, BudgetEvent: self._budget,
             UpstreamAnswered: self._upstream, StoreDegraded: self._store_degraded, ModelRouted: self._routed,
+            Billed: self._billed,
             AbuseViolation: self._violation, Banned: self._banned, AnomalyDetected: self._anomaly,
         }
 
@@ -129,7 +131,7 @@ class Observatory:
     # -- feeds -----------------------------------------------------------------------
 
     def record(self, f: dict[str, Any]) -> None:
-        """One finished request, from its access-log record."""
+        """One finished request, from its access-log record (its tokens and spend come as ``Billed``)."""
         target = f["target"] or ""  # "": refused before a target was chosen
         tenant = f["tenant"]
         tenant = tenant_label(tenant) if tenant else ""
@@ -168,33 +170,40 @@ class Observatory:
             if tv is None:
                 tv = self.tenants[tenant] = TenantView()
             tv.requests += 1
-        prompt = f.get("prompt_tokens")
-        if prompt is not None:
-            mv = self._models.get((target, f["model"] or "", tenant))
-            if mv is None:
-                mv = self._model_view(target, f["model"] or "", tenant)
-            mv.prompt += prompt
-            mv.completion += f.get("completion_tokens") or 0
-            cost = f.get("cost_usd")
-            if cost is not None:
-                h = mv.per_answer
-                if h is None:
-                    h = mv.per_answer = self._per_answer(target, f["model"] or "")
-                h.observe(cost)
-            if cost:
-                mv.cost += cost
-                now = self.wall()
-                day = self.today(now)
-                if view.spend_day != day:
-                    view.spend_day, view.spend_usd = day, 0.0
-                view.spend_usd += cost
-                if tenant:
-                    tv = self.tenants[tenant]
-                    if tv.spend_day != day:
-                        tv.spend_day, tv.spend_usd = day, 0.0
-                    tv.spend_usd += cost
-                    if tv.hourly is not None:
-                        tv.hourly.add(now, cost)
+
+    def _billed(self, e: Billed) -> None:
+        """Tokens and spend of one billed answer, from ``policies.usage`` rather than the access record: a stream
+        shared with others goes on after its own client left (and was logged), and is counted when it ends."""
+        target, model = e.target, e.model
+        tenant = tenant_label(e.tenant)
+        mv = self._models.get((target, model, tenant))
+        if mv is None:
+            mv = self._model_view(target, model, tenant)
+        mv.prompt += e.prompt_tokens
+        mv.completion += e.completion_tokens
+        cost = e.cost_usd
+        if cost is not None:
+            h = mv.per_answer
+            if h is None:
+                h = mv.per_answer = self._per_answer(target, model)
+            h.observe(cost)
+        if cost:
+            mv.cost += cost
+            now = self.wall()
+            day = self.today(now)
+            view = self._view(target)
+            if view.spend_day != day:
+                view.spend_day, view.spend_usd = day, 0.0
+            view.spend_usd += cost
+            if tenant:
+                tv = self.tenants.get(tenant)
+                if tv is None:
+                    tv = self.tenants[tenant] = TenantView()
+                if tv.spend_day != day:
+                    tv.spend_day, tv.spend_usd = day, 0.0
+                tv.spend_usd += cost
+                if tv.hourly is not None:
+                    tv.hourly.add(now, cost)
 
     def _model(self, model: str) -> str:
         """The model as a label value: the client names it, so past ``MAX_MODELS`` new ones count as one."""

@@ -133,6 +133,17 @@ class UpstreamAnswered(Event, frozen=True):
     status: int
 
 
+class Billed(Event, frozen=True):
+    """An answer's usage as the upstream billed it (``policies.usage``), counted once, when it is known: for a stream,
+    at its end — which may come after the client that asked for it left (an answer others still shared)."""
+
+    model: str  # as the client named it ("" when it did not)
+    tenant: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None  # None: the model has no price
+
+
 class BudgetEvent(Event, frozen=True):
     """A budget rule acted (metrics: ``budget_events_total{target,event}``)."""
 
