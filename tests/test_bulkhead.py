@@ -9,7 +9,6 @@ never a circuit failure, and a fallback target may take the request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 
@@ -17,6 +16,7 @@ from gateway.keys import RUNTIME
 from gateway.observe.events import BulkheadRejected, CircuitTransition, FallbackUsed
 from tests.support.config import GatewayConfig
 from tests.support.fakes import Fault
+from tests.support.gateway import until
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -44,14 +44,6 @@ def recorded(client) -> list:
 
 async def ask(client, body: dict = CHAT):
     return await client.post("/v1/chat/completions", json=body)
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # One request per client dialect: (send, check the body of a 503 overloaded)

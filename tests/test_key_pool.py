@@ -23,6 +23,7 @@ from gateway.observe.events import KeyCooldown, KeyDisabled, RetryScheduled
 from gateway.store.memory import MemoryStore
 from tests.support.config import GatewayConfig, bearer_env
 from tests.support.fakes import Fault
+from tests.support.gateway import until
 from tests.support.stores import drop, new_prefix, redis_store
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -68,15 +69,6 @@ def recorded(client) -> list:
 
 async def ask(client, **headers: str):
     return await client.post("/v1/chat/completions", json=CHAT, headers=headers)
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    """Poll (real time, bounded) for state another task or instance updates in the background."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------- rotation

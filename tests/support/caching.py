@@ -3,7 +3,6 @@ requests, and how an answer is looked at."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +10,7 @@ import msgspec
 
 from gateway.store.memory import MemoryStore
 from tests.support.config import NO_5XX_RETRY, PASSTHROUGH, GatewayConfig
+from tests.support.gateway import until as eventually  # noqa: F401 (the cache tests import it from here)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "what is the capital of France?"}],
         "temperature": 0}
@@ -71,15 +71,6 @@ def upstream_request_id(answer: Answer) -> str:
 
 def bearer(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
 
 
 def assert_hit(answer: Answer) -> None:

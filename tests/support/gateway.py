@@ -57,6 +57,15 @@ class JsonLines(logging.Handler):
         return [msgspec.json.decode(t) for t in self.text]
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll (real time, bounded) until ``condition()`` holds: state another task or instance updates in the background."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
 async def settle(*clients: TestClient, timeout_s: float = 5.0) -> None:
     """Wait until every leader's background work (recording, the cache or idempotency store write) is done,
     so a following identical request meets the stored entry rather than the running flight."""

@@ -3,7 +3,6 @@ config, a numbered fake upstream, the requests, and the store key of an idempote
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +12,7 @@ from multidict import CIMultiDict
 
 from tests.support.config import NO_RETRY, GatewayConfig
 from tests.support.fakes import FakeUpstream, Fault
+from tests.support.gateway import until  # noqa: F401 (the idempotency tests import it from here)
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -62,14 +62,6 @@ async def call(client, body: Any = CHAT, **kwargs) -> tuple[int, CIMultiDict[str
 def store_key(key: str, tenant: str = "-") -> str:
     """Where the policy keeps a key's record (gateway/state/flights.py, policies/idempotency.py)."""
     return f"idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()[:40]}"
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def openai_error(body: bytes) -> dict:
