@@ -174,13 +174,16 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
                 return
             # What was sent, at a token per byte of the content relayed (text, tool arguments, refusals,
             # thinking): a spend budget is charged that bound, not the running count of an Anthropic
-            # message_start. Reasoning a model bills but does not stream cannot be counted: the reservation.
+            # message_start — but the prompt at least at the input message_start reported (a document or
+            # image by URL is a short body and many tokens). Reasoning a model bills but does not stream
+            # cannot be counted: the reservation.
             if ex.settlement is not None and openai.hides_reasoning(ex.model):
                 unmeasured(ex)
             elif ex.settlement is not None:
                 price = price_of(ex.model)
                 if price is not None:
-                    ex.settlement.settle(price.cost(len(ex.body) + PROMPT_FRAMING, reader.generated))
+                    sent = max(len(ex.body) + PROMPT_FRAMING, reader.prompt_tokens or 0)
+                    ex.settlement.settle(price.cost(sent, reader.generated))
             completion = max(completion or 0, math.ceil(len(reader.text) / 4))  # the usage row: an estimate
         if prompt is None:
             prompt = _prompt_estimate(ex)

@@ -205,6 +205,24 @@ async def test_a_cut_anthropic_stream_is_charged_what_was_sent_not_message_start
     assert at_least <= charged < reserved / 2, charged
 
 
+async def test_a_cut_anthropic_stream_is_charged_at_least_the_input_message_start_reported(fake, gateway):
+    """A short body can be a long prompt (a document or an image by URL): message_start's input_tokens
+    is a floor under the prompt's byte bound."""
+    store = MemoryStore()
+    cfg = GatewayConfig(fake.url, default_target="claude").claude(retry_matrix=NO_5XX_RETRY).up()
+    client, logs = await gateway(cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": 10}), store=store)
+    fake.plan(Fault(chunks=200, interval_ms=5, start_input_tokens=10_000))
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 4000, "stream": True,
+            "messages": [{"role": "user", "content": [
+                {"type": "document", "source": {"type": "url", "url": "https://example.com/long.pdf"}}]}]}
+    resp = await client.post("/v1/messages", json=body, headers=ACME)
+    for _ in range(10):
+        await resp.content.readuntil(b"\n\n")
+    resp.close()
+    charged = await charged_after(store, client, logs)
+    assert charged >= 10_000 * 0.80 / 1e6, charged  # haiku's input price, for what message_start said
+
+
 async def test_a_cut_stream_of_tool_call_arguments_is_charged_them(fake, gateway):
     store = MemoryStore()
     client, logs = await gateway(config(fake.url, budget=True), store=store)

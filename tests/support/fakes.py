@@ -59,6 +59,7 @@ class Fault:
     echo_auth: bool = False
     usage: dict | None = None  # fields merged into the reported usage (cached tokens, details, …)
     terminal: str = "response.completed"  # /v1/responses: the stream's last event (response.incomplete, …)
+    start_input_tokens: int = 5  # Anthropic stream: message_start's input_tokens
 
 
 @dataclass
@@ -312,7 +313,7 @@ class FakeUpstream:
         events += [ev("message_start", {"type": "message_start", "message": {
             "id": f"msg_fake{len(self.requests)}", "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 5, "output_tokens": 1}}})]
+            "usage": {"input_tokens": fault.start_input_tokens, "output_tokens": 1}}})]
         if extended:
             events.append(ev("ping", {"type": "ping"}))
         for index, (_, opening, deltas) in enumerate(extended):
