@@ -22,11 +22,12 @@ _encode = msgspec.json.encode
 
 def response_object(rid: str, model: Any, created: float, output: list[dict[str, Any]], *,
                     reason: str | None = None, usage: dict[str, Any] | None = None,
-                    status: str | None = None) -> dict[str, Any]:
-    """A Response object (``openai.types.responses.Response``); ``reason``: why it is incomplete."""
+                    status: str | None = None, echo: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Response object (``openai.types.responses.Response``); ``reason``: why it is incomplete; ``echo``:
+    the request's settings the Response repeats (``echoed``)."""
     if status is None:
         status = "incomplete" if reason else "completed"
-    return {
+    out = {
         "id": rid, "object": "response", "created_at": created, "status": status, "background": False,
         "error": None, "incomplete_details": {"reason": reason} if reason else None, "instructions": None,
         "max_output_tokens": None, "model": model, "output": output, "parallel_tool_calls": True,
@@ -34,6 +35,42 @@ def response_object(rid: str, model: Any, created: float, output: list[dict[str,
         "temperature": None, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
         "top_p": None, "truncation": "disabled", "usage": usage, "user": None, "metadata": {},
     }
+    if echo:
+        out.update(echo)
+    return out
+
+
+class _Echo(msgspec.Struct):
+    """The settings of a Responses request its Response repeats, as OpenAI's does (anything else is skipped
+    unread)."""
+
+    instructions: Any = None
+    max_output_tokens: Any = None
+    max_tool_calls: Any = None
+    metadata: Any = None
+    parallel_tool_calls: Any = None
+    prompt_cache_key: Any = None
+    reasoning: Any = None
+    safety_identifier: Any = None
+    temperature: Any = None
+    text: Any = None
+    tool_choice: Any = None
+    tools: Any = None
+    top_p: Any = None
+    truncation: Any = None
+    user: Any = None
+
+
+_read_echo = msgspec.json.Decoder(_Echo).decode
+
+
+def echoed(body: bytes) -> dict[str, Any]:
+    """The settings of the client's Responses request a translated Response repeats (those it gave)."""
+    try:
+        echo = _read_echo(body)
+    except (msgspec.DecodeError, RecursionError):
+        return {}
+    return {f: v for f in echo.__struct_fields__ if (v := getattr(echo, f)) is not None}
 
 
 def usage_object(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
@@ -62,7 +99,7 @@ def ids(upstream_id: Any, prefix: str) -> tuple[str, str]:
     return "resp_" + core, "msg_" + core
 
 
-def response_from_chat(body: dict[str, Any]) -> dict[str, Any]:
+def response_from_chat(body: dict[str, Any], echo: dict[str, Any] | None = None) -> dict[str, Any]:
     choice = (body.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     rid, mid = ids(body.get("id"), "chatcmpl-")
@@ -74,15 +111,17 @@ def response_from_chat(body: dict[str, Any]) -> dict[str, Any]:
     for call in message.get("tool_calls") or ():
         fn = call.get("function") or {}
         output.append(call_item(str(call.get("id")), str(fn.get("name")), fn.get("arguments") or ""))
-    u = body.get("usage") or {}
-    usage = usage_object(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0,
-                         (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
-                         (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+    u = body.get("usage")
+    usage = None  # not reported: unknown, not 0/0/0
+    if isinstance(u, dict):
+        usage = usage_object(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0,
+                             (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+                             (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
     return response_object(rid, body.get("model"), body.get("created") or int(time.time()), output, reason=reason,
-                           usage=usage)
+                           usage=usage, echo=echo)
 
 
-def response_from_messages(body: dict[str, Any]) -> dict[str, Any]:
+def response_from_messages(body: dict[str, Any], echo: dict[str, Any] | None = None) -> dict[str, Any]:
     rid, mid = ids(body.get("id"), "msg_")
     reason = INCOMPLETE.get(body.get("stop_reason") or "")
     output: list[dict[str, Any]] = []
@@ -105,7 +144,7 @@ def response_from_messages(body: dict[str, Any]) -> dict[str, Any]:
     cached = u.get("cache_read_input_tokens") or 0
     prompt = (u.get("input_tokens") or 0) + (u.get("cache_creation_input_tokens") or 0) + cached
     return response_object(rid, body.get("model"), int(time.time()), output, reason=reason,
-                           usage=usage_object(prompt, u.get("output_tokens") or 0, cached))
+                           usage=usage_object(prompt, u.get("output_tokens") or 0, cached), echo=echo)
 
 
 def openai_error(body: dict[str, Any], status: int, from_anthropic: bool) -> dict[str, Any]:

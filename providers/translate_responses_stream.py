@@ -27,7 +27,8 @@ _encode = msgspec.json.encode
 class ResponsesEvents:
     """The Responses event sequence of one answer, written as the upstream's events come."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo: dict[str, Any] | None = None) -> None:
+        self.echo = echo  # the request's settings the Response repeats
         self.seq = 0
         self.rid = "resp_"
         self.mid = "msg_"
@@ -47,7 +48,7 @@ class ResponsesEvents:
 
     def _response(self, status: str, reason: str | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         return response_object(self.rid, self.model, self.created, self.items, reason=reason, usage=usage,
-                               status=status)
+                               status=status, echo=self.echo)
 
     def start(self, upstream_id: Any, prefix: str, model: Any) -> bytes:
         if self.started:
@@ -112,7 +113,7 @@ class ResponsesEvents:
         item["status"] = status
         return out + self._event("response.output_item.done", {"output_index": where["output_index"], "item": item})
 
-    def finish(self, reason: str | None, usage: dict[str, Any]) -> bytes:
+    def finish(self, reason: str | None, usage: dict[str, Any] | None) -> bytes:
         """The last events: the open item's end, and ``response.completed`` (``response.incomplete``: ``reason``)."""
         if self.done or not self.started:
             return b""
@@ -139,10 +140,10 @@ def _decoded(data: bytes) -> dict[str, Any] | None:
 class ChatToResponsesStream:
     """OpenAI ``chat.completion.chunk`` events in, Responses events out."""
 
-    def __init__(self) -> None:
-        self.out = ResponsesEvents()
+    def __init__(self, echo: dict[str, Any] | None = None) -> None:
+        self.out = ResponsesEvents(echo)
         self.finish_reason: str | None = None
-        self.usage = usage_object(0, 0)
+        self.usage: dict[str, Any] | None = None  # until the upstream reports it: unknown, not 0/0/0
 
     def feed(self, name: bytes, data: bytes) -> bytes:
         if data == b"[DONE]":
@@ -178,8 +179,8 @@ class ChatToResponsesStream:
 class MessagesToResponsesStream:
     """Anthropic Messages SSE events in, Responses events out."""
 
-    def __init__(self) -> None:
-        self.out = ResponsesEvents()
+    def __init__(self, echo: dict[str, Any] | None = None) -> None:
+        self.out = ResponsesEvents(echo)
         self.stop_reason: str | None = None
         self.prompt = self.cached = self.completion = 0
 

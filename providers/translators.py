@@ -117,8 +117,8 @@ class Translator:
             return None
         return fmt(choices=ex.choices, include_usage=ex.include_usage or prepared.asked_usage)
 
-    def answer(self, reply: Any) -> None:
-        """A complete answer (``Reply``) in the client's dialect, in place."""
+    def answer(self, reply: Any, ex: Attempt) -> None:
+        """A complete answer (``Reply``) to ``ex`` in the client's dialect, in place."""
 
     def upstream_id(self, client_id: str | None) -> str | None:
         """The upstream's own id of an answer, from the id its translation carries (the provider's records
@@ -166,7 +166,7 @@ class Crossing(Translator):
             for name in ("anthropic-version", "anthropic-beta"):
                 headers.popall(name, None)
 
-    def answer(self, reply: Any) -> None:
+    def answer(self, reply: Any, ex: Attempt) -> None:
         if not reply.body:
             return
         try:
@@ -175,11 +175,12 @@ class Crossing(Translator):
             return  # not JSON: passed on as it is (the usage policy reports a broken success)
         if not isinstance(doc, dict):
             return
-        reply.body = msgspec.json.encode(self.translated(doc, reply.status))
+        reply.body = msgspec.json.encode(self.translated(doc, reply.status, ex))
         reply.headers["Content-Type"] = "application/json"
 
-    def translated(self, doc: dict[str, Any], status: int) -> Any:
-        """A complete answer (or error, ``status`` ≥ 400) from the upstream's dialect into the client's."""
+    def translated(self, doc: dict[str, Any], status: int, ex: Attempt) -> Any:
+        """A complete answer (or error, ``status`` ≥ 400) to ``ex`` from the upstream's dialect into the
+        client's."""
         to_messages = self.upstream is MESSAGES
         if status >= 400:
             return translate.openai_error_from_anthropic(doc, status) if to_messages \
@@ -213,13 +214,14 @@ class ResponsesCrossing(Crossing):
     def asks_usage(self, target: Upstream) -> bool:
         return self.upstream is CHAT and target.provider.reports_stream_usage
 
-    def translated(self, doc: dict[str, Any], status: int) -> Any:
+    def translated(self, doc: dict[str, Any], status: int, ex: Attempt) -> Any:
         from_messages = self.upstream is MESSAGES
         if status >= 400:
             return translate_responses_answer.openai_error(doc, status, from_anthropic=from_messages)
+        echo = translate_responses_answer.echoed(ex.body)
         if from_messages:
-            return translate_responses_answer.response_from_messages(doc)
-        return translate_responses_answer.response_from_chat(doc)
+            return translate_responses_answer.response_from_messages(doc, echo)
+        return translate_responses_answer.response_from_chat(doc, echo)
 
     def upstream_id(self, client_id: str | None) -> str | None:
         if client_id is None:
@@ -227,9 +229,10 @@ class ResponsesCrossing(Crossing):
         return ("msg_" if self.upstream is MESSAGES else "chatcmpl-") + client_id.removeprefix("resp_")
 
     def stream(self, ex: Attempt, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        echo = translate_responses_answer.echoed(ex.body)
         if self.upstream is MESSAGES:
-            return _translated_stream(chunks, translate_responses_stream.MessagesToResponsesStream())
-        return _translated_stream(chunks, translate_responses_stream.ChatToResponsesStream())
+            return _translated_stream(chunks, translate_responses_stream.MessagesToResponsesStream(echo))
+        return _translated_stream(chunks, translate_responses_stream.ChatToResponsesStream(echo))
 
 
 # The translators, made once: identities by dialect, crossings by (client, upstream).

@@ -122,6 +122,8 @@ async def test_responses_create_reaches_claude_with_instructions_turns_and_an_im
                                                 {"type": "input_image", "image_url": PNG, "detail": "auto"}]}])
     assert response.object == "response" and response.status == "completed" and response.id == "resp_fake"
     assert response.output_text == "Hello from the fake." and response.output[0].role == "assistant"
+    # the Response repeats the request's settings, as OpenAI's does
+    assert (response.instructions, response.max_output_tokens, response.temperature) == ("You are terse.", 300, 0.5)
     assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (5, 4, 9)
     sent = fake.requests[0]
     assert sent.path_qs == "/v1/messages" and sent.headers["anthropic-version"] == "2023-06-01"
@@ -159,10 +161,12 @@ async def test_the_sdks_stream_helper_gets_its_final_response_from_claude(fake, 
     client, _ = await gateway(config(fake.url))
     fake.plan(Fault(chunks=4))
     async with sdk(client) as api:
-        async with api.responses.stream(model="claude-sonnet-4-5", input="Hi", instructions="terse") as stream:
+        async with api.responses.stream(model="claude-sonnet-4-5", input="Hi", instructions="terse",
+                                        max_output_tokens=200, metadata={"run": "7"}) as stream:
             deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
             final = await stream.get_final_response()
     assert "".join(deltas) == "tok0 tok1 tok2 tok3 " == final.output_text
+    assert (final.instructions, final.max_output_tokens, final.metadata) == ("terse", 200, {"run": "7"})
     assert final.status == "completed" and final.usage.output_tokens == 4
     assert fake.requests[0].json()["system"] == "terse"
 
@@ -279,6 +283,24 @@ async def test_a_translated_stream_is_not_spliced_by_stream_recovery_but_ends_wi
     assert len(fake.requests) == 1  # a Responses body is no Messages body a prefill could continue
 
 
+async def test_a_chat_stream_without_a_usage_report_has_no_usage_not_zeros(recorded, gateway):
+    """Unknown is null: 0/0/0 would say the answer cost nothing."""
+    client, _ = await gateway(config(recorded.url))
+    chunk = {"id": "x1", "object": "chat.completion.chunk", "model": "mistral-small-latest",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Bonjour"}, "finish_reason": None}]}
+    last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    recorded.planned += [(200, {"id": "x0", "object": "chat.completion", "model": "mistral-small-latest",
+                                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Salut"},
+                                             "finish_reason": "stop"}]}),
+                         [(None, chunk), (None, last), (None, b"[DONE]")]]
+    async with sdk(client) as api:
+        response = await api.responses.create(model="mistral-small-latest", input="Hi")
+        async with api.responses.stream(model="mistral-small-latest", input="Hi") as stream:
+            final = await stream.get_final_response()
+    assert response.output_text == "Salut" and response.usage is None
+    assert final.output_text == "Bonjour" and final.status == "completed" and final.usage is None
+
+
 async def test_a_flat_error_from_a_chat_only_server_is_openais_error_shape(recorded, gateway):
     client, _ = await gateway(config(recorded.url))
     recorded.planned.append((422, {"object": "error", "message": "Extra inputs are not permitted",
@@ -332,6 +354,8 @@ async def test_a_chat_only_target_gets_chat_completions(fake, gateway):
             final = await stream.get_final_response()
     assert response.output_text == "Hello from the fake." and response.id == "resp_fake"
     assert (response.usage.input_tokens, response.usage.output_tokens) == (5, 4)
+    assert response.tools[0].name == "get_weather" and response.text.format.type == "json_schema"
+    assert response.tool_choice.mode == "required"
     first, second = (s.json() for s in fake.requests)
     assert fake.requests[0].path_qs == "/v1/chat/completions"
     assert first["messages"] == [

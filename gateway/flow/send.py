@@ -122,7 +122,7 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
         if tr.crosses:
             if reply.chunks is None:
-                tr.answer(reply)
+                tr.answer(reply, ex)
             elif is_event_stream(reply.headers):
                 reply.chunks = tr.stream(ex, reply.chunks)
         if span is not None:
