@@ -4,7 +4,8 @@ POST /v1/chat/completions
   * body without ``"stream": true`` -> a precomputed ~400 byte chat.completion JSON
   * body with ``"stream": true``    -> text/event-stream: the first chunk is sent
     immediately, then CHUNKS more chunks every INTERVAL ms, then the last one (``finish_reason``), the
-    usage-only chunk when the body asks ``"include_usage":true`` (as OpenAI does), and ``data: [DONE]``.
+    usage-only chunk when the body asks ``"include_usage":true`` (and then ``"usage":null`` in the others, as
+    OpenAI does), and ``data: [DONE]``.
 
 Stream shape, per request (headers win) or per process (control endpoint / CLI):
   X-Bench-Chunks: 5          number of chunks after the first one
@@ -58,7 +59,7 @@ COMPLETION = json.dumps(
 ).encode()
 
 
-def _chunk(delta: dict, finish: str | None = None) -> bytes:
+def _chunk(delta: dict, finish: str | None = None, usage_asked: bool = False) -> bytes:
     obj = {
         "id": "chatcmpl-bench0000000000000000000000",
         "object": "chat.completion.chunk",
@@ -67,17 +68,23 @@ def _chunk(delta: dict, finish: str | None = None) -> bytes:
         "system_fingerprint": "fp_bench00000",
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
+    if usage_asked:  # as OpenAI: once asked, every chunk has "usage": null
+        obj["usage"] = None
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
 FIRST_CHUNK = _chunk({"role": "assistant", "content": "", "refusal": None})
 MID_CHUNK = _chunk({"content": " hello"})
 LAST = _chunk({}, "stop") + b"data: [DONE]\n\n"
-# as OpenAI answers ``stream_options: {"include_usage": true}``: a usage-only chunk before [DONE]
+# as OpenAI answers ``stream_options: {"include_usage": true}``: "usage": null in every chunk, and a usage-only
+# chunk before [DONE]
 USAGE_CHUNK = (b'data: {"id":"chatcmpl-bench0000000000000000000000","object":"chat.completion.chunk","created":1700000000,'
                b'"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_bench00000","choices":[],'
                b'"usage":{"prompt_tokens":8,"completion_tokens":9,"total_tokens":17}}\n\n')
-LAST_WITH_USAGE = _chunk({}, "stop") + USAGE_CHUNK + b"data: [DONE]\n\n"
+CHUNKS = {False: (FIRST_CHUNK, MID_CHUNK, LAST),
+          True: (_chunk({"role": "assistant", "content": "", "refusal": None}, usage_asked=True),
+                 _chunk({"content": " hello"}, usage_asked=True),
+                 _chunk({}, "stop", usage_asked=True) + USAGE_CHUNK + b"data: [DONE]\n\n")}
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -113,20 +120,21 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if cfg["close"]:
             resp.force_close()
         await resp.prepare(request)
-        await resp.write(FIRST_CHUNK)
+        first_chunk, mid_chunk, last = CHUNKS[b'"include_usage":true' in body]
+        await resp.write(first_chunk)
         if hold:  # until released; bounded by MAX_HOLD_S
             step = max(interval, 0.05)
             for _ in range(int(MAX_HOLD_S / step)):
                 await asyncio.sleep(step)
                 if request.app["release"]["gen"] != gen:
                     break
-                await resp.write(MID_CHUNK)
+                await resp.write(mid_chunk)
         else:
             for _ in range(chunks):  # bounded: chunks <= MAX_CHUNKS
                 if interval:
                     await asyncio.sleep(interval)
-                await resp.write(MID_CHUNK)
-        await resp.write(LAST_WITH_USAGE if b'"include_usage":true' in body else LAST)
+                await resp.write(mid_chunk)
+        await resp.write(last)
         await resp.write_eof()
         st["streams_completed"] += 1
         return resp

@@ -30,11 +30,13 @@ async def test_the_usage_chunk_is_asked_for_read_and_not_relayed(fake, gateway, 
     client, logs = await gateway(config(fake.url))
     fake.plan(Fault(chunks=4, interval_ms=interval_ms))
     resp = await client.post("/v1/chat/completions", json=CHAT)
-    events = data_events(await resp.read())
+    raw = await resp.read()
+    events = data_events(raw)
     sent = fake.requests[0].json()
     assert sent["stream_options"] == {"include_usage": True}  # asked upstream …
     assert events[-1] == "[DONE]"
-    assert not any(isinstance(e, dict) and "usage" in e and not e.get("choices") for e in events)  # … not relayed
+    # … not relayed: neither the usage chunk nor the "usage": null OpenAI then puts in every other chunk
+    assert b'"usage"' not in raw
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == "tok0 tok1 tok2 tok3 "
     assert (logs[-1]["prompt_tokens"], logs[-1]["completion_tokens"]) == (5, 4)  # … but counted
     assert logs[-1]["cost_usd"] > 0
@@ -49,6 +51,7 @@ async def test_a_client_that_asked_for_usage_gets_it_and_its_body_unchanged(fake
     assert fake.requests[0].body == raw
     usage = [e for e in events if isinstance(e, dict) and e.get("usage") and not e.get("choices")]
     assert usage and usage[0]["usage"]["completion_tokens"] == 3
+    assert all(e["usage"] is None for e in events[:-1] if isinstance(e, dict) and e.get("choices"))  # as sent
 
 
 async def test_other_stream_options_are_kept_and_other_providers_are_not_asked(fake, gateway):

@@ -110,7 +110,7 @@ async def watch(
                 if strip_usage and out.find(b'"usage"') >= 0:  # (find: see gateway.streaming.sse)
                     out = strip_usage_chunks(out)
             elif strip_usage and out.find(b'"usage"') >= 0:  # the gateway asked for the usage chunk: read, not relayed
-                out = _read_without_usage(reader, out)
+                out = _without_asked_usage(reader, out)
             else:
                 feed_events(reader, out)
             if out:
@@ -138,8 +138,18 @@ async def watch(
             await close()
 
 
+# Once asked for the usage chunk, OpenAI also puts ``"usage":null`` in every other chunk: the client that did not
+# ask gets its chunks without it, byte for byte as it would have. (Safe on the bytes: inside a JSON string every
+# quote is escaped, so ``,"usage":null`` with bare quotes is only ever the member itself.)
+USAGE_NULL = b',"usage":null'
+
+
 def strip_usage_chunks(out: bytes) -> bytes:
-    """``out`` without OpenAI's usage-only chunk (``"choices": []`` and a ``usage``)."""
+    """``out`` without OpenAI's usage-only chunk (``"choices": []`` and a ``usage``) and the ``"usage":null`` of
+    the others."""
+    if out.find(b'"usage"') < 0:
+        return out
+    out = out.replace(USAGE_NULL, b"")
     if out.find(b'"usage"') < 0:
         return out
     kept = []
@@ -147,6 +157,16 @@ def strip_usage_chunks(out: bytes) -> bytes:
         if not any(_usage_only(data) for _, data in events(raw)):
             kept.append(raw)
     return b"".join(kept)
+
+
+def _without_asked_usage(reader: StreamReader, out: bytes) -> bytes:
+    """Feed the events of ``out`` to ``reader``; return them as they would have been had the gateway not asked
+    for the usage chunk (``USAGE_NULL``)."""
+    out = out.replace(USAGE_NULL, b"")
+    if out.find(b'"usage"') < 0:
+        feed_events(reader, out)
+        return out
+    return _read_without_usage(reader, out)
 
 
 def _read_without_usage(reader: StreamReader, out: bytes) -> bytes:

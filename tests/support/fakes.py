@@ -212,12 +212,15 @@ class FakeUpstream:
                 "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9, **(fault.usage or {})},
             }, headers=fault.headers)
 
+        asked_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
         def chunk(delta: dict, finish: str | None = None) -> bytes:
-            return b"data: " + _json({
-                "id": f"chatcmpl-fake{len(self.requests)}", "object": "chat.completion.chunk",
-                "created": 1700000000 + len(self.requests), "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }) + b"\n\n"
+            out = {"id": f"chatcmpl-fake{len(self.requests)}", "object": "chat.completion.chunk",
+                   "created": 1700000000 + len(self.requests), "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if asked_usage:  # as OpenAI: every chunk then has "usage": null, the last one the usage
+                out["usage"] = None
+            return b"data: " + _json(out) + b"\n\n"
 
         events = []
         if fault.first_event_error:
@@ -232,7 +235,7 @@ class FakeUpstream:
         else:
             events += [chunk({"content": f"tok{i} "}) for i in range(start, fault.chunks)]
         events.append(chunk({}, "tool_calls" if fault.tool_calls else "stop"))
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if asked_usage:
             events.append(b"data: " + _json({
                 "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
                 "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": fault.chunks - start,
