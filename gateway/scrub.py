@@ -37,12 +37,27 @@ MAX_DECODED_ERROR = 16 << 20  # an error body decoded to be scrubbed: more than 
 MIN_SECRET = 6  # shorter values are too likely to be ordinary text: not scrubbed (``--check`` warns)
 
 
+# What JSON encoders write as ``\\uXXXX`` beyond quotes and backslashes: Gson (Java's default) escapes these
+# HTML-significant characters; some encoders escape every character that is not a letter or a digit.
+_GSON = frozenset("<>&='")
+
+
+def _u_escaped(secret: str, escape: Callable[[str], bool], upper: bool) -> str:
+    form = "\\u{:04X}" if upper else "\\u{:04x}"
+    return "".join(form.format(ord(c)) if escape(c) else ("\\" + c if c in '"\\' else c) for c in secret)
+
+
 def spellings(secret: str) -> set[str]:
     """The ways an upstream may quote ``secret`` back: as it is, JSON-escaped (``\\/`` for ``/`` as PHP
-    writes it, ``\\u002f``, escaped quotes and backslashes) and percent-encoded (a URL or form echoed)."""
+    writes it, ``\\u002f``, escaped quotes and backslashes; ``\\u003d`` for ``=`` as Gson writes it; every
+    character but letters and digits as ``\\uXXXX``, either case of hex) and percent-encoded (a URL or form
+    echoed)."""
     json_text = msgspec.json.encode(secret).decode()[1:-1]
     found = {secret, json_text, json_text.replace("/", "\\/"), json_text.replace("/", "\\u002f"),
              quote(secret, safe=""), quote_plus(secret, safe="")}
+    for upper in (False, True):
+        found.add(_u_escaped(secret, _GSON.__contains__, upper))
+        found.add(_u_escaped(secret, lambda c: not c.isalnum(), upper))
     return {f for f in found if f}
 
 

@@ -20,7 +20,7 @@ from gateway.scrub import Scrubber
 from tests.support.config import NO_5XX_RETRY, GatewayConfig, bearer_env
 
 KEY = "sk-up-SECRET-0a1b2c3d4e5f"
-SLASHED = "rest/SECRET+99887766/ab"  # a base64-ish key: JSON-escaped as rest\/SECRET… by PHP, %2F in a URL
+SLASHED = "rest/SECRET+99887766/ab=="  # a base64 key: JSON-escaped as rest\/SECRET… by PHP, …\u003d by Gson, %2F in a URL
 ENV = {"UP_KEY": KEY, "REST_KEY": SLASHED}
 
 
@@ -84,8 +84,10 @@ async def _sse_inband_error(request: web.Request) -> web.StreamResponse:
 
 async def _escaped_4xx(request: web.Request) -> web.Response:
     key = _key(request).decode()
+    gson = key.replace("=", "\\u003d")  # Java's Gson escapes = < > & ' by default
+    every = "".join(c if c.isalnum() else f"\\u{ord(c):04X}" for c in key)  # an encoder that escapes all the rest
     body = ('{"error": {"message": "bad key ' + key.replace("/", "\\/") + '", "url": "https://x/?k='
-            + quote(key, safe="") + '"}}')
+            + quote(key, safe="") + '", "gson": "' + gson + '", "every": "' + every + '"}}')
     return web.Response(status=401, body=body.encode(), content_type="application/json",
                         headers={"WWW-Authenticate": f'Bearer error="invalid_token", token="{key}"',
                                  "X-Debug-Key": key})
@@ -181,6 +183,7 @@ async def test_a_key_quoted_json_escaped_url_encoded_or_in_a_header_is_scrubbed(
     every = [SLASHED, SLASHED.replace("/", "\\/"), quote(SLASHED, safe="")]
     assert not any(form.encode() in raw for form in every), raw
     assert msgspec.json.decode(raw)["error"]["message"] == "bad key ***"
+    assert SLASHED not in str(msgspec.json.decode(raw)), raw  # in no spelling a JSON decoder reads back as the key
     assert SLASHED not in resp.headers["WWW-Authenticate"] and resp.headers["X-Debug-Key"] == "***"
     envelope = await (await client.post("/proxy/http", json={"target": "rest", "method": "GET", "path": "escaped"})).read()
     assert not any(form.encode() in envelope for form in every)  # the envelope decodes the body: still clean
