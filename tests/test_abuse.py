@@ -180,6 +180,8 @@ async def test_behind_a_trusted_proxy_each_client_address_is_its_own(fake, start
         await call(client, headers={**WRONG, "X-Forwarded-For": "10.9.9.9"})
         await idle(client)
     assert (await call(client, headers={**auth(), "X-Forwarded-For": "10.9.9.9"}))[0] == 403
+    for spelled in ("10.9.9.9:1234", "::ffff:10.9.9.9", "[::ffff:10.9.9.9]"):  # the same address, as proxies write it
+        assert (await call(client, headers={**auth(), "X-Forwarded-For": spelled}))[0] == 403, spelled
     assert (await call(client, headers={**auth(), "X-Forwarded-For": "10.1.1.1"}))[0] == 200
 
 

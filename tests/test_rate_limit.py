@@ -454,6 +454,16 @@ async def test_trust_forwarded_for_keys_on_the_last_hop(fake, start):
     assert len(fake.requests) == 3
 
 
+async def test_the_same_address_spelled_by_a_proxy_with_a_port_or_ipv4_mapped_is_one_client(fake, start):
+    """Some proxies write ``ip:port`` (a new port per connection) or an IPv4-mapped IPv6 address."""
+    client, _ = await start(rate_limit_per_ip_rpm=2, trust_forwarded_for=True)
+    spellings = ["203.0.113.7", "203.0.113.7:50001", "203.0.113.7:50002", "::ffff:203.0.113.7", "::FFFF:203.0.113.7",
+                 "[::ffff:203.0.113.7]:443"]
+    statuses = [(await call(client, headers={"X-Forwarded-For": f"192.0.2.9, {ip}"}))[0] for ip in spellings]
+    assert statuses == [200, 200, 429, 429, 429, 429]
+    assert len(fake.requests) == 2
+
+
 async def test_forwarded_for_is_ignored_unless_trusted(fake, start):
     client, _ = await start(rate_limit_per_ip_rpm=2)
     statuses = [(await call(client, headers={"X-Forwarded-For": f"10.0.0.{i}"}))[0] for i in range(3)]

@@ -8,6 +8,7 @@ typed struct that skips everything else (off the event loop for a large one).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -189,14 +190,45 @@ def client_ip(request: web.Request, rt: Runtime) -> str | None:
     """The peer, or behind a trusted proxy (``trust_forwarded_for``) the hop it saw: the last
     ``X-Forwarded-For`` entry — the one a client cannot forge past that proxy. Several header lines are one
     list (RFC 9110 §5.3), so the last entry is the last line's: a client's own extra line cannot come after
-    the one its proxy added."""
+    the one its proxy added. Canonical (``canonical_ip``): per-IP limits and bans hold whatever the spelling."""
+    remote = request.remote
     if rt.config.server.trust_forwarded_for:
         lines = request.headers.getall(hdrs.X_FORWARDED_FOR, ())
         if lines:
             last = lines[-1].rsplit(",", 1)[-1].strip()
             if last:
-                return last
-    return request.remote
+                return canonical_ip(last) or canonical_ip(remote)  # (not an address: the proxy's own)
+    return canonical_ip(remote)
+
+
+_CANONICAL: dict[str | None, str | None] = {}  # spelling → address: the few a gateway sees, parsed once
+
+
+def canonical_ip(text: str | None) -> str | None:
+    """One spelling per address: without a port (``1.2.3.4:5678``, ``[::1]:80``, as some proxies write it) or an
+    IPv6 zone, an IPv4-mapped IPv6 address as the IPv4 one, IPv6 compressed and in lower case; None when it
+    is no address (leading zeros included: ``010.1.1.1`` is octal to some and decimal to others)."""
+    found = _CANONICAL.get(text, _CANONICAL)
+    if found is not _CANONICAL:
+        return found  # type: ignore[return-value]
+    out = None
+    if text:
+        t = text.strip()
+        if t.startswith("["):  # [v6] or [v6]:port
+            t = t[1:t.find("]")] if "]" in t else ""
+        elif t.count(":") == 1:  # v4:port
+            t = t.split(":", 1)[0]
+        try:
+            ip = ipaddress.ip_address(t.split("%", 1)[0])
+        except ValueError:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        out = str(ip) if ip is not None else None
+    if len(_CANONICAL) >= 4096:  # bounded whatever spellings arrive
+        _CANONICAL.clear()
+    _CANONICAL[text] = out
+    return out
 
 
 def _accepts_sse(request: web.Request) -> bool:
