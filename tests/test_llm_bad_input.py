@@ -87,3 +87,23 @@ async def test_odd_shapes_are_never_a_500(fake, gateway, path, raw):
     client, _ = await gateway(capped)
     resp = await client.post(path, data=raw, headers={"Content-Type": "application/json"})
     assert resp.status < 500, await resp.text()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_body_that_is_not_utf8_is_400_and_never_sent(fake, gateway, path):
+    """JSON is UTF-8 (RFC 8259 §8.1): bytes that are not are refused, even in a field the gateway does not read."""
+    client, _ = await gateway(config(fake.url))
+    raw = b'{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"\xff\xfe bad"}]}'
+    resp = await client.post(path, data=raw, headers={"Content-Type": "application/json"})
+    body = await resp.json()
+    assert resp.status == 400 and "UTF-8" in body["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_a_body_in_a_coding_the_gateway_cannot_read_and_routed_by_model_is_415(fake, gateway):
+    client, _ = await gateway(GatewayConfig(fake.url).up())  # no default target: the model decides
+    resp = await client.post("/v1/chat/completions", data=b"\x00\x01compressed?",
+                             headers={"Content-Type": "application/json", "Content-Encoding": "foo"})
+    body = await resp.json()
+    assert resp.status == 415 and body["error"]["code"] == "unsupported_media_type"
+    assert "X-ReliAPI-Target" in body["error"]["message"] and fake.requests == []

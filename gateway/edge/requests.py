@@ -18,7 +18,7 @@ from aiohttp import hdrs, web
 from gateway import offload
 from gateway.edge import routed
 from gateway.edge.body import decoded, is_json, read_body
-from gateway.errors import InvalidRequest, UnknownTarget
+from gateway.errors import InvalidRequest, UnknownTarget, UnsupportedMediaType
 from gateway.flow.exchange import ANTHROPIC, ENVELOPE, OPENAI, Exchange
 from gateway.headers import IDEMPOTENCY_KEYS, X_RELIAPI_TARGET, X_RELIAPI_USER
 from gateway.upstream.paths import validate_header_values, validate_path, validate_query
@@ -240,6 +240,11 @@ _AT = re.compile(r"at `\$\.([^`]*)`")  # where a msgspec.ValidationError says th
 
 
 def _peek_body(body: bytes, decode: Any = _peek) -> _Peek:
+    if not body.isascii():  # (the peek skips what it does not read, unchecked: JSON is UTF-8, all of it)
+        try:
+            body.decode()
+        except UnicodeDecodeError as e:
+            raise InvalidRequest(f"request body is not valid JSON: not UTF-8 at byte {e.start}") from None
     try:
         return decode(body)
     except msgspec.ValidationError as e:
@@ -317,7 +322,15 @@ async def v1(call: Call) -> Exchange:
     if model in rt.routes.names:  # a virtual model: its concrete one
         body, decision = await routed.resolve(call, body, asked.billed, model)
     if decision is None:
-        target = rt.router.for_v1(named, model)
+        try:
+            target = rt.router.for_v1(named, model)
+        except UnknownTarget:
+            if peek is _NO_PEEK and hdrs.CONTENT_ENCODING in headers and not named:  # unread, so unrouted: said so
+                raise UnsupportedMediaType(
+                    f"Content-Encoding {headers[hdrs.CONTENT_ENCODING]!r} cannot be read, and the request is routed "
+                    "by its model: send it uncompressed or as gzip, deflate, br or zstd, or name its target in "
+                    "X-ReliAPI-Target") from None
+            raise
     else:
         model, target = decision.model, routed.target_of(rt, decision, named)
     ex = _shape(Exchange(
