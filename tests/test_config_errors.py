@@ -142,7 +142,7 @@ tenants:
 targets:
   t: {base_url: "ftp://x", fallback_targets: [missing, t, {target: t, model: other}]}
   u: {base_url: "https://user:pw@host"}
-  v: {base_url: "https://v.example/v1?x=1"}
+  v: {base_url: "https://v.example/v1?key=sk-in-a-query-123"}
   w: {base_url: "https://w.example", auth: {type: header_env, env_var: W_KEY}}
   x: {base_url: "https://x.example", provider: openai, llm: {provider: anthropic, soft_cost_cap_usd: 2, hard_cost_cap_usd: 1}}
 provider_key_pools:
@@ -156,7 +156,7 @@ provider_key_pools:
         "targets.u.base_url: expected an absolute http(s) URL without query, fragment or credentials, "
         "got 'https://***@host'",
         "targets.v.base_url: expected an absolute http(s) URL without query, fragment or credentials, "
-        "got 'https://v.example/v1?x=1'",
+        "got 'https://v.example/v1?***'",  # a key in the query is not echoed either
         "targets.w.auth: type header_env needs header and env_var",
         "targets.x.llm.provider: 'anthropic' contradicts the target's provider 'openai'",
         "targets.x.llm.hard_cost_cap_usd: must be >= soft_cost_cap_usd (1 < 2)",

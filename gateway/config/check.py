@@ -242,7 +242,7 @@ def _check_caps(soft: float | None, hard: float | None, path: str) -> list[str]:
 def _check_base_url(url: str, path: str) -> list[str]:
     m = re.fullmatch(r"(https?)://([^/?#@\s]+)(/[^?#\s]*)?", url)
     if not m:
-        shown = hide_userinfo(url)  # a password in the URL is never echoed
+        shown = re.sub(r"([?#]).*", r"\1***", hide_userinfo(url), flags=re.S)  # a password or key in it: never echoed
         return [f"{path}: expected an absolute http(s) URL without query, fragment or credentials, got {shown!r}"]
     return []
 
