@@ -262,13 +262,22 @@ def openai_to_anthropic_response(body: dict[str, Any]) -> dict[str, Any]:
         fn = call.get("function") or {}
         content.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
                         "input": _loads(fn.get("arguments"))})
-    usage = body.get("usage") or {}
     return {
         "id": "msg_" + str(body.get("id") or "").removeprefix("chatcmpl-"), "type": "message", "role": "assistant",
         "model": body.get("model"), "content": content,
         "stop_reason": STOP_OF_FINISH.get(choice.get("finish_reason") or "", "end_turn"), "stop_sequence": None,
-        "usage": {"input_tokens": usage.get("prompt_tokens") or 0, "output_tokens": usage.get("completion_tokens") or 0},
+        "usage": anthropic_usage(body.get("usage") or {}),
     }
+
+
+def anthropic_usage(usage: dict[str, Any]) -> dict[str, int]:
+    """OpenAI's usage as Anthropic's: OpenAI's ``prompt_tokens`` holds the prompt's cache reads and writes,
+    Anthropic's ``input_tokens`` is the rest of the prompt (so each is priced at its own rate, as billed)."""
+    details = usage.get("prompt_tokens_details") or {}
+    cached, written = details.get("cached_tokens") or 0, details.get("cache_write_tokens") or 0
+    return {"input_tokens": max(0, (usage.get("prompt_tokens") or 0) - cached - written),
+            "cache_creation_input_tokens": written, "cache_read_input_tokens": cached,
+            "output_tokens": usage.get("completion_tokens") or 0}
 
 
 def openai_error_from_anthropic(body: dict[str, Any], status: int) -> dict[str, Any]:

@@ -73,9 +73,18 @@ def echoed(body: bytes) -> dict[str, Any]:
     return {f: v for f in echo.__struct_fields__ if (v := getattr(echo, f)) is not None}
 
 
-def usage_object(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": completion,
-            "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": prompt + completion}
+def usage_object(prompt: int, completion: int, cached: int = 0, reasoning: int = 0, written: int = 0) -> dict[str, Any]:
+    """``prompt``: all of it, cache reads (``cached``) and writes (``written``) included, as OpenAI counts it."""
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + completion}
+
+
+def usage_from_chat(u: dict[str, Any]) -> dict[str, Any]:
+    details = u.get("prompt_tokens_details") or {}
+    return usage_object(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, details.get("cached_tokens") or 0,
+                        (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0,
+                        details.get("cache_write_tokens") or 0)
 
 
 def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
@@ -114,9 +123,7 @@ def response_from_chat(body: dict[str, Any], echo: dict[str, Any] | None = None)
     u = body.get("usage")
     usage = None  # not reported: unknown, not 0/0/0
     if isinstance(u, dict):
-        usage = usage_object(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0,
-                             (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
-                             (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+        usage = usage_from_chat(u)
     return response_object(rid, body.get("model"), body.get("created") or int(time.time()), output, reason=reason,
                            usage=usage, echo=echo)
 
@@ -141,10 +148,10 @@ def response_from_messages(body: dict[str, Any], echo: dict[str, Any] | None = N
         output.append(message_item(mid if not output else f"{mid}_{len(output)}", "".join(text),
                                    "incomplete" if reason else "completed"))
     u = body.get("usage") or {}
-    cached = u.get("cache_read_input_tokens") or 0
-    prompt = (u.get("input_tokens") or 0) + (u.get("cache_creation_input_tokens") or 0) + cached
+    cached, written = u.get("cache_read_input_tokens") or 0, u.get("cache_creation_input_tokens") or 0
+    prompt = (u.get("input_tokens") or 0) + written + cached
     return response_object(rid, body.get("model"), int(time.time()), output, reason=reason,
-                           usage=usage_object(prompt, u.get("output_tokens") or 0, cached), echo=echo)
+                           usage=usage_object(prompt, u.get("output_tokens") or 0, cached, written=written), echo=echo)
 
 
 def openai_error(body: dict[str, Any], status: int, from_anthropic: bool) -> dict[str, Any]:

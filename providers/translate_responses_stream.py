@@ -19,7 +19,14 @@ from typing import Any
 import msgspec
 
 from providers import responses
-from providers.translate_responses_answer import INCOMPLETE, call_item, ids, response_object, usage_object
+from providers.translate_responses_answer import (
+    INCOMPLETE,
+    call_item,
+    ids,
+    response_object,
+    usage_from_chat,
+    usage_object,
+)
 
 _encode = msgspec.json.encode
 
@@ -158,9 +165,7 @@ class ChatToResponsesStream:
         out = self.out.start(chunk.get("id"), "chatcmpl-", chunk.get("model"))
         u = chunk.get("usage")
         if isinstance(u, dict):
-            self.usage = usage_object(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0,
-                                      (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
-                                      (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+            self.usage = usage_from_chat(u)
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             if delta.get("content"):
@@ -182,7 +187,7 @@ class MessagesToResponsesStream:
     def __init__(self, echo: dict[str, Any] | None = None) -> None:
         self.out = ResponsesEvents(echo)
         self.stop_reason: str | None = None
-        self.prompt = self.cached = self.completion = 0
+        self.prompt = self.cached = self.written = self.completion = 0
 
     def feed(self, name: bytes, data: bytes) -> bytes:
         ev = _decoded(data)
@@ -213,7 +218,7 @@ class MessagesToResponsesStream:
             return b""
         if kind == "message_stop":
             return self.out.finish(INCOMPLETE.get(self.stop_reason or ""),
-                                   usage_object(self.prompt, self.completion, self.cached))
+                                   usage_object(self.prompt, self.completion, self.cached, written=self.written))
         if kind == "error":
             error = ev.get("error") or {}
             return self.out.error(error.get("type"), error.get("message"))
@@ -222,6 +227,7 @@ class MessagesToResponsesStream:
     def _usage(self, u: dict[str, Any]) -> None:
         if u.get("input_tokens") is not None or u.get("cache_read_input_tokens") is not None:
             self.cached = u.get("cache_read_input_tokens") or 0
-            self.prompt = (u.get("input_tokens") or 0) + (u.get("cache_creation_input_tokens") or 0) + self.cached
+            self.written = u.get("cache_creation_input_tokens") or 0
+            self.prompt = (u.get("input_tokens") or 0) + self.written + self.cached
         if u.get("output_tokens") is not None:
             self.completion = u["output_tokens"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from providers.translate import FINISH_OF_STOP, STOP_OF_FINISH
+from providers.translate import FINISH_OF_STOP, STOP_OF_FINISH, anthropic_usage
 
 _encode = msgspec.json.encode
 
@@ -22,7 +22,8 @@ class AnthropicToOpenAIStream:
         self.id = "chatcmpl-"
         self.model: str | None = None
         self.created = int(time.time())
-        self.prompt = 0
+        self.prompt = 0  # all of it: input, cache reads and cache writes, as OpenAI counts it
+        self.cached = self.written = 0
         self.completion = 0
         self.tool_index: dict[int, int] = {}  # Anthropic block index → OpenAI tool call index
         self.done = False
@@ -48,9 +49,7 @@ class AnthropicToOpenAIStream:
             msg = ev.get("message") or {}
             self.id = "chatcmpl-" + str(msg.get("id") or "").removeprefix("msg_")
             self.model = msg.get("model")
-            usage = msg.get("usage") or {}
-            self.prompt = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0) \
-                + (usage.get("cache_read_input_tokens") or 0)
+            self._prompt(msg.get("usage") or {})
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_start":
             block = ev.get("content_block") or {}
@@ -71,13 +70,15 @@ class AnthropicToOpenAIStream:
             usage = ev.get("usage") or {}
             if usage.get("output_tokens") is not None:
                 self.completion = usage["output_tokens"]
-            if usage.get("input_tokens"):
-                self.prompt = usage["input_tokens"]
+            if usage.get("input_tokens") or usage.get("cache_read_input_tokens"):  # (cumulative, where sent)
+                self._prompt(usage)
             reason = (ev.get("delta") or {}).get("stop_reason")
             out = self._chunk({}, FINISH_OF_STOP.get(reason or "", "stop"))
             if self.include_usage:
                 out += self._chunk({}, usage={"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                                              "total_tokens": self.prompt + self.completion})
+                                              "total_tokens": self.prompt + self.completion,
+                                              "prompt_tokens_details": {"cached_tokens": self.cached,
+                                                                        "cache_write_tokens": self.written}})
             return out
         if kind == "message_stop":
             self.done = True
@@ -89,6 +90,11 @@ class AnthropicToOpenAIStream:
             return b"data: " + _encode(body) + b"\n\n"
         return b""  # ping, content_block_stop, thinking deltas
 
+    def _prompt(self, usage: dict[str, Any]) -> None:
+        self.cached = usage.get("cache_read_input_tokens") or 0
+        self.written = usage.get("cache_creation_input_tokens") or 0
+        self.prompt = (usage.get("input_tokens") or 0) + self.cached + self.written
+
 
 class OpenAIToAnthropicStream:
     """OpenAI ``chat.completion.chunk`` events in, Anthropic Messages SSE events out."""
@@ -99,8 +105,7 @@ class OpenAIToAnthropicStream:
         self.block_kind: str | None = None
         self.tools: dict[int, int] = {}  # OpenAI tool call index → Anthropic block index
         self.finish: str | None = None
-        self.prompt = 0
-        self.completion = 0
+        self.usage: dict[str, Any] = {}  # OpenAI's usage chunk, when it came
         self.done = False
 
     @staticmethod
@@ -142,8 +147,7 @@ class OpenAIToAnthropicStream:
                 "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}})
         usage = chunk.get("usage")
         if usage:
-            self.prompt = usage.get("prompt_tokens") or self.prompt
-            self.completion = usage.get("completion_tokens") or self.completion
+            self.usage = usage
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             if delta.get("content"):
@@ -174,5 +178,5 @@ class OpenAIToAnthropicStream:
         out += self._event("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": STOP_OF_FINISH.get(self.finish or "", "end_turn"), "stop_sequence": None},
-            "usage": {"input_tokens": self.prompt, "output_tokens": self.completion}})
+            "usage": anthropic_usage(self.usage)})
         return out + self._event("message_stop", {"type": "message_stop"})

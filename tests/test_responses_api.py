@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import openai
 import pytest
 from aiohttp import web
@@ -423,6 +424,61 @@ async def test_a_chat_request_answered_by_claude_keeps_its_cache_pricing(fake, g
     line = await line_for(logs)
     assert line["prompt_tokens"] == 6100
     assert line["cost_usd"] == pytest.approx(100 * i + 1000 * 1.25 * i + 5000 * 0.1 * i + 20 * o, rel=1e-9)
+
+
+async def test_a_chat_stream_answered_by_claude_reports_its_whole_prompt_in_the_usage_chunk(fake, gateway):
+    """message_delta repeats the input counts, cache reads and writes apart: the chunk sums them, as OpenAI does."""
+    cfg = GatewayConfig(fake.url, default_target="claude").claude(retry_matrix=NO_RETRY)
+    client, _ = await gateway(cfg)
+    fake.plan(Fault(usage={"input_tokens": 100, "output_tokens": 20, "cache_creation_input_tokens": 1000,
+                           "cache_read_input_tokens": 5000}))
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}],
+            "stream": True, "stream_options": {"include_usage": True}}
+    raw = await (await client.post("/v1/chat/completions", json=body)).read()
+    usage = [msgspec.json.decode(line[6:])["usage"] for line in raw.split(b"\n")
+             if line.startswith(b"data: {") and b'"usage"' in line][-1]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (6100, 20)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 5000, "cache_write_tokens": 1000}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_a_responses_request_answered_by_claude_keeps_its_cache_pricing(fake, gateway, sdk, stream):
+    cfg = GatewayConfig(fake.url, default_target="claude").claude(retry_matrix=NO_RETRY)
+    client, logs = await gateway(cfg)
+    fake.plan(Fault(usage={"input_tokens": 100, "output_tokens": 20, "cache_creation_input_tokens": 1000,
+                           "cache_read_input_tokens": 5000}))
+    api = sdk(client)
+    if stream:
+        async with api.responses.stream(model="claude-sonnet-4-5", input="hi") as events:
+            answer = await events.get_final_response()
+    else:
+        answer = await api.responses.create(model="claude-sonnet-4-5", input="hi")
+    details = answer.usage.input_tokens_details
+    assert (answer.usage.input_tokens, details.cached_tokens, details.cache_write_tokens) == (6100, 5000, 1000)
+    i, o = 3e-6, 15e-6
+    line = await line_for(logs)
+    assert line["cost_usd"] == pytest.approx(100 * i + 1000 * 1.25 * i + 5000 * 0.1 * i + 20 * o, rel=1e-9)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_a_messages_request_answered_by_openai_keeps_its_cached_tokens(fake, gateway, stream):
+    client, logs = await gateway(config(fake.url))
+    fake.plan(Fault(usage={"prompt_tokens": 2000, "completion_tokens": 10,
+                           "prompt_tokens_details": {"cached_tokens": 1536}}))
+    body = {"model": "gpt-4o-mini", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    resp = await client.post("/v1/messages", json=body)
+    raw = await resp.read()
+    if stream:
+        usage = next(msgspec.json.decode(line[6:]) for line in raw.split(b"\n")
+                     if line.startswith(b"data: ") and b"message_delta" in line)["usage"]
+    else:
+        usage = msgspec.json.decode(raw)["usage"]
+    # Anthropic's input_tokens is the prompt apart from its cache reads, each priced at its own rate
+    assert (usage["input_tokens"], usage["cache_read_input_tokens"], usage["output_tokens"]) == (464, 1536, 10)
+    line = await line_for(logs)
+    assert line["prompt_tokens"] == 2000
+    assert line["cost_usd"] == pytest.approx(464 * IN + 1536 * CACHED + 10 * OUT, rel=1e-9)
+
 
 # ------------------------------------------------------------------ the reader, event by event
 

@@ -130,7 +130,8 @@ def test_an_anthropic_stream_becomes_chat_completion_chunks() -> None:
     assert "".join(c["function"]["arguments"] for c in calls) == "{\"city\": \"Paris\"}"
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finish == ["tool_calls"]
-    assert chunks[-1]["usage"] == {"prompt_tokens": 472, "completion_tokens": 89, "total_tokens": 561}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 472, "completion_tokens": 89, "total_tokens": 561,
+                                   "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}}
 
 
 def test_an_openai_stream_becomes_messages_events() -> None:
@@ -144,8 +145,8 @@ def test_an_openai_stream_becomes_messages_events() -> None:
     assert events[1]["content_block"] == {"type": "text", "text": ""} and events[2]["delta"]["text"] == "Hello"
     assert events[4]["content_block"]["type"] == "tool_use" and events[4]["content_block"]["id"] == "call_1"
     assert events[5]["delta"] == {"type": "input_json_delta", "partial_json": "{\"q\":1}"}
-    assert events[7]["delta"]["stop_reason"] == "tool_use" and events[7]["usage"] == {"input_tokens": 9,
-                                                                                      "output_tokens": 12}
+    assert events[7]["delta"]["stop_reason"] == "tool_use" and events[7]["usage"] == {
+        "input_tokens": 9, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 12}
 
 
 def test_an_anthropic_request_becomes_a_chat_request_and_back() -> None:
@@ -165,9 +166,11 @@ def test_an_anthropic_request_becomes_a_chat_request_and_back() -> None:
     answer = translate.openai_to_anthropic_response({
         "id": "chatcmpl-9", "model": "gpt-4o", "choices": [{"index": 0, "finish_reason": "length",
                                                             "message": {"role": "assistant", "content": "Hel"}}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+        "usage": {"prompt_tokens": 13, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 4}}})
     assert answer["content"] == [{"type": "text", "text": "Hel"}] and answer["stop_reason"] == "max_tokens"
-    assert answer["usage"] == {"input_tokens": 3, "output_tokens": 1} and answer["id"] == "msg_9"
+    # OpenAI's prompt_tokens holds its cache reads; Anthropic's input_tokens does not
+    assert answer["usage"] == {"input_tokens": 9, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 4,
+                               "output_tokens": 1} and answer["id"] == "msg_9"
 
 
 # ---------------------------------------------------------------- end to end, through the SDKs
