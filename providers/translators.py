@@ -167,16 +167,28 @@ class Crossing(Translator):
                 headers.popall(name, None)
 
     def answer(self, reply: Any, ex: Attempt) -> None:
-        if not reply.body:
+        if not reply.body and reply.status < 400:
             return
         try:
-            doc = msgspec.json.decode(reply.body)
+            doc = msgspec.json.decode(reply.body) if reply.body else None
         except msgspec.DecodeError:
-            return  # not JSON: passed on as it is (the usage policy reports a broken success)
+            doc = None
         if not isinstance(doc, dict):
-            return
+            if reply.status < 400:
+                return  # not JSON: passed on as it is (the usage policy reports a broken success)
+            doc = self._error_doc(reply)  # an HTML page from a proxy, a bare text: said in the client's error JSON
         reply.body = msgspec.json.encode(self.translated(doc, reply.status, ex))
         reply.headers["Content-Type"] = "application/json"
+
+    def _error_doc(self, reply: Any) -> dict[str, Any]:
+        """An error answer that is not JSON as the upstream's dialect would have said it."""
+        text = " ".join(bytes(reply.body or b"")[:600].decode("utf-8", "replace").split())[:300]
+        kind = reply.headers.get("Content-Type", "").split(";")[0] or "no Content-Type"
+        message = f"the upstream answered {reply.status} with a body that is not JSON ({kind})" + (f": {text}" if text else "")
+        if self.upstream is MESSAGES:
+            return {"type": "error", "error": {"type": "api_error", "message": message}}
+        return {"error": {"message": message, "type": "server_error" if reply.status >= 500 else "invalid_request_error",
+                          "code": None, "param": None}}
 
     def translated(self, doc: dict[str, Any], status: int, ex: Attempt) -> Any:
         """A complete answer (or error, ``status`` ≥ 400) to ``ex`` from the upstream's dialect into the

@@ -45,6 +45,8 @@ class Recorded:
         planned = self.planned.pop(0)
         if isinstance(planned, tuple):
             status, body = planned
+            if isinstance(body, bytes):  # not JSON: a proxy's HTML page
+                return web.Response(status=status, body=body, content_type="text/html")
             return web.json_response(body, status=status)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -281,6 +283,26 @@ async def test_a_translated_stream_is_not_spliced_by_stream_recovery_but_ends_wi
     events = await stream_events(client, {"model": "claude-sonnet-4-5", "input": "Hi"})
     assert events[-1]["type"] == "error" and [e["type"] for e in events].count("response.created") == 1
     assert len(fake.requests) == 1  # a Responses body is no Messages body a prefill could continue
+
+
+async def test_an_error_page_that_is_not_json_is_the_clients_own_error_json(recorded, gateway):
+    """A 502 HTML page from a proxy in front of Claude: the openai SDK gets OpenAI's error JSON (chat and
+    Responses), the anthropic-dialect client of an OpenAI target Anthropic's."""
+    client, _ = await gateway(config(recorded.url))
+    page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+    recorded.planned += [(502, page), (502, page), (400, b"bad request")]
+    async with sdk(client) as api:
+        with pytest.raises(openai.InternalServerError) as chat:
+            await api.chat.completions.create(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "Hi"}])
+        with pytest.raises(openai.InternalServerError) as responses:
+            await api.responses.create(model="claude-sonnet-4-5", input="Hi")
+    for error in (chat.value, responses.value):
+        assert isinstance(error.body, dict) and "502 Bad Gateway" in error.body["message"], error.body
+        assert "not JSON (text/html)" in error.body["message"]
+    resp = await client.post("/v1/messages", json={"model": "mistral-small-latest", "max_tokens": 8,
+                                                   "messages": [{"role": "user", "content": "Hi"}]})
+    body = await resp.json()
+    assert resp.status == 400 and body["type"] == "error" and "bad request" in body["error"]["message"]
 
 
 async def test_a_chat_stream_without_a_usage_report_has_no_usage_not_zeros(recorded, gateway):
