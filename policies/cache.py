@@ -295,7 +295,7 @@ def policy(ctx: Context) -> tuple[Policy, Flights] | None:
         lead.private = PRIVATE_HEADERS
         reply = await lead.run(
             lambda: call_next(ex), storable=storable, ttl_s=ttl, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
-            request_id=ex.request_id,
+            request_id=ex.request_id, owner=ex,
         )
         return _mark(reply, "MISS")
 

@@ -247,7 +247,7 @@ def policy(ctx: Context) -> tuple[Policy, Flights]:
             # a plain-HTTP request changes something upstream: once sent, cancelling it would not undo
             # that, only lose the answer its retry must replay. An LLM call is cancelled: nothing but
             # its cost is lost, and that is what a client leaving saves.
-            finish_alone=ex.target.kind != "llm",
+            finish_alone=ex.target.kind != "llm", owner=ex,
         )
 
     return idempotency, flights

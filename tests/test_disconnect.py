@@ -102,6 +102,33 @@ async def test_while_a_follower_waits_the_stream_goes_on_for_it(fake, gateway):
     assert fake.streams_finished == 1 and fake.disconnects == 0 and len(fake.requests) == 1
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["cache", "idempotency-key"])
+async def test_the_access_line_of_a_client_that_left_says_what_its_stream_was_billed(fake, gateway, keyed):
+    """The flight's task ends the upstream call after the client left: the line waits for its tokens and cost."""
+    client, logs = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=200, interval_ms=20))
+    await leave_after_first_event(client, STREAM, {"Idempotency-Key": "told-1"} if keyed else None)
+    await eventually(lambda: idle(client) and bool(logs))
+    line = logs[-1]
+    assert line["outcome"] == "client_closed"
+    assert line["prompt_tokens"] > 0 and line["completion_tokens"] >= 0 and line["cost_usd"] > 0, line
+
+
+async def test_the_access_line_of_a_leader_that_left_a_shared_stream_counts_the_whole_answer(fake, gateway):
+    client, logs = await gateway(config(fake.url))
+    fake.plan(Fault(chunks=20, interval_ms=20))
+    resp = await client.post("/v1/chat/completions", json=STREAM)
+    await resp.content.readuntil(b"\n\n")
+    follower = asyncio.ensure_future(client.post("/v1/chat/completions", json=STREAM))
+    await eventually(lambda: len(client.app[RUNTIME].current.background) >= 1)
+    await asyncio.sleep(0.05)  # the follower is reading the leader's stream
+    resp.close()
+    await (await follower).read()
+    await eventually(lambda: len(logs) == 2)
+    leader = next(line for line in logs if line["outcome"] == "client_closed")
+    assert (leader["prompt_tokens"], leader["completion_tokens"]) == (5, 20) and leader["cost_usd"] > 0
+
+
 async def test_an_abandoned_stream_bills_only_what_was_sent(fake, gateway):
     store = MemoryStore()
     client, _ = await gateway(config(fake.url, budget=True), store=store)

@@ -136,13 +136,26 @@ async def serve(request: web.Request) -> web.StreamResponse:
 
 
 def _record(call: Call, reply: Reply | None, status: int, error: GatewayError | None, outcome: StreamOutcome) -> None:
-    rt, request = call.rt, call.request
     if call.inflight is not None:
-        rt.observatory.leave(call.inflight)
+        call.rt.observatory.leave(call.inflight)
+    duration_ms = (time.monotonic() - call.started) * 1000
+    ex = call.ex
+    running = ex.running if ex is not None else None
+    if running is not None and outcome.client_gone and not running.done():
+        # its client left a stream whose upstream call a flight still ends (cancelled now, or read on for
+        # followers): the line waits for what that call is billed, as a line of an unshared stream has it
+        running.add_done_callback(lambda _: _write_record(call, reply, status, error, outcome, duration_ms))
+        return
+    _write_record(call, reply, status, error, outcome, duration_ms)
+
+
+def _write_record(call: Call, reply: Reply | None, status: int, error: GatewayError | None, outcome: StreamOutcome,
+                  duration_ms: float) -> None:
+    rt, request = call.rt, call.request
     ex = call.ex
     trace = call.trace
     fields = access_fields(request, call.request_id, call.surface.name, ex, reply if error is None else None, status,
-                           error, outcome, (time.monotonic() - call.started) * 1000, trace)
+                           error, outcome, duration_ms, trace)
     if ex is None:
         fields["tenant"] = call.tenant  # a known caller whose request was refused before it had a target
     failed = error or outcome.error

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from multidict import CIMultiDict
 
 if TYPE_CHECKING:
+    import asyncio
+
     from gateway.observe.trace import Trace
     from gateway.upstream.targets import Target
     from providers.auth import PoolKey
@@ -26,6 +28,7 @@ class Exchange:
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
         "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account", "trace", "continuation",
+        "running",
     )
 
     def __init__(
@@ -86,6 +89,8 @@ class Exchange:
         self.canonical: tuple[bytes, bytes] | None = None  # (body, its canonical digest) for fingerprints and cache keys
         self.trace: Trace | None = None  # the request's place in its trace (gateway.observe.trace; set by the edge)
         self.continuation = False  # a stream_recovery continuation: its upstream's error events are held, not relayed
+        # the task of the flight doing this request's work (a cache or idempotency lead): it may outlive the client
+        self.running: asyncio.Task[Any] | None = None
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)

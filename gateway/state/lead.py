@@ -94,13 +94,14 @@ class Lead:
 
     async def run(
         self, work: Callable[[], Awaitable[Reply]], *, storable: StoreEntry, ttl_s: float, max_bytes: int,
-        request_id: str | None = None, finish_alone: bool = False,
+        request_id: str | None = None, finish_alone: bool = False, owner: Any = None,
     ) -> Reply:
         """Run ``work`` in its own task (shielded from this client's disconnect) and return
         the answer for this client; followers get the same. ``request_id``: the leading
         request's, for the log line of a failure. ``finish_alone``: when the client leaves and
         nobody follows, the work still runs to its end and its answer is stored (a request
-        with side effects: its retry must get the answer, not run it twice)."""
+        with side effects: its retry must get the answer, not run it twice). ``owner``: the leading
+        request's exchange, told the task (``Exchange.running``: its access line waits for it)."""
         self.request_id = request_id
         self._finish_alone = finish_alone
         flights = self.flights
@@ -110,6 +111,8 @@ class Lead:
             task = self._task = asyncio.get_running_loop().create_task(self._run(work, storable, ttl_s, max_bytes))
         flights.tasks.add(task)
         task.add_done_callback(flights.tasks.discard)
+        if owner is not None and owner.running is None:  # (the outermost lead's: it ends last)
+            owner.running = task
         try:
             outcome = await self._mine  # a disconnect cancels this wait, not the work
         except asyncio.CancelledError:
