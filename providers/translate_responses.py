@@ -115,7 +115,7 @@ def to_chat_request(body: dict[str, Any], *, anthropic: bool, stream_usage: bool
     if body.get("stream") and stream_usage:
         out["stream_options"] = {"include_usage": True}
     user = body.get("safety_identifier") or body.get("user")
-    if user:
+    if user and anthropic:  # (becomes metadata.user_id; a chat-only API such as Mistral's refuses fields it lacks)
         out["user"] = user
     _add_tools(out, body, anthropic)
     _add_text_and_reasoning(out, body, anthropic)
@@ -260,11 +260,8 @@ def _add_text_and_reasoning(out: dict[str, Any], body: dict[str, Any], anthropic
     elif kind not in (None, "text"):
         raise Untranslatable("text.format", f"text.format: {kind} is not translated for target {{target}}")
     verbosity = text.get("verbosity") if isinstance(text, dict) else None
-    if verbosity not in (None, "medium"):
-        if anthropic:
-            raise Untranslatable("text.verbosity", "text.verbosity is not translated for target {target} "
-                                                   "(Anthropic): leave it out")
-        out["verbosity"] = verbosity
+    if verbosity not in (None, "medium"):  # OpenAI's alone: Anthropic has none, Mistral refuses the field
+        raise Untranslatable("text.verbosity", "text.verbosity is not translated for target {target}: leave it out")
     reasoning = body.get("reasoning") or {}
     effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
     if effort not in (None, "none"):

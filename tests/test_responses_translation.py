@@ -420,6 +420,7 @@ async def test_a_chat_only_target_gets_chat_completions(fake, gateway):
     ("claude-sonnet-4-5", {"input": [{"role": "user", "content": [
         {"type": "input_file", "file_id": "file-1"}]}]}, "input[0].content[0]"),
     ("claude-sonnet-4-5", {"some_future_field": 1}, "some_future_field"),
+    ("mistral-small-latest", {"text": {"verbosity": "low"}}, "text.verbosity"),  # Mistral refuses unknown fields
 ])
 async def test_what_cannot_be_translated_is_a_400_naming_the_field(fake, gateway, model, fields, param):
     client, logs = await gateway(config(fake.url))
@@ -439,8 +440,12 @@ async def test_hints_without_an_equivalent_do_not_block_the_call(fake, gateway):
             model="claude-sonnet-4-5", input="Hi", store=False, metadata={"k": "v"}, prompt_cache_key="k1",
             include=["reasoning.encrypted_content"], reasoning={"summary": "auto"}, background=False,
             truncation="disabled", service_tier="auto", user="u-1")
+        await api.responses.create(model="mistral-small-latest", input="Hi", user="u-1", safety_identifier="s-1",
+                                   metadata={"k": "v"}, store=False)
     assert response.status == "completed"
     assert fake.requests[0].json()["metadata"] == {"user_id": "u-1"}
+    # Mistral's API refuses a field it does not know (422 extra_forbidden): a hint it has no field for stays here
+    assert set(fake.requests[1].json()) == {"model", "messages"}
 
 
 # ---------------------------------------------------------------- the stream translator on its own
