@@ -180,7 +180,9 @@ def _text_parts(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return parts
 
 
-def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
+def anthropic_to_openai_request(body: dict[str, Any], *, openai_fields: bool = True) -> dict[str, Any]:
+    """``openai_fields``: the target takes OpenAI's own ``stream_options`` and ``user`` (a chat-only API such as
+    Mistral's refuses fields it lacks with a 422, and reports a stream's usage unasked)."""
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
@@ -228,10 +230,10 @@ def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
     for field in ("temperature", "top_p", "stream"):
         if body.get(field) is not None:
             out[field] = body[field]
-    if body.get("stream"):
+    if body.get("stream") and openai_fields:
         out["stream_options"] = {"include_usage": True}
     user = (body.get("metadata") or {}).get("user_id")
-    if user:
+    if user and openai_fields:
         out["user"] = user
     tools = body.get("tools")
     if tools:
@@ -289,8 +291,10 @@ def openai_error_from_anthropic(body: dict[str, Any], status: int) -> dict[str, 
 
 
 def anthropic_error_from_openai(body: dict[str, Any], status: int) -> dict[str, Any]:
-    """An OpenAI error answer as Anthropic's, its type the one Anthropic gives that status."""
-    error = body.get("error") or {}
-    error = error if isinstance(error, dict) else {}
-    return {"type": "error", "error": {"type": anthropic.ERROR_TYPES.get(status, "api_error"),
-                                       "message": error.get("message", "")}}
+    """An OpenAI error answer as Anthropic's, its type the one Anthropic gives that status. OpenAI-compatible
+    servers that answer flat (Mistral: ``{"object": "error", "message": …}``, the message a validation's
+    ``detail`` list at times) or with a bare ``detail`` are said too."""
+    error = body.get("error")
+    said = error.get("message", "") if isinstance(error, dict) else (body.get("message") or error or body.get("detail"))
+    message = said if isinstance(said, str) else _encode(said).decode() if said is not None else ""
+    return {"type": "error", "error": {"type": anthropic.ERROR_TYPES.get(status, "api_error"), "message": message}}

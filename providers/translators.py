@@ -152,12 +152,12 @@ class Crossing(Translator):
 
     def making(self, body: bytes, target: Upstream) -> tuple[Any, ...]:
         """The plain function that makes the upstream's body, and its arguments (``gateway.offload.run``)."""
-        return _translated, body, self.upstream.name, target.max_tokens
+        return _translated, body, self.upstream.name, target.max_tokens, target.provider.reports_stream_usage
 
     def asks_usage(self, target: Upstream) -> bool:
         """The translated request asks for a stream's usage report (a Messages client's stream is read from
-        OpenAI chunks, whose usage ``providers.translate`` asks for)."""
-        return self.upstream is CHAT
+        OpenAI chunks, whose usage ``providers.translate`` asks for where the target can be asked)."""
+        return self.upstream is CHAT and target.provider.reports_stream_usage
 
     def headers(self, headers: CIMultiDict[str]) -> None:
         if self.upstream is MESSAGES:
@@ -283,7 +283,8 @@ async def _translated_stream(chunks: AsyncIterator[bytes], translator: Any) -> A
             await close()
 
 
-def _translated(body: bytes, to: str, default_max_tokens: int | None) -> tuple[bytes | None, tuple[str | None, str]]:
+def _translated(body: bytes, to: str, default_max_tokens: int | None,
+                openai_fields: bool = True) -> tuple[bytes | None, tuple[str | None, str]]:
     """``body`` translated to the ``to`` dialect: (the bytes, ("", "")), or (None, (param, message)) with
     ``{target}`` in the message — a plain function of bytes, so that it can run in another process."""
     try:
@@ -301,7 +302,7 @@ def _translated(body: bytes, to: str, default_max_tokens: int | None) -> tuple[b
                                    "send n=1 or leave it out")
             out = translate.openai_to_anthropic_request(doc, default_max_tokens=default_max_tokens)
         else:
-            out = translate.anthropic_to_openai_request(doc)
+            out = translate.anthropic_to_openai_request(doc, openai_fields=openai_fields)
         return msgspec.json.encode(out), ("", "")
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
         # JSON the client's own API would refuse (a number where text belongs, a tool call that is

@@ -222,6 +222,35 @@ async def test_the_anthropic_sdk_talks_to_an_openai_target(fake, gateway):
     await sdk.close()
 
 
+async def test_the_anthropic_sdk_talks_to_a_mistral_target_with_only_fields_mistral_takes(fake, gateway):
+    """Mistral's API refuses stream_options and user (422 extra_forbidden) and reports a stream's usage unasked."""
+    cfg = config(fake.url).target("mistral", f"{fake.url}/v1", provider="mistral", models=["mistral-*"])
+    client, logs = await gateway(cfg)
+    sdk = anthropic.AsyncAnthropic(base_url=str(client.make_url("")), api_key="sk-x", max_retries=0)
+    fake.plan(Fault(strict=True), Fault(strict=True, unasked_usage=True, chunks=3))
+    message = await sdk.messages.create(model="mistral-small-latest", max_tokens=64, metadata={"user_id": "u-1"},
+                                        messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello from the fake."
+    async with sdk.messages.stream(model="mistral-small-latest", max_tokens=64, metadata={"user_id": "u-1"},
+                                   messages=[{"role": "user", "content": "hi"}]) as stream:
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text == "tok0 tok1 tok2 " and (final.usage.input_tokens, final.usage.output_tokens) == (5, 3)
+    assert "stream_options" not in fake.requests[1].json() and "user" not in fake.requests[1].json()
+    assert logs[-1]["completion_tokens"] == 3
+    await sdk.close()
+
+
+def test_a_flat_error_of_a_chat_only_server_keeps_its_message_in_anthropics_shape():
+    mistral = {"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", "x"],
+                                                          "msg": "Extra inputs are not permitted"}]},
+               "type": "invalid_request_error", "param": None, "code": None}
+    out = translate.anthropic_error_from_openai(mistral, 422)
+    assert out["type"] == "error" and "Extra inputs are not permitted" in out["error"]["message"]
+    assert translate.anthropic_error_from_openai({"detail": "Not Found"}, 404)["error"]["message"] == "Not Found"
+    assert translate.anthropic_error_from_openai({"error": {"message": "bad"}}, 400)["error"]["message"] == "bad"
+
+
 async def test_a_provider_error_reaches_the_sdk_in_its_own_dialect(fake, gateway):
     client, _ = await gateway(config(fake.url))
     sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="sk-x", max_retries=0)

@@ -60,6 +60,8 @@ class Fault:
     usage: dict | None = None  # fields merged into the reported usage (cached tokens, details, …)
     terminal: str = "response.completed"  # /v1/responses: the stream's last event (response.incomplete, …)
     start_input_tokens: int = 5  # Anthropic stream: message_start's input_tokens
+    unasked_usage: bool = False  # chat stream: usage in the last chunk, unasked (as Mistral's API does)
+    strict: bool = False  # chat: refuse fields OpenAI has and Mistral's API lacks, with its 422 extra_forbidden
 
 
 @dataclass
@@ -193,6 +195,11 @@ class FakeUpstream:
         if fault is None:
             return web.Response()  # never sent: the connection is gone
         body = msgspec.json.decode(raw)
+        extra = [f for f in ("stream_options", "user", "verbosity", "store", "metadata") if f in body]
+        if fault.strict and extra:  # Mistral's answer to a field its schema lacks
+            return web.json_response({"object": "error", "message": {"detail": [
+                {"type": "extra_forbidden", "loc": ["body", f], "msg": "Extra inputs are not permitted"} for f in extra]},
+                "type": "invalid_request_error", "param": None, "code": None}, status=422)
         if fault.status != 200:
             message = fault.error_message or f"fake error {fault.status}"
             if fault.echo_auth:  # a careless upstream that quotes the key back
@@ -220,6 +227,9 @@ class FakeUpstream:
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             if asked_usage:  # as OpenAI: every chunk then has "usage": null, the last one the usage
                 out["usage"] = None
+            if finish and fault.unasked_usage:
+                out["usage"] = {"prompt_tokens": 5, "completion_tokens": fault.chunks - start,
+                                "total_tokens": 5 + fault.chunks - start, **(fault.usage or {})}
             return b"data: " + _json(out) + b"\n\n"
 
         events = []
