@@ -197,6 +197,8 @@ def router(ctx: Context, target_chains: Mapping[str, Handler]) -> Handler:
         assert final is not None
         target = final.entry[0]
         ex.target, ex.body, ex.model = target, final.body, final.model
+        if final.index:  # the access line names the target asked for too
+            ex.log["primary_target"] = primary.name
         if final.reply is not None:
             _mark(ex, final.reply, final.index, target)
             return final.reply
@@ -204,7 +206,6 @@ def router(ctx: Context, target_chains: Mapping[str, Handler]) -> Handler:
         if final.index:
             final.error.headers[X_RELIAPI_FALLBACK] = target.name
             ex.log["fallback_target"] = target.name
-            ex.log["primary_target"] = primary.name
         raise final.error
 
     return fallback

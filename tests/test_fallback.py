@@ -80,12 +80,14 @@ async def test_fallback_on_decides_which_failures_move_on(three, gateway):
 
 async def test_when_everything_fails_the_last_answer_is_returned(three, gateway):
     up, fb1, fb2 = three
-    client, _ = await gateway(chain_config(up.url, fb1.url, fb2.url), clock=FakeClock())
+    client, logs = await gateway(chain_config(up.url, fb1.url, fb2.url), clock=FakeClock())
     up.script = fb1.script = lambda n, seen: DOWN
     fb2.script = lambda n, seen: Fault(status=500, error_message="fb2 broke")
     resp = await client.post("/v1/chat/completions", json=CHAT)
     assert resp.status == 500 and (await resp.json())["error"]["message"] == "fb2 broke"
     assert resp.headers["X-ReliAPI-Target"] == "fb2" and resp.headers["X-ReliAPI-Fallback"] == "fb2"
+    line = logs[-1]  # the line names the target asked for too
+    assert (line["target"], line["primary_target"], line["fallback_target"]) == ("fb2", "up", "fb2")
 
 
 async def test_an_upstream_answer_beats_a_later_open_circuit(three, gateway):
@@ -126,7 +128,7 @@ targets:
     resp = await client.post("/t/up/chat/completions", json=CHAT)
     body = await resp.json()
     assert resp.status == 503 and body["error"]["code"] == "circuit_open" and body["error"]["target"] == "up"
-    assert 25 <= int(resp.headers["Retry-After"]) <= 30
+    assert 25 <= int(resp.headers["Retry-After"]) <= 30 and resp.headers["X-ReliAPI-Attempts"] == "0"
     assert len(up.requests) == len(fb1.requests) == 1
 
 

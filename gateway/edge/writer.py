@@ -107,8 +107,9 @@ def error_response(
 ) -> web.Response:
     headers = CIMultiDict(err.headers)
     headers["X-Request-Id"] = request_id
-    if target:
+    if target:  # (routed: a proxied request's answer, the gateway's own too, says where it went and how often)
         headers["X-ReliAPI-Target"] = target
+        headers["X-ReliAPI-Attempts"] = str(attempts)
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(err.retry_after + 0.999)))
     body = error_body(err, dialect, request_id, target=target, attempts=attempts, duration_ms=duration_ms)
