@@ -24,7 +24,10 @@ from tests.support.fakes import Fault
 from tests.support.metrics_spec import SPEC_SERIES
 
 # SPEC §8: "Redis down: cache and usage degrade to pass-through (logged, metric, …)" — the metric.
-EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"}}
+EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"},
+                # the ReliAPI wiki's names (seed 000): the SPEC's counts by fewer labels, and in milliseconds
+                "reliapi_http_requests_total": {"target", "status"}, "reliapi_llm_requests_total": {"target", "status"},
+                "reliapi_latency_ms": {"target", "kind"}}
 HISTOGRAMS = {"reliapi_request_duration_seconds", "reliapi_upstream_duration_seconds", "reliapi_ttft_seconds",
               "reliapi_llm_cost_usd"}
 
@@ -180,7 +183,7 @@ async def test_every_spec_series_is_there_with_exactly_its_labels(toured):
         else:
             assert m.get(name), f"{name} has no sample"
             assert all(dict(k).keys() == labels for k in m[name]), (name, list(m[name]))
-    extra = {n for n in m if n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") not in SPEC_SERIES}
+    extra = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in m} - set(SPEC_SERIES)
     assert extra <= set(EXTRA_SERIES)
 
 
@@ -254,6 +257,20 @@ async def test_histograms_count_requests_attempts_and_first_tokens(toured):
     assert count(m, "reliapi_ttft_seconds") == {L(target="up"): 1}  # the stream only
     buckets = {dict(k)["le"]: v for k, v in m["reliapi_ttft_seconds_bucket"].items()}
     assert buckets["+Inf"] == 1 and list(buckets.values()) == sorted(buckets.values())  # cumulative
+
+
+async def test_the_wikis_series_names_are_the_same_counts(toured):
+    """Seed 000 names reliapi_http_requests_total, reliapi_llm_requests_total and reliapi_latency_ms."""
+    client, _, _ = toured
+    m = await scrape(client)
+    assert m["reliapi_http_requests_total"] == {L(target="rest", status="200"): 1}
+    llm = m["reliapi_llm_requests_total"]
+    assert llm[L(target="up", status="200")] == 7 and llm[L(target="backup", status="200")] == 3  # acme 6 + tight 1
+    assert sum(llm.values()) == 16
+    seconds, ms = count(m, "reliapi_request_duration_seconds"), count(m, "reliapi_latency_ms")
+    assert ms == seconds
+    assert sum(m["reliapi_latency_ms_sum"].values()) == pytest.approx(1000 * sum(m["reliapi_request_duration_seconds_sum"].values()))
+    assert "5000.0" in {dict(k)["le"] for k in m["reliapi_latency_ms_bucket"]}  # the 5 s bucket, in ms
 
 
 async def test_gauges_after_the_script(toured):

@@ -43,11 +43,18 @@ class Exposition:
         from the client's request body and must not be able to break or forge a line.
         Gauges are rebuilt on every scrape, so a target a reload removed disappears."""
         c = self._collectors
+        by_kind: dict[tuple[str, str, str], int] = {}  # the seed's names (reliapi_{http,llm}_requests_total)
         for (target, kind, route, status, tenant), n in obs.requests.items():
             c["requests"].set({"target": _esc(target), "kind": kind, "route": route, "status": status,
                                "tenant": _esc(tenant)}, n)
+            key = (kind, target, status)
+            by_kind[key] = by_kind.get(key, 0) + n
+        for (kind, target, status), n in by_kind.items():
+            if kind in ("http", "llm"):
+                c[kind + "_requests"].set({"target": _esc(target), "status": status}, n)
         for (target, kind), h in obs.durations.items():
             c["duration"].set_value({"target": _esc(target), "kind": kind}, _export(h))
+            c["latency_ms"].set_value({"target": _esc(target), "kind": kind}, _export(h, 1000.0))
         for target, h in obs.upstream.items():
             c["upstream"].set_value({"target": _esc(target)}, _export(h))
         for target, h in obs.ttft.items():
@@ -101,13 +108,15 @@ class Exposition:
         return render(self.registry, accept)
 
 
-def _export(hist: Hist) -> prom_histogram.Histogram:
-    h = prom_histogram.Histogram(*hist.bounds)
+def _export(hist: Hist, scale: float = 1.0) -> prom_histogram.Histogram:
+    """``scale``: the same counts in another unit (seconds × 1000: milliseconds)."""
+    bounds = hist.bounds if scale == 1.0 else tuple(b * scale for b in hist.bounds)
+    h = prom_histogram.Histogram(*bounds)
     running = 0
-    for bound, count in zip((*hist.bounds, prom_histogram.POS_INF), hist.counts, strict=True):
+    for bound, count in zip((*bounds, prom_histogram.POS_INF), hist.counts, strict=True):
         running += count
         h.buckets[bound] = running
-    h.observations, h.sum = hist.n, hist.sum
+    h.observations, h.sum = hist.n, hist.sum * scale
     return h
 
 
@@ -128,6 +137,13 @@ def _collectors() -> tuple[Registry, dict[str, Any]]:
         "requests": Counter(p + "requests_total", "Requests answered, by target, kind, route, status and tenant.", registry=r),
         "duration": Histogram(p + "request_duration_seconds", "Time from request to the end of the answer.",
                               registry=r, buckets=DURATION_BUCKETS),
+        # the names the ReliAPI wiki (seeds) gives: the same counts, by fewer labels / in milliseconds
+        "http_requests": Counter(p + "http_requests_total", "Requests to plain-HTTP targets, by target and status "
+                                 "(reliapi_requests_total{kind=\"http\"} summed over route and tenant).", registry=r),
+        "llm_requests": Counter(p + "llm_requests_total", "Requests to LLM targets, by target and status "
+                                "(reliapi_requests_total{kind=\"llm\"} summed over route and tenant).", registry=r),
+        "latency_ms": Histogram(p + "latency_ms", "reliapi_request_duration_seconds in milliseconds.", registry=r,
+                                buckets=tuple(b * 1000.0 for b in DURATION_BUCKETS)),
         "upstream": Histogram(p + "upstream_duration_seconds",
                               "Upstream answer time per attempt (to the whole body, or a stream's first byte).",
                               registry=r, buckets=DURATION_BUCKETS),
