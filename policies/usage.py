@@ -136,7 +136,7 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
             ex.settlement.settle(cost or 0.0)
         emit(Billed(ex.target.name, ex.model or "", ex.tenant, prompt, completion, cost))  # (metrics, status page)
         # summed here under a tuple key; the store key (with the day) is made once a second, when folded
-        key = (ex.tenant, ex.user or ex.headers.get(X_RELIAPI_USER), log.get("fallback_target") or ex.target.name, model)
+        key = (ex.tenant, user_of(ex), log.get("fallback_target") or ex.target.name, model)  # (the header wins)
         row = live.get(key)
         if row is None:
             if len(live) >= book.MAX_KEYS:

@@ -289,4 +289,14 @@ async def test_a_users_usage_by_day_and_in_total(fake, gateway):
     assert (await client.get("/v1/usage/dana")).status == 401
     future = await (await client.get("/v1/usage/dana?since=2999-01-01", headers=KEY)).json()
     assert future["total"] == {"completion_tokens": 0, "cost_usd": 0.0, "prompt_tokens": 0, "requests": 0} and future["days"] == []
-    assert (await client.get("/v1/usage/dana?since=yesterday", headers=KEY)).status == 400
+    for bad in ("yesterday", "2026-02-30", "2026-13-45", "0000-00-00", "20260102", ""):
+        assert (await client.get(f"/v1/usage/dana?since={bad}", headers=KEY)).status == 400, bad
+
+
+async def test_the_header_names_the_user_a_usage_row_counts_for_before_the_body(fake, gateway):
+    """X-ReliAPI-User, else the body's user: as the per-user rate limit reads it."""
+    client, _ = await gateway(config(fake.url, daily=1.0), store=MemoryStore())
+    await client.post("/v1/chat/completions", json=chat(user="body-bob"), headers={**KEY, "X-ReliAPI-User": "hdr-alice"})
+    alice = await (await client.get("/v1/usage/hdr-alice", headers=KEY)).json()
+    bob = await (await client.get("/v1/usage/body-bob", headers=KEY)).json()
+    assert alice["total"]["requests"] == 1 and bob["total"]["requests"] == 0

@@ -57,6 +57,7 @@ from gateway.edge.answers import (
     UsageReport,
 )
 from gateway.edge.ids import request_id as request_id_of
+from gateway.edge.reports import since_day
 from gateway.edge.writer import EnvelopeError, StreamOutcome, error_body, error_response
 from gateway.errors import (
     Forbidden,
@@ -216,15 +217,7 @@ async def summary(request: web.Request, rt: Runtime) -> Summary:
 async def usage(request: web.Request, rt: Runtime) -> UsageReport:
     tenant = request.query.get("tenant") or None
     user = request.query.get("user") or None
-    since = request.query.get("since")  # present but empty is a bad date too, not "no bound"
-    if since is not None:
-        try:
-            day = datetime.date.fromisoformat(since)
-        except ValueError:
-            raise InvalidRequest("since: expected a date, YYYY-MM-DD", param="since") from None
-        if len(since) != 10:  # fromisoformat also takes 20240102
-            raise InvalidRequest("since: expected a date, YYYY-MM-DD", param="since")
-        since = day.isoformat()
+    since = since_day(request.query.get("since"))
     await rt.usage_book_flush()  # the counts of the last moments are written first
     found = await usage_summary(rt.store, tenant=tenant, user=user,
                                 since_day=since.replace("-", "") if since else None)

@@ -7,7 +7,7 @@ as on the proxied paths, and a tenant sees only its own. The answers are ``Model
 
 from __future__ import annotations
 
-import re
+import datetime
 
 import msgspec
 from aiohttp import web
@@ -38,6 +38,19 @@ async def models(request: web.Request) -> web.StreamResponse:
                         headers={X_REQUEST_ID: request_id})
 
 
+def since_day(since: str | None) -> str | None:
+    """A report's ``?since=``: a real date as YYYY-MM-DD (present but empty, 2026-02-30 or 20260102 are 400s)."""
+    if since is None:
+        return None
+    try:
+        day = datetime.date.fromisoformat(since)
+    except ValueError:
+        day = None
+    if day is None or len(since) != 10:  # (fromisoformat also takes 20240102)
+        raise InvalidRequest("since: expected a date, YYYY-MM-DD", param="since")
+    return day.isoformat()
+
+
 async def user_usage(request: web.Request) -> web.StreamResponse:
     """GET /v1/usage/{user_id} (the "LLM Gateway API" seed): a user's usage by day and in total.
     With tenants, a tenant sees only its own users."""
@@ -45,9 +58,7 @@ async def user_usage(request: web.Request) -> web.StreamResponse:
     request_id = request_id_of(request.headers)
     try:
         tenant = rt.tenants.authenticate(request.headers)
-        since = request.query.get("since")
-        if since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
-            raise InvalidRequest("since: a date, YYYY-MM-DD", param="since")
+        since = since_day(request.query.get("since"))
         await rt.usage_book_flush()
         found = await usage_summary(rt.store, tenant=tenant.name if tenant else None,
                                     user=request.match_info["user_id"], since_day=since.replace("-", "") if since else None)
