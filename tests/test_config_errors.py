@@ -260,6 +260,8 @@ server:
     assert cfg.server.admin_key_env == "RELIAPI_ADMIN_KEY"
     cfg = load(text, env={"HOST": "::", "PORT": "9001", "ADMIN_ENV": "MY_ADMIN"})
     assert (cfg.server.host, cfg.server.port, cfg.server.admin_key_env) == ("::", 9001, "MY_ADMIN")
+    cfg = load(text, env={"HOST": "::", "PORT": "", "ADMIN_ENV": ""})  # set but empty: the default, as in a shell
+    assert (cfg.server.port, cfg.server.admin_key_env) == (8000, "RELIAPI_ADMIN_KEY")
 
 
 def test_env_values_are_typed_by_the_field() -> None:

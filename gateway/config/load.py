@@ -80,10 +80,10 @@ def expand_env(
 
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
+        if default is not None:  # ${VAR:-default}: the default when VAR is unset or empty, as in a shell
+            return env.get(name) or default
         if name in env:
             return env[name]
-        if default is not None:
-            return default
         where = path or "(top level)"
         errors.append(f"{where}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
         unset.add(where)
