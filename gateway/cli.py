@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="store URL, e.g. redis://127.0.0.1:6379/0 (env REDIS_URL; default memory://)")
     p.add_argument("--workers", type=int, default=None, help="processes sharing the port (env RELIAPI_WORKERS; default 1)")
     p.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 2 invalid)")
+    p.add_argument("--healthcheck", action="store_true",
+                   help="ask the gateway this config describes for /healthz on its port and exit (0 healthy, 1 not): "
+                        "the image's HEALTHCHECK, which follows RELIAPI_PORT, PORT and server.port like the server")
     p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS,
                    help="debug, info, warning or error, in any case (env LOG_LEVEL); default info")
     p.add_argument("--version", action="version", version=f"reliapi {__version__}")
@@ -132,6 +135,22 @@ def _check_store(config: Config) -> str | None:
     return None
 
 
+def healthcheck(config: Config) -> int:
+    """GET /healthz of the gateway listening where ``config`` says (a wildcard address: over loopback)."""
+    import urllib.request
+
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "*": "127.0.0.1"}.get(config.server.host,
+                                                                                       config.server.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}/healthz"
+    try:  # (no proxy: an HTTP_PROXY in the environment must not answer for the gateway)
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2) as resp:
+            ok = resp.status == 200
+    except OSError as e:  # refused, timed out, or an HTTP error status
+        print(f"unhealthy: {url}: {e}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = args.log_level or os.environ.get("LOG_LEVEL", "info").lower()
@@ -146,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return 2
     applied, env_warnings, replaced = seed_notes
+    if args.healthcheck:
+        return healthcheck(config)
     if args.check:
         for line in [*applied, *replaced]:
             print(f"environment: {line}", file=sys.stderr)

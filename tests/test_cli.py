@@ -146,6 +146,19 @@ def test_port_precedence_flag_beats_env_beats_file(cli: CLI) -> None:
     assert from_flag.terminate() == 0, from_flag.output
 
 
+def test_healthcheck_asks_the_port_the_server_would_listen_on(cli: CLI) -> None:
+    """The image's HEALTHCHECK: PORT (the seed's variable) and server.port count as they do for the server."""
+    port, other = free_port(), free_port()
+    cli.write("config.yaml", f"server: {{port: {other}}}\n")
+    gw = cli.start(env={"PORT": str(port)}, port=port)
+    gw.wait_healthy()
+    assert cli.run("--healthcheck", env={"PORT": str(port)}).returncode == 0
+    unhealthy = cli.run("--healthcheck")  # the file's port: nobody listens there
+    assert unhealthy.returncode == 1 and f":{other}/healthz" in unhealthy.stderr
+    assert_no_traceback(unhealthy.stderr)
+    assert gw.terminate() == 0, gw.output
+
+
 def test_discovers_config_yaml_in_working_directory(cli: CLI) -> None:
     port = free_port()
     cli.write("config.yaml", f"""\
