@@ -74,6 +74,8 @@ def create_app(
     status_page.add_routes(app, wrap=named)
     openapi.add_routes(app)  # GET /openapi.json: every path the gateway answers itself (built here, once)
     docs.add_routes(app)  # GET /docs: that document rendered, with no file from anywhere else
+    for resource in app.router.resources():  # any other method on these: a 405, never the proxy's catch-all
+        resource.add_route("*", operator.get_only)
     admin.add_routes(app)
     # the /v1 paths the gateway answers itself (any other method: 405, never the proxy's catch-all below)
     operator.add_routes(app, fixed=(("GET", "/v1/models", reports.models),

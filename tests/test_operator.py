@@ -80,6 +80,17 @@ async def test_another_method_on_a_gateway_path_is_405_in_openais_dialect(fake, 
     assert resp.status == 405 and resp.headers["Allow"] == "GET" and body["error"]["code"] == "method_not_allowed"
 
 
+@pytest.mark.parametrize(("method", "path"), [("POST", "/metrics"), ("POST", "/healthz"), ("DELETE", "/livez"),
+                                              ("POST", "/health"), ("PUT", "/readyz"), ("POST", "/status.json"),
+                                              ("POST", "/"), ("POST", "/docs"), ("PATCH", "/openapi.json")])
+async def test_another_method_on_a_probe_or_page_is_405_and_never_proxied(fake, gateway, method, path):
+    client, _ = await gateway(config(fake.url), env={"OPENAI_KEY": "sk-x"})
+    resp = await client.request(method, path, json={})
+    body = await resp.json()
+    assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD" and body["error"]["code"] == "method_not_allowed"
+    assert (await client.head(path)).status == 200 and fake.requests == []
+
+
 async def test_rate_limit_info_shows_the_callers_tenant_limit_as_it_stands(fake, gateway):
     cfg = config(fake.url).tenant("acme", api_key="acme-key-123456", rate_limit={"rpm": 3})
     client, _ = await gateway(cfg, env={"OPENAI_KEY": "sk-x"})

@@ -151,6 +151,12 @@ def _only(method: str) -> Handler:
     return refuse
 
 
+async def get_only(request: web.Request) -> web.StreamResponse:
+    """Another method on a path the gateway answers GET (and HEAD) on: 405, in the OpenAI dialect."""
+    return error_response(MethodNotAllowed(f"{request.path} answers GET and HEAD only", headers={"Allow": "GET, HEAD"}),
+                          OPENAI, request_id(request.headers))
+
+
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/health", named(health)),
     ("GET", "/v1/admin/summary", admin.guarded(admin.summary)),
