@@ -288,6 +288,7 @@ def policy(ctx: Context) -> tuple[Policy, Flights] | None:
             degraded(ex, e)
             return _mark(await call_next(ex), "BYPASS")
         events.emit(CacheMiss(target=ex.target.name))
+        ex.cache_status = "MISS"
         if lead is None:
             return _mark(await call_next(ex), "MISS")
         headers = ex.headers

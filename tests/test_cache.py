@@ -63,6 +63,14 @@ async def test_without_a_cache_block_every_request_reaches_the_upstream(fake, st
     assert len(fake.requests) == 6
 
 
+async def test_an_error_the_gateway_answers_after_a_miss_says_miss(fake, start):
+    """SPEC §2: X-Cache on every proxied answer — the gateway's own errors too."""
+    client, _ = await start(cache=CACHE_ON)
+    fake.plan(*[Fault(reset=True)] * 3)  # every attempt reset: a 502 of the gateway's own
+    answer = await chat(client)
+    assert answer.status == 502 and answer.cache == "MISS" and answer.headers["X-Cached"] == "false", answer
+
+
 async def test_a_target_without_a_cache_block_is_not_cached_when_another_target_is(fake, start):
     client, _ = await start(cache=CACHE_ON, rest_cache=None)  # no cache block for rest
     first, second = await get(client), await get(client)

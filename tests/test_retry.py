@@ -159,6 +159,7 @@ async def test_plain_http_post_to_a_closed_port_is_retried_then_502(gateway):
     assert body["error"]["code"] == "upstream_unavailable" and body["error"]["type"] == "upstream_error"
     assert body["meta"]["retries"] == 2  # the default net rule: 2 retries, the request never left
     assert resp.headers["X-ReliAPI-Attempts"] == "3" and resp.headers["X-ReliAPI-Target"] == "rest"  # its own error too
+    assert (resp.headers["X-Cache"], resp.headers["X-Cached"]) == ("BYPASS", "false")  # (a POST: never cached)
     # the first retry after a broken connection is immediate, the second backs off in [0, base)
     assert [e.delay_s for e in retries][0] == 0 and len(clock.sleeps) == 1 and 0 <= clock.sleeps[0] < 1.0
     assert [e.reason for e in retries] == ["net", "net"]

@@ -125,6 +125,9 @@ async def serve(request: web.Request) -> web.StreamResponse:
             error, surface.dialect_of(request.raw_path), call.request_id, target=ex.target.name if ex else None,
             attempts=ex.attempts if ex else 0, duration_ms=(time.monotonic() - call.started) * 1000,
         )
+        if ex is not None:  # routed: said like every proxied answer's (SPEC §2)
+            answer.headers.setdefault(X_CACHE, ex.cache_status or "BYPASS")
+            answer.headers.setdefault(X_CACHED, "false")
         if slot.stopping:
             answer.force_close()
         return answer

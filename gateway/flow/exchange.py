@@ -28,7 +28,7 @@ class Exchange:
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
         "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account", "trace", "continuation",
-        "running",
+        "running", "cache_status",
     )
 
     def __init__(
@@ -91,6 +91,7 @@ class Exchange:
         self.continuation = False  # a stream_recovery continuation: its upstream's error events are held, not relayed
         # the task of the flight doing this request's work (a cache or idempotency lead): it may outlive the client
         self.running: asyncio.Task[Any] | None = None
+        self.cache_status: str | None = None  # MISS once the cache looked and ran it: an error answer says so too
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)
