@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from gateway import jsonbody, offload
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, UpstreamError
 from gateway.streaming.sse import Aligner, events
 from providers import (
     translate,
@@ -52,6 +52,7 @@ class Attempt(Protocol):
 
     method: str
     body: bytes
+    target: Upstream
     endpoint: Endpoint
     choices: int
     include_usage: bool
@@ -177,6 +178,11 @@ class Crossing(Translator):
             if reply.status < 400:
                 return  # not JSON: passed on as it is (the usage policy reports a broken success)
             doc = self._error_doc(reply)  # an HTML page from a proxy, a bare text: said in the client's error JSON
+        elif reply.status < 400 and not isinstance(doc.get("content" if self.upstream is MESSAGES else "choices"), list):
+            # JSON, but no answer in it: nothing to translate into one (a made-up empty answer would be a lie)
+            label = "Anthropic message" if self.upstream is MESSAGES else "chat completion"
+            raise UpstreamError(f"the upstream's answer is not a{'n' if label[0] == 'A' else ''} {label}",
+                                target=ex.target.name, upstream_status=reply.status)
         reply.body = msgspec.json.encode(self.translated(doc, reply.status, ex))
         reply.headers["Content-Type"] = "application/json"
 

@@ -107,3 +107,26 @@ async def test_a_body_in_a_coding_the_gateway_cannot_read_and_routed_by_model_is
     body = await resp.json()
     assert resp.status == 415 and body["error"]["code"] == "unsupported_media_type"
     assert "X-ReliAPI-Target" in body["error"]["message"] and fake.requests == []
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/proxy/llm", {"target": "up", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/generate", {"prompt": "hi", "model": "gpt-4o-mini"}),
+    ("/v1/chat/completions", {**CHAT, "model": "claude-3-5-haiku-latest"}),  # translated
+    ("/v1/messages", {**MESSAGES, "model": "gpt-4o-mini"}),  # translated
+])
+async def test_a_2xx_json_answer_with_no_answer_in_it_is_a_502_where_the_gateway_must_read_it(
+        aiohttp_server, gateway, path, body):
+    """Nothing to put in an envelope or a translation: not an empty "success" (API.md: 502 upstream_error)."""
+    async def odd(request: web.Request) -> web.Response:
+        return web.json_response({"status": "queued", "id": "job-1"})
+
+    app = web.Application()
+    for route in ("/v1/chat/completions", "/v1/messages"):
+        app.router.add_post(route, odd)
+    server = await aiohttp_server(app)
+    client, logs = await gateway(config(str(server.make_url("")).rstrip("/")))
+    resp = await client.post(path, json=body)
+    answer = await resp.json()
+    assert resp.status == 502, answer
+    assert "not a" in str(answer) and logs[-1]["error_code"] == "upstream_error"

@@ -218,8 +218,11 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
         answer = msgspec.json.decode(body, type=_Answer)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
-    choice = (answer.choices or [{}])[0]  # the chat completion (translated back from another dialect)
-    text = (choice.get("message") or {}).get("content") or ""
+    if not answer.choices or not isinstance(answer.choices[0].get("message"), dict):
+        raise UpstreamError("the upstream's answer is not a chat completion (no choice with a message)",
+                            target=ex.target.name, upstream_status=status)
+    choice = answer.choices[0]  # the chat completion (translated back from another dialect)
+    text = choice["message"].get("content") or ""
     finish = choice.get("finish_reason")
     usage = read_usage(body, ex.endpoint.dialect)
     meta = _meta(rt, ex, upstream, duration_ms)

@@ -117,8 +117,10 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Repl
         answer = msgspec.json.decode(body, type=_Answer)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
-    message = (answer.choices or [{}])[0].get("message") or {}
-    text = message.get("content") or ""
+    if not answer.choices or not isinstance(answer.choices[0].get("message"), dict):
+        raise UpstreamError("the upstream's answer is not a chat completion (no choice with a message)",
+                            target=ex.target.name, upstream_status=upstream.status)
+    text = answer.choices[0]["message"].get("content") or ""
     usage = read_usage(body, ex.endpoint.dialect) or Usage(0, 0)
     prompt, completion = usage.prompt, usage.completion
     price = rt.prices.price(ex.model)
