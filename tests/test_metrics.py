@@ -21,13 +21,10 @@ from gateway.store.memory import MemoryStore
 from tests.support.circuits import eventually
 from tests.support.config import NO_RETRY, GatewayConfig, bearer_env
 from tests.support.fakes import Fault
-from tests.support.metrics_spec import SPEC_SERIES
+from tests.support.metrics_spec import SPEC_SERIES, WIKI_SERIES
 
 # SPEC §8: "Redis down: cache and usage degrade to pass-through (logged, metric, …)" — the metric.
-EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"},
-                # the ReliAPI wiki's names (seed 000): the SPEC's counts by fewer labels, and in milliseconds
-                "reliapi_http_requests_total": {"target", "status"}, "reliapi_llm_requests_total": {"target", "status"},
-                "reliapi_latency_ms": {"target", "kind"}}
+EXTRA_SERIES = {"reliapi_store_degraded_total": {"target", "policy"}, **WIKI_SERIES}
 HISTOGRAMS = {"reliapi_request_duration_seconds", "reliapi_upstream_duration_seconds", "reliapi_ttft_seconds",
               "reliapi_llm_cost_usd"}
 

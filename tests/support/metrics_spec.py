@@ -23,3 +23,11 @@ SPEC_SERIES = {
     "reliapi_inflight_requests": {"target"},
     "reliapi_key_pool_keys": {"target", "state"},
 }
+
+# The names the ReliAPI wiki (seed 000) gives: the SPEC's counts by fewer labels, and in milliseconds.
+WIKI_SERIES = {
+    "reliapi_http_requests_total": {"target", "status"},
+    "reliapi_llm_requests_total": {"target", "status"},
+    "reliapi_latency_ms": {"target", "kind"},
+}
+EXPOSED_SERIES = {**SPEC_SERIES, **WIKI_SERIES}
