@@ -56,6 +56,7 @@ class Provider:
     speaks: str | None = None
     also_speaks: frozenset[str] = frozenset()  # further dialects its API serves natively (OpenAI: responses)
     reports_stream_usage: bool = False
+    strict_fields: bool = False  # refuses a body field its API lacks (Mistral: 422 extra_forbidden)
     requires_max_tokens: bool = False
     # How a configured key is attached when the auth block does not name a header.
     key_header: str = "Authorization"

@@ -24,5 +24,6 @@ class MistralProvider(OpenAIProvider):
     name = "mistral"
     otel_name = "mistral_ai"
     prices = PRICES
-    reports_stream_usage = False  # stream_options is OpenAI's
+    reports_stream_usage = False  # stream_options is OpenAI's; Mistral reports a stream's usage unasked
+    strict_fields = True  # a field its schema lacks (user, stream_options, …) is a 422
     also_speaks: frozenset[str] = frozenset()  # chat only: a Responses request is translated to chat

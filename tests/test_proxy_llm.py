@@ -87,6 +87,12 @@ async def test_streaming_answers_meta_chunks_and_done(fake, gateway, target):
     assert name == "done" and done["finish_reason"] == "stop" and done["usage"]["completion_tokens"] == 3
     assert done["cost_usd"] > 0
     assert done["cost_usd"] == round(done["cost_usd"], 10)  # rounded as the complete answer's meta, no float dust
+    if target != "openai":
+        return  # (only openai has a cache here)
+    replay = sse(await (await client.post("/proxy/llm", json={  # the same again: from the cache
+        "target": target, "messages": [{"role": "user", "content": "hi"}], "stream": True})).read())
+    assert replay[0][1]["cache_hit"] is True and len(fake.requests) == 1
+    assert replay[-1][1]["usage"] == done["usage"] and replay[-1][1]["cost_usd"] == done["cost_usd"]  # not lost
 
 
 async def test_a_cut_stream_ends_with_an_error_event(fake, gateway):
@@ -162,3 +168,17 @@ async def test_the_idempotency_headers_work_like_the_body_field(fake, gateway, h
     changed = await client.post("/proxy/llm", headers={header: "order-77"},
                                 json={**body, "messages": [{"role": "user", "content": "another"}]})
     assert changed.status == 422 and (await changed.json())["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_a_mistral_target_gets_only_fields_its_api_takes(fake, gateway):
+    """Mistral refuses user and stream_options (422 extra_forbidden) and reports a stream's usage unasked."""
+    cfg = config(fake.url).target("mistral", f"{fake.url}/v1", provider="mistral", models=None,
+                                  llm={"default_model": "mistral-small-latest"})
+    client, _ = await gateway(cfg)
+    fake.plan(Fault(strict=True), Fault(strict=True, unasked_usage=True, chunks=2))
+    envelope = {"target": "mistral", "user": "u-7", "messages": [{"role": "user", "content": "hi"}]}
+    resp = await client.post("/proxy/llm", json=envelope)
+    assert resp.status == 200 and (await resp.json())["data"]["content"] == "Hello from the fake."
+    events = sse(await (await client.post("/proxy/llm", json={**envelope, "stream": True})).read())
+    assert events[-1][0] == "done" and events[-1][1]["usage"]["completion_tokens"] == 2
+    assert all("user" not in s.json() and "stream_options" not in s.json() for s in fake.requests)

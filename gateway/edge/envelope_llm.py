@@ -154,14 +154,17 @@ async def exchange(call: Call) -> Exchange:
         body["max_tokens"] = env.max_tokens or (llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
     if env.stop is not None:
         body["stop"] = env.stop
-    if env.user is not None:
+    if env.user is not None and not target.provider.strict_fields:  # (Mistral refuses it; usage still names it)
         body["user"] = env.user
     for field in ("temperature", "top_p"):
         value = getattr(env, field)
         if value is not None:
             body[field] = value
+    usage_chunk = env.stream and (target.provider.reports_stream_usage or target.provider.speaks == "messages")
     if env.stream:
         body["stream"] = True
+        if target.provider.reports_stream_usage:  # the usage chunk is the envelope's to read: relayed to it (and
+            body["stream_options"] = {"include_usage": True}  # kept in a cached stream), not read and dropped
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
     if env.stream:
         headers["Accept"] = "text/event-stream"
@@ -173,6 +176,7 @@ async def exchange(call: Call) -> Exchange:
         stream=env.stream, tenant=call.tenant, client_ip=client_ip(call.request, rt),
     )
     ex.max_tokens = body.get("max_tokens")
+    ex.include_usage = usage_chunk  # (a Claude stream translated for the envelope: with its usage chunk too)
     ex.idempotency_key = env.idempotency_key
     ex.cache_ttl = float(env.cache) if env.cache is not None else None
     ex.user = header_user(call.request) or (env.user[:128] if env.user is not None else None)

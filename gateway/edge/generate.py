@@ -81,7 +81,7 @@ async def exchange(call: Call) -> Exchange:
         upstream["temperature"] = req.temperature
     if req.max_tokens is not None or target.provider.requires_max_tokens:
         upstream["max_tokens"] = req.max_tokens or (llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
-    if req.user_id is not None:
+    if req.user_id is not None and not target.provider.strict_fields:  # (Mistral refuses it; usage still names it)
         upstream["user"] = str(req.user_id)
     ex = Exchange(
         request_id=call.request_id, method="POST", route="generate", dialect=OPENAI,
