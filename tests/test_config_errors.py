@@ -244,6 +244,23 @@ targets:
     assert cfg.targets["b"].timeout_ms == 7000 and cfg.targets["b"].base_url == "https://a.example"
 
 
+def test_type_errors_and_the_checks_across_fields_are_reported_at_once() -> None:
+    """A bad value does not hide the other mistakes: the rest is checked with it left out."""
+    errs = errors_of("""
+server: {port: "abc"}
+targets:
+  a: {base_url: "ftp://x", fallback_targets: [nowhere], circuit: {error_threshold: "5"}}
+  b: {base_url: ""}
+""")
+    assert errs == [
+        "server.port: expected int, got str",
+        "targets.a.circuit.error_threshold: expected int, got str",
+        "targets.a.base_url: expected an absolute http(s) URL without query, fragment or credentials, got 'ftp://x'",
+        "targets.a.fallback_targets[0]: no target named 'nowhere'",
+        "targets.b.base_url: expected an absolute http(s) URL without query, fragment or credentials, got ''",
+    ]
+
+
 # ------------------------------------------------------------------ environment expansion
 
 

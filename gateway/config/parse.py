@@ -5,6 +5,7 @@ folded in (``compat``), retry defaults merged, path-aware type checks, decoding 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import typing
@@ -63,7 +64,8 @@ def parse_config(text: str, *, source: str = "config", env: typing.Mapping[str, 
     check_errors: list[str] = []
     raw = check_types(raw, Config, "", check_errors, env_text)
     errors.extend(e for e in check_errors if e.split(": ", 1)[0] not in unset)
-    if errors:
+    if errors:  # the rest is checked too, the bad values left out: every mistake at once (CONFIGURATION.md)
+        errors.extend(e for e in _cross_check_without(raw, errors) if e not in errors)
         raise ConfigError(errors, source=source)
     try:
         config = msgspec.convert(raw, Config, strict=True)
@@ -75,6 +77,40 @@ def parse_config(text: str, *, source: str = "config", env: typing.Mapping[str, 
     if errors:
         raise ConfigError(errors, source=source)
     return config
+
+
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _cross_check_without(raw: dict[str, Any], errors: list[str]) -> list[str]:
+    """``cross_check``'s errors of ``raw`` with the values ``errors`` name left out (defaults in their place); none
+    when what is left is no config either (a required value was bad)."""
+    trimmed = copy.deepcopy(raw)
+    for error in errors:
+        steps = [(k, int(i) if i else None) for k, i in _STEP.findall(error.split(": ", 1)[0])]
+        node: Any = trimmed
+        for n, (key, index) in enumerate(steps):
+            last = n == len(steps) - 1
+            if index is not None:
+                if not isinstance(node, list) or index >= len(node):
+                    break
+                if last:
+                    node[index] = None
+                    break
+                node = node[index]
+            else:
+                if not isinstance(node, dict) or key not in node:
+                    break
+                if last:
+                    del node[key]
+                    break
+                node = node[key]
+    try:
+        found = cross_check(_resolve(msgspec.convert(trimmed, Config, strict=True)))
+    except Exception:  # noqa: BLE001 — only a best effort: the errors already found are what counts
+        return []
+    bad = [e.split(": ", 1)[0] for e in errors]  # (a value left out is no second mistake where it was)
+    return [e for e in found if not any(b.startswith(p) or p.startswith(b) for p in [e.split(": ", 1)[0]] for b in bad)]
 
 
 def _fill_retry_defaults(raw: dict[str, Any]) -> None:
