@@ -87,8 +87,8 @@ async def test_a_keyed_complete_answer_is_cancelled_when_its_client_leaves(fake,
     assert len(fake.requests) == 2
 
 
-async def test_while_a_follower_waits_the_stream_goes_on_for_it(fake, gateway):
-    client, _ = await gateway(config(fake.url))
+async def leader_leaves_while_a_follower_reads(client, fake) -> bytes:
+    """A stream of 20 chunks whose first client leaves once a second reads it too: the second's whole body."""
     fake.plan(Fault(chunks=20, interval_ms=20))
     resp = await client.post("/v1/chat/completions", json=STREAM)
     await resp.content.readuntil(b"\n\n")
@@ -96,8 +96,12 @@ async def test_while_a_follower_waits_the_stream_goes_on_for_it(fake, gateway):
     await eventually(lambda: len(client.app[RUNTIME].current.background) >= 1)
     await asyncio.sleep(0.05)  # the follower is reading the leader's stream
     resp.close()
-    answer = await follower
-    body = await answer.read()
+    return await (await follower).read()
+
+
+async def test_while_a_follower_waits_the_stream_goes_on_for_it(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    body = await leader_leaves_while_a_follower_reads(client, fake)
     assert body.count(b"tok") == 20 and body.endswith(b"data: [DONE]\n\n")
     assert fake.streams_finished == 1 and fake.disconnects == 0 and len(fake.requests) == 1
 
@@ -116,14 +120,7 @@ async def test_the_access_line_of_a_client_that_left_says_what_its_stream_was_bi
 
 async def test_the_access_line_of_a_leader_that_left_a_shared_stream_counts_the_whole_answer(fake, gateway):
     client, logs = await gateway(config(fake.url))
-    fake.plan(Fault(chunks=20, interval_ms=20))
-    resp = await client.post("/v1/chat/completions", json=STREAM)
-    await resp.content.readuntil(b"\n\n")
-    follower = asyncio.ensure_future(client.post("/v1/chat/completions", json=STREAM))
-    await eventually(lambda: len(client.app[RUNTIME].current.background) >= 1)
-    await asyncio.sleep(0.05)  # the follower is reading the leader's stream
-    resp.close()
-    await (await follower).read()
+    await leader_leaves_while_a_follower_reads(client, fake)
     await eventually(lambda: len(logs) == 2)
     leader = next(line for line in logs if line["outcome"] == "client_closed")
     assert (leader["prompt_tokens"], leader["completion_tokens"]) == (5, 20) and leader["cost_usd"] > 0
