@@ -31,7 +31,7 @@ from gateway import __version__
 from gateway import reload as reloading
 from gateway.config import ConfigError, config_warnings, load_config, seed_env
 from gateway.config.model import Config
-from gateway.config.store import store_url_errors
+from gateway.config.store import memory_bound_errors, store_url_errors
 from gateway.keys import Reloader
 from gateway.store.url import parse_store_url
 
@@ -91,6 +91,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
                             f"file: the store is {parse_store_url(url).display}")
         store = msgspec.structs.replace(store, url=url, sentinel=None, cluster=None, username=None, password=None,
                                         tls=None)
+        if problems := memory_bound_errors(store):  # the file's memory bound, now for another store
+            raise ConfigError([f"{given} replaces the file's memory:// store: " + problems[0]],
+                              source="command line" if args.redis_url else "environment")
     config = msgspec.structs.replace(
         config,
         server=msgspec.structs.replace(server, host=host, port=port),

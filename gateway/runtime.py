@@ -16,8 +16,11 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+import msgspec
+
 from gateway.clock import Clock
 from gateway.config.model import Config
+from gateway.config.store import StoreConfig, memory_max_bytes
 from gateway.edge.answers import Model
 from gateway.errors import SHUTDOWN
 from gateway.flow.build import build
@@ -32,6 +35,7 @@ from gateway.observe.trace import Tracing
 from gateway.scrub import Scrubber
 from gateway.state.shared import SharedState
 from gateway.store import Store, StoreError, StoreMisconfigured, open_store
+from gateway.store.memory import MemoryStore
 from gateway.upstream.routing import Routes
 from gateway.upstream.targets import Router, Target
 from policies.door import Guard
@@ -90,7 +94,8 @@ class Runtime:
         self.calls: set[Call] = set()  # proxied requests running on this runtime (``gateway.edge.serve``)
         self.drained: asyncio.Future[None] | None = None  # set when the last one ends, once a reload retired it
         self.cutting = False  # the shutdown's grace period is over (``cut``)
-        self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix)
+        self.store = store or open_store(config.store.url, key_prefix=config.store.key_prefix,
+                                         memory_max_bytes=memory_max_bytes(config.store))
         self.scrub = Scrubber(_secrets(config, env, self.targets.values()))
         self.access_log = access_log or AccessLog(access_log_write)
         self.max_body = int(config.server.max_body_mb * 1024 * 1024)
@@ -219,7 +224,9 @@ class RuntimeSlot:
 
     async def reload(self, config: Config) -> Runtime:
         old = self.current
-        same_store = config.store == old.config.store
+        same_store = _store_proper(config.store) == _store_proper(old.config.store)
+        if same_store and isinstance(old.store, MemoryStore):  # a new bound for the same store: its state stays
+            old.store.max_cache_bytes = memory_max_bytes(config.store)
         new = Runtime(
             config, env=old.env, store=old.store if same_store else None, access_log=old.access_log,
             clock=old.clock, events=old.events, observatory=old.observatory, spans=old.spans,
@@ -266,3 +273,8 @@ class RuntimeSlot:
             except asyncio.CancelledError:
                 pass
         await self.current.close()
+
+
+def _store_proper(store: StoreConfig) -> StoreConfig:
+    """What decides which store a config opens (a memory store's bound can change without a new store)."""
+    return msgspec.structs.replace(store, memory_max_mb=None)

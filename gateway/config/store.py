@@ -69,6 +69,9 @@ class StoreConfig(_Base):
     # rate limits while the store is down: each instance limits on its own (local), or every
     # request passes (allow), or every limited request gets 503 (deny)
     rate_limit_on_error: Literal["local", "allow", "deny"] = "local"
+    # memory:// only: the cache's stored answers held in at most this many MB (the oldest go first); None: 256.
+    # On Redis, bound memory with Redis's own maxmemory and an eviction policy
+    memory_max_mb: float | None = None
 
     @property
     def where(self) -> str:
@@ -95,9 +98,31 @@ def resolve(store: StoreConfig) -> StoreConfig:
     return msgspec.structs.replace(store, url=url)
 
 
+MEMORY_MAX_MB = 256.0  # store.memory_max_mb's default
+
+
+def memory_max_bytes(store: StoreConfig) -> int:
+    return int((MEMORY_MAX_MB if store.memory_max_mb is None else store.memory_max_mb) * 1024 * 1024)
+
+
+def memory_bound_errors(store: StoreConfig) -> list[str]:
+    """``memory_max_mb`` set for a store it does nothing for, or not a size (none: fine)."""
+    if store.memory_max_mb is None:
+        return []
+    if not store.url.lower().startswith("memory:") or store.sentinel is not None or store.cluster is not None:
+        return ["store.memory_max_mb: bounds the memory:// store only — on Redis, set Redis's own maxmemory "
+                "(docs/RUNBOOK.md, sizing)"]
+    if not store.memory_max_mb > 0:
+        return [f"store.memory_max_mb: expected a size in MB above 0, got {store.memory_max_mb:g}"]
+    return []
+
+
 def store_errors(store: StoreConfig) -> list[str]:
     """Why the gateway cannot use this ``store:`` section (a resolved one), or nothing. A block given
     with ``url`` too is refused before decoding (``gateway.config.compat``), where both are still told apart."""
+    bound = memory_bound_errors(store)
+    if bound:
+        return bound
     if store.sentinel is not None and store.cluster is not None:
         return ["store: give either sentinel or cluster, not both"]
     if store.sentinel is None and store.cluster is None:

@@ -44,7 +44,7 @@ async def probe_store(url: str, *, key_prefix: str = "reliapi") -> str | None:
     return None
 
 
-def open_store(url: str, *, key_prefix: str = "reliapi") -> Store:
+def open_store(url: str, *, key_prefix: str = "reliapi", memory_max_bytes: int | None = None) -> Store:
     """Build the store for ``url`` without connecting; call ``ping()`` to check it.
 
     ``key_prefix`` namespaces every key and channel on Redis (``reliapi:<key>``) so
@@ -52,5 +52,5 @@ def open_store(url: str, *, key_prefix: str = "reliapi") -> Store:
     private to its process and needs no namespace.
     """
     if url.partition("://")[0].lower() == "memory":
-        return MemoryStore()
+        return MemoryStore(max_cache_bytes=memory_max_bytes)
     return RedisStore(url, key_prefix=key_prefix)  # StoreURLError (a ValueError) when it cannot be used

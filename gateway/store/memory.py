@@ -7,12 +7,18 @@ per process: with ``--workers N`` each worker limits, caches and counts on its o
 Expiry is lazy (an expired entry vanishes when touched) plus a bounded sweep: every
 write pops at most ``_SWEEP_BATCH`` due deadlines from a heap, so keys nobody reads
 again (old cache entries, idle rate-limit buckets) are still freed at O(log n) cost.
+
+The cache's stored answers are also bounded in bytes (``max_cache_bytes``, ``store.memory_max_mb``):
+past it the oldest are dropped first — a cache miss later, never lost state. Nothing else is
+dropped early: a rate limit, a budget or an idempotency key that vanished under memory
+pressure would let a request through that must not pass.
 """
 
 from __future__ import annotations
 
 import heapq
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -29,6 +35,7 @@ from gateway.store.base import (
 )
 
 _SWEEP_BATCH = 64
+CACHE_ANSWERS = "cache:"  # the cache's keys (``policies.cache``: its flights' namespace); stored answers start b"D"
 
 Value = bytes | dict[str, float] | list[bytes]
 
@@ -39,11 +46,16 @@ class MemoryStore(Store):
 
     backend = "memory"
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time, max_cache_bytes: int | None = None) -> None:
         self._clock = clock
         self._data: dict[str, tuple[Value, float | None]] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._channels: dict[str, set[Subscription]] = {}
+        self.max_cache_bytes = max_cache_bytes  # None: unbounded
+        # the cache's stored answers, oldest first: key → the value stored (an entry since replaced or deleted
+        # is noticed when its turn comes), and the bytes they hold
+        self._answers: OrderedDict[str, bytes] = OrderedDict()
+        self.cache_bytes = 0
 
     @property
     def url_for_display(self) -> str:
@@ -54,7 +66,7 @@ class MemoryStore(Store):
     def _live(self, key: str) -> tuple[Value, float | None] | None:
         entry = self._data.get(key)
         if entry is not None and entry[1] is not None and entry[1] <= self._clock():
-            del self._data[key]
+            self._drop(key)
             return None
         return entry
 
@@ -72,7 +84,33 @@ class MemoryStore(Store):
         self._data[key] = (value, expires_at)
         if expires_at is not None and (old is None or old[1] != expires_at):
             heapq.heappush(self._deadlines, (expires_at, key))
+        if self.max_cache_bytes is not None and key.startswith(CACHE_ANSWERS) and type(value) is bytes \
+                and value[:1] == b"D":
+            self._bound(key, value)
         self._sweep()
+
+    def _drop(self, key: str) -> None:
+        self._data.pop(key, None)
+        if self._answers:
+            stored = self._answers.pop(key, None)
+            if stored is not None:
+                self.cache_bytes -= len(stored)
+
+    def _bound(self, key: str, value: bytes) -> None:
+        """Count a stored answer of the cache; past ``max_cache_bytes``, drop the oldest."""
+        answers = self._answers
+        replaced = answers.pop(key, None)
+        if replaced is not None:
+            self.cache_bytes -= len(replaced)
+        answers[key] = value
+        self.cache_bytes += len(value)
+        limit = self.max_cache_bytes or 0
+        while self.cache_bytes > limit and answers:
+            oldest, stored = answers.popitem(last=False)
+            self.cache_bytes -= len(stored)
+            entry = self._data.get(oldest)
+            if entry is not None and entry[0] is stored:  # still that answer (not replaced, deleted or expired)
+                del self._data[oldest]
 
     def _sweep(self) -> None:
         now, heap = self._clock(), self._deadlines
@@ -82,7 +120,7 @@ class MemoryStore(Store):
             at, key = heapq.heappop(heap)
             entry = self._data.get(key)
             if entry is not None and entry[1] == at:  # not re-set with a later deadline since
-                del self._data[key]
+                self._drop(key)
         # Rewritten keys leave superseded deadlines behind; rebuild before they dominate.
         if len(heap) > 2 * len(self._data) + 1024:
             self._deadlines = [(e[1], k) for k, e in self._data.items() if e[1] is not None]
@@ -123,13 +161,13 @@ class MemoryStore(Store):
         return None
 
     async def delete(self, key: str) -> None:
-        self._data.pop(key, None)
+        self._drop(key)
 
     async def compare_and_delete(self, key: str, expected: bytes, *, notify: str | None = None) -> bool:
         entry = self._typed(key, bytes)
         if entry is None or entry[0] != expected:
             return False
-        del self._data[key]
+        self._drop(key)
         if notify is not None:
             await self.publish(notify, b"released")
         return True
@@ -154,7 +192,7 @@ class MemoryStore(Store):
                     done.append(False)
                     continue
             if w.value is None:
-                self._data.pop(w.key, None)
+                self._drop(w.key)
             else:
                 self._put(w.key, w.value, self._deadline(w.ttl_s))
             if w.notify is not None:
@@ -254,7 +292,7 @@ class MemoryStore(Store):
         candidates = [k for k in self._data if k.startswith(prefix)]
         doomed = [k for k in candidates if self._live(k) is not None]  # _live drops the expired
         for key in doomed:
-            del self._data[key]
+            self._drop(key)
         return len(doomed)
 
     # -- notification ----------------------------------------------------------
