@@ -263,8 +263,9 @@ async def _serve(config: Config, source: str, *, reuse_port: bool, reload: Reloa
         on_sighup()
     await stop.wait()
     loop.add_signal_handler(signal.SIGHUP, lambda: None)  # no reload while draining (and not SIGHUP's default: exit)
-    log.info("shutting down: draining in-flight requests for up to %gs", config.server.shutdown_grace_s)
-    await _drain(runner, app[RUNTIME], config.server.shutdown_grace_s)
+    grace_s = app[RUNTIME].current.config.server.shutdown_grace_s  # (a reload's, not the start's)
+    log.info("shutting down: draining in-flight requests for up to %gs", grace_s)
+    await _drain(runner, app[RUNTIME], grace_s)
     await runner.cleanup()
     offload.shutdown()
     log.info("stopped")
@@ -282,8 +283,9 @@ async def _drain(runner: GatewayRunner, slot: RuntimeSlot, grace_s: float) -> No
     for site in list(runner.sites):
         await site.stop()
     await asyncio.sleep(0)  # (requests read just before have started)
-    if runner.server is not None:
-        runner.server.pre_shutdown()
+    server = runner.server
+    if server is not None:  # idle connections close; a request still arriving (its body too) is read and answered
+        server.close_idle() if hasattr(server, "close_idle") else server.pre_shutdown()
     try:
         async with asyncio.timeout(grace_s):
             await slot.drain()

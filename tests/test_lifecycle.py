@@ -196,6 +196,34 @@ async def test_sigterm_answers_what_is_still_unanswered_when_the_grace_runs_out(
     assert_no_traceback(gw.stderr)
 
 
+async def test_sigterm_lets_a_body_still_arriving_finish_and_be_answered(cli: CLI, fake: FakeUpstream) -> None:
+    """A request whose body is still being uploaded is in flight: it is read to its end and answered within the
+    grace period (aiohttp's own pre_shutdown closed its connection, which then dropped every byte that came),
+    and an idle keep-alive connection is closed at once."""
+    gw = start_behind_fake(cli, fake, grace_s=5)
+    await asyncio.to_thread(gw.wait_healthy)
+    body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"' + b"x" * 200_000 + b'"}]}'
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", gw.port)  # connected, sends nothing
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(head + body[:1000])
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    gw.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)  # draining
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # the idle connection was closed
+    writer.write(body[1000:])
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    idle_writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"Connection: close" in answer and b"Hello from the fake." in answer
+    assert len(fake.requests) == 1 and len(fake.requests[0].body) == len(body)
+    assert await gw.wait_exit_async(timeout=10) == 0, gw.output
+
+
 async def test_sigterm_past_the_grace_leaves_no_flight_locked_in_the_store(cli: CLI, fake: FakeUpstream) -> None:
     """A stream that leads its idempotency key and, nested, its cache entry, cut at shutdown: its client is told the
     gateway stopped (not "abandoned by its client"), and both keys are released before the store closes — a lock
@@ -301,8 +329,8 @@ async def test_sighup_reloads_config_and_rejects_a_bad_one(cli: CLI, fake: FakeU
     port = gw.port
     assert get_json(port, "/readyz")[1]["targets"] == ["up"]
 
-    # a valid new config: a second target appears without a restart
-    cfg = GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=1).up(models=None).rest("two")
+    # a valid new config: a second target appears without a restart (and a new grace period, used at SIGTERM)
+    cfg = GatewayConfig(fake.url, port=port, default_target="up", shutdown_grace_s=0.5).up(models=None).rest("two")
     cli.write("up.yaml", cfg)
     gw.proc.send_signal(signal.SIGHUP)
     await asyncio.to_thread(wait_for, lambda: get_json(port, "/readyz")[1]["targets"] == ["two", "up"], 10,
@@ -320,4 +348,5 @@ async def test_sighup_reloads_config_and_rejects_a_bad_one(cli: CLI, fake: FakeU
     assert get_json(port, "/readyz")[1]["targets"] == ["two", "up"]
     assert gw.proc.poll() is None
     assert await asyncio.to_thread(gw.terminate) == 0, gw.output
+    assert any("draining in-flight requests for up to 0.5s" in m for m in gw.messages()), gw.output  # the reload's
     assert_no_traceback(gw.stderr)

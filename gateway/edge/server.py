@@ -147,6 +147,11 @@ class _RequestHandler(web_protocol.RequestHandler):
         elif data and not self._head_started and self._between_requests():
             self._start_head_clock()
 
+    def idle(self) -> bool:
+        """No request on this connection: none being answered, none queued, no head or body arriving."""
+        return (self._current_request is None and not self._messages and not self._head_started
+                and self._between_requests())
+
     def _between_requests(self) -> bool:
         body = self._last_body
         return (body is None or body.is_eof()) and not (self._close or self._force_close or self._upgraded)
@@ -263,6 +268,14 @@ class _Server(web_server.Server):
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _RequestHandler(self, loop=self._loop, limits=self.limits, **self._kwargs)
+
+    def close_idle(self) -> None:
+        """Shutdown: close the connections no request is on. A busy one — a body still arriving included — goes
+        on (its answer says ``Connection: close``); aiohttp's ``pre_shutdown`` would close it too, and a closed
+        connection drops every byte that arrives after."""
+        for conn in list(self._connections):
+            if isinstance(conn, _RequestHandler) and conn.idle():
+                conn.force_close()  # (``close`` alone leaves an idle connection's transport open on aiohttp 3.14)
 
 
 class GatewayRunner(web.AppRunner):
