@@ -4,6 +4,7 @@ and never silently truncated (SPEC §2 Streaming, §5 Honest streams)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import openai
@@ -286,3 +287,59 @@ async def test_the_first_byte_has_the_ttft_timeout_not_the_idle_one(fake, gatewa
     late = await client.post("/v1/chat/completions", json=CHAT,  # past the TTFT timeout it is one all the same
                              headers={"X-Fake-Chunks": "2", "X-Fake-First-Delay-Ms": "5000"})
     assert late.status == 504
+
+
+async def test_a_plain_http_event_stream_cut_mid_event_ends_with_its_own_error_event(aiohttp_server, gateway):
+    """Relayed in whole events like an LLM's: the half event is dropped, not glued onto the in-band error."""
+    from aiohttp import web
+
+    async def half(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"n": 1}\n\ndata: {"n": 2}\n\n')
+        await asyncio.sleep(0.05)
+        await resp.write(b'data: {"n": 3, "text": "cut he')
+        await asyncio.sleep(0.05)
+        request.transport.abort()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/events", half)
+    server = await aiohttp_server(app)
+    client, logs = await gateway(f"targets:\n  feed: {{base_url: '{server.make_url('')}'}}\n")
+    events = await _events(await client.get("/t/feed/events", headers={"Accept": "text/event-stream"}))
+    assert events[:2] == [b'data: {"n": 1}', b'data: {"n": 2}'] and len(events) == 3
+    assert events[2].startswith(b"event: error\ndata: ") and b"cut he" not in events[2]
+    assert logs[-1]["outcome"] == "stream_error"
+
+
+async def test_an_event_stream_framed_with_bare_cr_is_relayed_live_and_complete(aiohttp_server, gateway):
+    """CR alone ends an SSE line too (the openai SDK reads it): each event goes on as it comes, and [DONE]
+    is seen — the stream is complete, not broken."""
+    from aiohttp import web
+
+    read_first = asyncio.Event()  # the rest is sent only once the client has the first event: held, it never would
+
+    async def chat(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+                     "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\r\r")
+            await asyncio.wait_for(read_first.wait(), 5)
+        await resp.write(b"data: [DONE]\r\r")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    client, logs = await gateway(llm_config(str(server.make_url("")).rstrip("/")))
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    first = await asyncio.wait_for(resp.content.readuntil(b"\r\r"), 5)
+    assert b"w0" in first
+    read_first.set()
+    rest = await resp.read()
+    assert rest.endswith(b"data: [DONE]\r\r") and b"error" not in rest
+    assert logs[-1]["outcome"] == "ok"

@@ -23,7 +23,7 @@ from gateway.observe.spans import attempt_answered, attempt_failed, attempt_span
 from gateway.observe.trace import TRACEPARENT, TRACESTATE, new_span_id
 from gateway.scrub import scrub_error, scrub_text_stream
 from gateway.streaming.sse import Aligner
-from gateway.streaming.streams import read_head, read_preamble, strip_usage_chunks, watch
+from gateway.streaming.streams import read_head, read_preamble, strip_usage_chunks, watch, whole_events
 from providers.translators import Prepared, Translator, translator
 
 if TYPE_CHECKING:
@@ -144,7 +144,9 @@ async def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translat
     if not is_event_stream(reply.headers):
         return
     reader = tr.reader(ex, prepared)  # the upstream's dialect
-    if reader is None:
+    if reader is None:  # not read, but still relayed in whole events (an in-band error is never glued onto half one)
+        if reply.chunks is not None:
+            reply.chunks = whole_events(reply.chunks)
         return
     strip_usage = prepared.strip_usage
     aligner = Aligner()

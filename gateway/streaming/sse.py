@@ -6,8 +6,8 @@ client could use. It matters when a stream breaks mid-event — the partial even
 dropped, so the in-band error (or a spliced continuation) that follows is not glued
 onto half a JSON object, which an SDK would report as a parse error instead.
 
-Events are separated by a blank line; lines end in ``\\n`` or ``\\r\\n`` (a lone ``\\r``
-line ending is not seen in practice and is treated as text).
+Events are separated by a blank line; lines end in ``\\n``, ``\\r\\n`` or a lone ``\\r`` (all three are
+SSE's; a raw CR is never inside a line, so CR CR is a blank line).
 
 Byte searches here run for every event, so they are ``find`` calls, not ``in``: on CPython 3.11
 ``needle in data`` first tries the needle as an integer, and raising and clearing that
@@ -28,7 +28,12 @@ def _boundary(buf: bytes) -> int:
     """Index just past the last complete event in ``buf`` (0 when there is none)."""
     lf = buf.rfind(b"\n\n")
     crlf = buf.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    if end < len(buf) - 1:  # (not the usual chunk: a bare-CR stream's blank line is CR CR — CR CR LF when mixed)
+        cr = buf.rfind(b"\r\r")
+        if cr >= 0:
+            end = max(end, cr + 3 if buf[cr + 2:cr + 3] == b"\n" else cr + 2)
+    return end
 
 
 class Aligner:
@@ -62,7 +67,7 @@ def events(block: bytes) -> Iterator[tuple[bytes, bytes]]:
     without data (keep-alives) are skipped. The name is b"" when the event has none.
     """
     if block.find(b"\r") >= 0:
-        block = block.replace(b"\r\n", b"\n")
+        block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if block.startswith(b"data: ") and block.find(b"\n") == len(block) - 2:  # the usual chunk: one one-line event
         yield b"", block[6:-2]
         return
@@ -107,7 +112,10 @@ def split_events(block: bytes) -> list[bytes]:
     while start < len(block):
         lf = block.find(b"\n\n", start)
         crlf = block.find(b"\r\n\r\n", start)
+        cr = block.find(b"\r\r", start)
         candidates = [i + 2 for i in (lf,) if i >= 0] + [i + 4 for i in (crlf,) if i >= 0]
+        if cr >= 0:  # a bare-CR stream's blank line (CR CR LF when mixed)
+            candidates.append(cr + 3 if block[cr + 2:cr + 3] == b"\n" else cr + 2)
         end = min(candidates) if candidates else len(block)
         out.append(block[start:end])
         start = end

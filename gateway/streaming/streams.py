@@ -144,6 +144,25 @@ async def watch(
 USAGE_NULL = b',"usage":null'
 
 
+async def whole_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """An event stream of a format the gateway does not read, relayed in whole events: cut mid-event, the partial
+    one is dropped, so the in-band error that follows is an event of its own; a clean end relays its last bytes as
+    sent."""
+    aligner = Aligner()
+    it = chunks.__aiter__()
+    try:
+        async for chunk in it:
+            out = aligner.feed(chunk)
+            if out:
+                yield out
+        if aligner.pending:
+            yield aligner.pending
+    finally:
+        close = getattr(it, "aclose", None)
+        if close is not None:
+            await close()
+
+
 def strip_usage_chunks(out: bytes) -> bytes:
     """``out`` without OpenAI's usage-only chunk (``"choices": []`` and a ``usage``) and the ``"usage":null`` of
     the others."""
