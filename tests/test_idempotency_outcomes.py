@@ -518,6 +518,47 @@ async def test_fail_open_runs_keyed_requests_without_idempotency_while_the_store
     assert len(fake.requests) == 3
 
 
+class PausingStore(MemoryStore):
+    """A store that does not take a flight's log or final writes while ``paused`` — as a Redis that paused (or
+    failed over) mid-stream; reads and claims still answer."""
+
+    paused = False
+
+    async def append(self, *args: Any, **kwargs: Any) -> Any:
+        if self.paused:
+            raise StoreError("redis append skipped: the store did not answer within 2 s just now")
+        return await super().append(*args, **kwargs)
+
+    async def commit(self, *args: Any, **kwargs: Any) -> Any:
+        if self.paused:
+            raise StoreError("redis commit skipped: the store did not answer within 2 s just now")
+        return await super().commit(*args, **kwargs)
+
+
+async def test_a_stream_whose_store_paused_mid_flight_is_stored_once_it_answers_and_never_run_twice(fake, gateway):
+    """The final writes are tried again once the store answers: a duplicate then gets the whole answer replayed
+    (it used to wait 30 s on a lock nobody ran under, get half the stream, and run the key again later), and a
+    follower reading the log that stopped is told at once, not at its idle timeout."""
+    store = PausingStore()
+    a, _ = await gateway(config(fake.url), store=store)
+    b, _ = await gateway(config(fake.url), store=store)  # another gateway on the same store
+    fake.plan(Fault(chunks=12, interval_ms=40))
+    leader = await post(a, STREAM, key="paused-1")
+    await leader.content.readuntil(b"tok0")
+    follower = await post(b, STREAM, key="paused-1")  # joins on the other gateway: reads the log
+    assert follower.status == 200
+    await follower.content.readuntil(b"tok1")
+    store.paused = True
+    assert (await leader.read()).endswith(b"data: [DONE]\n\n")  # the leader's own client gets all of it
+    store.paused = False
+    rest = await asyncio.wait_for(follower.read(), 5)  # ended now, not after an idle timeout
+    assert b"could not be shared" in rest and b"[DONE]" not in rest
+    await until(lambda: store._data.get(store_key("paused-1"), (b"",))[0][:1] == b"D")  # stored once it answered
+    status, headers, body = await call(b, STREAM, key="paused-1")
+    assert status == 200 and headers[REPLAYED] == "true" and body.count(b"tok") == 12 and body.endswith(b"[DONE]\n\n")
+    assert len(fake.requests) == 1
+
+
 # =============================================================== two gateways on one store
 
 

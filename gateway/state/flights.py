@@ -305,6 +305,9 @@ class Flights:
                         pending = await self.store.range(log_key, seen)
                         if not pending and await self.store.get(key) != lock:
                             raise StreamBroken("the request this one was coalesced with stopped before its stream ended")
+        except StoreError:  # said in-band like any cut (the key is stored or freed once the store answers again)
+            raise StreamBroken("the store stopped answering while this answer was shared; send the request "
+                               "again") from None
         finally:
             waiters.leave()
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -77,6 +78,7 @@ class Lead:
         self._pending: list[bytes] = []
         self._flushing: asyncio.Task[None] | None = None
         self._mirror = True
+        self._share_failed = False  # the store stopped taking the log: what followers elsewhere read has a gap
         self._finished = False  # finished: no more lock renewals
         self.entry_key: str | None = None  # store the answer here, not under the lock (claim)
         self._own: Reader | None = None  # the leader's client's reader of a stream
@@ -333,6 +335,7 @@ class Lead:
                 await self.flights.store.append(self.log_key, batch, LOG_TTL_S, notify=self.key)
         except StoreError as e:
             self._mirror = False
+            self._share_failed = True  # (told to followers once the flight ends: ``_settle_later``)
             self._pending.clear()
             log.warning("%s: cannot share a running answer through the store: %s", self.flights.namespace, e)
         finally:
@@ -357,18 +360,54 @@ class Lead:
         try:
             done = await self._writes.commit(writes)
         except StoreError as e:
-            log.warning("%s: answer not stored: %s", self.flights.namespace, e)
+            log.warning("%s: answer not stored yet, trying again: %s", self.flights.namespace, e)
+            self._settle_later(writes)
             return
+        self._tell_followers_of_the_gap()
         if self.entry_key is None and left > 0 and not done[0]:
             log.warning("%s: lock expired before the answer was stored (not stored)", self.flights.namespace)
 
     async def _release(self) -> None:
         await self._drain()
         assert self._writes is not None
+        writes = [Write(self.key, None, self.lock, notify=self.key)]
         try:
-            await self._writes.commit([Write(self.key, None, self.lock, notify=self.key)])
-        except StoreError as e:  # the lock expires by itself
-            log.warning("%s: release failed: %s", self.flights.namespace, e)
+            await self._writes.commit(writes)
+        except StoreError as e:
+            log.warning("%s: release failed, trying again: %s", self.flights.namespace, e)
+            self._settle_later(writes)
+            return
+        self._tell_followers_of_the_gap()
+
+    def _settle_later(self, writes: list[Write]) -> None:
+        """The final writes the store did not take (it paused, or failed over): again, in the background, until
+        it does — the answer stored, or the lock released — for as long as the lock could still hold. Each is
+        fenced on the lock, so one the store did apply before it timed out is not applied twice. Otherwise every
+        duplicate would wait on a lock nobody runs under, and the key run again once it expired."""
+        async def again() -> None:
+            deadline = time.monotonic() + max(self.lock_ttl_s, 1.0)
+            pause = 0.2
+            while time.monotonic() < deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                try:
+                    await self.flights.store.commit(writes)
+                except StoreError:
+                    continue
+                log.info("%s: the answer writes went through once the store answered again", self.flights.namespace)
+                self._tell_followers_of_the_gap()
+                return
+
+        self.flights.spawn(again())
+
+    def _tell_followers_of_the_gap(self) -> None:
+        """The log stopped (the store did not take it): its followers end now with an error they can retry on
+        (it is stored, or its key free), not at their idle timeout."""
+        if self._share_failed:
+            self._share_failed = False
+            marker = encode(Broken("stream_interrupted", "the answer could not be shared through the store; send the "
+                                   "request again", False))
+            self.flights.spawn(self.flights.store.append(self.log_key, [marker], LOG_TTL_S, notify=self.key))
 
     def beat(self) -> None:
         """Renew the lock (``Flights.watch`` calls this every third of its TTL while the work runs)."""
