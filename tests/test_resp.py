@@ -105,6 +105,17 @@ async def test_replies_split_byte_by_byte_reach_the_right_callers_in_order(fake_
     await client.close()
 
 
+async def test_asking_goes_out_right_before_the_command_it_is_for(fake_redis) -> None:
+    """A Cluster slot being migrated: the importing node takes the command only if ASKING came just before it on
+    the connection (sent after it, ASKING applied to the next, unrelated command)."""
+    server, client = await fake_redis([b"+PONG\r\n", b"+OK\r\n", b"$2\r\nv1\r\n", b"$-1\r\n"])
+    await client.execute("PING")
+    assert await client.execute_asking("GET", "k1") == b"v1"
+    assert await client.execute("GET", "unrelated") is None
+    assert server.commands == [b"PING", b"ASKING", b"GET k1", b"GET unrelated"]
+    await client.close()
+
+
 async def test_an_error_reply_raises_for_its_caller_only(fake_redis) -> None:
     _, client = await fake_redis([b"-WRONGTYPE no\r\n", b"+OK\r\n"])
     bad, good = await asyncio.gather(client.execute("GET", "x"), client.execute("SET", "y", "1"), return_exceptions=True)

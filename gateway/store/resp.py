@@ -339,11 +339,9 @@ class RespClient:
     async def execute_asking(self, *args: Any) -> Any:
         """ASKING then the command, back to back on one connection (a Cluster slot being migrated)."""
         proto = await self._protocol()
-        asking = asyncio.ensure_future(self._send(proto, ("ASKING",)))
-        try:
-            return await self._send(proto, args)
-        finally:
-            await asyncio.gather(asking, return_exceptions=True)
+        asking = proto.send(("ASKING",), self.timeout_s)  # written now, so before the command (a task would not be)
+        asking.add_done_callback(lambda f: f.cancelled() or f.exception())  # (its failure is the command's too)
+        return await self._send(proto, args)
 
     async def close(self) -> None:
         if self._connecting is not None:
