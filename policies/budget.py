@@ -62,6 +62,7 @@ from gateway.errors import (
     StoreUnavailable,
     UnsupportedMediaType,
 )
+from gateway.headers import IDEMPOTENCY_KEYS
 from gateway.observe.events import BudgetEvent, StoreDegraded
 from gateway.store import StoreError
 from policies.fallback import Chains
@@ -69,6 +70,8 @@ from providers import endpoints, estimate, openai
 from providers.estimate import OUTPUT_FIELDS, View
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
     from gateway.flow.exchange import Exchange, Reply
@@ -175,9 +178,37 @@ class _Answer:
         self.estimate: float | None = None
 
 
+def _budgets(ctx: Context) -> dict[str, Any]:
+    return {t.name: t.budget for t in plans(ctx.config)  # by plan: a marketplace tier's too
+            if t.budget is not None and (t.budget.daily_usd is not None or t.budget.monthly_usd is not None)}
+
+
+def _may_be_stored(ex: Exchange) -> bool:
+    """Its answer may already be stored or running — an idempotent replay or a cache hit, which cost nothing."""
+    cache = ex.target.config.cache
+    return (ex.idempotency_key is not None or (cache is not None and cache.enabled)
+            or any(name in ex.headers for name in IDEMPOTENCY_KEYS))
+
+
+def guard(ctx: Context) -> Policy | None:
+    """Inside idempotency and the cache: a request the budget refused that neither answered from a stored or
+    running answer is refused now, before it takes a quota or reaches an upstream (``policies.budget.spend``)."""
+    if not _budgets(ctx):
+        return None
+    emit = ctx.events.emit
+
+    def refused_unless_replayed(ex: Exchange, call_next: Handler) -> Awaitable[Reply]:
+        refusal = ex.refused
+        if refusal is not None:
+            emit(BudgetEvent(target=ex.target.name, rule="exhausted"))
+            raise refusal
+        return call_next(ex)
+
+    return refused_unless_replayed
+
+
 def policy(ctx: Context) -> Policy | None:
-    budgets = {t.name: t.budget for t in plans(ctx.config)  # by plan: a marketplace tier's too
-               if t.budget is not None and (t.budget.daily_usd is not None or t.budget.monthly_usd is not None)}
+    budgets = _budgets(ctx)
     capped = any(
         t.kind == "llm" and t.config.llm is not None and (
             t.config.llm.max_tokens or t.config.llm.soft_cost_cap_usd is not None
@@ -192,6 +223,28 @@ def policy(ctx: Context) -> Policy | None:
     spawn = ctx.shared.spawn
     chains = Chains(ctx)
 
+    async def exhausted(ex: Exchange, amount: float, field: str | None, limit: float, key: str, window: str,
+                        reset: float) -> BudgetExhausted:
+        """The 402 of a request whose reservation ``amount`` does not fit the ``window`` budget (counted at ``key``)."""
+        lower = f"a shorter prompt or a lower {field}" if field else "a shorter input"
+        bound = "its prompt at a token per byte" + (", and its output limit" if field else "")  # (embeddings: none)
+        if amount > limit:  # it would not fit an unspent budget either: waiting does not help
+            return BudgetExhausted(
+                f"this request may cost up to ${amount:.6f} ({bound}), more than the whole {window} budget of "
+                f"${limit:g} of tenant {ex.tenant!r}; send {lower}",
+                param=field or None, target=ex.target.name)
+        try:
+            left = max(0.0, limit - float(await store.get(key) or 0))
+            have = f"has ${left:.6f} of its {window} budget of ${limit:g} left"
+        except (StoreError, ValueError):
+            have = f"has too little of its {window} budget of ${limit:g} left"
+        at = datetime.fromtimestamp(reset, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return BudgetExhausted(
+            f"tenant {ex.tenant!r} {have}, and this request may cost up to ${amount:.6f} ({bound}): send {lower}, "
+            f"or wait until it resets at {at}",
+            retry_after=max(1.0, reset - clock.time()), target=ex.target.name,
+        )
+
     async def spend(ex: Exchange, call_next: Handler, amount: float, factor: float, field: str | None) -> Reply:
         """Reserve ``amount`` of the tenant's budget, run, and settle (``field``: the output limit it sets)."""
         keys, limits, ttls, resets = windows(ex.tenant, budgets[ex.account.plan], clock.time())  # type: ignore[arg-type]
@@ -205,27 +258,12 @@ def policy(ctx: Context) -> Policy | None:
             raise StoreUnavailable("budget store unavailable: cannot check this tenant's spend; retry shortly",
                                    retry_after=1.0) from None
         if over >= 0:
-            window, reset = resets[over]
+            refusal = await exhausted(ex, amount, field, limits[over], keys[over], *resets[over])
+            if _may_be_stored(ex):  # a replay or a cache hit costs nothing: refused only if it would run (``guard``)
+                ex.refused = refusal
+                return await call_next(ex)
             events.emit(BudgetEvent(target=ex.target.name, rule="exhausted"))
-            limit = limits[over]
-            lower = f"a shorter prompt or a lower {field}" if field else "a shorter input"
-            bound = "its prompt at a token per byte" + (", and its output limit" if field else "")  # (embeddings: none)
-            if amount > limit:  # it would not fit an unspent budget either: waiting does not help
-                raise BudgetExhausted(
-                    f"this request may cost up to ${amount:.6f} ({bound}), more than the whole {window} budget of "
-                    f"${limit:g} of tenant {ex.tenant!r}; send {lower}",
-                    param=field or None, target=ex.target.name)
-            try:
-                left = max(0.0, limit - float(await store.get(keys[over]) or 0))
-                have = f"has ${left:.6f} of its {window} budget of ${limit:g} left"
-            except (StoreError, ValueError):
-                have = f"has too little of its {window} budget of ${limit:g} left"
-            at = datetime.fromtimestamp(reset, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-            raise BudgetExhausted(
-                f"tenant {ex.tenant!r} {have}, and this request may cost up to ${amount:.6f} ({bound}): send {lower}, "
-                f"or wait until it resets at {at}",
-                retry_after=max(1.0, reset - clock.time()), target=ex.target.name,
-            )
+            raise refusal
         settlement = ex.settlement = Settlement(store, keys, ttls, amount, spawn)
         settlement.factor = factor
         try:

@@ -300,3 +300,30 @@ async def test_the_header_names_the_user_a_usage_row_counts_for_before_the_body(
     alice = await (await client.get("/v1/usage/hdr-alice", headers=KEY)).json()
     bob = await (await client.get("/v1/usage/body-bob", headers=KEY)).json()
     assert alice["total"]["requests"] == 1 and bob["total"]["requests"] == 0
+
+
+async def test_near_the_end_of_a_budget_a_replay_a_cache_hit_and_duplicates_in_flight_still_answer(fake, gateway):
+    """A replay or a cache hit costs nothing (budget-control.md), so the budget cannot refuse it: a request whose
+    reservation does not fit is refused only if it would run — not when a stored or running answer serves it."""
+    store = MemoryStore()
+    cfg = GatewayConfig(fake.url, default_target="up")
+    cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": 3 * RESERVED})
+    client, _ = await gateway(cfg.up(retry_matrix=NO_5XX_RETRY, cache={"ttl_s": 600}), store=store)
+    stored = await client.post("/v1/chat/completions", json=chat(), headers={**KEY, "Idempotency-Key": "paid-1"})
+    assert stored.status == 200
+    cached = await client.post("/v1/chat/completions", json=chat(user="c"), headers=KEY)
+    assert cached.status == 200 and cached.headers["X-Cache"] == "MISS"
+    await store.set(spend_key(time.time()), str(3 * RESERVED - RESERVED / 2).encode())  # room for no reservation
+    again = await client.post("/v1/chat/completions", json=chat(), headers={**KEY, "Idempotency-Key": "paid-1"})
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    hit = await client.post("/v1/chat/completions", json=chat(user="c"), headers=KEY)
+    assert hit.status == 200 and hit.headers["X-Cache"] == "HIT"
+    new = await client.post("/v1/chat/completions", json=chat(user="new"), headers=KEY)
+    assert new.status == 402 and (await new.json())["error"]["code"] == "budget_exhausted"
+    assert len(fake.requests) == 2  # the replay and the hit reached no upstream; the refused one neither
+    # room for one reservation: the first of 10 duplicates runs, the other 9 join it rather than get a 402
+    await store.set(spend_key(time.time()), str(3 * RESERVED - 1.5 * RESERVED).encode())
+    fake.plan(Fault(delay_ms=300))
+    answers = await asyncio.gather(*[client.post("/v1/chat/completions", json=chat(user="dup"),
+                                                 headers={**KEY, "Idempotency-Key": "dup-1"}) for _ in range(10)])
+    assert [a.status for a in answers] == [200] * 10 and len(fake.requests) == 3

@@ -107,6 +107,7 @@ def request_policies(ctx: Context, owned: Owned) -> list[Policy | None]:
         budget.policy(ctx),
         owned.closing(idempotency.policy(ctx)),  # a no-op step for a request without a key
         owned.closing(cache.policy(ctx)),
+        budget.guard(ctx),  # the budget's refusal of a request neither a replay nor a cache hit answered
         profiles.policy(ctx),  # a tenant's requests in flight and its deadline (a refusal here takes no quota)
         rate_limit.policy(ctx),  # a tenant's and its users' quotas: inside the cache, a hit or a replay is free
         tenants.provider_limits(ctx),  # inside the quotas: it drops the provider's x-ratelimit-*, not ours

@@ -28,7 +28,7 @@ class Exchange:
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
         "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account", "trace", "continuation",
-        "running", "cache_status",
+        "running", "cache_status", "refused",
     )
 
     def __init__(
@@ -92,6 +92,8 @@ class Exchange:
         # the task of the flight doing this request's work (a cache or idempotency lead): it may outlive the client
         self.running: asyncio.Task[Any] | None = None
         self.cache_status: str | None = None  # MISS once the cache looked and ran it: an error answer says so too
+        # the budget's refusal, held while a stored or running answer may still serve it free (policies.budget)
+        self.refused: Exception | None = None
 
     def url(self) -> str:
         return self.target.base.url(self.rel_path, self.query, v1=self.v1)
