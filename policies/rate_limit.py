@@ -111,7 +111,7 @@ class Limits:
 
 
 def per_ip_limits(rpm: int) -> Limits:
-    return Limits([Limit("default", "rl:", rpm)])
+    return Limits([Limit("ip", "rl:", rpm)])
 
 
 def user_limits(per_user: UserRateLimit | None) -> list[Limit]:

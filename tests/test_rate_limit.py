@@ -415,7 +415,7 @@ async def test_per_ip_limit_without_tenants(fake, start):
     results = [await call(client) for _ in range(3)]
     assert [r[0] for r in results] == [200, 200, 429]
     assert [remaining(r[1]) for r in results] == [1, 0, 0]
-    assert results[0][1]["RateLimit-Policy"] == '"default";q=2;w=60'
+    assert results[0][1]["RateLimit-Policy"] == '"ip";q=2;w=60'  # its own name: never two "default"s
     assert results[2][1]["Retry-After"]
     assert len(fake.requests) == 2
     # every surface shares the caller's bucket
@@ -428,7 +428,7 @@ async def test_per_ip_limit_applies_with_tenants_too(fake, start):
     (tests/test_abuse.py: also before the key is looked at)."""
     client, _ = await start(rate_limit_per_ip_rpm=1, tenants=[{"name": "a", "api_key": KEY_A}])
     status, headers, _ = await call(client, headers=auth())
-    assert status == 200 and headers["RateLimit-Policy"] == '"default";q=1;w=60'
+    assert status == 200 and headers["RateLimit-Policy"] == '"ip";q=1;w=60'
     status, _, data = await call(client, headers=auth())
     assert status == 429 and data["error"]["code"] == "rate_limited"
 

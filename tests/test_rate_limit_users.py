@@ -147,7 +147,7 @@ async def test_the_per_ip_limit_still_counts_cache_hits(fake, start):
     assert [r[0] for r in results] == [200, 200, 200, 429]
     assert len(fake.requests) == 1
     # both policies' limits are named; the tighter (the IP's) is the one shown
-    assert policy_of(results[0][1]) == {"user": {"q": 100, "w": 60}, "default": {"q": 3, "w": 60}}
+    assert policy_of(results[0][1]) == {"user": {"q": 100, "w": 60}, "ip": {"q": 3, "w": 60}}
     assert results[0][1]["X-RateLimit-Limit"] == "3"
 
 
