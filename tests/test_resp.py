@@ -303,7 +303,7 @@ async def test_a_connect_timing_out_in_auth_closes_its_socket(fake_redis) -> Non
     url = f"redis://:pw@127.0.0.1:{server.server.sockets[0].getsockname()[1]}/0"
     client = RespClient(url, connect_timeout_s=0.2, timeout_s=5)
     for _ in range(3):
-        with pytest.raises(ConnectionError, match="did not accept a connection"):
+        with pytest.raises(ConnectionError, match="did not answer within 0.2s"):  # (it accepted the connection)
             await client.execute("PING")
     deadline = time.monotonic() + 3
     while server.open and time.monotonic() < deadline:

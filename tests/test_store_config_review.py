@@ -8,6 +8,7 @@ no sentinel knows are --check errors; a TLS/plain mismatch is said as such; ever
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import time
@@ -349,3 +350,25 @@ async def test_a_reload_that_changes_the_store_says_so(cli: CLI) -> None:
     assert gw.terminate() == 0
     reloaded = [m for m in gw.messages() if m.startswith("config reloaded")]
     assert reloaded and reloaded[0].endswith(f"; store now redis://:***@127.0.0.1:{redis_port}/0)"), reloaded
+
+
+async def test_a_redis_url_at_a_replica_a_cluster_node_or_a_sentinel_is_refused_naming_what_it_is(tmp_path, sentinel):
+    """Each would take some commands and refuse others: ready, then requests failing one by one (a review found
+    --check passing and /readyz ready). Said at --check, at start and on /readyz, with what to write instead."""
+    primary = PrivateRedis()
+    primary.start()
+    replica = PrivateRedis("--replicaof", "127.0.0.1", str(primary.port))
+    node = PrivateRedis("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"))
+    replica.start()
+    node.start()
+    _, sentinel_port = sentinel
+    try:
+        assert await probe_store(primary.url) is None  # a standalone primary: fine
+        cases = [(replica.url, "is a read-only replica"), (node.url, "is a Redis Cluster node: write redis+cluster://"),
+                 (f"redis://:sentinel-pw-123@127.0.0.1:{sentinel_port}/0", "is a Sentinel, not a Redis server")]
+        for url, said in cases:
+            with pytest.raises(StoreMisconfigured, match=re.escape(said)):
+                await probe_store(url)
+    finally:
+        for server in (node, replica, primary):
+            server.stop()

@@ -34,7 +34,7 @@ class Single:
                                      primary_only=True, label="the primary at {at} (named by the sentinels)")
         else:
             endpoint = Endpoint.of(url)
-            self.client = RespClient(endpoint, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
+            self.client = RespClient(endpoint, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s, standalone=True)
             self.locate = _fixed(endpoint)
 
     def call(self, key: str | None, *args: Any) -> Awaitable[Any]:
