@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from gateway.flow.exchange import Exchange, Reply
 
 log = logging.getLogger("reliapi")
+_logger = log  # (``record`` names the access line's fields ``log``)
 
 USAGE_TTL_S = 400 * 86400  # a day's rows are kept for about 13 months
 
@@ -129,11 +130,18 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
         log["prompt_tokens"] = prompt
         log["completion_tokens"] = completion
         cost = None
+        settlement = ex.settlement
         if price is not None:
             cost = price.charge(usage)
+            if settlement is not None and cost * settlement.factor > settlement.reserved + 1e-12:
+                # more than the request could cost: the budget is charged its reservation, and every record of
+                # the answer (this line, usage rows, metrics, X-ReliAPI-Cost-USD) says that same charge
+                _logger.warning("spend: an answer reported $%.8f, more than its reservation of $%.8f; it is charged "
+                                   "the reservation", cost * settlement.factor, settlement.reserved)
+                cost = settlement.reserved / settlement.factor
             log["cost_usd"] = cost
-        if ex.settlement is not None:
-            ex.settlement.settle(cost or 0.0)
+        if settlement is not None:
+            settlement.settle(cost or 0.0)
         emit(Billed(ex.target.name, ex.model or "", ex.tenant, prompt, completion, cost))  # (metrics, status page)
         # summed here under a tuple key; the store key (with the day) is made once a second, when folded
         key = (ex.tenant, user_of(ex), log.get("fallback_target") or ex.target.name, model)  # (the header wins)

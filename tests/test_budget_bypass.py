@@ -260,12 +260,16 @@ async def test_an_upstream_that_reports_more_than_any_request_could_cost_is_char
         metered, gateway, on_redis):
     stores = await on_redis()
     daily = bound(CHAT) * 3.5
-    clients = [(await gateway(config(metered.url, daily=daily), store=s))[0] for s in stores]
+    pairs = [await gateway(config(metered.url, daily=daily), store=s) for s in stores]
+    clients = [client for client, _ in pairs]
     metered.usage_factor = 1000
     statuses = await burst(clients, CHAT, 6)
     assert statuses.count(200) == 3  # three reservations fit
     recorded = await until_settled(stores[0], 3, bound(CHAT))
     assert recorded <= daily
+    # every record of those answers says that same charge, not the reported cost (it used to be 1000× the budget)
+    charged = sum(line["cost_usd"] for _, logs in pairs for line in logs if line.get("cost_usd"))
+    assert charged == pytest.approx(recorded, rel=1e-6)
 
 
 async def test_a_responses_answer_is_charged_its_real_usage(metered, gateway, on_redis):
