@@ -372,3 +372,20 @@ async def test_a_redis_url_at_a_replica_a_cluster_node_or_a_sentinel_is_refused_
     finally:
         for server in (node, replica, primary):
             server.stop()
+
+
+def test_check_asks_every_sentinel_not_only_the_first_that_answers(cli: CLI, sentinel) -> None:
+    """A second sentinel that is no sentinel (or refuses the password) is found at --check, not at a failover."""
+    _, port = sentinel
+    plain = PrivateRedis()
+    plain.start()
+    try:
+        cli.write("gw.yaml", config(sentinel_block(port, plain.port)))
+        checked = cli.run("--check", "--config", "gw.yaml")
+        assert checked.returncode == 2, checked.stderr
+        assert f"127.0.0.1:{plain.port}" in checked.stderr, checked.stderr
+        assert_no_traceback(checked.stderr)
+        cli.write("gw.yaml", config(sentinel_block(port)))
+        assert cli.run("--check", "--config", "gw.yaml").returncode == 0
+    finally:
+        plain.stop()

@@ -41,6 +41,13 @@ async def probe_store(url: str, *, key_prefix: str = "reliapi") -> str | None:
         return str(e)
     finally:
         await store.close()
+    parsed = parse_store_url(url)
+    if parsed.topology in ("sentinel", "cluster"):  # every seed, not only the first that answered
+        from gateway.store.topology import refusals_of_every_seed
+
+        problems = await refusals_of_every_seed(parsed)
+        if problems:
+            raise StoreMisconfigured("; ".join(problems))
     return None
 
 

@@ -98,3 +98,40 @@ class SentinelLocator:
             raise Refused(f"no sentinel knows a primary named {self.service!r} (asked: {', '.join(asked)}){others}")
         raise (Refused if refused else Unlocated)(
             f"no sentinel named the primary {self.service!r}: {'; '.join(problems)}")
+
+
+async def refusals_of_every_seed(url: StoreURL) -> list[str]:
+    """``--check``: what each sentinel or Cluster seed of ``url`` refuses (a wrong password, a node of the wrong
+    kind, a primary it does not know) — a node that does not answer now is not counted: it may be up later. In
+    service only the first that answers is asked; a misconfigured second would be found at the worst moment, a
+    failover."""
+    problems: list[str] = []
+    for host, port in url.nodes:
+        where = address(host, port)
+        if url.topology == "sentinel":
+            via = dataclasses.replace(Endpoint.of(url), host=host, port=port, username=url.sentinel_username,
+                                      password=url.sentinel_password, db=0)
+            client = RespClient(via, label="sentinel at {at}", connect_timeout_s=SENTINEL_TIMEOUT_S,
+                                timeout_s=SENTINEL_TIMEOUT_S)
+            ask: tuple[Any, ...] = ("SENTINEL", "get-master-addr-by-name", url.service or "")
+        else:
+            client = RespClient(Endpoint.of(url, (host, port)), label="Cluster seed at {at}", connect_timeout_s=1.0,
+                                timeout_s=1.0)
+            ask = ("INFO", "cluster")
+        try:
+            reply = await client.execute(*ask)
+        except ReplyError as e:
+            problems.append(f"{where} answered: {unechoed(e)}")
+            continue
+        except Refused as e:
+            problems.append(str(e))
+            continue
+        except OSError:
+            continue  # not reachable now: a warning's matter, not a misconfiguration
+        finally:
+            await client.close()
+        if url.topology == "sentinel" and not reply:
+            problems.append(f"the sentinel at {where} knows no primary named {url.service!r}")
+        elif url.topology == "cluster" and (not isinstance(reply, bytes) or reply.find(b"cluster_enabled:1") < 0):
+            problems.append(f"{where} is not a Redis Cluster node (cluster_enabled is not 1)")
+    return problems
