@@ -53,6 +53,7 @@ class GatewayError(Exception):
     reason: str = "client_error"  # see gateway.failures
     retry_class: str | None = None
     trips_breaker: bool = False
+    answered: bool = False  # an upstream answered 2xx, and it was no use: billed like an answer of unknown cost
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway.errors import UpstreamError
+from gateway.errors import GatewayError, UpstreamError
 from gateway.flow.exchange import ANTHROPIC
 from gateway.headers import X_RELIAPI_COST, X_RELIAPI_USER
 from gateway.observe.events import Billed
@@ -210,8 +210,8 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
         except asyncio.CancelledError:  # the client left before an answer: one sent upstream may still be billed
             (unmeasured if ex.attempts else unbilled)(ex)
             raise
-        except BaseException:  # no answer (an error): nothing billed
-            unbilled(ex)
+        except BaseException as e:  # no answer (an error): nothing billed — but a 2xx it could not use, as any
+            (unmeasured if isinstance(e, GatewayError) and e.answered else unbilled)(ex)  # answer of unknown cost
             raise
         if reply.chunks is not None:
             reply.on_close(lambda error: _guarded(stream_ended, ex, reply))  # settled when the stream ends

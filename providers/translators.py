@@ -181,8 +181,10 @@ class Crossing(Translator):
         elif reply.status < 400 and not isinstance(doc.get("content" if self.upstream is MESSAGES else "choices"), list):
             # JSON, but no answer in it: nothing to translate into one (a made-up empty answer would be a lie)
             label = "Anthropic message" if self.upstream is MESSAGES else "chat completion"
-            raise UpstreamError(f"the upstream's answer is not a{'n' if label[0] == 'A' else ''} {label}",
-                                target=ex.target.name, upstream_status=reply.status)
+            error = UpstreamError(f"the upstream's answer is not a{'n' if label[0] == 'A' else ''} {label}",
+                                  target=ex.target.name)
+            error.answered = True  # (a 2xx the upstream may bill: charged like an answer whose cost cannot be read)
+            raise error
         reply.body = msgspec.json.encode(self.translated(doc, reply.status, ex))
         reply.headers["Content-Type"] = "application/json"
 

@@ -130,3 +130,5 @@ async def test_a_2xx_json_answer_with_no_answer_in_it_is_a_502_where_the_gateway
     answer = await resp.json()
     assert resp.status == 502, answer
     assert "not a" in str(answer) and logs[-1]["error_code"] == "upstream_error"
+    if path == "/proxy/llm":
+        assert answer["error"]["status_code"] == 502  # the gateway's refusal of it, not the upstream's 200

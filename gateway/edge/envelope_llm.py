@@ -224,7 +224,7 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> Rep
         raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
     if not answer.choices or not isinstance(answer.choices[0].get("message"), dict):
         raise UpstreamError("the upstream's answer is not a chat completion (no choice with a message)",
-                            target=ex.target.name, upstream_status=status)
+                            target=ex.target.name)
     choice = answer.choices[0]  # the chat completion (translated back from another dialect)
     text = choice["message"].get("content") or ""
     finish = choice.get("finish_reason")

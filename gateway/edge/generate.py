@@ -119,7 +119,7 @@ def reply(rt: Runtime, ex: Exchange, upstream: Reply, latency_ms: float) -> Repl
         raise UpstreamError("the upstream's answer is not valid JSON", target=ex.target.name) from None
     if not answer.choices or not isinstance(answer.choices[0].get("message"), dict):
         raise UpstreamError("the upstream's answer is not a chat completion (no choice with a message)",
-                            target=ex.target.name, upstream_status=upstream.status)
+                            target=ex.target.name)
     text = answer.choices[0]["message"].get("content") or ""
     usage = read_usage(body, ex.endpoint.dialect) or Usage(0, 0)
     prompt, completion = usage.prompt, usage.completion
