@@ -182,3 +182,24 @@ async def test_a_mistral_target_gets_only_fields_its_api_takes(fake, gateway):
     events = sse(await (await client.post("/proxy/llm", json={**envelope, "stream": True})).read())
     assert events[-1][0] == "done" and events[-1][1]["usage"]["completion_tokens"] == 2
     assert all("user" not in s.json() and "stream_options" not in s.json() for s in fake.requests)
+
+
+async def test_a_compressed_envelope_is_read_and_one_in_a_coding_the_gateway_cannot_read_is_a_415(fake, gateway):
+    import gzip
+
+    import msgspec
+
+    client, _ = await gateway(config(fake.url))
+    envelope = {"target": "openai", "messages": [{"role": "user", "content": "hi"}]}
+    packed = gzip.compress(msgspec.json.encode(envelope))
+    resp = await client.post("/proxy/llm", data=packed, headers={"Content-Type": "application/json",
+                                                                  "Content-Encoding": "gzip"})
+    assert resp.status == 200 and (await resp.json())["data"]["content"] == "Hello from the fake."
+    generated = await client.post("/v1/generate", data=gzip.compress(b'{"prompt": "hi", "model": "gpt-4o-mini"}'),
+                                  headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                                           "X-ReliAPI-Target": "openai"})
+    assert generated.status == 200, await generated.text()
+    refused = await client.post("/proxy/llm", data=msgspec.json.encode(envelope),
+                                headers={"Content-Type": "application/json", "Content-Encoding": "foo"})
+    assert refused.status == 415 and (await refused.json())["error"]["code"] == "unsupported_media_type"
+    assert len(fake.requests) == 2

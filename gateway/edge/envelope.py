@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.edge.requests import body_of, client_ip, header_user, peek_json, with_idempotency_headers
+from gateway.edge.requests import client_ip, envelope_body_of, header_user, peek_json, with_idempotency_headers
 from gateway.edge.writer import EnvelopeErrorDetail
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.flow.exchange import ENVELOPE, Exchange, Reply
@@ -134,7 +134,7 @@ def parse(raw: bytes) -> HttpEnvelope:
 
 async def exchange(call: Call) -> Exchange:
     """The envelope's request for its target (the surface's parser)."""
-    env = parse(await body_of(call))
+    env = parse(await envelope_body_of(call))
     rt = call.rt
     target = rt.router.by_name(env.target)
     rel = validate_path(env.path[1:] if env.path.startswith("/") else env.path)  # "/users/1" or "users/1"

@@ -34,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.edge import routed
 from gateway.edge.envelope import CacheTTL, decode_body
 from gateway.edge.generate import upstream_error as _upstream_error
-from gateway.edge.requests import body_of, client_ip, header_user, with_idempotency_headers
+from gateway.edge.requests import client_ip, envelope_body_of, header_user, with_idempotency_headers
 from gateway.edge.writer import error_body
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.flow.exchange import ENVELOPE, Exchange, Reply
@@ -137,7 +137,7 @@ def parse(raw: bytes) -> LLMEnvelope:
 async def exchange(call: Call) -> Exchange:
     """The envelope's request for its LLM target (the surface's parser)."""
     rt = call.rt
-    env = parse(await body_of(call))
+    env = parse(await envelope_body_of(call))
     messages = [{k: v for k, v in msgspec.structs.asdict(m).items() if v is not None or k == "content"}
                 for m in env.messages]
     decision = await routed.decide_messages(call, messages, env.model)  # a virtual model: its concrete one

@@ -19,10 +19,12 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.edge import routed
 from gateway.edge.envelope import decode_body
-from gateway.edge.requests import body_of, client_ip
+from gateway.edge.requests import client_ip, envelope_body_of
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.flow.exchange import OPENAI, Exchange, Reply
 from gateway.headers import X_CACHE, X_CACHED
@@ -67,7 +69,7 @@ def parse(body: bytes) -> GenerateRequest:
 async def exchange(call: Call) -> Exchange:
     """The seed's request as the target's own (the surface's parser)."""
     request, rt = call.request, call.rt
-    req = parse(await body_of(call))
+    req = parse(await envelope_body_of(call))
     named = request.headers.get("X-ReliAPI-Target")
     decision = await routed.decide_messages(call, [{"role": "user", "content": req.prompt}], req.model)
     target = rt.router.for_v1(named, req.model) if decision is None else routed.target_of(rt, decision, named)
@@ -83,9 +85,12 @@ async def exchange(call: Call) -> Exchange:
         upstream["max_tokens"] = req.max_tokens or (llm.max_tokens if llm and llm.max_tokens else DEFAULT_MAX_TOKENS)
     if req.user_id is not None and not target.provider.strict_fields:  # (Mistral refuses it; usage still names it)
         upstream["user"] = str(req.user_id)
+    headers = request.headers
+    if hdrs.CONTENT_ENCODING in headers:  # (the body sent is the gateway's own, uncompressed)
+        headers = CIMultiDictProxy(CIMultiDict((k, v) for k, v in headers.items() if k.lower() != "content-encoding"))
     ex = Exchange(
         request_id=call.request_id, method="POST", route="generate", dialect=OPENAI,
-        rel_path="chat/completions", v1=True, query="", headers=request.headers,
+        rel_path="chat/completions", v1=True, query="", headers=headers,
         body=msgspec.json.encode(upstream), target=target, model=model, tenant=call.tenant,
         client_ip=client_ip(request, rt),
     )

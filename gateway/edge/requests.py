@@ -274,6 +274,20 @@ async def body_of(call: Call) -> bytes:
     return await read_body(call.request, rt.max_body, server.body_timeout_s, server.max_body_mb, server.body_deadline_s)
 
 
+async def envelope_body_of(call: Call) -> bytes:
+    """An envelope's JSON body (``/proxy/*``, ``/v1/generate``), decoded from its ``Content-Encoding`` as on ``/v1``:
+    one the gateway cannot read is a 415, never parsed as it came (nor sent on)."""
+    body = await body_of(call)
+    request = call.request
+    if hdrs.CONTENT_ENCODING in request.headers and body:
+        body, headers = await decoded(request, body, call.rt.max_body, json_by_default=True)
+        if hdrs.CONTENT_ENCODING in headers:
+            raise UnsupportedMediaType(
+                f"Content-Encoding {headers[hdrs.CONTENT_ENCODING]!r} cannot be read: send the envelope uncompressed "
+                "or as gzip, deflate, br or zstd")
+    return body
+
+
 def _split_raw(raw: str, prefix_len: int) -> tuple[str, str]:
     path, _, query = raw.partition("?")
     return path[prefix_len:], query
