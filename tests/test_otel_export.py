@@ -64,6 +64,18 @@ def no_content(spans) -> None:
     assert PROMPT not in text and ANSWER not in text and "tok1" not in text
 
 
+async def test_the_service_name_and_resource_come_from_the_standard_variables(fake, gateway, receiver):
+    env = otel_env(receiver.url, OTEL_SERVICE_NAME="reliapi-staging",
+                   OTEL_RESOURCE_ATTRIBUTES="service.version=2026.12,deployment.environment=stag%20ing")
+    client, _ = await gateway(config(fake.url), env=env)
+    await (await client.post(V1, json=chat(), headers={"traceparent": CALLER})).read()
+    await receiver.wait_for(2)
+    server, _ = receiver.of_trace(TRACE)
+    resource = server.resource
+    assert (resource["service.name"], resource["service.version"], resource["deployment.environment"]) == (
+        "reliapi-staging", "2026.12", "stag ing")
+
+
 async def test_retries_and_a_fallback_are_child_spans_of_the_callers_trace(fake, gateway, receiver):
     client, logs = await gateway(config(fake.url), env=otel_env(receiver.url))
     fake.plan(Fault(status=500), Fault(status=500), Fault(status=500), Fault())  # 3 tries of up, then backup

@@ -11,6 +11,7 @@ standard ``OTEL_EXPORTER_OTLP_*`` variables. Runs on the export thread, never on
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +46,23 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK, _UNSET = Status(StatusCode.OK), Status(StatusCode.UNSET)
 
 
+def _resource_attributes(env: Mapping[str, str]) -> dict[str, str]:
+    """The resource's attributes: ``OTEL_RESOURCE_ATTRIBUTES`` (``k=v,…``, percent-encoded values), then
+    ``OTEL_SERVICE_NAME``, over the gateway's own ``service.name`` / ``service.version`` (attributes handed to
+    ``Resource.create`` win over what it reads from the environment itself, so the environment is read here)."""
+    attrs: dict[str, str] = {"service.name": "reliapi", "service.version": __version__}
+    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            attrs[key.strip()] = urllib.parse.unquote(value.strip())
+    if env.get("OTEL_SERVICE_NAME"):
+        attrs["service.name"] = env["OTEL_SERVICE_NAME"]
+    return attrs
+
+
 class Converter:
     def __init__(self, env: Mapping[str, str] = os.environ, exporter: Any = None) -> None:
-        # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over these
-        self.resource = Resource.create({"service.name": "reliapi", "service.version": __version__})
+        self.resource = Resource.create(_resource_attributes(env))
         self.scope = InstrumentationScope("reliapi", __version__)
         self.exporter = exporter or OTLPSpanExporter(endpoint=_endpoint(env), timeout=_timeout(env))
 
