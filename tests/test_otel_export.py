@@ -76,6 +76,18 @@ async def test_the_service_name_and_resource_come_from_the_standard_variables(fa
         "reliapi-staging", "2026.12", "stag ing")
 
 
+async def test_an_envelopes_server_span_names_the_request_as_it_came_not_the_method_it_sent(fake, gateway, receiver):
+    cfg = config(fake.url).rest("api")
+    client, logs = await gateway(cfg, env=otel_env(receiver.url))
+    resp = await client.post("/proxy/http", json={"target": "api", "method": "DELETE", "path": "/things/1"},
+                             headers={"traceparent": CALLER})
+    assert resp.status == 200 and fake.requests[-1].method == "DELETE"
+    await receiver.wait_for(2)
+    server, _ = receiver.of_trace(TRACE)
+    assert server.name == "POST /proxy/http" and server.attrs["http.request.method"] == "POST"
+    assert logs[-1]["method"] == "DELETE"  # (the access line says what was sent upstream)
+
+
 async def test_retries_and_a_fallback_are_child_spans_of_the_callers_trace(fake, gateway, receiver):
     client, logs = await gateway(config(fake.url), env=otel_env(receiver.url))
     fake.plan(Fault(status=500), Fault(status=500), Fault(status=500), Fault())  # 3 tries of up, then backup

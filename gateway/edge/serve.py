@@ -170,4 +170,4 @@ def _write_record(call: Call, reply: Reply | None, status: int, error: GatewayEr
         rt.access_log(fields)  # sets "ts"
     rt.observatory.record(fields)
     if trace.recording:  # the request's span ends here: after a stream's last byte, or its cut
-        rt.spans.finish(trace, fields, reply.headers.get(X_CACHE) if reply is not None else None)
+        rt.spans.finish(trace, fields, reply.headers.get(X_CACHE) if reply is not None else None, request.method)

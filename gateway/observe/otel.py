@@ -94,12 +94,13 @@ class SpanExport:
         self._thread = threading.Thread(target=self._run, name="reliapi-span-export", daemon=True)
         self._thread.start()
 
-    def finish(self, trace: Trace, fields: dict[str, Any], cache: str | None) -> None:
-        """A recorded request ended (on the event loop: only a queue append)."""
+    def finish(self, trace: Trace, fields: dict[str, Any], cache: str | None, method: str) -> None:
+        """A recorded request ended (on the event loop: only a queue append); ``method``: the one it came with (an
+        envelope's access line names the method it sent upstream)."""
         if len(self.queue) >= self.max_queue:
             self.dropped["queue_full"] += 1 + len(trace.spans)
             return
-        self.queue.append((trace, fields, cache, time.time_ns()))
+        self.queue.append((trace, fields, cache, time.time_ns(), method))
         if len(self.queue) >= self.batch:
             self._wake.set()
 

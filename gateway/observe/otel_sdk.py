@@ -66,13 +66,14 @@ class Converter:
         self.scope = InstrumentationScope("reliapi", __version__)
         self.exporter = exporter or OTLPSpanExporter(endpoint=_endpoint(env), timeout=_timeout(env))
 
-    def spans(self, trace: Trace, fields: dict[str, Any], cache: str | None, end_ns: int) -> list[ReadableSpan]:
+    def spans(self, trace: Trace, fields: dict[str, Any], cache: str | None, end_ns: int,
+              method: str | None = None) -> list[ReadableSpan]:
         trace_id = int(trace.trace_id, 16)
         state = _state(trace.state)
         server = SpanContext(trace_id, int(trace.span_id, 16), False, _SAMPLED, state)
         caller = SpanContext(trace_id, int(trace.parent_id, 16), True, _SAMPLED, state) if trace.parent_id else None
         route = _ROUTES.get(fields.get("route") or "")
-        method = fields.get("method") or "HTTP"
+        method = method or fields.get("method") or "HTTP"  # the server's: the request as it came
         attrs: dict[str, Any] = {"http.request.method": method, "http.response.status_code": fields["status"]}
         if route is not None:
             attrs["http.route"] = route
