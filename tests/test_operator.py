@@ -78,6 +78,7 @@ async def test_another_method_on_a_gateway_path_is_405_in_openais_dialect(fake, 
     resp = await client.post("/v1/models", json={})
     body = await resp.json()
     assert resp.status == 405 and resp.headers["Allow"] == "GET" and body["error"]["code"] == "method_not_allowed"
+    assert body["error"]["type"] == "invalid_request_error"  # the caller's mistake, not a server error
 
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/metrics"), ("POST", "/healthz"), ("DELETE", "/livez"),
