@@ -49,7 +49,8 @@ def policy(ctx: Context) -> Policy | None:
     marketplace = tenants.marketplace is not None
 
     async def tenant_access(ex: Exchange, call_next: Handler) -> Reply:
-        ex.account.check(ex.target.name, ex.model)  # authenticated at the edge
+        ex.account.check(ex.target.name, ex.model,  # authenticated at the edge
+                         ex.target.kind == "llm" and ex.method == "POST" and ex.endpoint.billed is not None)
         if marketplace:
             ex.headers = strip_headers(ex.headers)
         return await call_next(ex)

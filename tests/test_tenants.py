@@ -346,6 +346,12 @@ async def test_allowed_models_globs(fake, start):
     assert len(fake.requests) == 1
     # another tenant may use that model
     assert (await send(client, "openai", bearer(ALPHA_KEY), body={**CHAT, "model": "gpt-3.5-turbo"})).status == 200
+    # no model at all is no way round the list: an upstream that defaults one would serve any
+    modelless = {k: v for k, v in CHAT.items() if k != "model"}
+    for body in (modelless, {**CHAT, "model": None}):
+        refused = await send(client, "openai", bearer(NARROW_KEY), body=body)
+        assert refused.status == 403 and "name one" in (await refused.json())["error"]["message"]
+    assert len(fake.requests) == 2
 
 
 # =============================================================== provider rate-limit headers (TC33)
