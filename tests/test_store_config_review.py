@@ -23,7 +23,7 @@ from gateway.store.url import address, block_url, parse_store_url
 from tests.support.cli_harness import CLI, assert_no_traceback, free_port, get_json
 from tests.support.config_helpers import errors_of
 from tests.support.stores import PrivateRedis
-from tests.support.topologies import Proc, TLSRedis, make_ca, make_cert
+from tests.support.topologies import Proc, TLSRedis, cluster_port, make_ca, make_cert
 
 HEAD = "server: {host: 127.0.0.1, port: %d}\ntargets: {echo: {base_url: 'http://127.0.0.1:9/'}}\nstore:\n"
 
@@ -359,6 +359,8 @@ async def test_a_redis_url_at_a_replica_a_cluster_node_or_a_sentinel_is_refused_
     primary.start()
     replica = PrivateRedis("--replicaof", "127.0.0.1", str(primary.port))
     node = PrivateRedis("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"))
+    node.port = cluster_port()  # (its cluster bus, port + 10000, must be free and a port too)
+    node.url = f"redis://127.0.0.1:{node.port}/0"
     replica.start()
     node.start()
     _, sentinel_port = sentinel
