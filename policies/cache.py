@@ -259,8 +259,12 @@ def policy(ctx: Context) -> tuple[Policy, Flights] | None:
                         found = await flights.lookup(key)  # a read, never a claim
                         if not isinstance(found, Entry):
                             raise NotCached("not in the cache (Cache-Control: only-if-cached)", target=ex.target.name)
-                    else:
+                    elif ex.refused is None:
                         found = await flights.join(key, "", _LOCK_TTL_S)
+                    else:  # the budget refused it unless a stored or running answer serves it: it never leads
+                        found = await flights.lookup(key)
+                        if found is None:
+                            break
                     if isinstance(found, Lead):
                         lead = found
                         break

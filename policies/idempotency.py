@@ -201,7 +201,12 @@ def policy(ctx: Context) -> tuple[Policy, Flights]:
         lead = None
         try:
             for _ in range(_FOLLOW_ROUNDS):
-                found = await flights.join(store_key, fp, cfg.lock_ttl_s)
+                if ex.refused is None:
+                    found = await flights.join(store_key, fp, cfg.lock_ttl_s)
+                else:  # the budget refused it unless a stored or running answer serves it: it never leads
+                    found = await flights.lookup(store_key)
+                    if found is None:
+                        break  # (on to the cache, whose hit is free too, else the budget's refusal)
                 if isinstance(found, Lead):
                     lead = found
                     break
@@ -240,7 +245,8 @@ def policy(ctx: Context) -> tuple[Policy, Flights]:
                 "or send it without an idempotency key", retry_after=1.0,
             ) from None
         # outside the try: an error of the request itself is not the store failing
-        assert lead is not None
+        if lead is None:  # (refused by the budget, nothing stored or running for its key: see above)
+            return await call_next(ex)
         return await lead.run(
             lambda: call_next(ex), storable=storable_with_5xx if cfg.store_5xx else storable, ttl_s=cfg.ttl_s,
             max_bytes=int(cfg.max_entry_mb * 1024 * 1024), request_id=ex.request_id,

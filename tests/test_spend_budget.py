@@ -327,3 +327,25 @@ async def test_near_the_end_of_a_budget_a_replay_a_cache_hit_and_duplicates_in_f
     answers = await asyncio.gather(*[client.post("/v1/chat/completions", json=chat(user="dup"),
                                                  headers={**KEY, "Idempotency-Key": "dup-1"}) for _ in range(10)])
     assert [a.status for a in answers] == [200] * 10 and len(fake.requests) == 3
+
+
+class ClaimCounting(MemoryStore):
+    """Counts the flights' claims (a request that would lead its key or cache entry)."""
+
+    claims = 0
+
+    async def claim(self, *args, **kwargs):
+        self.claims += 1
+        return await super().claim(*args, **kwargs)
+
+
+async def test_a_request_the_budget_refused_never_leads_a_flight(fake, gateway):
+    """It may only be served (a replay, a hit, a running duplicate): were it to claim the key or the cache entry,
+    a duplicate that did fit its budget could arrive to find it leading, and share its 402."""
+    store = ClaimCounting()
+    cfg = GatewayConfig(fake.url, default_target="up")
+    cfg.tenant("acme", api_key="acme-key-123456", budget={"daily_usd": 3 * RESERVED})
+    client, _ = await gateway(cfg.up(retry_matrix=NO_5XX_RETRY, cache={"ttl_s": 600}), store=store)
+    await store.set(spend_key(time.time()), str(3 * RESERVED - RESERVED / 2).encode())  # room for no reservation
+    refused = await client.post("/v1/chat/completions", json=chat(user="n"), headers={**KEY, "Idempotency-Key": "n-1"})
+    assert refused.status == 402 and store.claims == 0 and fake.requests == []
