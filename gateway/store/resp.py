@@ -215,15 +215,15 @@ class RespClient:
     connection, so the next command finds the primary again."""
 
     def __init__(self, target: str | Endpoint | Locate, *, connect_timeout_s: float, timeout_s: float,
-                 primary_only: bool = False, label: str = "Redis at {at}", standalone: bool = False) -> None:
+                 primary_only: bool = False, label: str = "Redis at {at}",
+                 on_connect: Callable[[Callable[..., Awaitable[Any]], Any, RespClient], Awaitable[None]] | None = None,
+                 ) -> None:
         if isinstance(target, str):
             target = Endpoint.of(parse_store_url(target))
         self.endpoint: Endpoint | None = target if isinstance(target, Endpoint) else None
         self._locate: Locate | None = None if isinstance(target, Endpoint) else target
         self.primary_only = primary_only
-        # a redis:// URL's node: refused when it is a Sentinel, a replica or a Cluster node (each would take some
-        # commands and refuse others: readiness would say ready, and requests fail one by one)
-        self.standalone = standalone
+        self.on_connect = on_connect  # (send, proto, client): more to ask of a new connection after AUTH and SELECT
         self.label = label  # how messages name it: "Redis at {at}", "sentinel at {at}" … ({at}: host:port)
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
@@ -258,9 +258,9 @@ class RespClient:
                         lambda: _Protocol(self), ep.host, ep.port, ssl=ep.ssl,
                     )
                 await handshake(proto, ep, self._send)
-                if self.standalone:
-                    await self._check_standalone(proto)
-                elif self.primary_only:
+                if self.on_connect is not None:
+                    await self.on_connect(self._send, proto, self)
+                if self.primary_only:
                     role = await self._send(proto, ("ROLE",))
                     if role[0] != b"master":
                         raise ConnectionError(f"{self.who} is a replica, not the primary (a failover is under way)")
@@ -313,30 +313,6 @@ class RespClient:
             raise proto.error or ConnectionError(f"connection to {self.who} lost")
         self._proto = proto
         return proto
-
-    async def _check_standalone(self, proto: _Protocol) -> None:
-        """Raise ``Refused`` when the node is no standalone primary (a user whose ACL does not allow ROLE or INFO
-        is not refused for that: what cannot be asked is not held against the node)."""
-        try:
-            role = await self._send(proto, ("ROLE",))
-        except ReplyError as e:
-            if str(e).startswith(("NOAUTH", "WRONGPASS")):  # (said as a refusal that names the node)
-                raise
-            return
-        kind = role[0] if isinstance(role, list) and role else b""
-        at = f"{self.host}:{self.port}" if self.host else "host:port"
-        if kind == b"sentinel":
-            raise Refused(f"{self.who} is a Sentinel, not a Redis server: write redis+sentinel://{at}/<primary name>")
-        if kind != b"master":
-            raise Refused(f"{self.who} is a read-only replica: point the URL at its primary, or let Sentinel find it "
-                          "(redis+sentinel://)")
-        try:
-            info = await self._send(proto, ("INFO", "cluster"))
-        except ReplyError:
-            return
-        if isinstance(info, bytes) and info.find(b"cluster_enabled:1") >= 0:
-            raise Refused(f"{self.who} is a Redis Cluster node: write redis+cluster://{at} (each key then goes to the "
-                          "node that holds its slot)")
 
     def _lost(self, proto: _Protocol) -> None:
         if self._proto is proto:

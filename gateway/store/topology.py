@@ -14,7 +14,7 @@ new one — no restart, no background task. Cluster routing is in ``gateway.stor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.store.failures import unechoed
@@ -34,7 +34,8 @@ class Single:
                                      primary_only=True, label="the primary at {at} (named by the sentinels)")
         else:
             endpoint = Endpoint.of(url)
-            self.client = RespClient(endpoint, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s, standalone=True)
+            self.client = RespClient(endpoint, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
+                                     on_connect=standalone_only)
             self.locate = _fixed(endpoint)
 
     def call(self, key: str | None, *args: Any) -> Awaitable[Any]:
@@ -48,6 +49,32 @@ class Single:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def standalone_only(send: Callable[..., Awaitable[Any]], proto: Any, client: RespClient) -> None:
+    """A ``redis://`` URL's node, at each connect: raise ``Refused`` when it is a Sentinel, a replica or a Cluster
+    node (each would take some commands and refuse others: ready, then requests failing one by one). A user whose
+    ACL does not allow ROLE or INFO is not refused for that: what cannot be asked is not held against the node."""
+    try:
+        role = await send(proto, ("ROLE",))
+    except ReplyError as e:
+        if str(e).startswith(("NOAUTH", "WRONGPASS")):  # (said as a refusal that names the node)
+            raise
+        return
+    kind = role[0] if isinstance(role, list) and role else b""
+    at = f"{client.host}:{client.port}" if client.host else "host:port"
+    if kind == b"sentinel":
+        raise Refused(f"{client.who} is a Sentinel, not a Redis server: write redis+sentinel://{at}/<primary name>")
+    if kind != b"master":
+        raise Refused(f"{client.who} is a read-only replica: point the URL at its primary, or let Sentinel find it "
+                      "(redis+sentinel://)")
+    try:
+        info = await send(proto, ("INFO", "cluster"))
+    except ReplyError:
+        return
+    if isinstance(info, bytes) and info.find(b"cluster_enabled:1") >= 0:
+        raise Refused(f"{client.who} is a Redis Cluster node: write redis+cluster://{at} (each key then goes to the "
+                      "node that holds its slot)")
 
 
 def _fixed(endpoint: Endpoint) -> Any:
