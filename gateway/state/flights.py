@@ -175,19 +175,30 @@ class Flights:
         """A claim whose answer never came (the store timed out) may still have been applied: a lock
         nobody runs under would hold every duplicate back until it expires. Take it back, if it is
         there and ours, as soon as the store answers again."""
-        async def take_back() -> None:
-            deadline = time.monotonic() + lock_ttl_s
-            pause = 0.5
-            while time.monotonic() < deadline:
+        self.keep_trying(lambda: self.store.compare_and_delete(key, lock), lock_ttl_s, pause_s=0.5, wait_first=False)
+
+    def keep_trying(self, attempt: Callable[[], Awaitable[Any]], within_s: float, *, pause_s: float = 0.2,
+                    wait_first: bool = True) -> None:
+        """Store work no request waits for, in the background: ``attempt`` again (pauses doubling from ``pause_s``, at
+        most ten times it) until it raises no ``StoreError``, for at most ``within_s``. Not awaited at shutdown:
+        a store that stays down must not hold it up."""
+        async def again() -> None:
+            deadline = time.monotonic() + within_s
+            pause = pause_s
+            if wait_first:
+                await asyncio.sleep(pause)
+            while True:
                 try:
-                    await self.store.compare_and_delete(key, lock)
+                    await attempt()
                     return
                 except StoreError:
+                    if time.monotonic() + pause >= deadline:
+                        return
                     await asyncio.sleep(pause)
-                    pause = min(pause * 2, 5.0)
+                    pause = min(pause * 2, pause_s * 10)
 
-        task = asyncio.ensure_future(take_back())
-        self.cleanups.add(task)  # not awaited at shutdown: a store that stays down must not hold it up
+        task = asyncio.ensure_future(again())
+        self.cleanups.add(task)
         task.add_done_callback(self.cleanups.discard)
 
     def spawn(self, work: Awaitable[Any]) -> None:

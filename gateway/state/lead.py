@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,6 +47,8 @@ class Flights(Protocol):
     def now(self) -> float: ...
 
     def spawn(self, work: Awaitable[Any]) -> None: ...
+
+    def keep_trying(self, attempt: Callable[[], Awaitable[Any]], within_s: float) -> None: ...
 
     def watch(self, lead: Lead) -> None: ...
 
@@ -384,21 +385,12 @@ class Lead:
         it does — the answer stored, or the lock released — for as long as the lock could still hold. Each is
         fenced on the lock, so one the store did apply before it timed out is not applied twice. Otherwise every
         duplicate would wait on a lock nobody runs under, and the key run again once it expired."""
-        async def again() -> None:
-            deadline = time.monotonic() + max(self.lock_ttl_s, 1.0)
-            pause = 0.2
-            while time.monotonic() < deadline:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
-                try:
-                    await self.flights.store.commit(writes)
-                except StoreError:
-                    continue
-                log.info("%s: the answer writes went through once the store answered again", self.flights.namespace)
-                self._tell_followers_of_the_gap()
-                return
+        async def commit() -> None:
+            await self.flights.store.commit(writes)
+            log.info("%s: the answer writes went through once the store answered again", self.flights.namespace)
+            self._tell_followers_of_the_gap()
 
-        self.flights.spawn(again())
+        self.flights.keep_trying(commit, max(self.lock_ttl_s, 1.0))
 
     def _tell_followers_of_the_gap(self) -> None:
         """The log stopped (the store did not take it): its followers end now with an error they can retry on
