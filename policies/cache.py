@@ -11,8 +11,9 @@ tenant's entry) — without tenants, on a target that forwards the client's own 
 a hash of every value of every credential-bearing header (``Authorization``, ``Cookie``,
 ``X-Api-Key``, ``Api-Key``, the target's ``auth.header``): two API keys never share an
 answer —, then the target, whether the answer streams (stream and non-stream never share
-an entry), and a hash of method, path, sorted query, ``Accept``, ``Accept-Encoding``, the
-values of the target's ``cache.vary_headers`` and the body as canonical JSON.
+an entry), and a hash of method, path, sorted query, ``Accept``, ``Accept-Encoding`` (plain
+HTTP only: an LLM target is always asked for identity), the values of the target's
+``cache.vary_headers`` and the body as canonical JSON.
 
 The upstream's ``Vary`` is honoured: an answer that varies on a request header the key does
 not already hold is stored with a tag of that header's values and served only to requests
@@ -102,7 +103,7 @@ def storable(reply: Reply) -> bool:
 class Keying:
     """Which request headers split a target's entries, worked out once per target."""
 
-    __slots__ = ("credentials", "vary", "covered")
+    __slots__ = ("credentials", "vary", "covered", "encodings")
 
     def __init__(self, target: Target) -> None:
         auth = target.config.auth
@@ -110,6 +111,10 @@ class Keying:
         # a target that forwards the client's own credential: each credential its own entries
         self.credentials = () if target.credential.drops_client_credentials else (*CREDENTIAL_HEADERS, *own)
         self.vary = tuple(target.config.cache.vary_headers) if target.config.cache is not None else ()
+        # an LLM target is always asked for identity (``upstream_request_headers``) and its answers are stored
+        # decoded: what the client accepts changes nothing, so an SDK that sends gzip and one that sends
+        # nothing share entries
+        self.encodings = target.kind != "llm"
         # headers an upstream Vary may name without a tag: already in the key, or never forwarded as sent
         self.covered = frozenset(n.lower() for n in (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, *CREDENTIAL_HEADERS, *own,
                                                      *self.vary))
@@ -120,7 +125,7 @@ def cache_key(flights: Flights, ex: Exchange, keying: Keying) -> str:
     headers = ex.headers
     # Accept-Encoding too: bodies are stored as the upstream encoded them, and a client that did
     # not ask for gzip must never be served gzip
-    encoding = headers.get(hdrs.ACCEPT_ENCODING, "identity").replace(" ", "").lower()
+    encoding = headers.get(hdrs.ACCEPT_ENCODING, "identity").replace(" ", "").lower() if keying.encodings else ""
     # each part followed by NUL, in one update
     h = hashlib.sha256("\0".join((ex.method, ex.rel_path, query, headers.get(hdrs.ACCEPT, ""), encoding, "")).encode())
     if keying.vary:

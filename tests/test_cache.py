@@ -147,6 +147,19 @@ async def test_identical_chat_posts_hit(fake, start, path):
     assert len(fake.requests) == 1
 
 
+async def test_llm_answers_hit_whatever_encoding_the_client_accepts(fake, start):
+    """An LLM target is always asked for identity and its answer stored decoded: the openai SDK (gzip, deflate)
+    and curl (no Accept-Encoding) get the same entry."""
+    client, _ = await start()
+    miss = await chat(client, headers={"Accept-Encoding": "gzip, deflate"})
+    assert miss.cache == "MISS"
+    hit = await chat(client, headers={"Accept-Encoding": "identity"})
+    assert_hit(hit)
+    assert hit.body == miss.body and "Content-Encoding" not in hit.headers
+    assert len(fake.requests) == 1
+    assert fake.requests[0].headers["Accept-Encoding"] == "identity"
+
+
 async def test_reordered_json_keys_hit_and_a_different_body_misses(fake, start):
     client, _ = await start()
     assert (await chat(client)).cache == "MISS"
