@@ -23,8 +23,9 @@ answer which varies that way runs on its own instead.
 ``Set-Cookie`` is kept for the client whose request fetched the answer, and never stored or shared with
 another.
 
-Request ``Cache-Control``: ``no-cache`` skips the lookup and stores the fresh answer;
-``no-store`` skips lookup and store; ``only-if-cached`` answers 504 on a miss. The
+Request ``Cache-Control``: ``no-cache`` (``max-age=0``, ``Pragma: no-cache``) skips the lookup and stores the
+fresh answer; ``no-store`` skips lookup and store; ``only-if-cached`` answers 504 on a miss. A range or
+conditional request passes the cache by. The
 answer says ``X-Cache: HIT|MISS|BYPASS`` (``X-Cached: true`` and ``Age`` on a hit).
 
 Concurrent identical misses are computed once (single flight, through the store, so
@@ -73,9 +74,31 @@ class NotCached(GatewayError):
     status, code, type = 504, "not_cached", "client_error"
 
 
-def _directives(headers: object) -> set[str]:
-    values = headers.getall(hdrs.CACHE_CONTROL, ())  # type: ignore[attr-defined]
-    return {d.strip().split("=", 1)[0].lower() for v in values for d in v.split(",") if d.strip()}
+def _directives(headers: Any) -> set[str]:
+    """A request's ``Cache-Control`` directive names; ``max-age=0`` asks for a fresh answer as ``no-cache`` does,
+    and so does ``Pragma: no-cache`` without a ``Cache-Control`` (RFC 9111 §5.2.1.1, §5.4)."""
+    found: set[str] = set()
+    for value in headers.getall(hdrs.CACHE_CONTROL, ()):
+        for d in value.split(","):
+            name, _, arg = d.strip().partition("=")
+            name = name.strip().lower()
+            if name:
+                found.add(name)
+            if name == "max-age" and arg.strip().strip('"') == "0":
+                found.add("no-cache")
+    if not found and "no-cache" in headers.get(hdrs.PRAGMA, "").lower():
+        found.add("no-cache")
+    return found
+
+
+# Request headers that ask for part of an answer or for an answer only under a condition: such a request is
+# not the same request as a plain one (a 206 or a 304 must never be served for it), so it passes the cache by.
+_CONDITIONAL = (hdrs.RANGE, hdrs.IF_RANGE, hdrs.IF_NONE_MATCH, hdrs.IF_MODIFIED_SINCE, hdrs.IF_MATCH,
+                hdrs.IF_UNMODIFIED_SINCE)
+
+
+def _conditional(headers: Any) -> bool:
+    return any(name in headers for name in _CONDITIONAL)
 
 
 def cacheable(ex: Exchange) -> bool:
@@ -84,20 +107,29 @@ def cacheable(ex: Exchange) -> bool:
     return ex.method in ("GET", "HEAD")
 
 
-# An answer the upstream says must not be stored (SPEC §5). ``no-cache`` is not among them: every SSE
-# answer carries it (OpenAI's streams too), and streams are cached as their chunks.
+# An answer the upstream says must not be stored (SPEC §5). ``no-cache`` is not among them for an LLM target: every
+# SSE answer carries it (OpenAI's streams too), and streams are cached as their chunks. A plain-HTTP answer that
+# must be revalidated before each use (``no-cache``, ``max-age=0``, ``s-maxage=0``) is not stored either: the
+# cache does not revalidate.
 _NOT_STORED = frozenset(("no-store", "private"))
+_NOT_STORED_HTTP = _NOT_STORED | {"no-cache", "max-age=0", "s-maxage=0", 'max-age="0"', 's-maxage="0"'}
 # A stored or shared answer never carries another client's cookies (the client that made it gets them).
 PRIVATE_HEADERS = frozenset(("set-cookie", "set-cookie2"))
 
 
-def storable(reply: Reply) -> bool:
-    if not 200 <= reply.status < 300 or reply.failure is not None:  # (a 200 stream led by an error event)
+def storable(reply: Reply, not_stored: frozenset[str] = _NOT_STORED) -> bool:
+    # (a 206 is part of an answer: never served for the whole; a failure: a 200 stream led by an error event)
+    if not 200 <= reply.status < 300 or reply.status == 206 or reply.failure is not None:
         return False
     values = reply.headers.getall(hdrs.CACHE_CONTROL, ())
-    if any(d.strip().lower().replace(" ", "") in _NOT_STORED for v in values for d in v.split(",")):
+    if any(d.strip().lower().replace(" ", "") in not_stored for v in values for d in v.split(",")):
         return False
     return not any(name.strip() == "*" for value in reply.headers.getall(hdrs.VARY, ()) for name in value.split(","))
+
+
+def storable_http(reply: Reply) -> bool:
+    """``storable`` for a plain-HTTP target's answer: one to revalidate before each use is not stored."""
+    return storable(reply, _NOT_STORED_HTTP)
 
 
 class Keying:
@@ -121,7 +153,8 @@ class Keying:
 
 
 def cache_key(flights: Flights, ex: Exchange, keying: Keying) -> str:
-    query = "&".join(sorted(ex.query.split("&"))) if ex.query else ""
+    # parameters in order of name, a repeated one's values as sent (``sort=name&sort=date`` is not ``sort=date&…``)
+    query = "&".join(sorted(ex.query.split("&"), key=_param_name)) if ex.query else ""
     headers = ex.headers
     # Accept-Encoding too: bodies are stored as the upstream encoded them, and a client that did
     # not ask for gzip must never be served gzip
@@ -132,6 +165,10 @@ def cache_key(flights: Flights, ex: Exchange, keying: Keying) -> str:
         _values(h, headers, keying.vary)
     h.update(body_digest(ex, strict=False))
     return flights.key(_scope(ex, keying), ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
+
+
+def _param_name(param: str) -> str:
+    return param.partition("=")[0]
 
 
 def _values(h: Any, headers: Any, names: tuple[str, ...]) -> None:
@@ -245,8 +282,9 @@ def policy(ctx: Context) -> tuple[Policy, Flights] | None:
         cfg = ex.target.config.cache
         if cfg is None or not cfg.enabled or not cacheable(ex):
             return await call_next(ex)
-        directives = _directives(ex.headers) if hdrs.CACHE_CONTROL in ex.headers else ()
-        if "no-store" in directives or (ex.account is not None and not ex.account.features.cache):
+        directives = _directives(ex.headers) if hdrs.CACHE_CONTROL in ex.headers or hdrs.PRAGMA in ex.headers else ()
+        if ("no-store" in directives or (ex.account is not None and not ex.account.features.cache)
+                or _conditional(ex.headers)):
             return _mark(await call_next(ex), "BYPASS")  # (a tier without the cache feature: never read or written)
         ttl = ttl_for(ex, cfg)
         if ttl <= 0:
@@ -304,7 +342,7 @@ def policy(ctx: Context) -> tuple[Policy, Flights] | None:
         lead.tag = lambda answer: vary_tag((v for k, v in answer if k.lower() == "vary"), headers, keying)
         lead.private = PRIVATE_HEADERS
         reply = await lead.run(
-            lambda: call_next(ex), storable=storable, ttl_s=ttl, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
+            lambda: call_next(ex), storable=storable if ex.target.kind == "llm" else storable_http, ttl_s=ttl, max_bytes=int(cfg.max_entry_mb * 1024 * 1024),
             request_id=ex.request_id, owner=ex,
         )
         return _mark(reply, "MISS")

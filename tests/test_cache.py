@@ -108,6 +108,76 @@ async def test_query_order_does_not_matter_but_the_query_and_accept_do(fake, sta
     assert len(fake.requests) == 4
 
 
+async def test_repeated_parameters_keep_their_order_in_the_key(fake, start):
+    """Parameters are keyed in order of name, but a repeated one's values in the order sent: ``sort=name&sort=date``
+    and ``sort=date&sort=name`` are different requests."""
+    client, _ = await start()
+    assert (await get(client, "/t/rest/items?sort=name&sort=date")).cache == "MISS"
+    assert (await get(client, "/t/rest/items?sort=date&sort=name")).cache == "MISS"
+    assert_hit(await get(client, "/t/rest/items?sort=name&sort=date"))
+    assert [r.path_qs for r in fake.requests] == ["/api/items?sort=name&sort=date", "/api/items?sort=date&sort=name"]
+
+
+async def test_a_range_request_passes_the_cache_by_and_a_206_is_never_stored(fake, start):
+    """A 206 is part of an answer: stored, it would be served to every later plain GET."""
+    client, _ = await start()
+    fake.plan(Fault(status=206, headers={"Content-Range": "bytes 0-9/1024"}))
+    part = await get(client, headers={"Range": "bytes=0-9"})
+    assert part.status == 206 and part.cache == "BYPASS"
+    fake.plan(Fault(status=206, headers={"Content-Range": "bytes 0-9/1024"}))  # unasked-for: not stored either
+    assert (await get(client)).status == 206
+    whole = await get(client)
+    assert whole.status == 200 and whole.cache == "MISS"
+    assert_hit(await get(client))
+    assert (await get(client, headers={"Range": "bytes=0-9"})).cache == "BYPASS"  # not served the stored whole
+    assert len(fake.requests) == 4
+
+
+@pytest.mark.parametrize("header", [{"If-None-Match": '"v1"'}, {"If-Modified-Since": "Mon, 07 Dec 2026 00:00:00 GMT"},
+                                    {"If-Range": '"v1"'}], ids=["if-none-match", "if-modified-since", "if-range"])
+async def test_a_conditional_request_never_shares_a_flight_or_an_entry(fake, start, header):
+    """A 304 for a client that holds a copy must never reach one that does not, nor a stored 200 replace the 304."""
+    client, _ = await start()
+    fake.plan(Fault(status=304, delay_ms=200))
+    conditional = asyncio.create_task(get(client, headers=header))
+    await asyncio.sleep(0.05)
+    plain = await get(client)
+    assert plain.status == 200 and plain.body and plain.cache == "MISS"
+    answer = await conditional
+    assert answer.status == 304 and answer.cache == "BYPASS"
+    assert_hit(await get(client))
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("value", ["no-cache", "max-age=0", "s-maxage=0, public", "private, max-age=60", "no-store"])
+async def test_a_plain_http_answer_to_revalidate_before_each_use_is_not_stored(fake, start, value):
+    client, _ = await start()
+    fake.plan(Fault(headers={"Cache-Control": value}))
+    assert (await get(client)).cache == "MISS"
+    assert (await get(client)).cache == "MISS"
+    assert len(fake.requests) == 2
+
+
+async def test_an_llm_answer_marked_no_cache_is_still_stored(fake, start):
+    """Every SSE answer (OpenAI's too) says ``no-cache``: for an LLM target it does not keep the answer out."""
+    client, _ = await start()
+    fake.plan(Fault(headers={"Cache-Control": "no-cache"}))
+    assert (await chat(client)).cache == "MISS"
+    assert_hit(await chat(client))
+
+
+@pytest.mark.parametrize("header", [{"Cache-Control": "max-age=0"}, {"Pragma": "no-cache"}], ids=["max-age-0", "pragma"])
+async def test_a_request_asking_for_a_fresh_answer_skips_the_lookup_and_stores_it(fake, start, header):
+    client, _ = await start()
+    first = await get(client)
+    fresh = await get(client, headers=header)
+    assert fresh.status == 200 and fresh.cache == "MISS" and fresh.body != first.body  # the upstream's new answer
+    again = await get(client)
+    assert_hit(again)
+    assert again.body == fresh.body
+    assert len(fake.requests) == 2
+
+
 async def test_head_is_cached_apart_from_get(fake, start):
     client, _ = await start()
     got = await get(client)
