@@ -51,7 +51,7 @@ from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED, X_RELIAPI_COS
 from gateway.observe.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
 from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.store import Store, StoreError
-from policies.idempotency import body_digest, digest_ready
+from policies.idempotency import body_digest, client_credentials, digest_ready, hash_values, scope
 
 if TYPE_CHECKING:
     from gateway.config.model import CacheConfig
@@ -141,7 +141,7 @@ class Keying:
         auth = target.config.auth
         own = (auth.header,) if auth is not None and auth.header else ()
         # a target that forwards the client's own credential: each credential its own entries
-        self.credentials = () if target.credential.drops_client_credentials else (*CREDENTIAL_HEADERS, *own)
+        self.credentials = client_credentials(target)
         self.vary = tuple(target.config.cache.vary_headers) if target.config.cache is not None else ()
         # an LLM target is always asked for identity (``upstream_request_headers``) and its answers are stored
         # decoded: what the client accepts changes nothing, so an SDK that sends gzip and one that sends
@@ -162,23 +162,13 @@ def cache_key(flights: Flights, ex: Exchange, keying: Keying) -> str:
     # each part followed by NUL, in one update
     h = hashlib.sha256("\0".join((ex.method, ex.rel_path, query, headers.get(hdrs.ACCEPT, ""), encoding, "")).encode())
     if keying.vary:
-        _values(h, headers, keying.vary)
+        hash_values(h, headers, keying.vary)
     h.update(body_digest(ex, strict=False))
-    return flights.key(_scope(ex, keying), ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
+    return flights.key(scope(ex, keying.credentials), ex.target.name, "s" if ex.stream else "n", h.hexdigest()[:48])
 
 
 def _param_name(param: str) -> str:
     return param.partition("=")[0]
-
-
-def _values(h: Any, headers: Any, names: tuple[str, ...]) -> None:
-    """Every value of every header in ``names`` (a second Cookie header counts too)."""
-    for name in names:
-        h.update(name.encode())
-        for value in headers.getall(name, ()):
-            h.update(b"\1")
-            h.update(value.encode("utf-8", "surrogateescape"))
-        h.update(b"\0")
 
 
 def vary_tag(varies: Iterable[str], headers: Any, keying: Keying) -> str:
@@ -188,7 +178,7 @@ def vary_tag(varies: Iterable[str], headers: Any, keying: Keying) -> str:
     if not names:
         return ""
     h = hashlib.sha256()
-    _values(h, headers, tuple(names))
+    hash_values(h, headers, tuple(names))
     return h.hexdigest()[:32]
 
 
@@ -236,18 +226,6 @@ async def clear_entries(store: Store, target: str | None = None) -> int:
     for start in range(0, len(keys), 100):  # a bounded number of store calls in flight at once
         deleted += sum(await asyncio.gather(*(drop(key) for key in keys[start:start + 100])))
     return deleted
-
-
-def _scope(ex: Exchange, keying: Keying) -> str:
-    """Whose entry: the authenticated tenant; without tenants, on a target that forwards the
-    client's own credential, that credential (every value of every credential header, hashed)."""
-    if ex.tenant is not None:
-        return "t." + ex.tenant
-    if not keying.credentials:
-        return "-"
-    h = hashlib.sha256()
-    _values(h, ex.headers, keying.credentials)
-    return "c." + h.hexdigest()[:24]
 
 
 def policy(ctx: Context) -> tuple[Policy, Flights] | None:

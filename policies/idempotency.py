@@ -5,7 +5,9 @@ IETF draft's quoted Structured-Field string — ``"abc"`` and ``abc`` are the sa
 else from an ``idempotency_key`` body field (removed before the body goes upstream:
 providers reject unknown fields). It is scoped to the tenant, and recorded with a
 fingerprint of the request: method, target, route, path, sorted query and the body
-as canonical JSON (reordered keys and whitespace are the same request).
+as canonical JSON (reordered keys and whitespace are the same request). Without tenants, on a
+target that forwards the client's own credential, it is scoped to that credential (as the cache's
+entries are): one API key never gets another's answer, nor learns that key was used.
 
 - first request: runs (``gateway.state.flights`` — an atomic claim with a random token);
 - concurrent duplicates, on this instance or any other sharing the store: wait and get
@@ -41,17 +43,19 @@ from multidict import CIMultiDict
 
 from gateway import jsonbody
 from gateway.errors import GatewayError, IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
-from gateway.headers import IDEMPOTENCY_KEYS, X_CACHED, X_RELIAPI_COST
+from gateway.headers import CREDENTIAL_HEADERS, IDEMPOTENCY_KEYS, X_CACHED, X_RELIAPI_COST
 from gateway.observe.events import Coalesced, IdempotentReplay, StoreDegraded
 from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.store import StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
+    from typing import Any
 
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
     from gateway.flow.exchange import Exchange, Reply
+    from gateway.upstream.targets import Target
 
 log = logging.getLogger("reliapi")
 
@@ -167,6 +171,36 @@ def fingerprint(ex: Exchange) -> str:
     return hashlib.sha256("\0".join(parts).encode() + body_digest(ex)).hexdigest()
 
 
+def client_credentials(target: Target) -> tuple[str, ...]:
+    """The headers that carry the client's own credential to ``target``; none when the target uses its own."""
+    if target.credential.drops_client_credentials:
+        return ()
+    auth = target.config.auth
+    return (*CREDENTIAL_HEADERS, auth.header) if auth is not None and auth.header else CREDENTIAL_HEADERS
+
+
+def hash_values(h: Any, headers: Any, names: tuple[str, ...]) -> None:
+    """Every value of every header in ``names`` into ``h`` (a second Cookie header counts too)."""
+    for name in names:
+        h.update(name.encode())
+        for value in headers.getall(name, ()):
+            h.update(b"\1")
+            h.update(value.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+
+
+def scope(ex: Exchange, credentials: tuple[str, ...]) -> str:
+    """Whose key or entry: the authenticated tenant; without tenants, on a target that forwards the client's
+    own ``credentials``, that credential (every value of every credential header, hashed); else everyone's."""
+    if ex.tenant is not None:
+        return "t." + ex.tenant
+    if not credentials:
+        return "-"
+    h = hashlib.sha256()
+    hash_values(h, ex.headers, credentials)
+    return "c." + h.hexdigest()[:24]
+
+
 def storable(reply: Reply) -> bool:
     """Final answers: 2xx and 4xx but 408/409/429; not a 200 stream whose first event was an error."""
     if reply.status >= 500 or reply.status in _NOT_STORED:
@@ -184,6 +218,7 @@ def policy(ctx: Context) -> tuple[Policy, Flights]:
     flights = Flights(ctx.store, "idem", ctx.background, ctx.clock.time)
     fail_open = ctx.config.store.fail_open
     events = ctx.events
+    credentials = {name: client_credentials(t) for name, t in ctx.targets.items()}
 
     def idempotency(ex: Exchange, call_next: Handler) -> Awaitable[Reply]:
         if not keyed(ex):  # (a safe method, or no key: most requests pass straight on, no frame of their own)
@@ -197,7 +232,8 @@ def policy(ctx: Context) -> tuple[Policy, Flights]:
         await digest_ready(ex)
         fp = fingerprint(ex)
         cfg = ex.target.config.idempotency
-        store_key = flights.key(ex.tenant or "-", hashlib.sha256(key.encode()).hexdigest()[:40])
+        who = ex.tenant if ex.tenant is not None else scope(ex, credentials[ex.target.name])
+        store_key = flights.key(who, hashlib.sha256(key.encode()).hexdigest()[:40])
         lead = None
         try:
             for _ in range(_FOLLOW_ROUNDS):

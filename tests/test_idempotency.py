@@ -244,6 +244,23 @@ async def test_the_same_key_from_two_tenants_names_two_requests(fake, gateway):
     assert len(fake.requests) == 4
 
 
+@pytest.mark.parametrize("path", ["/t/rest/orders", CHAT_PATH])
+async def test_without_tenants_two_passthrough_credentials_never_share_a_key(fake, start, path):
+    """A target that forwards the client's own key: the key is that credential's, as the cache's entries are —
+    Bob never gets Alice's answer, nor a 422 telling him her key exists."""
+    client = await start()
+    numbered(fake)
+    alice, bob = {"Authorization": "Bearer alice-key"}, {"Authorization": "Bearer bob-key"}
+    status_a, _, body_a = await call(client, key="op-42", path=path, headers=alice)
+    status_b, headers_b, body_b = await call(client, {**CHAT, "temperature": 1}, key="op-42", path=path, headers=bob)
+    assert (status_a, status_b) == (200, 200)
+    assert REPLAYED not in headers_b and body_b != body_a
+    assert len(fake.requests) == 2
+    status, headers, again = await call(client, key="op-42", path=path, headers=alice)
+    assert status == 200 and headers[REPLAYED] == "true" and again == body_a
+    assert len(fake.requests) == 2
+
+
 async def test_a_replay_still_authenticates_the_caller(fake, gateway):
     client, _ = await gateway(config(fake.url, tenants=TENANTS))
     assert (await call(client, key="k-auth", headers=ALPHA))[0] == 200

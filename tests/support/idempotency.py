@@ -10,6 +10,8 @@ from typing import Any
 import msgspec
 from multidict import CIMultiDict
 
+from gateway.headers import CREDENTIAL_HEADERS
+from policies.idempotency import hash_values
 from tests.support.config import NO_RETRY, GatewayConfig
 from tests.support.fakes import FakeUpstream, Fault
 from tests.support.gateway import until  # noqa: F401 (the idempotency tests import it from here)
@@ -59,8 +61,13 @@ async def call(client, body: Any = CHAT, **kwargs) -> tuple[int, CIMultiDict[str
     return resp.status, resp.headers, await resp.read()
 
 
-def store_key(key: str, tenant: str = "-") -> str:
-    """Where the policy keeps a key's record (gateway/state/flights.py, policies/idempotency.py)."""
+def store_key(key: str, tenant: str | None = None) -> str:
+    """Where the policy keeps a key's record (gateway/state/flights.py, policies/idempotency.py): a tenant's, or on
+    the passthrough ``up`` target without tenants that of a client sending no credential."""
+    if tenant is None:
+        h = hashlib.sha256()
+        hash_values(h, CIMultiDict(), CREDENTIAL_HEADERS)
+        tenant = "c." + h.hexdigest()[:24]
     return f"idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
