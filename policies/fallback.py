@@ -36,6 +36,7 @@ from gateway.flow.exchange import Exchange, Reply
 from gateway.headers import X_RELIAPI_FALLBACK
 from gateway.observe.events import FallbackUsed
 from policies import stream_recovery
+from policies.retry import resend_unsafe
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler
@@ -193,6 +194,8 @@ def router(ctx: Context, target_chains: Mapping[str, Handler]) -> Handler:
                 refused = outcome
             if not failure.falls_back_on(allowed):
                 break
+            if failure.sent and outcome.from_upstream and resend_unsafe(ex, target):
+                break  # it may have been acted on: another target must not do it a second time
         final = answered or refused
         assert final is not None
         target = final.entry[0]

@@ -77,6 +77,13 @@ class RetryBudget:
         return self.retrying < max(self.min_concurrent, self.active * self.percent / 100)
 
 
+def resend_unsafe(ex: Exchange, target: Target) -> bool:
+    """A plain-HTTP POST/PATCH with no idempotency key (and no ``retry_non_idempotent``): the upstream may have
+    acted on it, so it is sent again — retried, or to a fallback target — only if it never left."""
+    return (target.kind == "http" and ex.method in _NON_IDEMPOTENT and not target.config.retry_non_idempotent
+            and ex.idempotency_key is None and not any(k in ex.headers for k in IDEMPOTENCY_KEYS))
+
+
 def policy(ctx: Context, target: Target, circuit: SharedCircuit | None = None) -> Policy | None:
     """``circuit``: the target's own (when open, a due retry is not made: it would be refused)."""
     cfg = target.config
@@ -86,7 +93,6 @@ def policy(ctx: Context, target: Target, circuit: SharedCircuit | None = None) -
     if max_retries == 0 and total_s is None:
         return None
     name, clock, events = target.name, ctx.clock, ctx.events
-    guard_unsafe = target.kind == "http" and not cfg.retry_non_idempotent
     budget = RetryBudget(cfg.retry_budget.percent, cfg.retry_budget.min_concurrent)
 
     def rule_for(failure: Failure, used: dict[str, int], retries: int, unsafe: bool) -> tuple[str, RetryRule] | None:
@@ -128,8 +134,7 @@ def policy(ctx: Context, target: Target, circuit: SharedCircuit | None = None) -
 
     async def retrying(ex: Exchange, call_next: Handler, reply: Reply | None, error: GatewayError | None) -> Reply:
         """After a failed first attempt: retry while the rules, the deadline and the budget allow."""
-        unsafe = guard_unsafe and ex.method in _NON_IDEMPOTENT and ex.idempotency_key is None \
-            and not any(k in ex.headers for k in IDEMPOTENCY_KEYS)
+        unsafe = resend_unsafe(ex, target)
         used: dict[str, int] = {}
         retries = 0
         try:

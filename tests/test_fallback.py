@@ -145,6 +145,39 @@ targets:
     assert fb1.requests[0].path_qs == "/mirror/users/42?x=1" and fb1.requests[0].body == b"\x00raw bytes"
 
 
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_an_unkeyed_post_that_reached_a_plain_http_target_is_not_sent_to_its_fallback(three, gateway, method):
+    """The primary may have acted on it (charged the card): as with retries, a POST/PATCH without an idempotency
+    key goes on to another target only if it never left — not after a 503, a reset or a timeout."""
+    up, fb1, _ = three
+    client, _ = await gateway(f"""
+targets:
+  api: {{base_url: "{up.url}/api", fallback_targets: [mirror], retry_matrix: {{"5xx": {{attempts: 0}}}}}}
+  mirror: {{base_url: "{fb1.url}/mirror"}}
+""")
+    up.plan(DOWN, Fault(reset=True))
+    for _ in range(2):
+        resp = await client.request(method, "/t/api/charge", data=b"amount=100")
+        assert resp.status in (502, 503) and "X-ReliAPI-Fallback" not in resp.headers
+    assert len(up.requests) == 2 and fb1.requests == []
+    up.plan(DOWN)  # with a key it may: the mirror is told it is the same operation
+    resp = await client.request(method, "/t/api/charge", data=b"amount=100", headers={"Idempotency-Key": "charge-1"})
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "mirror"
+    assert fb1.requests[0].headers["Idempotency-Key"] == "charge-1"
+
+
+async def test_an_unkeyed_post_whose_connection_never_came_up_falls_back(three, gateway):
+    _, fb1, _ = three
+    client, _ = await gateway(f"""
+targets:
+  api: {{base_url: "http://127.0.0.1:9/api", fallback_targets: [mirror], retry_matrix: {{net: {{attempts: 0}}}}}}
+  mirror: {{base_url: "{fb1.url}/mirror"}}
+""")
+    resp = await client.post("/t/api/charge", data=b"amount=100")
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "mirror"
+    assert len(fb1.requests) == 1
+
+
 async def test_a_tenant_list_overrides_the_targets(three, gateway):
     up, fb1, fb2 = three
     cfg = chain_config(up.url, fb1.url, fb2.url).tenant("acme", api_key="acme-key-123456", fallback_targets=["fb2"])
