@@ -40,7 +40,13 @@ HOP_BY_HOP: tuple[istr, ...] = tuple(istr(h) for h in (
 # Never forwarded upstream: framing/routing the gateway owns. (The trace context is replaced per attempt:
 # ``gateway.flow.send``.)
 _REQUEST_DROP = HOP_BY_HOP + (hdrs.HOST, hdrs.CONTENT_LENGTH)
-_RESPONSE_DROP = HOP_BY_HOP + (hdrs.CONTENT_LENGTH,)
+# The headers the gateway says itself (SPEC §2), never an upstream's: a CDN's "X-Cache: HIT" on a fresh call, or
+# another gateway's "Idempotent-Replayed", would tell the client what did not happen here.
+_GATEWAY_SAYS: tuple[istr, ...] = (
+    X_CACHE, X_CACHED, istr("Idempotent-Replayed"), X_RELIAPI_COST, X_RELIAPI_FALLBACK, X_RELIAPI_ROUTED_MODEL,
+    istr("X-ReliAPI-Trace-Id"),
+)
+_RESPONSE_DROP = HOP_BY_HOP + (hdrs.CONTENT_LENGTH,) + _GATEWAY_SAYS
 
 # Client credentials, removed when the gateway injects the target's own key.
 CREDENTIAL_HEADERS: tuple[istr, ...] = (hdrs.AUTHORIZATION, istr("x-api-key"), istr("api-key"), hdrs.COOKIE)

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from tests.support.config import llm_config
+from tests.support.fakes import Fault
 from tests.support.gateway import raw_http
 
 ENV = {"UP_KEY": "sk-upstream-openai-123456", "CLAUDE_KEY": "sk-ant-upstream-654321"}
@@ -37,6 +38,7 @@ async def test_head_request(gw, fake):
     resp = await client.head("/t/rest/thing")
     assert resp.status == 200
     assert fake.requests[0].method == "HEAD"
+    assert int(resp.headers["Content-Length"]) > 100  # the upstream's: the size a GET gets (RFC 9110 §9.3.2)
 
 
 async def test_upstream_4xx_5xx_returned_as_sent(gw):
@@ -78,6 +80,23 @@ async def test_hop_by_hop_headers_stripped_both_ways(gw, fake):
     assert "X-Secret-Hop" not in resp.headers
     assert "Keep-Alive" not in resp.headers
     assert resp.headers["X-Upstream"] == "echo"
+
+
+@pytest.mark.parametrize("path", ["/t/rest/h", "/v1/chat/completions"])
+async def test_an_upstreams_own_status_headers_never_speak_for_the_gateway(gw, fake, path):
+    """A CDN's ``X-Cache: HIT`` or another gateway's ``Idempotent-Replayed`` on a fresh call: the client is told
+    what happened here (SPEC §2), not there."""
+    client, _ = gw
+    fake.plan(Fault(headers={"X-Cache": "HIT", "X-Cached": "true", "Idempotent-Replayed": "true",
+                             "X-ReliAPI-Cost-USD": "9.99", "X-ReliAPI-Fallback": "elsewhere",
+                             "X-ReliAPI-Routed-Model": "gpt-x", "X-ReliAPI-Trace-Id": "f" * 32}))
+    resp = await client.post(path, json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 200
+    assert resp.headers.getall("X-Cache") == ["BYPASS"] and resp.headers.getall("X-Cached") == ["false"]
+    for name in ("Idempotent-Replayed", "X-ReliAPI-Fallback", "X-ReliAPI-Routed-Model"):
+        assert name not in resp.headers, name
+    assert resp.headers.getall("X-ReliAPI-Trace-Id") != ["f" * 32]
+    assert "9.99" not in resp.headers.getall("X-ReliAPI-Cost-USD", [])
 
 
 async def test_hop_by_hop_matching_ignores_case(gw, fake):

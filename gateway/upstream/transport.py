@@ -146,6 +146,8 @@ class Transport:
             )
             data, first = await _read_first(resp, method)
             headers_out = client_response_headers(resp.headers)
+            if method == "HEAD" and hdrs.CONTENT_LENGTH in resp.headers:  # the size of what a GET would get
+                headers_out[hdrs.CONTENT_LENGTH] = resp.headers[hdrs.CONTENT_LENGTH]
             if data is not None:
                 return Reply(resp.status, headers_out, body=data, upstream_status=resp.status)
             if stream:  # from the first byte on, only its silences are timed (``Deadlines.waiting``)
