@@ -129,8 +129,8 @@ CANONICAL_MAX_BYTES = 256 << 10  # a larger body is keyed by its exact bytes: it
 
 def body_digest(ex: Exchange, *, strict: bool = True) -> bytes:
     """SHA-256 of the body as canonical JSON (sorted keys, no whitespace), or as sent when it is not JSON;
-    made once per body (idempotency and the cache both key on it). ``strict``: a body that should be JSON
-    (an LLM target's) and is not is a 400. A body over ``CANONICAL_MAX_BYTES`` is hashed as sent (a retry
+    made once per body (idempotency and the cache both key on it). ``strict``: an LLM target's body that is
+    not JSON is a 400 (a plain-HTTP target's is keyed by its bytes: compressed, or JSON no parser takes). A body over ``CANONICAL_MAX_BYTES`` is hashed as sent (a retry
     sends the same bytes) — off the event loop, by ``digest_ready``."""
     made = ex.canonical
     if made is not None and made[0] is ex.body:
@@ -142,8 +142,8 @@ def body_digest(ex: Exchange, *, strict: bool = True) -> bytes:
             body = msgspec.json.encode(msgspec.json.decode(body), order="sorted")
         except RecursionError:  # nested past what can be read: keyed by its bytes as sent
             pass
-        except msgspec.DecodeError:
-            if strict:
+        except msgspec.DecodeError:  # a plain-HTTP body is the API's business (compressed, …): keyed as sent
+            if strict and ex.target.kind == "llm":
                 raise InvalidRequest("request body is not valid JSON; a request with an idempotency key must have "
                                      "a JSON body on this path", param="Idempotency-Key") from None
             return hashlib.sha256(body).digest()

@@ -16,6 +16,7 @@ the fingerprint, tenant scope, concurrent duplicates (TC01–TC05); ``tests/test
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import msgspec
 import pytest
@@ -215,6 +216,21 @@ async def test_a_non_json_plain_http_body_is_fingerprinted_as_sent(fake, start):
     r3 = await client.post("/t/rest/upload", data=b"line two\n", headers=text)
     assert r3.status == 422
     assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("body, headers", [
+    (gzip.compress(b'{"amount": 100}'), {"Content-Encoding": "gzip"}),
+    (b'{"amount": 1e400}', {}),
+], ids=["gzip", "number-out-of-range"])
+async def test_a_keyed_plain_http_json_body_no_parser_reads_is_keyed_as_sent(fake, start, body, headers):
+    """A plain-HTTP API's body is its own business: compressed, or JSON beyond what the gateway parses, it is sent
+    and keyed by its bytes — not refused as "not JSON"."""
+    client = await start()
+    sent = {"Content-Type": "application/json", "Idempotency-Key": "k-gz", **headers}
+    r1 = await client.post("/t/rest/charge", data=body, headers=sent)
+    r2 = await client.post("/t/rest/charge", data=body, headers=sent)
+    assert r1.status == r2.status == 200 and r2.headers[REPLAYED] == "true"
+    assert len(fake.requests) == 1 and fake.requests[0].body == body
 
 
 # =============================================================== TC04 tenant scope
