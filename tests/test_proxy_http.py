@@ -4,8 +4,11 @@ example, the policies applied through it, and bad envelopes."""
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict
 
 from tests.support.config import GatewayConfig
 from tests.support.fakes import Fault
@@ -150,6 +153,40 @@ async def test_a_streamed_2xx_answer_is_carried_whole_in_the_envelope(fake, gate
     assert resp.status == 200 and out["success"] is True
     body = out["data"]["body"]
     assert isinstance(body, str) and body.count("tok") == 3 and body.endswith("data: [DONE]\n\n")
+
+
+async def _odd_upstream(aiohttp_server):
+    """Answers ``/api/binary`` with every byte value and ``/api/cookies`` with repeated headers."""
+    async def binary(request: web.Request) -> web.Response:
+        return web.Response(body=bytes(range(256)), content_type="application/octet-stream")
+
+    async def cookies(request: web.Request) -> web.Response:
+        headers = CIMultiDict([("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; HttpOnly"),
+                               ("X-Multi", "one"), ("x-multi", "two")])
+        return web.Response(text="ok", headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/api/binary", binary)
+    app.router.add_get("/api/cookies", cookies)
+    return await aiohttp_server(app)
+
+
+async def test_a_body_that_is_no_text_comes_back_base64_byte_for_byte(aiohttp_server, gateway):
+    up = await _odd_upstream(aiohttp_server)
+    client, _ = await gateway(config(str(up.make_url(""))))
+    resp = await client.post("/proxy/http", headers=KEY, json={"target": "my_api", "method": "GET", "path": "/binary"})
+    data = (await resp.json())["data"]
+    assert data["body_encoding"] == "base64" and base64.b64decode(data["body"]) == bytes(range(256))
+    text = await client.post("/proxy/http", headers=KEY, json={"target": "my_api", "method": "GET", "path": "/cookies"})
+    assert "body_encoding" not in (await text.json())["data"]  # text stays text
+
+
+async def test_a_repeated_answer_header_keeps_every_value(aiohttp_server, gateway):
+    up = await _odd_upstream(aiohttp_server)
+    client, _ = await gateway(config(str(up.make_url(""))))
+    resp = await client.post("/proxy/http", headers=KEY, json={"target": "my_api", "method": "GET", "path": "/cookies"})
+    headers = (await resp.json())["data"]["headers"]
+    assert headers["Set-Cookie"] == "a=1; Path=/, b=2; HttpOnly" and headers["X-Multi"] == "one, two"
 
 
 @pytest.mark.parametrize("header", ["Idempotency-Key", "X-Idempotency-Key"])

@@ -8,13 +8,14 @@ The envelope is checked (the path like any client path: no escaping the target's
 header values printable ASCII; a string query percent-encoded as UTF-8 where RFC 3986 needs
 it), turned into an upstream request for the named target, and run through the same pipeline
 as every surface. The upstream's answer comes back inside ``data`` (its body as JSON when
-it is JSON, else as text); ``success`` is false for a 4xx/5xx answer, which then also
+it is JSON, else as text, else base64 with ``body_encoding``); ``success`` is false for a 4xx/5xx answer, which then also
 carries an ``error`` and keeps its status (``HttpAnswer``). The gateway's own errors are
 the envelope errors of SPEC §3.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -57,10 +58,11 @@ class HttpEnvelope(msgspec.Struct, forbid_unknown_fields=True):
     cache: CacheTTL | None = None  # TTL seconds for this answer
 
 
-class HttpData(msgspec.Struct):
+class HttpData(msgspec.Struct, omit_defaults=True):
     status_code: int  # the upstream's
-    headers: dict[str, str]  # the upstream's, less the gateway's own
+    headers: dict[str, str]  # the upstream's, less the gateway's own; a repeated one's values joined with ", "
     body: Any  # the upstream's body: its JSON when it is JSON, else its text; null when empty
+    body_encoding: str | None = None  # "base64": the body is no UTF-8 text (an image, a gzip answer), its bytes so
 
 
 class HttpMeta(msgspec.Struct):
@@ -197,6 +199,20 @@ async def whole(upstream: Reply) -> Reply:
     return done
 
 
+def _shown(headers: CIMultiDict[str]) -> dict[str, str]:
+    """The upstream's headers less the gateway's own, one entry per name: a repeated header's values joined with
+    ", " as fetch's ``Headers.get`` and requests do (two ``Set-Cookie`` lines are both there, not the last)."""
+    shown: dict[str, str] = {}
+    names: dict[str, str] = {}  # lower case → the spelling first seen
+    for k, v in headers.items():
+        low = k.lower()
+        if low.startswith(("x-reliapi-", "x-cache", "x-request-id", "idempotent-")):
+            continue
+        first = names.setdefault(low, k)
+        shown[first] = f"{shown[first]}, {v}" if first in shown else v
+    return shown
+
+
 async def finish(call: Call, upstream: Reply) -> Reply:
     """The envelope around the target's whole answer (the surface's finisher)."""
     assert call.ex is not None
@@ -206,17 +222,20 @@ async def finish(call: Call, upstream: Reply) -> Reply:
 
 def reply(ex: Exchange, upstream: Reply, duration_ms: float) -> Reply:
     body = upstream.body or b""
+    encoding = None
     try:
         data: Any = msgspec.json.decode(body) if body else None
     except msgspec.DecodeError:
-        data = body.decode(errors="replace")
+        try:
+            data = body.decode()
+        except UnicodeDecodeError:  # bytes, not text: every one of them, base64 (never U+FFFD in their place)
+            data, encoding = base64.b64encode(body).decode(), "base64"
     status = upstream.status
     headers = upstream.headers
     fallback = headers.get(X_RELIAPI_FALLBACK)
     out = HttpAnswer(
         success=status < 400,
-        data=HttpData(status, {k: v for k, v in headers.items() if not k.lower().startswith(
-            ("x-reliapi-", "x-cache", "x-request-id", "idempotent-"))}, data),
+        data=HttpData(status, _shown(headers), data, encoding),
         meta=HttpMeta(
             request_id=ex.request_id, target=ex.target.name, retries=max(0, ex.attempts - 1),
             duration_ms=round(duration_ms, 1), cache_hit=headers.get(X_CACHE) == "HIT",
