@@ -33,6 +33,18 @@ async def test_methods_paths_and_queries_pass_through(gw, fake, method):
     assert logs[-1]["route"] == "t" and logs[-1]["kind"] == "http"
 
 
+@pytest.mark.parametrize("body", [b"", b"raw=1"], ids=["empty", "raw"])
+async def test_a_body_sent_without_a_content_type_goes_up_without_one(gw, fake, body):
+    """Headers go upstream as sent: no ``application/octet-stream`` label the client never gave."""
+    client, _ = gw
+    resp = await client.post("/t/rest/items", data=body, skip_auto_headers=["Content-Type"])
+    assert resp.status == 200
+    seen = fake.requests[0]
+    assert "Content-Type" not in seen.headers and seen.body == body
+    await client.post("/t/rest/items", data=b"x", headers={"Content-Type": "text/csv"})
+    assert fake.requests[1].headers["Content-Type"] == "text/csv"
+
+
 async def test_head_request(gw, fake):
     client, _ = gw
     resp = await client.head("/t/rest/thing")

@@ -37,6 +37,9 @@ from gateway.upstream.deadlines import CUT_SEND, Deadlines, Ended, Late, Stalled
 
 _STREAMED = ("text/event-stream", "application/x-ndjson")  # media types ignore case: "Text/Event-Stream" too
 
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+_NO_CONTENT_TYPE = (hdrs.CONTENT_TYPE,)
+
 # Complete responses larger than this are relayed as streams instead of buffered.
 MAX_BUFFERED_BYTES = 1 << 20
 
@@ -143,6 +146,9 @@ class Transport:
         try:
             resp = await self._session.request(
                 method, target_url, headers=headers, data=body or None, allow_redirects=False,
+                # aiohttp would label a request the client sent without a Content-Type "application/octet-stream"
+                skip_auto_headers=_NO_CONTENT_TYPE if method in _BODY_METHODS and hdrs.CONTENT_TYPE not in headers
+                else None,
             )
             data, first = await _read_first(resp, method)
             headers_out = client_response_headers(resp.headers)
