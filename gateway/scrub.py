@@ -5,7 +5,8 @@ key — with ``***``: in the gateway's log lines and messages, and in every upst
 answer before a client sees it (``scrub_error``): a complete body, and a streamed one (an
 SSE or chunked error, or one too large to hold) scrubbed as it passes, a key split across
 two chunks included. A compressed error body is decoded first and sent on decoded — its
-bytes could not be scrubbed otherwise. A 2xx event stream is scrubbed too
+bytes could not be scrubbed otherwise. A key quoted with any of its characters JSON-escaped is found
+in the plain JSON (``unescaped``), which is then what is sent on. A 2xx event stream is scrubbed too
 (``scrub_event_stream``): an in-band error event may quote a key as well.
 
 A streamed body is scrubbed by holding back, between chunks, only the bytes that could be
@@ -16,6 +17,7 @@ delayed.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus
@@ -61,6 +63,41 @@ def spellings(secret: str) -> set[str]:
     return {f for f in found if f}
 
 
+# A JSON escape of a printable ASCII character (never of a quote or backslash, which must stay escaped), or of "/";
+# an escaped backslash is matched first so that "\\u0041" (a backslash, then text) is left alone.
+_ESCAPE = re.compile(rb'\\\\|\\u00([2-7][0-9a-fA-F])|\\/')
+_KEEP_ESCAPED = frozenset((0x22, 0x5C, 0x7F))
+
+
+def _plain(m: re.Match[bytes]) -> bytes:
+    hexa = m.group(1)
+    if hexa is None:
+        return m.group() if m.group() == b"\\\\" else b"/"
+    code = int(hexa, 16)
+    return m.group() if code in _KEEP_ESCAPED else bytes((code,))
+
+
+def unescaped(data: bytes) -> bytes:
+    """``data`` with JSON's escapes of printable ASCII written as the characters (the same JSON): an upstream may
+    escape any one character of a key it quotes (``s\\u006b-…``), which no list of spellings covers."""
+    return _ESCAPE.sub(_plain, data)
+
+
+def _partial_escape(data: bytes) -> int:
+    """How many bytes at the end of ``data`` are an escape cut short (``\\``, ``\\u``, … ``\\u00F``)."""
+    i = data.rfind(b"\\", max(0, len(data) - 5))
+    if i == -1:
+        return 0
+    run = len(data) - i
+    j = i
+    while j > 0 and data[j - 1] == 0x5C:  # an escaped backslash ends no escape
+        j -= 1
+    if (i - j) % 2:
+        return 0
+    rest = data[i + 1:]
+    return run if rest[:1] in (b"", b"u") and all(c in b"0123456789abcdefABCDEF" for c in rest[1:]) else 0
+
+
 class Scrubber:
     """Replaces configured secret values — each in every spelling an answer may quote it in — with ``***``
     in text shown or logged."""
@@ -69,6 +106,7 @@ class Scrubber:
         every = {v for s in secrets if len(s) >= MIN_SECRET for v in spellings(s)}
         self.secrets = sorted(every, key=len, reverse=True)
         self._raw = [s.encode() for s in self.secrets]
+        self.reach = 6 * max(map(len, self._raw), default=0)  # the longest key, every byte of it escaped
 
     def __call__(self, text: str) -> str:
         for s in self.secrets:
@@ -77,6 +115,10 @@ class Scrubber:
         return text
 
     def bytes(self, data: bytes) -> bytes:
+        if b"\\u" in data or b"\\/" in data:  # an escaped spelling: the plain JSON is what a client reads
+            plain = unescaped(data)  # (the bytes are left as they came unless a key is in them)
+            if plain != data and any(secret in plain for secret in self._raw):
+                data = plain
         for secret in self._raw:
             if secret in data:
                 data = data.replace(secret, b"***")
@@ -111,7 +153,15 @@ class _StreamScrub:
         if self.tail:
             data, self.tail = self.tail + data, b""
         data = self.scrub.bytes(data)
-        keep = self.scrub.held(data)
+        cut = _partial_escape(data)  # an escape split across chunks may be part of a key's spelling: held with it
+        body, rest = (data[:-cut], data[-cut:]) if cut else (data, b"")
+        keep = self.scrub.held(body)
+        end = body[-self.scrub.reach:]
+        if b"\\u" in end or b"\\/" in end:  # a key's start spelled with escapes: held as the plain JSON it is
+            plain = unescaped(body)
+            if plain != body and self.scrub.held(plain) > keep:
+                body, keep = plain, self.scrub.held(plain)
+        data, keep = body + rest, keep + len(rest)
         if keep:
             data, self.tail = data[:-keep], data[-keep:]
         return data

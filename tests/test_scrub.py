@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from gateway.scrub import Scrubber
+from gateway.scrub import Scrubber, unescaped
 from tests.support.config import NO_5XX_RETRY, GatewayConfig, bearer_env
 
 KEY = "sk-up-SECRET-0a1b2c3d4e5f"
@@ -93,6 +93,30 @@ async def _escaped_4xx(request: web.Request) -> web.Response:
                                  "X-Debug-Key": key})
 
 
+def _one_escaped(key: str, at: int) -> str:
+    return key[:at] + f"\\u{ord(key[at]):04x}" + key[at + 1:]
+
+
+async def _one_char_escaped_4xx(request: web.Request) -> web.Response:
+    key = _key(request).decode()
+    at = int(request.query.get("at", "1"))
+    body = '{"error": {"message": "bad key Bearer ' + _one_escaped(key, at) + ' "}}'
+    return web.Response(status=401, body=body.encode(), content_type="application/json")
+
+
+async def _one_char_escaped_inband(request: web.Request) -> web.StreamResponse:
+    key = _key(request).decode()
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]}\n\n')
+    event = ('data: {"error": {"message": "key ' + _one_escaped(key, 9) + ' was revoked"}}\n\n').encode()
+    for i in range(0, len(event), 7):  # in small pieces: an escape split across reads
+        await resp.write(event[i:i + 7])
+        await asyncio.sleep(0.005)
+    await resp.write_eof()
+    return resp
+
+
 async def _gzip_sse_200(request: web.Request) -> web.StreamResponse:
     events = gzip.compress(b'data: {"ok": 1}\n\nevent: error\ndata: {"message": "key ' + _key(request)
                            + b' expired"}\n\n')
@@ -122,6 +146,8 @@ async def careless(aiohttp_server):
     app.router.add_get("/api/gz", _gzip_chunked_4xx)
     app.router.add_post("/v1/inband/completions", _sse_inband_error)
     app.router.add_get("/api/escaped", _escaped_4xx)
+    app.router.add_post("/v1/escaped1/completions", _one_char_escaped_4xx)
+    app.router.add_post("/v1/escaped1stream/completions", _one_char_escaped_inband)
     app.router.add_get("/api/gzsse", _gzip_sse_200)
     app.router.add_get("/api/ndjson", _ndjson_200)
     server = await aiohttp_server(app)
@@ -187,6 +213,37 @@ async def test_a_key_quoted_json_escaped_url_encoded_or_in_a_header_is_scrubbed(
     assert SLASHED not in resp.headers["WWW-Authenticate"] and resp.headers["X-Debug-Key"] == "***"
     envelope = await (await client.post("/proxy/http", json={"target": "rest", "method": "GET", "path": "escaped"})).read()
     assert not any(form.encode() in envelope for form in every)  # the envelope decodes the body: still clean
+
+
+@pytest.mark.parametrize("at", [1, 5, 12, len(KEY) - 1])
+async def test_a_key_with_any_one_character_json_escaped_is_scrubbed(careless, gateway, at) -> None:
+    """A JSON encoder may escape any character (``s\\u006b-…``): what a client's JSON decoder reads is the key."""
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.post(f"/v1/escaped1/completions?at={at}", json=CHAT)
+    raw = await resp.read()
+    assert resp.status == 401 and KEY not in str(msgspec.json.decode(raw)), raw
+    assert msgspec.json.decode(raw)["error"]["message"] == "bad key Bearer *** "
+
+
+async def test_a_key_one_character_escaped_in_an_in_band_error_split_across_reads_is_scrubbed(careless, gateway) -> None:
+    client, _ = await gateway(config(careless), env=ENV)
+    resp = await client.post("/v1/escaped1stream/completions", json=CHAT)
+    raw = await resp.read()
+    assert resp.status == 200 and b"key *** was revoked" in raw
+    assert KEY.encode() not in unescaped(raw)
+
+
+def test_an_escaped_key_is_held_whole_however_a_stream_splits_it() -> None:
+    scrub = Scrubber([KEY])
+    every = "".join(f"\\u{ord(c):04x}" for c in KEY)
+    for spelled in (_one_escaped(KEY, 3), every):
+        event = ('data: {"m": "' + spelled + '"}\n\n').encode()
+        for cut in range(1, len(event)):
+            feed = scrub.feeder()
+            out = feed.feed(event[:cut]) + feed.feed(event[cut:]) + feed.end()
+            assert KEY.encode() not in unescaped(out) and b"***" in out, (cut, out)
+    plain = b'data: {"c": "line\\nnext \\u00e9 \\u003c"}\n\n'
+    assert scrub.feeder().feed(plain) == plain  # no key: escapes left as they came
 
 
 async def test_a_compressed_2xx_event_stream_with_an_in_band_error_is_decoded_and_scrubbed(careless, gateway) -> None:
