@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("reliapi")
 
 X_API_KEY = istr("X-API-Key")
+_READ_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "DELETE"))  # (as the budget's: none of them runs a model)
 _PROVIDER_LIMIT_HEADERS = re.compile(r"(x-ratelimit-|anthropic-ratelimit-)", re.IGNORECASE)
 
 
@@ -49,8 +50,11 @@ def policy(ctx: Context) -> Policy | None:
     marketplace = tenants.marketplace is not None
 
     async def tenant_access(ex: Exchange, call_next: Handler) -> Reply:
-        ex.account.check(ex.target.name, ex.model,  # authenticated at the edge
-                         ex.target.kind == "llm" and ex.method == "POST" and ex.endpoint.billed is not None)
+        endpoint = ex.endpoint
+        call = ex.target.kind == "llm" and ex.method not in _READ_METHODS  # an LLM call: it runs some model
+        unread = call and endpoint.billed is None and not endpoint.free
+        ex.account.check(ex.target.name, ex.model, call and endpoint.billed is not None,  # authenticated at the edge
+                         f"{ex.method} /{endpoint.path}" if unread else None)
         if marketplace:
             ex.headers = strip_headers(ex.headers)
         return await call_next(ex)

@@ -354,6 +354,24 @@ async def test_allowed_models_globs(fake, start):
     assert len(fake.requests) == 2
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/realtime/client_secrets", {"session": {"type": "realtime", "model": "gpt-realtime"}}),
+    ("/v1/batches", {"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+    ("/v1/evals/e1/runs", {"data_source": {"type": "completions", "model": "o3-pro"}}),
+    ("/t/up/v1/threads/thread_1/runs", {"assistant_id": "asst_1"}),
+])
+async def test_a_model_restricted_tenant_cannot_call_an_endpoint_whose_model_is_not_read(fake, start, path, body):
+    """A batch, a realtime session, an eval or an assistant's run names its model where the gateway does not read
+    it (nested, in a file, the assistant's): for a tenant held to some models it is refused, as a budget refuses it."""
+    client, _ = await start()
+    resp = await client.post(path, json=body, headers={**bearer(NARROW_KEY), "X-ReliAPI-Target": "up"})
+    assert resp.status == 403 and "not one the gateway can check" in str(await resp.json())
+    assert fake.requests == []
+    assert (await client.post(path, json=body, headers={**bearer(ALPHA_KEY), "X-ReliAPI-Target": "up"})).status == 200
+    free = await client.post("/v1/files", data=b"x", headers={**bearer(NARROW_KEY), "X-ReliAPI-Target": "up"})
+    assert free.status == 200  # an endpoint known to run no model stays open
+
+
 # =============================================================== provider rate-limit headers (TC33)
 
 

@@ -79,11 +79,16 @@ class Tenant:
         return (self._targets is None or target in self._targets) and (
             self._models is None or model is None or any(m.match(model) for m in self._models))
 
-    def check(self, target: str, model: str | None, names_a_model: bool = False) -> None:
+    def check(self, target: str, model: str | None, names_a_model: bool = False, unread: str | None = None) -> None:
         """``names_a_model``: the request is one that says its model (an LLM call); without one it would be served
-        whatever model the upstream defaults to — refused when this tenant may use some models only."""
+        whatever model the upstream defaults to — refused when this tenant may use some models only. ``unread``:
+        an LLM call to an endpoint whose model the gateway does not read (a batch, a realtime session, a run: the
+        model is nested, in a file, or the assistant's) — refused then too, as a spend budget refuses it."""
         if self._targets is not None and target not in self._targets:
             raise Forbidden(f"tenant {self.name!r} may not use target {target!r}")
+        if self._models is not None and unread is not None:
+            raise Forbidden(f"{unread}: tenant {self.name!r} may use only some models, and this endpoint's model is "
+                            "not one the gateway can check, so it is not allowed for this tenant", target=target)
         if self._models is not None and model is None and names_a_model:
             allowed = ", ".join(self.config.allowed_models or ()) or f"those tier {self.tier!r} allows"
             raise Forbidden(f"tenant {self.name!r} may use only some models ({allowed}): name one in the request's "
