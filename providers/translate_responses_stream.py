@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.streaming.sse import unreadable
 from providers import responses
 from providers.translate_responses_answer import (
     INCOMPLETE,
@@ -140,6 +141,7 @@ def _decoded(data: bytes) -> dict[str, Any] | None:
     try:
         doc = msgspec.json.decode(data)
     except msgspec.DecodeError:
+        unreadable(data)
         return None
     return doc if isinstance(doc, dict) else None
 

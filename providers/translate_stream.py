@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.streaming.sse import unreadable
 from providers.translate import FINISH_OF_STOP, STOP_OF_FINISH, anthropic_usage
 
 _encode = msgspec.json.encode
@@ -41,6 +42,7 @@ class AnthropicToOpenAIStream:
         try:
             ev = msgspec.json.decode(data)
         except msgspec.DecodeError:
+            unreadable(data)
             return b""
         if not isinstance(ev, dict):
             return b""
@@ -131,6 +133,7 @@ class OpenAIToAnthropicStream:
         try:
             chunk = msgspec.json.decode(data)
         except msgspec.DecodeError:
+            unreadable(data)
             return b""
         if not isinstance(chunk, dict):
             return b""

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from gateway import jsonbody, offload
-from gateway.errors import InvalidRequest, UpstreamError
-from gateway.streaming.sse import Aligner, events
+from gateway.errors import InvalidRequest, StreamBroken, UpstreamError
+from gateway.streaming.sse import Aligner, UnreadableEvent, events
 from providers import (
     translate,
     translate_responses,
@@ -279,10 +279,13 @@ def translator(ex: Attempt, target: Upstream) -> Translator:
 
 
 async def _translated_stream(chunks: AsyncIterator[bytes], translator: Any) -> AsyncIterator[bytes]:
-    aligner = Aligner()
+    aligner = Aligner(strict=True)
     try:
         async for chunk in chunks:
-            out = b"".join(translator.feed(name, data) for name, data in events(aligner.feed(chunk)))
+            try:
+                out = b"".join(translator.feed(name, data) for name, data in events(aligner.feed(chunk)))
+            except UnreadableEvent as e:  # dropped, the stream would end looking complete with a part missing
+                raise StreamBroken(f"the upstream's stream could not be translated: {e}") from None
             if out:
                 yield out
     finally:

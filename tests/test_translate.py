@@ -3,6 +3,8 @@ SSE streams of both APIs, and end to end through the unchanged openai and anthro
 
 from __future__ import annotations
 
+import asyncio
+
 import anthropic
 import msgspec
 import openai
@@ -285,6 +287,63 @@ targets:
     resp = await client.post("/v1/messages", data=raw, headers={"Content-Type": "application/json"})
     assert resp.status == 200 and await resp.read() == answer  # the signature and unknown fields intact
     assert seen == [raw]
+
+
+def _chat_chunk(content: str, finish: str | None = None) -> bytes:
+    return b"data: " + msgspec.json.encode({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+                                            "choices": [{"index": 0, "delta": {"content": content},
+                                                         "finish_reason": finish}]}) + b"\n\n"
+
+
+async def _raw_sse_upstream(aiohttp_server, parts: list[bytes]):
+    """An OpenAI target at ``/v1/chat/completions`` that writes ``parts`` as they are, each its own write."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for part in parts:
+            await resp.write(part)
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return await aiohttp_server(app)
+
+
+async def test_a_translated_stream_carries_an_event_larger_than_a_socket_read_whole(aiohttp_server, gateway):
+    """A 300 KB delta (a tool call or a pasted file in one chunk), split across reads: the Anthropic client gets all
+    of it — the translation never sees half an event, which it could not read and would drop."""
+    big = _chat_chunk("y" * 300_000)
+    server = await _raw_sse_upstream(aiohttp_server, [_chat_chunk("Hi "), big[:280_000], big[280_000:],
+                                                      _chat_chunk("", "stop"), b"data: [DONE]\n\n"])
+    client, _ = await gateway(f"""
+targets:
+  up: {{base_url: "{str(server.make_url('')).rstrip('/')}/v1", provider: openai, models: ["gpt-*"]}}
+""")
+    sdk = anthropic.AsyncAnthropic(base_url=str(client.make_url("")), api_key="sk-x", max_retries=0)
+    async with sdk.messages.stream(model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}]) as st:
+        text = "".join([t async for t in st.text_stream])
+    assert text == "Hi " + "y" * 300_000
+    await sdk.close()
+
+
+async def test_a_translated_stream_with_an_event_it_cannot_read_ends_with_an_in_band_error(aiohttp_server, gateway):
+    """Dropped, the event would leave a stream that ends cleanly with a part missing (SPEC §5)."""
+    server = await _raw_sse_upstream(aiohttp_server, [_chat_chunk("Hello "), b'data: {"choices": [{"delta": {"cont\n\n',
+                                                      _chat_chunk("world", "stop"), b"data: [DONE]\n\n"])
+    client, logs = await gateway(f"""
+targets:
+  up: {{base_url: "{str(server.make_url('')).rstrip('/')}/v1", provider: openai, models: ["gpt-*"]}}
+""")
+    resp = await client.post("/v1/messages", json={"model": "gpt-4o-mini", "max_tokens": 10, "stream": True,
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+    raw = await resp.read()
+    assert resp.status == 200 and b"Hello " in raw and b"world" not in raw
+    assert b"event: error" in raw and b"message_stop" not in raw
+    assert logs[-1]["outcome"] == "stream_error"
 
 
 @pytest.mark.parametrize(("path", "body"), [

@@ -19,9 +19,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-# Past this much data without an event boundary the upstream is not speaking SSE as we
-# know it: forward what we have rather than hold it.
-MAX_PENDING = 256 * 1024
+# Past this much data without an event boundary the upstream is not speaking SSE as we know it: a relay forwards
+# what it has rather than hold it, a translation (which cannot read half an event) ends the stream in-band. One
+# event can be large — a whole tool call in one Mistral chunk, a base64 partial image of a Responses stream —, so
+# the bound is far above any real event, and only an event that big is ever held whole in memory.
+MAX_PENDING = 16 << 20
+
+
+class UnreadableEvent(Exception):
+    """An event a stream's reader must understand and cannot: not JSON, or past ``MAX_PENDING`` unfinished."""
+
+
+def unreadable(data: bytes) -> None:
+    """An event's data a translation could not decode: nothing to say if it is blank (a keep-alive), else
+    ``UnreadableEvent`` — dropped, the client would get a stream that looks complete with a part missing."""
+    if data.strip():
+        raise UnreadableEvent("an upstream event is not JSON")
 
 
 def _boundary(buf: bytes) -> int:
@@ -39,10 +52,11 @@ def _boundary(buf: bytes) -> int:
 class Aligner:
     """Turns arbitrary chunks into chunks of whole events."""
 
-    __slots__ = ("pending",)
+    __slots__ = ("pending", "strict")
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         self.pending = b""
+        self.strict = strict  # (a translation's: an event it cannot have whole is an error, never passed on in halves)
 
     def feed(self, chunk: bytes) -> bytes:
         """The whole events now available (possibly b""); the rest waits for more data."""
@@ -54,6 +68,8 @@ class Aligner:
             self.pending = b""
             return buf
         if end == 0 and len(buf) > MAX_PENDING:
+            if self.strict:
+                raise UnreadableEvent(f"an upstream event is larger than {MAX_PENDING >> 20} MB")
             self.pending = b""
             return buf
         self.pending = buf[end:]
