@@ -372,14 +372,17 @@ def policy(ctx: Context) -> Policy | None:
         prompt = view.estimate_prompt()
         has_output = bool(OUTPUT_FIELDS[billed])
         field = next(iter(view.limits), None) or _limit_field(billed, view.model)
+        # every answer the request asks for (n, best_of, a batch of prompts) at the rate it is billed at: a cap holds
+        # for the request, not for one of its answers (as the budget's reservation)
+        fan, rate = view.choices * view.prompts, view.multiplier
         if has_output and answer.limit is None and (soft is not None or hard is not None) and price.output > 0:
             # Caps need a bound on the answer: one that asks for none gets the largest that fits the hard cap
             # (at most DEFAULT_RESERVE_TOKENS), written into the request.
             bound = DEFAULT_RESERVE_TOKENS
             if hard is not None:
-                bound = min(bound, max(MIN_MAX_TOKENS, int((hard - price.cost(prompt, 0)) / price.output)))
+                bound = min(bound, max(MIN_MAX_TOKENS, int((hard / rate - price.cost(prompt, 0)) / (price.output * fan))))
             answer.limit, answer.changed = bound, True
-        estimate = price.cost(prompt, answer.limit or 0)
+        estimate = price.cost(prompt, (answer.limit or 0) * fan) * rate
         if hard is not None and estimate > hard:
             events.emit(BudgetEvent(target=target.name, rule="hard_cap"))
             raise BudgetExceeded(
@@ -388,14 +391,14 @@ def policy(ctx: Context) -> Policy | None:
                 param=field if has_output else None, target=target.name,
             )
         if has_output and soft is not None and estimate > soft and price.output > 0:
-            lowered = max(MIN_MAX_TOKENS, int((soft - price.cost(prompt, 0)) / price.output))
+            lowered = max(MIN_MAX_TOKENS, int((soft / rate - price.cost(prompt, 0)) / (price.output * fan)))
             if answer.limit is None or lowered < answer.limit:
                 events.emit(BudgetEvent(target=target.name, rule="soft_cap"))
                 answer.header = f"{asked if asked is not None else 'none'}->{lowered}"  # what the client asked for
                 ex.log["cost_policy_applied"] = "soft_cap_reduced"
                 ex.log["original_max_tokens"] = asked
                 answer.limit, answer.changed = lowered, True
-                estimate = price.cost(prompt, lowered)
+                estimate = price.cost(prompt, lowered * fan) * rate
         answer.estimate = estimate
 
     return budget

@@ -10,7 +10,7 @@ uses up none of them.
   ``rpm``). ``burst`` is how many may arrive at once (default ``rpm``: a full minute's
   worth, as a token bucket of N refilled at N per minute allows); an hour's bucket holds
   its ``rph``. ``tpm``: estimated tokens per minute on LLM targets — prompt characters / 4
-  plus the request's ``max_tokens`` — taken before the call.
+  plus the request's ``max_tokens`` for each of its ``n`` answers — taken before the call.
 - users: ``rate_limit: {per_user: {rpm, rph}}`` at the top level (every tenant's users,
   and without tenants everyone's) or in a tenant's ``rate_limit`` (its own users). The
   user is ``X-ReliAPI-User``, else the body's ``user`` / ``user_id``; requests that name no
@@ -169,8 +169,13 @@ def buckets(limits: Limits, tenant: str | None, user: str | None) -> list[tuple[
 
 
 def estimate_tokens(ex: Exchange) -> int:
-    """A cheap upper-ish estimate: prompt characters / 4 plus what the answer may use."""
-    return len(ex.body) // 4 + (ex.max_tokens or 0)
+    """A cheap upper-ish estimate: prompt characters / 4 plus what the answers may use — each of ``n`` (n=128 is
+    128 answers); a request that sets no limit counts the target's ``llm.max_tokens`` when it has one."""
+    limit = ex.max_tokens
+    if limit is None:
+        llm = ex.target.config.llm
+        limit = llm.max_tokens if llm is not None and llm.max_tokens else 0
+    return len(ex.body) // 4 + limit * ex.choices
 
 
 def policy(ctx: Context) -> Policy | None:

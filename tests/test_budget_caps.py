@@ -73,6 +73,28 @@ async def test_over_the_hard_cap_is_400_budget_exceeded_and_never_sent(fake, gat
     assert ok.status == 200 and len(fake.requests) == 1
 
 
+@pytest.mark.parametrize("more", [{"n": 64}, {"best_of": 20}], ids=["n", "best_of"])
+async def test_the_hard_cap_holds_for_every_answer_a_request_asks_for(fake, gateway, more) -> None:
+    """n=64 answers cost 64 times one: the cap is the request's, as the budget's reservation is."""
+    client, _ = await gateway(config(fake.url, hard_cost_cap_usd=0.001))
+    one = await client.post("/v1/chat/completions", json=chat(100))
+    assert one.status == 200
+    many = await client.post("/v1/chat/completions", json={**chat(100), **more})
+    assert many.status == 400 and (await many.json())["error"]["code"] == "budget_exceeded"
+    batch = {"model": "gpt-3.5-turbo-instruct", "prompt": ["a"] * 64, "max_tokens": 1200}
+    refused = await client.post("/v1/completions", json=batch)
+    assert refused.status == 400 and len(fake.requests) == 1
+
+
+async def test_the_soft_cap_lowers_the_limit_of_each_of_n_answers_to_fit_together(fake, gateway) -> None:
+    soft = 0.0008
+    client, _ = await gateway(config(fake.url, soft_cost_cap_usd=soft))
+    assert (await client.post("/v1/chat/completions", json={**chat(2000), "n": 4})).status == 200
+    sent = fake.requests[0].json()["max_tokens"]
+    assert sent == int((soft - cost(PROMPT_TOKENS, 0)) / (4 * 0.60 / 1e6))
+    assert cost(PROMPT_TOKENS, 4 * sent) <= soft
+
+
 async def test_the_hard_cap_answers_in_the_anthropic_dialect_too(fake, gateway) -> None:
     client, _ = await gateway(config(fake.url, hard_cost_cap_usd=0.0001))
     body = {"model": "claude-3-5-haiku-latest", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}]}

@@ -380,6 +380,16 @@ async def test_tpm_refuses_a_request_whose_tokens_do_not_fit(fake, start, clock)
     assert len(fake.requests) == 3
 
 
+async def test_tpm_counts_each_of_n_answers(fake, start, clock):
+    """n=128 asks for 128 answers of max_tokens each: counted as one, it walked round the limit."""
+    client, _ = await start(tenants=tenants({"tpm": 2000}))
+    status, _, data = await call(client, headers=auth(), body={**CHAT, "max_tokens": 100, "n": 128})
+    assert status == 429 and "never" in data["error"]["message"]  # 12,800 tokens: more than the whole limit
+    status, headers, _ = await call(client, headers=auth(), body={**CHAT, "max_tokens": 100, "n": 4})
+    assert status == 200 and remaining(headers) <= 2000 - 400
+    assert len(fake.requests) == 1
+
+
 async def test_tpm_a_request_larger_than_the_whole_limit_is_never_allowed(fake, start, clock):
     client, _ = await start(tenants=tenants({"tpm": 1000}))
     huge = {**CHAT, "max_tokens": 5000}
