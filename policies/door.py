@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import hdrs
 
+from gateway.edge.requests import client_block
 from gateway.errors import GatewayError, InvalidRequest, KeysExhausted, RateLimited, Unauthorized
 from gateway.observe.events import RateLimitRefused
 from gateway.store import StoreError
@@ -83,12 +84,12 @@ class Guard:
     # -- before and after authentication ------------------------------------------------------
 
     async def admit(self, call: Call) -> None:
-        ip = call.ip
+        ip = client_block(call.ip)  # (an IPv6 client counts by its /64)
         exempt = self.bans is None or self.bans.allowed(ip)
         call.exempt = exempt
         if not exempt:
             self.bans.check(self._subjects(call, before_auth=True))  # type: ignore[union-attr]
-        if self.auth_rpm is not None and ip is not None and self.locked:
+        if self.auth_rpm is not None and call.ip is not None and self.locked:
             until = self.locked.get(ip)
             if until is not None:
                 wait = until - self.clock.time()
@@ -100,7 +101,7 @@ class Guard:
         if self.per_ip is not None:
             limits = self.per_ip
             try:
-                call.limit_headers = await self.limiter.check(None, limits, [(limits.limits[0], "ip:" + (ip or "-"))])
+                call.limit_headers = await self.limiter.check(None, limits, [(limits.limits[0], "ip:" + ip)])
             except RateLimited:
                 self.events.emit(RateLimitRefused(target="", tenant=None, limit="default"))
                 raise
@@ -119,9 +120,8 @@ class Guard:
         reason = _violation(error)
         if reason is None:
             return
-        ip = call.ip
-        if isinstance(error, Unauthorized) and self.auth_rpm is not None and ip is not None:
-            self.shared.spawn(self._failed_authentication(ip), "auth failures")
+        if isinstance(error, Unauthorized) and self.auth_rpm is not None and call.ip is not None:
+            self.shared.spawn(self._failed_authentication(client_block(call.ip)), "auth failures")
         if self.bans is not None and not call.exempt:
             subjects = self._subjects(call, before_auth=False)
             if subjects:
@@ -133,7 +133,7 @@ class Guard:
         subjects = self.subjects
         out = []
         if "ip" in subjects and call.ip:
-            out.append("ip:" + call.ip)
+            out.append("ip:" + client_block(call.ip))
         if "fingerprint" in subjects:
             out.append("fp:" + self._fingerprint(call))
         if not before_auth and "key" in subjects and call.tenant is not None:

@@ -185,6 +185,15 @@ async def test_behind_a_trusted_proxy_each_client_address_is_its_own(fake, start
     assert (await call(client, headers={**auth(), "X-Forwarded-For": "10.1.1.1"}))[0] == 200
 
 
+async def test_an_ipv6_ban_holds_for_the_whole_64(fake, start):
+    client, _ = await start(abused(fake.url, {"ban_after": 2}, trust_forwarded_for=True))
+    for i in range(2):
+        await call(client, headers={**WRONG, "X-Forwarded-For": f"2001:db8:7:7::{i + 1}"})
+        await idle(client)
+    assert (await call(client, headers={**auth(), "X-Forwarded-For": "2001:db8:7:7::99"}))[0] == 403  # a new address
+    assert (await call(client, headers={**auth(), "X-Forwarded-For": "2001:db8:7:8::1"}))[0] == 200  # another /64
+
+
 async def test_a_tenant_key_can_be_the_banned_subject(fake, start):
     tenants = [{"name": "a", "api_key": KEY_A, "rate_limit": {"rpm": 1}}, {"name": "b", "api_key": KEY_B}]
     client, _ = await start(config(fake.url, tenants=tenants, trust_forwarded_for=True).section(

@@ -474,6 +474,15 @@ async def test_the_same_address_spelled_by_a_proxy_with_a_port_or_ipv4_mapped_is
     assert len(fake.requests) == 2
 
 
+async def test_an_ipv6_client_counts_by_its_64_not_by_each_address(fake, start):
+    """A client given a /64 has 2^64 addresses: one bucket for them all; another /64 is another client."""
+    client, _ = await start(rate_limit_per_ip_rpm=2, trust_forwarded_for=True)
+    statuses = [(await call(client, headers={"X-Forwarded-For": f"2001:db8:1:1::{i}"}))[0] for i in range(1, 5)]
+    assert statuses == [200, 200, 429, 429]
+    assert (await call(client, headers={"X-Forwarded-For": "2001:db8:1:2::1"}))[0] == 200
+    assert len(fake.requests) == 3
+
+
 async def test_forwarded_for_is_ignored_unless_trusted(fake, start):
     client, _ = await start(rate_limit_per_ip_rpm=2)
     statuses = [(await call(client, headers={"X-Forwarded-For": f"10.0.0.{i}"}))[0] for i in range(3)]
