@@ -42,6 +42,35 @@ async def test_the_usage_chunk_is_asked_for_read_and_not_relayed(fake, gateway, 
     assert logs[-1]["cost_usd"] > 0
 
 
+async def test_a_server_that_writes_json_with_spaces_gets_its_usage_null_dropped_too(aiohttp_server, gateway):
+    """vLLM and other OpenAI-compatible servers write ``"usage": null`` with a space: a client that did not ask for
+    usage sees none of it either way."""
+    import json
+
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, finish in ((0, None), (1, "stop")):
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+                     "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": finish}], "usage": None}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        await resp.write(b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [],
+                                                  "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    client, logs = await gateway(config(str(server.make_url("")).rstrip("/")))
+    raw = await (await client.post("/v1/chat/completions", json=CHAT)).read()
+    assert b'"usage"' not in raw and b"tok0 " in raw and b"tok1 " in raw and raw.endswith(b"data: [DONE]\n\n")
+    assert logs[-1]["completion_tokens"] == 2
+
+
 async def test_a_client_that_asked_for_usage_gets_it_and_its_body_unchanged(fake, gateway):
     client, _ = await gateway(config(fake.url))
     fake.plan(Fault(chunks=3))

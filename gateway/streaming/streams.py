@@ -142,6 +142,7 @@ async def watch(
 # ask gets its chunks without it, byte for byte as it would have. (Safe on the bytes: inside a JSON string every
 # quote is escaped, so ``,"usage":null`` with bare quotes is only ever the member itself.)
 USAGE_NULL = b',"usage":null'
+USAGE_NULL_SPACED = b', "usage": null'  # (an OpenAI-compatible server that writes JSON with spaces: vLLM, Python's json)
 
 
 async def whole_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -171,6 +172,7 @@ def strip_usage_chunks(out: bytes) -> bytes:
     out = out.replace(USAGE_NULL, b"")
     if out.find(b'"usage"') < 0:
         return out
+    out = out.replace(USAGE_NULL_SPACED, b"")
     kept = []
     for raw in split_events(out):
         if not any(_usage_only(data) for _, data in events(raw)):
@@ -185,7 +187,7 @@ def _without_asked_usage(reader: StreamReader, out: bytes) -> bytes:
     if out.find(b'"usage"') < 0:
         feed_events(reader, out)
         return out
-    return _read_without_usage(reader, out)
+    return _read_without_usage(reader, out.replace(USAGE_NULL_SPACED, b""))
 
 
 def _read_without_usage(reader: StreamReader, out: bytes) -> bytes:
