@@ -155,6 +155,9 @@ class MessagesStream(StreamReader):
         super().__init__(choices=1, include_usage=False)
         self.open_block: int | None = None  # index of a content block started and not yet stopped
         self.last_block = -1
+        # message_start comes at once, and Anthropic's overloaded_error often right after it: until the first
+        # content the client has been sent nothing, and such an error is retried or falls back like any other
+        self.preamble = True
 
     def feed(self, name: bytes, data: bytes) -> None:
         try:
@@ -163,6 +166,8 @@ class MessagesStream(StreamReader):
             self.malformed += 1
             return
         kind = ev.type
+        if self.preamble and kind != "message_start" and kind != "ping":
+            self.preamble = False
         if kind == "content_block_delta":
             d = ev.delta
             if d is not None and d.type == "text_delta" and d.text:

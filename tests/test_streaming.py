@@ -343,3 +343,80 @@ async def test_an_event_stream_framed_with_bare_cr_is_relayed_live_and_complete(
     rest = await resp.read()
     assert rest.endswith(b"data: [DONE]\r\r") and b"error" not in rest
     assert logs[-1]["outcome"] == "ok"
+
+
+# =============================================================== what counts as the first byte of an answer
+
+
+async def _scripted_sse(aiohttp_server, path: str, attempts: list[list[bytes]]):
+    """An upstream at ``path`` whose n-th call writes ``attempts[n]`` (the last one again after that)."""
+    from aiohttp import web
+
+    calls: list[int] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        parts = attempts[min(len(calls), len(attempts) - 1)]
+        calls.append(1)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for part in parts:
+            await resp.write(part)
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post(path, handler)
+    return await aiohttp_server(app), calls
+
+
+_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message","role":'
+          b'"assistant","model":"claude-3-5-haiku-latest","content":[],"usage":{"input_tokens":5,"output_tokens":1}}}\n\n')
+_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+_OVERLOADED = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+_ANSWER = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text",'
+           b'"text":""}}\n\nevent: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":'
+           b'"text_delta","text":"Hi"}}\n\nevent: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+           b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":'
+           b'{"output_tokens":1}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/responses"])
+async def test_an_overload_right_after_message_start_is_retried_before_the_client_sees_a_byte(aiohttp_server, gateway,
+                                                                                               path):
+    """Anthropic sends message_start at once and its overloaded_error often right after: nothing was answered yet,
+    so it is retried like an error in the first event — natively and translated (chat, Responses)."""
+    server, calls = await _scripted_sse(aiohttp_server, "/v1/messages", [[_START, _PING, _OVERLOADED], [_START, _ANSWER]])
+    client, logs = await gateway(f"""
+targets:
+  claude: {{base_url: "{str(server.make_url('')).rstrip('/')}", provider: anthropic, models: ["claude-*"],
+            retry_matrix: {{"5xx": {{attempts: 2, base_s: 0}}}}}}
+""")
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    if path == "/v1/responses":
+        body = {"model": "claude-3-5-haiku-latest", "input": "hi", "stream": True}
+    resp = await client.post(path, json=body)
+    raw = await resp.read()
+    assert resp.status == 200 and len(calls) == 2 and resp.headers["X-ReliAPI-Attempts"] == "2"
+    assert b"Overloaded" not in raw and b"Hi" in raw
+    assert logs[-1]["outcome"] == "ok"
+
+
+async def test_comments_before_the_first_event_do_not_count_as_its_first_byte(aiohttp_server, gateway):
+    """OpenRouter writes ``: OPENROUTER PROCESSING`` while a model has not begun: an error after it is still
+    retried (the client has been sent nothing), and the first-byte timeout still runs."""
+    err = b'data: {"error":{"message":"Provider returned error","code":502}}\n\n'
+    ok = (b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"Hi"},'
+          b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    server, calls = await _scripted_sse(aiohttp_server, "/v1/chat/completions",
+                                        [[b": OPENROUTER PROCESSING\n\n", err], [b": OPENROUTER PROCESSING\n\n", ok]])
+    client, _ = await gateway(f"""
+targets:
+  up: {{base_url: "{str(server.make_url('')).rstrip('/')}/v1", provider: openai, models: ["gpt-*"],
+        retry_matrix: {{"5xx": {{attempts: 2, base_s: 0}}}}}}
+""")
+    resp = await client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "stream": True,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+    raw = await resp.read()
+    assert resp.status == 200 and len(calls) == 2 and b"Provider returned error" not in raw and b"Hi" in raw

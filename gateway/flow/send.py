@@ -23,7 +23,7 @@ from gateway.observe.spans import attempt_answered, attempt_failed, attempt_span
 from gateway.observe.trace import TRACEPARENT, TRACESTATE, new_span_id
 from gateway.scrub import scrub_error, scrub_text_stream
 from gateway.streaming.sse import Aligner
-from gateway.streaming.streams import read_head, read_preamble, strip_usage_chunks, watch, whole_events
+from gateway.streaming.streams import has_event, read_head, read_preamble, strip_usage_chunks, watch, whole_events
 from providers.translators import Prepared, Translator, translator
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ async def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translat
     aligner = Aligner()
     first = read_head(reader, aligner, reply.head)
     skip_head = bool(reply.head)
-    if reader.preamble and reply.status < 400 and reply.chunks is not None:
+    if (reader.preamble or not has_event(first)) and reply.status < 400 and reply.chunks is not None:
         reply.chunks = reply.chunks.__aiter__()
         try:
             if skip_head:
@@ -164,7 +164,7 @@ async def _watch_stream(ex: Exchange, reply: Reply, target: Target, tr: Translat
             if isinstance(e, StreamBroken) and not e.stalled:
                 raise UpstreamUnavailable(f"target {target.name} cut its stream before answering", target=target.name) from None
             raise UpstreamTimeout(f"target {target.name} did not start answering in time", target=target.name) from None
-        if reader.preamble and reader.error is None and not reader.done:  # it ended with nothing answered
+        if (reader.preamble or not has_event(first)) and reader.error is None and not reader.done:  # nothing answered
             await reply.aclose()
             raise UpstreamUnavailable(f"target {target.name} closed its stream before answering", target=target.name)
         reply.head = first  # what a failed answer set aside still says (``Reply.settled``)

@@ -42,20 +42,32 @@ def read_head(reader: StreamReader, aligner: Aligner, head: bytes) -> bytes:
     return out
 
 
+def has_event(block: bytes) -> bool:
+    """Whether ``block`` (whole events) holds an event with data — not only comments (``: PROCESSING``, which
+    OpenRouter sends while a model has not begun) or keep-alives."""
+    for _ in events(block):
+        return True
+    return False
+
+
 async def read_preamble(reader: StreamReader, aligner: Aligner, it: AsyncIterator[bytes], first: bytes,
                         timeout_s: float) -> bytes:
     """Go on reading the head while it holds only lifecycle events (``StreamReader.preamble``: a Responses
-    stream opens with ``response.created`` at once, whatever follows): the first byte of an answer is the
+    stream opens with ``response.created`` at once, an Anthropic one with ``message_start``, whatever follows) or
+    only comments: the first byte of an answer is the
     first event that is not one, and until it comes nothing is sent to the client — a stall is a timeout
     of the first byte, an error event a failure still retried or fallen back from. Returns the events read
     (``first`` and more). Raises ``TimeoutError`` after ``timeout_s``, ``StreamBroken`` for a cut or a stall."""
+    seen = has_event(first)  # comments only so far: no answer has begun either
     async with asyncio.timeout(timeout_s):
-        while reader.preamble and reader.error is None and not reader.done:
+        while (reader.preamble or not seen) and reader.error is None and not reader.done:
             try:
                 chunk = await it.__anext__()
             except StopAsyncIteration:
                 break
-            first += read_head(reader, aligner, chunk)
+            more = read_head(reader, aligner, chunk)
+            seen = seen or has_event(more)
+            first += more
     return first
 
 
