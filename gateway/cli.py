@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return 2
+    if args.config is None and source != "<built-in default>":
+        # a reload reads the file the gateway started from: one found as ./config.yaml and gone when SIGHUP comes
+        # (a deploy that moves it aside) is an error that keeps the running config — never the built-in default,
+        # open to anyone, in its place
+        args.config = source
     applied, env_warnings, replaced = seed_notes
     if args.healthcheck:
         return healthcheck(config)

@@ -301,6 +301,23 @@ async def test_sighup_and_post_reload_in_a_running_gateway(cli: CLI, fake: FakeU
     assert_no_traceback(gw.stderr)
 
 
+async def test_a_reload_reads_the_config_yaml_it_started_from_and_refuses_when_it_is_gone(cli: CLI, fake: FakeUpstream):
+    """Started from ./config.yaml (the image's way): a SIGHUP while it is moved aside keeps the running config —
+    falling back to the built-in default would have dropped every tenant's key check."""
+    port = free_port()
+    cfg = process_config(port, fake.url, "one").tenant("paying", api_key="paying-key-0001")
+    cli.write("config.yaml", cfg)
+    gw = cli.start(port=port)
+    await asyncio.to_thread(gw.wait_healthy)
+    assert await fresh_get(port, "/t/one/x") == 401
+    (cli.cwd / "config.yaml").rename(cli.cwd / "config.yaml.tmp")
+    gw.proc.send_signal(signal.SIGHUP)
+    await wait_until(lambda: _logged(gw, "reload rejected"), what=f"the rejection in the log\n{gw.output}")
+    assert await fresh_get(port, "/t/one/x") == 401  # the tenants still hold
+    assert not await _logged(gw, "built-in default")
+    assert await asyncio.to_thread(gw.terminate) == 0, gw.output
+
+
 async def _answers(port: int, path: str) -> bool:
     return await fresh_get(port, path) == 200
 
