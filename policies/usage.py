@@ -71,9 +71,14 @@ def day_of(now: float) -> str:
     return time.strftime("%Y%m%d", time.gmtime(now))
 
 
+def _part(name: str) -> str:
+    """A tenant or user as one segment of a usage key: its ``:`` (the key's separator) and ``%`` escaped, so that
+    tenant ``acme:bob`` is never tenant ``acme`` with user ``bob`` (nor user ``a:b`` user ``a_b``)."""
+    return name.replace("%", "%25").replace(":", "%3A") if ":" in name or "%" in name else name
+
+
 def usage_key(day: str, tenant: str | None, user: str | None, target: str, model: str | None) -> str:
-    user = user.replace(":", "_") if user else "-"  # the key's own separator
-    return f"usage:{day}:{tenant or '-'}:{user}:{target}:{model or '-'}"
+    return f"usage:{day}:{_part(tenant) if tenant else '-'}:{_part(user) if user else '-'}:{target}:{model or '-'}"
 
 
 async def summary(store: Any, *, tenant: str | None = None, user: str | None = None,
@@ -83,7 +88,7 @@ async def summary(store: Any, *, tenant: str | None = None, user: str | None = N
     days: dict[str, dict[str, float]] = {}
     async for key in store.scan_prefix("usage:"):
         _, day, row_tenant, row_user, *_ = key.split(":", 5) + [""] * 2
-        if (tenant is not None and row_tenant != tenant) or (user is not None and row_user != user.replace(":", "_")):
+        if (tenant is not None and row_tenant != _part(tenant)) or (user is not None and row_user != _part(user)):
             continue
         if since_day is not None and day < since_day:
             continue

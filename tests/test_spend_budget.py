@@ -293,6 +293,17 @@ async def test_a_users_usage_by_day_and_in_total(fake, gateway):
         assert (await client.get(f"/v1/usage/dana?since={bad}", headers=KEY)).status == 400, bad
 
 
+async def test_a_tenant_whose_name_holds_a_colon_never_shares_usage_rows_with_another(fake, gateway):
+    """Tenant ``acme:bob`` with user ``alice`` is not tenant ``acme`` with user ``bob``: the key's separator is escaped."""
+    cfg = config(fake.url, daily=1.0, others=[{"name": "acme:bob", "api_key": "acmebob-key-0002"}])
+    client, _ = await gateway(cfg, store=MemoryStore())
+    other = {"Authorization": "Bearer acmebob-key-0002"}
+    assert (await client.post("/v1/chat/completions", json=chat(user="alice"), headers=other)).status == 200
+    assert (await (await client.get("/v1/usage/bob", headers=KEY)).json())["total"]["requests"] == 0
+    assert (await (await client.get("/v1/usage/alice", headers=other)).json())["total"]["requests"] == 1
+    assert (await (await client.get("/v1/usage/a:b", headers=other)).json())["total"]["requests"] == 0
+
+
 async def test_the_header_names_the_user_a_usage_row_counts_for_before_the_body(fake, gateway):
     """X-ReliAPI-User, else the body's user: as the per-user rate limit reads it."""
     client, _ = await gateway(config(fake.url, daily=1.0), store=MemoryStore())
