@@ -173,6 +173,37 @@ provider_key_pools:
     assert sorted(errs) == sorted(expected)
 
 
+def test_two_tenants_with_one_key_is_an_error_naming_both(monkeypatch) -> None:
+    """Whichever came last would silently get the other's requests — and its rights and its bill."""
+    import hashlib
+
+    monkeypatch.setenv("SHARED_TENANT_KEY", "shared-key-000000001")
+    digest = hashlib.sha256(b"shared-key-000000001").hexdigest().upper()
+    errs = errors_of(f"""
+targets: {{a: {{base_url: "https://a.example"}}}}
+tenants:
+  - {{name: small, api_key: shared-key-000000001}}
+  - {{name: big, api_key: shared-key-000000001}}
+  - {{name: hashed, api_key_sha256: "{digest}"}}
+  - {{name: from_env, api_key_env: SHARED_TENANT_KEY}}
+  - {{name: other, api_key: other-key-0000000002}}
+""")
+    assert sorted(errs) == [f"tenants[{i}]: has the same API key as tenant 'small' (each tenant needs its own)"
+                            for i in (1, 2, 3)]
+
+
+def test_a_value_or_key_that_is_not_text_is_an_error_anywhere_without_showing_it() -> None:
+    errs = errors_of('targets: {a: {base_url: "https://a.example"}}\n'
+                     'tenants: [{name: "bad\\ud800name", api_key: tenant-sur-key-00001}]\n'
+                     'pricing: {"m\\udc80": {input: 1, output: 1}}\n')
+    assert sorted(errs) == [
+        "pricing (a key): holds a character that is not valid text (a lone surrogate such as \\ud800; the value is "
+        "not shown)",
+        "tenants[0].name: holds a character that is not valid text (a lone surrogate such as \\ud800; the value is "
+        "not shown)",
+    ]
+
+
 @pytest.mark.parametrize(
     ("snippet", "path"),
     [

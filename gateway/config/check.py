@@ -7,12 +7,13 @@ fallback targets exist, auth blocks are complete, caps are ordered, names are us
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
 import typing
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.config.check_routing import routing_errors, routing_warnings
 from gateway.config.check_tiers import tier_errors, tier_warnings
@@ -67,11 +68,17 @@ def cross_check(config: Config) -> list[str]:
             errors.append(f"{p}.retry_non_idempotent: applies to plain-HTTP targets only (an LLM target retries its "
                           "POSTs by the retry_matrix)")
     seen: set[str] = set()
+    keys: dict[str, str] = {}  # sha256 of a key → the tenant that has it
     for i, tenant in enumerate(config.tenants):
         p = f"tenants[{i}]"
         if tenant.name in seen:
             errors.append(f"{p}.name: duplicate tenant {tenant.name!r}")
         seen.add(tenant.name)
+        digest = _key_digest(tenant)
+        if digest is not None:  # one key, two tenants: whichever came last would silently get the other's requests
+            if digest in keys:
+                errors.append(f"{p}: has the same API key as tenant {keys[digest]!r} (each tenant needs its own)")
+            keys.setdefault(digest, tenant.name)
         sources = [k for k in ("api_key_env", "api_key", "api_key_sha256") if getattr(tenant, k)]
         if len(sources) != 1:
             given = f" (got {', '.join(sources)})" if sources else ""
@@ -231,6 +238,14 @@ def _dialect_warning(config: Config, source: str, to: str, path: str) -> list[st
         return []
     return [f"{path}: target {to!r} speaks the {dialect(b)} dialect and {source!r} the {dialect(a)} one; "
             f"a plain-HTTP target and an LLM target cannot stand in for each other: this entry is skipped"]
+
+
+def _key_digest(tenant: Any) -> str | None:
+    """SHA-256 (hex) of a tenant's key, however it is given (an unset variable: none)."""
+    if tenant.api_key_sha256:
+        return tenant.api_key_sha256.lower()
+    key = tenant.api_key or (os.environ.get(tenant.api_key_env) if tenant.api_key_env else None)
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest() if key else None
 
 
 def _check_caps(soft: float | None, hard: float | None, path: str) -> list[str]:

@@ -37,6 +37,10 @@ _SAME = {"retry": ("retry", "retry_matrix"), "retry_matrix": ("retry", "retry_ma
 
 def normalize(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
     raw = dict(raw)
+    for section, value in raw.items():  # (a tenant named so broke the log line, /metrics and the page for everyone)
+        if section != "store":
+            errors.extend(f"{path}: holds a character that is not valid text (a lone surrogate such as \\ud800; the "
+                          "value is not shown)" for path in _not_text(value, str(section)))
     defaults = _defaults(raw, errors)
     targets = raw.get("targets")
     if defaults and isinstance(targets, dict):
@@ -71,7 +75,14 @@ def _store(store: dict[str, Any], errors: list[str]) -> None:
 def _not_text(value: Any, path: str) -> list[str]:
     """Where a string cannot be encoded (a YAML "\\ud800" escape): it would fail only when sent."""
     if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _not_text(v, f"{path}.{k}")]
+        found: list[str] = []
+        for k, v in value.items():
+            name = k
+            if isinstance(k, str) and _not_text(k, path):  # a key that is no text: named by where it is, not shown
+                found.append(f"{path} (a key)")
+                name = "<key>"
+            found.extend(_not_text(v, f"{path}.{name}"))
+        return found
     if isinstance(value, list):
         return [p for i, v in enumerate(value) for p in _not_text(v, f"{path}[{i}]")]
     if isinstance(value, str):
