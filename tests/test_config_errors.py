@@ -173,6 +173,15 @@ provider_key_pools:
     assert sorted(errs) == sorted(expected)
 
 
+def test_a_file_that_is_not_utf8_is_one_error_that_shows_nothing_of_it(tmp_path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"# caf\xe9\ntenants: [{name: a, api_key: brand-new-secret-777}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.errors == ["(file): not valid UTF-8 at byte 5 (line 1); save it as UTF-8"]
+    assert "brand-new" not in str(e.value)
+
+
 def test_two_tenants_with_one_key_is_an_error_naming_both(monkeypatch) -> None:
     """Whichever came last would silently get the other's requests — and its rights and its bill."""
     import hashlib

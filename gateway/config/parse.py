@@ -39,9 +39,15 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: typing.Mappi
     if path is None:
         return parse_config(DEFAULT_CONFIG_TEXT, source="<built-in default>", env=env)
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError([f"cannot read {path}: {e.strerror}"], source=str(path)) from None
+    try:  # (YAML is UTF-8; nothing of a file that is not is shown: it may hold keys)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"(file): not valid UTF-8 at byte {e.start} (line {line}); save it as UTF-8"],
+                          source=str(path)) from None
     return parse_config(text, source=str(path), env=env)
 
 
