@@ -299,7 +299,10 @@ async def _drain(runner: GatewayRunner, slot: RuntimeSlot, grace_s: float) -> No
 
 
 async def _reload(app: web.Application, started: Config, reload: Reloader) -> None:
-    await reloading.reload_config(app)
+    try:
+        await reloading.reload_config(app)
+    except Exception as e:  # a bug: said once, by its kind — its message may quote the new file, keys and all
+        log.error("reload failed (%s), the running config stays", type(e).__name__)
 
 
 def _run_workers(config: Config, source: str, workers: int, reload: Reloader) -> int:
