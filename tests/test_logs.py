@@ -281,3 +281,52 @@ targets:
                              headers={"Authorization": "Bearer acme-log-key-123456"})
     assert resp.status == 400 and fake.requests == []
     assert (logs[-1]["tenant"], logs[-1]["error_code"], logs[-1]["target"]) == ("acme", "invalid_request", None)
+
+
+def test_on_a_pipe_access_lines_go_out_in_writes_a_pipe_keeps_whole(monkeypatch):
+    """Several --workers on one pipe: a write of at most PIPE_BUF bytes is never interleaved with another
+    process's, so each is whole lines; a longer one could be split anywhere by another worker's line."""
+    import os
+    import select
+    import threading
+
+    from gateway.observe import logs
+
+    read_end, write_end = os.pipe()
+    writes: list[bytes] = []
+    real_write = os.write
+    monkeypatch.setattr(logs.os, "write", lambda fd, data: writes.append(bytes(data)) or real_write(fd, data))
+
+    class Out:
+        def fileno(self) -> int:
+            return write_end
+
+    monkeypatch.setattr(logs.sys, "stdout", Out())
+    access_logger = logs.logging.getLogger("reliapi.access")
+    level = access_logger.level
+    access_logger.setLevel("INFO")  # (the access log follows the level set at start)
+    try:
+        access = logs.AccessLog()
+    finally:
+        access_logger.setLevel(level)
+    assert access.enabled
+    got = bytearray()
+
+    def drain() -> None:  # (a pipe holds 64 KiB: its reader must keep up)
+        while chunk := os.read(read_end, 1 << 16):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        for i in range(60):
+            access({"request_id": f"req_{i}", "path": "x" * (100 + 37 * i)})
+        access.flush()
+    finally:
+        access.close()
+        os.close(write_end)
+        reader.join(10)
+        os.close(read_end)
+    assert len(writes) > 1 and all(w.endswith(b"\n") for w in writes)
+    assert all(len(w) <= select.PIPE_BUF or w.count(b"\n") == 1 for w in writes)
+    assert got == b"".join(writes) and got.count(b"\n") == 60

@@ -163,7 +163,7 @@ def _write_record(call: Call, reply: Reply | None, status: int, error: GatewayEr
         fields["tenant"] = call.tenant  # a known caller whose request was refused before it had a target
     failed = error or outcome.error
     if failed is not None:
-        fields["error_message"] = rt.scrub(failed.message)
+        fields["error_message"] = rt.scrub(failed.message)[:1024]  # (a line stays one write a pipe keeps whole)
     if failed is not None or status >= 400:
         fields["path"] = rt.scrub(request.path)[:256]  # the last errors on the status page say where
     if rt.access_log.enabled:

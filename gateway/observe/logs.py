@@ -12,6 +12,8 @@ import asyncio
 import logging
 import os
 import re
+import select
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -87,6 +89,11 @@ def use_scrubber(scrub: Scrubber) -> None:
             handler.formatter.scrub = scrub
 
 
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class AccessLog:
     """Writes one JSON line per request when the log level lets INFO through.
 
@@ -105,8 +112,15 @@ class AccessLog:
         self._fd: int | None = None
         # An injected writer always gets the lines; stdout follows the log level set at startup.
         self.enabled = write is not None or logging.getLogger("reliapi.access").isEnabledFor(logging.INFO)
+        # a pipe (docker, `| jq`, several --workers on one stdout): written at most PIPE_BUF bytes of whole lines at a
+        # time, which the kernel never interleaves with another process's write — a larger one may be split anywhere
+        self._piece: int | None = None
         if write is None and self.enabled:
             self._fd = os.dup(sys.stdout.fileno())
+            try:
+                self._piece = select.PIPE_BUF if stat.S_ISFIFO(os.fstat(self._fd).st_mode) else None
+            except OSError:
+                pass
 
     def __call__(self, fields: dict[str, Any]) -> None:
         fields["ts"] = _ts(time.time())
@@ -125,9 +139,19 @@ class AccessLog:
             return
         data, self._buf = self._buf, bytearray()
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            if self._piece is None or len(data) <= self._piece:
+                _write_all(self._fd, memoryview(data))
+                return
+            start, end, piece = 0, len(data), self._piece
+            while start < end:
+                stop = start + piece
+                if stop < end:  # whole lines up to PIPE_BUF; a longer line alone
+                    nl = data.rfind(b"\n", start, stop)
+                    stop = nl + 1 if nl >= start else (data.find(b"\n", stop) + 1 or end)
+                else:
+                    stop = end
+                _write_all(self._fd, memoryview(data)[start:stop])
+                start = stop
         except OSError:
             pass  # stdout closed or full: losing log lines must never stop the proxy
 
