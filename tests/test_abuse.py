@@ -374,6 +374,21 @@ async def test_guessing_keys_on_the_gateways_own_tenant_paths_is_counted_too(fak
     assert resp.status == 403 and "banned" in (await resp.json())["error"]["message"]
 
 
+async def test_the_gateways_own_tenant_paths_write_an_access_line_and_count_refusals_too(fake, start):
+    """Guessing keys on /v1/models, /v1/usage/{user} or /v1/rate-limit/{user} is on record, as on the proxy."""
+    client, logs = await start(abused(fake.url))
+    for path in ("/v1/models", "/v1/usage/x", "/v1/rate-limit/x"):
+        resp = await client.get(path, headers={**WRONG, "X-Request-Id": f"guess-{path[4:8]}"})
+        assert resp.status == 401
+        line = logs[-1]
+        assert (line["status"], line["error_code"], line["path"], line["request_id"]) == (
+            401, "unauthorized", path, f"guess-{path[4:8]}")
+    resp = await client.get("/v1/models", headers=auth())
+    assert resp.status == 200 and logs[-1]["status"] == 200 and logs[-1]["tenant"] == "a" and logs[-1]["outcome"] == "ok"
+    metrics = await (await client.get("/metrics")).text()
+    assert 'status="401"' in metrics
+
+
 async def test_a_second_forwarded_for_line_cannot_choose_the_address(fake, start):
     """Several X-Forwarded-For lines are one list: the trusted proxy's entry is the last of the last line."""
     client, _ = await start(abused(fake.url, rate_limit_per_ip_rpm=2, trust_forwarded_for=True))

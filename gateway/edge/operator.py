@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
 
 from gateway import __version__
 from gateway.edge import admin
+from gateway.edge.access import access_fields
 from gateway.edge.answers import Health, LimitView, PerUserView, RateLimitInfo, StoreState, TargetHealth
 from gateway.edge.ids import named, request_id
 from gateway.edge.requests import client_ip
-from gateway.edge.writer import error_response
+from gateway.edge.writer import StreamOutcome, error_response
 from gateway.errors import GatewayError, MethodNotAllowed
 from gateway.flow.exchange import OPENAI
 from gateway.headers import X_REQUEST_ID
@@ -118,28 +119,51 @@ class _Visit:
 def _through_the_door(handler: Handler) -> Handler:
     """A route that takes a tenant key passes the door as the proxied surfaces do: a banned or locked-out
     address is refused before the key is looked at, a wrong key counts against the address's budget of failed
-    authentications and as a violation — so no path is a free oracle for guessing keys."""
+    authentications and as a violation — so no path is a free oracle for guessing keys. Each request is an
+    access line and counted in the metrics, refusals too: guessing keys here is as visible as anywhere."""
     async def doored(request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME].current
+        started = time.monotonic()
         guard = rt.guard
-        if guard is None:
-            return await handler(request)
-        visit = _Visit(request, client_ip(request, rt))
+        visit = _Visit(request, client_ip(request, rt) if guard is not None else None)
+        error: GatewayError | None = None
         try:
-            await guard.admit(visit)
-            tenant = rt.tenants.authenticate(request.headers)
-            visit.tenant = tenant.name if tenant is not None else None
-            guard.authenticated(visit)
+            if guard is not None:
+                await guard.admit(visit)
+                tenant = rt.tenants.authenticate(request.headers)
+                visit.tenant = tenant.name if tenant is not None else None
+                guard.authenticated(visit)
         except GatewayError as e:
-            guard.answered(visit, e)
+            error = e
+            guard.answered(visit, e)  # type: ignore[union-attr]
             if visit.limit_headers:
                 merge_headers(e.headers, visit.limit_headers)
-            return error_response(e, OPENAI, request_id(request.headers))
-        response = await handler(request)
-        if visit.limit_headers:
-            merge_headers(response.headers, visit.limit_headers)  # type: ignore[arg-type]
+            response: web.StreamResponse = error_response(e, OPENAI, request_id(request.headers))
+        else:
+            try:
+                response = await handler(request)
+            except GatewayError as e:
+                error, response = e, error_response(e, OPENAI, request_id(request.headers))
+            if visit.limit_headers:
+                merge_headers(response.headers, visit.limit_headers)  # type: ignore[arg-type]
+        _record(rt, request, visit.tenant, response, error, started)
         return response
     return doored
+
+
+def _record(rt: Any, request: web.Request, tenant: str | None, response: web.StreamResponse,
+            error: GatewayError | None, started: float) -> None:
+    rid = response.headers.get(X_REQUEST_ID) or request_id(request.headers)
+    fields = access_fields(request, rid, "v1", None, None, response.status, error, StreamOutcome(),
+                           (time.monotonic() - started) * 1000)
+    fields["tenant"] = tenant
+    fields["outcome"] = "ok" if error is None and response.status < 400 else "error"
+    fields["path"] = rt.scrub(request.path)[:256]
+    if error is not None:
+        fields["error_message"] = rt.scrub(error.message)[:1024]
+    if rt.access_log.enabled:
+        rt.access_log(fields)
+    rt.observatory.record(fields)
 
 
 TENANT_KEYED = frozenset(("/v1/rate-limit/{user_id:[^/]+}", "/v1/models", "/v1/usage/{user_id:[^/]+}"))
