@@ -29,6 +29,10 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-5.2": (1.75, 14.0), "gpt-5.2-pro": (21.0, 168.0), "gpt-5-codex": (1.25, 10.0), "gpt-5.1-codex": (1.25, 10.0),
     "gpt-5.1-codex-mini": (0.25, 2.0),
     "text-embedding-3-small": (0.02, 0.0), "text-embedding-3-large": (0.13, 0.0), "text-embedding-ada-002": (0.10, 0.0),
+    # snapshots billed above their family's rate (priced by the family they would be under-charged)
+    "gpt-4o-2024-05-13": (5.0, 15.0), "gpt-3.5-turbo-instruct": (1.50, 2.0), "gpt-3.5-turbo-0613": (1.50, 2.0),
+    "gpt-3.5-turbo-0301": (1.50, 2.0), "gpt-3.5-turbo-1106": (1.0, 2.0), "gpt-3.5-turbo-16k": (3.0, 4.0),
+    "gpt-4-32k": (60.0, 120.0),
 }
 # Cached input, USD per 1M tokens (the prompt tokens read from OpenAI's prompt cache), by the same names; a
 # model not listed has no cache discount. GPT-5: a tenth of input, GPT-4.1, o3 and o4-mini a quarter, GPT-4o and

@@ -40,6 +40,10 @@ async def test_the_price_table_knows_snapshots_and_aliases_and_takes_overrides()
     table = PriceTable({"gpt-4o-mini": P(1.0, 2.0), "house-model": P(3.0, 4.0)})
     assert table.price("gpt-4o-mini-2024-07-18").output == pytest.approx(2.0 / 1e6)  # override wins
     assert table.price("gpt-4o-2024-08-06").input == pytest.approx(2.5 / 1e6)  # not gpt-4o-mini's
+    # a snapshot billed above its family is priced as billed: its family's rate would under-charge a budget
+    assert table.price("gpt-4o-2024-05-13").output == pytest.approx(15.0 / 1e6)
+    assert table.price("gpt-3.5-turbo-instruct-0914").input == pytest.approx(1.5 / 1e6)
+    assert table.price("gpt-4-32k-0613").output == pytest.approx(120.0 / 1e6)
     assert table.price("claude-3-5-haiku-20241022").output == pytest.approx(4.0 / 1e6)
     assert table.price("mistral-small-latest").input == pytest.approx(0.10 / 1e6)
     assert table.price("openai/gpt-4.1-mini").input == pytest.approx(0.40 / 1e6)
