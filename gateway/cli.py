@@ -175,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     applied, env_warnings, replaced = seed_notes
     if args.healthcheck:
         return healthcheck(config)
+    try:  # (checked before --check answers: a setting --check passes, the server must not then refuse)
+        workers = args.workers if args.workers is not None else _env_int("RELIAPI_WORKERS", 1)
+    except ConfigError as e:
+        print(e.errors[0], file=sys.stderr)
+        return 2
+    if workers < 1:
+        print("--workers: must be at least 1", file=sys.stderr)
+        return 2
     if args.check:
         for line in [*applied, *replaced]:
             print(f"environment: {line}", file=sys.stderr)
@@ -186,14 +194,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"config OK: {source} ({len(config.targets)} targets: {', '.join(config.targets) or 'none'})")
         return 0
-    try:
-        workers = args.workers if args.workers is not None else _env_int("RELIAPI_WORKERS", 1)
-    except ConfigError as e:
-        print(e.errors[0], file=sys.stderr)
-        return 2
-    if workers < 1:
-        print("--workers: must be at least 1", file=sys.stderr)
-        return 2
 
     from gateway.observe.logs import setup_logging
 

@@ -46,6 +46,13 @@ def test_check_built_in_default_when_no_config_anywhere(cli: CLI) -> None:
         assert target in result.stdout
 
 
+def test_check_refuses_a_workers_setting_the_server_would_refuse(cli: CLI) -> None:
+    for args, env, said in ((("--workers", "0"), {}, "--workers: must be at least 1"),
+                            ((), {"RELIAPI_WORKERS": "abc"}, "RELIAPI_WORKERS: expected an integer, got 'abc'")):
+        result = cli.run("--check", *args, env=env)
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
 def test_check_warns_when_the_admin_api_has_no_key_on_a_non_loopback_address(cli: CLI) -> None:
     """Without a key the admin API answers only direct loopback peers: on 0.0.0.0, '::' or a LAN
     address that is rarely what was meant, so --check (and the server at start) says so."""
