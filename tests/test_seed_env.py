@@ -59,6 +59,17 @@ def test_a_window_other_than_a_minute_is_converted_to_a_rate_per_minute() -> Non
     assert config.server.rate_limit_per_ip_rpm == 600
 
 
+def test_a_long_windows_small_limit_says_it_comes_out_looser() -> None:
+    """100 a day is less than one a minute: the whole request a minute it becomes lets 1,440 through; said."""
+    config, _, warnings = apply(load_config(None, env={}), {"RATE_LIMIT_MAX": "100", "RATE_LIMIT_WINDOW_MS": "86400000"},
+                                port_given=False)
+    assert config.server.rate_limit_per_ip_rpm == 1
+    assert any("allows about 1,440" in w for w in warnings), warnings
+    _, _, exact = apply(load_config(None, env={}), {"RATE_LIMIT_MAX": "100", "RATE_LIMIT_WINDOW_MS": "60000"},
+                        port_given=False)
+    assert not any("allows about" in w for w in exact)
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"PORT": "abc"}, "PORT: expected an integer"),
     ({"PORT": "70000"}, "PORT: expected a port number"),

@@ -86,6 +86,12 @@ def apply(config: Config, env: Mapping[str, str], *, port_given: bool) -> tuple[
         took("RATE_LIMIT_MAX", "server.rate_limit_per_ip_rpm", rpm, file_value=server.rate_limit_per_ip_rpm,
              new_value=rpm)
         server = msgspec.structs.replace(server, rate_limit_per_ip_rpm=rpm)
+        allowed = rpm * window_ms / 60_000  # what that rate lets through in the window
+        if allowed > most * 1.1:  # a whole request a minute at least: a long window's small limit comes out looser
+            warnings.append(f"RATE_LIMIT_MAX: {most:g} requests per {window_ms / 1000:g} s is {rpm} per minute, "
+                            f"which allows about {allowed:,.0f} in that window; the per-IP limit counts whole "
+                            "requests per minute (set server.rate_limit_per_ip_rpm, or a tenant rate_limit rph, for "
+                            "a tighter one)")
         if config.tenants:
             warnings.append("RATE_LIMIT_MAX: the per-IP limit applies when no tenants are configured; "
                             "this config has tenants, whose own limits apply")
