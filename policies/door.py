@@ -18,13 +18,13 @@ the answer. A gateway with none of this configured has no guard (``Guard.of`` is
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import hdrs
 
-from gateway.edge.requests import client_block
 from gateway.errors import GatewayError, InvalidRequest, KeysExhausted, RateLimited, Unauthorized
 from gateway.observe.events import RateLimitRefused
 from gateway.store import StoreError
@@ -167,6 +167,22 @@ class Guard:
         ip, until = message.get("ip"), message.get("until")
         if isinstance(ip, str) and isinstance(until, (int, float)) and math.isfinite(until):
             self.locked[ip] = max(self.locked.get(ip, 0.0), until)
+
+
+_BLOCKS: dict[str | None, str] = {}
+
+
+def client_block(ip: str | None) -> str:
+    """What per-IP limits, bans and the failed-authentication lock count by: an IPv4 address, an IPv6 address's /64
+    (one subscriber's network — a client given a /64 has 2^64 addresses to walk round a per-address limit with),
+    ``-`` for none. ``ip`` is canonical (``gateway.edge.requests.canonical_ip``)."""
+    found = _BLOCKS.get(ip)
+    if found is None:
+        found = str(ipaddress.IPv6Network(ip + "/64", strict=False)) if ip and ":" in ip else ip or "-"
+        if len(_BLOCKS) >= 4096:  # bounded whatever addresses arrive
+            _BLOCKS.clear()
+        _BLOCKS[ip] = found
+    return found
 
 
 def _violation(error: GatewayError) -> str | None:

@@ -231,22 +231,6 @@ def canonical_ip(text: str | None) -> str | None:
     return out
 
 
-_BLOCKS: dict[str | None, str] = {}
-
-
-def client_block(ip: str | None) -> str:
-    """What per-IP limits, bans and the failed-authentication lock count by: an IPv4 address, an IPv6 address's /64
-    (one subscriber's network — a client given a /64 has 2^64 addresses to walk round a per-address limit with),
-    ``-`` for none. ``ip`` is canonical (``canonical_ip``)."""
-    found = _BLOCKS.get(ip)
-    if found is None:
-        found = str(ipaddress.IPv6Network(ip + "/64", strict=False)) if ip and ":" in ip else ip or "-"
-        if len(_BLOCKS) >= 4096:  # bounded whatever addresses arrive
-            _BLOCKS.clear()
-        _BLOCKS[ip] = found
-    return found
-
-
 def _accepts_sse(request: web.Request) -> bool:
     """An SSE client says so in Accept: its response is a stream, timed by first byte and idle gaps."""
     return "text/event-stream" in request.headers.get(hdrs.ACCEPT, "")
