@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.support.config import llm_config
+from tests.support.fakes import scripted_sse
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -348,28 +349,6 @@ async def test_an_event_stream_framed_with_bare_cr_is_relayed_live_and_complete(
 # =============================================================== what counts as the first byte of an answer
 
 
-async def _scripted_sse(aiohttp_server, path: str, attempts: list[list[bytes]]):
-    """An upstream at ``path`` whose n-th call writes ``attempts[n]`` (the last one again after that)."""
-    from aiohttp import web
-
-    calls: list[int] = []
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        parts = attempts[min(len(calls), len(attempts) - 1)]
-        calls.append(1)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for part in parts:
-            await resp.write(part)
-            await asyncio.sleep(0.01)
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_post(path, handler)
-    return await aiohttp_server(app), calls
-
-
 _START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message","role":'
           b'"assistant","model":"claude-3-5-haiku-latest","content":[],"usage":{"input_tokens":5,"output_tokens":1}}}\n\n')
 _PING = b'event: ping\ndata: {"type":"ping"}\n\n'
@@ -386,7 +365,7 @@ async def test_an_overload_right_after_message_start_is_retried_before_the_clien
                                                                                                path):
     """Anthropic sends message_start at once and its overloaded_error often right after: nothing was answered yet,
     so it is retried like an error in the first event — natively and translated (chat, Responses)."""
-    server, calls = await _scripted_sse(aiohttp_server, "/v1/messages", [[_START, _PING, _OVERLOADED], [_START, _ANSWER]])
+    server, calls = await scripted_sse(aiohttp_server, "/v1/messages", [[_START, _PING, _OVERLOADED], [_START, _ANSWER]])
     client, logs = await gateway(f"""
 targets:
   claude: {{base_url: "{str(server.make_url('')).rstrip('/')}", provider: anthropic, models: ["claude-*"],
@@ -409,7 +388,7 @@ async def test_comments_before_the_first_event_do_not_count_as_its_first_byte(ai
     err = b'data: {"error":{"message":"Provider returned error","code":502}}\n\n'
     ok = (b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"Hi"},'
           b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
-    server, calls = await _scripted_sse(aiohttp_server, "/v1/chat/completions",
+    server, calls = await scripted_sse(aiohttp_server, "/v1/chat/completions",
                                         [[b": OPENROUTER PROCESSING\n\n", err], [b": OPENROUTER PROCESSING\n\n", ok]])
     client, _ = await gateway(f"""
 targets:

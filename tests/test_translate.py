@@ -3,8 +3,6 @@ SSE streams of both APIs, and end to end through the unchanged openai and anthro
 
 from __future__ import annotations
 
-import asyncio
-
 import anthropic
 import msgspec
 import openai
@@ -12,7 +10,7 @@ import pytest
 
 from providers import translate, translate_stream
 from tests.support.config import GatewayConfig
-from tests.support.fakes import Fault
+from tests.support.fakes import Fault, scripted_sse
 
 # ---------------------------------------------------------------- recorded shapes (API references)
 
@@ -295,30 +293,12 @@ def _chat_chunk(content: str, finish: str | None = None) -> bytes:
                                                          "finish_reason": finish}]}) + b"\n\n"
 
 
-async def _raw_sse_upstream(aiohttp_server, parts: list[bytes]):
-    """An OpenAI target at ``/v1/chat/completions`` that writes ``parts`` as they are, each its own write."""
-    from aiohttp import web
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for part in parts:
-            await resp.write(part)
-            await asyncio.sleep(0.01)
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return await aiohttp_server(app)
-
-
 async def test_a_translated_stream_carries_an_event_larger_than_a_socket_read_whole(aiohttp_server, gateway):
     """A 300 KB delta (a tool call or a pasted file in one chunk), split across reads: the Anthropic client gets all
     of it — the translation never sees half an event, which it could not read and would drop."""
     big = _chat_chunk("y" * 300_000)
-    server = await _raw_sse_upstream(aiohttp_server, [_chat_chunk("Hi "), big[:280_000], big[280_000:],
-                                                      _chat_chunk("", "stop"), b"data: [DONE]\n\n"])
+    server, _ = await scripted_sse(aiohttp_server, "/v1/chat/completions", [[
+        _chat_chunk("Hi "), big[:280_000], big[280_000:], _chat_chunk("", "stop"), b"data: [DONE]\n\n"]])
     client, _ = await gateway(f"""
 targets:
   up: {{base_url: "{str(server.make_url('')).rstrip('/')}/v1", provider: openai, models: ["gpt-*"]}}
@@ -332,8 +312,9 @@ targets:
 
 async def test_a_translated_stream_with_an_event_it_cannot_read_ends_with_an_in_band_error(aiohttp_server, gateway):
     """Dropped, the event would leave a stream that ends cleanly with a part missing (SPEC §5)."""
-    server = await _raw_sse_upstream(aiohttp_server, [_chat_chunk("Hello "), b'data: {"choices": [{"delta": {"cont\n\n',
-                                                      _chat_chunk("world", "stop"), b"data: [DONE]\n\n"])
+    server, _ = await scripted_sse(aiohttp_server, "/v1/chat/completions", [[
+        _chat_chunk("Hello "), b'data: {"choices": [{"delta": {"cont\n\n', _chat_chunk("world", "stop"),
+        b"data: [DONE]\n\n"]])
     client, logs = await gateway(f"""
 targets:
   up: {{base_url: "{str(server.make_url('')).rstrip('/')}/v1", provider: openai, models: ["gpt-*"]}}

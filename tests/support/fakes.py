@@ -484,3 +484,25 @@ class FakeUpstream:
                      "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
                      **fault.headers},
         )
+
+
+async def scripted_sse(aiohttp_server, path: str, attempts: list[list[bytes]]):
+    """A raw SSE upstream at ``path`` whose n-th call writes the parts of ``attempts[n]`` as they are, each its own
+    write (the last attempt's again after that): events split anywhere, comments, anything a real one may send.
+    Returns the server and the list its calls are counted in."""
+    calls: list[int] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        parts = attempts[min(len(calls), len(attempts) - 1)]
+        calls.append(1)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for part in parts:
+            await resp.write(part)
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post(path, handler)
+    return await aiohttp_server(app), calls
