@@ -150,6 +150,7 @@ _ERROR_FAILURES = {
 
 class MessagesStream(StreamReader):
     terminator = MESSAGE_STOP
+    preamble_timed = False  # message_start is the upstream's first byte: then only the idle timeout (pings)
 
     def __init__(self, *, choices: int = 1, include_usage: bool = False) -> None:
         super().__init__(choices=1, include_usage=False)

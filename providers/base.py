@@ -122,11 +122,15 @@ class StreamReader:
       stream is plain text a continuation could extend (no tools, one choice);
     - ``preamble``: only the format's lifecycle events so far (a Responses stream's ``response.created``,
       ``response.in_progress``): nothing is answered yet, so the stream's head goes on until something is,
-      and an error there is still one that can be retried or fall back.
+      and an error there is still one that can be retried or fall back. ``preamble_timed``: the first-byte
+      timeout runs until the preamble ends (a Responses stream's: ``response.created`` comes at once, whatever the
+      model does); else only until its first event, and then the stream's idle timeout (Anthropic pings a
+      stream that waits on a slow model).
     """
 
     terminator = b""
     preamble = False
+    preamble_timed = True
     marks_usage_only = False  # ``usage_only`` is kept up to date (a format with a usage-only event)
 
     def __init__(self, *, choices: int = 1, include_usage: bool = False) -> None:

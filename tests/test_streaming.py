@@ -399,3 +399,19 @@ targets:
                                                           "messages": [{"role": "user", "content": "hi"}]})
     raw = await resp.read()
     assert resp.status == 200 and len(calls) == 2 and b"Provider returned error" not in raw and b"Hi" in raw
+
+
+async def test_after_message_start_a_slow_model_is_timed_by_the_idle_timeout_not_the_first_byte_one(aiohttp_server,
+                                                                                                     gateway):
+    """message_start is the upstream's first byte: a model that then thinks for longer than ttft_timeout_ms, pinging,
+    is not cut and asked again — only a silence longer than stream_idle_timeout_ms would be."""
+    server, calls = await scripted_sse(aiohttp_server, "/v1/messages", [[_START, *[_PING] * 40, _ANSWER]])
+    client, _ = await gateway(f"""
+targets:
+  claude: {{base_url: "{str(server.make_url('')).rstrip('/')}", provider: anthropic, models: ["claude-*"],
+            ttft_timeout_ms: 150, stream_idle_timeout_ms: 2000}}
+""")
+    resp = await client.post("/v1/messages", json={"model": "claude-3-5-haiku-latest", "max_tokens": 10, "stream": True,
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+    raw = await resp.read()
+    assert resp.status == 200 and b"Hi" in raw and len(calls) == 1

@@ -59,8 +59,10 @@ async def read_preamble(reader: StreamReader, aligner: Aligner, it: AsyncIterato
     of the first byte, an error event a failure still retried or fallen back from. Returns the events read
     (``first`` and more). Raises ``TimeoutError`` after ``timeout_s``, ``StreamBroken`` for a cut or a stall."""
     seen = has_event(first)  # comments only so far: no answer has begun either
-    async with asyncio.timeout(timeout_s):
+    async with asyncio.timeout(timeout_s) as timer:
         while (reader.preamble or not seen) and reader.error is None and not reader.done:
+            if seen and not reader.preamble_timed:
+                timer.reschedule(None)  # its first event came: from here on its idle timeout (in ``it``) times it
             try:
                 chunk = await it.__anext__()
             except StopAsyncIteration:
