@@ -107,3 +107,35 @@ async def test_a_stream_cut_before_the_usage_chunk_its_client_asked_for_is_broke
     fake.plan(Fault(chunks=3, cut_after=5))
     events = data_events(await (await client.post("/v1/chat/completions", json={**CHAT, "user": "u2"})).read())
     assert events[-1] == "[DONE]" and logs[-1]["outcome"] == "ok"  # the usage chunk was the gateway's own ask
+
+
+async def test_a_server_that_refuses_the_added_stream_options_is_asked_again_without_it(aiohttp_server, gateway):
+    """The client never sent stream_options: a 400 for it is the gateway's to take back, not the client's to get.
+    The target is not asked for usage again (no second refusal per stream)."""
+    from aiohttp import web
+
+    bodies: list[dict] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        if "stream_options" in body:
+            return web.json_response({"error": {"message": "Unrecognized request argument supplied: stream_options",
+                                                "type": "invalid_request_error"}}, status=400)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,'
+                         b'"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    client, logs = await gateway(config(str(server.make_url("")).rstrip("/")))
+    for _ in range(2):
+        resp = await client.post("/v1/chat/completions", json=CHAT)
+        raw = await resp.read()
+        assert resp.status == 200 and b"Hi" in raw and b"stream_options" not in raw
+    assert ["stream_options" in b for b in bodies] == [True, False, False]
+    assert logs[-1]["completion_tokens"] is not None  # estimated, as for a server that reports none

@@ -10,6 +10,7 @@ dialect's reader (``gateway.streaming.streams``), the answer turned into the cli
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from aiohttp.hdrs import CONTENT_ENCODING
@@ -33,14 +34,21 @@ if TYPE_CHECKING:
     from gateway.upstream.targets import Target
 
 
+log = logging.getLogger("reliapi")
+
 def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
     """The innermost step: one attempt against ``ex.target``, its answer classified."""
     clock = ctx.clock
     events = ctx.events
     tenant_keys = ctx.tenants.enabled  # a tenant's own key never goes upstream
+    # targets that refused the stream_options the gateway adds to ask for a stream's usage (an OpenAI-compatible
+    # server without it: older Azure API versions, some local servers): not asked again
+    no_stream_options: set[str] = set()
 
     async def send_upstream(ex: Exchange) -> Reply:
         target = ex.target
+        if ex.ask_usage and target.name in no_stream_options:
+            ex.ask_usage = False
         # the request as this target takes it (per attempt: a fallback may go to another dialect); one it
         # cannot take is refused before anything is sent, and is no attempt
         tr = translator(ex, target)
@@ -102,6 +110,13 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
                 raise _past_deadline(ex) from None  # cut short by the client's deadline: not the target's failure
             raise
         events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=reply.status))
+        if reply.status == 400 and prepared.asked_usage and reply.body is not None and b"stream_options" in reply.body:
+            # it refused the field the gateway added, not the client's request: asked again as the client sent it
+            no_stream_options.add(target.name)
+            log.warning("target %s refuses stream_options: its streams are no longer asked for usage (estimated)",
+                        target.name)
+            ex.ask_usage = False
+            return await send_upstream(ex)
         if reply.status >= 400:
             scrub_error(reply, scrub)  # an upstream error that echoes a configured key, complete or streamed
         if reply.body is not None:
