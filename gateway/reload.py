@@ -59,9 +59,24 @@ async def reload_config(app: web.Application) -> dict[str, Any]:
         return {"reloaded": False, "errors": [f"{config.store.where}: {e}"], "warnings": warnings, "source": source,
                 "targets": sorted(started.targets)}
     use_scrubber(new.scrub)  # the new config's keys
+    if new.store is not slot_store and not config.store.url.startswith("memory:"):
+        problem = await _unreachable(config)  # (in service all the same: it may come up; /readyz says so meanwhile)
+        if problem is not None:
+            warnings.append(f"{config.store.where}: not reachable now: {problem}")
+            log.warning("config: %s", warnings[-1])
     store = "" if new.store is slot_store else f"; store now {new.store.url_for_display}"
     log.info("config reloaded from %s (targets: %s%s)", source, ", ".join(config.targets), store)
     return {"reloaded": True, "errors": [], "warnings": warnings, "source": source, "targets": list(config.targets)}
+
+
+async def _unreachable(config: Any) -> str | None:
+    """Why the new store does not answer now (None: it does), as ``--check`` says it."""
+    from gateway.store import probe_store
+
+    try:
+        return await probe_store(config.store.url, key_prefix=config.store.key_prefix)
+    except StoreMisconfigured as e:
+        return str(e)
 
 
 def _listener(server: ServerConfig) -> tuple[Any, ...]:

@@ -109,6 +109,16 @@ async def test_post_reload_swaps_in_a_valid_config_and_rejects_an_invalid_one(fa
     assert status == 422 and body["error"]["errors"] and await status_of(client, "/t/rest/x") == 200
 
 
+async def test_a_reload_onto_a_store_that_does_not_answer_says_so(fake, reloadable, make_config):
+    """As --check warns of it: the reload takes (the store may come up), and the answer and the log say it is down."""
+    cfg = make_config(fake.url, shutdown_grace_s=0).rest()
+    client, path = await reloadable(cfg)
+    cfg.store(url=f"redis://127.0.0.1:{free_port()}/0").write(path)
+    status, body = await post_reload(client)
+    assert status == 200 and body["data"]["reloaded"] is True
+    assert any("not reachable now" in w for w in body["data"]["warnings"]), body
+
+
 # =============================================================== state survives
 
 
