@@ -46,6 +46,16 @@ def test_check_built_in_default_when_no_config_anywhere(cli: CLI) -> None:
         assert target in result.stdout
 
 
+def test_check_warns_of_a_tenant_whose_key_variable_is_not_set(cli: CLI) -> None:
+    """The server says it at start (the tenant is locked out): --check says it first."""
+    cli.write("t.yaml", "targets: {a: {base_url: 'https://a.example'}}\n"
+                        "tenants: [{name: t1, api_key_env: UNSET_TENANT_KEY_VAR}]\n")
+    result = cli.run("--check", "--config", "t.yaml")
+    assert result.returncode == 0
+    assert ("warning: tenants[0].api_key_env: environment variable UNSET_TENANT_KEY_VAR is not set; tenant 't1' "
+            "cannot authenticate") in result.stderr
+
+
 def test_check_refuses_a_workers_setting_the_server_would_refuse(cli: CLI) -> None:
     for args, env, said in ((("--workers", "0"), {}, "--workers: must be at least 1"),
                             ((), {"RELIAPI_WORKERS": "abc"}, "RELIAPI_WORKERS: expected an integer, got 'abc'")):

@@ -163,6 +163,9 @@ def config_warnings(config: Config, env: Mapping[str, str] = os.environ) -> list
         if name not in used:
             warnings.append(f"client_profiles.{name}: no tenant has profile: {name}, so it applies to nobody")
     for i, tenant in enumerate(config.tenants):
+        if tenant.api_key_env and not env.get(tenant.api_key_env):  # (the server says it at start too)
+            warnings.append(f"tenants[{i}].api_key_env: environment variable {tenant.api_key_env} is not set; tenant "
+                            f"{tenant.name!r} cannot authenticate")
         for scope, entries in tenant.fallback_targets.items():
             if scope == "*":
                 continue

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
-import logging
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,6 @@ from gateway.flow.marketplace import Marketplace
 if TYPE_CHECKING:
     from gateway.config.model import Config, TenantConfig
 
-log = logging.getLogger("reliapi")
 
 X_API_KEY = istr("X-API-Key")
 
@@ -127,10 +125,8 @@ class Tenants:
                 digest = _digest(t.api_key)
             elif t.api_key_env:
                 value = env.get(t.api_key_env)
-                if value:
+                if value:  # (unset: no key is this tenant's — config_warnings says so at --check, start and reload)
                     digest = _digest(value)
-                else:
-                    log.warning("tenant %s: environment variable %s is not set; its key is refused", t.name, t.api_key_env)
             tenant = Tenant(effective(t, tiers), digest, tiers)
             self.by_name[t.name] = tenant
             if digest is not None:
