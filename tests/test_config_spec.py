@@ -7,6 +7,7 @@ decoding is deterministic.
 
 from __future__ import annotations
 
+import os
 import re
 
 import msgspec
@@ -177,7 +178,8 @@ def test_builtin_default_commented_options_are_valid() -> None:
     assert o.retry_matrix == DEFAULT_RETRY  # "(these are the defaults)"
     assert o.fallback_targets == [FallbackEntry(target="mistral", model="mistral-small-latest")]
     assert o.stream_recovery == "continue" and o.max_concurrency == 256 and o.total_timeout_ms == 300000
-    assert config_warnings(cfg) == []  # every example shown works as it is
+    # every example shown works as it is (its tenant's key variable set, as its comment asks)
+    assert config_warnings(cfg, {**os.environ, "CLIENT_A_KEY": "client-a-key-0123456789"}) == []
     assert o.cache == CacheConfig(ttl_s=3600)
     assert cfg.tenants[0].name == "client-a" and cfg.tenants[0].budget == SpendBudget(daily_usd=20, monthly_usd=300)
     assert cfg.pricing["gpt-4o-mini"] == Price(input=0.15, output=0.60)
