@@ -182,6 +182,26 @@ def test_a_file_that_is_not_utf8_is_one_error_that_shows_nothing_of_it(tmp_path)
     assert "brand-new" not in str(e.value)
 
 
+def test_defaults_and_the_top_level_blocks_are_checked_whether_or_not_a_target_takes_them() -> None:
+    """A typo in retry: / circuit_breaker: / defaults: must not pass because every target sets its own — and is said
+    once, under defaults, not again for every target that took it."""
+    overridden = errors_of("""
+retry: {429: {backof: 2}}
+circuit_breaker: {nonsense: 1}
+targets:
+  a: {base_url: "https://a.example", retry_matrix: {"5xx": {attempts: 1}}, circuit: {error_threshold: 2}}
+""")
+    assert sorted(overridden) == [
+        "defaults.circuit.nonsense: unknown key (allowed: cooldown_s, error_threshold, half_open_max_calls)",
+        "defaults.retry_matrix.429.backof: unknown key (allowed: attempts, backoff, base_s, max_s)",
+    ]
+    taken = errors_of("""
+defaults: {timeout_ms: "x"}
+targets: {a: {base_url: "https://a.example"}, b: {base_url: "https://b.example"}}
+""")
+    assert taken == ["defaults.timeout_ms: expected int, got str"]
+
+
 def test_two_tenants_with_one_key_is_an_error_naming_both(monkeypatch) -> None:
     """Whichever came last would silently get the other's requests — and its rights and its bill."""
     import hashlib

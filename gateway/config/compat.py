@@ -42,6 +42,8 @@ def normalize(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
             errors.extend(f"{path}: holds a character that is not valid text (a lone surrogate such as \\ud800; the "
                           "value is not shown)" for path in _not_text(value, str(section)))
     defaults = _defaults(raw, errors)
+    if defaults:  # checked as written, whether or not a target takes them (a typo must not pass because all override)
+        errors.extend(_defaults_errors(defaults))
     targets = raw.get("targets")
     if defaults and isinstance(targets, dict):
         raw["targets"] = targets = {name: _with_defaults(t, defaults) if isinstance(t, dict) else t
@@ -109,6 +111,18 @@ def _defaults(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
                 errors.append(f"{key}: also given under defaults; give it once")
             defaults[key] = raw.pop(key)
     return defaults
+
+
+def _defaults_errors(defaults: dict[str, Any]) -> list[str]:
+    """``defaults`` (with the top-level ``retry:`` / ``circuit_breaker:``) checked as a target's fields, under
+    ``defaults.`` (``parse_config`` drops a target's copy of the same error)."""
+    from gateway.config.load import check_types
+    from gateway.config.model import TargetConfig
+
+    found: list[str] = []
+    probe = _target({**copy.deepcopy(defaults), "base_url": "https://defaults.invalid"}, "defaults", found)
+    check_types(probe, TargetConfig, "defaults", found, {})
+    return found
 
 
 def _with_defaults(t: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,10 @@ def parse_config(text: str, *, source: str = "config", env: typing.Mapping[str, 
     check_errors: list[str] = []
     raw = check_types(raw, Config, "", check_errors, env_text)
     errors.extend(e for e in check_errors if e.split(": ", 1)[0] not in unset)
+    said = {e[9:] for e in errors if e.startswith("defaults.")}
+    if said:  # a mistake in defaults: once, there — not again for every target that took it
+        prefixes = tuple(f"targets.{name}." for name in raw.get("targets") or {} if isinstance(name, str))
+        errors = [e for e in errors if not any(e.startswith(p) and e[len(p):] in said for p in prefixes)]
     if errors:  # the rest is checked too, the bad values left out: every mistake at once (CONFIGURATION.md)
         errors.extend(e for e in _cross_check_without(raw, errors) if e not in errors)
         raise ConfigError(errors, source=source)
