@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from tests.support.config import GatewayConfig
-from tests.support.fakes import Fault
+from tests.support.fakes import Fault, scripted_sse
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -47,24 +47,13 @@ async def test_a_server_that_writes_json_with_spaces_gets_its_usage_null_dropped
     usage sees none of it either way."""
     import json
 
-    from aiohttp import web
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i, finish in ((0, None), (1, "stop")):
-            chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
-                     "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": finish}], "usage": None}
-            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-        await resp.write(b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [],
-                                                  "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    server = await aiohttp_server(app)
+    chunks = [b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-mini", "choices": [
+        {"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": finish}], "usage": None}).encode() + b"\n\n"
+              for i, finish in ((0, None), (1, "stop"))]
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    chunks.append(b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [],
+                                          "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
+    server, _ = await scripted_sse(aiohttp_server, "/v1/chat/completions", [chunks])
     client, logs = await gateway(config(str(server.make_url("")).rstrip("/")))
     raw = await (await client.post("/v1/chat/completions", json=CHAT)).read()
     assert b'"usage"' not in raw and b"tok0 " in raw and b"tok1 " in raw and raw.endswith(b"data: [DONE]\n\n")
