@@ -125,5 +125,7 @@ class _Guarded:
         if self._done:
             return
         self._done = True
-        for callback in self._closers:
+        closers = self._closers
+        for callback in closers:
             callback(error)
+        closers.clear()  # (they close over the reply that holds this list: no cycle left for the collector)

@@ -56,6 +56,7 @@ class Writes:
 
     def __exit__(self, *exc: object) -> None:
         _ENCLOSING.reset(self._token)
+        self._token = None  # (the token holds the context that holds this: a cycle for the collector per lead)
 
     async def commit(self, writes: list[Write]) -> list[bool]:
         """Apply ``writes`` with those handed over by nested leads: through the enclosing lead while it
@@ -105,6 +106,8 @@ class Writes:
         self.accepting = False
         if not self.ready.done():
             self.ready.set_result(None)
+        self.outer = None  # (an inner lead and its enclosing one refer to each other: no cycle left for the collector)
+        self.inner = []
         handed, self.handed = self.handed, []
         for _, fut in handed:
             if not fut.done():

@@ -95,6 +95,7 @@ class Recording:
 
     def end(self, error: GatewayError | None = None) -> None:
         self.ended, self.error = True, error
+        self.on_idle = None  # (never called once ended; it is its lead's method, and the lead holds this: a cycle)
         self._wake()
 
     def _wake(self) -> None:
