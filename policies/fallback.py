@@ -168,9 +168,13 @@ def router(ctx: Context, target_chains: Mapping[str, Handler]) -> Handler:
                 error = None
                 failure = reply.failure
             except GatewayError as e:
-                if e.reason == "client_error":
+                if e.reason != "client_error":
+                    reply, error, failure = None, e, failure_of(e)
+                elif i == 0:
                     raise  # not the target's failure: nothing another target would do better
-                reply, error, failure = None, e, failure_of(e)
+                else:  # this fallback cannot take the request (a field it cannot translate, …): it never masks the
+                    continue  # failure before it with a 400 the client's retry would not fix — on to the next
+
             if failure is None:
                 assert reply is not None
                 if answered is not None and answered.reply is not None:

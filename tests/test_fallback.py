@@ -213,6 +213,44 @@ targets:
         {"type": "text", "text": "hi"}]}], "max_tokens": 4096}
 
 
+
+async def test_a_fallback_that_cannot_take_the_request_never_masks_the_failure_before_it(three, gateway):
+    """A Responses request that continues a response stored by OpenAI cannot go to Anthropic: the client gets the
+    primary's own 500 (which its SDK retries), not the 400 the fallback's translation would have said."""
+    up, fb1, fb2 = three
+    cfg = f"""
+server: {{default_target: up}}
+targets:
+  up: {{base_url: "{up.url}/v1", provider: openai, retry_matrix: {{"5xx": {{attempts: 0}}}},
+        fallback_targets: [{{target: claude, model: claude-3-5-haiku-latest}}, then]}}
+  claude: {{base_url: "{fb2.url}", provider: anthropic}}
+  then: {{base_url: "{fb1.url}/v1", provider: openai, retry_matrix: {{"5xx": {{attempts: 0}}}}}}
+"""
+    client, logs = await gateway(cfg)
+    body = {"model": "gpt-big", "input": "hi", "previous_response_id": "resp_abc"}
+    up.script = fb1.script = lambda n, seen: Fault(status=500)
+    resp = await client.post("/v1/responses", json=body)
+    assert resp.status == 500 and fb2.requests == []
+    assert resp.headers["X-ReliAPI-Target"] == "then"  # the last target that answered
+    assert logs[-1]["upstream_status"] == 500
+    fb1.script = None  # the next one in the chain can take it: it answers
+    resp = await client.post("/v1/responses", json=body)
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "then" and fb2.requests == []
+    up.script = None
+    fb1.script = lambda n, seen: Fault(status=500)
+    only = f"""
+server: {{default_target: up}}
+targets:
+  up: {{base_url: "{up.url}/v1", provider: openai, retry_matrix: {{"5xx": {{attempts: 0}}}},
+        fallback_targets: [{{target: claude, model: claude-3-5-haiku-latest}}]}}
+  claude: {{base_url: "{fb2.url}", provider: anthropic}}
+"""
+    client, _ = await gateway(only)
+    up.script = lambda n, seen: Fault(status=503)
+    resp = await client.post("/v1/responses", json=body)
+    assert resp.status == 503 and "X-ReliAPI-Fallback" not in resp.headers and fb2.requests == []
+    assert (await resp.json())["error"]["type"] == "server_error"
+
 def test_check_warns_about_a_fallback_between_an_llm_and_a_plain_http_target(cli, tmp_path):
     path = tmp_path / "gw.yaml"
     path.write_text("""
