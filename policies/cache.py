@@ -132,6 +132,10 @@ def storable_http(reply: Reply) -> bool:
     return storable(reply, _NOT_STORED_HTTP)
 
 
+# request headers that pick an LLM API's version or betas, passed to the upstream as the client sent them
+_API_VERSIONS = ("anthropic-beta", "anthropic-version", "openai-beta")
+
+
 class Keying:
     """Which request headers split a target's entries, worked out once per target."""
 
@@ -143,6 +147,9 @@ class Keying:
         # a target that forwards the client's own credential: each credential its own entries
         self.credentials = client_credentials(target)
         self.vary = tuple(target.config.cache.vary_headers) if target.config.cache is not None else ()
+        if target.kind == "llm":  # forwarded as sent, and they change the answer (Anthropic's betas: thinking
+            # interleaved or not, 1M context, tool streaming; OpenAI's for assistants): each its own entries
+            self.vary += tuple(h for h in _API_VERSIONS if h not in {v.lower() for v in self.vary})
         # an LLM target is always asked for identity (``upstream_request_headers``) and its answers are stored
         # decoded: what the client accepts changes nothing, so an SDK that sends gzip and one that sends
         # nothing share entries

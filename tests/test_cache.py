@@ -450,6 +450,22 @@ async def test_without_tenants_a_second_cookie_header_splits_entries(fake, start
     assert upstream_request_id(again) == upstream_request_id(alice)
 
 
+
+async def test_anthropic_betas_and_versions_split_messages_entries(fake, start):
+    """A beta changes the answer (interleaved thinking, 1M context, tool streaming): a request with one is never
+    served the answer to the same body without it, nor to another beta; the same betas again hit."""
+    client, _ = await start()
+    plain = await chat(client, MESSAGES, path="/v1/messages")
+    beta = {"anthropic-beta": "interleaved-thinking-2025-05-14"}
+    thinking = await chat(client, MESSAGES, path="/v1/messages", headers=beta)
+    other = await chat(client, MESSAGES, path="/v1/messages", headers={"anthropic-beta": "context-1m-2025-08-07"})
+    older = await chat(client, MESSAGES, path="/v1/messages", headers={"anthropic-version": "2023-01-01"})
+    assert [plain.cache, thinking.cache, other.cache, older.cache] == ["MISS"] * 4 and len(fake.requests) == 4
+    assert fake.requests[1].headers["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+    assert_hit(await chat(client, MESSAGES, path="/v1/messages", headers=beta))
+    assert_hit(await chat(client, MESSAGES, path="/v1/messages"))
+    assert len(fake.requests) == 4
+
 async def test_a_header_listed_in_vary_headers_splits_entries(fake, start):
     """A passthrough API that authenticates with its own header: listed in cache.vary_headers."""
     client, _ = await start(rest_cache={"ttl_s": 60, "vary_headers": ["X-Auth-Token"]})
