@@ -10,7 +10,10 @@ assistant tool calls ⇄ ``tool_use`` blocks, tool results ⇄ ``tool_result`` b
 ``stop`` ⇄ ``stop_sequences``, ``max_tokens``/``max_completion_tokens`` (Anthropic requires
 one: ``llm.max_tokens`` or 4,096), ``temperature``, ``top_p``, ``user`` ⇄
 ``metadata.user_id``; answers: ids, roles, text, tool calls (arguments as a JSON string),
-stop reasons ⇄ finish reasons, usage. Anything without an equivalent is dropped.
+stop reasons ⇄ finish reasons, usage; Anthropic's text and PDF documents, ``disable_parallel_tool_use`` ⇄
+``parallel_tool_calls: false``. A Messages request's field an OpenAI target cannot carry (enabled thinking,
+``top_k``, server tools, documents by URL, unknown blocks or fields) is refused (``Untranslatable``: the
+client's 400 naming it), never dropped; an OpenAI request's fields without an Anthropic equivalent are dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import msgspec
 
 from providers import anthropic, openai
+from providers.translate_messages import Untranslatable, anthropic_to_openai_request  # noqa: F401
 
 _encode = msgspec.json.encode
 DEFAULT_MAX_TOKENS = 4096
@@ -133,6 +137,9 @@ def openai_to_anthropic_request(body: dict[str, Any], *, default_max_tokens: int
             out["tool_choice"] = {"type": "none"}
         elif isinstance(choice, dict) and choice.get("type") == "function":
             out["tool_choice"] = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+        if body.get("parallel_tool_calls") is False and out.get("tool_choice", {}).get("type") != "none":
+            # at most one tool call per turn, as Anthropic says it
+            out.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
     return out
 
 
@@ -167,88 +174,6 @@ def anthropic_to_openai_response(body: dict[str, Any]) -> dict[str, Any]:
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                   "prompt_tokens_details": details},
     }
-
-
-# ---------------------------------------------------------------- Anthropic request → OpenAI
-
-
-def _text_parts(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """One text block becomes a plain string; several stay separate parts (OpenAI takes content
-    arrays for system, user and assistant messages), never run together into one string."""
-    if len(parts) == 1 and parts[0]["type"] == "text":
-        return parts[0]["text"]
-    return parts
-
-
-def anthropic_to_openai_request(body: dict[str, Any], *, openai_fields: bool = True) -> dict[str, Any]:
-    """``openai_fields``: the target takes OpenAI's own ``stream_options`` and ``user`` (a chat-only API such as
-    Mistral's refuses fields it lacks with a 422, and reports a stream's usage unasked)."""
-    messages: list[dict[str, Any]] = []
-    system = body.get("system")
-    if system:
-        messages.append({"role": "system", "content": system if isinstance(system, str) else _text_parts(
-            [{"type": "text", "text": b.get("text", "")} for b in system if isinstance(b, dict)])})
-    for m in body.get("messages") or ():
-        if not isinstance(m, dict):
-            continue
-        role, content = m.get("role"), m.get("content")
-        if isinstance(content, str):
-            messages.append({"role": role, "content": content})
-            continue
-        parts: list[dict[str, Any]] = []
-        calls: list[dict[str, Any]] = []
-        for block in content or ():
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            if kind == "text":
-                parts.append({"type": "text", "text": block.get("text", "")})
-            elif kind == "image":
-                src = block.get("source") or {}
-                url = src.get("url") if src.get("type") == "url" else \
-                    f"data:{src.get('media_type')};base64,{src.get('data')}"
-                parts.append({"type": "image_url", "image_url": {"url": url}})
-            elif kind == "tool_use":
-                calls.append({"id": block.get("id"), "type": "function",
-                              "function": {"name": block.get("name"), "arguments": _encode(block.get("input", {})).decode()}})
-            elif kind == "tool_result":
-                messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
-                                 "content": _text_of(block.get("content"))})
-        if role == "assistant":
-            said = [p for p in parts if p["type"] == "text"]  # an assistant turn carries no images in OpenAI's shape
-            message: dict[str, Any] = {"role": "assistant", "content": _text_parts(said) if said else None}
-            if calls:
-                message["tool_calls"] = calls
-            messages.append(message)
-        elif parts:
-            messages.append({"role": role, "content": _text_parts(parts)})
-    out: dict[str, Any] = {"model": body.get("model"), "messages": messages}
-    if body.get("max_tokens") is not None:
-        out["max_tokens"] = body["max_tokens"]
-    if body.get("stop_sequences"):
-        out["stop"] = body["stop_sequences"]
-    for field in ("temperature", "top_p", "stream"):
-        if body.get(field) is not None:
-            out[field] = body[field]
-    if body.get("stream") and openai_fields:
-        out["stream_options"] = {"include_usage": True}
-    user = (body.get("metadata") or {}).get("user_id")
-    if user and openai_fields:
-        out["user"] = user
-    tools = body.get("tools")
-    if tools:
-        out["tools"] = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
-                                                          "parameters": t.get("input_schema") or {}}}
-                        for t in tools if isinstance(t, dict) and t.get("name")]
-        choice = body.get("tool_choice") or {}
-        kind = choice.get("type") if isinstance(choice, dict) else None
-        if kind == "any":
-            out["tool_choice"] = "required"
-        elif kind == "none":
-            out["tool_choice"] = "none"
-        elif kind == "tool":
-            out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
-    return out
 
 
 # ---------------------------------------------------------------- OpenAI answer → Anthropic

@@ -29,17 +29,9 @@ from typing import Any
 import msgspec
 
 from providers import translate
+from providers.translate import Untranslatable
 
 _encode = msgspec.json.encode
-
-
-class Untranslatable(ValueError):
-    """A field of the request that the target cannot honour: the client's 400, naming it."""
-
-    def __init__(self, param: str, why: str) -> None:
-        super().__init__(why)
-        self.param = param
-        self.why = why
 
 
 # Fields that need what only OpenAI keeps (stored responses, prompts, background runs, …): refused when set.
@@ -293,7 +285,6 @@ def request_body(body: bytes, to: str, default_max_tokens: int | None,
         return _encode(out), ("", "")
     except Untranslatable as e:
         return None, (e.param, e.why)
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
-        detail = f"{type(e).__name__}: {e}".replace("{", "{{").replace("}", "}}")
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError):
         return None, (None, f"the request cannot be translated for target {{target}} ({label}): a field has the "
-                            f"wrong type or shape ({detail})")
+                            "wrong type or shape")

@@ -315,12 +315,13 @@ def _translated(body: bytes, to: str, default_max_tokens: int | None,
         else:
             out = translate.anthropic_to_openai_request(doc, openai_fields=openai_fields)
         return msgspec.json.encode(out), ("", "")
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+    except translate.Untranslatable as e:
+        return None, (e.param, e.why)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError):
         # JSON the client's own API would refuse (a number where text belongs, a tool call that is
         # not an object, …): the client's error, said as one — never a 500 from the translator
-        detail = f"{type(e).__name__}: {e}".replace("{", "{{").replace("}", "}}")
         return None, (None, f"the request cannot be translated for target {{target}} ({label}): a field has the "
-                            f"wrong type or shape ({detail})")
+                            "wrong type or shape")
 
 
 # ---------------------------------------------------------------- asking a stream for its usage

@@ -343,7 +343,8 @@ async def test_a_request_the_translator_cannot_read_is_the_clients_400_in_its_di
     answer = await resp.json()
     assert resp.status == 400, answer
     message = answer["error"]["message"]
-    assert "cannot be translated" in message and "Traceback" not in message
+    assert ("cannot be translated" in message or "must be a string or a list" in message)
+    assert "Traceback" not in message and "Error:" not in message  # (no Python internals: "TypeError: 'int' …")
     assert (answer.get("type") == "error") is (path == "/v1/messages")  # Anthropic's error shape for /v1/messages
     assert fake.requests == [] and logs[-1]["error_code"] == "invalid_request"
 
@@ -410,3 +411,62 @@ async def test_counting_tokens_on_an_openai_target_is_a_clear_400_in_anthropics_
     assert resp.status == 400 and answer["type"] == "error" and "count_tokens" in answer["error"]["message"]
     assert fake.requests == []
     assert logs[-1]["attempts"] == 0  # refused before anything was sent: no attempt
+
+
+TEXT_DOC = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Q3 revenue was 42"}}
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+    ({"top_k": 5}, "top_k"),
+    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}, {"type": "web_search_20250305", "name": "web_search"}]},
+     "tools[1]"),
+    ({"container": "c"}, "container"),
+    ({"system": 5}, "system"),
+    ({"model": None}, "model"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages[0].content[0].source"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]},
+     "messages[0].content[0].tool_use_id"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}}]}]},
+     "messages[0].content[0].source"),
+    ({"messages": [{"role": "user", "content": [{"type": "search_result", "content": []}]}]}, "messages[0].content[0]"),
+])
+async def test_what_an_openai_target_cannot_carry_is_refused_naming_the_field_never_dropped(fake, gateway, fields, param):
+    """An Anthropic client on an OpenAI target: thinking, top_k, a server tool, a document by URL, … would be lost
+    on the way and the answer silently wrong — a 400 in Anthropic's shape names the field, nothing is sent."""
+    client, logs = await gateway(config(fake.url))
+    body = {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], **fields}
+    resp = await client.post("/v1/messages", json=body)
+    answer = await resp.json()
+    assert resp.status == 400 and answer["type"] == "error", answer
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"].startswith(param)
+    assert "Error:" not in answer["error"]["message"] and fake.requests == []
+
+
+async def test_documents_disabled_thinking_and_one_tool_per_turn_reach_an_openai_target(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    pdf = {"type": "document", "title": "q3.pdf", "source": {"type": "base64", "media_type": "application/pdf",
+                                                             "data": "JVBERi0x"}}
+    body = {"model": "gpt-4o-mini", "max_tokens": 10, "thinking": {"type": "disabled"},
+            "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+            "messages": [{"role": "user", "content": [TEXT_DOC, pdf, {"type": "text", "text": "What was Q3 revenue?"}]},
+                         {"role": "assistant", "content": [{"type": "thinking", "thinking": "…", "signature": "s"},
+                                                           {"type": "text", "text": "42"}]},
+                         {"role": "user", "content": "thanks"}]}
+    resp = await client.post("/v1/messages", json=body)
+    assert resp.status == 200, await resp.text()
+    sent = fake.requests[0].json()
+    assert sent["messages"][0]["content"] == [
+        {"type": "text", "text": "Q3 revenue was 42"},
+        {"type": "file", "file": {"filename": "q3.pdf", "file_data": "data:application/pdf;base64,JVBERi0x"}},
+        {"type": "text", "text": "What was Q3 revenue?"}]
+    assert sent["messages"][1] == {"role": "assistant", "content": "42"}  # the signed thinking only Anthropic reads
+    assert sent["parallel_tool_calls"] is False and "thinking" not in sent
+
+
+def test_one_tool_call_per_turn_reaches_anthropic_too() -> None:
+    out = translate.openai_to_anthropic_request({
+        "model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})
+    assert out["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
