@@ -106,6 +106,11 @@ class OpenAIToAnthropicStream:
         self.block: int = -1
         self.block_kind: str | None = None
         self.tools: dict[int, int] = {}  # OpenAI tool call index → Anthropic block index
+        self.args: dict[int, str] = {}  # OpenAI tool call index → its arguments so far
+        self.open_tool: int | None = None  # the OpenAI tool call whose block is open
+        # tool calls that began while another's arguments were still coming (OpenAI may interleave them; an
+        # Anthropic block ends before the next begins): their start and arguments, until that one is complete
+        self.held: dict[int, tuple[dict[str, Any], list[str]]] = {}
         self.finish: str | None = None
         self.usage: dict[str, Any] = {}  # OpenAI's usage chunk, when it came
         self.done = False
@@ -118,6 +123,7 @@ class OpenAIToAnthropicStream:
         if self.block_kind is None:
             return b""
         self.block_kind = None
+        self.open_tool = None
         return self._event("content_block_stop", {"type": "content_block_stop", "index": self.block})
 
     def _open_block(self, kind: str, block: dict[str, Any]) -> bytes:
@@ -126,6 +132,27 @@ class OpenAIToAnthropicStream:
         self.block_kind = kind
         return out + self._event("content_block_start", {"type": "content_block_start", "index": self.block,
                                                          "content_block": block})
+
+    def _open_tool(self, i: int, block: dict[str, Any]) -> bytes:
+        out = self._open_block("tool", block)
+        self.tools[i], self.open_tool, self.args[i] = self.block, i, ""
+        return out
+
+    def _arguments(self, i: int, args: str) -> bytes:
+        if not args:
+            return b""
+        self.args[i] += args
+        return self._event("content_block_delta", {"type": "content_block_delta", "index": self.tools[i],
+                                                   "delta": {"type": "input_json_delta", "partial_json": args}})
+
+    def _release(self, *, force: bool = False) -> bytes:
+        """The held tool calls, in order, each once the one before is complete (all of them: ``force``)."""
+        out = b""
+        while self.held and (force or self.open_tool is None or _complete(self.args[self.open_tool])):
+            i = next(iter(self.held))
+            block, parts = self.held.pop(i)
+            out += self._open_tool(i, block) + self._arguments(i, "".join(parts))
+        return out
 
     def feed(self, name: bytes, data: bytes) -> bytes:
         if data == b"[DONE]":
@@ -155,20 +182,25 @@ class OpenAIToAnthropicStream:
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 if self.block_kind != "text":
-                    out += self._open_block("text", {"type": "text", "text": ""})
+                    out += self._release(force=True) + self._open_block("text", {"type": "text", "text": ""})
                 out += self._event("content_block_delta", {"type": "content_block_delta", "index": self.block,
                                                            "delta": {"type": "text_delta", "text": delta["content"]}})
             for call in delta.get("tool_calls") or ():
                 i = call.get("index", 0)
                 fn = call.get("function") or {}
-                if i not in self.tools:
-                    out += self._open_block("tool", {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
-                                                     "input": {}})
-                    self.tools[i] = self.block
-                if fn.get("arguments"):
-                    out += self._event("content_block_delta", {
-                        "type": "content_block_delta", "index": self.tools[i],
-                        "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
+                args = fn.get("arguments") or ""
+                if i in self.held:
+                    self.held[i][1].append(args)
+                elif i not in self.tools and self.open_tool is not None and not _complete(self.args[self.open_tool]):
+                    self.held[i] = ({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": {}},
+                                    [args])
+                else:
+                    if i not in self.tools:
+                        out += self._open_tool(i, {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                                                   "input": {}})
+                    out += self._arguments(i, args)
+                    if self.held and i == self.open_tool:
+                        out += self._release()
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
         return out
@@ -177,9 +209,18 @@ class OpenAIToAnthropicStream:
         if self.done:
             return b""
         self.done = True
-        out = self._close_block()
+        out = self._release(force=True) + self._close_block()
         out += self._event("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": STOP_OF_FINISH.get(self.finish or "", "end_turn"), "stop_sequence": None},
             "usage": anthropic_usage(self.usage)})
         return out + self._event("message_stop", {"type": "message_stop"})
+
+
+def _complete(arguments: str) -> bool:
+    """Are a tool call's arguments so far a whole JSON value (nothing more can follow)?"""
+    try:
+        msgspec.json.decode(arguments)
+    except msgspec.DecodeError:
+        return False
+    return True

@@ -149,6 +149,49 @@ def test_an_openai_stream_becomes_messages_events() -> None:
         "input_tokens": 9, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 12}
 
 
+
+def _tool_chunk(index: int, *, id: str | None = None, args: str = "") -> dict:
+    fn = {"arguments": args} if id is None else {"name": f"f{index}", "arguments": args}
+    call = {"index": index, "function": fn, **({"id": id, "type": "function"} if id else {})}
+    return {"id": "chatcmpl-1", "model": "gpt-4o", "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+
+
+def _blocks_of(raw: bytes) -> tuple[list[tuple[str, int | None]], dict[int, str]]:
+    """(event name, block index) in order, and each tool block's arguments joined."""
+    order, args = [], {}
+    for event in sse_data(raw):
+        order.append((event["type"], event.get("index")))
+        if event["type"] == "content_block_delta":
+            args[event["index"]] = args.get(event["index"], "") + event["delta"]["partial_json"]
+    return order, args
+
+
+def test_interleaved_parallel_tool_calls_become_whole_blocks_one_after_the_other() -> None:
+    """OpenAI may interleave two tool calls' arguments; an Anthropic block ends before the next begins, and the
+    SDK reads a block's input at its stop: the second call is held until the first's arguments are whole."""
+    t = translate_stream.OpenAIToAnthropicStream()
+    chunks = [_tool_chunk(0, id="call_a"), _tool_chunk(1, id="call_b"), _tool_chunk(0, args='{"city":'),
+              _tool_chunk(1, args='{"city":"B"}'), _tool_chunk(0, args='"A"}'),
+              {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+    raw = b"".join(t.feed(b"", msgspec.json.encode(c)) for c in chunks) + t.feed(b"", b"[DONE]")
+    order, args = _blocks_of(raw)
+    blocks = [(name, i) for name, i in order if name.startswith("content_block")]
+    assert blocks == [("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0),
+                      ("content_block_stop", 0), ("content_block_start", 1), ("content_block_delta", 1),
+                      ("content_block_stop", 1)]
+    assert args == {0: '{"city":"A"}', 1: '{"city":"B"}'}
+    starts = [e["content_block"]["id"] for e in sse_data(raw) if e["type"] == "content_block_start"]
+    assert starts == ["call_a", "call_b"]
+
+
+def test_tool_calls_one_after_the_other_still_stream_as_they_come() -> None:
+    t = translate_stream.OpenAIToAnthropicStream()
+    first = t.feed(b"", msgspec.json.encode(_tool_chunk(0, id="call_a", args='{"q":1}')))
+    second = t.feed(b"", msgspec.json.encode(_tool_chunk(1, id="call_b", args='{"q":')))
+    assert b"content_block_start" in first and b"content_block_stop" in second  # the first ended, the second began
+    assert b'"call_b"' in second and b"input_json_delta" in second  # not held for the end of the stream
+
+
 def test_an_anthropic_request_becomes_a_chat_request_and_back() -> None:
     body = {"model": "gpt-4o", "max_tokens": 100, "system": "be brief", "stop_sequences": ["END"], "stream": True,
             "metadata": {"user_id": "u-2"}, "tools": [{"name": "lookup", "input_schema": {"type": "object"}}],
