@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +126,11 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
     price_of = prices.price
     emit = ctx.events.emit
 
-    def record(ex: Exchange, usage: Usage, model: str | None) -> float | None:
+    def record(ex: Exchange, usage: Usage, model: str | None, *, reserved: bool = False) -> float | None:
+        """Book an answer: its line's tokens and cost, a usage row, the metrics, and a spend budget's settlement
+        — all the same charge. ``reserved``: its cost cannot be read (no usage in it, a stream of a format not
+        read, reasoning billed and not streamed): a spend budget is charged its whole reservation, the most the
+        answer could have cost, and every record says that charge."""
         model = ex.model or model  # the name the client asked for, not the dated snapshot that answered
         prompt, completion = max(0, usage.prompt), max(0, usage.completion)  # an upstream reporting less than nothing
         price = price_of(model)
@@ -136,7 +139,11 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
         log["completion_tokens"] = completion
         cost = None
         settlement = ex.settlement
-        if price is not None:
+        if reserved:  # (without a budget to charge it is not known: the row counts it among the unpriced)
+            if settlement is not None:
+                cost = settlement.reserved / settlement.factor
+                log["cost_usd"] = cost
+        elif price is not None:
             cost = price.charge(usage)
             if settlement is not None and cost * settlement.factor > settlement.reserved + 1e-12:
                 # more than the request could cost: the budget is charged its reservation, and every record of
@@ -170,10 +177,10 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
             ex.settlement.settle(0.0)
 
     def unmeasured(ex: Exchange) -> None:
-        """An answer whose cost cannot be read (no usage in it, a stream of a format not read): a spend
-        budget is charged its reservation, the most the answer could have cost."""
+        """Its client left while an attempt was on its way, or after one the upstream may still finish and bill
+        (a timeout, a reset): a spend budget is charged its reservation, and the line and a usage row say so."""
         if ex.settlement is not None:
-            ex.settlement.settle(ex.settlement.reserved)
+            record(ex, Usage(_prompt_estimate(ex), 0), None, reserved=True)
 
     def stream_ended(ex: Exchange, reply: Reply) -> None:
         prompt, completion = ex.log.get("prompt_tokens"), ex.log.get("completion_tokens")
@@ -181,23 +188,20 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
             unbilled(ex)
             return
         reader = reply.reader
-        if reader is None or not reader.usage_seen:  # no final usage report (cut, abandoned, not asked for)
-            if reader is None:
-                unmeasured(ex)
-                return
+        if reader is None:  # a stream of a format the gateway does not read
+            record(ex, Usage(prompt if prompt is not None else _prompt_estimate(ex), completion or 0), None,
+                   reserved=True)
+            return
+        if not reader.usage_seen:  # no final usage report (cut, abandoned, not asked for)
             # What was sent, at a token per byte of the content relayed (text, tool arguments, refusals,
-            # thinking): a spend budget is charged that bound, not the running count of an Anthropic
+            # thinking): it is charged that bound, not a guess and not the running count of an Anthropic
             # message_start — but the prompt at least at the input message_start reported (a document or
             # image by URL is a short body and many tokens). Reasoning a model bills but does not stream
             # cannot be counted: the reservation.
-            if ex.settlement is not None and openai.hides_reasoning(ex.model):
-                unmeasured(ex)
-            elif ex.settlement is not None:
-                price = price_of(ex.model)
-                if price is not None:
-                    sent = max(len(ex.body) + PROMPT_FRAMING, reader.prompt_tokens or 0)
-                    ex.settlement.settle(price.cost(sent, reader.generated))
-            completion = max(completion or 0, math.ceil(len(reader.text) / 4))  # the usage row: an estimate
+            sent = max(len(ex.body) + PROMPT_FRAMING, reader.prompt_tokens or 0)
+            record(ex, Usage(sent, reader.generated, reader.cached_tokens, reader.written_tokens,
+                             reader.written_long_tokens), None, reserved=openai.hides_reasoning(ex.model))
+            return
         if prompt is None:
             prompt = _prompt_estimate(ex)
         record(ex, Usage(prompt, completion or 0, reader.cached_tokens, reader.written_tokens, reader.written_long_tokens),
@@ -213,10 +217,13 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
         try:
             reply = await call_next(ex)
         except asyncio.CancelledError:  # the client left before an answer: one sent upstream may still be billed
-            (unmeasured if ex.attempts else unbilled)(ex)
+            (unmeasured if ex.unanswered else unbilled)(ex)  # (not one every attempt of which had its error answer)
             raise
         except BaseException as e:  # no answer (an error): nothing billed — but a 2xx it could not use, as any
-            (unmeasured if isinstance(e, GatewayError) and e.answered else unbilled)(ex)  # answer of unknown cost
+            if isinstance(e, GatewayError) and e.answered:  # answer of unknown cost
+                record(ex, Usage(_prompt_estimate(ex), 0), None, reserved=True)
+            else:
+                unbilled(ex)
             raise
         if reply.chunks is not None:
             reply.on_close(lambda error: _guarded(stream_ended, ex, reply))  # settled when the stream ends
@@ -231,15 +238,14 @@ def policy(ctx: Context) -> tuple[Policy, UsageBook] | None:
                     raise UpstreamError(
                         "the upstream's answer is not valid JSON", target=ex.target.name, upstream_status=reply.status,
                     ) from None
-        if found is None:
-            if 200 <= reply.status < 300:
-                unmeasured(ex)
-            else:
-                unbilled(ex)
-        else:
-            cost = record(ex, found, None)
-            if cost is not None:  # SPEC §2: said whenever it is known before the body is sent
-                reply.headers[X_RELIAPI_COST] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
+        if found is None and not 200 <= reply.status < 300:
+            unbilled(ex)
+            return reply
+        # an answer with no usage in it costs what it could have (the reservation), and is said so
+        cost = record(ex, found, None) if found is not None else record(ex, Usage(_prompt_estimate(ex), 0), None,
+                                                                       reserved=True)
+        if cost is not None:  # SPEC §2: said whenever it is known before the body is sent
+            reply.headers[X_RELIAPI_COST] = f"{cost:.10f}".rstrip("0").rstrip(".") or "0"
         return reply
 
     return usage, book

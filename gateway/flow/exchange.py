@@ -28,7 +28,7 @@ class Exchange:
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
         "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account", "trace", "continuation",
-        "running", "cache_status", "refused",
+        "running", "cache_status", "refused", "unanswered",
     )
 
     def __init__(
@@ -70,6 +70,7 @@ class Exchange:
         self.account: Any = None  # that tenant (``gateway.flow.tenants.Tenant``): its tier, features and plan
         self.client_ip = client_ip
         self.attempts = 0
+        self.unanswered = 0  # attempts sent that got no error answer back (one may still be billed)
         self.log: dict[str, Any] = {}  # extra access-log fields set by policies
         self.choices = choices  # the body's "n": a stream is complete when this many choices finished
         self.include_usage = include_usage  # stream_options.include_usage: a usage chunk ends the stream

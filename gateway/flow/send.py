@@ -96,6 +96,7 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
             tr.headers(headers)
         path, body = prepared.path, prepared.body
         sent_at = clock.monotonic()
+        ex.unanswered += 1  # on its way: billed if it is answered, and perhaps if it is not (a timeout, a reset)
         try:
             reply = await target.transport.send(
                 ex.method, ex.url() if path is None else target.base.url(path, ex.query, v1=True), headers,
@@ -110,6 +111,8 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
                 raise _past_deadline(ex) from None  # cut short by the client's deadline: not the target's failure
             raise
         events.emit(UpstreamAnswered(target=target.name, seconds=clock.monotonic() - sent_at, status=reply.status))
+        if reply.status >= 400:
+            ex.unanswered -= 1  # an error answer: nothing the provider bills
         if reply.status == 400 and prepared.asked_usage and reply.body is not None and b"stream_options" in reply.body:
             # it refused the field the gateway added, not the client's request: asked again as the client sent it
             no_stream_options.add(target.name)
@@ -135,6 +138,8 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
                 raise
             if reply.failure is None and reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, b"", clock.time())
+            elif reply.failure is not None and reply.status < 400:
+                ex.unanswered -= 1  # a stream that opened with an error event: nothing billed either
         if tr.crosses:
             if reply.chunks is None:
                 tr.answer(reply, ex)
