@@ -73,6 +73,14 @@ class Breaker:
     def retry_after_s(self) -> float:
         return max(0.0, self.reopen_at - self.clock.monotonic()) if self.state == OPEN else 1.0
 
+    def shown(self) -> str:
+        """The state as reported (the status page, /readyz, metrics, the admin API): an open circuit whose cooldown
+        is over lets the next attempt through as a probe, so it is half-open — not "open" until a request happens to
+        come, which a load balancer that stopped sending on /readyz's word would never send."""
+        if self.state == OPEN and self.reopen_at <= self.clock.monotonic():
+            return HALF_OPEN
+        return self.state
+
     def allow(self) -> bool:
         """May an attempt go through now? Returns whether it is a half-open probe;
         raises ``CircuitOpen`` (with the time left as Retry-After) when it may not."""
@@ -158,7 +166,7 @@ class SharedCircuit:
 
     @property
     def state(self) -> str:
-        return self.breaker.state
+        return self.breaker.shown()
 
     async def admit(self) -> bool:
         """``allow`` for a circuit that is not closed; a probe also needs one of the fleet's slots."""

@@ -12,6 +12,7 @@ import pytest
 from gateway.edge.probes import READY_STORE_TIMEOUT_S
 from gateway.store.memory import MemoryStore
 from tests.support.cli_harness import free_port
+from tests.support.clock import FakeClock
 from tests.support.config import GatewayConfig
 from tests.support.stores import REDIS_URL, drop, new_prefix, redis_store
 
@@ -118,3 +119,22 @@ async def test_not_ready_when_no_target_can_serve(gateway):
     status, body = await readyz(client)
     assert status == 503 and body["circuits"] == {"a": "open", "b": "open"}
     assert body["status"] == "not_ready" and "circuit" in body["reason"]
+
+
+
+async def test_once_the_cooldown_is_over_a_circuit_is_half_open_and_the_gateway_ready_again(gateway):
+    """A load balancer that stopped sending traffic on /readyz's 503 sends no request to move the circuit on: once
+    the cooldown is over the circuit lets a probe through, and /readyz, the metric and the admin API say so."""
+    clock = FakeClock()
+    cfg = config().each(circuit={"error_threshold": 1, "cooldown_s": 30}, retry_matrix={"net": {"attempts": 0}})
+    client, _ = await gateway(cfg, clock=clock)
+    assert (await client.get("/t/a/x")).status == 502
+    assert (await client.get("/t/b/x")).status == 502
+    assert (await readyz(client))[0] == 503
+    clock.advance(31)  # nothing was sent meanwhile
+    status, body = await readyz(client)
+    assert status == 200 and body["circuits"] == {"a": "half_open", "b": "half_open"}
+    metrics = await (await client.get("/metrics")).text()
+    assert 'reliapi_circuit_breaker_state{target="a"} 2' in metrics
+    view = await (await client.get("/admin/circuits")).json()
+    assert {c["target"]: c["state"] for c in view["data"]["circuits"]} == {"a": "half_open", "b": "half_open"}

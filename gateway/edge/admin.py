@@ -259,11 +259,11 @@ async def cache_clear(request: web.Request, rt: Runtime) -> CacheCleared:
 def _circuit_view(name: str, circuit: Any, rt: Runtime) -> CircuitView:
     breaker = circuit.breaker
     view = CircuitView(
-        target=name, state=breaker.state, failures=breaker.failures, error_threshold=breaker.threshold,
+        target=name, state=breaker.shown(), failures=breaker.failures, error_threshold=breaker.threshold,
         cooldown_s=breaker.cooldown_s, half_open_max_calls=breaker.half_open_max, probes_in_flight=breaker.probes,
         retry_after_s=None, reopens_at=None,
     )
-    if breaker.state == "open":
+    if view.state == "open":
         left = breaker.retry_after_s()
         view.retry_after_s = round(left, 3)
         view.reopens_at = datetime.datetime.fromtimestamp(
