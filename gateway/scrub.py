@@ -103,8 +103,10 @@ class Scrubber:
     in text shown or logged."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        every = {v for s in secrets if len(s) >= MIN_SECRET for v in spellings(s)}
+        plain = {s for s in secrets if len(s) >= MIN_SECRET}
+        every = {v for s in plain for v in spellings(s)}
         self.secrets = sorted(every, key=len, reverse=True)
+        self.plain = sorted(plain, key=len, reverse=True)  # as configured: how a header would carry one
         self._raw = [s.encode() for s in self.secrets]
         self.reach = 6 * max(map(len, self._raw), default=0)  # the longest key, every byte of it escaped
 
@@ -242,6 +244,15 @@ def scrub_text_stream(reply: Reply, scrub: Scrubber) -> None:
 def is_text(headers: Any) -> bool:
     media = headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower()
     return media.startswith("text/") or media.endswith(("/json", "+json", "/x-ndjson", "/jsonl", "/x-jsonlines"))
+
+
+def scrub_headers(reply: Reply, scrub: Scrubber) -> None:
+    """Any answer's headers without a configured secret (a debug header that echoes the request's
+    ``Authorization``): the client — a tenant — never learns the operator's upstream key, and the cache never
+    stores it. One search per configured key over the values joined."""
+    values = "\n".join(reply.headers.values())
+    if any(secret in values for secret in scrub.plain):
+        _scrub_headers(reply, scrub)
 
 
 def _scrub_headers(reply: Reply, scrub: Scrubber) -> None:

@@ -150,6 +150,24 @@ targets:
     assert not [leak for where, text in shown.items() for leak in leaks(where, text, [password])]
 
 
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/t/pooled/chat/completions", "/t/rest/items"])
+async def test_an_upstream_key_echoed_in_a_good_answers_headers_never_reaches_the_client_or_the_cache(
+        fake, gateway, clock, path):
+    """A tenant must not learn the operator's upstream key from a debug header of a 200 (errors were scrubbed)."""
+    cfg = config(fake.url).up(cache={"ttl_s": 60}).rest(auth=bearer_env("REST_KEY"), cache={"ttl_s": 60})
+    client, _ = await gateway(cfg, env=SECRETS, clock=clock)
+    fake.script = lambda n, seen: Fault(headers={"X-Echo-Auth": seen.headers.get("Authorization", ""),
+                                                 "X-Upstream-Id": "abc"})
+    tenant = {"Authorization": f"Bearer {SECRETS['ACME_KEY']}"}
+    for _ in range(2):  # the second from the cache, where the store has it
+        resp = await (client.post(path, json=chat(), headers=tenant) if path.startswith("/v1") or "pooled" in path
+                      else client.get(path, headers=tenant))
+        await resp.read()
+        assert resp.status == 200 and resp.headers["X-Upstream-Id"] == "abc"
+        assert not leaks("headers", str(dict(resp.headers))), dict(resp.headers)
+        assert resp.headers["X-Echo-Auth"] == "Bearer ***"
+
 async def test_the_circuit_and_key_pool_views_name_keys_by_id_only(fake, gateway, clock):
     client, _ = await gateway(config(fake.url), env=SECRETS, clock=clock)
     pool = client.app[RUNTIME].current.key_pools["pooled"]

@@ -22,7 +22,7 @@ from gateway.headers import X_RELIAPI_ATTEMPT, X_REQUEST_ID, is_event_stream, up
 from gateway.observe.events import UpstreamAnswered
 from gateway.observe.spans import attempt_answered, attempt_failed, attempt_span
 from gateway.observe.trace import TRACEPARENT, TRACESTATE, new_span_id
-from gateway.scrub import scrub_error, scrub_text_stream
+from gateway.scrub import scrub_error, scrub_headers, scrub_text_stream
 from gateway.streaming.sse import Aligner
 from gateway.streaming.streams import has_event, read_head, read_preamble, strip_usage_chunks, watch, whole_events
 from providers.translators import Prepared, Translator, translator
@@ -122,6 +122,8 @@ def upstream_sender(ctx: Context, scrub: Scrubber) -> Handler:
             return await send_upstream(ex)
         if reply.status >= 400:
             scrub_error(reply, scrub)  # an upstream error that echoes a configured key, complete or streamed
+        elif scrub.plain:
+            scrub_headers(reply, scrub)
         if reply.body is not None:
             if reply.status >= 400:
                 reply.failure = target.provider.classify(reply.status, reply.headers, reply.body, clock.time())
