@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.store import StoreError
 from gateway.store.redis import RedisStore
 from tests.support.config import NO_5XX_RETRY, GatewayConfig
 from tests.support.fakes import Fault
 from tests.support.stores import new_prefix
-from tests.support.topologies import ClusterGroup, SentinelGroup
+from tests.support.topologies import ClusterGroup, SentinelGroup, wait_for
 
 WORKERS = 6
 STEADY_S = 1.0  # load before the kill, and after recovery
@@ -161,3 +162,35 @@ async def circuit(client) -> str:
 
 def _bodies(fake) -> list[bytes]:
     return [r.body for r in fake.requests if "/chat/completions" in r.path_qs]
+
+
+async def test_a_failover_whose_old_primary_stays_up_moves_the_writes_at_once(tmp_path: Path) -> None:
+    """``SENTINEL FAILOVER`` (or a primary that was only paused): the old primary stays up and writable until the
+    sentinels reconfigure it, ~10 s later, and then discards what it took meanwhile — an idempotency claim, a
+    budget's spend. The store follows the sentinels' word within a second, not when its connection breaks."""
+    group = SentinelGroup(tmp_path).start()
+    store = RedisStore(group.url, key_prefix=new_prefix())
+    try:
+        await store.set("before", b"1")
+        old = group.primary_port()
+        group.sentinel.cli("SENTINEL", "FAILOVER", group.SERVICE)
+        await asyncio.to_thread(wait_for, "the sentinel to name the new primary", lambda: group.primary_port() != old)
+        new = group.primary_port()
+        assert "role:master" in next(p for p in group.procs if p.port == old).cli("INFO", "replication")
+        started = time.monotonic()
+        landed = None
+        while time.monotonic() - started < 5:
+            try:
+                await store.set("after", b"%d" % time.monotonic_ns())
+            except StoreError:
+                pass  # the moment it leaves the old primary
+            else:
+                value = next(p for p in group.procs if p.port == new).cli("GET", f"{store._prefix}after")
+                if value.strip():
+                    landed = time.monotonic() - started
+                    break
+            await asyncio.sleep(0.05)
+        assert landed is not None and landed < 2.0, "the writes still went to the old primary"
+    finally:
+        await store.close()
+        group.stop()

@@ -13,7 +13,10 @@ new one — no restart, no background task. Cluster routing is in ``gateway.stor
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,15 +25,18 @@ from gateway.store.resp import Endpoint, Refused, ReplyError, RespClient, Unloca
 from gateway.store.url import StoreURL, address
 
 SENTINEL_TIMEOUT_S = 0.5  # per sentinel asked: a dead one must not eat a request's whole connect time
+SENTINEL_WATCH_S = 0.5  # how often the sentinels are asked which node is the primary (``Single._watch_sentinels``)
+log = logging.getLogger("reliapi")
 
 
 class Single:
     """One node (``redis://``, ``rediss://``, ``unix://``), or Sentinel's primary."""
 
     def __init__(self, url: StoreURL, *, connect_timeout_s: float, timeout_s: float) -> None:
+        self._watch: asyncio.Task[None] | None = None
         if url.topology == "sentinel":
             self.locate: Any = SentinelLocator(url)
-            self.client = RespClient(self.locate, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
+            self.client = RespClient(self._located, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
                                      primary_only=True, label="the primary at {at} (named by the sentinels)")
         else:
             endpoint = Endpoint.of(url)
@@ -48,7 +54,39 @@ class Single:
         return await self.locate()
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        if isinstance(self.locate, SentinelLocator):
+            await self.locate.close()
         await self.client.close()
+
+    async def _located(self) -> Endpoint:
+        """Sentinel's primary, at each (re)connect; the first one starts the watch on the sentinels."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._watch_sentinels())
+        return await self.locate()
+
+    async def _watch_sentinels(self) -> None:
+        """Ask the sentinels every ``SENTINEL_WATCH_S`` which node is the primary, and leave the one connected to
+        as soon as they name another. A failover whose old primary stays up (a manual ``SENTINEL FAILOVER``, one
+        that was only paused) leaves it a writable primary until the sentinels reconfigure it, ~10 s later: every
+        write it took meanwhile — an idempotency key's claim, a budget's spend — is discarded then, and the key
+        runs twice, the budget overshoots. Commands in flight on it fail (``store_unavailable``); the next
+        command connects to the new primary."""
+        client, locate = self.client, self.locate
+        while True:
+            await asyncio.sleep(SENTINEL_WATCH_S)
+            proto, ep = client._proto, client.endpoint
+            if proto is None or proto.lost or ep is None:
+                continue
+            named = await locate.named()
+            if named is not None and named != (ep.host, ep.port) and client._proto is proto:
+                log.warning("store: the sentinels name %s:%s the primary now, not %s:%s: reconnecting", *named,
+                            ep.host, ep.port)
+                proto.fail(ConnectionError(f"the sentinels named another primary than {client.who} (a failover)"))
 
 
 async def standalone_only(send: Callable[..., Awaitable[Any]], proto: Any, client: RespClient) -> None:
@@ -94,6 +132,31 @@ class SentinelLocator:
         self.primary = Endpoint.of(url)
         self.via = dataclasses.replace(self.primary, username=url.sentinel_username,
                                        password=url.sentinel_password, db=0)
+        self._watching: RespClient | None = None  # ``named``'s connection to a sentinel
+
+    async def named(self) -> tuple[str, int] | None:
+        """The primary's address as a sentinel names it now, over one connection kept for this (None: no sentinel
+        answered — the watch keeps what it has)."""
+        for _ in range(len(self.sentinels)):
+            if self._watching is None:
+                host, port = self.sentinels[0]
+                self._watching = RespClient(dataclasses.replace(self.via, host=host, port=port),
+                                            label="sentinel at {at}", connect_timeout_s=SENTINEL_TIMEOUT_S,
+                                            timeout_s=SENTINEL_TIMEOUT_S)
+            try:
+                reply = await self._watching.execute("SENTINEL", "get-master-addr-by-name", self.service)
+            except (OSError, ReplyError):
+                await self._watching.close()
+                self._watching = None
+                self.sentinels.append(self.sentinels.pop(0))  # the next one, next time
+                continue
+            return (reply[0].decode(), int(reply[1])) if reply else None
+        return None
+
+    async def close(self) -> None:
+        if self._watching is not None:
+            await self._watching.close()
+            self._watching = None
 
     async def __call__(self) -> Endpoint:
         problems, asked = [], []
