@@ -65,6 +65,7 @@ from gateway.errors import (
 from gateway.headers import IDEMPOTENCY_KEYS
 from gateway.observe.events import BudgetEvent, StoreDegraded
 from gateway.store import StoreError
+from gateway.store.base import until_sent
 from policies.fallback import Chains
 from providers import endpoints, estimate, openai
 from providers.estimate import OUTPUT_FIELDS, View
@@ -82,6 +83,7 @@ MIN_MAX_TOKENS = 16
 DEFAULT_RESERVE_TOKENS = 4096  # the output limit written into a metered request that sets none
 LEGACY_COMPLETIONS_DEFAULT = 16  # OpenAI's documented default for /v1/completions
 _UNBOUNDED = 1e18
+SETTLE_WITHIN_S = 120.0  # how long a settlement the store could not be reached for is tried again
 # Methods that never start a generation; any other (POST, PUT, PATCH, …) is read as one would be.
 _READ_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "DELETE"))
 
@@ -112,7 +114,17 @@ class Settlement:
             cost = self.reserved
         delta = cost - self.reserved
         if abs(delta) > 1e-12:  # one atomic step for every window, as the reservation was
-            self.spawn(self.store.reserve(self.keys, delta, [_UNBOUNDED] * len(self.keys), self.ttls), "spend settle")
+            self.spawn(self._settle(delta), "spend settle")
+
+    async def _settle(self, delta: float) -> None:
+        """Give back what the answer did not cost — again while the store cannot be reached (a restart, a
+        failover), for up to ``SETTLE_WITHIN_S``: a blip must not leave the tenant charged its whole reservation."""
+        try:
+            await until_sent(lambda: self.store.reserve(self.keys, delta, [_UNBOUNDED] * len(self.keys), self.ttls),
+                             SETTLE_WITHIN_S)
+        except StoreError as e:
+            log.warning("spend: $%.6f of a reservation could not be given back (%s); the tenant stays charged it",
+                        -delta, e)
 
 
 def windows(tenant: str, budget: Any, now: float) -> tuple[list[str], list[float], list[float], list[tuple[str, float]]]:

@@ -12,11 +12,13 @@ import pytest
 from aiohttp import web
 
 from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
 from policies.usage import PROMPT_FRAMING, day_of, usage_key
 from tests.support.clock import FakeClock
 from tests.support.config import GatewayConfig
 from tests.support.fakes import Fault
-from tests.test_spend_budget import KEY, RESERVED, chat, config, settled
+from tests.support.stores import PrivateRedis, new_prefix
+from tests.test_spend_budget import ACTUAL, KEY, RESERVED, chat, config, settled, spend_key
 
 PRICE_IN, PRICE_OUT = 0.15 / 1e6, 0.60 / 1e6  # gpt-4o-mini, per token
 
@@ -128,3 +130,36 @@ async def test_a_client_that_leaves_while_its_request_is_upstream_is_charged_its
             break
         await asyncio.sleep(0.01)
     assert logs[-1]["cost_usd"] == pytest.approx(RESERVED)  # the line says the charge
+
+
+async def test_a_settlement_the_store_could_not_take_is_given_back_once_it_is_back(fake, gateway, tmp_path):
+    """Redis restarts (from its append-only file) while a request runs: the give-back of what the answer did not
+    cost waits for it, rather than leave the tenant charged its whole reservation for good."""
+    redis = PrivateRedis("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))
+    redis.start()
+    prefix = new_prefix()
+    store = RedisStore(redis.url, key_prefix=prefix)
+    try:
+        cfg = config(fake.url, daily=1.0, store={"url": redis.url, "key_prefix": prefix})
+        client, logs = await gateway(cfg)
+        fake.plan(Fault(delay_ms=400))
+        task = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(), headers=KEY))
+        for _ in range(300):
+            if fake.requests:
+                break
+            await asyncio.sleep(0.01)
+        assert float(await store.get(spend_key(time.time())) or 0) == pytest.approx(RESERVED)  # reserved
+        await store.close()
+        await asyncio.to_thread(redis.stop)  # down while the answer comes: the give-back cannot be written
+        resp = await task
+        assert resp.status == 200 and logs[-1]["cost_usd"] == pytest.approx(ACTUAL)
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(redis.start)  # back, with what it had
+        for _ in range(300):
+            if float(await store.get(spend_key(time.time())) or 0) == pytest.approx(ACTUAL):
+                break
+            await asyncio.sleep(0.05)
+        assert float(await store.get(spend_key(time.time())) or 0) == pytest.approx(ACTUAL)
+    finally:
+        await store.close()
+        redis.stop()

@@ -408,6 +408,18 @@ async def test_keys_of_one_atomic_operation_must_share_a_hash_tag(store: Store) 
     assert await keys(store) == []
 
 
+
+async def test_a_give_back_never_takes_a_spend_counter_below_zero(store: Store) -> None:
+    """A settlement that reaches a counter the store lost (a restart without persistence) must not leave it
+    negative: the tenant would get that much budget on top of its limit."""
+    keys, limits, ttls = ["spend:{acme}:d", "spend:{acme}:m"], [1.0, 1.5], [60.0, 600.0]
+    assert await store.reserve(keys, 0.5, limits, ttls) == -1
+    await store.delete("spend:{acme}:d")  # lost
+    assert await store.reserve(keys, -0.4, [1e18, 1e18], ttls) == -1
+    assert float(await store.get("spend:{acme}:d") or 0) == 0.0
+    assert float(await store.get("spend:{acme}:m") or 0) == pytest.approx(0.1)
+    assert await store.reserve(keys, 1.0, limits, ttls) == -1 and await store.reserve(keys, 0.1, limits, ttls) == 0
+
 async def test_reserve_is_atomic_under_concurrency(store: Store) -> None:
     results = await asyncio.gather(*(store.reserve(["spend"], 1.0, [10.0], [60.0]) for _ in range(50)))
     assert results.count(-1) == 10

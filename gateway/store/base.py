@@ -20,8 +20,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import math
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
@@ -31,7 +32,26 @@ from gateway.errors import StoreUnavailable
 
 
 class StoreError(StoreUnavailable):
-    """The backend failed or is unreachable. The message never carries credentials."""
+    """The backend failed or is unreachable. The message never carries credentials. ``unsent``: the command
+    never left (no connection could be made, or a stalled store was not asked): it was not applied, and sending
+    it again later applies it once."""
+
+    unsent = False
+
+
+async def until_sent(attempt: Callable[[], Awaitable[Any]], within_s: float, *, pause_s: float = 0.2) -> Any:
+    """``attempt()``, again while it fails without having reached the store (``StoreError.unsent``: a write
+    that must not be lost — a budget's settlement), for at most ``within_s``. A failure after the command may
+    have been applied is raised at once: sent twice it would count twice."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await attempt()
+        except StoreError as e:
+            if not e.unsent or time.monotonic() + pause_s > deadline:
+                raise
+        await asyncio.sleep(pause_s)
+        pause_s = min(pause_s * 2, 5.0)
 
 
 class StoreMisconfigured(StoreError):

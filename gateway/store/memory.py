@@ -223,13 +223,15 @@ class MemoryStore(Store):
 
     async def reserve(self, keys: list[str], amount: float, limits: list[float], ttl_s: list[float]) -> int:
         one_slot(keys)
+        now: list[float] = []
         for i, key in enumerate(keys):
             entry = self._typed(key, bytes)
             current = float(entry[0]) if entry is not None else 0.0  # type: ignore[arg-type]
             if current + amount > limits[i] + 1e-12:
                 return i
-        for key, ttl in zip(keys, ttl_s, strict=True):
-            self._add(key, amount, ttl, float)
+            now.append(current)
+        for key, ttl, current in zip(keys, ttl_s, now, strict=True):
+            self._add(key, max(amount, -current), ttl, float)  # never below zero (a give-back to a lost counter)
         return -1
 
     async def hgetall(self, key: str) -> dict[str, float]:

@@ -111,7 +111,9 @@ class _Errors:
         if store._stalled_until and self.op != "ping" and time.monotonic() < store._stalled_until:
             # a Redis that stalls (rather than refuses) would cost every request the whole timeout: for a
             # moment after one timed out, calls fail at once; PING (readiness, resync) still probes
-            raise StoreError(f"redis {self.op} skipped: the store did not answer within {_SOCKET_TIMEOUT_S:g} s just now")
+            skipped = StoreError(f"redis {self.op} skipped: the store did not answer within {_SOCKET_TIMEOUT_S:g} s just now")
+            skipped.unsent = True
+            raise skipped
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         store = self.store
@@ -182,7 +184,9 @@ class RedisStore(Store):
                 text = text.replace(f"'{secret}'", "'***'").replace(f":{secret}@", ":***@")
         wrong = isinstance(exc, (Refused, ssl.SSLError)) or (isinstance(exc, ReplyError) and str(exc).startswith(
             ("WRONGPASS", "NOAUTH", "NOPERM")))
-        return (StoreMisconfigured if wrong else StoreError)(text)
+        error = (StoreMisconfigured if wrong else StoreError)(text)
+        error.unsent = getattr(exc, "unsent", False)
+        return error
 
     def _wrap_errors(self, op: str) -> _Errors:
         """``with self._wrap_errors(op):`` around a command: its failure as a ``StoreError``."""

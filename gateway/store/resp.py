@@ -340,7 +340,11 @@ class RespClient:
     async def execute(self, *args: Any) -> Any:
         proto = self._proto
         if proto is None or proto.lost:  # (connected, the usual case, costs no coroutine of its own)
-            proto = await self._protocol()
+            try:
+                proto = await self._protocol()
+            except OSError as e:  # no connection: the command never left (``StoreError.unsent``)
+                e.unsent = True  # type: ignore[attr-defined]
+                raise
         return await self._send(proto, args)
 
     async def execute_asking(self, *args: Any) -> Any:

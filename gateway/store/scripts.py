@@ -37,7 +37,11 @@ for i = 1, #KEYS do
   if current + amount > tonumber(ARGV[2 * i]) + 1e-12 then return i - 1 end
 end
 for i = 1, #KEYS do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
+  if amount < 0 and tonumber(redis.call('GET', KEYS[i]) or '0') + amount < 0 then
+    redis.call('SET', KEYS[i], '0', 'KEEPTTL')  -- never below zero: what was given back was never there
+  else
+    redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
+  end
   if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[2 * i + 1]) end
 end
 return -1
