@@ -15,13 +15,10 @@ from gateway.store.url import parse_store_url
 # url → topology, nodes, unix path, db, username, password, TLS (verify, check hostname) or None, service
 STORE_URLS: list[tuple[str, tuple[Any, ...]]] = [
     ("redis://cache.internal:6380/2", ("single", [("cache.internal", 6380)], None, 2, None, None, None, None)),
-    ("redis://h/2?db=3", ("single", [("h", 6379)], None, 3, None, None, None, None)),  # ?db= wins over the path
     ("redis://:pw@/3", ("single", [("localhost", 6379)], None, 3, None, "pw", None, None)),
     ("redis://alice:p%40ss%3Aw0rd@h:1/0", ("single", [("h", 1)], None, 0, "alice", "p@ss:w0rd", None, None)),
     ("redis://:only%2Fpass@h", ("single", [("h", 6379)], None, 0, None, "only/pass", None, None)),
     ("redis://h?username=bob&password=s%26cret", ("single", [("h", 6379)], None, 0, "bob", "s&cret", None, None)),
-    ("redis://u:from-userinfo@h?password=from-query", ("single", [("h", 6379)], None, 0, "u", "from-userinfo", None,
-                                                      None)),
     ("redis://[::1]:6390/4", ("single", [("::1", 6390)], None, 4, None, None, None, None)),
     ("rediss://[::1]/1", ("single", [("::1", 6379)], None, 1, None, None, (True, True), None)),
     ("rediss://r.example:6380?ssl_cert_reqs=none", ("single", [("r.example", 6380)], None, 0, None, None,
@@ -75,6 +72,10 @@ BAD_URLS = [
     ("redis+cluster://n1:7000/3", "a Redis Cluster has database 0 only, not 3"),
     ("unix://host/run/r.sock", "unix:// takes a socket path, not a host"),
     ("memory://somewhere", "memory:// takes no host"),
+    ("redis://h/2?db=3", "the database is given twice, as /2 and as \\?db="),
+    ("redis+sentinel://s1:26379/mymaster/2?db=3", "the database is given twice"),
+    ("redis://u:from-userinfo@h?password=from-query", "the password is given twice"),
+    ("redis://u:pw@h?username=bob", "the username is given twice"),
 ]
 
 
@@ -89,6 +90,20 @@ def test_a_refusal_never_shows_the_password() -> None:
         with pytest.raises(StoreURLError) as info:
             open_store(url)
         assert "hunter22" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://app:FullSecret9Kq/@127.0.0.1:23100/0", "redis://:Q?FullSecret9Kq@127.0.0.1:23100/0",
+    "redis://127.0.0.1:23100/0?password=Ab&Secret9Kq", "redis+sentinel://h:1,h2:2/m/0?sentinel_password=Ab&Secret9Kq",
+    "redis+cluster://app:Full#Secret9Kq@h:1,h2:2", "redis://app:Xy/Secret9Kq-q@h:1/0?bogus=1",
+])
+def test_a_password_whose_slash_question_mark_or_ampersand_broke_the_url_is_never_quoted(url: str) -> None:
+    """Generated passwords hold ``/ ? & #``; not percent-encoded, they cut the URL elsewhere, and the part of the
+    password after the cut was quoted as a host, a port or an option's name."""
+    with pytest.raises(StoreURLError) as info:
+        check_store_url(url)
+    assert "Secret9Kq" not in str(info.value) and "Full" not in str(info.value), info.value
+    assert "percent-encode" in str(info.value) or "option bogus" in str(info.value)
 
 
 def test_check_reports_a_bad_store_url_and_its_reason(cli) -> None:

@@ -110,7 +110,37 @@ class StoreURL:
 
 
 def parse_store_url(url: str) -> StoreURL:
-    """Read a Redis store URL, or raise ``StoreURLError`` naming what is wrong with it."""
+    """Read a Redis store URL, or raise ``StoreURLError`` naming what is wrong with it — never quoting a password,
+    even one whose ``/``, ``?``, ``&`` or ``#`` (not percent-encoded) made the rest of the URL unreadable."""
+    try:
+        return _parse(url)
+    except StoreURLError as e:
+        masked = _masked(url)
+        if masked == url:
+            raise
+        try:
+            _parse(masked)
+        except StoreURLError as without:
+            raise StoreURLError(str(without)) from None  # what is wrong elsewhere, said without the secrets
+        raise StoreURLError("the user name or password cannot be read: percent-encode a / ? # @ & or : in it "
+                            "(%2F %3F %23 %40 %26 %3A)") from e
+
+
+_SECRET_OPTION = re.compile(r"(?<=[?&])((?:sentinel_)?password=)(.*?)(?=&(?:" + "|".join(_COMMON + _TLS + _SENTINEL)
+                            + r")=|$)", re.S)
+
+
+def _masked(url: str) -> str:
+    """``url`` with what may be a password replaced by ``***``: everything before the last ``@`` of the part after
+    the scheme, and the values of ``password=`` / ``sentinel_password=`` (up to the next known option)."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if at >= 0:
+        rest = ("***:***" if ":" in rest[:at] else "***") + rest[at:]
+    return _SECRET_OPTION.sub(lambda m: m.group(1) + "***", scheme + sep + rest)
+
+
+def _parse(url: str) -> StoreURL:
     if not _is_text(url):
         raise StoreURLError("the URL holds a character that is not valid text (a lone surrogate such as \\ud800)")
     scheme, sep, rest = url.partition("://")
@@ -128,6 +158,9 @@ def parse_store_url(url: str) -> StoreURL:
     userinfo, at, hosts = netloc.rpartition("@")
     username, password = _userinfo(userinfo) if at else (None, None)
     options = _options(query, topology, tls_on)
+    for name, given in (("username", username), ("password", password)):
+        if given is not None and name in options:  # which one was meant? Neither is dropped silently
+            raise StoreURLError(f"the {name} is given twice, before the @ and as ?{name}=: give it once")
     username = username or options.get("username")
     password = password if password is not None else options.get("password")
     secrets = tuple(s for s in (password, options.get("sentinel_password")) if s)
@@ -143,11 +176,15 @@ def parse_store_url(url: str) -> StoreURL:
     nodes = _nodes(hosts, _DEFAULT_PORT[topology], allow_many=topology != "single")
     if topology == "sentinel":
         service, _, db = path.partition("/")
+        if db.strip("/") and "db" in options:
+            raise StoreURLError(f"the database is given twice, as /{db.strip('/')} and as ?db=: give it once")
         if not service:
             raise StoreURLError("redis+sentinel:// needs the primary's name: redis+sentinel://host:26379/mymaster/0")
         return StoreURL(**base, nodes=nodes, service=unquote(service), db=_db(options.get("db", db or "0")),
                         sentinel_username=options.get("sentinel_username"),
                         sentinel_password=options.get("sentinel_password"))
+    if path.strip("/") and "db" in options:
+        raise StoreURLError(f"the database is given twice, as /{path.strip('/')} and as ?db=: give it once")
     db = _db(options.get("db", path.rstrip("/") or "0") if slash or "db" in options else "0")
     if topology == "cluster" and db != 0:
         raise StoreURLError(f"a Redis Cluster has database 0 only, not {db}")
