@@ -330,7 +330,7 @@ async def test_commands_and_pub_sub_reach_the_same_database_as_the_same_user(own
     admin = RespClient(f"redis://127.0.0.1:{redis.port}/0", connect_timeout_s=1, timeout_s=2)
     alice = "alice:p%40ss%3Aw0rd"
     try:
-        for url, db in [(f"redis://{alice}@127.0.0.1:{redis.port}/2?db=3", 3), (f"unix://{alice}@{sock}?db=1", 1)]:
+        for url, db in [(f"redis://{alice}@127.0.0.1:{redis.port}?db=3", 3), (f"unix://{alice}@{sock}?db=1", 1)]:
             prefix = new_prefix()
             store = RedisStore(url, key_prefix=prefix)
             try:

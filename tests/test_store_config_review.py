@@ -11,6 +11,7 @@ import asyncio
 import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,11 +19,12 @@ import aiohttp
 import pytest
 
 from gateway.store import StoreError, StoreMisconfigured, open_store, probe_store
+from gateway.store.redis import RedisStore
 from gateway.store.resp import Endpoint, RespClient
 from gateway.store.url import address, block_url, parse_store_url
 from tests.support.cli_harness import CLI, assert_no_traceback, free_port, get_json
 from tests.support.config_helpers import errors_of
-from tests.support.stores import PrivateRedis
+from tests.support.stores import PrivateRedis, new_prefix
 from tests.support.topologies import Proc, TLSRedis, cluster_port, make_ca, make_cert
 
 HEAD = "server: {host: 127.0.0.1, port: %d}\ntargets: {echo: {base_url: 'http://127.0.0.1:9/'}}\nstore:\n"
@@ -375,6 +377,36 @@ async def test_a_redis_url_at_a_replica_a_cluster_node_or_a_sentinel_is_refused_
         for server in (node, replica, primary):
             server.stop()
 
+
+
+async def test_a_replica_or_cluster_node_an_acl_user_cannot_ask_role_of_is_refused_at_its_first_refusal(tmp_path):
+    """The RUNBOOK's ACL user may lack ROLE: the node cannot be told at connect, so its first READONLY or MOVED
+    says what it is — once, as a refusal /readyz shows — rather than every command failing on its own."""
+    acl = ["--user", "default", "off", "--user", "app", "on", ">app-pw-123456", "~*", "&*", "+@all", "-role", "-info"]
+    primary = PrivateRedis(*acl)
+    primary.start()
+    replica = PrivateRedis("--replicaof", "127.0.0.1", str(primary.port), "--masteruser", "app",
+                           "--masterauth", "app-pw-123456", *acl)
+    node = PrivateRedis("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"), *acl)
+    node.port = cluster_port()
+    replica.start()
+    node.start()
+    try:
+        node_cli = ["redis-cli", "-p", str(node.port), "--user", "app", "--pass", "app-pw-123456", "--no-auth-warning"]
+        subprocess.run([*node_cli, "CLUSTER", "ADDSLOTSRANGE", "0", "0"], check=True, capture_output=True)
+        for server, said in ((replica, "is a read-only replica"), (node, "is a Redis Cluster node")):
+            store = RedisStore(f"redis://app:app-pw-123456@127.0.0.1:{server.port}/0", key_prefix=new_prefix())
+            try:
+                assert await probe_store(f"redis://app:app-pw-123456@127.0.0.1:{server.port}/0") is None
+                with pytest.raises(StoreMisconfigured, match=re.escape(said)):
+                    await store.set("k", b"v")  # (the key "k" is in no slot this node serves)
+                with pytest.raises(StoreMisconfigured, match=re.escape(said)):
+                    await store.ping()  # what /readyz asks: the same refusal, not "ready"
+            finally:
+                await store.close()
+    finally:
+        for server in (node, replica, primary):
+            server.stop()
 
 def test_check_asks_every_sentinel_not_only_the_first_that_answers(cli: CLI, sentinel) -> None:
     """A second sentinel that is no sentinel (or refuses the password) is found at --check, not at a failover."""

@@ -533,8 +533,11 @@ async def test_open_store_picks_the_backend_by_scheme() -> None:
 
 
 async def test_display_url_masks_passwords() -> None:
-    store = RedisStore("redis://user:s3cr%40t@db.example:6379/0?password=other", key_prefix="x")
-    assert store.url_for_display == "redis://user:***@db.example:6379/0?password=***"
+    store = RedisStore("redis://user:s3cr%40t@db.example:6379/0", key_prefix="x")
+    assert store.url_for_display == "redis://user:***@db.example:6379/0"
+    await store.close()
+    store = RedisStore("redis://db.example:6379/0?username=user&password=other", key_prefix="x")
+    assert store.url_for_display == "redis://db.example:6379/0?username=user&password=***"
     await store.close()
     store = RedisStore("redis+sentinel://:pw1234@s1,s2/main?sentinel_password=sent1nel", key_prefix="x")
     assert store.url_for_display == "redis+sentinel://:***@s1,s2/main?sentinel_password=***"

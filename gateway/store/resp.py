@@ -217,12 +217,13 @@ class RespClient:
     def __init__(self, target: str | Endpoint | Locate, *, connect_timeout_s: float, timeout_s: float,
                  primary_only: bool = False, label: str = "Redis at {at}",
                  on_connect: Callable[[Callable[..., Awaitable[Any]], Any, RespClient], Awaitable[None]] | None = None,
-                 ) -> None:
+                 single_node: bool = False) -> None:
         if isinstance(target, str):
             target = Endpoint.of(parse_store_url(target))
         self.endpoint: Endpoint | None = target if isinstance(target, Endpoint) else None
         self._locate: Locate | None = None if isinstance(target, Endpoint) else target
         self.primary_only = primary_only
+        self.single_node = single_node  # a redis:// URL's node: a replica's or a Cluster node's refusals are a misconfiguration
         self.on_connect = on_connect  # (send, proto, client): more to ask of a new connection after AUTH and SELECT
         self.label = label  # how messages name it: "Redis at {at}", "sentinel at {at}" … ({at}: host:port)
         self.connect_timeout_s = connect_timeout_s
@@ -324,6 +325,17 @@ class RespClient:
         except ReplyError as e:
             if self.primary_only and str(e).startswith("READONLY"):  # demoted under us: find the primary again
                 proto.fail(ConnectionError(f"the primary became a replica: {e}"))
+            elif self.single_node and str(e).startswith(("READONLY", "MOVED", "ASK ", "CLUSTERDOWN")):
+                # the node is a replica or a Cluster node after all (an ACL user without ROLE could not be told at
+                # connect): said once, as the refusal it is — /readyz, --check — not command by command
+                replica = str(e).startswith("READONLY")
+                kind, scheme = ("a read-only replica", "redis+sentinel://") if replica else (
+                    "a Redis Cluster node", "redis+cluster://")
+                refused = Refused(f"{self.who} is {kind}: point the URL at the primary, or use {scheme} (it "
+                                  f"answered: {unechoed(e)})")
+                self._refused = (time.monotonic() + REFUSED_PAUSE_S, refused)
+                proto.fail(refused)
+                raise refused from None
             raise
         except ConnectionError as e:  # closed before any answer: why (TLS-only port, our certificate refused),
             ep = self.endpoint        # found out once for the connection and remembered a while

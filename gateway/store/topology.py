@@ -41,7 +41,7 @@ class Single:
         else:
             endpoint = Endpoint.of(url)
             self.client = RespClient(endpoint, connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
-                                     on_connect=standalone_only)
+                                     on_connect=standalone_only, single_node=True)
             self.locate = _fixed(endpoint)
 
     def call(self, key: str | None, *args: Any) -> Awaitable[Any]:
