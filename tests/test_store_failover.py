@@ -194,3 +194,36 @@ async def test_a_failover_whose_old_primary_stays_up_moves_the_writes_at_once(tm
     finally:
         await store.close()
         group.stop()
+
+
+async def test_a_script_whose_keys_are_half_migrated_runs_once_they_have_moved(tmp_path: Path) -> None:
+    """Resharding moves a slot's keys one by one: a budget's script over two of them gets TRYAGAIN meanwhile (it
+    did not run). It is sent again once they have moved — not a 503 for routine Cluster maintenance."""
+    group = ClusterGroup(tmp_path).start()
+    prefix = new_prefix()
+    store = RedisStore(group.url, key_prefix=prefix)
+    keys, limits, ttls = ["spend:{tenant:t1}:d", "spend:{tenant:t1}:m"], [100.0, 100.0], [600.0, 600.0]
+    try:
+        assert await store.reserve(keys, 1.0, limits, ttls) == -1
+        port0 = group.procs[0].port
+        slot = int(group._cli(port0, "CLUSTER", "KEYSLOT", f"{prefix}:{keys[0]}"))
+        ids = {p.port: group._cli(p.port, "CLUSTER", "MYID") for p in group.procs}
+        source = next(p.port for p in group.procs if group._cli(p.port, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) != "0")
+        target = next(port for port in ids if port != source)
+        group._cli(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source])
+        group._cli(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
+        group._cli(source, "MIGRATE", "127.0.0.1", str(target), f"{prefix}:{keys[0]}", "0", "5000")
+
+        def finish() -> None:
+            time.sleep(0.3)
+            group._cli(source, "MIGRATE", "127.0.0.1", str(target), f"{prefix}:{keys[1]}", "0", "5000")
+            for port in ids:
+                group._cli(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
+
+        moving = asyncio.ensure_future(asyncio.to_thread(finish))
+        assert await store.reserve(keys, 1.0, limits, ttls) == -1  # half moved: TRYAGAIN, then it runs
+        await moving
+        assert group._cli(target, "GET", f"{prefix}:{keys[0]}") == group._cli(target, "GET", f"{prefix}:{keys[1]}") == "2"
+    finally:
+        await store.close()
+        group.stop()

@@ -3,7 +3,8 @@
 The slot map comes from ``CLUSTER SLOTS`` (asked of any reachable node: known primaries first, then
 the URL's seed nodes) and is refreshed when a node answers MOVED, or a node could not be reached (a
 failover: its replica is being promoted). A MOVED or ASK answer means the command did not run, so
-it is sent again to the node named; a connection that failed is never retried here — the command
+it is sent again to the node named; TRYAGAIN (a script whose keys are half migrated) is sent again after a
+pause, for up to ``_TRYAGAIN_WITHIN_S``; a connection that failed is never retried here — the command
 may have run, and only the caller knows whether it may run twice.
 
 Every multi-key script keeps its keys in one slot (``base.one_slot``: a shared ``{hash tag}``),
@@ -24,6 +25,8 @@ from gateway.store.url import StoreURL, address
 SLOTS = 16384
 _REFRESH_GAP_S = 0.1  # at most this often while nodes keep failing
 _REDIRECTS = 3
+_TRYAGAIN_PAUSE_S = 0.01  # then doubling, at most 0.2 s between tries
+_TRYAGAIN_WITHIN_S = 3.0  # a slot's keys moving take about this long at most before a command fails
 
 
 def _crc16_table() -> list[int]:
@@ -80,7 +83,8 @@ class Cluster:
             await self.refresh()
         slot = 0 if key is None else key_slot(key)
         node, asking = self.slots[slot], False
-        for _ in range(_REDIRECTS):
+        redirects, pause, waited = 0, _TRYAGAIN_PAUSE_S, 0.0
+        while redirects < _REDIRECTS:
             if node is None:
                 raise ConnectionError(f"no Cluster node serves slot {slot} (the cluster is not fully covered)")
             client = self.client(node)
@@ -88,8 +92,17 @@ class Cluster:
                 return await (client.execute_asking(*args) if asking else client.execute(*args))
             except ReplyError as e:
                 kind, _, where = str(e).partition(" ")
+                if kind == "TRYAGAIN" and waited < _TRYAGAIN_WITHIN_S:
+                    # the slot is being migrated and this script's keys are on both sides for a moment: it did not
+                    # run; once the keys have moved it runs (on the node an ASK names, or this one)
+                    await asyncio.sleep(pause)
+                    waited += pause
+                    pause = min(pause * 2, 0.2)
+                    node, asking, redirects = self.slots[slot], False, 0
+                    continue
                 if kind not in ("MOVED", "ASK"):
                     raise
+                redirects += 1
                 host, _, port = where.partition(" ")[2].rpartition(":")
                 node, asking = (host or node[0], int(port)), kind == "ASK"
                 if kind == "MOVED":
