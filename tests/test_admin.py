@@ -360,6 +360,28 @@ def test_forwarding_headers_from_a_loopback_peer_are_refused_whatever_their_valu
             assert "ADMIN_KEY is empty" in info.value.message and "proxy" in info.value.message
 
 
+
+@pytest.mark.parametrize("headers", [
+    {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},  # a page elsewhere posting to 127.0.0.1
+    {"Origin": "http://evil.example", "Host": "127.0.0.1:8000"},
+    {"Host": "attacker.example:8000"},  # DNS rebinding: the page's own name, now pointing at 127.0.0.1
+    {"Sec-Fetch-Site": "same-site", "Host": "localhost:8000", "Origin": "http://app.localhost:3000"},
+    {"X-Cluster-Client-IP": "203.0.113.7"}, {"Fastly-Client-IP": "203.0.113.7"},
+    {"X-Envoy-External-Address": "203.0.113.7"},
+])
+def test_without_an_admin_key_a_web_page_is_not_the_operator_even_from_loopback(headers):
+    """Any page the operator's browser opens can send to 127.0.0.1 (a form POST to /admin/reload) or rebind its
+    own name to it and read /admin/summary: refused; curl, scripts and the same-origin page are not."""
+    rt = _runtime()
+    with pytest.raises(Forbidden) as info:
+        check_access(_request("127.0.0.1", headers), rt)
+    assert info.value.status == 403 and "admin_key_env" in info.value.message
+    for allowed in ({}, {"Host": "127.0.0.1:8000"}, {"Host": "localhost:8000"}, {"Host": "[::1]:8000"},
+                    {"Host": "127.0.0.1:8000", "Origin": "http://127.0.0.1:8000", "Sec-Fetch-Site": "same-origin"}):
+        check_access(_request("127.0.0.1", allowed), rt)
+    keyed = _runtime("admin_key_env: ADMIN_KEY", env={"ADMIN_KEY": ADMIN_KEY})  # with the key, the key decides
+    check_access(_request("127.0.0.1", {**headers, "Authorization": f"Bearer {ADMIN_KEY}"}), keyed)
+
 def test_an_admin_key_env_naming_an_empty_variable_falls_back_to_loopback_only():
     rt = _runtime("admin_key_env: ADMIN_KEY", env={"ADMIN_KEY": ""})
     check_access(_request("127.0.0.1"), rt)

@@ -14,7 +14,8 @@ only, and only direct ones: a request carrying ``Forwarded``, ``X-Forwarded-For`
 ``X-Real-IP``, ``Via`` or another header proxies and CDNs add (any value) came through a
 proxy, and behind a proxy on the same host every client's socket is a loopback one. (A proxy
 that adds none — nginx's bare ``proxy_pass`` — cannot be told apart: set an admin key behind
-one.) Forwarding headers never make a caller local either: any client can write them. Answers are ``{"success": true, "data": …}``; errors are in the
+one.) Forwarding headers never make a caller local either: any client can write them. Nor is a web page the
+operator (``_from_a_web_page``: cross-site, another Origin, a rebound Host). Answers are ``{"success": true, "data": …}``; errors are in the
 envelope dialect (SPEC §3). Each endpoint returns its data as a Struct of ``gateway.edge.answers``,
 which ``/openapi.json`` describes.
 """
@@ -117,7 +118,8 @@ def _loopback(remote: str | None) -> bool:
 # Added by a reverse proxy or a CDN: a loopback peer sending one may be relaying anyone.
 _FORWARDING = (hdrs.FORWARDED, hdrs.X_FORWARDED_FOR, istr("X-Real-IP"), hdrs.VIA, hdrs.X_FORWARDED_HOST,
                hdrs.X_FORWARDED_PROTO, istr("X-Forwarded-Port"), istr("X-Client-IP"), istr("True-Client-IP"),
-               istr("CF-Connecting-IP"), istr("X-Original-Forwarded-For"))
+               istr("CF-Connecting-IP"), istr("X-Original-Forwarded-For"), istr("X-Cluster-Client-IP"),
+               istr("Fastly-Client-IP"), istr("X-Envoy-External-Address"), istr("X-ProxyUser-Ip"))
 
 
 def check_access(request: web.Request, rt: Runtime) -> None:
@@ -140,6 +142,27 @@ def check_access(request: web.Request, rt: Runtime) -> None:
         raise Forbidden(f"the admin API answers direct loopback clients only ({why}); this request carries "
                         f"{forwarded}, so it came through a proxy: set server.admin_key_env to a variable "
                         "holding a key to use the admin API through one")
+    browser = _from_a_web_page(request)
+    if browser is not None:  # any page the operator's browser opens can reach loopback: it is not the operator
+        raise Forbidden(f"the admin API answers direct loopback clients only ({why}); {browser}: set "
+                        "server.admin_key_env to a variable holding a key to use it from a browser")
+
+
+def _from_a_web_page(request: web.Request) -> str | None:
+    """Why a loopback request was sent by a web page rather than a tool on this host, or None: a cross-site
+    request (``Sec-Fetch-Site``, or an ``Origin`` that is not this host), or a ``Host`` that is not a loopback
+    name — a DNS-rebinding page reaches 127.0.0.1 under its own name."""
+    site = request.headers.get("Sec-Fetch-Site", "").lower()
+    if site in ("cross-site", "same-site"):
+        return f"this request came from another site's page (Sec-Fetch-Site: {site})"
+    host = request.headers.get(hdrs.HOST, "")
+    name = host.rpartition("]")[0].lstrip("[") if host.startswith("[") else host.rpartition(":")[0] or host
+    if name and name.lower() != "localhost" and not _loopback(name):
+        return f"it names the host {host!r}, not a loopback address (a page that rebound a name to 127.0.0.1)"
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and origin.partition("://")[2] != host:
+        return f"it was sent by a page of {origin!r}"
+    return None
 
 
 def guarded(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
