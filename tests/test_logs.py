@@ -101,6 +101,20 @@ async def test_every_request_writes_one_line_with_every_field(fake, gateway, clo
     assert (unavailable["error_code"], unavailable["status"], unavailable["target"]) == ("upstream_unavailable", 502, "gone")
 
 
+
+async def test_a_streams_ttft_is_the_clients_wait_for_its_first_byte_retries_included(fake, gateway):
+    """A stream whose first attempt failed slowly: ttft_ms (and the ttft metric) is what the client waited, not
+    the last attempt's own few milliseconds."""
+    cfg = GatewayConfig(fake.url, default_target="up").up(retry_matrix={"5xx": {"attempts": 1, "base_s": 0}})
+    client, logs = await gateway(cfg)
+    fake.plan(Fault(status=500, delay_ms=300))
+    async with client.post("/v1/chat/completions", json=chat(stream=True)) as resp:
+        assert resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
+    line = logs[-1]
+    assert line["attempts"] == 2 and line["ttft_ms"] >= 300 and line["ttft_ms"] <= line["latency_ms"]
+    metrics = await (await client.get("/metrics")).text()
+    assert 'reliapi_ttft_seconds_bucket{le="0.25",target="up"} 0' in metrics
+
 async def test_a_gateway_error_is_one_access_line_and_no_stack(fake, gateway, clock, gateway_log):
     client, logs = await gateway(config(fake.url), clock=clock)
     errors = [

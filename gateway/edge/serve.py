@@ -101,6 +101,9 @@ async def serve(request: web.Request) -> web.StreamResponse:
                     answer.force_close()
                 return answer
             call.relaying = True
+            # the client's wait for its first byte, retries, fallbacks and a cache or a flight included — not the
+            # last attempt's own (the access line's ttft_ms, the ttft metric, the span)
+            reply.ttft_ms = (time.monotonic() - call.started) * 1000
             return await write_reply(request, ex, reply, outcome)  # (an error once it has started is in-band)
         except GatewayError as e:
             error = e
