@@ -33,6 +33,22 @@ async def test_methods_paths_and_queries_pass_through(gw, fake, method):
     assert logs[-1]["route"] == "t" and logs[-1]["kind"] == "http"
 
 
+
+@pytest.mark.parametrize("path", ["/t/rest/x", "/v1/chat/completions", "/t/up/chat/completions"])
+@pytest.mark.parametrize("method", ["TRACE", "TRACK"])
+async def test_trace_is_never_proxied_it_would_echo_the_targets_key(gw, fake, path, method):
+    """An upstream that answers TRACE (RFC 9110) echoes the request as it got it — with the key the gateway put
+    in: a tenant would read the operator's key. 405, in the surface's dialect; nothing is sent."""
+    client, logs = gw
+    raw = await raw_http(client, f"{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert fake.requests == [] and b"X-Request-Id" in head, raw
+    if method == "TRACK":  # (not a method the HTTP parser takes: a 400 before any surface)
+        assert head.startswith(b"HTTP/1.0 400"), raw
+        return
+    assert head.startswith(b"HTTP/1.1 405") and b"never proxied" in body, raw
+    assert (b'"success"' in body) is path.startswith("/t/")
+
 @pytest.mark.parametrize("body", [b"", b"raw=1"], ids=["empty", "raw"])
 async def test_a_body_sent_without_a_content_type_goes_up_without_one(gw, fake, body):
     """Headers go upstream as sent: no ``application/octet-stream`` label the client never gave."""

@@ -4,7 +4,7 @@ refuses a request by raising, or fills in the call (``gateway.edge.call.Check``)
 from __future__ import annotations
 
 from gateway.edge.call import Call
-from gateway.errors import InvalidRequest, UnknownTarget
+from gateway.errors import InvalidRequest, MethodNotAllowed, UnknownTarget
 
 
 def no_route(call: Call) -> None:
@@ -12,9 +12,16 @@ def no_route(call: Call) -> None:
     raise UnknownTarget(f"no route for {request.method} {request.path}")
 
 
+_REFLECTING = frozenset(("TRACE", "TRACK", "CONNECT"))
+
+
 def from_http1(call: Call) -> None:
-    if call.request.version < (1, 0):  # HTTP/0.9 has no headers to carry a key, a type, a length
+    request = call.request
+    if request.version < (1, 0):  # HTTP/0.9 has no headers to carry a key, a type, a length
         raise InvalidRequest("HTTP/1.0 or newer is required")
+    if request.method in _REFLECTING:  # TRACE echoes the request as the upstream got it, the target's key with it
+        raise MethodNotAllowed(f"{request.method} is never proxied (an upstream that answers TRACE would show the "
+                               "request it got, credentials and all)")
 
 
 def authenticate(call: Call) -> None:
