@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 
 from tests.support.cli_harness import CLI, assert_no_traceback, free_port
 from tests.support.fakes import FakeUpstream
@@ -33,3 +34,25 @@ async def test_a_restarted_worker_serves_the_reloaded_config(cli: CLI, fake: Fak
         assert await every_worker_has_it(), gw.output
     assert await asyncio.to_thread(gw.terminate) == 0, gw.output
     assert_no_traceback(gw.stderr)
+
+
+def test_workers_on_a_port_something_holds_exit_at_once_with_the_reason(cli: CLI):
+    """A port another program holds would fail every worker at its start, and the parent restarted them forever
+    (one crash line with a traceback a second); a second gateway's workers would bind beside the first's
+    (SO_REUSEPORT) and take half its connections. Both: one error, exit 1, no worker started."""
+    port = free_port()
+    cli.write("gateway.yaml", f"server: {{host: 127.0.0.1, port: {port}}}\ntargets: {{up: {{base_url: 'http://127.0.0.1:9'}}}}\n")
+    for reuse in (False, True):
+        holder = socket.socket()
+        if reuse:  # as another gateway's workers hold it
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        try:
+            result = cli.run("--config", "gateway.yaml", "--workers", "2", timeout=20)
+        finally:
+            holder.close()
+        said = result.stdout + result.stderr
+        assert result.returncode == 1, said
+        assert f"already listens on 127.0.0.1:{port}" in said and "started 2 workers" not in said, said
+        assert_no_traceback(said)
