@@ -372,3 +372,47 @@ targets:
             assert resp.headers["Retry-After"] == "1"
     assert [line["error_code"] for line in logs] == ["overloaded"] * 4  # never circuit_open
     assert client.app[RUNTIME].current.circuits["up"].state == "closed"
+
+
+async def test_a_body_answered_before_it_was_read_does_not_start_a_head_clock(fake, gateway):
+    """A request refused before its body was read (a 401, a 413): the body's last bytes, arriving after the answer,
+    complete that body — they are no new request head, and no 408 follows on the kept-alive connection."""
+    client, _ = await gateway(f"""
+server: {{default_target: up, header_timeout_s: 0.3}}
+tenants: [{{name: acme, api_key: tenant-key-acme-0123456789}}]
+targets: {{up: {{base_url: "{fake.url}/v1", provider: openai}}}}
+""")
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"x" * 800_000 + b'"}]}'
+    reader, writer = await connect(client)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:400_000])
+    assert (await read_response(reader))[0] == 401  # no key
+    writer.write(body[400_000:])  # the rest of that body
+    await asyncio.sleep(0.8)  # well past header_timeout_s
+    writer.write(HEALTHZ)
+    assert (await read_response(reader))[0] == 200  # the next request, not a 408 the client never asked for
+    writer.close()
+    assert fake.requests == []
+
+
+async def test_an_http_1_0_client_sees_a_stream_end_when_it_ends(fake, gateway):
+    """HTTP/1.0 has no chunked framing: a stream's end is the connection's, even when the client asked to keep it
+    alive (it waited for the keep-alive timeout to learn the stream was over)."""
+    client, _ = await gateway(llm_config(fake.url))
+    body = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    reader, writer = await connect(client)
+    writer.write(b"POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    answer = await closed(reader)  # (fails if the gateway keeps it open)
+    assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"data: [DONE]\n\n"), answer[-200:]
+    writer.close()
+
+
+async def test_too_many_request_headers_is_a_431(fake, gateway):
+    client, _ = await gateway(llm_config(fake.url))
+    reader, writer = await connect(client)
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + many + b"\r\n")
+    status, headers, _ = await read_response(reader)
+    assert status == 431 and headers["X-Request-Id"]
+    writer.close()

@@ -137,6 +137,9 @@ class _RequestHandler(web_protocol.RequestHandler):
             self._read_refused(data)
             return
         count = self._request_count
+        # judged before these bytes are parsed: the ones that complete a body are that body's, not a new head's
+        # (the clock started on them, and a client that had sent a whole request got a 408 it never asked for)
+        between = not self._head_started and self._between_requests()
         super().data_received(data)
         if self._request_count != count:  # a head (or several, pipelined) is complete
             if self._head_timer is not None:
@@ -144,7 +147,7 @@ class _RequestHandler(web_protocol.RequestHandler):
                 self._head_timer = None
             self._head_started = False
             self._last_body = self._messages[-1][1] if self._messages else None
-        elif data and not self._head_started and self._between_requests():
+        elif data and between:
             self._start_head_clock()
 
     def idle(self) -> bool:
@@ -219,6 +222,7 @@ class _RequestHandler(web_protocol.RequestHandler):
         elif status == 400:
             err = (
                 HeadersTooLarge("request header line too long") if isinstance(exc, LineTooLong)
+                else HeadersTooLarge("too many request headers") if "Too many headers" in (message or "")
                 else InvalidRequest(f"malformed HTTP request: {_first_line(message)}")
             )
         else:  # an unexpected failure inside aiohttp itself: keep its handling

@@ -17,6 +17,7 @@ import logging
 from typing import Literal
 
 import msgspec
+from aiohttp import HttpVersion11 as HTTP11
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -160,8 +161,10 @@ async def write_reply(request: web.Request, ex: Exchange, reply: Reply, outcome:
     if reply.chunks is None:
         return complete_response(reply, outcome)
     resp = web.StreamResponse(status=reply.status, headers=reply.headers)
-    if request.app[RUNTIME].stopping:
-        resp.force_close()  # (draining for shutdown)
+    if request.app[RUNTIME].stopping or request.version < HTTP11:
+        # draining for shutdown; or an HTTP/1.0 client, which has no chunked framing: the end of a stream is the
+        # end of the connection (kept alive, it waited for the keep-alive timeout to see the stream was over)
+        resp.force_close()
     is_sse = is_event_stream(reply.headers)
     transport = request.transport
     high = _high_water(transport)
