@@ -43,7 +43,7 @@ from multidict import CIMultiDict
 
 from gateway import jsonbody
 from gateway.errors import GatewayError, IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
-from gateway.headers import CREDENTIAL_HEADERS, IDEMPOTENCY_KEYS, X_CACHED, X_RELIAPI_COST
+from gateway.headers import CREDENTIAL_HEADERS, IDEMPOTENCY_KEYS, X_CACHE, X_CACHED, X_RELIAPI_COST
 from gateway.observe.events import Coalesced, IdempotentReplay, StoreDegraded
 from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.store import StoreError
@@ -299,6 +299,7 @@ def _replayed(ex: Exchange, reply: Reply) -> Reply:
     headers: CIMultiDict[str] = reply.headers
     headers[IDEMPOTENT_REPLAYED] = "true"
     headers[X_CACHED] = "true"
+    headers[X_CACHE] = "BYPASS"  # the stored answer, not the response cache's (its first run's MISS said nothing now)
     headers.popall(X_RELIAPI_COST, None)  # a replay costs nothing: the first answer's cost is not said twice
     ex.log["idempotent_hit"] = True
     return reply

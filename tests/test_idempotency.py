@@ -105,6 +105,16 @@ async def test_anthropic_requests_replay_too(fake, start):
     assert len(fake.requests) == 1
 
 
+async def test_a_replay_says_it_is_a_stored_answer_not_a_cache_miss(fake, start):
+    """On a target that caches too, the first run was a cache MISS; its replay is no cache lookup at all."""
+    client = await start(cache={"ttl_s": 60})
+    numbered(fake)
+    _, first, _ = await call(client, key="order-1")
+    _, again, _ = await call(client, key="order-1")
+    assert first["X-Cache"] == "MISS" and first["X-Cached"] == "false"
+    assert again[REPLAYED] == "true" and again["X-Cached"] == "true" and again["X-Cache"] == "BYPASS"
+
+
 # =============================================================== TC02 same key, other request
 
 
