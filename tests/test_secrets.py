@@ -168,6 +168,18 @@ async def test_an_upstream_key_echoed_in_a_good_answers_headers_never_reaches_th
         assert not leaks("headers", str(dict(resp.headers))), dict(resp.headers)
         assert resp.headers["X-Echo-Auth"] == "Bearer ***"
 
+
+async def test_an_error_that_quotes_what_the_client_sent_never_quotes_a_configured_key(fake, gateway, clock):
+    """A client that sends a key where a target name or a role belongs is told so without the key in the words
+    (the log and the page were scrubbed already; the answer was not)."""
+    client, _ = await gateway(config(fake.url), env=SECRETS, clock=clock)
+    tenant = {"Authorization": f"Bearer {SECRETS['ACME_KEY']}"}
+    unknown = await client.post("/v1/chat/completions", json=chat(), headers={**tenant, "X-ReliAPI-Target": SECRETS["UP_KEY"]})
+    assert unknown.status == 404 and "unknown target" in (text := await unknown.text()) and not leaks("answer", text)
+    envelope = await client.post("/proxy/llm", headers=tenant, json={
+        "target": "up", "messages": [{"role": SECRETS["ADMIN_KEY"], "content": "hi"}]})
+    assert envelope.status == 400 and not leaks("answer", await envelope.text())
+
 async def test_the_circuit_and_key_pool_views_name_keys_by_id_only(fake, gateway, clock):
     client, _ = await gateway(config(fake.url), env=SECRETS, clock=clock)
     pool = client.app[RUNTIME].current.key_pools["pooled"]

@@ -117,6 +117,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
             error = InternalError("internal error")
         outcome.ok = False
         status = error.status
+        if rt.scrub.plain:  # a message that quotes the client's input may quote a configured key it sent
+            error.message = rt.scrub(error.message)
         if call.limit_headers:
             merge_headers(error.headers, call.limit_headers)
         rt.tracing.name(trace, error.headers)
