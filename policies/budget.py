@@ -321,30 +321,16 @@ def policy(ctx: Context) -> Policy | None:
                     "whose cost the gateway can bound before it runs, so it is not allowed for this tenant",
                     target=target.name)
             return await call_next(ex)
-        soft, hard = _caps(ctx, ex)
-        llm = target.config.llm
-        ceiling = llm.max_tokens if llm is not None else None
-        tier_cap = account.max_tokens if account is not None else None
-        if tier_cap is not None and (ceiling is None or tier_cap < ceiling):
-            ceiling = tier_cap
-        else:
-            tier_cap = None  # the target's own is the lower: clamped as always
-        if soft is None and hard is None and ceiling is None and not metered:
+        if chains.any:  # a fallback target is held to its own caps and ceiling, at its own model's price
+            ex.caps = lambda attempt: _recap(attempt, billed, metered)
+        if not _capped(ex) and not metered:
             return await call_next(ex)
-        view = await _read(ex, billed, f"the budget of tenant {ex.tenant!r}" if metered else f"target {target.name}'s caps")
-        model = view.model or (llm.default_model if llm else None)
-        if ex.model is None:  # (a body the router did not read): usage prices the answer by this name
-            ex.model = model
-        answer = _decide(ex, view, billed, prices.price(model), soft, hard, ceiling, metered, tier_cap)
-        if answer.changed and answer.limit is not None:
-            fields = [f for f in OUTPUT_FIELDS[billed] if f in view.limits] or [_limit_field(billed, model)]
-            ex.body = await jsonbody.edited(ex.body, dict.fromkeys(fields, answer.limit))  # type: ignore[arg-type]
-            ex.max_tokens = answer.limit
+        answer, view = await _capping(ex, billed, metered)
         if answer.estimate is not None:
             ex.log["cost_estimate_usd"] = round(answer.estimate, 8)
         try:
             if metered:
-                field = next(iter(view.limits), None) or _limit_field(billed, model)
+                field = next(iter(view.limits), None) or _limit_field(billed, view.model or ex.model)
                 reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0), view.multiplier, field)
             else:
                 reply = await call_next(ex)
@@ -355,6 +341,40 @@ def policy(ctx: Context) -> Policy | None:
         if answer.header is not None:
             reply.headers[X_RELIAPI_MAX_TOKENS] = answer.header
         return reply
+
+    def _capped(ex: Exchange) -> bool:
+        soft, hard = _caps(ctx, ex)
+        llm = ex.target.config.llm
+        return not (soft is None and hard is None and (llm is None or llm.max_tokens is None)
+                    and (ex.account is None or ex.account.max_tokens is None))
+
+    async def _recap(ex: Exchange, billed: str, metered: bool) -> None:
+        if metered or _capped(ex):
+            await _capping(ex, billed, metered)
+
+    async def _capping(ex: Exchange, billed: str, metered: bool) -> tuple[_Answer, View]:
+        """The caps and output ceiling of ``ex.target`` applied to the request as it now is: its output limit
+        clamped or lowered in the body, or ``BudgetExceeded`` over a hard cap — for the target asked for, and again
+        for each fallback target (``ex.caps``, called by ``policies.fallback``) at its own model's price."""
+        target, account = ex.target, ex.account
+        soft, hard = _caps(ctx, ex)
+        llm = target.config.llm
+        ceiling = llm.max_tokens if llm is not None else None
+        tier_cap = account.max_tokens if account is not None else None
+        if tier_cap is not None and (ceiling is None or tier_cap < ceiling):
+            ceiling = tier_cap
+        else:
+            tier_cap = None  # the target's own is the lower: clamped as always
+        view = await _read(ex, billed, f"the budget of tenant {ex.tenant!r}" if metered else f"target {target.name}'s caps")
+        model = view.model or (llm.default_model if llm else None)
+        if ex.model is None:  # (a body the router did not read): usage prices the answer by this name
+            ex.model = model
+        answer = _decide(ex, view, billed, prices.price(model), soft, hard, ceiling, metered, tier_cap)
+        if answer.changed and answer.limit is not None:
+            fields = [f for f in OUTPUT_FIELDS[billed] if f in view.limits] or [_limit_field(billed, model)]
+            ex.body = await jsonbody.edited(ex.body, dict.fromkeys(fields, answer.limit))  # type: ignore[arg-type]
+            ex.max_tokens = answer.limit
+        return answer, view
 
     def _decide(ex: Exchange, view: View, billed: str, price: Price | None, soft: float | None,
                 hard: float | None, ceiling: int | None, metered: bool, tier_cap: int | None) -> _Answer:

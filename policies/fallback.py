@@ -164,6 +164,8 @@ def router(ctx: Context, target_chains: Mapping[str, Handler]) -> Handler:
                 events.emit(FallbackUsed(target=candidates[i - 1][0].name, to_target=target.name,
                                          reason=failure.reason if failure else "unknown"))
             try:
+                if i and ex.caps is not None:  # its own caps and ceiling, at its model's price (BudgetExceeded: skipped)
+                    await ex.caps(ex)
                 reply = await run(ex)
                 error = None
                 failure = reply.failure

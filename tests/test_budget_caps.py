@@ -205,3 +205,27 @@ async def test_the_soft_cap_header_names_what_the_client_asked_for_even_when_cla
     resp = await client.post("/v1/chat/completions", json=chat(5000))
     sent = fake.requests[0].json()["max_tokens"]
     assert resp.headers["X-ReliAPI-Max-Tokens"] == f"5000->{sent}" and logs[-1]["original_max_tokens"] == 5000
+
+
+async def test_a_fallback_target_is_held_to_its_own_caps_at_its_own_models_price(upstreams, gateway):
+    """The caps were applied for the target asked for only: a fallback to a pricier model cost more than the
+    tenant's hard cap, and one with a lower llm.max_tokens was sent the primary's limit."""
+    from tests.support.fakes import Fault
+
+    up, fb = await upstreams(), await upstreams()
+    key = {"Authorization": "Bearer acme-key-123456"}
+
+    def chain(hard: float) -> GatewayConfig:
+        cfg = GatewayConfig(up.url, default_target="up")
+        cfg.tenant("acme", api_key="acme-key-123456", budget_caps={"hard_cost_cap_usd": hard})
+        cfg.up(retry_matrix={"5xx": {"attempts": 0}}, fallback_targets=[{"target": "fb", "model": "gpt-4o"}])
+        return cfg.target("fb", f"{fb.url}/v1", provider="openai", llm={"max_tokens": 300})
+
+    up.script = lambda n, seen: Fault(status=500)
+    client, _ = await gateway(chain(hard=cost(PROMPT_TOKENS, 1000) * 1.01))  # gpt-4o-mini with 1,000 tokens fits
+    resp = await client.post("/v1/chat/completions", json=chat(1000), headers=key)
+    assert resp.status == 500 and fb.requests == []  # gpt-4o, even at 300 tokens, is over it: never sent
+    client, _ = await gateway(chain(hard=1.0))
+    resp = await client.post("/v1/chat/completions", json=chat(1000), headers=key)
+    assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "fb"
+    assert fb.requests[-1].json()["max_tokens"] == 300 and fb.requests[-1].json()["model"] == "gpt-4o"
