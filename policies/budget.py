@@ -49,26 +49,20 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import hdrs
-
-from gateway import jsonbody, offload
 from gateway.config.tiers import plans
 from gateway.errors import (
-    BudgetExceeded,
     BudgetExhausted,
     Forbidden,
     GatewayError,
-    InvalidRequest,
     StoreUnavailable,
-    UnsupportedMediaType,
 )
 from gateway.headers import IDEMPOTENCY_KEYS
 from gateway.observe.events import BudgetEvent, StoreDegraded
 from gateway.store import StoreError
 from gateway.store.base import until_sent
+from policies.caps import DEFAULT_RESERVE_TOKENS, X_RELIAPI_MAX_TOKENS, Caps, limit_field
 from policies.fallback import Chains
-from providers import endpoints, estimate, openai
-from providers.estimate import OUTPUT_FIELDS, View
+from providers.estimate import View
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -76,12 +70,7 @@ if TYPE_CHECKING:
     from gateway.flow.chain import Handler, Policy
     from gateway.flow.context import Context
     from gateway.flow.exchange import Exchange, Reply
-    from providers.pricing import Price
 
-X_RELIAPI_MAX_TOKENS = "X-ReliAPI-Max-Tokens"
-MIN_MAX_TOKENS = 16
-DEFAULT_RESERVE_TOKENS = 4096  # the output limit written into a metered request that sets none
-LEGACY_COMPLETIONS_DEFAULT = 16  # OpenAI's documented default for /v1/completions
 _UNBOUNDED = 1e18
 SETTLE_WITHIN_S = 120.0  # how long a settlement the store could not be reached for is tried again
 # Methods that never start a generation; any other (POST, PUT, PATCH, …) is read as one would be.
@@ -145,51 +134,6 @@ def windows(tenant: str, budget: Any, now: float) -> tuple[list[str], list[float
     return keys, limits, ttls, resets
 
 
-def _caps(ctx: Context, ex: Exchange) -> tuple[float | None, float | None]:
-    llm = ex.target.config.llm
-    soft = llm.soft_cost_cap_usd if llm else None
-    hard = llm.hard_cost_cap_usd if llm else None
-    if ex.account is not None:
-        own = ex.account.config.budget_caps
-        caps = own.get(ex.target.name) or own.get("*")
-        if caps is not None:
-            soft = caps.soft_cost_cap_usd if caps.soft_cost_cap_usd is not None else soft
-            hard = caps.hard_cost_cap_usd if caps.hard_cost_cap_usd is not None else hard
-    return soft, hard
-
-
-def _limit_field(billed: str, model: str | None) -> str | None:
-    """The output-limit field to write into a request that has none (None: the endpoint has no output)."""
-    fields = OUTPUT_FIELDS[billed]
-    if billed == endpoints.CHAT and not openai.hides_reasoning(model):  # reasoning models refuse max_tokens
-        return "max_tokens"
-    return fields[0] if fields else None
-
-
-async def _read(ex: Exchange, billed: str, why: str) -> View:
-    if hdrs.CONTENT_ENCODING in ex.headers:  # a coding the gateway could not decode when the request arrived
-        raise UnsupportedMediaType(
-            f"Content-Encoding {ex.headers[hdrs.CONTENT_ENCODING]!r} cannot be read, and {why} needs to read this "
-            "request: send it uncompressed, or as gzip, deflate, br or zstd", target=ex.target.name)
-    try:
-        # (a large body off the event loop; the reader falls back to decoding odd shapes whole)
-        return await offload.run(estimate.read, ex.body, billed, inline_max=offload.WHOLE_MAX_BYTES)
-    except estimate.NotReadable:
-        raise InvalidRequest(f"the request body must be a JSON object: {why} needs to read it",
-                             target=ex.target.name) from None
-
-
-class _Answer:
-    """What the caps decided for one request: the output limit, and what to tell the client."""
-
-    __slots__ = ("limit", "changed", "header", "estimate")
-
-    def __init__(self, limit: int | None, changed: bool) -> None:
-        self.limit, self.changed = limit, changed
-        self.header: str | None = None
-        self.estimate: float | None = None
-
-
 def _budgets(ctx: Context) -> dict[str, Any]:
     return {t.name: t.budget for t in plans(ctx.config)  # by plan: a marketplace tier's too
             if t.budget is not None and (t.budget.daily_usd is not None or t.budget.monthly_usd is not None)}
@@ -234,6 +178,7 @@ def policy(ctx: Context) -> Policy | None:
     store, clock, fail_open = ctx.store, ctx.clock, ctx.config.store.fail_open
     spawn = ctx.shared.spawn
     chains = Chains(ctx)
+    caps = Caps(ctx)
 
     async def exhausted(ex: Exchange, amount: float, field: str | None, limit: float, key: str, window: str,
                         reset: float) -> BudgetExhausted:
@@ -322,15 +267,15 @@ def policy(ctx: Context) -> Policy | None:
                     target=target.name)
             return await call_next(ex)
         if chains.any:  # a fallback target is held to its own caps and ceiling, at its own model's price
-            ex.caps = lambda attempt: _recap(attempt, billed, metered)
-        if not _capped(ex) and not metered:
+            ex.caps = lambda attempt: caps.again(attempt, billed, metered)
+        if not caps.capped(ex) and not metered:
             return await call_next(ex)
-        answer, view = await _capping(ex, billed, metered)
+        answer, view = await caps.apply(ex, billed, metered)
         if answer.estimate is not None:
             ex.log["cost_estimate_usd"] = round(answer.estimate, 8)
         try:
             if metered:
-                field = next(iter(view.limits), None) or _limit_field(billed, view.model or ex.model)
+                field = next(iter(view.limits), None) or limit_field(billed, view.model or ex.model)
                 reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0), view.multiplier, field)
             else:
                 reply = await call_next(ex)
@@ -341,97 +286,6 @@ def policy(ctx: Context) -> Policy | None:
         if answer.header is not None:
             reply.headers[X_RELIAPI_MAX_TOKENS] = answer.header
         return reply
-
-    def _capped(ex: Exchange) -> bool:
-        soft, hard = _caps(ctx, ex)
-        llm = ex.target.config.llm
-        return not (soft is None and hard is None and (llm is None or llm.max_tokens is None)
-                    and (ex.account is None or ex.account.max_tokens is None))
-
-    async def _recap(ex: Exchange, billed: str, metered: bool) -> None:
-        if metered or _capped(ex):
-            await _capping(ex, billed, metered)
-
-    async def _capping(ex: Exchange, billed: str, metered: bool) -> tuple[_Answer, View]:
-        """The caps and output ceiling of ``ex.target`` applied to the request as it now is: its output limit
-        clamped or lowered in the body, or ``BudgetExceeded`` over a hard cap — for the target asked for, and again
-        for each fallback target (``ex.caps``, called by ``policies.fallback``) at its own model's price."""
-        target, account = ex.target, ex.account
-        soft, hard = _caps(ctx, ex)
-        llm = target.config.llm
-        ceiling = llm.max_tokens if llm is not None else None
-        tier_cap = account.max_tokens if account is not None else None
-        if tier_cap is not None and (ceiling is None or tier_cap < ceiling):
-            ceiling = tier_cap
-        else:
-            tier_cap = None  # the target's own is the lower: clamped as always
-        view = await _read(ex, billed, f"the budget of tenant {ex.tenant!r}" if metered else f"target {target.name}'s caps")
-        model = view.model or (llm.default_model if llm else None)
-        if ex.model is None:  # (a body the router did not read): usage prices the answer by this name
-            ex.model = model
-        answer = _decide(ex, view, billed, prices.price(model), soft, hard, ceiling, metered, tier_cap)
-        if answer.changed and answer.limit is not None:
-            fields = [f for f in OUTPUT_FIELDS[billed] if f in view.limits] or [_limit_field(billed, model)]
-            ex.body = await jsonbody.edited(ex.body, dict.fromkeys(fields, answer.limit))  # type: ignore[arg-type]
-            ex.max_tokens = answer.limit
-        return answer, view
-
-    def _decide(ex: Exchange, view: View, billed: str, price: Price | None, soft: float | None,
-                hard: float | None, ceiling: int | None, metered: bool, tier_cap: int | None) -> _Answer:
-        """Clamp to the ceiling, apply the caps to the estimate, and make sure a metered request has a limit.
-        ``tier_cap``: the ceiling is the tenant's tier's, which binds a request that sets no limit too."""
-        has_output = bool(OUTPUT_FIELDS[billed])
-        present = [v for v in view.limits.values() if v is not None]
-        asked = max(present) if present else None
-        answer = _Answer(asked, bool(view.limits) and asked is None)  # a limit that is no number is replaced
-        if has_output and ceiling is not None and (asked is None or asked > ceiling):
-            answer.limit = ceiling  # the estimate uses it when absent; a larger ask is clamped
-            answer.changed = answer.changed or asked is not None or metered or tier_cap is not None
-            if tier_cap is not None:
-                answer.header = f"{asked if asked is not None else 'none'}->{tier_cap}"
-                ex.log["cost_policy_applied"] = "tier_max_tokens"
-                ex.log["original_max_tokens"] = asked
-        if price is not None:
-            _apply_caps(ex, view, billed, price, soft, hard, asked, answer)
-        if metered and has_output and answer.limit is None:
-            answer.limit = LEGACY_COMPLETIONS_DEFAULT if billed == endpoints.COMPLETIONS else DEFAULT_RESERVE_TOKENS
-            answer.changed = True
-        return answer
-
-    def _apply_caps(ex: Exchange, view: View, billed: str, price: Price, soft: float | None, hard: float | None,
-                    asked: int | None, answer: _Answer) -> None:
-        target = ex.target
-        prompt = view.estimate_prompt()
-        has_output = bool(OUTPUT_FIELDS[billed])
-        field = next(iter(view.limits), None) or _limit_field(billed, view.model)
-        # every answer the request asks for (n, best_of, a batch of prompts) at the rate it is billed at: a cap holds
-        # for the request, not for one of its answers (as the budget's reservation)
-        fan, rate = view.choices * view.prompts, view.multiplier
-        if has_output and answer.limit is None and (soft is not None or hard is not None) and price.output > 0:
-            # Caps need a bound on the answer: one that asks for none gets the largest that fits the hard cap
-            # (at most DEFAULT_RESERVE_TOKENS), written into the request.
-            bound = DEFAULT_RESERVE_TOKENS
-            if hard is not None:
-                bound = min(bound, max(MIN_MAX_TOKENS, int((hard / rate - price.cost(prompt, 0)) / (price.output * fan))))
-            answer.limit, answer.changed = bound, True
-        estimate = price.cost(prompt, (answer.limit or 0) * fan) * rate
-        if hard is not None and estimate > hard:
-            events.emit(BudgetEvent(target=target.name, rule="hard_cap"))
-            raise BudgetExceeded(
-                f"estimated cost ${estimate:.6f} is over the hard cap of ${hard:g} for this request; "
-                f"send a shorter prompt" + (f" or a lower {field}" if has_output else ""),
-                param=field if has_output else None, target=target.name,
-            )
-        if has_output and soft is not None and estimate > soft and price.output > 0:
-            lowered = max(MIN_MAX_TOKENS, int((soft / rate - price.cost(prompt, 0)) / (price.output * fan)))
-            if answer.limit is None or lowered < answer.limit:
-                events.emit(BudgetEvent(target=target.name, rule="soft_cap"))
-                answer.header = f"{asked if asked is not None else 'none'}->{lowered}"  # what the client asked for
-                ex.log["cost_policy_applied"] = "soft_cap_reduced"
-                ex.log["original_max_tokens"] = asked
-                answer.limit, answer.changed = lowered, True
-                estimate = price.cost(prompt, lowered * fan) * rate
-        answer.estimate = estimate
 
     return budget
 
