@@ -15,7 +15,8 @@ import pytest
 
 from gateway.store import StoreError
 from gateway.store.redis import RedisStore
-from gateway.store.resp import ReplyError, RespClient, Script, encode, reader
+from gateway.store.resp import ReplyError, RespClient, encode, reader
+from gateway.store.scripts import Script
 from tests.support.stores import REDIS_URL, PrivateRedis, drop, new_prefix, redis_store
 
 

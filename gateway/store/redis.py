@@ -43,7 +43,7 @@ from gateway.store.base import (
 from gateway.store.cluster import Cluster, key_slot
 from gateway.store.failures import unechoed
 from gateway.store.redis_pubsub import ChannelHub
-from gateway.store.resp import Refused, ReplyError, Script, Stalled, tls_refusal
+from gateway.store.resp import Refused, ReplyError, Stalled, tls_refusal
 from gateway.store.scripts import (
     APPEND as _APPEND,
 )
@@ -71,6 +71,7 @@ from gateway.store.scripts import (
 from gateway.store.scripts import (
     RESERVE as _RESERVE,
 )
+from gateway.store.scripts import Script
 from gateway.store.topology import Single
 from gateway.store.url import parse_store_url
 

@@ -23,7 +23,6 @@ refusal is remembered for ``REFUSED_PAUSE_S``, so a wrong password is one clear 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ssl
 import time
 from collections import deque
@@ -326,13 +325,11 @@ class RespClient:
             if self.primary_only and str(e).startswith("READONLY"):  # demoted under us: find the primary again
                 proto.fail(ConnectionError(f"the primary became a replica: {e}"))
             elif self.single_node and str(e).startswith(("READONLY", "MOVED", "ASK ", "CLUSTERDOWN")):
-                # the node is a replica or a Cluster node after all (an ACL user without ROLE could not be told at
-                # connect): said once, as the refusal it is — /readyz, --check — not command by command
-                replica = str(e).startswith("READONLY")
-                kind, scheme = ("a read-only replica", "redis+sentinel://") if replica else (
-                    "a Redis Cluster node", "redis+cluster://")
-                refused = Refused(f"{self.who} is {kind}: point the URL at the primary, or use {scheme} (it "
-                                  f"answered: {unechoed(e)})")
+                # a replica or a Cluster node after all (an ACL user without ROLE could not be told at connect):
+                # said once, as the refusal it is — /readyz, --check — not command by command
+                kind = "a read-only replica" if str(e).startswith("READONLY") else "a Redis Cluster node"
+                refused = Refused(f"{self.who} is {kind}: point the URL at the primary, or use redis+sentinel:// or "
+                                  f"redis+cluster:// (it answered: {unechoed(e)})")
                 self._refused = (time.monotonic() + REFUSED_PAUSE_S, refused)
                 proto.fail(refused)
                 raise refused from None
@@ -354,8 +351,8 @@ class RespClient:
         if proto is None or proto.lost:  # (connected, the usual case, costs no coroutine of its own)
             try:
                 proto = await self._protocol()
-            except OSError as e:  # no connection: the command never left (``StoreError.unsent``)
-                e.unsent = True  # type: ignore[attr-defined]
+            except OSError as e:
+                e.unsent = True  # type: ignore[attr-defined]  # no connection: the command never left
                 raise
         return await self._send(proto, args)
 
@@ -383,21 +380,3 @@ async def handshake(proto: Any, ep: Endpoint, send: Callable[[Any, tuple[Any, ..
     if ep.db:
         await send(proto, ("SELECT", ep.db))
 
-
-class Script:
-    """A Lua script run by its SHA1; loaded on first use (and again after a Redis restart or on a
-    node that has not seen it). ``run`` sends a command — a client's ``execute``, or a Cluster's
-    routed by the script's first key."""
-
-    def __init__(self, run: Callable[..., Awaitable[Any]] | RespClient, text: str) -> None:
-        self.run = run.execute if isinstance(run, RespClient) else run
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
-
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self.run("EVALSHA", self.sha, len(keys), *keys, *args)
-        except ReplyError as e:
-            if not str(e).startswith("NOSCRIPT"):
-                raise
-        return await self.run("EVAL", self.text, len(keys), *keys, *args)

@@ -4,6 +4,14 @@ Each script touches only ``KEYS`` that share one hash slot (``base.one_slot``), 
 Cluster as on one node; a ``PUBLISH`` inside one names a channel, not a key.
 """
 
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.store.resp import ReplyError, RespClient
+
 # ARGV: expected, channel or ''.
 COMPARE_AND_DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -124,3 +132,22 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
+
+
+class Script:
+    """A Lua script run by its SHA1; loaded on first use (and again after a Redis restart or on a
+    node that has not seen it). ``run`` sends a command — a client's ``execute``, or a Cluster's
+    routed by the script's first key."""
+
+    def __init__(self, run: Callable[..., Awaitable[Any]] | RespClient, text: str) -> None:
+        self.run = run.execute if isinstance(run, RespClient) else run
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA1
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.run("EVALSHA", self.sha, len(keys), *keys, *args)
+        except ReplyError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+        return await self.run("EVAL", self.text, len(keys), *keys, *args)
