@@ -186,7 +186,8 @@ async def test_the_circuit_and_key_pool_views_name_keys_by_id_only(fake, gateway
     assert set(pool.states()) == {"K1", "K2"}
     data = await (await client.get("/status.json")).json()
     (pooled,) = [t for t in data["targets"] if t["name"] == "pooled"]
-    assert pooled["key_pool"] == {"total": 2, "active": 2, "cooling": 0, "disabled": 0}
+    assert pooled["key_pool"] == {"total": 2, "active": 2, "cooling": 0, "disabled": 0,
+                                  "keys": {"K1": "active", "K2": "active"}}
 
 
 def test_a_config_error_does_not_quote_a_base_url_password():

@@ -226,9 +226,12 @@ async def test_a_key_cooling_down_shows_in_the_pool_health(started, fake):
     fake.plan(Fault(status=429, headers={"Retry-After": "30"}))
     await client.post("/v1/chat/completions", json=CHAT, headers=ACME)
     data = await (await client.get("/status.json")).json()
-    assert data["targets"][0]["key_pool"] == {"total": 2, "active": 1, "cooling": 1, "disabled": 0}
+    pool = data["targets"][0]["key_pool"]
+    assert {k: v for k, v in pool.items() if k != "keys"} == {"total": 2, "active": 1, "cooling": 1, "disabled": 0}
+    cooling = [k for k, v in pool["keys"].items() if v == "cooling"]
+    assert sorted(pool["keys"]) == ["up-one", "up-two"] and len(cooling) == 1  # by id, never by value
     page = Page((await get_page(client))[1])
-    assert (page.targets["up"]["keys"], page.targets["up"]["keys_detail"]) == ("1/2", "1 cooling")
+    assert (page.targets["up"]["keys"], page.targets["up"]["keys_detail"]) == ("1/2", f"1 cooling ({cooling[0]})")
     assert page.states[("up", "keys")] == "warn"
 
 

@@ -165,7 +165,9 @@ def keys_view(pool: dict[str, int] | None) -> dict[str, str]:
     if pool is None:
         return {"text": DASH, "detail": "", "level": ""}
     ok = pool["active"]
-    parts = [f"{pool[s]} {s}" for s in ("cooling", "disabled") if pool[s]]
+    ids = pool.get("keys") or {}
+    parts = [f"{pool[s]} {s} ({', '.join(k for k, v in ids.items() if v == s)})" if ids else f"{pool[s]} {s}"
+             for s in ("cooling", "disabled") if pool[s]]
     level = "bad" if pool["disabled"] or ok <= 0 else "warn" if pool["cooling"] else "ok"
     return {"text": f"{ok}/{pool['total']}", "detail": " · ".join(parts) or "healthy", "level": level}
 

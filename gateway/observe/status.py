@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.observe import trends
-from gateway.observe.counters import Observatory, _iso, _quantile, key_states
+from gateway.observe.counters import KEY_STATES, Observatory, _iso, _quantile, key_states
 from gateway.observe.logs import hide_userinfo
 from gateway.observe.trends import TargetTrend, TenantSpend
 from gateway.observe.views import TargetView, TenantView
@@ -39,7 +39,8 @@ async def snapshot(observatory: Observatory, rt: Runtime) -> dict[str, Any]:
         keys = None
         if pool is not None:
             counts = key_states(pool)
-            keys = {"total": sum(counts.values()), **counts}
+            keys = {"total": sum(counts.values()), **counts,  # each key by its id (an env var's name), never its value
+                    "keys": {key: KEY_STATES.get(state, state) for key, state in pool.states().items()}}
         targets.append({
             "name": name, "kind": target.kind, "provider": target.provider.name,
             "origin": hide_userinfo(target.base.origin),
