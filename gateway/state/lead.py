@@ -8,12 +8,13 @@ import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from gateway import errors
 from gateway.errors import SHUTDOWN, GatewayError, ShuttingDown, StreamBroken, StreamCutAtShutdown
 from gateway.flow.exchange import Reply
 from gateway.state.commit import Writes
+from gateway.state.crew import Flights
 from gateway.state.flightlog import (
     ABANDONED,
     END,
@@ -31,26 +32,6 @@ from gateway.state.flightlog import (
 )
 from gateway.store import StoreError, Write
 from gateway.streaming.recording import Reader, Recording, headers_of
-
-if TYPE_CHECKING:
-    from gateway.store import Store
-
-
-class Flights(Protocol):
-    """What a leader needs of its ``gateway.state.flights.Flights``."""
-
-    store: Store
-    namespace: str
-    tasks: set[asyncio.Task[Any]]
-    local: dict[str, Lead]
-
-    def now(self) -> float: ...
-
-    def spawn(self, work: Awaitable[Any]) -> None: ...
-
-    def keep_trying(self, attempt: Callable[[], Awaitable[Any]], within_s: float) -> None: ...
-
-    def watch(self, lead: Lead) -> None: ...
 
 log = logging.getLogger("reliapi")
 
