@@ -179,6 +179,9 @@ async def test_an_error_that_quotes_what_the_client_sent_never_quotes_a_configur
     envelope = await client.post("/proxy/llm", headers=tenant, json={
         "target": "up", "messages": [{"role": SECRETS["ADMIN_KEY"], "content": "hi"}]})
     assert envelope.status == 400 and not leaks("answer", await envelope.text())
+    as_id = await client.post("/v1/chat/completions", json=chat(), headers={**tenant, "X-Request-Id": SECRETS["ACME_KEY"]})
+    assert as_id.status == 200 and as_id.headers["X-Request-Id"].startswith("req_")  # not the key, echoed and logged
+    assert SECRETS["ACME_KEY"] not in fake.requests[-1].headers.get("X-Request-Id", "")
 
 async def test_the_circuit_and_key_pool_views_name_keys_by_id_only(fake, gateway, clock):
     client, _ = await gateway(config(fake.url), env=SECRETS, clock=clock)

@@ -50,7 +50,10 @@ async def serve(request: web.Request) -> web.StreamResponse:
     slot = request.app[RUNTIME]
     rt = slot.current
     trace = rt.tracing.start(request.headers)  # the caller's trace continued, or a new one
-    call = Call(request, rt, surface, new_request_id(request.headers, trace.span_id), time.monotonic(), trace)
+    rid = new_request_id(request.headers, trace.span_id)
+    if rt.scrub.plain and any(secret in rid for secret in rt.scrub.plain):  # a key sent as the id: never logged,
+        rid = "req_" + trace.span_id  # echoed or forwarded upstream as one
+    call = Call(request, rt, surface, rid, time.monotonic(), trace)
     outcome = StreamOutcome()
     status, error, reply = 0, None, None
     guard = rt.guard
