@@ -64,6 +64,11 @@ class KeyHealth:
         return "cooling" if now < self.cool_until else "healthy"
 
 
+# A wait for the first key back may end a hair before its cooldown does (the event loop's timers have millisecond
+# granularity): that key is usable, not refused — which cost one of the 429 rule's retries without an upstream call.
+TIMER_SLACK_S = 0.005
+
+
 class KeyPool:
     def __init__(self, target: str, keys: list[PoolKey], clock: Clock, events: Events, shared: SharedState) -> None:
         self.target = target
@@ -91,7 +96,7 @@ class KeyPool:
             key = health.key
             if key.id in tried or now < health.disabled_until:
                 continue
-            if now < health.cool_until:
+            if now + TIMER_SLACK_S < health.cool_until:
                 soonest = min(soonest, health.cool_until - now)
                 continue
             if key.qps is not None or tenant is not None:
@@ -118,7 +123,8 @@ class KeyPool:
 
     def usable(self, tried: set[str]) -> bool:
         now = self.clock.monotonic()
-        return any(h.key.id not in tried and now >= h.cool_until and now >= h.disabled_until for h in self.keys)
+        return any(h.key.id not in tried and now + TIMER_SLACK_S >= h.cool_until and now >= h.disabled_until
+                   for h in self.keys)
 
     async def _over_qps(self, key: PoolKey, tenant: tuple[str, float] | None) -> float:
         """0 when the key may be used now, else seconds until it may: its own QPS limit and the tenant's

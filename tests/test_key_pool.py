@@ -21,6 +21,7 @@ import pytest
 from gateway.keys import RUNTIME
 from gateway.observe.events import KeyCooldown, KeyDisabled, RetryScheduled
 from gateway.store.memory import MemoryStore
+from tests.support.clock import FakeClock
 from tests.support.config import GatewayConfig, bearer_env
 from tests.support.fakes import Fault
 from tests.support.gateway import until
@@ -233,6 +234,28 @@ async def test_when_the_last_key_is_limited_too_the_request_waits_for_the_soones
     assert used(fake) == ["K1", "K2", "K3", "K1"]
     assert resp.headers["X-ReliAPI-Attempts"] == "4"
 
+
+
+class EarlyClock(FakeClock):
+    """Sleeps end half a millisecond early, as an event loop's millisecond timers may."""
+
+    async def sleep(self, seconds: float) -> None:  # type: ignore[override]
+        self.sleeps.append(seconds)
+        self.offset += max(0.0, seconds - 0.0005)
+        await asyncio.sleep(0)
+
+
+async def test_a_wait_for_the_first_key_back_that_ends_a_hair_early_still_gets_that_key(fake, gateway):
+    """Every key cooling: the request waits for the soonest one. A wake-up a hair before its cooldown ended found it
+    still cooling, and that spent one of the 429 rule's retries without an upstream call (a review saw 4 to 13
+    upstream calls for the same request)."""
+    clock = EarlyClock()
+    client, _ = await gateway(config(fake.url, retry_matrix={"429": {"attempts": 1, "max_s": 20}}), env=SECRETS,
+                              clock=clock, store=MemoryStore(clock=clock.time))
+    fake.script = _three_429s(10, 20, 30)
+    resp = await ask(client)
+    assert resp.status == 200 and used(fake) == ["K1", "K2", "K3", "K1"]  # the one retry went to the first key back
+    assert len(clock.sleeps) == 1
 
 # ---------------------------------------------------------------- 401: disabled key
 
