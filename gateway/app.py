@@ -14,13 +14,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 from gateway.clock import Clock
 from gateway.config.model import Config, ServerConfig
 from gateway.edge import admin, cors, docs, openapi, operator, probes, reports
 from gateway.edge.ids import named
 from gateway.edge.serve import serve
+from gateway.errors import GatewayError
 from gateway.keys import OBSERVATORY, RELOADER, RUNTIME, Reloader
 from gateway.observe import metrics, otel
 from gateway.observe import page as status_page
@@ -83,9 +84,32 @@ def create_app(
     if config.server.cors is not None:
         cors.install(app, config.server.cors)
     for path in HOT_PATHS:  # the same handler as the catch-all below, found at once
-        app.router.add_route("*", path, serve)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", serve)  # the proxied surfaces; any path, even with decoded CR/LF
+        app.router.add_route("*", path, serve, expect_handler=_expect)
+    # the proxied surfaces; any path, even with decoded CR/LF
+    app.router.add_route("*", r"/{tail:[\s\S]*}", serve, expect_handler=_expect)
     return app
+
+
+async def _expect(request: web.Request) -> None:
+    """``Expect: 100-continue``: "send the body" only to a request that will not be refused before it is read — one
+    without a valid tenant key, or declaring a body over ``max_body_mb``, gets its 401 / 413 at once (RFC 9110
+    §10.1.1), not an invitation to upload what will be thrown away."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11:
+        return
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    rt = request.app[RUNTIME].current
+    if request.content_length is not None and request.content_length > rt.max_body:
+        return
+    if rt.tenants.enabled:
+        try:
+            if rt.tenants.authenticate(request.headers) is None:
+                return
+        except GatewayError:
+            return
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # (the answer's own size starts after it)
 
 
 # The paths nearly all proxied traffic takes, routed to ``serve`` by name: the catch-all is found only after

@@ -416,3 +416,29 @@ async def test_too_many_request_headers_is_a_431(fake, gateway):
     status, headers, _ = await read_response(reader)
     assert status == 431 and headers["X-Request-Id"]
     writer.close()
+
+
+async def test_expect_100_continue_is_not_answered_for_a_request_that_will_be_refused(fake, gateway):
+    """No tenant key, or a body declared over max_body_mb: the final 401 / 413 at once, not "100 Continue" first
+    (an invitation to upload what is thrown away); a request that will be read gets its 100 and is served."""
+    client, _ = await gateway(f"""
+server: {{default_target: up, max_body_mb: 1}}
+tenants: [{{name: acme, api_key: tenant-key-acme-0123456789}}]
+targets: {{up: {{base_url: "{fake.url}/v1", provider: openai}}}}
+""")
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\n")
+    for extra, length, status in ((b"", len(CHAT), b"401"),
+                                  (b"Authorization: Bearer tenant-key-acme-0123456789\r\n", 5_000_000, b"413")):
+        reader, writer = await connect(client)
+        writer.write(head + extra + b"Content-Length: %d\r\n\r\n" % length)
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n"), HANG_S)
+        assert first.startswith(b"HTTP/1.1 " + status), first
+        writer.close()
+    reader, writer = await connect(client)
+    writer.write(head + b"Authorization: Bearer tenant-key-acme-0123456789\r\nContent-Length: %d\r\n\r\n" % len(CHAT))
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG_S)).startswith(b"HTTP/1.1 100 Continue")
+    writer.write(CHAT)
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+    assert len(fake.requests) == 1
