@@ -106,7 +106,9 @@ class Scrubber:
         plain = {s for s in secrets if len(s) >= MIN_SECRET}
         every = {v for s in plain for v in spellings(s)}
         self.secrets = sorted(every, key=len, reverse=True)
-        self.plain = sorted(plain, key=len, reverse=True)  # as configured: how a header would carry one
+        # as configured, and percent-encoded (a URL in a Location header): how a header would carry one
+        self.plain = sorted(plain | {quote(s, safe="") for s in plain} | {quote_plus(s, safe="") for s in plain},
+                            key=len, reverse=True)
         self._raw = [s.encode() for s in self.secrets]
         self.reach = 6 * max(map(len, self._raw), default=0)  # the longest key, every byte of it escaped
 

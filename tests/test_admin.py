@@ -367,7 +367,8 @@ def test_forwarding_headers_from_a_loopback_peer_are_refused_whatever_their_valu
     {"Host": "attacker.example:8000"},  # DNS rebinding: the page's own name, now pointing at 127.0.0.1
     {"Sec-Fetch-Site": "same-site", "Host": "localhost:8000", "Origin": "http://app.localhost:3000"},
     {"X-Cluster-Client-IP": "203.0.113.7"}, {"Fastly-Client-IP": "203.0.113.7"},
-    {"X-Envoy-External-Address": "203.0.113.7"},
+    {"X-Envoy-External-Address": "203.0.113.7"}, {"X-Forwarded": "for=1.2.3.4"}, {"Forwarded-For": "1.2.3.4"},
+    {"X-Original-Host": "evil.com"}, {"X-Envoy-Original-Dst-Host": "10.0.0.1:80"},
 ])
 def test_without_an_admin_key_a_web_page_is_not_the_operator_even_from_loopback(headers):
     """Any page the operator's browser opens can send to 127.0.0.1 (a form POST to /admin/reload) or rebind its

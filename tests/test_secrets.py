@@ -172,16 +172,40 @@ async def test_an_upstream_key_echoed_in_a_good_answers_headers_never_reaches_th
 async def test_an_error_that_quotes_what_the_client_sent_never_quotes_a_configured_key(fake, gateway, clock):
     """A client that sends a key where a target name or a role belongs is told so without the key in the words
     (the log and the page were scrubbed already; the answer was not)."""
-    client, _ = await gateway(config(fake.url), env=SECRETS, clock=clock)
+    client, logs = await gateway(config(fake.url), env=SECRETS, clock=clock)
     tenant = {"Authorization": f"Bearer {SECRETS['ACME_KEY']}"}
     unknown = await client.post("/v1/chat/completions", json=chat(), headers={**tenant, "X-ReliAPI-Target": SECRETS["UP_KEY"]})
     assert unknown.status == 404 and "unknown target" in (text := await unknown.text()) and not leaks("answer", text)
     envelope = await client.post("/proxy/llm", headers=tenant, json={
         "target": "up", "messages": [{"role": SECRETS["ADMIN_KEY"], "content": "hi"}]})
     assert envelope.status == 400 and not leaks("answer", await envelope.text())
+    as_model = await client.post("/v1/chat/completions", json=chat(model=SECRETS["UP_KEY"]), headers=tenant)
+    await as_model.read()
+    assert not leaks("access log", json.dumps(logs[-1]))
+    assert not leaks("metrics", await (await client.get("/metrics")).text())
     as_id = await client.post("/v1/chat/completions", json=chat(), headers={**tenant, "X-Request-Id": SECRETS["ACME_KEY"]})
     assert as_id.status == 200 and as_id.headers["X-Request-Id"].startswith("req_")  # not the key, echoed and logged
     assert SECRETS["ACME_KEY"] not in fake.requests[-1].headers.get("X-Request-Id", "")
+
+
+async def test_a_percent_encoded_key_in_a_good_answers_headers_is_scrubbed(fake, gateway, clock):
+    """Keys with / + = (base64 tokens, Azure keys) travel percent-encoded in URLs: a Location header quoting one."""
+    from urllib.parse import quote
+
+    env = {**SECRETS, "REST_KEY": "hk/SECRET+abc=def0123456"}
+    client, _ = await gateway(config(fake.url), env=env, clock=clock)
+    fake.script = lambda n, seen: Fault(headers={"Location": "https://cb.example/?k=" + quote(env["REST_KEY"], safe="")})
+    resp = await client.get("/t/rest/cb", allow_redirects=False,
+                            headers={"Authorization": f"Bearer {SECRETS['ACME_KEY']}"})
+    assert resp.status == 200, (resp.status, dict(resp.headers), len(fake.requests))
+    assert "SECRET" not in resp.headers["Location"], resp.headers["Location"]
+
+
+@pytest.mark.parametrize("override", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
+async def test_trace_asked_for_by_a_method_override_is_not_proxied_either(fake, gateway, clock, override):
+    client, _ = await gateway(config(fake.url), env=SECRETS, clock=clock)
+    resp = await client.post("/t/rest/x", headers={override: "trace", "Authorization": f"Bearer {SECRETS['ACME_KEY']}"})
+    assert resp.status == 405 and fake.requests == []
 
 async def test_the_circuit_and_key_pool_views_name_keys_by_id_only(fake, gateway, clock):
     client, _ = await gateway(config(fake.url), env=SECRETS, clock=clock)

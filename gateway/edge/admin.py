@@ -119,7 +119,8 @@ def _loopback(remote: str | None) -> bool:
 _FORWARDING = (hdrs.FORWARDED, hdrs.X_FORWARDED_FOR, istr("X-Real-IP"), hdrs.VIA, hdrs.X_FORWARDED_HOST,
                hdrs.X_FORWARDED_PROTO, istr("X-Forwarded-Port"), istr("X-Client-IP"), istr("True-Client-IP"),
                istr("CF-Connecting-IP"), istr("X-Original-Forwarded-For"), istr("X-Cluster-Client-IP"),
-               istr("Fastly-Client-IP"), istr("X-Envoy-External-Address"), istr("X-ProxyUser-Ip"))
+               istr("Fastly-Client-IP"), istr("X-Envoy-External-Address"), istr("X-ProxyUser-Ip"),
+               istr("X-Forwarded"), istr("Forwarded-For"), istr("X-Original-Host"), istr("X-Envoy-Original-Dst-Host"))
 
 
 def check_access(request: web.Request, rt: Runtime) -> None:

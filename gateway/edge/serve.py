@@ -72,6 +72,8 @@ async def serve(request: web.Request) -> web.StreamResponse:
             if guard is not None:
                 guard.authenticated(call)
             ex = call.ex = await surface.parser(call)
+            if rt.scrub.plain and ex.model and any(secret in ex.model for secret in rt.scrub.plain):
+                ex.model = rt.scrub(ex.model)  # a key sent as the model: never a log field or a metric label
             ex.account = call.account
             ex.trace = trace
             call.inflight = ex.target.name

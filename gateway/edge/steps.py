@@ -13,6 +13,7 @@ def no_route(call: Call) -> None:
 
 
 _REFLECTING = frozenset(("TRACE", "TRACK", "CONNECT"))
+_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 
 
 def from_http1(call: Call) -> None:
@@ -22,6 +23,11 @@ def from_http1(call: Call) -> None:
     if request.method in _REFLECTING:  # TRACE echoes the request as the upstream got it, the target's key with it
         raise MethodNotAllowed(f"{request.method} is never proxied (an upstream that answers TRACE would show the "
                                "request it got, credentials and all)")
+    headers = request.headers
+    for name in _OVERRIDES:  # the same asked for by a method override a framework upstream may honour
+        if name in headers and headers[name].strip().upper() in _REFLECTING:
+            raise MethodNotAllowed(f"{name}: {headers[name].strip().upper()} is never proxied (an upstream that "
+                                   "answers TRACE would show the request it got, credentials and all)")
 
 
 def authenticate(call: Call) -> None:
