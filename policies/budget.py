@@ -266,25 +266,35 @@ def policy(ctx: Context) -> Policy | None:
                     "whose cost the gateway can bound before it runs, so it is not allowed for this tenant",
                     target=target.name)
             return await call_next(ex)
+        said: list[str | None] = []  # X-ReliAPI-Max-Tokens for each fallback target the request went on to
         if chains.any:  # a fallback target is held to its own caps and ceiling, at its own model's price
-            ex.caps = lambda attempt: caps.again(attempt, billed, metered)
-        if not caps.capped(ex) and not metered:
-            return await call_next(ex)
-        answer, view = await caps.apply(ex, billed, metered)
-        if answer.estimate is not None:
-            ex.log["cost_estimate_usd"] = round(answer.estimate, 8)
+
+            async def recap(attempt: Exchange) -> None:
+                said.append(await caps.again(attempt, billed, metered))
+
+            ex.caps = recap
+        header: str | None = None
         try:
-            if metered:
-                field = next(iter(view.limits), None) or limit_field(billed, view.model or ex.model)
-                reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0), view.multiplier, field)
-            else:
+            if not caps.capped(ex) and not metered:
                 reply = await call_next(ex)
+            else:
+                answer, view = await caps.apply(ex, billed, metered)
+                header = answer.header
+                if answer.estimate is not None:
+                    ex.log["cost_estimate_usd"] = round(answer.estimate, 8)
+                if metered:
+                    field = next(iter(view.limits), None) or limit_field(billed, view.model or ex.model)
+                    reply = await spend(ex, call_next, reservation(ex, view, answer.limit or 0), view.multiplier, field)
+                else:
+                    reply = await call_next(ex)
         except GatewayError as e:
-            if answer.header is not None:
-                e.headers[X_RELIAPI_MAX_TOKENS] = answer.header
+            header = said[-1] if said else header  # (the last target tried answered it)
+            if header is not None:
+                e.headers[X_RELIAPI_MAX_TOKENS] = header
             raise
-        if answer.header is not None:
-            reply.headers[X_RELIAPI_MAX_TOKENS] = answer.header
+        header = said[-1] if said else header
+        if header is not None:
+            reply.headers[X_RELIAPI_MAX_TOKENS] = header
         return reply
 
     return budget

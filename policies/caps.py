@@ -84,9 +84,11 @@ class Caps:
         return not (soft is None and hard is None and (llm is None or llm.max_tokens is None)
                     and (ex.account is None or ex.account.max_tokens is None))
 
-    async def again(self, ex: Exchange, billed: str, metered: bool) -> None:
+    async def again(self, ex: Exchange, billed: str, metered: bool) -> str | None:
+        """``apply`` for a fallback target; its ``X-ReliAPI-Max-Tokens`` (None: the limit stands)."""
         if metered or self.capped(ex):
-            await self.apply(ex, billed, metered)
+            return (await self.apply(ex, billed, metered))[0].header
+        return None
 
     async def apply(self, ex: Exchange, billed: str, metered: bool) -> tuple[Answer, View]:
         """The caps and output ceiling of ``ex.target`` applied to the request as it now is: its output limit

@@ -229,3 +229,10 @@ async def test_a_fallback_target_is_held_to_its_own_caps_at_its_own_models_price
     resp = await client.post("/v1/chat/completions", json=chat(1000), headers=key)
     assert resp.status == 200 and resp.headers["X-ReliAPI-Fallback"] == "fb"
     assert fb.requests[-1].json()["max_tokens"] == 300 and fb.requests[-1].json()["model"] == "gpt-4o"
+    soft = chain(hard=1.0)
+    soft.tenant("acme", api_key="acme-key-123456", budget_caps={"fb": {"soft_cost_cap_usd": 0.003}})
+    client, _ = await gateway(soft)
+    resp = await client.post("/v1/chat/completions", json=chat(1000), headers=key)
+    lowered = fb.requests[-1].json()["max_tokens"]
+    assert resp.status == 200 and 16 <= lowered < 300  # gpt-4o's prompt alone is ~$0.0025: the soft cap lowers it
+    assert resp.headers["X-ReliAPI-Max-Tokens"] == f"1000->{lowered}"  # said, as for the target asked for
