@@ -13,7 +13,9 @@ one: ``llm.max_tokens`` or 4,096), ``temperature``, ``top_p``, ``user`` ⇄
 stop reasons ⇄ finish reasons, usage; Anthropic's text and PDF documents, ``disable_parallel_tool_use`` ⇄
 ``parallel_tool_calls: false``. A Messages request's field an OpenAI target cannot carry (enabled thinking,
 ``top_k``, server tools, documents by URL, unknown blocks or fields) is refused (``Untranslatable``: the
-client's 400 naming it), never dropped; an OpenAI request's fields without an Anthropic equivalent are dropped.
+client's 400 naming it), never dropped; so is an OpenAI request's field that changes the answer and has no
+Anthropic equivalent (``response_format`` JSON modes, ``logprobs``, audio, ``web_search_options``, ``logit_bias``,
+``reasoning_effort``, a content part other than text, image or PDF file); hints that change no answer are dropped.
 """
 
 from __future__ import annotations
@@ -68,7 +70,39 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
             url = image.get("url") if isinstance(image, dict) else image
             if isinstance(url, str):
                 out.append(_image_block(url))
+        elif kind == "file" and isinstance(part.get("file"), dict) and str(part["file"].get("file_data", "")).startswith(
+                "data:application/pdf;base64,"):
+            data = part["file"]["file_data"].partition(";base64,")[2]
+            out.append({"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}})
+        else:  # audio, a file by id, a part this module does not know: said, not dropped
+            raise Untranslatable("messages", f"messages: a {kind} content part is not translated for target {{target}} "
+                                             "(Anthropic): text, images and PDF files (file_data) are")
     return out
+
+
+# Chat fields that change the answer and have no Anthropic equivalent: refused when set, never dropped.
+_CHAT_ONLY = {
+    "response_format": "structured output (JSON mode, a JSON schema) is not translated for target {target} "
+                       "(Anthropic): leave it out, or ask for JSON in the prompt",
+    "logprobs": "log probabilities are not translated for target {target} (Anthropic)",
+    "top_logprobs": "log probabilities are not translated for target {target} (Anthropic)",
+    "audio": "audio output is not translated for target {target} (Anthropic)",
+    "web_search_options": "web search runs on OpenAI's servers, not on target {target} (Anthropic)",
+    "logit_bias": "logit_bias has no equivalent on target {target} (Anthropic)",
+    "reasoning_effort": "reasoning_effort has no equivalent on target {target} (Anthropic); leave it out",
+}
+
+
+def _refuse_chat_only(body: dict[str, Any]) -> None:
+    for field, why in _CHAT_ONLY.items():
+        value = body.get(field)
+        if value is None or (value in (False, 0, [], {}) and field != "web_search_options") or (
+                field == "response_format" and isinstance(value, dict) and value.get("type") == "text"):
+            continue  # (web_search_options: {} turns web search on)
+        raise Untranslatable(field, f"{field}: {why}")
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and any(m != "text" for m in modalities):
+        raise Untranslatable("modalities", "modalities: target {target} (Anthropic) answers in text only")
 
 
 def _loads(text: Any) -> Any:
@@ -81,6 +115,7 @@ def _loads(text: Any) -> Any:
 
 
 def openai_to_anthropic_request(body: dict[str, Any], *, default_max_tokens: int | None = None) -> dict[str, Any]:
+    _refuse_chat_only(body)
     system: list[str] = []
     messages: list[dict[str, Any]] = []
 

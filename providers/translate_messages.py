@@ -161,8 +161,12 @@ def _document(block: dict[str, Any], at: str, files: bool) -> dict[str, Any]:
     """A document block: plain text as a text part, a base64 PDF as OpenAI's ``file`` part."""
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
-    if kind == "text" and isinstance(source.get("data"), str):
-        return {"type": "text", "text": source["data"]}
+    if isinstance(block.get("citations"), dict) and block["citations"].get("enabled"):
+        raise Untranslatable(f"{at}.citations", f"{at}.citations: citations are Anthropic's; target {{target}} "
+                                                "(OpenAI) answers without them: leave them off")
+    if kind == "text" and isinstance(source.get("data"), str):  # its title and context, as the model would see them
+        said = [str(block[f]) for f in ("title", "context") if isinstance(block.get(f), str) and block[f]]
+        return {"type": "text", "text": "\n\n".join([*said, source["data"]])}
     if files and kind == "base64" and source.get("media_type") == "application/pdf" \
             and isinstance(source.get("data"), str):
         name = block.get("title") if isinstance(block.get("title"), str) else "document.pdf"
@@ -187,6 +191,8 @@ def _tool(tool: Any, at: str) -> dict[str, Any]:
         kind = tool.get("type") if isinstance(tool, dict) else None
         raise Untranslatable(at, f"{at}: the server tool {kind} runs on Anthropic's servers, not on target "
                                  "{target} (OpenAI); only client tools (name and input_schema) are translated")
-    return {"type": "function", "function": {"name": _string(tool, "name", at),
-                                             "description": tool.get("description", ""),
-                                             "parameters": tool.get("input_schema") or {}}}
+    function = {"name": _string(tool, "name", at), "description": tool.get("description", ""),
+                "parameters": tool.get("input_schema") or {}}
+    if isinstance(tool.get("strict"), bool):  # structured tool inputs: OpenAI's own flag of the same name
+        function["strict"] = tool["strict"]
+    return {"type": "function", "function": function}

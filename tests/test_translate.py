@@ -513,3 +513,52 @@ def test_one_tool_call_per_turn_reaches_anthropic_too() -> None:
         "model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False,
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})
     assert out["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}]}]},
+     "messages"),
+])
+async def test_what_an_anthropic_target_cannot_carry_is_refused_naming_the_field(fake, gateway, fields, param):
+    """The other way round too: a chat request for Claude with JSON mode, logprobs, audio, … was sent without them
+    and answered 200 — plain text where JSON was asked for. A 400 in OpenAI's shape names the field."""
+    client, _ = await gateway(config(fake.url))
+    body = {"model": "claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "hi"}], **fields}
+    resp = await client.post("/v1/chat/completions", json=body)
+    answer = await resp.json()
+    assert resp.status == 400 and answer["error"]["param"] == param and fake.requests == [], answer
+
+
+async def test_a_pdf_file_part_and_plain_text_options_reach_an_anthropic_target(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    body = {"model": "claude-3-5-haiku-latest", "response_format": {"type": "text"}, "modalities": ["text"],
+            "logprobs": False, "messages": [{"role": "user", "content": [
+                {"type": "file", "file": {"filename": "q3.pdf", "file_data": "data:application/pdf;base64,JVBERi0x"}},
+                {"type": "text", "text": "What was Q3 revenue?"}]}]}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200, await resp.text()
+    assert fake.requests[0].json()["messages"][0]["content"] == [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}},
+        {"type": "text", "text": "What was Q3 revenue?"}]
+
+
+async def test_a_documents_title_and_a_tools_strict_flag_reach_an_openai_target_and_citations_are_refused(fake, gateway):
+    client, _ = await gateway(config(fake.url))
+    doc = {**TEXT_DOC, "title": "Q3 report", "context": "internal"}
+    body = {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": [doc]}],
+            "tools": [{"name": "f", "input_schema": {"type": "object"}, "strict": True}]}
+    assert (await client.post("/v1/messages", json=body)).status == 200
+    sent = fake.requests[0].json()
+    assert sent["messages"][0]["content"] == "Q3 report\n\ninternal\n\nQ3 revenue was 42"
+    assert sent["tools"][0]["function"]["strict"] is True
+    cited = {**body, "messages": [{"role": "user", "content": [{**doc, "citations": {"enabled": True}}]}]}
+    resp = await client.post("/v1/messages", json=cited)
+    assert resp.status == 400 and "citations" in (await resp.json())["error"]["message"] and len(fake.requests) == 1
