@@ -46,6 +46,7 @@ async def test_the_seed_example_on_an_openai_target(fake, gateway):
         "target": "openai", "messages": [{"role": "user", "content": "Hello"}], "model": "gpt-4o-mini",
         "idempotency_key": "chat-123"})).json()
     assert again["meta"]["idempotent_hit"] is True and again["data"] == data and len(fake.requests) == 1
+    assert again["meta"]["cost_usd"] == 0.0  # a replay costs nothing (and is charged nothing)
 
 
 async def test_the_soft_cap_is_reported_in_meta(fake, gateway):

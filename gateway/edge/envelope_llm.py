@@ -188,13 +188,15 @@ async def exchange(call: Call) -> Exchange:
 def _meta(rt: Runtime, ex: Exchange, upstream: Reply, duration_ms: float) -> LLMMeta:
     fallback = upstream.headers.get(X_RELIAPI_FALLBACK)
     log = ex.log
-    cost = log.get("cost_usd")
+    hit = upstream.headers.get(X_CACHE) == "HIT"
+    # a replay or a cache hit costs nothing: the first answer's cost is not said (nor charged) twice
+    cost = 0.0 if log.get("idempotent_hit") or hit else log.get("cost_usd")
     return LLMMeta(
         request_id=ex.request_id, target=ex.target.name, provider=ex.target.provider.name, model=ex.model,
         retries=max(0, ex.attempts - 1), duration_ms=round(duration_ms, 1),
         cost_usd=round(cost, 10) if cost is not None else None, cost_estimate_usd=log.get("cost_estimate_usd"),
         cost_policy_applied=log.get("cost_policy_applied"), original_max_tokens=log.get("original_max_tokens"),
-        idempotent_hit=bool(log.get("idempotent_hit")), cache_hit=upstream.headers.get(X_CACHE) == "HIT",
+        idempotent_hit=bool(log.get("idempotent_hit")), cache_hit=hit,
         fallback_used=fallback is not None, fallback_target=fallback,
     )
 
