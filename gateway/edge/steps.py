@@ -3,6 +3,8 @@ refuses a request by raising, or fills in the call (``gateway.edge.call.Check``)
 
 from __future__ import annotations
 
+from multidict import istr
+
 from gateway.edge.call import Call
 from gateway.errors import InvalidRequest, MethodNotAllowed, UnknownTarget
 
@@ -13,7 +15,7 @@ def no_route(call: Call) -> None:
 
 
 _REFLECTING = frozenset(("TRACE", "TRACK", "CONNECT"))
-_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+_OVERRIDES = (istr("X-HTTP-Method-Override"), istr("X-HTTP-Method"), istr("X-Method-Override"))  # (istr: no casefold each)
 
 
 def from_http1(call: Call) -> None:
