@@ -37,7 +37,8 @@ CONTEXT: dict[str, int] = {"claude": 200_000, "claude-sonnet-4": 1_000_000, "cla
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
     404: "not_found_error", 408: "invalid_request_error", 409: "invalid_request_error", 413: "request_too_large",
-    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error",
+    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
+    503: "overloaded_error",
     529: "overloaded_error",
 }
 API_VERSION = "2023-06-01"  # ``anthropic-version`` for requests the gateway writes itself (translated, envelopes)

@@ -14,6 +14,7 @@ import socket
 
 import aiohttp
 import msgspec
+import pytest
 from aiohttp import web
 from aiohttp.client_reqrep import ConnectionKey
 from aioresponses import aioresponses
@@ -408,13 +409,20 @@ async def test_an_http_1_0_client_sees_a_stream_end_when_it_ends(fake, gateway):
     writer.close()
 
 
-async def test_too_many_request_headers_is_a_431(fake, gateway):
+@pytest.mark.parametrize(("path", "shape"), [("/healthz", "success"), ("/v1/chat/completions", "openai"),
+                                             ("/v1/messages", "anthropic")])
+async def test_too_many_request_headers_is_a_431_in_the_dialect_of_its_path(fake, gateway, path, shape):
+    """A request the HTTP parser refuses is answered in the dialect its request line asks for (an SDK reads its
+    own error shape), not always the gateway's envelope."""
     client, _ = await gateway(llm_config(fake.url))
     reader, writer = await connect(client)
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(200))
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + many + b"\r\n")
-    status, headers, _ = await read_response(reader)
+    writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: gw\r\n" + many + b"\r\n")
+    status, headers, body = await read_response(reader)
     assert status == 431 and headers["X-Request-Id"]
+    answer = msgspec.json.decode(body)
+    assert {"success": "success" in answer, "openai": answer.get("error", {}).get("type") == "invalid_request_error",
+            "anthropic": answer.get("type") == "error"}[shape], answer
     writer.close()
 
 

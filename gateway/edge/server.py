@@ -96,7 +96,7 @@ class _RequestHandler(web_protocol.RequestHandler):
     last request (and its body): bytes that arrive while a parsed request's body is still open
     are that body's, timed by whoever reads it. Every completed head stops the clock."""
 
-    __slots__ = ("_limits", "_head_timer", "_head_started", "_last_body", "_shed")
+    __slots__ = ("_limits", "_head_timer", "_head_started", "_last_body", "_shed", "_head_start")
 
     def __init__(self, manager: web_server.Server, *, limits: Limits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -105,6 +105,7 @@ class _RequestHandler(web_protocol.RequestHandler):
         self._head_started = False  # bytes of the awaited request head have arrived
         self._last_body: StreamReader | None = None  # the body of the last request parsed
         self._shed: bytearray | None = None  # over the cap: the request head read so far
+        self._head_start = b""  # the first bytes of the latest request head: its request line, for a refusal's dialect
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -140,6 +141,8 @@ class _RequestHandler(web_protocol.RequestHandler):
         # judged before these bytes are parsed: the ones that complete a body are that body's, not a new head's
         # (the clock started on them, and a client that had sent a whole request got a 408 it never asked for)
         between = not self._head_started and self._between_requests()
+        if between:
+            self._head_start = data[:512]
         super().data_received(data)
         if self._request_count != count:  # a head (or several, pipelined) is complete
             if self._head_timer is not None:
@@ -233,8 +236,8 @@ class _RequestHandler(web_protocol.RequestHandler):
             request_id = request_id_of({})
         log.info("rejected %s request from %s: %s", "slow" if status == 408 else "malformed", request.remote,
                  err.message, extra={"fields": {"request_id": request_id}})
-        # aiohttp hands a request its parser refused over without its path: the gateway's own dialect
-        body = error_body(err, ENVELOPE, request_id, target=None, attempts=0, duration_ms=0.0)
+        # aiohttp hands a request its parser refused over without its path: the dialect its request line asks for
+        body = error_body(err, _dialect_of(self._head_start), request_id, target=None, attempts=0, duration_ms=0.0)
         resp = web.Response(status=err.status, body=msgspec.json.encode(body), content_type="application/json",
                             headers={X_REQUEST_ID: request_id, "Connection": "close"})
         resp.force_close()
@@ -248,12 +251,18 @@ def _first_line(message: str | None) -> str:
     return (message or "bad request").strip().splitlines()[0][:200]
 
 
+def _dialect_of(head: bytes) -> str:
+    """The error dialect a request line asks for (the envelope when there is none to read)."""
+    line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+    if len(line) < 2 or not line[1].startswith("/"):
+        return ENVELOPE
+    return surface_for(line[0], line[1]).dialect_of(line[1])
+
+
 def _too_many_connections(head: bytes) -> bytes:
     """The 503 for a connection over the cap, written straight to the socket (it never gets a
     request object), in the dialect its request line's path asks for."""
-    line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-    method, path = line[0], line[1] if len(line) > 1 else ""
-    dialect = surface_for(method, path).dialect_of(path)  # as the request would have been answered
+    dialect = _dialect_of(head)  # as the request would have been answered
     found = _CLIENT_REQUEST_ID.search(head)
     request_id = found.group(1).decode() if found else request_id_of({})
     err = TooManyConnections("the gateway has too many open connections; retry shortly", retry_after=1)
