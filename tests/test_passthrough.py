@@ -338,14 +338,16 @@ async def test_no_compression_unless_the_client_asked(gw, fake):
 
 
 async def test_a_request_the_http_parser_refuses_is_answered_with_a_request_id(gw, fake):
-    """aiohttp hands such a request over without its path, so the answer is in the envelope dialect."""
+    """aiohttp hands such a request over without its path; the answer is in the dialect its request line asks
+    for (Anthropic's, for /v1/messages), with the request id."""
     client, _ = gw
     data = await raw_http(client, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
                  b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
     rid = next(line.split(b": ", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:"))
-    assert msgspec.json.decode(body)["meta"]["request_id"] == rid.decode() != ""
+    answer = msgspec.json.decode(body)
+    assert answer["type"] == "error" and answer["error"]["type"] == "invalid_request_error" and rid.decode() != ""
     assert fake.requests == []
 
 
