@@ -109,8 +109,14 @@ class Scrubber:
         # as configured, and percent-encoded (a URL in a Location header): how a header would carry one
         self.plain = sorted(plain | {quote(s, safe="") for s in plain} | {quote_plus(s, safe="") for s in plain},
                             key=len, reverse=True)
+        self.shortest = min(map(len, self.plain), default=float("inf"))
         self._raw = [s.encode() for s in self.secrets]
         self.reach = 6 * max(map(len, self._raw), default=0)  # the longest key, every byte of it escaped
+
+    def holds(self, text: str) -> bool:
+        """Does ``text`` (a client's model name, request id) carry a configured key as written or percent-encoded?
+        A text shorter than every key is answered without a search (the usual model name, every time)."""
+        return len(text) >= self.shortest and any(secret in text for secret in self.plain)
 
     def __call__(self, text: str) -> str:
         for s in self.secrets:

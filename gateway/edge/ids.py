@@ -26,11 +26,13 @@ def _new_id_prefix() -> None:  # forked workers must not repeat each other's ids
 os.register_at_fork(after_in_child=_new_id_prefix)
 
 
-def request_id(headers: Mapping[str, str], span_id: str | None = None) -> str:
-    """The client's id (letters, digits, ``._:-``, at most 128) or a new one: ``req_<span_id>`` when the
-    request has a span (its 64 random bits, already drawn: ``gateway.observe.trace``), else from a counter."""
+def request_id(headers: Mapping[str, str], span_id: str | None = None,
+               refused: Callable[[str], bool] | None = None) -> str:
+    """The client's id (letters, digits, ``._:-``, at most 128; not one ``refused`` names — a configured key) or a new
+    one: ``req_<span_id>`` when the request has a span (its 64 random bits, already drawn: ``gateway.observe.trace``),
+    else from a counter."""
     rid = headers.get(X_REQUEST_ID)
-    if rid and _REQUEST_ID.fullmatch(rid):
+    if rid and _REQUEST_ID.fullmatch(rid) and (refused is None or not refused(rid)):
         return rid
     if span_id is not None:
         return "req_" + span_id

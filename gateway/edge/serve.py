@@ -50,10 +50,9 @@ async def serve(request: web.Request) -> web.StreamResponse:
     slot = request.app[RUNTIME]
     rt = slot.current
     trace = rt.tracing.start(request.headers)  # the caller's trace continued, or a new one
-    rid = new_request_id(request.headers, trace.span_id)
-    if rt.scrub.plain and any(secret in rid for secret in rt.scrub.plain):  # a key sent as the id: never logged,
-        rid = "req_" + trace.span_id  # echoed or forwarded upstream as one
-    call = Call(request, rt, surface, rid, time.monotonic(), trace)
+    # (a client's id that holds a key is replaced: never logged, echoed or forwarded upstream as one)
+    call = Call(request, rt, surface, new_request_id(request.headers, trace.span_id, rt.scrub.holds), time.monotonic(),
+                trace)
     outcome = StreamOutcome()
     status, error, reply = 0, None, None
     guard = rt.guard
@@ -72,7 +71,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
             if guard is not None:
                 guard.authenticated(call)
             ex = call.ex = await surface.parser(call)
-            if rt.scrub.plain and ex.model and any(secret in ex.model for secret in rt.scrub.plain):
+            if ex.model and rt.scrub.holds(ex.model):
                 ex.model = rt.scrub(ex.model)  # a key sent as the model: never a log field or a metric label
             ex.account = call.account
             ex.trace = trace
