@@ -93,19 +93,8 @@ def anthropic_to_openai_request(body: dict[str, Any], *, openai_fields: bool = T
             messages.append(message)
         elif parts:
             messages.append({"role": role, "content": _text_parts(parts)})
-    out: dict[str, Any] = {"model": model, "messages": messages}
-    if body.get("max_tokens") is not None:
-        out["max_tokens"] = body["max_tokens"]
-    if body.get("stop_sequences"):
-        out["stop"] = body["stop_sequences"]
-    for field in ("temperature", "top_p", "stream"):
-        if body.get(field) is not None:
-            out[field] = body[field]
-    if body.get("stream") and openai_fields:
-        out["stream_options"] = {"include_usage": True}
-    user = (body.get("metadata") or {}).get("user_id")
-    if user and openai_fields:
-        out["user"] = user
+    out = chat_head(body, model, messages, body.get("max_tokens"), stop=body.get("stop_sequences"),
+                    ask_usage=openai_fields, user=(body.get("metadata") or {}).get("user_id") if openai_fields else None)
     tools = body.get("tools")
     if tools:
         out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
@@ -119,6 +108,26 @@ def anthropic_to_openai_request(body: dict[str, Any], *, openai_fields: bool = T
         out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
     if tools and isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True:
         out["parallel_tool_calls"] = False  # (the same promise: at most one tool call per turn)
+    return out
+
+
+def chat_head(body: dict[str, Any], model: Any, messages: list[dict[str, Any]], max_tokens: Any, *, stop: Any = None,
+              ask_usage: bool, user: Any) -> dict[str, Any]:
+    """The start of a Chat Completions request made from another dialect's ``body`` (a Messages request here, a
+    Responses request in ``providers.translate_responses``): the limit, stop sequences, the sampling fields as
+    they are, a stream's usage asked for (``ask_usage``), the end user."""
+    out: dict[str, Any] = {"model": model, "messages": messages}
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
+    if stop:
+        out["stop"] = stop
+    for field in ("temperature", "top_p", "stream"):
+        if body.get(field) is not None:
+            out[field] = body[field]
+    if body.get("stream") and ask_usage:
+        out["stream_options"] = {"include_usage": True}
+    if user:
+        out["user"] = user
     return out
 
 

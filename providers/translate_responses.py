@@ -30,6 +30,7 @@ import msgspec
 
 from providers import translate
 from providers.translate import Untranslatable
+from providers.translate_messages import chat_head
 
 _encode = msgspec.json.encode
 
@@ -98,17 +99,10 @@ def to_chat_request(body: dict[str, Any], *, anthropic: bool, stream_usage: bool
             _add_item(messages, item, f"input[{i}]")
     elif given is not None:
         raise Untranslatable("input", "input must be a string or a list of items")
-    out: dict[str, Any] = {"model": body.get("model"), "messages": messages}
-    if body.get("max_output_tokens") is not None:
-        out["max_tokens"] = body["max_output_tokens"]
-    for field in ("temperature", "top_p", "stream"):
-        if body.get(field) is not None:
-            out[field] = body[field]
-    if body.get("stream") and stream_usage:
-        out["stream_options"] = {"include_usage": True}
     user = body.get("safety_identifier") or body.get("user")
-    if user and anthropic:  # (becomes metadata.user_id; a chat-only API such as Mistral's refuses fields it lacks)
-        out["user"] = user
+    # (the user becomes metadata.user_id for Anthropic; a chat-only API such as Mistral's refuses fields it lacks)
+    out = chat_head(body, body.get("model"), messages, body.get("max_output_tokens"), ask_usage=stream_usage,
+                    user=user if anthropic else None)
     _add_tools(out, body, anthropic)
     _add_text_and_reasoning(out, body, anthropic)
     return out
