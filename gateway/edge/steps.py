@@ -18,7 +18,8 @@ _REFLECTING = frozenset(("TRACE", "TRACK", "CONNECT"))
 _OVERRIDES = (istr("X-HTTP-Method-Override"), istr("X-HTTP-Method"), istr("X-Method-Override"))  # (istr: no casefold each)
 
 
-def from_http1(call: Call) -> None:
+def proxiable(call: Call) -> None:
+    """HTTP/1.0 or newer, and no method (asked for, or by an override header) that would echo the request back."""
     request = call.request
     if request.version < (1, 0):  # HTTP/0.9 has no headers to carry a key, a type, a length
         raise InvalidRequest("HTTP/1.0 or newer is required")

@@ -1,12 +1,12 @@
 """The table of proxied surfaces: which parser, error dialect and finisher a path gets.
 
-    surface     method and path          checks             parser (→ Exchange)   errors in   finisher
-    generate    POST /v1/generate        http/1, tenant     generate.exchange     openai      generate.finish
-    proxy       POST /proxy/http         http/1, tenant     envelope.exchange     envelope    envelope.finish
-    proxy_llm   POST /proxy/llm          http/1, tenant     envelope_llm.exchange envelope    envelope_llm.finish
-    v1          any  /v1/{path}          http/1, tenant     requests.v1           by path     —
-    t           any  /t/{target}/{path}  http/1, tenant     requests.t            envelope    —
-    none        anything else            404 unknown_target —                     envelope    —
+    surface     method and path          checks              parser (→ Exchange)   errors in   finisher
+    generate    POST /v1/generate        proxiable, tenant   generate.exchange     openai      generate.finish
+    proxy       POST /proxy/http         proxiable, tenant   envelope.exchange     envelope    envelope.finish
+    proxy_llm   POST /proxy/llm          proxiable, tenant   envelope_llm.exchange envelope    envelope_llm.finish
+    v1          any  /v1/{path}          proxiable, tenant   requests.v1           by path     —
+    t           any  /t/{target}/{path}  proxiable, tenant   requests.t            envelope    —
+    none        anything else            404 unknown_target  —                     envelope    —
 
 A request is looked up by its exact method and path first, then by prefix. A surface's
 steps run in ``gateway.edge.serve`` (outermost: the request id, errors, the reply, the
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from gateway.edge import envelope, envelope_llm, generate, requests
 from gateway.edge.call import Call, Check, Finisher, Parser
-from gateway.edge.steps import authenticate, from_http1, no_route
+from gateway.edge.steps import authenticate, no_route, proxiable
 from gateway.flow.exchange import ENVELOPE, OPENAI
 from providers.endpoints import endpoint
 
@@ -40,7 +40,7 @@ class Surface:
                  finish: Finisher | None = None) -> None:
         self.name = name  # the access log's "route"
         self.dialect = dialect  # errors are rendered in it: a dialect, or a function of the raw path
-        self.checks: tuple[Check, ...] = (from_http1, authenticate) if parser is not None else (no_route,)
+        self.checks: tuple[Check, ...] = (proxiable, authenticate) if parser is not None else (no_route,)
         self.parser: Parser = parser or _never
         self.finish = finish  # None: the flow's reply is the answer
 
