@@ -33,7 +33,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from measure import CHAT_PATH  # noqa: E402
 from procs import HOST, PY, RESULTS, Child, cleanup, free_port, http, wait_ready  # noqa: E402
-from stateful import REDIS_URL, TENANT_KEY, _drop_prefix, gateway_config  # noqa: E402
+from stateful import REDIS_URL, TENANT_KEY, drop_prefix, gateway_config  # noqa: E402
 
 
 class Monitor:
@@ -131,7 +131,7 @@ def main() -> int:
         return 0
     finally:
         cleanup()
-        _drop_prefix(prefix)
+        drop_prefix(prefix)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ from aiohttp import hdrs
 from gateway.errors import GatewayError
 from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED, X_RELIAPI_COST
 from gateway.observe.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
+from gateway.state import ahead
 from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
-from gateway.store import Store, StoreError
-from policies.idempotency import body_digest, client_credentials, digest_ready, hash_values, scope
+from gateway.store import Claim, Store, StoreError
+from policies.idempotency import body_digest, client_credentials, digest_ready, digest_waits, hash_values, scope
 
 if TYPE_CHECKING:
     from gateway.config.model import CacheConfig
@@ -235,8 +236,9 @@ async def clear_entries(store: Store, target: str | None = None) -> int:
     return deleted
 
 
-def policy(ctx: Context) -> tuple[Policy, Flights] | None:
-    """The policy, and its flights (closed with the runtime); None when no target caches."""
+def policy(ctx: Context, plan_ahead: ahead.Plan) -> tuple[Policy, Flights] | None:
+    """The policy, and its flights (closed with the runtime); None when no target caches. ``plan_ahead``: how it
+    claims, for an idempotency flight to send along with its own (``gateway.state.ahead``)."""
     if not any(t.config.cache is not None and t.config.cache.enabled for t in ctx.targets.values()):
         return None
     flights = Flights(ctx.store, "cache", ctx.background, ctx.clock.time)
@@ -263,32 +265,60 @@ def policy(ctx: Context) -> tuple[Policy, Flights] | None:
             logged_at[0] = now
             log.warning("cache: store unavailable, passing requests through: %s", e)
 
-    async def cache(ex: Exchange, call_next: Handler) -> Reply:
+    def use(ex: Exchange) -> tuple[CacheConfig, float] | None:
+        """The target's cache config and this request's TTL when the cache is used for it at all."""
         cfg = ex.target.config.cache
         if cfg is None or not cfg.enabled or not cacheable(ex):
+            return None
+        if ex.account is not None and not ex.account.features.cache:  # a tier without it: never read or written
+            return cfg, 0.0
+        return cfg, ttl_for(ex, cfg)
+
+    def plan(ex: Exchange) -> tuple[Flights, Claim] | object | None:
+        """The claim the policy will send for ``ex`` when it only joins its entry (``gateway.state.ahead``);
+        PASS when it asks the store nothing; None when it asks another way (a Cache-Control, a budget refusal)."""
+        used = use(ex)
+        if used is None or used[1] <= 0 or _conditional(ex.headers):
+            return ahead.PASS
+        headers = ex.headers
+        if hdrs.CACHE_CONTROL in headers or hdrs.PRAGMA in headers or ex.refused is not None or digest_waits(ex):
+            return None
+        return flights, flights.ask(cache_key(flights, ex, keyings[ex.target.name]), "", _LOCK_TTL_S)
+
+    plan_ahead.cache = plan
+
+    async def cache(ex: Exchange, call_next: Handler) -> Reply:
+        used = use(ex)
+        if used is None:
             return await call_next(ex)
+        cfg, ttl = used
         directives = _directives(ex.headers) if hdrs.CACHE_CONTROL in ex.headers or hdrs.PRAGMA in ex.headers else ()
-        if ("no-store" in directives or (ex.account is not None and not ex.account.features.cache)
-                or _conditional(ex.headers)):
-            return _mark(await call_next(ex), "BYPASS")  # (a tier without the cache feature: never read or written)
-        ttl = ttl_for(ex, cfg)
-        if ttl <= 0:
+        if "no-store" in directives or ttl <= 0 or _conditional(ex.headers):
             return _mark(await call_next(ex), "BYPASS")
         keying = keyings[ex.target.name]
-        await digest_ready(ex)
-        key = cache_key(flights, ex, keying)
+        sent = ex.ahead.cache if ex.ahead is not None else None  # its claim, sent ahead by the idempotency flight
+        if sent is not None:
+            key = sent.key
+        else:
+            await digest_ready(ex)
+            key = cache_key(flights, ex, keying)
         lead = None
         try:
             if "no-cache" in directives:  # revalidate: run, and replace the entry only with a good answer
                 lead = await flights.claim(key + ":refresh", "", _LOCK_TTL_S, force=True, entry_key=key)
             else:
-                for _ in range(3):
+                for round_ in range(3):
                     if "only-if-cached" in directives:
                         found = await flights.lookup(key)  # a read, never a claim
                         if not isinstance(found, Entry):
                             raise NotCached("not in the cache (Cache-Control: only-if-cached)", target=ex.target.name)
                     elif ex.refused is None:
-                        found = await flights.join(key, "", _LOCK_TTL_S)
+                        found = ex.ahead.cache_answer() if sent is not None and round_ == 0 else None
+                        if found is None:  # not asked ahead: ask now, with the takes of the quota inside
+                            found = await (plan_ahead.join(flights, key, "", _LOCK_TTL_S, ex, cache=True) if round_ == 0
+                                           else flights.join(key, "", _LOCK_TTL_S))
+                        if found is None or found is ahead.GIVEN_BACK:
+                            break  # a take was refused: no flight, the rate limit answers
                     else:  # the budget refused it unless a stored or running answer serves it: it never leads
                         found = await flights.lookup(key)
                         if found is None:

@@ -101,7 +101,7 @@ class Guard:
         if self.per_ip is not None:
             limits = self.per_ip
             try:
-                call.limit_headers = await self.limiter.check(None, limits, [(limits.limits[0], "ip:" + ip)])
+                call.limit_headers = await self.limiter.check(limits, Limiter.choose(None, [(limits.limits[0], "ip:" + ip)]))
             except RateLimited:
                 self.events.emit(RateLimitRefused(target="", tenant=None, limit="default"))
                 raise

@@ -45,6 +45,7 @@ from gateway import jsonbody
 from gateway.errors import GatewayError, IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
 from gateway.headers import CREDENTIAL_HEADERS, IDEMPOTENCY_KEYS, X_CACHE, X_CACHED, X_RELIAPI_COST
 from gateway.observe.events import Coalesced, IdempotentReplay, StoreDegraded
+from gateway.state import ahead
 from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
 from gateway.store import StoreError
 
@@ -152,10 +153,15 @@ def body_digest(ex: Exchange, *, strict: bool = True) -> bytes:
     return digest
 
 
+def digest_waits(ex: Exchange) -> bool:
+    """Is the body too large to hash on the event loop, and not hashed yet (``digest_ready``)?"""
+    made = ex.canonical
+    return len(ex.body) > CANONICAL_MAX_BYTES and (made is None or made[0] is not ex.body)
+
+
 async def digest_ready(ex: Exchange) -> None:
     """A large body hashed in a thread (hashlib lets go of the GIL): 10 MB would hold the loop ~20 ms."""
-    made = ex.canonical
-    if len(ex.body) > CANONICAL_MAX_BYTES and (made is None or made[0] is not ex.body):
+    if digest_waits(ex):
         body = ex.body
         ex.canonical = (body, await asyncio.to_thread(_sha256, body))
 
@@ -213,8 +219,9 @@ def storable_with_5xx(reply: Reply) -> bool:
     return reply.status >= 500 or storable(reply)
 
 
-def policy(ctx: Context) -> tuple[Policy, Flights]:
-    """The policy, and its flights (closed with the runtime: their leaders finish first)."""
+def policy(ctx: Context, plan_ahead: ahead.Plan) -> tuple[Policy, Flights]:
+    """The policy, and its flights (closed with the runtime: their leaders finish first). ``plan_ahead``: what the
+    policies inside ask the store, sent with its claim (``gateway.state.ahead``)."""
     flights = Flights(ctx.store, "idem", ctx.background, ctx.clock.time)
     fail_open = ctx.config.store.fail_open
     events = ctx.events
@@ -236,9 +243,12 @@ def policy(ctx: Context) -> tuple[Policy, Flights]:
         store_key = flights.key(who, hashlib.sha256(key.encode()).hexdigest()[:40])
         lead = None
         try:
-            for _ in range(_FOLLOW_ROUNDS):
-                if ex.refused is None:
-                    found = await flights.join(store_key, fp, cfg.lock_ttl_s)
+            for round_ in range(_FOLLOW_ROUNDS):
+                if ex.refused is None:  # (the first time with what the policies inside will ask: one round trip)
+                    found = await (plan_ahead.join(flights, store_key, fp, cfg.lock_ttl_s, ex) if round_ == 0
+                                   else flights.join(store_key, fp, cfg.lock_ttl_s))
+                    if found is None:
+                        break  # a take of the quota was refused: no flight, the rate limit answers
                 else:  # the budget refused it unless a stored or running answer serves it: it never leads
                     found = await flights.lookup(store_key)
                     if found is None:
@@ -281,10 +291,11 @@ def policy(ctx: Context) -> tuple[Policy, Flights]:
                 "or send it without an idempotency key", retry_after=1.0,
             ) from None
         # outside the try: an error of the request itself is not the store failing
-        if lead is None:  # (refused by the budget, nothing stored or running for its key: see above)
+        if lead is None:  # (refused by the budget, nothing stored or running for its key, or a take refused: above)
             return await call_next(ex)
+        work = (lambda: call_next(ex)) if ex.ahead is None else (lambda: ahead.within(ex, call_next))
         return await lead.run(
-            lambda: call_next(ex), storable=storable_with_5xx if cfg.store_5xx else storable, ttl_s=cfg.ttl_s,
+            work, storable=storable_with_5xx if cfg.store_5xx else storable, ttl_s=cfg.ttl_s,
             max_bytes=int(cfg.max_entry_mb * 1024 * 1024), request_id=ex.request_id,
             # a plain-HTTP request changes something upstream: once sent, cancelling it would not undo
             # that, only lose the answer its retry must replay. An LLM call is cancelled: nothing but

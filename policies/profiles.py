@@ -50,6 +50,14 @@ class InFlight:
         self.active -= 1
 
 
+def parallel_limited(ctx: Context) -> frozenset[str]:
+    """The tenants whose requests this policy may refuse (a limit on parallel requests): their quota is not taken
+    before it has passed them (``gateway.state.ahead``)."""
+    if not ctx.tenants.enabled:
+        return frozenset()
+    return frozenset(name for name, p in by_tenant(ctx.config).items() if p.max_parallel_requests is not None)
+
+
 def policy(ctx: Context) -> Policy | None:
     profiles = by_tenant(ctx.config) if ctx.tenants.enabled else {}
     limits = {name: (p.max_parallel_requests, p.default_timeout_s) for name, p in profiles.items()}

@@ -43,7 +43,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.config.tiers import plans
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from gateway.flow.context import Context
     from gateway.flow.exchange import Exchange, Reply
     from gateway.observe.events import Events
+    from gateway.state.ahead import Plan
     from gateway.store import Store
 
 log = logging.getLogger("reliapi")
@@ -178,22 +179,46 @@ def estimate_tokens(ex: Exchange) -> int:
     return len(ex.body) // 4 + limit * ex.choices
 
 
-def policy(ctx: Context) -> Policy | None:
-    """The quotas: a tenant's limits and its users' — inside the cache, so a hit or a replay is free."""
+def policy(ctx: Context, plan_ahead: Plan) -> Policy | None:
+    """The quotas: a tenant's limits and its users' — inside the cache, so a hit or a replay is free. ``plan_ahead``:
+    its takes, for a flight outside to send with its claims (``gateway.state.ahead``)."""
     by_tenant = quota_limits(ctx.config, ctx.tenants.enabled)
     if not by_tenant:
         return None
     limiter = Limiter(ctx.store, ctx.config.store.rate_limit_on_error, ctx.clock.time)
     events = ctx.events
 
-    async def rate_limit(ex: Exchange, call_next: Handler) -> Reply:
+    def limits_of(ex: Exchange) -> tuple[Limits, list[tuple[Limit, str]]] | None:
         limits = by_tenant.get(ex.account.plan if ex.account is not None else None)
         if limits is None:
+            return None
+        return limits, buckets(limits, ex.tenant, user_of(ex) if limits.per_user else None)
+
+    def plan(ex: Exchange) -> tuple[Any, list[Take]] | None:
+        found = limits_of(ex)
+        if found is None:
+            return None
+        limits, which = found
+        chosen = limiter.choose(ex, which)
+        return ((limits, chosen), [lim.take(who, quantity) for lim, who, quantity in chosen]) if chosen else None
+
+    plan_ahead.takes = plan
+
+    async def rate_limit(ex: Exchange, call_next: Handler) -> Reply:
+        ahead = ex.ahead
+        if ahead is not None and ahead.chosen is not None:  # taken with the claims outside (gateway.state.ahead)
+            (limits, chosen), ahead.chosen = ahead.chosen, None
+            return await limiter.around(ex, call_next, limits, chosen, events, taken=ahead.taken)
+        found = limits_of(ex)
+        if found is None:
             return await call_next(ex)
-        user = user_of(ex) if limits.per_user else None
-        return await limiter.around(ex, call_next, limits, buckets(limits, ex.tenant, user), events)
+        limits, which = found
+        return await limiter.around(ex, call_next, limits, limiter.choose(ex, which), events)
 
     return rate_limit
+
+
+Chosen = list[tuple[Limit, str, int]]  # the limits a request takes from: (limit, whose bucket, quantity)
 
 
 class Limiter:
@@ -205,11 +230,12 @@ class Limiter:
         self._logged_at = -_LOG_EVERY_S
         self.failed: str | None = None  # the last store error, for the policy to report once
 
-    async def around(self, ex: Exchange, call_next: Handler, limits: Limits, which: list[tuple[Limit, str]],
-                     events: Events) -> Reply:
-        """Take, run the rest of the flow, and put the limit headers on whatever it answers."""
+    async def around(self, ex: Exchange, call_next: Handler, limits: Limits, chosen: Chosen,
+                     events: Events, *, taken: list[TakeResult] | None = None) -> Reply:
+        """Take (or judge what was ``taken`` already), run the rest of the flow, and put the limit headers on
+        whatever it answers."""
         try:
-            headers = await self.check(ex, limits, which)
+            headers = self.judge(limits, chosen, taken) if taken is not None else await self.check(limits, chosen)
         except RateLimited as refused:
             events.emit(RateLimitRefused(target=ex.target.name, tenant=ex.tenant,
                                          limit=getattr(refused, "limit_name", "default")))
@@ -225,16 +251,24 @@ class Limiter:
         merge_headers(reply.headers, headers)
         return reply
 
-    async def check(self, ex: Exchange | None, limits: Limits, which: list[tuple[Limit, str]]) -> dict[str, str]:
-        """Take from every limit at once; the headers describing the tightest, or raise ``RateLimited``.
-        ``ex`` None: before the request was read (the per-IP limit at the door), so no token limits."""
-        chosen = [(lim, who, estimate_tokens(ex) if lim.unit == "tokens" else 1) for lim, who in which  # type: ignore[arg-type]
-                  if lim.unit != "tokens" or (ex is not None and ex.target.kind == "llm")]
+    @staticmethod
+    def choose(ex: Exchange | None, which: list[tuple[Limit, str]]) -> Chosen:
+        """What to take from each limit. ``ex`` None: before the request was read (the per-IP limit at the
+        door), so no token limits."""
+        return [(lim, who, estimate_tokens(ex) if lim.unit == "tokens" else 1) for lim, who in which  # type: ignore[arg-type]
+                if lim.unit != "tokens" or (ex is not None and ex.target.kind == "llm")]
+
+    async def check(self, limits: Limits, chosen: Chosen) -> dict[str, str]:
+        """Take from every limit at once; the headers describing the tightest, or raise ``RateLimited``."""
         if not chosen:
             return {}
         results = await self._take_all([lim.take(who, quantity) for lim, who, quantity in chosen])
         if results is None:
             return {}
+        return self.judge(limits, chosen, results)
+
+    def judge(self, limits: Limits, chosen: Chosen, results: list[TakeResult]) -> dict[str, str]:
+        """The headers of the limit nearest exhaustion, or ``RateLimited`` for the one refused longest."""
         refused = [(r.retry_after_s, i) for i, r in enumerate(results) if not r.allowed]
         if refused:
             _, i = max(refused)  # the one that keeps it waiting longest

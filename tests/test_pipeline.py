@@ -84,7 +84,7 @@ async def test_every_request_policy_is_built_once_per_config(fake, gateway, monk
     built: list[str] = []
     for module in (cache, idempotency, rate_limit, usage):
         real = module.policy
-        monkeypatch.setattr(module, "policy", lambda ctx, _real=real, _name=module.__name__: (
-            built.append(_name), _real(ctx))[1])
+        monkeypatch.setattr(module, "policy", lambda ctx, *plan, _real=real, _name=module.__name__: (
+            built.append(_name), _real(ctx, *plan))[1])
     await gateway(llm_config(fake.url).rest(cache={"ttl_s": 60}))
     assert sorted(built) == ["policies.cache", "policies.idempotency", "policies.rate_limit", "policies.usage"]

@@ -3,9 +3,10 @@
 A ``MONITOR`` connection sees every command the gateway sends under the test's key prefix (the commands a
 script runs inside are marked ``lua`` and are not round trips). The stateful pipeline — a tenant with a rate
 limit, idempotency, cache — costs: a cache HIT one round trip (the rate limit runs inside the cache, so a hit
-takes no quota); a MISS with a new idempotency key four — the idempotency claim, the cache claim, the rate
-limit, and ONE script for both answer writes (the cache entry and the idempotency result, each fenced on its
-own lock, with their notifications); the idempotent replay one. ``bench/roundtrips.py`` prints the same.
+takes no quota); a MISS with a new idempotency key two — ONE script for the idempotency claim, the cache claim
+and the quota (``gateway.state.ahead``), and ONE for both answer writes (the cache entry and the idempotency
+result, each fenced on its own lock, with their notifications); a miss without a key two (the cache claim and
+the quota, then its answer); the idempotent replay one. ``bench/roundtrips.py`` prints the same.
 """
 
 from __future__ import annotations
@@ -79,19 +80,24 @@ async def test_a_hit_costs_one_round_trip_and_a_miss_writes_its_answers_in_one_s
             assert miss.status == 200 and miss.headers["X-Cache"] == "MISS"
             await settle(client)
             sent = await monitor.take()
-            assert len(sent) == 4, sent
-            assert [kinds for _, kinds in sent[:3]] == [{"idem"}, {"cache"}, {"rl"}]  # claim, claim, quota
-            assert sent[3] == ("EVALSHA", {"idem", "cache"})  # both answers and their notifications: one script
+            assert sent == [("EVALSHA", {"idem", "cache", "rl"}),  # claim, claim, quota: one script
+                            ("EVALSHA", {"idem", "cache"})], sent  # both answers and their notifications: one script
 
             hit = await client.post("/v1/chat/completions", json=CHAT, headers=TENANT)
             assert hit.headers["X-Cache"] == "HIT"
-            assert await monitor.take() == [("EVALSHA", {"cache"})]  # no quota taken, nothing written
+            # one script, nothing written: the claim found the entry, so the quota it names was not taken
+            assert await monitor.take() == [("EVALSHA", {"cache", "rl"})]
 
             replay = await client.post("/v1/chat/completions", json=CHAT, headers={**TENANT, "Idempotency-Key": "k1"})
             assert replay.headers["Idempotent-Replayed"] == "true"
             await settle(client)
-            assert await monitor.take() == [("EVALSHA", {"idem"})]
-        assert len(fake.requests) == 2  # the warm-up and the miss
+            assert await monitor.take() == [("EVALSHA", {"idem", "cache", "rl"})]  # found stored: nothing else tried
+
+            other = await client.post("/v1/chat/completions", json={**CHAT, "user": "other"}, headers=TENANT)
+            assert other.headers["X-Cache"] == "MISS"
+            await settle(client)
+            assert await monitor.take() == [("EVALSHA", {"cache", "rl"}), ("EVALSHA", {"cache"})]
+        assert len(fake.requests) == 3  # the warm-up and the two misses
     finally:
         await client.close()
         await drop(await redis_store(prefix))

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.errors import StoreUnavailable
-from gateway.store import Store, StoreError, StoreURLError, Take, TakeResult, Write, open_store
+from gateway.store import Claim, Store, StoreError, StoreURLError, Take, TakeResult, Write, open_store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.resp import ReplyError
@@ -187,9 +187,10 @@ async def test_compare_and_set_is_a_fenced_write(store: Store, advance) -> None:
 
 
 class OneByOne(MemoryStore):
-    """A backend without a ``commit`` of its own: the base class's, one write after the other."""
+    """A backend without a ``commit`` or ``claim_first`` of its own: the base class's, one call after the other."""
 
     commit = Store.commit
+    claim_first = Store.claim_first
 
 
 @pytest_asyncio.fixture(params=["memory", "redis", "sentinel", "cluster", "base"])
@@ -253,6 +254,49 @@ async def test_commit_is_fenced_under_concurrency(committing: Store) -> None:
                                      for i in range(20)))
     assert [i for i, r in enumerate(results) if r == [True]] == [7]
     assert await store.get("k") == b"answer-7"
+
+
+async def test_claim_first_claims_in_order_while_each_is_free_then_takes(committing: Store) -> None:
+    """A miss's idempotency key, cache entry and quota in one call; a held claim stops everything after it."""
+    store = committing
+    quota = Take("rl:{acme}", rate_per_s=1 / 60, burst=1)  # two now, then one a minute
+    held, taken = await store.claim_first([Claim("idem:1", b"L-i1", 10), Claim("cache:1", b"L-c1", 10)], [quota])
+    assert held == [None, None] and taken is not None and [t.allowed for t in taken] == [True]
+    assert (await store.get("idem:1"), await store.get("cache:1")) == (b"L-i1", b"L-c1")
+    # another key, the same cache entry: the key is claimed, the entry's holder said, and no quota is taken
+    held, taken = await store.claim_first([Claim("idem:2", b"L-i2", 10), Claim("cache:1", b"L-c2", 10)], [quota])
+    assert held == [None, b"L-c1"] and taken is None
+    assert await store.get("idem:2") == b"L-i2" and await store.get("cache:1") == b"L-c1"
+    # the same key again: what holds it, and nothing after it is tried
+    held, taken = await store.claim_first([Claim("idem:1", b"L-i3", 10), Claim("cache:3", b"L-c3", 10)], [quota])
+    assert held == [b"L-i1"] and taken is None
+    assert await store.get("cache:3") is None
+    peek = await store.take_all([Take("rl:{acme}", rate_per_s=1 / 60, burst=1, quantity=0)])
+    assert peek[0].remaining == 1  # one taken of two: the held claims took none
+
+
+async def test_claim_first_gives_its_claims_back_when_a_take_is_refused(committing: Store) -> None:
+    store = committing
+    minute, hour = Take("m:{acme}", rate_per_s=1 / 60, burst=0), Take("h:{acme}", rate_per_s=1 / 3600, burst=5)
+    assert (await store.claim_first([Claim("idem:a", b"L-a", 10)], [minute, hour]))[1][0].allowed  # type: ignore[index]
+    held, taken = await store.claim_first([Claim("idem:b", b"L-b", 10), Claim("cache:b", b"L-cb", 10)], [minute, hour])
+    assert held == [None, None] and taken is not None
+    assert [t.allowed for t in taken] == [False, True] and taken[0].retry_after_s > 50
+    assert await store.get("idem:b") is None and await store.get("cache:b") is None  # given back
+    assert (await store.take_all([Take("h:{acme}", rate_per_s=1 / 3600, burst=5, quantity=0)]))[0].remaining == 5
+    held, taken = await store.claim_first([Claim("idem:b", b"L-b2", 10)], [])  # free for the retry
+    assert held == [None] and taken is None
+
+
+async def test_claim_first_has_one_winner_among_concurrent_callers(committing: Store) -> None:
+    store = committing
+    quota = Take("rl:{t}", rate_per_s=100, burst=100)
+    results = await asyncio.gather(*(store.claim_first([Claim("idem:k", b"L%d" % i, 10), Claim("cache:k", b"C%d" % i, 10)],
+                                                       [quota]) for i in range(20)))
+    winners = [i for i, (held, _) in enumerate(results) if held == [None, None]]
+    assert len(winners) == 1
+    assert await store.get("idem:k") == b"L%d" % winners[0] and await store.get("cache:k") == b"C%d" % winners[0]
+    assert all(held == [b"L%d" % winners[0]] for i, (held, _) in enumerate(results) if i != winners[0])
 
 
 # -- counters ------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.flow.chain import Handler, Policy, compose
 from gateway.flow.send import upstream_sender
+from gateway.state.ahead import Plan
 from policies import (
     budget,
     bulkhead,
@@ -100,16 +101,19 @@ class Owned:
 
 
 def request_policies(ctx: Context, owned: Owned) -> list[Policy | None]:
-    """Once per client request, outermost first (the router follows the last)."""
+    """Once per client request, outermost first (the router follows the last). ``ahead``: how the cache and the
+    quotas ask the store, for the flights outside them to ask with their own claim (one round trip)."""
+    ahead = Plan()
+    ahead.parallel = profiles.parallel_limited(ctx)
     return [
         tenants.policy(ctx),
         tiers.policy(ctx),  # what the tenant's tier does not allow: refused before the store or upstream
         budget.policy(ctx),
-        owned.closing(idempotency.policy(ctx)),  # a no-op step for a request without a key
-        owned.closing(cache.policy(ctx)),
+        owned.closing(idempotency.policy(ctx, ahead)),  # a no-op step for a request without a key
+        owned.closing(cache.policy(ctx, ahead)),
         budget.guard(ctx),  # the budget's refusal of a request neither a replay nor a cache hit answered
         profiles.policy(ctx),  # a tenant's requests in flight and its deadline (a refusal here takes no quota)
-        rate_limit.policy(ctx),  # a tenant's and its users' quotas: inside the cache, a hit or a replay is free
+        rate_limit.policy(ctx, ahead),  # a tenant's and its users' quotas: inside the cache, a hit or a replay is free
         tenants.provider_limits(ctx),  # inside the quotas: it drops the provider's x-ratelimit-*, not ours
         owned.usage(usage.policy(ctx)),  # inside the cache: a hit or a replay is not usage
     ]

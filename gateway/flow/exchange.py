@@ -28,7 +28,7 @@ class Exchange:
         "target", "model", "stream", "tenant", "client_ip", "attempts", "log",
         "choices", "include_usage", "deadline", "client_deadline", "key", "max_tokens", "idempotency_key", "cache_ttl",
         "user", "settlement", "ask_usage", "prepared", "canonical", "endpoint", "account", "trace", "continuation",
-        "running", "cache_status", "refused", "unanswered", "caps",
+        "running", "cache_status", "refused", "unanswered", "caps", "ahead",
     )
 
     def __init__(
@@ -72,6 +72,7 @@ class Exchange:
         self.attempts = 0
         self.unanswered = 0  # attempts sent that got no error answer back (one may still be billed)
         self.caps: Any = None  # a fallback target's caps, applied to the request for it (policies.budget)
+        self.ahead: Any = None  # the store's answers to what a policy asked for those inside it (gateway.state.ahead)
         self.log: dict[str, Any] = {}  # extra access-log fields set by policies
         self.choices = choices  # the body's "n": a stream is complete when this many choices finished
         self.include_usage = include_usage  # stream_options.include_usage: a usage chunk ends the stream

@@ -57,7 +57,7 @@ from gateway.state.flightlog import (
     replay,
 )
 from gateway.state.lead import Lead
-from gateway.store import Store, StoreError
+from gateway.store import Claim, Store, StoreError
 from gateway.streaming.recording import headers_of
 
 log = logging.getLogger("reliapi")
@@ -85,7 +85,7 @@ class Flights:
         self.namespace = namespace
         self.tasks = tasks
         self.local: dict[str, Lead] = {}  # key → the flight this instance leads
-        self.cleanups: set[asyncio.Task[None]] = set()  # locks to take back once the store answers (``_unclaim``)
+        self.cleanups: set[asyncio.Task[None]] = set()  # locks to take back once the store answers (``unclaim``)
         self._renewals: asyncio.TimerHandle | None = None  # ``watch``: one timer for every running lead's lock
         self._renewals_at = math.inf
 
@@ -109,21 +109,37 @@ class Flights:
     async def join(self, key: str, fp: str, lock_ttl_s: float) -> Lead | Entry | bytes:
         """In one round trip: the lead (the key was free and is now ours), the stored entry,
         or the lock of the flight that runs (to ``follow``)."""
-        token = new_token()
-        lock = b"L" + token.encode() + b" " + fp.encode()
+        claim = self.ask(key, fp, lock_ttl_s)
         try:
-            held = await self.store.claim(key, lock, lock_ttl_s)
+            held = await self.store.claim(key, claim.value, lock_ttl_s)
         except (StoreError, asyncio.CancelledError):  # (cancelled: the client left while the claim was on its way)
-            self._unclaim(key, lock, lock_ttl_s)
+            self.unclaim(claim)
             raise
+        return self.answer(claim, fp, held)
+
+    def ask(self, key: str, fp: str, lock_ttl_s: float) -> Claim:
+        """The claim ``join`` sends for ``key``: a lock with a new token (``gateway.state.ahead`` sends it with
+        others)."""
+        return Claim(key, b"L" + new_token().encode() + b" " + fp.encode(), lock_ttl_s)
+
+    def answer(self, claim: Claim, fp: str, held: bytes | None) -> Lead | Entry | bytes:
+        """What the store's answer to ``claim`` means: the lead (None: the key is ours), the stored entry, or
+        the lock of the flight that runs."""
         if held is None:
-            return Lead(self, key, lock, token, fp, lock_ttl_s)
+            return Lead(self, claim.key, claim.value, claim.value[1:17].decode(), fp, claim.ttl_s)
         if held[:1] == b"D":
             try:
                 return decode_entry(held[1:])
             except msgspec.DecodeError:  # not ours to read (another version): treat as running
                 return held
         return held
+
+    def unclaim(self, claim: Claim) -> None:
+        """A claim whose answer never came (the store timed out, the client left) may still have been applied:
+        a lock nobody runs under would hold every duplicate back until it expires. Taken back, if it is there
+        and ours, as soon as the store answers again."""
+        self.keep_trying(lambda: self.store.compare_and_delete(claim.key, claim.value, notify=claim.key),
+                         claim.ttl_s, pause_s=0.5, wait_first=False)
 
     async def claim(
         self, key: str, fp: str, lock_ttl_s: float, *, force: bool = False, entry_key: str | None = None,
@@ -139,7 +155,7 @@ class Flights:
             elif not await self.store.set_nx(key, lock, lock_ttl_s):
                 return None
         except (StoreError, asyncio.CancelledError):
-            self._unclaim(key, lock, lock_ttl_s)
+            self.unclaim(Claim(key, lock, lock_ttl_s))
             raise
         lead = Lead(self, key, lock, token, fp, lock_ttl_s)
         lead.entry_key = entry_key
@@ -170,12 +186,6 @@ class Flights:
             soonest = min(soonest, lead.renew_due)
         self._renewals_at = soonest
         self._renewals = loop.call_at(soonest, self._renew_due) if soonest < math.inf else None
-
-    def _unclaim(self, key: str, lock: bytes, lock_ttl_s: float) -> None:
-        """A claim whose answer never came (the store timed out) may still have been applied: a lock
-        nobody runs under would hold every duplicate back until it expires. Take it back, if it is
-        there and ours, as soon as the store answers again."""
-        self.keep_trying(lambda: self.store.compare_and_delete(key, lock), lock_ttl_s, pause_s=0.5, wait_first=False)
 
     def keep_trying(self, attempt: Callable[[], Awaitable[Any]], within_s: float, *, pause_s: float = 0.2,
                     wait_first: bool = True) -> None:

@@ -7,12 +7,12 @@ instances act as one (``gateway.store.url`` reads them all).
 
 from __future__ import annotations
 
-from gateway.store.base import Store, StoreError, StoreMisconfigured, Subscription, Take, TakeResult, Write
+from gateway.store.base import Claim, Store, StoreError, StoreMisconfigured, Subscription, Take, TakeResult, Write
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.url import StoreURLError, parse_store_url
 
-__all__ = ["Store", "StoreError", "Subscription", "Take", "TakeResult", "Write", "open_store", "check_store_url", "probe_store",
+__all__ = ["Claim", "Store", "StoreError", "Subscription", "Take", "TakeResult", "Write", "open_store", "check_store_url", "probe_store",
            "StoreURLError", "StoreMisconfigured"]
 
 

@@ -81,6 +81,14 @@ class Write(msgspec.Struct, frozen=True):
     notify: str | None = None
 
 
+class Claim(msgspec.Struct, frozen=True):
+    """One claim of ``Store.claim_first``: ``value`` at ``key`` for ``ttl_s`` unless the key is taken (``claim``)."""
+
+    key: str
+    value: bytes
+    ttl_s: float
+
+
 class TakeResult(msgspec.Struct, frozen=True):
     """Outcome of one GCRA ``Store.take`` (the redis-cell ``CL.THROTTLE`` reply).
 
@@ -221,6 +229,26 @@ class Store(abc.ABC):
     async def claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
         """``set_nx`` and, when the key is taken, its current value — in one atomic step
         (one round trip): None means the key is now ours."""
+
+    async def claim_first(self, claims: list[Claim], takes: list[Take]) -> tuple[list[bytes | None], list[TakeResult] | None]:
+        """``claim`` each of ``claims`` in order while the one before was free, then — when every one was —
+        ``take_all(takes)``; a take refused gives this call's claims back (published ``released`` on the
+        key, as a lead's release is). Returns what held each claim tried (None: ours now; only the last may
+        be taken) and the takes' results (None when they were not tried). One atomic round trip where the
+        backend can (``gateway.state.ahead``: a request's idempotency key, cache entry and quota at once);
+        this default, one call each, is correct but not faster."""
+        held: list[bytes | None] = []
+        for c in claims:
+            held.append(await self.claim(c.key, c.value, c.ttl_s))
+            if held[-1] is not None:
+                return held, None
+        if not takes:
+            return held, None
+        taken = await self.take_all(takes)
+        if not all(r.allowed for r in taken):
+            for c in claims:
+                await self.compare_and_delete(c.key, c.value, notify=c.key)
+        return held, taken
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None: ...

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from gateway.store.base import (
+    Claim,
     Store,
     StoreError,
     Subscription,
@@ -154,11 +155,28 @@ class MemoryStore(Store):
         return True
 
     async def claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
+        return self._claim(key, value, ttl_s)
+
+    def _claim(self, key: str, value: bytes, ttl_s: float) -> bytes | None:
         entry = self._typed(key, bytes)
         if entry is not None:
             return entry[0]  # type: ignore[return-value]
         self._put(key, value, self._deadline(ttl_s))
         return None
+
+    async def claim_first(self, claims: list[Claim], takes: list[Take]) -> tuple[list[bytes | None], list[TakeResult] | None]:
+        held: list[bytes | None] = []
+        for c in claims:
+            held.append(self._claim(c.key, c.value, c.ttl_s))
+            if held[-1] is not None:
+                return held, None
+        if not takes:
+            return held, None
+        taken = self._take_all(takes, self._clock())
+        if not all(r.allowed for r in taken):
+            for c in claims:  # (given back before anyone could see them: nothing to announce)
+                self._drop(c.key)
+        return held, taken
 
     async def delete(self, key: str) -> None:
         self._drop(key)
@@ -259,9 +277,11 @@ class MemoryStore(Store):
         return (await self.take_all([Take(key, rate_per_s, burst, quantity)], now=now))[0]
 
     async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
+        return self._take_all(takes, self._clock() if now is None else now)
+
+    def _take_all(self, takes: list[Take], now: float) -> list[TakeResult]:
         if len(takes) > 1:
             one_slot([t.key for t in takes])
-        now = self._clock() if now is None else now
         results, writes = [], []
         allowed = True
         for take in takes:

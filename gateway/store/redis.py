@@ -28,7 +28,9 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from gateway.scrub import MIN_SECRET
+from gateway.store import scripts
 from gateway.store.base import (
+    Claim,
     Store,
     StoreError,
     StoreMisconfigured,
@@ -44,33 +46,6 @@ from gateway.store.cluster import Cluster, key_slot
 from gateway.store.failures import unechoed
 from gateway.store.redis_pubsub import ChannelHub
 from gateway.store.resp import Refused, ReplyError, Stalled, tls_refusal
-from gateway.store.scripts import (
-    APPEND as _APPEND,
-)
-from gateway.store.scripts import (
-    CLAIM as _CLAIM,
-)
-from gateway.store.scripts import (
-    COMMIT as _COMMIT,
-)
-from gateway.store.scripts import (
-    COMPARE_AND_DELETE as _COMPARE_AND_DELETE,
-)
-from gateway.store.scripts import (
-    COMPARE_AND_SET as _COMPARE_AND_SET,
-)
-from gateway.store.scripts import (
-    COUNTER as _COUNTER,
-)
-from gateway.store.scripts import (
-    GCRA_ALL as _GCRA_ALL,
-)
-from gateway.store.scripts import (
-    HINCR_MANY as _HINCR_MANY,
-)
-from gateway.store.scripts import (
-    RESERVE as _RESERVE,
-)
 from gateway.store.scripts import Script
 from gateway.store.topology import Single
 from gateway.store.url import parse_store_url
@@ -81,6 +56,17 @@ _STALL_PAUSE_S = 1.0  # after a command timed out, others fail at once for this 
 
 def _ms(ttl_s: float) -> int:
     return max(1, math.ceil(ttl_s * 1000))
+
+
+def _gcra_args(params: list[tuple[float, float, float]]) -> list[float]:
+    """A take's ARGV in ``GCRA_ALL`` and ``CLAIM_FIRST``: its delay tolerance and increment."""
+    return [x for _, tolerance, increment in params for x in (tolerance, increment)]
+
+
+def _taken(takes: list[Take], params: list[tuple[float, float, float]], raw: list[Any]) -> list[TakeResult]:
+    """The takes' results from the scripts' flat {allowed, retry_after, ttl} per take."""
+    return [gcra_result(bool(raw[3 * i]), float(raw[3 * i + 1]), float(raw[3 * i + 2]), interval, take.burst)
+            for i, (take, (interval, _, _)) in enumerate(zip(takes, params, strict=True))]
 
 
 def _commit_args(writes: list[Write], name: Callable[[str], str]) -> list[bytes | str | int]:
@@ -145,15 +131,16 @@ class RedisStore(Store):
         self._router = router_of(parsed, connect_timeout_s=_CONNECT_TIMEOUT_S, timeout_s=_SOCKET_TIMEOUT_S)
         self._call = self._router.call
         run = self._run_script
-        self._cad = Script(run, _COMPARE_AND_DELETE)
-        self._cas = Script(run, _COMPARE_AND_SET)
-        self._commit = Script(run, _COMMIT)
-        self._counter = Script(run, _COUNTER)
-        self._gcra_all = Script(run, _GCRA_ALL)
-        self._append = Script(run, _APPEND)
-        self._claim = Script(run, _CLAIM)
-        self._hincr_many = Script(run, _HINCR_MANY)
-        self._reserve = Script(run, _RESERVE)
+        self._cad = Script(run, scripts.COMPARE_AND_DELETE)
+        self._cas = Script(run, scripts.COMPARE_AND_SET)
+        self._commit = Script(run, scripts.COMMIT)
+        self._counter = Script(run, scripts.COUNTER)
+        self._gcra_all = Script(run, scripts.GCRA_ALL)
+        self._append = Script(run, scripts.APPEND)
+        self._claim = Script(run, scripts.CLAIM)
+        self._claim_first = Script(run, scripts.CLAIM_FIRST)
+        self._hincr_many = Script(run, scripts.HINCR_MANY)
+        self._reserve = Script(run, scripts.RESERVE)
         self._hub = ChannelHub(self._router.pubsub_endpoint, anchor=self._prefix + "__store_anchor__",
                                connect_timeout_s=_CONNECT_TIMEOUT_S, error=self._error)
 
@@ -309,14 +296,24 @@ class RedisStore(Store):
 
     async def take_all(self, takes: list[Take], *, now: float | None = None) -> list[TakeResult]:
         params = [gcra_params(t.rate_per_s, t.burst, t.quantity) for t in takes]
-        args: list[Any] = ["" if now is None else now]
-        for _, tolerance, increment in params:
-            args += (tolerance, increment)
         one_slot([t.key for t in takes])
         with self._wrap_errors("take"):
-            raw = await self._gcra_all(keys=[self._k(t.key) for t in takes], args=args)
-        return [gcra_result(bool(raw[3 * i]), float(raw[3 * i + 1]), float(raw[3 * i + 2]), interval, take.burst)
-                for i, (take, (interval, _, _)) in enumerate(zip(takes, params, strict=True))]
+            raw = await self._gcra_all(keys=[self._k(t.key) for t in takes], args=["" if now is None else now,
+                                                                                    *_gcra_args(params)])
+        return _taken(takes, params, raw)
+
+    async def claim_first(self, claims: list[Claim], takes: list[Take]) -> tuple[list[bytes | None], list[TakeResult] | None]:
+        if self.topology == "cluster":  # keys of many slots (each flight's its own): one call each, in order
+            return await super().claim_first(claims, takes)
+        params = [gcra_params(t.rate_per_s, t.burst, t.quantity) for t in takes]
+        args: list[Any] = [len(claims), ""]
+        for c in claims:
+            args += (c.value, _ms(c.ttl_s))
+        if takes:
+            one_slot([t.key for t in takes])
+        with self._wrap_errors("claim"):
+            raw = await self._claim_first(keys=[self._k(k.key) for k in (*claims, *takes)], args=[*args, *_gcra_args(params)])
+        return raw[0], _taken(takes, params, raw[1]) if len(raw) > 1 else None
 
     # -- prefixes --------------------------------------------------------------
 

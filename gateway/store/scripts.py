@@ -79,39 +79,69 @@ if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], n) end
 return n
 """
 
-# GCRA as in redis-cell: several takes, all or nothing (``Store.take_all``; ``take`` is one of them). ARGV: now
-# or '' for TIME, then per key its delay tolerance and increment (seconds). Returns {allowed, retry_after
-# (-1 = never), ttl} per key, flattened; floats as %.17g strings because a Lua number returned to Redis is
-# truncated to an integer.
-GCRA_ALL = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function f(x) return string.format('%.17g', x) end
-local out, writes, refused = {}, {}, false
-for i, key in ipairs(KEYS) do
-  local tolerance, increment = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
-  local new_tat = tat + increment
-  local allow_at = new_tat - tolerance
-  if now < allow_at then
-    local retry = -1
-    if increment <= tolerance then retry = allow_at - now end
-    refused = true
-    table.insert(out, 0); table.insert(out, f(retry)); table.insert(out, f(tat - now))
-  else
-    table.insert(out, 1); table.insert(out, '0'); table.insert(out, f(new_tat - now))
-    if increment > 0 then table.insert(writes, {key, new_tat}) end
+# GCRA as in redis-cell: several takes, all or nothing (``Store.take_all``; ``take`` is one of them), as a function
+# ``GCRA_ALL`` and ``CLAIM_FIRST`` share: the takes' keys are KEYS after the first ``k0``, each take's delay
+# tolerance and increment (seconds) ARGV ``a0 + 2i - 1`` and ``a0 + 2i``; ``now`` nil for TIME. Returns {allowed,
+# retry_after (-1 = never), ttl} per key, flattened, and whether one was refused; floats as %.17g strings because a
+# Lua number returned to Redis is truncated to an integer.
+_GCRA = """
+local function gcra(now, k0, a0)
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   end
-end
-if not refused then
-  for _, w in ipairs(writes) do
-    redis.call('SET', w[1], f(w[2]), 'PX', math.ceil((w[2] - now) * 1000))
+  local function f(x) return string.format('%.17g', x) end
+  local out, writes, refused = {}, {}, false
+  for i = 1, #KEYS - k0 do
+    local key = KEYS[k0 + i]
+    local tolerance, increment = tonumber(ARGV[a0 + 2 * i - 1]), tonumber(ARGV[a0 + 2 * i])
+    local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
+    local new_tat = tat + increment
+    local allow_at = new_tat - tolerance
+    if now < allow_at then
+      local retry = -1
+      if increment <= tolerance then retry = allow_at - now end
+      refused = true
+      table.insert(out, 0); table.insert(out, f(retry)); table.insert(out, f(tat - now))
+    else
+      table.insert(out, 1); table.insert(out, '0'); table.insert(out, f(new_tat - now))
+      if increment > 0 then table.insert(writes, {key, new_tat}) end
+    end
   end
+  if not refused then
+    for _, w in ipairs(writes) do
+      redis.call('SET', w[1], f(w[2]), 'PX', math.ceil((w[2] - now) * 1000))
+    end
+  end
+  return out, refused
 end
-return out
+"""
+
+# ARGV: now or '' for TIME, then per key its delay tolerance and increment.
+GCRA_ALL = _GCRA + """
+return (gcra(tonumber(ARGV[1]), 0, 1))
+"""
+
+# Store.claim_first: KEYS the claims' keys, then the takes'. ARGV: the number of claims, now or '', per claim its
+# value and ttl ms, then per take its delay tolerance and increment. Claims in order while each is free (a taken
+# one's value is returned, and nothing after it is tried); then the takes, and when one is refused the claims are
+# given back (nobody can have seen them). Returns {held per claim tried (nil: ours)} or {held, takes' results}.
+CLAIM_FIRST = _GCRA + """
+local n = tonumber(ARGV[1])
+local held = {}
+for i = 1, n do
+  if not redis.call('SET', KEYS[i], ARGV[1 + 2 * i], 'PX', ARGV[2 + 2 * i], 'NX') then
+    held[i] = redis.call('GET', KEYS[i])
+    return {held}
+  end
+  held[i] = false
+end
+if #KEYS == n then return {held} end
+local taken, refused = gcra(tonumber(ARGV[2]), n, 2 + 2 * n)
+if refused then
+  for i = 1, n do redis.call('DEL', KEYS[i]) end
+end
+return {held, taken}
 """
 
 # Store.commit: several fenced writes. Per key six ARGV: S (set) or D (delete), 1 when fenced, expected, value,

@@ -1,0 +1,87 @@
+"""Claims sent ahead (``gateway.state.ahead``): a miss asks the store once for its idempotency key, its cache entry
+and its quota — and behaves as if each policy had asked in turn.
+
+What a user would notice if it did not: a request refused by a policy between the cache and the quota (a tenant's
+limit on parallel requests) using up quota; a request the quota refuses leaving its idempotency key or cache entry
+locked, so that its retry waits or is told "in progress"; a hit or a replay taking quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.store.memory import MemoryStore
+from tests.support.gateway import settle
+from tests.support.stores import drop, new_prefix, redis_store
+from tests.test_rate_limit import CHAT, ENV, KEY_A, StillClock, auth, call, config
+
+CACHED = {"cache": {"ttl_s": 60}}
+
+
+def ask(n: int) -> dict:
+    return {**CHAT, "messages": [{"role": "user", "content": f"question {n}"}]}
+
+
+def keyed(key: str) -> dict[str, str]:
+    return {**auth(KEY_A), "Idempotency-Key": key}
+
+
+async def test_a_request_the_parallel_limit_refuses_takes_no_quota(fake, gateway):
+    """The quota is taken after the parallel limit passed the request, as if the store were asked in turn."""
+    clock = StillClock()
+    tenants = [{"name": "a", "api_key": KEY_A, "profile": "p"}]
+    cfg = config(fake.url, tenants=tenants, up=CACHED).section(
+        "client_profiles", {"p": {"max_parallel_requests": 1, "max_qps_per_tenant": 1, "burst_size": 2}})
+    client, _ = await gateway(cfg, env=ENV, clock=clock, store=MemoryStore(clock=clock.time))
+    slow = asyncio.create_task(call(client, headers={**keyed("k1"), "X-Fake-Delay-Ms": "300"}, body=ask(1)))
+    while not fake.requests:
+        await asyncio.sleep(0.01)
+    status, _, data = await call(client, headers=keyed("k2"), body=ask(2))
+    assert status == 429 and data["error"]["code"] == "too_many_parallel_requests"
+    assert (await slow)[0] == 200
+    status, headers, _ = await call(client, headers=keyed("k3"), body=ask(3))
+    assert status == 200, headers  # the second of two: the refused one took none
+    assert headers["X-RateLimit-Remaining"] == "0"
+    assert (await call(client, headers=keyed("k4"), body=ask(4)))[0] == 429  # and now they are used up
+    assert len(fake.requests) == 2
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store_of(request):
+    """The memory store on the test's clock, or Redis under a fresh prefix."""
+    made = []
+
+    async def make(clock: StillClock):
+        if request.param == "memory":
+            return MemoryStore(clock=clock.time)
+        made.append(await redis_store(new_prefix()))
+        return made[-1]
+
+    yield make
+    for store in made:
+        await drop(store)
+
+
+async def test_a_request_over_its_quota_leaves_its_key_and_entry_free(fake, gateway, store_of):
+    clock = StillClock()
+    store = await store_of(clock)
+    tenants = [{"name": "a", "api_key": KEY_A, "rate_limit": {"rpm": 1, "burst": 1}}]
+    client, _ = await gateway(config(fake.url, tenants=tenants, up=CACHED), env=ENV, clock=clock, store=store)
+    assert (await call(client, headers=keyed("k1"), body=ask(1)))[0] == 200
+    await settle(client)
+    status, headers, data = await call(client, headers=keyed("k2"), body=ask(2))
+    assert status == 429 and data["error"]["code"] == "rate_limited"
+    assert headers["X-RateLimit-Remaining"] == "0" and "Retry-After" in headers
+    # no lock was left for its key or its answer: the retry is refused by the quota again, not told "in progress"
+    locks = [key async for key in store.scan_prefix("") if (await store.get(key) or b"")[:1] == b"L"]
+    assert locks == []
+    status, _, data = await call(client, headers=keyed("k2"), body=ask(2))
+    assert status == 429 and data["error"]["code"] == "rate_limited"
+    # a cache hit and a replay take no quota, over it or not
+    hit = await call(client, headers=auth(KEY_A), body=ask(1))
+    assert hit[0] == 200 and hit[1]["X-Cache"] == "HIT"
+    replay = await call(client, headers=keyed("k1"), body=ask(1))
+    assert replay[0] == 200 and replay[1]["Idempotent-Replayed"] == "true"
+    assert len(fake.requests) == 1
