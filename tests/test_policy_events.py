@@ -52,6 +52,9 @@ class DownStore(MemoryStore):
     async def claim(self, *args, **kwargs):
         raise StoreError("redis claim failed: ConnectionError: refused")
 
+    async def claim_first(self, *args, **kwargs):  # (a miss's claims and quota, in one call)
+        raise StoreError("redis claim failed: ConnectionError: refused")
+
 
 async def test_a_degraded_store_is_announced(fake, gateway):
     client, _ = await gateway(config(fake.url), store=DownStore())
