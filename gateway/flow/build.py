@@ -103,7 +103,7 @@ class Owned:
 def request_policies(ctx: Context, owned: Owned) -> list[Policy | None]:
     """Once per client request, outermost first (the router follows the last). ``ahead``: how the cache and the
     quotas ask the store, for the flights outside them to ask with their own claim (one round trip)."""
-    ahead = Plan()
+    ahead = Plan(ctx.store)
     ahead.parallel = profiles.parallel_limited(ctx)
     return [
         tenants.policy(ctx),

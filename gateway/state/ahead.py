@@ -8,7 +8,9 @@ sends what the ones inside it will ask with its own claim, in one ``Store.claim_
 one before it was free; the takes only when every claim was, and given back with the claims when one is refused),
 and leaves the answers on the exchange (``Exchange.ahead``) for each policy to take up as if it had asked itself.
 On Redis a miss makes two round trips (this one, and the answer writes) instead of four; a cache HIT and an
-idempotent replay still make one, and take no quota (a claim that is held stops everything after it).
+idempotent replay still make one, and take no quota (a claim that is held stops everything after it). Where it
+would save no round trip — the memory store, or a Redis Cluster, whose keys live on different nodes — each policy
+asks for itself, as before.
 
 Only what is sure to be asked next goes ahead: the cache's join of its entry when nothing in the request changes
 how the cache reads it (no ``Cache-Control`` / ``Pragma``, no budget refusal waiting for a stored answer), and the
@@ -25,7 +27,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.store import Claim, StoreError, Take
+from gateway.store import Claim, Store, StoreError, Take
 
 if TYPE_CHECKING:
     from gateway.flow.chain import Handler
@@ -39,9 +41,11 @@ Found = Any  # Lead | Entry | bytes (what ``Flights.answer`` says), or GIVEN_BAC
 
 
 class Plan:
-    """How the policies inside an idempotency flight would ask the store, filled in as the flow is built."""
+    """How the policies inside an idempotency flight would ask the store, filled in as the flow is built. Nothing
+    goes ahead on a store where that saves no round trip (``Store.claims_together``: memory, a Redis Cluster)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
+        self.active = store.claims_together
         # the cache's claim for a request (with its flights), PASS, or None: it asks in its own way, or not yet
         self.cache: Callable[[Exchange], tuple[Flights, Claim] | object | None] | None = None
         # the rate limit's takes for a request: (what it judges them by, the takes), or None: it takes nothing
@@ -68,7 +72,7 @@ class Plan:
         """``flights.join``, with the claims and takes of the policies inside sent along (``Exchange.ahead``).
         None: a take was refused and every claim given back — the request runs without a flight and the rate
         limit refuses it."""
-        ahead = self.inside(ex, cache=cache)
+        ahead = self.inside(ex, cache=cache) if self.active else None
         if ahead is None:
             return await flights.join(key, fp, lock_ttl_s)
         own = flights.ask(key, fp, lock_ttl_s)

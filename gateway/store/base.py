@@ -208,6 +208,9 @@ class Store(abc.ABC):
     """
 
     backend: ClassVar[str]  # "memory" or "redis", for /readyz and the status page
+    # does ``claim_first`` cost one round trip? Where it does not (nothing is remote, or the keys live on different
+    # Cluster nodes), each policy asks the store for itself rather than carry the others' claims (``gateway.state.ahead``)
+    claims_together = False
 
     @property
     @abc.abstractmethod

@@ -123,6 +123,7 @@ class RedisStore(Store):
         if parsed.tls is not None:
             parsed.tls.context  # noqa: B018 - the CA and client certificate files, read once here (or StoreURLError)
         self.topology = parsed.topology
+        self.claims_together = self.topology != "cluster"  # (a Cluster: one call per claim, each on its slot's node)
         self._display, self._secrets = parsed.display, parsed.secrets
         self._prefix = key_prefix + ":"
         self._stalled_until = 0.0
