@@ -30,6 +30,11 @@ RETRY_AFTER = istr("Retry-After")
 RETRY_AFTER_MS = istr("retry-after-ms")  # OpenAI's finer-grained variant
 X_SHOULD_RETRY = istr("x-should-retry")  # OpenAI/Anthropic: the upstream's own verdict
 IDEMPOTENCY_KEYS = (istr("Idempotency-Key"), istr("X-Idempotency-Key"))
+# The quota's headers (``policies.rate_limit``), lower case: they describe the request that took the quota, so the
+# stored or shared copy of its answer leaves them out — a cache hit, a replay or a coalesced duplicate took none,
+# and must not show the first request's count as if it were theirs (``Lead.private``).
+QUOTA_HEADERS = frozenset(("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy",
+                           "ratelimit"))
 
 # Classic hop-by-hop list (RFC 2616 §13.5.1, RFC 9110 §7.6.1) plus Proxy-Connection.
 HOP_BY_HOP: tuple[istr, ...] = tuple(istr(h) for h in (

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs
 
 from gateway.errors import GatewayError
-from gateway.headers import CREDENTIAL_HEADERS, X_CACHE, X_CACHED, X_RELIAPI_COST
+from gateway.headers import CREDENTIAL_HEADERS, QUOTA_HEADERS, X_CACHE, X_CACHED, X_RELIAPI_COST
 from gateway.observe.events import CacheHit, CacheMiss, Coalesced, StoreDegraded
 from gateway.state import ahead
 from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
@@ -114,8 +114,9 @@ def cacheable(ex: Exchange) -> bool:
 # cache does not revalidate.
 _NOT_STORED = frozenset(("no-store", "private"))
 _NOT_STORED_HTTP = _NOT_STORED | {"no-cache", "max-age=0", "s-maxage=0", 'max-age="0"', 's-maxage="0"'}
-# A stored or shared answer never carries another client's cookies (the client that made it gets them).
-PRIVATE_HEADERS = frozenset(("set-cookie", "set-cookie2"))
+# A stored or shared answer never carries another client's cookies (the client that made it gets them), nor the
+# quota count of the request that made it.
+PRIVATE_HEADERS = frozenset(("set-cookie", "set-cookie2")) | QUOTA_HEADERS
 
 
 def storable(reply: Reply, not_stored: frozenset[str] = _NOT_STORED) -> bool:

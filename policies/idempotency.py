@@ -43,7 +43,7 @@ from multidict import CIMultiDict
 
 from gateway import jsonbody
 from gateway.errors import GatewayError, IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest, StoreUnavailable
-from gateway.headers import CREDENTIAL_HEADERS, IDEMPOTENCY_KEYS, X_CACHE, X_CACHED, X_RELIAPI_COST
+from gateway.headers import CREDENTIAL_HEADERS, IDEMPOTENCY_KEYS, QUOTA_HEADERS, X_CACHE, X_CACHED, X_RELIAPI_COST
 from gateway.observe.events import Coalesced, IdempotentReplay, StoreDegraded
 from gateway.state import ahead
 from gateway.state.flights import Entry, Flights, KeyMismatch, Lead, StillRunning, replay
@@ -294,6 +294,7 @@ def policy(ctx: Context, plan_ahead: ahead.Plan) -> tuple[Policy, Flights]:
         if lead is None:  # (refused by the budget, nothing stored or running for its key, or a take refused: above)
             return await call_next(ex)
         work = (lambda: call_next(ex)) if ex.ahead is None else (lambda: ahead.within(ex, call_next))
+        lead.private = QUOTA_HEADERS  # a replay took no quota: the first request's count is not said again
         return await lead.run(
             work, storable=storable_with_5xx if cfg.store_5xx else storable, ttl_s=cfg.ttl_s,
             max_bytes=int(cfg.max_entry_mb * 1024 * 1024), request_id=ex.request_id,

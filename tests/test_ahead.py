@@ -87,3 +87,28 @@ async def test_a_request_over_its_quota_leaves_its_key_and_entry_free(fake, gate
     replay = await call(client, headers=keyed("k1"), body=ask(1))
     assert replay[0] == 200 and replay[1]["Idempotent-Replayed"] == "true"
     assert len(fake.requests) == 1
+
+
+async def test_a_hit_a_replay_and_a_coalesced_answer_show_no_quota_they_did_not_take(fake, gateway, store_of):
+    """The stored and shared copies of an answer leave the quota's headers out: the first request's count, shown on
+    a hit minutes later, would tell a client throttling itself on it that it has quota it may not have."""
+    clock = StillClock()
+    tenants = [{"name": "a", "api_key": KEY_A, "rate_limit": {"rpm": 60, "burst": 10}}]
+    cfg = config(fake.url, tenants=tenants, up=CACHED, rate_limit_per_ip_rpm=1000)
+    client, _ = await gateway(cfg, env=ENV, clock=clock, store=await store_of(clock))
+    leader = asyncio.create_task(call(client, headers={**keyed("k1"), "X-Fake-Delay-Ms": "300"}, body=ask(1)))
+    while not fake.requests:
+        await asyncio.sleep(0.01)
+    second = await call(client, headers=auth(KEY_A), body=ask(1))  # the same body, no key: it follows the first
+    first = await leader
+    assert first[0] == second[0] == 200 and len(fake.requests) == 1
+    assert second[1]["X-ReliAPI-Attempts"] == "0"  # (coalesced: it made no attempt of its own)
+    assert first[1]["RateLimit"] == '"default";r=9;t=1' and first[1]["X-RateLimit-Remaining"] == "9"
+    await settle(client)
+    hit = await call(client, headers=auth(KEY_A), body=ask(1))
+    replay = await call(client, headers=keyed("k1"), body=ask(1))
+    assert hit[1]["X-Cache"] == "HIT" and replay[1]["Idempotent-Replayed"] == "true"
+    for headers in (second[1], hit[1], replay[1]):
+        assert "default" not in headers.get("RateLimit-Policy", ""), headers  # the tenant's quota: not taken
+        assert headers["RateLimit-Policy"].startswith('"ip"')  # the door's per-IP limit counts every request
+    assert (await call(client, headers=keyed("k2"), body=ask(2)))[1]["RateLimit"].startswith('"default";r=8;')
