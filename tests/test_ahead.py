@@ -9,12 +9,17 @@ locked, so that its retry waits or is told "in progress"; a hit or a replay taki
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 
 import pytest
 
+from gateway.store import StoreError, Take
 from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore
 from tests.support.gateway import settle
-from tests.support.stores import drop, new_prefix, redis_store
+from tests.support.stores import PrivateRedis, drop, new_prefix, redis_store
 from tests.test_rate_limit import CHAT, ENV, KEY_A, StillClock, auth, call, config
 
 CACHED = {"cache": {"ttl_s": 60}}
@@ -112,3 +117,33 @@ async def test_a_hit_a_replay_and_a_coalesced_answer_show_no_quota_they_did_not_
         assert "default" not in headers.get("RateLimit-Policy", ""), headers  # the tenant's quota: not taken
         assert headers["RateLimit-Policy"].startswith('"ip"')  # the door's per-IP limit counts every request
     assert (await call(client, headers=keyed("k2"), body=ask(2)))[1]["RateLimit"].startswith('"default";r=8;')
+
+
+async def test_requests_answered_503_while_redis_stalled_keep_no_quota_taken(fake, gateway):
+    """A stalled Redis runs the claims and takes it read once it resumes; the requests were answered 503 long before
+    (or their clients left): their keys, entries and quota are given back, so their retries run."""
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        store = RedisStore(redis.url, key_prefix=new_prefix())
+        tenants = [{"name": "a", "api_key": KEY_A, "rate_limit": {"rpm": 5, "burst": 5}}]
+        client, _ = await gateway(config(fake.url, tenants=tenants, up=CACHED), env=ENV, store=store)
+        assert (await call(client, headers=keyed("warm"), body=ask(0)))[0] == 200  # connected, scripts loaded
+        await settle(client)
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            stalled = await asyncio.gather(*(call(client, headers=keyed(f"k{i}"), body=ask(i)) for i in range(1, 5)))
+            assert [s for s, _, _ in stalled] == [503] * 4
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        peek = Take("rl:{tenant:a}", rate_per_s=5 / 60, burst=4, quantity=0)
+        for _ in range(100):  # the give-backs go out once the store answers again
+            with contextlib.suppress(StoreError):
+                if (await store.take_all([peek]))[0].remaining >= 4:
+                    break
+            await asyncio.sleep(0.1)
+        retried = [await call(client, headers=keyed(f"k{i}"), body=ask(i)) for i in range(1, 5)]
+        assert [s for s, _, _ in retried] == [200] * 4, retried[-1][2]  # the warm-up's one and these four: five
+        assert len(fake.requests) == 5
+    finally:
+        redis.stop()

@@ -299,6 +299,29 @@ async def test_claim_first_has_one_winner_among_concurrent_callers(committing: S
     assert all(held == [b"L%d" % winners[0]] for i, (held, _) in enumerate(results) if i != winners[0])
 
 
+async def test_give_back_undoes_a_claim_first_that_was_applied_after_all(store: Store) -> None:
+    """A claim_first whose answer never came (a stalled Redis runs it once it resumes): its claims are deleted if
+    they are ours, and its takes given back when the last claim was ours (exactly when they were taken)."""
+    quota = Take("rl:{acme}", rate_per_s=1 / 60, burst=2)  # three now, then one a minute
+    full = [Claim("idem:1", b"L-i1", 10), Claim("cache:1", b"L-c1", 10)]
+    assert (await store.claim_first(full, [quota]))[0] == [None, None]
+    assert await store.give_back(full, [quota])
+    assert await store.get("idem:1") is None and await store.get("cache:1") is None
+    remaining = (await store.take_all([Take("rl:{acme}", rate_per_s=1 / 60, burst=2, quantity=0)]))[0].remaining
+    refunds = store.claims_together or isinstance(store, MemoryStore)  # (a Cluster sends nothing ahead of an answer)
+    assert remaining == (3 if refunds else 2)
+    # the cache entry was someone else's: the key is given back, the entry and the quota are not touched
+    await store.set("cache:2", b"L-other", ttl_s=10)
+    held = [Claim("idem:2", b"L-i2", 10), Claim("cache:2", b"L-c2", 10)]
+    assert (await store.claim_first(held, [quota]))[0] == [None, b"L-other"]
+    assert not await store.give_back(held, [quota])
+    assert await store.get("idem:2") is None and await store.get("cache:2") == b"L-other"
+    # never applied: nothing changes
+    assert not await store.give_back([Claim("idem:3", b"L-i3", 10)], [quota])
+    after = (await store.take_all([Take("rl:{acme}", rate_per_s=1 / 60, burst=2, quantity=0)]))[0].remaining
+    assert after == remaining
+
+
 # -- counters ------------------------------------------------------------------
 
 

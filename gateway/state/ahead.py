@@ -79,10 +79,11 @@ class Plan:
         claims = [own] if ahead.cache is None else [own, ahead.cache]
         try:
             held, taken = await flights.store.claim_first(claims, ahead.takes)
-        except (StoreError, asyncio.CancelledError):  # maybe applied: taken back once the store answers
-            flights.unclaim(own)
-            if ahead.cache is not None:
-                ahead.cache_flights.unclaim(ahead.cache)
+        except (StoreError, asyncio.CancelledError):  # maybe applied (a stalled Redis runs it when it resumes):
+            # the claims, and the takes with them, given back once the store answers — a request answered 503 or
+            # abandoned must not keep its quota taken, nor its key and entry locked
+            store = flights.store
+            flights.keep_trying(lambda: store.give_back(claims, ahead.takes), lock_ttl_s, pause_s=0.5, wait_first=False)
             raise
         if held[0] is not None:  # a replay, or a flight to follow: nothing after it was asked
             return flights.answer(own, fp, held[0])

@@ -253,6 +253,17 @@ class Store(abc.ABC):
                 await self.compare_and_delete(c.key, c.value, notify=c.key)
         return held, taken
 
+    async def give_back(self, claims: list[Claim], takes: list[Take]) -> bool:
+        """Undo a ``claim_first`` whose answer never came (it timed out, its caller left): it may have been
+        applied after all — a stalled Redis runs what it read once it resumes. Each claim still there and ours is
+        deleted (``released`` published); the takes are given back when the last claim was ours, since that is
+        exactly when they were taken. Returns whether it was. This default gives back the claims only: it is
+        for a backend whose ``claim_first`` sends nothing ahead of an answer (one call each)."""
+        ours = False
+        for c in claims:
+            ours = await self.compare_and_delete(c.key, c.value, notify=c.key)
+        return ours
+
     @abc.abstractmethod
     async def delete(self, key: str) -> None: ...
 

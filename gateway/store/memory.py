@@ -178,6 +178,23 @@ class MemoryStore(Store):
                 self._drop(c.key)
         return held, taken
 
+    async def give_back(self, claims: list[Claim], takes: list[Take]) -> bool:
+        ours = False
+        for c in claims:
+            ours = await self.compare_and_delete(c.key, c.value, notify=c.key)
+        if not ours:
+            return False
+        now = self._clock()
+        for take in takes:
+            entry = self._typed(take.key, bytes)
+            if entry is not None:
+                back = float(entry[0]) - gcra_params(take.rate_per_s, take.burst, take.quantity)[2]  # type: ignore[arg-type]
+                if back > now:
+                    self._put(take.key, repr(back).encode(), self._deadline(back - now))
+                else:
+                    self._drop(take.key)
+        return True
+
     async def delete(self, key: str) -> None:
         self._drop(key)
 

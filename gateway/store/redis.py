@@ -140,6 +140,7 @@ class RedisStore(Store):
         self._append = Script(run, scripts.APPEND)
         self._claim = Script(run, scripts.CLAIM)
         self._claim_first = Script(run, scripts.CLAIM_FIRST)
+        self._give_back = Script(run, scripts.GIVE_BACK)
         self._hincr_many = Script(run, scripts.HINCR_MANY)
         self._reserve = Script(run, scripts.RESERVE)
         self._hub = ChannelHub(self._router.pubsub_endpoint, anchor=self._prefix + "__store_anchor__",
@@ -315,6 +316,14 @@ class RedisStore(Store):
         with self._wrap_errors("claim"):
             raw = await self._claim_first(keys=[self._k(k.key) for k in (*claims, *takes)], args=[*args, *_gcra_args(params)])
         return raw[0], _taken(takes, params, raw[1]) if len(raw) > 1 else None
+
+    async def give_back(self, claims: list[Claim], takes: list[Take]) -> bool:
+        if self.topology == "cluster":
+            return await super().give_back(claims, takes)
+        args: list[Any] = [len(claims), *(c.value for c in claims),
+                           *(increment for _, _, increment in (gcra_params(t.rate_per_s, t.burst, t.quantity) for t in takes))]
+        with self._wrap_errors("give_back"):
+            return bool(await self._give_back(keys=[self._k(k.key) for k in (*claims, *takes)], args=args))
 
     # -- prefixes --------------------------------------------------------------
 

@@ -144,6 +144,38 @@ end
 return {held, taken}
 """
 
+# Store.give_back: KEYS as CLAIM_FIRST's, ARGV: the number of claims, per claim its value, then per take its
+# increment (seconds). Each claim still ours is deleted (and announced); when the last one was ours — exactly when
+# the takes were taken — each bucket gets its increment back (its theoretical arrival time moved back, not before
+# now). Returns 1 when it was, else 0.
+GIVE_BACK = """
+local n = tonumber(ARGV[1])
+local ours = false
+for i = 1, n do
+  ours = redis.call('GET', KEYS[i]) == ARGV[1 + i]
+  if ours then
+    redis.call('DEL', KEYS[i])
+    redis.call('PUBLISH', KEYS[i], 'released')
+  end
+end
+if not ours then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for j = 1, #KEYS - n do
+  local key = KEYS[n + j]
+  local tat = tonumber(redis.call('GET', key))
+  if tat then
+    local back = tat - tonumber(ARGV[1 + n + j])
+    if back > now then
+      redis.call('SET', key, string.format('%.17g', back), 'PX', math.ceil((back - now) * 1000))
+    else
+      redis.call('DEL', key)
+    end
+  end
+end
+return 1
+"""
+
 # Store.commit: several fenced writes. Per key six ARGV: S (set) or D (delete), 1 when fenced, expected, value,
 # ttl ms or '', channel or ''. Each write is checked and applied on its own; returns 1 or 0 per key.
 COMMIT = """
