@@ -179,10 +179,7 @@ class MemoryStore(Store):
         return held, taken
 
     async def give_back(self, claims: list[Claim], takes: list[Take]) -> bool:
-        ours = False
-        for c in claims:
-            ours = await self.compare_and_delete(c.key, c.value, notify=c.key)
-        if not ours:
+        if not await super().give_back(claims, takes):  # (the claims; then the takes, which this store can refund)
             return False
         now = self._clock()
         for take in takes:
